@@ -1,0 +1,58 @@
+// A lock-free single-producer / single-consumer ring of Messages placed in shared memory.
+// Indices are free-running 64-bit counters; the slot index is taken modulo the capacity that the
+// process attaching the ring expects, never modulo a value read from shared memory.
+// Blocking push/pop spin briefly, then sleep on a futex in short slices so that an idle pipeline
+// burns no CPU, and check a deadline and the peer's liveness between slices.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+
+#include "pi0/ipc/protocol.hpp"
+
+namespace pi0::ipc {
+
+using Clock = std::chrono::steady_clock;
+using Deadline = Clock::time_point;
+// Returns false once the peer is known to be dead. Called between wait slices (at most every
+// kWaitSlice), never in the uncontended fast path.
+using PeerCheck = std::function<bool()>;
+
+inline constexpr std::chrono::milliseconds kWaitSlice{10};
+
+enum class WaitStatus { kOk, kTimeout, kPeerDead, kCorrupt };
+const char* wait_status_name(WaitStatus s);
+
+struct RingHeader;  // defined in ring.cpp; standard layout, offsets only
+
+class SpscRing {
+ public:
+  // Bytes needed for a ring of `capacity` messages (a power of two, 2..65536), header included.
+  static size_t bytes_for(uint32_t capacity);
+  // Constructs an empty ring at `where` (which must be 64-byte aligned and bytes_for(capacity) long).
+  static SpscRing create(void* where, uint32_t capacity);
+  // Attaches to a ring another process created; checks the header's magic and capacity against
+  // `capacity`. Throws pi0::Error if they differ.
+  static SpscRing attach(void* where, uint32_t capacity);
+
+  SpscRing() = default;
+
+  bool try_push(const Message& m);  // false if full
+  bool try_pop(Message& m);         // false if empty
+  // kCorrupt when the shared counters are inconsistent (more queued than the capacity).
+  WaitStatus push(const Message& m, Deadline deadline, const PeerCheck& peer_alive);
+  WaitStatus pop(Message& m, Deadline deadline, const PeerCheck& peer_alive);
+
+  uint32_t capacity() const { return capacity_; }
+  size_t size_approx() const;
+
+ private:
+  SpscRing(RingHeader* header, uint32_t capacity) : header_(header), capacity_(capacity) {}
+  RingHeader* header_ = nullptr;
+  uint32_t capacity_ = 0;
+};
+
+}  // namespace pi0::ipc

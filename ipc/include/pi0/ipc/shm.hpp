@@ -1,0 +1,53 @@
+// A POSIX shared-memory segment (Boost.Interprocess) with a move-only owner.
+// Names are unique per run and carry the creator's pid so that segments left by a dead run can be
+// found and removed: "/pi0mps_<pid>_<16 hex digits>_<tag>".
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace pi0::ipc {
+
+inline constexpr std::string_view kSegmentPrefix = "pi0mps_";
+
+// A fresh name for this process: kSegmentPrefix + pid + '_' + 64 random bits in hex + '_' + tag.
+std::string unique_segment_name(std::string_view tag);
+
+class SharedSegment {
+ public:
+  // Creates the segment exclusively with mode 0600 (regardless of umask), sized and zero-filled.
+  // The returned owner removes the name on destruction. Throws pi0::Error on failure.
+  static SharedSegment create(const std::string& name, size_t bytes);
+  // Maps an existing segment read-write; does not remove it on destruction. Throws pi0::Error.
+  static SharedSegment open(const std::string& name);
+  // Removes a segment name; false if there was none. Never throws.
+  static bool remove(const std::string& name) noexcept;
+
+  SharedSegment() = default;
+  SharedSegment(SharedSegment&&) noexcept;
+  SharedSegment& operator=(SharedSegment&&) noexcept;
+  SharedSegment(const SharedSegment&) = delete;
+  SharedSegment& operator=(const SharedSegment&) = delete;
+  ~SharedSegment();
+
+  void* data() const;
+  size_t size() const;
+  const std::string& name() const;
+  bool owner() const;
+  explicit operator bool() const { return impl_ != nullptr; }
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Removes segments whose name starts with kSegmentPrefix and whose creator pid no longer runs.
+// Returns the names removed. Never throws.
+std::vector<std::string> remove_stale_segments() noexcept;
+// Names of existing segments created by `pid` (for tests and leak checks).
+std::vector<std::string> segments_of_process(int pid);
+
+}  // namespace pi0::ipc

@@ -26,7 +26,7 @@ class SharedSegment {
   // Removes a segment name; false if there was none. Never throws.
   static bool remove(const std::string& name) noexcept;
 
-  SharedSegment() = default;
+  SharedSegment();
   SharedSegment(SharedSegment&&) noexcept;
   SharedSegment& operator=(SharedSegment&&) noexcept;
   SharedSegment(const SharedSegment&) = delete;

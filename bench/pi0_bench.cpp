@@ -1,0 +1,271 @@
+// Single-process baseline: CudaEncoder + CudaDecoder back to back on the whole GPU, from the same
+// library code the workers use. Per shape: latency of encode+decode (median, p99 over >= 200
+// inferences after warm-up, CUDA events), stage times, achieved TFLOP/s and weight GB/s against
+// the H100's ceilings, back-to-back throughput and GPU memory per stage.
+#include <cuda_runtime_api.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "pi0/check.hpp"
+#include "pi0/config.hpp"
+#include "pi0/cuda/device.hpp"
+#include "pi0/cuda_decoder.hpp"
+#include "pi0/cuda_encoder.hpp"
+#include "pi0/frame_inputs.hpp"
+#include "pi0/weights.hpp"
+
+using namespace pi0;
+
+namespace {
+
+// H100 SXM ceilings used for the utilisation columns (dense bf16, HBM3).
+constexpr double kPeakTflops = 800.0;
+constexpr double kPeakGBps = 3000.0;
+constexpr int kInputSets = 2;  // rotate inputs so that no run reads what the last one cached
+
+struct Case {
+  int views, chunk, prompt;
+  double reference_ms;  // the widely used Triton implementation, same H100 (spec figures)
+};
+
+struct Figures {
+  Case c{};
+  double e2e_median = 0, e2e_p99 = 0, enc_median = 0, dec_median = 0, throughput = 0;
+  double enc_tflops = 0, dec_tflops = 0, enc_gbps = 0, dec_gbps = 0, e2e_tflops = 0;
+  double enc_flop = 0, dec_flop = 0, enc_bytes = 0, dec_bytes = 0;
+  size_t enc_weights = 0, enc_work = 0, dec_weights = 0, dec_work = 0;
+  size_t enc_measured = 0, dec_measured = 0;
+};
+
+double percentile(std::vector<double> v, double p) {
+  std::sort(v.begin(), v.end());
+  const size_t i = std::min(v.size() - 1, static_cast<size_t>(p * (v.size() - 1) + 0.5));
+  return v[i];
+}
+
+size_t used_memory() {
+  size_t free_bytes = 0, total = 0;
+  CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total));
+  return total - free_bytes;
+}
+
+double gib(size_t b) { return static_cast<double>(b) / (1u << 30); }
+
+Figures run_case(const ModelConfig& config, const Case& c, const WeightStore& enc_weights,
+                 const WeightStore& dec_weights, int iters, int warmup,
+                 const CudaEngineOptions& options) {
+  const RunShape shape{c.views, c.chunk, c.prompt};
+  const StageSizes sizes = stage_sizes(config, shape);
+  Figures f;
+  f.c = c;
+
+  CUDA_CHECK(cudaDeviceSynchronize());
+  const size_t before = used_memory();
+  CudaEncoder encoder(config, shape, enc_weights, options);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  const size_t after_encoder = used_memory();
+  CudaDecoder decoder(config, shape, dec_weights, options);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  f.enc_measured = after_encoder - before;
+  f.dec_measured = used_memory() - after_encoder;
+  f.enc_weights = encoder.weight_bytes();
+  f.enc_work = encoder.workspace_bytes();
+  f.dec_weights = decoder.weight_bytes();
+  f.dec_work = decoder.workspace_bytes();
+  f.enc_flop = encoder.flops();
+  f.dec_flop = decoder.flops();
+  f.enc_bytes = static_cast<double>(encoder.weight_bytes());
+  f.dec_bytes = decoder.weight_bytes_read();
+
+  struct Inputs {
+    cuda::DeviceBuffer<Bf16> images, state, noise, kv;
+    cuda::DeviceBuffer<float> actions;
+  };
+  std::vector<Inputs> sets;
+  for (int i = 0; i < kInputSets; ++i) {
+    const FrameInputs in = make_frame_inputs(config, shape, 9000, static_cast<uint64_t>(i));
+    sets.push_back({cuda::upload(in.images, "images"), cuda::upload(in.state, "state"),
+                    cuda::upload(in.noise, "noise"),
+                    cuda::DeviceBuffer<Bf16>(sizes.kv_values, "kv"),
+                    cuda::DeviceBuffer<float>(sizes.action_values, "actions")});
+  }
+  cuda::Stream stream;
+  auto infer = [&](int i) {
+    Inputs& s = sets[static_cast<size_t>(i % kInputSets)];
+    encoder.encode(s.images.get(), s.kv.get(), stream.get());
+    decoder.decode(s.kv.get(), s.state.get(), s.noise.get(), s.actions.get(), stream.get());
+  };
+  // Eager run, graph capture and first replay for every input set, then plain warm-up.
+  for (int i = 0; i < 3 * kInputSets + warmup; ++i) infer(i);
+  stream.synchronize();
+
+  cuda::Event e0, e1, e2;
+  std::vector<double> enc, dec, total;
+  for (int i = 0; i < iters; ++i) {
+    Inputs& s = sets[static_cast<size_t>(i % kInputSets)];
+    e0.record(stream.get());
+    encoder.encode(s.images.get(), s.kv.get(), stream.get());
+    e1.record(stream.get());
+    decoder.decode(s.kv.get(), s.state.get(), s.noise.get(), s.actions.get(), stream.get());
+    e2.record(stream.get());
+    e2.synchronize();
+    enc.push_back(e1.elapsed_since(e0));
+    dec.push_back(e2.elapsed_since(e1));
+    total.push_back(e2.elapsed_since(e0));
+  }
+  f.e2e_median = percentile(total, 0.5);
+  f.e2e_p99 = percentile(total, 0.99);
+  f.enc_median = percentile(enc, 0.5);
+  f.dec_median = percentile(dec, 0.5);
+
+  // Back to back: the host enqueues all inferences without waiting.
+  cuda::Event start, stop;
+  start.record(stream.get());
+  for (int i = 0; i < iters; ++i) infer(i);
+  stop.record(stream.get());
+  stop.synchronize();
+  f.throughput = iters / (stop.elapsed_since(start) / 1000.0);
+
+  const std::vector<float> actions =
+      cuda::download(sets[0].actions.get(), sets[0].actions.size());
+  for (float a : actions) PI0_CHECK(std::isfinite(a), "non-finite action in the benchmark run");
+
+  f.enc_tflops = f.enc_flop / (f.enc_median * 1e-3) / 1e12;
+  f.dec_tflops = f.dec_flop / (f.dec_median * 1e-3) / 1e12;
+  f.e2e_tflops = (f.enc_flop + f.dec_flop) / (f.e2e_median * 1e-3) / 1e12;
+  f.enc_gbps = f.enc_bytes / (f.enc_median * 1e-3) / 1e9;
+  f.dec_gbps = f.dec_bytes / (f.dec_median * 1e-3) / 1e9;
+  return f;
+}
+
+void print_case(const Figures& f) {
+  std::printf(
+      "V=%d C=%d P=%d: e2e median %.3f ms p99 %.3f ms | encoder %.3f ms (%.2f TFLOP, %.0f TFLOP/s "
+      "= %.0f%% of %.0f; weights %.2f GB at %.0f GB/s) | decoder %.3f ms (%.3f TFLOP, %.0f "
+      "TFLOP/s; %.2f GB weight reads at %.0f GB/s = %.0f%% of %.0f) | %.1f inf/s back to back | "
+      "memory: encoder %.2f GiB weights + %.0f MiB workspace (measured %.2f GiB), decoder %.2f "
+      "GiB + %.0f MiB (measured %.2f GiB)\n",
+      f.c.views, f.c.chunk, f.c.prompt, f.e2e_median, f.e2e_p99, f.enc_median, f.enc_flop / 1e12,
+      f.enc_tflops, 100 * f.enc_tflops / kPeakTflops, kPeakTflops, f.enc_bytes / 1e9, f.enc_gbps,
+      f.dec_median, f.dec_flop / 1e12, f.dec_tflops, f.dec_bytes / 1e9, f.dec_gbps,
+      100 * f.dec_gbps / kPeakGBps, kPeakGBps, f.throughput, gib(f.enc_weights),
+      f.enc_work / 1048576.0, gib(f.enc_measured), gib(f.dec_weights), f.dec_work / 1048576.0,
+      gib(f.dec_measured));
+  std::fflush(stdout);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"pi0 single-process GPU baseline (encoder + decoder back to back)"};
+  std::string model = "pi0";
+  int iters = 200, warmup = 20;
+  std::string json_path;
+  bool autotune = false;
+  std::vector<std::string> case_specs;
+  app.add_option("--model", model, "model config (pi0, pi0-1l, pi0-2l, tiny)");
+  app.add_option("--iters", iters, "timed inferences per shape (>= 200 for the report)");
+  app.add_option("--warmup", warmup, "untimed inferences after graph capture");
+  app.add_option("--json", json_path, "write the figures to this file");
+  app.add_flag("--autotune", autotune, "time cuBLASLt candidates per GEMM at construction");
+  app.add_option("--case", case_specs, "V,C,P (repeatable); default: the four report shapes");
+  CLI11_PARSE(app, argc, argv);
+
+  try {
+    const ModelConfig config = model_config(model);
+    std::vector<Case> cases;
+    if (case_specs.empty()) {
+      cases = {{1, 63, 0, 15.2}, {2, 63, 0, 17.7}, {3, 63, 0, 20.6}, {2, 50, 20, 20.3}};
+    } else {
+      for (const std::string& spec : case_specs) {
+        Case c{0, 0, 0, 0.0};
+        char comma1 = 0, comma2 = 0;
+        std::istringstream in(spec);
+        in >> c.views >> comma1 >> c.chunk >> comma2 >> c.prompt;
+        PI0_CHECK(in && comma1 == ',' && comma2 == ',', "--case wants V,C,P, got '" + spec + "'");
+        cases.push_back(c);
+      }
+    }
+    cudaDeviceProp props{};
+    CUDA_CHECK(cudaGetDeviceProperties(&props, 0));
+    std::printf("pi0_bench: model %s on %s (%d SMs), %d timed inferences per shape%s\n",
+                config.name.c_str(), props.name, props.multiProcessorCount, iters,
+                autotune ? ", autotuned GEMMs" : "");
+    std::fflush(stdout);
+
+    // Decoder weights do not depend on the prompt; encoder weights do (language_embeds).
+    const WeightStore dec_weights = WeightStore::random(config, 0, 1234, WeightSet::kDecoder);
+    std::map<int, WeightStore> enc_weights;
+    std::vector<Figures> results;
+    const CudaEngineOptions options{autotune};
+    for (const Case& c : cases) {
+      if (!enc_weights.count(c.prompt))
+        enc_weights.emplace(c.prompt,
+                            WeightStore::random(config, c.prompt, 1234, WeightSet::kEncoder));
+      results.push_back(
+          run_case(config, c, enc_weights.at(c.prompt), dec_weights, iters, warmup, options));
+      print_case(results.back());
+    }
+
+    if (!json_path.empty()) {
+      nlohmann::json j;
+      j["model"] = config.name;
+      j["device"] = props.name;
+      j["iters"] = iters;
+      j["autotune"] = autotune;
+      for (const Figures& f : results) {
+        j["cases"].push_back({{"views", f.c.views},
+                              {"chunk", f.c.chunk},
+                              {"prompt", f.c.prompt},
+                              {"e2e_median_ms", f.e2e_median},
+                              {"e2e_p99_ms", f.e2e_p99},
+                              {"encoder_median_ms", f.enc_median},
+                              {"decoder_median_ms", f.dec_median},
+                              {"throughput_per_s", f.throughput},
+                              {"encoder_tflop", f.enc_flop / 1e12},
+                              {"decoder_tflop", f.dec_flop / 1e12},
+                              {"encoder_tflops", f.enc_tflops},
+                              {"decoder_tflops", f.dec_tflops},
+                              {"encoder_weight_gbps", f.enc_gbps},
+                              {"decoder_weight_gbps", f.dec_gbps},
+                              {"encoder_weight_bytes", f.enc_weights},
+                              {"encoder_workspace_bytes", f.enc_work},
+                              {"decoder_weight_bytes", f.dec_weights},
+                              {"decoder_workspace_bytes", f.dec_work},
+                              {"encoder_measured_bytes", f.enc_measured},
+                              {"decoder_measured_bytes", f.dec_measured},
+                              {"reference_ms", f.c.reference_ms}});
+      }
+      std::ofstream(json_path) << j.dump(2) << "\n";
+    }
+
+    std::printf("\n%-14s %9s %9s %9s %9s %9s %9s %9s %8s %8s %9s\n", "shape", "e2e med", "e2e p99",
+                "enc med", "dec med", "enc TF/s", "dec GB/s", "inf/s b2b", "enc GiB", "dec GiB",
+                "Triton");
+    for (const Figures& f : results) {
+      char shape_name[32];
+      std::snprintf(shape_name, sizeof shape_name, "V=%d C=%d P=%d", f.c.views, f.c.chunk,
+                    f.c.prompt);
+      char reference[16] = "-";
+      if (f.c.reference_ms > 0) std::snprintf(reference, sizeof reference, "%.1f ms", f.c.reference_ms);
+      std::printf("%-14s %6.2f ms %6.2f ms %6.2f ms %6.2f ms %9.0f %9.0f %9.1f %8.2f %8.2f %9s\n",
+                  shape_name, f.e2e_median, f.e2e_p99, f.enc_median, f.dec_median, f.enc_tflops,
+                  f.dec_gbps, f.throughput, gib(f.enc_weights + f.enc_work),
+                  gib(f.dec_weights + f.dec_work), reference);
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "pi0_bench: %s\n", e.what());
+    return 1;
+  }
+}

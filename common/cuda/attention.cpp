@@ -1,0 +1,118 @@
+#include "pi0/cuda/attention.hpp"
+
+#include "pi0/check.hpp"
+#include "pi0/cuda/kernels.hpp"
+
+namespace pi0::cuda {
+namespace {
+
+// Score rows padded to 16 elements keep every bf16 probability row 32-byte aligned, so the PV
+// product can use the widest loads.
+int padded(int cols) { return (cols + 15) / 16 * 16; }
+
+}  // namespace
+
+SharedKvAttention::SharedKvAttention(cublasLtHandle_t handle, const Params& params,
+                                     void* workspace, size_t workspace_bytes)
+    : params_(params), ld_(padded(params.keys)) {
+  PI0_CHECK(params.queries > 0 && params.heads > 0 && params.head_dim > 0 && params.keys > 0,
+            "SharedKvAttention: empty shape");
+  const int rows = params.queries * params.heads;
+  scores_ = DeviceBuffer<float>(static_cast<size_t>(rows) * ld_, "attention scores");
+  probs_ = DeviceBuffer<Bf16>(static_cast<size_t>(rows) * ld_, "attention probabilities");
+
+  GemmShape qk;
+  qk.m = rows;
+  qk.n = params.keys;
+  qk.k = params.head_dim;
+  qk.ld_x = params.head_dim;
+  qk.ld_w = params.head_dim;
+  qk.ld_y = ld_;
+  qk.w_transposed = true;
+  qk.y_type = DType::kF32;
+  qk.alpha = params.scale;
+  qk.alignment = 16;  // K and V slices of a layer start at row offsets, not allocation starts
+  qk_ = Gemm(handle, qk, workspace, workspace_bytes);
+
+  GemmShape pv;
+  pv.m = rows;
+  pv.n = params.head_dim;
+  pv.k = params.keys;
+  pv.ld_x = ld_;
+  pv.ld_w = params.head_dim;
+  pv.ld_y = params.head_dim;
+  pv.alignment = 16;
+  pv_ = Gemm(handle, pv, workspace, workspace_bytes);
+}
+
+void SharedKvAttention::run(const Bf16* q, const Bf16* k, const Bf16* v, Bf16* out,
+                            cudaStream_t stream) {
+  const int rows = params_.queries * params_.heads;
+  qk_.run(q, k, scores_.get(), nullptr, stream);
+  softmax_rows(scores_.get(), ld_, probs_.get(), ld_, rows, params_.keys,
+               params_.limited_queries * params_.heads, params_.limited_keys, stream);
+  pv_.run(probs_.get(), v, out, nullptr, stream);
+}
+
+ViewAttention::ViewAttention(cublasLtHandle_t handle, const Params& params, void* workspace,
+                             size_t workspace_bytes)
+    : params_(params), ld_(padded(params.tokens)) {
+  PI0_CHECK(params.views > 0 && params.tokens > 0 && params.heads > 0 && params.head_dim > 0,
+            "ViewAttention: empty shape");
+  const size_t per_view = static_cast<size_t>(params.heads) * params.tokens * ld_;
+  scores_ = DeviceBuffer<float>(per_view * params.views, "vision attention scores");
+  probs_ = DeviceBuffer<Bf16>(per_view * params.views, "vision attention probabilities");
+  const int hd = params.heads * params.head_dim;
+
+  // Batch b = head: Q and K of head b start b * head_dim columns into the fused QKV rows.
+  GemmShape qk;
+  qk.m = params.tokens;
+  qk.n = params.tokens;
+  qk.k = params.head_dim;
+  qk.ld_x = 3 * hd;
+  qk.ld_w = 3 * hd;
+  qk.ld_y = ld_;
+  qk.w_transposed = true;
+  qk.y_type = DType::kF32;
+  qk.alpha = params.scale;
+  qk.batch = params.heads;
+  qk.stride_x = params.head_dim;
+  qk.stride_w = params.head_dim;
+  qk.stride_y = static_cast<int64_t>(params.tokens) * ld_;
+  qk.alignment = 16;  // head slices are head_dim * 2 bytes apart (144 for SigLIP)
+  PI0_CHECK((params.head_dim * 2) % 16 == 0, "ViewAttention: head_dim must be a multiple of 8");
+  qk_ = Gemm(handle, qk, workspace, workspace_bytes);
+
+  GemmShape pv;
+  pv.m = params.tokens;
+  pv.n = params.head_dim;
+  pv.k = params.tokens;
+  pv.ld_x = ld_;
+  pv.ld_w = 3 * hd;
+  pv.ld_y = hd;
+  pv.batch = params.heads;
+  pv.stride_x = static_cast<int64_t>(params.tokens) * ld_;
+  pv.stride_w = params.head_dim;
+  pv.stride_y = params.head_dim;
+  pv.alignment = 16;
+  pv_ = Gemm(handle, pv, workspace, workspace_bytes);
+}
+
+void ViewAttention::run(const Bf16* qkv, Bf16* out, cudaStream_t stream) {
+  const int hd = params_.heads * params_.head_dim;
+  const size_t view_rows = static_cast<size_t>(params_.tokens) * 3 * hd;
+  const size_t per_view = static_cast<size_t>(params_.heads) * params_.tokens * ld_;
+  for (int v = 0; v < params_.views; ++v) {
+    const Bf16* base = qkv + v * view_rows;
+    qk_.run(base, base + hd, scores_.get() + v * per_view, nullptr, stream);
+  }
+  softmax_rows(scores_.get(), ld_, probs_.get(), ld_, params_.views * params_.heads * params_.tokens,
+               params_.tokens, 0, 0, stream);
+  for (int v = 0; v < params_.views; ++v) {
+    const Bf16* base = qkv + v * view_rows;
+    pv_.run(probs_.get() + v * per_view, base + 2 * hd,
+            out + static_cast<size_t>(v) * params_.tokens * hd, nullptr, stream);
+  }
+}
+
+}  // namespace pi0::cuda

@@ -1,0 +1,203 @@
+#include "pi0/cuda/gemm.hpp"
+
+#include <algorithm>
+#include <sstream>
+#include <utility>
+
+#include "pi0/check.hpp"
+#include "pi0/cuda/device.hpp"
+
+namespace pi0::cuda {
+namespace {
+
+constexpr int kHeuristicCandidates = 8;
+
+cudaDataType_t to_cuda(DType t) { return t == DType::kBf16 ? CUDA_R_16BF : CUDA_R_32F; }
+size_t type_bytes(DType t) { return t == DType::kBf16 ? 2 : 4; }
+
+template <typename T>
+void set_desc(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attr, const T& value) {
+  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, attr, &value, sizeof value));
+}
+
+cublasLtMatrixLayout_t make_layout(cudaDataType_t type, int rows, int cols, int ld, int batch,
+                                   int64_t stride) {
+  cublasLtMatrixLayout_t layout = nullptr;
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout, type, rows, cols, ld));
+  if (batch > 1) {
+    const int32_t count = batch;
+    CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                                                  &count, sizeof count));
+    CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(
+        layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof stride));
+  }
+  return layout;
+}
+
+bool has_bias(Epilogue e) { return e != Epilogue::kNone; }
+
+}  // namespace
+
+std::string GemmShape::describe() const {
+  std::ostringstream s;
+  s << "gemm m=" << m << " n=" << n << " k=" << k << " ld_x=" << ld_x << " ld_w=" << ld_w
+    << " ld_y=" << ld_y << (w_transposed ? " W^T" : "") << " y="
+    << (y_type == DType::kBf16 ? "bf16" : "f32")
+    << (epilogue == Epilogue::kBias ? " +bias" : epilogue == Epilogue::kGeluBias ? " +bias,gelu" : "")
+    << (accumulate ? " accumulate" : "") << " batch=" << batch << " align=" << alignment;
+  return s.str();
+}
+
+Gemm::Gemm(cublasLtHandle_t handle, const GemmShape& shape, void* workspace,
+           size_t workspace_bytes)
+    : handle_(handle), shape_(shape), workspace_(workspace), workspace_bytes_(workspace_bytes) {
+  PI0_CHECK(shape.m > 0 && shape.n > 0 && shape.k > 0 && shape.batch > 0,
+            "empty " + shape.describe());
+  PI0_CHECK(shape.ld_x >= shape.k && shape.ld_y >= shape.n &&
+                shape.ld_w >= (shape.w_transposed ? shape.k : shape.n),
+            "leading dimension too small in " + shape.describe());
+  try {
+    CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc_, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const cublasOperation_t op_a = shape.w_transposed ? CUBLAS_OP_T : CUBLAS_OP_N;
+    const cublasOperation_t op_b = CUBLAS_OP_N;
+    set_desc(desc_, CUBLASLT_MATMUL_DESC_TRANSA, op_a);
+    set_desc(desc_, CUBLASLT_MATMUL_DESC_TRANSB, op_b);
+    cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_DEFAULT;
+    if (shape.epilogue == Epilogue::kBias) epi = CUBLASLT_EPILOGUE_BIAS;
+    if (shape.epilogue == Epilogue::kGeluBias) epi = CUBLASLT_EPILOGUE_GELU_BIAS;
+    set_desc(desc_, CUBLASLT_MATMUL_DESC_EPILOGUE, epi);
+    if (has_bias(shape.epilogue)) {
+      const cudaDataType_t bias_type = to_cuda(shape.y_type);
+      set_desc(desc_, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, bias_type);
+    }
+
+    // A = W as column-major: [n, k] with ld_w, or [k, n] read transposed.
+    const int a_rows = shape.w_transposed ? shape.k : shape.n;
+    const int a_cols = shape.w_transposed ? shape.n : shape.k;
+    a_ = make_layout(CUDA_R_16BF, a_rows, a_cols, shape.ld_w, shape.batch, shape.stride_w);
+    b_ = make_layout(CUDA_R_16BF, shape.k, shape.m, shape.ld_x, shape.batch, shape.stride_x);
+    d_ = make_layout(to_cuda(shape.y_type), shape.n, shape.m, shape.ld_y, shape.batch,
+                     shape.stride_y);
+
+    cublasLtMatmulPreference_t pref = nullptr;
+    CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    const uint64_t ws = workspace_bytes;
+    const uint32_t align = static_cast<uint32_t>(shape.alignment);
+    cublasStatus_t status = cublasLtMatmulPreferenceSetAttribute(
+        pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
+    for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES}) {
+      if (status == CUBLAS_STATUS_SUCCESS)
+        status = cublasLtMatmulPreferenceSetAttribute(pref, attr, &align, sizeof align);
+    }
+    int returned = 0;
+    candidates_.resize(kHeuristicCandidates);
+    if (status == CUBLAS_STATUS_SUCCESS)
+      status = cublasLtMatmulAlgoGetHeuristic(handle_, desc_, a_, b_, d_, d_, pref,
+                                              kHeuristicCandidates, candidates_.data(), &returned);
+    (void)cublasLtMatmulPreferenceDestroy(pref);
+    CUBLAS_CHECK(status);
+    candidates_.resize(static_cast<size_t>(std::max(returned, 0)));
+    PI0_CHECK(!candidates_.empty(), "cuBLASLt has no algorithm for " + shape.describe());
+  } catch (...) {
+    release();
+    throw;
+  }
+}
+
+Gemm::~Gemm() { release(); }
+
+void Gemm::release() noexcept {
+  if (a_) (void)cublasLtMatrixLayoutDestroy(a_);
+  if (b_) (void)cublasLtMatrixLayoutDestroy(b_);
+  if (d_) (void)cublasLtMatrixLayoutDestroy(d_);
+  if (desc_) (void)cublasLtMatmulDescDestroy(desc_);
+  a_ = b_ = d_ = nullptr;
+  desc_ = nullptr;
+}
+
+Gemm::Gemm(Gemm&& other) noexcept
+    : handle_(other.handle_),
+      shape_(other.shape_),
+      desc_(std::exchange(other.desc_, nullptr)),
+      a_(std::exchange(other.a_, nullptr)),
+      b_(std::exchange(other.b_, nullptr)),
+      d_(std::exchange(other.d_, nullptr)),
+      candidates_(std::move(other.candidates_)),
+      chosen_(other.chosen_),
+      workspace_(other.workspace_),
+      workspace_bytes_(other.workspace_bytes_) {}
+
+Gemm& Gemm::operator=(Gemm&& other) noexcept {
+  if (this != &other) {
+    release();
+    handle_ = other.handle_;
+    shape_ = other.shape_;
+    desc_ = std::exchange(other.desc_, nullptr);
+    a_ = std::exchange(other.a_, nullptr);
+    b_ = std::exchange(other.b_, nullptr);
+    d_ = std::exchange(other.d_, nullptr);
+    candidates_ = std::move(other.candidates_);
+    chosen_ = other.chosen_;
+    workspace_ = other.workspace_;
+    workspace_bytes_ = other.workspace_bytes_;
+  }
+  return *this;
+}
+
+void Gemm::launch(int candidate, const void* x, const void* w, void* y, const void* bias,
+                  cudaStream_t stream) {
+  const float beta = shape_.accumulate ? 1.0f : 0.0f;
+  if (has_bias(shape_.epilogue)) {
+    PI0_CHECK(bias != nullptr, "missing bias for " + shape_.describe());
+    // The descriptor is read when the call is enqueued, so changing the pointer per call (one
+    // Gemm serves every layer) is safe under graph capture too.
+    set_desc(desc_, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias);
+  }
+  CUBLAS_CHECK(cublasLtMatmul(handle_, desc_, &shape_.alpha, w, a_, x, b_, &beta, y, d_, y, d_,
+                              &candidates_[static_cast<size_t>(candidate)].algo, workspace_,
+                              workspace_bytes_, stream));
+}
+
+void Gemm::run(const void* x, const void* w, void* y, const void* bias, cudaStream_t stream) {
+  PI0_CHECK(desc_ != nullptr, "Gemm used before construction");
+  const size_t a = static_cast<size_t>(shape_.alignment);
+  if (!is_aligned(x, a) || !is_aligned(w, a) || !is_aligned(y, a) ||
+      (bias && !is_aligned(bias, std::min<size_t>(a, 16)))) {
+    throw Error("misaligned operand (need " + std::to_string(a) + " bytes) for " +
+                shape_.describe());
+  }
+  launch(chosen_, x, w, y, bias, stream);
+}
+
+void Gemm::autotune(const void* x, const void* w, void* y, const void* bias, cudaStream_t stream,
+                    int max_candidates) {
+  const int n = std::min(candidates(), max_candidates);
+  if (n <= 1) return;
+  Event start, stop;
+  constexpr int kWarm = 2, kReps = 8;
+  float best_ms = 3.0e38f;
+  int best = chosen_;
+  for (int c = 0; c < n; ++c) {
+    try {
+      for (int i = 0; i < kWarm; ++i) launch(c, x, w, y, bias, stream);
+    } catch (const Error&) {
+      (void)cudaGetLastError();
+      continue;  // a candidate the heuristic offered but that cannot run here
+    }
+    start.record(stream);
+    for (int i = 0; i < kReps; ++i) launch(c, x, w, y, bias, stream);
+    stop.record(stream);
+    stop.synchronize();
+    const float ms = stop.elapsed_since(start);
+    if (ms < best_ms) {
+      best_ms = ms;
+      best = c;
+    }
+  }
+  chosen_ = best;
+}
+
+}  // namespace pi0::cuda

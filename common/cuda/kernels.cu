@@ -1,0 +1,337 @@
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "pi0/check.hpp"
+#include "pi0/cuda/kernels.hpp"
+
+namespace pi0::cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+using bf162 = __nv_bfloat162;
+
+constexpr int kThreads = 256;
+constexpr int kMaxBlocks = 4096;  // grid-stride beyond this: 31 blocks per SM is plenty
+
+const bf16* dev(const Bf16* p) { return reinterpret_cast<const bf16*>(p); }
+bf16* dev(Bf16* p) { return reinterpret_cast<bf16*>(p); }
+
+int grid_for(size_t n) {
+  const size_t blocks = (n + kThreads - 1) / kThreads;
+  return static_cast<int>(std::max<size_t>(1, std::min<size_t>(blocks, kMaxBlocks)));
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Every thread gets the same total, summed in a fixed order (bitwise reproducible).
+__device__ float block_sum(float v, float* smem) {
+  v = warp_sum(v);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();  // smem may still be read by a previous call
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  float total = 0.0f;
+  for (int i = 0; i < static_cast<int>(blockDim.x >> 5); ++i) total += smem[i];
+  return total;
+}
+
+__device__ __forceinline__ float gelu_tanh(float x) {
+  const float k = 0.7978845608028654f;  // sqrt(2 / pi)
+  return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
+}
+
+__global__ void bf16_to_f32_kernel(const bf16* in, float* out, size_t n) {
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n;
+       i += size_t{gridDim.x} * blockDim.x)
+    out[i] = __bfloat162float(in[i]);
+}
+
+__global__ void f32_to_bf16_kernel(const float* in, bf16* out, size_t n) {
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n;
+       i += size_t{gridDim.x} * blockDim.x)
+    out[i] = __float2bfloat16_rn(in[i]);
+}
+
+// One block per row; the row is re-read from L1/L2 for each pass rather than held in registers,
+// which keeps one kernel for every width.
+__global__ void layer_norm_kernel(const float* x, const bf16* weight, const bf16* bias, bf16* out,
+                                  int width, float eps) {
+  __shared__ float smem[32];
+  const float* row = x + static_cast<size_t>(blockIdx.x) * width;
+  float s = 0.0f;
+  for (int i = threadIdx.x; i < width; i += blockDim.x) s += row[i];
+  const float mean = block_sum(s, smem) / width;
+  float v = 0.0f;
+  for (int i = threadIdx.x; i < width; i += blockDim.x) {
+    const float d = row[i] - mean;
+    v += d * d;
+  }
+  const float rstd = rsqrtf(block_sum(v, smem) / width + eps);
+  bf16* o = out + static_cast<size_t>(blockIdx.x) * width;
+  for (int i = threadIdx.x; i < width; i += blockDim.x)
+    o[i] = __float2bfloat16_rn((row[i] - mean) * rstd * __bfloat162float(weight[i]) +
+                               __bfloat162float(bias[i]));
+}
+
+__global__ void rms_norm_kernel(const float* x, bf16* out, int width, float eps) {
+  __shared__ float smem[32];
+  const float* row = x + static_cast<size_t>(blockIdx.x) * width;
+  float s = 0.0f;
+  for (int i = threadIdx.x; i < width; i += blockDim.x) s += row[i] * row[i];
+  const float scale = rsqrtf(block_sum(s, smem) / width + eps);
+  bf16* o = out + static_cast<size_t>(blockIdx.x) * width;
+  for (int i = threadIdx.x; i < width; i += blockDim.x) o[i] = __float2bfloat16_rn(row[i] * scale);
+}
+
+__global__ void extract_patches_kernel(const bf16* images, bf16* patches, int views,
+                                       int image_size, int patch, int channels) {
+  const int side = image_size / patch;
+  const int values = patch * patch * channels;
+  const size_t n = static_cast<size_t>(views) * side * side * values;
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n;
+       i += size_t{gridDim.x} * blockDim.x) {
+    const int value = static_cast<int>(i % values);
+    const size_t token = i / values;
+    const int view = static_cast<int>(token / (side * side));
+    const int t = static_cast<int>(token % (side * side));
+    const int pr = t / side, pc = t % side;
+    const int ch = value % channels;
+    const int c = (value / channels) % patch;
+    const int r = value / (channels * patch);
+    const size_t src =
+        ((static_cast<size_t>(view) * image_size + pr * patch + r) * image_size + pc * patch + c) *
+            channels +
+        ch;
+    patches[i] = images[src];
+  }
+}
+
+__global__ void broadcast_rows_kernel(const bf16* table, int table_rows, const bf16* bias,
+                                      float* out, int rows, int width) {
+  const size_t n = static_cast<size_t>(rows) * width;
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n;
+       i += size_t{gridDim.x} * blockDim.x) {
+    const int col = static_cast<int>(i % width);
+    const int row = static_cast<int>(i / width);
+    float v = __bfloat162float(table[static_cast<size_t>(row % table_rows) * width + col]);
+    if (bias) v += __bfloat162float(bias[col]);
+    out[i] = v;
+  }
+}
+
+__global__ void rope_split_qkv_kernel(const bf16* qkv, int rows, int q_heads, int head_dim,
+                                      int first_position, float log2_theta, bf16* q_out,
+                                      bf16* k_out, bf16* v_out) {
+  const int half = head_dim / 2;
+  const int pairs_per_row = (q_heads + 2) * half;
+  const size_t n = static_cast<size_t>(rows) * pairs_per_row;
+  const int width = (q_heads + 2) * head_dim;
+  for (size_t idx = blockIdx.x * size_t{blockDim.x} + threadIdx.x; idx < n;
+       idx += size_t{gridDim.x} * blockDim.x) {
+    const int row = static_cast<int>(idx / pairs_per_row);
+    const int j = static_cast<int>(idx % pairs_per_row);
+    const int head = j / half, i = j % half;
+    const bf162 pair =
+        *reinterpret_cast<const bf162*>(qkv + static_cast<size_t>(row) * width + head * head_dim +
+                                        2 * i);
+    if (head == q_heads + 1) {
+      *reinterpret_cast<bf162*>(v_out + static_cast<size_t>(row) * head_dim + 2 * i) = pair;
+      continue;
+    }
+    const float x0 = __low2float(pair), x1 = __high2float(pair);
+    // theta^(-2i/d) in fp32, angle reduced by sincosf's full-range reduction.
+    const float inv_freq = exp2f(-(2.0f * i / head_dim) * log2_theta);
+    float s, c;
+    sincosf(static_cast<float>(first_position + row) * inv_freq, &s, &c);
+    const bf162 rotated = __floats2bfloat162_rn(x0 * c - x1 * s, x0 * s + x1 * c);
+    bf16* dst = head < q_heads
+                    ? q_out + static_cast<size_t>(row) * q_heads * head_dim + head * head_dim
+                    : k_out + static_cast<size_t>(row) * head_dim;
+    *reinterpret_cast<bf162*>(dst + 2 * i) = rotated;
+  }
+}
+
+// One warp per row; the row (at most a few thousand scores) is re-read from L2 per pass.
+__global__ void softmax_rows_kernel(const float* scores, int ld_scores, bf16* probs, int ld_probs,
+                                    int rows, int cols, int limited_rows, int limited_cols) {
+  const int warps = blockDim.x >> 5;
+  const int row = blockIdx.x * warps + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  const int valid = row < limited_rows ? limited_cols : cols;
+  const float* s = scores + static_cast<size_t>(row) * ld_scores;
+  float m = -INFINITY;
+  for (int c = lane; c < valid; c += 32) m = fmaxf(m, s[c]);
+  m = warp_max(m);
+  float sum = 0.0f;
+  for (int c = lane; c < valid; c += 32) sum += expf(s[c] - m);
+  const float inv = 1.0f / warp_sum(sum);
+  bf16* p = probs + static_cast<size_t>(row) * ld_probs;
+  for (int c = lane; c < cols; c += 32)
+    p[c] = __float2bfloat16_rn(c < valid ? expf(s[c] - m) * inv : 0.0f);
+}
+
+__global__ void geglu_kernel(const bf16* gate_up, bf16* out, int rows, int width) {
+  const int half_width = width / 2;  // in bf16 pairs
+  const size_t n = static_cast<size_t>(rows) * half_width;
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n;
+       i += size_t{gridDim.x} * blockDim.x) {
+    const size_t row = i / half_width;
+    const int col = static_cast<int>(i % half_width) * 2;
+    const bf16* g = gate_up + row * 2 * width;
+    const bf162 gv = *reinterpret_cast<const bf162*>(g + col);
+    const bf162 uv = *reinterpret_cast<const bf162*>(g + width + col);
+    *reinterpret_cast<bf162*>(out + row * width + col) =
+        __floats2bfloat162_rn(gelu_tanh(__low2float(gv)) * __low2float(uv),
+                              gelu_tanh(__high2float(gv)) * __high2float(uv));
+  }
+}
+
+__global__ void geglu_scalar_kernel(const bf16* gate_up, bf16* out, int rows, int width) {
+  const size_t n = static_cast<size_t>(rows) * width;
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n;
+       i += size_t{gridDim.x} * blockDim.x) {
+    const size_t row = i / width;
+    const int col = static_cast<int>(i % width);
+    const float g = __bfloat162float(gate_up[row * 2 * width + col]);
+    const float u = __bfloat162float(gate_up[row * 2 * width + width + col]);
+    out[i] = __float2bfloat16_rn(gelu_tanh(g) * u);
+  }
+}
+
+__global__ void silu_kernel(bf16* x, size_t n) {
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n;
+       i += size_t{gridDim.x} * blockDim.x) {
+    const float v = __bfloat162float(x[i]);
+    x[i] = __float2bfloat16_rn(v / (1.0f + expf(-v)));
+  }
+}
+
+__device__ __forceinline__ float hash_uniform(uint64_t seed, size_t i) {
+  uint64_t z = seed * 0x9e3779b97f4a7c15ull + i + 0x632be59bd9b4e019ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  z ^= z >> 31;
+  return static_cast<float>(z >> 40) * (1.0f / 16777216.0f) * 2.0f - 1.0f;
+}
+
+__global__ void fill_bf16_kernel(bf16* out, size_t n, uint64_t seed, float scale) {
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n;
+       i += size_t{gridDim.x} * blockDim.x)
+    out[i] = __float2bfloat16_rn(scale * hash_uniform(seed, i));
+}
+
+__global__ void fill_f32_kernel(float* out, size_t n, uint64_t seed, float scale) {
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n;
+       i += size_t{gridDim.x} * blockDim.x)
+    out[i] = scale * hash_uniform(seed, i);
+}
+
+}  // namespace
+
+void bf16_to_f32(const Bf16* in, float* out, size_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  bf16_to_f32_kernel<<<grid_for(n), kThreads, 0, stream>>>(dev(in), out, n);
+  CUDA_CHECK_LAUNCH();
+}
+
+void f32_to_bf16(const float* in, Bf16* out, size_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  f32_to_bf16_kernel<<<grid_for(n), kThreads, 0, stream>>>(in, dev(out), n);
+  CUDA_CHECK_LAUNCH();
+}
+
+void layer_norm(const float* x, const Bf16* weight, const Bf16* bias, Bf16* out, int rows,
+                int width, float eps, cudaStream_t stream) {
+  if (rows == 0) return;
+  layer_norm_kernel<<<rows, kThreads, 0, stream>>>(x, dev(weight), dev(bias), dev(out), width, eps);
+  CUDA_CHECK_LAUNCH();
+}
+
+void rms_norm(const float* x, Bf16* out, int rows, int width, float eps, cudaStream_t stream) {
+  if (rows == 0) return;
+  rms_norm_kernel<<<rows, kThreads, 0, stream>>>(x, dev(out), width, eps);
+  CUDA_CHECK_LAUNCH();
+}
+
+void extract_patches(const Bf16* images, Bf16* patches, int views, int image_size, int patch_size,
+                     int channels, cudaStream_t stream) {
+  const int side = image_size / patch_size;
+  const size_t n =
+      static_cast<size_t>(views) * side * side * patch_size * patch_size * channels;
+  extract_patches_kernel<<<grid_for(n), kThreads, 0, stream>>>(dev(images), dev(patches), views,
+                                                               image_size, patch_size, channels);
+  CUDA_CHECK_LAUNCH();
+}
+
+void broadcast_rows(const Bf16* table, int table_rows, const Bf16* bias, float* out, int rows,
+                    int width, cudaStream_t stream) {
+  const size_t n = static_cast<size_t>(rows) * width;
+  if (n == 0) return;
+  broadcast_rows_kernel<<<grid_for(n), kThreads, 0, stream>>>(dev(table), table_rows, dev(bias),
+                                                              out, rows, width);
+  CUDA_CHECK_LAUNCH();
+}
+
+void rope_split_qkv(const Bf16* qkv, int rows, int q_heads, int head_dim, int first_position,
+                    float theta, Bf16* q_out, Bf16* k_out, Bf16* v_out, cudaStream_t stream) {
+  PI0_CHECK(head_dim % 2 == 0, "rope_split_qkv: head_dim must be even");
+  const size_t n = static_cast<size_t>(rows) * (q_heads + 2) * (head_dim / 2);
+  if (n == 0) return;
+  rope_split_qkv_kernel<<<grid_for(n), kThreads, 0, stream>>>(
+      dev(qkv), rows, q_heads, head_dim, first_position, std::log2(theta), dev(q_out),
+      dev(k_out), dev(v_out));
+  CUDA_CHECK_LAUNCH();
+}
+
+void softmax_rows(const float* scores, int ld_scores, Bf16* probs, int ld_probs, int rows,
+                  int cols, int limited_rows, int limited_cols, cudaStream_t stream) {
+  if (rows == 0) return;
+  PI0_CHECK(limited_rows <= 0 || (limited_cols >= 1 && limited_cols <= cols),
+            "softmax_rows: limited_cols out of range");
+  constexpr int kWarps = kThreads / 32;
+  softmax_rows_kernel<<<(rows + kWarps - 1) / kWarps, kThreads, 0, stream>>>(
+      scores, ld_scores, dev(probs), ld_probs, rows, cols, limited_rows, limited_cols);
+  CUDA_CHECK_LAUNCH();
+}
+
+void geglu(const Bf16* gate_up, Bf16* out, int rows, int width, cudaStream_t stream) {
+  const size_t n = static_cast<size_t>(rows) * width;
+  if (n == 0) return;
+  if (width % 2 == 0) {
+    geglu_kernel<<<grid_for(n / 2), kThreads, 0, stream>>>(dev(gate_up), dev(out), rows, width);
+  } else {
+    geglu_scalar_kernel<<<grid_for(n), kThreads, 0, stream>>>(dev(gate_up), dev(out), rows,
+                                                              width);
+  }
+  CUDA_CHECK_LAUNCH();
+}
+
+void silu_inplace(Bf16* x, size_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  silu_kernel<<<grid_for(n), kThreads, 0, stream>>>(dev(x), n);
+  CUDA_CHECK_LAUNCH();
+}
+
+void fill_random(Bf16* out, size_t n, uint64_t seed, float scale, cudaStream_t stream) {
+  if (n == 0) return;
+  fill_bf16_kernel<<<grid_for(n), kThreads, 0, stream>>>(dev(out), n, seed, scale);
+  CUDA_CHECK_LAUNCH();
+}
+
+void fill_random(float* out, size_t n, uint64_t seed, float scale, cudaStream_t stream) {
+  if (n == 0) return;
+  fill_f32_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, n, seed, scale);
+  CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace pi0::cuda

@@ -1,0 +1,68 @@
+// Attention as two cuBLASLt GEMMs around a row softmax: S = scale * Q K^T (fp32), P = softmax(S)
+// (bf16, masked), O = P V. The scores of pi0's shapes are small (at most a few MB), so the extra
+// pass over them costs less than it would to hand-write tensor-core flash kernels for three
+// head sizes, and the GEMMs run at cuBLASLt's speed.
+#pragma once
+
+#include <cublasLt.h>
+#include <cuda_runtime_api.h>
+
+#include "pi0/bf16.hpp"
+#include "pi0/cuda/device.hpp"
+#include "pi0/cuda/gemm.hpp"
+
+namespace pi0::cuda {
+
+// `heads` query heads sharing one K/V head (Gemma's multi-query attention). Because the query
+// heads of a row are contiguous, Q [queries, heads * head_dim] is also Q' [queries * heads,
+// head_dim], and the whole attention is one QK^T and one PV product over Q'.
+class SharedKvAttention {
+ public:
+  struct Params {
+    int queries = 0, heads = 0, head_dim = 0, keys = 0;
+    float scale = 1.0f;
+    // Queries (tokens) < limited_queries see only keys < limited_keys (the decoder's state token).
+    int limited_queries = 0, limited_keys = 0;
+  };
+  SharedKvAttention() = default;
+  SharedKvAttention(cublasLtHandle_t handle, const Params& params, void* workspace,
+                    size_t workspace_bytes);
+  // q [queries, heads*head_dim], k and v [keys, head_dim], out [queries, heads*head_dim]; all
+  // contiguous bf16, 256-byte aligned.
+  void run(const Bf16* q, const Bf16* k, const Bf16* v, Bf16* out, cudaStream_t stream);
+  size_t scratch_bytes() const { return scores_.bytes() + probs_.bytes(); }
+  double flops() const { return qk_.shape().flops() + pv_.shape().flops(); }
+
+ private:
+  Params params_{};
+  int ld_ = 0;
+  DeviceBuffer<float> scores_;
+  DeviceBuffer<Bf16> probs_;
+  Gemm qk_, pv_;
+};
+
+// Multi-head attention within each view (SigLIP): qkv [views * tokens, 3 * heads * head_dim]
+// = Q | K | V, out [views * tokens, heads * head_dim]. Heads are GEMM batches; views are separate
+// calls, the softmax one launch over all of them.
+class ViewAttention {
+ public:
+  struct Params {
+    int views = 0, tokens = 0, heads = 0, head_dim = 0;
+    float scale = 1.0f;
+  };
+  ViewAttention() = default;
+  ViewAttention(cublasLtHandle_t handle, const Params& params, void* workspace,
+                size_t workspace_bytes);
+  void run(const Bf16* qkv, Bf16* out, cudaStream_t stream);
+  size_t scratch_bytes() const { return scores_.bytes() + probs_.bytes(); }
+  double flops() const { return params_.views * (qk_.shape().flops() + pv_.shape().flops()); }
+
+ private:
+  Params params_{};
+  int ld_ = 0;
+  DeviceBuffer<float> scores_;
+  DeviceBuffer<Bf16> probs_;
+  Gemm qk_, pv_;
+};
+
+}  // namespace pi0::cuda

@@ -1,0 +1,192 @@
+// RAII owners of CUDA resources (device memory, streams, events, graphs, cuBLASLt handles).
+// All are move-only; destructors never throw (a failure to release is ignored: there is nothing
+// sensible to do with it while unwinding).
+#pragma once
+
+#include <cublasLt.h>
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "pi0/bf16.hpp"
+
+namespace pi0::cuda {
+
+// Allocates `bytes` of device memory; throws pi0::Error naming `what`, the size and the free
+// memory when the allocation fails.
+void* device_alloc(size_t bytes, const std::string& what);
+void device_free(void* ptr) noexcept;
+
+template <typename T>
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(size_t count, const std::string& what)
+      : ptr_(static_cast<T*>(device_alloc(count * sizeof(T), what))), count_(count) {}
+  ~DeviceBuffer() { device_free(ptr_); }
+  DeviceBuffer(DeviceBuffer&& other) noexcept
+      : ptr_(std::exchange(other.ptr_, nullptr)), count_(std::exchange(other.count_, 0)) {}
+  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept {
+    if (this != &other) {
+      device_free(ptr_);
+      ptr_ = std::exchange(other.ptr_, nullptr);
+      count_ = std::exchange(other.count_, 0);
+    }
+    return *this;
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+
+  T* get() const { return ptr_; }
+  size_t size() const { return count_; }
+  size_t bytes() const { return count_ * sizeof(T); }
+  bool empty() const { return count_ == 0; }
+
+ private:
+  T* ptr_ = nullptr;
+  size_t count_ = 0;
+};
+
+// Synchronous copies (tests, setup); the async forms are used on hot paths.
+void copy_to_device(void* dst, const void* src, size_t bytes);
+void copy_to_host(void* dst, const void* src, size_t bytes);
+
+template <typename T>
+DeviceBuffer<T> upload(const T* host, size_t count, const std::string& what) {
+  DeviceBuffer<T> buf(count, what);
+  if (count) copy_to_device(buf.get(), host, count * sizeof(T));
+  return buf;
+}
+template <typename T>
+DeviceBuffer<T> upload(const std::vector<T>& host, const std::string& what) {
+  return upload(host.data(), host.size(), what);
+}
+template <typename T>
+std::vector<T> download(const T* device, size_t count) {
+  std::vector<T> out(count);
+  if (count) copy_to_host(out.data(), device, count * sizeof(T));
+  return out;
+}
+
+class Stream {
+ public:
+  Stream();  // non-blocking with respect to the legacy default stream
+  ~Stream();
+  Stream(Stream&& other) noexcept : stream_(std::exchange(other.stream_, nullptr)) {}
+  Stream& operator=(Stream&& other) noexcept;
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+  cudaStream_t get() const { return stream_; }
+  void synchronize() const;
+
+ private:
+  cudaStream_t stream_ = nullptr;
+};
+
+class Event {
+ public:
+  explicit Event(unsigned flags = cudaEventDefault);
+  ~Event();
+  Event(Event&& other) noexcept : event_(std::exchange(other.event_, nullptr)) {}
+  Event& operator=(Event&& other) noexcept;
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+  cudaEvent_t get() const { return event_; }
+  void record(cudaStream_t stream) const;
+  void synchronize() const;
+  // Milliseconds from `start` to this event (both recorded and complete).
+  float elapsed_since(const Event& start) const;
+
+ private:
+  cudaEvent_t event_ = nullptr;
+};
+
+class GraphExec {
+ public:
+  GraphExec() = default;
+  explicit GraphExec(cudaGraphExec_t exec) : exec_(exec) {}
+  ~GraphExec();
+  GraphExec(GraphExec&& other) noexcept : exec_(std::exchange(other.exec_, nullptr)) {}
+  GraphExec& operator=(GraphExec&& other) noexcept;
+  GraphExec(const GraphExec&) = delete;
+  GraphExec& operator=(const GraphExec&) = delete;
+  cudaGraphExec_t get() const { return exec_; }
+  void launch(cudaStream_t stream) const;
+
+ private:
+  cudaGraphExec_t exec_ = nullptr;
+};
+
+class LtHandle {
+ public:
+  LtHandle();
+  ~LtHandle();
+  LtHandle(LtHandle&& other) noexcept : handle_(std::exchange(other.handle_, nullptr)) {}
+  LtHandle& operator=(LtHandle&& other) noexcept;
+  LtHandle(const LtHandle&) = delete;
+  LtHandle& operator=(const LtHandle&) = delete;
+  cublasLtHandle_t get() const { return handle_; }
+
+ private:
+  cublasLtHandle_t handle_ = nullptr;
+};
+
+// Runs a fixed sequence of stream work, keyed by the device pointers it touches: the first call for
+// a key runs eagerly (module loading, lazy allocations and first-touch costs stay out of the
+// graph), the second captures the sequence into a CUDA graph and launches it, later calls replay
+// it. Capture happens on a private stream, so the caller's stream may be the legacy default one.
+class GraphCache {
+ public:
+  explicit GraphCache(size_t capacity = 8);
+  ~GraphCache();
+  GraphCache(GraphCache&&) noexcept;
+  GraphCache& operator=(GraphCache&&) noexcept;
+
+  template <typename Enqueue>
+  void run(const std::vector<const void*>& key, cudaStream_t stream, Enqueue&& enqueue) {
+    Entry* entry = find(key);
+    if (entry == nullptr) {
+      enqueue(stream);
+      remember(key);
+      return;
+    }
+    if (!entry->exec.get()) {
+      begin_capture();
+      try {
+        enqueue(capture_stream_.get());
+      } catch (...) {
+        abort_capture();
+        throw;
+      }
+      entry->exec = end_capture();
+    }
+    entry->exec.launch(stream);
+  }
+  size_t graphs() const;
+
+ private:
+  struct Entry {
+    std::vector<const void*> key;
+    GraphExec exec;
+  };
+  Entry* find(const std::vector<const void*>& key);
+  void remember(const std::vector<const void*>& key);
+  void begin_capture();
+  void abort_capture() noexcept;
+  GraphExec end_capture();
+
+  size_t capacity_;
+  std::vector<Entry> entries_;  // oldest first
+  Stream capture_stream_;
+};
+
+// Whether `ptr` is aligned to `bytes`.
+inline bool is_aligned(const void* ptr, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
+}
+
+}  // namespace pi0::cuda

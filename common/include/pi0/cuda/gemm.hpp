@@ -1,0 +1,84 @@
+// Row-major GEMM on cuBLASLt: Y[m, n] (+)= alpha * X[m, k] @ W[k, n] (+ bias[n]) (then GELU),
+// bf16 operands, fp32 accumulation, bf16 or fp32 output.
+//
+// cuBLASLt is column-major. A row-major matrix with row stride ld is the column-major transpose
+// with the same ld, so Y^T = W^T X^T is computed with A = W (column-major [n, k], or [k, n] used
+// transposed when W is given as [n, k]), B = X (column-major [k, m]) and D = Y (column-major
+// [n, m]). The bias of the epilogue runs along D's rows, i.e. along Y's columns, as wanted.
+#pragma once
+
+#include <cublasLt.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace pi0::cuda {
+
+enum class DType { kBf16, kF32 };
+enum class Epilogue { kNone, kBias, kGeluBias };  // GELU is the tanh approximation
+
+struct GemmShape {
+  int m = 0, n = 0, k = 0;
+  int ld_x = 0, ld_w = 0, ld_y = 0;  // row strides in elements
+  bool w_transposed = false;         // W stored [n, k] row-major: computes X @ W^T
+  DType y_type = DType::kBf16;       // bias, when present, has the same type as Y
+  Epilogue epilogue = Epilogue::kNone;
+  bool accumulate = false;  // Y += ... (beta = 1); Y is read and written in place
+  float alpha = 1.0f;
+  int batch = 1;  // strided batches; strides in elements
+  int64_t stride_x = 0, stride_w = 0, stride_y = 0;
+  // The least alignment, in bytes, of every pointer given to run(): kernels that need more are not
+  // considered. Row strides must keep every row at this alignment too.
+  int alignment = 256;
+
+  std::string describe() const;
+  double flops() const { return 2.0 * m * n * k * batch; }
+};
+
+class Gemm {
+ public:
+  Gemm() = default;
+  // Picks the heuristic's best algorithm for `shape` now, so that run() does no planning (it is
+  // called while capturing graphs). `workspace` is shared by every Gemm on one stream.
+  Gemm(cublasLtHandle_t handle, const GemmShape& shape, void* workspace, size_t workspace_bytes);
+  ~Gemm();
+  Gemm(Gemm&& other) noexcept;
+  Gemm& operator=(Gemm&& other) noexcept;
+  Gemm(const Gemm&) = delete;
+  Gemm& operator=(const Gemm&) = delete;
+
+  // x, w: bf16; y: bf16 or fp32 per shape.y_type; bias: same type as y, or nullptr without a bias
+  // epilogue. Throws pi0::Error on a misaligned pointer or a failed launch.
+  void run(const void* x, const void* w, void* y, const void* bias, cudaStream_t stream);
+
+  // Times up to `max_candidates` of the heuristic's algorithms on these operands and keeps the
+  // fastest. Y is overwritten (and, when accumulating, grows); call it before real data is there.
+  // Off by default: a timing-based choice can differ between processes, and with it the bits of
+  // the result.
+  void autotune(const void* x, const void* w, void* y, const void* bias, cudaStream_t stream,
+                int max_candidates = 8);
+
+  const GemmShape& shape() const { return shape_; }
+  int candidates() const { return static_cast<int>(candidates_.size()); }
+
+ private:
+  void release() noexcept;
+  void launch(int candidate, const void* x, const void* w, void* y, const void* bias,
+              cudaStream_t stream);
+
+  cublasLtHandle_t handle_ = nullptr;
+  GemmShape shape_{};
+  cublasLtMatmulDesc_t desc_ = nullptr;
+  cublasLtMatrixLayout_t a_ = nullptr, b_ = nullptr, d_ = nullptr;
+  std::vector<cublasLtMatmulHeuristicResult_t> candidates_;
+  int chosen_ = 0;
+  void* workspace_ = nullptr;
+  size_t workspace_bytes_ = 0;
+};
+
+// 32 MiB: what NVIDIA recommends for cuBLASLt on Hopper.
+inline constexpr size_t kGemmWorkspaceBytes = size_t{32} << 20;
+
+}  // namespace pi0::cuda

@@ -1,0 +1,51 @@
+// Launchers of the pi0 elementwise, normalisation and RoPE kernels (kernel code lives in
+// common/cuda/kernels.cu). Activations: bf16 storage; the residual stream and the flow sample
+// are fp32. Every launcher checks the launch and throws pi0::Error on failure.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "pi0/bf16.hpp"
+
+namespace pi0::cuda {
+
+void bf16_to_f32(const Bf16* in, float* out, size_t n, cudaStream_t stream);
+void f32_to_bf16(const float* in, Bf16* out, size_t n, cudaStream_t stream);
+
+// out[r] = LayerNorm(x[r]) * weight + bias, in fp32, stored bf16. x [rows, width] fp32.
+void layer_norm(const float* x, const Bf16* weight, const Bf16* bias, Bf16* out, int rows,
+                int width, float eps, cudaStream_t stream);
+// out[r] = x[r] * rsqrt(mean(x[r]^2) + eps), stored bf16.
+void rms_norm(const float* x, Bf16* out, int rows, int width, float eps, cudaStream_t stream);
+
+// images [views, size, size, channels] -> patches [views * (size/patch)^2, patch*patch*channels],
+// patches in row-major order, each flattened in (row, col, channel) order.
+void extract_patches(const Bf16* images, Bf16* patches, int views, int image_size, int patch_size,
+                     int channels, cudaStream_t stream);
+// out[r, :] = table[r % table_rows, :] + bias (bias may be null); out fp32 [rows, width].
+void broadcast_rows(const Bf16* table, int table_rows, const Bf16* bias, float* out, int rows,
+                    int width, cudaStream_t stream);
+
+// qkv [rows, (q_heads + 2) * head_dim] = Q | K | V (one K/V head). Rotates interleaved pairs of Q
+// and K by position (first_position + row) and writes Q to q_out [rows, q_heads * head_dim], K to
+// k_out [rows, head_dim] and V (unrotated) to v_out [rows, head_dim].
+void rope_split_qkv(const Bf16* qkv, int rows, int q_heads, int head_dim, int first_position,
+                    float theta, Bf16* q_out, Bf16* k_out, Bf16* v_out, cudaStream_t stream);
+
+// probs[r, c] = softmax over c < valid(r) of scores[r, c], 0 for valid(r) <= c < cols, where
+// valid(r) = limited_cols for r < limited_rows and cols otherwise. Scores fp32, probs bf16.
+void softmax_rows(const float* scores, int ld_scores, Bf16* probs, int ld_probs, int rows,
+                  int cols, int limited_rows, int limited_cols, cudaStream_t stream);
+
+// gate_up [rows, 2 * width] = gate | up  ->  out [rows, width] = gelu_tanh(gate) * up.
+void geglu(const Bf16* gate_up, Bf16* out, int rows, int width, cudaStream_t stream);
+void silu_inplace(Bf16* x, size_t n, cudaStream_t stream);
+
+// Deterministic pseudo-random fill in [-scale, scale) (workspace warm-up, tuning, test poison).
+void fill_random(Bf16* out, size_t n, uint64_t seed, float scale, cudaStream_t stream);
+void fill_random(float* out, size_t n, uint64_t seed, float scale, cudaStream_t stream);
+
+}  // namespace pi0::cuda

@@ -1,0 +1,15 @@
+// GPU-side timestamps (%globaltimer, one clock for every context on the device), to measure the
+// encoder-to-decoder handoff across processes without host clocks.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace pi0::cuda {
+
+// Enqueues a one-thread kernel that writes the GPU's global nanosecond timer to *dst when the
+// stream reaches it.
+void write_gpu_timestamp(uint64_t* dst, cudaStream_t stream);
+
+}  // namespace pi0::cuda

@@ -1,0 +1,351 @@
+#include "pi0/weights.hpp"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "pi0/check.hpp"
+#include "pi0/random.hpp"
+
+namespace pi0 {
+namespace {
+
+constexpr float kSmallInitStd = 0.02f;  // position embedding and time biases
+constexpr size_t kGenerateChunk = size_t{1} << 16;
+
+std::string shape_text(const std::vector<int64_t>& shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (i) out += ',';
+    out += std::to_string(shape[i]);
+  }
+  return out + "]";
+}
+
+// One spec row. Matrices take fan_in from their input (second-to-last) dimension.
+TensorSpec matrix(std::string name, std::vector<int64_t> shape) {
+  const int64_t fan_in = shape[shape.size() - 2];
+  return {std::move(name), std::move(shape), fan_in,
+          static_cast<float>(1.0 / std::sqrt(static_cast<double>(fan_in))), false};
+}
+TensorSpec bias(std::string name, std::vector<int64_t> shape) {
+  return {std::move(name), std::move(shape), 0, 0.0f, false};
+}
+TensorSpec norm_weight(std::string name, std::vector<int64_t> shape) {
+  return {std::move(name), std::move(shape), 0, 0.0f, true};
+}
+TensorSpec normal(std::string name, std::vector<int64_t> shape, float std) {
+  return {std::move(name), std::move(shape), 0, std, false};
+}
+
+bool in_set(const std::string& name, WeightSet set) {
+  if (set == WeightSet::kAll) return true;
+  const bool decoder = name.rfind("decoder_", 0) == 0;
+  return set == WeightSet::kDecoder ? decoder : !decoder;
+}
+
+class FileError {
+ public:
+  explicit FileError(std::string path) : path_(std::move(path)) {}
+  [[noreturn]] void fail(const std::string& problem) const {
+    throw Error("weights file '" + path_ + "': " + problem);
+  }
+
+ private:
+  std::string path_;
+};
+
+}  // namespace
+
+size_t TensorSpec::numel() const {
+  size_t n = 1;
+  for (int64_t d : shape) n *= static_cast<size_t>(d);
+  return n;
+}
+
+std::vector<TensorSpec> weight_specs(const ModelConfig& c, int prompt_len, WeightSet set) {
+  c.validate();
+  PI0_CHECK(prompt_len >= 0,
+            "prompt length must be non-negative, got " + std::to_string(prompt_len));
+  const int64_t lv = c.vision_layers, vw = c.vision_width, vqkv = c.vision_qkv_width(),
+                vmlp = c.vision_mlp;
+  const int64_t ll = c.lm_layers, lw = c.lm_width, qkv = c.qkv_width(), qw = c.lm_q_width(),
+                lmlp = c.lm_mlp;
+  const int64_t aw = c.action_width, amlp = c.action_mlp;
+  const int64_t p = c.patch_size;
+
+  // The patch embedding is [p, p, channels, width]: its input dimension is the whole patch, not
+  // the channel count the generic [.., in, out] rule would pick.
+  TensorSpec patch = matrix("vision_patch_embedding_w", {p, p, c.image_channels, vw});
+  patch.fan_in = c.patch_values();
+  patch.init_std = static_cast<float>(1.0 / std::sqrt(static_cast<double>(patch.fan_in)));
+
+  std::vector<TensorSpec> all = {
+      patch,
+      bias("vision_patch_embedding_b", {vw}),
+      normal("vision_position_embedding", {c.tokens_per_view(), vw}, kSmallInitStd),
+      matrix("vision_attn_qkv_w", {lv, vw, vqkv}),
+      bias("vision_attn_qkv_b", {lv, vqkv}),
+      matrix("vision_attn_o_w", {lv, vw, vw}),
+      bias("vision_attn_o_b", {lv, vw}),
+      matrix("vision_ffn_up_w", {lv, vw, vmlp}),
+      bias("vision_ffn_up_b", {lv, vmlp}),
+      matrix("vision_ffn_down_w", {lv, vmlp, vw}),
+      bias("vision_ffn_down_b", {lv, vw}),
+      norm_weight("vision_pre_attn_norm_w", {lv, vw}),
+      bias("vision_pre_attn_norm_b", {lv, vw}),
+      norm_weight("vision_pre_ffn_norm_w", {lv, vw}),
+      bias("vision_pre_ffn_norm_b", {lv, vw}),
+      norm_weight("vision_final_norm_w", {vw}),
+      bias("vision_final_norm_b", {vw}),
+      matrix("encoder_multi_modal_projector_w", {vw, lw}),
+      bias("encoder_multi_modal_projector_b", {lw}),
+      matrix("encoder_attn_qkv_w", {ll, lw, qkv}),
+      matrix("encoder_attn_o_w", {ll, qw, lw}),
+      matrix("encoder_ffn_gate_w", {ll, lw, lmlp}),
+      matrix("encoder_ffn_up_w", {ll, lw, lmlp}),
+      matrix("encoder_ffn_down_w", {ll, lmlp, lw}),
+      matrix("decoder_state_in_proj_w", {c.state_dim, aw}),
+      bias("decoder_state_in_proj_b", {aw}),
+      matrix("decoder_action_fused_in_proj_w", {c.action_dim, aw}),
+      normal("decoder_action_fused_time_biases", {c.flow_steps, aw}, kSmallInitStd),
+      matrix("decoder_action_mlp_w", {aw, aw}),
+      bias("decoder_action_mlp_b", {aw}),
+      matrix("decoder_attn_qkv_w", {ll, aw, qkv}),
+      matrix("decoder_attn_o_w", {ll, qw, aw}),
+      matrix("decoder_ffn_gate_w", {ll, aw, amlp}),
+      matrix("decoder_ffn_up_w", {ll, aw, amlp}),
+      matrix("decoder_ffn_down_w", {ll, amlp, aw}),
+      matrix("decoder_action_fused_out_proj_w", {aw, c.action_dim}),
+      bias("decoder_action_fused_out_proj_b", {c.action_dim}),
+      normal("language_embeds", {prompt_len, lw}, 1.0f),
+  };
+  std::vector<TensorSpec> out;
+  for (auto& s : all)
+    if (in_set(s.name, set)) out.push_back(std::move(s));
+  return out;
+}
+
+struct WeightStore::Backing {
+  void* map = nullptr;
+  size_t map_size = 0;
+  // Inner vectors keep their data pointers when the outer vector grows, so views stay valid.
+  std::vector<std::vector<Bf16>> owned;
+
+  ~Backing() {
+    if (map) munmap(map, map_size);
+  }
+};
+
+WeightStore::WeightStore() : backing_(std::make_unique<Backing>()) {}
+WeightStore::~WeightStore() = default;
+WeightStore::WeightStore(WeightStore&&) noexcept = default;
+WeightStore& WeightStore::operator=(WeightStore&&) noexcept = default;
+
+WeightStore WeightStore::random(const ModelConfig& config, int prompt_len, uint64_t seed,
+                                WeightSet set) {
+  WeightStore store;
+  store.prompt_len_ = prompt_len;
+  for (const TensorSpec& spec : weight_specs(config, prompt_len, set)) {
+    const size_t n = spec.numel();
+    std::vector<Bf16> data(n);
+    const uint64_t stream = stream_id(spec.name);
+    const float std = spec.init_std;
+    const Bf16 constant = float_to_bf16(spec.init_one ? 1.0f : 0.0f);
+    Bf16* out = data.data();
+    const bool is_random = !spec.init_one && std != 0.0f;
+    const long chunks = static_cast<long>((n + kGenerateChunk - 1) / kGenerateChunk);
+    // Every element is a pure function of (seed, tensor, index), so the split over threads does
+    // not change the result.
+#pragma omp parallel for schedule(dynamic, 4) if (chunks > 1)
+    for (long ci = 0; ci < chunks; ++ci) {
+      const size_t begin = static_cast<size_t>(ci) * kGenerateChunk;
+      const size_t end = std::min(n, begin + kGenerateChunk);
+      if (is_random) {
+        for (size_t i = begin; i < end; ++i)
+          out[i] = float_to_bf16(counter_normal(seed, stream, i) * std);
+      } else {
+        for (size_t i = begin; i < end; ++i) out[i] = constant;
+      }
+    }
+    TensorView view{data.data(), spec.shape, n};
+    store.backing_->owned.push_back(std::move(data));
+    store.tensors_.emplace(spec.name, std::move(view));
+  }
+  return store;
+}
+
+WeightStore WeightStore::load_safetensors(const std::string& path, const ModelConfig& config,
+                                          WeightSet set) {
+  const FileError err(path);
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) err.fail(std::string("cannot open: ") + std::strerror(errno));
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    const int e = errno;
+    ::close(fd);
+    err.fail(std::string("cannot stat: ") + std::strerror(e));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    err.fail("not a regular file");
+  }
+  const size_t file_size = static_cast<size_t>(st.st_size);
+  if (file_size < 8) {
+    ::close(fd);
+    err.fail("file is " + std::to_string(file_size) +
+             " bytes, shorter than the 8-byte header length: truncated");
+  }
+  void* map = ::mmap(nullptr, file_size, PROT_READ, MAP_PRIVATE, fd, 0);
+  const int map_errno = errno;
+  ::close(fd);  // the mapping keeps the file contents reachable
+  if (map == MAP_FAILED) err.fail(std::string("cannot mmap: ") + std::strerror(map_errno));
+
+  WeightStore store;
+  store.backing_->map = map;
+  store.backing_->map_size = file_size;
+  const auto* bytes = static_cast<const unsigned char*>(map);
+
+  uint64_t header_len = 0;
+  for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | bytes[i];  // little-endian
+  if (header_len > file_size - 8)
+    err.fail("header length " + std::to_string(header_len) + " runs past the end of the file (" +
+             std::to_string(file_size) + " bytes): truncated or not a safetensors file");
+  const char* header_text = reinterpret_cast<const char*>(bytes + 8);
+  const unsigned char* data = bytes + 8 + header_len;
+  const size_t data_size = file_size - 8 - header_len;
+
+  nlohmann::json header;
+  try {
+    header = nlohmann::json::parse(header_text, header_text + header_len);
+  } catch (const nlohmann::json::exception&) {
+    err.fail("header is not valid JSON");
+  }
+  if (!header.is_object()) err.fail("header is not a JSON object");
+
+  // language_embeds' first dimension is the prompt length, whatever it is.
+  int prompt_len = 0;
+  if (set != WeightSet::kDecoder) {
+    const auto it = header.find("language_embeds");
+    if (it != header.end() && it->is_object() && it->contains("shape") &&
+        (*it)["shape"].is_array() && !(*it)["shape"].empty() &&
+        (*it)["shape"][0].is_number_integer()) {
+      const int64_t p = (*it)["shape"][0].get<int64_t>();
+      if (p >= 0 && p <= (int64_t{1} << 30)) prompt_len = static_cast<int>(p);
+    }
+  }
+  store.prompt_len_ = prompt_len;
+
+  for (const TensorSpec& spec : weight_specs(config, prompt_len, set)) {
+    const std::string& name = spec.name;
+    const auto it = header.find(name);
+    if (it == header.end()) err.fail("tensor " + name + " is missing");
+    const nlohmann::json& entry = *it;
+    std::string dtype;
+    std::vector<int64_t> shape;
+    uint64_t begin = 0, end = 0;
+    try {
+      if (!entry.is_object()) err.fail("tensor " + name + " header entry is not an object");
+      dtype = entry.at("dtype").get<std::string>();
+      shape = entry.at("shape").get<std::vector<int64_t>>();
+      const auto& offsets = entry.at("data_offsets");
+      if (!offsets.is_array() || offsets.size() != 2 || !offsets[0].is_number_unsigned() ||
+          !offsets[1].is_number_unsigned())
+        err.fail("tensor " + name + " data_offsets is not [begin, end]");
+      begin = offsets[0].get<uint64_t>();
+      end = offsets[1].get<uint64_t>();
+    } catch (const nlohmann::json::exception& e) {
+      err.fail("tensor " + name + " has a malformed header entry (" + e.what() + ")");
+    }
+    if (dtype != "BF16") err.fail("tensor " + name + " has dtype " + dtype + ", expected BF16");
+    const bool shape_ok = name == "language_embeds"
+                              ? shape.size() == 2 && shape[0] >= 0 && shape[1] == spec.shape[1]
+                              : shape == spec.shape;
+    if (!shape_ok) {
+      std::string expected = shape_text(spec.shape);
+      if (name == "language_embeds") expected = "[P," + std::to_string(spec.shape[1]) + "]";
+      err.fail("tensor " + name + " has shape " + shape_text(shape) + ", expected " + expected +
+               " for model '" + config.name + "'");
+    }
+    if (begin > end)
+      err.fail("tensor " + name + " data_offsets [" + std::to_string(begin) + "," +
+               std::to_string(end) + "] have begin after end");
+    if (end > data_size)
+      err.fail("tensor " + name + " data_offsets [" + std::to_string(begin) + "," +
+               std::to_string(end) + "] run past the end of the data (" +
+               std::to_string(data_size) + " bytes): truncated");
+    const size_t numel = spec.numel();
+    if (end - begin != numel * sizeof(Bf16))
+      err.fail("tensor " + name + " holds " + std::to_string(end - begin) + " bytes, expected " +
+               std::to_string(numel * sizeof(Bf16)) + " for shape " + shape_text(shape));
+    const unsigned char* src = data + begin;
+    const Bf16* ptr = reinterpret_cast<const Bf16*>(src);
+    if (reinterpret_cast<uintptr_t>(src) % alignof(Bf16) != 0) {
+      // Writers that do not pad the header can leave tensors at odd addresses; copy those
+      // rather than hand out a misaligned pointer.
+      std::vector<Bf16> copy(numel);
+      std::memcpy(copy.data(), src, numel * sizeof(Bf16));
+      ptr = copy.data();
+      store.backing_->owned.push_back(std::move(copy));
+    }
+    store.tensors_.emplace(name, TensorView{ptr, spec.shape, numel});
+  }
+  return store;
+}
+
+void WeightStore::save_safetensors(const std::string& path) const {
+  nlohmann::json header = nlohmann::json::object();
+  uint64_t offset = 0;
+  for (const auto& [name, view] : tensors_) {
+    const uint64_t bytes = view.numel * sizeof(Bf16);
+    header[name] = {
+        {"dtype", "BF16"}, {"shape", view.shape}, {"data_offsets", {offset, offset + bytes}}};
+    offset += bytes;
+  }
+  std::string text = header.dump();
+  // Padding keeps the data section 8-byte aligned, as the safetensors writers do.
+  text.append((8 - text.size() % 8) % 8, ' ');
+
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  if (!out)
+    throw Error("weights file '" + path + "': cannot open for writing: " + std::strerror(errno));
+  unsigned char len[8];
+  uint64_t n = text.size();
+  for (int i = 0; i < 8; ++i, n >>= 8) len[i] = static_cast<unsigned char>(n & 0xff);
+  out.write(reinterpret_cast<const char*>(len), 8);
+  out.write(text.data(), static_cast<std::streamsize>(text.size()));
+  for (const auto& [name, view] : tensors_)
+    out.write(reinterpret_cast<const char*>(view.data),
+              static_cast<std::streamsize>(view.numel * sizeof(Bf16)));
+  out.flush();
+  if (!out) throw Error("weights file '" + path + "': write failed");
+}
+
+const TensorView& WeightStore::get(const std::string& name) const {
+  const auto it = tensors_.find(name);
+  if (it == tensors_.end())
+    throw Error("weights: tensor " + name + " is not loaded (" + std::to_string(tensors_.size()) +
+                " tensors held)");
+  return it->second;
+}
+
+bool WeightStore::has(const std::string& name) const {
+  return tensors_.count(name) != 0;
+}
+
+size_t WeightStore::total_bytes() const {
+  size_t total = 0;
+  for (const auto& [name, view] : tensors_) total += view.numel * sizeof(Bf16);
+  return total;
+}
+
+}  // namespace pi0

@@ -1,0 +1,49 @@
+// The pi0 action expert on the GPU: 10 flow-matching steps over the prefix K/V cache, bf16
+// storage with fp32 accumulation and an fp32 flow sample. It holds only the decoder's weights.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <memory>
+
+#include "pi0/bf16.hpp"
+#include "pi0/config.hpp"
+#include "pi0/cuda/engine_options.hpp"
+#include "pi0/weights.hpp"
+
+namespace pi0 {
+
+class CudaDecoder {
+ public:
+  // Uploads the decoder_* tensors of `weights`. Throws pi0::Error when they do not fit `config`,
+  // on OOM, or on any CUDA/cuBLAS failure.
+  CudaDecoder(const ModelConfig& config, const RunShape& shape, const WeightStore& weights,
+              const CudaEngineOptions& options = {});
+  ~CudaDecoder();
+  CudaDecoder(CudaDecoder&&) noexcept;
+  CudaDecoder& operator=(CudaDecoder&&) noexcept;
+  CudaDecoder(const CudaDecoder&) = delete;
+  CudaDecoder& operator=(const CudaDecoder&) = delete;
+
+  // d_kv_prefix bf16 [lm_layers][2][E][head_dim] (read only; may be another process's memory
+  // mapped through CUDA IPC); d_state bf16 [state_dim]; d_noise bf16 [C, action_dim]; d_actions
+  // fp32 [C, action_dim] (output; it also holds the flow sample between steps). All at least
+  // 16-byte aligned. All flow steps are enqueued on `stream`; graph-captured per pointer set after
+  // a first eager call.
+  void decode(const Bf16* d_kv_prefix, const Bf16* d_state, const Bf16* d_noise, float* d_actions,
+              cudaStream_t stream);
+
+  size_t weight_bytes() const;
+  size_t workspace_bytes() const;
+  double flops() const;                  // per decode, all steps
+  double weight_bytes_read() const;      // per decode, all steps (weights are re-read each step)
+  const ModelConfig& config() const;
+  const RunShape& shape() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace pi0

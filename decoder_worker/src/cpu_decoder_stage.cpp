@@ -1,0 +1,55 @@
+// The CPU backend of the decoder: the fp32 reference reading K/V from host shared memory.
+#include <chrono>
+#include <cstdio>
+
+#include "pi0/decoder_worker.hpp"
+#include "pi0/reference.hpp"
+#include "pi0/stage_timer.hpp"
+
+namespace pi0 {
+namespace {
+
+class CpuDecoderStage final : public DecoderStage {
+ public:
+  explicit CpuDecoderStage(ipc::WorkerRuntime& rt) : rt_(rt), reference_(make_reference(rt)) {}
+
+  DecodeTiming decode(uint64_t, uint32_t input_slot, uint32_t kv_slot) override {
+    const auto t0 = std::chrono::steady_clock::now();
+    auto& c = rt_.control();
+    reference_.decode(rt_.options().shape, c.host_kv(kv_slot), c.state(input_slot),
+                      c.noise(input_slot), c.actions(input_slot));
+    DecodeTiming t;
+    t.decode_ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    times_.add(t.decode_ms);
+    return t;
+  }
+
+  void summarise(ipc::WorkerInfo& info) override {
+    info.stage_ms_median = times_.median();
+    info.stage_ms_mean = times_.mean();
+    info.frames = times_.count();
+  }
+
+ private:
+  static ReferenceDecoder make_reference(ipc::WorkerRuntime& rt) {
+    const WeightStore weights = ipc::load_stage_weights(rt.options(), WeightSet::kDecoder);
+    ipc::WorkerInfo& info = rt.my_info();
+    info.weight_bytes = weights.total_bytes();
+    std::snprintf(info.backend, sizeof info.backend, "cpu");
+    std::snprintf(info.device_name, sizeof info.device_name, "host CPU (fp32 reference)");
+    return ReferenceDecoder(rt.options().config, weights);
+  }
+
+  ipc::WorkerRuntime& rt_;
+  ReferenceDecoder reference_;
+  StageTimes times_;
+};
+
+}  // namespace
+
+std::unique_ptr<DecoderStage> make_cpu_decoder_stage(ipc::WorkerRuntime& rt) {
+  return std::make_unique<CpuDecoderStage>(rt);
+}
+
+}  // namespace pi0

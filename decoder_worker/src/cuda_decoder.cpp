@@ -1,0 +1,251 @@
+// Decoder (action expert): 10 flow steps x lm_layers layers at C+1 rows, so every weight matrix
+// is streamed once per step and the GEMMs are bound by weight reads; everything else is kept to
+// one cheap kernel per operation, and the ~2,000 launches of a decode replay as one CUDA graph.
+// The prefix K/V is copied once per decode into the decoder's own cache, in front of the rows
+// the suffix writes each layer, so attention reads one contiguous [E + C + 1, head_dim] block.
+// The flow sample lives in d_actions (fp32); the Euler update is a GEMM accumulating into it.
+#include "pi0/cuda_decoder.hpp"
+
+#include <cmath>
+#include <string>
+
+#include "pi0/check.hpp"
+#include "pi0/cuda/attention.hpp"
+#include "pi0/cuda/device.hpp"
+#include "pi0/cuda/gemm.hpp"
+#include "pi0/cuda/kernels.hpp"
+#include "pi0/cuda/weights.hpp"
+#include "pi0/reference.hpp"
+
+namespace pi0 {
+
+using cuda::DeviceBuffer;
+using cuda::DType;
+using cuda::Epilogue;
+using cuda::Gemm;
+using cuda::GemmShape;
+
+struct CudaDecoder::Impl {
+  ModelConfig cfg;
+  RunShape shape;
+  int prefix = 0;  // E
+  int rows = 0;    // C + 1 suffix tokens
+  int keys = 0;    // E + C + 1
+  size_t weight_bytes = 0;
+  size_t workspace_bytes = 0;
+  double flops = 0.0;
+  double bytes_read = 0.0;
+
+  cuda::LtHandle lt;
+  DeviceBuffer<std::byte> gemm_ws;
+
+  DeviceBuffer<Bf16> state_w, ain_w, time_b, amlp_w, qkv_w, o_w, gate_up_w, down_w, aout_w;
+  DeviceBuffer<float> state_b, amlp_b, aout_b;
+
+  DeviceBuffer<Bf16> kv, h, sample, t1, qkv, q, attn, gu, act;
+  DeviceBuffer<float> x, state_row;
+
+  Gemm g_state, g_ain, g_amlp, g_qkv, g_o, g_gu, g_down, g_aout;
+  cuda::SharedKvAttention attention;
+  cuda::GraphCache graphs;
+
+  template <typename T>
+  DeviceBuffer<T> weight(DeviceBuffer<T> buf) {
+    weight_bytes += buf.bytes();
+    return buf;
+  }
+  template <typename T>
+  DeviceBuffer<T> work(size_t count, const char* what) {
+    DeviceBuffer<T> buf(count, std::string("decoder ") + what);
+    workspace_bytes += buf.bytes();
+    return buf;
+  }
+  Gemm gemm(const GemmShape& s) { return Gemm(lt.get(), s, gemm_ws.get(), gemm_ws.bytes()); }
+
+  Impl(const ModelConfig& config, const RunShape& run_shape, const WeightStore& w,
+       const CudaEngineOptions& options);
+  void forward(const Bf16* kv_prefix, const Bf16* state, const Bf16* noise, float* actions,
+               cudaStream_t stream);
+  Bf16* kv_slice(int layer, int which) const { return kv.get() + kv_offset(cfg, keys, layer, which); }
+};
+
+namespace {
+
+GemmShape linear(int m, int n, int k, DType y, Epilogue epi, bool accumulate) {
+  GemmShape s;
+  s.m = m;
+  s.n = n;
+  s.k = k;
+  s.ld_x = k;
+  s.ld_w = n;
+  s.ld_y = n;
+  s.y_type = y;
+  s.epilogue = epi;
+  s.accumulate = accumulate;
+  return s;
+}
+
+// Operands that start at a row offset or come from the caller are only 16-byte aligned.
+GemmShape loosely_aligned(GemmShape s) {
+  s.alignment = 16;
+  return s;
+}
+
+}  // namespace
+
+CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, const WeightStore& w,
+                        const CudaEngineOptions& options)
+    : cfg(config), shape(run_shape) {
+  cfg.validate();
+  shape.validate();
+  cuda::check_weights(cfg, shape.prompt_len, WeightSet::kDecoder, w, "CudaDecoder");
+  prefix = shape.prefix_len(cfg);
+  rows = shape.chunk + 1;
+  keys = prefix + rows;
+  const int aw = cfg.action_width, am = cfg.action_mlp, qkv_width = cfg.qkv_width();
+  const int qw = cfg.lm_q_width(), ad = cfg.action_dim, c = shape.chunk;
+
+  gemm_ws = work<std::byte>(cuda::kGemmWorkspaceBytes, "cuBLASLt workspace");
+
+  state_w = weight(cuda::upload_tensor(w, "decoder_state_in_proj_w"));
+  state_b = weight(cuda::upload_tensor_f32(w, "decoder_state_in_proj_b"));
+  ain_w = weight(cuda::upload_tensor(w, "decoder_action_fused_in_proj_w"));
+  time_b = weight(cuda::upload_tensor(w, "decoder_action_fused_time_biases"));
+  amlp_w = weight(cuda::upload_tensor(w, "decoder_action_mlp_w"));
+  amlp_b = weight(cuda::upload_tensor_f32(w, "decoder_action_mlp_b"));
+  qkv_w = weight(cuda::upload_tensor(w, "decoder_attn_qkv_w"));
+  o_w = weight(cuda::upload_tensor(w, "decoder_attn_o_w"));
+  gate_up_w = weight(cuda::upload_side_by_side(w, "decoder_ffn_gate_w", "decoder_ffn_up_w"));
+  down_w = weight(cuda::upload_tensor(w, "decoder_ffn_down_w"));
+  aout_w = weight(cuda::upload_tensor(w, "decoder_action_fused_out_proj_w"));
+  aout_b = weight(cuda::upload_tensor_f32(w, "decoder_action_fused_out_proj_b"));
+
+  const size_t r = static_cast<size_t>(rows);
+  kv = work<Bf16>(static_cast<size_t>(cfg.lm_layers) * 2 * keys * cfg.head_dim, "K/V cache");
+  x = work<float>(r * aw, "residual");
+  state_row = work<float>(aw, "state token");
+  h = work<Bf16>(r * aw, "normed");
+  sample = work<Bf16>(static_cast<size_t>(c) * ad, "sample (bf16)");
+  t1 = work<Bf16>(static_cast<size_t>(c) * aw, "action in");
+  qkv = work<Bf16>(r * qkv_width, "qkv");
+  q = work<Bf16>(r * qw, "q");
+  attn = work<Bf16>(r * qw, "attention");
+  gu = work<Bf16>(r * 2 * am, "gate|up");
+  act = work<Bf16>(r * am, "geglu");
+
+  g_state = gemm(loosely_aligned(linear(1, aw, cfg.state_dim, DType::kF32, Epilogue::kBias, false)));
+  g_ain = gemm(linear(c, aw, ad, DType::kBf16, Epilogue::kBias, false));
+  g_amlp = gemm(loosely_aligned(linear(c, aw, aw, DType::kF32, Epilogue::kBias, false)));
+  g_qkv = gemm(linear(rows, qkv_width, aw, DType::kBf16, Epilogue::kNone, false));
+  g_o = gemm(linear(rows, aw, qw, DType::kF32, Epilogue::kNone, true));
+  g_gu = gemm(linear(rows, 2 * am, aw, DType::kBf16, Epilogue::kNone, false));
+  g_down = gemm(linear(rows, aw, am, DType::kF32, Epilogue::kNone, true));
+  g_aout = gemm(loosely_aligned(linear(c, ad, aw, DType::kF32, Epilogue::kBias, true)));
+
+  attention = cuda::SharedKvAttention(
+      lt.get(),
+      {rows, cfg.lm_heads, cfg.head_dim, keys, 1.0f / std::sqrt(static_cast<float>(cfg.head_dim)),
+       1, prefix + 1},
+      gemm_ws.get(), gemm_ws.bytes());
+  workspace_bytes += attention.scratch_bytes();
+
+  const double steps = cfg.flow_steps;
+  const double per_layer = g_qkv.shape().flops() + g_o.shape().flops() + g_gu.shape().flops() +
+                           g_down.shape().flops() + attention.flops();
+  flops = g_state.shape().flops() +
+          steps * (g_ain.shape().flops() + g_amlp.shape().flops() + g_aout.shape().flops() +
+                   cfg.lm_layers * per_layer);
+  bytes_read = static_cast<double>(state_w.bytes()) +
+               steps * static_cast<double>(ain_w.bytes() + amlp_w.bytes() + qkv_w.bytes() +
+                                           o_w.bytes() + gate_up_w.bytes() + down_w.bytes() +
+                                           aout_w.bytes());
+
+  if (options.autotune_gemms) {
+    cudaStream_t s = nullptr;
+    cuda::fill_random(h.get(), h.size(), 11, 1.0f, s);
+    cuda::fill_random(sample.get(), sample.size(), 12, 1.0f, s);
+    cuda::fill_random(t1.get(), t1.size(), 13, 1.0f, s);
+    cuda::fill_random(attn.get(), attn.size(), 14, 1.0f, s);
+    cuda::fill_random(act.get(), act.size(), 15, 1.0f, s);
+    cuda::fill_random(x.get(), x.size(), 16, 1.0f, s);
+    g_ain.autotune(sample.get(), ain_w.get(), t1.get(), time_b.get(), s);
+    g_amlp.autotune(t1.get(), amlp_w.get(), x.get() + aw, amlp_b.get(), s);
+    g_qkv.autotune(h.get(), qkv_w.get(), qkv.get(), nullptr, s);
+    g_o.autotune(attn.get(), o_w.get(), x.get(), nullptr, s);
+    g_gu.autotune(h.get(), gate_up_w.get(), gu.get(), nullptr, s);
+    g_down.autotune(act.get(), down_w.get(), x.get(), nullptr, s);
+    CUDA_CHECK(cudaDeviceSynchronize());
+  }
+}
+
+void CudaDecoder::Impl::forward(const Bf16* kv_prefix, const Bf16* state, const Bf16* noise,
+                                float* actions, cudaStream_t s) {
+  const int aw = cfg.action_width, am = cfg.action_mlp, qkv_width = cfg.qkv_width();
+  const int qw = cfg.lm_q_width(), ad = cfg.action_dim, c = shape.chunk;
+  const size_t row_bytes = static_cast<size_t>(cfg.head_dim) * sizeof(Bf16);
+
+  // Prefix rows of every (layer, K|V) block into the decoder's cache, one strided copy.
+  CUDA_CHECK(cudaMemcpy2DAsync(kv.get(), keys * row_bytes, kv_prefix, prefix * row_bytes,
+                               prefix * row_bytes, 2 * static_cast<size_t>(cfg.lm_layers),
+                               cudaMemcpyDeviceToDevice, s));
+  g_state.run(state, state_w.get(), state_row.get(), state_b.get(), s);
+  cuda::bf16_to_f32(noise, actions, static_cast<size_t>(c) * ad, s);
+
+  for (int step = 0; step < cfg.flow_steps; ++step) {
+    cuda::f32_to_bf16(actions, sample.get(), static_cast<size_t>(c) * ad, s);
+    g_ain.run(sample.get(), ain_w.get(), t1.get(), time_b.get() + static_cast<size_t>(step) * aw,
+              s);
+    cuda::silu_inplace(t1.get(), static_cast<size_t>(c) * aw, s);
+    g_amlp.run(t1.get(), amlp_w.get(), x.get() + aw, amlp_b.get(), s);
+    CUDA_CHECK(cudaMemcpyAsync(x.get(), state_row.get(), aw * sizeof(float),
+                               cudaMemcpyDeviceToDevice, s));
+    for (int l = 0; l < cfg.lm_layers; ++l) {
+      const size_t ll = static_cast<size_t>(l);
+      Bf16* k = kv_slice(l, 0);
+      Bf16* v = kv_slice(l, 1);
+      const size_t suffix = static_cast<size_t>(prefix) * cfg.head_dim;
+      cuda::rms_norm(x.get(), h.get(), rows, aw, cfg.rms_eps, s);
+      g_qkv.run(h.get(), qkv_w.get() + ll * aw * qkv_width, qkv.get(), nullptr, s);
+      cuda::rope_split_qkv(qkv.get(), rows, cfg.lm_heads, cfg.head_dim, prefix, cfg.rope_theta,
+                           q.get(), k + suffix, v + suffix, s);
+      attention.run(q.get(), k, v, attn.get(), s);
+      g_o.run(attn.get(), o_w.get() + ll * qw * aw, x.get(), nullptr, s);
+      cuda::rms_norm(x.get(), h.get(), rows, aw, cfg.rms_eps, s);
+      g_gu.run(h.get(), gate_up_w.get() + ll * aw * 2 * am, gu.get(), nullptr, s);
+      cuda::geglu(gu.get(), act.get(), rows, am, s);
+      g_down.run(act.get(), down_w.get() + ll * am * aw, x.get(), nullptr, s);
+    }
+    // Euler step on the action rows: sample += rms(x[1..C]) @ W_aout + b_aout.
+    cuda::rms_norm(x.get() + aw, h.get() + aw, c, aw, cfg.rms_eps, s);
+    g_aout.run(h.get() + aw, aout_w.get(), actions, aout_b.get(), s);
+  }
+}
+
+CudaDecoder::CudaDecoder(const ModelConfig& config, const RunShape& shape,
+                         const WeightStore& weights, const CudaEngineOptions& options)
+    : impl_(std::make_unique<Impl>(config, shape, weights, options)) {}
+CudaDecoder::~CudaDecoder() = default;
+CudaDecoder::CudaDecoder(CudaDecoder&&) noexcept = default;
+CudaDecoder& CudaDecoder::operator=(CudaDecoder&&) noexcept = default;
+
+void CudaDecoder::decode(const Bf16* d_kv_prefix, const Bf16* d_state, const Bf16* d_noise,
+                         float* d_actions, cudaStream_t stream) {
+  PI0_CHECK(impl_, "CudaDecoder used after move");
+  PI0_CHECK(d_kv_prefix && d_state && d_noise && d_actions,
+            "CudaDecoder::decode: null device pointer");
+  PI0_CHECK(cuda::is_aligned(d_kv_prefix, 16) && cuda::is_aligned(d_state, 16) &&
+                cuda::is_aligned(d_noise, 16) && cuda::is_aligned(d_actions, 16),
+            "CudaDecoder::decode: device buffers must be 16-byte aligned");
+  impl_->graphs.run({d_kv_prefix, d_state, d_noise, d_actions}, stream, [&](cudaStream_t s) {
+    impl_->forward(d_kv_prefix, d_state, d_noise, d_actions, s);
+  });
+}
+
+size_t CudaDecoder::weight_bytes() const { return impl_->weight_bytes; }
+size_t CudaDecoder::workspace_bytes() const { return impl_->workspace_bytes; }
+double CudaDecoder::flops() const { return impl_->flops; }
+double CudaDecoder::weight_bytes_read() const { return impl_->bytes_read; }
+const ModelConfig& CudaDecoder::config() const { return impl_->cfg; }
+const RunShape& CudaDecoder::shape() const { return impl_->shape; }
+
+}  // namespace pi0

@@ -1,0 +1,47 @@
+// The pi0 encoder (SigLIP vision tower, projector, Gemma prefix) on the GPU: images in, the prefix
+// K/V cache out, bf16 storage with fp32 accumulation. It holds only the encoder's weights.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <memory>
+
+#include "pi0/bf16.hpp"
+#include "pi0/config.hpp"
+#include "pi0/cuda/engine_options.hpp"
+#include "pi0/weights.hpp"
+
+namespace pi0 {
+
+class CudaEncoder {
+ public:
+  // Uploads the encoder tensors (vision_*, encoder_*, language_embeds) of `weights` to the
+  // current device. Throws pi0::Error when the weights do not fit `config` and `shape` (naming the
+  // tensor), on OOM (naming the buffer), or on any CUDA/cuBLAS failure.
+  CudaEncoder(const ModelConfig& config, const RunShape& shape, const WeightStore& weights,
+              const CudaEngineOptions& options = {});
+  ~CudaEncoder();
+  CudaEncoder(CudaEncoder&&) noexcept;
+  CudaEncoder& operator=(CudaEncoder&&) noexcept;
+  CudaEncoder(const CudaEncoder&) = delete;
+  CudaEncoder& operator=(const CudaEncoder&) = delete;
+
+  // d_images: bf16 [V, H, W, C] on device; d_kv_out: bf16 [lm_layers][2][E][head_dim] on device
+  // (both at least 16-byte aligned). Enqueues on `stream`; the first call per (d_images, d_kv_out)
+  // pair runs eagerly, the second captures a CUDA graph of the whole forward, later calls replay
+  // it. Not to be called concurrently from two threads.
+  void encode(const Bf16* d_images, Bf16* d_kv_out, cudaStream_t stream);
+
+  size_t weight_bytes() const;
+  size_t workspace_bytes() const;
+  double flops() const;  // per encode, counted from the GEMM shapes
+  const ModelConfig& config() const;
+  const RunShape& shape() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace pi0

@@ -1,0 +1,287 @@
+// Encoder forward: the vision tower keeps its residual stream in fp32 ([V*T, 1152]); LayerNorm
+// outputs, QKV, attention and MLP activations are bf16 and feed cuBLASLt directly. Residual adds
+// and biases ride the GEMM epilogues (beta = 1 on the fp32 stream), GELU rides the up-projection.
+// The Gemma prefix does the same at width 2048; RoPE, the Q copy and the K/V cache writes are one
+// kernel, and the last layer stops after its K/V.
+#include "pi0/cuda_encoder.hpp"
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "pi0/check.hpp"
+#include "pi0/cuda/attention.hpp"
+#include "pi0/cuda/device.hpp"
+#include "pi0/cuda/gemm.hpp"
+#include "pi0/cuda/kernels.hpp"
+#include "pi0/cuda/weights.hpp"
+#include "pi0/reference.hpp"
+
+namespace pi0 {
+
+using cuda::DeviceBuffer;
+using cuda::DType;
+using cuda::Epilogue;
+using cuda::Gemm;
+using cuda::GemmShape;
+
+struct CudaEncoder::Impl {
+  ModelConfig cfg;
+  RunShape shape;
+  int tokens = 0;        // per view
+  int vision_rows = 0;   // V * tokens
+  int prefix = 0;        // E
+  size_t weight_bytes = 0;
+  size_t workspace_bytes = 0;
+  double flops = 0.0;
+
+  cuda::LtHandle lt;
+  DeviceBuffer<std::byte> gemm_ws;
+
+  // Weights (bf16 unless noted; fp32 biases feed fp32-output epilogues).
+  DeviceBuffer<Bf16> patch_w, patch_b, pos_embed;
+  DeviceBuffer<Bf16> v_qkv_w, v_qkv_b, v_o_w, v_up_w, v_up_b, v_down_w;
+  DeviceBuffer<float> v_o_b, v_down_b;
+  DeviceBuffer<Bf16> ln1_w, ln1_b, ln2_w, ln2_b, final_w, final_b;
+  DeviceBuffer<Bf16> proj_w;
+  DeviceBuffer<float> proj_b;
+  DeviceBuffer<Bf16> lm_qkv_w, lm_o_w, lm_gate_up_w, lm_down_w, lang;
+
+  // Activations.
+  DeviceBuffer<Bf16> patches, vh, vqkv, vattn, vmlp;
+  DeviceBuffer<float> vx, lx;
+  DeviceBuffer<Bf16> lh, lqkv, lq, lattn, lgu, lact;
+
+  Gemm g_patch, g_vqkv, g_vo, g_vup, g_vdown, g_proj, g_lqkv, g_lo, g_lgu, g_ldown;
+  cuda::ViewAttention v_attention;
+  cuda::SharedKvAttention lm_attention;
+  cuda::GraphCache graphs;
+
+  template <typename T>
+  DeviceBuffer<T> weight(DeviceBuffer<T> buf) {
+    weight_bytes += buf.bytes();
+    return buf;
+  }
+  template <typename T>
+  DeviceBuffer<T> work(size_t count, const char* what) {
+    DeviceBuffer<T> buf(count, std::string("encoder ") + what);
+    workspace_bytes += buf.bytes();
+    return buf;
+  }
+  Gemm gemm(const GemmShape& s) {
+    return Gemm(lt.get(), s, gemm_ws.get(), gemm_ws.bytes());
+  }
+
+  Impl(const ModelConfig& config, const RunShape& run_shape, const WeightStore& w,
+       const CudaEngineOptions& options);
+  void forward(const Bf16* images, Bf16* kv, cudaStream_t stream);
+  Bf16* kv_slice(Bf16* kv, int layer, int which) const {
+    return kv + kv_offset(cfg, prefix, layer, which);
+  }
+};
+
+namespace {
+
+GemmShape linear(int m, int n, int k, DType y, Epilogue epi, bool accumulate, int ld_y = 0) {
+  GemmShape s;
+  s.m = m;
+  s.n = n;
+  s.k = k;
+  s.ld_x = k;
+  s.ld_w = n;
+  s.ld_y = ld_y ? ld_y : n;
+  s.y_type = y;
+  s.epilogue = epi;
+  s.accumulate = accumulate;
+  return s;
+}
+
+}  // namespace
+
+CudaEncoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, const WeightStore& w,
+                        const CudaEngineOptions& options)
+    : cfg(config), shape(run_shape) {
+  cfg.validate();
+  shape.validate();
+  PI0_CHECK(w.prompt_len() == shape.prompt_len,
+            "CudaEncoder: the weights' language_embeds hold " + std::to_string(w.prompt_len()) +
+                " prompt tokens but the run shape asks for " + std::to_string(shape.prompt_len));
+  cuda::check_weights(cfg, shape.prompt_len, WeightSet::kEncoder, w, "CudaEncoder");
+  tokens = cfg.tokens_per_view();
+  vision_rows = tokens * shape.views;
+  prefix = shape.prefix_len(cfg);
+
+  const int vw = cfg.vision_width, vqkv_w = cfg.vision_qkv_width(), vm = cfg.vision_mlp;
+  const int lw = cfg.lm_width, qkv_w = cfg.qkv_width(), qw = cfg.lm_q_width(), lm = cfg.lm_mlp;
+  const int pv = cfg.patch_values();
+
+  gemm_ws = work<std::byte>(cuda::kGemmWorkspaceBytes, "cuBLASLt workspace");
+
+  patch_w = weight(cuda::upload_tensor(w, "vision_patch_embedding_w"));
+  patch_b = weight(cuda::upload_tensor(w, "vision_patch_embedding_b"));
+  pos_embed = weight(cuda::upload_tensor(w, "vision_position_embedding"));
+  v_qkv_w = weight(cuda::upload_tensor(w, "vision_attn_qkv_w"));
+  v_qkv_b = weight(cuda::upload_tensor(w, "vision_attn_qkv_b"));
+  v_o_w = weight(cuda::upload_tensor(w, "vision_attn_o_w"));
+  v_o_b = weight(cuda::upload_tensor_f32(w, "vision_attn_o_b"));
+  v_up_w = weight(cuda::upload_tensor(w, "vision_ffn_up_w"));
+  v_up_b = weight(cuda::upload_tensor(w, "vision_ffn_up_b"));
+  v_down_w = weight(cuda::upload_tensor(w, "vision_ffn_down_w"));
+  v_down_b = weight(cuda::upload_tensor_f32(w, "vision_ffn_down_b"));
+  ln1_w = weight(cuda::upload_tensor(w, "vision_pre_attn_norm_w"));
+  ln1_b = weight(cuda::upload_tensor(w, "vision_pre_attn_norm_b"));
+  ln2_w = weight(cuda::upload_tensor(w, "vision_pre_ffn_norm_w"));
+  ln2_b = weight(cuda::upload_tensor(w, "vision_pre_ffn_norm_b"));
+  final_w = weight(cuda::upload_tensor(w, "vision_final_norm_w"));
+  final_b = weight(cuda::upload_tensor(w, "vision_final_norm_b"));
+  proj_w = weight(cuda::upload_tensor(w, "encoder_multi_modal_projector_w"));
+  proj_b = weight(cuda::upload_tensor_f32(w, "encoder_multi_modal_projector_b"));
+  lm_qkv_w = weight(cuda::upload_tensor(w, "encoder_attn_qkv_w"));
+  lm_o_w = weight(cuda::upload_tensor(w, "encoder_attn_o_w"));
+  lm_gate_up_w = weight(cuda::upload_side_by_side(w, "encoder_ffn_gate_w", "encoder_ffn_up_w"));
+  lm_down_w = weight(cuda::upload_tensor(w, "encoder_ffn_down_w"));
+  if (shape.prompt_len > 0) lang = weight(cuda::upload_tensor(w, "language_embeds"));
+
+  const size_t vr = static_cast<size_t>(vision_rows), e = static_cast<size_t>(prefix);
+  patches = work<Bf16>(vr * pv, "patches");
+  vx = work<float>(vr * vw, "vision residual");
+  vh = work<Bf16>(vr * vw, "vision normed");
+  vqkv = work<Bf16>(vr * vqkv_w, "vision qkv");
+  vattn = work<Bf16>(vr * vw, "vision attention");
+  vmlp = work<Bf16>(vr * vm, "vision mlp");
+  lx = work<float>(e * lw, "lm residual");
+  lh = work<Bf16>(e * lw, "lm normed");
+  lqkv = work<Bf16>(e * qkv_w, "lm qkv");
+  lq = work<Bf16>(e * qw, "lm q");
+  lattn = work<Bf16>(e * qw, "lm attention");
+  lgu = work<Bf16>(e * 2 * lm, "lm gate|up");
+  lact = work<Bf16>(e * lm, "lm geglu");
+
+  g_patch = gemm(linear(vision_rows, vw, pv, DType::kF32, Epilogue::kNone, true));
+  g_vqkv = gemm(linear(vision_rows, vqkv_w, vw, DType::kBf16, Epilogue::kBias, false));
+  g_vo = gemm(linear(vision_rows, vw, vw, DType::kF32, Epilogue::kBias, true));
+  g_vup = gemm(linear(vision_rows, vm, vw, DType::kBf16, Epilogue::kGeluBias, false));
+  g_vdown = gemm(linear(vision_rows, vw, vm, DType::kF32, Epilogue::kBias, true));
+  g_proj = gemm(linear(vision_rows, lw, vw, DType::kF32, Epilogue::kBias, false));
+  g_lqkv = gemm(linear(prefix, qkv_w, lw, DType::kBf16, Epilogue::kNone, false));
+  g_lo = gemm(linear(prefix, lw, qw, DType::kF32, Epilogue::kNone, true));
+  g_lgu = gemm(linear(prefix, 2 * lm, lw, DType::kBf16, Epilogue::kNone, false));
+  g_ldown = gemm(linear(prefix, lw, lm, DType::kF32, Epilogue::kNone, true));
+  // Per-layer GEMMs run vision_layers or lm_layers - 1 times; count them that often.
+  flops = g_patch.shape().flops() + g_proj.shape().flops() +
+          cfg.vision_layers * (g_vqkv.shape().flops() + g_vo.shape().flops() +
+                               g_vup.shape().flops() + g_vdown.shape().flops()) +
+          cfg.lm_layers * g_lqkv.shape().flops() +
+          (cfg.lm_layers - 1) *
+              (g_lo.shape().flops() + g_lgu.shape().flops() + g_ldown.shape().flops());
+
+  v_attention = cuda::ViewAttention(
+      lt.get(),
+      {shape.views, tokens, cfg.vision_heads, cfg.vision_head_dim,
+       1.0f / std::sqrt(static_cast<float>(cfg.vision_head_dim))},
+      gemm_ws.get(), gemm_ws.bytes());
+  lm_attention = cuda::SharedKvAttention(
+      lt.get(),
+      {prefix, cfg.lm_heads, cfg.head_dim, prefix,
+       1.0f / std::sqrt(static_cast<float>(cfg.head_dim)), 0, 0},
+      gemm_ws.get(), gemm_ws.bytes());
+  workspace_bytes += v_attention.scratch_bytes() + lm_attention.scratch_bytes();
+  flops += cfg.vision_layers * v_attention.flops() + (cfg.lm_layers - 1) * lm_attention.flops();
+
+  if (options.autotune_gemms) {
+    cudaStream_t s = nullptr;
+    // Tune on non-zero data: zeros can run faster than real values.
+    cuda::fill_random(patches.get(), patches.size(), 1, 1.0f, s);
+    cuda::fill_random(vh.get(), vh.size(), 2, 1.0f, s);
+    cuda::fill_random(vattn.get(), vattn.size(), 3, 1.0f, s);
+    cuda::fill_random(vmlp.get(), vmlp.size(), 4, 1.0f, s);
+    cuda::fill_random(lh.get(), lh.size(), 5, 1.0f, s);
+    cuda::fill_random(lattn.get(), lattn.size(), 6, 1.0f, s);
+    cuda::fill_random(lact.get(), lact.size(), 7, 1.0f, s);
+    cuda::fill_random(vx.get(), vx.size(), 8, 1.0f, s);
+    cuda::fill_random(lx.get(), lx.size(), 9, 1.0f, s);
+    g_patch.autotune(patches.get(), patch_w.get(), vx.get(), nullptr, s);
+    g_vqkv.autotune(vh.get(), v_qkv_w.get(), vqkv.get(), v_qkv_b.get(), s);
+    g_vo.autotune(vattn.get(), v_o_w.get(), vx.get(), v_o_b.get(), s);
+    g_vup.autotune(vh.get(), v_up_w.get(), vmlp.get(), v_up_b.get(), s);
+    g_vdown.autotune(vmlp.get(), v_down_w.get(), vx.get(), v_down_b.get(), s);
+    g_proj.autotune(vh.get(), proj_w.get(), lx.get(), proj_b.get(), s);
+    g_lqkv.autotune(lh.get(), lm_qkv_w.get(), lqkv.get(), nullptr, s);
+    g_lo.autotune(lattn.get(), lm_o_w.get(), lx.get(), nullptr, s);
+    g_lgu.autotune(lh.get(), lm_gate_up_w.get(), lgu.get(), nullptr, s);
+    g_ldown.autotune(lact.get(), lm_down_w.get(), lx.get(), nullptr, s);
+    CUDA_CHECK(cudaDeviceSynchronize());
+  }
+}
+
+void CudaEncoder::Impl::forward(const Bf16* images, Bf16* kv, cudaStream_t s) {
+  const int vw = cfg.vision_width, vqkv_w = cfg.vision_qkv_width(), vm = cfg.vision_mlp;
+  const int lw = cfg.lm_width, qkv_w = cfg.qkv_width(), qw = cfg.lm_q_width(), lm = cfg.lm_mlp;
+
+  // Patch embedding: x = pos_embed[token] + b_patch, then x += patches @ W_patch.
+  cuda::extract_patches(images, patches.get(), shape.views, cfg.image_size, cfg.patch_size,
+                        cfg.image_channels, s);
+  cuda::broadcast_rows(pos_embed.get(), tokens, patch_b.get(), vx.get(), vision_rows, vw, s);
+  g_patch.run(patches.get(), patch_w.get(), vx.get(), nullptr, s);
+
+  for (int l = 0; l < cfg.vision_layers; ++l) {
+    const size_t lv = static_cast<size_t>(l);
+    cuda::layer_norm(vx.get(), ln1_w.get() + lv * vw, ln1_b.get() + lv * vw, vh.get(), vision_rows,
+                     vw, cfg.vision_norm_eps, s);
+    g_vqkv.run(vh.get(), v_qkv_w.get() + lv * vw * vqkv_w, vqkv.get(), v_qkv_b.get() + lv * vqkv_w,
+               s);
+    v_attention.run(vqkv.get(), vattn.get(), s);
+    g_vo.run(vattn.get(), v_o_w.get() + lv * vw * vw, vx.get(), v_o_b.get() + lv * vw, s);
+    cuda::layer_norm(vx.get(), ln2_w.get() + lv * vw, ln2_b.get() + lv * vw, vh.get(), vision_rows,
+                     vw, cfg.vision_norm_eps, s);
+    g_vup.run(vh.get(), v_up_w.get() + lv * vw * vm, vmlp.get(), v_up_b.get() + lv * vm, s);
+    g_vdown.run(vmlp.get(), v_down_w.get() + lv * vm * vw, vx.get(), v_down_b.get() + lv * vw, s);
+  }
+  cuda::layer_norm(vx.get(), final_w.get(), final_b.get(), vh.get(), vision_rows, vw,
+                   cfg.vision_norm_eps, s);
+  g_proj.run(vh.get(), proj_w.get(), lx.get(), proj_b.get(), s);
+  if (shape.prompt_len > 0)
+    cuda::bf16_to_f32(lang.get(), lx.get() + static_cast<size_t>(vision_rows) * lw,
+                      static_cast<size_t>(shape.prompt_len) * lw, s);
+
+  for (int l = 0; l < cfg.lm_layers; ++l) {
+    const size_t ll = static_cast<size_t>(l);
+    Bf16* k = kv_slice(kv, l, 0);
+    Bf16* v = kv_slice(kv, l, 1);
+    cuda::rms_norm(lx.get(), lh.get(), prefix, lw, cfg.rms_eps, s);
+    g_lqkv.run(lh.get(), lm_qkv_w.get() + ll * lw * qkv_w, lqkv.get(), nullptr, s);
+    cuda::rope_split_qkv(lqkv.get(), prefix, cfg.lm_heads, cfg.head_dim, 0, cfg.rope_theta,
+                         lq.get(), k, v, s);
+    if (l == cfg.lm_layers - 1) break;  // only its K/V leave the encoder
+    lm_attention.run(lq.get(), k, v, lattn.get(), s);
+    g_lo.run(lattn.get(), lm_o_w.get() + ll * qw * lw, lx.get(), nullptr, s);
+    cuda::rms_norm(lx.get(), lh.get(), prefix, lw, cfg.rms_eps, s);
+    g_lgu.run(lh.get(), lm_gate_up_w.get() + ll * lw * 2 * lm, lgu.get(), nullptr, s);
+    cuda::geglu(lgu.get(), lact.get(), prefix, lm, s);
+    g_ldown.run(lact.get(), lm_down_w.get() + ll * lm * lw, lx.get(), nullptr, s);
+  }
+}
+
+CudaEncoder::CudaEncoder(const ModelConfig& config, const RunShape& shape,
+                         const WeightStore& weights, const CudaEngineOptions& options)
+    : impl_(std::make_unique<Impl>(config, shape, weights, options)) {}
+CudaEncoder::~CudaEncoder() = default;
+CudaEncoder::CudaEncoder(CudaEncoder&&) noexcept = default;
+CudaEncoder& CudaEncoder::operator=(CudaEncoder&&) noexcept = default;
+
+void CudaEncoder::encode(const Bf16* d_images, Bf16* d_kv_out, cudaStream_t stream) {
+  PI0_CHECK(impl_, "CudaEncoder used after move");
+  PI0_CHECK(d_images && d_kv_out, "CudaEncoder::encode: null device pointer");
+  PI0_CHECK(cuda::is_aligned(d_images, 16) && cuda::is_aligned(d_kv_out, 16),
+            "CudaEncoder::encode: device buffers must be 16-byte aligned");
+  impl_->graphs.run({d_images, d_kv_out}, stream,
+                    [&](cudaStream_t s) { impl_->forward(d_images, d_kv_out, s); });
+}
+
+size_t CudaEncoder::weight_bytes() const { return impl_->weight_bytes; }
+size_t CudaEncoder::workspace_bytes() const { return impl_->workspace_bytes; }
+double CudaEncoder::flops() const { return impl_->flops; }
+const ModelConfig& CudaEncoder::config() const { return impl_->cfg; }
+const RunShape& CudaEncoder::shape() const { return impl_->shape; }
+
+}  // namespace pi0

@@ -1,0 +1,125 @@
+// The CUDA backend of the encoder worker. It owns the prefix K/V slot pool (one device allocation,
+// exported through CUDA IPC) and, per slot, a "ready" event it records after its last write and a
+// "consumed" event the decoder records after its last read, which it waits on before overwriting.
+#include <cstdio>
+#include <spdlog/spdlog.h>
+
+#include "pi0/check.hpp"
+#include "pi0/cuda/device.hpp"
+#include "pi0/cuda/device_report.hpp"
+#include "pi0/cuda/timestamp.hpp"
+#include "pi0/cuda_encoder.hpp"
+#include "pi0/encoder_worker.hpp"
+#include "pi0/ipc/cuda_ipc.hpp"
+#include "pi0/stage_timer.hpp"
+
+namespace pi0 {
+namespace {
+
+constexpr size_t kSlotAlignment = size_t{2} << 20;
+
+class CudaEncoderStage final : public EncoderStage {
+ public:
+  explicit CudaEncoderStage(ipc::WorkerRuntime& rt) : rt_(rt) {
+    const cuda::DeviceReport device = cuda::open_device();
+    ipc::WorkerInfo& info = rt.my_info();
+    info.sm_count = device.sm_count;
+    info.mps_client = device.mps_enabled;
+    std::snprintf(info.backend, sizeof info.backend, "cuda");
+    std::snprintf(info.device_name, sizeof info.device_name, "%s", device.name.c_str());
+    spdlog::info("GPU {}: {} SMs visible, MPS client: {}, CUDA_MPS_ACTIVE_THREAD_PERCENTAGE={}",
+                 device.name, device.sm_count, device.mps_enabled ? "yes" : "no",
+                 info.active_thread_pct);
+
+    const auto& o = rt.options();
+    {
+      const WeightStore weights = ipc::load_stage_weights(o, WeightSet::kEncoder);
+      encoder_ = std::make_unique<CudaEncoder>(o.config, o.shape, weights);
+    }
+    info.weight_bytes = encoder_->weight_bytes();
+
+    auto& cuda_block = rt.control().header().cuda;
+    const ipc::ControlLayout& layout = rt.control().layout();
+    slot_stride_ = (layout.kv_values * sizeof(Bf16) + kSlotAlignment - 1) / kSlotAlignment *
+                   kSlotAlignment;
+    pool_ = ipc::IpcDeviceMemory::allocate_exported(slot_stride_ * layout.kv_slots,
+                                                    cuda_block.kv_pool_handle);
+    timestamps_ = ipc::IpcDeviceMemory::allocate_exported(sizeof(uint64_t) * layout.kv_slots,
+                                                          cuda_block.timestamp_handle);
+    for (uint32_t s = 0; s < layout.kv_slots; ++s) {
+      ready_.push_back(ipc::IpcEvent::create_exported(cuda_block.ready_event[s]));
+      consumed_.push_back(ipc::IpcEvent::create_exported(cuda_block.consumed_event[s]));
+      start_.emplace_back(cudaEventDefault);
+      stop_.emplace_back(cudaEventDefault);
+    }
+    timing_pending_.assign(layout.kv_slots, false);
+    cuda_block.kv_pool_bytes = pool_.bytes();
+    cuda_block.kv_slot_stride = slot_stride_;
+    images_ = cuda::DeviceBuffer<Bf16>(layout.image_values, "encoder input images");
+    input_pin_ = ipc::HostRegistration(rt.control().input_area(), rt.control().input_area_bytes());
+    cuda_block.published.store(1, std::memory_order_release);
+
+    // Warm up and capture the graph of every slot now, so the first frames run at full speed.
+    for (uint32_t s = 0; s < layout.kv_slots; ++s) {
+      for (int i = 0; i < 2; ++i) encoder_->encode(images_.get(), slot(s), stream_.get());
+    }
+    stream_.synchronize();
+    info.device_bytes = encoder_->weight_bytes() + encoder_->workspace_bytes() + pool_.bytes() +
+                        images_.bytes();
+  }
+
+  void encode(uint64_t, uint32_t input_slot, uint32_t kv_slot) override {
+    cudaStream_t stream = stream_.get();
+    // The decoder's reads of this slot's previous frame come first (a never-recorded event
+    // counts as complete).
+    CUDA_CHECK(cudaStreamWaitEvent(stream, consumed_[kv_slot].get(), 0));
+    start_[kv_slot].record(stream);
+    CUDA_CHECK(cudaMemcpyAsync(images_.get(), rt_.control().images(input_slot), images_.bytes(),
+                               cudaMemcpyHostToDevice, stream));
+    encoder_->encode(images_.get(), slot(kv_slot), stream);
+    cuda::write_gpu_timestamp(static_cast<uint64_t*>(timestamps_.get()) + kv_slot, stream);
+    stop_[kv_slot].record(stream);
+    CUDA_CHECK(cudaEventRecord(ready_[kv_slot].get(), stream));
+    timing_pending_[kv_slot] = true;
+  }
+
+  void slot_returned(uint32_t kv_slot) override {
+    if (!timing_pending_[kv_slot]) return;
+    timing_pending_[kv_slot] = false;
+    // The decoder has waited on "ready", so this frame's encoder work has completed.
+    stop_[kv_slot].synchronize();
+    times_.add(stop_[kv_slot].elapsed_since(start_[kv_slot]));
+  }
+
+  void summarise(ipc::WorkerInfo& info) override {
+    info.stage_ms_median = times_.median();
+    info.stage_ms_mean = times_.mean();
+    info.frames = times_.count();
+  }
+
+ private:
+  Bf16* slot(uint32_t kv_slot) const {
+    return reinterpret_cast<Bf16*>(static_cast<char*>(pool_.get()) + kv_slot * slot_stride_);
+  }
+
+  ipc::WorkerRuntime& rt_;
+  std::unique_ptr<CudaEncoder> encoder_;
+  cuda::Stream stream_;
+  size_t slot_stride_ = 0;
+  ipc::IpcDeviceMemory pool_;
+  ipc::IpcDeviceMemory timestamps_;
+  std::vector<ipc::IpcEvent> ready_, consumed_;
+  std::vector<cuda::Event> start_, stop_;
+  std::vector<bool> timing_pending_;
+  cuda::DeviceBuffer<Bf16> images_;
+  ipc::HostRegistration input_pin_;
+  StageTimes times_;
+};
+
+}  // namespace
+
+std::unique_ptr<EncoderStage> make_cuda_encoder_stage(ipc::WorkerRuntime& rt) {
+  return std::make_unique<CudaEncoderStage>(rt);
+}
+
+}  // namespace pi0

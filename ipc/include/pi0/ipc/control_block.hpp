@@ -1,0 +1,134 @@
+// The per-run control segment: a header, the message rings between the three processes, the
+// frame input slots, the action output slots and (CPU backend) the prefix K/V slots.
+// Every process computes the layout itself from the run's config and only checks that the header
+// agrees; offsets read from shared memory are never used unchecked.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "pi0/bf16.hpp"
+#include "pi0/config.hpp"
+#include "pi0/ipc/ring.hpp"
+#include "pi0/ipc/shm.hpp"
+
+namespace pi0::ipc {
+
+inline constexpr uint32_t kControlMagic = 0x5030'4342;  // "P0CB"
+inline constexpr uint32_t kControlVersion = 1;
+inline constexpr uint32_t kMaxKvSlots = 8;
+inline constexpr uint32_t kRingCapacity = 64;
+inline constexpr size_t kCudaIpcHandleBytes = 64;  // cudaIpcMemHandle_t / cudaIpcEventHandle_t
+
+enum class RingId : uint32_t {
+  kOrchToEncoder = 0,   // kFrameInput, kStop
+  kEncoderToDecoder,    // kSlotReady, kStop
+  kDecoderToEncoder,    // kSlotFree
+  kDecoderToOrch,       // kWorkerReady, kFrameDone, kError, kStopped
+  kEncoderToOrch,       // kWorkerReady, kError, kStopped
+  kCount
+};
+inline constexpr uint32_t kRingCount = static_cast<uint32_t>(RingId::kCount);
+
+// What a worker tells the orchestrator about itself before it reports ready.
+struct WorkerInfo {
+  int32_t pid;
+  int32_t sm_count;          // cudaDevAttrMultiProcessorCount as this process sees it (MPS-limited)
+  int32_t device_sm_count;   // the device's full count (from the driver's properties)
+  int32_t mps_client;        // 1 if this process is an MPS client, 0 if not, -1 unknown / CPU
+  int32_t active_thread_pct; // CUDA_MPS_ACTIVE_THREAD_PERCENTAGE it was started with, or -1
+  uint32_t reserved;
+  uint64_t weight_bytes;     // bytes of weights this process holds (host or device)
+  uint64_t device_bytes;     // device memory this process allocated (0 on the CPU backend)
+  double stage_ms_median;    // filled in at exit: this stage's median time per frame
+  double stage_ms_mean;
+  uint64_t frames;
+  char backend[16];
+  char device_name[64];
+};
+static_assert(std::is_standard_layout_v<WorkerInfo> && std::is_trivially_copyable_v<WorkerInfo>);
+static_assert(sizeof(WorkerInfo) == 144);
+
+// CUDA IPC handles the encoder publishes for the decoder (CUDA backend).
+struct CudaIpcBlock {
+  uint8_t kv_pool_handle[kCudaIpcHandleBytes];
+  uint8_t ready_event[kMaxKvSlots][kCudaIpcHandleBytes];
+  uint8_t consumed_event[kMaxKvSlots][kCudaIpcHandleBytes];
+  uint8_t timestamp_handle[kCudaIpcHandleBytes];  // device buffer of GPU timestamps (handoff)
+  uint64_t kv_pool_bytes;
+  uint64_t kv_slot_stride;
+  std::atomic<uint32_t> published;  // 1 once the encoder has written every handle
+  uint32_t reserved;
+};
+static_assert(std::atomic<uint32_t>::is_always_lock_free);
+static_assert(std::is_standard_layout_v<CudaIpcBlock>);
+
+// Byte layout of the segment: a pure function of the run's parameters.
+struct ControlLayout {
+  uint32_t kv_slots = 0;
+  uint32_t input_slots = 0;
+  uint64_t max_frame = 0;
+  uint64_t ring_offset[kRingCount] = {};
+  uint64_t input_offset = 0, input_stride = 0;
+  uint64_t images_in_slot = 0, state_in_slot = 0, noise_in_slot = 0;
+  uint64_t image_values = 0, state_values = 0, noise_values = 0;
+  uint64_t output_offset = 0, output_stride = 0, action_values = 0;
+  uint64_t kv_offset = 0, kv_stride = 0, kv_values = 0;  // kv_stride 0: K/V not in host memory
+  uint64_t total_bytes = 0;
+
+  bool operator==(const ControlLayout&) const = default;
+};
+ControlLayout compute_layout(const ModelConfig& config, const RunShape& shape, uint32_t kv_slots,
+                             uint64_t max_frame, bool host_kv);
+
+struct ControlHeader {
+  uint32_t magic;
+  uint32_t version;
+  ControlLayout layout;
+  std::atomic<uint32_t> stop_requested;
+  uint32_t reserved;
+  WorkerInfo encoder;
+  WorkerInfo decoder;
+  CudaIpcBlock cuda;
+};
+static_assert(std::is_standard_layout_v<ControlHeader>);
+
+// A mapped control segment. The orchestrator creates it (and owns the name); workers open it.
+class ControlBlock {
+ public:
+  static ControlBlock create(const std::string& name, const ControlLayout& layout);
+  // Opens and checks magic, version and that the header's layout equals `expected`.
+  static ControlBlock open(const std::string& name, const ControlLayout& expected);
+
+  ControlBlock() = default;
+  ControlHeader& header() const { return *header_; }
+  const ControlLayout& layout() const { return layout_; }
+  SpscRing& ring(RingId id) { return rings_[static_cast<uint32_t>(id)]; }
+  const std::string& name() const { return segment_.name(); }
+
+  // Slot accessors throw pi0::Error if the index is out of range.
+  Bf16* images(uint32_t input_slot) const;
+  Bf16* state(uint32_t input_slot) const;
+  Bf16* noise(uint32_t input_slot) const;
+  float* actions(uint32_t input_slot) const;
+  float* host_kv(uint32_t kv_slot) const;  // CPU backend only
+  // The whole input/output areas (for registering them with CUDA as pinned memory).
+  void* input_area() const;
+  size_t input_area_bytes() const;
+  void* output_area() const;
+  size_t output_area_bytes() const;
+
+  MessageLimits limits() const;
+
+ private:
+  char* at(uint64_t offset) const { return static_cast<char*>(segment_.data()) + offset; }
+  SharedSegment segment_;
+  ControlHeader* header_ = nullptr;
+  ControlLayout layout_;
+  SpscRing rings_[kRingCount];
+};
+
+}  // namespace pi0::ipc

@@ -1,0 +1,80 @@
+// What every worker process does around its stage: parse the arguments the orchestrator passes,
+// die with the orchestrator, open and check the control segment, watch its peers, and report
+// readiness, errors and its exit through the rings.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "pi0/config.hpp"
+#include "pi0/ipc/control_block.hpp"
+#include "pi0/ipc/protocol.hpp"
+#include "pi0/weights.hpp"
+
+namespace pi0::ipc {
+
+struct WorkerOptions {
+  std::string control_name;
+  std::string model = "tiny";
+  ModelConfig config;
+  RunShape shape;
+  std::string backend = "cpu";  // cpu | cuda
+  std::string weights_path;     // empty: seeded random weights
+  uint64_t weight_seed = 0;
+  uint32_t kv_slots = 2;
+  uint64_t max_frame = 0;
+  int parent_pid = 0;
+  double startup_timeout_s = 120;
+  std::string log_level = "info";
+};
+
+// Parses a worker's command line (the orchestrator builds it with worker_arguments()).
+// Throws pi0::Error with a one-line message on bad arguments.
+WorkerOptions parse_worker_arguments(Role role, int argc, char** argv);
+std::vector<std::string> worker_arguments(const WorkerOptions& options);
+
+class WorkerRuntime {
+ public:
+  // Installs signal handling (SIGTERM/SIGINT request a stop, SIGPIPE ignored), asks the kernel to
+  // send SIGTERM when the parent dies, and opens the control segment.
+  WorkerRuntime(Role role, const WorkerOptions& options);
+  ~WorkerRuntime();
+
+  Role role() const { return role_; }
+  const WorkerOptions& options() const { return options_; }
+  ControlBlock& control() { return control_; }
+  WorkerInfo& my_info();
+  WorkerInfo& peer_info();
+
+  // False once the orchestrator is gone or a stop signal arrived.
+  bool orchestrator_alive() const;
+  // False once the other worker (if it has reported its pid) is gone, or orchestrator_alive() is.
+  bool peer_alive() const;
+  bool stop_signalled() const;
+  // True once the orchestrator process itself no longer runs (we were re-parented or it exited).
+  bool orchestrator_gone() const;
+
+  // Ring to the orchestrator (kEncoderToOrch or kDecoderToOrch).
+  SpscRing& to_orchestrator();
+  void send_ready();
+  void send_error(const std::string& what) noexcept;
+  void send_stopped() noexcept;
+
+  // Deadline `seconds` from now.
+  static Deadline after(double seconds);
+
+ private:
+  Role role_;
+  WorkerOptions options_;
+  ControlBlock control_;
+};
+
+// The weights of one stage: the file given, or seeded random weights. Checks the prompt length.
+WeightStore load_stage_weights(const WorkerOptions& options, WeightSet set);
+
+// The body of a worker main: runs `body` and turns exceptions into a kError message, a log line
+// and exit code 1. If the orchestrator is gone, removes the control segment it left.
+int run_worker_main(Role role, int argc, char** argv,
+                    int (*body)(WorkerRuntime& runtime));
+
+}  // namespace pi0::ipc

@@ -1,0 +1,289 @@
+#include "pi0/ipc/ring.hpp"
+
+#include <linux/futex.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <ctime>
+#include <new>
+#include <string>
+
+#include "pi0/check.hpp"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+namespace pi0::ipc {
+
+namespace {
+// Internal linkage: other ipc sources may define constants of the same names.
+constexpr uint64_t kRingMagic = 0x5030'5249'4e47'0001ULL;  // "P0RING" + layout revision
+constexpr uint32_t kMinCapacity = 2;
+constexpr uint32_t kMaxCapacity = 65536;
+constexpr size_t kCacheLine = 64;
+}  // namespace
+
+// Shared by two processes that may be built separately, so: fixed-width fields, no pointers, and
+// each side's hot counter on its own cache line so producer and consumer do not false-share.
+struct RingHeader {
+  uint64_t magic;
+  uint32_t capacity;
+  uint32_t message_size;
+  // Written by the consumer only.
+  alignas(kCacheLine) std::atomic<uint64_t> head;
+  // Written by the producer only.
+  alignas(kCacheLine) std::atomic<uint64_t> tail;
+  // The consumer sleeps on push_seq while the ring is empty; the producer bumps it and wakes the
+  // consumer only when consumer_waiting says someone sleeps, so the fast path makes no syscall.
+  alignas(kCacheLine) std::atomic<uint32_t> push_seq;
+  std::atomic<uint32_t> consumer_waiting;
+  // Mirror image for a producer blocked on a full ring.
+  alignas(kCacheLine) std::atomic<uint32_t> pop_seq;
+  std::atomic<uint32_t> producer_waiting;
+};
+
+static_assert(std::is_standard_layout_v<RingHeader>);
+static_assert(sizeof(RingHeader) == 5 * kCacheLine);
+static_assert(sizeof(RingHeader) % alignof(Message) == 0);
+static_assert(std::atomic<uint64_t>::is_always_lock_free,
+              "cross-process atomics must not fall back to a process-local lock");
+static_assert(std::atomic<uint32_t>::is_always_lock_free,
+              "cross-process atomics must not fall back to a process-local lock");
+// The futex syscall operates on the raw 32-bit word behind the atomic.
+static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t));
+
+namespace {
+
+enum class Step { kDone, kBlocked, kCorrupt };
+
+constexpr int kSpinIterations = 200;
+constexpr int kYieldIterations = 4;
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield" ::: "memory");
+#else
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+#endif
+}
+
+inline uint32_t* futex_word(std::atomic<uint32_t>& a) { return reinterpret_cast<uint32_t*>(&a); }
+
+// Shared (not FUTEX_PRIVATE) because waiter and waker live in different processes.
+void futex_wait(std::atomic<uint32_t>& word, uint32_t expected, std::chrono::nanoseconds timeout) {
+  timespec ts;
+  ts.tv_sec = static_cast<time_t>(timeout.count() / 1'000'000'000);
+  ts.tv_nsec = static_cast<long>(timeout.count() % 1'000'000'000);
+  // EAGAIN (word already changed), EINTR and ETIMEDOUT all send the caller back to re-check.
+  ::syscall(SYS_futex, futex_word(word), FUTEX_WAIT, expected, &ts, nullptr, 0);
+}
+
+void futex_wake_all(std::atomic<uint32_t>& word) {
+  ::syscall(SYS_futex, futex_word(word), FUTEX_WAKE, INT32_MAX, nullptr, nullptr, 0);
+}
+
+// The waker's half of the flag/recheck protocol. The waiter sets its flag and then re-reads the
+// counter; we publish the counter and then read the flag. The seq_cst fence on both sides means at
+// least one of us sees the other's store, so a waiter can never sleep through a publication.
+inline void wake_if_waiting(std::atomic<uint32_t>& waiting, std::atomic<uint32_t>& seq) {
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (waiting.load(std::memory_order_relaxed) != 0) {
+    seq.fetch_add(1, std::memory_order_seq_cst);
+    futex_wake_all(seq);
+  }
+}
+
+inline Message* slots(RingHeader* h) {
+  return reinterpret_cast<Message*>(reinterpret_cast<char*>(h) + sizeof(RingHeader));
+}
+
+bool valid_capacity(uint32_t capacity) {
+  return capacity >= kMinCapacity && capacity <= kMaxCapacity && (capacity & (capacity - 1)) == 0;
+}
+
+Step push_step(RingHeader* h, uint32_t capacity, const Message& m) {
+  const uint64_t tail = h->tail.load(std::memory_order_relaxed);
+  const uint64_t head = h->head.load(std::memory_order_acquire);
+  // Unsigned difference: also catches a head that ran ahead of the tail.
+  const uint64_t used = tail - head;
+  if (used > capacity) return Step::kCorrupt;
+  if (used == capacity) return Step::kBlocked;
+  std::memcpy(&slots(h)[tail & (capacity - 1)], &m, sizeof(Message));
+  h->tail.store(tail + 1, std::memory_order_release);
+  wake_if_waiting(h->consumer_waiting, h->push_seq);
+  return Step::kDone;
+}
+
+Step pop_step(RingHeader* h, uint32_t capacity, Message& m) {
+  const uint64_t head = h->head.load(std::memory_order_relaxed);
+  const uint64_t tail = h->tail.load(std::memory_order_acquire);
+  const uint64_t used = tail - head;
+  if (used > capacity) return Step::kCorrupt;
+  if (used == 0) return Step::kBlocked;
+  std::memcpy(&m, &slots(h)[head & (capacity - 1)], sizeof(Message));
+  h->head.store(head + 1, std::memory_order_release);
+  wake_if_waiting(h->producer_waiting, h->pop_seq);
+  return Step::kDone;
+}
+
+// Spin, then yield, then sleep on `seq` in slices no longer than kWaitSlice, re-trying `step`
+// after each. `still_blocked` re-reads the counters after the waiter flag is raised (the waiter's
+// half of the protocol in wake_if_waiting).
+template <typename StepFn, typename BlockedFn>
+WaitStatus wait_loop(StepFn&& step, BlockedFn&& still_blocked, std::atomic<uint32_t>& waiting,
+                     std::atomic<uint32_t>& seq, Deadline deadline, const PeerCheck& peer_alive) {
+  for (int i = 0; i < kSpinIterations; ++i) {
+    const Step s = step();
+    if (s == Step::kDone) return WaitStatus::kOk;
+    if (s == Step::kCorrupt) return WaitStatus::kCorrupt;
+    cpu_relax();
+  }
+  for (int i = 0; i < kYieldIterations; ++i) {
+    const Step s = step();
+    if (s == Step::kDone) return WaitStatus::kOk;
+    if (s == Step::kCorrupt) return WaitStatus::kCorrupt;
+    ::sched_yield();
+  }
+  auto last_peer_check = Clock::now();
+  for (;;) {
+    const Step s = step();
+    if (s == Step::kDone) return WaitStatus::kOk;
+    if (s == Step::kCorrupt) return WaitStatus::kCorrupt;
+
+    const auto now = Clock::now();
+    if (now >= deadline) return WaitStatus::kTimeout;
+    if (peer_alive && now - last_peer_check >= kWaitSlice) {
+      if (!peer_alive()) return WaitStatus::kPeerDead;
+      last_peer_check = now;
+    }
+
+    const uint32_t expected = seq.load(std::memory_order_seq_cst);
+    waiting.store(1, std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (still_blocked()) {
+      const auto left = deadline - now;
+      const std::chrono::nanoseconds slice =
+          left < kWaitSlice ? std::chrono::duration_cast<std::chrono::nanoseconds>(left)
+                            : std::chrono::nanoseconds(kWaitSlice);
+      // A sleeper that was woken by a stale wake (or slept through a full slice) still checks the
+      // peer at most one slice later; that bounds peer-death detection to about two slices.
+      futex_wait(seq, expected, slice);
+    }
+    waiting.store(0, std::memory_order_relaxed);
+  }
+}
+
+}  // namespace
+
+const char* wait_status_name(WaitStatus s) {
+  switch (s) {
+    case WaitStatus::kOk: return "ok";
+    case WaitStatus::kTimeout: return "timeout";
+    case WaitStatus::kPeerDead: return "peer dead";
+    case WaitStatus::kCorrupt: return "corrupt";
+  }
+  return "unknown";
+}
+
+size_t SpscRing::bytes_for(uint32_t capacity) {
+  PI0_CHECK(valid_capacity(capacity),
+            "ring capacity " + std::to_string(capacity) + " is not a power of two in [2, 65536]");
+  return sizeof(RingHeader) + static_cast<size_t>(capacity) * sizeof(Message);
+}
+
+SpscRing SpscRing::create(void* where, uint32_t capacity) {
+  const size_t bytes = bytes_for(capacity);
+  PI0_CHECK(where != nullptr, "ring memory is null");
+  PI0_CHECK(reinterpret_cast<uintptr_t>(where) % kCacheLine == 0,
+            "ring memory is not 64-byte aligned");
+  std::memset(where, 0, bytes);
+  auto* h = new (where) RingHeader{};
+  h->capacity = capacity;
+  h->message_size = sizeof(Message);
+  h->head.store(0, std::memory_order_relaxed);
+  h->tail.store(0, std::memory_order_relaxed);
+  h->push_seq.store(0, std::memory_order_relaxed);
+  h->consumer_waiting.store(0, std::memory_order_relaxed);
+  h->pop_seq.store(0, std::memory_order_relaxed);
+  h->producer_waiting.store(0, std::memory_order_relaxed);
+  // Magic last: a concurrent attach either sees no ring or a fully initialised one.
+  std::atomic_thread_fence(std::memory_order_release);
+  h->magic = kRingMagic;
+  return SpscRing(h, capacity);
+}
+
+SpscRing SpscRing::attach(void* where, uint32_t capacity) {
+  PI0_CHECK(valid_capacity(capacity),
+            "ring capacity " + std::to_string(capacity) + " is not a power of two in [2, 65536]");
+  PI0_CHECK(where != nullptr, "ring memory is null");
+  PI0_CHECK(reinterpret_cast<uintptr_t>(where) % kCacheLine == 0,
+            "ring memory is not 64-byte aligned");
+  auto* h = std::launder(reinterpret_cast<RingHeader*>(where));
+  if (h->magic != kRingMagic) {
+    char buf[96];
+    std::snprintf(buf, sizeof(buf), "no ring at this address (magic 0x%016llx, expected 0x%016llx)",
+                  static_cast<unsigned long long>(h->magic),
+                  static_cast<unsigned long long>(kRingMagic));
+    throw Error(buf);
+  }
+  std::atomic_thread_fence(std::memory_order_acquire);
+  PI0_CHECK(h->capacity == capacity, "ring capacity mismatch: shared header says " +
+                                         std::to_string(h->capacity) + ", expected " +
+                                         std::to_string(capacity));
+  PI0_CHECK(h->message_size == sizeof(Message),
+            "ring message size mismatch: shared header says " + std::to_string(h->message_size) +
+                ", expected " + std::to_string(sizeof(Message)));
+  return SpscRing(h, capacity);
+}
+
+bool SpscRing::try_push(const Message& m) {
+  PI0_CHECK(header_ != nullptr, "push on a ring that is not attached");
+  return push_step(header_, capacity_, m) == Step::kDone;
+}
+
+bool SpscRing::try_pop(Message& m) {
+  PI0_CHECK(header_ != nullptr, "pop on a ring that is not attached");
+  return pop_step(header_, capacity_, m) == Step::kDone;
+}
+
+WaitStatus SpscRing::push(const Message& m, Deadline deadline, const PeerCheck& peer_alive) {
+  PI0_CHECK(header_ != nullptr, "push on a ring that is not attached");
+  RingHeader* h = header_;
+  const uint32_t cap = capacity_;
+  return wait_loop([&] { return push_step(h, cap, m); },
+                   [&] {
+                     return h->tail.load(std::memory_order_relaxed) -
+                                h->head.load(std::memory_order_seq_cst) ==
+                            cap;
+                   },
+                   h->producer_waiting, h->pop_seq, deadline, peer_alive);
+}
+
+WaitStatus SpscRing::pop(Message& m, Deadline deadline, const PeerCheck& peer_alive) {
+  PI0_CHECK(header_ != nullptr, "pop on a ring that is not attached");
+  RingHeader* h = header_;
+  const uint32_t cap = capacity_;
+  return wait_loop([&] { return pop_step(h, cap, m); },
+                   [&] {
+                     return h->tail.load(std::memory_order_seq_cst) ==
+                            h->head.load(std::memory_order_relaxed);
+                   },
+                   h->consumer_waiting, h->push_seq, deadline, peer_alive);
+}
+
+size_t SpscRing::size_approx() const {
+  if (header_ == nullptr) return 0;
+  const uint64_t head = header_->head.load(std::memory_order_acquire);
+  const uint64_t tail = header_->tail.load(std::memory_order_acquire);
+  const uint64_t used = tail - head;
+  return used > capacity_ ? capacity_ : static_cast<size_t>(used);
+}
+
+}  // namespace pi0::ipc

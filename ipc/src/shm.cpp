@@ -1,0 +1,179 @@
+#include "pi0/ipc/shm.hpp"
+
+#include <dirent.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <boost/interprocess/mapped_region.hpp>
+#include <boost/interprocess/shared_memory_object.hpp>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <random>
+
+#include "pi0/check.hpp"
+
+namespace bip = boost::interprocess;
+
+namespace pi0::ipc {
+
+struct SharedSegment::Impl {
+  // Declaration order matters: the region is unmapped before the object's descriptor is closed.
+  bip::shared_memory_object object;
+  bip::mapped_region region;
+  std::string name;
+  bool owner = false;
+
+  ~Impl() {
+    if (owner) SharedSegment::remove(name);
+  }
+};
+
+namespace {
+
+constexpr const char* kShmDir = "/dev/shm";
+
+// Boost prepends '/' itself and rejects names with further slashes; catch that here so the error
+// names the segment instead of surfacing as an opaque interprocess_exception.
+void check_name(const std::string& name) {
+  PI0_CHECK(!name.empty() && name.find('/') == std::string::npos && name.size() < 250,
+            "invalid shared memory segment name '" + name + "'");
+}
+
+// Parses the creator pid out of "pi0mps_<pid>_..."; -1 if the name does not follow the scheme.
+long pid_of_segment(std::string_view name) {
+  if (name.substr(0, kSegmentPrefix.size()) != kSegmentPrefix) return -1;
+  name.remove_prefix(kSegmentPrefix.size());
+  long pid = 0;
+  size_t digits = 0;
+  while (digits < name.size() && name[digits] >= '0' && name[digits] <= '9') {
+    pid = pid * 10 + (name[digits] - '0');
+    if (pid > 0x7fffffff) return -1;
+    ++digits;
+  }
+  if (digits == 0 || digits >= name.size() || name[digits] != '_' || pid <= 0) return -1;
+  return pid;
+}
+
+std::vector<std::string> list_segments(std::string_view prefix) {
+  std::vector<std::string> names;
+  DIR* dir = ::opendir(kShmDir);
+  if (dir == nullptr) return names;
+  while (const dirent* entry = ::readdir(dir)) {
+    const std::string_view name(entry->d_name);
+    if (name.substr(0, prefix.size()) == prefix) names.emplace_back(name);
+  }
+  ::closedir(dir);
+  return names;
+}
+
+}  // namespace
+
+std::string unique_segment_name(std::string_view tag) {
+  // random_device rather than a seeded PRNG: two runs started in the same instant with recycled
+  // pids must still not collide, and create_only then fails loudly instead of sharing a segment.
+  std::random_device rd;
+  const uint64_t bits = (static_cast<uint64_t>(rd()) << 32) ^ static_cast<uint64_t>(rd());
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%ld_%016llx_", static_cast<long>(::getpid()),
+                static_cast<unsigned long long>(bits));
+  std::string name(kSegmentPrefix);
+  name += buf;
+  name += tag;
+  return name;
+}
+
+SharedSegment SharedSegment::create(const std::string& name, size_t bytes) {
+  check_name(name);
+  PI0_CHECK(bytes > 0, "shared memory segment '" + name + "' must not be empty");
+  auto impl = std::make_unique<Impl>();
+  try {
+    impl->object = bip::shared_memory_object(bip::create_only, name.c_str(), bip::read_write,
+                                             bip::permissions(0600));
+  } catch (const bip::interprocess_exception& e) {
+    throw Error("cannot create shared memory segment '" + name + "': " + e.what());
+  }
+  // From here on a failure must not leave the name behind.
+  impl->name = name;
+  impl->owner = true;
+  try {
+    // Boost applies the mode through open(2), which the umask may narrow or a patched libc widen;
+    // fchmod makes it exactly 0600 whatever the environment.
+    const int fd = impl->object.get_mapping_handle().handle;
+    if (::fchmod(fd, 0600) != 0)
+      throw Error("cannot chmod shared memory segment '" + name + "': " + std::strerror(errno));
+    impl->object.truncate(static_cast<bip::offset_t>(bytes));
+    impl->region = bip::mapped_region(impl->object, bip::read_write, 0, bytes);
+  } catch (const bip::interprocess_exception& e) {
+    throw Error("cannot size or map shared memory segment '" + name + "': " + e.what());
+  }
+  std::memset(impl->region.get_address(), 0, bytes);
+  SharedSegment seg;
+  seg.impl_ = std::move(impl);
+  return seg;
+}
+
+SharedSegment SharedSegment::open(const std::string& name) {
+  check_name(name);
+  auto impl = std::make_unique<Impl>();
+  try {
+    impl->object = bip::shared_memory_object(bip::open_only, name.c_str(), bip::read_write);
+    bip::offset_t size = 0;
+    if (!impl->object.get_size(size) || size <= 0)
+      throw Error("shared memory segment '" + name + "' is empty or its size is unknown");
+    impl->region = bip::mapped_region(impl->object, bip::read_write);
+  } catch (const bip::interprocess_exception& e) {
+    throw Error("cannot open shared memory segment '" + name + "': " + e.what());
+  }
+  impl->name = name;
+  impl->owner = false;
+  SharedSegment seg;
+  seg.impl_ = std::move(impl);
+  return seg;
+}
+
+bool SharedSegment::remove(const std::string& name) noexcept {
+  try {
+    return bip::shared_memory_object::remove(name.c_str());
+  } catch (...) {
+    return false;
+  }
+}
+
+SharedSegment::SharedSegment() = default;
+SharedSegment::SharedSegment(SharedSegment&&) noexcept = default;
+SharedSegment& SharedSegment::operator=(SharedSegment&&) noexcept = default;
+SharedSegment::~SharedSegment() = default;
+
+void* SharedSegment::data() const { return impl_ ? impl_->region.get_address() : nullptr; }
+size_t SharedSegment::size() const { return impl_ ? impl_->region.get_size() : 0; }
+const std::string& SharedSegment::name() const {
+  static const std::string kEmpty;
+  return impl_ ? impl_->name : kEmpty;
+}
+bool SharedSegment::owner() const { return impl_ && impl_->owner; }
+
+std::vector<std::string> remove_stale_segments() noexcept {
+  std::vector<std::string> removed;
+  try {
+    for (const std::string& name : list_segments(kSegmentPrefix)) {
+      const long pid = pid_of_segment(name);
+      if (pid <= 0) continue;
+      // Only ESRCH proves the creator is gone; EPERM means it runs under another user. A zombie
+      // still counts as alive until its parent reaps it.
+      if (::kill(static_cast<pid_t>(pid), 0) == -1 && errno == ESRCH) {
+        if (SharedSegment::remove(name)) removed.push_back(name);
+      }
+    }
+  } catch (...) {
+    // Allocation failure while listing: report what was removed so far.
+  }
+  return removed;
+}
+
+std::vector<std::string> segments_of_process(int pid) {
+  return list_segments(std::string(kSegmentPrefix) + std::to_string(pid) + "_");
+}
+
+}  // namespace pi0::ipc

@@ -1,0 +1,206 @@
+#include "pi0/ipc/worker_runtime.hpp"
+
+#include <signal.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <atomic>
+#include <cerrno>
+#include <spdlog/spdlog.h>
+
+#include "pi0/check.hpp"
+#include "pi0/log.hpp"
+
+namespace pi0::ipc {
+namespace {
+
+std::atomic<bool> g_stop_signal{false};
+
+void on_stop_signal(int) { g_stop_signal.store(true); }
+
+bool process_alive(int pid) { return pid > 0 && (::kill(pid, 0) == 0 || errno == EPERM); }
+
+}  // namespace
+
+std::vector<std::string> worker_arguments(const WorkerOptions& o) {
+  return {"--control",     o.control_name,
+          "--model",       o.model,
+          "--views",       std::to_string(o.shape.views),
+          "--chunk",       std::to_string(o.shape.chunk),
+          "--prompt-len",  std::to_string(o.shape.prompt_len),
+          "--backend",     o.backend,
+          "--weights",     o.weights_path,
+          "--seed",        std::to_string(o.weight_seed),
+          "--slots",       std::to_string(o.kv_slots),
+          "--max-frame",   std::to_string(o.max_frame),
+          "--parent-pid",  std::to_string(o.parent_pid),
+          "--startup-timeout", std::to_string(o.startup_timeout_s),
+          "--log-level",   o.log_level};
+}
+
+WorkerOptions parse_worker_arguments(Role role, int argc, char** argv) {
+  WorkerOptions o;
+  CLI::App app{std::string(role_name(role)) +
+               " worker of pi0-mps (started by the orchestrator, not by hand)"};
+  app.add_option("--control", o.control_name, "control segment name")->required();
+  app.add_option("--model", o.model)->required();
+  app.add_option("--views", o.shape.views)->required();
+  app.add_option("--chunk", o.shape.chunk)->required();
+  app.add_option("--prompt-len", o.shape.prompt_len)->required();
+  app.add_option("--backend", o.backend)->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_option("--weights", o.weights_path);
+  app.add_option("--seed", o.weight_seed);
+  app.add_option("--slots", o.kv_slots)->check(CLI::Range(1u, kMaxKvSlots));
+  app.add_option("--max-frame", o.max_frame)->required();
+  app.add_option("--parent-pid", o.parent_pid)->required();
+  app.add_option("--startup-timeout", o.startup_timeout_s);
+  app.add_option("--log-level", o.log_level);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    throw Error(std::string(role_name(role)) + ": bad arguments: " + e.what());
+  }
+  o.config = model_config(o.model);
+  o.shape.validate();
+  return o;
+}
+
+WorkerRuntime::WorkerRuntime(Role role, const WorkerOptions& options)
+    : role_(role), options_(options) {
+  struct sigaction action {};
+  action.sa_handler = on_stop_signal;
+  sigemptyset(&action.sa_mask);
+  ::sigaction(SIGTERM, &action, nullptr);
+  ::sigaction(SIGINT, &action, nullptr);
+  ::signal(SIGPIPE, SIG_IGN);
+  // The kernel tells us when the orchestrator dies; the check after it closes the race where it
+  // died before prctl took effect.
+  ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+  PI0_CHECK(orchestrator_alive(), "the orchestrator (pid " + std::to_string(options.parent_pid) +
+                                      ") is not running");
+  const bool host_kv = options.backend == "cpu";
+  control_ = ControlBlock::open(
+      options.control_name,
+      compute_layout(options.config, options.shape, options.kv_slots, options.max_frame, host_kv));
+  WorkerInfo& info = my_info();
+  info.pid = static_cast<int32_t>(::getpid());
+  info.mps_client = -1;
+  info.active_thread_pct = -1;
+  if (const char* pct = std::getenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")) {
+    info.active_thread_pct = std::atoi(pct);
+  }
+}
+
+WorkerRuntime::~WorkerRuntime() = default;
+
+WorkerInfo& WorkerRuntime::my_info() {
+  return role_ == Role::kEncoder ? control_.header().encoder : control_.header().decoder;
+}
+WorkerInfo& WorkerRuntime::peer_info() {
+  return role_ == Role::kEncoder ? control_.header().decoder : control_.header().encoder;
+}
+
+bool WorkerRuntime::stop_signalled() const { return g_stop_signal.load(); }
+
+bool WorkerRuntime::orchestrator_gone() const {
+  return ::getppid() != options_.parent_pid || !process_alive(options_.parent_pid);
+}
+
+bool WorkerRuntime::orchestrator_alive() const {
+  return !g_stop_signal.load() && !orchestrator_gone();
+}
+
+bool WorkerRuntime::peer_alive() const {
+  if (!orchestrator_alive()) return false;
+  const ControlHeader& h = const_cast<ControlBlock&>(control_).header();
+  const int32_t peer = role_ == Role::kEncoder ? h.decoder.pid : h.encoder.pid;
+  return peer == 0 || process_alive(peer);
+}
+
+SpscRing& WorkerRuntime::to_orchestrator() {
+  return control_.ring(role_ == Role::kEncoder ? RingId::kEncoderToOrch : RingId::kDecoderToOrch);
+}
+
+Deadline WorkerRuntime::after(double seconds) {
+  return Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                            std::chrono::duration<double>(seconds));
+}
+
+void WorkerRuntime::send_ready() {
+  Message m = make_message(MsgType::kWorkerReady, role_);
+  const WaitStatus s = to_orchestrator().push(m, after(options_.startup_timeout_s),
+                                              [this] { return orchestrator_alive(); });
+  PI0_CHECK(s == WaitStatus::kOk,
+            std::string("could not report ready to the orchestrator: ") + wait_status_name(s));
+}
+
+void WorkerRuntime::send_error(const std::string& what) noexcept {
+  Message m = make_message(MsgType::kError, role_);
+  m.code = 1;
+  set_text(m, what);
+  to_orchestrator().push(m, after(1.0), [this] { return orchestrator_alive(); });
+}
+
+void WorkerRuntime::send_stopped() noexcept {
+  Message m = make_message(MsgType::kStopped, role_);
+  to_orchestrator().push(m, after(5.0), [this] { return orchestrator_alive(); });
+}
+
+WeightStore load_stage_weights(const WorkerOptions& o, WeightSet set) {
+  if (o.weights_path.empty()) {
+    return WeightStore::random(o.config, o.shape.prompt_len, o.weight_seed, set);
+  }
+  WeightStore store = WeightStore::load_safetensors(o.weights_path, o.config, set);
+  if (set != WeightSet::kDecoder) {
+    PI0_CHECK(store.prompt_len() == o.shape.prompt_len,
+              "weights file " + o.weights_path + " holds " + std::to_string(store.prompt_len()) +
+                  " prompt tokens (language_embeds) but the run asks for " +
+                  std::to_string(o.shape.prompt_len));
+  }
+  return store;
+}
+
+int run_worker_main(Role role, int argc, char** argv, int (*body)(WorkerRuntime& runtime)) {
+  std::string level = "info";
+  for (int i = 1; i + 1 < argc; ++i) {
+    if (std::string(argv[i]) == "--log-level") level = argv[i + 1];
+  }
+  try {
+    init_logging(role_name(role), is_valid_log_level(level) ? level : "info");
+  } catch (...) {
+    return 1;
+  }
+  std::string control_name;
+  int parent = 0;
+  try {
+    const WorkerOptions options = parse_worker_arguments(role, argc, argv);
+    control_name = options.control_name;
+    parent = options.parent_pid;
+    std::unique_ptr<WorkerRuntime> runtime;
+    try {
+      runtime = std::make_unique<WorkerRuntime>(role, options);
+    } catch (const std::exception& e) {
+      spdlog::error("{}", e.what());
+      return 1;
+    }
+    try {
+      const int rc = body(*runtime);
+      if (runtime->orchestrator_gone()) {
+        spdlog::warn("orchestrator (pid {}) is gone; removing its control segment", parent);
+        SharedSegment::remove(control_name);
+      }
+      return rc;
+    } catch (const std::exception& e) {
+      spdlog::error("{}", e.what());
+      runtime->send_error(e.what());
+      if (runtime->orchestrator_gone()) SharedSegment::remove(control_name);
+      return 1;
+    }
+  } catch (const std::exception& e) {
+    spdlog::error("{}", e.what());
+    return 1;
+  }
+}
+
+}  // namespace pi0::ipc

@@ -1,0 +1,81 @@
+// Child processes with move-only owners: spawned with an explicit environment in their own
+// process group (so a terminal's Ctrl-C reaches only the orchestrator, which then drains them),
+// their output forwarded line by line and the last lines kept for error reports; a child still
+// running when its owner goes away is terminated and reaped.
+#pragma once
+
+#include <chrono>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace pi0 {
+
+struct ExitStatus {
+  bool signaled = false;
+  int code = 0;    // exit code when !signaled
+  int signal = 0;  // signal number when signaled
+  bool success() const { return !signaled && code == 0; }
+  std::string describe() const;  // "exited with status 1", "killed by signal 9 (SIGKILL)"
+};
+
+// The environment a child gets: ours, with these variables set (or removed when the value is
+// std::nullopt).
+using EnvOverrides = std::map<std::string, std::optional<std::string>>;
+
+class ChildProcess {
+ public:
+  // Starts `path` with `args` (argv[0] is `name`). Output (stdout and stderr) goes through a pipe;
+  // if `forward_output`, each line is copied to our stderr. Throws pi0::Error if it cannot start.
+  static ChildProcess spawn(const std::string& name, const std::string& path,
+                            const std::vector<std::string>& args, const EnvOverrides& env,
+                            bool forward_output);
+
+  ChildProcess();
+  ChildProcess(ChildProcess&&) noexcept;
+  ChildProcess& operator=(ChildProcess&&) noexcept;
+  ChildProcess(const ChildProcess&) = delete;
+  ChildProcess& operator=(const ChildProcess&) = delete;
+  ~ChildProcess();  // terminate(1 s) if still running
+
+  const std::string& name() const;
+  int pid() const;
+  bool running();
+  // Reaps without blocking; the status once it has exited.
+  std::optional<ExitStatus> poll();
+  std::optional<ExitStatus> wait_for(std::chrono::milliseconds timeout);
+  // SIGTERM, up to `grace` to exit, then SIGKILL; always reaps. Never throws.
+  ExitStatus terminate(std::chrono::milliseconds grace) noexcept;
+  // The last lines it printed (at most 20), oldest first.
+  std::vector<std::string> last_lines() const;
+  // Everything it printed so far (kept up to 1 MiB).
+  std::string output() const;
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
+
+struct CommandResult {
+  ExitStatus status;
+  std::string output;
+  bool timed_out = false;
+};
+
+// Runs a command to completion (PATH lookup), feeding `input` on its stdin, within `timeout`
+// (killed after it). Throws pi0::Error only if it cannot start (e.g. not found).
+CommandResult run_command(const std::string& program, const std::vector<std::string>& args,
+                          const EnvOverrides& env, const std::string& input,
+                          std::chrono::milliseconds timeout);
+
+// Absolute path of a program on PATH, or empty.
+std::string find_on_path(const std::string& program);
+// Directory of the running executable (/proc/self/exe).
+std::string executable_dir();
+
+}  // namespace pi0

@@ -1,0 +1,74 @@
+#include <cstdio>
+#include <fstream>
+#include <spdlog/spdlog.h>
+
+#include "pi0/check.hpp"
+#include "pi0/ipc/shm.hpp"
+#include "pi0/log.hpp"
+#include "pi0/orchestrator.hpp"
+#include "pi0/sweep.hpp"
+
+namespace pi0 {
+namespace {
+
+void write_file(const std::string& path, const void* data, size_t bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  PI0_CHECK(out.good(), "cannot write " + path);
+  out.write(static_cast<const char*>(data), static_cast<std::streamsize>(bytes));
+  PI0_CHECK(out.good(), "cannot write " + path);
+}
+
+int exit_code_for_signal(int sig) { return sig ? 128 + sig : 0; }
+
+}  // namespace
+
+int orchestrator_main(int argc, char** argv) {
+  int exit_code = 0;
+  const std::optional<RunOptions> options = parse_command_line(argc, argv, exit_code);
+  if (!options) return exit_code;
+  try {
+    init_logging("orchestrator", options->log_level);
+    install_stop_handlers();
+    const ResolvedRun run = resolve(*options);
+    std::printf("%s\n", run.note.c_str());
+    std::fflush(stdout);
+
+    if (options->sweep) {
+      PI0_CHECK(run.backend == "cuda", "--sweep needs the cuda backend (MPS splits GPU SMs)");
+      const SweepResult sweep = run_sweep(run);
+      print_sweep(sweep);
+      if (!options->json_path.empty()) {
+        const std::string json = sweep_json(sweep);
+        write_file(options->json_path, json.data(), json.size());
+      }
+      if (!options->plot_path.empty()) write_sweep_plot(sweep, options->plot_path);
+      return exit_code_for_signal(stop_signal());
+    }
+
+    MpsDaemon mps;
+    if (run.backend == "cuda" && !options->no_mps) mps = MpsDaemon::start_or_adopt(options->mps);
+    std::vector<float> actions;
+    RunReport report =
+        run_pipeline(run, mps.active() ? &mps : nullptr, options->encoder_pct,
+                     options->decoder_pct, options->mode,
+                     options->actions_path.empty() ? nullptr : &actions);
+    report.label = "pipeline";
+    print_report(report);
+    if (!options->json_path.empty()) {
+      const std::string json = report_json({report}, "");
+      write_file(options->json_path, json.data(), json.size());
+    }
+    if (!options->actions_path.empty()) {
+      write_file(options->actions_path, actions.data(), actions.size() * sizeof(float));
+    }
+    return exit_code_for_signal(stop_signal());
+  } catch (const WorkerFailure& e) {
+    std::fprintf(stderr, "orchestrator: error: %s\n", e.what());
+    return 3;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "orchestrator: error: %s\n", e.what());
+    return 1;
+  }
+}
+
+}  // namespace pi0

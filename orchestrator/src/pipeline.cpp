@@ -1,0 +1,459 @@
+// One pipeline run: control segment, two supervised workers, frames in, actions out.
+#include <signal.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <numeric>
+#include <spdlog/spdlog.h>
+#include <thread>
+
+#include "pi0/check.hpp"
+#include "pi0/cuda/device_report.hpp"
+#include "pi0/frame_inputs.hpp"
+#include "pi0/ipc/control_block.hpp"
+#include "pi0/ipc/shm.hpp"
+#include "pi0/ipc/worker_runtime.hpp"
+#include "pi0/orchestrator.hpp"
+#include "pi0/process.hpp"
+
+namespace pi0 {
+namespace {
+
+using ipc::Message;
+using ipc::MsgType;
+using ipc::RingId;
+using ipc::WaitStatus;
+using Clock = std::chrono::steady_clock;
+
+std::atomic<int> g_stop_signal{0};
+void on_stop_signal(int sig) { g_stop_signal.store(sig); }
+
+constexpr auto kSlice = std::chrono::milliseconds(20);
+constexpr auto kTerminateGrace = std::chrono::milliseconds(500);
+
+double percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const double rank = p / 100.0 * static_cast<double>(v.size() - 1);
+  const size_t lo = static_cast<size_t>(std::floor(rank));
+  const size_t hi = std::min(lo + 1, v.size() - 1);
+  return v[lo] + (v[hi] - v[lo]) * (rank - static_cast<double>(lo));
+}
+
+struct Worker {
+  ipc::Role role;
+  std::string name;
+  ChildProcess process;
+  bool ready = false;
+  bool stopped = false;
+};
+
+std::string failure_text(const Worker& w, const std::string& what) {
+  std::string text = w.name + " (pid " + std::to_string(w.process.pid()) + ") " + what;
+  const auto lines = w.process.last_lines();
+  if (!lines.empty()) {
+    text += "; its last log lines:";
+    const size_t first = lines.size() > 5 ? lines.size() - 5 : 0;
+    for (size_t i = first; i < lines.size(); ++i) text += "\n    " + lines[i];
+  }
+  return text;
+}
+
+WorkerSummary summarise(const ipc::WorkerInfo& info) {
+  WorkerSummary s;
+  s.pid = info.pid;
+  s.sm_count = info.sm_count;
+  s.mps_client = info.mps_client;
+  s.active_thread_pct = info.active_thread_pct;
+  s.weight_gib = static_cast<double>(info.weight_bytes) / (1ull << 30);
+  s.device_gib = static_cast<double>(info.device_bytes) / (1ull << 30);
+  s.stage_ms_median = info.stage_ms_median;
+  s.stage_ms_mean = info.stage_ms_mean;
+  s.backend.assign(info.backend, strnlen(info.backend, sizeof info.backend));
+  s.device.assign(info.device_name, strnlen(info.device_name, sizeof info.device_name));
+  return s;
+}
+
+// Everything one run owns. Members are destroyed in reverse order: the workers are terminated
+// and reaped first, then the control segment is removed.
+class Pipeline {
+ public:
+  Pipeline(const ResolvedRun& run, const MpsDaemon* mps, int encoder_pct, int decoder_pct,
+           const std::string& mode)
+      : run_(run), mps_(mps), encoder_pct_(encoder_pct), decoder_pct_(decoder_pct), mode_(mode) {}
+
+  RunReport run(std::vector<float>* actions);
+
+ private:
+  void start_workers();
+  void await_ready();
+  void feed(std::vector<float>* actions);
+  void stop_workers();
+  // False when a worker died or reported an error (failure_ says which) or, if `signals_stop`,
+  // a stop signal arrived.
+  bool workers_healthy(bool signals_stop);
+  [[noreturn]] void fail();
+  void handle_worker_message(Worker& w, const Message& m);
+
+  const ResolvedRun& run_;
+  const MpsDaemon* mps_;
+  int encoder_pct_, decoder_pct_;
+  std::string mode_;
+  ipc::ControlBlock control_;
+  Worker encoder_{ipc::Role::kEncoder, "encoder_worker", {}};
+  Worker decoder_{ipc::Role::kDecoder, "decoder_worker", {}};
+  std::string failure_;
+  RunReport report_;
+  std::vector<double> latencies_ms_, handoffs_us_;
+};
+
+bool Pipeline::workers_healthy(bool signals_stop) {
+  if (!failure_.empty()) return false;
+  for (Worker* w : {&encoder_, &decoder_}) {
+    if (auto status = w->process.poll()) {
+      if (!(w->stopped && status->success())) {
+        failure_ = failure_text(*w, "died: " + status->describe());
+        return false;
+      }
+    }
+  }
+  // The encoder reports errors on its own ring; the decoder's arrive on the ring we wait on.
+  Message m;
+  if (control_.ring(RingId::kEncoderToOrch).try_pop(m)) {
+    handle_worker_message(encoder_, m);
+    if (!failure_.empty()) return false;
+  }
+  return !(signals_stop && g_stop_signal.load() != 0);
+}
+
+void Pipeline::handle_worker_message(Worker& w, const Message& m) {
+  const std::string reason = ipc::validate(m, control_.limits());
+  if (!reason.empty()) {
+    failure_ = failure_text(w, "sent a malformed message: " + reason);
+    return;
+  }
+  switch (static_cast<MsgType>(m.type)) {
+    case MsgType::kWorkerReady: w.ready = true; break;
+    case MsgType::kStopped: w.stopped = true; break;
+    case MsgType::kError: {
+      // Give it a moment to exit so that its last log lines are complete.
+      w.process.wait_for(std::chrono::milliseconds(300));
+      failure_ = failure_text(w, "failed: " + std::string(ipc::message_text(m)));
+      break;
+    }
+    case MsgType::kHeartbeat: break;
+    default:
+      failure_ = failure_text(w, "sent an unexpected " +
+                                     std::string(ipc::type_name(static_cast<MsgType>(m.type))) +
+                                     " message");
+  }
+}
+
+void Pipeline::fail() {
+  const std::string what = failure_;
+  throw WorkerFailure(what);
+}
+
+void Pipeline::start_workers() {
+  ipc::remove_stale_segments();
+  const bool host_kv = run_.backend == "cpu";
+  const uint64_t total = run_.options.warmup + run_.options.frames;
+  control_ = ipc::ControlBlock::create(
+      ipc::unique_segment_name("ctl"),
+      ipc::compute_layout(run_.config, run_.shape, run_.options.slots, total, host_kv));
+
+  ipc::WorkerOptions wo;
+  wo.control_name = control_.name();
+  wo.model = run_.config.name;
+  wo.config = run_.config;
+  wo.shape = run_.shape;
+  wo.backend = run_.backend;
+  wo.weights_path = run_.options.weights;
+  wo.weight_seed = run_.options.seed;
+  wo.kv_slots = run_.options.slots;
+  wo.max_frame = total;
+  wo.parent_pid = static_cast<int>(::getpid());
+  wo.startup_timeout_s = run_.options.startup_timeout_s;
+  wo.log_level = run_.options.log_level;
+  const std::vector<std::string> args = ipc::worker_arguments(wo);
+
+  const std::string dir =
+      run_.options.worker_dir.empty() ? executable_dir() : run_.options.worker_dir;
+  for (Worker* w : {&encoder_, &decoder_}) {
+    EnvOverrides env;
+    const int pct = w == &encoder_ ? encoder_pct_ : decoder_pct_;
+    if (mps_ != nullptr) {
+      env = mps_client_environment(mps_->options());
+      env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = std::to_string(pct);
+    } else {
+      // A pipe directory with no daemon behind it: the workers must not join a daemon that
+      // happens to run at the default location.
+      env["CUDA_MPS_PIPE_DIRECTORY"] = "/nonexistent/pi0-mps-no-mps";
+      env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = std::nullopt;
+    }
+    if (!run_.options.gpu.empty()) {
+      env["CUDA_VISIBLE_DEVICES"] = run_.options.gpu;
+    } else if (std::getenv("CUDA_VISIBLE_DEVICES") == nullptr) {
+      env["CUDA_VISIBLE_DEVICES"] = "0";
+    }
+    w->process = ChildProcess::spawn(w->name, dir + "/" + w->name, args, env,
+                                     !run_.options.quiet_workers);
+  }
+  spdlog::info("started encoder_worker (pid {}) and decoder_worker (pid {}), control segment {}",
+               encoder_.process.pid(), decoder_.process.pid(), control_.name());
+}
+
+void Pipeline::await_ready() {
+  const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                           std::chrono::duration<double>(run_.options.startup_timeout_s));
+  auto& from_decoder = control_.ring(RingId::kDecoderToOrch);
+  while (!(encoder_.ready && decoder_.ready)) {
+    if (!workers_healthy(true)) {
+      if (failure_.empty()) throw Error("interrupted while the workers were starting");
+      fail();
+    }
+    Message m;
+    const WaitStatus st = from_decoder.pop(m, Clock::now() + kSlice, {});
+    if (st == WaitStatus::kOk) {
+      handle_worker_message(decoder_, m);
+      if (!failure_.empty()) fail();
+    } else if (st == WaitStatus::kCorrupt) {
+      throw Error("the ring from the decoder is corrupt");
+    }
+    if (Clock::now() > deadline) {
+      Worker& late = !encoder_.ready ? encoder_ : decoder_;
+      failure_ = failure_text(late, "did not report ready within " +
+                                        std::to_string(static_cast<int>(run_.options.startup_timeout_s)) +
+                                        " s");
+      fail();
+    }
+  }
+}
+
+void Pipeline::feed(std::vector<float>* actions) {
+  const RunOptions& o = run_.options;
+  const uint64_t total = o.warmup + o.frames;
+  const uint32_t max_in_flight = mode_ == "sequential" ? 1u : o.slots;
+  const ipc::ControlLayout& layout = control_.layout();
+  const size_t action_values = layout.action_values;
+  if (actions) actions->assign(total * action_values, 0.0f);
+
+  // Synthetic camera frames are generated once, off the measured path.
+  const uint64_t distinct = std::min<uint64_t>(kDistinctInputs, total);
+  std::vector<FrameInputs> inputs;
+  for (uint64_t i = 0; i < distinct; ++i) {
+    inputs.push_back(make_frame_inputs(run_.config, run_.shape, input_seed(o.seed), i));
+  }
+
+  std::vector<uint32_t> free_inputs;
+  for (uint32_t s = layout.input_slots; s-- > 0;) free_inputs.push_back(s);
+  std::vector<Clock::time_point> submitted(total);
+  std::vector<int32_t> slot_of_frame(total, -1);
+  auto& to_encoder = control_.ring(RingId::kOrchToEncoder);
+  auto& from_decoder = control_.ring(RingId::kDecoderToOrch);
+  const auto healthy = [this] { return workers_healthy(false); };
+
+  uint64_t next = 0, done = 0, in_flight = 0;
+  const auto t_start = Clock::now();
+  Clock::time_point t_first_measured{}, t_last_done{};
+  const auto arrival = [&](uint64_t frame) {
+    return t_start + std::chrono::duration_cast<Clock::duration>(
+                         std::chrono::duration<double>(static_cast<double>(frame) / o.rate_hz));
+  };
+  bool stopping = false;
+
+  while (true) {
+    if (!stopping && g_stop_signal.load() != 0) {
+      stopping = true;
+      report_.interrupted = true;
+      spdlog::warn("signal {} received: draining {} frame(s) in flight, then stopping",
+                   g_stop_signal.load(), in_flight);
+    }
+    while (!stopping && next < total && in_flight < max_in_flight && !free_inputs.empty() &&
+           (o.rate_hz <= 0 || Clock::now() >= arrival(next))) {
+      const uint32_t slot = free_inputs.back();
+      free_inputs.pop_back();
+      const FrameInputs& in = inputs[next % distinct];
+      std::memcpy(control_.images(slot), in.images.data(), in.images.size() * sizeof(Bf16));
+      std::memcpy(control_.state(slot), in.state.data(), in.state.size() * sizeof(Bf16));
+      std::memcpy(control_.noise(slot), in.noise.data(), in.noise.size() * sizeof(Bf16));
+      // Open loop: latency counts from the frame's arrival, time spent queued included.
+      submitted[next] = o.rate_hz > 0 ? arrival(next) : Clock::now();
+      if (next == o.warmup) t_first_measured = submitted[next];
+      slot_of_frame[next] = static_cast<int32_t>(slot);
+      Message m = ipc::make_message(MsgType::kFrameInput, ipc::Role::kOrchestrator);
+      m.frame = next;
+      m.input_slot = slot;
+      m.submit_ns = static_cast<uint64_t>(submitted[next].time_since_epoch().count());
+      const WaitStatus st = to_encoder.push(m, Clock::now() + std::chrono::seconds(10), healthy);
+      if (st != WaitStatus::kOk) {
+        if (failure_.empty()) failure_ = std::string("could not hand a frame to the encoder: ") +
+                                         ipc::wait_status_name(st);
+        fail();
+      }
+      ++next;
+      ++in_flight;
+    }
+    if (in_flight == 0) {
+      if (stopping || next >= total) break;
+      // Open loop and idle: sleep until the next frame arrives, watching the workers.
+      if (!workers_healthy(false)) fail();
+      std::this_thread::sleep_until(std::min(arrival(next), Clock::now() + kSlice));
+      continue;
+    }
+    auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                       std::chrono::duration<double>(o.frame_timeout_s));
+    const bool waiting_to_submit = !stopping && o.rate_hz > 0 && next < total &&
+                                   in_flight < max_in_flight && !free_inputs.empty();
+    if (waiting_to_submit) deadline = std::min(deadline, arrival(next));
+    Message m;
+    const WaitStatus st = from_decoder.pop(m, deadline, healthy);
+    if (st == WaitStatus::kTimeout) {
+      if (waiting_to_submit) continue;
+      failure_ = "no frame finished within " + std::to_string(o.frame_timeout_s) +
+                 " s (frames in flight: " + std::to_string(in_flight) + ")";
+      fail();
+    }
+    if (st == WaitStatus::kPeerDead) fail();
+    if (st == WaitStatus::kCorrupt) throw Error("the ring from the decoder is corrupt");
+    const std::string reason = ipc::validate(m, control_.limits());
+    if (!reason.empty()) {
+      failure_ = failure_text(decoder_, "sent a malformed message: " + reason);
+      fail();
+    }
+    if (m.type != static_cast<uint16_t>(MsgType::kFrameDone)) {
+      handle_worker_message(decoder_, m);
+      if (!failure_.empty()) fail();
+      continue;
+    }
+    const auto now = Clock::now();
+    PI0_CHECK(m.frame < next && slot_of_frame[m.frame] == static_cast<int32_t>(m.input_slot),
+              "decoder reported frame " + std::to_string(m.frame) +
+                  " done, which is not in flight in that slot");
+    slot_of_frame[m.frame] = -1;
+    if (actions) {
+      std::memcpy(actions->data() + m.frame * action_values, control_.actions(m.input_slot),
+                  action_values * sizeof(float));
+    }
+    if (m.frame >= o.warmup) {
+      latencies_ms_.push_back(std::chrono::duration<double, std::milli>(now - submitted[m.frame]).count());
+      if (m.handoff_ns > 0) handoffs_us_.push_back(static_cast<double>(m.handoff_ns) / 1e3);
+      t_last_done = now;
+    }
+    free_inputs.push_back(m.input_slot);
+    --in_flight;
+    ++done;
+  }
+  report_.frames = latencies_ms_.size();
+  if (!latencies_ms_.empty()) {
+    report_.wall_s = std::chrono::duration<double>(t_last_done - t_first_measured).count();
+    report_.throughput_fps = report_.wall_s > 0 ? static_cast<double>(latencies_ms_.size()) / report_.wall_s : 0;
+  }
+}
+
+void Pipeline::stop_workers() {
+  Message stop = ipc::make_message(MsgType::kStop, ipc::Role::kOrchestrator);
+  const auto healthy = [this] { return workers_healthy(false); };
+  if (control_.ring(RingId::kOrchToEncoder).push(stop, Clock::now() + std::chrono::seconds(5),
+                                                 healthy) != WaitStatus::kOk) {
+    fail();
+  }
+  const auto deadline = Clock::now() + std::chrono::seconds(30);
+  auto& from_decoder = control_.ring(RingId::kDecoderToOrch);
+  while (!(encoder_.stopped && decoder_.stopped)) {
+    Message m;
+    if (from_decoder.try_pop(m)) {
+      handle_worker_message(decoder_, m);
+      if (!failure_.empty()) fail();
+      continue;
+    }
+    if (!workers_healthy(false)) fail();
+    PI0_CHECK(Clock::now() < deadline, "the workers did not stop within 30 s");
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  for (Worker* w : {&encoder_, &decoder_}) {
+    const auto status = w->process.wait_for(std::chrono::seconds(10));
+    PI0_CHECK(status && status->success(),
+              w->name + " did not exit cleanly: " +
+                  (status ? status->describe() : std::string("still running after 10 s")));
+  }
+}
+
+RunReport Pipeline::run(std::vector<float>* actions) {
+  const RunOptions& o = run_.options;
+  report_.backend = run_.backend;
+  report_.model = run_.config.name;
+  report_.mode = mode_;
+  report_.views = run_.shape.views;
+  report_.chunk = run_.shape.chunk;
+  report_.prompt_len = run_.shape.prompt_len;
+  report_.encoder_pct = encoder_pct_;
+  report_.decoder_pct = decoder_pct_;
+  report_.mps = mps_ != nullptr;
+  report_.rate_hz = o.rate_hz;
+  report_.device_sms = run_.backend == "cuda" ? cuda::device_sm_count_without_context() : 0;
+
+  start_workers();
+  await_ready();
+  report_.encoder = summarise(control_.header().encoder);
+  report_.decoder = summarise(control_.header().decoder);
+  if (run_.backend == "cuda") {
+    const auto share_ok = [&](const WorkerSummary& w, int pct) {
+      const int expected = (report_.device_sms * pct + 99) / 100;
+      return w.mps_client == 1 && report_.device_sms > 0 && std::abs(w.sm_count - expected) <= 2;
+    };
+    report_.split_applied = report_.mps && share_ok(report_.encoder, encoder_pct_) &&
+                            share_ok(report_.decoder, decoder_pct_);
+    report_.split_note =
+        !report_.mps ? "not applied: run without MPS (the workers time-share the whole GPU)"
+        : report_.split_applied
+            ? "applied"
+            : "NOT applied: a worker is not an MPS client or sees another SM count";
+    spdlog::info("encoder_worker: {} of {} SMs, MPS client: {}; decoder_worker: {} of {} SMs, "
+                 "MPS client: {}; split {}/{} {}",
+                 report_.encoder.sm_count, report_.device_sms,
+                 report_.encoder.mps_client == 1 ? "yes" : "no", report_.decoder.sm_count,
+                 report_.device_sms, report_.decoder.mps_client == 1 ? "yes" : "no",
+                 encoder_pct_, decoder_pct_, report_.split_note);
+  } else {
+    report_.split_note = "not applicable: MPS does not apply to the CPU backend";
+  }
+
+  feed(actions);
+  stop_workers();
+  report_.encoder = summarise(control_.header().encoder);
+  report_.decoder = summarise(control_.header().decoder);
+  report_.latency_p50_ms = percentile(latencies_ms_, 50);
+  report_.latency_p99_ms = percentile(latencies_ms_, 99);
+  report_.latency_max_ms = latencies_ms_.empty() ? 0 : *std::max_element(latencies_ms_.begin(), latencies_ms_.end());
+  report_.latency_mean_ms = latencies_ms_.empty() ? 0 : std::accumulate(latencies_ms_.begin(), latencies_ms_.end(), 0.0) / latencies_ms_.size();
+  report_.handoff_us_median = handoffs_us_.empty() ? -1 : percentile(handoffs_us_, 50);
+  return report_;
+}
+
+}  // namespace
+
+uint64_t input_seed(uint64_t run_seed) { return run_seed ^ 0x5eed'f00d'cafe'0001ull; }
+
+void install_stop_handlers() {
+  struct sigaction action {};
+  action.sa_handler = on_stop_signal;
+  sigemptyset(&action.sa_mask);
+  ::sigaction(SIGINT, &action, nullptr);
+  ::sigaction(SIGTERM, &action, nullptr);
+  ::signal(SIGPIPE, SIG_IGN);
+}
+
+int stop_signal() { return g_stop_signal.load(); }
+
+RunReport run_pipeline(const ResolvedRun& run, const MpsDaemon* mps, int encoder_pct,
+                       int decoder_pct, const std::string& mode, std::vector<float>* actions) {
+  Pipeline pipeline(run, mps, encoder_pct, decoder_pct, mode);
+  return pipeline.run(actions);
+}
+
+}  // namespace pi0

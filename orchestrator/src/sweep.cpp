@@ -1,0 +1,255 @@
+#include "pi0/sweep.hpp"
+
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <spdlog/spdlog.h>
+
+#include "pi0/check.hpp"
+#include "pi0/process.hpp"
+
+namespace pi0 {
+
+nlohmann::json report_to_json(const RunReport& r);  // report.cpp
+
+namespace {
+
+const RunReport* find_baseline(const SweepResult& s, const std::string& label) {
+  for (const auto& b : s.baselines) {
+    if (b.label == label) return &b;
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+RunReport run_single_process_baseline(const ResolvedRun& run) {
+  const RunOptions& o = run.options;
+  const std::string dir = o.worker_dir.empty() ? executable_dir() : o.worker_dir;
+  const std::string json_path =
+      "/tmp/pi0mps_" + std::to_string(::getpid()) + "_single_process.json";
+  std::vector<std::string> args = {"--single-process",
+                                   "--model", run.config.name,
+                                   "--views", std::to_string(run.shape.views),
+                                   "--chunk", std::to_string(run.shape.chunk),
+                                   "--prompt-len", std::to_string(run.shape.prompt_len),
+                                   "--iters", std::to_string(o.frames),
+                                   "--warmup", std::to_string(o.warmup),
+                                   "--seed", std::to_string(o.seed),
+                                   "--json", json_path};
+  EnvOverrides env{{"CUDA_MPS_PIPE_DIRECTORY", "/nonexistent/pi0-mps-no-mps"},
+                   {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", std::nullopt}};
+  ChildProcess bench = ChildProcess::spawn("pi0_bench", dir + "/pi0_bench", args, env, false);
+  const auto status = bench.wait_for(std::chrono::seconds(600));
+  std::ifstream in(json_path);
+  ::unlink(json_path.c_str());
+  PI0_CHECK(status && status->success() && in.good(),
+            "single-process baseline (pi0_bench) failed: " +
+                (status ? status->describe() : std::string("timed out")) +
+                (bench.last_lines().empty() ? "" : "; " + bench.last_lines().back()));
+  const nlohmann::json j = nlohmann::json::parse(in);
+  RunReport r;
+  r.label = "single-process";
+  r.backend = "cuda";
+  r.model = run.config.name;
+  r.mode = "single-process";
+  r.views = run.shape.views;
+  r.chunk = run.shape.chunk;
+  r.prompt_len = run.shape.prompt_len;
+  r.encoder_pct = r.decoder_pct = 100;
+  r.split_note = "one process, whole GPU";
+  r.frames = j.at("iters").get<uint64_t>();
+  r.latency_p50_ms = j.at("latency_ms").at("p50").get<double>();
+  r.latency_p99_ms = j.at("latency_ms").at("p99").get<double>();
+  r.latency_max_ms = j.at("latency_ms").at("max").get<double>();
+  r.latency_mean_ms = j.at("latency_ms").at("mean").get<double>();
+  r.throughput_fps = j.at("throughput_fps").get<double>();
+  r.encoder.stage_ms_median = j.at("encoder_ms").get<double>();
+  r.decoder.stage_ms_median = j.at("decoder_ms").get<double>();
+  return r;
+}
+
+SweepResult run_sweep(const ResolvedRun& run) {
+  const RunOptions& o = run.options;
+  SweepResult result;
+  result.latency_budget_ms = o.latency_budget_ms;
+  std::vector<int> splits;
+  for (int pct = o.sweep_min; pct <= o.sweep_max; pct += o.sweep_step) splits.push_back(pct);
+  const size_t total_runs = splits.size() + (o.baselines ? 4 : 0);
+  size_t run_index = 0;
+  const auto progress = [&](const std::string& what) {
+    std::fprintf(stderr, "[sweep %zu/%zu] %s ...\n", ++run_index, total_runs, what.c_str());
+  };
+  const auto interrupted = [] { return stop_signal() != 0; };
+
+  if (o.baselines) {
+    progress("single-process baseline (whole GPU, one process)");
+    result.baselines.push_back(run_single_process_baseline(run));
+    if (!interrupted()) {
+      progress("two workers without MPS (time-sliced), concurrent");
+      RunReport r = run_pipeline(run, nullptr, 100, 100, "concurrent", nullptr);
+      r.label = "no-mps";
+      result.baselines.push_back(r);
+    }
+  }
+  MpsDaemon mps = MpsDaemon::start_or_adopt(o.mps);
+  if (o.baselines && !interrupted()) {
+    progress("MPS 100/100 (no partition), concurrent");
+    RunReport r = run_pipeline(run, &mps, 100, 100, "concurrent", nullptr);
+    r.label = "mps-100/100";
+    result.baselines.push_back(r);
+    if (!interrupted()) {
+      progress("MPS 100/100, sequential");
+      RunReport s = run_pipeline(run, &mps, 100, 100, "sequential", nullptr);
+      s.label = "mps-100/100-sequential";
+      result.baselines.push_back(s);
+    }
+  }
+  for (int pct : splits) {
+    if (interrupted()) break;
+    progress("split " + std::to_string(pct) + "/" + std::to_string(100 - pct) + ", concurrent");
+    RunReport r = run_pipeline(run, &mps, pct, 100 - pct, "concurrent", nullptr);
+    r.label = "split " + std::to_string(pct) + "/" + std::to_string(100 - pct);
+    std::fprintf(stderr, "    -> %.1f frames/s, p50 %.2f ms, p99 %.2f ms, SMs %d/%d, %s\n",
+                 r.throughput_fps, r.latency_p50_ms, r.latency_p99_ms, r.encoder.sm_count,
+                 r.decoder.sm_count, r.split_note.c_str());
+    result.points.push_back(r);
+  }
+  for (size_t i = 0; i < result.points.size(); ++i) {
+    const RunReport& p = result.points[i];
+    if (!result.best_throughput ||
+        p.throughput_fps > result.points[*result.best_throughput].throughput_fps) {
+      result.best_throughput = i;
+    }
+    if (o.latency_budget_ms > 0 && p.latency_p99_ms <= o.latency_budget_ms &&
+        (!result.best_within_budget ||
+         p.throughput_fps > result.points[*result.best_within_budget].throughput_fps)) {
+      result.best_within_budget = i;
+    }
+  }
+  return result;
+}
+
+void print_sweep(const SweepResult& s) {
+  std::printf("\n== split sweep (concurrent mode, MPS) ==\n");
+  std::printf("%-10s %9s %9s %10s %10s %12s %8s\n", "enc/dec %", "enc SMs", "dec SMs", "p50 ms",
+              "p99 ms", "frames/s", "applied");
+  for (const auto& p : s.points) {
+    std::printf("%3d/%-6d %9d %9d %10.2f %10.2f %12.1f %8s\n", p.encoder_pct, p.decoder_pct,
+                p.encoder.sm_count, p.decoder.sm_count, p.latency_p50_ms, p.latency_p99_ms,
+                p.throughput_fps, p.split_applied ? "yes" : "NO");
+  }
+  const RunReport* best = s.best_throughput ? &s.points[*s.best_throughput] : nullptr;
+  if (!s.baselines.empty()) {
+    std::printf("\n== baselines (ratio = best split's throughput / baseline's) ==\n");
+    std::printf("%-24s %10s %10s %12s %8s\n", "run", "p50 ms", "p99 ms", "frames/s", "ratio");
+    for (const auto& b : s.baselines) {
+      std::printf("%-24s %10.2f %10.2f %12.1f %8.2f\n", b.label.c_str(), b.latency_p50_ms,
+                  b.latency_p99_ms, b.throughput_fps,
+                  best && b.throughput_fps > 0 ? best->throughput_fps / b.throughput_fps : 0.0);
+    }
+    const RunReport* single = find_baseline(s, "single-process");
+    const RunReport* seq = find_baseline(s, "mps-100/100-sequential");
+    if (single && seq && single->latency_p50_ms > 0) {
+      std::printf("sequential 100/100 latency vs single-process: %+.1f%%\n",
+                  100.0 * (seq->latency_p50_ms / single->latency_p50_ms - 1.0));
+    }
+  }
+  if (best) {
+    std::printf("\nbest split for throughput: %d/%d (%.1f frames/s, p99 %.2f ms)\n",
+                best->encoder_pct, best->decoder_pct, best->throughput_fps, best->latency_p99_ms);
+  }
+  if (s.latency_budget_ms > 0) {
+    if (s.best_within_budget) {
+      const RunReport& b = s.points[*s.best_within_budget];
+      std::printf("best split within p99 <= %.1f ms: %d/%d (%.1f frames/s, p99 %.2f ms)\n",
+                  s.latency_budget_ms, b.encoder_pct, b.decoder_pct, b.throughput_fps,
+                  b.latency_p99_ms);
+    } else {
+      std::printf("no split keeps p99 latency within %.1f ms\n", s.latency_budget_ms);
+    }
+  }
+  std::fflush(stdout);
+}
+
+std::string sweep_json(const SweepResult& s) {
+  nlohmann::json out;
+  out["points"] = nlohmann::json::array();
+  for (const auto& p : s.points) out["points"].push_back(report_to_json(p));
+  out["baselines"] = nlohmann::json::array();
+  for (const auto& b : s.baselines) out["baselines"].push_back(report_to_json(b));
+  if (s.best_throughput) out["best_throughput"] = s.points[*s.best_throughput].label;
+  out["latency_budget_ms"] = s.latency_budget_ms;
+  if (s.best_within_budget) out["best_within_budget"] = s.points[*s.best_within_budget].label;
+  return out.dump(2) + "\n";
+}
+
+void write_sweep_plot(const SweepResult& s, const std::string& path) {
+  PI0_CHECK(!s.points.empty(), "no sweep points to plot");
+  constexpr double kW = 720, kH = 420, kLeft = 70, kRight = 70, kTop = 40, kBottom = 50;
+  const double plot_w = kW - kLeft - kRight, plot_h = kH - kTop - kBottom;
+  double max_fps = 1, max_ms = 1;
+  for (const auto& p : s.points) {
+    max_fps = std::max(max_fps, p.throughput_fps);
+    max_ms = std::max(max_ms, p.latency_p99_ms);
+  }
+  for (const auto& b : s.baselines) max_fps = std::max(max_fps, b.throughput_fps);
+  max_fps *= 1.1;
+  max_ms *= 1.1;
+  const auto x_of = [&](int pct) { return kLeft + plot_w * pct / 100.0; };
+  const auto y_fps = [&](double v) { return kTop + plot_h * (1 - v / max_fps); };
+  const auto y_ms = [&](double v) { return kTop + plot_h * (1 - v / max_ms); };
+  std::ostringstream svg;
+  svg << "<svg xmlns='http://www.w3.org/2000/svg' width='" << kW << "' height='" << kH
+      << "' font-family='sans-serif' font-size='12'>\n<rect width='100%' height='100%' fill='white'/>\n";
+  svg << "<text x='" << kW / 2 << "' y='22' text-anchor='middle' font-size='14'>pi0-mps split sweep ("
+      << s.points.front().model << ", V=" << s.points.front().views
+      << ", C=" << s.points.front().chunk << ", concurrent)</text>\n";
+  svg << "<rect x='" << kLeft << "' y='" << kTop << "' width='" << plot_w << "' height='" << plot_h
+      << "' fill='none' stroke='#444'/>\n";
+  for (int pct = 0; pct <= 100; pct += 10) {
+    svg << "<text x='" << x_of(pct) << "' y='" << kTop + plot_h + 16 << "' text-anchor='middle'>"
+        << pct << "</text>\n";
+  }
+  svg << "<text x='" << kLeft + plot_w / 2 << "' y='" << kH - 10
+      << "' text-anchor='middle'>encoder SM percentage (decoder gets the rest)</text>\n";
+  for (int i = 0; i <= 5; ++i) {
+    const double f = max_fps * i / 5, m = max_ms * i / 5;
+    svg << "<text x='" << kLeft - 6 << "' y='" << y_fps(f) + 4 << "' text-anchor='end' fill='#1f77b4'>"
+        << static_cast<int>(f) << "</text>\n";
+    svg << "<text x='" << kLeft + plot_w + 6 << "' y='" << y_ms(m) + 4 << "' fill='#d62728'>"
+        << std::round(m * 10) / 10 << "</text>\n";
+  }
+  svg << "<text transform='rotate(-90)' x='" << -(kTop + plot_h / 2) << "' y='16' text-anchor='middle' fill='#1f77b4'>throughput (frames/s)</text>\n";
+  svg << "<text transform='rotate(90)' x='" << kTop + plot_h / 2 << "' y='" << -(kW - 14) << "' text-anchor='middle' fill='#d62728'>latency (ms)</text>\n";
+  const auto polyline = [&](auto y_of, const char* color, const char* dash) {
+    svg << "<polyline fill='none' stroke='" << color << "' stroke-width='2' stroke-dasharray='" << dash << "' points='";
+    for (const auto& p : s.points) svg << x_of(p.encoder_pct) << "," << y_of(p) << " ";
+    svg << "'/>\n";
+    for (const auto& p : s.points) {
+      svg << "<circle cx='" << x_of(p.encoder_pct) << "' cy='" << y_of(p) << "' r='3' fill='" << color << "'/>\n";
+    }
+  };
+  polyline([&](const RunReport& p) { return y_fps(p.throughput_fps); }, "#1f77b4", "none");
+  polyline([&](const RunReport& p) { return y_ms(p.latency_p50_ms); }, "#d62728", "none");
+  polyline([&](const RunReport& p) { return y_ms(p.latency_p99_ms); }, "#d62728", "5,4");
+  double legend_y = kTop + 14;
+  for (const auto& b : s.baselines) {
+    if (b.throughput_fps <= 0) continue;
+    svg << "<line x1='" << kLeft << "' x2='" << kLeft + plot_w << "' y1='" << y_fps(b.throughput_fps)
+        << "' y2='" << y_fps(b.throughput_fps) << "' stroke='#999' stroke-dasharray='2,3'/>\n";
+    svg << "<text x='" << kLeft + 6 << "' y='" << y_fps(b.throughput_fps) - 3 << "' fill='#777' font-size='10'>"
+        << b.label << " " << std::round(b.throughput_fps) << "/s</text>\n";
+  }
+  svg << "<text x='" << kLeft + plot_w - 6 << "' y='" << legend_y << "' text-anchor='end' fill='#1f77b4'>throughput</text>\n";
+  svg << "<text x='" << kLeft + plot_w - 6 << "' y='" << legend_y + 14 << "' text-anchor='end' fill='#d62728'>latency p50 (solid), p99 (dashed)</text>\n";
+  svg << "</svg>\n";
+  std::ofstream out(path, std::ios::trunc);
+  PI0_CHECK(out.good(), "cannot write " + path);
+  out << svg.str();
+}
+
+}  // namespace pi0

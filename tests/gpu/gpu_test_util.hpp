@@ -1,0 +1,84 @@
+// Helpers shared by the [gpu] tests: random host data, poisoned device buffers, error norms.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "pi0/bf16.hpp"
+#include "pi0/check.hpp"
+#include "pi0/cuda/device.hpp"
+#include "pi0/random.hpp"
+
+namespace pi0::test {
+
+inline std::vector<float> random_floats(size_t n, uint64_t seed, float scale = 1.0f,
+                                        float offset = 0.0f) {
+  std::vector<float> v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = offset + scale * counter_normal(seed, 77, i);
+  return v;
+}
+
+inline std::vector<Bf16> to_bf16(const std::vector<float>& v) {
+  std::vector<Bf16> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = float_to_bf16(v[i]);
+  return out;
+}
+
+inline std::vector<float> to_float(const std::vector<Bf16>& v) {
+  std::vector<float> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = bf16_to_float(v[i]);
+  return out;
+}
+
+// Rounds every value through bf16: what the GPU sees of an fp32 input.
+inline std::vector<float> rounded(std::vector<float> v) {
+  for (float& x : v) x = round_to_bf16(x);
+  return v;
+}
+
+// A device buffer filled with 0xFF bytes: NaN in bf16 and fp32, so unwritten outputs show.
+template <typename T>
+cuda::DeviceBuffer<T> poisoned(size_t n, const char* what = "test output") {
+  cuda::DeviceBuffer<T> buf(n, what);
+  CUDA_CHECK(cudaMemset(buf.get(), 0xFF, buf.bytes()));
+  return buf;
+}
+
+inline size_t count_nonfinite(const std::vector<float>& v) {
+  size_t n = 0;
+  for (float x : v) n += std::isfinite(x) ? 0 : 1;
+  return n;
+}
+
+// ||out - ref|| / ||ref|| in double; NaN if out has a non-finite value.
+inline double rel_error(const float* out, const float* ref, size_t n) {
+  double diff = 0.0, norm = 0.0;
+  for (size_t i = 0; i < n; ++i) {
+    if (!std::isfinite(out[i])) return NAN;
+    const double d = static_cast<double>(out[i]) - ref[i];
+    diff += d * d;
+    norm += static_cast<double>(ref[i]) * ref[i];
+  }
+  return norm > 0.0 ? std::sqrt(diff / norm) : std::sqrt(diff);
+}
+inline double rel_error(const std::vector<float>& out, const std::vector<float>& ref) {
+  PI0_CHECK(out.size() == ref.size(), "rel_error: size mismatch");
+  return rel_error(out.data(), ref.data(), out.size());
+}
+
+inline bool bitwise_equal(const void* a, const void* b, size_t bytes) {
+  return std::memcmp(a, b, bytes) == 0;
+}
+
+inline void report(const std::string& what, double err) {
+  std::printf("  %-58s rel error %.3e\n", what.c_str(), err);
+  std::fflush(stdout);
+}
+
+}  // namespace pi0::test

@@ -1,0 +1,342 @@
+// Each CUDA building block against the fp32 CPU reference ops on fresh random data. Inputs are
+// rounded to bf16 on the host first, so the reference sees exactly what the GPU sees and the
+// error left is the GPU's own (bf16 outputs: ~2e-3; fp32 outputs: ~1e-6).
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "catch.hpp"
+#include "gpu_test_util.hpp"
+#include "pi0/cuda/attention.hpp"
+#include "pi0/cuda/device.hpp"
+#include "pi0/cuda/gemm.hpp"
+#include "pi0/cuda/kernels.hpp"
+#include "pi0/reference_ops.hpp"
+
+using namespace pi0;
+using namespace pi0::test;
+using cuda::DeviceBuffer;
+
+namespace {
+
+constexpr double kBf16Bound = 1e-2;
+
+template <typename T>
+DeviceBuffer<T> up(const std::vector<T>& v) {
+  return cuda::upload(v, "test input");
+}
+
+std::vector<float> down_bf16(const DeviceBuffer<Bf16>& d) {
+  return to_float(cuda::download(d.get(), d.size()));
+}
+
+std::vector<float> down_f32(const DeviceBuffer<float>& d) {
+  return cuda::download(d.get(), d.size());
+}
+
+}  // namespace
+
+TEST_CASE("layernorm matches the reference", "[gpu]") {
+  const int rows = 37, width = 1152;
+  const auto x = random_floats(static_cast<size_t>(rows) * width, 1, 2.0f, 0.5f);
+  const auto w = rounded(random_floats(width, 2, 0.5f, 1.0f));
+  const auto b = rounded(random_floats(width, 3, 0.2f));
+  auto dx = up(x);
+  auto dw = up(to_bf16(w));
+  auto db = up(to_bf16(b));
+  auto out = poisoned<Bf16>(x.size());
+  cuda::layer_norm(dx.get(), dw.get(), db.get(), out.get(), rows, width, 1e-5f, nullptr);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<float> ref(x.size());
+  ref::layer_norm(x.data(), w.data(), b.data(), ref.data(), rows, width, 1e-5f);
+  const double err = rel_error(down_bf16(out), ref);
+  report("layernorm 37 x 1152", err);
+  REQUIRE(err < 5e-3);
+}
+
+TEST_CASE("rmsnorm matches the reference", "[gpu]") {
+  const int rows = 65, width = 1024;
+  const auto x = random_floats(static_cast<size_t>(rows) * width, 4, 3.0f, -0.3f);
+  auto dx = up(x);
+  auto out = poisoned<Bf16>(x.size());
+  cuda::rms_norm(dx.get(), out.get(), rows, width, 1e-6f, nullptr);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<float> ref(x.size());
+  ref::rms_norm(x.data(), ref.data(), rows, width, 1e-6f);
+  const double err = rel_error(down_bf16(out), ref);
+  report("rmsnorm 65 x 1024", err);
+  REQUIRE(err < 5e-3);
+}
+
+TEST_CASE("rope split writes rotated q and k and copies v", "[gpu]") {
+  const int rows = 21, heads = 8, hd = 256, first = 517;
+  const float theta = 10000.0f;
+  const int width = (heads + 2) * hd;
+  const auto qkv = rounded(random_floats(static_cast<size_t>(rows) * width, 5));
+  auto dqkv = up(to_bf16(qkv));
+  auto q = poisoned<Bf16>(static_cast<size_t>(rows) * heads * hd);
+  auto k = poisoned<Bf16>(static_cast<size_t>(rows) * hd);
+  auto v = poisoned<Bf16>(static_cast<size_t>(rows) * hd);
+  cuda::rope_split_qkv(dqkv.get(), rows, heads, hd, first, theta, q.get(), k.get(), v.get(),
+                       nullptr);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<float> rq(static_cast<size_t>(rows) * heads * hd), rk(static_cast<size_t>(rows) * hd), rv(rk.size());
+  for (int r = 0; r < rows; ++r)
+    for (int i = 0; i < heads * hd; ++i) rq[static_cast<size_t>(r) * heads * hd + i] = qkv[static_cast<size_t>(r) * width + i];
+  for (int r = 0; r < rows; ++r)
+    for (int i = 0; i < hd; ++i) {
+      rk[static_cast<size_t>(r) * hd + i] = qkv[static_cast<size_t>(r) * width + heads * hd + i];
+      rv[static_cast<size_t>(r) * hd + i] = qkv[static_cast<size_t>(r) * width + (heads + 1) * hd + i];
+    }
+  ref::rope(rq.data(), rows, heads, hd, heads * hd, first, theta);
+  ref::rope(rk.data(), rows, 1, hd, hd, first, theta);
+  const double eq = rel_error(down_bf16(q), rq), ek = rel_error(down_bf16(k), rk);
+  report("rope q (positions 517..537)", eq);
+  report("rope k", ek);
+  REQUIRE(eq < 5e-3);
+  REQUIRE(ek < 5e-3);
+  REQUIRE(rel_error(down_bf16(v), rv) == 0.0);
+}
+
+namespace {
+
+struct PrefixMask {
+  int limited_queries;
+  int limited_keys;
+};
+bool prefix_mask(int q, int k, const void* ctx) {
+  const auto* m = static_cast<const PrefixMask*>(ctx);
+  return q >= m->limited_queries || k < m->limited_keys;
+}
+
+void check_shared_kv(int queries, int keys, int heads, int hd, int limited_queries,
+                     int limited_keys, uint64_t seed) {
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const auto q = rounded(random_floats(static_cast<size_t>(queries) * heads * hd, seed, 1.5f));
+  const auto k = rounded(random_floats(static_cast<size_t>(keys) * hd, seed + 1, 1.5f));
+  const auto v = rounded(random_floats(static_cast<size_t>(keys) * hd, seed + 2));
+  auto dq = up(to_bf16(q));
+  auto dk = up(to_bf16(k));
+  auto dv = up(to_bf16(v));
+  auto out = poisoned<Bf16>(q.size());
+  cuda::LtHandle lt;
+  DeviceBuffer<std::byte> ws(cuda::kGemmWorkspaceBytes, "workspace");
+  cuda::SharedKvAttention att(lt.get(),
+                              {queries, heads, hd, keys, scale, limited_queries, limited_keys},
+                              ws.get(), ws.bytes());
+  att.run(dq.get(), dk.get(), dv.get(), out.get(), nullptr);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<float> ref(q.size());
+  PrefixMask mask{limited_queries, limited_keys};
+  ref::attention(q.data(), heads * hd, k.data(), hd, v.data(), hd, ref.data(), queries, keys, heads,
+                 1, hd, scale, limited_queries > 0 ? prefix_mask : nullptr, &mask);
+  const double err = rel_error(down_bf16(out), ref);
+  report("shared-kv attention q=" + std::to_string(queries) + " k=" + std::to_string(keys) +
+             (limited_queries ? " state-token mask" : " bidirectional"),
+         err);
+  REQUIRE(err < kBf16Bound);
+}
+
+}  // namespace
+
+TEST_CASE("shared kv attention matches the reference bidirectional", "[gpu]") {
+  check_shared_kv(532, 532, 8, 256, 0, 0, 10);  // encoder prefix with a prompt
+  check_shared_kv(40, 70, 2, 32, 0, 0, 11);     // tiny widths
+}
+
+TEST_CASE("shared kv attention applies the state token mask", "[gpu]") {
+  // Decoder shape: 64 suffix queries over 512 prefix + 64 suffix keys; token 0 sees 513 keys.
+  check_shared_kv(64, 576, 8, 256, 1, 513, 20);
+  // A mask that changes the result a lot: token 0 sees only the first 3 of 50 keys.
+  check_shared_kv(9, 50, 2, 32, 1, 3, 21);
+}
+
+TEST_CASE("view attention keeps views apart and matches the reference", "[gpu]") {
+  const int views = 2, tokens = 256, heads = 16, hd = 72;
+  const float scale = 1.0f / std::sqrt(72.0f);
+  const int width = 3 * heads * hd;
+  const auto qkv = rounded(random_floats(static_cast<size_t>(views) * tokens * width, 30, 1.5f));
+  auto dqkv = up(to_bf16(qkv));
+  auto out = poisoned<Bf16>(static_cast<size_t>(views) * tokens * heads * hd);
+  cuda::LtHandle lt;
+  DeviceBuffer<std::byte> ws(cuda::kGemmWorkspaceBytes, "workspace");
+  cuda::ViewAttention att(lt.get(), {views, tokens, heads, hd, scale}, ws.get(), ws.bytes());
+  att.run(dqkv.get(), out.get(), nullptr);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<float> ref(out.size());
+  for (int v = 0; v < views; ++v) {
+    const float* base = qkv.data() + static_cast<size_t>(v) * tokens * width;
+    ref::attention(base, width, base + heads * hd, width, base + 2 * heads * hd, width,
+                   ref.data() + static_cast<size_t>(v) * tokens * heads * hd, tokens, tokens, heads, heads, hd,
+                   scale, nullptr, nullptr);
+  }
+  const double err = rel_error(down_bf16(out), ref);
+  report("view attention 2 views x 256 tokens, 16 x 72", err);
+  REQUIRE(err < kBf16Bound);
+}
+
+namespace {
+
+// Y (+)= X @ W (+ bias) through cuda::Gemm against ref::matmul on the bf16-rounded operands.
+double check_gemm(int m, int n, int k, cuda::DType y_type, cuda::Epilogue epi, bool accumulate,
+                  bool transposed, uint64_t seed, bool erf_gelu = false) {
+  const auto x = rounded(random_floats(static_cast<size_t>(m) * k, seed));
+  const auto w = rounded(random_floats(static_cast<size_t>(k) * n, seed + 1, 1.0f / std::sqrt(float(k))));
+  auto b = rounded(random_floats(n, seed + 2, 0.5f));
+  const auto y0 = rounded(random_floats(static_cast<size_t>(m) * n, seed + 3));
+  // W^T stored [n, k] when transposed.
+  std::vector<float> w_stored(w.size());
+  for (int i = 0; i < k; ++i)
+    for (int j = 0; j < n; ++j)
+      w_stored[transposed ? static_cast<size_t>(j) * k + i : static_cast<size_t>(i) * n + j] = w[static_cast<size_t>(i) * n + j];
+  cuda::GemmShape s;
+  s.m = m;
+  s.n = n;
+  s.k = k;
+  s.ld_x = k;
+  s.ld_w = transposed ? k : n;
+  s.ld_y = n;
+  s.w_transposed = transposed;
+  s.y_type = y_type;
+  s.epilogue = epi;
+  s.accumulate = accumulate;
+  cuda::LtHandle lt;
+  DeviceBuffer<std::byte> ws(cuda::kGemmWorkspaceBytes, "workspace");
+  cuda::Gemm g(lt.get(), s, ws.get(), ws.bytes());
+  auto dx = up(to_bf16(x));
+  auto dw = up(to_bf16(w_stored));
+  std::vector<float> out;
+  const bool bias = epi != cuda::Epilogue::kNone;
+  if (y_type == cuda::DType::kF32) {
+    auto dy = accumulate ? up(y0) : poisoned<float>(y0.size());
+    auto db = up(b);
+    g.run(dx.get(), dw.get(), dy.get(), bias ? db.get() : nullptr, nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    out = down_f32(dy);
+  } else {
+    auto dy = accumulate ? up(to_bf16(y0)) : poisoned<Bf16>(y0.size());
+    auto db = up(to_bf16(b));
+    g.run(dx.get(), dw.get(), dy.get(), bias ? db.get() : nullptr, nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    out = down_bf16(dy);
+  }
+  std::vector<float> ref = accumulate ? y0 : std::vector<float>(y0.size(), 0.0f);
+  std::vector<float> prod(ref.size());
+  ref::matmul(x.data(), w.data(), bias ? b.data() : nullptr, prod.data(), m, k, n, false);
+  for (size_t i = 0; i < prod.size(); ++i) {
+    float p = prod[i];
+    if (epi == cuda::Epilogue::kGeluBias)
+      p = erf_gelu ? 0.5f * p * (1.0f + std::erf(p / std::sqrt(2.0f))) : ref::gelu_tanh(p);
+    ref[i] += p;
+  }
+  return rel_error(out, ref);
+}
+
+}  // namespace
+
+TEST_CASE("gemm matches the reference with every epilogue", "[gpu]") {
+  using cuda::DType;
+  using cuda::Epilogue;
+  const double plain = check_gemm(96, 320, 200, DType::kBf16, Epilogue::kNone, false, false, 40);
+  const double bias = check_gemm(64, 2560, 1024, DType::kBf16, Epilogue::kBias, false, false, 41);
+  const double f32 = check_gemm(63, 1024, 1024, DType::kF32, Epilogue::kBias, false, false, 42);
+  const double acc = check_gemm(512, 1152, 4304, DType::kF32, Epilogue::kBias, true, false, 43);
+  const double acc_t = check_gemm(100, 72, 256, DType::kF32, Epilogue::kNone, true, true, 44);
+  const double gelu = check_gemm(128, 4304, 1152, DType::kF32, Epilogue::kGeluBias, false, false, 45);
+  const double gelu_erf =
+      check_gemm(128, 4304, 1152, DType::kF32, Epilogue::kGeluBias, false, false, 45, true);
+  const double gelu_bf16 =
+      check_gemm(96, 4304, 1152, DType::kBf16, Epilogue::kGeluBias, false, false, 46);
+  report("gemm bf16 out", plain);
+  report("gemm bf16 out + bias", bias);
+  report("gemm fp32 out + bias", f32);
+  report("gemm fp32 accumulate + bias (residual add)", acc);
+  report("gemm fp32 accumulate, W transposed", acc_t);
+  report("gemm fp32 out + bias + gelu (vs tanh gelu)", gelu);
+  report("gemm fp32 out + bias + gelu (vs erf gelu, info)", gelu_erf);
+  report("gemm bf16 out + bias + gelu", gelu_bf16);
+  REQUIRE(plain < 5e-3);
+  REQUIRE(bias < 5e-3);
+  // fp32 outputs keep the fp32 accumulation: only summation order differs.
+  REQUIRE(f32 < 1e-4);
+  REQUIRE(acc < 1e-4);
+  REQUIRE(acc_t < 1e-4);
+  REQUIRE(gelu < 2e-3);
+  REQUIRE(gelu_bf16 < 5e-3);
+}
+
+TEST_CASE("gemm rejects misaligned operands", "[gpu]") {
+  cuda::GemmShape s;
+  s.m = 16;
+  s.n = 64;
+  s.k = 64;
+  s.ld_x = 64;
+  s.ld_w = 64;
+  s.ld_y = 64;
+  cuda::LtHandle lt;
+  DeviceBuffer<std::byte> ws(cuda::kGemmWorkspaceBytes, "workspace");
+  cuda::Gemm g(lt.get(), s, ws.get(), ws.bytes());
+  DeviceBuffer<Bf16> a(4096 + 8, "a"), b(4096, "b"), c(4096, "c");
+  REQUIRE_THROWS_AS(g.run(a.get() + 8, b.get(), c.get(), nullptr, nullptr), pi0::Error);
+}
+
+TEST_CASE("geglu and silu match the host formulas", "[gpu]") {
+  const int rows = 33, width = 4096;
+  const auto gu = rounded(random_floats(static_cast<size_t>(rows) * 2 * width, 50, 2.0f));
+  auto dgu = up(to_bf16(gu));
+  auto out = poisoned<Bf16>(static_cast<size_t>(rows) * width);
+  cuda::geglu(dgu.get(), out.get(), rows, width, nullptr);
+  std::vector<float> ref(out.size());
+  for (int r = 0; r < rows; ++r)
+    for (int j = 0; j < width; ++j)
+      ref[static_cast<size_t>(r) * width + j] = ref::gelu_tanh(gu[static_cast<size_t>(r) * 2 * width + j]) *
+                                   gu[static_cast<size_t>(r) * 2 * width + width + j];
+  const auto x = rounded(random_floats(5000, 51, 3.0f));
+  auto dx = up(to_bf16(x));
+  cuda::silu_inplace(dx.get(), x.size(), nullptr);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<float> sref(x.size());
+  for (size_t i = 0; i < x.size(); ++i) sref[i] = ref::silu(x[i]);
+  const double eg = rel_error(down_bf16(out), ref), es = rel_error(down_bf16(dx), sref);
+  report("geglu 33 x 4096", eg);
+  report("silu", es);
+  REQUIRE(eg < 5e-3);
+  REQUIRE(es < 5e-3);
+}
+
+TEST_CASE("patch extraction and row broadcast follow the spec layout", "[gpu]") {
+  const int views = 2, size = 56, patch = 14, ch = 3, side = size / patch;
+  const int values = patch * patch * ch, tokens = side * side, width = 40;
+  const auto img = to_bf16(random_floats(static_cast<size_t>(views) * size * size * ch, 60));
+  auto dimg = up(img);
+  auto patches = poisoned<Bf16>(static_cast<size_t>(views) * tokens * values);
+  cuda::extract_patches(dimg.get(), patches.get(), views, size, patch, ch, nullptr);
+  const auto table = to_bf16(random_floats(static_cast<size_t>(tokens) * width, 61));
+  const auto bias = to_bf16(random_floats(width, 62));
+  auto dt = up(table);
+  auto db = up(bias);
+  auto rowsout = poisoned<float>(static_cast<size_t>(views) * tokens * width);
+  cuda::broadcast_rows(dt.get(), tokens, db.get(), rowsout.get(), views * tokens, width, nullptr);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  const auto got = cuda::download(patches.get(), patches.size());
+  size_t mismatches = 0;
+  for (int v = 0; v < views; ++v)
+    for (int pr = 0; pr < side; ++pr)
+      for (int pc = 0; pc < side; ++pc)
+        for (int r = 0; r < patch; ++r)
+          for (int c = 0; c < patch; ++c)
+            for (int k = 0; k < ch; ++k) {
+              const size_t token = static_cast<size_t>(v) * tokens + pr * side + pc;
+              const size_t dst = token * values + (r * patch + c) * ch + k;
+              const size_t src = ((static_cast<size_t>(v) * size + pr * patch + r) * size + pc * patch + c) * ch + k;
+              mismatches += got[dst].bits != img[src].bits;
+            }
+  REQUIRE(mismatches == 0);
+  const auto rows_got = down_f32(rowsout);
+  std::vector<float> rows_ref(rows_got.size());
+  for (int r = 0; r < views * tokens; ++r)
+    for (int j = 0; j < width; ++j)
+      rows_ref[static_cast<size_t>(r) * width + j] =
+          bf16_to_float(table[static_cast<size_t>(r % tokens) * width + j]) + bf16_to_float(bias[j]);
+  REQUIRE(rel_error(rows_got, rows_ref) < 1e-6);
+}

@@ -1,0 +1,204 @@
+// The CUDA encoder and decoder against the fp32 CPU reference, on fresh random weights and
+// inputs. The decoder is fed the reference's K/V rounded to bf16, so each stage is checked on its
+// own; one more comparison runs GPU encoder -> GPU decoder end to end.
+#include <cuda_runtime_api.h>
+
+#include <string>
+#include <vector>
+
+#include "catch.hpp"
+#include "gpu_test_util.hpp"
+#include "pi0/config.hpp"
+#include "pi0/cuda/device.hpp"
+#include "pi0/cuda_decoder.hpp"
+#include "pi0/cuda_encoder.hpp"
+#include "pi0/frame_inputs.hpp"
+#include "pi0/reference.hpp"
+#include "pi0/weights.hpp"
+
+using namespace pi0;
+using namespace pi0::test;
+using cuda::DeviceBuffer;
+
+namespace {
+
+constexpr double kStageBound = 1e-2;
+constexpr double kEndToEndBound = 2e-2;
+
+struct CaseResult {
+  double kv_error = 0, decoder_error = 0, end_to_end_error = 0;
+};
+
+// One model/shape: reference encode + decode, GPU encode + decode, and the three comparisons.
+CaseResult run_case(const std::string& model, int views, int chunk, int prompt, uint64_t seed) {
+  const ModelConfig config = model_config(model);
+  const RunShape shape{views, chunk, prompt};
+  const StageSizes sizes = stage_sizes(config, shape);
+  const int prefix = shape.prefix_len(config);
+  const WeightStore weights = WeightStore::random(config, prompt, seed, WeightSet::kAll);
+  const FrameInputs in = make_frame_inputs(config, shape, seed + 1000, 3);
+
+  std::vector<float> ref_kv(sizes.kv_values);
+  ReferenceEncoder(config, weights).encode(shape, in.images.data(), ref_kv.data());
+  const std::vector<float> ref_kv_bf16 = rounded(ref_kv);
+  const ReferenceDecoder ref_decoder(config, weights);
+  std::vector<float> ref_actions(sizes.action_values), ref_actions_e2e(sizes.action_values);
+  ref_decoder.decode(shape, ref_kv_bf16.data(), in.state.data(), in.noise.data(),
+                     ref_actions.data());
+  ref_decoder.decode(shape, ref_kv.data(), in.state.data(), in.noise.data(),
+                     ref_actions_e2e.data());
+
+  CudaEncoder encoder(config, shape, weights);
+  CudaDecoder decoder(config, shape, weights);
+  auto images = cuda::upload(in.images, "images");
+  auto state = cuda::upload(in.state, "state");
+  auto noise = cuda::upload(in.noise, "noise");
+  auto kv = poisoned<Bf16>(sizes.kv_values, "kv");
+  auto ref_kv_dev = cuda::upload(to_bf16(ref_kv), "reference kv");
+  auto actions = poisoned<float>(sizes.action_values, "actions");
+  auto actions_e2e = poisoned<float>(sizes.action_values, "actions e2e");
+
+  encoder.encode(images.get(), kv.get(), nullptr);
+  decoder.decode(ref_kv_dev.get(), state.get(), noise.get(), actions.get(), nullptr);
+  decoder.decode(kv.get(), state.get(), noise.get(), actions_e2e.get(), nullptr);
+  CUDA_CHECK(cudaDeviceSynchronize());
+
+  const auto gpu_kv = to_float(cuda::download(kv.get(), kv.size()));
+  const auto gpu_actions = cuda::download(actions.get(), actions.size());
+  const auto gpu_actions_e2e = cuda::download(actions_e2e.get(), actions_e2e.size());
+  const std::string name = model + " V=" + std::to_string(views) + " C=" + std::to_string(chunk) +
+                           " P=" + std::to_string(prompt);
+  CaseResult r;
+  r.kv_error = rel_error(gpu_kv, ref_kv);
+  r.decoder_error = rel_error(gpu_actions, ref_actions);
+  r.end_to_end_error = rel_error(gpu_actions_e2e, ref_actions_e2e);
+  for (int l = 0; l < config.lm_layers; ++l)
+    for (int which = 0; which < 2; ++which) {
+      const size_t off = kv_offset(config, prefix, l, which);
+      const size_t n = static_cast<size_t>(prefix) * config.head_dim;
+      report(name + " kv layer " + std::to_string(l) + (which ? " V" : " K"),
+             rel_error(gpu_kv.data() + off, ref_kv.data() + off, n));
+    }
+  report(name + " encoder kv (all)", r.kv_error);
+  report(name + " decoder actions (ref kv in)", r.decoder_error);
+  report(name + " encoder -> decoder actions", r.end_to_end_error);
+  CHECK(count_nonfinite(gpu_kv) == 0);
+  CHECK(count_nonfinite(gpu_actions) == 0);
+  CHECK(count_nonfinite(gpu_actions_e2e) == 0);
+  return r;
+}
+
+void require_case(const CaseResult& r) {
+  REQUIRE(r.kv_error < kStageBound);
+  REQUIRE(r.decoder_error < kStageBound);
+  REQUIRE(r.end_to_end_error < kEndToEndBound);
+}
+
+}  // namespace
+
+TEST_CASE("tiny stages match the reference", "[gpu]") {
+  require_case(run_case("tiny", 2, 63, 0, 101));
+  require_case(run_case("tiny", 1, 50, 20, 102));
+  require_case(run_case("tiny", 3, 7, 5, 103));
+}
+
+TEST_CASE("pi0-1l stages match the reference without a prompt", "[gpu]") {
+  require_case(run_case("pi0-1l", 2, 63, 0, 201));
+}
+
+TEST_CASE("pi0-1l stages match the reference with a prompt", "[gpu]") {
+  require_case(run_case("pi0-1l", 1, 50, 20, 202));
+}
+
+TEST_CASE("pi0-2l stages match the reference", "[gpu]") {
+  require_case(run_case("pi0-2l", 2, 63, 0, 301));
+}
+
+TEST_CASE("encoder rejects weights of another model", "[gpu]") {
+  const ModelConfig config = model_config("pi0-1l");
+  const WeightStore tiny = WeightStore::random(model_config("tiny"), 0, 7, WeightSet::kEncoder);
+  std::string message;
+  try {
+    CudaEncoder encoder(config, RunShape{2, 63, 0}, tiny);
+  } catch (const Error& e) {
+    message = e.what();
+  }
+  INFO(message);
+  REQUIRE(message.find("CudaEncoder") != std::string::npos);
+  REQUIRE(message.find("vision_") != std::string::npos);
+  REQUIRE(message.find("pi0-1l") != std::string::npos);
+
+  const ModelConfig tiny_config = model_config("tiny");
+  const WeightStore prompt5 = WeightStore::random(tiny_config, 5, 7, WeightSet::kEncoder);
+  REQUIRE_THROWS_AS(CudaEncoder(tiny_config, RunShape{1, 10, 0}, prompt5), Error);
+  const WeightStore decoder_only = WeightStore::random(tiny_config, 0, 7, WeightSet::kDecoder);
+  REQUIRE_THROWS_AS(CudaEncoder(tiny_config, RunShape{1, 10, 0}, decoder_only), Error);
+}
+
+TEST_CASE("decoder rejects weights of another model", "[gpu]") {
+  const WeightStore tiny = WeightStore::random(model_config("tiny"), 0, 8, WeightSet::kDecoder);
+  std::string message;
+  try {
+    CudaDecoder decoder(model_config("pi0-1l"), RunShape{2, 63, 0}, tiny);
+  } catch (const Error& e) {
+    message = e.what();
+  }
+  INFO(message);
+  REQUIRE(message.find("CudaDecoder") != std::string::npos);
+  REQUIRE(message.find("decoder_") != std::string::npos);
+}
+
+TEST_CASE("full pi0 is finite and bitwise deterministic", "[gpu]") {
+  const ModelConfig config = model_config("pi0");
+  const RunShape shape{2, 63, 0};
+  const StageSizes sizes = stage_sizes(config, shape);
+  const WeightStore weights = WeightStore::random(config, 0, 401, WeightSet::kAll);
+  const FrameInputs in = make_frame_inputs(config, shape, 402, 0);
+  auto images = cuda::upload(in.images, "images");
+  auto state = cuda::upload(in.state, "state");
+  auto noise = cuda::upload(in.noise, "noise");
+  auto kv = poisoned<Bf16>(sizes.kv_values, "kv");
+  auto actions = poisoned<float>(sizes.action_values, "actions");
+
+  std::vector<std::vector<Bf16>> kvs;
+  std::vector<std::vector<float>> outs;
+  {
+    CudaEncoder encoder(config, shape, weights);
+    CudaDecoder decoder(config, shape, weights);
+    std::printf("  pi0 encoder: %.2f GiB weights, %.1f MiB workspace; decoder: %.2f GiB, %.1f MiB\n",
+                encoder.weight_bytes() / 1073741824.0, encoder.workspace_bytes() / 1048576.0,
+                decoder.weight_bytes() / 1073741824.0, decoder.workspace_bytes() / 1048576.0);
+    // Call 1 runs eagerly, call 2 captures the graphs, call 3 replays them.
+    for (int i = 0; i < 3; ++i) {
+      CUDA_CHECK(cudaMemset(kv.get(), 0xFF, kv.bytes()));
+      CUDA_CHECK(cudaMemset(actions.get(), 0xFF, actions.bytes()));
+      encoder.encode(images.get(), kv.get(), nullptr);
+      decoder.decode(kv.get(), state.get(), noise.get(), actions.get(), nullptr);
+      CUDA_CHECK(cudaDeviceSynchronize());
+      kvs.push_back(cuda::download(kv.get(), kv.size()));
+      outs.push_back(cuda::download(actions.get(), actions.size()));
+    }
+  }
+  {
+    // A second pair of engines on the same weights: same algorithms, same bits.
+    CudaEncoder encoder(config, shape, weights);
+    CudaDecoder decoder(config, shape, weights);
+    CUDA_CHECK(cudaMemset(kv.get(), 0xFF, kv.bytes()));
+    CUDA_CHECK(cudaMemset(actions.get(), 0xFF, actions.bytes()));
+    encoder.encode(images.get(), kv.get(), nullptr);
+    decoder.decode(kv.get(), state.get(), noise.get(), actions.get(), nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    kvs.push_back(cuda::download(kv.get(), kv.size()));
+    outs.push_back(cuda::download(actions.get(), actions.size()));
+  }
+  REQUIRE(count_nonfinite(to_float(kvs[0])) == 0);
+  REQUIRE(count_nonfinite(outs[0]) == 0);
+  double norm = 0;
+  for (float v : outs[0]) norm += double(v) * v;
+  std::printf("  pi0 actions rms %.4f\n", std::sqrt(norm / outs[0].size()));
+  for (size_t i = 1; i < kvs.size(); ++i) {
+    INFO("run " << i);
+    REQUIRE(bitwise_equal(kvs[i].data(), kvs[0].data(), kvs[0].size() * sizeof(Bf16)));
+    REQUIRE(bitwise_equal(outs[i].data(), outs[0].data(), outs[0].size() * sizeof(float)));
+  }
+}

@@ -1,0 +1,99 @@
+// Helpers for tests that run the real executables: run the orchestrator, find processes and
+// shared-memory segments a run may have left behind.
+#pragma once
+
+#include <dirent.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "pi0/process.hpp"
+
+namespace pi0::test {
+
+inline std::string read_cmdline(int pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/cmdline", std::ios::binary);
+  std::string s((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  for (char& c : s) c = c == '\0' ? ' ' : c;
+  return s;
+}
+
+// Pids of live (not zombie) processes whose command line contains `needle`.
+inline std::vector<int> processes_matching(const std::string& needle) {
+  std::vector<int> pids;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
+    const std::string name = entry.path().filename();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    const int pid = std::stoi(name);
+    std::ifstream stat("/proc/" + name + "/stat");
+    std::string line;
+    std::getline(stat, line);
+    const auto close = line.rfind(')');
+    if (close == std::string::npos || close + 2 >= line.size() || line[close + 2] == 'Z') continue;
+    if (read_cmdline(pid).find(needle) != std::string::npos) pids.push_back(pid);
+  }
+  return pids;
+}
+
+// Workers started by orchestrator `pid` carry "--parent-pid <pid>" on their command line.
+inline std::vector<int> workers_of(int orchestrator_pid) {
+  return processes_matching("--parent-pid " + std::to_string(orchestrator_pid) + " ");
+}
+
+inline std::vector<std::string> segments_named(const std::string& needle) {
+  std::vector<std::string> out;
+  for (const auto& entry : std::filesystem::directory_iterator("/dev/shm")) {
+    const std::string name = entry.path().filename();
+    if (name.find(needle) != std::string::npos) out.push_back(name);
+  }
+  return out;
+}
+
+inline std::vector<std::string> segments_of(int pid) {
+  return segments_named("pi0mps_" + std::to_string(pid) + "_");
+}
+
+struct Finished {
+  ExitStatus status;
+  std::string output;
+  double seconds;
+};
+
+// Runs the orchestrator to completion (killed after `timeout`).
+inline Finished run_orchestrator(const std::vector<std::string>& args,
+                                 std::chrono::seconds timeout = std::chrono::seconds(120)) {
+  const auto t0 = std::chrono::steady_clock::now();
+  ChildProcess p = ChildProcess::spawn("orchestrator", PI0_ORCHESTRATOR_EXE, args, {}, false);
+  auto status = p.wait_for(timeout);
+  if (!status) status = p.terminate(std::chrono::milliseconds(100));
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  p.terminate(std::chrono::milliseconds(100));  // joins the output reader
+  return {*status, p.output(), secs};
+}
+
+// Waits until `pred` holds or the timeout passes; returns whether it held.
+template <typename Pred>
+bool eventually(Pred pred, std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return pred();
+}
+
+inline std::string temp_dir(const std::string& tag) {
+  const auto dir = std::filesystem::temp_directory_path() /
+                   ("pi0mps_test_" + tag + "_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  return dir.string();
+}
+
+}  // namespace pi0::test

@@ -1,0 +1,394 @@
+// Weight specs, random weights, and the .safetensors loader's validation.
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <iterator>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#if __has_include(<omp.h>)
+#include <omp.h>
+#define PI0_TEST_HAVE_OMP 1
+#endif
+
+#include "catch.hpp"
+#include "pi0/check.hpp"
+#include "pi0/random.hpp"
+#include "pi0/weights.hpp"
+
+namespace {
+
+namespace fs = std::filesystem;
+
+// A scratch file removed at the end of the test.
+struct TempFile {
+  std::string path;
+  explicit TempFile(const std::string& tag) {
+    path = (fs::temp_directory_path() /
+            ("pi0_test_weights_" + std::to_string(::getpid()) + "_" + tag + ".safetensors"))
+               .string();
+  }
+  ~TempFile() {
+    std::error_code ec;
+    fs::remove(path, ec);
+  }
+};
+
+std::string read_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+void write_bytes(const std::string& path, const std::string& bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+// One header entry as the hand-written files below spell it.
+struct Entry {
+  std::string name;
+  std::string dtype = "BF16";
+  std::string shape;    // JSON text, e.g. "[2,64]"
+  std::string offsets;  // JSON text, e.g. "[0,256]"
+  bool include = true;
+};
+
+// Writes the tensors of `store` with a header built by hand, after `edit` has changed entries,
+// so that tests can produce files the library's own writer never would.
+void write_edited(const std::string& path, const pi0::WeightStore& store,
+                  const std::function<void(std::vector<Entry>&)>& edit) {
+  std::vector<Entry> entries;
+  std::string data;
+  for (const auto& [name, view] : store.tensors()) {
+    Entry e;
+    e.name = name;
+    std::string shape(1, '[');
+    for (size_t i = 0; i < view.shape.size(); ++i) {
+      if (i) shape += ',';
+      shape += std::to_string(view.shape[i]);
+    }
+    e.shape = shape + ']';
+    const size_t begin = data.size();
+    data.append(reinterpret_cast<const char*>(view.data), view.numel * 2);
+    e.offsets = std::string("[").append(std::to_string(begin)).append(",");
+    e.offsets.append(std::to_string(data.size())).append("]");
+    entries.push_back(e);
+  }
+  edit(entries);
+  std::string header = "{\"__metadata__\":{\"format\":\"pt\"}";
+  for (const Entry& e : entries) {
+    if (!e.include) continue;
+    header += ",\"" + e.name + "\":{\"dtype\":\"" + e.dtype + "\",\"shape\":" + e.shape +
+              ",\"data_offsets\":" + e.offsets + "}";
+  }
+  header += "}";
+  std::string file(8, '\0');
+  uint64_t n = header.size();
+  for (int i = 0; i < 8; ++i, n >>= 8) file[i] = static_cast<char>(n & 0xff);
+  write_bytes(path, file + header + data);
+}
+
+Entry& find_entry(std::vector<Entry>& entries, const std::string& name) {
+  for (Entry& e : entries)
+    if (e.name == name) return e;
+  throw std::runtime_error("test: no entry " + name);
+}
+
+// The message of the pi0::Error that loading `path` throws ("" if none).
+std::string load_error(const std::string& path, const pi0::ModelConfig& c,
+                       pi0::WeightSet set = pi0::WeightSet::kAll) {
+  try {
+    (void)pi0::WeightStore::load_safetensors(path, c, set);
+  } catch (const pi0::Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+bool contains(const std::string& text, const std::string& part) {
+  return text.find(part) != std::string::npos;
+}
+
+}  // namespace
+
+TEST_CASE("weight specs follow the spec table", "[common]") {
+  const pi0::ModelConfig pi0c = pi0::model_config("pi0");
+  const auto all = pi0::weight_specs(pi0c, 0, pi0::WeightSet::kAll);
+  REQUIRE(all.size() == 38);
+  size_t total = 0;
+  for (const auto& s : all) total += s.numel();
+  // The spec: about 2.7 B parameters, 5.05 GiB in bf16.
+  REQUIRE(total > 2.6e9);
+  REQUIRE(total < 2.8e9);
+  REQUIRE(std::abs(total * 2.0 / (1024.0 * 1024 * 1024) - 5.05) < 0.05);
+
+  auto find = [&](const std::string& name) {
+    for (const auto& s : all)
+      if (s.name == name) return s;
+    FAIL("no spec " << name);
+    return all.front();
+  };
+  REQUIRE(find("vision_patch_embedding_w").shape == std::vector<int64_t>{14, 14, 3, 1152});
+  REQUIRE(find("vision_patch_embedding_w").fan_in == 588);
+  REQUIRE(find("vision_attn_qkv_w").shape == std::vector<int64_t>{27, 1152, 3456});
+  REQUIRE(find("vision_ffn_up_w").shape == std::vector<int64_t>{27, 1152, 4304});
+  REQUIRE(find("vision_ffn_down_w").fan_in == 4304);
+  REQUIRE(find("encoder_attn_qkv_w").shape == std::vector<int64_t>{18, 2048, 2560});
+  REQUIRE(find("encoder_attn_o_w").shape == std::vector<int64_t>{18, 2048, 2048});
+  REQUIRE(find("encoder_ffn_down_w").shape == std::vector<int64_t>{18, 16384, 2048});
+  REQUIRE(find("decoder_attn_qkv_w").shape == std::vector<int64_t>{18, 1024, 2560});
+  REQUIRE(find("decoder_attn_o_w").shape == std::vector<int64_t>{18, 2048, 1024});
+  REQUIRE(find("decoder_attn_o_w").fan_in == 2048);
+  REQUIRE(find("decoder_action_fused_time_biases").shape == std::vector<int64_t>{10, 1024});
+  REQUIRE(find("decoder_action_fused_time_biases").init_std == 0.02f);
+  REQUIRE(find("decoder_action_fused_out_proj_w").shape == std::vector<int64_t>{1024, 32});
+  REQUIRE(find("vision_pre_attn_norm_w").init_one);
+  REQUIRE(find("vision_attn_qkv_b").init_std == 0.0f);
+  REQUIRE(find("language_embeds").shape == std::vector<int64_t>{0, 2048});
+
+  // The encoder and decoder sets split the table without overlap.
+  const auto enc = pi0::weight_specs(pi0c, 20, pi0::WeightSet::kEncoder);
+  const auto dec = pi0::weight_specs(pi0c, 20, pi0::WeightSet::kDecoder);
+  REQUIRE(enc.size() + dec.size() == all.size());
+  for (const auto& s : dec) REQUIRE(s.name.rfind("decoder_", 0) == 0);
+  for (const auto& s : enc) REQUIRE(s.name.rfind("decoder_", 0) != 0);
+  REQUIRE(enc.back().name == "language_embeds");
+  REQUIRE(enc.back().shape == std::vector<int64_t>{20, 2048});
+
+  const pi0::ModelConfig tiny = pi0::model_config("tiny");
+  for (const auto& s : pi0::weight_specs(tiny, 0, pi0::WeightSet::kAll)) {
+    if (s.name == "encoder_attn_qkv_w") REQUIRE(s.shape == std::vector<int64_t>{2, 64, 128});
+    if (s.name == "vision_position_embedding") REQUIRE(s.shape == std::vector<int64_t>{16, 48});
+  }
+}
+
+TEST_CASE("random weights follow their specs and seed", "[common]") {
+  const pi0::ModelConfig c = pi0::model_config("tiny");
+  const auto a = pi0::WeightStore::random(c, 3, 1, pi0::WeightSet::kAll);
+  const auto b = pi0::WeightStore::random(c, 3, 1, pi0::WeightSet::kAll);
+  const auto other = pi0::WeightStore::random(c, 3, 2, pi0::WeightSet::kAll);
+  REQUIRE(a.prompt_len() == 3);
+  size_t expected_bytes = 0;
+  for (const auto& s : pi0::weight_specs(c, 3, pi0::WeightSet::kAll)) {
+    const pi0::TensorView& t = a.get(s.name);
+    REQUIRE(t.shape == s.shape);
+    REQUIRE(t.numel == s.numel());
+    expected_bytes += s.numel() * 2;
+    REQUIRE(std::memcmp(t.data, b.get(s.name).data, t.numel * 2) == 0);
+    double sum_sq = 0.0;
+    for (size_t i = 0; i < t.numel; ++i) {
+      const float v = pi0::bf16_to_float(t.data[i]);
+      if (s.init_one) REQUIRE(v == 1.0f);
+      if (!s.init_one && s.init_std == 0.0f) REQUIRE(v == 0.0f);
+      sum_sq += static_cast<double>(v) * v;
+    }
+    if (s.init_std > 0.0f && t.numel >= 1000) {
+      const double std = std::sqrt(sum_sq / t.numel);
+      INFO(s.name);
+      REQUIRE(std::abs(std / s.init_std - 1.0) < 0.1);
+      REQUIRE(std::memcmp(t.data, other.get(s.name).data, t.numel * 2) != 0);
+    }
+  }
+  REQUIRE(a.total_bytes() == expected_bytes);
+  REQUIRE(a.has("vision_final_norm_w"));
+  REQUIRE_FALSE(a.has("nonexistent"));
+  REQUIRE_THROWS_AS(a.get("nonexistent"), pi0::Error);
+
+  const auto dec = pi0::WeightStore::random(c, 3, 1, pi0::WeightSet::kDecoder);
+  REQUIRE_FALSE(dec.has("vision_final_norm_w"));
+  REQUIRE(std::memcmp(dec.get("decoder_attn_qkv_w").data, a.get("decoder_attn_qkv_w").data,
+                      dec.get("decoder_attn_qkv_w").numel * 2) == 0);
+}
+
+TEST_CASE("safetensors save and load round trip", "[common]") {
+  const pi0::ModelConfig c = pi0::model_config("tiny");
+  const auto store = pi0::WeightStore::random(c, 5, 9, pi0::WeightSet::kAll);
+  TempFile file("roundtrip");
+  store.save_safetensors(file.path);
+  const std::string bytes = read_bytes(file.path);
+  uint64_t header_len = 0;
+  for (int i = 7; i >= 0; --i)
+    header_len = (header_len << 8) | static_cast<unsigned char>(bytes[i]);
+  REQUIRE(header_len % 8 == 0);
+  REQUIRE(bytes.size() == 8 + header_len + store.total_bytes());
+
+  for (auto set : {pi0::WeightSet::kAll, pi0::WeightSet::kEncoder, pi0::WeightSet::kDecoder}) {
+    const auto loaded = pi0::WeightStore::load_safetensors(file.path, c, set);
+    REQUIRE(loaded.prompt_len() == (set == pi0::WeightSet::kDecoder ? 0 : 5));
+    REQUIRE(loaded.tensors().size() == pi0::weight_specs(c, 5, set).size());
+    for (const auto& [name, view] : loaded.tensors()) {
+      const pi0::TensorView& original = store.get(name);
+      REQUIRE(view.shape == original.shape);
+      REQUIRE(std::memcmp(view.data, original.data, view.numel * 2) == 0);
+    }
+  }
+
+  // An empty prompt round-trips too.
+  const auto no_prompt = pi0::WeightStore::random(c, 0, 9, pi0::WeightSet::kEncoder);
+  TempFile empty("noprompt");
+  no_prompt.save_safetensors(empty.path);
+  const auto loaded = pi0::WeightStore::load_safetensors(empty.path, c, pi0::WeightSet::kEncoder);
+  REQUIRE(loaded.prompt_len() == 0);
+  REQUIRE(loaded.get("language_embeds").numel == 0);
+}
+
+TEST_CASE("loading the decoder set needs no vision tensors", "[common]") {
+  const pi0::ModelConfig c = pi0::model_config("tiny");
+  const auto dec = pi0::WeightStore::random(c, 0, 4, pi0::WeightSet::kDecoder);
+  TempFile file("decoder");
+  dec.save_safetensors(file.path);
+  const auto loaded = pi0::WeightStore::load_safetensors(file.path, c, pi0::WeightSet::kDecoder);
+  REQUIRE(loaded.total_bytes() == dec.total_bytes());
+  const std::string msg = load_error(file.path, c, pi0::WeightSet::kEncoder);
+  REQUIRE(contains(msg, "vision_patch_embedding_w"));
+  REQUIRE(contains(msg, "missing"));
+}
+
+TEST_CASE("loading a missing or truncated file fails clearly", "[common]") {
+  const pi0::ModelConfig c = pi0::model_config("tiny");
+  SECTION("missing file") {
+    const std::string msg = load_error("/nonexistent/dir/weights.safetensors", c);
+    REQUIRE(contains(msg, "/nonexistent/dir/weights.safetensors"));
+    REQUIRE(contains(msg, "cannot open"));
+  }
+  SECTION("truncated file") {
+    const auto store = pi0::WeightStore::random(c, 0, 3, pi0::WeightSet::kAll);
+    TempFile full("full");
+    store.save_safetensors(full.path);
+    const std::string bytes = read_bytes(full.path);
+    uint64_t header_len = 0;
+    for (int i = 7; i >= 0; --i)
+      header_len = (header_len << 8) | static_cast<unsigned char>(bytes[i]);
+    TempFile cut("cut");
+    // Inside the length field, inside the header, inside the data, one byte short.
+    for (size_t at : {size_t{0}, size_t{5}, size_t{8 + header_len / 2},
+                      size_t{8 + header_len + 100}, bytes.size() - 1}) {
+      write_bytes(cut.path, bytes.substr(0, at));
+      const std::string msg = load_error(cut.path, c);
+      INFO("cut at " << at << ": " << msg);
+      REQUIRE(contains(msg, cut.path));
+      REQUIRE(contains(msg, "truncated"));
+      REQUIRE(msg.find('\n') == std::string::npos);
+    }
+  }
+  SECTION("header not JSON") {
+    TempFile file("notjson");
+    write_bytes(file.path, std::string("\x08\0\0\0\0\0\0\0", 8) + "hello!!!");
+    REQUIRE(contains(load_error(file.path, c), "not valid JSON"));
+    write_bytes(file.path, std::string("\x08\0\0\0\0\0\0\0", 8) + "[1,2]   ");
+    REQUIRE(contains(load_error(file.path, c), "not a JSON object"));
+  }
+}
+
+TEST_CASE("loading a file with wrong tensors fails clearly", "[common]") {
+  const pi0::ModelConfig c = pi0::model_config("tiny");
+  const auto store = pi0::WeightStore::random(c, 2, 3, pi0::WeightSet::kAll);
+  TempFile file("bad");
+  SECTION("wrong shape from another config") {
+    pi0::ModelConfig wider = c;
+    wider.name = "tiny-wider-mlp";
+    wider.lm_mlp = 256;
+    pi0::WeightStore::random(wider, 2, 3, pi0::WeightSet::kAll).save_safetensors(file.path);
+    const std::string msg = load_error(file.path, c);
+    REQUIRE(contains(
+        msg,
+        "tensor encoder_ffn_gate_w has shape [2,64,256], expected [2,64,128] for model 'tiny'"));
+  }
+  SECTION("one tensor reshaped") {
+    write_edited(file.path, store, [](std::vector<Entry>& e) {
+      find_entry(e, "decoder_attn_o_w").shape = "[2,48,64]";
+    });
+    const std::string msg = load_error(file.path, c);
+    REQUIRE(contains(msg, "decoder_attn_o_w"));
+    REQUIRE(contains(msg, "expected [2,64,48]"));
+  }
+  SECTION("language embeds of the wrong width") {
+    write_edited(file.path, store,
+                 [](std::vector<Entry>& e) { find_entry(e, "language_embeds").shape = "[4,32]"; });
+    REQUIRE(contains(load_error(file.path, c), "language_embeds has shape [4,32]"));
+  }
+  SECTION("wrong dtype") {
+    write_edited(file.path, store,
+                 [](std::vector<Entry>& e) { find_entry(e, "vision_attn_o_b").dtype = "F16"; });
+    REQUIRE(
+        contains(load_error(file.path, c), "tensor vision_attn_o_b has dtype F16, expected BF16"));
+  }
+  SECTION("missing tensor") {
+    write_edited(file.path, store,
+                 [](std::vector<Entry>& e) { find_entry(e, "encoder_ffn_up_w").include = false; });
+    REQUIRE(contains(load_error(file.path, c), "tensor encoder_ffn_up_w is missing"));
+    // The decoder does not need it.
+    REQUIRE(load_error(file.path, c, pi0::WeightSet::kDecoder).empty());
+  }
+  SECTION("offsets out of range") {
+    write_edited(file.path, store, [&](std::vector<Entry>& e) {
+      find_entry(e, "vision_final_norm_b").offsets =
+          std::string("[")
+              .append(std::to_string(store.total_bytes() - 10))
+              .append(",")
+              .append(std::to_string(store.total_bytes() + 86))
+              .append("]");
+    });
+    const std::string msg = load_error(file.path, c);
+    REQUIRE(contains(msg, "vision_final_norm_b"));
+    REQUIRE(contains(msg, "past the end of the data"));
+  }
+  SECTION("offsets reversed") {
+    write_edited(file.path, store, [](std::vector<Entry>& e) {
+      find_entry(e, "vision_final_norm_b").offsets = "[200,104]";
+    });
+    REQUIRE(contains(load_error(file.path, c), "begin after end"));
+  }
+  SECTION("offsets of the wrong size") {
+    write_edited(file.path, store, [](std::vector<Entry>& e) {
+      find_entry(e, "vision_final_norm_b").offsets = "[0,90]";
+    });
+    REQUIRE(contains(load_error(file.path, c), "holds 90 bytes, expected 96"));
+  }
+  SECTION("malformed offsets") {
+    write_edited(file.path, store, [](std::vector<Entry>& e) {
+      find_entry(e, "vision_final_norm_b").offsets = "[0]";
+    });
+    REQUIRE(contains(load_error(file.path, c), "data_offsets is not [begin, end]"));
+  }
+  SECTION("extra tensors are ignored") {
+    write_edited(file.path, store, [](std::vector<Entry>& e) {
+      Entry extra = e.front();
+      extra.name = "some_other_tensor";
+      extra.dtype = "F32";
+      e.push_back(extra);
+    });
+    REQUIRE(load_error(file.path, c).empty());
+  }
+}
+
+#ifdef PI0_TEST_HAVE_OMP
+TEST_CASE("random weights do not depend on the thread count", "[common]") {
+  // A wider MLP than tiny's so that the largest tensors span several generation chunks.
+  pi0::ModelConfig c = pi0::model_config("tiny");
+  c.lm_mlp = 1024;
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(1);
+  const auto one = pi0::WeightStore::random(c, 2, 6, pi0::WeightSet::kEncoder);
+  omp_set_num_threads(3);
+  const auto three = pi0::WeightStore::random(c, 2, 6, pi0::WeightSet::kEncoder);
+  omp_set_num_threads(threads);
+  REQUIRE(one.get("encoder_ffn_gate_w").numel >= (size_t{1} << 17));
+  for (const auto& [name, view] : one.tensors()) {
+    INFO(name);
+    REQUIRE(std::memcmp(view.data, three.get(name).data, view.numel * 2) == 0);
+  }
+  // Element i is counter normal i of the tensor's stream, whatever chunk it falls in.
+  const pi0::TensorView& gate = one.get("encoder_ffn_gate_w");
+  for (size_t i : {size_t{0}, size_t{65535}, size_t{65536}, gate.numel - 1}) {
+    const float want = pi0::counter_normal(6, pi0::stream_id("encoder_ffn_gate_w"), i) / 8.0f;
+    REQUIRE(gate.data[i].bits == pi0::float_to_bf16(want).bits);
+  }
+}
+#endif

@@ -1,0 +1,151 @@
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "catch.hpp"
+#include "pi0/check.hpp"
+#include "pi0/ipc/shm.hpp"
+
+using namespace pi0::ipc;
+
+namespace {
+
+bool shm_exists(const std::string& name) {
+  struct stat st{};
+  return ::stat(("/dev/shm/" + name).c_str(), &st) == 0;
+}
+
+bool contains(const std::vector<std::string>& names, const std::string& name) {
+  return std::find(names.begin(), names.end(), name) != names.end();
+}
+
+// A pid that certainly belonged to a process which has exited (and been reaped) a moment ago.
+pid_t dead_pid() {
+  const pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) ::_exit(0);
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  return pid;
+}
+
+}  // namespace
+
+TEST_CASE("segment names are unique and carry the pid and tag", "[ipc]") {
+  const std::string prefix = std::string(kSegmentPrefix) + std::to_string(::getpid()) + "_";
+  std::set<std::string> names;
+  for (int i = 0; i < 100; ++i) {
+    const std::string name = unique_segment_name("ring");
+    CHECK(name.rfind(prefix, 0) == 0);
+    CHECK(name.size() == prefix.size() + 16 + 1 + 4);
+    CHECK(name.substr(name.size() - 5) == "_ring");
+    const std::string hex = name.substr(prefix.size(), 16);
+    CHECK(hex.find_first_not_of("0123456789abcdef") == std::string::npos);
+    CHECK(name.find('/') == std::string::npos);
+    names.insert(name);
+  }
+  CHECK(names.size() == 100);
+}
+
+TEST_CASE("a created segment is private zeroed shared and removed by its owner", "[ipc]") {
+  const std::string name = unique_segment_name("test");
+  // A permissive umask must not widen the mode, a strict one must not lock the owner out.
+  const mode_t old_umask = ::umask(0);
+  SharedSegment seg = SharedSegment::create(name, 10000);
+  ::umask(old_umask);
+  REQUIRE(seg);
+  CHECK(seg.owner());
+  CHECK(seg.name() == name);
+  CHECK(seg.size() == 10000);
+
+  struct stat st{};
+  REQUIRE(::stat(("/dev/shm/" + name).c_str(), &st) == 0);
+  CHECK((st.st_mode & 07777) == 0600);
+  CHECK(st.st_size == 10000);
+  CHECK(st.st_uid == ::getuid());
+
+  const auto* bytes = static_cast<const unsigned char*>(seg.data());
+  CHECK(std::all_of(bytes, bytes + seg.size(), [](unsigned char b) { return b == 0; }));
+
+  CHECK(contains(segments_of_process(::getpid()), name));
+
+  {
+    SharedSegment view = SharedSegment::open(name);
+    CHECK_FALSE(view.owner());
+    CHECK(view.size() >= 10000);
+    CHECK(view.data() != seg.data());
+    std::memcpy(seg.data(), "hello", 6);
+    CHECK(std::strcmp(static_cast<const char*>(view.data()), "hello") == 0);
+  }
+  CHECK(shm_exists(name));  // closing a non-owning view leaves the name alone
+
+  SECTION("destruction removes the name") {
+    { SharedSegment gone = std::move(seg); }
+    CHECK_FALSE(seg);
+    CHECK_FALSE(shm_exists(name));
+  }
+  SECTION("move construction keeps one owner") {
+    SharedSegment moved(std::move(seg));
+    CHECK_FALSE(seg);
+    CHECK(seg.data() == nullptr);
+    CHECK(seg.size() == 0);
+    CHECK(moved.owner());
+    CHECK(shm_exists(name));
+  }
+  SECTION("move assignment removes the overwritten owner's name") {
+    seg = SharedSegment::create(unique_segment_name("second"), 4096);
+    CHECK_FALSE(shm_exists(name));
+    CHECK(shm_exists(seg.name()));
+  }
+  SECTION("an owner whose name was already removed is still destroyed quietly") {
+    CHECK(SharedSegment::remove(name));
+    CHECK_FALSE(SharedSegment::remove(name));
+  }
+}
+
+TEST_CASE("create refuses an existing name and open of a missing name throws", "[ipc]") {
+  const std::string name = unique_segment_name("dup");
+  SharedSegment seg = SharedSegment::create(name, 4096);
+  CHECK_THROWS_AS(SharedSegment::create(name, 4096), pi0::Error);
+  CHECK(shm_exists(name));  // the failed second create must not remove the first one's name
+
+  const std::string missing = unique_segment_name("missing");
+  try {
+    SharedSegment::open(missing);
+    FAIL("open of a missing segment did not throw");
+  } catch (const pi0::Error& e) {
+    CHECK(std::string(e.what()).find(missing) != std::string::npos);
+  }
+  CHECK_THROWS_AS(SharedSegment::create("bad/name", 4096), pi0::Error);
+  CHECK_FALSE(SharedSegment::remove(missing));
+}
+
+TEST_CASE("remove_stale_segments removes segments of dead pids only", "[ipc]") {
+  const pid_t dead = dead_pid();
+  const std::string stale =
+      std::string(kSegmentPrefix) + std::to_string(dead) + "_0123456789abcdef_fake";
+  const std::string live = unique_segment_name("live");
+  SharedSegment stale_seg = SharedSegment::create(stale, 4096);
+  SharedSegment live_seg = SharedSegment::create(live, 4096);
+  // Names with our prefix that do not follow the scheme must be left alone, not misparsed.
+  const std::string odd = std::string(kSegmentPrefix) + "notapid" +
+                          unique_segment_name("odd").substr(kSegmentPrefix.size());
+  SharedSegment odd_seg = SharedSegment::create(odd, 4096);
+
+  REQUIRE(contains(segments_of_process(dead), stale));
+  const std::vector<std::string> removed = remove_stale_segments();
+  CHECK(contains(removed, stale));
+  CHECK_FALSE(contains(removed, live));
+  CHECK_FALSE(contains(removed, odd));
+  CHECK_FALSE(shm_exists(stale));
+  CHECK(shm_exists(live));
+  CHECK(shm_exists(odd));
+  CHECK(segments_of_process(dead).empty());
+  // The owner of the removed stale name is destroyed at scope exit without complaint.
+}

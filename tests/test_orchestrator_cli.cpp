@@ -1,0 +1,172 @@
+// Command-line parsing and process plumbing of the orchestrator library.
+#include <filesystem>
+#include <fstream>
+
+#include "catch.hpp"
+#include "pi0/mps.hpp"
+#include "pi0/orchestrator.hpp"
+#include "pi0/process.hpp"
+#include "process_utils.hpp"
+
+using namespace pi0;
+using namespace std::chrono_literals;
+namespace fs = std::filesystem;
+
+namespace {
+
+std::optional<RunOptions> parse(std::vector<std::string> args, int& code) {
+  args.insert(args.begin(), "orchestrator");
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  code = 0;
+  return parse_command_line(static_cast<int>(argv.size()), argv.data(), code);
+}
+
+// A stand-in for nvidia-cuda-mps-control: "-d" starts a "daemon" (a state file), commands on
+// stdin answer only while it runs, "quit" stops it.
+std::string fake_mps_control(const std::string& dir, bool start_fails = false) {
+  const std::string path = dir + "/fake-mps-control";
+  std::ofstream script(path);
+  script << "#!/bin/sh\n"
+            "state=\"$CUDA_MPS_PIPE_DIRECTORY/daemon\"\n"
+            "if [ \"$1\" = \"-d\" ]; then\n"
+         << (start_fails ? "  echo 'An instance of this daemon is already running' >&2; exit 1\n" : "")
+         << "  echo up > \"$state\"; echo start >> \"$CUDA_MPS_PIPE_DIRECTORY/starts\"; exit 0\n"
+            "fi\n"
+            "[ -f \"$state\" ] || { echo 'Cannot find MPS control daemon process' >&2; exit 1; }\n"
+            "read cmd\n"
+            "case \"$cmd\" in get_server_list) exit 0;; quit) rm -f \"$state\"; exit 0;; esac\n"
+            "exit 1\n";
+  script.close();
+  fs::permissions(path, fs::perms::owner_all);
+  return path;
+}
+
+}  // namespace
+
+TEST_CASE("command line defaults and validation", "[orchestrator][cli]") {
+  int code = 0;
+  auto o = parse({}, code);
+  REQUIRE(o.has_value());
+  CHECK(o->backend == "auto");
+  CHECK(o->mode == "concurrent");
+  CHECK(o->slots == 2);
+  CHECK_FALSE(o->prompt_len.has_value());
+
+  o = parse({"--encoder-pct", "30", "--decoder-pct", "70", "--mode", "sequential", "--prompt-len", "20"}, code);
+  REQUIRE(o.has_value());
+  CHECK(o->encoder_pct == 30);
+  CHECK(o->decoder_pct == 70);
+  CHECK(o->mode == "sequential");
+  CHECK(*o->prompt_len == 20);
+
+  for (const auto& bad : std::vector<std::vector<std::string>>{
+           {"--encoder-pct", "0"}, {"--decoder-pct", "101"}, {"--mode", "fast"},
+           {"--slots", "9"}, {"--backend", "tpu"}, {"--views", "0"}, {"--frames", "-3"},
+           {"--sweep", "--sweep-min", "80", "--sweep-max", "20"}, {"--no-such-flag"}}) {
+    INFO(bad[0]);
+    CHECK_FALSE(parse(bad, code).has_value());
+    CHECK(code != 0);
+  }
+}
+
+TEST_CASE("resolve picks the CPU backend and tiny model without a GPU", "[orchestrator][cli]") {
+  RunOptions o;
+  o.backend = "cpu";
+  const ResolvedRun r = resolve(o);
+  CHECK(r.backend == "cpu");
+  CHECK(r.config.name == "tiny");
+  o.model = "pi0";
+  CHECK(resolve(o).config.name == "pi0");
+}
+
+TEST_CASE("child processes report exit status and output", "[orchestrator][process]") {
+  ChildProcess p = ChildProcess::spawn("sh", "/bin/sh", {"-c", "echo first; echo second >&2; exit 3"}, {}, false);
+  const auto s = p.wait_for(5000ms);
+  REQUIRE(s.has_value());
+  CHECK(s->code == 3);
+  CHECK(s->describe() == "exited with status 3");
+  p.terminate(100ms);
+  CHECK(p.last_lines() == std::vector<std::string>{"first", "second"});
+
+  ChildProcess env_child = ChildProcess::spawn(
+      "sh", "/bin/sh", {"-c", "echo \"pct=$CUDA_MPS_ACTIVE_THREAD_PERCENTAGE home=${HOME:+set}\""},
+      {{"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "30"}}, false);
+  REQUIRE(env_child.wait_for(5000ms).has_value());
+  env_child.terminate(100ms);
+  CHECK(env_child.output() == "pct=30 home=set\n");
+
+  ChildProcess sleeper = ChildProcess::spawn("sleep", "/bin/sleep", {"100"}, {}, false);
+  const auto t0 = std::chrono::steady_clock::now();
+  const ExitStatus killed = sleeper.terminate(2000ms);
+  CHECK(killed.signaled);
+  CHECK(killed.describe() == "killed by signal 15 (SIGTERM)");
+  CHECK(std::chrono::steady_clock::now() - t0 < 1s);
+
+  CHECK_THROWS_AS(ChildProcess::spawn("nope", "/nonexistent/program", {}, {}, false), Error);
+}
+
+TEST_CASE("run_command feeds stdin and enforces its timeout", "[orchestrator][process]") {
+  const CommandResult r = run_command("cat", {}, {}, "hello\n", 5000ms);
+  CHECK(r.status.success());
+  CHECK(r.output == "hello\n");
+  const auto t0 = std::chrono::steady_clock::now();
+  const CommandResult slow = run_command("sleep", {"10"}, {}, "", 200ms);
+  CHECK(slow.timed_out);
+  CHECK(std::chrono::steady_clock::now() - t0 < 2s);
+  CHECK_FALSE(find_on_path("sh").empty());
+  CHECK(find_on_path("no-such-program-pi0").empty());
+}
+
+TEST_CASE("MPS daemon is started and quit or adopted and left running", "[orchestrator][mps-control]") {
+  const std::string dir = test::temp_dir("mps");
+  MpsOptions o;
+  o.pipe_dir = dir + "/pipe";
+  o.log_dir = dir + "/log";
+  o.control_program = fake_mps_control(dir);
+  o.timeout = 5000ms;
+  const std::string state = o.pipe_dir + "/daemon";
+
+  SECTION("started here, quit on destruction") {
+    {
+      MpsDaemon d = MpsDaemon::start_or_adopt(o);
+      CHECK(d.active());
+      CHECK(d.started_here());
+      CHECK(fs::exists(state));
+      CHECK(mps_daemon_answers(o));
+    }
+    CHECK_FALSE(fs::exists(state));
+    CHECK_FALSE(mps_daemon_answers(o));
+  }
+  SECTION("adopted, left running") {
+    fs::create_directories(o.pipe_dir);
+    std::ofstream(state) << "up\n";
+    {
+      MpsDaemon d = MpsDaemon::start_or_adopt(o);
+      CHECK(d.active());
+      CHECK_FALSE(d.started_here());
+    }
+    CHECK(fs::exists(state));
+    CHECK_FALSE(fs::exists(o.pipe_dir + "/starts"));
+  }
+  SECTION("a missing control program is a clear error") {
+    o.control_program = dir + "/not-installed";
+    try {
+      MpsDaemon::start_or_adopt(o);
+      FAIL("no error");
+    } catch (const Error& e) {
+      CHECK(std::string(e.what()).find("not found") != std::string::npos);
+      CHECK(std::string(e.what()).find("--no-mps") != std::string::npos);
+    }
+  }
+  SECTION("a control program that fails to start is a clear error") {
+    o.control_program = fake_mps_control(dir, true);
+    try {
+      MpsDaemon::start_or_adopt(o);
+      FAIL("no error");
+    } catch (const Error& e) {
+      CHECK(std::string(e.what()).find("already running") != std::string::npos);
+    }
+  }
+  fs::remove_all(dir);
+}

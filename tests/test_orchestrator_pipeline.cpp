@@ -1,0 +1,244 @@
+// The orchestrator binary with real worker processes on the CPU backend.
+#include <fcntl.h>
+#include <sys/mman.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include "catch.hpp"
+#include "pi0/frame_inputs.hpp"
+#include "pi0/orchestrator.hpp"
+#include "pi0/reference.hpp"
+#include "process_utils.hpp"
+
+namespace fs = std::filesystem;
+using namespace pi0;
+using namespace std::chrono_literals;
+
+namespace {
+
+std::vector<std::string> tiny_run(std::vector<std::string> extra) {
+  std::vector<std::string> args = {"--backend", "cpu", "--model", "tiny", "--quiet-workers"};
+  args.insert(args.end(), extra.begin(), extra.end());
+  return args;
+}
+
+std::vector<float> read_floats(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::vector<float> out(bytes.size() / sizeof(float));
+  std::memcpy(out.data(), bytes.data(), out.size() * sizeof(float));
+  return out;
+}
+
+// Nothing of the run `pid` is left: no worker process, no shared-memory segment.
+void require_nothing_left(int pid) {
+  REQUIRE(test::eventually([&] { return test::workers_of(pid).empty(); }, 1000ms));
+  REQUIRE(test::segments_of(pid).empty());
+}
+
+int pid_in_log(const std::string& log, const std::string& worker) {
+  const std::string key = worker + " (pid ";
+  const auto at = log.find(key);
+  return at == std::string::npos ? -1 : std::stoi(log.substr(at + key.size()));
+}
+
+// Starts a long tiny run and waits until both workers serve frames.
+ChildProcess start_long_run(std::string& log_out) {
+  ChildProcess orch = ChildProcess::spawn(
+      "orchestrator", PI0_ORCHESTRATOR_EXE,
+      tiny_run({"--frames", "1000000", "--warmup", "0"}), {}, false);
+  REQUIRE(test::eventually(
+      [&] { return orch.output().find("started encoder_worker") != std::string::npos; }, 20000ms));
+  std::this_thread::sleep_for(300ms);  // frames are flowing
+  REQUIRE(orch.running());
+  log_out = orch.output();
+  return orch;
+}
+
+}  // namespace
+
+TEST_CASE("cpu pipeline actions equal the in-process reference bitwise in both modes", "[orchestrator][process]") {
+  const uint64_t seed = 7;
+  const std::string dir = test::temp_dir("bitwise");
+  const ModelConfig config = model_config("tiny");
+  RunShape shape;  // the orchestrator's defaults: V=2, C=63, P=0
+  const WeightStore weights = WeightStore::random(config, shape.prompt_len, seed, WeightSet::kAll);
+  const ReferenceEncoder encoder(config, weights);
+  const ReferenceDecoder decoder(config, weights);
+  const StageSizes sizes = stage_sizes(config, shape);
+  std::vector<std::vector<float>> expected;
+  for (uint64_t i = 0; i < kDistinctInputs; ++i) {
+    const FrameInputs in = make_frame_inputs(config, shape, input_seed(seed), i);
+    std::vector<float> kv(sizes.kv_values), actions(sizes.action_values);
+    encoder.encode(shape, in.images.data(), kv.data());
+    decoder.decode(shape, kv.data(), in.state.data(), in.noise.data(), actions.data());
+    expected.push_back(actions);
+  }
+  REQUIRE(expected[0] != expected[1]);
+
+  for (const std::string mode : {"concurrent", "sequential"}) {
+    const std::string out = dir + "/actions_" + mode + ".f32";
+    const auto run = test::run_orchestrator(tiny_run({"--frames", "200", "--warmup", "0", "--mode",
+                                                      mode, "--seed", std::to_string(seed),
+                                                      "--actions-out", out}));
+    INFO(run.output);
+    REQUIRE(run.status.success());
+    REQUIRE(run.output.find("frames                          200") != std::string::npos);
+    const std::vector<float> got = read_floats(out);
+    REQUIRE(got.size() == 200 * sizes.action_values);
+    size_t mismatched = 0;
+    for (uint64_t f = 0; f < 200; ++f) {
+      const auto& want = expected[f % kDistinctInputs];
+      if (std::memcmp(got.data() + f * sizes.action_values, want.data(),
+                      sizes.action_values * sizeof(float)) != 0) {
+        ++mismatched;
+      }
+    }
+    CHECK(mismatched == 0);
+  }
+  fs::remove_all(dir);
+}
+
+TEST_CASE("a run writes its figures as JSON", "[orchestrator][process]") {
+  const std::string dir = test::temp_dir("json");
+  const auto run = test::run_orchestrator(tiny_run({"--frames", "20", "--json", dir + "/r.json"}));
+  REQUIRE(run.status.success());
+  std::ifstream in(dir + "/r.json");
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  CHECK(text.find("\"throughput_fps\"") != std::string::npos);
+  CHECK(text.find("\"p99\"") != std::string::npos);
+  CHECK(text.find("\"frames\": 20") != std::string::npos);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("bad percentages are rejected with one line and nothing left behind", "[orchestrator][cli]") {
+  for (const auto& bad : std::vector<std::vector<std::string>>{{"--encoder-pct", "0"},
+                                                               {"--decoder-pct", "101"},
+                                                               {"--encoder-pct", "abc"}}) {
+    const auto run = test::run_orchestrator(tiny_run(bad));
+    INFO(run.output);
+    CHECK_FALSE(run.status.success());
+    CHECK(run.output.find(bad[0]) != std::string::npos);
+    CHECK(std::count(run.output.begin(), run.output.end(), '\n') == 1);
+  }
+}
+
+TEST_CASE("missing truncated and misshapen weights files fail cleanly", "[orchestrator][weights]") {
+  const std::string dir = test::temp_dir("weights");
+  const std::string good = dir + "/tiny.safetensors";
+  WeightStore::random(model_config("tiny"), 0, 3, WeightSet::kAll).save_safetensors(good);
+  const auto size = fs::file_size(good);
+  const std::string truncated = dir + "/truncated.safetensors";
+  fs::copy_file(good, truncated);
+  fs::resize_file(truncated, size / 2);
+
+  struct Case {
+    std::vector<std::string> args;
+    std::string expect;
+  };
+  const std::vector<Case> cases = {
+      {{"--weights", dir + "/missing.safetensors"}, "missing.safetensors"},
+      {{"--weights", truncated}, "truncated"},
+      {{"--weights", good, "--model", "pi0-1l"}, "shape"},
+  };
+  for (const auto& c : cases) {
+    std::vector<std::string> args = {"--backend", "cpu", "--quiet-workers"};
+    if (std::find(c.args.begin(), c.args.end(), "--model") == c.args.end()) {
+      args.insert(args.end(), {"--model", "tiny"});
+    }
+    args.insert(args.end(), c.args.begin(), c.args.end());
+    const auto run = test::run_orchestrator(args);
+    INFO(run.output);
+    CHECK(run.status.code == 1);
+    CHECK(run.output.find("error:") != std::string::npos);
+    CHECK(run.output.find(c.expect) != std::string::npos);
+  }
+  // The good file works and gives the same actions as the same seed's random weights.
+  const auto with_file = test::run_orchestrator(
+      tiny_run({"--weights", good, "--seed", "3", "--frames", "5", "--warmup", "0", "--actions-out", dir + "/a.f32"}));
+  const auto with_seed = test::run_orchestrator(
+      tiny_run({"--seed", "3", "--frames", "5", "--warmup", "0", "--actions-out", dir + "/b.f32"}));
+  REQUIRE(with_file.status.success());
+  REQUIRE(with_seed.status.success());
+  CHECK(read_floats(dir + "/a.f32") == read_floats(dir + "/b.f32"));
+  fs::remove_all(dir);
+}
+
+TEST_CASE("kill -9 of a worker stops the run within a second naming it", "[orchestrator][process]") {
+  for (const std::string victim : {"encoder_worker", "decoder_worker"}) {
+    std::string log;
+    ChildProcess orch = start_long_run(log);
+    const int victim_pid = pid_in_log(log, victim);
+    REQUIRE(victim_pid > 0);
+    const auto t0 = std::chrono::steady_clock::now();
+    REQUIRE(::kill(victim_pid, SIGKILL) == 0);
+    const auto status = orch.wait_for(2000ms);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    REQUIRE(status.has_value());
+    INFO(orch.output());
+    CHECK(secs < 1.0);
+    CHECK(status->code == 3);
+    CHECK(orch.output().find(victim + " (pid " + std::to_string(victim_pid) +
+                             ") died: killed by signal 9") != std::string::npos);
+    require_nothing_left(orch.pid());
+  }
+}
+
+TEST_CASE("workers exit and clean up when the orchestrator is killed", "[orchestrator][process]") {
+  std::string log;
+  ChildProcess orch = start_long_run(log);
+  const int pid = orch.pid();
+  REQUIRE(test::workers_of(pid).size() == 2);
+  REQUIRE(test::segments_of(pid).size() == 1);
+  ::kill(pid, SIGKILL);
+  REQUIRE(orch.wait_for(1000ms).has_value());
+  CHECK(test::eventually([&] { return test::workers_of(pid).empty(); }, 1000ms));
+  CHECK(test::eventually([&] { return test::segments_of(pid).empty(); }, 1000ms));
+}
+
+TEST_CASE("SIGINT drains the frames in flight and exits cleanly", "[orchestrator][process]") {
+  std::string log;
+  ChildProcess orch = start_long_run(log);
+  ::kill(orch.pid(), SIGINT);
+  const auto status = orch.wait_for(5000ms);
+  REQUIRE(status.has_value());
+  INFO(orch.output());
+  CHECK(status->code == 130);
+  CHECK(orch.output().find("draining") != std::string::npos);
+  CHECK(orch.output().find("interrupted") != std::string::npos);
+  CHECK(orch.output().find("encoder stopped") == std::string::npos);  // workers were quiet
+  require_nothing_left(orch.pid());
+}
+
+TEST_CASE("a worker that fails to start is named with its status and last lines", "[orchestrator][process]") {
+  const std::string dir = test::temp_dir("badworker");
+  {
+    std::ofstream script(dir + "/encoder_worker");
+    script << "#!/bin/sh\necho 'cannot open the camera driver' >&2\nexit 7\n";
+  }
+  fs::permissions(dir + "/encoder_worker", fs::perms::owner_all);
+  fs::create_symlink(fs::path(PI0_DECODER_EXE), dir + "/decoder_worker");
+  const auto run = test::run_orchestrator(tiny_run({"--worker-dir", dir, "--frames", "5"}), 30s);
+  INFO(run.output);
+  CHECK(run.status.code == 3);
+  CHECK(run.output.find("encoder_worker (pid") != std::string::npos);
+  CHECK(run.output.find("exited with status 7") != std::string::npos);
+  CHECK(run.output.find("cannot open the camera driver") != std::string::npos);
+  CHECK(run.seconds < 5);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("segments left by dead runs are removed when a run starts", "[orchestrator][ipc]") {
+  ChildProcess gone = ChildProcess::spawn("true", "/bin/true", {}, {}, false);
+  REQUIRE(gone.wait_for(5000ms).has_value());
+  const std::string name = "pi0mps_" + std::to_string(gone.pid()) + "_00112233deadbeef_ctl";
+  const int fd = ::shm_open(("/" + name).c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+  REQUIRE(fd >= 0);
+  ::close(fd);
+  REQUIRE(test::segments_named(name).size() == 1);
+  const auto run = test::run_orchestrator(tiny_run({"--frames", "3"}));
+  REQUIRE(run.status.success());
+  CHECK(test::segments_named(name).empty());
+}

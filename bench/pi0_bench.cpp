@@ -19,6 +19,7 @@
 #include "pi0/check.hpp"
 #include "pi0/config.hpp"
 #include "pi0/cuda/device.hpp"
+#include "pi0/cuda/op_timer.hpp"
 #include "pi0/cuda_decoder.hpp"
 #include "pi0/cuda_encoder.hpp"
 #include "pi0/frame_inputs.hpp"
@@ -61,9 +62,20 @@ size_t used_memory() {
 
 double gib(size_t b) { return static_cast<double>(b) / (1u << 30); }
 
+void print_breakdown(const char* stage, const cuda::OpTimer& timer) {
+  double total = 0;
+  for (const auto& r : timer.rows()) total += r.ms_per_pass;
+  std::printf("  %s breakdown (graph with event nodes, %d passes): %.3f ms\n", stage,
+              timer.passes(), total);
+  for (const auto& r : timer.rows())
+    std::printf("    %-34s %8.3f ms %5.1f%% %6d calls %8.2f us/call\n", r.label.c_str(),
+                r.ms_per_pass, 100 * r.ms_per_pass / total, r.calls_per_pass,
+                1000 * r.ms_per_pass / std::max(r.calls_per_pass, 1));
+}
+
 Figures run_case(const ModelConfig& config, const Case& c, const WeightStore& enc_weights,
                  const WeightStore& dec_weights, int iters, int warmup,
-                 const CudaEngineOptions& options) {
+                 const CudaEngineOptions& options, bool breakdown) {
   const RunShape shape{c.views, c.chunk, c.prompt};
   const StageSizes sizes = stage_sizes(config, shape);
   Figures f;
@@ -140,6 +152,28 @@ Figures run_case(const ModelConfig& config, const Case& c, const WeightStore& en
       cuda::download(sets[0].actions.get(), sets[0].actions.size());
   for (float a : actions) PI0_CHECK(std::isfinite(a), "non-finite action in the benchmark run");
 
+  if (breakdown) {
+    cuda::OpTimer enc_timer, dec_timer;
+    encoder.set_op_timer(&enc_timer);
+    decoder.set_op_timer(&dec_timer);
+    for (int i = 0; i < 3 + 30; ++i) {
+      if (i == 3) {  // eager pass and capture done
+        enc_timer.reset_totals();
+        dec_timer.reset_totals();
+      }
+      Inputs& s = sets[0];
+      encoder.encode(s.images.get(), s.kv.get(), stream.get());
+      enc_timer.collect();
+      decoder.decode(s.kv.get(), s.state.get(), s.noise.get(), s.actions.get(), stream.get());
+      dec_timer.collect();
+    }
+    encoder.set_op_timer(nullptr);
+    decoder.set_op_timer(nullptr);
+    std::printf("V=%d C=%d P=%d\n", c.views, c.chunk, c.prompt);
+    print_breakdown("encoder", enc_timer);
+    print_breakdown("decoder", dec_timer);
+  }
+
   f.enc_tflops = f.enc_flop / (f.enc_median * 1e-3) / 1e12;
   f.dec_tflops = f.dec_flop / (f.dec_median * 1e-3) / 1e12;
   f.e2e_tflops = (f.enc_flop + f.dec_flop) / (f.e2e_median * 1e-3) / 1e12;
@@ -172,12 +206,14 @@ int main(int argc, char** argv) {
   int iters = 200, warmup = 20;
   std::string json_path;
   bool autotune = false;
+  bool breakdown = false;
   std::vector<std::string> case_specs;
   app.add_option("--model", model, "model config (pi0, pi0-1l, pi0-2l, tiny)");
   app.add_option("--iters", iters, "timed inferences per shape (>= 200 for the report)");
   app.add_option("--warmup", warmup, "untimed inferences after graph capture");
   app.add_option("--json", json_path, "write the figures to this file");
   app.add_flag("--autotune", autotune, "time cuBLASLt candidates per GEMM at construction");
+  app.add_flag("--breakdown", breakdown, "also time every operation (event nodes in the graph)");
   app.add_option("--case", case_specs, "V,C,P (repeatable); default: the four report shapes");
   CLI11_PARSE(app, argc, argv);
 
@@ -213,7 +249,8 @@ int main(int argc, char** argv) {
         enc_weights.emplace(c.prompt,
                             WeightStore::random(config, c.prompt, 1234, WeightSet::kEncoder));
       results.push_back(
-          run_case(config, c, enc_weights.at(c.prompt), dec_weights, iters, warmup, options));
+          run_case(config, c, enc_weights.at(c.prompt), dec_weights, iters, warmup, options,
+                   breakdown));
       print_case(results.back());
     }
 

@@ -208,7 +208,6 @@ TEST_CASE("SIGINT drains the frames in flight and exits cleanly", "[orchestrator
   CHECK(status->code == 130);
   CHECK(orch.output().find("draining") != std::string::npos);
   CHECK(orch.output().find("interrupted") != std::string::npos);
-  CHECK(orch.output().find("encoder stopped") == std::string::npos);  // workers were quiet
   require_nothing_left(orch.pid());
 }
 

@@ -46,12 +46,15 @@ SharedKvAttention::SharedKvAttention(cublasLtHandle_t handle, const Params& para
 }
 
 void SharedKvAttention::run(const Bf16* q, const Bf16* k, const Bf16* v, Bf16* out,
-                            cudaStream_t stream) {
+                            cudaStream_t stream, OpTimer* timer) {
   const int rows = params_.queries * params_.heads;
   qk_.run(q, k, scores_.get(), nullptr, stream);
+  if (timer) timer->mark("attention qk gemm", stream);
   softmax_rows(scores_.get(), ld_, probs_.get(), ld_, rows, params_.keys,
                params_.limited_queries * params_.heads, params_.limited_keys, stream);
+  if (timer) timer->mark("attention softmax", stream);
   pv_.run(probs_.get(), v, out, nullptr, stream);
+  if (timer) timer->mark("attention pv gemm", stream);
 }
 
 ViewAttention::ViewAttention(cublasLtHandle_t handle, const Params& params, void* workspace,
@@ -98,7 +101,7 @@ ViewAttention::ViewAttention(cublasLtHandle_t handle, const Params& params, void
   pv_ = Gemm(handle, pv, workspace, workspace_bytes);
 }
 
-void ViewAttention::run(const Bf16* qkv, Bf16* out, cudaStream_t stream) {
+void ViewAttention::run(const Bf16* qkv, Bf16* out, cudaStream_t stream, OpTimer* timer) {
   const int hd = params_.heads * params_.head_dim;
   const size_t view_rows = static_cast<size_t>(params_.tokens) * 3 * hd;
   const size_t per_view = static_cast<size_t>(params_.heads) * params_.tokens * ld_;
@@ -106,13 +109,16 @@ void ViewAttention::run(const Bf16* qkv, Bf16* out, cudaStream_t stream) {
     const Bf16* base = qkv + v * view_rows;
     qk_.run(base, base + hd, scores_.get() + v * per_view, nullptr, stream);
   }
+  if (timer) timer->mark("vision attention qk gemm", stream);
   softmax_rows(scores_.get(), ld_, probs_.get(), ld_, params_.views * params_.heads * params_.tokens,
                params_.tokens, 0, 0, stream);
+  if (timer) timer->mark("vision attention softmax", stream);
   for (int v = 0; v < params_.views; ++v) {
     const Bf16* base = qkv + v * view_rows;
     pv_.run(probs_.get() + v * per_view, base + 2 * hd,
             out + static_cast<size_t>(v) * params_.tokens * hd, nullptr, stream);
   }
+  if (timer) timer->mark("vision attention pv gemm", stream);
 }
 
 }  // namespace pi0::cuda

@@ -14,6 +14,7 @@
 #include "pi0/cuda/device.hpp"
 #include "pi0/cuda/gemm.hpp"
 #include "pi0/cuda/kernels.hpp"
+#include "pi0/cuda/op_timer.hpp"
 #include "pi0/cuda/weights.hpp"
 #include "pi0/reference.hpp"
 
@@ -48,6 +49,10 @@ struct CudaDecoder::Impl {
   Gemm g_state, g_ain, g_amlp, g_qkv, g_o, g_gu, g_down, g_aout;
   cuda::SharedKvAttention attention;
   cuda::GraphCache graphs;
+  cuda::OpTimer* timer = nullptr;
+  void mark(const char* label, cudaStream_t s) {
+    if (timer) timer->mark(label, s);
+  }
 
   template <typename T>
   DeviceBuffer<T> weight(DeviceBuffer<T> buf) {
@@ -184,40 +189,57 @@ void CudaDecoder::Impl::forward(const Bf16* kv_prefix, const Bf16* state, const 
   const int qw = cfg.lm_q_width(), ad = cfg.action_dim, c = shape.chunk;
   const size_t row_bytes = static_cast<size_t>(cfg.head_dim) * sizeof(Bf16);
 
+  if (timer) timer->begin(s);
   // Prefix rows of every (layer, K|V) block into the decoder's cache, one strided copy.
   CUDA_CHECK(cudaMemcpy2DAsync(kv.get(), keys * row_bytes, kv_prefix, prefix * row_bytes,
                                prefix * row_bytes, 2 * static_cast<size_t>(cfg.lm_layers),
                                cudaMemcpyDeviceToDevice, s));
+  mark("prefix kv copy", s);
   g_state.run(state, state_w.get(), state_row.get(), state_b.get(), s);
   cuda::bf16_to_f32(noise, actions, static_cast<size_t>(c) * ad, s);
+  mark("state proj + noise in", s);
 
   for (int step = 0; step < cfg.flow_steps; ++step) {
     cuda::f32_to_bf16(actions, sample.get(), static_cast<size_t>(c) * ad, s);
+    mark("action in: sample to bf16", s);
     g_ain.run(sample.get(), ain_w.get(), t1.get(), time_b.get() + static_cast<size_t>(step) * aw,
               s);
+    mark("action in: gemm + time bias", s);
     cuda::silu_inplace(t1.get(), static_cast<size_t>(c) * aw, s);
+    mark("action in: silu", s);
     g_amlp.run(t1.get(), amlp_w.get(), x.get() + aw, amlp_b.get(), s);
+    mark("action in: mlp gemm", s);
     CUDA_CHECK(cudaMemcpyAsync(x.get(), state_row.get(), aw * sizeof(float),
                                cudaMemcpyDeviceToDevice, s));
+    mark("state token copy", s);
     for (int l = 0; l < cfg.lm_layers; ++l) {
       const size_t ll = static_cast<size_t>(l);
       Bf16* k = kv_slice(l, 0);
       Bf16* v = kv_slice(l, 1);
       const size_t suffix = static_cast<size_t>(prefix) * cfg.head_dim;
       cuda::rms_norm(x.get(), h.get(), rows, aw, cfg.rms_eps, s);
+      mark("rmsnorm", s);
       g_qkv.run(h.get(), qkv_w.get() + ll * aw * qkv_width, qkv.get(), nullptr, s);
+      mark("qkv gemm", s);
       cuda::rope_split_qkv(qkv.get(), rows, cfg.lm_heads, cfg.head_dim, prefix, cfg.rope_theta,
                            q.get(), k + suffix, v + suffix, s);
-      attention.run(q.get(), k, v, attn.get(), s);
+      mark("rope + kv write", s);
+      attention.run(q.get(), k, v, attn.get(), s, timer);
       g_o.run(attn.get(), o_w.get() + ll * qw * aw, x.get(), nullptr, s);
+      mark("o gemm + residual", s);
       cuda::rms_norm(x.get(), h.get(), rows, aw, cfg.rms_eps, s);
+      mark("rmsnorm", s);
       g_gu.run(h.get(), gate_up_w.get() + ll * aw * 2 * am, gu.get(), nullptr, s);
+      mark("gate|up gemm", s);
       cuda::geglu(gu.get(), act.get(), rows, am, s);
+      mark("geglu", s);
       g_down.run(act.get(), down_w.get() + ll * am * aw, x.get(), nullptr, s);
+      mark("down gemm + residual", s);
     }
     // Euler step on the action rows: sample += rms(x[1..C]) @ W_aout + b_aout.
     cuda::rms_norm(x.get() + aw, h.get() + aw, c, aw, cfg.rms_eps, s);
     g_aout.run(h.get() + aw, aout_w.get(), actions, aout_b.get(), s);
+    mark("euler: norm + out gemm", s);
   }
 }
 
@@ -236,11 +258,12 @@ void CudaDecoder::decode(const Bf16* d_kv_prefix, const Bf16* d_state, const Bf1
   PI0_CHECK(cuda::is_aligned(d_kv_prefix, 16) && cuda::is_aligned(d_state, 16) &&
                 cuda::is_aligned(d_noise, 16) && cuda::is_aligned(d_actions, 16),
             "CudaDecoder::decode: device buffers must be 16-byte aligned");
-  impl_->graphs.run({d_kv_prefix, d_state, d_noise, d_actions}, stream, [&](cudaStream_t s) {
+  impl_->graphs.run({d_kv_prefix, d_state, d_noise, d_actions, impl_->timer}, stream, [&](cudaStream_t s) {
     impl_->forward(d_kv_prefix, d_state, d_noise, d_actions, s);
   });
 }
 
+void CudaDecoder::set_op_timer(cuda::OpTimer* timer) { impl_->timer = timer; }
 size_t CudaDecoder::weight_bytes() const { return impl_->weight_bytes; }
 size_t CudaDecoder::workspace_bytes() const { return impl_->workspace_bytes; }
 double CudaDecoder::flops() const { return impl_->flops; }

@@ -14,6 +14,7 @@
 #include "pi0/cuda/device.hpp"
 #include "pi0/cuda/gemm.hpp"
 #include "pi0/cuda/kernels.hpp"
+#include "pi0/cuda/op_timer.hpp"
 #include "pi0/cuda/weights.hpp"
 #include "pi0/reference.hpp"
 
@@ -56,6 +57,10 @@ struct CudaEncoder::Impl {
   cuda::ViewAttention v_attention;
   cuda::SharedKvAttention lm_attention;
   cuda::GraphCache graphs;
+  cuda::OpTimer* timer = nullptr;
+  void mark(const char* label, cudaStream_t s) {
+    if (timer) timer->mark(label, s);
+  }
 
   template <typename T>
   DeviceBuffer<T> weight(DeviceBuffer<T> buf) {
@@ -218,28 +223,37 @@ void CudaEncoder::Impl::forward(const Bf16* images, Bf16* kv, cudaStream_t s) {
   const int vw = cfg.vision_width, vqkv_w = cfg.vision_qkv_width(), vm = cfg.vision_mlp;
   const int lw = cfg.lm_width, qkv_w = cfg.qkv_width(), qw = cfg.lm_q_width(), lm = cfg.lm_mlp;
 
+  if (timer) timer->begin(s);
   // Patch embedding: x = pos_embed[token] + b_patch, then x += patches @ W_patch.
   cuda::extract_patches(images, patches.get(), shape.views, cfg.image_size, cfg.patch_size,
                         cfg.image_channels, s);
   cuda::broadcast_rows(pos_embed.get(), tokens, patch_b.get(), vx.get(), vision_rows, vw, s);
   g_patch.run(patches.get(), patch_w.get(), vx.get(), nullptr, s);
+  mark("patch embedding", s);
 
   for (int l = 0; l < cfg.vision_layers; ++l) {
     const size_t lv = static_cast<size_t>(l);
     cuda::layer_norm(vx.get(), ln1_w.get() + lv * vw, ln1_b.get() + lv * vw, vh.get(), vision_rows,
                      vw, cfg.vision_norm_eps, s);
+    mark("vision layernorm", s);
     g_vqkv.run(vh.get(), v_qkv_w.get() + lv * vw * vqkv_w, vqkv.get(), v_qkv_b.get() + lv * vqkv_w,
                s);
-    v_attention.run(vqkv.get(), vattn.get(), s);
+    mark("vision qkv gemm", s);
+    v_attention.run(vqkv.get(), vattn.get(), s, timer);
     g_vo.run(vattn.get(), v_o_w.get() + lv * vw * vw, vx.get(), v_o_b.get() + lv * vw, s);
+    mark("vision o gemm + residual", s);
     cuda::layer_norm(vx.get(), ln2_w.get() + lv * vw, ln2_b.get() + lv * vw, vh.get(), vision_rows,
                      vw, cfg.vision_norm_eps, s);
+    mark("vision layernorm", s);
     g_vup.run(vh.get(), v_up_w.get() + lv * vw * vm, vmlp.get(), v_up_b.get() + lv * vm, s);
+    mark("vision up gemm + gelu", s);
     g_vdown.run(vmlp.get(), v_down_w.get() + lv * vm * vw, vx.get(), v_down_b.get() + lv * vw, s);
+    mark("vision down gemm + residual", s);
   }
   cuda::layer_norm(vx.get(), final_w.get(), final_b.get(), vh.get(), vision_rows, vw,
                    cfg.vision_norm_eps, s);
   g_proj.run(vh.get(), proj_w.get(), lx.get(), proj_b.get(), s);
+  mark("final norm + projector", s);
   if (shape.prompt_len > 0)
     cuda::bf16_to_f32(lang.get(), lx.get() + static_cast<size_t>(vision_rows) * lw,
                       static_cast<size_t>(shape.prompt_len) * lw, s);
@@ -249,16 +263,24 @@ void CudaEncoder::Impl::forward(const Bf16* images, Bf16* kv, cudaStream_t s) {
     Bf16* k = kv_slice(kv, l, 0);
     Bf16* v = kv_slice(kv, l, 1);
     cuda::rms_norm(lx.get(), lh.get(), prefix, lw, cfg.rms_eps, s);
+    mark("lm rmsnorm", s);
     g_lqkv.run(lh.get(), lm_qkv_w.get() + ll * lw * qkv_w, lqkv.get(), nullptr, s);
+    mark("lm qkv gemm", s);
     cuda::rope_split_qkv(lqkv.get(), prefix, cfg.lm_heads, cfg.head_dim, 0, cfg.rope_theta,
                          lq.get(), k, v, s);
+    mark("lm rope + kv write", s);
     if (l == cfg.lm_layers - 1) break;  // only its K/V leave the encoder
-    lm_attention.run(lq.get(), k, v, lattn.get(), s);
+    lm_attention.run(lq.get(), k, v, lattn.get(), s, timer);
     g_lo.run(lattn.get(), lm_o_w.get() + ll * qw * lw, lx.get(), nullptr, s);
+    mark("lm o gemm + residual", s);
     cuda::rms_norm(lx.get(), lh.get(), prefix, lw, cfg.rms_eps, s);
+    mark("lm rmsnorm", s);
     g_lgu.run(lh.get(), lm_gate_up_w.get() + ll * lw * 2 * lm, lgu.get(), nullptr, s);
+    mark("lm gate|up gemm", s);
     cuda::geglu(lgu.get(), lact.get(), prefix, lm, s);
+    mark("lm geglu", s);
     g_ldown.run(lact.get(), lm_down_w.get() + ll * lm * lw, lx.get(), nullptr, s);
+    mark("lm down gemm + residual", s);
   }
 }
 
@@ -274,10 +296,11 @@ void CudaEncoder::encode(const Bf16* d_images, Bf16* d_kv_out, cudaStream_t stre
   PI0_CHECK(d_images && d_kv_out, "CudaEncoder::encode: null device pointer");
   PI0_CHECK(cuda::is_aligned(d_images, 16) && cuda::is_aligned(d_kv_out, 16),
             "CudaEncoder::encode: device buffers must be 16-byte aligned");
-  impl_->graphs.run({d_images, d_kv_out}, stream,
+  impl_->graphs.run({d_images, d_kv_out, impl_->timer}, stream,
                     [&](cudaStream_t s) { impl_->forward(d_images, d_kv_out, s); });
 }
 
+void CudaEncoder::set_op_timer(cuda::OpTimer* timer) { impl_->timer = timer; }
 size_t CudaEncoder::weight_bytes() const { return impl_->weight_bytes; }
 size_t CudaEncoder::workspace_bytes() const { return impl_->workspace_bytes; }
 double CudaEncoder::flops() const { return impl_->flops; }

@@ -14,6 +14,10 @@
 
 namespace pi0 {
 
+namespace cuda {
+class OpTimer;
+}
+
 class CudaDecoder {
  public:
   // Uploads the decoder_* tensors of `weights`. Throws pi0::Error when they do not fit `config`,
@@ -38,6 +42,9 @@ class CudaDecoder {
   size_t workspace_bytes() const;
   double flops() const;                  // per decode, all steps
   double weight_bytes_read() const;      // per decode, all steps (weights are re-read each step)
+  // Charges GPU time to named operations (see pi0/cuda/op_timer.hpp); nullptr turns it off. The
+  // timed forward is graph-captured separately from the untimed one.
+  void set_op_timer(cuda::OpTimer* timer);
   const ModelConfig& config() const;
   const RunShape& shape() const;
 

@@ -14,6 +14,10 @@
 
 namespace pi0 {
 
+namespace cuda {
+class OpTimer;
+}
+
 class CudaEncoder {
  public:
   // Uploads the encoder tensors (vision_*, encoder_*, language_embeds) of `weights` to the
@@ -36,6 +40,9 @@ class CudaEncoder {
   size_t weight_bytes() const;
   size_t workspace_bytes() const;
   double flops() const;  // per encode, counted from the GEMM shapes
+  // Charges GPU time to named operations (see pi0/cuda/op_timer.hpp); nullptr turns it off. The
+  // timed forward is graph-captured separately from the untimed one.
+  void set_op_timer(cuda::OpTimer* timer);
   const ModelConfig& config() const;
   const RunShape& shape() const;
 

@@ -10,6 +10,7 @@
 #include "pi0/bf16.hpp"
 #include "pi0/cuda/device.hpp"
 #include "pi0/cuda/gemm.hpp"
+#include "pi0/cuda/op_timer.hpp"
 
 namespace pi0::cuda {
 
@@ -29,7 +30,8 @@ class SharedKvAttention {
                     size_t workspace_bytes);
   // q [queries, heads*head_dim], k and v [keys, head_dim], out [queries, heads*head_dim]; all
   // contiguous bf16, 256-byte aligned.
-  void run(const Bf16* q, const Bf16* k, const Bf16* v, Bf16* out, cudaStream_t stream);
+  void run(const Bf16* q, const Bf16* k, const Bf16* v, Bf16* out, cudaStream_t stream,
+           OpTimer* timer = nullptr);
   size_t scratch_bytes() const { return scores_.bytes() + probs_.bytes(); }
   double flops() const { return qk_.shape().flops() + pv_.shape().flops(); }
 
@@ -53,7 +55,7 @@ class ViewAttention {
   ViewAttention() = default;
   ViewAttention(cublasLtHandle_t handle, const Params& params, void* workspace,
                 size_t workspace_bytes);
-  void run(const Bf16* qkv, Bf16* out, cudaStream_t stream);
+  void run(const Bf16* qkv, Bf16* out, cudaStream_t stream, OpTimer* timer = nullptr);
   size_t scratch_bytes() const { return scores_.bytes() + probs_.bytes(); }
   double flops() const { return params_.views * (qk_.shape().flops() + pv_.shape().flops()); }
 

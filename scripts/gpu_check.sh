@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The GPU check (H100, sm_90): builds, runs the [gpu] and [mps] tests, the single-process
+# benchmark and the split sweep with its baselines, and prints a short table last.
+#   scripts/gpu_check.sh [tests] [bench] [sweep]      (default: all three)
+# Figures, logs, JSON and the sweep plot go to $OUT (default: ./gpu_check_out).
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT_DIR="${OUT:-$ROOT/gpu_check_out}"
+mkdir -p "$OUT_DIR"
+export PI0_BUILD_DIR="${PI0_BUILD_DIR:-$ROOT/build-gpu}"
+export PI0_CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90 ${PI0_CMAKE_ARGS:-}"
+STEPS=("$@")
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests bench sweep)
+want() { [[ " ${STEPS[*]} " == *" $1 "* ]]; }
+
+# An MPS daemon left running by a step that failed half-way must not outlive this script.
+cleanup() { echo quit | nvidia-cuda-mps-control >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+
+nvidia-smi --query-gpu=name,memory.total,compute_mode,driver_version --format=csv,noheader
+source "$ROOT/scripts/setup.sh"
+t0=$(date +%s)
+if ! pi0_build >"$OUT_DIR/build.log" 2>&1; then
+  grep -E "error|Error" "$OUT_DIR/build.log" | head -40
+  echo "gpu_check: build failed (log: $OUT_DIR/build.log)"
+  exit 1
+fi
+echo "gpu_check: built in $(( $(date +%s) - t0 )) s"
+BIN="$PI0_BUILD_DIR/bin"
+status_tests="not run"; status_bench="not run"; status_sweep="not run"
+
+if want tests; then
+  (cd "$PI0_BUILD_DIR" && ctest -L gpu --output-on-failure --timeout 900) >"$OUT_DIR/gpu_tests.log" 2>&1
+  rc=$?
+  grep -E "rel error|SMs|tests passed|Failed|FAILED" "$OUT_DIR/gpu_tests.log" | head -60
+  status_tests="$(grep -E 'tests passed' "$OUT_DIR/gpu_tests.log" | tail -1) (rc $rc)"
+fi
+
+if want bench; then
+  "$BIN/pi0_bench" --json "$OUT_DIR/bench.json" >"$OUT_DIR/bench.log" 2>&1
+  rc=$?
+  tail -30 "$OUT_DIR/bench.log"
+  status_bench="rc $rc"
+fi
+
+if want sweep; then
+  "$BIN/orchestrator" --sweep --frames "${PI0_SWEEP_FRAMES:-300}" --warmup 20 \
+    --latency-budget-ms "${PI0_LATENCY_BUDGET_MS:-25}" --json "$OUT_DIR/sweep.json" \
+    --plot "$OUT_DIR/sweep.svg" --quiet-workers >"$OUT_DIR/sweep.log" 2>&1
+  rc=$?
+  status_sweep="rc $rc"
+  for hz in 30 60; do
+    "$BIN/orchestrator" --rate "$hz" --frames 150 --warmup 10 --quiet-workers \
+      --encoder-pct "${PI0_RATE_ENC:-50}" --decoder-pct "${PI0_RATE_DEC:-50}" \
+      --json "$OUT_DIR/rate_${hz}hz.json" >"$OUT_DIR/rate_${hz}hz.log" 2>&1
+    echo "rate ${hz} Hz: $(grep -E 'latency p50|latency p99|throughput' "$OUT_DIR/rate_${hz}hz.log" | tr -s ' ' | tr '\n' ';')"
+  done
+fi
+
+echo
+echo "================ gpu_check summary ($(date -u +%FT%TZ)) ================"
+echo "gpu tests : $status_tests"
+echo "benchmark : $status_bench"
+[ -f "$OUT_DIR/bench.log" ] && sed -n '/^== table/,$p' "$OUT_DIR/bench.log"
+echo "sweep     : $status_sweep"
+[ -f "$OUT_DIR/sweep.log" ] && sed -n '/^== split sweep/,$p' "$OUT_DIR/sweep.log"

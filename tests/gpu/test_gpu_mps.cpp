@@ -1,0 +1,163 @@
+// The whole pipeline on the GPU under MPS: real orchestrator, real workers, real daemon.
+// Uses its own MPS pipe directory so that it neither adopts nor stops anybody else's daemon.
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "catch.hpp"
+#include "gpu_test_util.hpp"
+#include "pi0/cuda_decoder.hpp"
+#include "pi0/cuda_encoder.hpp"
+#include "pi0/frame_inputs.hpp"
+#include "pi0/mps.hpp"
+#include "pi0/orchestrator.hpp"
+#include "process_utils.hpp"
+
+using namespace pi0;
+using namespace std::chrono_literals;
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr const char* kModel = "pi0-2l";  // full widths, 2 layers per tower: fast to load
+constexpr uint64_t kSeed = 11;
+constexpr uint64_t kFrames = 24;
+
+MpsOptions test_mps_options() {
+  MpsOptions o;
+  o.pipe_dir = "/tmp/pi0mps_test_mps_pipe_" + std::to_string(::getpid());
+  o.log_dir = "/tmp/pi0mps_test_mps_log_" + std::to_string(::getpid());
+  return o;
+}
+
+std::vector<std::string> gpu_run(const MpsOptions& mps, std::vector<std::string> extra) {
+  std::vector<std::string> args = {"--backend", "cuda", "--model", kModel, "--seed",
+                                   std::to_string(kSeed), "--frames", std::to_string(kFrames),
+                                   "--warmup", "0", "--mps-pipe-dir", mps.pipe_dir,
+                                   "--mps-log-dir", mps.log_dir, "--quiet-workers"};
+  args.insert(args.end(), extra.begin(), extra.end());
+  return args;
+}
+
+std::vector<float> read_floats(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::vector<float> out(bytes.size() / sizeof(float));
+  std::memcpy(out.data(), bytes.data(), out.size() * sizeof(float));
+  return out;
+}
+
+nlohmann::json read_json(const std::string& path) {
+  std::ifstream in(path);
+  return nlohmann::json::parse(in);
+}
+
+// Encoder + decoder in this process, back to back: the single-process result for each of the
+// distinct input sets the orchestrator cycles through.
+std::vector<std::vector<float>> single_process_actions() {
+  const ModelConfig config = model_config(kModel);
+  RunShape shape;
+  const WeightStore weights = WeightStore::random(config, 0, kSeed, WeightSet::kAll);
+  CudaEncoder encoder(config, shape, weights);
+  CudaDecoder decoder(config, shape, weights);
+  const StageSizes sizes = stage_sizes(config, shape);
+  auto images = cuda::DeviceBuffer<Bf16>(sizes.image_values, "images");
+  auto state = cuda::DeviceBuffer<Bf16>(sizes.state_values, "state");
+  auto noise = cuda::DeviceBuffer<Bf16>(sizes.noise_values, "noise");
+  auto kv = cuda::DeviceBuffer<Bf16>(sizes.kv_values, "kv");
+  auto actions = cuda::DeviceBuffer<float>(sizes.action_values, "actions");
+  cuda::Stream stream;
+  std::vector<std::vector<float>> out;
+  for (uint64_t i = 0; i < std::min<uint64_t>(kDistinctInputs, kFrames); ++i) {
+    const FrameInputs in = make_frame_inputs(config, shape, input_seed(kSeed), i);
+    cuda::copy_to_device(images.get(), in.images.data(), images.bytes());
+    cuda::copy_to_device(state.get(), in.state.data(), state.bytes());
+    cuda::copy_to_device(noise.get(), in.noise.data(), noise.bytes());
+    encoder.encode(images.get(), kv.get(), stream.get());
+    decoder.decode(kv.get(), state.get(), noise.get(), actions.get(), stream.get());
+    stream.synchronize();
+    out.push_back(cuda::download(actions.get(), sizes.action_values));
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("mps pipeline matches the single-process engines and splits the SMs", "[gpu][mps]") {
+  const MpsOptions mps = test_mps_options();
+  REQUIRE_FALSE(mps_daemon_answers(mps));
+  const std::string dir = test::temp_dir("gpu_mps");
+  const std::vector<std::vector<float>> expected = single_process_actions();
+  const size_t values = expected.front().size();
+
+  std::vector<float> first;
+  for (const std::string mode : {"concurrent", "sequential", "concurrent"}) {
+    const std::string actions = dir + "/actions.f32", json = dir + "/run.json";
+    const auto run = test::run_orchestrator(
+        gpu_run(mps, {"--encoder-pct", "30", "--decoder-pct", "70", "--mode", mode,
+                      "--actions-out", actions, "--json", json}),
+        300s);
+    INFO(run.output);
+    REQUIRE(run.status.success());
+    const nlohmann::json r = read_json(json).at("runs").at(0);
+    const int device_sms = r.at("device_sms");
+    const int enc_sms = r.at("encoder").at("sm_count"), dec_sms = r.at("decoder").at("sm_count");
+    std::printf("  %s 30/70: encoder %d SMs, decoder %d SMs of %d; split applied: %s\n",
+                mode.c_str(), enc_sms, dec_sms, device_sms,
+                r.at("split_applied").get<bool>() ? "yes" : "no");
+    CHECK(r.at("encoder").at("mps_client") == 1);
+    CHECK(r.at("decoder").at("mps_client") == 1);
+    CHECK(std::abs(enc_sms - device_sms * 0.3) <= 2.0);
+    CHECK(std::abs(dec_sms - device_sms * 0.7) <= 2.0);
+    CHECK(r.at("split_applied").get<bool>());
+
+    const std::vector<float> got = read_floats(actions);
+    REQUIRE(got.size() == kFrames * values);
+    double worst = 0;
+    for (uint64_t f = 0; f < kFrames; ++f) {
+      const auto& want = expected[f % expected.size()];
+      worst = std::max(worst, test::rel_error(got.data() + f * values, want.data(), values));
+    }
+    std::printf("  %s: worst rel error vs single-process over %llu frames: %.3e\n", mode.c_str(),
+                static_cast<unsigned long long>(kFrames), worst);
+    CHECK(worst < 2e-2);
+    if (first.empty()) {
+      first = got;
+    } else {
+      CHECK(test::bitwise_equal(first.data(), got.data(), got.size() * sizeof(float)));
+    }
+  }
+  // The orchestrator started the daemon, so it quit it on exit.
+  CHECK_FALSE(mps_daemon_answers(mps));
+  fs::remove_all(dir);
+}
+
+TEST_CASE("a daemon that was already running is adopted and left running", "[gpu][mps]") {
+  const MpsOptions mps = test_mps_options();
+  MpsDaemon ours = MpsDaemon::start_or_adopt(mps);
+  REQUIRE(ours.started_here());
+  const auto run = test::run_orchestrator(gpu_run(mps, {"--frames", "5"}), 300s);
+  INFO(run.output);
+  REQUIRE(run.status.success());
+  CHECK(run.output.find("adopted") != std::string::npos);
+  CHECK(mps_daemon_answers(mps));
+  ours.stop();
+  CHECK_FALSE(mps_daemon_answers(mps));
+}
+
+TEST_CASE("without mps the split is reported as not applied", "[gpu][mps]") {
+  const MpsOptions mps = test_mps_options();
+  const std::string dir = test::temp_dir("gpu_nomps");
+  const auto run = test::run_orchestrator(
+      gpu_run(mps, {"--no-mps", "--frames", "5", "--json", dir + "/r.json"}), 300s);
+  INFO(run.output);
+  REQUIRE(run.status.success());
+  const nlohmann::json r = read_json(dir + "/r.json").at("runs").at(0);
+  CHECK_FALSE(r.at("split_applied").get<bool>());
+  CHECK(r.at("encoder").at("mps_client") == 0);
+  CHECK(run.output.find("not applied") != std::string::npos);
+  CHECK_FALSE(mps_daemon_answers(mps));
+  fs::remove_all(dir);
+}

@@ -243,7 +243,9 @@ int main(int argc, char** argv) {
     const WeightStore dec_weights = WeightStore::random(config, 0, 1234, WeightSet::kDecoder);
     std::map<int, WeightStore> enc_weights;
     std::vector<Figures> results;
-    const CudaEngineOptions options{autotune};
+    CudaEngineOptions options;
+    options.autotune_gemms = autotune;
+
     for (const Case& c : cases) {
       if (!enc_weights.count(c.prompt))
         enc_weights.emplace(c.prompt,

@@ -61,6 +61,15 @@ Event& Event::operator=(Event&& other) noexcept {
   return *this;
 }
 void Event::record(cudaStream_t stream) const { CUDA_CHECK(cudaEventRecord(event_, stream)); }
+void Event::record_external(cudaStream_t stream) const {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  if (status == cudaStreamCaptureStatusActive) {
+    CUDA_CHECK(cudaEventRecordWithFlags(event_, stream, cudaEventRecordExternal));
+  } else {
+    CUDA_CHECK(cudaEventRecord(event_, stream));
+  }
+}
 void Event::synchronize() const { CUDA_CHECK(cudaEventSynchronize(event_)); }
 float Event::elapsed_since(const Event& start) const {
   float ms = 0.0f;

@@ -10,13 +10,13 @@ void OpTimer::begin(cudaStream_t stream) {
   used_ = 0;
   labels_.clear();
   if (events_.empty()) events_.emplace_back();
-  events_[used_++].record(stream);
+  events_[used_++].record_external(stream);
 }
 
 void OpTimer::mark(const char* label, cudaStream_t stream) {
   PI0_CHECK(used_ > 0, "OpTimer::mark before begin");
   if (used_ == events_.size()) events_.emplace_back();
-  events_[used_++].record(stream);
+  events_[used_++].record_external(stream);
   labels_.emplace_back(label);
 }
 

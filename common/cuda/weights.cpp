@@ -52,7 +52,7 @@ DeviceBuffer<Bf16> upload_side_by_side(const WeightStore& weights, const std::st
                                        const std::string& second) {
   const TensorView& a = weights.get(first);
   const TensorView& b = weights.get(second);
-  PI0_CHECK(a.shape == b.shape && !a.shape.empty(),
+  PI0_CHECK(a.shape == b.shape && a.shape.size() >= 2,
             "upload_side_by_side: '" + first + "' and '" + second + "' differ in shape");
   const size_t cols = static_cast<size_t>(a.shape.back());
   const size_t rows = a.numel / cols;  // layers * rows

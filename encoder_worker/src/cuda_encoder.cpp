@@ -87,7 +87,8 @@ struct CudaEncoder::Impl {
 
 namespace {
 
-GemmShape linear(int m, int n, int k, DType y, Epilogue epi, bool accumulate, int ld_y = 0) {
+GemmShape linear(int m, int n, int k, DType y, Epilogue epi, bool accumulate,
+                 int ld_y = 0) {
   GemmShape s;
   s.m = m;
   s.n = n;

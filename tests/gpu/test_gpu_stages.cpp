@@ -30,7 +30,8 @@ struct CaseResult {
 };
 
 // One model/shape: reference encode + decode, GPU encode + decode, and the three comparisons.
-CaseResult run_case(const std::string& model, int views, int chunk, int prompt, uint64_t seed) {
+CaseResult run_case(const std::string& model, int views, int chunk, int prompt, uint64_t seed,
+                    const CudaEngineOptions& options = {}) {
   const ModelConfig config = model_config(model);
   const RunShape shape{views, chunk, prompt};
   const StageSizes sizes = stage_sizes(config, shape);
@@ -48,8 +49,8 @@ CaseResult run_case(const std::string& model, int views, int chunk, int prompt, 
   ref_decoder.decode(shape, ref_kv.data(), in.state.data(), in.noise.data(),
                      ref_actions_e2e.data());
 
-  CudaEncoder encoder(config, shape, weights);
-  CudaDecoder decoder(config, shape, weights);
+  CudaEncoder encoder(config, shape, weights, options);
+  CudaDecoder decoder(config, shape, weights, options);
   auto images = cuda::upload(in.images, "images");
   auto state = cuda::upload(in.state, "state");
   auto noise = cuda::upload(in.noise, "noise");
@@ -66,7 +67,7 @@ CaseResult run_case(const std::string& model, int views, int chunk, int prompt, 
   const auto gpu_kv = to_float(cuda::download(kv.get(), kv.size()));
   const auto gpu_actions = cuda::download(actions.get(), actions.size());
   const auto gpu_actions_e2e = cuda::download(actions_e2e.get(), actions_e2e.size());
-  const std::string name = model + " V=" + std::to_string(views) + " C=" + std::to_string(chunk) +
+  const std::string name = model + (options.autotune_gemms ? " (autotuned)" : "") + " V=" + std::to_string(views) + " C=" + std::to_string(chunk) +
                            " P=" + std::to_string(prompt);
   CaseResult r;
   r.kv_error = rel_error(gpu_kv, ref_kv);
@@ -112,6 +113,12 @@ TEST_CASE("pi0-1l stages match the reference with a prompt", "[gpu]") {
 
 TEST_CASE("pi0-2l stages match the reference", "[gpu]") {
   require_case(run_case("pi0-2l", 2, 63, 0, 301));
+}
+
+TEST_CASE("stages with autotuned gemms match the reference", "[gpu]") {
+  CudaEngineOptions options;
+  options.autotune_gemms = true;
+  require_case(run_case("pi0-1l", 1, 50, 20, 502, options));
 }
 
 TEST_CASE("encoder rejects weights of another model", "[gpu]") {

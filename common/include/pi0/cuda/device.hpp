@@ -97,6 +97,9 @@ class Event {
   Event& operator=(const Event&) = delete;
   cudaEvent_t get() const { return event_; }
   void record(cudaStream_t stream) const;
+  // Under stream capture, becomes an event-record node of the graph (a plain record would only
+  // order the capture); outside capture, the same as record().
+  void record_external(cudaStream_t stream) const;
   void synchronize() const;
   // Milliseconds from `start` to this event (both recorded and complete).
   float elapsed_since(const Event& start) const;

@@ -16,6 +16,7 @@ void check_weights(const ModelConfig& config, int prompt_len, WeightSet set,
                    const WeightStore& weights, const std::string& who);
 
 DeviceBuffer<Bf16> upload_tensor(const WeightStore& weights, const std::string& name);
+
 DeviceBuffer<float> upload_tensor_f32(const WeightStore& weights, const std::string& name);
 // Two stacked [layers, rows, cols] tensors side by side: [layers, rows, 2 * cols] = first | second
 // (the GeGLU gate and up projections as one GEMM).

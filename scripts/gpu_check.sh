@@ -19,6 +19,7 @@ trap cleanup EXIT
 
 nvidia-smi --query-gpu=name,memory.total,compute_mode,driver_version --format=csv,noheader
 source "$ROOT/scripts/setup.sh"
+set +e  # setup.sh turns errexit on; here a failing step is reported and the others still run
 t0=$(date +%s)
 if ! pi0_build >"$OUT_DIR/build.log" 2>&1; then
   grep -E "error|Error" "$OUT_DIR/build.log" | head -40

@@ -15,6 +15,8 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
       "pi0-mps orchestrator: runs pi0 inference split over an encoder worker and a decoder "
       "worker, each with its own share of the GPU's SMs through CUDA MPS"};
   int prompt_len = -1;
+  // A repeated option takes its last value (scripts append overrides), as CLI11 2.1 did.
+  app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_option("--backend", o.backend, "cuda, cpu, or auto (cuda when a GPU is present)")
       ->check(CLI::IsMember({"auto", "cuda", "cpu"}));
   app.add_option("--model", o.model, "pi0, tiny, pi0-1l, pi0-2l, or auto (pi0 on cuda, tiny on cpu)")

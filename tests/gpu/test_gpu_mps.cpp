@@ -13,6 +13,7 @@
 #include "pi0/frame_inputs.hpp"
 #include "pi0/mps.hpp"
 #include "pi0/orchestrator.hpp"
+#include "pi0/reference.hpp"
 #include "process_utils.hpp"
 
 using namespace pi0;
@@ -32,9 +33,10 @@ MpsOptions test_mps_options() {
   return o;
 }
 
-std::vector<std::string> gpu_run(const MpsOptions& mps, std::vector<std::string> extra) {
+std::vector<std::string> gpu_run(const MpsOptions& mps, std::vector<std::string> extra,
+                                 uint64_t frames = kFrames) {
   std::vector<std::string> args = {"--backend", "cuda", "--model", kModel, "--seed",
-                                   std::to_string(kSeed), "--frames", std::to_string(kFrames),
+                                   std::to_string(kSeed), "--frames", std::to_string(frames),
                                    "--warmup", "0", "--mps-pipe-dir", mps.pipe_dir,
                                    "--mps-log-dir", mps.log_dir, "--quiet-workers"};
   args.insert(args.end(), extra.begin(), extra.end());
@@ -75,6 +77,8 @@ std::vector<std::vector<float>> single_process_actions() {
     cuda::copy_to_device(images.get(), in.images.data(), images.bytes());
     cuda::copy_to_device(state.get(), in.state.data(), state.bytes());
     cuda::copy_to_device(noise.get(), in.noise.data(), noise.bytes());
+    // Pageable copies on the legacy stream may still be in flight; the engines use their own.
+    CUDA_CHECK(cudaDeviceSynchronize());
     encoder.encode(images.get(), kv.get(), stream.get());
     decoder.decode(kv.get(), state.get(), noise.get(), actions.get(), stream.get());
     stream.synchronize();
@@ -91,6 +95,21 @@ TEST_CASE("mps pipeline matches the single-process engines and splits the SMs", 
   const std::string dir = test::temp_dir("gpu_mps");
   const std::vector<std::vector<float>> expected = single_process_actions();
   const size_t values = expected.front().size();
+  // The fp32 CPU reference of input set 0: the yardstick for both GPU paths.
+  std::vector<float> cpu_reference(values);
+  {
+    const ModelConfig config = model_config(kModel);
+    RunShape shape;
+    const WeightStore weights = WeightStore::random(config, 0, kSeed, WeightSet::kAll);
+    const FrameInputs in = make_frame_inputs(config, shape, input_seed(kSeed), 0);
+    std::vector<float> kv(stage_sizes(config, shape).kv_values);
+    ReferenceEncoder(config, weights).encode(shape, in.images.data(), kv.data());
+    ReferenceDecoder(config, weights).decode(shape, kv.data(), in.state.data(), in.noise.data(),
+                                             cpu_reference.data());
+  }
+  const double single_vs_cpu = test::rel_error(expected[0], cpu_reference);
+  std::printf("  single-process engines vs fp32 CPU reference (frame 0): %.3e\n", single_vs_cpu);
+  CHECK(single_vs_cpu < 2e-2);
 
   std::vector<float> first;
   for (const std::string mode : {"concurrent", "sequential", "concurrent"}) {
@@ -115,6 +134,10 @@ TEST_CASE("mps pipeline matches the single-process engines and splits the SMs", 
 
     const std::vector<float> got = read_floats(actions);
     REQUIRE(got.size() == kFrames * values);
+    const double pipeline_vs_cpu = test::rel_error(got.data(), cpu_reference.data(), values);
+    std::printf("  %s pipeline vs fp32 CPU reference (frame 0): %.3e\n", mode.c_str(),
+                pipeline_vs_cpu);
+    CHECK(pipeline_vs_cpu < 2e-2);
     double worst = 0;
     for (uint64_t f = 0; f < kFrames; ++f) {
       const auto& want = expected[f % expected.size()];
@@ -138,7 +161,7 @@ TEST_CASE("a daemon that was already running is adopted and left running", "[gpu
   const MpsOptions mps = test_mps_options();
   MpsDaemon ours = MpsDaemon::start_or_adopt(mps);
   REQUIRE(ours.started_here());
-  const auto run = test::run_orchestrator(gpu_run(mps, {"--frames", "5"}), 300s);
+  const auto run = test::run_orchestrator(gpu_run(mps, {}, 5), 300s);
   INFO(run.output);
   REQUIRE(run.status.success());
   CHECK(run.output.find("adopted") != std::string::npos);
@@ -151,7 +174,7 @@ TEST_CASE("without mps the split is reported as not applied", "[gpu][mps]") {
   const MpsOptions mps = test_mps_options();
   const std::string dir = test::temp_dir("gpu_nomps");
   const auto run = test::run_orchestrator(
-      gpu_run(mps, {"--no-mps", "--frames", "5", "--json", dir + "/r.json"}), 300s);
+      gpu_run(mps, {"--no-mps", "--json", dir + "/r.json"}, 5), 300s);
   INFO(run.output);
   REQUIRE(run.status.success());
   const nlohmann::json r = read_json(dir + "/r.json").at("runs").at(0);

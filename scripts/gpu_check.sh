@@ -35,6 +35,15 @@ if want tests; then
   rc=$?
   grep -E "rel error|SMs|tests passed|Failed|FAILED" "$OUT_DIR/gpu_tests.log" | head -60
   status_tests="$(grep -E 'tests passed' "$OUT_DIR/gpu_tests.log" | tail -1) (rc $rc)"
+  # The engines again as an MPS client with a 30% SM share: cuBLASLt chooses its algorithms by
+  # the SM count it sees, so a split must not change the numerics beyond bf16 rounding.
+  bash "$ROOT/scripts/start_mps.sh" >/dev/null
+  CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=30 "$PI0_BUILD_DIR/tests/pi0_gpu_tests" "~[mps]" \
+    >"$OUT_DIR/gpu_tests_30pct.log" 2>&1
+  rc30=$?
+  bash "$ROOT/scripts/stop_mps.sh" >/dev/null
+  grep -E "FAILED|rel error [0-9.e+-]+$" "$OUT_DIR/gpu_tests_30pct.log" | grep -E "FAILED|e-0[01]" | head -20
+  status_tests="$status_tests; at a 30% MPS share: $(grep -E '^test cases' "$OUT_DIR/gpu_tests_30pct.log" | tail -1) (rc $rc30)"
 fi
 
 if want bench; then

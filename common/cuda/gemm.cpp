@@ -1,11 +1,16 @@
 #include "pi0/cuda/gemm.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <sstream>
 #include <utility>
 
+#include <vector>
+
 #include "pi0/check.hpp"
 #include "pi0/cuda/device.hpp"
+#include "pi0/cuda/gemm_check.hpp"
+#include "pi0/cuda/kernels.hpp"
 
 namespace pi0::cuda {
 namespace {
@@ -100,7 +105,18 @@ Gemm::Gemm(cublasLtHandle_t handle, const GemmShape& shape, void* workspace,
     (void)cublasLtMatmulPreferenceDestroy(pref);
     CUBLAS_CHECK(status);
     candidates_.resize(static_cast<size_t>(std::max(returned, 0)));
+    std::erase_if(candidates_, [](const cublasLtMatmulHeuristicResult_t& c) {
+      return c.state != CUBLAS_STATUS_SUCCESS;
+    });
     PI0_CHECK(!candidates_.empty(), "cuBLASLt has no algorithm for " + shape.describe());
+    // The heuristic's order, but only an algorithm whose results check out.
+    chosen_ = -1;
+    for (int c = 0; c < static_cast<int>(candidates_.size()) && chosen_ < 0; ++c) {
+      if (verify(c)) chosen_ = c;
+    }
+    PI0_CHECK(chosen_ >= 0, "none of the " + std::to_string(candidates_.size()) +
+                                " algorithms cuBLASLt offers computes " + shape.describe() +
+                                " correctly on this GPU (share)");
   } catch (...) {
     release();
     throw;
@@ -172,6 +188,51 @@ void Gemm::run(const void* x, const void* w, void* y, const void* bias, cudaStre
   launch(chosen_, x, w, y, bias, stream);
 }
 
+namespace {
+// Elements spanned by `batch` strided matrices of `rows` x `cols` with row stride `ld`.
+size_t extent(int batch, int64_t stride, int rows, int ld, int cols) {
+  return static_cast<size_t>(static_cast<int64_t>(batch - 1) * stride +
+                             static_cast<int64_t>(rows - 1) * ld + cols);
+}
+}  // namespace
+
+bool Gemm::verify(int c) {
+  const GemmShape& s = shape_;
+  const bool f32 = s.y_type == DType::kF32;
+  const size_t x_n = extent(s.batch, s.stride_x, s.m, s.ld_x, s.k);
+  const size_t w_n = s.w_transposed ? extent(s.batch, s.stride_w, s.n, s.ld_w, s.k)
+                                    : extent(s.batch, s.stride_w, s.k, s.ld_w, s.n);
+  const size_t y_n = extent(s.batch, s.stride_y, s.m, s.ld_y, s.n);
+  const size_t y_bytes = y_n * (f32 ? sizeof(float) : sizeof(Bf16));
+  const Stream stream;
+  cudaStream_t st = stream.get();
+  DeviceBuffer<Bf16> x(x_n, "gemm check x"), w(w_n, "gemm check w");
+  DeviceBuffer<float> y0(y_n, "gemm check y0"), y(y_n, "gemm check y"), bias(s.n, "gemm check bias");
+  DeviceBuffer<float> ref(static_cast<size_t>(s.batch) * s.m * s.n, "gemm check reference");
+  fill_random(x.get(), x_n, 0x5eed1, 1.0f, st);
+  fill_random(w.get(), w_n, 0x5eed2, 1.0f / std::sqrt(static_cast<float>(s.k)), st);
+  if (f32) {
+    fill_random(y0.get(), y_n, 0x5eed3, 1.0f, st);
+    fill_random(bias.get(), static_cast<size_t>(s.n), 0x5eed4, 0.5f, st);
+  } else {
+    fill_random(reinterpret_cast<Bf16*>(y0.get()), y_n, 0x5eed3, 1.0f, st);
+    fill_random(reinterpret_cast<Bf16*>(bias.get()), static_cast<size_t>(s.n), 0x5eed4, 0.5f, st);
+  }
+  const void* b = has_bias(s.epilogue) ? bias.get() : nullptr;
+  reference_gemm(s, x.get(), w.get(), b, y0.get(), ref.get(), st);
+  CUDA_CHECK(cudaMemcpyAsync(y.get(), y0.get(), y_bytes, cudaMemcpyDeviceToDevice, st));
+  try {
+    launch(c, x.get(), w.get(), y.get(), b, st);
+    CUDA_CHECK(cudaStreamSynchronize(st));
+  } catch (const Error&) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  const double err = relative_difference(s, y.get(), ref.get(), st);
+  // bf16 output rounds each value (~2e-3); fp32 output differs only in summation order.
+  return err < (f32 ? 1e-3 : 2e-2);
+}
+
 void Gemm::autotune(const void* x, const void* w, void* y, const void* bias, cudaStream_t stream,
                     int max_candidates) {
   const int n = std::min(candidates(), max_candidates);
@@ -197,7 +258,7 @@ void Gemm::autotune(const void* x, const void* w, void* y, const void* bias, cud
       best = c;
     }
   }
-  chosen_ = best;
+  if (best != chosen_ && verify(best)) chosen_ = best;
 }
 
 }  // namespace pi0::cuda

@@ -65,6 +65,8 @@ class Gemm {
 
  private:
   void release() noexcept;
+  // Runs candidate `c` on random operands and compares it with reference_gemm (gemm_check.hpp).
+  bool verify(int c);
   void launch(int candidate, const void* x, const void* w, void* y, const void* bias,
               cudaStream_t stream);
 

@@ -1,0 +1,372 @@
+// Skinny GEMM kernel (see pi0/cuda/skinny_gemm.hpp). One CTA: 4 warps, a 64-row x BN-column
+// output tile over one K split; X and W stream through a STAGES-deep cp.async ring of 64-deep
+// K blocks (16-byte chunks, XOR-swizzled so ldmatrix is free of bank conflicts). Each warp owns
+// BN/4 columns and all 64 rows: per 16-deep step, 4 ldmatrix.x4 (X) + BN/64 ldmatrix.x4.trans (W)
+// and 4 * BN/32 mma.sync. The K splits of a tile are one cluster: every CTA parks its fp32
+// partial tile in its shared memory, and after a cluster barrier CTA r sums units r, r + S, ...
+// of the tile over ranks 0..S-1 in that order (bitwise reproducible) and applies the epilogue.
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "pi0/check.hpp"
+#include "pi0/cuda/skinny_gemm.hpp"
+
+namespace pi0::cuda {
+namespace {
+
+namespace cg = cooperative_groups;
+using bf16 = __nv_bfloat16;
+
+constexpr int kThreads = 128;
+constexpr int kBM = 64;
+constexpr int kBK = 64;
+
+enum Mode : int { kModeBf16 = 0, kModeF32 = 1, kModeF32Acc = 2, kModeGeglu = 3 };
+
+struct Args {
+  const bf16* x;
+  const bf16* w;
+  void* y;
+  const float* bias;
+  int m, n, k, ldx, ldw, ldy;
+  int kb_total, kb_per_split, splits, mode;
+};
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  const int bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float gelu_tanh(float x) {
+  const float k = 0.7978845608028654f;  // sqrt(2 / pi)
+  return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
+}
+
+// Stores the pair (v0, v1) at (row, col), (row, col + 1) of a plain output.
+__device__ __forceinline__ void store_pair(const Args& a, int row, int col, float v0, float v1) {
+  if (a.bias) {
+    v0 += a.bias[col];
+    v1 += a.bias[col + 1];
+  }
+  const size_t at = static_cast<size_t>(row) * a.ldy + col;
+  if (a.mode == kModeBf16) {
+    *reinterpret_cast<__nv_bfloat162*>(static_cast<bf16*>(a.y) + at) =
+        __floats2bfloat162_rn(v0, v1);
+  } else {
+    float2* p = reinterpret_cast<float2*>(static_cast<float*>(a.y) + at);
+    if (a.mode == kModeF32Acc) {
+      const float2 old = *p;
+      v0 = old.x + v0;
+      v1 = old.y + v1;
+    }
+    *p = make_float2(v0, v1);
+  }
+}
+
+template <int BN, int STAGES>
+__global__ void __launch_bounds__(kThreads) skinny_kernel(const Args a) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  constexpr int kXBytes = kBM * kBK * 2;
+  constexpr int kWBytes = kBK * BN * 2;
+  constexpr int kStageBytes = kXBytes + kWBytes;
+  constexpr int NT = BN / 32;    // n8 tiles per warp
+  constexpr int kWChunks = BN / 8;  // 16-byte chunks per W row
+  static_assert(4 * NT * kThreads * 16 <= STAGES * kStageBytes, "reduction tile must fit");
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int n0 = blockIdx.x * BN;
+  const int m0 = blockIdx.z * kBM;
+  const int rank = blockIdx.y;  // cluster (1, splits, 1) over a grid of height splits
+  const int kb0 = rank * a.kb_per_split;
+  const int kb1 = min(a.kb_total, kb0 + a.kb_per_split);
+  const int nkb = max(0, kb1 - kb0);
+  const uint32_t sbase = smem_u32(smem);
+
+  auto load = [&](int stage, int kb) {
+    const int k0 = kb * kBK;
+    const uint32_t xs = sbase + stage * kStageBytes;
+    const uint32_t ws = xs + kXBytes;
+#pragma unroll
+    for (int i = 0; i < kBM * kBK / 8 / kThreads; ++i) {
+      const int c = tid + i * kThreads;
+      const int row = c >> 3, kc = c & 7;
+      const int gr = m0 + row, gk = k0 + kc * 8;
+      const bool ok = gr < a.m && gk < a.k;
+      const bf16* src = ok ? a.x + static_cast<size_t>(gr) * a.ldx + gk : a.x;
+      cp_async16(xs + (row * kBK + ((kc ^ (row & 7)) << 3)) * 2, src, ok);
+    }
+#pragma unroll
+    for (int i = 0; i < kBK * BN / 8 / kThreads; ++i) {
+      const int c = tid + i * kThreads;
+      const int kr = c / kWChunks, nc = c % kWChunks;
+      const int gk = k0 + kr, gn = n0 + nc * 8;
+      const bool ok = gk < a.k && gn < a.n;
+      const bf16* src = ok ? a.w + static_cast<size_t>(gk) * a.ldw + gn : a.w;
+      cp_async16(ws + (kr * BN + ((nc ^ (kr & 7)) << 3)) * 2, src, ok);
+    }
+  };
+
+  float acc[4][NT][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < nkb) load(s, kb0 + s);
+    cp_commit();
+  }
+  for (int it = 0; it < nkb; ++it) {
+    cp_wait<STAGES - 2>();
+    __syncthreads();  // stage `it` landed for all threads; stage it-1 is free again
+    {
+      const int next = it + STAGES - 1;
+      if (next < nkb) load(next % STAGES, kb0 + next);
+      cp_commit();
+    }
+    const uint32_t xs = sbase + (it % STAGES) * kStageBytes;
+    const uint32_t ws = xs + kXBytes;
+#pragma unroll
+    for (int kk = 0; kk < kBK / 16; ++kk) {
+      uint32_t af[4][4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = i * 16 + (lane & 15);
+        const int kc = kk * 2 + (lane >> 4);
+        ldsm_x4(af[i], xs + (row * kBK + ((kc ^ (row & 7)) << 3)) * 2);
+      }
+      uint32_t bfr[NT][2];
+#pragma unroll
+      for (int jp = 0; jp < NT / 2; ++jp) {
+        const int j = lane >> 3, r = lane & 7;
+        const int kr = kk * 16 + (j & 1) * 8 + r;
+        const int nc = warp * NT + jp * 2 + (j >> 1);
+        uint32_t t[4];
+        ldsm_x4_t(t, ws + (kr * BN + ((nc ^ (kr & 7)) << 3)) * 2);
+        bfr[2 * jp][0] = t[0];
+        bfr[2 * jp][1] = t[1];
+        bfr[2 * jp + 1][0] = t[2];
+        bfr[2 * jp + 1][1] = t[3];
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) mma16816(acc[i][j], af[i], bfr[j][0], bfr[j][1]);
+    }
+  }
+  cp_wait<0>();
+  __syncthreads();  // the ring is free: reuse it for the partial tile
+
+  float4* red = reinterpret_cast<float4*>(smem);
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+      red[(i * NT + j) * kThreads + tid] =
+          make_float4(acc[i][j][0], acc[i][j][1], acc[i][j][2], acc[i][j][3]);
+
+  cg::cluster_group cluster = cg::this_cluster();
+  if (a.splits > 1) {
+    cluster.sync();
+  } else {
+    __syncthreads();
+  }
+
+  // Units: (16-row block i, pair q of n8 tiles 2q and 2q + 1), so a GeGLU pair stays in one thread.
+  constexpr int kUnits = 4 * NT / 2;
+  for (int u = rank; u < kUnits; u += a.splits) {
+    const int i = u / (NT / 2), q = u % (NT / 2);
+    float4 v[2];
+#pragma unroll
+    for (int jj = 0; jj < 2; ++jj) {
+      const int idx = (i * NT + 2 * q + jj) * kThreads + tid;
+      float4 s = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      for (int r = 0; r < a.splits; ++r) {
+        const float4* src = a.splits > 1 ? cluster.map_shared_rank(red, r) : red;
+        const float4 t = src[idx];
+        s.x += t.x;
+        s.y += t.y;
+        s.z += t.z;
+        s.w += t.w;
+      }
+      v[jj] = s;
+    }
+    const int row_a = m0 + i * 16 + (lane >> 2), row_b = row_a + 8;
+    const int col0 = n0 + warp * (BN / 4) + 2 * q * 8 + (lane & 3) * 2;
+    if (a.mode == kModeGeglu) {
+      const int chunk = (n0 + warp * (BN / 4) + 2 * q * 8) / 8;  // even: gate; chunk + 1: up
+      if (chunk * 8 < a.n) {
+        const int ocol = (chunk / 2) * 8 + (lane & 3) * 2;
+        bf16* y = static_cast<bf16*>(a.y);
+        if (row_a < a.m)
+          *reinterpret_cast<__nv_bfloat162*>(y + static_cast<size_t>(row_a) * a.ldy + ocol) =
+              __floats2bfloat162_rn(gelu_tanh(v[0].x) * v[1].x, gelu_tanh(v[0].y) * v[1].y);
+        if (row_b < a.m)
+          *reinterpret_cast<__nv_bfloat162*>(y + static_cast<size_t>(row_b) * a.ldy + ocol) =
+              __floats2bfloat162_rn(gelu_tanh(v[0].z) * v[1].z, gelu_tanh(v[0].w) * v[1].w);
+      }
+    } else {
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) {
+        const int col = col0 + jj * 8;
+        if (col >= a.n) continue;
+        if (row_a < a.m) store_pair(a, row_a, col, v[jj].x, v[jj].y);
+        if (row_b < a.m) store_pair(a, row_b, col, v[jj].z, v[jj].w);
+      }
+    }
+  }
+  if (a.splits > 1) cluster.sync();  // no CTA leaves while another still reads its partials
+}
+
+template <int BN, int STAGES>
+constexpr int smem_bytes() {
+  return STAGES * (kBM * kBK * 2 + kBK * BN * 2);
+}
+
+template <int BN, int STAGES>
+void set_attributes() {
+  auto* kernel = &skinny_kernel<BN, STAGES>;
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  smem_bytes<BN, STAGES>()));
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+}
+
+template <int BN, int STAGES>
+void launch(const Args& args, dim3 grid, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem_bytes<BN, STAGES>();
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = static_cast<unsigned>(args.splits);
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = args.splits > 1 ? 1 : 0;
+  CUDA_CHECK(cudaLaunchKernelEx(&cfg, skinny_kernel<BN, STAGES>, args));
+}
+
+bool initialised = false;
+
+}  // namespace
+
+bool skinny_supported(const SkinnyShape& s) {
+  const bool strides = s.k % 8 == 0 && s.n % 8 == 0 && s.ld_x % 8 == 0 && s.ld_w % 8 == 0 &&
+                       s.ld_y % 2 == 0 && s.ld_x >= s.k && s.ld_w >= s.n;
+  const bool out = s.out == SkinnyOut::kGeglu ? (s.n % 16 == 0 && s.ld_y >= s.n / 2 && !s.bias)
+                                              : s.ld_y >= s.n;
+  return s.m > 0 && s.n > 0 && s.k > 0 && strides && out;
+}
+
+SkinnyShape plan_skinny(SkinnyShape s, int sm_count) {
+  PI0_CHECK(skinny_supported(s), "skinny gemm: unsupported shape m=" + std::to_string(s.m) +
+                                     " n=" + std::to_string(s.n) + " k=" + std::to_string(s.k));
+  if (s.bn == 0) s.bn = 64;
+  if (s.stages == 0) s.stages = 4;
+  const int kb = (s.k + kBK - 1) / kBK;
+  if (s.splits == 0) {
+    const int tiles = (s.n + s.bn - 1) / s.bn;
+    s.splits = 1;
+    while (s.splits < 8 && tiles * s.splits * 2 < 3 * sm_count && kb / (s.splits * 2) >= 2)
+      s.splits *= 2;
+  }
+  PI0_CHECK(s.bn == 64 || s.bn == 128, "skinny gemm: bn must be 64 or 128");
+  PI0_CHECK(s.stages == 4 || (s.stages == 8 && s.bn == 64), "skinny gemm: bad stage count");
+  PI0_CHECK(s.splits == 1 || s.splits == 2 || s.splits == 4 || s.splits == 8 || s.splits == 16,
+            "skinny gemm: splits must be 1, 2, 4, 8 or 16");
+  return s;
+}
+
+void skinny_init() {
+  if (initialised) return;
+  set_attributes<64, 4>();
+  set_attributes<64, 8>();
+  set_attributes<128, 4>();
+  initialised = true;
+}
+
+void skinny_gemm(const SkinnyShape& s, const Bf16* x, const Bf16* w, void* y, const float* bias,
+                 cudaStream_t stream) {
+  PI0_CHECK(s.bn != 0 && s.splits != 0 && s.stages != 0, "skinny gemm: shape not planned");
+  PI0_CHECK(s.bias == (bias != nullptr), "skinny gemm: bias pointer does not match the shape");
+  PI0_CHECK(reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0 &&
+                reinterpret_cast<uintptr_t>(y) % 8 == 0,
+            "skinny gemm: misaligned operand");
+  skinny_init();
+  Args a;
+  a.x = reinterpret_cast<const bf16*>(x);
+  a.w = reinterpret_cast<const bf16*>(w);
+  a.y = y;
+  a.bias = bias;
+  a.m = s.m;
+  a.n = s.n;
+  a.k = s.k;
+  a.ldx = s.ld_x;
+  a.ldw = s.ld_w;
+  a.ldy = s.ld_y;
+  a.kb_total = (s.k + kBK - 1) / kBK;
+  a.splits = s.splits;
+  a.kb_per_split = (a.kb_total + s.splits - 1) / s.splits;
+  a.mode = s.out == SkinnyOut::kBf16 ? kModeBf16
+           : s.out == SkinnyOut::kF32 ? kModeF32
+           : s.out == SkinnyOut::kF32Accumulate ? kModeF32Acc
+                                                : kModeGeglu;
+  const dim3 grid((s.n + s.bn - 1) / s.bn, s.splits, (s.m + kBM - 1) / kBM);
+  if (s.bn == 128) {
+    launch<128, 4>(a, grid, stream);
+  } else if (s.stages == 8) {
+    launch<64, 8>(a, grid, stream);
+  } else {
+    launch<64, 4>(a, grid, stream);
+  }
+}
+
+void interleave_gate_up(const Bf16* gate, const Bf16* up, Bf16* out, long rows, int cols) {
+  for (long r = 0; r < rows; ++r) {
+    const Bf16* g = gate + r * cols;
+    const Bf16* u = up + r * cols;
+    Bf16* o = out + r * 2 * cols;
+    for (int b = 0; b < cols / 8; ++b)
+      for (int e = 0; e < 8; ++e) {
+        o[16 * b + e] = g[8 * b + e];
+        o[16 * b + 8 + e] = u[8 * b + e];
+      }
+  }
+}
+
+}  // namespace pi0::cuda

@@ -21,8 +21,10 @@ nvidia-smi --query-gpu=name,memory.total,compute_mode,driver_version --format=cs
 source "$ROOT/scripts/setup.sh"
 set +e  # setup.sh turns errexit on; here a failing step is reported and the others still run
 t0=$(date +%s)
-if ! pi0_build >"$OUT_DIR/build.log" 2>&1; then
-  grep -E "error|Error" "$OUT_DIR/build.log" | head -40
+BUILD_LOG="$PI0_BUILD_DIR.log"
+if ! pi0_build >"$BUILD_LOG" 2>&1; then
+  cp "$BUILD_LOG" "$OUT_DIR/build.log"
+  grep -E "error|Error" "$BUILD_LOG" | head -40
   echo "gpu_check: build failed (log: $OUT_DIR/build.log)"
   exit 1
 fi
@@ -54,17 +56,17 @@ if want bench; then
 fi
 
 if want sweep; then
-  "$BIN/orchestrator" --sweep --frames "${PI0_SWEEP_FRAMES:-300}" --warmup 20 \
+  "$BIN/orchestrator" --sweep --frames "${PI0_SWEEP_FRAMES:-300}" --warmup 20 ${PI0_SWEEP_ARGS:-} \
     --latency-budget-ms "${PI0_LATENCY_BUDGET_MS:-25}" --json "$OUT_DIR/sweep.json" \
     --plot "$OUT_DIR/sweep.svg" --quiet-workers >"$OUT_DIR/sweep.log" 2>&1
   rc=$?
   status_sweep="rc $rc"
+  # Open loop at camera rates (the run's report goes to rates.log).
   for hz in 30 60; do
     "$BIN/orchestrator" --rate "$hz" --frames 150 --warmup 10 --quiet-workers \
-      --encoder-pct "${PI0_RATE_ENC:-50}" --decoder-pct "${PI0_RATE_DEC:-50}" \
-      --json "$OUT_DIR/rate_${hz}hz.json" >"$OUT_DIR/rate_${hz}hz.log" 2>&1
-    echo "rate ${hz} Hz: $(grep -E 'latency p50|latency p99|throughput' "$OUT_DIR/rate_${hz}hz.log" | tr -s ' ' | tr '\n' ';')"
+      --encoder-pct "${PI0_RATE_ENC:-50}" --decoder-pct "${PI0_RATE_DEC:-50}" >>"$OUT_DIR/rates.log" 2>&1
   done
+  grep -E "^== |camera rate|latency p|throughput" "$OUT_DIR/rates.log"
 fi
 
 echo

@@ -4,9 +4,10 @@
 // The prefix K/V is copied once per decode into the decoder's own cache, in front of the rows
 // the suffix writes each layer, so attention reads one contiguous [E + C + 1, head_dim] block.
 // The flow sample lives in d_actions (fp32); the Euler update is a GEMM accumulating into it.
-// The per-step weight GEMMs (M = C + 1 <= 64 rows) run on the skinny GEMM kernel (split-K over
-// clusters, fused bias / residual / GeGLU epilogues), which streams the weights ~2x faster than
-// cuBLASLt at this M; PI0_DECODER_CUBLAS=1 selects the cuBLASLt path instead (A/B comparisons).
+// PI0_DECODER_SKINNY=1 runs the per-step weight GEMMs (M = C + 1 <= 64 rows) on the skinny GEMM
+// kernel (pi0/cuda/skinny_gemm.hpp: split-K over clusters, fused bias / residual / GeGLU
+// epilogues) instead of cuBLASLt. Off by default: it is correct and deterministic but, as of
+// bench/NOTES.md v2, ~1 ms slower per decode than cuBLASLt.
 #include "pi0/cuda_decoder.hpp"
 
 #include <cmath>
@@ -141,8 +142,8 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   s_gu = skinny_shape(rows, 2 * am, aw, am, cuda::SkinnyOut::kGeglu, false);
   s_down = skinny_shape(rows, aw, am, aw, cuda::SkinnyOut::kF32Accumulate, false);
   s_aout = skinny_shape(c, ad, aw, ad, cuda::SkinnyOut::kF32Accumulate, true);
-  const char* force_cublas = std::getenv("PI0_DECODER_CUBLAS");
-  skinny = !(force_cublas && force_cublas[0] == '1');
+  const char* want_skinny = std::getenv("PI0_DECODER_SKINNY");
+  skinny = want_skinny && want_skinny[0] == '1';
   for (const cuda::SkinnyShape* s : {&s_amlp, &s_qkv, &s_o, &s_gu, &s_down, &s_aout})
     skinny = skinny && cuda::skinny_supported(*s);
   if (skinny) {

@@ -43,6 +43,7 @@ nlohmann::json report_to_json(const RunReport& r) {
           {"handoff_us_median", r.handoff_us_median},
           {"wall_s", r.wall_s},
           {"interrupted", r.interrupted},
+          {"error", r.error},
           {"encoder", worker_json(r.encoder)},
           {"decoder", worker_json(r.decoder)}};
 }

@@ -74,6 +74,24 @@ RunReport run_single_process_baseline(const ResolvedRun& run) {
   return r;
 }
 
+void choose_best_splits(SweepResult& result) {
+  result.best_throughput.reset();
+  result.best_within_budget.reset();
+  for (size_t i = 0; i < result.points.size(); ++i) {
+    const RunReport& p = result.points[i];
+    if (!p.error.empty()) continue;
+    if (!result.best_throughput ||
+        p.throughput_fps > result.points[*result.best_throughput].throughput_fps) {
+      result.best_throughput = i;
+    }
+    if (result.latency_budget_ms > 0 && p.latency_p99_ms <= result.latency_budget_ms &&
+        (!result.best_within_budget ||
+         p.throughput_fps > result.points[*result.best_within_budget].throughput_fps)) {
+      result.best_within_budget = i;
+    }
+  }
+}
+
 SweepResult run_sweep(const ResolvedRun& run) {
   const RunOptions& o = run.options;
   SweepResult result;
@@ -87,51 +105,52 @@ SweepResult run_sweep(const ResolvedRun& run) {
   };
   const auto interrupted = [] { return stop_signal() != 0; };
 
-  if (o.baselines) {
-    progress("single-process baseline (whole GPU, one process)");
-    result.baselines.push_back(run_single_process_baseline(run));
-    if (!interrupted()) {
-      progress("two workers without MPS (time-sliced), concurrent");
-      RunReport r = run_pipeline(run, nullptr, 100, 100, "concurrent", nullptr);
-      r.label = "no-mps";
-      result.baselines.push_back(r);
+  // A run that cannot happen (e.g. no correct GEMM algorithm at that SM share) is a result of the
+  // sweep, reported with its reason, not the end of it.
+  const auto attempt = [&](const std::string& what, auto&& body) {
+    progress(what);
+    RunReport r;
+    try {
+      r = body();
+    } catch (const Error& e) {
+      const std::string text = e.what();
+      r.error = text.substr(0, text.find('\n'));
+      std::fprintf(stderr, "    -> failed: %s\n", r.error.c_str());
     }
-  }
-  MpsDaemon mps = MpsDaemon::start_or_adopt(o.mps);
-  if (o.baselines && !interrupted()) {
-    progress("MPS 100/100 (no partition), concurrent");
-    RunReport r = run_pipeline(run, &mps, 100, 100, "concurrent", nullptr);
-    r.label = "mps-100/100";
+    return r;
+  };
+  const auto baseline = [&](const std::string& label, const std::string& what, auto&& body) {
+    if (!o.baselines || interrupted()) return;
+    RunReport r = attempt(what, body);
+    r.label = label;
     result.baselines.push_back(r);
-    if (!interrupted()) {
-      progress("MPS 100/100, sequential");
-      RunReport s = run_pipeline(run, &mps, 100, 100, "sequential", nullptr);
-      s.label = "mps-100/100-sequential";
-      result.baselines.push_back(s);
-    }
-  }
+  };
+  baseline("single-process", "single-process baseline (whole GPU, one process)",
+           [&] { return run_single_process_baseline(run); });
+  baseline("no-mps", "two workers without MPS (time-sliced), concurrent",
+           [&] { return run_pipeline(run, nullptr, 100, 100, "concurrent", nullptr); });
+  MpsDaemon mps = MpsDaemon::start_or_adopt(o.mps);
+  baseline("mps-100/100", "MPS 100/100 (no partition), concurrent",
+           [&] { return run_pipeline(run, &mps, 100, 100, "concurrent", nullptr); });
+  baseline("mps-100/100-sequential", "MPS 100/100, sequential",
+           [&] { return run_pipeline(run, &mps, 100, 100, "sequential", nullptr); });
   for (int pct : splits) {
     if (interrupted()) break;
-    progress("split " + std::to_string(pct) + "/" + std::to_string(100 - pct) + ", concurrent");
-    RunReport r = run_pipeline(run, &mps, pct, 100 - pct, "concurrent", nullptr);
-    r.label = "split " + std::to_string(pct) + "/" + std::to_string(100 - pct);
-    std::fprintf(stderr, "    -> %.1f frames/s, p50 %.2f ms, p99 %.2f ms, SMs %d/%d, %s\n",
-                 r.throughput_fps, r.latency_p50_ms, r.latency_p99_ms, r.encoder.sm_count,
-                 r.decoder.sm_count, r.split_note.c_str());
+    const std::string split = std::to_string(pct) + "/" + std::to_string(100 - pct);
+    RunReport r = attempt("split " + split + ", concurrent", [&] {
+      return run_pipeline(run, &mps, pct, 100 - pct, "concurrent", nullptr);
+    });
+    if (r.error.empty()) {
+      std::fprintf(stderr, "    -> %.1f frames/s, p50 %.2f ms, p99 %.2f ms, SMs %d/%d, %s\n",
+                   r.throughput_fps, r.latency_p50_ms, r.latency_p99_ms, r.encoder.sm_count,
+                   r.decoder.sm_count, r.split_note.c_str());
+    }
+    r.label = "split " + split;
+    r.encoder_pct = pct;
+    r.decoder_pct = 100 - pct;
     result.points.push_back(r);
   }
-  for (size_t i = 0; i < result.points.size(); ++i) {
-    const RunReport& p = result.points[i];
-    if (!result.best_throughput ||
-        p.throughput_fps > result.points[*result.best_throughput].throughput_fps) {
-      result.best_throughput = i;
-    }
-    if (o.latency_budget_ms > 0 && p.latency_p99_ms <= o.latency_budget_ms &&
-        (!result.best_within_budget ||
-         p.throughput_fps > result.points[*result.best_within_budget].throughput_fps)) {
-      result.best_within_budget = i;
-    }
-  }
+  choose_best_splits(result);
   return result;
 }
 
@@ -140,6 +159,10 @@ void print_sweep(const SweepResult& s) {
   std::printf("%-10s %9s %9s %10s %10s %12s %8s\n", "enc/dec %", "enc SMs", "dec SMs", "p50 ms",
               "p99 ms", "frames/s", "applied");
   for (const auto& p : s.points) {
+    if (!p.error.empty()) {
+      std::printf("%3d/%-6d %9s failed: %s\n", p.encoder_pct, p.decoder_pct, "", p.error.c_str());
+      continue;
+    }
     std::printf("%3d/%-6d %9d %9d %10.2f %10.2f %12.1f %8s\n", p.encoder_pct, p.decoder_pct,
                 p.encoder.sm_count, p.decoder.sm_count, p.latency_p50_ms, p.latency_p99_ms,
                 p.throughput_fps, p.split_applied ? "yes" : "NO");
@@ -149,6 +172,10 @@ void print_sweep(const SweepResult& s) {
     std::printf("\n== baselines (ratio = best split's throughput / baseline's) ==\n");
     std::printf("%-24s %10s %10s %12s %8s\n", "run", "p50 ms", "p99 ms", "frames/s", "ratio");
     for (const auto& b : s.baselines) {
+      if (!b.error.empty()) {
+        std::printf("%-24s failed: %s\n", b.label.c_str(), b.error.c_str());
+        continue;
+      }
       std::printf("%-24s %10.2f %10.2f %12.1f %8.2f\n", b.label.c_str(), b.latency_p50_ms,
                   b.latency_p99_ms, b.throughput_fps,
                   best && b.throughput_fps > 0 ? best->throughput_fps / b.throughput_fps : 0.0);
@@ -229,9 +256,12 @@ void write_sweep_plot(const SweepResult& s, const std::string& path) {
   svg << "<text transform='rotate(90)' x='" << kTop + plot_h / 2 << "' y='" << -(kW - 14) << "' text-anchor='middle' fill='#d62728'>latency (ms)</text>\n";
   const auto polyline = [&](auto y_of, const char* color, const char* dash) {
     svg << "<polyline fill='none' stroke='" << color << "' stroke-width='2' stroke-dasharray='" << dash << "' points='";
-    for (const auto& p : s.points) svg << x_of(p.encoder_pct) << "," << y_of(p) << " ";
+    for (const auto& p : s.points) {
+      if (p.error.empty()) svg << x_of(p.encoder_pct) << "," << y_of(p) << " ";
+    }
     svg << "'/>\n";
     for (const auto& p : s.points) {
+      if (!p.error.empty()) continue;
       svg << "<circle cx='" << x_of(p.encoder_pct) << "' cy='" << y_of(p) << "' r='3' fill='" << color << "'/>\n";
     }
   };

@@ -92,6 +92,7 @@ struct RunReport {
   double handoff_us_median = -1;
   double wall_s = 0;
   bool interrupted = false;
+  std::string error;  // sweep: why this run failed (empty when it ran)
   WorkerSummary encoder, decoder;
 };
 

@@ -20,6 +20,8 @@ struct SweepResult {
 };
 
 SweepResult run_sweep(const ResolvedRun& run);
+// Sets best_throughput and best_within_budget (p99 <= latency_budget_ms) over the points that ran.
+void choose_best_splits(SweepResult& sweep);
 void print_sweep(const SweepResult& sweep);
 std::string sweep_json(const SweepResult& sweep);
 // An SVG chart: throughput and p50/p99 latency against the encoder's percentage.

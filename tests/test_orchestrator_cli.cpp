@@ -114,6 +114,12 @@ TEST_CASE("run_command feeds stdin and enforces its timeout", "[orchestrator][pr
   const CommandResult slow = run_command("sleep", {"10"}, {}, "", 200ms);
   CHECK(slow.timed_out);
   CHECK(std::chrono::steady_clock::now() - t0 < 2s);
+  // A program that exits without reading its input (as the MPS control client does when no
+  // daemon runs) must not take us down with SIGPIPE.
+  for (int i = 0; i < 20; ++i) {
+    const CommandResult quick = run_command("true", {}, {}, "get_server_list\n", 5000ms);
+    CHECK(quick.status.success());
+  }
   CHECK_FALSE(find_on_path("sh").empty());
   CHECK(find_on_path("no-such-program-pi0").empty());
 }

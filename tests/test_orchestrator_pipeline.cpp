@@ -24,14 +24,6 @@ std::vector<std::string> tiny_run(std::vector<std::string> extra) {
   return args;
 }
 
-std::vector<float> read_floats(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  std::vector<float> out(bytes.size() / sizeof(float));
-  std::memcpy(out.data(), bytes.data(), out.size() * sizeof(float));
-  return out;
-}
-
 // Nothing of the run `pid` is left: no worker process, no shared-memory segment.
 void require_nothing_left(int pid) {
   REQUIRE(test::eventually([&] { return test::workers_of(pid).empty(); }, 1000ms));
@@ -86,7 +78,7 @@ TEST_CASE("cpu pipeline actions equal the in-process reference bitwise in both m
     INFO(run.output);
     REQUIRE(run.status.success());
     REQUIRE(run.output.find("frames                          200") != std::string::npos);
-    const std::vector<float> got = read_floats(out);
+    const std::vector<float> got = test::read_floats(out);
     REQUIRE(got.size() == 200 * sizes.action_values);
     size_t mismatched = 0;
     for (uint64_t f = 0; f < 200; ++f) {
@@ -162,7 +154,7 @@ TEST_CASE("missing truncated and misshapen weights files fail cleanly", "[orches
       tiny_run({"--seed", "3", "--frames", "5", "--warmup", "0", "--actions-out", dir + "/b.f32"}));
   REQUIRE(with_file.status.success());
   REQUIRE(with_seed.status.success());
-  CHECK(read_floats(dir + "/a.f32") == read_floats(dir + "/b.f32"));
+  CHECK(test::read_floats(dir + "/a.f32") == test::read_floats(dir + "/b.f32"));
   fs::remove_all(dir);
 }
 

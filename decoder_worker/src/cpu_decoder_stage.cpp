@@ -25,19 +25,13 @@ class CpuDecoderStage final : public DecoderStage {
     return t;
   }
 
-  void summarise(ipc::WorkerInfo& info) override {
-    info.stage_ms_median = times_.median();
-    info.stage_ms_mean = times_.mean();
-    info.frames = times_.count();
-  }
+  const StageTimes& stage_times() const override { return times_; }
 
  private:
   static ReferenceDecoder make_reference(ipc::WorkerRuntime& rt) {
     const WeightStore weights = ipc::load_stage_weights(rt.options(), WeightSet::kDecoder);
-    ipc::WorkerInfo& info = rt.my_info();
-    info.weight_bytes = weights.total_bytes();
-    std::snprintf(info.backend, sizeof info.backend, "cpu");
-    std::snprintf(info.device_name, sizeof info.device_name, "host CPU (fp32 reference)");
+    rt.my_info().weight_bytes = weights.total_bytes();
+    rt.describe("cpu", "host CPU (fp32 reference)", 0, -1);
     return ReferenceDecoder(rt.options().config, weights);
   }
 

@@ -25,14 +25,8 @@ class CudaDecoderStage final : public DecoderStage {
  public:
   explicit CudaDecoderStage(ipc::WorkerRuntime& rt) : rt_(rt) {
     const cuda::DeviceReport device = cuda::open_device();
+    rt.describe("cuda", device.name, device.sm_count, device.mps_enabled);
     ipc::WorkerInfo& info = rt.my_info();
-    info.sm_count = device.sm_count;
-    info.mps_client = device.mps_enabled;
-    std::snprintf(info.backend, sizeof info.backend, "cuda");
-    std::snprintf(info.device_name, sizeof info.device_name, "%s", device.name.c_str());
-    spdlog::info("GPU {}: {} SMs visible, MPS client: {}, CUDA_MPS_ACTIVE_THREAD_PERCENTAGE={}",
-                 device.name, device.sm_count, device.mps_enabled ? "yes" : "no",
-                 info.active_thread_pct);
 
     const auto& o = rt.options();
     {
@@ -119,11 +113,7 @@ class CudaDecoderStage final : public DecoderStage {
     return t;
   }
 
-  void summarise(ipc::WorkerInfo& info) override {
-    info.stage_ms_median = times_.median();
-    info.stage_ms_mean = times_.mean();
-    info.frames = times_.count();
-  }
+  const StageTimes& stage_times() const override { return times_; }
 
  private:
   const Bf16* slot(uint32_t kv_slot) const {

@@ -50,7 +50,7 @@ int run_decoder_worker(ipc::WorkerRuntime& rt) {
     PI0_CHECK(reason.empty(), "rejected a message from the encoder: " + reason);
     const auto type = static_cast<MsgType>(m.type);
     if (type == MsgType::kStop) {
-      stage->summarise(rt.my_info());
+      rt.record_stage_times(stage->stage_times());
       rt.send_stopped();
       spdlog::info("decoder stopped");
       return 0;

@@ -82,7 +82,7 @@ int run_encoder_worker(ipc::WorkerRuntime& rt) {
                  WaitStatus::kOk) {
         take_slot_free(free_msg);
       }
-      stage->summarise(rt.my_info());
+      rt.record_stage_times(stage->stage_times());
       rt.send_stopped();
       spdlog::info("encoder stopped");
       return 0;

@@ -7,6 +7,7 @@
 #include <CLI/CLI.hpp>
 #include <atomic>
 #include <cerrno>
+#include <cstdio>
 #include <spdlog/spdlog.h>
 
 #include "pi0/check.hpp"
@@ -125,6 +126,26 @@ SpscRing& WorkerRuntime::to_orchestrator() {
 Deadline WorkerRuntime::after(double seconds) {
   return Clock::now() + std::chrono::duration_cast<Clock::duration>(
                             std::chrono::duration<double>(seconds));
+}
+
+void WorkerRuntime::describe(const char* backend, const std::string& device, int sm_count,
+                             int mps_client) {
+  WorkerInfo& info = my_info();
+  info.sm_count = sm_count;
+  info.mps_client = mps_client;
+  std::snprintf(info.backend, sizeof info.backend, "%s", backend);
+  std::snprintf(info.device_name, sizeof info.device_name, "%s", device.c_str());
+  if (mps_client >= 0) {
+    spdlog::info("{}: {} SMs visible, MPS client: {}, CUDA_MPS_ACTIVE_THREAD_PERCENTAGE={}", device,
+                 sm_count, mps_client ? "yes" : "no", info.active_thread_pct);
+  }
+}
+
+void WorkerRuntime::record_stage_times(const StageTimes& times) {
+  WorkerInfo& info = my_info();
+  info.stage_ms_median = times.median();
+  info.stage_ms_mean = times.mean();
+  info.frames = times.count();
 }
 
 void WorkerRuntime::send_ready() {

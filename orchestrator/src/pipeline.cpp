@@ -116,6 +116,7 @@ bool Pipeline::workers_healthy(bool signals_stop) {
   for (Worker* w : {&encoder_, &decoder_}) {
     if (auto status = w->process.poll()) {
       if (!(w->stopped && status->success())) {
+        w->process.wait_output_closed(std::chrono::milliseconds(200));
         failure_ = failure_text(*w, "died: " + status->describe());
         return false;
       }
@@ -141,7 +142,9 @@ void Pipeline::handle_worker_message(Worker& w, const Message& m) {
     case MsgType::kStopped: w.stopped = true; break;
     case MsgType::kError: {
       // Give it a moment to exit so that its last log lines are complete.
-      w.process.wait_for(std::chrono::milliseconds(300));
+      if (w.process.wait_for(std::chrono::milliseconds(300))) {
+        w.process.wait_output_closed(std::chrono::milliseconds(200));
+      }
       failure_ = failure_text(w, "failed: " + std::string(ipc::message_text(m)));
       break;
     }

@@ -113,6 +113,7 @@ struct ChildProcess::State {
   int out_fd = -1;
   bool forward = false;
   std::atomic<bool> stop_reader{false};
+  std::atomic<bool> output_closed{false};
   std::thread reader;
   mutable std::mutex mu;
   std::deque<std::string> last;
@@ -152,6 +153,7 @@ struct ChildProcess::State {
     }
     if (!partial.empty()) take_line(partial);
     partial.clear();
+    output_closed.store(true);
   }
 };
 
@@ -241,6 +243,15 @@ ExitStatus ChildProcess::terminate(std::chrono::milliseconds grace) noexcept {
   return *state_->status;
 }
 
+bool ChildProcess::wait_output_closed(std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (state_ && !state_->output_closed.load()) {
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return true;
+}
+
 std::vector<std::string> ChildProcess::last_lines() const {
   std::lock_guard lock(state_->mu);
   return {state_->last.begin(), state_->last.end()};
@@ -268,9 +279,22 @@ CommandResult run_command(const std::string& program, const std::vector<std::str
   }
   ::close(in_fds[0]);
   ::close(out_fds[1]);
-  // Inputs are a few bytes: a pipe buffer takes them without blocking.
+  // Inputs are a few bytes: a pipe buffer takes them without blocking. A program that exits
+  // without reading them (the MPS control client does when no daemon runs) must not kill us with
+  // SIGPIPE: block it for this thread around the write and discard it if it was raised.
   if (!input.empty()) {
+    sigset_t pipe_only, previous;
+    sigemptyset(&pipe_only);
+    sigaddset(&pipe_only, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &pipe_only, &previous);
     [[maybe_unused]] const ssize_t w = ::write(in_fds[1], input.data(), input.size());
+    sigset_t pending;
+    sigpending(&pending);
+    if (sigismember(&pending, SIGPIPE) && !sigismember(&previous, SIGPIPE)) {
+      const timespec zero{0, 0};
+      sigtimedwait(&pipe_only, nullptr, &zero);
+    }
+    pthread_sigmask(SIG_SETMASK, &previous, nullptr);
   }
   ::close(in_fds[1]);
 

@@ -43,14 +43,6 @@ std::vector<std::string> gpu_run(const MpsOptions& mps, std::vector<std::string>
   return args;
 }
 
-std::vector<float> read_floats(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  std::vector<float> out(bytes.size() / sizeof(float));
-  std::memcpy(out.data(), bytes.data(), out.size() * sizeof(float));
-  return out;
-}
-
 nlohmann::json read_json(const std::string& path) {
   std::ifstream in(path);
   return nlohmann::json::parse(in);
@@ -132,7 +124,7 @@ TEST_CASE("mps pipeline matches the single-process engines and splits the SMs", 
     CHECK(std::abs(dec_sms - device_sms * 0.7) <= 2.0);
     CHECK(r.at("split_applied").get<bool>());
 
-    const std::vector<float> got = read_floats(actions);
+    const std::vector<float> got = test::read_floats(actions);
     REQUIRE(got.size() == kFrames * values);
     const double pipeline_vs_cpu = test::rel_error(got.data(), cpu_reference.data(), values);
     std::printf("  %s pipeline vs fp32 CPU reference (frame 0): %.3e\n", mode.c_str(),

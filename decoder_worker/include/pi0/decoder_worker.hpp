@@ -6,6 +6,7 @@
 #include <memory>
 
 #include "pi0/ipc/worker_runtime.hpp"
+#include "pi0/stage_timer.hpp"
 
 namespace pi0 {
 
@@ -21,7 +22,8 @@ class DecoderStage {
  public:
   virtual ~DecoderStage() = default;
   virtual DecodeTiming decode(uint64_t frame, uint32_t input_slot, uint32_t kv_slot) = 0;
-  virtual void summarise(ipc::WorkerInfo& info) = 0;
+  // Per-frame times of this stage, for the worker's report.
+  virtual const StageTimes& stage_times() const = 0;
 };
 
 std::unique_ptr<DecoderStage> make_cpu_decoder_stage(ipc::WorkerRuntime& runtime);

@@ -6,6 +6,7 @@
 #include <memory>
 
 #include "pi0/ipc/worker_runtime.hpp"
+#include "pi0/stage_timer.hpp"
 
 namespace pi0 {
 
@@ -18,8 +19,8 @@ class EncoderStage {
   virtual void encode(uint64_t frame, uint32_t input_slot, uint32_t kv_slot) = 0;
   // The decoder has finished reading `kv_slot` (its GPU work may still be queued: see events).
   virtual void slot_returned(uint32_t kv_slot) { (void)kv_slot; }
-  // Fills the stage-time fields of the worker's info block.
-  virtual void summarise(ipc::WorkerInfo& info) = 0;
+  // Per-frame times of this stage, for the worker's report.
+  virtual const StageTimes& stage_times() const = 0;
 };
 
 std::unique_ptr<EncoderStage> make_cpu_encoder_stage(ipc::WorkerRuntime& runtime);

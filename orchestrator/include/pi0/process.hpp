@@ -51,6 +51,9 @@ class ChildProcess {
   std::optional<ExitStatus> wait_for(std::chrono::milliseconds timeout);
   // SIGTERM, up to `grace` to exit, then SIGKILL; always reaps. Never throws.
   ExitStatus terminate(std::chrono::milliseconds grace) noexcept;
+  // Waits (at most `timeout`) until everything the exited child wrote has been read, so that
+  // last_lines() is complete. True if the output reached its end.
+  bool wait_output_closed(std::chrono::milliseconds timeout);
   // The last lines it printed (at most 20), oldest first.
   std::vector<std::string> last_lines() const;
   // Everything it printed so far (kept up to 1 MiB).

@@ -9,6 +9,7 @@
 #include "pi0/config.hpp"
 #include "pi0/ipc/control_block.hpp"
 #include "pi0/ipc/protocol.hpp"
+#include "pi0/stage_timer.hpp"
 #include "pi0/weights.hpp"
 
 namespace pi0::ipc {
@@ -56,6 +57,11 @@ class WorkerRuntime {
 
   // Ring to the orchestrator (kEncoderToOrch or kDecoderToOrch).
   SpscRing& to_orchestrator();
+  // Records (and logs) what this worker runs on: backend, device, SMs visible, MPS client or not
+  // (-1: not applicable).
+  void describe(const char* backend, const std::string& device, int sm_count, int mps_client);
+  // Writes this stage's per-frame time summary into its info block (read by the orchestrator).
+  void record_stage_times(const StageTimes& times);
   void send_ready();
   void send_error(const std::string& what) noexcept;
   void send_stopped() noexcept;

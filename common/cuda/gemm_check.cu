@@ -63,6 +63,21 @@ __global__ void difference_kernel(Layout l, const void* y, const float* ref, dou
   atomicAdd(&sums[1], static_cast<double>(want) * want);
 }
 
+__global__ void bias_epilogue_kernel(Layout l, const void* bias, void* y) {
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  const int i = blockIdx.y;
+  const int b = blockIdx.z;
+  if (j >= l.n) return;
+  const long long at = b * l.stride_y + static_cast<long long>(i) * l.ld_y + j;
+  float v = load(y, at, l.y_f32) + load(bias, j, l.y_f32);
+  if (l.gelu) v = 0.5f * v * (1.0f + tanhf(0.7978845608f * (v + 0.044715f * v * v * v)));
+  if (l.y_f32) {
+    static_cast<float*>(y)[at] = v;
+  } else {
+    static_cast<__nv_bfloat16*>(y)[at] = __float2bfloat16_rn(v);
+  }
+}
+
 dim3 grid_of(const GemmShape& s) {
   return dim3((static_cast<unsigned>(s.n) + 127) / 128, static_cast<unsigned>(s.m),
               static_cast<unsigned>(s.batch));
@@ -75,6 +90,11 @@ void reference_gemm(const GemmShape& shape, const void* x, const void* w, const 
   reference_gemm_kernel<<<grid_of(shape), 128, 0, stream>>>(
       layout_of(shape), static_cast<const __nv_bfloat16*>(x),
       static_cast<const __nv_bfloat16*>(w), bias, y_initial, out);
+  CUDA_CHECK_LAUNCH();
+}
+
+void apply_bias_epilogue(const GemmShape& shape, const void* bias, void* y, cudaStream_t stream) {
+  bias_epilogue_kernel<<<grid_of(shape), 128, 0, stream>>>(layout_of(shape), bias, y);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -2,6 +2,7 @@
 // rounded to bf16 on the host first, so the reference sees exactly what the GPU sees and the
 // error left is the GPU's own (bf16 outputs: ~2e-3; fp32 outputs: ~1e-6).
 #include <cmath>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -372,4 +373,22 @@ TEST_CASE("encoder gemm shapes match the reference", "[gpu]") {
     report(s.name, err);
     CHECK(err < (s.y == DType::kF32 ? 1e-4 : 5e-3));
   }
+}
+
+// The fallback a Gemm takes when no fused bias / GELU epilogue of cuBLASLt checks out: the product
+// alone, then the epilogue in its own kernel.
+TEST_CASE("gemm with a separate epilogue kernel matches the reference", "[gpu]") {
+  using cuda::DType;
+  using cuda::Epilogue;
+  ::setenv("PI0_GEMM_SEPARATE_EPILOGUE", "1", 1);
+  const double bias = check_gemm(512, 3456, 1152, DType::kBf16, Epilogue::kBias, false, false, 400);
+  const double acc = check_gemm(512, 1152, 4304, DType::kF32, Epilogue::kBias, true, false, 401);
+  const double gelu = check_gemm(256, 4304, 1152, DType::kBf16, Epilogue::kGeluBias, false, false, 402);
+  ::unsetenv("PI0_GEMM_SEPARATE_EPILOGUE");
+  report("separate epilogue: bf16 out + bias", bias);
+  report("separate epilogue: fp32 accumulate + bias", acc);
+  report("separate epilogue: bf16 out + bias + gelu", gelu);
+  CHECK(bias < 5e-3);
+  CHECK(acc < 1e-4);
+  CHECK(gelu < 5e-3);
 }

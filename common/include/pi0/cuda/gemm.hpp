@@ -65,8 +65,12 @@ class Gemm {
 
  private:
   void release() noexcept;
+  // Asks cuBLASLt for candidates, with the bias / GELU epilogue fused or (separate_epilogue)
+  // left to apply_bias_epilogue after the product.
+  void plan(bool separate_epilogue);
   // Runs candidate `c` on random operands and compares it with reference_gemm (gemm_check.hpp).
   bool verify(int c);
+  int first_verified();  // -1 if none
   void launch(int candidate, const void* x, const void* w, void* y, const void* bias,
               cudaStream_t stream);
 
@@ -76,6 +80,7 @@ class Gemm {
   cublasLtMatrixLayout_t a_ = nullptr, b_ = nullptr, d_ = nullptr;
   std::vector<cublasLtMatmulHeuristicResult_t> candidates_;
   int chosen_ = 0;
+  bool separate_epilogue_ = false;
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
 };

@@ -15,6 +15,10 @@ namespace pi0::cuda {
 void reference_gemm(const GemmShape& shape, const void* x, const void* w, const void* bias,
                     const void* y_initial, float* out, cudaStream_t stream);
 
+// y = epilogue(y + bias) in place, per shape (bias and GELU-tanh of Epilogue::kGeluBias), for
+// when cuBLASLt's fused epilogue cannot be used. Layout and type of y as in the shape.
+void apply_bias_epilogue(const GemmShape& shape, const void* bias, void* y, cudaStream_t stream);
+
 // ||y - ref|| / ||ref|| over the shape's output elements (y laid out per shape.ld_y / stride_y,
 // of shape.y_type); infinite when y holds a non-finite value. Synchronises the stream.
 double relative_difference(const GemmShape& shape, const void* y, const float* ref,

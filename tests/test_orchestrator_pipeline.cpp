@@ -7,6 +7,7 @@
 #include <fstream>
 
 #include "catch.hpp"
+#include "pi0/cuda/device_report.hpp"
 #include "pi0/frame_inputs.hpp"
 #include "pi0/orchestrator.hpp"
 #include "pi0/reference.hpp"
@@ -232,4 +233,27 @@ TEST_CASE("segments left by dead runs are removed when a run starts", "[orchestr
   const auto run = test::run_orchestrator(tiny_run({"--frames", "3"}));
   REQUIRE(run.status.success());
   CHECK(test::segments_named(name).empty());
+}
+
+TEST_CASE("the cuda backend without a GPU is a one-line error", "[orchestrator][cli]") {
+  std::string why;
+  const bool gpu = cuda::cuda_device_present(&why);
+  const auto run = test::run_orchestrator({"--backend", "cuda", "--model", "tiny", "--frames", "3",
+                                           "--no-mps", "--quiet-workers"});
+  INFO(run.output);
+  if (gpu) {
+    CHECK(run.status.success());
+  } else {
+    CHECK(run.status.code == 1);
+    CHECK(run.output.find("--backend cuda: no usable CUDA GPU") != std::string::npos);
+    CHECK(std::count(run.output.begin(), run.output.end(), '\n') == 1);
+    CHECK(test::segments_of(static_cast<int>(::getpid())).empty());
+  }
+}
+
+TEST_CASE("a sweep on the CPU backend is refused", "[orchestrator][cli]") {
+  const auto run = test::run_orchestrator(tiny_run({"--sweep"}));
+  INFO(run.output);
+  CHECK(run.status.code == 1);
+  CHECK(run.output.find("--sweep needs the cuda backend") != std::string::npos);
 }

@@ -28,12 +28,6 @@ DeviceReport open_device() {
   return r;
 }
 
-size_t device_memory_used() {
-  size_t free_bytes = 0, total_bytes = 0;
-  CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
-  return total_bytes - free_bytes;
-}
-
 bool cuda_device_present(std::string* why_not) {
   int count = 0;
   const cudaError_t status = cudaGetDeviceCount(&count);

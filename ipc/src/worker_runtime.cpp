@@ -98,9 +98,6 @@ WorkerRuntime::~WorkerRuntime() = default;
 WorkerInfo& WorkerRuntime::my_info() {
   return role_ == Role::kEncoder ? control_.header().encoder : control_.header().decoder;
 }
-WorkerInfo& WorkerRuntime::peer_info() {
-  return role_ == Role::kEncoder ? control_.header().decoder : control_.header().encoder;
-}
 
 bool WorkerRuntime::stop_signalled() const { return g_stop_signal.load(); }
 
@@ -114,7 +111,7 @@ bool WorkerRuntime::orchestrator_alive() const {
 
 bool WorkerRuntime::peer_alive() const {
   if (!orchestrator_alive()) return false;
-  const ControlHeader& h = const_cast<ControlBlock&>(control_).header();
+  const ControlHeader& h = control_.header();
   const int32_t peer = role_ == Role::kEncoder ? h.decoder.pid : h.encoder.pid;
   return peer == 0 || process_alive(peer);
 }

@@ -55,7 +55,7 @@ int orchestrator_main(int argc, char** argv) {
     report.label = "pipeline";
     print_report(report);
     if (!options->json_path.empty()) {
-      const std::string json = report_json({report}, "");
+      const std::string json = report_json({report});
       write_file(options->json_path, json.data(), json.size());
     }
     if (!options->actions_path.empty()) {

@@ -260,7 +260,7 @@ void Pipeline::feed(std::vector<float>* actions) {
   auto& from_decoder = control_.ring(RingId::kDecoderToOrch);
   const auto healthy = [this] { return workers_healthy(false); };
 
-  uint64_t next = 0, done = 0, in_flight = 0;
+  uint64_t next = 0, in_flight = 0;
   const auto t_start = Clock::now();
   Clock::time_point t_first_measured{}, t_last_done{};
   const auto arrival = [&](uint64_t frame) {
@@ -349,7 +349,6 @@ void Pipeline::feed(std::vector<float>* actions) {
     }
     free_inputs.push_back(m.input_slot);
     --in_flight;
-    ++done;
   }
   report_.frames = latencies_ms_.size();
   if (!latencies_ms_.empty()) {

@@ -48,11 +48,10 @@ nlohmann::json report_to_json(const RunReport& r) {
           {"decoder", worker_json(r.decoder)}};
 }
 
-std::string report_json(const std::vector<RunReport>& reports, const std::string& extra_json) {
+std::string report_json(const std::vector<RunReport>& reports) {
   nlohmann::json out;
   out["runs"] = nlohmann::json::array();
   for (const auto& r : reports) out["runs"].push_back(report_to_json(r));
-  if (!extra_json.empty()) out["summary"] = nlohmann::json::parse(extra_json);
   return out.dump(2) + "\n";
 }
 

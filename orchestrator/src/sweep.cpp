@@ -14,8 +14,6 @@
 
 namespace pi0 {
 
-nlohmann::json report_to_json(const RunReport& r);  // report.cpp
-
 namespace {
 
 const RunReport* find_baseline(const SweepResult& s, const std::string& label) {

@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json_fwd.hpp>
+
 #include "pi0/check.hpp"
 #include "pi0/config.hpp"
 #include "pi0/ipc/control_block.hpp"
@@ -113,7 +115,9 @@ uint64_t input_seed(uint64_t run_seed);
 inline constexpr uint64_t kDistinctInputs = 16;
 
 void print_report(const RunReport& report);
-std::string report_json(const std::vector<RunReport>& reports, const std::string& extra_json);
+// One run's figures as a JSON object (shared by report_json and the sweep's JSON).
+nlohmann::json report_to_json(const RunReport& report);
+std::string report_json(const std::vector<RunReport>& reports);
 
 // Installs SIGINT/SIGTERM handlers that make running pipelines drain and stop.
 void install_stop_handlers();

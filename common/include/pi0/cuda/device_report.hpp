@@ -18,8 +18,6 @@ struct DeviceReport {
 // Selects device 0, forces context creation, reads the attributes. Throws pi0::Error with a
 // one-line message when no usable GPU is present or the MPS server refuses us.
 DeviceReport open_device();
-// Bytes of device memory in use on the device (all processes), from cudaMemGetInfo.
-size_t device_memory_used();
 // True when at least one CUDA device can be used; never throws, creates no context.
 bool cuda_device_present(std::string* why_not = nullptr);
 

@@ -37,10 +37,8 @@ inline constexpr uint32_t kRingCount = static_cast<uint32_t>(RingId::kCount);
 struct WorkerInfo {
   int32_t pid;
   int32_t sm_count;          // cudaDevAttrMultiProcessorCount as this process sees it (MPS-limited)
-  int32_t device_sm_count;   // the device's full count (from the driver's properties)
   int32_t mps_client;        // 1 if this process is an MPS client, 0 if not, -1 unknown / CPU
   int32_t active_thread_pct; // CUDA_MPS_ACTIVE_THREAD_PERCENTAGE it was started with, or -1
-  uint32_t reserved;
   uint64_t weight_bytes;     // bytes of weights this process holds (host or device)
   uint64_t device_bytes;     // device memory this process allocated (0 on the CPU backend)
   double stage_ms_median;    // filled in at exit: this stage's median time per frame
@@ -50,7 +48,7 @@ struct WorkerInfo {
   char device_name[64];
 };
 static_assert(std::is_standard_layout_v<WorkerInfo> && std::is_trivially_copyable_v<WorkerInfo>);
-static_assert(sizeof(WorkerInfo) == 144);
+static_assert(sizeof(WorkerInfo) == 136);
 
 // CUDA IPC handles the encoder publishes for the decoder (CUDA backend).
 struct CudaIpcBlock {

@@ -45,7 +45,6 @@ class WorkerRuntime {
   const WorkerOptions& options() const { return options_; }
   ControlBlock& control() { return control_; }
   WorkerInfo& my_info();
-  WorkerInfo& peer_info();
 
   // False once the orchestrator is gone or a stop signal arrived.
   bool orchestrator_alive() const;

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "pi0/check.hpp"
+#include "pi0/log.hpp"
 #include "pi0/config.hpp"
 #include "pi0/cuda/device.hpp"
 #include "pi0/cuda/op_timer.hpp"
@@ -108,7 +109,7 @@ Figures run_case(const ModelConfig& config, const Case& c, const WeightStore& en
     const FrameInputs in = make_frame_inputs(config, shape, 9000, static_cast<uint64_t>(i));
     sets.push_back({cuda::upload(in.images, "images"), cuda::upload(in.state, "state"),
                     cuda::upload(in.noise, "noise"),
-                    cuda::DeviceBuffer<Bf16>(sizes.kv_values, "kv"),
+                    cuda::DeviceBuffer<Bf16>(sizes.kv_slot_values, "kv slot"),
                     cuda::DeviceBuffer<float>(sizes.action_values, "actions")});
   }
   cuda::Stream stream;
@@ -207,6 +208,8 @@ int main(int argc, char** argv) {
   std::string json_path;
   bool autotune = false;
   bool breakdown = false;
+  bool sm_count_only = false;
+  std::string log_level = "warn";
   std::vector<std::string> case_specs;
   app.add_option("--model", model, "model config (pi0, pi0-1l, pi0-2l, tiny)");
   app.add_option("--iters", iters, "timed inferences per shape (>= 200 for the report)");
@@ -215,7 +218,13 @@ int main(int argc, char** argv) {
   app.add_flag("--autotune", autotune, "time cuBLASLt candidates per GEMM at construction");
   app.add_flag("--breakdown", breakdown, "also time every operation (event nodes in the graph)");
   app.add_option("--case", case_specs, "V,C,P (repeatable); default: the four report shapes");
+  app.add_flag("--sm-count", sm_count_only, "print the SM count this process sees and exit");
+  app.add_option("--log-level", log_level, "trace, debug, info, warn, error or off")
+      ->check([](const std::string& v) {
+        return is_valid_log_level(v) ? std::string() : "unknown log level '" + v + "'";
+      });
   CLI11_PARSE(app, argc, argv);
+  init_logging("pi0_bench", log_level);
 
   try {
     const ModelConfig config = model_config(model);
@@ -234,6 +243,10 @@ int main(int argc, char** argv) {
     }
     cudaDeviceProp props{};
     CUDA_CHECK(cudaGetDeviceProperties(&props, 0));
+    if (sm_count_only) {
+      std::printf("%d\n", props.multiProcessorCount);
+      return 0;
+    }
     std::printf("pi0_bench: model %s on %s (%d SMs), %d timed inferences per shape%s\n",
                 config.name.c_str(), props.name, props.multiProcessorCount, iters,
                 autotune ? ", autotuned GEMMs" : "");

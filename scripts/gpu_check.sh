@@ -39,9 +39,11 @@ if want tests; then
   status_tests="$(grep -E 'tests passed' "$OUT_DIR/gpu_tests.log" | tail -1) (rc $rc)"
   # The engines again as an MPS client with a 30% SM share: cuBLASLt chooses its algorithms by
   # the SM count it sees, so a split must not change the numerics beyond bf16 rounding.
+  # Planned for the whole GPU, as the orchestrator has its workers do (PI0_GEMM_PLAN_SMS).
+  device_sms="$("$BIN/pi0_bench" --sm-count)"
   bash "$ROOT/scripts/start_mps.sh" >/dev/null
-  CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=30 "$PI0_BUILD_DIR/tests/pi0_gpu_tests" "~[mps]" \
-    >"$OUT_DIR/gpu_tests_30pct.log" 2>&1
+  PI0_GEMM_PLAN_SMS="$device_sms" CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=30 \
+    "$PI0_BUILD_DIR/tests/pi0_gpu_tests" "~[mps]" >"$OUT_DIR/gpu_tests_30pct.log" 2>&1
   rc30=$?
   bash "$ROOT/scripts/stop_mps.sh" >/dev/null
   grep -E "FAILED|rel error [0-9.e+-]+$" "$OUT_DIR/gpu_tests_30pct.log" | grep -E "FAILED|e-0[01]" | head -20
@@ -49,16 +51,26 @@ if want tests; then
 fi
 
 if want bench; then
-  "$BIN/pi0_bench" --json "$OUT_DIR/bench.json" >"$OUT_DIR/bench.log" 2>&1
+  "$BIN/pi0_bench" --json "$OUT_DIR/bench.json" --log-level info >"$OUT_DIR/bench.log" 2>&1
   rc=$?
   tail -30 "$OUT_DIR/bench.log"
   status_bench="rc $rc"
+  # Where the time goes (V=2), and the decoder with its fused attention kernel instead of GEMMs +
+  # softmax, for comparison.
+  {
+    "$BIN/pi0_bench" --case 2,63,0 --iters 50 --breakdown
+    echo "== decoder attention in the fused kernel (PI0_DECODER_FUSED_ATTENTION=1)"
+    PI0_DECODER_FUSED_ATTENTION=1 "$BIN/pi0_bench" --case 2,63,0 --iters 200
+  } >"$OUT_DIR/bench_extra.log" 2>&1
+  grep -E "breakdown|^== decoder attention|^V=2 C=63 P=0 " "$OUT_DIR/bench_extra.log"
+  grep -A12 "decoder breakdown" "$OUT_DIR/bench_extra.log" | head -13
 fi
 
 if want sweep; then
+  # Workers log warnings only (e.g. a GEMM that falls back to a slower kernel at some share).
   "$BIN/orchestrator" --sweep --frames "${PI0_SWEEP_FRAMES:-300}" --warmup 20 ${PI0_SWEEP_ARGS:-} \
     --latency-budget-ms "${PI0_LATENCY_BUDGET_MS:-25}" --json "$OUT_DIR/sweep.json" \
-    --plot "$OUT_DIR/sweep.svg" --quiet-workers >"$OUT_DIR/sweep.log" 2>&1
+    --plot "$OUT_DIR/sweep.svg" --log-level warn >"$OUT_DIR/sweep.log" 2>&1
   rc=$?
   status_sweep="rc $rc"
   # Open loop at camera rates (the run's report goes to rates.log).

@@ -43,7 +43,7 @@ ChildProcess start_long_run(std::string& log_out) {
       "orchestrator", PI0_ORCHESTRATOR_EXE,
       tiny_run({"--frames", "1000000", "--warmup", "0"}), {}, false);
   REQUIRE(test::eventually(
-      [&] { return orch.output().find("started encoder_worker") != std::string::npos; }, 20000ms));
+      [&] { return orch.output().find("streaming frames") != std::string::npos; }, 20000ms));
   std::this_thread::sleep_for(300ms);  // frames are flowing
   REQUIRE(orch.running());
   log_out = orch.output();
@@ -256,4 +256,21 @@ TEST_CASE("a sweep on the CPU backend is refused", "[orchestrator][cli]") {
   INFO(run.output);
   CHECK(run.status.code == 1);
   CHECK(run.output.find("--sweep needs the cuda backend") != std::string::npos);
+}
+
+TEST_CASE("a run that outlasts --run-timeout stops with that reason and leaves nothing",
+          "[orchestrator][process]") {
+  const auto t0 = std::chrono::steady_clock::now();
+  ChildProcess orch = ChildProcess::spawn(
+      "orchestrator", PI0_ORCHESTRATOR_EXE,
+      tiny_run({"--frames", "10000000", "--warmup", "0", "--run-timeout", "3"}), {}, false);
+  const auto status = orch.wait_for(20000ms);
+  REQUIRE(status.has_value());
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  INFO(orch.output());
+  CHECK(secs >= 3.0);
+  CHECK(secs < 8.0);
+  CHECK(status->code == 3);
+  CHECK(orch.output().find("took longer than --run-timeout 3 s") != std::string::npos);
+  require_nothing_left(orch.pid());
 }

@@ -12,12 +12,28 @@ int padded(int cols) { return (cols + 15) / 16 * 16; }
 
 }  // namespace
 
+bool SharedKvAttention::try_fused() {
+  FusedAttentionShape f;
+  f.rows = params_.queries * params_.heads;
+  f.keys = params_.keys;
+  f.head_dim = params_.head_dim;
+  f.scale = params_.scale;
+  f.limited_rows = params_.limited_queries * params_.heads;
+  f.limited_keys = params_.limited_keys;
+  fused_shape_ = plan_fused_attention(f);
+  return fused_attention_runs_here(fused_shape_);
+}
+
 SharedKvAttention::SharedKvAttention(cublasLtHandle_t handle, const Params& params,
                                      void* workspace, size_t workspace_bytes)
     : params_(params), ld_(padded(params.keys)) {
   PI0_CHECK(params.queries > 0 && params.heads > 0 && params.head_dim > 0 && params.keys > 0,
             "SharedKvAttention: empty shape");
   const int rows = params.queries * params.heads;
+  if (params.fused && fused_attention_supported(params.head_dim)) {
+    fused_ = try_fused();
+    if (fused_) return;
+  }
   scores_ = DeviceBuffer<float>(static_cast<size_t>(rows) * ld_, "attention scores");
   probs_ = DeviceBuffer<Bf16>(static_cast<size_t>(rows) * ld_, "attention probabilities");
 
@@ -43,10 +59,21 @@ SharedKvAttention::SharedKvAttention(cublasLtHandle_t handle, const Params& para
   pv.ld_y = params.head_dim;
   pv.alignment = 16;
   pv_ = Gemm(handle, pv, workspace, workspace_bytes);
+  if ((qk_.on_builtin_kernel() || pv_.on_builtin_kernel()) &&
+      fused_attention_supported(params.head_dim)) {
+    // At some MPS shares no cuBLASLt algorithm gets these products right; the fused kernel is
+    // much faster than the plain GEMM kernel they would fall back to.
+    fused_ = try_fused();
+  }
 }
 
 void SharedKvAttention::run(const Bf16* q, const Bf16* k, const Bf16* v, Bf16* out,
                             cudaStream_t stream, OpTimer* timer) {
+  if (fused_) {
+    fused_attention(fused_shape_, q, k, v, out, stream);
+    if (timer) timer->mark("attention (fused)", stream);
+    return;
+  }
   const int rows = params_.queries * params_.heads;
   qk_.run(q, k, scores_.get(), nullptr, stream);
   if (timer) timer->mark("attention qk gemm", stream);

@@ -8,15 +8,51 @@
 
 #include <vector>
 
+#include <spdlog/spdlog.h>
+
 #include "pi0/check.hpp"
 #include "pi0/cuda/device.hpp"
 #include "pi0/cuda/gemm_check.hpp"
 #include "pi0/cuda/kernels.hpp"
+#include "pi0/cuda/skinny_gemm.hpp"
 
 namespace pi0::cuda {
 namespace {
 
-constexpr int kHeuristicCandidates = 8;
+// More than the heuristic's first few: as an MPS client with a reduced SM share, the first ones
+// can all fail their check (see verify()).
+constexpr int kHeuristicCandidates = 32;
+
+// PI0_GEMM_PLAN_SMS=N makes cuBLASLt choose algorithms for N SMs instead of the SM count this
+// process sees. The orchestrator gives its workers the whole GPU's count, so that every split
+// runs the algorithms of the single-process run (the same bits), not ones chosen for a share.
+int32_t planning_sm_count() {
+  const char* v = std::getenv("PI0_GEMM_PLAN_SMS");
+  if (v == nullptr || *v == '\0') return 0;
+  char* end = nullptr;
+  const long n = std::strtol(v, &end, 10);
+  PI0_CHECK(*end == '\0' && n > 0 && n <= 4096,
+            std::string("PI0_GEMM_PLAN_SMS must be a positive SM count, got '") + v + "'");
+  return static_cast<int32_t>(n);
+}
+
+template <typename T>
+T algo_attribute(const cublasLtMatmulAlgo_t& algo, cublasLtMatmulAlgoConfigAttributes_t attr) {
+  T value{};
+  size_t written = 0;
+  (void)cublasLtMatmulAlgoConfigGetAttribute(&algo, attr, &value, sizeof value, &written);
+  return value;
+}
+
+std::string describe_algo(const cublasLtMatmulAlgo_t& algo) {
+  std::ostringstream s;
+  s << "algo " << algo_attribute<int32_t>(algo, CUBLASLT_ALGO_CONFIG_ID) << " tile "
+    << algo_attribute<uint32_t>(algo, CUBLASLT_ALGO_CONFIG_TILE_ID) << " stages "
+    << algo_attribute<uint32_t>(algo, CUBLASLT_ALGO_CONFIG_STAGES_ID) << " split-k "
+    << algo_attribute<int32_t>(algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM) << " cluster "
+    << algo_attribute<uint16_t>(algo, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID);
+  return s.str();
+}
 
 cudaDataType_t to_cuda(DType t) { return t == DType::kBf16 ? CUDA_R_16BF : CUDA_R_32F; }
 size_t type_bytes(DType t) { return t == DType::kBf16 ? 2 : 4; }
@@ -77,18 +113,51 @@ Gemm::Gemm(cublasLtHandle_t handle, const GemmShape& shape, void* workspace,
                      shape.stride_y);
 
     // The heuristic's order, but only an algorithm whose results check out (see verify()).
-    // PI0_GEMM_SEPARATE_EPILOGUE=1 takes the fallback directly (for its tests).
-    const char* force = std::getenv("PI0_GEMM_SEPARATE_EPILOGUE");
-    plan(force != nullptr && force[0] == '1' && has_bias(shape.epilogue));
-    chosen_ = first_verified();
-    if (chosen_ < 0 && has_bias(shape.epilogue) && !separate_epilogue_) {
+    const int32_t plan_sms = planning_sm_count();
+    if (plan_sms > 0) set_desc(desc_, CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET, plan_sms);
+    // PI0_GEMM_PATH=separate|skinny|builtin starts at that fallback (for their tests).
+    const char* path_env = std::getenv("PI0_GEMM_PATH");
+    const std::string forced = path_env ? path_env : "";
+    PI0_CHECK(forced.empty() || forced == "separate" || forced == "skinny" || forced == "builtin",
+              "PI0_GEMM_PATH must be separate, skinny or builtin, got '" + forced + "'");
+    const bool force_builtin = forced == "builtin";
+    const bool skip_cublaslt = force_builtin || forced == "skinny";
+    plan(forced == "separate" && has_bias(shape.epilogue));
+    chosen_ = skip_cublaslt ? -1 : first_verified();
+    if (chosen_ < 0 && !skip_cublaslt && has_bias(shape.epilogue) && !separate_epilogue_) {
       // No offered algorithm computes the fused bias / GELU epilogue correctly here: run the
       // product alone and the epilogue in its own kernel, checked the same way.
       plan(true);
       chosen_ = first_verified();
     }
-    PI0_CHECK(chosen_ >= 0, "none of the algorithms cuBLASLt offers computes " +
-                                shape.describe() + " correctly on this GPU (share)");
+    if (chosen_ < 0 && !skip_cublaslt) {
+      // The same algorithms without thread-block clusters: a cluster needs SMs of one GPC, which
+      // an MPS share need not give.
+      const int first = add_clusterless_variants();
+      chosen_ = first_verified(first);
+      if (chosen_ >= 0)
+        spdlog::warn("{}: only an algorithm without clusters checks out on this GPU (share): {}",
+                     shape_.describe(), describe_algo(candidates_[static_cast<size_t>(chosen_)].algo));
+    }
+    if (chosen_ < 0 && !force_builtin && plan_skinny_fallback()) {
+      // Our tensor-core kernel (no clusters), bias / GELU in their own kernel, checked the same way.
+      if (verify(kSkinnyPath) < tolerance()) {
+        chosen_ = kSkinnyPath;
+        if (!skip_cublaslt)
+          spdlog::warn("no cuBLASLt algorithm computes {} correctly on this GPU (share); using the "
+                     "skinny tensor-core kernel for it",
+                     shape.describe());
+      }
+    }
+    if (chosen_ < 0) {
+      // Correct but slow beats fast and wrong: the plain CUDA-core kernel the candidates are
+      // checked against.
+      if (!force_builtin)
+        spdlog::warn("none of the {} algorithms cuBLASLt offers computes {} correctly on this "
+                     "GPU (share); using the slow built-in kernel for it",
+                     candidates_.size(), shape.describe());
+      chosen_ = kBuiltinPath;
+    }
   } catch (...) {
     release();
     throw;
@@ -133,9 +202,68 @@ void Gemm::plan(bool separate_epilogue) {
   PI0_CHECK(!candidates_.empty(), "cuBLASLt has no algorithm for " + shape_.describe());
 }
 
-int Gemm::first_verified() {
-  for (int c = 0; c < static_cast<int>(candidates_.size()); ++c) {
-    if (verify(c)) return c;
+double Gemm::tolerance() const {
+  // bf16 output rounds each value (~2e-3); fp32 output differs only in summation order.
+  return shape_.y_type == DType::kF32 ? 1e-3 : 2e-2;
+}
+
+bool Gemm::plan_skinny_fallback() {
+  const GemmShape& g = shape_;
+  if (g.w_transposed || g.batch != 1 || g.alpha != 1.0f) return false;
+  if (g.y_type == DType::kBf16 && g.accumulate) return false;
+  SkinnyShape s;
+  s.m = g.m;
+  s.n = g.n;
+  s.k = g.k;
+  s.ld_x = g.ld_x;
+  s.ld_w = g.ld_w;
+  s.ld_y = g.ld_y;
+  s.out = g.y_type == DType::kBf16 ? SkinnyOut::kBf16
+          : g.accumulate           ? SkinnyOut::kF32Accumulate
+                                   : SkinnyOut::kF32;
+  if (!skinny_supported(s)) return false;
+  skinny_ = plan_skinny(s, 1);  // one SM's worth: no K splits, hence no clusters
+  skinny_init();
+  separate_epilogue_ = true;
+  return true;
+}
+
+int Gemm::add_clusterless_variants() {
+  const int first = static_cast<int>(candidates_.size());
+  for (int c = 0; c < first; ++c) {
+    cublasLtMatmulAlgo_t algo = candidates_[static_cast<size_t>(c)].algo;
+    const auto cluster = algo_attribute<uint16_t>(algo, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID);
+    if (cluster == CUBLASLT_CLUSTER_SHAPE_1x1x1) continue;
+    const uint16_t single = CUBLASLT_CLUSTER_SHAPE_1x1x1;
+    if (cublasLtMatmulAlgoConfigSetAttribute(&algo, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID,
+                                             &single, sizeof single) != CUBLAS_STATUS_SUCCESS)
+      continue;
+    cublasLtMatmulHeuristicResult_t checked{};
+    if (cublasLtMatmulAlgoCheck(handle_, desc_, a_, b_, d_, d_, &algo, &checked) !=
+            CUBLAS_STATUS_SUCCESS ||
+        checked.workspaceSize > workspace_bytes_)
+      continue;
+    checked.algo = algo;
+    checked.state = CUBLAS_STATUS_SUCCESS;
+    candidates_.push_back(checked);
+  }
+  spdlog::debug("{}: {} clusterless variant(s) of the failed candidates", shape_.describe(),
+                candidates_.size() - static_cast<size_t>(first));
+  return first;
+}
+
+int Gemm::first_verified(int from) {
+  for (int c = from; c < static_cast<int>(candidates_.size()); ++c) {
+    const double err = verify(c);
+    if (err < tolerance()) {
+      if (c > from)
+        spdlog::info("{}: {} candidate(s) failed the check; using {}", shape_.describe(),
+                     c - from, describe_algo(candidates_[static_cast<size_t>(c)].algo));
+      return c;
+    }
+    spdlog::debug("cuBLASLt candidate {} of {} ({}) fails its check for {}{}: rel error {:.3g}", c,
+                  candidates_.size(), describe_algo(candidates_[static_cast<size_t>(c)].algo),
+                  shape_.describe(), separate_epilogue_ ? " (epilogue apart)" : "", err);
   }
   return -1;
 }
@@ -161,6 +289,7 @@ Gemm::Gemm(Gemm&& other) noexcept
       candidates_(std::move(other.candidates_)),
       chosen_(other.chosen_),
       separate_epilogue_(other.separate_epilogue_),
+      skinny_(other.skinny_),
       workspace_(other.workspace_),
       workspace_bytes_(other.workspace_bytes_) {}
 
@@ -176,6 +305,7 @@ Gemm& Gemm::operator=(Gemm&& other) noexcept {
     candidates_ = std::move(other.candidates_);
     chosen_ = other.chosen_;
     separate_epilogue_ = other.separate_epilogue_;
+    skinny_ = other.skinny_;
     workspace_ = other.workspace_;
     workspace_bytes_ = other.workspace_bytes_;
   }
@@ -184,6 +314,16 @@ Gemm& Gemm::operator=(Gemm&& other) noexcept {
 
 void Gemm::launch(int candidate, const void* x, const void* w, void* y, const void* bias,
                   cudaStream_t stream) {
+  if (candidate == kBuiltinPath) {
+    simple_gemm(shape_, x, w, bias, y, stream);
+    return;
+  }
+  if (candidate == kSkinnyPath) {
+    skinny_gemm(skinny_, static_cast<const Bf16*>(x), static_cast<const Bf16*>(w), y, nullptr,
+                stream);
+    if (has_bias(shape_.epilogue)) apply_bias_epilogue(shape_, bias, y, stream);
+    return;
+  }
   const float beta = shape_.accumulate ? 1.0f : 0.0f;
   if (has_bias(shape_.epilogue)) {
     PI0_CHECK(bias != nullptr, "missing bias for " + shape_.describe());
@@ -205,6 +345,7 @@ void Gemm::run(const void* x, const void* w, void* y, const void* bias, cudaStre
     throw Error("misaligned operand (need " + std::to_string(a) + " bytes) for " +
                 shape_.describe());
   }
+  PI0_CHECK(!has_bias(shape_.epilogue) || bias != nullptr, "missing bias for " + shape_.describe());
   launch(chosen_, x, w, y, bias, stream);
 }
 
@@ -216,7 +357,7 @@ size_t extent(int batch, int64_t stride, int rows, int ld, int cols) {
 }
 }  // namespace
 
-bool Gemm::verify(int c) {
+double Gemm::verify(int c) {
   const GemmShape& s = shape_;
   const bool f32 = s.y_type == DType::kF32;
   const size_t x_n = extent(s.batch, s.stride_x, s.m, s.ld_x, s.k);
@@ -242,21 +383,24 @@ bool Gemm::verify(int c) {
   reference_gemm(s, x.get(), w.get(), b, y0.get(), ref.get(), st);
   CUDA_CHECK(cudaMemcpyAsync(y.get(), y0.get(), y_bytes, cudaMemcpyDeviceToDevice, st));
   try {
+    if (c >= 0)
+      spdlog::trace("{}: checking candidate {} ({})", s.describe(), c,
+                    describe_algo(candidates_[static_cast<size_t>(c)].algo));
     launch(c, x.get(), w.get(), y.get(), b, st);
     CUDA_CHECK(cudaStreamSynchronize(st));
-  } catch (const Error&) {
+    CUDA_CHECK(cudaGetLastError());  // a launch that failed without cuBLASLt saying so
+  } catch (const Error& e) {
     (void)cudaGetLastError();
-    return false;
+    spdlog::debug("{} candidate {}: {}", shape_.describe(), c, e.what());
+    return INFINITY;
   }
-  const double err = relative_difference(s, y.get(), ref.get(), st);
-  // bf16 output rounds each value (~2e-3); fp32 output differs only in summation order.
-  return err < (f32 ? 1e-3 : 2e-2);
+  return relative_difference(s, y.get(), ref.get(), st);
 }
 
 void Gemm::autotune(const void* x, const void* w, void* y, const void* bias, cudaStream_t stream,
                     int max_candidates) {
   const int n = std::min(candidates(), max_candidates);
-  if (n <= 1) return;
+  if (n <= 1 || chosen_ < 0) return;
   Event start, stop;
   constexpr int kWarm = 2, kReps = 8;
   float best_ms = 3.0e38f;
@@ -278,7 +422,7 @@ void Gemm::autotune(const void* x, const void* w, void* y, const void* bias, cud
       best = c;
     }
   }
-  if (best != chosen_ && verify(best)) chosen_ = best;
+  if (best != chosen_ && verify(best) < tolerance()) chosen_ = best;
 }
 
 }  // namespace pi0::cuda

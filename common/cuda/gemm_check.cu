@@ -26,8 +26,19 @@ __device__ float load(const void* p, long long i, bool f32) {
              : __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
 }
 
-__global__ void reference_gemm_kernel(Layout l, const __nv_bfloat16* x, const __nv_bfloat16* w,
-                                      const void* bias, const void* y0, float* out) {
+__device__ void store(void* p, long long i, bool f32, float v) {
+  if (f32) {
+    static_cast<float*>(p)[i] = v;
+  } else {
+    static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
+  }
+}
+
+// One thread per output element. kInPlace: y = epilogue(... + y) in the shape's layout and type;
+// otherwise a dense fp32 [batch][m][n] result, the initial y read from y0.
+template <bool kInPlace>
+__global__ void plain_gemm_kernel(Layout l, const __nv_bfloat16* x, const __nv_bfloat16* w,
+                                  const void* bias, const void* y0, void* out) {
   const int j = blockIdx.x * blockDim.x + threadIdx.x;
   const int i = blockIdx.y;
   const int b = blockIdx.z;
@@ -40,11 +51,16 @@ __global__ void reference_gemm_kernel(Layout l, const __nv_bfloat16* x, const __
                                         : static_cast<long long>(k) * l.ld_w + j;
     acc += __bfloat162float(xr[k]) * __bfloat162float(wb[wi]);
   }
+  const long long at = b * l.stride_y + static_cast<long long>(i) * l.ld_y + j;
   float v = l.alpha * acc;
-  if (l.accumulate) v += load(y0, b * l.stride_y + static_cast<long long>(i) * l.ld_y + j, l.y_f32);
+  if (l.accumulate) v += load(y0, at, l.y_f32);
   if (l.bias) v += load(bias, j, l.y_f32);
   if (l.gelu) v = 0.5f * v * (1.0f + tanhf(0.7978845608f * (v + 0.044715f * v * v * v)));
-  out[(static_cast<long long>(b) * l.m + i) * l.n + j] = v;
+  if constexpr (kInPlace) {
+    store(out, at, l.y_f32, v);
+  } else {
+    static_cast<float*>(out)[(static_cast<long long>(b) * l.m + i) * l.n + j] = v;
+  }
 }
 
 __global__ void difference_kernel(Layout l, const void* y, const float* ref, double* sums) {
@@ -71,11 +87,7 @@ __global__ void bias_epilogue_kernel(Layout l, const void* bias, void* y) {
   const long long at = b * l.stride_y + static_cast<long long>(i) * l.ld_y + j;
   float v = load(y, at, l.y_f32) + load(bias, j, l.y_f32);
   if (l.gelu) v = 0.5f * v * (1.0f + tanhf(0.7978845608f * (v + 0.044715f * v * v * v)));
-  if (l.y_f32) {
-    static_cast<float*>(y)[at] = v;
-  } else {
-    static_cast<__nv_bfloat16*>(y)[at] = __float2bfloat16_rn(v);
-  }
+  store(y, at, l.y_f32, v);
 }
 
 dim3 grid_of(const GemmShape& s) {
@@ -87,9 +99,17 @@ dim3 grid_of(const GemmShape& s) {
 
 void reference_gemm(const GemmShape& shape, const void* x, const void* w, const void* bias,
                     const void* y_initial, float* out, cudaStream_t stream) {
-  reference_gemm_kernel<<<grid_of(shape), 128, 0, stream>>>(
+  plain_gemm_kernel<false><<<grid_of(shape), 128, 0, stream>>>(
       layout_of(shape), static_cast<const __nv_bfloat16*>(x),
       static_cast<const __nv_bfloat16*>(w), bias, y_initial, out);
+  CUDA_CHECK_LAUNCH();
+}
+
+void simple_gemm(const GemmShape& shape, const void* x, const void* w, const void* bias, void* y,
+                 cudaStream_t stream) {
+  plain_gemm_kernel<true><<<grid_of(shape), 128, 0, stream>>>(
+      layout_of(shape), static_cast<const __nv_bfloat16*>(x),
+      static_cast<const __nv_bfloat16*>(w), bias, y, y);
   CUDA_CHECK_LAUNCH();
 }
 

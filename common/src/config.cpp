@@ -88,6 +88,8 @@ StageSizes stage_sizes(const ModelConfig& c, const RunShape& s) {
   z.noise_values = static_cast<size_t>(s.chunk) * c.action_dim;
   z.action_values = z.noise_values;
   z.kv_values = static_cast<size_t>(c.lm_layers) * 2 * s.prefix_len(c) * c.head_dim;
+  z.kv_slot_rows = s.prefix_len(c) + s.chunk + 1;
+  z.kv_slot_values = static_cast<size_t>(c.lm_layers) * 2 * z.kv_slot_rows * c.head_dim;
   return z;
 }
 

@@ -1,8 +1,9 @@
 // Decoder (action expert): 10 flow steps x lm_layers layers at C+1 rows, so every weight matrix
 // is streamed once per step and the GEMMs are bound by weight reads; everything else is kept to
 // one cheap kernel per operation, and the ~2,000 launches of a decode replay as one CUDA graph.
-// The prefix K/V is copied once per decode into the decoder's own cache, in front of the rows
-// the suffix writes each layer, so attention reads one contiguous [E + C + 1, head_dim] block.
+// The prefix K/V is not copied: the slot the encoder filled has C + 1 free rows after the E prefix
+// rows of every K and V block (StageSizes::kv_slot_rows); the decoder writes its own keys and
+// values there each layer and attention reads the [E + C + 1, head_dim] block in place.
 // The flow sample lives in d_actions (fp32); the Euler update is a GEMM accumulating into it.
 // PI0_DECODER_SKINNY=1 runs the per-step weight GEMMs (M = C + 1 <= 64 rows) on the skinny GEMM
 // kernel (pi0/cuda/skinny_gemm.hpp: split-K over clusters, fused bias / residual / GeGLU
@@ -50,7 +51,7 @@ struct CudaDecoder::Impl {
   DeviceBuffer<Bf16> state_w, ain_w, time_b, amlp_w, qkv_w, o_w, gate_up_w, down_w, aout_w;
   DeviceBuffer<float> state_b, amlp_b, aout_b;
 
-  DeviceBuffer<Bf16> kv, h, sample, t1, qkv, q, attn, gu, act;
+  DeviceBuffer<Bf16> h, sample, t1, qkv, q, attn, gu, act;
   DeviceBuffer<float> x, state_row;
 
   Gemm g_state, g_ain, g_amlp, g_qkv, g_o, g_gu, g_down, g_aout;
@@ -78,9 +79,11 @@ struct CudaDecoder::Impl {
 
   Impl(const ModelConfig& config, const RunShape& run_shape, const WeightStore& w,
        const CudaEngineOptions& options);
-  void forward(const Bf16* kv_prefix, const Bf16* state, const Bf16* noise, float* actions,
+  void forward(Bf16* kv_slot, const Bf16* state, const Bf16* noise, float* actions,
                cudaStream_t stream);
-  Bf16* kv_slice(int layer, int which) const { return kv.get() + kv_offset(cfg, keys, layer, which); }
+  Bf16* kv_slice(Bf16* kv_slot, int layer, int which) const {
+    return kv_slot + kv_offset(cfg, keys, layer, which);
+  }
 };
 
 namespace {
@@ -177,7 +180,6 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   aout_b = weight(cuda::upload_tensor_f32(w, "decoder_action_fused_out_proj_b"));
 
   const size_t r = static_cast<size_t>(rows);
-  kv = work<Bf16>(static_cast<size_t>(cfg.lm_layers) * 2 * keys * cfg.head_dim, "K/V cache");
   x = work<float>(r * aw, "residual");
   state_row = work<float>(aw, "state token");
   h = work<Bf16>(r * aw, "normed");
@@ -198,11 +200,14 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   g_down = gemm(linear(rows, aw, am, DType::kF32, Epilogue::kNone, true));
   g_aout = gemm(loosely_aligned(linear(c, ad, aw, DType::kF32, Epilogue::kBias, true)));
 
-  attention = cuda::SharedKvAttention(
-      lt.get(),
-      {rows, cfg.lm_heads, cfg.head_dim, keys, 1.0f / std::sqrt(static_cast<float>(cfg.head_dim)),
-       1, prefix + 1},
-      gemm_ws.get(), gemm_ws.bytes());
+  // Attention as GEMMs + softmax: PI0_DECODER_FUSED_ATTENTION=1 runs the fused kernel instead
+  // (correct and deterministic, but 1 ms slower per decode as of bench/NOTES.md v4).
+  const char* fused_attention = std::getenv("PI0_DECODER_FUSED_ATTENTION");
+  cuda::SharedKvAttention::Params attention_params{
+      rows, cfg.lm_heads, cfg.head_dim, keys, 1.0f / std::sqrt(static_cast<float>(cfg.head_dim)),
+      1, prefix + 1};
+  attention_params.fused = fused_attention && fused_attention[0] == '1';
+  attention = cuda::SharedKvAttention(lt.get(), attention_params, gemm_ws.get(), gemm_ws.bytes());
   workspace_bytes += attention.scratch_bytes();
 
   const double steps = cfg.flow_steps;
@@ -234,18 +239,12 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   }
 }
 
-void CudaDecoder::Impl::forward(const Bf16* kv_prefix, const Bf16* state, const Bf16* noise,
+void CudaDecoder::Impl::forward(Bf16* kv_slot, const Bf16* state, const Bf16* noise,
                                 float* actions, cudaStream_t s) {
   const int aw = cfg.action_width, am = cfg.action_mlp, qkv_width = cfg.qkv_width();
   const int qw = cfg.lm_q_width(), ad = cfg.action_dim, c = shape.chunk;
-  const size_t row_bytes = static_cast<size_t>(cfg.head_dim) * sizeof(Bf16);
 
   if (timer) timer->begin(s);
-  // Prefix rows of every (layer, K|V) block into the decoder's cache, one strided copy.
-  CUDA_CHECK(cudaMemcpy2DAsync(kv.get(), keys * row_bytes, kv_prefix, prefix * row_bytes,
-                               prefix * row_bytes, 2 * static_cast<size_t>(cfg.lm_layers),
-                               cudaMemcpyDeviceToDevice, s));
-  mark("prefix kv copy", s);
   g_state.run(state, state_w.get(), state_row.get(), state_b.get(), s);
   cuda::bf16_to_f32(noise, actions, static_cast<size_t>(c) * ad, s);
   mark("state proj + noise in", s);
@@ -269,8 +268,8 @@ void CudaDecoder::Impl::forward(const Bf16* kv_prefix, const Bf16* state, const 
     mark("state token copy", s);
     for (int l = 0; l < cfg.lm_layers; ++l) {
       const size_t ll = static_cast<size_t>(l);
-      Bf16* k = kv_slice(l, 0);
-      Bf16* v = kv_slice(l, 1);
+      Bf16* k = kv_slice(kv_slot, l, 0);
+      Bf16* v = kv_slice(kv_slot, l, 1);
       const size_t suffix = static_cast<size_t>(prefix) * cfg.head_dim;
       cuda::rms_norm(x.get(), h.get(), rows, aw, cfg.rms_eps, s);
       mark("rmsnorm", s);
@@ -328,16 +327,16 @@ CudaDecoder::~CudaDecoder() = default;
 CudaDecoder::CudaDecoder(CudaDecoder&&) noexcept = default;
 CudaDecoder& CudaDecoder::operator=(CudaDecoder&&) noexcept = default;
 
-void CudaDecoder::decode(const Bf16* d_kv_prefix, const Bf16* d_state, const Bf16* d_noise,
+void CudaDecoder::decode(Bf16* d_kv_slot, const Bf16* d_state, const Bf16* d_noise,
                          float* d_actions, cudaStream_t stream) {
   PI0_CHECK(impl_, "CudaDecoder used after move");
-  PI0_CHECK(d_kv_prefix && d_state && d_noise && d_actions,
+  PI0_CHECK(d_kv_slot && d_state && d_noise && d_actions,
             "CudaDecoder::decode: null device pointer");
-  PI0_CHECK(cuda::is_aligned(d_kv_prefix, 16) && cuda::is_aligned(d_state, 16) &&
+  PI0_CHECK(cuda::is_aligned(d_kv_slot, 16) && cuda::is_aligned(d_state, 16) &&
                 cuda::is_aligned(d_noise, 16) && cuda::is_aligned(d_actions, 16),
             "CudaDecoder::decode: device buffers must be 16-byte aligned");
-  impl_->graphs.run({d_kv_prefix, d_state, d_noise, d_actions, impl_->timer}, stream, [&](cudaStream_t s) {
-    impl_->forward(d_kv_prefix, d_state, d_noise, d_actions, s);
+  impl_->graphs.run({d_kv_slot, d_state, d_noise, d_actions, impl_->timer}, stream, [&](cudaStream_t s) {
+    impl_->forward(d_kv_slot, d_state, d_noise, d_actions, s);
   });
 }
 

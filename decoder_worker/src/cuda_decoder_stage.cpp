@@ -45,7 +45,7 @@ class CudaDecoderStage final : public DecoderStage {
     }
     const ipc::ControlLayout& layout = rt.control().layout();
     slot_stride_ = cuda_block.kv_slot_stride;
-    PI0_CHECK(slot_stride_ >= layout.kv_values * sizeof(Bf16) &&
+    PI0_CHECK(slot_stride_ >= stage_sizes(o.config, o.shape).kv_slot_values * sizeof(Bf16) &&
                   cuda_block.kv_pool_bytes >= slot_stride_ * layout.kv_slots,
               "the encoder's K/V pool is smaller than this run's slots");
     pool_ = ipc::IpcDeviceMemory::open_imported(cuda_block.kv_pool_handle);
@@ -116,9 +116,8 @@ class CudaDecoderStage final : public DecoderStage {
   const StageTimes& stage_times() const override { return times_; }
 
  private:
-  const Bf16* slot(uint32_t kv_slot) const {
-    return reinterpret_cast<const Bf16*>(static_cast<const char*>(pool_.get()) +
-                                         kv_slot * slot_stride_);
+  Bf16* slot(uint32_t kv_slot) const {
+    return reinterpret_cast<Bf16*>(static_cast<char*>(pool_.get()) + kv_slot * slot_stride_);
   }
 
   ipc::WorkerRuntime& rt_;

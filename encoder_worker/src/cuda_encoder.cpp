@@ -32,6 +32,7 @@ struct CudaEncoder::Impl {
   int tokens = 0;        // per view
   int vision_rows = 0;   // V * tokens
   int prefix = 0;        // E
+  int slot_rows = 0;     // rows per K or V block of the slot: E, then C + 1 left to the decoder
   size_t weight_bytes = 0;
   size_t workspace_bytes = 0;
   double flops = 0.0;
@@ -81,7 +82,7 @@ struct CudaEncoder::Impl {
        const CudaEngineOptions& options);
   void forward(const Bf16* images, Bf16* kv, cudaStream_t stream);
   Bf16* kv_slice(Bf16* kv, int layer, int which) const {
-    return kv + kv_offset(cfg, prefix, layer, which);
+    return kv + kv_offset(cfg, slot_rows, layer, which);
   }
 };
 
@@ -116,6 +117,7 @@ CudaEncoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   tokens = cfg.tokens_per_view();
   vision_rows = tokens * shape.views;
   prefix = shape.prefix_len(cfg);
+  slot_rows = stage_sizes(cfg, shape).kv_slot_rows;
 
   const int vw = cfg.vision_width, vqkv_w = cfg.vision_qkv_width(), vm = cfg.vision_mlp;
   const int lw = cfg.lm_width, qkv_w = cfg.qkv_width(), qw = cfg.lm_q_width(), lm = cfg.lm_mlp;

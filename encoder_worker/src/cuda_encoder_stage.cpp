@@ -34,8 +34,8 @@ class CudaEncoderStage final : public EncoderStage {
 
     auto& cuda_block = rt.control().header().cuda;
     const ipc::ControlLayout& layout = rt.control().layout();
-    slot_stride_ = (layout.kv_values * sizeof(Bf16) + kSlotAlignment - 1) / kSlotAlignment *
-                   kSlotAlignment;
+    const size_t slot_bytes = stage_sizes(o.config, o.shape).kv_slot_values * sizeof(Bf16);
+    slot_stride_ = (slot_bytes + kSlotAlignment - 1) / kSlotAlignment * kSlotAlignment;
     pool_ = ipc::IpcDeviceMemory::allocate_exported(slot_stride_ * layout.kv_slots,
                                                     cuda_block.kv_pool_handle);
     timestamps_ = ipc::IpcDeviceMemory::allocate_exported(sizeof(uint64_t) * layout.kv_slots,

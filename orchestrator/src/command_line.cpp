@@ -51,6 +51,10 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
       ->check(CLI::Range(1.0, 3600.0));
   app.add_option("--frame-timeout", o.frame_timeout_s, "seconds a frame may take before the run fails")
       ->check(CLI::Range(0.1, 3600.0));
+  app.add_option("--run-timeout", o.run_timeout_s,
+                 "seconds a whole run may take, worker start included (0: no limit; a sweep "
+                 "gives each split 180 s unless set)")
+      ->check(CLI::Range(0.0, 86400.0));
   app.add_option("--worker-dir", o.worker_dir, "directory holding encoder_worker and decoder_worker");
   app.add_flag("--quiet-workers", o.quiet_workers, "do not copy the workers' log lines to stderr");
   app.add_flag("--sweep", o.sweep, "sweep the encoder's SM percentage (decoder gets the rest)");

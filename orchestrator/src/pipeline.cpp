@@ -84,7 +84,11 @@ class Pipeline {
  public:
   Pipeline(const ResolvedRun& run, const MpsDaemon* mps, int encoder_pct, int decoder_pct,
            const std::string& mode)
-      : run_(run), mps_(mps), encoder_pct_(encoder_pct), decoder_pct_(decoder_pct), mode_(mode) {}
+      : run_(run), mps_(mps), encoder_pct_(encoder_pct), decoder_pct_(decoder_pct), mode_(mode) {
+    if (run.options.run_timeout_s > 0)
+      run_deadline_ = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                         std::chrono::duration<double>(run.options.run_timeout_s));
+  }
 
   RunReport run(std::vector<float>* actions);
 
@@ -97,6 +101,9 @@ class Pipeline {
   // a stop signal arrived.
   bool workers_healthy(bool signals_stop);
   [[noreturn]] void fail();
+  // Fails the run when --run-timeout has passed (e.g. a split where a GEMM fell back to a slow
+  // kernel): `done` frames of `total` so far.
+  void check_run_deadline(uint64_t done, uint64_t total);
   void handle_worker_message(Worker& w, const Message& m);
 
   const ResolvedRun& run_;
@@ -109,7 +116,16 @@ class Pipeline {
   std::string failure_;
   RunReport report_;
   std::vector<double> latencies_ms_, handoffs_us_;
+  Clock::time_point run_deadline_ = Clock::time_point::max();
 };
+
+void Pipeline::check_run_deadline(uint64_t done, uint64_t total) {
+  if (Clock::now() < run_deadline_) return;
+  failure_ = "the run took longer than --run-timeout " +
+             std::to_string(static_cast<int>(run_.options.run_timeout_s)) + " s (" +
+             std::to_string(done) + " of " + std::to_string(total) + " frames done)";
+  fail();
+}
 
 bool Pipeline::workers_healthy(bool signals_stop) {
   if (!failure_.empty()) return false;
@@ -186,6 +202,11 @@ void Pipeline::start_workers() {
 
   const std::string dir =
       run_.options.worker_dir.empty() ? executable_dir() : run_.options.worker_dir;
+  // cuBLASLt plans for the whole GPU in both workers, whatever their share: every split then
+  // runs the single-process run's algorithms (see PI0_GEMM_PLAN_SMS in pi0/cuda/gemm.hpp).
+  const int plan_sms = run_.backend == "cuda" && std::getenv("PI0_GEMM_PLAN_SMS") == nullptr
+                           ? cuda::device_sm_count_without_context()
+                           : 0;
   for (Worker* w : {&encoder_, &decoder_}) {
     EnvOverrides env;
     const int pct = w == &encoder_ ? encoder_pct_ : decoder_pct_;
@@ -198,6 +219,7 @@ void Pipeline::start_workers() {
       env["CUDA_MPS_PIPE_DIRECTORY"] = "/nonexistent/pi0-mps-no-mps";
       env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = std::nullopt;
     }
+    if (plan_sms > 0) env["PI0_GEMM_PLAN_SMS"] = std::to_string(plan_sms);
     if (!run_.options.gpu.empty()) {
       env["CUDA_VISIBLE_DEVICES"] = run_.options.gpu;
     } else if (std::getenv("CUDA_VISIBLE_DEVICES") == nullptr) {
@@ -220,6 +242,7 @@ void Pipeline::await_ready() {
       fail();
     }
     Message m;
+    check_run_deadline(0, run_.options.warmup + run_.options.frames);
     const WaitStatus st = from_decoder.pop(m, Clock::now() + kSlice, {});
     if (st == WaitStatus::kOk) {
       handle_worker_message(decoder_, m);
@@ -313,9 +336,12 @@ void Pipeline::feed(std::vector<float>* actions) {
     const bool waiting_to_submit = !stopping && o.rate_hz > 0 && next < total &&
                                    in_flight < max_in_flight && !free_inputs.empty();
     if (waiting_to_submit) deadline = std::min(deadline, arrival(next));
+    const bool run_deadline_first = run_deadline_ < deadline;
+    deadline = std::min(deadline, run_deadline_);
     Message m;
     const WaitStatus st = from_decoder.pop(m, deadline, healthy);
     if (st == WaitStatus::kTimeout) {
+      if (run_deadline_first) check_run_deadline(next - in_flight, total);
       if (waiting_to_submit) continue;
       failure_ = "no frame finished within " + std::to_string(o.frame_timeout_s) +
                  " s (frames in flight: " + std::to_string(in_flight) + ")";
@@ -425,6 +451,7 @@ RunReport Pipeline::run(std::vector<float>* actions) {
     report_.split_note = "not applicable: MPS does not apply to the CPU backend";
   }
 
+  spdlog::info("workers ready; streaming frames");
   feed(actions);
   stop_workers();
   report_.encoder = summarise(control_.header().encoder);

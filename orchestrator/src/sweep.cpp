@@ -16,6 +16,8 @@ namespace pi0 {
 
 namespace {
 
+constexpr double kSweepRunTimeoutS = 180;
+
 const RunReport* find_baseline(const SweepResult& s, const std::string& label) {
   for (const auto& b : s.baselines) {
     if (b.label == label) return &b;
@@ -90,7 +92,11 @@ void choose_best_splits(SweepResult& result) {
   }
 }
 
-SweepResult run_sweep(const ResolvedRun& run) {
+SweepResult run_sweep(const ResolvedRun& requested) {
+  // A split that runs far slower than the others (e.g. a GEMM fell back to a slow kernel) is
+  // reported as such, not waited for.
+  ResolvedRun run = requested;
+  if (run.options.run_timeout_s <= 0) run.options.run_timeout_s = kSweepRunTimeoutS;
   const RunOptions& o = run.options;
   SweepResult result;
   result.latency_budget_ms = o.latency_budget_ms;

@@ -12,8 +12,10 @@
 
 #include "pi0/bf16.hpp"
 #include "pi0/check.hpp"
+#include "pi0/config.hpp"
 #include "pi0/cuda/device.hpp"
 #include "pi0/random.hpp"
+#include "pi0/reference.hpp"
 
 namespace pi0::test {
 
@@ -70,6 +72,37 @@ inline double rel_error(const float* out, const float* ref, size_t n) {
 inline double rel_error(const std::vector<float>& out, const std::vector<float>& ref) {
   PI0_CHECK(out.size() == ref.size(), "rel_error: size mismatch");
   return rel_error(out.data(), ref.data(), out.size());
+}
+
+// The reference's prefix K/V [layers][2][E][hd] placed in a device K/V slot
+// [layers][2][E + C + 1][hd] (StageSizes::kv_slot_rows); the decoder's rows hold `fill`.
+inline std::vector<float> prefix_to_slot(const ModelConfig& c, const RunShape& shape,
+                                         const std::vector<float>& prefix_kv, float fill) {
+  const StageSizes sizes = stage_sizes(c, shape);
+  const size_t block = static_cast<size_t>(shape.prefix_len(c)) * c.head_dim;
+  PI0_CHECK(prefix_kv.size() == sizes.kv_values, "prefix_to_slot: size mismatch");
+  std::vector<float> slot(sizes.kv_slot_values, fill);
+  for (int l = 0; l < c.lm_layers; ++l)
+    for (int which = 0; which < 2; ++which)
+      std::memcpy(slot.data() + kv_offset(c, sizes.kv_slot_rows, l, which),
+                  prefix_kv.data() + kv_offset(c, shape.prefix_len(c), l, which),
+                  block * sizeof(float));
+  return slot;
+}
+
+// The inverse: the encoder's rows of a slot, in the reference's prefix layout.
+inline std::vector<float> slot_to_prefix(const ModelConfig& c, const RunShape& shape,
+                                         const std::vector<float>& slot) {
+  const StageSizes sizes = stage_sizes(c, shape);
+  const size_t block = static_cast<size_t>(shape.prefix_len(c)) * c.head_dim;
+  PI0_CHECK(slot.size() == sizes.kv_slot_values, "slot_to_prefix: size mismatch");
+  std::vector<float> prefix_kv(sizes.kv_values);
+  for (int l = 0; l < c.lm_layers; ++l)
+    for (int which = 0; which < 2; ++which)
+      std::memcpy(prefix_kv.data() + kv_offset(c, shape.prefix_len(c), l, which),
+                  slot.data() + kv_offset(c, sizes.kv_slot_rows, l, which),
+                  block * sizeof(float));
+  return prefix_kv;
 }
 
 inline bool bitwise_equal(const void* a, const void* b, size_t bytes) {

@@ -111,7 +111,7 @@ bool prefix_mask(int q, int k, const void* ctx) {
 }
 
 void check_shared_kv(int queries, int keys, int heads, int hd, int limited_queries,
-                     int limited_keys, uint64_t seed) {
+                     int limited_keys, uint64_t seed, bool fused = false) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const auto q = rounded(random_floats(static_cast<size_t>(queries) * heads * hd, seed, 1.5f));
   const auto k = rounded(random_floats(static_cast<size_t>(keys) * hd, seed + 1, 1.5f));
@@ -122,17 +122,30 @@ void check_shared_kv(int queries, int keys, int heads, int hd, int limited_queri
   auto out = poisoned<Bf16>(q.size());
   cuda::LtHandle lt;
   DeviceBuffer<std::byte> ws(cuda::kGemmWorkspaceBytes, "workspace");
-  cuda::SharedKvAttention att(lt.get(),
-                              {queries, heads, hd, keys, scale, limited_queries, limited_keys},
-                              ws.get(), ws.bytes());
+  cuda::SharedKvAttention::Params params{queries, heads, hd, keys, scale, limited_queries,
+                                         limited_keys};
+  params.fused = fused;
+  cuda::SharedKvAttention att(lt.get(), params, ws.get(), ws.bytes());
+  REQUIRE(att.fused() == fused);
   att.run(dq.get(), dk.get(), dv.get(), out.get(), nullptr);
   CUDA_CHECK(cudaDeviceSynchronize());
+  if (fused) {
+    // Run again into a freshly poisoned output: the key ranges combine in a fixed order, so the
+    // bits must repeat.
+    const auto first = cuda::download(out.get(), out.size());
+    CUDA_CHECK(cudaMemset(out.get(), 0xFF, out.bytes()));
+    att.run(dq.get(), dk.get(), dv.get(), out.get(), nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    const auto second = cuda::download(out.get(), out.size());
+    REQUIRE(bitwise_equal(first.data(), second.data(), first.size() * sizeof(Bf16)));
+  }
   std::vector<float> ref(q.size());
   PrefixMask mask{limited_queries, limited_keys};
   ref::attention(q.data(), heads * hd, k.data(), hd, v.data(), hd, ref.data(), queries, keys, heads,
                  1, hd, scale, limited_queries > 0 ? prefix_mask : nullptr, &mask);
   const double err = rel_error(down_bf16(out), ref);
-  report("shared-kv attention q=" + std::to_string(queries) + " k=" + std::to_string(keys) +
+  report(std::string(fused ? "fused " : "") + "shared-kv attention q=" + std::to_string(queries) +
+             " k=" + std::to_string(keys) + " hd=" + std::to_string(hd) +
              (limited_queries ? " state-token mask" : " bidirectional"),
          err);
   REQUIRE(err < kBf16Bound);
@@ -143,6 +156,14 @@ void check_shared_kv(int queries, int keys, int heads, int hd, int limited_queri
 TEST_CASE("shared kv attention matches the reference bidirectional", "[gpu]") {
   check_shared_kv(532, 532, 8, 256, 0, 0, 10);  // encoder prefix with a prompt
   check_shared_kv(40, 70, 2, 32, 0, 0, 11);     // tiny widths
+}
+
+TEST_CASE("fused shared kv attention matches the reference", "[gpu]") {
+  check_shared_kv(64, 576, 8, 256, 1, 513, 40, true);   // decoder, V=2 C=63: 6 key ranges
+  check_shared_kv(51, 583, 8, 256, 1, 533, 41, true);   // decoder, C=50 P=20: partial tiles
+  check_shared_kv(532, 532, 8, 256, 0, 0, 42, true);    // encoder-sized, bidirectional
+  check_shared_kv(9, 40, 2, 128, 1, 3, 43, true);       // one key range, rows < 64
+  check_shared_kv(33, 300, 4, 64, 2, 100, 44, true);    // head_dim 64
 }
 
 TEST_CASE("shared kv attention applies the state token mask", "[gpu]") {
@@ -380,15 +401,55 @@ TEST_CASE("encoder gemm shapes match the reference", "[gpu]") {
 TEST_CASE("gemm with a separate epilogue kernel matches the reference", "[gpu]") {
   using cuda::DType;
   using cuda::Epilogue;
-  ::setenv("PI0_GEMM_SEPARATE_EPILOGUE", "1", 1);
+  ::setenv("PI0_GEMM_PATH", "separate", 1);
   const double bias = check_gemm(512, 3456, 1152, DType::kBf16, Epilogue::kBias, false, false, 400);
   const double acc = check_gemm(512, 1152, 4304, DType::kF32, Epilogue::kBias, true, false, 401);
   const double gelu = check_gemm(256, 4304, 1152, DType::kBf16, Epilogue::kGeluBias, false, false, 402);
-  ::unsetenv("PI0_GEMM_SEPARATE_EPILOGUE");
+  ::unsetenv("PI0_GEMM_PATH");
   report("separate epilogue: bf16 out + bias", bias);
   report("separate epilogue: fp32 accumulate + bias", acc);
   report("separate epilogue: bf16 out + bias + gelu", gelu);
   CHECK(bias < 5e-3);
   CHECK(acc < 1e-4);
   CHECK(gelu < 5e-3);
+}
+
+// The last resort of a Gemm no cuBLASLt algorithm computes correctly: the plain kernel in place.
+TEST_CASE("gemm on the built-in kernel matches the reference", "[gpu]") {
+  using cuda::DType;
+  using cuda::Epilogue;
+  ::setenv("PI0_GEMM_PATH", "builtin", 1);
+  const double bias = check_gemm(512, 3456, 1152, DType::kBf16, Epilogue::kBias, false, false, 410);
+  const double acc = check_gemm(64, 1024, 4096, DType::kF32, Epilogue::kNone, true, false, 411);
+  const double gelu = check_gemm(256, 4304, 1152, DType::kBf16, Epilogue::kGeluBias, false, false, 412);
+  const double qk = check_gemm(512, 576, 256, DType::kF32, Epilogue::kNone, false, true, 413);
+  ::unsetenv("PI0_GEMM_PATH");
+  report("built-in gemm: bf16 out + bias", bias);
+  report("built-in gemm: fp32 accumulate", acc);
+  report("built-in gemm: bf16 out + bias + gelu", gelu);
+  report("built-in gemm: fp32 out, W transposed", qk);
+  CHECK(bias < 5e-3);
+  CHECK(acc < 1e-4);
+  CHECK(gelu < 5e-3);
+  CHECK(qk < 1e-4);
+}
+
+// The fallback before the plain kernel: our skinny tensor-core kernel, bias / GELU apart.
+TEST_CASE("gemm on the skinny kernel fallback matches the reference", "[gpu]") {
+  using cuda::DType;
+  using cuda::Epilogue;
+  ::setenv("PI0_GEMM_PATH", "skinny", 1);
+  const double bias = check_gemm(512, 3456, 1152, DType::kBf16, Epilogue::kBias, false, false, 420);
+  const double acc = check_gemm(560, 2048, 16384, DType::kF32, Epilogue::kNone, true, false, 421);
+  const double gelu = check_gemm(256, 4304, 1152, DType::kBf16, Epilogue::kGeluBias, false, false, 422);
+  const double f32 = check_gemm(63, 1024, 32, DType::kF32, Epilogue::kBias, false, false, 423);
+  ::unsetenv("PI0_GEMM_PATH");
+  report("skinny fallback: bf16 out + bias", bias);
+  report("skinny fallback: fp32 accumulate", acc);
+  report("skinny fallback: bf16 out + bias + gelu", gelu);
+  report("skinny fallback: fp32 out + bias", f32);
+  CHECK(bias < 5e-3);
+  CHECK(acc < 1e-4);
+  CHECK(gelu < 5e-3);
+  CHECK(f32 < 1e-4);
 }

@@ -60,7 +60,7 @@ std::vector<std::vector<float>> single_process_actions() {
   auto images = cuda::DeviceBuffer<Bf16>(sizes.image_values, "images");
   auto state = cuda::DeviceBuffer<Bf16>(sizes.state_values, "state");
   auto noise = cuda::DeviceBuffer<Bf16>(sizes.noise_values, "noise");
-  auto kv = cuda::DeviceBuffer<Bf16>(sizes.kv_values, "kv");
+  auto kv = cuda::DeviceBuffer<Bf16>(sizes.kv_slot_values, "kv slot");
   auto actions = cuda::DeviceBuffer<float>(sizes.action_values, "actions");
   cuda::Stream stream;
   std::vector<std::vector<float>> out;

@@ -54,17 +54,21 @@ CaseResult run_case(const std::string& model, int views, int chunk, int prompt, 
   auto images = cuda::upload(in.images, "images");
   auto state = cuda::upload(in.state, "state");
   auto noise = cuda::upload(in.noise, "noise");
-  auto kv = poisoned<Bf16>(sizes.kv_values, "kv");
-  auto ref_kv_dev = cuda::upload(to_bf16(ref_kv), "reference kv");
+  auto kv = poisoned<Bf16>(sizes.kv_slot_values, "kv slot");
+  // The decoder's rows of the reference slot are NaN: it must write them before it reads them.
+  auto ref_kv_dev = cuda::upload(to_bf16(prefix_to_slot(config, shape, ref_kv, NAN)), "reference kv");
   auto actions = poisoned<float>(sizes.action_values, "actions");
   auto actions_e2e = poisoned<float>(sizes.action_values, "actions e2e");
 
   encoder.encode(images.get(), kv.get(), nullptr);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  const auto gpu_slot = to_float(cuda::download(kv.get(), kv.size()));
+  const auto gpu_kv = slot_to_prefix(config, shape, gpu_slot);
   decoder.decode(ref_kv_dev.get(), state.get(), noise.get(), actions.get(), nullptr);
   decoder.decode(kv.get(), state.get(), noise.get(), actions_e2e.get(), nullptr);
   CUDA_CHECK(cudaDeviceSynchronize());
-
-  const auto gpu_kv = to_float(cuda::download(kv.get(), kv.size()));
+  // The encoder wrote every prefix row and none of the decoder's rows (still poison).
+  CHECK(count_nonfinite(gpu_slot) == sizes.kv_slot_values - sizes.kv_values);
   const auto gpu_actions = cuda::download(actions.get(), actions.size());
   const auto gpu_actions_e2e = cuda::download(actions_e2e.get(), actions_e2e.size());
   const std::string name = model + (options.autotune_gemms ? " (autotuned)" : "") + " V=" + std::to_string(views) + " C=" + std::to_string(chunk) +
@@ -164,7 +168,7 @@ TEST_CASE("full pi0 is finite and bitwise deterministic", "[gpu]") {
   auto images = cuda::upload(in.images, "images");
   auto state = cuda::upload(in.state, "state");
   auto noise = cuda::upload(in.noise, "noise");
-  auto kv = poisoned<Bf16>(sizes.kv_values, "kv");
+  auto kv = poisoned<Bf16>(sizes.kv_slot_values, "kv slot");
   auto actions = poisoned<float>(sizes.action_values, "actions");
 
   std::vector<std::vector<Bf16>> kvs;

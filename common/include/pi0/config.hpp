@@ -77,6 +77,11 @@ struct StageSizes {
   size_t noise_values;   // C * action_dim
   size_t action_values;  // C * action_dim
   size_t kv_values;      // lm_layers * 2 * E * head_dim (K then V per layer)
+  // The device K/V slot the encoder fills and the decoder attends over in place: each layer's K
+  // and V blocks hold E prefix rows (the encoder's) then C + 1 rows the decoder writes its own
+  // keys and values into, so decoder attention reads one block with no copy of the prefix.
+  int kv_slot_rows;       // E + C + 1
+  size_t kv_slot_values;  // lm_layers * 2 * kv_slot_rows * head_dim
 };
 StageSizes stage_sizes(const ModelConfig& c, const RunShape& s);
 

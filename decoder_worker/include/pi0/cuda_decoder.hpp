@@ -30,12 +30,14 @@ class CudaDecoder {
   CudaDecoder(const CudaDecoder&) = delete;
   CudaDecoder& operator=(const CudaDecoder&) = delete;
 
-  // d_kv_prefix bf16 [lm_layers][2][E][head_dim] (read only; may be another process's memory
-  // mapped through CUDA IPC); d_state bf16 [state_dim]; d_noise bf16 [C, action_dim]; d_actions
+  // d_kv_slot: the K/V slot the encoder filled, bf16 [lm_layers][2][E + C + 1][head_dim]
+  // (StageSizes::kv_slot_values; may be another process's memory mapped through CUDA IPC). Its
+  // first E rows per block are read, never written; the decoder writes its own C + 1 keys and
+  // values into the rows after them and attends over each block in place. d_state bf16 [state_dim]; d_noise bf16 [C, action_dim]; d_actions
   // fp32 [C, action_dim] (output; it also holds the flow sample between steps). All at least
   // 16-byte aligned. All flow steps are enqueued on `stream`; graph-captured per pointer set after
   // a first eager call.
-  void decode(const Bf16* d_kv_prefix, const Bf16* d_state, const Bf16* d_noise, float* d_actions,
+  void decode(Bf16* d_kv_slot, const Bf16* d_state, const Bf16* d_noise, float* d_actions,
               cudaStream_t stream);
 
   size_t weight_bytes() const;

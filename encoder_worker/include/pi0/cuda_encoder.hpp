@@ -31,8 +31,10 @@ class CudaEncoder {
   CudaEncoder(const CudaEncoder&) = delete;
   CudaEncoder& operator=(const CudaEncoder&) = delete;
 
-  // d_images: bf16 [V, H, W, C] on device; d_kv_out: bf16 [lm_layers][2][E][head_dim] on device
-  // (both at least 16-byte aligned). Enqueues on `stream`; the first call per (d_images, d_kv_out)
+  // d_images: bf16 [V, H, W, C] on device; d_kv_out: a K/V slot, bf16
+  // [lm_layers][2][E + C + 1][head_dim] on device (StageSizes::kv_slot_values), of which this
+  // writes the first E rows of every block and leaves the rest to the decoder (both at least
+  // 16-byte aligned). Enqueues on `stream`; the first call per (d_images, d_kv_out)
   // pair runs eagerly, the second captures a CUDA graph of the whole forward, later calls replay
   // it. Not to be called concurrently from two threads.
   void encode(const Bf16* d_images, Bf16* d_kv_out, cudaStream_t stream);

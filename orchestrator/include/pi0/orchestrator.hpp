@@ -39,6 +39,8 @@ struct RunOptions {
   std::string log_level = "info";
   double startup_timeout_s = 300;
   double frame_timeout_s = 60;
+  // A whole run, worker start included; 0: no limit (a sweep gives each of its runs 180 s).
+  double run_timeout_s = 0;
   std::string worker_dir;  // where encoder_worker and decoder_worker are; default: ours
   bool quiet_workers = false;
   // Split sweep.

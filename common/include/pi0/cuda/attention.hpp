@@ -9,6 +9,7 @@
 
 #include "pi0/bf16.hpp"
 #include "pi0/cuda/device.hpp"
+#include "pi0/cuda/fused_attention.hpp"
 #include "pi0/cuda/gemm.hpp"
 #include "pi0/cuda/op_timer.hpp"
 
@@ -24,6 +25,9 @@ class SharedKvAttention {
     float scale = 1.0f;
     // Queries (tokens) < limited_queries see only keys < limited_keys (the decoder's state token).
     int limited_queries = 0, limited_keys = 0;
+    // One fused kernel (pi0/cuda/fused_attention.hpp) instead of the two GEMMs and the softmax,
+    // where the head size allows it and its cluster fits this process's SM share.
+    bool fused = false;
   };
   SharedKvAttention() = default;
   SharedKvAttention(cublasLtHandle_t handle, const Params& params, void* workspace,
@@ -33,14 +37,21 @@ class SharedKvAttention {
   void run(const Bf16* q, const Bf16* k, const Bf16* v, Bf16* out, cudaStream_t stream,
            OpTimer* timer = nullptr);
   size_t scratch_bytes() const { return scores_.bytes() + probs_.bytes(); }
-  double flops() const { return qk_.shape().flops() + pv_.shape().flops(); }
+  double flops() const {
+    return 4.0 * params_.queries * params_.heads * static_cast<double>(params_.keys) *
+           params_.head_dim;
+  }
+  bool fused() const { return fused_; }
 
  private:
+  bool try_fused();  // plans the fused kernel; false where its cluster does not fit here
   Params params_{};
   int ld_ = 0;
   DeviceBuffer<float> scores_;
   DeviceBuffer<Bf16> probs_;
   Gemm qk_, pv_;
+  bool fused_ = false;
+  FusedAttentionShape fused_shape_{};
 };
 
 // Multi-head attention within each view (SigLIP): qkv [views * tokens, 3 * heads * head_dim]

@@ -14,6 +14,8 @@
 #include <string>
 #include <vector>
 
+#include "pi0/cuda/skinny_gemm.hpp"
+
 namespace pi0::cuda {
 
 enum class DType { kBf16, kF32 };
@@ -41,7 +43,12 @@ class Gemm {
  public:
   Gemm() = default;
   // Picks the heuristic's best algorithm for `shape` now, so that run() does no planning (it is
-  // called while capturing graphs). `workspace` is shared by every Gemm on one stream.
+  // called while capturing graphs): the first of cuBLASLt's candidates that matches a plain
+  // reference GEMM on random operands; failing that, the same with bias / GELU in a kernel of
+  // their own; failing that, our skinny tensor-core kernel (pi0/cuda/skinny_gemm.hpp) where it
+  // runs the shape, and last the (slow) plain kernel itself, with a warning. With the environment
+  // variable PI0_GEMM_PLAN_SMS=N, cuBLASLt chooses for N SMs instead of the SM count the process
+  // sees (an MPS client sees its share). `workspace` is shared by every Gemm on one stream.
   Gemm(cublasLtHandle_t handle, const GemmShape& shape, void* workspace, size_t workspace_bytes);
   ~Gemm();
   Gemm(Gemm&& other) noexcept;
@@ -61,6 +68,8 @@ class Gemm {
                 int max_candidates = 8);
 
   const GemmShape& shape() const { return shape_; }
+  // True when no fast path computes this shape correctly here and the plain kernel runs it.
+  bool on_builtin_kernel() const { return chosen_ == kBuiltinPath; }
   int candidates() const { return static_cast<int>(candidates_.size()); }
 
  private:
@@ -68,9 +77,17 @@ class Gemm {
   // Asks cuBLASLt for candidates, with the bias / GELU epilogue fused or (separate_epilogue)
   // left to apply_bias_epilogue after the product.
   void plan(bool separate_epilogue);
-  // Runs candidate `c` on random operands and compares it with reference_gemm (gemm_check.hpp).
-  bool verify(int c);
-  int first_verified();  // -1 if none
+  // Runs candidate `c` on random operands: its relative difference from reference_gemm
+  // (gemm_check.hpp), infinite when it fails to run.
+  double verify(int c);
+  int first_verified(int from = 0);  // -1 if none
+  int add_clusterless_variants();     // returns the index of the first one added
+  double tolerance() const;
+  // Plans the fallback on our skinny tensor-core kernel; false where it cannot run this shape.
+  bool plan_skinny_fallback();
+  // Values of chosen_ (and of launch()'s candidate) besides cuBLASLt's candidates 0, 1, ...
+  static constexpr int kSkinnyPath = -2;   // skinny_gemm + apply_bias_epilogue
+  static constexpr int kBuiltinPath = -3;  // simple_gemm (gemm_check.hpp)
   void launch(int candidate, const void* x, const void* w, void* y, const void* bias,
               cudaStream_t stream);
 
@@ -81,6 +98,7 @@ class Gemm {
   std::vector<cublasLtMatmulHeuristicResult_t> candidates_;
   int chosen_ = 0;
   bool separate_epilogue_ = false;
+  SkinnyShape skinny_{};  // the plan of kSkinnyPath
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
 };

@@ -15,6 +15,11 @@ namespace pi0::cuda {
 void reference_gemm(const GemmShape& shape, const void* x, const void* w, const void* bias,
                     const void* y_initial, float* out, cudaStream_t stream);
 
+// The same computation as reference_gemm into y itself, in the shape's layout and type (read
+// first when accumulating): the last resort of a Gemm no cuBLASLt algorithm computes correctly.
+void simple_gemm(const GemmShape& shape, const void* x, const void* w, const void* bias, void* y,
+                 cudaStream_t stream);
+
 // y = epilogue(y + bias) in place, per shape (bias and GELU-tanh of Epilogue::kGeluBias), for
 // when cuBLASLt's fused epilogue cannot be used. Layout and type of y as in the shape.
 void apply_bias_epilogue(const GemmShape& shape, const void* bias, void* y, cudaStream_t stream);

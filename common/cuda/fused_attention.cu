@@ -1,0 +1,365 @@
+// Fused multi-query attention (see pi0/cuda/fused_attention.hpp). One CTA: 4 warps, 64 query rows
+// (16 per warp) against one key range, in tiles of 32 keys double-buffered through cp.async.
+// Per tile a warp computes S = Q K^T with mma.sync (Q from shared memory, K rows as the "col"
+// operand), applies the scale and the mask, updates its running max and sum (log2 domain), and
+// feeds P straight from the score registers into O += P V (V through ldmatrix.trans). Shared
+// memory rows are 16-byte chunks XOR-swizzled by row, so ldmatrix is free of bank conflicts.
+// The key ranges of a row block form one thread-block cluster and combine through distributed
+// shared memory (the first version combined through global memory in the last CTA to arrive:
+// 74 us per call, as one SM read every range's partial rows).
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "mma_primitives.cuh"
+#include "pi0/check.hpp"
+#include "pi0/cuda/fused_attention.hpp"
+
+namespace pi0::cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+using namespace mma;
+namespace cg = cooperative_groups;
+
+constexpr int kThreads = 128;
+constexpr int kRowsPerBlock = 64;
+constexpr int kKeysPerTile = 32;
+// Ranges are planned for about two CTAs per SM of a whole H100; a fixed number, not the SM count
+// this process sees, so that an MPS share does not change the bits. A row block's ranges are one
+// cluster, so at most 8 (the portable cluster size).
+constexpr int kPlannedCtas = 264;
+constexpr int kMaxSplits = 8;
+
+struct Args {
+  const bf16* q;
+  const bf16* k;
+  const bf16* v;
+  bf16* out;
+  int rows, keys, keys_per_split, splits, limited_rows, limited_keys;
+  float scale_log2;  // scale * log2(e)
+};
+
+int row_blocks(const FusedAttentionShape& s) { return (s.rows + kRowsPerBlock - 1) / kRowsPerBlock; }
+int keys_per_split(const FusedAttentionShape& s) {
+  const int per = (s.keys + s.splits - 1) / s.splits;
+  return (per + kKeysPerTile - 1) / kKeysPerTile * kKeysPerTile;
+}
+template <int D>
+__device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
+  return static_cast<uint32_t>((row * (D / 8) + (chunk ^ (row & 7))) * 16);
+}
+
+// Rows first .. first + count - 1 of a [*, D] matrix into shared memory; rows >= end read as 0.
+template <int D>
+__device__ __forceinline__ void load_rows(uint32_t dst, const bf16* src, int first, int end,
+                                          int count, int tid) {
+  for (int c = tid; c < count * (D / 8); c += kThreads) {
+    const int r = c / (D / 8), ch = c % (D / 8);
+    const int gr = first + r;
+    const bool ok = gr < end;
+    cp_async16(dst + swizzled<D>(r, ch), ok ? src + static_cast<size_t>(gr) * D + ch * 8 : src, ok);
+  }
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&p);
+}
+
+__device__ __forceinline__ void store_bf16x2(bf16* p, float a, float b) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads) fused_attention_kernel(const Args a) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ float2 parked_ml[kRowsPerBlock];
+  constexpr int kTileBytes = kKeysPerTile * D * 2;
+  const uint32_t qs = smem_u32(smem);
+  const uint32_t ks0 = qs + kRowsPerBlock * D * 2;
+  const uint32_t vs0 = ks0 + 2 * kTileBytes;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int r0 = blockIdx.x * kRowsPerBlock;
+  const int split = blockIdx.y;
+  const int key_begin = split * a.keys_per_split;
+  const int key_end = min(a.keys, key_begin + a.keys_per_split);
+  const int tiles = key_end > key_begin ? (key_end - key_begin + kKeysPerTile - 1) / kKeysPerTile : 0;
+
+  load_rows<D>(qs, a.q, r0, a.rows, kRowsPerBlock, tid);
+  if (tiles > 0) {
+    load_rows<D>(ks0, a.k, key_begin, key_end, kKeysPerTile, tid);
+    load_rows<D>(vs0, a.v, key_begin, key_end, kKeysPerTile, tid);
+  }
+  cp_commit();
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  const int row_a = r0 + warp * 16 + g;  // this thread's rows: row_a and row_a + 8
+  const bool limited[2] = {row_a < a.limited_rows, row_a + 8 < a.limited_rows};
+
+  for (int it = 0; it < tiles; ++it) {
+    const int stage = it & 1;
+    if (it + 1 < tiles) {
+      const int next = key_begin + (it + 1) * kKeysPerTile;
+      load_rows<D>(ks0 + (stage ^ 1) * kTileBytes, a.k, next, key_end, kKeysPerTile, tid);
+      load_rows<D>(vs0 + (stage ^ 1) * kTileBytes, a.v, next, key_end, kKeysPerTile, tid);
+      cp_commit();
+      cp_wait<1>();
+    } else {
+      cp_wait<0>();
+    }
+    __syncthreads();
+    const uint32_t ks = ks0 + stage * kTileBytes, vs = vs0 + stage * kTileBytes;
+    const int key0 = key_begin + it * kKeysPerTile;
+
+    float s[4][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t af[4];
+      ldsm_x4(af, qs + swizzled<D>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+#pragma unroll
+      for (int jp = 0; jp < 2; ++jp) {
+        uint32_t b[4];
+        const int key = jp * 16 + ((lane >> 4) & 1) * 8 + (lane & 7);
+        ldsm_x4(b, ks + swizzled<D>(key, kk * 2 + ((lane >> 3) & 1)));
+        mma16816(s[2 * jp], af, b[0], b[1]);
+        mma16816(s[2 * jp + 1], af, b[2], b[3]);
+      }
+    }
+
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = key0 + j * 8 + 2 * t + (e & 1);
+        const int h = e >> 1;
+        const bool ok = key < key_end && (!limited[h] || key < a.limited_keys);
+        s[j][e] = ok ? s[j][e] * a.scale_log2 : -INFINITY;
+        mx[h] = fmaxf(mx[h], s[j][e]);
+      }
+    float base[2], alpha[2], added[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+      base[h] = mx[h] == -INFINITY ? 0.0f : mx[h];  // a row with nothing visible yet stays at 0
+      alpha[h] = exp2f(m[h] - base[h]);
+      m[h] = mx[h];
+    }
+    // P in the A-operand layout of the PV product: key step ks covers score tiles 2ks, 2ks + 1.
+    uint32_t pa[2][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float p0 = exp2f(s[j][0] - base[0]), p1 = exp2f(s[j][1] - base[0]);
+      const float p2 = exp2f(s[j][2] - base[1]), p3 = exp2f(s[j][3] - base[1]);
+      added[0] += p0 + p1;
+      added[1] += p2 + p3;
+      pa[j >> 1][(j & 1) * 2] = pack_bf16(p0, p1);
+      pa[j >> 1][(j & 1) * 2 + 1] = pack_bf16(p2, p3);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) l[h] = l[h] * alpha[h] + added[h];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      o[n][0] *= alpha[0];
+      o[n][1] *= alpha[0];
+      o[n][2] *= alpha[1];
+      o[n][3] *= alpha[1];
+    }
+#pragma unroll
+    for (int ks_step = 0; ks_step < 2; ++ks_step) {
+#pragma unroll
+      for (int dn = 0; dn < D / 16; ++dn) {
+        uint32_t b[4];
+        const int key = ks_step * 16 + ((lane >> 3) & 1) * 8 + (lane & 7);
+        ldsm_x4_t(b, vs + swizzled<D>(key, dn * 2 + (lane >> 4)));
+        mma16816(o[2 * dn], pa[ks_step], b[0], b[1]);
+        mma16816(o[2 * dn + 1], pa[ks_step], b[2], b[3]);
+      }
+    }
+    __syncthreads();  // this stage is refilled by the next iteration's prefetch
+  }
+
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+  }
+
+  if (a.splits == 1) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row_a + 8 * h;
+      if (row >= a.rows) continue;
+      const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n)
+        store_bf16x2(a.out + static_cast<size_t>(row) * D + n * 8 + 2 * t, o[n][2 * h] * inv,
+                     o[n][2 * h + 1] * inv);
+    }
+    return;
+  }
+
+  // The key ranges of a row block are one cluster. Each CTA parks its unnormalised rows and
+  // (max, sum) in its own shared memory (the tiles are no longer needed), and CTA r combines rows
+  // r, r + S, ... over the ranks 0 .. S-1 in that order through distributed shared memory.
+  cg::cluster_group cluster = cg::this_cluster();
+  cp_wait<0>();  // with no tile at all, the Q load may still be landing
+  __syncthreads();
+  float* parked = reinterpret_cast<float*>(smem);  // [64][D]
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int rl = warp * 16 + g + 8 * h;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      *reinterpret_cast<float2*>(parked + rl * D + n * 8 + 2 * t) =
+          make_float2(o[n][2 * h], o[n][2 * h + 1]);
+    if (t == 0) parked_ml[rl] = make_float2(m[h], l[h]);
+  }
+  cluster.sync();
+
+  const int splits = a.splits, rank = static_cast<int>(cluster.block_rank());
+  const int my_rows = (kRowsPerBlock - rank + splits - 1) / splits;
+  for (int idx = tid; idx < my_rows * (D / 4); idx += kThreads) {
+    const int rl = rank + (idx / (D / 4)) * splits, d4 = idx % (D / 4);
+    const int row = r0 + rl;
+    if (row >= a.rows) continue;
+    float mmax = -INFINITY;
+    for (int sp = 0; sp < splits; ++sp) mmax = fmaxf(mmax, cluster.map_shared_rank(parked_ml, sp)[rl].x);
+    float sum = 0.0f;
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int sp = 0; sp < splits; ++sp) {
+      const float2 ml = cluster.map_shared_rank(parked_ml, sp)[rl];
+      const float w = ml.x == -INFINITY ? 0.0f : exp2f(ml.x - mmax);
+      sum += w * ml.y;
+      const float4 po = reinterpret_cast<const float4*>(cluster.map_shared_rank(parked, sp) + rl * D)[d4];
+      acc.x += w * po.x;
+      acc.y += w * po.y;
+      acc.z += w * po.z;
+      acc.w += w * po.w;
+    }
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    bf16* dst = a.out + static_cast<size_t>(row) * D + d4 * 4;
+    store_bf16x2(dst, acc.x * inv, acc.y * inv);
+    store_bf16x2(dst + 2, acc.z * inv, acc.w * inv);
+  }
+  cluster.sync();  // no CTA leaves while another still reads its shared memory
+}
+
+template <int D>
+constexpr int smem_bytes() {
+  return (kRowsPerBlock + 4 * kKeysPerTile) * D * 2;
+}
+
+template <int D>
+void configure() {
+  static const bool configured = [] {
+    CUDA_CHECK(cudaFuncSetAttribute(fused_attention_kernel<D>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes<D>()));
+    return true;
+  }();
+  (void)configured;
+}
+
+template <int D>
+cudaLaunchConfig_t launch_config(const FusedAttentionShape& s, cudaLaunchAttribute* attr,
+                                 cudaStream_t stream) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(row_blocks(s)), static_cast<unsigned>(s.splits));
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem_bytes<D>();
+  cfg.stream = stream;
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = static_cast<unsigned>(s.splits);
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
+template <int D>
+void launch(const FusedAttentionShape& s, const Args& args, cudaStream_t stream) {
+  configure<D>();
+  cudaLaunchAttribute attr[1];
+  const cudaLaunchConfig_t cfg = launch_config<D>(s, attr, stream);
+  CUDA_CHECK(cudaLaunchKernelEx(&cfg, fused_attention_kernel<D>, args));
+}
+
+template <int D>
+bool cluster_fits(const FusedAttentionShape& s) {
+  configure<D>();
+  cudaLaunchAttribute attr[1];
+  const cudaLaunchConfig_t cfg = launch_config<D>(s, attr, nullptr);
+  int clusters = 0;
+  const cudaError_t err =
+      cudaOccupancyMaxActiveClusters(&clusters, fused_attention_kernel<D>, &cfg);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return clusters >= 1;
+}
+
+}  // namespace
+
+bool fused_attention_supported(int head_dim) {
+  return head_dim == 64 || head_dim == 128 || head_dim == 256;
+}
+
+FusedAttentionShape plan_fused_attention(FusedAttentionShape s) {
+  PI0_CHECK(s.rows > 0 && s.keys > 0 && fused_attention_supported(s.head_dim),
+            "fused attention: unsupported shape");
+  const int max_splits =
+      std::clamp((s.keys + 2 * kKeysPerTile - 1) / (2 * kKeysPerTile), 1, kMaxSplits);
+  const int wanted = std::max(1, (kPlannedCtas + row_blocks(s) - 1) / row_blocks(s));
+  s.splits = std::min(max_splits, wanted);
+  // No empty range: as many ranges as the rounded-up range length needs.
+  const int per = keys_per_split(s);
+  s.splits = (s.keys + per - 1) / per;
+  return s;
+}
+
+bool fused_attention_runs_here(const FusedAttentionShape& s) {
+  switch (s.head_dim) {
+    case 64: return cluster_fits<64>(s);
+    case 128: return cluster_fits<128>(s);
+    default: return cluster_fits<256>(s);
+  }
+}
+
+void fused_attention(const FusedAttentionShape& s, const Bf16* q, const Bf16* k, const Bf16* v,
+                     Bf16* out, cudaStream_t stream) {
+  PI0_CHECK(fused_attention_supported(s.head_dim) && s.splits >= 1 && s.splits <= kMaxSplits,
+            "fused attention: shape not planned");
+  Args a{};
+  a.q = reinterpret_cast<const bf16*>(q);
+  a.k = reinterpret_cast<const bf16*>(k);
+  a.v = reinterpret_cast<const bf16*>(v);
+  a.out = reinterpret_cast<bf16*>(out);
+  a.rows = s.rows;
+  a.keys = s.keys;
+  a.keys_per_split = keys_per_split(s);
+  a.splits = s.splits;
+  a.limited_rows = s.limited_rows;
+  a.limited_keys = s.limited_keys;
+  a.scale_log2 = s.scale * 1.4426950408889634f;
+  switch (s.head_dim) {
+    case 64: launch<64>(s, a, stream); break;
+    case 128: launch<128>(s, a, stream); break;
+    default: launch<256>(s, a, stream); break;
+  }
+}
+
+}  // namespace pi0::cuda

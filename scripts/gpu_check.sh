@@ -47,7 +47,7 @@ if want tests; then
   rc30=$?
   bash "$ROOT/scripts/stop_mps.sh" >/dev/null
   grep -E "FAILED|rel error [0-9.e+-]+$" "$OUT_DIR/gpu_tests_30pct.log" | grep -E "FAILED|e-0[01]" | head -20
-  status_tests="$status_tests; at a 30% MPS share: $(grep -E '^test cases' "$OUT_DIR/gpu_tests_30pct.log" | tail -1) (rc $rc30)"
+  status_tests="$status_tests; at a 30% MPS share: $(grep -E '^(test cases|All tests passed)' "$OUT_DIR/gpu_tests_30pct.log" | tail -1) (rc $rc30)"
 fi
 
 if want bench; then

@@ -71,6 +71,12 @@ void Event::record_external(cudaStream_t stream) const {
   }
 }
 void Event::synchronize() const { CUDA_CHECK(cudaEventSynchronize(event_)); }
+bool Event::done() const {
+  const cudaError_t status = cudaEventQuery(event_);
+  if (status == cudaErrorNotReady) return false;
+  CUDA_CHECK(status);
+  return true;
+}
 float Event::elapsed_since(const Event& start) const {
   float ms = 0.0f;
   CUDA_CHECK(cudaEventElapsedTime(&ms, start.event_, event_));

@@ -124,13 +124,13 @@ Gemm::Gemm(cublasLtHandle_t handle, const GemmShape& shape, void* workspace,
     const bool skip_cublaslt = force_builtin || forced == "skinny";
     plan(forced == "separate" && has_bias(shape.epilogue));
     chosen_ = skip_cublaslt ? -1 : first_verified();
-    if (chosen_ < 0 && !skip_cublaslt && has_bias(shape.epilogue) && !separate_epilogue_) {
+    if (chosen_ == kNotChosen && !skip_cublaslt && has_bias(shape.epilogue) && !separate_epilogue_) {
       // No offered algorithm computes the fused bias / GELU epilogue correctly here: run the
       // product alone and the epilogue in its own kernel, checked the same way.
       plan(true);
       chosen_ = first_verified();
     }
-    if (chosen_ < 0 && !skip_cublaslt) {
+    if (chosen_ == kNotChosen && !skip_cublaslt) {
       // The same algorithms without thread-block clusters: a cluster needs SMs of one GPC, which
       // an MPS share need not give.
       const int first = add_clusterless_variants();
@@ -139,7 +139,7 @@ Gemm::Gemm(cublasLtHandle_t handle, const GemmShape& shape, void* workspace,
         spdlog::warn("{}: only an algorithm without clusters checks out on this GPU (share): {}",
                      shape_.describe(), describe_algo(candidates_[static_cast<size_t>(chosen_)].algo));
     }
-    if (chosen_ < 0 && !force_builtin && plan_skinny_fallback()) {
+    if (chosen_ == kNotChosen && !force_builtin && plan_skinny_fallback()) {
       // Our tensor-core kernel (no clusters), bias / GELU in their own kernel, checked the same way.
       if (verify(kSkinnyPath) < tolerance()) {
         chosen_ = kSkinnyPath;
@@ -149,7 +149,7 @@ Gemm::Gemm(cublasLtHandle_t handle, const GemmShape& shape, void* workspace,
                      shape.describe());
       }
     }
-    if (chosen_ < 0) {
+    if (chosen_ == kNotChosen) {
       // Correct but slow beats fast and wrong: the plain CUDA-core kernel the candidates are
       // checked against.
       if (!force_builtin)
@@ -265,7 +265,7 @@ int Gemm::first_verified(int from) {
                   candidates_.size(), describe_algo(candidates_[static_cast<size_t>(c)].algo),
                   shape_.describe(), separate_epilogue_ ? " (epilogue apart)" : "", err);
   }
-  return -1;
+  return kNotChosen;
 }
 
 Gemm::~Gemm() { release(); }

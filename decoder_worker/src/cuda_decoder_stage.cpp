@@ -1,8 +1,9 @@
 // The CUDA backend of the decoder worker. It maps the encoder's K/V slot pool through CUDA IPC
 // once (no copy), and per frame makes its stream wait on the slot's "ready" event, runs the flow
 // steps over the mapped K/V, and records "consumed" so the encoder may overwrite the slot.
-#include <cstdio>
 #include <spdlog/spdlog.h>
+#include <array>
+#include <cstdio>
 #include <thread>
 
 #include "pi0/check.hpp"
@@ -20,6 +21,8 @@ namespace {
 // Device timestamps per frame: [0] decoder start, [1] encoder finished (copied from the
 // encoder's IPC buffer), [2] decoder end.
 constexpr int kStampCount = 3;
+// Frames queued on the stream at once: the next one is queued while the current one runs.
+constexpr uint32_t kInFlight = 2;
 
 class CudaDecoderStage final : public DecoderStage {
  public:
@@ -57,10 +60,12 @@ class CudaDecoderStage final : public DecoderStage {
     state_ = cuda::DeviceBuffer<Bf16>(layout.state_values, "decoder state");
     noise_ = cuda::DeviceBuffer<Bf16>(layout.noise_values, "decoder noise");
     actions_ = cuda::DeviceBuffer<float>(layout.action_values, "decoder actions");
-    stamps_ = cuda::DeviceBuffer<uint64_t>(kStampCount, "decoder timestamps");
+    stamps_ = cuda::DeviceBuffer<uint64_t>(kStampCount * kInFlight, "decoder timestamps");
     input_pin_ = ipc::HostRegistration(rt.control().input_area(), rt.control().input_area_bytes());
-    output_pin_ = ipc::HostRegistration(rt.control().output_area(), rt.control().output_area_bytes());
-    CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&host_stamps_), sizeof(uint64_t) * kStampCount));
+    output_pin_ =
+        ipc::HostRegistration(rt.control().output_area(), rt.control().output_area_bytes());
+    CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&host_stamps_),
+                              sizeof(uint64_t) * kStampCount * kInFlight));
 
     // Capture the graph of every slot now (the slot contents are whatever is there: the run
     // has not started, and the results are discarded).
@@ -75,16 +80,25 @@ class CudaDecoderStage final : public DecoderStage {
   }
 
   ~CudaDecoderStage() override {
+    (void)cudaStreamSynchronize(stream_.get());  // frames still in flight write host_stamps_
     if (host_stamps_) cudaFreeHost(host_stamps_);
   }
 
-  DecodeTiming decode(uint64_t, uint32_t input_slot, uint32_t kv_slot) override {
+  uint32_t max_in_flight() const override { return kInFlight; }
+
+  void submit(uint64_t, uint32_t input_slot, uint32_t kv_slot) override {
+    PI0_CHECK(in_flight_ < kInFlight, "more decoder frames submitted than can be in flight");
+    const uint32_t i = (oldest_ + in_flight_) % kInFlight;
+    Frame& f = frames_[i];
     cudaStream_t stream = stream_.get();
     auto& c = rt_.control();
+    uint64_t* stamps = stamps_.get() + i * kStampCount;
+    // state_, noise_ and actions_ serve every frame: one stream orders a frame's uploads after
+    // the previous frame's decode, and its decode after the previous frame's action download.
     CUDA_CHECK(cudaStreamWaitEvent(stream, ready_[kv_slot].get(), 0));
-    start_.record(stream);
-    cuda::write_gpu_timestamp(stamps_.get() + 0, stream);
-    CUDA_CHECK(cudaMemcpyAsync(stamps_.get() + 1,
+    f.start.record(stream);
+    cuda::write_gpu_timestamp(stamps + 0, stream);
+    CUDA_CHECK(cudaMemcpyAsync(stamps + 1,
                                static_cast<const uint64_t*>(encoder_stamps_.get()) + kv_slot,
                                sizeof(uint64_t), cudaMemcpyDeviceToDevice, stream));
     CUDA_CHECK(cudaMemcpyAsync(state_.get(), c.state(input_slot), state_.bytes(),
@@ -93,23 +107,36 @@ class CudaDecoderStage final : public DecoderStage {
                                cudaMemcpyHostToDevice, stream));
     decoder_->decode(slot(kv_slot), state_.get(), noise_.get(), actions_.get(), stream);
     CUDA_CHECK(cudaEventRecord(consumed_[kv_slot].get(), stream));
-    cuda::write_gpu_timestamp(stamps_.get() + 2, stream);
-    stop_.record(stream);
+    cuda::write_gpu_timestamp(stamps + 2, stream);
+    f.stop.record(stream);
     CUDA_CHECK(cudaMemcpyAsync(c.actions(input_slot), actions_.get(), actions_.bytes(),
                                cudaMemcpyDeviceToHost, stream));
-    CUDA_CHECK(cudaMemcpyAsync(host_stamps_, stamps_.get(), sizeof(uint64_t) * kStampCount,
-                               cudaMemcpyDeviceToHost, stream));
-    stream_.synchronize();
+    CUDA_CHECK(cudaMemcpyAsync(host_stamps_ + i * kStampCount, stamps,
+                               sizeof(uint64_t) * kStampCount, cudaMemcpyDeviceToHost, stream));
+    f.done.record(stream);
+    ++in_flight_;
+  }
+
+  bool oldest_done() override { return in_flight_ > 0 && frames_[oldest_].done.done(); }
+
+  DecodeTiming complete() override {
+    PI0_CHECK(in_flight_ > 0, "complete() without a submitted frame");
+    const Frame& f = frames_[oldest_];
+    f.done.synchronize();
+    const uint64_t* stamps = host_stamps_ + oldest_ * kStampCount;
+    oldest_ = (oldest_ + 1) % kInFlight;
+    --in_flight_;
 
     DecodeTiming t;
-    t.decode_ms = stop_.elapsed_since(start_);
+    t.decode_ms = f.stop.elapsed_since(f.start);
     times_.add(t.decode_ms);
     // Handoff: from the later of "encoder finished" and "our previous frame finished" to our
     // start, so time the frame spent queued behind our own previous frame is not counted.
-    const uint64_t start = host_stamps_[0], encoder_done = host_stamps_[1];
+    const uint64_t start = stamps[0], encoder_done = stamps[1];
     const uint64_t ready_at = std::max(encoder_done, previous_end_);
-    if (encoder_done != 0 && start >= ready_at) t.handoff_us = static_cast<double>(start - ready_at) / 1e3;
-    previous_end_ = host_stamps_[2];
+    if (encoder_done != 0 && start >= ready_at)
+      t.handoff_us = static_cast<double>(start - ready_at) / 1e3;
+    previous_end_ = stamps[2];
     return t;
   }
 
@@ -127,7 +154,12 @@ class CudaDecoderStage final : public DecoderStage {
   ipc::IpcDeviceMemory pool_;
   ipc::IpcDeviceMemory encoder_stamps_;
   std::vector<ipc::IpcEvent> ready_, consumed_;
-  cuda::Event start_, stop_;
+  struct Frame {
+    cuda::Event start, stop;
+    cuda::Event done{cudaEventDisableTiming};  // after the frame's downloads
+  };
+  std::array<Frame, kInFlight> frames_;
+  uint32_t oldest_ = 0, in_flight_ = 0;
   cuda::DeviceBuffer<Bf16> state_, noise_;
   cuda::DeviceBuffer<float> actions_;
   cuda::DeviceBuffer<uint64_t> stamps_;

@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 
 #include <chrono>
+#include <deque>
 
 #include "pi0/check.hpp"
 
@@ -16,15 +17,15 @@ using ipc::WaitStatus;
 
 constexpr double kPollSeconds = 1.0;
 constexpr double kPushSeconds = 60.0;
+constexpr std::chrono::microseconds kBusyPoll{10};
 
 }  // namespace
 
 int run_decoder_worker(ipc::WorkerRuntime& rt) {
   auto& control = rt.control();
   const auto t_load = std::chrono::steady_clock::now();
-  std::unique_ptr<DecoderStage> stage = rt.options().backend == "cuda"
-                                            ? make_cuda_decoder_stage(rt)
-                                            : make_cpu_decoder_stage(rt);
+  std::unique_ptr<DecoderStage> stage =
+      rt.options().backend == "cuda" ? make_cuda_decoder_stage(rt) : make_cpu_decoder_stage(rt);
   spdlog::info("decoder ready ({} backend, model {}, {:.1f} s to load)", rt.options().backend,
                rt.options().model,
                std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count());
@@ -37,9 +38,47 @@ int run_decoder_worker(ipc::WorkerRuntime& rt) {
   const auto peers_ok = [&rt] { return rt.peer_alive(); };
   const auto orch_ok = [&rt] { return rt.orchestrator_alive(); };
 
+  // Frames handed to the stage and not yet reported, oldest first.
+  std::deque<Message> in_flight;
+  // Reports the oldest frame once the stage has finished it. False: the orchestrator is gone.
+  const auto finish_oldest = [&]() -> bool {
+    const DecodeTiming timing = stage->complete();
+    const Message m = in_flight.front();
+    in_flight.pop_front();
+
+    Message freed = ipc::make_message(MsgType::kSlotFree, ipc::Role::kDecoder);
+    freed.frame = m.frame;
+    freed.kv_slot = m.kv_slot;
+    const WaitStatus fs = to_encoder.push(freed, ipc::WorkerRuntime::after(kPushSeconds), peers_ok);
+    PI0_CHECK(fs == WaitStatus::kOk, std::string("could not return a K/V slot to the encoder: ") +
+                                         ipc::wait_status_name(fs));
+
+    Message done = ipc::make_message(MsgType::kFrameDone, ipc::Role::kDecoder);
+    done.frame = m.frame;
+    done.input_slot = m.input_slot;
+    done.kv_slot = m.kv_slot;
+    done.submit_ns = m.submit_ns;
+    done.encode_ns = m.encode_ns;
+    done.decode_ns = static_cast<uint64_t>(timing.decode_ms * 1e6);
+    done.handoff_ns = timing.handoff_us >= 0 ? static_cast<uint64_t>(timing.handoff_us * 1e3) : 0;
+    const WaitStatus ds = to_orch.push(done, ipc::WorkerRuntime::after(kPushSeconds), orch_ok);
+    PI0_CHECK(ds == WaitStatus::kOk || ds == WaitStatus::kPeerDead,
+              std::string("could not report frame done: ") + ipc::wait_status_name(ds));
+    return ds == WaitStatus::kOk;
+  };
+
   for (;;) {
+    if (!in_flight.empty() &&
+        (in_flight.size() >= stage->max_in_flight() || stage->oldest_done())) {
+      if (!finish_oldest()) return rt.stop_signalled() ? 0 : 1;
+      continue;
+    }
+    // While a frame runs, look for the next one only briefly, so that the finished frame is
+    // reported at once and the next is queued behind the running one.
     Message m;
-    const WaitStatus st = from_encoder.pop(m, ipc::WorkerRuntime::after(kPollSeconds), peers_ok);
+    const auto deadline =
+        in_flight.empty() ? ipc::WorkerRuntime::after(kPollSeconds) : ipc::Clock::now() + kBusyPoll;
+    const WaitStatus st = from_encoder.pop(m, deadline, peers_ok);
     if (st == WaitStatus::kTimeout) continue;
     if (st == WaitStatus::kPeerDead) {
       PI0_CHECK(rt.orchestrator_alive(), "orchestrator gone or stop signalled");
@@ -50,6 +89,9 @@ int run_decoder_worker(ipc::WorkerRuntime& rt) {
     PI0_CHECK(reason.empty(), "rejected a message from the encoder: " + reason);
     const auto type = static_cast<MsgType>(m.type);
     if (type == MsgType::kStop) {
+      while (!in_flight.empty()) {
+        if (!finish_oldest()) return rt.stop_signalled() ? 0 : 1;
+      }
       rt.record_stage_times(stage->stage_times());
       rt.send_stopped();
       spdlog::info("decoder stopped");
@@ -57,32 +99,8 @@ int run_decoder_worker(ipc::WorkerRuntime& rt) {
     }
     PI0_CHECK(type == MsgType::kSlotReady, "the encoder sent " + std::string(ipc::type_name(type)) +
                                                " where a ready slot was expected");
-
-    const auto t0 = std::chrono::steady_clock::now();
-    const DecodeTiming timing = stage->decode(m.frame, m.input_slot, m.kv_slot);
-    const auto t1 = std::chrono::steady_clock::now();
-
-    Message freed = ipc::make_message(MsgType::kSlotFree, ipc::Role::kDecoder);
-    freed.frame = m.frame;
-    freed.kv_slot = m.kv_slot;
-    const WaitStatus fs = to_encoder.push(freed, ipc::WorkerRuntime::after(kPushSeconds), peers_ok);
-    PI0_CHECK(fs == WaitStatus::kOk,
-              std::string("could not return a K/V slot to the encoder: ") +
-                  ipc::wait_status_name(fs));
-
-    Message done = ipc::make_message(MsgType::kFrameDone, ipc::Role::kDecoder);
-    done.frame = m.frame;
-    done.input_slot = m.input_slot;
-    done.kv_slot = m.kv_slot;
-    done.submit_ns = m.submit_ns;
-    done.encode_ns = m.encode_ns;
-    done.decode_ns = timing.decode_ms > 0 ? static_cast<uint64_t>(timing.decode_ms * 1e6)
-                                          : static_cast<uint64_t>((t1 - t0).count());
-    done.handoff_ns = timing.handoff_us >= 0 ? static_cast<uint64_t>(timing.handoff_us * 1e3) : 0;
-    const WaitStatus ds = to_orch.push(done, ipc::WorkerRuntime::after(kPushSeconds), orch_ok);
-    PI0_CHECK(ds == WaitStatus::kOk || ds == WaitStatus::kPeerDead,
-              std::string("could not report frame done: ") + ipc::wait_status_name(ds));
-    if (ds == WaitStatus::kPeerDead) return rt.stop_signalled() ? 0 : 1;
+    stage->submit(m.frame, m.input_slot, m.kv_slot);
+    in_flight.push_back(m);
   }
 }
 

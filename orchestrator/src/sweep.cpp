@@ -2,10 +2,12 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <vector>
 #include <spdlog/spdlog.h>
 
 #include "pi0/check.hpp"
@@ -160,16 +162,18 @@ SweepResult run_sweep(const ResolvedRun& requested) {
 
 void print_sweep(const SweepResult& s) {
   std::printf("\n== split sweep (concurrent mode, MPS) ==\n");
-  std::printf("%-10s %9s %9s %10s %10s %12s %8s\n", "enc/dec %", "enc SMs", "dec SMs", "p50 ms",
-              "p99 ms", "frames/s", "applied");
+  // Stage medians show which stage limits the throughput at each split.
+  std::printf("%-10s %8s %8s %10s %10s %10s %10s %10s %8s\n", "enc/dec %", "enc SMs", "dec SMs",
+              "enc ms", "dec ms", "p50 ms", "p99 ms", "frames/s", "applied");
   for (const auto& p : s.points) {
     if (!p.error.empty()) {
-      std::printf("%3d/%-6d %9s failed: %s\n", p.encoder_pct, p.decoder_pct, "", p.error.c_str());
+      std::printf("%3d/%-6d failed: %s\n", p.encoder_pct, p.decoder_pct, p.error.c_str());
       continue;
     }
-    std::printf("%3d/%-6d %9d %9d %10.2f %10.2f %12.1f %8s\n", p.encoder_pct, p.decoder_pct,
-                p.encoder.sm_count, p.decoder.sm_count, p.latency_p50_ms, p.latency_p99_ms,
-                p.throughput_fps, p.split_applied ? "yes" : "NO");
+    std::printf("%3d/%-6d %8d %8d %10.2f %10.2f %10.2f %10.2f %10.1f %8s\n", p.encoder_pct,
+                p.decoder_pct, p.encoder.sm_count, p.decoder.sm_count, p.encoder.stage_ms_median,
+                p.decoder.stage_ms_median, p.latency_p50_ms, p.latency_p99_ms, p.throughput_fps,
+                p.split_applied ? "yes" : "NO");
   }
   const RunReport* best = s.best_throughput ? &s.points[*s.best_throughput] : nullptr;
   if (!s.baselines.empty()) {
@@ -273,12 +277,25 @@ void write_sweep_plot(const SweepResult& s, const std::string& path) {
   polyline([&](const RunReport& p) { return y_ms(p.latency_p50_ms); }, "#d62728", "none");
   polyline([&](const RunReport& p) { return y_ms(p.latency_p99_ms); }, "#d62728", "5,4");
   double legend_y = kTop + 14;
+  // Baselines often lie within a few frames/s of each other: their labels go top-down in
+  // throughput order, each at least one text line below the previous one.
+  std::vector<const RunReport*> shown;
   for (const auto& b : s.baselines) {
-    if (b.throughput_fps <= 0) continue;
-    svg << "<line x1='" << kLeft << "' x2='" << kLeft + plot_w << "' y1='" << y_fps(b.throughput_fps)
-        << "' y2='" << y_fps(b.throughput_fps) << "' stroke='#999' stroke-dasharray='2,3'/>\n";
-    svg << "<text x='" << kLeft + 6 << "' y='" << y_fps(b.throughput_fps) - 3 << "' fill='#777' font-size='10'>"
-        << b.label << " " << std::round(b.throughput_fps) << "/s</text>\n";
+    if (b.throughput_fps > 0) shown.push_back(&b);
+  }
+  std::sort(shown.begin(), shown.end(), [](const RunReport* a, const RunReport* b) {
+    return a->throughput_fps > b->throughput_fps;
+  });
+  constexpr double kLabelStep = 11;
+  double last_label_y = -1e9;
+  for (const RunReport* b : shown) {
+    const double y = y_fps(b->throughput_fps);
+    const double label_y = std::max(y - 3, last_label_y + kLabelStep);
+    last_label_y = label_y;
+    svg << "<line x1='" << kLeft << "' x2='" << kLeft + plot_w << "' y1='" << y << "' y2='" << y
+        << "' stroke='#999' stroke-dasharray='2,3'/>\n";
+    svg << "<text x='" << kLeft + 6 << "' y='" << label_y << "' fill='#777' font-size='10'>"
+        << b->label << " " << std::round(b->throughput_fps) << "/s</text>\n";
   }
   svg << "<text x='" << kLeft + plot_w - 6 << "' y='" << legend_y << "' text-anchor='end' fill='#1f77b4'>throughput</text>\n";
   svg << "<text x='" << kLeft + plot_w - 6 << "' y='" << legend_y + 14 << "' text-anchor='end' fill='#d62728'>latency p50 (solid), p99 (dashed)</text>\n";

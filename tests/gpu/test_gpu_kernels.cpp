@@ -201,7 +201,8 @@ namespace {
 
 // Y (+)= X @ W (+ bias) through cuda::Gemm against ref::matmul on the bf16-rounded operands.
 double check_gemm(int m, int n, int k, cuda::DType y_type, cuda::Epilogue epi, bool accumulate,
-                  bool transposed, uint64_t seed, bool erf_gelu = false) {
+                  bool transposed, uint64_t seed, bool erf_gelu = false,
+                  std::string* path = nullptr) {
   const auto x = rounded(random_floats(static_cast<size_t>(m) * k, seed));
   const auto w = rounded(random_floats(static_cast<size_t>(k) * n, seed + 1, 1.0f / std::sqrt(float(k))));
   auto b = rounded(random_floats(n, seed + 2, 0.5f));
@@ -225,6 +226,7 @@ double check_gemm(int m, int n, int k, cuda::DType y_type, cuda::Epilogue epi, b
   cuda::LtHandle lt;
   DeviceBuffer<std::byte> ws(cuda::kGemmWorkspaceBytes, "workspace");
   cuda::Gemm g(lt.get(), s, ws.get(), ws.bytes());
+  if (path) *path = g.path_name();
   auto dx = up(to_bf16(x));
   auto dw = up(to_bf16(w_stored));
   std::vector<float> out;
@@ -401,10 +403,14 @@ TEST_CASE("encoder gemm shapes match the reference", "[gpu]") {
 TEST_CASE("gemm with a separate epilogue kernel matches the reference", "[gpu]") {
   using cuda::DType;
   using cuda::Epilogue;
+  std::string path;
   ::setenv("PI0_GEMM_PATH", "separate", 1);
-  const double bias = check_gemm(512, 3456, 1152, DType::kBf16, Epilogue::kBias, false, false, 400);
-  const double acc = check_gemm(512, 1152, 4304, DType::kF32, Epilogue::kBias, true, false, 401);
-  const double gelu = check_gemm(256, 4304, 1152, DType::kBf16, Epilogue::kGeluBias, false, false, 402);
+  const double bias = check_gemm(512, 3456, 1152, DType::kBf16, Epilogue::kBias, false, false, 400, false, &path);
+  CHECK(path == "cublaslt+epilogue");
+  const double acc = check_gemm(512, 1152, 4304, DType::kF32, Epilogue::kBias, true, false, 401, false, &path);
+  CHECK(path == "cublaslt+epilogue");
+  const double gelu = check_gemm(256, 4304, 1152, DType::kBf16, Epilogue::kGeluBias, false, false, 402, false, &path);
+  CHECK(path == "cublaslt+epilogue");
   ::unsetenv("PI0_GEMM_PATH");
   report("separate epilogue: bf16 out + bias", bias);
   report("separate epilogue: fp32 accumulate + bias", acc);
@@ -418,11 +424,16 @@ TEST_CASE("gemm with a separate epilogue kernel matches the reference", "[gpu]")
 TEST_CASE("gemm on the built-in kernel matches the reference", "[gpu]") {
   using cuda::DType;
   using cuda::Epilogue;
+  std::string path;
   ::setenv("PI0_GEMM_PATH", "builtin", 1);
-  const double bias = check_gemm(512, 3456, 1152, DType::kBf16, Epilogue::kBias, false, false, 410);
-  const double acc = check_gemm(64, 1024, 4096, DType::kF32, Epilogue::kNone, true, false, 411);
-  const double gelu = check_gemm(256, 4304, 1152, DType::kBf16, Epilogue::kGeluBias, false, false, 412);
-  const double qk = check_gemm(512, 576, 256, DType::kF32, Epilogue::kNone, false, true, 413);
+  const double bias = check_gemm(512, 3456, 1152, DType::kBf16, Epilogue::kBias, false, false, 410, false, &path);
+  CHECK(path == "builtin");
+  const double acc = check_gemm(64, 1024, 4096, DType::kF32, Epilogue::kNone, true, false, 411, false, &path);
+  CHECK(path == "builtin");
+  const double gelu = check_gemm(256, 4304, 1152, DType::kBf16, Epilogue::kGeluBias, false, false, 412, false, &path);
+  CHECK(path == "builtin");
+  const double qk = check_gemm(512, 576, 256, DType::kF32, Epilogue::kNone, false, true, 413, false, &path);
+  CHECK(path == "builtin");
   ::unsetenv("PI0_GEMM_PATH");
   report("built-in gemm: bf16 out + bias", bias);
   report("built-in gemm: fp32 accumulate", acc);
@@ -438,11 +449,16 @@ TEST_CASE("gemm on the built-in kernel matches the reference", "[gpu]") {
 TEST_CASE("gemm on the skinny kernel fallback matches the reference", "[gpu]") {
   using cuda::DType;
   using cuda::Epilogue;
+  std::string path;
   ::setenv("PI0_GEMM_PATH", "skinny", 1);
-  const double bias = check_gemm(512, 3456, 1152, DType::kBf16, Epilogue::kBias, false, false, 420);
-  const double acc = check_gemm(560, 2048, 16384, DType::kF32, Epilogue::kNone, true, false, 421);
-  const double gelu = check_gemm(256, 4304, 1152, DType::kBf16, Epilogue::kGeluBias, false, false, 422);
-  const double f32 = check_gemm(63, 1024, 32, DType::kF32, Epilogue::kBias, false, false, 423);
+  const double bias = check_gemm(512, 3456, 1152, DType::kBf16, Epilogue::kBias, false, false, 420, false, &path);
+  CHECK(path == "skinny");
+  const double acc = check_gemm(560, 2048, 16384, DType::kF32, Epilogue::kNone, true, false, 421, false, &path);
+  CHECK(path == "skinny");
+  const double gelu = check_gemm(256, 4304, 1152, DType::kBf16, Epilogue::kGeluBias, false, false, 422, false, &path);
+  CHECK(path == "skinny");
+  const double f32 = check_gemm(63, 1024, 32, DType::kF32, Epilogue::kBias, false, false, 423, false, &path);
+  CHECK(path == "skinny");
   ::unsetenv("PI0_GEMM_PATH");
   report("skinny fallback: bf16 out + bias", bias);
   report("skinny fallback: fp32 accumulate", acc);

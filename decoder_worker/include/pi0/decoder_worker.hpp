@@ -11,17 +11,24 @@
 namespace pi0 {
 
 struct DecodeTiming {
-  double decode_ms = 0;   // this stage's time for the frame
-  double handoff_us = -1; // encoder's last write to decoder's first read, when measured
+  double decode_ms = 0;    // this stage's time for the frame
+  double handoff_us = -1;  // encoder's last write to decoder's first read, when measured
 };
 
-// One backend of the decoder stage. decode() reads the prefix K/V of `kv_slot` and the state and
-// noise of `input_slot`, and writes the actions of `input_slot`; when it returns the actions are
-// in host shared memory and the K/V slot is no longer read.
+// One backend of the decoder stage. submit() starts a frame: it reads the prefix K/V of `kv_slot`
+// and the state and noise of `input_slot`, and writes the actions of `input_slot`. Frames finish
+// in submission order; complete() waits for the oldest one, after which its actions are in host
+// shared memory and its K/V slot is no longer read. A backend that runs frames asynchronously
+// takes the next frame while the previous one runs (max_in_flight() > 1), so the stage does not
+// sit idle while the worker reports a frame and fetches the next.
 class DecoderStage {
  public:
   virtual ~DecoderStage() = default;
-  virtual DecodeTiming decode(uint64_t frame, uint32_t input_slot, uint32_t kv_slot) = 0;
+  virtual uint32_t max_in_flight() const = 0;
+  virtual void submit(uint64_t frame, uint32_t input_slot, uint32_t kv_slot) = 0;
+  // True when complete() would not block (a frame is in flight and the oldest has finished).
+  virtual bool oldest_done() = 0;
+  virtual DecodeTiming complete() = 0;
   // Per-frame times of this stage, for the worker's report.
   virtual const StageTimes& stage_times() const = 0;
 };

@@ -101,6 +101,8 @@ class Event {
   // order the capture); outside capture, the same as record().
   void record_external(cudaStream_t stream) const;
   void synchronize() const;
+  // True once the work before the last record() has finished (never blocks).
+  bool done() const;
   // Milliseconds from `start` to this event (both recorded and complete).
   float elapsed_since(const Event& start) const;
 

@@ -70,6 +70,14 @@ class Gemm {
   const GemmShape& shape() const { return shape_; }
   // True when no fast path computes this shape correctly here and the plain kernel runs it.
   bool on_builtin_kernel() const { return chosen_ == kBuiltinPath; }
+  // Which tier runs it: "cublaslt", "cublaslt+epilogue" (bias / GELU in their own kernel),
+  // "skinny" (our tensor-core kernel) or "builtin" (the plain checking kernel).
+  const char* path_name() const {
+    return chosen_ == kBuiltinPath  ? "builtin"
+           : chosen_ == kSkinnyPath ? "skinny"
+           : separate_epilogue_     ? "cublaslt+epilogue"
+                                    : "cublaslt";
+  }
   int candidates() const { return static_cast<int>(candidates_.size()); }
 
  private:
@@ -81,11 +89,12 @@ class Gemm {
   // (gemm_check.hpp), infinite when it fails to run.
   double verify(int c);
   int first_verified(int from = 0);  // -1 if none
-  int add_clusterless_variants();     // returns the index of the first one added
+  int add_clusterless_variants();    // returns the index of the first one added
   double tolerance() const;
   // Plans the fallback on our skinny tensor-core kernel; false where it cannot run this shape.
   bool plan_skinny_fallback();
   // Values of chosen_ (and of launch()'s candidate) besides cuBLASLt's candidates 0, 1, ...
+  static constexpr int kNotChosen = -1;
   static constexpr int kSkinnyPath = -2;   // skinny_gemm + apply_bias_epilogue
   static constexpr int kBuiltinPath = -3;  // simple_gemm (gemm_check.hpp)
   void launch(int candidate, const void* x, const void* w, void* y, const void* bias,

@@ -159,6 +159,25 @@ TEST_CASE("decoder rejects weights of another model", "[gpu]") {
   REQUIRE(message.find("decoder_") != std::string::npos);
 }
 
+// Out of GPU memory is a one-line error naming the buffer and the free memory, and leaves the
+// device usable (the failed cudaMalloc's error is not left for a later call to report).
+TEST_CASE("running out of GPU memory names the buffer and leaves the device usable", "[gpu]") {
+  std::string message;
+  try {
+    DeviceBuffer<float> huge(size_t{1} << 48, "an impossible buffer");  // 1 PiB
+  } catch (const Error& e) {
+    message = e.what();
+  }
+  INFO(message);
+  REQUIRE(message.find("cannot allocate") != std::string::npos);
+  REQUIRE(message.find("an impossible buffer") != std::string::npos);
+  REQUIRE(message.find("MiB free of") != std::string::npos);
+  REQUIRE(message.find('\n') == std::string::npos);
+  DeviceBuffer<float> small(1024, "a small buffer");
+  CUDA_CHECK(cudaMemset(small.get(), 0, small.bytes()));
+  CUDA_CHECK(cudaDeviceSynchronize());
+}
+
 TEST_CASE("full pi0 is finite and bitwise deterministic", "[gpu]") {
   const ModelConfig config = model_config("pi0");
   const RunShape shape{2, 63, 0};

@@ -122,22 +122,26 @@ Gemm::Gemm(cublasLtHandle_t handle, const GemmShape& shape, void* workspace,
               "PI0_GEMM_PATH must be separate, skinny or builtin, got '" + forced + "'");
     const bool force_builtin = forced == "builtin";
     const bool skip_cublaslt = force_builtin || forced == "skinny";
-    plan(forced == "separate" && has_bias(shape.epilogue));
-    chosen_ = skip_cublaslt ? -1 : first_verified();
-    if (chosen_ == kNotChosen && !skip_cublaslt && has_bias(shape.epilogue) && !separate_epilogue_) {
-      // No offered algorithm computes the fused bias / GELU epilogue correctly here: run the
-      // product alone and the epilogue in its own kernel, checked the same way.
-      plan(true);
+    chosen_ = kNotChosen;
+    if (!skip_cublaslt) {
+      plan(forced == "separate" && has_bias(shape.epilogue));
       chosen_ = first_verified();
-    }
-    if (chosen_ == kNotChosen && !skip_cublaslt) {
-      // The same algorithms without thread-block clusters: a cluster needs SMs of one GPC, which
-      // an MPS share need not give.
-      const int first = add_clusterless_variants();
-      chosen_ = first_verified(first);
-      if (chosen_ >= 0)
-        spdlog::warn("{}: only an algorithm without clusters checks out on this GPU (share): {}",
-                     shape_.describe(), describe_algo(candidates_[static_cast<size_t>(chosen_)].algo));
+      if (chosen_ == kNotChosen && has_bias(shape.epilogue) && !separate_epilogue_) {
+        // No offered algorithm computes the fused bias / GELU epilogue correctly here: run the
+        // product alone and the epilogue in its own kernel, checked the same way.
+        plan(true);
+        chosen_ = first_verified();
+      }
+      if (chosen_ == kNotChosen) {
+        // The same algorithms without thread-block clusters: a cluster needs SMs of one GPC,
+        // which an MPS share need not give.
+        const int first = add_clusterless_variants();
+        chosen_ = first_verified(first);
+        if (chosen_ != kNotChosen)
+          spdlog::warn("{}: only an algorithm without clusters checks out on this GPU (share): {}",
+                       shape_.describe(),
+                       describe_algo(candidates_[static_cast<size_t>(chosen_)].algo));
+      }
     }
     if (chosen_ == kNotChosen && !force_builtin && plan_skinny_fallback()) {
       // Our tensor-core kernel (no clusters), bias / GELU in their own kernel, checked the same way.
@@ -153,9 +157,9 @@ Gemm::Gemm(cublasLtHandle_t handle, const GemmShape& shape, void* workspace,
       // Correct but slow beats fast and wrong: the plain CUDA-core kernel the candidates are
       // checked against.
       if (!force_builtin)
-        spdlog::warn("none of the {} algorithms cuBLASLt offers computes {} correctly on this "
-                     "GPU (share); using the slow built-in kernel for it",
-                     candidates_.size(), shape.describe());
+        spdlog::warn("no checked kernel computes {} correctly on this GPU (share) ({} cuBLASLt "
+                     "candidates tried); using the slow built-in kernel for it",
+                     shape.describe(), candidates_.size());
       chosen_ = kBuiltinPath;
     }
   } catch (...) {
@@ -194,12 +198,17 @@ void Gemm::plan(bool separate_epilogue) {
     status = cublasLtMatmulAlgoGetHeuristic(handle_, desc_, a_, b_, d_, d_, pref,
                                             kHeuristicCandidates, candidates_.data(), &returned);
   (void)cublasLtMatmulPreferenceDestroy(pref);
-  CUBLAS_CHECK(status);
+  // No algorithm (or a heuristic that refuses the shape) is not an error: the tiers after
+  // cuBLASLt's still run.
+  if (status != CUBLAS_STATUS_SUCCESS) {
+    spdlog::debug("{}: cuBLASLt offers no algorithm ({})", shape_.describe(),
+                  cublasGetStatusString(status));
+    returned = 0;
+  }
   candidates_.resize(static_cast<size_t>(std::max(returned, 0)));
   std::erase_if(candidates_, [](const cublasLtMatmulHeuristicResult_t& c) {
     return c.state != CUBLAS_STATUS_SUCCESS;
   });
-  PI0_CHECK(!candidates_.empty(), "cuBLASLt has no algorithm for " + shape_.describe());
 }
 
 double Gemm::tolerance() const {
@@ -222,7 +231,8 @@ bool Gemm::plan_skinny_fallback() {
           : g.accumulate           ? SkinnyOut::kF32Accumulate
                                    : SkinnyOut::kF32;
   if (!skinny_supported(s)) return false;
-  skinny_ = plan_skinny(s, 1);  // one SM's worth: no K splits, hence no clusters
+  s.splits = 1;  // K splits are thread-block clusters, which this fallback must not use
+  skinny_ = plan_skinny(s, 1);
   skinny_init();
   separate_epilogue_ = true;
   return true;

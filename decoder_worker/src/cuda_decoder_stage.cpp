@@ -80,8 +80,9 @@ class CudaDecoderStage final : public DecoderStage {
   }
 
   ~CudaDecoderStage() override {
-    (void)cudaStreamSynchronize(stream_.get());  // frames still in flight write host_stamps_
-    if (host_stamps_) cudaFreeHost(host_stamps_);
+    // Frames still in flight (the run failed) may never finish, e.g. behind the "ready" event of
+    // a dead encoder, and would write host_stamps_: leave it to the process's exit.
+    if (in_flight_ == 0 && host_stamps_) cudaFreeHost(host_stamps_);
   }
 
   uint32_t max_in_flight() const override { return kInFlight; }

@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <deque>
+#include <thread>
 
 #include "pi0/check.hpp"
 
@@ -18,6 +19,7 @@ using ipc::WaitStatus;
 constexpr double kPollSeconds = 1.0;
 constexpr double kPushSeconds = 60.0;
 constexpr std::chrono::microseconds kBusyPoll{10};
+constexpr std::chrono::milliseconds kPeerCheckInterval{10};
 
 }  // namespace
 
@@ -67,11 +69,29 @@ int run_decoder_worker(ipc::WorkerRuntime& rt) {
     return ds == WaitStatus::kOk;
   };
 
+  // A peer is gone or a stop was signalled: the run is over, whatever is still in flight.
+  const auto peer_gone = [&rt]() {
+    PI0_CHECK(rt.orchestrator_alive(), "orchestrator gone or stop signalled");
+    throw Error("the encoder worker died");
+  };
+  auto last_peer_check = ipc::Clock::now();
+
   for (;;) {
-    if (!in_flight.empty() &&
-        (in_flight.size() >= stage->max_in_flight() || stage->oldest_done())) {
-      if (!finish_oldest()) return rt.stop_signalled() ? 0 : 1;
-      continue;
+    if (!in_flight.empty()) {
+      if (stage->oldest_done()) {
+        if (!finish_oldest()) return rt.stop_signalled() ? 0 : 1;
+        continue;
+      }
+      // The brief ring polls below never reach the ring's own peer check, and a frame whose
+      // "ready" event never fires (its encoder died) would keep us here for good.
+      if (ipc::Clock::now() - last_peer_check >= kPeerCheckInterval) {
+        last_peer_check = ipc::Clock::now();
+        if (!peers_ok()) peer_gone();
+      }
+      if (in_flight.size() >= stage->max_in_flight()) {
+        std::this_thread::yield();
+        continue;
+      }
     }
     // While a frame runs, look for the next one only briefly, so that the finished frame is
     // reported at once and the next is queued behind the running one.
@@ -80,10 +100,7 @@ int run_decoder_worker(ipc::WorkerRuntime& rt) {
         in_flight.empty() ? ipc::WorkerRuntime::after(kPollSeconds) : ipc::Clock::now() + kBusyPoll;
     const WaitStatus st = from_encoder.pop(m, deadline, peers_ok);
     if (st == WaitStatus::kTimeout) continue;
-    if (st == WaitStatus::kPeerDead) {
-      PI0_CHECK(rt.orchestrator_alive(), "orchestrator gone or stop signalled");
-      throw Error("the encoder worker died");
-    }
+    if (st == WaitStatus::kPeerDead) peer_gone();
     PI0_CHECK(st == WaitStatus::kOk, "ring from the encoder is corrupt");
     const std::string reason = ipc::validate(m, limits);
     PI0_CHECK(reason.empty(), "rejected a message from the encoder: " + reason);

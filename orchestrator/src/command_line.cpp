@@ -52,8 +52,9 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
   app.add_option("--frame-timeout", o.frame_timeout_s, "seconds a frame may take before the run fails")
       ->check(CLI::Range(0.1, 3600.0));
   app.add_option("--run-timeout", o.run_timeout_s,
-                 "seconds a whole run may take, worker start included (0: no limit; a sweep "
-                 "gives each split 180 s unless set)")
+                 "seconds a whole run may take, worker start included (0: no limit; unset: no "
+                 "limit, but a sweep gives each run 120 s + 0.25 s per frame, or twice the frame "
+                 "period per frame with --rate)")
       ->check(CLI::Range(0.0, 86400.0));
   app.add_option("--worker-dir", o.worker_dir, "directory holding encoder_worker and decoder_worker");
   app.add_flag("--quiet-workers", o.quiet_workers, "do not copy the workers' log lines to stderr");

@@ -121,9 +121,8 @@ class Pipeline {
 
 void Pipeline::check_run_deadline(uint64_t done, uint64_t total) {
   if (Clock::now() < run_deadline_) return;
-  failure_ = "the run took longer than --run-timeout " +
-             std::to_string(static_cast<int>(run_.options.run_timeout_s)) + " s (" +
-             std::to_string(done) + " of " + std::to_string(total) + " frames done)";
+  failure_ = fmt::format("the run took longer than --run-timeout {:g} s ({} of {} frames done)",
+                         run_.options.run_timeout_s, done, total);
   fail();
 }
 
@@ -328,6 +327,7 @@ void Pipeline::feed(std::vector<float>* actions) {
       if (stopping || next >= total) break;
       // Open loop and idle: sleep until the next frame arrives, watching the workers.
       if (!workers_healthy(false)) fail();
+      check_run_deadline(next, total);
       std::this_thread::sleep_until(std::min(arrival(next), Clock::now() + kSlice));
       continue;
     }

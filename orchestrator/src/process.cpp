@@ -215,7 +215,12 @@ bool ChildProcess::running() { return state_ && !poll().has_value(); }
 std::optional<ExitStatus> ChildProcess::wait_for(std::chrono::milliseconds timeout) {
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   for (;;) {
-    if (auto s = poll()) return s;
+    if (auto s = poll()) {
+      // Its last lines may still be in the pipe: callers read output() next. Bounded, since a
+      // process it started could still hold the pipe open.
+      wait_output_closed(std::chrono::milliseconds(200));
+      return s;
+    }
     if (std::chrono::steady_clock::now() >= deadline) return std::nullopt;
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
   }

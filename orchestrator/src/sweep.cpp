@@ -18,7 +18,12 @@ namespace pi0 {
 
 namespace {
 
-constexpr double kSweepRunTimeoutS = 180;
+// Worker start (weights, GEMM checks) takes up to a minute or so; then each frame of a healthy
+// split takes well under 0.1 s back to back.
+double sweep_run_timeout_s(const RunOptions& o) {
+  const double per_frame = o.rate_hz > 0 ? 2.0 / o.rate_hz : 0.25;
+  return 120.0 + per_frame * static_cast<double>(o.warmup + o.frames);
+}
 
 const RunReport* find_baseline(const SweepResult& s, const std::string& label) {
   for (const auto& b : s.baselines) {
@@ -44,7 +49,9 @@ RunReport run_single_process_baseline(const ResolvedRun& run) {
   EnvOverrides env{{"CUDA_MPS_PIPE_DIRECTORY", "/nonexistent/pi0-mps-no-mps"},
                    {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", std::nullopt}};
   ChildProcess bench = ChildProcess::spawn("pi0_bench", dir + "/pi0_bench", args, env, false);
-  const auto status = bench.wait_for(std::chrono::seconds(600));
+  const double limit_s = o.run_timeout_s > 0 ? o.run_timeout_s : 600.0;
+  const auto status = bench.wait_for(std::chrono::duration_cast<std::chrono::milliseconds>(
+      std::chrono::duration<double>(limit_s)));
   std::ifstream in(json_path);
   ::unlink(json_path.c_str());
   PI0_CHECK(status && status->success() && in.good(),
@@ -98,7 +105,7 @@ SweepResult run_sweep(const ResolvedRun& requested) {
   // A split that runs far slower than the others (e.g. a GEMM fell back to a slow kernel) is
   // reported as such, not waited for.
   ResolvedRun run = requested;
-  if (run.options.run_timeout_s <= 0) run.options.run_timeout_s = kSweepRunTimeoutS;
+  if (run.options.run_timeout_s < 0) run.options.run_timeout_s = sweep_run_timeout_s(run.options);
   const RunOptions& o = run.options;
   SweepResult result;
   result.latency_budget_ms = o.latency_budget_ms;

@@ -39,8 +39,9 @@ struct RunOptions {
   std::string log_level = "info";
   double startup_timeout_s = 300;
   double frame_timeout_s = 60;
-  // A whole run, worker start included; 0: no limit (a sweep gives each of its runs 180 s).
-  double run_timeout_s = 0;
+  // A whole run, worker start included; 0: no limit. Unset (< 0): no limit, except that a sweep
+  // gives each of its runs sweep_run_timeout_s().
+  double run_timeout_s = -1;
   std::string worker_dir;  // where encoder_worker and decoder_worker are; default: ours
   bool quiet_workers = false;
   // Split sweep.

@@ -48,6 +48,7 @@ class ChildProcess {
   bool running();
   // Reaps without blocking; the status once it has exited.
   std::optional<ExitStatus> poll();
+  // Up to `timeout` for it to exit; then up to 200 ms more for its last output to be read.
   std::optional<ExitStatus> wait_for(std::chrono::milliseconds timeout);
   // SIGTERM, up to `grace` to exit, then SIGKILL; always reaps. Never throws.
   ExitStatus terminate(std::chrono::milliseconds grace) noexcept;

@@ -105,7 +105,7 @@ class Gemm {
   cublasLtMatmulDesc_t desc_ = nullptr;
   cublasLtMatrixLayout_t a_ = nullptr, b_ = nullptr, d_ = nullptr;
   std::vector<cublasLtMatmulHeuristicResult_t> candidates_;
-  int chosen_ = 0;
+  int chosen_ = kNotChosen;
   bool separate_epilogue_ = false;
   SkinnyShape skinny_{};  // the plan of kSkinnyPath
   void* workspace_ = nullptr;

@@ -118,7 +118,19 @@ class CudaDecoderStage final : public DecoderStage {
     ++in_flight_;
   }
 
-  bool oldest_done() override { return in_flight_ > 0 && frames_[oldest_].done.done(); }
+  // A finished frame is only seen by polling its event (a blocking wait would miss the next
+  // message), so look often.
+  std::chrono::microseconds poll_slice() const override { return std::chrono::microseconds(10); }
+
+  bool wait_oldest(std::chrono::microseconds timeout) override {
+    if (in_flight_ == 0) return false;
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    for (;;) {
+      if (frames_[oldest_].done.done()) return true;
+      if (std::chrono::steady_clock::now() >= deadline) return false;
+      std::this_thread::yield();
+    }
+  }
 
   DecodeTiming complete() override {
     PI0_CHECK(in_flight_ > 0, "complete() without a submitted frame");

@@ -18,7 +18,6 @@ using ipc::WaitStatus;
 
 constexpr double kPollSeconds = 1.0;
 constexpr double kPushSeconds = 60.0;
-constexpr std::chrono::microseconds kBusyPoll{10};
 constexpr std::chrono::milliseconds kPeerCheckInterval{10};
 
 }  // namespace
@@ -78,7 +77,9 @@ int run_decoder_worker(ipc::WorkerRuntime& rt) {
 
   for (;;) {
     if (!in_flight.empty()) {
-      if (stage->oldest_done()) {
+      // When no more frames fit, wait for the oldest (in slices, to keep checking the peers).
+      const bool full = in_flight.size() >= stage->max_in_flight();
+      if (stage->wait_oldest(full ? kPeerCheckInterval : std::chrono::microseconds(0))) {
         if (!finish_oldest()) return rt.stop_signalled() ? 0 : 1;
         continue;
       }
@@ -88,16 +89,13 @@ int run_decoder_worker(ipc::WorkerRuntime& rt) {
         last_peer_check = ipc::Clock::now();
         if (!peers_ok()) peer_gone();
       }
-      if (in_flight.size() >= stage->max_in_flight()) {
-        std::this_thread::yield();
-        continue;
-      }
+      if (full) continue;
     }
     // While a frame runs, look for the next one only briefly, so that the finished frame is
     // reported at once and the next is queued behind the running one.
     Message m;
-    const auto deadline =
-        in_flight.empty() ? ipc::WorkerRuntime::after(kPollSeconds) : ipc::Clock::now() + kBusyPoll;
+    const auto deadline = in_flight.empty() ? ipc::WorkerRuntime::after(kPollSeconds)
+                                            : ipc::Clock::now() + stage->poll_slice();
     const WaitStatus st = from_encoder.pop(m, deadline, peers_ok);
     if (st == WaitStatus::kTimeout) continue;
     if (st == WaitStatus::kPeerDead) peer_gone();

@@ -2,6 +2,7 @@
 // stage interface its backends implement.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 
@@ -18,16 +19,19 @@ struct DecodeTiming {
 // One backend of the decoder stage. submit() starts a frame: it reads the prefix K/V of `kv_slot`
 // and the state and noise of `input_slot`, and writes the actions of `input_slot`. Frames finish
 // in submission order; complete() waits for the oldest one, after which its actions are in host
-// shared memory and its K/V slot is no longer read. A backend that runs frames asynchronously
-// takes the next frame while the previous one runs (max_in_flight() > 1), so the stage does not
-// sit idle while the worker reports a frame and fetches the next.
+// shared memory and its K/V slot is no longer read. Up to max_in_flight() frames run at once, so
+// the stage does not sit idle while the worker reports one frame and fetches the next.
 class DecoderStage {
  public:
   virtual ~DecoderStage() = default;
   virtual uint32_t max_in_flight() const = 0;
+  // How long the worker may wait for the next message before looking at the running frames
+  // again: short where a finished frame can only be polled for.
+  virtual std::chrono::microseconds poll_slice() const = 0;
   virtual void submit(uint64_t frame, uint32_t input_slot, uint32_t kv_slot) = 0;
-  // True when complete() would not block (a frame is in flight and the oldest has finished).
-  virtual bool oldest_done() = 0;
+  // True once the oldest submitted frame has finished (complete() will not block), waiting for
+  // that at most `timeout`. False too when nothing is in flight.
+  virtual bool wait_oldest(std::chrono::microseconds timeout) = 0;
   virtual DecodeTiming complete() = 0;
   // Per-frame times of this stage, for the worker's report.
   virtual const StageTimes& stage_times() const = 0;

@@ -86,8 +86,7 @@ class Pipeline {
            const std::string& mode)
       : run_(run), mps_(mps), encoder_pct_(encoder_pct), decoder_pct_(decoder_pct), mode_(mode) {
     if (run.options.run_timeout_s > 0)
-      run_deadline_ = Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                                         std::chrono::duration<double>(run.options.run_timeout_s));
+      run_deadline_ = ipc::WorkerRuntime::after(run.options.run_timeout_s);
   }
 
   RunReport run(std::vector<float>* actions);
@@ -232,8 +231,7 @@ void Pipeline::start_workers() {
 }
 
 void Pipeline::await_ready() {
-  const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                                           std::chrono::duration<double>(run_.options.startup_timeout_s));
+  const auto deadline = ipc::WorkerRuntime::after(run_.options.startup_timeout_s);
   auto& from_decoder = control_.ring(RingId::kDecoderToOrch);
   while (!(encoder_.ready && decoder_.ready)) {
     if (!workers_healthy(true)) {
@@ -331,8 +329,7 @@ void Pipeline::feed(std::vector<float>* actions) {
       std::this_thread::sleep_until(std::min(arrival(next), Clock::now() + kSlice));
       continue;
     }
-    auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                                       std::chrono::duration<double>(o.frame_timeout_s));
+    auto deadline = ipc::WorkerRuntime::after(o.frame_timeout_s);
     const bool waiting_to_submit = !stopping && o.rate_hz > 0 && next < total &&
                                    in_flight < max_in_flight && !free_inputs.empty();
     if (waiting_to_submit) deadline = std::min(deadline, arrival(next));

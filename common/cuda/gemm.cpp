@@ -324,6 +324,7 @@ Gemm& Gemm::operator=(Gemm&& other) noexcept {
 
 void Gemm::launch(int candidate, const void* x, const void* w, void* y, const void* bias,
                   cudaStream_t stream) {
+  PI0_CHECK(!has_bias(shape_.epilogue) || bias != nullptr, "missing bias for " + shape_.describe());
   if (candidate == kBuiltinPath) {
     simple_gemm(shape_, x, w, bias, y, stream);
     return;
@@ -336,7 +337,6 @@ void Gemm::launch(int candidate, const void* x, const void* w, void* y, const vo
   }
   const float beta = shape_.accumulate ? 1.0f : 0.0f;
   if (has_bias(shape_.epilogue)) {
-    PI0_CHECK(bias != nullptr, "missing bias for " + shape_.describe());
     // The descriptor is read when the call is enqueued, so changing the pointer per call (one
     // Gemm serves every layer) is safe under graph capture too.
     if (!separate_epilogue_) set_desc(desc_, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias);
@@ -355,7 +355,6 @@ void Gemm::run(const void* x, const void* w, void* y, const void* bias, cudaStre
     throw Error("misaligned operand (need " + std::to_string(a) + " bytes) for " +
                 shape_.describe());
   }
-  PI0_CHECK(!has_bias(shape_.epilogue) || bias != nullptr, "missing bias for " + shape_.describe());
   launch(chosen_, x, w, y, bias, stream);
 }
 

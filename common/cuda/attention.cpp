@@ -62,8 +62,15 @@ SharedKvAttention::SharedKvAttention(cublasLtHandle_t handle, const Params& para
   if ((qk_.on_builtin_kernel() || pv_.on_builtin_kernel()) &&
       fused_attention_supported(params.head_dim)) {
     // At some MPS shares no cuBLASLt algorithm gets these products right; the fused kernel is
-    // much faster than the plain GEMM kernel they would fall back to.
+    // much faster than the plain GEMM kernel they would fall back to. The GEMMs and their
+    // score buffers are then never used: give their memory back.
     fused_ = try_fused();
+    if (fused_) {
+      qk_ = Gemm();
+      pv_ = Gemm();
+      scores_ = DeviceBuffer<float>();
+      probs_ = DeviceBuffer<Bf16>();
+    }
   }
 }
 

@@ -408,13 +408,16 @@ double Gemm::verify(int c) {
 
 void Gemm::autotune(const void* x, const void* w, void* y, const void* bias, cudaStream_t stream,
                     int max_candidates) {
-  const int n = std::min(candidates(), max_candidates);
-  if (n <= 1 || chosen_ < 0) return;
+  // first_verified() walks the candidates in order, so every one before chosen_ has already
+  // failed its check: only chosen_ and those after it are timed, and the fastest of them that
+  // checks out is kept (chosen_ itself needs no second check).
+  if (chosen_ < 0) return;
+  const int end = std::min(candidates(), chosen_ + std::max(max_candidates, 1));
+  if (end - chosen_ <= 1) return;
   Event start, stop;
   constexpr int kWarm = 2, kReps = 8;
-  float best_ms = 3.0e38f;
-  int best = chosen_;
-  for (int c = 0; c < n; ++c) {
+  std::vector<std::pair<float, int>> timed;  // (ms, candidate)
+  for (int c = chosen_; c < end; ++c) {
     try {
       for (int i = 0; i < kWarm; ++i) launch(c, x, w, y, bias, stream);
     } catch (const Error&) {
@@ -425,13 +428,18 @@ void Gemm::autotune(const void* x, const void* w, void* y, const void* bias, cud
     for (int i = 0; i < kReps; ++i) launch(c, x, w, y, bias, stream);
     stop.record(stream);
     stop.synchronize();
-    const float ms = stop.elapsed_since(start);
-    if (ms < best_ms) {
-      best_ms = ms;
-      best = c;
+    timed.emplace_back(stop.elapsed_since(start), c);
+  }
+  std::sort(timed.begin(), timed.end());
+  for (const auto& [ms, c] : timed) {
+    if (c == chosen_) return;
+    if (verify(c) < tolerance()) {
+      spdlog::debug("{}: autotune keeps candidate {} ({:.3f} ms for {} runs)", shape_.describe(), c,
+                    ms, kReps);
+      chosen_ = c;
+      return;
     }
   }
-  if (best != chosen_ && verify(best) < tolerance()) chosen_ = best;
 }
 
 }  // namespace pi0::cuda

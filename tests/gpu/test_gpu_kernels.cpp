@@ -110,8 +110,21 @@ bool prefix_mask(int q, int k, const void* ctx) {
   return q >= m->limited_queries || k < m->limited_keys;
 }
 
+// Sets PI0_GEMM_PATH (which Gemm tier to start at) for one scope, so that a failed REQUIRE does
+// not leave it set for the tests after.
+class ScopedGemmPath {
+ public:
+  explicit ScopedGemmPath(const char* path) { ::setenv("PI0_GEMM_PATH", path, 1); }
+  ~ScopedGemmPath() { ::unsetenv("PI0_GEMM_PATH"); }
+  ScopedGemmPath(const ScopedGemmPath&) = delete;
+  ScopedGemmPath& operator=(const ScopedGemmPath&) = delete;
+};
+
+// fused: ask for the fused kernel. falls_back_to_fused: the GEMMs are expected to land on the
+// built-in kernel, and the attention to switch to the fused kernel and free their scratch.
 void check_shared_kv(int queries, int keys, int heads, int hd, int limited_queries,
-                     int limited_keys, uint64_t seed, bool fused = false) {
+                     int limited_keys, uint64_t seed, bool fused = false,
+                     bool falls_back_to_fused = false) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const auto q = rounded(random_floats(static_cast<size_t>(queries) * heads * hd, seed, 1.5f));
   const auto k = rounded(random_floats(static_cast<size_t>(keys) * hd, seed + 1, 1.5f));
@@ -126,10 +139,11 @@ void check_shared_kv(int queries, int keys, int heads, int hd, int limited_queri
                                          limited_keys};
   params.fused = fused;
   cuda::SharedKvAttention att(lt.get(), params, ws.get(), ws.bytes());
-  REQUIRE(att.fused() == fused);
+  REQUIRE(att.fused() == (fused || falls_back_to_fused));
+  if (falls_back_to_fused) REQUIRE(att.scratch_bytes() == 0);
   att.run(dq.get(), dk.get(), dv.get(), out.get(), nullptr);
   CUDA_CHECK(cudaDeviceSynchronize());
-  if (fused) {
+  if (att.fused()) {
     // Run again into a freshly poisoned output: the key ranges combine in a fixed order, so the
     // bits must repeat.
     const auto first = cuda::download(out.get(), out.size());
@@ -144,7 +158,10 @@ void check_shared_kv(int queries, int keys, int heads, int hd, int limited_queri
   ref::attention(q.data(), heads * hd, k.data(), hd, v.data(), hd, ref.data(), queries, keys, heads,
                  1, hd, scale, limited_queries > 0 ? prefix_mask : nullptr, &mask);
   const double err = rel_error(down_bf16(out), ref);
-  report(std::string(fused ? "fused " : "") + "shared-kv attention q=" + std::to_string(queries) +
+  report(std::string(falls_back_to_fused ? "fused (GEMMs on the built-in kernel) "
+                     : fused             ? "fused "
+                                         : "") +
+             "shared-kv attention q=" + std::to_string(queries) +
              " k=" + std::to_string(keys) + " hd=" + std::to_string(hd) +
              (limited_queries ? " state-token mask" : " bidirectional"),
          err);
@@ -164,6 +181,14 @@ TEST_CASE("fused shared kv attention matches the reference", "[gpu]") {
   check_shared_kv(532, 532, 8, 256, 0, 0, 42, true);    // encoder-sized, bidirectional
   check_shared_kv(9, 40, 2, 128, 1, 3, 43, true);       // one key range, rows < 64
   check_shared_kv(33, 300, 4, 64, 2, 100, 44, true);    // head_dim 64
+}
+
+// At some MPS shares no cuBLASLt algorithm gets the QK / PV products right; the attention then
+// runs the fused kernel rather than the plain GEMM kernel, and keeps no GEMM scratch for it.
+TEST_CASE("shared kv attention falls back to the fused kernel without keeping gemm scratch",
+          "[gpu]") {
+  const ScopedGemmPath builtin("builtin");
+  check_shared_kv(64, 576, 8, 256, 1, 513, 45, false, true);  // decoder, V=2 C=63
 }
 
 TEST_CASE("shared kv attention applies the state token mask", "[gpu]") {
@@ -404,14 +429,13 @@ TEST_CASE("gemm with a separate epilogue kernel matches the reference", "[gpu]")
   using cuda::DType;
   using cuda::Epilogue;
   std::string path;
-  ::setenv("PI0_GEMM_PATH", "separate", 1);
+  const ScopedGemmPath forced("separate");
   const double bias = check_gemm(512, 3456, 1152, DType::kBf16, Epilogue::kBias, false, false, 400, false, &path);
   CHECK(path == "cublaslt+epilogue");
   const double acc = check_gemm(512, 1152, 4304, DType::kF32, Epilogue::kBias, true, false, 401, false, &path);
   CHECK(path == "cublaslt+epilogue");
   const double gelu = check_gemm(256, 4304, 1152, DType::kBf16, Epilogue::kGeluBias, false, false, 402, false, &path);
   CHECK(path == "cublaslt+epilogue");
-  ::unsetenv("PI0_GEMM_PATH");
   report("separate epilogue: bf16 out + bias", bias);
   report("separate epilogue: fp32 accumulate + bias", acc);
   report("separate epilogue: bf16 out + bias + gelu", gelu);
@@ -425,7 +449,7 @@ TEST_CASE("gemm on the built-in kernel matches the reference", "[gpu]") {
   using cuda::DType;
   using cuda::Epilogue;
   std::string path;
-  ::setenv("PI0_GEMM_PATH", "builtin", 1);
+  const ScopedGemmPath forced("builtin");
   const double bias = check_gemm(512, 3456, 1152, DType::kBf16, Epilogue::kBias, false, false, 410, false, &path);
   CHECK(path == "builtin");
   const double acc = check_gemm(64, 1024, 4096, DType::kF32, Epilogue::kNone, true, false, 411, false, &path);
@@ -434,7 +458,6 @@ TEST_CASE("gemm on the built-in kernel matches the reference", "[gpu]") {
   CHECK(path == "builtin");
   const double qk = check_gemm(512, 576, 256, DType::kF32, Epilogue::kNone, false, true, 413, false, &path);
   CHECK(path == "builtin");
-  ::unsetenv("PI0_GEMM_PATH");
   report("built-in gemm: bf16 out + bias", bias);
   report("built-in gemm: fp32 accumulate", acc);
   report("built-in gemm: bf16 out + bias + gelu", gelu);
@@ -450,7 +473,7 @@ TEST_CASE("gemm on the skinny kernel fallback matches the reference", "[gpu]") {
   using cuda::DType;
   using cuda::Epilogue;
   std::string path;
-  ::setenv("PI0_GEMM_PATH", "skinny", 1);
+  const ScopedGemmPath forced("skinny");
   const double bias = check_gemm(512, 3456, 1152, DType::kBf16, Epilogue::kBias, false, false, 420, false, &path);
   CHECK(path == "skinny");
   const double acc = check_gemm(560, 2048, 16384, DType::kF32, Epilogue::kNone, true, false, 421, false, &path);
@@ -459,7 +482,6 @@ TEST_CASE("gemm on the skinny kernel fallback matches the reference", "[gpu]") {
   CHECK(path == "skinny");
   const double f32 = check_gemm(63, 1024, 32, DType::kF32, Epilogue::kBias, false, false, 423, false, &path);
   CHECK(path == "skinny");
-  ::unsetenv("PI0_GEMM_PATH");
   report("skinny fallback: bf16 out + bias", bias);
   report("skinny fallback: fp32 accumulate", acc);
   report("skinny fallback: bf16 out + bias + gelu", gelu);

@@ -60,8 +60,8 @@ class Gemm {
   // epilogue. Throws pi0::Error on a misaligned pointer or a failed launch.
   void run(const void* x, const void* w, void* y, const void* bias, cudaStream_t stream);
 
-  // Times up to `max_candidates` of the heuristic's algorithms on these operands and keeps the
-  // fastest. Y is overwritten (and, when accumulating, grows); call it before real data is there.
+  // Times up to `max_candidates` of the heuristic's algorithms, from the checked one on, on these
+  // operands and keeps the fastest that passes the same check. Y is overwritten (and, when accumulating, grows); call it before real data is there.
   // Off by default: a timing-based choice can differ between processes, and with it the bits of
   // the result.
   void autotune(const void* x, const void* w, void* y, const void* bias, cudaStream_t stream,

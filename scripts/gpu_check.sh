@@ -3,6 +3,8 @@
 # benchmark and the split sweep with its baselines, and prints a short table last.
 #   scripts/gpu_check.sh [tests] [bench] [sweep]      (default: all three)
 # Figures, logs, JSON and the sweep plot go to $OUT (default: ./gpu_check_out).
+# PI0_SWEEP_ARGS / PI0_RATE_ARGS add orchestrator options to the sweep / the camera-rate runs
+# (e.g. "--decoder-batch 2 --sweep-min 40 --sweep-max 70 --sweep-step 5").
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT_DIR="${OUT:-$ROOT/gpu_check_out}"
@@ -75,7 +77,7 @@ if want sweep; then
   status_sweep="rc $rc"
   # Open loop at camera rates (the run's report goes to rates.log).
   for hz in 30 60; do
-    "$BIN/orchestrator" --rate "$hz" --frames 150 --warmup 10 --quiet-workers \
+    "$BIN/orchestrator" --rate "$hz" --frames 150 --warmup 10 --quiet-workers ${PI0_RATE_ARGS:-} \
       --encoder-pct "${PI0_RATE_ENC:-50}" --decoder-pct "${PI0_RATE_DEC:-50}" >>"$OUT_DIR/rates.log" 2>&1
   done
   grep -E "^== |camera rate|latency p|throughput" "$OUT_DIR/rates.log"

@@ -3,6 +3,7 @@
 #include <fstream>
 
 #include "catch.hpp"
+#include "pi0/ipc/worker_runtime.hpp"
 #include "pi0/mps.hpp"
 #include "pi0/orchestrator.hpp"
 #include "pi0/process.hpp"
@@ -63,11 +64,42 @@ TEST_CASE("command line defaults and validation", "[orchestrator][cli]") {
   for (const auto& bad : std::vector<std::vector<std::string>>{
            {"--encoder-pct", "0"}, {"--decoder-pct", "101"}, {"--mode", "fast"},
            {"--slots", "9"}, {"--backend", "tpu"}, {"--views", "0"}, {"--frames", "-3"},
+           {"--decoder-batch", "0"}, {"--decoder-batch", "5"},
            {"--sweep", "--sweep-min", "80", "--sweep-max", "20"}, {"--no-such-flag"}}) {
     INFO(bad[0]);
     CHECK_FALSE(parse(bad, code).has_value());
     CHECK(code != 0);
   }
+}
+
+TEST_CASE("decoder batching gets enough slots unless they are given", "[orchestrator][cli]") {
+  int code = 0;
+  auto o = parse({"--decoder-batch", "2"}, code);
+  REQUIRE(o.has_value());
+  CHECK(o->decoder_batch == 2);
+  CHECK(o->slots == 4);  // a full pass running and the next one filling behind it
+  o = parse({"--decoder-batch", "4"}, code);
+  REQUIRE(o.has_value());
+  CHECK(o->slots == ipc::kMaxKvSlots);
+  o = parse({"--decoder-batch", "2", "--slots", "3"}, code);
+  REQUIRE(o.has_value());
+  CHECK(o->slots == 3);
+  o = parse({"--slots", "5"}, code);
+  REQUIRE(o.has_value());
+  CHECK(o->decoder_batch == 1);
+  CHECK(o->slots == 5);
+
+  // The workers get it on their command line.
+  ipc::WorkerOptions wo;
+  wo.control_name = "pi0-test";
+  wo.decoder_batch = 3;
+  std::vector<std::string> args = ipc::worker_arguments(wo);
+  args.insert(args.begin(), "decoder_worker");
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  const ipc::WorkerOptions parsed =
+      ipc::parse_worker_arguments(ipc::Role::kDecoder, static_cast<int>(argv.size()), argv.data());
+  CHECK(parsed.decoder_batch == 3);
 }
 
 TEST_CASE("resolve picks the CPU backend and tiny model without a GPU", "[orchestrator][cli]") {

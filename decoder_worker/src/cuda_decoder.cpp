@@ -5,6 +5,9 @@
 // rows of every K and V block (StageSizes::kv_slot_rows); the decoder writes its own keys and
 // values there each layer and attention reads the [E + C + 1, head_dim] block in place.
 // The flow sample lives in d_actions (fp32); the Euler update is a GEMM accumulating into it.
+// decode_batch() stacks the rows of several frames (each C + 1 rows, its own K/V slot) under the
+// same weight GEMMs; only RoPE + K/V write and attention, which read and write a frame's own slot,
+// and the small per-step action GEMMs, run once per frame.
 // PI0_DECODER_SKINNY=1 runs the per-step weight GEMMs (M = C + 1 <= 64 rows) on the skinny GEMM
 // kernel (pi0/cuda/skinny_gemm.hpp: split-K over clusters, fused bias / residual / GeGLU
 // epilogues) instead of cuBLASLt. Off by default: it is correct and deterministic but, as of
@@ -40,6 +43,7 @@ struct CudaDecoder::Impl {
   int prefix = 0;  // E
   int rows = 0;    // C + 1 suffix tokens
   int keys = 0;    // E + C + 1
+  int max_batch = 1;
   size_t weight_bytes = 0;
   size_t workspace_bytes = 0;
   double flops = 0.0;
@@ -54,11 +58,17 @@ struct CudaDecoder::Impl {
   DeviceBuffer<Bf16> h, sample, t1, qkv, q, attn, gu, act;
   DeviceBuffer<float> x, state_row;
 
-  Gemm g_state, g_ain, g_amlp, g_qkv, g_o, g_gu, g_down, g_aout;
+  // The GEMMs over all frames of a pass, one set per frame count (index count - 1).
+  struct PassGemms {
+    Gemm state, ain, qkv, o, gu, down;
+  };
+  std::vector<PassGemms> pass;
+  Gemm g_amlp, g_aout;  // per frame
   bool skinny = false;
   cuda::SkinnyShape s_amlp, s_qkv, s_o, s_gu, s_down, s_aout;
   cuda::SharedKvAttention attention;
-  cuda::GraphCache graphs;
+  // One graph per pass shape: each slot alone and each run of slots decoded together.
+  cuda::GraphCache graphs{64};
   cuda::OpTimer* timer = nullptr;
   void mark(const char* label, cudaStream_t s) {
     if (timer) timer->mark(label, s);
@@ -79,8 +89,8 @@ struct CudaDecoder::Impl {
 
   Impl(const ModelConfig& config, const RunShape& run_shape, const WeightStore& w,
        const CudaEngineOptions& options);
-  void forward(Bf16* kv_slot, const Bf16* state, const Bf16* noise, float* actions,
-               cudaStream_t stream);
+  void forward(Bf16* const* kv_slots, int count, const Bf16* state, const Bf16* noise,
+               float* actions, cudaStream_t stream);
   Bf16* kv_slice(Bf16* kv_slot, int layer, int which) const {
     return kv_slot + kv_offset(cfg, keys, layer, which);
   }
@@ -115,6 +125,9 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
     : cfg(config), shape(run_shape) {
   cfg.validate();
   shape.validate();
+  max_batch = options.max_decode_batch;
+  PI0_CHECK(max_batch >= 1 && max_batch <= 4,
+            "CudaDecoder: max_decode_batch must be 1..4, got " + std::to_string(max_batch));
   cuda::check_weights(cfg, shape.prompt_len, WeightSet::kDecoder, w, "CudaDecoder");
   prefix = shape.prefix_len(cfg);
   rows = shape.chunk + 1;
@@ -179,26 +192,32 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   aout_w = weight(cuda::upload_tensor(w, "decoder_action_fused_out_proj_w"));
   aout_b = weight(cuda::upload_tensor_f32(w, "decoder_action_fused_out_proj_b"));
 
-  const size_t r = static_cast<size_t>(rows);
+  const size_t r = static_cast<size_t>(rows) * max_batch;  // rows of a full pass
+  const size_t cb = static_cast<size_t>(c) * max_batch;
   x = work<float>(r * aw, "residual");
-  state_row = work<float>(aw, "state token");
+  state_row = work<float>(static_cast<size_t>(max_batch) * aw, "state token");
   h = work<Bf16>(r * aw, "normed");
-  sample = work<Bf16>(static_cast<size_t>(c) * ad, "sample (bf16)");
-  t1 = work<Bf16>(static_cast<size_t>(c) * aw, "action in");
+  sample = work<Bf16>(cb * ad, "sample (bf16)");
+  t1 = work<Bf16>(cb * aw, "action in");
   qkv = work<Bf16>(r * qkv_width, "qkv");
   q = work<Bf16>(r * qw, "q");
   attn = work<Bf16>(r * qw, "attention");
   gu = work<Bf16>(skinny ? 8 : r * 2 * am, "gate|up");
   act = work<Bf16>(r * am, "geglu");
 
-  g_state = gemm(loosely_aligned(linear(1, aw, cfg.state_dim, DType::kF32, Epilogue::kBias, false)));
-  g_ain = gemm(linear(c, aw, ad, DType::kBf16, Epilogue::kBias, false));
+  for (int b = 1; b <= max_batch; ++b) {
+    PassGemms g;
+    g.state = gemm(loosely_aligned(linear(b, aw, cfg.state_dim, DType::kF32, Epilogue::kBias, false)));
+    g.ain = gemm(linear(b * c, aw, ad, DType::kBf16, Epilogue::kBias, false));
+    g.qkv = gemm(linear(b * rows, qkv_width, aw, DType::kBf16, Epilogue::kNone, false));
+    g.o = gemm(linear(b * rows, aw, qw, DType::kF32, Epilogue::kNone, true));
+    g.gu = gemm(linear(b * rows, 2 * am, aw, DType::kBf16, Epilogue::kNone, false));
+    g.down = gemm(linear(b * rows, aw, am, DType::kF32, Epilogue::kNone, true));
+    pass.push_back(std::move(g));
+  }
   g_amlp = gemm(loosely_aligned(linear(c, aw, aw, DType::kF32, Epilogue::kBias, false)));
-  g_qkv = gemm(linear(rows, qkv_width, aw, DType::kBf16, Epilogue::kNone, false));
-  g_o = gemm(linear(rows, aw, qw, DType::kF32, Epilogue::kNone, true));
-  g_gu = gemm(linear(rows, 2 * am, aw, DType::kBf16, Epilogue::kNone, false));
-  g_down = gemm(linear(rows, aw, am, DType::kF32, Epilogue::kNone, true));
   g_aout = gemm(loosely_aligned(linear(c, ad, aw, DType::kF32, Epilogue::kBias, true)));
+  const PassGemms& one = pass.front();
 
   // Attention as GEMMs + softmax: PI0_DECODER_FUSED_ATTENTION=1 runs the fused kernel instead
   // (correct and deterministic, but 1 ms slower per decode as of bench/NOTES.md v4).
@@ -211,10 +230,10 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   workspace_bytes += attention.scratch_bytes();
 
   const double steps = cfg.flow_steps;
-  const double per_layer = g_qkv.shape().flops() + g_o.shape().flops() + g_gu.shape().flops() +
-                           g_down.shape().flops() + attention.flops();
-  flops = g_state.shape().flops() +
-          steps * (g_ain.shape().flops() + g_amlp.shape().flops() + g_aout.shape().flops() +
+  const double per_layer = one.qkv.shape().flops() + one.o.shape().flops() +
+                           one.gu.shape().flops() + one.down.shape().flops() + attention.flops();
+  flops = one.state.shape().flops() +
+          steps * (one.ain.shape().flops() + g_amlp.shape().flops() + g_aout.shape().flops() +
                    cfg.lm_layers * per_layer);
   bytes_read = static_cast<double>(state_w.bytes()) +
                steps * static_cast<double>(ain_w.bytes() + amlp_w.bytes() + qkv_w.bytes() +
@@ -229,92 +248,116 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
     cuda::fill_random(attn.get(), attn.size(), 14, 1.0f, s);
     cuda::fill_random(act.get(), act.size(), 15, 1.0f, s);
     cuda::fill_random(x.get(), x.size(), 16, 1.0f, s);
-    g_ain.autotune(sample.get(), ain_w.get(), t1.get(), time_b.get(), s);
     g_amlp.autotune(t1.get(), amlp_w.get(), x.get() + aw, amlp_b.get(), s);
-    g_qkv.autotune(h.get(), qkv_w.get(), qkv.get(), nullptr, s);
-    g_o.autotune(attn.get(), o_w.get(), x.get(), nullptr, s);
-    g_gu.autotune(h.get(), gate_up_w.get(), gu.get(), nullptr, s);
-    g_down.autotune(act.get(), down_w.get(), x.get(), nullptr, s);
+    for (PassGemms& g : pass) {
+      g.ain.autotune(sample.get(), ain_w.get(), t1.get(), time_b.get(), s);
+      g.qkv.autotune(h.get(), qkv_w.get(), qkv.get(), nullptr, s);
+      g.o.autotune(attn.get(), o_w.get(), x.get(), nullptr, s);
+      g.gu.autotune(h.get(), gate_up_w.get(), gu.get(), nullptr, s);
+      g.down.autotune(act.get(), down_w.get(), x.get(), nullptr, s);
+    }
     CUDA_CHECK(cudaDeviceSynchronize());
   }
 }
 
-void CudaDecoder::Impl::forward(Bf16* kv_slot, const Bf16* state, const Bf16* noise,
-                                float* actions, cudaStream_t s) {
+void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* state,
+                                const Bf16* noise, float* actions, cudaStream_t s) {
   const int aw = cfg.action_width, am = cfg.action_mlp, qkv_width = cfg.qkv_width();
   const int qw = cfg.lm_q_width(), ad = cfg.action_dim, c = shape.chunk;
+  PassGemms& g = pass[static_cast<size_t>(count - 1)];
+  const bool use_skinny = skinny && count == 1;
+  const int pass_rows = count * rows;
+  const size_t frame_actions = static_cast<size_t>(c) * ad;
+  // Frame f's rows: the state token, then its C action tokens.
+  auto frame_row = [&](int f) { return static_cast<size_t>(f) * rows; };
 
   if (timer) timer->begin(s);
-  g_state.run(state, state_w.get(), state_row.get(), state_b.get(), s);
-  cuda::bf16_to_f32(noise, actions, static_cast<size_t>(c) * ad, s);
+  g.state.run(state, state_w.get(), state_row.get(), state_b.get(), s);
+  cuda::bf16_to_f32(noise, actions, count * frame_actions, s);
   mark("state proj + noise in", s);
 
   for (int step = 0; step < cfg.flow_steps; ++step) {
-    cuda::f32_to_bf16(actions, sample.get(), static_cast<size_t>(c) * ad, s);
+    cuda::f32_to_bf16(actions, sample.get(), count * frame_actions, s);
     mark("action in: sample to bf16", s);
-    g_ain.run(sample.get(), ain_w.get(), t1.get(), time_b.get() + static_cast<size_t>(step) * aw,
+    g.ain.run(sample.get(), ain_w.get(), t1.get(), time_b.get() + static_cast<size_t>(step) * aw,
               s);
     mark("action in: gemm + time bias", s);
-    cuda::silu_inplace(t1.get(), static_cast<size_t>(c) * aw, s);
+    cuda::silu_inplace(t1.get(), static_cast<size_t>(count) * c * aw, s);
     mark("action in: silu", s);
-    if (skinny) {
-      cuda::skinny_gemm(s_amlp, t1.get(), amlp_w.get(), x.get() + aw, amlp_b.get(), s);
-    } else {
-      g_amlp.run(t1.get(), amlp_w.get(), x.get() + aw, amlp_b.get(), s);
+    for (int f = 0; f < count; ++f) {
+      const Bf16* t1_f = t1.get() + static_cast<size_t>(f) * c * aw;
+      float* x_actions = x.get() + (frame_row(f) + 1) * aw;
+      if (use_skinny) {
+        cuda::skinny_gemm(s_amlp, t1_f, amlp_w.get(), x_actions, amlp_b.get(), s);
+      } else {
+        g_amlp.run(t1_f, amlp_w.get(), x_actions, amlp_b.get(), s);
+      }
     }
     mark("action in: mlp gemm", s);
-    CUDA_CHECK(cudaMemcpyAsync(x.get(), state_row.get(), aw * sizeof(float),
-                               cudaMemcpyDeviceToDevice, s));
+    // Each frame's state token heads its rows.
+    CUDA_CHECK(cudaMemcpy2DAsync(x.get(), static_cast<size_t>(rows) * aw * sizeof(float),
+                                 state_row.get(), aw * sizeof(float), aw * sizeof(float), count,
+                                 cudaMemcpyDeviceToDevice, s));
     mark("state token copy", s);
     for (int l = 0; l < cfg.lm_layers; ++l) {
       const size_t ll = static_cast<size_t>(l);
-      Bf16* k = kv_slice(kv_slot, l, 0);
-      Bf16* v = kv_slice(kv_slot, l, 1);
       const size_t suffix = static_cast<size_t>(prefix) * cfg.head_dim;
-      cuda::rms_norm(x.get(), h.get(), rows, aw, cfg.rms_eps, s);
+      cuda::rms_norm(x.get(), h.get(), pass_rows, aw, cfg.rms_eps, s);
       mark("rmsnorm", s);
-      if (skinny) {
+      if (use_skinny) {
         cuda::skinny_gemm(s_qkv, h.get(), qkv_w.get() + ll * aw * qkv_width, qkv.get(), nullptr,
                           s);
       } else {
-        g_qkv.run(h.get(), qkv_w.get() + ll * aw * qkv_width, qkv.get(), nullptr, s);
+        g.qkv.run(h.get(), qkv_w.get() + ll * aw * qkv_width, qkv.get(), nullptr, s);
       }
       mark("qkv gemm", s);
-      cuda::rope_split_qkv(qkv.get(), rows, cfg.lm_heads, cfg.head_dim, prefix, cfg.rope_theta,
-                           q.get(), k + suffix, v + suffix, s);
+      for (int f = 0; f < count; ++f) {
+        Bf16* k = kv_slice(kv_slots[f], l, 0);
+        Bf16* v = kv_slice(kv_slots[f], l, 1);
+        cuda::rope_split_qkv(qkv.get() + frame_row(f) * qkv_width, rows, cfg.lm_heads,
+                             cfg.head_dim, prefix, cfg.rope_theta, q.get() + frame_row(f) * qw,
+                             k + suffix, v + suffix, s);
+      }
       mark("rope + kv write", s);
-      attention.run(q.get(), k, v, attn.get(), s, timer);
-      if (skinny) {
+      for (int f = 0; f < count; ++f) {
+        attention.run(q.get() + frame_row(f) * qw, kv_slice(kv_slots[f], l, 0),
+                      kv_slice(kv_slots[f], l, 1), attn.get() + frame_row(f) * qw, s, timer);
+      }
+      if (use_skinny) {
         cuda::skinny_gemm(s_o, attn.get(), o_w.get() + ll * qw * aw, x.get(), nullptr, s);
       } else {
-        g_o.run(attn.get(), o_w.get() + ll * qw * aw, x.get(), nullptr, s);
+        g.o.run(attn.get(), o_w.get() + ll * qw * aw, x.get(), nullptr, s);
       }
       mark("o gemm + residual", s);
-      cuda::rms_norm(x.get(), h.get(), rows, aw, cfg.rms_eps, s);
+      cuda::rms_norm(x.get(), h.get(), pass_rows, aw, cfg.rms_eps, s);
       mark("rmsnorm", s);
-      if (skinny) {
+      if (use_skinny) {
         cuda::skinny_gemm(s_gu, h.get(), gate_up_w.get() + ll * aw * 2 * am, act.get(), nullptr,
                           s);
         mark("gate|up gemm + geglu", s);
       } else {
-        g_gu.run(h.get(), gate_up_w.get() + ll * aw * 2 * am, gu.get(), nullptr, s);
+        g.gu.run(h.get(), gate_up_w.get() + ll * aw * 2 * am, gu.get(), nullptr, s);
         mark("gate|up gemm", s);
-        cuda::geglu(gu.get(), act.get(), rows, am, s);
+        cuda::geglu(gu.get(), act.get(), pass_rows, am, s);
         mark("geglu", s);
       }
-      if (skinny) {
+      if (use_skinny) {
         cuda::skinny_gemm(s_down, act.get(), down_w.get() + ll * am * aw, x.get(), nullptr, s);
       } else {
-        g_down.run(act.get(), down_w.get() + ll * am * aw, x.get(), nullptr, s);
+        g.down.run(act.get(), down_w.get() + ll * am * aw, x.get(), nullptr, s);
       }
       mark("down gemm + residual", s);
     }
-    // Euler step on the action rows: sample += rms(x[1..C]) @ W_aout + b_aout.
-    cuda::rms_norm(x.get() + aw, h.get() + aw, c, aw, cfg.rms_eps, s);
-    if (skinny) {
-      cuda::skinny_gemm(s_aout, h.get() + aw, aout_w.get(), actions, aout_b.get(), s);
-    } else {
-      g_aout.run(h.get() + aw, aout_w.get(), actions, aout_b.get(), s);
+    // Euler step on each frame's action rows: sample += rms(x[1..C]) @ W_aout + b_aout.
+    for (int f = 0; f < count; ++f) {
+      const size_t first = (frame_row(f) + 1) * aw;
+      float* actions_f = actions + f * frame_actions;
+      cuda::rms_norm(x.get() + first, h.get() + first, c, aw, cfg.rms_eps, s);
+      if (use_skinny) {
+        cuda::skinny_gemm(s_aout, h.get() + first, aout_w.get(), actions_f, aout_b.get(), s);
+      } else {
+        g_aout.run(h.get() + first, aout_w.get(), actions_f, aout_b.get(), s);
+      }
     }
     mark("euler: norm + out gemm", s);
   }
@@ -329,17 +372,32 @@ CudaDecoder& CudaDecoder::operator=(CudaDecoder&&) noexcept = default;
 
 void CudaDecoder::decode(Bf16* d_kv_slot, const Bf16* d_state, const Bf16* d_noise,
                          float* d_actions, cudaStream_t stream) {
+  decode_batch(&d_kv_slot, 1, d_state, d_noise, d_actions, stream);
+}
+
+void CudaDecoder::decode_batch(Bf16* const* d_kv_slots, int count, const Bf16* d_state,
+                               const Bf16* d_noise, float* d_actions, cudaStream_t stream) {
   PI0_CHECK(impl_, "CudaDecoder used after move");
-  PI0_CHECK(d_kv_slot && d_state && d_noise && d_actions,
+  PI0_CHECK(count >= 1 && count <= impl_->max_batch,
+            "CudaDecoder::decode_batch: " + std::to_string(count) + " frames, at most " +
+                std::to_string(impl_->max_batch) + " per pass");
+  PI0_CHECK(d_kv_slots && d_state && d_noise && d_actions,
             "CudaDecoder::decode: null device pointer");
-  PI0_CHECK(cuda::is_aligned(d_kv_slot, 16) && cuda::is_aligned(d_state, 16) &&
-                cuda::is_aligned(d_noise, 16) && cuda::is_aligned(d_actions, 16),
+  PI0_CHECK(cuda::is_aligned(d_state, 16) && cuda::is_aligned(d_noise, 16) &&
+                cuda::is_aligned(d_actions, 16),
             "CudaDecoder::decode: device buffers must be 16-byte aligned");
-  impl_->graphs.run({d_kv_slot, d_state, d_noise, d_actions, impl_->timer}, stream, [&](cudaStream_t s) {
-    impl_->forward(d_kv_slot, d_state, d_noise, d_actions, s);
+  std::vector<const void*> key{d_state, d_noise, d_actions, impl_->timer};
+  for (int f = 0; f < count; ++f) {
+    PI0_CHECK(d_kv_slots[f] && cuda::is_aligned(d_kv_slots[f], 16),
+              "CudaDecoder::decode: K/V slots must be non-null and 16-byte aligned");
+    key.push_back(d_kv_slots[f]);
+  }
+  impl_->graphs.run(key, stream, [&](cudaStream_t s) {
+    impl_->forward(d_kv_slots, count, d_state, d_noise, d_actions, s);
   });
 }
 
+int CudaDecoder::max_batch() const { return impl_->max_batch; }
 void CudaDecoder::set_op_timer(cuda::OpTimer* timer) { impl_->timer = timer; }
 size_t CudaDecoder::weight_bytes() const { return impl_->weight_bytes; }
 size_t CudaDecoder::workspace_bytes() const { return impl_->workspace_bytes; }

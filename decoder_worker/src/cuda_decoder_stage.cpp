@@ -1,16 +1,22 @@
 // The CUDA backend of the decoder worker. It maps the encoder's K/V slot pool through CUDA IPC
-// once (no copy), and per frame makes its stream wait on the slot's "ready" event, runs the flow
-// steps over the mapped K/V, and records "consumed" so the encoder may overwrite the slot.
+// once (no copy), and per pass makes its stream wait on the "ready" event of each frame's slot,
+// runs the flow steps over the mapped K/V, and records "consumed" so the encoder may overwrite
+// the slots. A pass is one frame, or with --decoder-batch N up to N frames that were waiting
+// together (pi0/decode_batcher.hpp).
 #include <spdlog/spdlog.h>
+#include <algorithm>
 #include <array>
 #include <cstdio>
+#include <deque>
 #include <thread>
+#include <vector>
 
 #include "pi0/check.hpp"
 #include "pi0/cuda/device.hpp"
 #include "pi0/cuda/device_report.hpp"
 #include "pi0/cuda/timestamp.hpp"
 #include "pi0/cuda_decoder.hpp"
+#include "pi0/decode_batcher.hpp"
 #include "pi0/decoder_worker.hpp"
 #include "pi0/ipc/cuda_ipc.hpp"
 #include "pi0/stage_timer.hpp"
@@ -21,12 +27,13 @@ namespace {
 // Device timestamps per frame: [0] decoder start, [1] encoder finished (copied from the
 // encoder's IPC buffer), [2] decoder end.
 constexpr int kStampCount = 3;
-// Frames queued on the stream at once: the next one is queued while the current one runs.
-constexpr uint32_t kInFlight = 2;
+// Passes started at once: the next one is queued on the stream while the current one runs.
+constexpr uint32_t kPassesInFlight = 2;
 
 class CudaDecoderStage final : public DecoderStage {
  public:
-  explicit CudaDecoderStage(ipc::WorkerRuntime& rt) : rt_(rt) {
+  explicit CudaDecoderStage(ipc::WorkerRuntime& rt)
+      : rt_(rt), batcher_(rt.options().decoder_batch, kPassesInFlight) {
     const cuda::DeviceReport device = cuda::open_device();
     rt.describe("cuda", device.name, device.sm_count, device.mps_enabled);
     ipc::WorkerInfo& info = rt.my_info();
@@ -34,7 +41,9 @@ class CudaDecoderStage final : public DecoderStage {
     const auto& o = rt.options();
     {
       const WeightStore weights = ipc::load_stage_weights(o, WeightSet::kDecoder);
-      decoder_ = std::make_unique<CudaDecoder>(o.config, o.shape, weights);
+      CudaEngineOptions engine;
+      engine.max_decode_batch = static_cast<int>(o.decoder_batch);
+      decoder_ = std::make_unique<CudaDecoder>(o.config, o.shape, weights, engine);
     }
     info.weight_bytes = decoder_->weight_bytes();
 
@@ -57,21 +66,28 @@ class CudaDecoderStage final : public DecoderStage {
       ready_.push_back(ipc::IpcEvent::open_imported(cuda_block.ready_event[s]));
       consumed_.push_back(ipc::IpcEvent::open_imported(cuda_block.consumed_event[s]));
     }
-    state_ = cuda::DeviceBuffer<Bf16>(layout.state_values, "decoder state");
-    noise_ = cuda::DeviceBuffer<Bf16>(layout.noise_values, "decoder noise");
-    actions_ = cuda::DeviceBuffer<float>(layout.action_values, "decoder actions");
-    stamps_ = cuda::DeviceBuffer<uint64_t>(kStampCount * kInFlight, "decoder timestamps");
+    const uint32_t batch = batcher_.max_batch(), frames = batcher_.max_in_flight();
+    state_ = cuda::DeviceBuffer<Bf16>(layout.state_values * batch, "decoder state");
+    noise_ = cuda::DeviceBuffer<Bf16>(layout.noise_values * batch, "decoder noise");
+    actions_ = cuda::DeviceBuffer<float>(layout.action_values * batch, "decoder actions");
+    stamps_ = cuda::DeviceBuffer<uint64_t>(kStampCount * frames, "decoder timestamps");
     input_pin_ = ipc::HostRegistration(rt.control().input_area(), rt.control().input_area_bytes());
     output_pin_ =
         ipc::HostRegistration(rt.control().output_area(), rt.control().output_area_bytes());
     CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&host_stamps_),
-                              sizeof(uint64_t) * kStampCount * kInFlight));
+                              sizeof(uint64_t) * kStampCount * frames));
 
-    // Capture the graph of every slot now (the slot contents are whatever is there: the run
-    // has not started, and the results are discarded).
-    for (uint32_t s = 0; s < layout.kv_slots; ++s) {
-      for (int i = 0; i < 2; ++i) {
-        decoder_->decode(slot(s), state_.get(), noise_.get(), actions_.get(), stream_.get());
+    // Capture the graph of every pass that can come now (the slot contents are whatever is
+    // there: the run has not started, and the results are discarded). The encoder hands slots
+    // out in ring order, so a pass of n frames holds n consecutive slots.
+    for (uint32_t n = 1; n <= std::min(batch, layout.kv_slots); ++n) {
+      for (uint32_t first = 0; first < layout.kv_slots; ++first) {
+        std::vector<Bf16*> slots;
+        for (uint32_t i = 0; i < n; ++i) slots.push_back(slot((first + i) % layout.kv_slots));
+        for (int i = 0; i < 2; ++i) {
+          decoder_->decode_batch(slots.data(), static_cast<int>(n), state_.get(), noise_.get(),
+                                 actions_.get(), stream_.get());
+        }
       }
     }
     stream_.synchronize();
@@ -80,99 +96,152 @@ class CudaDecoderStage final : public DecoderStage {
   }
 
   ~CudaDecoderStage() override {
-    // Frames still in flight (the run failed) may never finish, e.g. behind the "ready" event of
+    if (passes_run_ > 0 && batcher_.max_batch() > 1)
+      spdlog::info("decoder: {} frames in {} passes ({:.2f} frames per pass)", frames_run_,
+                   passes_run_, static_cast<double>(frames_run_) / passes_run_);
+    // Passes still started (the run failed) may never finish, e.g. behind the "ready" event of
     // a dead encoder, and would write host_stamps_: leave it to the process's exit.
-    if (in_flight_ == 0 && host_stamps_) cudaFreeHost(host_stamps_);
+    if (batcher_.started_passes() == 0 && host_stamps_) cudaFreeHost(host_stamps_);
   }
 
-  uint32_t max_in_flight() const override { return kInFlight; }
+  uint32_t max_in_flight() const override { return batcher_.max_in_flight(); }
 
   void submit(uint64_t, uint32_t input_slot, uint32_t kv_slot) override {
-    PI0_CHECK(in_flight_ < kInFlight, "more decoder frames submitted than can be in flight");
-    const uint32_t i = (oldest_ + in_flight_) % kInFlight;
-    Frame& f = frames_[i];
-    cudaStream_t stream = stream_.get();
-    auto& c = rt_.control();
-    uint64_t* stamps = stamps_.get() + i * kStampCount;
-    // state_, noise_ and actions_ serve every frame: one stream orders a frame's uploads after
-    // the previous frame's decode, and its decode after the previous frame's action download.
-    CUDA_CHECK(cudaStreamWaitEvent(stream, ready_[kv_slot].get(), 0));
-    f.start.record(stream);
-    cuda::write_gpu_timestamp(stamps + 0, stream);
-    CUDA_CHECK(cudaMemcpyAsync(stamps + 1,
-                               static_cast<const uint64_t*>(encoder_stamps_.get()) + kv_slot,
-                               sizeof(uint64_t), cudaMemcpyDeviceToDevice, stream));
-    CUDA_CHECK(cudaMemcpyAsync(state_.get(), c.state(input_slot), state_.bytes(),
-                               cudaMemcpyHostToDevice, stream));
-    CUDA_CHECK(cudaMemcpyAsync(noise_.get(), c.noise(input_slot), noise_.bytes(),
-                               cudaMemcpyHostToDevice, stream));
-    decoder_->decode(slot(kv_slot), state_.get(), noise_.get(), actions_.get(), stream);
-    CUDA_CHECK(cudaEventRecord(consumed_[kv_slot].get(), stream));
-    cuda::write_gpu_timestamp(stamps + 2, stream);
-    f.stop.record(stream);
-    CUDA_CHECK(cudaMemcpyAsync(c.actions(input_slot), actions_.get(), actions_.bytes(),
-                               cudaMemcpyDeviceToHost, stream));
-    CUDA_CHECK(cudaMemcpyAsync(host_stamps_ + i * kStampCount, stamps,
-                               sizeof(uint64_t) * kStampCount, cudaMemcpyDeviceToHost, stream));
-    f.done.record(stream);
-    ++in_flight_;
+    batcher_.add();
+    frames_.push_back(Frame{input_slot, kv_slot, next_stamp_});
+    next_stamp_ = (next_stamp_ + 1) % batcher_.max_in_flight();
+    start_passes();
   }
 
-  // A finished frame is only seen by polling its event (a blocking wait would miss the next
+  // A finished pass is only seen by polling its event (a blocking wait would miss the next
   // message), so look often.
   std::chrono::microseconds poll_slice() const override { return std::chrono::microseconds(10); }
 
   bool wait_oldest(std::chrono::microseconds timeout) override {
-    if (in_flight_ == 0) return false;
+    if (batcher_.started_frames() == 0) return false;
     const auto deadline = std::chrono::steady_clock::now() + timeout;
     for (;;) {
-      if (frames_[oldest_].done.done()) return true;
+      if (passes_[oldest_pass_].done.done()) return true;
       if (std::chrono::steady_clock::now() >= deadline) return false;
       std::this_thread::yield();
     }
   }
 
   DecodeTiming complete() override {
-    PI0_CHECK(in_flight_ > 0, "complete() without a submitted frame");
-    const Frame& f = frames_[oldest_];
-    f.done.synchronize();
-    const uint64_t* stamps = host_stamps_ + oldest_ * kStampCount;
-    oldest_ = (oldest_ + 1) % kInFlight;
-    --in_flight_;
+    PI0_CHECK(batcher_.started_frames() > 0, "complete() without a started frame");
+    Pass& pass = passes_[oldest_pass_];
+    pass.done.synchronize();
+    const Frame f = frames_.front();
+    frames_.pop_front();
+    --started_in_queue_;
+    const uint64_t* stamps = host_stamps_ + f.stamp * kStampCount;
 
     DecodeTiming t;
-    t.decode_ms = f.stop.elapsed_since(f.start);
-    times_.add(t.decode_ms);
-    // Handoff: from the later of "encoder finished" and "our previous frame finished" to our
-    // start, so time the frame spent queued behind our own previous frame is not counted.
+    t.decode_ms = pass.stop.elapsed_since(pass.start);
+    // Handoff: from the later of "encoder finished" and "our previous pass finished" to our
+    // start, so time the frame spent queued behind our own previous pass is not counted.
     const uint64_t start = stamps[0], encoder_done = stamps[1];
     const uint64_t ready_at = std::max(encoder_done, previous_end_);
     if (encoder_done != 0 && start >= ready_at)
       t.handoff_us = static_cast<double>(start - ready_at) / 1e3;
-    previous_end_ = stamps[2];
+    if (++pass.completed == pass.count) {
+      times_.add(t.decode_ms);
+      previous_end_ = stamps[2];
+      batcher_.finish_oldest();
+      oldest_pass_ = (oldest_pass_ + 1) % kPassesInFlight;
+      start_passes();
+    }
     return t;
   }
 
   const StageTimes& stage_times() const override { return times_; }
 
  private:
+  struct Frame {
+    uint32_t input_slot, kv_slot, stamp;
+  };
+  struct Pass {
+    cuda::Event start, stop;
+    cuda::Event done{cudaEventDisableTiming};  // after the pass's downloads
+    uint32_t count = 0, completed = 0;
+  };
+
   Bf16* slot(uint32_t kv_slot) const {
     return reinterpret_cast<Bf16*>(static_cast<char*>(pool_.get()) + kv_slot * slot_stride_);
   }
 
+  void start_passes() {
+    for (uint32_t n; (n = batcher_.start_next()) > 0;) start_pass(n);
+  }
+
+  // Enqueues the oldest `count` frames that have not started yet as one pass.
+  void start_pass(uint32_t count) {
+    const size_t first = started_in_queue_;  // started frames lead frames_
+    Pass& pass = passes_[(oldest_pass_ + batcher_.started_passes() - 1) % kPassesInFlight];
+    pass.count = count;
+    pass.completed = 0;
+    cudaStream_t stream = stream_.get();
+    auto& c = rt_.control();
+    const ipc::ControlLayout& layout = c.layout();
+    std::vector<Bf16*> slots;
+    // state_, noise_ and actions_ serve every pass: one stream orders a pass's uploads after the
+    // previous pass's decode, and its decode after the previous pass's action downloads.
+    for (uint32_t i = 0; i < count; ++i) {
+      const Frame& f = frames_[first + i];
+      CUDA_CHECK(cudaStreamWaitEvent(stream, ready_[f.kv_slot].get(), 0));
+      slots.push_back(slot(f.kv_slot));
+    }
+    pass.start.record(stream);
+    for (uint32_t i = 0; i < count; ++i) {
+      const Frame& f = frames_[first + i];
+      uint64_t* stamps = stamps_.get() + f.stamp * kStampCount;
+      cuda::write_gpu_timestamp(stamps + 0, stream);
+      CUDA_CHECK(cudaMemcpyAsync(stamps + 1,
+                                 static_cast<const uint64_t*>(encoder_stamps_.get()) + f.kv_slot,
+                                 sizeof(uint64_t), cudaMemcpyDeviceToDevice, stream));
+      CUDA_CHECK(cudaMemcpyAsync(state_.get() + i * layout.state_values, c.state(f.input_slot),
+                                 layout.state_values * sizeof(Bf16), cudaMemcpyHostToDevice,
+                                 stream));
+      CUDA_CHECK(cudaMemcpyAsync(noise_.get() + i * layout.noise_values, c.noise(f.input_slot),
+                                 layout.noise_values * sizeof(Bf16), cudaMemcpyHostToDevice,
+                                 stream));
+    }
+    decoder_->decode_batch(slots.data(), static_cast<int>(count), state_.get(), noise_.get(),
+                           actions_.get(), stream);
+    for (uint32_t i = 0; i < count; ++i) {
+      const Frame& f = frames_[first + i];
+      CUDA_CHECK(cudaEventRecord(consumed_[f.kv_slot].get(), stream));
+      cuda::write_gpu_timestamp(stamps_.get() + f.stamp * kStampCount + 2, stream);
+    }
+    pass.stop.record(stream);
+    for (uint32_t i = 0; i < count; ++i) {
+      const Frame& f = frames_[first + i];
+      CUDA_CHECK(cudaMemcpyAsync(c.actions(f.input_slot), actions_.get() + i * layout.action_values,
+                                 layout.action_values * sizeof(float), cudaMemcpyDeviceToHost,
+                                 stream));
+      CUDA_CHECK(cudaMemcpyAsync(host_stamps_ + f.stamp * kStampCount,
+                                 stamps_.get() + f.stamp * kStampCount,
+                                 sizeof(uint64_t) * kStampCount, cudaMemcpyDeviceToHost, stream));
+    }
+    pass.done.record(stream);
+    started_in_queue_ += count;
+    ++passes_run_;
+    frames_run_ += count;
+  }
+
   ipc::WorkerRuntime& rt_;
+  DecodeBatcher batcher_;
   std::unique_ptr<CudaDecoder> decoder_;
   cuda::Stream stream_;
   size_t slot_stride_ = 0;
   ipc::IpcDeviceMemory pool_;
   ipc::IpcDeviceMemory encoder_stamps_;
   std::vector<ipc::IpcEvent> ready_, consumed_;
-  struct Frame {
-    cuda::Event start, stop;
-    cuda::Event done{cudaEventDisableTiming};  // after the frame's downloads
-  };
-  std::array<Frame, kInFlight> frames_;
-  uint32_t oldest_ = 0, in_flight_ = 0;
+  std::deque<Frame> frames_;  // started frames first (oldest first), then waiting ones
+  size_t started_in_queue_ = 0;
+  std::array<Pass, kPassesInFlight> passes_;
+  uint32_t oldest_pass_ = 0, next_stamp_ = 0;
+  uint64_t passes_run_ = 0, frames_run_ = 0;
   cuda::DeviceBuffer<Bf16> state_, noise_;
   cuda::DeviceBuffer<float> actions_;
   cuda::DeviceBuffer<uint64_t> stamps_;

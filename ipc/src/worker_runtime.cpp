@@ -34,6 +34,7 @@ std::vector<std::string> worker_arguments(const WorkerOptions& o) {
           "--weights",     o.weights_path,
           "--seed",        std::to_string(o.weight_seed),
           "--slots",       std::to_string(o.kv_slots),
+          "--decoder-batch", std::to_string(o.decoder_batch),
           "--max-frame",   std::to_string(o.max_frame),
           "--parent-pid",  std::to_string(o.parent_pid),
           "--startup-timeout", std::to_string(o.startup_timeout_s),
@@ -53,6 +54,7 @@ WorkerOptions parse_worker_arguments(Role role, int argc, char** argv) {
   app.add_option("--weights", o.weights_path);
   app.add_option("--seed", o.weight_seed);
   app.add_option("--slots", o.kv_slots)->check(CLI::Range(1u, kMaxKvSlots));
+  app.add_option("--decoder-batch", o.decoder_batch)->check(CLI::Range(1u, 4u));
   app.add_option("--max-frame", o.max_frame)->required();
   app.add_option("--parent-pid", o.parent_pid)->required();
   app.add_option("--startup-timeout", o.startup_timeout_s);

@@ -1,4 +1,5 @@
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cstdio>
 
 #include "pi0/check.hpp"
@@ -36,6 +37,12 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
   app.add_option("--warmup", o.warmup, "frames run before measuring")->check(CLI::Range(uint64_t{0}, uint64_t{100000}));
   app.add_option("--slots", o.slots, "prefix K/V slots (frames in flight in concurrent mode)")
       ->check(CLI::Range(1u, ipc::kMaxKvSlots));
+  app.add_option("--decoder-batch", o.decoder_batch,
+                 "decode up to N frames that are waiting together in one pass (cuda backend): "
+                 "raises throughput where the decoder is the bottleneck, adds no latency at camera "
+                 "rates; a frame's actions may differ in their last bits with how it was paired. "
+                 "Slots default to 2N")
+      ->check(CLI::Range(1u, 4u));
   app.add_option("--seed", o.seed, "seed of the random weights and synthetic frames");
   app.add_option("--rate", o.rate_hz, "feed frames at this camera rate in Hz (default: back to back)")
       ->check(CLI::Range(0.0, 100000.0));
@@ -77,6 +84,8 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
     return std::nullopt;
   }
   if (prompt_len >= 0) o.prompt_len = prompt_len;
+  // Full passes need a pass's worth of slots running and another filling behind it.
+  if (app.count("--slots") == 0) o.slots = std::min(ipc::kMaxKvSlots, std::max(o.slots, 2 * o.decoder_batch));
   if (o.sweep && o.sweep_min > o.sweep_max) {
     std::fprintf(stderr, "orchestrator: error: --sweep-min must not exceed --sweep-max\n");
     exit_code = 2;
@@ -119,6 +128,8 @@ ResolvedRun resolve(const RunOptions& o) {
   } else {
     r.note = "backend " + r.backend + ", model " + model;
   }
+  if (r.backend == "cpu" && o.decoder_batch > 1)
+    r.note += "; --decoder-batch applies to the cuda backend (the CPU decoder decodes frame by frame)";
   return r;
 }
 

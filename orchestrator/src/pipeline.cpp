@@ -192,6 +192,7 @@ void Pipeline::start_workers() {
   wo.weights_path = run_.options.weights;
   wo.weight_seed = run_.options.seed;
   wo.kv_slots = run_.options.slots;
+  wo.decoder_batch = run_.options.decoder_batch;
   wo.max_frame = total;
   wo.parent_pid = static_cast<int>(::getpid());
   wo.startup_timeout_s = run_.options.startup_timeout_s;
@@ -414,6 +415,8 @@ RunReport Pipeline::run(std::vector<float>* actions) {
   report_.model = run_.config.name;
   report_.mode = mode_;
   report_.views = run_.shape.views;
+  report_.slots = run_.options.slots;
+  report_.decoder_batch = run_.options.decoder_batch;
   report_.chunk = run_.shape.chunk;
   report_.prompt_len = run_.shape.prompt_len;
   report_.encoder_pct = encoder_pct_;

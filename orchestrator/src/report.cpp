@@ -29,6 +29,8 @@ nlohmann::json report_to_json(const RunReport& r) {
           {"views", r.views},
           {"chunk", r.chunk},
           {"prompt_len", r.prompt_len},
+          {"slots", r.slots},
+          {"decoder_batch", r.decoder_batch},
           {"encoder_pct", r.encoder_pct},
           {"decoder_pct", r.decoder_pct},
           {"mps", r.mps},
@@ -76,8 +78,12 @@ void print_report(const RunReport& r) {
   std::printf("%-22s %12.2f\n", "throughput (frames/s)", r.throughput_fps);
   std::printf("%-22s %12.3f   (%s SMs, %.2f GiB weights)\n", "encoder stage (ms)",
               r.encoder.stage_ms_median, sms(r.encoder).c_str(), r.encoder.weight_gib);
-  std::printf("%-22s %12.3f   (%s SMs, %.2f GiB weights)\n", "decoder stage (ms)",
+  std::printf("%-22s %12.3f   (%s SMs, %.2f GiB weights)\n",
+              r.decoder_batch > 1 ? "decoder pass (ms)" : "decoder stage (ms)",
               r.decoder.stage_ms_median, sms(r.decoder).c_str(), r.decoder.weight_gib);
+  if (r.decoder_batch > 1)
+    std::printf("%-22s %12u   (frames that wait together share a pass; %u slots)\n",
+                "decoder batch (max)", r.decoder_batch, r.slots);
   if (r.handoff_us_median >= 0) {
     std::printf("%-22s %12.1f\n", "handoff median (us)", r.handoff_us_median);
   }

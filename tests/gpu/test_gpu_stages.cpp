@@ -232,3 +232,79 @@ TEST_CASE("full pi0 is finite and bitwise deterministic", "[gpu]") {
     REQUIRE(bitwise_equal(outs[i].data(), outs[0].data(), outs[0].size() * sizeof(float)));
   }
 }
+
+// --decoder-batch: frames decoded in one pass (their rows stacked under the same weight GEMMs,
+// each attending to its own slot) get what they get decoded one by one, within bf16 rounding,
+// and each matches the reference. Different frames, so a pass that mixed up slots, rows or
+// inputs would be far off.
+TEST_CASE("frames decoded in one pass match frames decoded one by one", "[gpu]") {
+  const ModelConfig config = model_config("pi0-2l");
+  const RunShape shape{2, 63, 0};
+  const StageSizes sizes = stage_sizes(config, shape);
+  constexpr int kFrames = 3;
+  const WeightStore weights = WeightStore::random(config, 0, 601, WeightSet::kAll);
+  CudaEngineOptions options;
+  options.max_decode_batch = kFrames;
+  CudaEncoder encoder(config, shape, weights);
+  CudaDecoder decoder(config, shape, weights, options);
+  REQUIRE(decoder.max_batch() == kFrames);
+  const ReferenceDecoder ref_decoder(config, weights);
+
+  std::vector<DeviceBuffer<Bf16>> slots;
+  std::vector<Bf16*> slot_ptrs;
+  std::vector<Bf16> states, noises;
+  std::vector<std::vector<float>> ref_actions, single_actions;
+  for (int f = 0; f < kFrames; ++f) {
+    const FrameInputs in = make_frame_inputs(config, shape, 602, static_cast<uint64_t>(f));
+    auto images = cuda::upload(in.images, "images");
+    slots.push_back(poisoned<Bf16>(sizes.kv_slot_values, "kv slot"));
+    slot_ptrs.push_back(slots.back().get());
+    encoder.encode(images.get(), slots.back().get(), nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    const auto prefix_kv =
+        slot_to_prefix(config, shape, to_float(cuda::download(slots.back().get(), sizes.kv_slot_values)));
+    std::vector<float> ref(sizes.action_values);
+    ref_decoder.decode(shape, prefix_kv.data(), in.state.data(), in.noise.data(), ref.data());
+    ref_actions.push_back(ref);
+
+    auto state = cuda::upload(in.state, "state");
+    auto noise = cuda::upload(in.noise, "noise");
+    auto actions = poisoned<float>(sizes.action_values, "actions");
+    decoder.decode(slots.back().get(), state.get(), noise.get(), actions.get(), nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    single_actions.push_back(cuda::download(actions.get(), actions.size()));
+    states.insert(states.end(), in.state.begin(), in.state.end());
+    noises.insert(noises.end(), in.noise.begin(), in.noise.end());
+  }
+  auto state = cuda::upload(states, "states");
+  auto noise = cuda::upload(noises, "noises");
+  for (int count = 2; count <= kFrames; ++count) {
+    auto actions = poisoned<float>(sizes.action_values * count, "pass actions");
+    std::vector<std::vector<float>> runs;
+    // Call 1 runs eagerly, call 2 captures the pass's graph, call 3 replays it.
+    for (int i = 0; i < 3; ++i) {
+      CUDA_CHECK(cudaMemset(actions.get(), 0xFF, actions.bytes()));
+      decoder.decode_batch(slot_ptrs.data(), count, state.get(), noise.get(), actions.get(),
+                           nullptr);
+      CUDA_CHECK(cudaDeviceSynchronize());
+      runs.push_back(cuda::download(actions.get(), actions.size()));
+    }
+    REQUIRE(count_nonfinite(runs[0]) == 0);
+    for (size_t i = 1; i < runs.size(); ++i)
+      REQUIRE(bitwise_equal(runs[0].data(), runs[i].data(), runs[0].size() * sizeof(float)));
+    for (int f = 0; f < count; ++f) {
+      const float* pass_f = runs[0].data() + static_cast<size_t>(f) * sizes.action_values;
+      const double vs_single = rel_error(pass_f, single_actions[f].data(), sizes.action_values);
+      const double vs_ref = rel_error(pass_f, ref_actions[f].data(), sizes.action_values);
+      const std::string name = "pi0-2l pass of " + std::to_string(count) + ", frame " +
+                               std::to_string(f);
+      report(name + " vs alone", vs_single);
+      report(name + " vs reference", vs_ref);
+      CHECK(vs_single < kStageBound);
+      CHECK(vs_ref < kStageBound);
+    }
+  }
+  CHECK_THROWS_AS(decoder.decode_batch(slot_ptrs.data(), kFrames + 1, state.get(), noise.get(),
+                                       nullptr, nullptr),
+                  Error);
+}

@@ -39,6 +39,16 @@ class CudaDecoder {
   // a first eager call.
   void decode(Bf16* d_kv_slot, const Bf16* d_state, const Bf16* d_noise, float* d_actions,
               cudaStream_t stream);
+  // Decodes `count` frames (1..max_batch()) in one pass: their rows share every weight GEMM
+  // (M = count * (C + 1)), which costs little more than one frame's, since the decoder's GEMMs
+  // are bound by weight reads; RoPE, the K/V write and attention run per frame on its own slot.
+  // d_kv_slots[i] is frame i's slot; d_state [count][state_dim], d_noise and d_actions
+  // [count][C][action_dim] hold the frames one after another. A frame decoded alone gets exactly
+  // decode()'s bits; in a pass with others, its GEMMs may pick other algorithms, so its last bits
+  // may differ.
+  void decode_batch(Bf16* const* d_kv_slots, int count, const Bf16* d_state, const Bf16* d_noise,
+                    float* d_actions, cudaStream_t stream);
+  int max_batch() const;
 
   size_t weight_bytes() const;
   size_t workspace_bytes() const;

@@ -28,7 +28,8 @@ struct RunOptions {
   std::string mode = "concurrent";  // sequential | concurrent
   uint64_t frames = 200;
   uint64_t warmup = 10;
-  uint32_t slots = 2;
+  uint32_t slots = 2;  // 2, or 2 x decoder_batch when --slots is not given
+  uint32_t decoder_batch = 1;  // frames the decoder may decode in one pass (cuda backend)
   uint64_t seed = 0;
   double rate_hz = 0;  // 0: back to back; else frames arrive at this camera rate (open loop)
   bool no_mps = false;
@@ -85,6 +86,7 @@ struct RunReport {
   std::string label;  // e.g. "split 40/60" or "single-process"
   std::string backend, model, mode;
   int views = 0, chunk = 0, prompt_len = 0;
+  uint32_t slots = 0, decoder_batch = 1;
   int encoder_pct = 0, decoder_pct = 0;
   bool mps = false;            // workers were started under MPS
   bool split_applied = false;  // both workers are MPS clients with the SM share asked for

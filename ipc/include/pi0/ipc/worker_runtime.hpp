@@ -23,6 +23,7 @@ struct WorkerOptions {
   std::string weights_path;     // empty: seeded random weights
   uint64_t weight_seed = 0;
   uint32_t kv_slots = 2;
+  uint32_t decoder_batch = 1;  // frames the decoder may decode in one pass
   uint64_t max_frame = 0;
   int parent_pid = 0;
   double startup_timeout_s = 120;

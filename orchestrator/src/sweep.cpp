@@ -169,6 +169,10 @@ SweepResult run_sweep(const ResolvedRun& requested) {
 
 void print_sweep(const SweepResult& s) {
   std::printf("\n== split sweep (concurrent mode, MPS) ==\n");
+  const uint32_t batch = s.points.empty() ? 1 : s.points.front().decoder_batch;
+  if (batch > 1)
+    std::printf("decoder batch %u: frames that wait together share a decoder pass; dec ms is per "
+                "pass\n", batch);
   // Stage medians show which stage limits the throughput at each split.
   std::printf("%-10s %8s %8s %10s %10s %10s %10s %10s %8s\n", "enc/dec %", "enc SMs", "dec SMs",
               "enc ms", "dec ms", "p50 ms", "p99 ms", "frames/s", "applied");

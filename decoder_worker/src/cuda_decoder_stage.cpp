@@ -131,6 +131,20 @@ class CudaDecoderStage final : public DecoderStage {
     PI0_CHECK(batcher_.started_frames() > 0, "complete() without a started frame");
     Pass& pass = passes_[oldest_pass_];
     pass.done.synchronize();
+    // Handoff: from the later of "our previous pass finished" and "the encoder finished the
+    // last frame of this pass" to the pass's start. Time queued behind our own previous pass,
+    // or waiting on the GPU for a partner's encoding, is latency of the pipeline's shape, not of
+    // the handoff, and is not counted.
+    if (pass.completed == 0) {
+      pass.ready_at = previous_end_;
+      pass.encoder_stamped = true;
+      for (uint32_t i = 0; i < pass.count; ++i) {
+        const uint64_t encoder_done = host_stamps_[frames_[i].stamp * kStampCount + 1];
+        pass.encoder_stamped = pass.encoder_stamped && encoder_done != 0;
+        pass.ready_at = std::max(pass.ready_at, encoder_done);
+      }
+      pass.started_at = host_stamps_[frames_.front().stamp * kStampCount];
+    }
     const Frame f = frames_.front();
     frames_.pop_front();
     --started_in_queue_;
@@ -138,12 +152,8 @@ class CudaDecoderStage final : public DecoderStage {
 
     DecodeTiming t;
     t.decode_ms = pass.stop.elapsed_since(pass.start);
-    // Handoff: from the later of "encoder finished" and "our previous pass finished" to our
-    // start, so time the frame spent queued behind our own previous pass is not counted.
-    const uint64_t start = stamps[0], encoder_done = stamps[1];
-    const uint64_t ready_at = std::max(encoder_done, previous_end_);
-    if (encoder_done != 0 && start >= ready_at)
-      t.handoff_us = static_cast<double>(start - ready_at) / 1e3;
+    if (pass.encoder_stamped && pass.started_at >= pass.ready_at)
+      t.handoff_us = static_cast<double>(pass.started_at - pass.ready_at) / 1e3;
     if (++pass.completed == pass.count) {
       times_.add(t.decode_ms);
       previous_end_ = stamps[2];
@@ -164,6 +174,9 @@ class CudaDecoderStage final : public DecoderStage {
     cuda::Event start, stop;
     cuda::Event done{cudaEventDisableTiming};  // after the pass's downloads
     uint32_t count = 0, completed = 0;
+    // Device times (ns) of the pass's start and of when it could have started (see complete()).
+    uint64_t started_at = 0, ready_at = 0;
+    bool encoder_stamped = false;
   };
 
   Bf16* slot(uint32_t kv_slot) const {
@@ -199,6 +212,9 @@ class CudaDecoderStage final : public DecoderStage {
       CUDA_CHECK(cudaMemcpyAsync(stamps + 1,
                                  static_cast<const uint64_t*>(encoder_stamps_.get()) + f.kv_slot,
                                  sizeof(uint64_t), cudaMemcpyDeviceToDevice, stream));
+    }
+    for (uint32_t i = 0; i < count; ++i) {
+      const Frame& f = frames_[first + i];
       CUDA_CHECK(cudaMemcpyAsync(state_.get() + i * layout.state_values, c.state(f.input_slot),
                                  layout.state_values * sizeof(Bf16), cudaMemcpyHostToDevice,
                                  stream));

@@ -68,3 +68,22 @@ TEST_CASE("batch sizes outside 1..4 are rejected", "[decoder][batching]") {
   CHECK_THROWS_AS(DecodeBatcher(0), pi0::Error);
   CHECK_THROWS_AS(DecodeBatcher(5), pi0::Error);
 }
+
+TEST_CASE("with few slots a pass counts as full at what can wait", "[decoder][batching]") {
+  // Batch 2 with only 2 K/V slots: while one frame decodes, at most one can wait, so it queues
+  // behind the running pass at once instead of waiting for a partner that cannot come.
+  DecodeBatcher b(2, 2, 2);
+  b.add();
+  REQUIRE(b.start_next() == 1);
+  b.add();
+  CHECK(b.start_next() == 1);
+  // With 3 slots and one frame decoding, two can wait: a pass of one does not queue.
+  DecodeBatcher c(2, 2, 3);
+  c.add();
+  REQUIRE(c.start_next() == 1);
+  c.add();
+  CHECK(c.start_next() == 0);
+  c.add();
+  CHECK(c.start_next() == 2);
+  CHECK_THROWS_AS(DecodeBatcher(2, 2, 0), pi0::Error);
+}

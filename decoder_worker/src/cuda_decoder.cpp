@@ -14,6 +14,8 @@
 // bench/NOTES.md v2, ~1 ms slower per decode than cuBLASLt.
 #include "pi0/cuda_decoder.hpp"
 
+#include <spdlog/spdlog.h>
+
 #include <cmath>
 #include <cstdlib>
 #include <string>
@@ -162,6 +164,12 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   skinny = want_skinny && want_skinny[0] == '1';
   for (const cuda::SkinnyShape* s : {&s_amlp, &s_qkv, &s_o, &s_gu, &s_down, &s_aout})
     skinny = skinny && cuda::skinny_supported(*s);
+  if (skinny && max_batch > 1) {
+    // Its gate|up weights are interleaved for the fused GeGLU epilogue, which the cuBLASLt GEMMs
+    // of a multi-frame pass cannot read.
+    spdlog::warn("PI0_DECODER_SKINNY is ignored with more than one frame per decoder pass");
+    skinny = false;
+  }
   if (skinny) {
     for (cuda::SkinnyShape* s : {&s_amlp, &s_qkv, &s_o, &s_gu, &s_down, &s_aout})
       *s = cuda::plan_skinny(*s, kPlanSms);
@@ -265,7 +273,6 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
   const int aw = cfg.action_width, am = cfg.action_mlp, qkv_width = cfg.qkv_width();
   const int qw = cfg.lm_q_width(), ad = cfg.action_dim, c = shape.chunk;
   PassGemms& g = pass[static_cast<size_t>(count - 1)];
-  const bool use_skinny = skinny && count == 1;
   const int pass_rows = count * rows;
   const size_t frame_actions = static_cast<size_t>(c) * ad;
   // Frame f's rows: the state token, then its C action tokens.
@@ -287,7 +294,7 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
     for (int f = 0; f < count; ++f) {
       const Bf16* t1_f = t1.get() + static_cast<size_t>(f) * c * aw;
       float* x_actions = x.get() + (frame_row(f) + 1) * aw;
-      if (use_skinny) {
+      if (skinny) {
         cuda::skinny_gemm(s_amlp, t1_f, amlp_w.get(), x_actions, amlp_b.get(), s);
       } else {
         g_amlp.run(t1_f, amlp_w.get(), x_actions, amlp_b.get(), s);
@@ -304,7 +311,7 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
       const size_t suffix = static_cast<size_t>(prefix) * cfg.head_dim;
       cuda::rms_norm(x.get(), h.get(), pass_rows, aw, cfg.rms_eps, s);
       mark("rmsnorm", s);
-      if (use_skinny) {
+      if (skinny) {
         cuda::skinny_gemm(s_qkv, h.get(), qkv_w.get() + ll * aw * qkv_width, qkv.get(), nullptr,
                           s);
       } else {
@@ -323,7 +330,7 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
         attention.run(q.get() + frame_row(f) * qw, kv_slice(kv_slots[f], l, 0),
                       kv_slice(kv_slots[f], l, 1), attn.get() + frame_row(f) * qw, s, timer);
       }
-      if (use_skinny) {
+      if (skinny) {
         cuda::skinny_gemm(s_o, attn.get(), o_w.get() + ll * qw * aw, x.get(), nullptr, s);
       } else {
         g.o.run(attn.get(), o_w.get() + ll * qw * aw, x.get(), nullptr, s);
@@ -331,7 +338,7 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
       mark("o gemm + residual", s);
       cuda::rms_norm(x.get(), h.get(), pass_rows, aw, cfg.rms_eps, s);
       mark("rmsnorm", s);
-      if (use_skinny) {
+      if (skinny) {
         cuda::skinny_gemm(s_gu, h.get(), gate_up_w.get() + ll * aw * 2 * am, act.get(), nullptr,
                           s);
         mark("gate|up gemm + geglu", s);
@@ -341,7 +348,7 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
         cuda::geglu(gu.get(), act.get(), pass_rows, am, s);
         mark("geglu", s);
       }
-      if (use_skinny) {
+      if (skinny) {
         cuda::skinny_gemm(s_down, act.get(), down_w.get() + ll * am * aw, x.get(), nullptr, s);
       } else {
         g.down.run(act.get(), down_w.get() + ll * am * aw, x.get(), nullptr, s);
@@ -353,7 +360,7 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
       const size_t first = (frame_row(f) + 1) * aw;
       float* actions_f = actions + f * frame_actions;
       cuda::rms_norm(x.get() + first, h.get() + first, c, aw, cfg.rms_eps, s);
-      if (use_skinny) {
+      if (skinny) {
         cuda::skinny_gemm(s_aout, h.get() + first, aout_w.get(), actions_f, aout_b.get(), s);
       } else {
         g_aout.run(h.get() + first, aout_w.get(), actions_f, aout_b.get(), s);

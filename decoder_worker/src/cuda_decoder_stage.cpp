@@ -33,7 +33,8 @@ constexpr uint32_t kPassesInFlight = 2;
 class CudaDecoderStage final : public DecoderStage {
  public:
   explicit CudaDecoderStage(ipc::WorkerRuntime& rt)
-      : rt_(rt), batcher_(rt.options().decoder_batch, kPassesInFlight) {
+      : rt_(rt),
+        batcher_(rt.options().decoder_batch, kPassesInFlight, rt.control().layout().kv_slots) {
     const cuda::DeviceReport device = cuda::open_device();
     rt.describe("cuda", device.name, device.sm_count, device.mps_enabled);
     ipc::WorkerInfo& info = rt.my_info();
@@ -96,9 +97,6 @@ class CudaDecoderStage final : public DecoderStage {
   }
 
   ~CudaDecoderStage() override {
-    if (passes_run_ > 0 && batcher_.max_batch() > 1)
-      spdlog::info("decoder: {} frames in {} passes ({:.2f} frames per pass)", frames_run_,
-                   passes_run_, static_cast<double>(frames_run_) / passes_run_);
     // Passes still started (the run failed) may never finish, e.g. behind the "ready" event of
     // a dead encoder, and would write host_stamps_: leave it to the process's exit.
     if (batcher_.started_passes() == 0 && host_stamps_) cudaFreeHost(host_stamps_);
@@ -165,6 +163,12 @@ class CudaDecoderStage final : public DecoderStage {
   }
 
   const StageTimes& stage_times() const override { return times_; }
+
+  void log_summary() const override {
+    if (passes_run_ > 0 && batcher_.max_batch() > 1)
+      spdlog::info("decoder: {} frames in {} passes ({:.2f} frames per pass)", frames_run_,
+                   passes_run_, static_cast<double>(frames_run_) / passes_run_);
+  }
 
  private:
   struct Frame {

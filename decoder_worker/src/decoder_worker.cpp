@@ -108,6 +108,7 @@ int run_decoder_worker(ipc::WorkerRuntime& rt) {
         if (!finish_oldest()) return rt.stop_signalled() ? 0 : 1;
       }
       rt.record_stage_times(stage->stage_times());
+      stage->log_summary();
       rt.send_stopped();
       spdlog::info("decoder stopped");
       return 0;

@@ -169,7 +169,8 @@ SweepResult run_sweep(const ResolvedRun& requested) {
 
 void print_sweep(const SweepResult& s) {
   std::printf("\n== split sweep (concurrent mode, MPS) ==\n");
-  const uint32_t batch = s.points.empty() ? 1 : s.points.front().decoder_batch;
+  uint32_t batch = 1;  // a failed point reports the default
+  for (const auto& p : s.points) batch = std::max(batch, p.decoder_batch);
   if (batch > 1)
     std::printf("decoder batch %u: frames that wait together share a decoder pass; dec ms is per "
                 "pass\n", batch);

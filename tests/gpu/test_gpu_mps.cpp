@@ -34,11 +34,12 @@ MpsOptions test_mps_options() {
 }
 
 std::vector<std::string> gpu_run(const MpsOptions& mps, std::vector<std::string> extra,
-                                 uint64_t frames = kFrames) {
+                                 uint64_t frames = kFrames, bool quiet_workers = true) {
   std::vector<std::string> args = {"--backend", "cuda", "--model", kModel, "--seed",
                                    std::to_string(kSeed), "--frames", std::to_string(frames),
                                    "--warmup", "0", "--mps-pipe-dir", mps.pipe_dir,
-                                   "--mps-log-dir", mps.log_dir, "--quiet-workers"};
+                                   "--mps-log-dir", mps.log_dir};
+  if (quiet_workers) args.push_back("--quiet-workers");
   args.insert(args.end(), extra.begin(), extra.end());
   return args;
 }
@@ -145,6 +146,50 @@ TEST_CASE("mps pipeline matches the single-process engines and splits the SMs", 
     }
   }
   // The orchestrator started the daemon, so it quit it on exit.
+  CHECK_FALSE(mps_daemon_answers(mps));
+  fs::remove_all(dir);
+}
+
+// --decoder-batch 2 with the decoder on a small share, so that frames pile up behind it and
+// pass through it two at a time: each frame's actions still match the single-process engines
+// (within bf16 rounding: a pass of two runs other GEMM algorithms) and come out in frame order.
+TEST_CASE("mps pipeline with decoder batching keeps every frame's actions", "[gpu][mps]") {
+  const MpsOptions mps = test_mps_options();
+  REQUIRE_FALSE(mps_daemon_answers(mps));
+  const std::string dir = test::temp_dir("gpu_mps_batch");
+  const std::vector<std::vector<float>> expected = single_process_actions();
+  const size_t values = expected.front().size();
+  const std::string actions = dir + "/actions.f32", json = dir + "/run.json";
+  const auto run = test::run_orchestrator(
+      gpu_run(mps, {"--encoder-pct", "90", "--decoder-pct", "10", "--decoder-batch", "2",
+                    "--actions-out", actions, "--json", json},
+              kFrames, /*quiet_workers=*/false),
+      300s);
+  INFO(run.output);
+  REQUIRE(run.status.success());
+  const nlohmann::json r = read_json(json).at("runs").at(0);
+  CHECK(r.at("decoder_batch") == 2);
+  CHECK(r.at("slots") == 4);
+  // The decoder worker logs "decoder: N frames in M passes (X frames per pass)" as it stops:
+  // passes of two must have happened, or this test would not test them.
+  const size_t at = run.output.find(" frames per pass)");
+  REQUIRE(at != std::string::npos);
+  const size_t open = run.output.rfind('(', at);
+  REQUIRE(open != std::string::npos);
+  const double per_pass = std::stod(run.output.substr(open + 1, at - open - 1));
+  std::printf("  decoder batch 2 at 90/10: %.2f frames per pass\n", per_pass);
+  CHECK(per_pass > 1.2);
+  const std::vector<float> got = test::read_floats(actions);
+  REQUIRE(got.size() == kFrames * values);
+  double worst = 0;
+  for (uint64_t f = 0; f < kFrames; ++f) {
+    const auto& want = expected[f % expected.size()];
+    worst = std::max(worst, test::rel_error(got.data() + f * values, want.data(), values));
+  }
+  std::printf("  decoder batch 2 at 90/10: worst rel error vs single-process over %llu frames: "
+              "%.3e\n",
+              static_cast<unsigned long long>(kFrames), worst);
+  CHECK(worst < 2e-2);
   CHECK_FALSE(mps_daemon_answers(mps));
   fs::remove_all(dir);
 }

@@ -276,6 +276,19 @@ TEST_CASE("frames decoded in one pass match frames decoded one by one", "[gpu]")
     states.insert(states.end(), in.state.begin(), in.state.end());
     noises.insert(noises.end(), in.noise.begin(), in.noise.end());
   }
+  {
+    // One frame per pass is exactly the decoder without batching: same GEMMs, same bits.
+    CudaDecoder plain(config, shape, weights);
+    const FrameInputs in = make_frame_inputs(config, shape, 602, 0);
+    auto state0 = cuda::upload(in.state, "state");
+    auto noise0 = cuda::upload(in.noise, "noise");
+    auto actions0 = poisoned<float>(sizes.action_values, "actions");
+    plain.decode(slot_ptrs[0], state0.get(), noise0.get(), actions0.get(), nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    const auto plain_actions = cuda::download(actions0.get(), actions0.size());
+    REQUIRE(bitwise_equal(plain_actions.data(), single_actions[0].data(),
+                          plain_actions.size() * sizeof(float)));
+  }
   auto state = cuda::upload(states, "states");
   auto noise = cuda::upload(noises, "noises");
   for (int count = 2; count <= kFrames; ++count) {

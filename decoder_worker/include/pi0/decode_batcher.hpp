@@ -15,8 +15,12 @@ namespace pi0 {
 
 class DecodeBatcher {
  public:
-  // max_batch 1..4 frames per pass; max_passes passes started at once (running or queued).
-  explicit DecodeBatcher(uint32_t max_batch, uint32_t max_passes = 2);
+  // max_batch 1..4 frames per pass; max_passes passes started at once (running or queued);
+  // frame_capacity: the most frames the decoder can hold at once (one K/V slot each), which
+  // bounds how many can wait behind a running pass: a pass counts as full at
+  // min(max_batch, frame_capacity - started frames), so with few slots frames still queue.
+  explicit DecodeBatcher(uint32_t max_batch, uint32_t max_passes = 2,
+                         uint32_t frame_capacity = UINT32_MAX);
 
   uint32_t max_batch() const { return max_batch_; }
   // Frames waiting or in started passes, at most.
@@ -34,7 +38,7 @@ class DecodeBatcher {
 
  private:
   static constexpr uint32_t kMaxPasses = 4;
-  uint32_t max_batch_, max_passes_;
+  uint32_t max_batch_, max_passes_, frame_capacity_;
   uint32_t waiting_ = 0, passes_ = 0, started_frames_ = 0;
   uint32_t pass_frames_[kMaxPasses] = {};  // frame counts of the started passes, oldest first
   uint32_t oldest_ = 0;

@@ -35,6 +35,9 @@ class DecoderStage {
   virtual DecodeTiming complete() = 0;
   // Per-frame times of this stage, for the worker's report.
   virtual const StageTimes& stage_times() const = 0;
+  // Logs what the run's figures do not show (e.g. how frames shared passes); called at the
+  // stop, before the worker reports it, so the orchestrator still reads the line.
+  virtual void log_summary() const {}
 };
 
 std::unique_ptr<DecoderStage> make_cpu_decoder_stage(ipc::WorkerRuntime& runtime);

@@ -3,6 +3,7 @@
 // error left is the GPU's own (bf16 outputs: ~2e-3; fp32 outputs: ~1e-6).
 #include <cmath>
 #include <cstdlib>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -393,17 +394,43 @@ TEST_CASE("patch extraction and row broadcast follow the spec layout", "[gpu]") 
 // The encoder's own GEMM shapes at full pi0 widths (V=2: 512 rows). cuBLASLt picks algorithms by
 // the SM count it sees, which under MPS is the worker's share, so gpu_check.sh also runs this at
 // a reduced share.
+namespace {
+
+struct GemmCase {
+  const char* name;
+  int m, n, k;
+  cuda::DType y;
+  cuda::Epilogue epi;
+  bool acc;
+  bool transposed = false;
+};
+
+// bf16 output rounds each value (~2e-3); fp32 output differs only in summation order.
+double gemm_bound(cuda::DType y) { return y == cuda::DType::kF32 ? 1e-4 : 5e-3; }
+
+// Runs `cases` (seeds first_seed, first_seed + 1, ...) with the Gemm tiers forced to start at
+// `forced` (PI0_GEMM_PATH), and checks each lands on `expected_path` and matches the reference.
+void check_gemm_tier(const char* forced, const char* expected_path, const char* label,
+                     std::initializer_list<GemmCase> cases, uint64_t first_seed) {
+  const ScopedGemmPath path_guard(forced);
+  uint64_t seed = first_seed;
+  for (const GemmCase& c : cases) {
+    std::string path;
+    const double err =
+        check_gemm(c.m, c.n, c.k, c.y, c.epi, c.acc, c.transposed, seed++, false, &path);
+    INFO(c.name);
+    CHECK(path == expected_path);
+    report(std::string(label) + ": " + c.name, err);
+    CHECK(err < gemm_bound(c.y));
+  }
+}
+
+}  // namespace
+
 TEST_CASE("encoder gemm shapes match the reference", "[gpu]") {
   using cuda::DType;
   using cuda::Epilogue;
-  struct Shape {
-    const char* name;
-    int m, n, k;
-    DType y;
-    Epilogue epi;
-    bool acc;
-  };
-  const Shape shapes[] = {
+  const GemmCase shapes[] = {
       {"patch embedding 512x1152x588 (+=)", 512, 1152, 588, DType::kF32, Epilogue::kNone, true},
       {"vision qkv 512x3456x1152 + bias", 512, 3456, 1152, DType::kBf16, Epilogue::kBias, false},
       {"vision o 512x1152x1152 + bias (+=)", 512, 1152, 1152, DType::kF32, Epilogue::kBias, true},
@@ -416,10 +443,10 @@ TEST_CASE("encoder gemm shapes match the reference", "[gpu]") {
       {"lm down 512x2048x16384 (+=)", 512, 2048, 16384, DType::kF32, Epilogue::kNone, true},
   };
   uint64_t seed = 300;
-  for (const Shape& s : shapes) {
+  for (const GemmCase& s : shapes) {
     const double err = check_gemm(s.m, s.n, s.k, s.y, s.epi, s.acc, false, seed++);
     report(s.name, err);
-    CHECK(err < (s.y == DType::kF32 ? 1e-4 : 5e-3));
+    CHECK(err < gemm_bound(s.y));
   }
 }
 
@@ -428,66 +455,37 @@ TEST_CASE("encoder gemm shapes match the reference", "[gpu]") {
 TEST_CASE("gemm with a separate epilogue kernel matches the reference", "[gpu]") {
   using cuda::DType;
   using cuda::Epilogue;
-  std::string path;
-  const ScopedGemmPath forced("separate");
-  const double bias = check_gemm(512, 3456, 1152, DType::kBf16, Epilogue::kBias, false, false, 400, false, &path);
-  CHECK(path == "cublaslt+epilogue");
-  const double acc = check_gemm(512, 1152, 4304, DType::kF32, Epilogue::kBias, true, false, 401, false, &path);
-  CHECK(path == "cublaslt+epilogue");
-  const double gelu = check_gemm(256, 4304, 1152, DType::kBf16, Epilogue::kGeluBias, false, false, 402, false, &path);
-  CHECK(path == "cublaslt+epilogue");
-  report("separate epilogue: bf16 out + bias", bias);
-  report("separate epilogue: fp32 accumulate + bias", acc);
-  report("separate epilogue: bf16 out + bias + gelu", gelu);
-  CHECK(bias < 5e-3);
-  CHECK(acc < 1e-4);
-  CHECK(gelu < 5e-3);
+  check_gemm_tier("separate", "cublaslt+epilogue", "separate epilogue",
+                  {{"bf16 out + bias", 512, 3456, 1152, DType::kBf16, Epilogue::kBias, false},
+                   {"fp32 accumulate + bias", 512, 1152, 4304, DType::kF32, Epilogue::kBias, true},
+                   {"bf16 out + bias + gelu", 256, 4304, 1152, DType::kBf16, Epilogue::kGeluBias,
+                    false}},
+                  400);
 }
 
 // The last resort of a Gemm no cuBLASLt algorithm computes correctly: the plain kernel in place.
 TEST_CASE("gemm on the built-in kernel matches the reference", "[gpu]") {
   using cuda::DType;
   using cuda::Epilogue;
-  std::string path;
-  const ScopedGemmPath forced("builtin");
-  const double bias = check_gemm(512, 3456, 1152, DType::kBf16, Epilogue::kBias, false, false, 410, false, &path);
-  CHECK(path == "builtin");
-  const double acc = check_gemm(64, 1024, 4096, DType::kF32, Epilogue::kNone, true, false, 411, false, &path);
-  CHECK(path == "builtin");
-  const double gelu = check_gemm(256, 4304, 1152, DType::kBf16, Epilogue::kGeluBias, false, false, 412, false, &path);
-  CHECK(path == "builtin");
-  const double qk = check_gemm(512, 576, 256, DType::kF32, Epilogue::kNone, false, true, 413, false, &path);
-  CHECK(path == "builtin");
-  report("built-in gemm: bf16 out + bias", bias);
-  report("built-in gemm: fp32 accumulate", acc);
-  report("built-in gemm: bf16 out + bias + gelu", gelu);
-  report("built-in gemm: fp32 out, W transposed", qk);
-  CHECK(bias < 5e-3);
-  CHECK(acc < 1e-4);
-  CHECK(gelu < 5e-3);
-  CHECK(qk < 1e-4);
+  check_gemm_tier("builtin", "builtin", "built-in gemm",
+                  {{"bf16 out + bias", 512, 3456, 1152, DType::kBf16, Epilogue::kBias, false},
+                   {"fp32 accumulate", 64, 1024, 4096, DType::kF32, Epilogue::kNone, true},
+                   {"bf16 out + bias + gelu", 256, 4304, 1152, DType::kBf16, Epilogue::kGeluBias,
+                    false},
+                   {"fp32 out, W transposed", 512, 576, 256, DType::kF32, Epilogue::kNone, false,
+                    true}},
+                  410);
 }
 
 // The fallback before the plain kernel: our skinny tensor-core kernel, bias / GELU apart.
 TEST_CASE("gemm on the skinny kernel fallback matches the reference", "[gpu]") {
   using cuda::DType;
   using cuda::Epilogue;
-  std::string path;
-  const ScopedGemmPath forced("skinny");
-  const double bias = check_gemm(512, 3456, 1152, DType::kBf16, Epilogue::kBias, false, false, 420, false, &path);
-  CHECK(path == "skinny");
-  const double acc = check_gemm(560, 2048, 16384, DType::kF32, Epilogue::kNone, true, false, 421, false, &path);
-  CHECK(path == "skinny");
-  const double gelu = check_gemm(256, 4304, 1152, DType::kBf16, Epilogue::kGeluBias, false, false, 422, false, &path);
-  CHECK(path == "skinny");
-  const double f32 = check_gemm(63, 1024, 32, DType::kF32, Epilogue::kBias, false, false, 423, false, &path);
-  CHECK(path == "skinny");
-  report("skinny fallback: bf16 out + bias", bias);
-  report("skinny fallback: fp32 accumulate", acc);
-  report("skinny fallback: bf16 out + bias + gelu", gelu);
-  report("skinny fallback: fp32 out + bias", f32);
-  CHECK(bias < 5e-3);
-  CHECK(acc < 1e-4);
-  CHECK(gelu < 5e-3);
-  CHECK(f32 < 1e-4);
+  check_gemm_tier("skinny", "skinny", "skinny fallback",
+                  {{"bf16 out + bias", 512, 3456, 1152, DType::kBf16, Epilogue::kBias, false},
+                   {"fp32 accumulate", 560, 2048, 16384, DType::kF32, Epilogue::kNone, true},
+                   {"bf16 out + bias + gelu", 256, 4304, 1152, DType::kBf16, Epilogue::kGeluBias,
+                    false},
+                   {"fp32 out + bias", 63, 1024, 32, DType::kF32, Epilogue::kBias, false}},
+                  420);
 }

@@ -109,6 +109,7 @@ SweepResult run_sweep(const ResolvedRun& requested) {
   const RunOptions& o = run.options;
   SweepResult result;
   result.latency_budget_ms = o.latency_budget_ms;
+  result.decoder_batch = o.decoder_batch;
   std::vector<int> splits;
   for (int pct = o.sweep_min; pct <= o.sweep_max; pct += o.sweep_step) splits.push_back(pct);
   const size_t total_runs = splits.size() + (o.baselines ? 4 : 0);
@@ -169,11 +170,9 @@ SweepResult run_sweep(const ResolvedRun& requested) {
 
 void print_sweep(const SweepResult& s) {
   std::printf("\n== split sweep (concurrent mode, MPS) ==\n");
-  uint32_t batch = 1;  // a failed point reports the default
-  for (const auto& p : s.points) batch = std::max(batch, p.decoder_batch);
-  if (batch > 1)
+  if (s.decoder_batch > 1)
     std::printf("decoder batch %u: frames that wait together share a decoder pass; dec ms is per "
-                "pass\n", batch);
+                "pass\n", s.decoder_batch);
   // Stage medians show which stage limits the throughput at each split.
   std::printf("%-10s %8s %8s %10s %10s %10s %10s %10s %8s\n", "enc/dec %", "enc SMs", "dec SMs",
               "enc ms", "dec ms", "p50 ms", "p99 ms", "frames/s", "applied");
@@ -232,6 +231,7 @@ std::string sweep_json(const SweepResult& s) {
   for (const auto& b : s.baselines) out["baselines"].push_back(report_to_json(b));
   if (s.best_throughput) out["best_throughput"] = s.points[*s.best_throughput].label;
   out["latency_budget_ms"] = s.latency_budget_ms;
+  out["decoder_batch"] = s.decoder_batch;
   if (s.best_within_budget) out["best_within_budget"] = s.points[*s.best_within_budget].label;
   return out.dump(2) + "\n";
 }

@@ -17,6 +17,7 @@ struct SweepResult {
   std::optional<size_t> best_throughput;  // index into points
   std::optional<size_t> best_within_budget;
   double latency_budget_ms = 0;
+  uint32_t decoder_batch = 1;  // --decoder-batch of every run (the single process decodes one)
 };
 
 SweepResult run_sweep(const ResolvedRun& run);

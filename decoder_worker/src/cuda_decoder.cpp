@@ -355,11 +355,13 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
       }
       mark("down gemm + residual", s);
     }
-    // Euler step on each frame's action rows: sample += rms(x[1..C]) @ W_aout + b_aout.
+    // Euler step on each frame's action rows: sample += rms(x[1..C]) @ W_aout + b_aout. One
+    // norm over every row of the pass (row by row, so the action rows get the same bits; the
+    // state rows' results are not read).
+    cuda::rms_norm(x.get(), h.get(), pass_rows, aw, cfg.rms_eps, s);
     for (int f = 0; f < count; ++f) {
       const size_t first = (frame_row(f) + 1) * aw;
       float* actions_f = actions + f * frame_actions;
-      cuda::rms_norm(x.get() + first, h.get() + first, c, aw, cfg.rms_eps, s);
       if (skinny) {
         cuda::skinny_gemm(s_aout, h.get() + first, aout_w.get(), actions_f, aout_b.get(), s);
       } else {

@@ -173,6 +173,7 @@ Figures run_case(const ModelConfig& config, const Case& c, const WeightStore& en
     std::printf("V=%d C=%d P=%d\n", c.views, c.chunk, c.prompt);
     print_breakdown("encoder", enc_timer);
     print_breakdown("decoder", dec_timer);
+    std::printf("%s", decoder.layers_trace().c_str());
   }
 
   f.enc_tflops = f.enc_flop / (f.enc_median * 1e-3) / 1e12;

@@ -63,9 +63,13 @@ if want bench; then
     "$BIN/pi0_bench" --case 2,63,0 --iters 50 --breakdown
     echo "== decoder attention in the fused kernel (PI0_DECODER_FUSED_ATTENTION=1)"
     PI0_DECODER_FUSED_ATTENTION=1 "$BIN/pi0_bench" --case 2,63,0 --iters 200
+    echo "== decoder layers in the persistent kernel (PI0_DECODER_LAYERS=1)"
+    PI0_DECODER_LAYERS=1 "$BIN/pi0_bench" --case 2,63,0 --iters 200
+    PI0_DECODER_LAYERS=1 "$BIN/pi0_bench" --case 2,63,0 --iters 30 --breakdown
   } >"$OUT_DIR/bench_extra.log" 2>&1
-  grep -E "breakdown|^== decoder attention|^V=2 C=63 P=0 " "$OUT_DIR/bench_extra.log"
+  grep -E "breakdown|^== decoder|^V=2 C=63 P=0 " "$OUT_DIR/bench_extra.log"
   grep -A12 "decoder breakdown" "$OUT_DIR/bench_extra.log" | head -13
+  grep -A11 "persistent layers, us" "$OUT_DIR/bench_extra.log"
 fi
 
 if want sweep; then

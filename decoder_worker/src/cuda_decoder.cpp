@@ -23,6 +23,7 @@
 
 #include "pi0/check.hpp"
 #include "pi0/cuda/attention.hpp"
+#include "pi0/cuda/decoder_layers.hpp"
 #include "pi0/cuda/device.hpp"
 #include "pi0/cuda/gemm.hpp"
 #include "pi0/cuda/kernels.hpp"
@@ -69,6 +70,9 @@ struct CudaDecoder::Impl {
   bool skinny = false;
   cuda::SkinnyShape s_amlp, s_qkv, s_o, s_gu, s_down, s_aout;
   cuda::SharedKvAttention attention;
+  // Opt-in: one-frame passes run every layer of a step in one persistent kernel (see
+  // pi0/cuda/decoder_layers.hpp); multi-frame passes and unsupported shapes use the ops below.
+  cuda::DecoderLayers layers_kernel;
   // One graph per pass shape: each slot alone and each run of slots decoded together.
   cuda::GraphCache graphs{64};
   cuda::OpTimer* timer = nullptr;
@@ -237,6 +241,28 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   attention = cuda::SharedKvAttention(lt.get(), attention_params, gemm_ws.get(), gemm_ws.bytes());
   workspace_bytes += attention.scratch_bytes();
 
+  const char* want_layers = std::getenv("PI0_DECODER_LAYERS");
+  const bool layers_wanted =
+      options.decoder_persistent_layers || (want_layers && want_layers[0] == '1');
+  cuda::DecoderLayersShape layers_shape;
+  layers_shape.rows = rows;
+  layers_shape.prefix = prefix;
+  layers_shape.width = aw;
+  layers_shape.q_heads = cfg.lm_heads;
+  layers_shape.head_dim = cfg.head_dim;
+  layers_shape.mlp = am;
+  layers_shape.layers = cfg.lm_layers;
+  layers_shape.rms_eps = cfg.rms_eps;
+  layers_shape.rope_theta = cfg.rope_theta;
+  const std::string layers_unsupported = cuda::DecoderLayers::unsupported_reason(layers_shape);
+  if (layers_wanted && !skinny && layers_unsupported.empty()) {
+    layers_kernel = cuda::DecoderLayers(layers_shape, options.decoder_layers_ctas);
+    workspace_bytes += layers_kernel.scratch_bytes();
+  } else if (layers_wanted) {
+    spdlog::warn("decoder: persistent layers kernel not used ({})",
+                 skinny ? "PI0_DECODER_SKINNY is on" : layers_unsupported);
+  }
+
   const double steps = cfg.flow_steps;
   const double per_layer = one.qkv.shape().flops() + one.o.shape().flops() +
                            one.gu.shape().flops() + one.down.shape().flops() + attention.flops();
@@ -277,6 +303,7 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
   const size_t frame_actions = static_cast<size_t>(c) * ad;
   // Frame f's rows: the state token, then its C action tokens.
   auto frame_row = [&](int f) { return static_cast<size_t>(f) * rows; };
+  const bool persistent = count == 1 && layers_kernel.valid();
 
   if (timer) timer->begin(s);
   g.state.run(state, state_w.get(), state_row.get(), state_b.get(), s);
@@ -306,7 +333,13 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
                                  state_row.get(), aw * sizeof(float), aw * sizeof(float), count,
                                  cudaMemcpyDeviceToDevice, s));
     mark("state token copy", s);
-    for (int l = 0; l < cfg.lm_layers; ++l) {
+    if (persistent) {
+      // Leaves h = rms(x) for the Euler step.
+      layers_kernel.run({qkv_w.get(), o_w.get(), gate_up_w.get(), down_w.get()},
+                        {x.get(), h.get(), q.get(), attn.get(), act.get(), kv_slots[0]}, s);
+      mark("layers (persistent kernel)", s);
+    }
+    for (int l = 0; l < cfg.lm_layers && !persistent; ++l) {
       const size_t ll = static_cast<size_t>(l);
       const size_t suffix = static_cast<size_t>(prefix) * cfg.head_dim;
       cuda::rms_norm(x.get(), h.get(), pass_rows, aw, cfg.rms_eps, s);
@@ -358,7 +391,8 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
     // Euler step on each frame's action rows: sample += rms(x[1..C]) @ W_aout + b_aout. One
     // norm over every row of the pass (row by row, so the action rows get the same bits; the
     // state rows' results are not read).
-    cuda::rms_norm(x.get(), h.get(), pass_rows, aw, cfg.rms_eps, s);
+    if (!persistent)
+      cuda::rms_norm(x.get(), h.get(), pass_rows, aw, cfg.rms_eps, s);
     for (int f = 0; f < count; ++f) {
       const size_t first = (frame_row(f) + 1) * aw;
       float* actions_f = actions + f * frame_actions;
@@ -407,7 +441,12 @@ void CudaDecoder::decode_batch(Bf16* const* d_kv_slots, int count, const Bf16* d
 }
 
 int CudaDecoder::max_batch() const { return impl_->max_batch; }
-void CudaDecoder::set_op_timer(cuda::OpTimer* timer) { impl_->timer = timer; }
+bool CudaDecoder::persistent_layers() const { return impl_->layers_kernel.valid(); }
+void CudaDecoder::set_op_timer(cuda::OpTimer* timer) {
+  impl_->timer = timer;
+  if (timer && impl_->layers_kernel.valid()) impl_->layers_kernel.enable_trace();
+}
+std::string CudaDecoder::layers_trace() const { return impl_->layers_kernel.trace_summary(); }
 size_t CudaDecoder::weight_bytes() const { return impl_->weight_bytes; }
 size_t CudaDecoder::workspace_bytes() const { return impl_->workspace_bytes; }
 double CudaDecoder::flops() const { return impl_->flops; }

@@ -321,3 +321,55 @@ TEST_CASE("frames decoded in one pass match frames decoded one by one", "[gpu]")
                                        nullptr, nullptr),
                   Error);
 }
+
+// The opt-in persistent layers kernel (one kernel per flow step) against the per-op path and the
+// reference, and the same bits whatever its grid: an MPS share runs it on fewer CTAs, each taking
+// several units of a phase, and must not change the actions. Decoder rows of the slot are NaN
+// until the kernel writes them; the shapes cover a partial last tile of rows (C = 50) and of
+// keys (a 20-token prompt).
+TEST_CASE("persistent decoder layers match the per-op path on any grid", "[gpu]") {
+  struct Shape {
+    const char* model;
+    RunShape shape;
+  };
+  for (const Shape& c : {Shape{"pi0-2l", {2, 63, 0}}, Shape{"pi0-1l", {1, 50, 20}}}) {
+    const ModelConfig config = model_config(c.model);
+    const StageSizes sizes = stage_sizes(config, c.shape);
+    const WeightStore weights =
+        WeightStore::random(config, c.shape.prompt_len, 701, WeightSet::kAll);
+    const FrameInputs in = make_frame_inputs(config, c.shape, 702, 0);
+    std::vector<float> ref_kv(sizes.kv_values);
+    ReferenceEncoder(config, weights).encode(c.shape, in.images.data(), ref_kv.data());
+    const std::vector<float> ref_kv_bf16 = rounded(ref_kv);
+    std::vector<float> ref_actions(sizes.action_values);
+    ReferenceDecoder(config, weights)
+        .decode(c.shape, ref_kv_bf16.data(), in.state.data(), in.noise.data(), ref_actions.data());
+    const auto slot = to_bf16(prefix_to_slot(config, c.shape, ref_kv, NAN));
+    auto state = cuda::upload(in.state, "state");
+    auto noise = cuda::upload(in.noise, "noise");
+
+    auto decode = [&](int ctas, bool expect_persistent) {
+      CudaEngineOptions options;
+      options.decoder_persistent_layers = expect_persistent;
+      options.decoder_layers_ctas = ctas;
+      CudaDecoder decoder(config, c.shape, weights, options);
+      REQUIRE(decoder.persistent_layers() == expect_persistent);
+      auto kv = cuda::upload(slot, "kv slot");
+      auto actions = poisoned<float>(sizes.action_values, "actions");
+      decoder.decode(kv.get(), state.get(), noise.get(), actions.get(), nullptr);
+      CUDA_CHECK(cudaDeviceSynchronize());
+      return cuda::download(actions.get(), actions.size());
+    };
+    const auto whole = decode(0, true);
+    const auto few = decode(7, true);
+    const auto per_op = decode(0, false);
+    const std::string name = std::string(c.model) + " C=" + std::to_string(c.shape.chunk) +
+                             " P=" + std::to_string(c.shape.prompt_len);
+    REQUIRE(count_nonfinite(whole) == 0);
+    report(name + " persistent layers vs reference", rel_error(whole, ref_actions));
+    report(name + " persistent layers vs per-op", rel_error(whole, per_op));
+    CHECK(rel_error(whole, ref_actions) < kStageBound);
+    CHECK(rel_error(whole, per_op) < kStageBound);
+    CHECK(bitwise_equal(whole.data(), few.data(), whole.size() * sizeof(float)));
+  }
+}

@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <memory>
+#include <string>
 
 #include "pi0/bf16.hpp"
 #include "pi0/config.hpp"
@@ -49,6 +50,12 @@ class CudaDecoder {
   void decode_batch(Bf16* const* d_kv_slots, int count, const Bf16* d_state, const Bf16* d_noise,
                     float* d_actions, cudaStream_t stream);
   int max_batch() const;
+  // Whether one-frame passes run the persistent layers kernel (pi0/cuda/decoder_layers.hpp)
+  // rather than one kernel per operation.
+  bool persistent_layers() const;
+  // With an op timer set: the persistent kernel's time per phase in the last decode (empty
+  // without it).
+  std::string layers_trace() const;
 
   size_t weight_bytes() const;
   size_t workspace_bytes() const;

@@ -10,6 +10,13 @@ struct CudaEngineOptions {
   bool autotune_gemms = false;
   // Decoder only: the most frames CudaDecoder::decode_batch() takes in one pass (1..4).
   int max_decode_batch = 1;
+  // Decoder only: one-frame passes run every layer of a flow step in one persistent kernel
+  // (pi0/cuda/decoder_layers.hpp) instead of one kernel per operation. Off by default: correct,
+  // but slower as of bench/NOTES.md v6. PI0_DECODER_LAYERS=1 turns it on as well.
+  bool decoder_persistent_layers = false;
+  // Its CTAs: 0 = one per SM this process sees; N > 0 = at most N (tests: an MPS share's smaller
+  // grid must give the same bits).
+  int decoder_layers_ctas = 0;
 };
 
 }  // namespace pi0

@@ -1,0 +1,93 @@
+// All transformer layers of one decoder flow step in one persistent kernel.
+//
+// The decoder's weight GEMMs have M = C + 1 <= 64 rows: each streams its weights once, and as 11
+// separate kernels per layer-step their launch, pipeline fill and tail cost more than the
+// streaming itself (bench/NOTES.md v2-v5). Here one cooperative kernel runs every layer as phases
+// separated by grid barriers:
+//   norm (x += down partials; h = rms(x)) | qkv | RoPE + K/V write | attention over key ranges |
+//   combine | o | norm | gate|up + GeGLU | down
+// A CTA issues the weight loads of its unit in the next GEMM phase before the barrier, so weight
+// streaming overlaps the barriers and the small phases. The work is cut into units from the shape
+// alone (never from the SM count this process sees) and split-K partials are summed in a fixed
+// order, so every MPS share computes the same bits.
+//
+// Status (bench/NOTES.md v6): correct and deterministic, but slower than the per-op path (decoder
+// 11.8 vs 9.6 ms on an H100), so CudaDecoder runs it only when asked. Its GEMM units, mma.sync
+// over a 64 x 64 tile, run far below the weight-streaming rate even with the weight loads
+// removed, and its 9 grid barriers per layer cost about 1-2 us each.
+//
+// Layouts: x fp32 [rows, width] (the residual, updated in place), h bf16 [rows, width] (rms(x)
+// on return, for the Euler step), q / attn bf16 [rows, q_heads * head_dim], act bf16
+// [rows, mlp]; weights of all layers back to back, [in, out] row-major, gate|up side by side
+// ([width, 2 * mlp]); the K/V slot [layers][K|V][keys][head_dim] with the suffix keys after the
+// `prefix` encoder keys, written here per layer.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "pi0/bf16.hpp"
+#include "pi0/cuda/device.hpp"
+
+namespace pi0::cuda {
+
+struct DecoderLayersShape {
+  int rows = 0;    // suffix tokens (C + 1), at most 64
+  int prefix = 0;  // encoder keys E
+  int width = 0, q_heads = 0, head_dim = 0, mlp = 0, layers = 0;
+  float rms_eps = 1e-6f, rope_theta = 10000.0f;
+  int keys() const { return prefix + rows; }
+};
+
+struct DecoderLayersWeights {
+  const Bf16* qkv = nullptr;      // [layers][width][(q_heads + 2) * head_dim]
+  const Bf16* o = nullptr;        // [layers][q_heads * head_dim][width]
+  const Bf16* gate_up = nullptr;  // [layers][width][2 * mlp]
+  const Bf16* down = nullptr;     // [layers][mlp][width]
+};
+
+struct DecoderLayersBuffers {
+  float* x = nullptr;
+  Bf16* h = nullptr;
+  Bf16* q = nullptr;
+  Bf16* attn = nullptr;
+  Bf16* act = nullptr;
+  Bf16* kv_slot = nullptr;
+};
+
+class DecoderLayers {
+ public:
+  // Empty when the kernel handles the shape; otherwise why not (the caller keeps its per-op path).
+  static std::string unsupported_reason(const DecoderLayersShape& shape);
+
+  DecoderLayers() = default;
+  // Allocates the split-K and attention scratch; one CTA per SM this process sees, at most
+  // max_ctas where that is > 0. The grid changes the time, never the bits.
+  explicit DecoderLayers(const DecoderLayersShape& shape, int max_ctas = 0);
+
+  void run(const DecoderLayersWeights& weights, const DecoderLayersBuffers& buffers,
+           cudaStream_t stream) const;
+
+  // Diagnostics: stamps every barrier of each run; trace_summary() (synchronises the device)
+  // gives each phase's time per layer in the last run.
+  void enable_trace();
+  std::string trace_summary() const;
+
+  bool valid() const { return grid_ > 0; }
+  int grid() const { return grid_; }
+  size_t scratch_bytes() const {
+    return partials_.bytes() + attn_partials_.bytes() + attn_stats_.bytes();
+  }
+
+ private:
+  DecoderLayersShape shape_;
+  int grid_ = 0;
+  int trace_phases() const;
+  DeviceBuffer<float> partials_, attn_partials_, attn_stats_;
+  DeviceBuffer<uint64_t> trace_;
+};
+
+}  // namespace pi0::cuda

@@ -523,6 +523,7 @@ __global__ void __launch_bounds__(kThreads) decoder_layers_kernel(const Args a) 
     return t;
   };
   auto sync = [&]() {
+    if (a.trace) __syncthreads();  // a CTA arrives when its last warp does (a.trace is uniform)
     if (a.trace && threadIdx.x == 0)
       a.trace[static_cast<size_t>(b) * a.trace_phases + phase] = stamp();
     grid.sync();
@@ -625,9 +626,11 @@ Plan plan(const DecoderLayersShape& s) {
 
 std::string DecoderLayers::unsupported_reason(const DecoderLayersShape& s) {
   if (s.head_dim != kHeadDim) return "head_dim " + std::to_string(s.head_dim) + " is not 256";
-  if (s.rows < 1 || s.rows > kRows) return "more than 64 suffix rows";
+  if (s.rows < 1 || s.rows > kRows)
+    return "suffix rows " + std::to_string(s.rows) + " not in 1..64";
   if (s.q_heads < 1 || s.layers < 1 || s.prefix < 0) return "empty shape";
-  if (s.width % kBK != 0 || s.mlp % kBK != 0) return "width and mlp must be multiples of 64";
+  if (s.width < kBK || s.mlp < kBK || s.width % kBK != 0 || s.mlp % kBK != 0)
+    return "width and mlp must be positive multiples of 64";
   return {};
 }
 
@@ -645,6 +648,9 @@ DecoderLayers::DecoderLayers(const DecoderLayersShape& shape, int max_ctas) : sh
   int device = 0, sms = 0, per_sm = 0;
   CUDA_CHECK(cudaGetDevice(&device));
   CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  int cooperative = 0;
+  CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
+  PI0_CHECK(cooperative != 0, "DecoderLayers: this GPU does not support cooperative launches");
   CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, decoder_layers_kernel, kThreads,
                                                            kSmemBytes));
   PI0_CHECK(per_sm >= 1, "DecoderLayers: the kernel does not fit on an SM");
@@ -723,9 +729,11 @@ int DecoderLayers::trace_phases() const {
 }
 
 void DecoderLayers::enable_trace() {
-  if (trace_.empty())
+  if (trace_.empty()) {
     trace_ = DeviceBuffer<uint64_t>(static_cast<size_t>(2 * grid_) * trace_phases(),
                                     "decoder layers trace");
+    CUDA_CHECK(cudaMemset(trace_.get(), 0, trace_.bytes()));
+  }
 }
 
 std::string DecoderLayers::trace_summary() const {
@@ -734,9 +742,15 @@ std::string DecoderLayers::trace_summary() const {
   const int phases = trace_phases();
   std::vector<uint64_t> t(trace_.size());
   copy_to_host(t.data(), trace_.get(), trace_.bytes());
-  static const char* const kNames[kPhasesPerLayer] = {
-      "qkv gemm",  "rope + kv", "attention", "combine", "o gemm", "norm", "gate|up gemm + geglu",
-      "down gemm", "norm"};
+  static const char* const kNames[kPhasesPerLayer] = {"qkv gemm",
+                                                      "rope + kv",
+                                                      "attention",
+                                                      "combine",
+                                                      "o gemm",
+                                                      "norm (after o)",
+                                                      "gate|up gemm + geglu",
+                                                      "down gemm",
+                                                      "norm (after down)"};
   // Per phase kind, averaged over the layers: work = the slowest CTA's time from leaving the
   // previous barrier to reaching this one; barrier = the last arrival to the first departure;
   // release = the first departure to the last (how unevenly the CTAs see the barrier open).
@@ -744,6 +758,8 @@ std::string DecoderLayers::trace_summary() const {
   auto arrive = [&](int b, int p) { return t[static_cast<size_t>(b) * phases + p]; };
   auto leave = [&](int b, int p) { return t[static_cast<size_t>(grid_ + b) * phases + p]; };
   const int barriers = kPhasesPerLayer * shape_.layers;  // the last layer's last norm has none
+  if (t[static_cast<size_t>(grid_) * phases] == 0)
+    return "  persistent layers: no one-frame pass traced\n";
   for (int p = 1; p < barriers; ++p) {
     uint64_t slowest = 0, last_in = 0, first_out = UINT64_MAX, last_out = 0;
     for (int b = 0; b < grid_; ++b) {
@@ -762,6 +778,7 @@ std::string DecoderLayers::trace_summary() const {
                     std::to_string(grid_) + " CTAs:\n";
   char line[160];
   for (int k = 0; k < kPhasesPerLayer; ++k) {
+    if (k == kPhasesPerLayer - 1 && shape_.layers == 1) continue;  // no barrier after it
     const int n = k == kPhasesPerLayer - 1 ? layers_seen : shape_.layers;
     std::snprintf(line, sizeof line, "    %-22s %7.2f + %5.2f + %5.2f\n", kNames[k], work[k] / n,
                   barrier[k] / n, release[k] / n);
@@ -772,7 +789,7 @@ std::string DecoderLayers::trace_summary() const {
     first_leave = std::min<uint64_t>(first_leave, leave(b, 0));
     last_leave = std::max<uint64_t>(last_leave, leave(b, barriers - 1));
   }
-  std::snprintf(line, sizeof line, "    whole step (all layers)  %.1f us\n",
+  std::snprintf(line, sizeof line, "    all layers, first and last norm aside  %.1f us\n",
                 static_cast<double>(last_leave - first_leave) / 1000.0);
   out += line;
   return out;

@@ -3,6 +3,7 @@
 // own; one more comparison runs GPU encoder -> GPU decoder end to end.
 #include <cuda_runtime_api.h>
 
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -56,7 +57,8 @@ CaseResult run_case(const std::string& model, int views, int chunk, int prompt, 
   auto noise = cuda::upload(in.noise, "noise");
   auto kv = poisoned<Bf16>(sizes.kv_slot_values, "kv slot");
   // The decoder's rows of the reference slot are NaN: it must write them before it reads them.
-  auto ref_kv_dev = cuda::upload(to_bf16(prefix_to_slot(config, shape, ref_kv, NAN)), "reference kv");
+  auto ref_kv_dev =
+      cuda::upload(to_bf16(prefix_to_slot(config, shape, ref_kv, NAN)), "reference kv");
   auto actions = poisoned<float>(sizes.action_values, "actions");
   auto actions_e2e = poisoned<float>(sizes.action_values, "actions e2e");
 
@@ -71,7 +73,8 @@ CaseResult run_case(const std::string& model, int views, int chunk, int prompt, 
   CHECK(count_nonfinite(gpu_slot) == sizes.kv_slot_values - sizes.kv_values);
   const auto gpu_actions = cuda::download(actions.get(), actions.size());
   const auto gpu_actions_e2e = cuda::download(actions_e2e.get(), actions_e2e.size());
-  const std::string name = model + (options.autotune_gemms ? " (autotuned)" : "") + " V=" + std::to_string(views) + " C=" + std::to_string(chunk) +
+  const std::string name = model + (options.autotune_gemms ? " (autotuned)" : "") +
+                           " V=" + std::to_string(views) + " C=" + std::to_string(chunk) +
                            " P=" + std::to_string(prompt);
   CaseResult r;
   r.kv_error = rel_error(gpu_kv, ref_kv);
@@ -195,9 +198,10 @@ TEST_CASE("full pi0 is finite and bitwise deterministic", "[gpu]") {
   {
     CudaEncoder encoder(config, shape, weights);
     CudaDecoder decoder(config, shape, weights);
-    std::printf("  pi0 encoder: %.2f GiB weights, %.1f MiB workspace; decoder: %.2f GiB, %.1f MiB\n",
-                encoder.weight_bytes() / 1073741824.0, encoder.workspace_bytes() / 1048576.0,
-                decoder.weight_bytes() / 1073741824.0, decoder.workspace_bytes() / 1048576.0);
+    std::printf(
+        "  pi0 encoder: %.2f GiB weights, %.1f MiB workspace; decoder: %.2f GiB, %.1f MiB\n",
+        encoder.weight_bytes() / 1073741824.0, encoder.workspace_bytes() / 1048576.0,
+        decoder.weight_bytes() / 1073741824.0, decoder.workspace_bytes() / 1048576.0);
     // Call 1 runs eagerly, call 2 captures the graphs, call 3 replays them.
     for (int i = 0; i < 3; ++i) {
       CUDA_CHECK(cudaMemset(kv.get(), 0xFF, kv.bytes()));
@@ -261,8 +265,8 @@ TEST_CASE("frames decoded in one pass match frames decoded one by one", "[gpu]")
     slot_ptrs.push_back(slots.back().get());
     encoder.encode(images.get(), slots.back().get(), nullptr);
     CUDA_CHECK(cudaDeviceSynchronize());
-    const auto prefix_kv =
-        slot_to_prefix(config, shape, to_float(cuda::download(slots.back().get(), sizes.kv_slot_values)));
+    const auto prefix_kv = slot_to_prefix(
+        config, shape, to_float(cuda::download(slots.back().get(), sizes.kv_slot_values)));
     std::vector<float> ref(sizes.action_values);
     ref_decoder.decode(shape, prefix_kv.data(), in.state.data(), in.noise.data(), ref.data());
     ref_actions.push_back(ref);
@@ -309,8 +313,8 @@ TEST_CASE("frames decoded in one pass match frames decoded one by one", "[gpu]")
       const float* pass_f = runs[0].data() + static_cast<size_t>(f) * sizes.action_values;
       const double vs_single = rel_error(pass_f, single_actions[f].data(), sizes.action_values);
       const double vs_ref = rel_error(pass_f, ref_actions[f].data(), sizes.action_values);
-      const std::string name = "pi0-2l pass of " + std::to_string(count) + ", frame " +
-                               std::to_string(f);
+      const std::string name =
+          "pi0-2l pass of " + std::to_string(count) + ", frame " + std::to_string(f);
       report(name + " vs alone", vs_single);
       report(name + " vs reference", vs_ref);
       CHECK(vs_single < kStageBound);
@@ -327,7 +331,27 @@ TEST_CASE("frames decoded in one pass match frames decoded one by one", "[gpu]")
 // several units of a phase, and must not change the actions. Decoder rows of the slot are NaN
 // until the kernel writes them; the shapes cover a partial last tile of rows (C = 50) and of
 // keys (a 20-token prompt).
+// The decoder's path switches, cleared for one test and restored after it.
+class ScopedUnsetEnv {
+ public:
+  explicit ScopedUnsetEnv(const char* name) : name_(name) {
+    if (const char* v = std::getenv(name)) saved_ = v, had_ = true;
+    ::unsetenv(name);
+  }
+  ~ScopedUnsetEnv() {
+    if (had_) ::setenv(name_, saved_.c_str(), 1);
+  }
+  ScopedUnsetEnv(const ScopedUnsetEnv&) = delete;
+  ScopedUnsetEnv& operator=(const ScopedUnsetEnv&) = delete;
+
+ private:
+  const char* name_;
+  std::string saved_;
+  bool had_ = false;
+};
+
 TEST_CASE("persistent decoder layers match the per-op path on any grid", "[gpu]") {
+  const ScopedUnsetEnv layers_env("PI0_DECODER_LAYERS"), skinny_env("PI0_DECODER_SKINNY");
   struct Shape {
     const char* model;
     RunShape shape;
@@ -356,9 +380,18 @@ TEST_CASE("persistent decoder layers match the per-op path on any grid", "[gpu]"
       REQUIRE(decoder.persistent_layers() == expect_persistent);
       auto kv = cuda::upload(slot, "kv slot");
       auto actions = poisoned<float>(sizes.action_values, "actions");
-      decoder.decode(kv.get(), state.get(), noise.get(), actions.get(), nullptr);
-      CUDA_CHECK(cudaDeviceSynchronize());
-      return cuda::download(actions.get(), actions.size());
+      // Call 1 runs eagerly, call 2 captures the decode's graph, call 3 replays it: the
+      // cooperative kernel in a graph is what the worker runs.
+      std::vector<std::vector<float>> runs;
+      for (int i = 0; i < 3; ++i) {
+        CUDA_CHECK(cudaMemset(actions.get(), 0xFF, actions.bytes()));
+        decoder.decode(kv.get(), state.get(), noise.get(), actions.get(), nullptr);
+        CUDA_CHECK(cudaDeviceSynchronize());
+        runs.push_back(cuda::download(actions.get(), actions.size()));
+      }
+      for (size_t i = 1; i < runs.size(); ++i)
+        REQUIRE(bitwise_equal(runs[0].data(), runs[i].data(), runs[0].size() * sizeof(float)));
+      return runs[0];
     };
     const auto whole = decode(0, true);
     const auto few = decode(7, true);

@@ -71,8 +71,9 @@ class DecoderLayers {
   void run(const DecoderLayersWeights& weights, const DecoderLayersBuffers& buffers,
            cudaStream_t stream) const;
 
-  // Diagnostics: stamps every barrier of each run; trace_summary() (synchronises the device)
-  // gives each phase's time per layer in the last run.
+  // Diagnostics: every later launch (graphs captured from then on included) stamps each CTA's
+  // arrival at and departure from every barrier; trace_summary() (synchronises the device) gives
+  // each phase's time per layer in the last run. Stays on once enabled.
   void enable_trace();
   std::string trace_summary() const;
 

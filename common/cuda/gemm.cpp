@@ -80,6 +80,21 @@ bool has_bias(Epilogue e) { return e != Epilogue::kNone; }
 
 }  // namespace
 
+GemmShape linear_shape(int m, int n, int k, DType y_type, Epilogue epilogue, bool accumulate,
+                       int ld_y) {
+  GemmShape s;
+  s.m = m;
+  s.n = n;
+  s.k = k;
+  s.ld_x = k;
+  s.ld_w = n;
+  s.ld_y = ld_y ? ld_y : n;
+  s.y_type = y_type;
+  s.epilogue = epilogue;
+  s.accumulate = accumulate;
+  return s;
+}
+
 std::string GemmShape::describe() const {
   std::ostringstream s;
   s << "gemm m=" << m << " n=" << n << " k=" << k << " ld_x=" << ld_x << " ld_w=" << ld_w

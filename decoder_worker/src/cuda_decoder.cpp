@@ -47,8 +47,7 @@ struct CudaDecoder::Impl {
   int rows = 0;    // C + 1 suffix tokens
   int keys = 0;    // E + C + 1
   int max_batch = 1;
-  size_t weight_bytes = 0;
-  size_t workspace_bytes = 0;
+  cuda::MemoryLedger memory{"decoder"};
   double flops = 0.0;
   double bytes_read = 0.0;
 
@@ -80,17 +79,6 @@ struct CudaDecoder::Impl {
     if (timer) timer->mark(label, s);
   }
 
-  template <typename T>
-  DeviceBuffer<T> weight(DeviceBuffer<T> buf) {
-    weight_bytes += buf.bytes();
-    return buf;
-  }
-  template <typename T>
-  DeviceBuffer<T> work(size_t count, const char* what) {
-    DeviceBuffer<T> buf(count, std::string("decoder ") + what);
-    workspace_bytes += buf.bytes();
-    return buf;
-  }
   Gemm gemm(const GemmShape& s) { return Gemm(lt.get(), s, gemm_ws.get(), gemm_ws.bytes()); }
 
   Impl(const ModelConfig& config, const RunShape& run_shape, const WeightStore& w,
@@ -103,20 +91,6 @@ struct CudaDecoder::Impl {
 };
 
 namespace {
-
-GemmShape linear(int m, int n, int k, DType y, Epilogue epi, bool accumulate) {
-  GemmShape s;
-  s.m = m;
-  s.n = n;
-  s.k = k;
-  s.ld_x = k;
-  s.ld_w = n;
-  s.ld_y = n;
-  s.y_type = y;
-  s.epilogue = epi;
-  s.accumulate = accumulate;
-  return s;
-}
 
 // Operands that start at a row offset or come from the caller are only 16-byte aligned.
 GemmShape loosely_aligned(GemmShape s) {
@@ -141,7 +115,7 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   const int aw = cfg.action_width, am = cfg.action_mlp, qkv_width = cfg.qkv_width();
   const int qw = cfg.lm_q_width(), ad = cfg.action_dim, c = shape.chunk;
 
-  gemm_ws = work<std::byte>(cuda::kGemmWorkspaceBytes, "cuBLASLt workspace");
+  gemm_ws = memory.work<std::byte>(cuda::kGemmWorkspaceBytes, "cuBLASLt workspace");
 
   // Plans use a fixed SM count so that every process (MPS-limited or not) picks the same splits
   // and so computes the same bits.
@@ -180,14 +154,14 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
     cuda::skinny_init();
   }
 
-  state_w = weight(cuda::upload_tensor(w, "decoder_state_in_proj_w"));
-  state_b = weight(cuda::upload_tensor_f32(w, "decoder_state_in_proj_b"));
-  ain_w = weight(cuda::upload_tensor(w, "decoder_action_fused_in_proj_w"));
-  time_b = weight(cuda::upload_tensor(w, "decoder_action_fused_time_biases"));
-  amlp_w = weight(cuda::upload_tensor(w, "decoder_action_mlp_w"));
-  amlp_b = weight(cuda::upload_tensor_f32(w, "decoder_action_mlp_b"));
-  qkv_w = weight(cuda::upload_tensor(w, "decoder_attn_qkv_w"));
-  o_w = weight(cuda::upload_tensor(w, "decoder_attn_o_w"));
+  state_w = memory.weight(cuda::upload_tensor(w, "decoder_state_in_proj_w"));
+  state_b = memory.weight(cuda::upload_tensor_f32(w, "decoder_state_in_proj_b"));
+  ain_w = memory.weight(cuda::upload_tensor(w, "decoder_action_fused_in_proj_w"));
+  time_b = memory.weight(cuda::upload_tensor(w, "decoder_action_fused_time_biases"));
+  amlp_w = memory.weight(cuda::upload_tensor(w, "decoder_action_mlp_w"));
+  amlp_b = memory.weight(cuda::upload_tensor_f32(w, "decoder_action_mlp_b"));
+  qkv_w = memory.weight(cuda::upload_tensor(w, "decoder_attn_qkv_w"));
+  o_w = memory.weight(cuda::upload_tensor(w, "decoder_attn_o_w"));
   if (skinny) {
     // Gate and up interleaved in blocks of 8 columns, for the GeGLU epilogue.
     const TensorView& gate = w.get("decoder_ffn_gate_w");
@@ -196,39 +170,43 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
     std::vector<Bf16> interleaved(2 * gate.numel);
     cuda::interleave_gate_up(gate.data, up.data, interleaved.data(),
                              static_cast<long>(gate.numel / am), am);
-    gate_up_w = weight(cuda::upload(interleaved, "weight decoder_ffn_gate_w / up_w interleaved"));
+    gate_up_w =
+        memory.weight(cuda::upload(interleaved, "weight decoder_ffn_gate_w / up_w interleaved"));
   } else {
-    gate_up_w = weight(cuda::upload_side_by_side(w, "decoder_ffn_gate_w", "decoder_ffn_up_w"));
+    gate_up_w =
+        memory.weight(cuda::upload_side_by_side(w, "decoder_ffn_gate_w", "decoder_ffn_up_w"));
   }
-  down_w = weight(cuda::upload_tensor(w, "decoder_ffn_down_w"));
-  aout_w = weight(cuda::upload_tensor(w, "decoder_action_fused_out_proj_w"));
-  aout_b = weight(cuda::upload_tensor_f32(w, "decoder_action_fused_out_proj_b"));
+  down_w = memory.weight(cuda::upload_tensor(w, "decoder_ffn_down_w"));
+  aout_w = memory.weight(cuda::upload_tensor(w, "decoder_action_fused_out_proj_w"));
+  aout_b = memory.weight(cuda::upload_tensor_f32(w, "decoder_action_fused_out_proj_b"));
 
   const size_t r = static_cast<size_t>(rows) * max_batch;  // rows of a full pass
   const size_t cb = static_cast<size_t>(c) * max_batch;
-  x = work<float>(r * aw, "residual");
-  state_row = work<float>(static_cast<size_t>(max_batch) * aw, "state token");
-  h = work<Bf16>(r * aw, "normed");
-  sample = work<Bf16>(cb * ad, "sample (bf16)");
-  t1 = work<Bf16>(cb * aw, "action in");
-  qkv = work<Bf16>(r * qkv_width, "qkv");
-  q = work<Bf16>(r * qw, "q");
-  attn = work<Bf16>(r * qw, "attention");
-  gu = work<Bf16>(skinny ? 8 : r * 2 * am, "gate|up");
-  act = work<Bf16>(r * am, "geglu");
+  x = memory.work<float>(r * aw, "residual");
+  state_row = memory.work<float>(static_cast<size_t>(max_batch) * aw, "state token");
+  h = memory.work<Bf16>(r * aw, "normed");
+  sample = memory.work<Bf16>(cb * ad, "sample (bf16)");
+  t1 = memory.work<Bf16>(cb * aw, "action in");
+  qkv = memory.work<Bf16>(r * qkv_width, "qkv");
+  q = memory.work<Bf16>(r * qw, "q");
+  attn = memory.work<Bf16>(r * qw, "attention");
+  gu = memory.work<Bf16>(skinny ? 8 : r * 2 * am, "gate|up");
+  act = memory.work<Bf16>(r * am, "geglu");
 
   for (int b = 1; b <= max_batch; ++b) {
     PassGemms g;
-    g.state = gemm(loosely_aligned(linear(b, aw, cfg.state_dim, DType::kF32, Epilogue::kBias, false)));
-    g.ain = gemm(linear(b * c, aw, ad, DType::kBf16, Epilogue::kBias, false));
-    g.qkv = gemm(linear(b * rows, qkv_width, aw, DType::kBf16, Epilogue::kNone, false));
-    g.o = gemm(linear(b * rows, aw, qw, DType::kF32, Epilogue::kNone, true));
-    g.gu = gemm(linear(b * rows, 2 * am, aw, DType::kBf16, Epilogue::kNone, false));
-    g.down = gemm(linear(b * rows, aw, am, DType::kF32, Epilogue::kNone, true));
+    g.state = gemm(loosely_aligned(
+        cuda::linear_shape(b, aw, cfg.state_dim, DType::kF32, Epilogue::kBias, false)));
+    g.ain = gemm(cuda::linear_shape(b * c, aw, ad, DType::kBf16, Epilogue::kBias, false));
+    g.qkv = gemm(cuda::linear_shape(b * rows, qkv_width, aw, DType::kBf16, Epilogue::kNone, false));
+    g.o = gemm(cuda::linear_shape(b * rows, aw, qw, DType::kF32, Epilogue::kNone, true));
+    g.gu = gemm(cuda::linear_shape(b * rows, 2 * am, aw, DType::kBf16, Epilogue::kNone, false));
+    g.down = gemm(cuda::linear_shape(b * rows, aw, am, DType::kF32, Epilogue::kNone, true));
     pass.push_back(std::move(g));
   }
-  g_amlp = gemm(loosely_aligned(linear(c, aw, aw, DType::kF32, Epilogue::kBias, false)));
-  g_aout = gemm(loosely_aligned(linear(c, ad, aw, DType::kF32, Epilogue::kBias, true)));
+  g_amlp =
+      gemm(loosely_aligned(cuda::linear_shape(c, aw, aw, DType::kF32, Epilogue::kBias, false)));
+  g_aout = gemm(loosely_aligned(cuda::linear_shape(c, ad, aw, DType::kF32, Epilogue::kBias, true)));
   const PassGemms& one = pass.front();
 
   // Attention as GEMMs + softmax: PI0_DECODER_FUSED_ATTENTION=1 runs the fused kernel instead
@@ -236,10 +214,10 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   const char* fused_attention = std::getenv("PI0_DECODER_FUSED_ATTENTION");
   cuda::SharedKvAttention::Params attention_params{
       rows, cfg.lm_heads, cfg.head_dim, keys, 1.0f / std::sqrt(static_cast<float>(cfg.head_dim)),
-      1, prefix + 1};
+      1,    prefix + 1};
   attention_params.fused = fused_attention && fused_attention[0] == '1';
   attention = cuda::SharedKvAttention(lt.get(), attention_params, gemm_ws.get(), gemm_ws.bytes());
-  workspace_bytes += attention.scratch_bytes();
+  memory.add_workspace(attention.scratch_bytes());
 
   const char* want_layers = std::getenv("PI0_DECODER_LAYERS");
   const bool layers_wanted =
@@ -257,7 +235,7 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   const std::string layers_unsupported = cuda::DecoderLayers::unsupported_reason(layers_shape);
   if (layers_wanted && !skinny && layers_unsupported.empty()) {
     layers_kernel = cuda::DecoderLayers(layers_shape, options.decoder_layers_ctas);
-    workspace_bytes += layers_kernel.scratch_bytes();
+    memory.add_workspace(layers_kernel.scratch_bytes());
   } else if (layers_wanted) {
     spdlog::warn("decoder: persistent layers kernel not used ({})",
                  skinny ? "PI0_DECODER_SKINNY is on" : layers_unsupported);
@@ -266,13 +244,12 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   const double steps = cfg.flow_steps;
   const double per_layer = one.qkv.shape().flops() + one.o.shape().flops() +
                            one.gu.shape().flops() + one.down.shape().flops() + attention.flops();
-  flops = one.state.shape().flops() +
-          steps * (one.ain.shape().flops() + g_amlp.shape().flops() + g_aout.shape().flops() +
-                   cfg.lm_layers * per_layer);
-  bytes_read = static_cast<double>(state_w.bytes()) +
-               steps * static_cast<double>(ain_w.bytes() + amlp_w.bytes() + qkv_w.bytes() +
-                                           o_w.bytes() + gate_up_w.bytes() + down_w.bytes() +
-                                           aout_w.bytes());
+  flops = one.state.shape().flops() + steps * (one.ain.shape().flops() + g_amlp.shape().flops() +
+                                               g_aout.shape().flops() + cfg.lm_layers * per_layer);
+  bytes_read =
+      static_cast<double>(state_w.bytes()) +
+      steps * static_cast<double>(ain_w.bytes() + amlp_w.bytes() + qkv_w.bytes() + o_w.bytes() +
+                                  gate_up_w.bytes() + down_w.bytes() + aout_w.bytes());
 
   if (options.autotune_gemms && !skinny) {
     cudaStream_t s = nullptr;
@@ -345,8 +322,7 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
       cuda::rms_norm(x.get(), h.get(), pass_rows, aw, cfg.rms_eps, s);
       mark("rmsnorm", s);
       if (skinny) {
-        cuda::skinny_gemm(s_qkv, h.get(), qkv_w.get() + ll * aw * qkv_width, qkv.get(), nullptr,
-                          s);
+        cuda::skinny_gemm(s_qkv, h.get(), qkv_w.get() + ll * aw * qkv_width, qkv.get(), nullptr, s);
       } else {
         g.qkv.run(h.get(), qkv_w.get() + ll * aw * qkv_width, qkv.get(), nullptr, s);
       }
@@ -354,9 +330,9 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
       for (int f = 0; f < count; ++f) {
         Bf16* k = kv_slice(kv_slots[f], l, 0);
         Bf16* v = kv_slice(kv_slots[f], l, 1);
-        cuda::rope_split_qkv(qkv.get() + frame_row(f) * qkv_width, rows, cfg.lm_heads,
-                             cfg.head_dim, prefix, cfg.rope_theta, q.get() + frame_row(f) * qw,
-                             k + suffix, v + suffix, s);
+        cuda::rope_split_qkv(qkv.get() + frame_row(f) * qkv_width, rows, cfg.lm_heads, cfg.head_dim,
+                             prefix, cfg.rope_theta, q.get() + frame_row(f) * qw, k + suffix,
+                             v + suffix, s);
       }
       mark("rope + kv write", s);
       for (int f = 0; f < count; ++f) {
@@ -372,8 +348,7 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
       cuda::rms_norm(x.get(), h.get(), pass_rows, aw, cfg.rms_eps, s);
       mark("rmsnorm", s);
       if (skinny) {
-        cuda::skinny_gemm(s_gu, h.get(), gate_up_w.get() + ll * aw * 2 * am, act.get(), nullptr,
-                          s);
+        cuda::skinny_gemm(s_gu, h.get(), gate_up_w.get() + ll * aw * 2 * am, act.get(), nullptr, s);
         mark("gate|up gemm + geglu", s);
       } else {
         g.gu.run(h.get(), gate_up_w.get() + ll * aw * 2 * am, gu.get(), nullptr, s);
@@ -391,8 +366,7 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
     // Euler step on each frame's action rows: sample += rms(x[1..C]) @ W_aout + b_aout. One
     // norm over every row of the pass (row by row, so the action rows get the same bits; the
     // state rows' results are not read).
-    if (!persistent)
-      cuda::rms_norm(x.get(), h.get(), pass_rows, aw, cfg.rms_eps, s);
+    if (!persistent) cuda::rms_norm(x.get(), h.get(), pass_rows, aw, cfg.rms_eps, s);
     for (int f = 0; f < count; ++f) {
       const size_t first = (frame_row(f) + 1) * aw;
       float* actions_f = actions + f * frame_actions;
@@ -440,18 +414,36 @@ void CudaDecoder::decode_batch(Bf16* const* d_kv_slots, int count, const Bf16* d
   });
 }
 
-int CudaDecoder::max_batch() const { return impl_->max_batch; }
-bool CudaDecoder::persistent_layers() const { return impl_->layers_kernel.valid(); }
+int CudaDecoder::max_batch() const {
+  return impl_->max_batch;
+}
+bool CudaDecoder::persistent_layers() const {
+  return impl_->layers_kernel.valid();
+}
 void CudaDecoder::set_op_timer(cuda::OpTimer* timer) {
   impl_->timer = timer;
   if (timer && impl_->layers_kernel.valid()) impl_->layers_kernel.enable_trace();
 }
-std::string CudaDecoder::layers_trace() const { return impl_->layers_kernel.trace_summary(); }
-size_t CudaDecoder::weight_bytes() const { return impl_->weight_bytes; }
-size_t CudaDecoder::workspace_bytes() const { return impl_->workspace_bytes; }
-double CudaDecoder::flops() const { return impl_->flops; }
-double CudaDecoder::weight_bytes_read() const { return impl_->bytes_read; }
-const ModelConfig& CudaDecoder::config() const { return impl_->cfg; }
-const RunShape& CudaDecoder::shape() const { return impl_->shape; }
+std::string CudaDecoder::layers_trace() const {
+  return impl_->layers_kernel.trace_summary();
+}
+size_t CudaDecoder::weight_bytes() const {
+  return impl_->memory.weight_bytes();
+}
+size_t CudaDecoder::workspace_bytes() const {
+  return impl_->memory.workspace_bytes();
+}
+double CudaDecoder::flops() const {
+  return impl_->flops;
+}
+double CudaDecoder::weight_bytes_read() const {
+  return impl_->bytes_read;
+}
+const ModelConfig& CudaDecoder::config() const {
+  return impl_->cfg;
+}
+const RunShape& CudaDecoder::shape() const {
+  return impl_->shape;
+}
 
 }  // namespace pi0

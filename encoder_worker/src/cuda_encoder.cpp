@@ -29,12 +29,11 @@ using cuda::GemmShape;
 struct CudaEncoder::Impl {
   ModelConfig cfg;
   RunShape shape;
-  int tokens = 0;        // per view
-  int vision_rows = 0;   // V * tokens
-  int prefix = 0;        // E
-  int slot_rows = 0;     // rows per K or V block of the slot: E, then C + 1 left to the decoder
-  size_t weight_bytes = 0;
-  size_t workspace_bytes = 0;
+  int tokens = 0;       // per view
+  int vision_rows = 0;  // V * tokens
+  int prefix = 0;       // E
+  int slot_rows = 0;    // rows per K or V block of the slot: E, then C + 1 left to the decoder
+  cuda::MemoryLedger memory{"encoder"};
   double flops = 0.0;
 
   cuda::LtHandle lt;
@@ -63,20 +62,7 @@ struct CudaEncoder::Impl {
     if (timer) timer->mark(label, s);
   }
 
-  template <typename T>
-  DeviceBuffer<T> weight(DeviceBuffer<T> buf) {
-    weight_bytes += buf.bytes();
-    return buf;
-  }
-  template <typename T>
-  DeviceBuffer<T> work(size_t count, const char* what) {
-    DeviceBuffer<T> buf(count, std::string("encoder ") + what);
-    workspace_bytes += buf.bytes();
-    return buf;
-  }
-  Gemm gemm(const GemmShape& s) {
-    return Gemm(lt.get(), s, gemm_ws.get(), gemm_ws.bytes());
-  }
+  Gemm gemm(const GemmShape& s) { return Gemm(lt.get(), s, gemm_ws.get(), gemm_ws.bytes()); }
 
   Impl(const ModelConfig& config, const RunShape& run_shape, const WeightStore& w,
        const CudaEngineOptions& options);
@@ -86,24 +72,7 @@ struct CudaEncoder::Impl {
   }
 };
 
-namespace {
-
-GemmShape linear(int m, int n, int k, DType y, Epilogue epi, bool accumulate,
-                 int ld_y = 0) {
-  GemmShape s;
-  s.m = m;
-  s.n = n;
-  s.k = k;
-  s.ld_x = k;
-  s.ld_w = n;
-  s.ld_y = ld_y ? ld_y : n;
-  s.y_type = y;
-  s.epilogue = epi;
-  s.accumulate = accumulate;
-  return s;
-}
-
-}  // namespace
+namespace {}  // namespace
 
 CudaEncoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, const WeightStore& w,
                         const CudaEngineOptions& options)
@@ -123,58 +92,59 @@ CudaEncoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   const int lw = cfg.lm_width, qkv_w = cfg.qkv_width(), qw = cfg.lm_q_width(), lm = cfg.lm_mlp;
   const int pv = cfg.patch_values();
 
-  gemm_ws = work<std::byte>(cuda::kGemmWorkspaceBytes, "cuBLASLt workspace");
+  gemm_ws = memory.work<std::byte>(cuda::kGemmWorkspaceBytes, "cuBLASLt workspace");
 
-  patch_w = weight(cuda::upload_tensor(w, "vision_patch_embedding_w"));
-  patch_b = weight(cuda::upload_tensor(w, "vision_patch_embedding_b"));
-  pos_embed = weight(cuda::upload_tensor(w, "vision_position_embedding"));
-  v_qkv_w = weight(cuda::upload_tensor(w, "vision_attn_qkv_w"));
-  v_qkv_b = weight(cuda::upload_tensor(w, "vision_attn_qkv_b"));
-  v_o_w = weight(cuda::upload_tensor(w, "vision_attn_o_w"));
-  v_o_b = weight(cuda::upload_tensor_f32(w, "vision_attn_o_b"));
-  v_up_w = weight(cuda::upload_tensor(w, "vision_ffn_up_w"));
-  v_up_b = weight(cuda::upload_tensor(w, "vision_ffn_up_b"));
-  v_down_w = weight(cuda::upload_tensor(w, "vision_ffn_down_w"));
-  v_down_b = weight(cuda::upload_tensor_f32(w, "vision_ffn_down_b"));
-  ln1_w = weight(cuda::upload_tensor(w, "vision_pre_attn_norm_w"));
-  ln1_b = weight(cuda::upload_tensor(w, "vision_pre_attn_norm_b"));
-  ln2_w = weight(cuda::upload_tensor(w, "vision_pre_ffn_norm_w"));
-  ln2_b = weight(cuda::upload_tensor(w, "vision_pre_ffn_norm_b"));
-  final_w = weight(cuda::upload_tensor(w, "vision_final_norm_w"));
-  final_b = weight(cuda::upload_tensor(w, "vision_final_norm_b"));
-  proj_w = weight(cuda::upload_tensor(w, "encoder_multi_modal_projector_w"));
-  proj_b = weight(cuda::upload_tensor_f32(w, "encoder_multi_modal_projector_b"));
-  lm_qkv_w = weight(cuda::upload_tensor(w, "encoder_attn_qkv_w"));
-  lm_o_w = weight(cuda::upload_tensor(w, "encoder_attn_o_w"));
-  lm_gate_up_w = weight(cuda::upload_side_by_side(w, "encoder_ffn_gate_w", "encoder_ffn_up_w"));
-  lm_down_w = weight(cuda::upload_tensor(w, "encoder_ffn_down_w"));
-  if (shape.prompt_len > 0) lang = weight(cuda::upload_tensor(w, "language_embeds"));
+  patch_w = memory.weight(cuda::upload_tensor(w, "vision_patch_embedding_w"));
+  patch_b = memory.weight(cuda::upload_tensor(w, "vision_patch_embedding_b"));
+  pos_embed = memory.weight(cuda::upload_tensor(w, "vision_position_embedding"));
+  v_qkv_w = memory.weight(cuda::upload_tensor(w, "vision_attn_qkv_w"));
+  v_qkv_b = memory.weight(cuda::upload_tensor(w, "vision_attn_qkv_b"));
+  v_o_w = memory.weight(cuda::upload_tensor(w, "vision_attn_o_w"));
+  v_o_b = memory.weight(cuda::upload_tensor_f32(w, "vision_attn_o_b"));
+  v_up_w = memory.weight(cuda::upload_tensor(w, "vision_ffn_up_w"));
+  v_up_b = memory.weight(cuda::upload_tensor(w, "vision_ffn_up_b"));
+  v_down_w = memory.weight(cuda::upload_tensor(w, "vision_ffn_down_w"));
+  v_down_b = memory.weight(cuda::upload_tensor_f32(w, "vision_ffn_down_b"));
+  ln1_w = memory.weight(cuda::upload_tensor(w, "vision_pre_attn_norm_w"));
+  ln1_b = memory.weight(cuda::upload_tensor(w, "vision_pre_attn_norm_b"));
+  ln2_w = memory.weight(cuda::upload_tensor(w, "vision_pre_ffn_norm_w"));
+  ln2_b = memory.weight(cuda::upload_tensor(w, "vision_pre_ffn_norm_b"));
+  final_w = memory.weight(cuda::upload_tensor(w, "vision_final_norm_w"));
+  final_b = memory.weight(cuda::upload_tensor(w, "vision_final_norm_b"));
+  proj_w = memory.weight(cuda::upload_tensor(w, "encoder_multi_modal_projector_w"));
+  proj_b = memory.weight(cuda::upload_tensor_f32(w, "encoder_multi_modal_projector_b"));
+  lm_qkv_w = memory.weight(cuda::upload_tensor(w, "encoder_attn_qkv_w"));
+  lm_o_w = memory.weight(cuda::upload_tensor(w, "encoder_attn_o_w"));
+  lm_gate_up_w =
+      memory.weight(cuda::upload_side_by_side(w, "encoder_ffn_gate_w", "encoder_ffn_up_w"));
+  lm_down_w = memory.weight(cuda::upload_tensor(w, "encoder_ffn_down_w"));
+  if (shape.prompt_len > 0) lang = memory.weight(cuda::upload_tensor(w, "language_embeds"));
 
   const size_t vr = static_cast<size_t>(vision_rows), e = static_cast<size_t>(prefix);
-  patches = work<Bf16>(vr * pv, "patches");
-  vx = work<float>(vr * vw, "vision residual");
-  vh = work<Bf16>(vr * vw, "vision normed");
-  vqkv = work<Bf16>(vr * vqkv_w, "vision qkv");
-  vattn = work<Bf16>(vr * vw, "vision attention");
-  vmlp = work<Bf16>(vr * vm, "vision mlp");
-  lx = work<float>(e * lw, "lm residual");
-  lh = work<Bf16>(e * lw, "lm normed");
-  lqkv = work<Bf16>(e * qkv_w, "lm qkv");
-  lq = work<Bf16>(e * qw, "lm q");
-  lattn = work<Bf16>(e * qw, "lm attention");
-  lgu = work<Bf16>(e * 2 * lm, "lm gate|up");
-  lact = work<Bf16>(e * lm, "lm geglu");
+  patches = memory.work<Bf16>(vr * pv, "patches");
+  vx = memory.work<float>(vr * vw, "vision residual");
+  vh = memory.work<Bf16>(vr * vw, "vision normed");
+  vqkv = memory.work<Bf16>(vr * vqkv_w, "vision qkv");
+  vattn = memory.work<Bf16>(vr * vw, "vision attention");
+  vmlp = memory.work<Bf16>(vr * vm, "vision mlp");
+  lx = memory.work<float>(e * lw, "lm residual");
+  lh = memory.work<Bf16>(e * lw, "lm normed");
+  lqkv = memory.work<Bf16>(e * qkv_w, "lm qkv");
+  lq = memory.work<Bf16>(e * qw, "lm q");
+  lattn = memory.work<Bf16>(e * qw, "lm attention");
+  lgu = memory.work<Bf16>(e * 2 * lm, "lm gate|up");
+  lact = memory.work<Bf16>(e * lm, "lm geglu");
 
-  g_patch = gemm(linear(vision_rows, vw, pv, DType::kF32, Epilogue::kNone, true));
-  g_vqkv = gemm(linear(vision_rows, vqkv_w, vw, DType::kBf16, Epilogue::kBias, false));
-  g_vo = gemm(linear(vision_rows, vw, vw, DType::kF32, Epilogue::kBias, true));
-  g_vup = gemm(linear(vision_rows, vm, vw, DType::kBf16, Epilogue::kGeluBias, false));
-  g_vdown = gemm(linear(vision_rows, vw, vm, DType::kF32, Epilogue::kBias, true));
-  g_proj = gemm(linear(vision_rows, lw, vw, DType::kF32, Epilogue::kBias, false));
-  g_lqkv = gemm(linear(prefix, qkv_w, lw, DType::kBf16, Epilogue::kNone, false));
-  g_lo = gemm(linear(prefix, lw, qw, DType::kF32, Epilogue::kNone, true));
-  g_lgu = gemm(linear(prefix, 2 * lm, lw, DType::kBf16, Epilogue::kNone, false));
-  g_ldown = gemm(linear(prefix, lw, lm, DType::kF32, Epilogue::kNone, true));
+  g_patch = gemm(cuda::linear_shape(vision_rows, vw, pv, DType::kF32, Epilogue::kNone, true));
+  g_vqkv = gemm(cuda::linear_shape(vision_rows, vqkv_w, vw, DType::kBf16, Epilogue::kBias, false));
+  g_vo = gemm(cuda::linear_shape(vision_rows, vw, vw, DType::kF32, Epilogue::kBias, true));
+  g_vup = gemm(cuda::linear_shape(vision_rows, vm, vw, DType::kBf16, Epilogue::kGeluBias, false));
+  g_vdown = gemm(cuda::linear_shape(vision_rows, vw, vm, DType::kF32, Epilogue::kBias, true));
+  g_proj = gemm(cuda::linear_shape(vision_rows, lw, vw, DType::kF32, Epilogue::kBias, false));
+  g_lqkv = gemm(cuda::linear_shape(prefix, qkv_w, lw, DType::kBf16, Epilogue::kNone, false));
+  g_lo = gemm(cuda::linear_shape(prefix, lw, qw, DType::kF32, Epilogue::kNone, true));
+  g_lgu = gemm(cuda::linear_shape(prefix, 2 * lm, lw, DType::kBf16, Epilogue::kNone, false));
+  g_ldown = gemm(cuda::linear_shape(prefix, lw, lm, DType::kF32, Epilogue::kNone, true));
   // Per-layer GEMMs run vision_layers or lm_layers - 1 times; count them that often.
   flops = g_patch.shape().flops() + g_proj.shape().flops() +
           cfg.vision_layers * (g_vqkv.shape().flops() + g_vo.shape().flops() +
@@ -183,17 +153,15 @@ CudaEncoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
           (cfg.lm_layers - 1) *
               (g_lo.shape().flops() + g_lgu.shape().flops() + g_ldown.shape().flops());
 
-  v_attention = cuda::ViewAttention(
-      lt.get(),
-      {shape.views, tokens, cfg.vision_heads, cfg.vision_head_dim,
-       1.0f / std::sqrt(static_cast<float>(cfg.vision_head_dim))},
-      gemm_ws.get(), gemm_ws.bytes());
-  lm_attention = cuda::SharedKvAttention(
-      lt.get(),
-      {prefix, cfg.lm_heads, cfg.head_dim, prefix,
-       1.0f / std::sqrt(static_cast<float>(cfg.head_dim)), 0, 0},
-      gemm_ws.get(), gemm_ws.bytes());
-  workspace_bytes += v_attention.scratch_bytes() + lm_attention.scratch_bytes();
+  v_attention = cuda::ViewAttention(lt.get(),
+                                    {shape.views, tokens, cfg.vision_heads, cfg.vision_head_dim,
+                                     1.0f / std::sqrt(static_cast<float>(cfg.vision_head_dim))},
+                                    gemm_ws.get(), gemm_ws.bytes());
+  lm_attention = cuda::SharedKvAttention(lt.get(),
+                                         {prefix, cfg.lm_heads, cfg.head_dim, prefix,
+                                          1.0f / std::sqrt(static_cast<float>(cfg.head_dim)), 0, 0},
+                                         gemm_ws.get(), gemm_ws.bytes());
+  memory.add_workspace(v_attention.scratch_bytes() + lm_attention.scratch_bytes());
   flops += cfg.vision_layers * v_attention.flops() + (cfg.lm_layers - 1) * lm_attention.flops();
 
   if (options.autotune_gemms) {
@@ -303,11 +271,23 @@ void CudaEncoder::encode(const Bf16* d_images, Bf16* d_kv_out, cudaStream_t stre
                     [&](cudaStream_t s) { impl_->forward(d_images, d_kv_out, s); });
 }
 
-void CudaEncoder::set_op_timer(cuda::OpTimer* timer) { impl_->timer = timer; }
-size_t CudaEncoder::weight_bytes() const { return impl_->weight_bytes; }
-size_t CudaEncoder::workspace_bytes() const { return impl_->workspace_bytes; }
-double CudaEncoder::flops() const { return impl_->flops; }
-const ModelConfig& CudaEncoder::config() const { return impl_->cfg; }
-const RunShape& CudaEncoder::shape() const { return impl_->shape; }
+void CudaEncoder::set_op_timer(cuda::OpTimer* timer) {
+  impl_->timer = timer;
+}
+size_t CudaEncoder::weight_bytes() const {
+  return impl_->memory.weight_bytes();
+}
+size_t CudaEncoder::workspace_bytes() const {
+  return impl_->memory.workspace_bytes();
+}
+double CudaEncoder::flops() const {
+  return impl_->flops;
+}
+const ModelConfig& CudaEncoder::config() const {
+  return impl_->cfg;
+}
+const RunShape& CudaEncoder::shape() const {
+  return impl_->shape;
+}
 
 }  // namespace pi0

@@ -51,6 +51,32 @@ class DeviceBuffer {
   size_t count_ = 0;
 };
 
+// What an engine holds on the GPU, for its memory report: weights apart from workspace. Buffers
+// pass through it as they are made; it names workspace allocations after its owner, so an
+// out-of-memory error says whose buffer failed.
+class MemoryLedger {
+ public:
+  explicit MemoryLedger(std::string owner) : owner_(std::move(owner)) {}
+  template <typename T>
+  DeviceBuffer<T> weight(DeviceBuffer<T> buf) {
+    weight_bytes_ += buf.bytes();
+    return buf;
+  }
+  template <typename T>
+  DeviceBuffer<T> work(size_t count, const char* what) {
+    DeviceBuffer<T> buf(count, owner_ + " " + what);
+    workspace_bytes_ += buf.bytes();
+    return buf;
+  }
+  void add_workspace(size_t bytes) { workspace_bytes_ += bytes; }
+  size_t weight_bytes() const { return weight_bytes_; }
+  size_t workspace_bytes() const { return workspace_bytes_; }
+
+ private:
+  std::string owner_;
+  size_t weight_bytes_ = 0, workspace_bytes_ = 0;
+};
+
 // Synchronous copies (tests, setup); the async forms are used on hot paths.
 void copy_to_device(void* dst, const void* src, size_t bytes);
 void copy_to_host(void* dst, const void* src, size_t bytes);

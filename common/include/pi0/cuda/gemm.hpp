@@ -39,6 +39,11 @@ struct GemmShape {
   double flops() const { return 2.0 * m * n * k * batch; }
 };
 
+// A linear layer: Y[m, n] (row stride ld_y, default n) = X[m, k] @ W[k, n], row-major [in, out]
+// weights, with `epilogue`; accumulate: Y += ....
+GemmShape linear_shape(int m, int n, int k, DType y_type, Epilogue epilogue, bool accumulate,
+                       int ld_y = 0);
+
 class Gemm {
  public:
   Gemm() = default;
@@ -61,9 +66,9 @@ class Gemm {
   void run(const void* x, const void* w, void* y, const void* bias, cudaStream_t stream);
 
   // Times up to `max_candidates` of the heuristic's algorithms, from the checked one on, on these
-  // operands and keeps the fastest that passes the same check. Y is overwritten (and, when accumulating, grows); call it before real data is there.
-  // Off by default: a timing-based choice can differ between processes, and with it the bits of
-  // the result.
+  // operands and keeps the fastest that passes the same check. Y is overwritten (and, when
+  // accumulating, grows); call it before real data is there. Off by default: a timing-based choice
+  // can differ between processes, and with it the bits of the result.
   void autotune(const void* x, const void* w, void* y, const void* bias, cudaStream_t stream,
                 int max_candidates = 8);
 

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -43,6 +44,37 @@ inline std::vector<float> rounded(std::vector<float> v) {
   for (float& x : v) x = round_to_bf16(x);
   return v;
 }
+
+// Sets an environment variable (value nullptr: unsets it) for one scope and restores what was
+// there before, so that a failed REQUIRE does not leave a path switch on for the tests after.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) {
+      saved_ = old;
+      had_ = true;
+    }
+    if (value) {
+      ::setenv(name, value, 1);
+    } else {
+      ::unsetenv(name);
+    }
+  }
+  ~ScopedEnv() {
+    if (had_) {
+      ::setenv(name_, saved_.c_str(), 1);
+    } else {
+      ::unsetenv(name_);
+    }
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  const char* name_;
+  std::string saved_;
+  bool had_ = false;
+};
 
 // A device buffer filled with 0xFF bytes: NaN in bf16 and fp32, so unwritten outputs show.
 template <typename T>
@@ -100,8 +132,7 @@ inline std::vector<float> slot_to_prefix(const ModelConfig& c, const RunShape& s
   for (int l = 0; l < c.lm_layers; ++l)
     for (int which = 0; which < 2; ++which)
       std::memcpy(prefix_kv.data() + kv_offset(c, shape.prefix_len(c), l, which),
-                  slot.data() + kv_offset(c, sizes.kv_slot_rows, l, which),
-                  block * sizeof(float));
+                  slot.data() + kv_offset(c, sizes.kv_slot_rows, l, which), block * sizeof(float));
   return prefix_kv;
 }
 

@@ -111,16 +111,6 @@ bool prefix_mask(int q, int k, const void* ctx) {
   return q >= m->limited_queries || k < m->limited_keys;
 }
 
-// Sets PI0_GEMM_PATH (which Gemm tier to start at) for one scope, so that a failed REQUIRE does
-// not leave it set for the tests after.
-class ScopedGemmPath {
- public:
-  explicit ScopedGemmPath(const char* path) { ::setenv("PI0_GEMM_PATH", path, 1); }
-  ~ScopedGemmPath() { ::unsetenv("PI0_GEMM_PATH"); }
-  ScopedGemmPath(const ScopedGemmPath&) = delete;
-  ScopedGemmPath& operator=(const ScopedGemmPath&) = delete;
-};
-
 // fused: ask for the fused kernel. falls_back_to_fused: the GEMMs are expected to land on the
 // built-in kernel, and the attention to switch to the fused kernel and free their scratch.
 void check_shared_kv(int queries, int keys, int heads, int hd, int limited_queries,
@@ -188,7 +178,7 @@ TEST_CASE("fused shared kv attention matches the reference", "[gpu]") {
 // runs the fused kernel rather than the plain GEMM kernel, and keeps no GEMM scratch for it.
 TEST_CASE("shared kv attention falls back to the fused kernel without keeping gemm scratch",
           "[gpu]") {
-  const ScopedGemmPath builtin("builtin");
+  const ScopedEnv builtin("PI0_GEMM_PATH", "builtin");  // the Gemm tier to start at
   check_shared_kv(64, 576, 8, 256, 1, 513, 45, false, true);  // decoder, V=2 C=63
 }
 
@@ -412,7 +402,7 @@ double gemm_bound(cuda::DType y) { return y == cuda::DType::kF32 ? 1e-4 : 5e-3; 
 // `forced` (PI0_GEMM_PATH), and checks each lands on `expected_path` and matches the reference.
 void check_gemm_tier(const char* forced, const char* expected_path, const char* label,
                      std::initializer_list<GemmCase> cases, uint64_t first_seed) {
-  const ScopedGemmPath path_guard(forced);
+  const ScopedEnv path_guard("PI0_GEMM_PATH", forced);
   uint64_t seed = first_seed;
   for (const GemmCase& c : cases) {
     std::string path;

@@ -3,7 +3,6 @@
 // own; one more comparison runs GPU encoder -> GPU decoder end to end.
 #include <cuda_runtime_api.h>
 
-#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -331,27 +330,10 @@ TEST_CASE("frames decoded in one pass match frames decoded one by one", "[gpu]")
 // several units of a phase, and must not change the actions. Decoder rows of the slot are NaN
 // until the kernel writes them; the shapes cover a partial last tile of rows (C = 50) and of
 // keys (a 20-token prompt).
-// The decoder's path switches, cleared for one test and restored after it.
-class ScopedUnsetEnv {
- public:
-  explicit ScopedUnsetEnv(const char* name) : name_(name) {
-    if (const char* v = std::getenv(name)) saved_ = v, had_ = true;
-    ::unsetenv(name);
-  }
-  ~ScopedUnsetEnv() {
-    if (had_) ::setenv(name_, saved_.c_str(), 1);
-  }
-  ScopedUnsetEnv(const ScopedUnsetEnv&) = delete;
-  ScopedUnsetEnv& operator=(const ScopedUnsetEnv&) = delete;
-
- private:
-  const char* name_;
-  std::string saved_;
-  bool had_ = false;
-};
-
 TEST_CASE("persistent decoder layers match the per-op path on any grid", "[gpu]") {
-  const ScopedUnsetEnv layers_env("PI0_DECODER_LAYERS"), skinny_env("PI0_DECODER_SKINNY");
+  // The decoder's path switches, cleared for this test.
+  const ScopedEnv layers_env("PI0_DECODER_LAYERS", nullptr),
+      skinny_env("PI0_DECODER_SKINNY", nullptr);
   struct Shape {
     const char* model;
     RunShape shape;

@@ -6,8 +6,8 @@
 // the next phase sums the partials of a row in split order. Gate|up units take 32 gate and the
 // matching 32 up columns, so the GeGLU is applied in the epilogue, with no partials (one K range).
 // Attention units: 64 query rows (query row r's heads are rows r * q_heads + h, all sharing the one
-// K/V head) against 64 keys, an online softmax as in fused_attention.cu, with 8 warps: two per 16
-// rows, each writing half the head dim; the combine phase merges the key ranges in range order.
+// K/V head) against 64 keys, an online softmax as in fused_attention.cu; the combine phase merges
+// the key ranges in range order.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 
@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "attention_tile.cuh"
 #include "mma_primitives.cuh"
 #include "pi0/check.hpp"
 #include "pi0/cuda/decoder_layers.hpp"
@@ -38,7 +39,7 @@ constexpr int kStages = 6;
 constexpr int kXStageBytes = kRows * kBK * 2;
 constexpr int kStageBytes = kXStageBytes + kBK * kBN * 2;
 constexpr int kHeadDim = 256;
-constexpr int kKeysPerTile = 32;
+constexpr int kKeysPerTile = attention_tile::kKeys;
 constexpr int kKeysPerUnit = 64;
 constexpr int kQRowsPerUnit = 64;
 constexpr int kAttnBytes = (kQRowsPerUnit + 4 * kKeysPerTile) * kHeadDim * 2;
@@ -318,33 +319,10 @@ __device__ void rope_phase(const Args& a, int layer) {
 
 // ---- attention ----
 
-__device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
-  return static_cast<uint32_t>((row * (kHeadDim / 8) + (chunk ^ (row & 7))) * 16);
-}
-
-__device__ __forceinline__ void load_rows(uint32_t dst, const bf16* src, int first, int end,
-                                          int count) {
-  for (int c = threadIdx.x; c < count * (kHeadDim / 8); c += kThreads) {
-    const int r = c / (kHeadDim / 8), ch = c % (kHeadDim / 8);
-    const int gr = first + r;
-    const bool ok = gr < end;
-    cp_async16(dst + swizzled(r, ch), ok ? src + static_cast<size_t>(gr) * kHeadDim + ch * 8 : src,
-               ok);
-  }
-}
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  const bf162 p = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&p);
-}
-
-// The key-tile step is fused_attention.cu's (kept as a copy until a GPU run checks one shared
-// version of it; see bench/NOTES.md v6).
 __device__ void attention_unit(const Args& a, int layer, int u, uint32_t sbase) {
-  constexpr int kTileBytes = kKeysPerTile * kHeadDim * 2;
   const uint32_t qs = sbase;
   const uint32_t ks0 = qs + kQRowsPerUnit * kHeadDim * 2;
-  const uint32_t vs0 = ks0 + 2 * kTileBytes;
+  const uint32_t vs0 = ks0 + 2 * kKeysPerTile * kHeadDim * 2;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
   // Warp w: query rows 16 * (w % 4) .. + 16 of the unit, output dims 128 * (w / 4) .. + 128. The
@@ -355,114 +333,23 @@ __device__ void attention_unit(const Args& a, int layer, int u, uint32_t sbase) 
   const int r0 = (u / a.ranges) * kQRowsPerUnit;
   const int key_begin = range * kKeysPerUnit;
   const int key_end = min(a.keys, key_begin + kKeysPerUnit);
-  const int tiles = (key_end - key_begin + kKeysPerTile - 1) / kKeysPerTile;
   const bf16* k = a.kv + layer * a.kv_layer_stride;
   const bf16* v = k + a.v_offset;
   // The state token (query row 0, all its heads) sees the prefix and itself only.
   const int limited_rows = a.q_heads, limited_keys = a.prefix + 1;
 
-  load_rows(qs, a.q, r0, a.q_rows, kQRowsPerUnit);
-  load_rows(ks0, k, key_begin, key_end, kKeysPerTile);
-  load_rows(vs0, v, key_begin, key_end, kKeysPerTile);
-  cp_commit();
-
+  attention_tile::load_rows<kHeadDim, kThreads>(qs, a.q, r0, a.q_rows, kQRowsPerUnit);
   float o[kHalfDim / 8][4];
 #pragma unroll
   for (int n = 0; n < kHalfDim / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   const int row_a = r0 + row_group * 16 + g;
   const bool limited[2] = {row_a < limited_rows, row_a + 8 < limited_rows};
+  attention_tile::attend_range<kHeadDim, kHalfDim, kThreads>(
+      qs, ks0, vs0, k, v, key_begin, key_end, row_group * 16, dim_half * kHalfDim, limited,
+      limited_keys, a.scale_log2, m, l, o);
+  attention_tile::quad_sum(l);
 
-  for (int it = 0; it < tiles; ++it) {
-    const int stage = it & 1;
-    if (it + 1 < tiles) {
-      const int next = key_begin + (it + 1) * kKeysPerTile;
-      load_rows(ks0 + (stage ^ 1) * kTileBytes, k, next, key_end, kKeysPerTile);
-      load_rows(vs0 + (stage ^ 1) * kTileBytes, v, next, key_end, kKeysPerTile);
-      cp_commit();
-      cp_wait<1>();
-    } else {
-      cp_wait<0>();
-    }
-    __syncthreads();
-    const uint32_t ks = ks0 + stage * kTileBytes, vs = vs0 + stage * kTileBytes;
-    const int key0 = key_begin + it * kKeysPerTile;
-
-    float s[4][4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-#pragma unroll
-    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      uint32_t af[4];
-      ldsm_x4(af, qs + swizzled(row_group * 16 + (lane & 15), kk * 2 + (lane >> 4)));
-#pragma unroll
-      for (int jp = 0; jp < 2; ++jp) {
-        uint32_t b[4];
-        const int key = jp * 16 + ((lane >> 4) & 1) * 8 + (lane & 7);
-        ldsm_x4(b, ks + swizzled(key, kk * 2 + ((lane >> 3) & 1)));
-        mma16816(s[2 * jp], af, b[0], b[1]);
-        mma16816(s[2 * jp + 1], af, b[2], b[3]);
-      }
-    }
-
-    float mx[2] = {m[0], m[1]};
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = key0 + j * 8 + 2 * t + (e & 1);
-        const int h = e >> 1;
-        const bool ok = key < key_end && (!limited[h] || key < limited_keys);
-        s[j][e] = ok ? s[j][e] * a.scale_log2 : -INFINITY;
-        mx[h] = fmaxf(mx[h], s[j][e]);
-      }
-    float base[2], alpha[2], added[2] = {0.0f, 0.0f};
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-      base[h] = mx[h] == -INFINITY ? 0.0f : mx[h];  // a row with nothing visible yet stays at 0
-      alpha[h] = exp2f(m[h] - base[h]);
-      m[h] = mx[h];
-    }
-    uint32_t pa[2][4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float p0 = exp2f(s[j][0] - base[0]), p1 = exp2f(s[j][1] - base[0]);
-      const float p2 = exp2f(s[j][2] - base[1]), p3 = exp2f(s[j][3] - base[1]);
-      added[0] += p0 + p1;
-      added[1] += p2 + p3;
-      pa[j >> 1][(j & 1) * 2] = pack_bf16(p0, p1);
-      pa[j >> 1][(j & 1) * 2 + 1] = pack_bf16(p2, p3);
-    }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) l[h] = l[h] * alpha[h] + added[h];
-#pragma unroll
-    for (int n = 0; n < kHalfDim / 8; ++n) {
-      o[n][0] *= alpha[0];
-      o[n][1] *= alpha[0];
-      o[n][2] *= alpha[1];
-      o[n][3] *= alpha[1];
-    }
-#pragma unroll
-    for (int ks_step = 0; ks_step < 2; ++ks_step) {
-#pragma unroll
-      for (int dn = 0; dn < kHalfDim / 16; ++dn) {
-        uint32_t b[4];
-        const int key = ks_step * 16 + ((lane >> 3) & 1) * 8 + (lane & 7);
-        ldsm_x4_t(b, vs + swizzled(key, dim_half * (kHalfDim / 8) + dn * 2 + (lane >> 4)));
-        mma16816(o[2 * dn], pa[ks_step], b[0], b[1]);
-        mma16816(o[2 * dn + 1], pa[ks_step], b[2], b[3]);
-      }
-    }
-    __syncthreads();  // this stage is refilled by the next iteration's prefetch
-  }
-
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
-    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
-  }
   // The unnormalised rows and (max, sum) of this key range, for the combine phase.
 #pragma unroll
   for (int h = 0; h < 2; ++h) {

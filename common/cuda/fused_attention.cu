@@ -1,9 +1,7 @@
 // Fused multi-query attention (see pi0/cuda/fused_attention.hpp). One CTA: 4 warps, 64 query rows
-// (16 per warp) against one key range, in tiles of 32 keys double-buffered through cp.async.
-// Per tile a warp computes S = Q K^T with mma.sync (Q from shared memory, K rows as the "col"
-// operand), applies the scale and the mask, updates its running max and sum (log2 domain), and
-// feeds P straight from the score registers into O += P V (V through ldmatrix.trans). Shared
-// memory rows are 16-byte chunks XOR-swizzled by row, so ldmatrix is free of bank conflicts.
+// (16 per warp) against one key range, in tiles of 32 keys double-buffered through cp.async;
+// the per-tile step (S = Q K^T, mask, online softmax, O += P V on tensor cores) is
+// attention_tile.cuh's, shared with the persistent decoder-layers kernel.
 // The key ranges of a row block form one thread-block cluster and combine through distributed
 // shared memory (the first version combined through global memory in the last CTA to arrive:
 // 74 us per call, as one SM read every range's partial rows).
@@ -14,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "attention_tile.cuh"
 #include "mma_primitives.cuh"
 #include "pi0/check.hpp"
 #include "pi0/cuda/fused_attention.hpp"
@@ -27,7 +26,7 @@ namespace cg = cooperative_groups;
 
 constexpr int kThreads = 128;
 constexpr int kRowsPerBlock = 64;
-constexpr int kKeysPerTile = 32;
+constexpr int kKeysPerTile = attention_tile::kKeys;
 // Ranges are planned for about two CTAs per SM of a whole H100; a fixed number, not the SM count
 // this process sees, so that an MPS share does not change the bits. A row block's ranges are one
 // cluster, so at most 8 (the portable cluster size).
@@ -43,32 +42,14 @@ struct Args {
   float scale_log2;  // scale * log2(e)
 };
 
-int row_blocks(const FusedAttentionShape& s) { return (s.rows + kRowsPerBlock - 1) / kRowsPerBlock; }
+int row_blocks(const FusedAttentionShape& s) {
+  return (s.rows + kRowsPerBlock - 1) / kRowsPerBlock;
+}
 int keys_per_split(const FusedAttentionShape& s) {
   const int per = (s.keys + s.splits - 1) / s.splits;
   return (per + kKeysPerTile - 1) / kKeysPerTile * kKeysPerTile;
 }
-template <int D>
-__device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
-  return static_cast<uint32_t>((row * (D / 8) + (chunk ^ (row & 7))) * 16);
-}
-
-// Rows first .. first + count - 1 of a [*, D] matrix into shared memory; rows >= end read as 0.
-template <int D>
-__device__ __forceinline__ void load_rows(uint32_t dst, const bf16* src, int first, int end,
-                                          int count, int tid) {
-  for (int c = tid; c < count * (D / 8); c += kThreads) {
-    const int r = c / (D / 8), ch = c % (D / 8);
-    const int gr = first + r;
-    const bool ok = gr < end;
-    cp_async16(dst + swizzled<D>(r, ch), ok ? src + static_cast<size_t>(gr) * D + ch * 8 : src, ok);
-  }
-}
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  const __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&p);
-}
+using attention_tile::load_rows;
 
 __device__ __forceinline__ void store_bf16x2(bf16* p, float a, float b) {
   *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
@@ -78,10 +59,9 @@ template <int D>
 __global__ void __launch_bounds__(kThreads) fused_attention_kernel(const Args a) {
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ float2 parked_ml[kRowsPerBlock];
-  constexpr int kTileBytes = kKeysPerTile * D * 2;
   const uint32_t qs = smem_u32(smem);
   const uint32_t ks0 = qs + kRowsPerBlock * D * 2;
-  const uint32_t vs0 = ks0 + 2 * kTileBytes;
+  const uint32_t vs0 = ks0 + 2 * kKeysPerTile * D * 2;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -89,14 +69,8 @@ __global__ void __launch_bounds__(kThreads) fused_attention_kernel(const Args a)
   const int split = blockIdx.y;
   const int key_begin = split * a.keys_per_split;
   const int key_end = min(a.keys, key_begin + a.keys_per_split);
-  const int tiles = key_end > key_begin ? (key_end - key_begin + kKeysPerTile - 1) / kKeysPerTile : 0;
 
-  load_rows<D>(qs, a.q, r0, a.rows, kRowsPerBlock, tid);
-  if (tiles > 0) {
-    load_rows<D>(ks0, a.k, key_begin, key_end, kKeysPerTile, tid);
-    load_rows<D>(vs0, a.v, key_begin, key_end, kKeysPerTile, tid);
-  }
-  cp_commit();
+  load_rows<D, kThreads>(qs, a.q, r0, a.rows, kRowsPerBlock);
 
   float o[D / 8][4];
 #pragma unroll
@@ -105,97 +79,10 @@ __global__ void __launch_bounds__(kThreads) fused_attention_kernel(const Args a)
   const int row_a = r0 + warp * 16 + g;  // this thread's rows: row_a and row_a + 8
   const bool limited[2] = {row_a < a.limited_rows, row_a + 8 < a.limited_rows};
 
-  for (int it = 0; it < tiles; ++it) {
-    const int stage = it & 1;
-    if (it + 1 < tiles) {
-      const int next = key_begin + (it + 1) * kKeysPerTile;
-      load_rows<D>(ks0 + (stage ^ 1) * kTileBytes, a.k, next, key_end, kKeysPerTile, tid);
-      load_rows<D>(vs0 + (stage ^ 1) * kTileBytes, a.v, next, key_end, kKeysPerTile, tid);
-      cp_commit();
-      cp_wait<1>();
-    } else {
-      cp_wait<0>();
-    }
-    __syncthreads();
-    const uint32_t ks = ks0 + stage * kTileBytes, vs = vs0 + stage * kTileBytes;
-    const int key0 = key_begin + it * kKeysPerTile;
-
-    float s[4][4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t af[4];
-      ldsm_x4(af, qs + swizzled<D>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
-#pragma unroll
-      for (int jp = 0; jp < 2; ++jp) {
-        uint32_t b[4];
-        const int key = jp * 16 + ((lane >> 4) & 1) * 8 + (lane & 7);
-        ldsm_x4(b, ks + swizzled<D>(key, kk * 2 + ((lane >> 3) & 1)));
-        mma16816(s[2 * jp], af, b[0], b[1]);
-        mma16816(s[2 * jp + 1], af, b[2], b[3]);
-      }
-    }
-
-    float mx[2] = {m[0], m[1]};
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = key0 + j * 8 + 2 * t + (e & 1);
-        const int h = e >> 1;
-        const bool ok = key < key_end && (!limited[h] || key < a.limited_keys);
-        s[j][e] = ok ? s[j][e] * a.scale_log2 : -INFINITY;
-        mx[h] = fmaxf(mx[h], s[j][e]);
-      }
-    float base[2], alpha[2], added[2] = {0.0f, 0.0f};
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-      base[h] = mx[h] == -INFINITY ? 0.0f : mx[h];  // a row with nothing visible yet stays at 0
-      alpha[h] = exp2f(m[h] - base[h]);
-      m[h] = mx[h];
-    }
-    // P in the A-operand layout of the PV product: key step ks covers score tiles 2ks, 2ks + 1.
-    uint32_t pa[2][4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float p0 = exp2f(s[j][0] - base[0]), p1 = exp2f(s[j][1] - base[0]);
-      const float p2 = exp2f(s[j][2] - base[1]), p3 = exp2f(s[j][3] - base[1]);
-      added[0] += p0 + p1;
-      added[1] += p2 + p3;
-      pa[j >> 1][(j & 1) * 2] = pack_bf16(p0, p1);
-      pa[j >> 1][(j & 1) * 2 + 1] = pack_bf16(p2, p3);
-    }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) l[h] = l[h] * alpha[h] + added[h];
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      o[n][0] *= alpha[0];
-      o[n][1] *= alpha[0];
-      o[n][2] *= alpha[1];
-      o[n][3] *= alpha[1];
-    }
-#pragma unroll
-    for (int ks_step = 0; ks_step < 2; ++ks_step) {
-#pragma unroll
-      for (int dn = 0; dn < D / 16; ++dn) {
-        uint32_t b[4];
-        const int key = ks_step * 16 + ((lane >> 3) & 1) * 8 + (lane & 7);
-        ldsm_x4_t(b, vs + swizzled<D>(key, dn * 2 + (lane >> 4)));
-        mma16816(o[2 * dn], pa[ks_step], b[0], b[1]);
-        mma16816(o[2 * dn + 1], pa[ks_step], b[2], b[3]);
-      }
-    }
-    __syncthreads();  // this stage is refilled by the next iteration's prefetch
-  }
-
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
-    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
-  }
+  attention_tile::attend_range<D, D, kThreads>(qs, ks0, vs0, a.k, a.v, key_begin, key_end,
+                                               warp * 16, 0, limited, a.limited_keys, a.scale_log2,
+                                               m, l, o);
+  attention_tile::quad_sum(l);
 
   if (a.splits == 1) {
 #pragma unroll
@@ -236,14 +123,16 @@ __global__ void __launch_bounds__(kThreads) fused_attention_kernel(const Args a)
     const int row = r0 + rl;
     if (row >= a.rows) continue;
     float mmax = -INFINITY;
-    for (int sp = 0; sp < splits; ++sp) mmax = fmaxf(mmax, cluster.map_shared_rank(parked_ml, sp)[rl].x);
+    for (int sp = 0; sp < splits; ++sp)
+      mmax = fmaxf(mmax, cluster.map_shared_rank(parked_ml, sp)[rl].x);
     float sum = 0.0f;
     float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     for (int sp = 0; sp < splits; ++sp) {
       const float2 ml = cluster.map_shared_rank(parked_ml, sp)[rl];
       const float w = ml.x == -INFINITY ? 0.0f : exp2f(ml.x - mmax);
       sum += w * ml.y;
-      const float4 po = reinterpret_cast<const float4*>(cluster.map_shared_rank(parked, sp) + rl * D)[d4];
+      const float4 po =
+          reinterpret_cast<const float4*>(cluster.map_shared_rank(parked, sp) + rl * D)[d4];
       acc.x += w * po.x;
       acc.y += w * po.y;
       acc.z += w * po.z;
@@ -333,9 +222,12 @@ FusedAttentionShape plan_fused_attention(FusedAttentionShape s) {
 
 bool fused_attention_runs_here(const FusedAttentionShape& s) {
   switch (s.head_dim) {
-    case 64: return cluster_fits<64>(s);
-    case 128: return cluster_fits<128>(s);
-    default: return cluster_fits<256>(s);
+    case 64:
+      return cluster_fits<64>(s);
+    case 128:
+      return cluster_fits<128>(s);
+    default:
+      return cluster_fits<256>(s);
   }
 }
 
@@ -356,9 +248,15 @@ void fused_attention(const FusedAttentionShape& s, const Bf16* q, const Bf16* k,
   a.limited_keys = s.limited_keys;
   a.scale_log2 = s.scale * 1.4426950408889634f;
   switch (s.head_dim) {
-    case 64: launch<64>(s, a, stream); break;
-    case 128: launch<128>(s, a, stream); break;
-    default: launch<256>(s, a, stream); break;
+    case 64:
+      launch<64>(s, a, stream);
+      break;
+    case 128:
+      launch<128>(s, a, stream);
+      break;
+    default:
+      launch<256>(s, a, stream);
+      break;
   }
 }
 

@@ -54,6 +54,14 @@ __device__ __forceinline__ void wgmma_wait0() {
 __device__ __forceinline__ void fence_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
+// Pins the accumulators in place around the async region (cute::warpgroup_fence_operand): no
+// instruction is emitted, but the compiler can neither hoist a read of d above wgmma.wait_group
+// nor sink a write to d below wgmma.fence.
+template <int N>
+__device__ __forceinline__ void fence_operand(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
 
 __device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
                                                 int accumulate) {
@@ -162,12 +170,14 @@ __global__ void __launch_bounds__(kThreads) wgmma_gemm_kernel(const Args a) {
     if (next < nkb) load(next % kStages, kb0 + next);  // slot of block it - 1: its wgmma is done
     cp_commit();
     const uint32_t xs = sbase + (it % kStages) * kStageBytes, ws = xs + kXBytes;
+    fence_operand(d);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBK / 16; ++kk)
       wgmma_tile<BN>(d, smem_desc(xs + kk * 32), smem_desc(ws + kk * 32), it > 0 || kk > 0);
     wgmma_commit();
     wgmma_wait0();
+    fence_operand(d);
   }
   cp_wait<0>();
 
@@ -184,6 +194,15 @@ __global__ void __launch_bounds__(kThreads) wgmma_gemm_kernel(const Args a) {
       *reinterpret_cast<float2*>(part + static_cast<size_t>(row) * a.n + n0 + 8 * j + 2 * q) =
           make_float2(d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
     }
+#endif
+}
+
+// Writes 1 only where this binary carries sm_90a code for the device (see wgmma_available).
+__global__ void wgmma_probe_kernel(int* flag) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  *flag = 1;
+#else
+  *flag = 0;
 #endif
 }
 
@@ -207,6 +226,24 @@ void launch(const WgmmaShape& s, const Args& a, cudaStream_t stream) {
 
 }  // namespace
 
+bool wgmma_available() {
+  static const bool ok = [] {
+    int* flag = nullptr;
+    int host = 0;
+    if (cudaMalloc(&flag, sizeof(int)) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    wgmma_probe_kernel<<<1, 1>>>(flag);
+    const bool ran = cudaGetLastError() == cudaSuccess &&
+                     cudaMemcpy(&host, flag, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess;
+    cudaFree(flag);
+    (void)cudaGetLastError();  // e.g. no kernel image for this device: report "unavailable"
+    return ran && host == 1;
+  }();
+  return ok;
+}
+
 bool wgmma_supported(const WgmmaShape& s) {
   return s.m >= 1 && s.m <= kRows && (s.bn == 64 || s.bn == 128) && s.n > 0 && s.n % s.bn == 0 &&
          s.splits >= 1 && s.k > 0 && s.k % (kBK * s.splits) == 0 && s.ld_x % 8 == 0 &&
@@ -215,6 +252,9 @@ bool wgmma_supported(const WgmmaShape& s) {
 
 void wgmma_gemm(const WgmmaShape& s, const Bf16* x, const Bf16* wt, float* part,
                 cudaStream_t stream) {
+  PI0_CHECK(
+      wgmma_available(),
+      "wgmma gemm: this build has no sm_90a code for the device (-DCMAKE_CUDA_ARCHITECTURES=90a)");
   PI0_CHECK(wgmma_supported(s), "wgmma gemm: unsupported shape m=" + std::to_string(s.m) +
                                     " n=" + std::to_string(s.n) + " k=" + std::to_string(s.k));
   PI0_CHECK(reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(wt) % 16 == 0,

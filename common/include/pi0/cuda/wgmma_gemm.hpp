@@ -22,6 +22,9 @@ struct WgmmaShape {
   int splits = 1;  // K ranges; part holds splits x 64 x n floats
 };
 
+// True when the binary carries sm_90a code for the current device (the kernel traps otherwise).
+bool wgmma_available();
+
 bool wgmma_supported(const WgmmaShape& shape);
 
 void wgmma_gemm(const WgmmaShape& shape, const Bf16* x, const Bf16* wt, float* part,

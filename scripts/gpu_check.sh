@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check (H100, sm_90): builds, runs the [gpu] and [mps] tests, the single-process
+# The GPU check (H100, sm_90a): builds, runs the [gpu] and [mps] tests, the single-process
 # benchmark and the split sweep with its baselines, and prints a short table last.
-#   scripts/gpu_check.sh [tests] [bench] [sweep] [wgmma]   (default: the first three)
+#   scripts/gpu_check.sh [tests] [bench] [sweep] [gemm-sweep]   (default: the first three)
 # Figures, logs, JSON and the sweep plot go to $OUT (default: ./gpu_check_out).
 # PI0_SWEEP_ARGS / PI0_RATE_ARGS add orchestrator options to the sweep / the camera-rate runs
 # (e.g. "--decoder-batch 2 --sweep-min 40 --sweep-max 70 --sweep-step 5").
@@ -10,7 +10,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT_DIR="${OUT:-$ROOT/gpu_check_out}"
 mkdir -p "$OUT_DIR"
 export PI0_BUILD_DIR="${PI0_BUILD_DIR:-$ROOT/build-gpu}"
-# sm_90a: the wgmma prototype (branch wgmma-gemm) needs the arch-specific target.
+# sm_90a: sm_90 with Hopper's arch-specific instructions; the skinny GEMM's wgmma mainloop needs it.
 export PI0_CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90a ${PI0_CMAKE_ARGS:-}"
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(tests bench sweep)
@@ -64,6 +64,9 @@ if want bench; then
     "$BIN/pi0_bench" --case 2,63,0 --iters 50 --breakdown
     echo "== decoder attention in the fused kernel (PI0_DECODER_FUSED_ATTENTION=1)"
     PI0_DECODER_FUSED_ATTENTION=1 "$BIN/pi0_bench" --case 2,63,0 --iters 200
+    echo "== decoder weight GEMMs on the skinny kernel (PI0_DECODER_SKINNY=1)"
+    PI0_DECODER_SKINNY=1 "$BIN/pi0_bench" --case 2,63,0 --iters 200
+    PI0_DECODER_SKINNY=1 "$BIN/pi0_bench" --case 2,63,0 --iters 30 --breakdown
     echo "== decoder layers in the persistent kernel (PI0_DECODER_LAYERS=1)"
     PI0_DECODER_LAYERS=1 "$BIN/pi0_bench" --case 2,63,0 --iters 200
     PI0_DECODER_LAYERS=1 "$BIN/pi0_bench" --case 2,63,0 --iters 30 --breakdown
@@ -73,12 +76,10 @@ if want bench; then
   grep -A11 "persistent layers, us" "$OUT_DIR/bench_extra.log"
 fi
 
-if want wgmma; then
-  # The wgmma prototype against the skinny mma.sync kernel on the decoder's 64-row products.
-  "$PI0_BUILD_DIR/tests/pi0_gpu_tests" "[wgmma]" >"$OUT_DIR/wgmma.log" 2>&1
-  grep -E "rel error|passed|failed|FAILED" "$OUT_DIR/wgmma.log" | tail -30
-  "$PI0_BUILD_DIR/tests/pi0_gpu_tests" "[.wgmma-sweep]" 2>&1 | grep "wgmma sweep" | tee -a "$OUT_DIR/wgmma.log"
-  "$PI0_BUILD_DIR/tests/pi0_gpu_tests" "[.sweep]" 2>&1 | grep -E "sweep (qkv|o|gate up geglu|down) " | tee -a "$OUT_DIR/wgmma.log"
+if want gemm-sweep; then
+  # Both skinny GEMM mainloops (mma.sync, wgmma) over every tile and split, on the decoder's shapes.
+  "$PI0_BUILD_DIR/tests/pi0_gpu_tests" "[.sweep]" >"$OUT_DIR/gemm_sweep.log" 2>&1
+  grep -E "<- plan|failed" "$OUT_DIR/gemm_sweep.log"
 fi
 
 if want sweep; then

@@ -1,18 +1,23 @@
-// Skinny GEMM kernel (see pi0/cuda/skinny_gemm.hpp). One CTA: 4 warps, a 64-row x BN-column
+// Skinny GEMM kernels (see pi0/cuda/skinny_gemm.hpp). One CTA: 4 warps, a 64-row x BN-column
 // output tile over one K split; X and W stream through a STAGES-deep cp.async ring of 64-deep
-// K blocks (16-byte chunks, XOR-swizzled so ldmatrix is free of bank conflicts). Each warp owns
-// BN/4 columns and all 64 rows: per 16-deep step, 4 ldmatrix.x4 (X) + BN/64 ldmatrix.x4.trans (W)
-// and 4 * BN/32 mma.sync. The K splits of a tile are one cluster: every CTA parks its fp32
-// partial tile in its shared memory, and after a cluster barrier CTA r sums units r, r + S, ...
-// of the tile over ranks 0..S-1 in that order (bitwise reproducible) and applies the epilogue.
+// K blocks (16-byte chunks, XOR-swizzled). Two mainloops:
+// - mma.sync: each warp owns BN/4 columns and all 64 rows: per 16-deep step, 4 ldmatrix.x4 (X) +
+//   BN/64 ldmatrix.x4.trans (W) and 4 * BN/32 mma.sync;
+// - wgmma (sm_90a): the 4 warps are one warpgroup, and the tensor cores read X (K-major) and W
+//   (MN-major as stored [k, n], or K-major when given transposed) through matrix descriptors of
+//   the 128-byte-swizzled layout, so no operand passes through registers: per 16-deep step,
+//   BN/64 wgmma.m64n64k16.
+// The K splits of a tile are one cluster: every CTA parks its fp32 partial tile in its shared
+// memory, and after a cluster barrier CTA r sums units r, r + S, ... of the tile over ranks
+// 0..S-1 in that order (bitwise reproducible) and applies the epilogue.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 
 #include <cstdint>
 
+#include "mma_primitives.cuh"
 #include "pi0/check.hpp"
 #include "pi0/cuda/skinny_gemm.hpp"
-#include "mma_primitives.cuh"
 
 namespace pi0::cuda {
 namespace {
@@ -62,13 +67,71 @@ __device__ __forceinline__ void store_pair(const Args& a, int row, int col, floa
   }
 }
 
+// The split-K reduction and epilogue of both mainloops. Each CTA's partial tile sits in its shared
+// memory as float4 fragments, fragment f of thread t at red[f * kThreads + t] (rows r and r + 8,
+// two adjacent columns each); fragments 2u and 2u + 1 are n8 chunks side by side, a gate chunk and
+// its up chunk under GeGLU. CTA `rank` sums units rank, rank + splits, ... over ranks 0, 1, ... in
+// that order, and stores them; locate(u) gives this thread's row r and first column in unit u.
+template <class Locate>
+__device__ __forceinline__ void reduce_and_store(const Args& a, float4* red, int rank, int units,
+                                                 Locate locate) {
+  const int tid = threadIdx.x, lane = tid & 31;
+  cg::cluster_group cluster = cg::this_cluster();
+  if (a.splits > 1) {
+    cluster.sync();
+  } else {
+    __syncthreads();
+  }
+  for (int u = rank; u < units; u += a.splits) {
+    float4 v[2];
+#pragma unroll
+    for (int jj = 0; jj < 2; ++jj) {
+      const int idx = (2 * u + jj) * kThreads + tid;
+      float4 s = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      for (int r = 0; r < a.splits; ++r) {
+        const float4* src = a.splits > 1 ? cluster.map_shared_rank(red, r) : red;
+        const float4 t = src[idx];
+        s.x += t.x;
+        s.y += t.y;
+        s.z += t.z;
+        s.w += t.w;
+      }
+      v[jj] = s;
+    }
+    const int2 at = locate(u);
+    const int row_a = at.x, row_b = row_a + 8, col0 = at.y;
+    if (a.mode == kModeGeglu) {
+      const int chunk = (col0 - (lane & 3) * 2) / 8;  // even: gate; chunk + 1: up
+      if (chunk * 8 < a.n) {
+        const int ocol = (chunk / 2) * 8 + (lane & 3) * 2;
+        bf16* y = static_cast<bf16*>(a.y);
+        if (row_a < a.m)
+          *reinterpret_cast<__nv_bfloat162*>(y + static_cast<size_t>(row_a) * a.ldy + ocol) =
+              __floats2bfloat162_rn(gelu_tanh(v[0].x) * v[1].x, gelu_tanh(v[0].y) * v[1].y);
+        if (row_b < a.m)
+          *reinterpret_cast<__nv_bfloat162*>(y + static_cast<size_t>(row_b) * a.ldy + ocol) =
+              __floats2bfloat162_rn(gelu_tanh(v[0].z) * v[1].z, gelu_tanh(v[0].w) * v[1].w);
+      }
+    } else {
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) {
+        const int col = col0 + jj * 8;
+        if (col >= a.n) continue;
+        if (row_a < a.m) store_pair(a, row_a, col, v[jj].x, v[jj].y);
+        if (row_b < a.m) store_pair(a, row_b, col, v[jj].z, v[jj].w);
+      }
+    }
+  }
+  if (a.splits > 1) cluster.sync();  // no CTA leaves while another still reads its partials
+}
+
 template <int BN, int STAGES>
 __global__ void __launch_bounds__(kThreads) skinny_kernel(const Args a) {
   extern __shared__ __align__(128) unsigned char smem[];
   constexpr int kXBytes = kBM * kBK * 2;
   constexpr int kWBytes = kBK * BN * 2;
   constexpr int kStageBytes = kXBytes + kWBytes;
-  constexpr int NT = BN / 32;    // n8 tiles per warp
+  constexpr int NT = BN / 32;       // n8 tiles per warp
   constexpr int kWChunks = BN / 8;  // 16-byte chunks per W row
   static_assert(4 * NT * kThreads * 16 <= STAGES * kStageBytes, "reduction tile must fit");
 
@@ -167,62 +230,165 @@ __global__ void __launch_bounds__(kThreads) skinny_kernel(const Args a) {
       red[(i * NT + j) * kThreads + tid] =
           make_float4(acc[i][j][0], acc[i][j][1], acc[i][j][2], acc[i][j][3]);
 
-  cg::cluster_group cluster = cg::this_cluster();
-  if (a.splits > 1) {
-    cluster.sync();
-  } else {
-    __syncthreads();
-  }
+  const int i_of_unit = NT / 2;  // units per 16-row block
+  reduce_and_store(a, red, rank, 4 * NT / 2, [&](int u) {
+    const int i = u / i_of_unit, q = u % i_of_unit;
+    return make_int2(m0 + i * 16 + (lane >> 2), n0 + warp * (BN / 4) + 2 * q * 8 + (lane & 3) * 2);
+  });
+}
 
-  // Units: (16-row block i, pair q of n8 tiles 2q and 2q + 1), so a GeGLU pair stays in one thread.
-  constexpr int kUnits = 4 * NT / 2;
-  for (int u = rank; u < kUnits; u += a.splits) {
-    const int i = u / (NT / 2), q = u % (NT / 2);
-    float4 v[2];
+// The wgmma mainloop. Stage layout (1024-byte aligned): X [64 rows][64 k] then W as BN / 64
+// blocks of 64 columns, every 128-byte row with its 16-byte chunk c at c ^ (row % 8): the
+// canonical 128-byte-swizzle atoms. X is K-major; W is MN-major ([64 k][64 n] blocks) when given
+// as [k, n], K-major ([64 n][64 k]) when given transposed as [n, k] (kWT), which streams each
+// CTA's columns as contiguous rows of memory and runs faster (bench/NOTES.md v7). Per 16-deep
+// step the K-major descriptors move 32 bytes along their rows, the MN-major ones 16 rows.
+template <int BN, int STAGES, bool kWT>
+__global__ void __launch_bounds__(kThreads) skinny_wgmma_kernel(const Args a) {
+#if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  (void)a;
+  __trap();  // never launched: plan_skinny picks this kernel only where sm_90a code exists
+#else
+  extern __shared__ unsigned char smem_raw[];
+  constexpr int kXBytes = kBM * kBK * 2;
+  constexpr int kBlockBytes = kBK * 64 * 2;  // one 64 x 64 block of W
+  constexpr int kBlocks = BN / 64;
+  constexpr int kStageBytes = kXBytes + kBlocks * kBlockBytes;
+  constexpr int kWChunks = BN / 8;  // 16-byte chunks per W row
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t sbase = (raw + 1023u) & ~1023u;
+  // The partial tile reuses the ring once the last wgmma has completed (see below).
+  float4* red = reinterpret_cast<float4*>(smem_raw + (sbase - raw));
+  static_assert(BN / 8 * kThreads * 16 <= STAGES * kStageBytes, "partial tile must fit the ring");
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int n0 = blockIdx.x * BN;
+  const int m0 = blockIdx.z * kBM;
+  const int rank = blockIdx.y;
+  const int kb0 = rank * a.kb_per_split;
+  const int kb1 = min(a.kb_total, kb0 + a.kb_per_split);
+  const int nkb = max(0, kb1 - kb0);
+
+  auto load = [&](int stage, int kb) {
+    const int k0 = kb * kBK;
+    const uint32_t xs = sbase + stage * kStageBytes;
+    const uint32_t ws = xs + kXBytes;
 #pragma unroll
-    for (int jj = 0; jj < 2; ++jj) {
-      const int idx = (i * NT + 2 * q + jj) * kThreads + tid;
-      float4 s = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      for (int r = 0; r < a.splits; ++r) {
-        const float4* src = a.splits > 1 ? cluster.map_shared_rank(red, r) : red;
-        const float4 t = src[idx];
-        s.x += t.x;
-        s.y += t.y;
-        s.z += t.z;
-        s.w += t.w;
-      }
-      v[jj] = s;
+    for (int i = 0; i < kBM * kBK / 8 / kThreads; ++i) {
+      const int c = tid + i * kThreads;
+      const int row = c >> 3, kc = c & 7;
+      const int gr = m0 + row, gk = k0 + kc * 8;
+      const bool ok = gr < a.m && gk < a.k;
+      const bf16* src = ok ? a.x + static_cast<size_t>(gr) * a.ldx + gk : a.x;
+      cp_async16(xs + row * 128 + ((kc ^ (row & 7)) << 4), src, ok);
     }
-    const int row_a = m0 + i * 16 + (lane >> 2), row_b = row_a + 8;
-    const int col0 = n0 + warp * (BN / 4) + 2 * q * 8 + (lane & 3) * 2;
-    if (a.mode == kModeGeglu) {
-      const int chunk = (n0 + warp * (BN / 4) + 2 * q * 8) / 8;  // even: gate; chunk + 1: up
-      if (chunk * 8 < a.n) {
-        const int ocol = (chunk / 2) * 8 + (lane & 3) * 2;
-        bf16* y = static_cast<bf16*>(a.y);
-        if (row_a < a.m)
-          *reinterpret_cast<__nv_bfloat162*>(y + static_cast<size_t>(row_a) * a.ldy + ocol) =
-              __floats2bfloat162_rn(gelu_tanh(v[0].x) * v[1].x, gelu_tanh(v[0].y) * v[1].y);
-        if (row_b < a.m)
-          *reinterpret_cast<__nv_bfloat162*>(y + static_cast<size_t>(row_b) * a.ldy + ocol) =
-              __floats2bfloat162_rn(gelu_tanh(v[0].z) * v[1].z, gelu_tanh(v[0].w) * v[1].w);
+    if constexpr (kWT) {
+#pragma unroll
+      for (int i = 0; i < kBK * BN / 8 / kThreads; ++i) {
+        const int c = tid + i * kThreads;
+        const int nr = c >> 3, kc = c & 7;
+        const int gn = n0 + nr, gk = k0 + kc * 8;
+        const bool ok = gn < a.n && gk < a.k;
+        const bf16* src = ok ? a.w + static_cast<size_t>(gn) * a.ldw + gk : a.w;
+        cp_async16(ws + nr * 128 + ((kc ^ (nr & 7)) << 4), src, ok);
       }
     } else {
 #pragma unroll
-      for (int jj = 0; jj < 2; ++jj) {
-        const int col = col0 + jj * 8;
-        if (col >= a.n) continue;
-        if (row_a < a.m) store_pair(a, row_a, col, v[jj].x, v[jj].y);
-        if (row_b < a.m) store_pair(a, row_b, col, v[jj].z, v[jj].w);
+      for (int i = 0; i < kBK * BN / 8 / kThreads; ++i) {
+        const int c = tid + i * kThreads;
+        const int kr = c / kWChunks, nc = c % kWChunks;
+        const int gk = k0 + kr, gn = n0 + nc * 8;
+        const bool ok = gk < a.k && gn < a.n;
+        const bf16* src = ok ? a.w + static_cast<size_t>(gk) * a.ldw + gn : a.w;
+        cp_async16(ws + (nc >> 3) * kBlockBytes + kr * 128 + (((nc & 7) ^ (kr & 7)) << 4), src, ok);
       }
     }
+  };
+
+  float d[kBlocks][32];
+#pragma unroll
+  for (int h = 0; h < kBlocks; ++h)
+#pragma unroll
+    for (int e = 0; e < 32; ++e) d[h][e] = 0.0f;
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < nkb) load(s, kb0 + s);
+    cp_commit();
   }
-  if (a.splits > 1) cluster.sync();  // no CTA leaves while another still reads its partials
+  for (int it = 0; it < nkb; ++it) {
+    cp_wait<STAGES - 2>();
+    fence_async_shared();  // this thread's copies, visible to the tensor cores
+    __syncthreads();       // everyone's; and block it - 1's wgmma are done (waited below)
+    {
+      const int next = it + STAGES - 1;
+      if (next < nkb) load(next % STAGES, kb0 + next);
+      cp_commit();
+    }
+    const uint32_t xs = sbase + (it % STAGES) * kStageBytes;
+    const uint32_t ws = xs + kXBytes;
+#pragma unroll
+    for (int h = 0; h < kBlocks; ++h) fence_operand(d[h]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBK / 16; ++kk) {
+      const uint64_t da = smem_desc_sw128(xs + kk * 32, 16, 1024);
+#pragma unroll
+      for (int h = 0; h < kBlocks; ++h) {
+        if constexpr (kWT) {
+          wgmma_m64n64k16<0>(d[h], da, smem_desc_sw128(ws + h * kBlockBytes + kk * 32, 16, 1024),
+                             1);
+        } else {
+          wgmma_m64n64k16<1>(d[h], da,
+                             smem_desc_sw128(ws + h * kBlockBytes + kk * 2048, 1024, 1024), 1);
+        }
+      }
+    }
+    wgmma_commit();
+    wgmma_wait0();
+#pragma unroll
+    for (int h = 0; h < kBlocks; ++h) fence_operand(d[h]);
+  }
+  cp_wait<0>();
+  // Every warp has waited for the last wgmma, so the tensor cores are done reading the ring; the
+  // proxy fence orders those async-proxy reads before this thread's generic writes over them.
+  fence_async_shared();
+  __syncthreads();
+
+  // Fragment h * 8 + j: n8 chunk j of column block h, d[h][4 j .. 4 j + 3].
+#pragma unroll
+  for (int h = 0; h < kBlocks; ++h)
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      red[(h * 8 + j) * kThreads + tid] =
+          make_float4(d[h][4 * j], d[h][4 * j + 1], d[h][4 * j + 2], d[h][4 * j + 3]);
+
+  reduce_and_store(a, red, rank, BN / 16, [&](int u) {
+    return make_int2(m0 + warp * 16 + (lane >> 2), n0 + 16 * u + (lane & 3) * 2);
+  });
+#endif
+}
+
+// Writes 1 only where this binary carries sm_90a code for the device.
+__global__ void wgmma_probe_kernel(int* flag) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  *flag = 1;
+#else
+  *flag = 0;
+#endif
 }
 
 template <int BN, int STAGES>
 constexpr int smem_bytes() {
   return STAGES * (kBM * kBK * 2 + kBK * BN * 2);
+}
+
+// The ring (which the partial tile reuses) and 1024 bytes of alignment slack: 65 KB at bn 64 and
+// 4 stages, so 3 CTAs fit an SM as with mma.sync (a separate partial tile left room for 2, and
+// the 320-CTA grids of qkv ran in two waves).
+template <int BN, int STAGES>
+constexpr int wgmma_smem_bytes() {
+  return smem_bytes<BN, STAGES>() + 1024;
 }
 
 template <int BN, int STAGES>
@@ -231,14 +397,22 @@ void set_attributes() {
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   smem_bytes<BN, STAGES>()));
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  for (auto* wgmma :
+       {&skinny_wgmma_kernel<BN, STAGES, false>, &skinny_wgmma_kernel<BN, STAGES, true>}) {
+    CUDA_CHECK(cudaFuncSetAttribute(wgmma, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    wgmma_smem_bytes<BN, STAGES>()));
+    CUDA_CHECK(cudaFuncSetAttribute(wgmma, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  }
 }
 
 template <int BN, int STAGES>
-void launch(const Args& args, dim3 grid, cudaStream_t stream) {
+void launch(const Args& args, dim3 grid, SkinnyKernel kernel, bool w_transposed,
+            cudaStream_t stream) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = smem_bytes<BN, STAGES>();
+  const bool wgmma = kernel == SkinnyKernel::kWgmma;
+  cfg.dynamicSmemBytes = wgmma ? wgmma_smem_bytes<BN, STAGES>() : smem_bytes<BN, STAGES>();
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -247,18 +421,42 @@ void launch(const Args& args, dim3 grid, cudaStream_t stream) {
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = args.splits > 1 ? 1 : 0;
-  CUDA_CHECK(cudaLaunchKernelEx(&cfg, skinny_kernel<BN, STAGES>, args));
+  if (wgmma && w_transposed) {
+    CUDA_CHECK(cudaLaunchKernelEx(&cfg, skinny_wgmma_kernel<BN, STAGES, true>, args));
+  } else if (wgmma) {
+    CUDA_CHECK(cudaLaunchKernelEx(&cfg, skinny_wgmma_kernel<BN, STAGES, false>, args));
+  } else {
+    CUDA_CHECK(cudaLaunchKernelEx(&cfg, skinny_kernel<BN, STAGES>, args));
+  }
 }
 
 bool initialised = false;
 
 }  // namespace
 
+bool skinny_wgmma_available() {
+  static const bool ok = [] {
+    int* flag = nullptr;
+    int host = 0;
+    if (cudaMalloc(&flag, sizeof(int)) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    wgmma_probe_kernel<<<1, 1>>>(flag);
+    const bool ran = cudaGetLastError() == cudaSuccess &&
+                     cudaMemcpy(&host, flag, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess;
+    cudaFree(flag);
+    (void)cudaGetLastError();  // e.g. no kernel image for this device: report "unavailable"
+    return ran && host == 1;
+  }();
+  return ok;
+}
+
 bool skinny_supported(const SkinnyShape& s) {
   const bool strides = s.k % 8 == 0 && s.n % 8 == 0 && s.ld_x % 8 == 0 && s.ld_w % 8 == 0 &&
-                       s.ld_y % 2 == 0 && s.ld_x >= s.k && s.ld_w >= s.n;
-  const bool out = s.out == SkinnyOut::kGeglu ? (s.n % 16 == 0 && s.ld_y >= s.n / 2 && !s.bias)
-                                              : s.ld_y >= s.n;
+                       s.ld_y % 2 == 0 && s.ld_x >= s.k && s.ld_w >= (s.w_transposed ? s.k : s.n);
+  const bool out =
+      s.out == SkinnyOut::kGeglu ? (s.n % 16 == 0 && s.ld_y >= s.n / 2 && !s.bias) : s.ld_y >= s.n;
   return s.m > 0 && s.n > 0 && s.k > 0 && strides && out;
 }
 
@@ -278,6 +476,13 @@ SkinnyShape plan_skinny(SkinnyShape s, int sm_count) {
   PI0_CHECK(s.stages == 4 || (s.stages == 8 && s.bn == 64), "skinny gemm: bad stage count");
   PI0_CHECK(s.splits == 1 || s.splits == 2 || s.splits == 4 || s.splits == 8 || s.splits == 16,
             "skinny gemm: splits must be 1, 2, 4, 8 or 16");
+  if (s.kernel == SkinnyKernel::kAuto)
+    s.kernel = skinny_wgmma_available() ? SkinnyKernel::kWgmma : SkinnyKernel::kMmaSync;
+  PI0_CHECK(s.kernel != SkinnyKernel::kWgmma || skinny_wgmma_available(),
+            "skinny gemm: the wgmma kernel needs sm_90a code for this GPU "
+            "(build with -DCMAKE_CUDA_ARCHITECTURES=90a on an H100)");
+  PI0_CHECK(!s.w_transposed || s.kernel == SkinnyKernel::kWgmma,
+            "skinny gemm: transposed weights need the wgmma kernel");
   return s;
 }
 
@@ -291,7 +496,8 @@ void skinny_init() {
 
 void skinny_gemm(const SkinnyShape& s, const Bf16* x, const Bf16* w, void* y, const float* bias,
                  cudaStream_t stream) {
-  PI0_CHECK(s.bn != 0 && s.splits != 0 && s.stages != 0, "skinny gemm: shape not planned");
+  PI0_CHECK(s.bn != 0 && s.splits != 0 && s.stages != 0 && s.kernel != SkinnyKernel::kAuto,
+            "skinny gemm: shape not planned");
   PI0_CHECK(s.bias == (bias != nullptr), "skinny gemm: bias pointer does not match the shape");
   PI0_CHECK(reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0 &&
                 reinterpret_cast<uintptr_t>(y) % 8 == 0,
@@ -311,18 +517,29 @@ void skinny_gemm(const SkinnyShape& s, const Bf16* x, const Bf16* w, void* y, co
   a.kb_total = (s.k + kBK - 1) / kBK;
   a.splits = s.splits;
   a.kb_per_split = (a.kb_total + s.splits - 1) / s.splits;
-  a.mode = s.out == SkinnyOut::kBf16 ? kModeBf16
-           : s.out == SkinnyOut::kF32 ? kModeF32
+  a.mode = s.out == SkinnyOut::kBf16            ? kModeBf16
+           : s.out == SkinnyOut::kF32           ? kModeF32
            : s.out == SkinnyOut::kF32Accumulate ? kModeF32Acc
                                                 : kModeGeglu;
   const dim3 grid((s.n + s.bn - 1) / s.bn, s.splits, (s.m + kBM - 1) / kBM);
   if (s.bn == 128) {
-    launch<128, 4>(a, grid, stream);
+    launch<128, 4>(a, grid, s.kernel, s.w_transposed, stream);
   } else if (s.stages == 8) {
-    launch<64, 8>(a, grid, stream);
+    launch<64, 8>(a, grid, s.kernel, s.w_transposed, stream);
   } else {
-    launch<64, 4>(a, grid, stream);
+    launch<64, 4>(a, grid, s.kernel, s.w_transposed, stream);
   }
+}
+
+std::vector<Bf16> transpose_layers(const Bf16* in, long layers, long rows, long cols) {
+  std::vector<Bf16> out(static_cast<size_t>(layers * rows * cols));
+  for (long l = 0; l < layers; ++l) {
+    const Bf16* src = in + l * rows * cols;
+    Bf16* dst = out.data() + l * rows * cols;
+    for (long r = 0; r < rows; ++r)
+      for (long c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
+  }
+  return out;
 }
 
 void interleave_gate_up(const Bf16* gate, const Bf16* up, Bf16* out, long rows, int cols) {

@@ -10,8 +10,8 @@
 // and the small per-step action GEMMs, run once per frame.
 // PI0_DECODER_SKINNY=1 runs the per-step weight GEMMs (M = C + 1 <= 64 rows) on the skinny GEMM
 // kernel (pi0/cuda/skinny_gemm.hpp: split-K over clusters, fused bias / residual / GeGLU
-// epilogues) instead of cuBLASLt. Off by default: it is correct and deterministic but, as of
-// bench/NOTES.md v2, ~1 ms slower per decode than cuBLASLt.
+// epilogues; wgmma with transposed layer weights on sm_90a builds) instead of cuBLASLt. Off by
+// default: it is correct and deterministic but, as of bench/NOTES.md v7, 0.5 ms slower per decode.
 #include "pi0/cuda_decoder.hpp"
 
 #include <spdlog/spdlog.h>
@@ -148,10 +148,23 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
     spdlog::warn("PI0_DECODER_SKINNY is ignored with more than one frame per decoder pass");
     skinny = false;
   }
+  // On the wgmma mainloop the per-layer weights are uploaded transposed ([out, in]): each CTA then
+  // streams its columns as contiguous memory, which is faster (bench/NOTES.md v7).
+  const bool transposed_weights = skinny && cuda::skinny_wgmma_available();
+  if (transposed_weights) {
+    for (cuda::SkinnyShape* s : {&s_qkv, &s_o, &s_gu, &s_down}) {
+      s->kernel = cuda::SkinnyKernel::kWgmma;
+      s->w_transposed = true;
+      s->ld_w = s->k;
+    }
+  }
   if (skinny) {
     for (cuda::SkinnyShape* s : {&s_amlp, &s_qkv, &s_o, &s_gu, &s_down, &s_aout})
       *s = cuda::plan_skinny(*s, kPlanSms);
     cuda::skinny_init();
+    spdlog::info("decoder: weight GEMMs on the skinny kernel ({} mainloop{})",
+                 s_qkv.kernel == cuda::SkinnyKernel::kWgmma ? "wgmma" : "mma.sync",
+                 transposed_weights ? ", layer weights transposed" : "");
   }
 
   state_w = memory.weight(cuda::upload_tensor(w, "decoder_state_in_proj_w"));
@@ -160,8 +173,21 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   time_b = memory.weight(cuda::upload_tensor(w, "decoder_action_fused_time_biases"));
   amlp_w = memory.weight(cuda::upload_tensor(w, "decoder_action_mlp_w"));
   amlp_b = memory.weight(cuda::upload_tensor_f32(w, "decoder_action_mlp_b"));
-  qkv_w = memory.weight(cuda::upload_tensor(w, "decoder_attn_qkv_w"));
-  o_w = memory.weight(cuda::upload_tensor(w, "decoder_attn_o_w"));
+  const long layers = cfg.lm_layers;
+  // A stacked [layers, in, out] weight, transposed per layer to [layers, out, in].
+  auto upload_transposed = [&](const std::string& name, long in, long out) {
+    const TensorView& t = w.get(name);
+    PI0_CHECK(t.numel == static_cast<size_t>(layers * in * out), "decoder: " + name + " shape");
+    return cuda::upload(cuda::transpose_layers(t.data, layers, in, out),
+                        "weight " + name + " transposed");
+  };
+  if (transposed_weights) {
+    qkv_w = memory.weight(upload_transposed("decoder_attn_qkv_w", aw, qkv_width));
+    o_w = memory.weight(upload_transposed("decoder_attn_o_w", qw, aw));
+  } else {
+    qkv_w = memory.weight(cuda::upload_tensor(w, "decoder_attn_qkv_w"));
+    o_w = memory.weight(cuda::upload_tensor(w, "decoder_attn_o_w"));
+  }
   if (skinny) {
     // Gate and up interleaved in blocks of 8 columns, for the GeGLU epilogue.
     const TensorView& gate = w.get("decoder_ffn_gate_w");
@@ -170,13 +196,16 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
     std::vector<Bf16> interleaved(2 * gate.numel);
     cuda::interleave_gate_up(gate.data, up.data, interleaved.data(),
                              static_cast<long>(gate.numel / am), am);
+    if (transposed_weights)
+      interleaved = cuda::transpose_layers(interleaved.data(), layers, aw, 2L * am);
     gate_up_w =
         memory.weight(cuda::upload(interleaved, "weight decoder_ffn_gate_w / up_w interleaved"));
   } else {
     gate_up_w =
         memory.weight(cuda::upload_side_by_side(w, "decoder_ffn_gate_w", "decoder_ffn_up_w"));
   }
-  down_w = memory.weight(cuda::upload_tensor(w, "decoder_ffn_down_w"));
+  down_w = memory.weight(transposed_weights ? upload_transposed("decoder_ffn_down_w", am, aw)
+                                            : cuda::upload_tensor(w, "decoder_ffn_down_w"));
   aout_w = memory.weight(cuda::upload_tensor(w, "decoder_action_fused_out_proj_w"));
   aout_b = memory.weight(cuda::upload_tensor_f32(w, "decoder_action_fused_out_proj_b"));
 

@@ -1,5 +1,6 @@
 // The skinny GEMM (M <= 64 rows) against pi0::ref::matmul on fresh random data, for every decoder
-// shape and M in {1, 17, 51, 64}, with poisoned outputs; and bitwise determinism across runs.
+// shape and M in {1, 17, 51, 64}, with poisoned outputs; and bitwise determinism across runs. Both
+// mainloops: mma.sync everywhere, wgmma where the build carries sm_90a code (gpu_check's does).
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -15,6 +16,7 @@
 using namespace pi0;
 using namespace pi0::test;
 using cuda::DeviceBuffer;
+using cuda::SkinnyKernel;
 using cuda::SkinnyOut;
 using cuda::SkinnyShape;
 
@@ -25,6 +27,27 @@ int sm_count() {
   CUDA_CHECK(cudaGetDevice(&dev));
   CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
   return n;
+}
+
+// A mainloop and how it is given W: [k, n], or transposed [n, k] (wgmma only).
+struct Variant {
+  SkinnyKernel kernel;
+  bool w_transposed;
+  const char* name;
+};
+
+// The variants this build can run here; says so when the wgmma ones cannot run.
+std::vector<Variant> variants() {
+  std::vector<Variant> v = {{SkinnyKernel::kMmaSync, false, "mma.sync"}};
+  if (cuda::skinny_wgmma_available()) {
+    v.push_back({SkinnyKernel::kWgmma, false, "wgmma"});
+    v.push_back({SkinnyKernel::kWgmma, true, "wgmma-wt"});
+  } else {
+    WARN(
+        "skinny gemm: no sm_90a code for this GPU, the wgmma mainloop is not tested "
+        "(build with -DCMAKE_CUDA_ARCHITECTURES=90a on an H100)");
+  }
+  return v;
 }
 
 struct Case {
@@ -50,7 +73,8 @@ struct Result {
   bool deterministic = false;
 };
 
-Result run_case(const Case& c, int m, uint64_t seed, int bn = 0, int splits = 0, int stages = 0) {
+Result run_case(const Case& c, int m, uint64_t seed, const Variant& variant, int bn = 0,
+                int splits = 0, int stages = 0) {
   const bool geglu = c.out == SkinnyOut::kGeglu;
   const int out_n = geglu ? c.n / 2 : c.n;
   const bool f32 = c.out == SkinnyOut::kF32 || c.out == SkinnyOut::kF32Accumulate;
@@ -88,14 +112,17 @@ Result run_case(const Case& c, int m, uint64_t seed, int bn = 0, int splits = 0,
   s.n = c.n;
   s.k = c.k;
   s.ld_x = c.k;
-  s.ld_w = c.n;
+  s.ld_w = variant.w_transposed ? c.k : c.n;
+  s.w_transposed = variant.w_transposed;
   s.ld_y = out_n;
   s.out = c.out;
   s.bias = c.bias;
   s.bn = bn;
   s.splits = splits;
   s.stages = stages;
+  s.kernel = variant.kernel;
   s = cuda::plan_skinny(s, sm_count());
+  if (variant.w_transposed) w_dev_host = cuda::transpose_layers(w_dev_host.data(), 1, c.k, c.n);
 
   auto dx = cuda::upload(to_bf16(x), "x");
   auto dw = cuda::upload(w_dev_host, "w");
@@ -130,32 +157,37 @@ Result run_case(const Case& c, int m, uint64_t seed, int bn = 0, int splits = 0,
 }  // namespace
 
 TEST_CASE("skinny gemm matches the reference on every decoder shape", "[gpu][skinny]") {
-  uint64_t seed = 500;
-  for (const Case& c : kCases) {
-    for (int m : {1, 17, 51, 64}) {
-      const Result r = run_case(c, m, seed += 10);
-      const bool f32 = c.out == SkinnyOut::kF32 || c.out == SkinnyOut::kF32Accumulate;
-      report(std::string("skinny ") + c.name + " m=" + std::to_string(m), r.err);
-      INFO(c.name << " m=" << m << " err=" << r.err);
-      REQUIRE(r.deterministic);
-      REQUIRE(r.err < (f32 ? 1e-5 : 1e-2));
+  for (const Variant& variant : variants()) {
+    uint64_t seed = 500;
+    for (const Case& c : kCases) {
+      for (int m : {1, 17, 51, 64}) {
+        const Result r = run_case(c, m, seed += 10, variant);
+        const bool f32 = c.out == SkinnyOut::kF32 || c.out == SkinnyOut::kF32Accumulate;
+        report(std::string("skinny ") + variant.name + " " + c.name + " m=" + std::to_string(m),
+               r.err);
+        INFO(variant.name << " " << c.name << " m=" << m << " err=" << r.err);
+        REQUIRE(r.deterministic);
+        REQUIRE(r.err < (f32 ? 1e-5 : 1e-2));
+      }
     }
   }
 }
 
 TEST_CASE("skinny gemm is correct for every tile and split choice", "[gpu][skinny]") {
-  uint64_t seed = 900;
-  const int configs[][3] = {{64, 1, 4}, {64, 2, 8}, {64, 4, 4}, {64, 8, 8}, {64, 16, 4},
-                            {128, 1, 4}, {128, 4, 4}, {128, 8, 4}};
-  for (const auto& cfg : configs) {
-    for (const Case& c : {kCases[0], kCases[1], kCases[2], kCases[6]}) {
-      for (int m : {17, 64, 100}) {
-        const Result r = run_case(c, m, seed += 10, cfg[0], cfg[1], cfg[2]);
-        const bool f32 = c.out == SkinnyOut::kF32 || c.out == SkinnyOut::kF32Accumulate;
-        INFO(c.name << " m=" << m << " bn=" << cfg[0] << " splits=" << cfg[1]
-                    << " stages=" << cfg[2] << " err=" << r.err);
-        REQUIRE(r.deterministic);
-        REQUIRE(r.err < (f32 ? 1e-5 : 1e-2));
+  const int configs[][3] = {{64, 1, 4},  {64, 2, 8},  {64, 4, 4},  {64, 8, 8},
+                            {64, 16, 4}, {128, 1, 4}, {128, 4, 4}, {128, 8, 4}};
+  for (const Variant& variant : variants()) {
+    uint64_t seed = 900;
+    for (const auto& cfg : configs) {
+      for (const Case& c : {kCases[0], kCases[1], kCases[2], kCases[4], kCases[6]}) {
+        for (int m : {17, 64, 100}) {
+          const Result r = run_case(c, m, seed += 10, variant, cfg[0], cfg[1], cfg[2]);
+          const bool f32 = c.out == SkinnyOut::kF32 || c.out == SkinnyOut::kF32Accumulate;
+          INFO(variant.name << " " << c.name << " m=" << m << " bn=" << cfg[0]
+                            << " splits=" << cfg[1] << " stages=" << cfg[2] << " err=" << r.err);
+          REQUIRE(r.deterministic);
+          REQUIRE(r.err < (f32 ? 1e-5 : 1e-2));
+        }
       }
     }
   }
@@ -164,8 +196,8 @@ TEST_CASE("skinny gemm is correct for every tile and split choice", "[gpu][skinn
 // Timing sweep (hidden; run with the tag "[.sweep]"): weight bandwidth of each configuration.
 TEST_CASE("skinny gemm sweep", "[.sweep]") {
   const int sms = sm_count();
-  const int configs[][3] = {{64, 1, 4},  {64, 2, 4}, {64, 4, 4}, {64, 8, 4},  {64, 16, 4},
-                            {64, 1, 8},  {64, 2, 8}, {64, 4, 8}, {64, 8, 8},  {64, 16, 8},
+  const int configs[][3] = {{64, 1, 4},  {64, 2, 4},  {64, 4, 4},  {64, 8, 4},  {64, 16, 4},
+                            {64, 1, 8},  {64, 2, 8},  {64, 4, 8},  {64, 8, 8},  {64, 16, 8},
                             {128, 1, 4}, {128, 2, 4}, {128, 4, 4}, {128, 8, 4}, {128, 16, 4}};
   for (const Case& c : kCases) {
     const int m = 64;
@@ -190,42 +222,48 @@ TEST_CASE("skinny gemm sweep", "[.sweep]") {
     base.out = c.out;
     base.bias = c.bias;
     const SkinnyShape chosen = cuda::plan_skinny(base, sms);
-    for (const auto& cfg : configs) {
-      SkinnyShape s = base;
-      s.bn = cfg[0];
-      s.splits = cfg[1];
-      s.stages = cfg[2];
-      s = cuda::plan_skinny(s, sms);
-      cudaEvent_t e0, e1;
-      CUDA_CHECK(cudaEventCreate(&e0));
-      CUDA_CHECK(cudaEventCreate(&e1));
-      const int iters = 400;
-      try {
-        for (int i = 0; i < 16; ++i)
-          cuda::skinny_gemm(s, x.get(), w.get() + (i % copies) * static_cast<size_t>(c.k) * c.n,
-                            y.get(), c.bias ? b.get() : nullptr, nullptr);
-        CUDA_CHECK(cudaEventRecord(e0));
-        for (int i = 0; i < iters; ++i)
-          cuda::skinny_gemm(s, x.get(), w.get() + (i % copies) * static_cast<size_t>(c.k) * c.n,
-                            y.get(), c.bias ? b.get() : nullptr, nullptr);
-        CUDA_CHECK(cudaEventRecord(e1));
-        CUDA_CHECK(cudaEventSynchronize(e1));
-        float ms = 0.0f;
-        CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-        const double us = 1e3 * ms / iters;
-        const double gbs = 2.0 * c.k * c.n / (us * 1e3);
-        std::printf("sweep %-14s K=%5d N=%5d bn=%3d splits=%2d stages=%d: %7.2f us %7.0f GB/s%s\n",
-                    c.name, c.k, c.n, s.bn, s.splits, s.stages, us, gbs,
-                    (s.bn == chosen.bn && s.splits == chosen.splits && s.stages == chosen.stages)
-                        ? "  <- plan"
-                        : "");
-      } catch (const Error& e) {
-        std::printf("sweep %-14s bn=%d splits=%d stages=%d: failed: %s\n", c.name, s.bn, s.splits,
-                    s.stages, e.what());
-        (void)cudaGetLastError();
+    for (const Variant& variant : variants())
+      for (const auto& cfg : configs) {
+        SkinnyShape s = base;
+        s.bn = cfg[0];
+        s.splits = cfg[1];
+        s.stages = cfg[2];
+        s.kernel = variant.kernel;
+        s.w_transposed = variant.w_transposed;
+        s.ld_w = variant.w_transposed ? c.k : c.n;
+        s = cuda::plan_skinny(s, sms);
+        cudaEvent_t e0, e1;
+        CUDA_CHECK(cudaEventCreate(&e0));
+        CUDA_CHECK(cudaEventCreate(&e1));
+        const int iters = 400;
+        try {
+          for (int i = 0; i < 16; ++i)
+            cuda::skinny_gemm(s, x.get(), w.get() + (i % copies) * static_cast<size_t>(c.k) * c.n,
+                              y.get(), c.bias ? b.get() : nullptr, nullptr);
+          CUDA_CHECK(cudaEventRecord(e0));
+          for (int i = 0; i < iters; ++i)
+            cuda::skinny_gemm(s, x.get(), w.get() + (i % copies) * static_cast<size_t>(c.k) * c.n,
+                              y.get(), c.bias ? b.get() : nullptr, nullptr);
+          CUDA_CHECK(cudaEventRecord(e1));
+          CUDA_CHECK(cudaEventSynchronize(e1));
+          float ms = 0.0f;
+          CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+          const double us = 1e3 * ms / iters;
+          const double gbs = 2.0 * c.k * c.n / (us * 1e3);
+          std::printf(
+              "sweep %-14s %-8s K=%5d N=%5d bn=%3d splits=%2d stages=%d: %7.2f us %7.0f GB/s%s\n",
+              c.name, variant.name, c.k, c.n, s.bn, s.splits, s.stages, us, gbs,
+              (!s.w_transposed && s.kernel == chosen.kernel && s.bn == chosen.bn &&
+               s.splits == chosen.splits && s.stages == chosen.stages)
+                  ? "  <- plan"
+                  : "");
+        } catch (const Error& e) {
+          std::printf("sweep %-14s bn=%d splits=%d stages=%d: failed: %s\n", c.name, s.bn, s.splits,
+                      s.stages, e.what());
+          (void)cudaGetLastError();
+        }
+        CUDA_CHECK(cudaEventDestroy(e0));
+        CUDA_CHECK(cudaEventDestroy(e1));
       }
-      CUDA_CHECK(cudaEventDestroy(e0));
-      CUDA_CHECK(cudaEventDestroy(e1));
-    }
   }
 }

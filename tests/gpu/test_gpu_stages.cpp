@@ -127,6 +127,14 @@ TEST_CASE("stages with autotuned gemms match the reference", "[gpu]") {
   require_case(run_case("pi0-1l", 1, 50, 20, 502, options));
 }
 
+// The decoder's per-step weight GEMMs on the skinny kernel (fused residual / GeGLU epilogues; the
+// wgmma mainloop where the build has sm_90a code) instead of cuBLASLt.
+TEST_CASE("stages with the decoder on skinny gemms match the reference", "[gpu]") {
+  const ScopedEnv skinny_env("PI0_DECODER_SKINNY", "1"), layers_env("PI0_DECODER_LAYERS", nullptr);
+  require_case(run_case("pi0-2l", 2, 63, 0, 601));
+  require_case(run_case("pi0-1l", 1, 50, 20, 602));
+}
+
 TEST_CASE("encoder rejects weights of another model", "[gpu]") {
   const ModelConfig config = model_config("pi0-1l");
   const WeightStore tiny = WeightStore::random(model_config("tiny"), 0, 7, WeightSet::kEncoder);

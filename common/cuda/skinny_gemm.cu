@@ -125,14 +125,65 @@ __device__ __forceinline__ void reduce_and_store(const Args& a, float4* red, int
   if (a.splits > 1) cluster.sync();  // no CTA leaves while another still reads its partials
 }
 
+// Copies rows first .. first + kRows - 1 and columns k0 .. k0 + 63 of a row-major bf16 matrix
+// (zeros beyond `rows` and `cols`) into a K-major tile of 128-byte-swizzled rows at dst.
+template <int kRows>
+__device__ __forceinline__ void load_k_major(uint32_t dst, const bf16* src, int ld, int first,
+                                             int rows, int k0, int cols) {
+  const int tid = threadIdx.x;
+#pragma unroll
+  for (int i = 0; i < kRows * 8 / kThreads; ++i) {
+    const int c = tid + i * kThreads;
+    const int r = c >> 3, kc = c & 7;
+    const int gr = first + r, gk = k0 + kc * 8;
+    const bool ok = gr < rows && gk < cols;
+    cp_async16(dst + r * 128 + ((kc ^ (r & 7)) << 4),
+               ok ? src + static_cast<size_t>(gr) * ld + gk : src, ok);
+  }
+}
+
+// Copies rows k0 .. k0 + 63 and columns n0 .. n0 + BN - 1 of W as stored ([k, n] row-major; zeros
+// beyond k and n): the 16-byte chunk nc of tile row kr goes to dst + offset(kr, nc).
+template <int BN, class Offset>
+__device__ __forceinline__ void load_w_tile(uint32_t dst, const Args& a, int k0, int n0,
+                                            Offset offset) {
+  const int tid = threadIdx.x;
+#pragma unroll
+  for (int i = 0; i < kBK * BN / 8 / kThreads; ++i) {
+    const int c = tid + i * kThreads;
+    const int kr = c / (BN / 8), nc = c % (BN / 8);
+    const int gk = k0 + kr, gn = n0 + nc * 8;
+    const bool ok = gk < a.k && gn < a.n;
+    cp_async16(dst + offset(kr, nc), ok ? a.w + static_cast<size_t>(gk) * a.ldw + gn : a.w, ok);
+  }
+}
+
+// The cp.async ring of both mainloops: K blocks kb0 .. kb0 + nkb - 1 go to stage kb % STAGES
+// (relative to kb0), one commit group per block, empty groups past the end so that
+// cp_wait<STAGES - 2> always means "block it has landed". Fill issues the first STAGES - 1;
+// refill, at block it, the block STAGES - 1 ahead into the stage block it - 1 has freed.
+template <int STAGES, class Load>
+__device__ __forceinline__ void ring_fill(int nkb, int kb0, Load& load) {
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < nkb) load(s, kb0 + s);
+    cp_commit();
+  }
+}
+template <int STAGES, class Load>
+__device__ __forceinline__ void ring_refill(int it, int nkb, int kb0, Load& load) {
+  const int next = it + STAGES - 1;
+  if (next < nkb) load(next % STAGES, kb0 + next);
+  cp_commit();
+}
+
 template <int BN, int STAGES>
 __global__ void __launch_bounds__(kThreads) skinny_kernel(const Args a) {
   extern __shared__ __align__(128) unsigned char smem[];
   constexpr int kXBytes = kBM * kBK * 2;
   constexpr int kWBytes = kBK * BN * 2;
   constexpr int kStageBytes = kXBytes + kWBytes;
-  constexpr int NT = BN / 32;       // n8 tiles per warp
-  constexpr int kWChunks = BN / 8;  // 16-byte chunks per W row
+  constexpr int NT = BN / 32;  // n8 tiles per warp
   static_assert(4 * NT * kThreads * 16 <= STAGES * kStageBytes, "reduction tile must fit");
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -148,24 +199,9 @@ __global__ void __launch_bounds__(kThreads) skinny_kernel(const Args a) {
     const int k0 = kb * kBK;
     const uint32_t xs = sbase + stage * kStageBytes;
     const uint32_t ws = xs + kXBytes;
-#pragma unroll
-    for (int i = 0; i < kBM * kBK / 8 / kThreads; ++i) {
-      const int c = tid + i * kThreads;
-      const int row = c >> 3, kc = c & 7;
-      const int gr = m0 + row, gk = k0 + kc * 8;
-      const bool ok = gr < a.m && gk < a.k;
-      const bf16* src = ok ? a.x + static_cast<size_t>(gr) * a.ldx + gk : a.x;
-      cp_async16(xs + (row * kBK + ((kc ^ (row & 7)) << 3)) * 2, src, ok);
-    }
-#pragma unroll
-    for (int i = 0; i < kBK * BN / 8 / kThreads; ++i) {
-      const int c = tid + i * kThreads;
-      const int kr = c / kWChunks, nc = c % kWChunks;
-      const int gk = k0 + kr, gn = n0 + nc * 8;
-      const bool ok = gk < a.k && gn < a.n;
-      const bf16* src = ok ? a.w + static_cast<size_t>(gk) * a.ldw + gn : a.w;
-      cp_async16(ws + (kr * BN + ((nc ^ (kr & 7)) << 3)) * 2, src, ok);
-    }
+    load_k_major<kBM>(xs, a.x, a.ldx, m0, a.m, k0, a.k);
+    load_w_tile<BN>(ws, a, k0, n0,
+                    [](int kr, int nc) { return (kr * BN + ((nc ^ (kr & 7)) << 3)) * 2; });
   };
 
   float acc[4][NT][4];
@@ -176,19 +212,11 @@ __global__ void __launch_bounds__(kThreads) skinny_kernel(const Args a) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < nkb) load(s, kb0 + s);
-    cp_commit();
-  }
+  ring_fill<STAGES>(nkb, kb0, load);
   for (int it = 0; it < nkb; ++it) {
     cp_wait<STAGES - 2>();
     __syncthreads();  // stage `it` landed for all threads; stage it-1 is free again
-    {
-      const int next = it + STAGES - 1;
-      if (next < nkb) load(next % STAGES, kb0 + next);
-      cp_commit();
-    }
+    ring_refill<STAGES>(it, nkb, kb0, load);
     const uint32_t xs = sbase + (it % STAGES) * kStageBytes;
     const uint32_t ws = xs + kXBytes;
 #pragma unroll
@@ -254,7 +282,6 @@ __global__ void __launch_bounds__(kThreads) skinny_wgmma_kernel(const Args a) {
   constexpr int kBlockBytes = kBK * 64 * 2;  // one 64 x 64 block of W
   constexpr int kBlocks = BN / 64;
   constexpr int kStageBytes = kXBytes + kBlocks * kBlockBytes;
-  constexpr int kWChunks = BN / 8;  // 16-byte chunks per W row
   const uint32_t raw = smem_u32(smem_raw);
   const uint32_t sbase = (raw + 1023u) & ~1023u;
   // The partial tile reuses the ring once the last wgmma has completed (see below).
@@ -273,35 +300,13 @@ __global__ void __launch_bounds__(kThreads) skinny_wgmma_kernel(const Args a) {
     const int k0 = kb * kBK;
     const uint32_t xs = sbase + stage * kStageBytes;
     const uint32_t ws = xs + kXBytes;
-#pragma unroll
-    for (int i = 0; i < kBM * kBK / 8 / kThreads; ++i) {
-      const int c = tid + i * kThreads;
-      const int row = c >> 3, kc = c & 7;
-      const int gr = m0 + row, gk = k0 + kc * 8;
-      const bool ok = gr < a.m && gk < a.k;
-      const bf16* src = ok ? a.x + static_cast<size_t>(gr) * a.ldx + gk : a.x;
-      cp_async16(xs + row * 128 + ((kc ^ (row & 7)) << 4), src, ok);
-    }
+    load_k_major<kBM>(xs, a.x, a.ldx, m0, a.m, k0, a.k);
     if constexpr (kWT) {
-#pragma unroll
-      for (int i = 0; i < kBK * BN / 8 / kThreads; ++i) {
-        const int c = tid + i * kThreads;
-        const int nr = c >> 3, kc = c & 7;
-        const int gn = n0 + nr, gk = k0 + kc * 8;
-        const bool ok = gn < a.n && gk < a.k;
-        const bf16* src = ok ? a.w + static_cast<size_t>(gn) * a.ldw + gk : a.w;
-        cp_async16(ws + nr * 128 + ((kc ^ (nr & 7)) << 4), src, ok);
-      }
+      load_k_major<BN>(ws, a.w, a.ldw, n0, a.n, k0, a.k);
     } else {
-#pragma unroll
-      for (int i = 0; i < kBK * BN / 8 / kThreads; ++i) {
-        const int c = tid + i * kThreads;
-        const int kr = c / kWChunks, nc = c % kWChunks;
-        const int gk = k0 + kr, gn = n0 + nc * 8;
-        const bool ok = gk < a.k && gn < a.n;
-        const bf16* src = ok ? a.w + static_cast<size_t>(gk) * a.ldw + gn : a.w;
-        cp_async16(ws + (nc >> 3) * kBlockBytes + kr * 128 + (((nc & 7) ^ (kr & 7)) << 4), src, ok);
-      }
+      load_w_tile<BN>(ws, a, k0, n0, [](int kr, int nc) {
+        return (nc >> 3) * kBlockBytes + kr * 128 + (((nc & 7) ^ (kr & 7)) << 4);
+      });
     }
   };
 
@@ -311,20 +316,12 @@ __global__ void __launch_bounds__(kThreads) skinny_wgmma_kernel(const Args a) {
 #pragma unroll
     for (int e = 0; e < 32; ++e) d[h][e] = 0.0f;
 
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < nkb) load(s, kb0 + s);
-    cp_commit();
-  }
+  ring_fill<STAGES>(nkb, kb0, load);
   for (int it = 0; it < nkb; ++it) {
     cp_wait<STAGES - 2>();
     fence_async_shared();  // this thread's copies, visible to the tensor cores
     __syncthreads();       // everyone's; and block it - 1's wgmma are done (waited below)
-    {
-      const int next = it + STAGES - 1;
-      if (next < nkb) load(next % STAGES, kb0 + next);
-      cp_commit();
-    }
+    ring_refill<STAGES>(it, nkb, kb0, load);
     const uint32_t xs = sbase + (it % STAGES) * kStageBytes;
     const uint32_t ws = xs + kXBytes;
 #pragma unroll

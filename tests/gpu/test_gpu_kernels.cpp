@@ -228,17 +228,9 @@ double check_gemm(int m, int n, int k, cuda::DType y_type, cuda::Epilogue epi, b
   for (int i = 0; i < k; ++i)
     for (int j = 0; j < n; ++j)
       w_stored[transposed ? static_cast<size_t>(j) * k + i : static_cast<size_t>(i) * n + j] = w[static_cast<size_t>(i) * n + j];
-  cuda::GemmShape s;
-  s.m = m;
-  s.n = n;
-  s.k = k;
-  s.ld_x = k;
+  cuda::GemmShape s = cuda::linear_shape(m, n, k, y_type, epi, accumulate);
   s.ld_w = transposed ? k : n;
-  s.ld_y = n;
   s.w_transposed = transposed;
-  s.y_type = y_type;
-  s.epilogue = epi;
-  s.accumulate = accumulate;
   cuda::LtHandle lt;
   DeviceBuffer<std::byte> ws(cuda::kGemmWorkspaceBytes, "workspace");
   cuda::Gemm g(lt.get(), s, ws.get(), ws.bytes());

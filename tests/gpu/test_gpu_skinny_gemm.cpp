@@ -68,6 +68,23 @@ const Case kCases[] = {
     {"action out", 1024, 32, SkinnyOut::kF32Accumulate, true},
 };
 
+// Product c at m rows, unplanned, with W as the mainloop is given it ([k, n], or [n, k]).
+SkinnyShape case_shape(const Case& c, int m, SkinnyKernel kernel = SkinnyKernel::kAuto,
+                       bool w_transposed = false) {
+  SkinnyShape s;
+  s.m = m;
+  s.n = c.n;
+  s.k = c.k;
+  s.ld_x = c.k;
+  s.ld_w = w_transposed ? c.k : c.n;
+  s.w_transposed = w_transposed;
+  s.ld_y = c.out == SkinnyOut::kGeglu ? c.n / 2 : c.n;
+  s.out = c.out;
+  s.bias = c.bias;
+  s.kernel = kernel;
+  return s;
+}
+
 struct Result {
   double err = 0.0;
   bool deterministic = false;
@@ -107,20 +124,10 @@ Result run_case(const Case& c, int m, uint64_t seed, const Variant& variant, int
                 c.out == SkinnyOut::kF32Accumulate);
   }
 
-  SkinnyShape s;
-  s.m = m;
-  s.n = c.n;
-  s.k = c.k;
-  s.ld_x = c.k;
-  s.ld_w = variant.w_transposed ? c.k : c.n;
-  s.w_transposed = variant.w_transposed;
-  s.ld_y = out_n;
-  s.out = c.out;
-  s.bias = c.bias;
+  SkinnyShape s = case_shape(c, m, variant.kernel, variant.w_transposed);
   s.bn = bn;
   s.splits = splits;
   s.stages = stages;
-  s.kernel = variant.kernel;
   s = cuda::plan_skinny(s, sm_count());
   if (variant.w_transposed) w_dev_host = cuda::transpose_layers(w_dev_host.data(), 1, c.k, c.n);
 
@@ -212,25 +219,13 @@ TEST_CASE("skinny gemm sweep", "[.sweep]") {
     CUDA_CHECK(cudaMemset(w.get(), 0, w.bytes()));
     CUDA_CHECK(cudaMemset(y.get(), 0, y.bytes()));
     CUDA_CHECK(cudaMemset(b.get(), 0, b.bytes()));
-    SkinnyShape base;
-    base.m = m;
-    base.n = c.n;
-    base.k = c.k;
-    base.ld_x = c.k;
-    base.ld_w = c.n;
-    base.ld_y = out_n;
-    base.out = c.out;
-    base.bias = c.bias;
-    const SkinnyShape chosen = cuda::plan_skinny(base, sms);
+    const SkinnyShape chosen = cuda::plan_skinny(case_shape(c, m), sms);
     for (const Variant& variant : variants())
       for (const auto& cfg : configs) {
-        SkinnyShape s = base;
+        SkinnyShape s = case_shape(c, m, variant.kernel, variant.w_transposed);
         s.bn = cfg[0];
         s.splits = cfg[1];
         s.stages = cfg[2];
-        s.kernel = variant.kernel;
-        s.w_transposed = variant.w_transposed;
-        s.ld_w = variant.w_transposed ? c.k : c.n;
         s = cuda::plan_skinny(s, sms);
         cudaEvent_t e0, e1;
         CUDA_CHECK(cudaEventCreate(&e0));

@@ -1,11 +1,13 @@
 // Single-process baseline: CudaEncoder + CudaDecoder back to back on the whole GPU, from the same
 // library code the workers use. Per shape: latency of encode+decode (median, p99 over >= 200
-// inferences after warm-up, CUDA events), stage times, achieved TFLOP/s and weight GB/s against
-// the H100's ceilings, back-to-back throughput and GPU memory per stage.
+// inferences after warm-up, CUDA events), the same host to host (inputs uploaded, actions read
+// back), stage times, achieved TFLOP/s and weight GB/s against the H100's ceilings, back-to-back
+// throughput and GPU memory per stage.
 #include <cuda_runtime_api.h>
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -17,13 +19,13 @@
 #include <vector>
 
 #include "pi0/check.hpp"
-#include "pi0/log.hpp"
 #include "pi0/config.hpp"
 #include "pi0/cuda/device.hpp"
 #include "pi0/cuda/op_timer.hpp"
 #include "pi0/cuda_decoder.hpp"
 #include "pi0/cuda_encoder.hpp"
 #include "pi0/frame_inputs.hpp"
+#include "pi0/log.hpp"
 #include "pi0/weights.hpp"
 
 using namespace pi0;
@@ -43,6 +45,7 @@ struct Case {
 struct Figures {
   Case c{};
   double e2e_median = 0, e2e_p99 = 0, enc_median = 0, dec_median = 0, throughput = 0;
+  double host_median = 0, host_p99 = 0;
   double enc_tflops = 0, dec_tflops = 0, enc_gbps = 0, dec_gbps = 0, e2e_tflops = 0;
   double enc_flop = 0, dec_flop = 0, enc_bytes = 0, dec_bytes = 0;
   size_t enc_weights = 0, enc_work = 0, dec_weights = 0, dec_work = 0;
@@ -61,7 +64,9 @@ size_t used_memory() {
   return total - free_bytes;
 }
 
-double gib(size_t b) { return static_cast<double>(b) / (1u << 30); }
+double gib(size_t b) {
+  return static_cast<double>(b) / (1u << 30);
+}
 
 void print_breakdown(const char* stage, const cuda::OpTimer& timer) {
   double total = 0;
@@ -141,6 +146,41 @@ Figures run_case(const ModelConfig& config, const Case& c, const WeightStore& en
   f.enc_median = percentile(enc, 0.5);
   f.dec_median = percentile(dec, 0.5);
 
+  // Host to host, as a one-process deployment sees a frame: inputs uploaded from pinned host
+  // memory, encode + decode, actions read back, the host waiting on the stream. This is the
+  // measure of the pipeline's latency (input handed in to actions available to the host).
+  {
+    const FrameInputs in = make_frame_inputs(config, shape, 9000, 0);
+    cuda::PinnedBuffer<Bf16> images(in.images.size(), "host images");
+    cuda::PinnedBuffer<Bf16> state(in.state.size(), "host state");
+    cuda::PinnedBuffer<Bf16> noise(in.noise.size(), "host noise");
+    cuda::PinnedBuffer<float> actions(sizes.action_values, "host actions");
+    std::copy(in.images.begin(), in.images.end(), images.get());
+    std::copy(in.state.begin(), in.state.end(), state.get());
+    std::copy(in.noise.begin(), in.noise.end(), noise.get());
+    Inputs& s = sets[0];
+    const auto upload = [&](Bf16* dst, const cuda::PinnedBuffer<Bf16>& src) {
+      CUDA_CHECK(
+          cudaMemcpyAsync(dst, src.get(), src.bytes(), cudaMemcpyHostToDevice, stream.get()));
+    };
+    std::vector<double> host;
+    for (int i = 0; i < iters; ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      upload(s.images.get(), images);
+      upload(s.state.get(), state);
+      upload(s.noise.get(), noise);
+      encoder.encode(s.images.get(), s.kv.get(), stream.get());
+      decoder.decode(s.kv.get(), s.state.get(), s.noise.get(), s.actions.get(), stream.get());
+      CUDA_CHECK(cudaMemcpyAsync(actions.get(), s.actions.get(), actions.bytes(),
+                                 cudaMemcpyDeviceToHost, stream.get()));
+      stream.synchronize();
+      host.push_back(
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    }
+    f.host_median = percentile(host, 0.5);
+    f.host_p99 = percentile(host, 0.99);
+  }
+
   // Back to back: the host enqueues all inferences without waiting.
   cuda::Event start, stop;
   start.record(stream.get());
@@ -149,8 +189,7 @@ Figures run_case(const ModelConfig& config, const Case& c, const WeightStore& en
   stop.synchronize();
   f.throughput = iters / (stop.elapsed_since(start) / 1000.0);
 
-  const std::vector<float> actions =
-      cuda::download(sets[0].actions.get(), sets[0].actions.size());
+  const std::vector<float> actions = cuda::download(sets[0].actions.get(), sets[0].actions.size());
   for (float a : actions) PI0_CHECK(std::isfinite(a), "non-finite action in the benchmark run");
 
   if (breakdown) {
@@ -186,17 +225,18 @@ Figures run_case(const ModelConfig& config, const Case& c, const WeightStore& en
 
 void print_case(const Figures& f) {
   std::printf(
-      "V=%d C=%d P=%d: e2e median %.3f ms p99 %.3f ms | encoder %.3f ms (%.2f TFLOP, %.0f TFLOP/s "
+      "V=%d C=%d P=%d: e2e median %.3f ms p99 %.3f ms | host to host median %.3f ms p99 %.3f ms "
+      "| encoder %.3f ms (%.2f TFLOP, %.0f TFLOP/s "
       "= %.0f%% of %.0f; weights %.2f GB at %.0f GB/s) | decoder %.3f ms (%.3f TFLOP, %.0f "
       "TFLOP/s; %.2f GB weight reads at %.0f GB/s = %.0f%% of %.0f) | %.1f inf/s back to back | "
       "memory: encoder %.2f GiB weights + %.0f MiB workspace (measured %.2f GiB), decoder %.2f "
       "GiB + %.0f MiB (measured %.2f GiB)\n",
-      f.c.views, f.c.chunk, f.c.prompt, f.e2e_median, f.e2e_p99, f.enc_median, f.enc_flop / 1e12,
-      f.enc_tflops, 100 * f.enc_tflops / kPeakTflops, kPeakTflops, f.enc_bytes / 1e9, f.enc_gbps,
-      f.dec_median, f.dec_flop / 1e12, f.dec_tflops, f.dec_bytes / 1e9, f.dec_gbps,
-      100 * f.dec_gbps / kPeakGBps, kPeakGBps, f.throughput, gib(f.enc_weights),
-      f.enc_work / 1048576.0, gib(f.enc_measured), gib(f.dec_weights), f.dec_work / 1048576.0,
-      gib(f.dec_measured));
+      f.c.views, f.c.chunk, f.c.prompt, f.e2e_median, f.e2e_p99, f.host_median, f.host_p99,
+      f.enc_median, f.enc_flop / 1e12, f.enc_tflops, 100 * f.enc_tflops / kPeakTflops, kPeakTflops,
+      f.enc_bytes / 1e9, f.enc_gbps, f.dec_median, f.dec_flop / 1e12, f.dec_tflops,
+      f.dec_bytes / 1e9, f.dec_gbps, 100 * f.dec_gbps / kPeakGBps, kPeakGBps, f.throughput,
+      gib(f.enc_weights), f.enc_work / 1048576.0, gib(f.enc_measured), gib(f.dec_weights),
+      f.dec_work / 1048576.0, gib(f.dec_measured));
   std::fflush(stdout);
 }
 
@@ -264,9 +304,8 @@ int main(int argc, char** argv) {
       if (!enc_weights.count(c.prompt))
         enc_weights.emplace(c.prompt,
                             WeightStore::random(config, c.prompt, 1234, WeightSet::kEncoder));
-      results.push_back(
-          run_case(config, c, enc_weights.at(c.prompt), dec_weights, iters, warmup, options,
-                   breakdown));
+      results.push_back(run_case(config, c, enc_weights.at(c.prompt), dec_weights, iters, warmup,
+                                 options, breakdown));
       print_case(results.back());
     }
 
@@ -282,6 +321,8 @@ int main(int argc, char** argv) {
                               {"prompt", f.c.prompt},
                               {"e2e_median_ms", f.e2e_median},
                               {"e2e_p99_ms", f.e2e_p99},
+                              {"host_to_host_median_ms", f.host_median},
+                              {"host_to_host_p99_ms", f.host_p99},
                               {"encoder_median_ms", f.enc_median},
                               {"decoder_median_ms", f.dec_median},
                               {"throughput_per_s", f.throughput},
@@ -302,19 +343,21 @@ int main(int argc, char** argv) {
       std::ofstream(json_path) << j.dump(2) << "\n";
     }
 
-    std::printf("\n%-14s %9s %9s %9s %9s %9s %9s %9s %8s %8s %9s\n", "shape", "e2e med", "e2e p99",
-                "enc med", "dec med", "enc TF/s", "dec GB/s", "inf/s b2b", "enc GiB", "dec GiB",
-                "Triton");
+    std::printf("\n%-14s %9s %9s %9s %9s %9s %9s %9s %9s %8s %8s %9s\n", "shape", "e2e med",
+                "e2e p99", "h2h med", "enc med", "dec med", "enc TF/s", "dec GB/s", "inf/s b2b",
+                "enc GiB", "dec GiB", "Triton");
     for (const Figures& f : results) {
       char shape_name[32];
       std::snprintf(shape_name, sizeof shape_name, "V=%d C=%d P=%d", f.c.views, f.c.chunk,
                     f.c.prompt);
       char reference[16] = "-";
-      if (f.c.reference_ms > 0) std::snprintf(reference, sizeof reference, "%.1f ms", f.c.reference_ms);
-      std::printf("%-14s %6.2f ms %6.2f ms %6.2f ms %6.2f ms %9.0f %9.0f %9.1f %8.2f %8.2f %9s\n",
-                  shape_name, f.e2e_median, f.e2e_p99, f.enc_median, f.dec_median, f.enc_tflops,
-                  f.dec_gbps, f.throughput, gib(f.enc_weights + f.enc_work),
-                  gib(f.dec_weights + f.dec_work), reference);
+      if (f.c.reference_ms > 0)
+        std::snprintf(reference, sizeof reference, "%.1f ms", f.c.reference_ms);
+      std::printf(
+          "%-14s %6.2f ms %6.2f ms %6.2f ms %6.2f ms %6.2f ms %9.0f %9.0f %9.1f %8.2f %8.2f %9s\n",
+          shape_name, f.e2e_median, f.e2e_p99, f.host_median, f.enc_median, f.dec_median,
+          f.enc_tflops, f.dec_gbps, f.throughput, gib(f.enc_weights + f.enc_work),
+          gib(f.dec_weights + f.dec_work), reference);
     }
     return 0;
   } catch (const std::exception& e) {

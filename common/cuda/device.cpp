@@ -28,6 +28,22 @@ void device_free(void* ptr) noexcept {
   if (ptr) (void)cudaFree(ptr);
 }
 
+void* pinned_alloc(size_t bytes, const std::string& what) {
+  if (bytes == 0) return nullptr;
+  void* ptr = nullptr;
+  const cudaError_t status = cudaMallocHost(&ptr, bytes);
+  if (status != cudaSuccess) {
+    (void)cudaGetLastError();
+    throw Error("cannot allocate " + std::to_string(bytes) + " bytes of pinned host memory for " +
+                what + ": " + cudaGetErrorString(status));
+  }
+  return ptr;
+}
+
+void pinned_free(void* ptr) noexcept {
+  if (ptr) (void)cudaFreeHost(ptr);
+}
+
 void copy_to_device(void* dst, const void* src, size_t bytes) {
   CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
 }
@@ -36,7 +52,9 @@ void copy_to_host(void* dst, const void* src, size_t bytes) {
   CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
 }
 
-Stream::Stream() { CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking)); }
+Stream::Stream() {
+  CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+}
 Stream::~Stream() {
   if (stream_) (void)cudaStreamDestroy(stream_);
 }
@@ -47,9 +65,13 @@ Stream& Stream::operator=(Stream&& other) noexcept {
   }
   return *this;
 }
-void Stream::synchronize() const { CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+void Stream::synchronize() const {
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
 
-Event::Event(unsigned flags) { CUDA_CHECK(cudaEventCreateWithFlags(&event_, flags)); }
+Event::Event(unsigned flags) {
+  CUDA_CHECK(cudaEventCreateWithFlags(&event_, flags));
+}
 Event::~Event() {
   if (event_) (void)cudaEventDestroy(event_);
 }
@@ -60,7 +82,9 @@ Event& Event::operator=(Event&& other) noexcept {
   }
   return *this;
 }
-void Event::record(cudaStream_t stream) const { CUDA_CHECK(cudaEventRecord(event_, stream)); }
+void Event::record(cudaStream_t stream) const {
+  CUDA_CHECK(cudaEventRecord(event_, stream));
+}
 void Event::record_external(cudaStream_t stream) const {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
@@ -70,7 +94,9 @@ void Event::record_external(cudaStream_t stream) const {
     CUDA_CHECK(cudaEventRecord(event_, stream));
   }
 }
-void Event::synchronize() const { CUDA_CHECK(cudaEventSynchronize(event_)); }
+void Event::synchronize() const {
+  CUDA_CHECK(cudaEventSynchronize(event_));
+}
 bool Event::done() const {
   const cudaError_t status = cudaEventQuery(event_);
   if (status == cudaErrorNotReady) return false;
@@ -93,9 +119,13 @@ GraphExec& GraphExec::operator=(GraphExec&& other) noexcept {
   }
   return *this;
 }
-void GraphExec::launch(cudaStream_t stream) const { CUDA_CHECK(cudaGraphLaunch(exec_, stream)); }
+void GraphExec::launch(cudaStream_t stream) const {
+  CUDA_CHECK(cudaGraphLaunch(exec_, stream));
+}
 
-LtHandle::LtHandle() { CUBLAS_CHECK(cublasLtCreate(&handle_)); }
+LtHandle::LtHandle() {
+  CUBLAS_CHECK(cublasLtCreate(&handle_));
+}
 LtHandle::~LtHandle() {
   if (handle_) (void)cublasLtDestroy(handle_);
 }

@@ -2,13 +2,13 @@
 
 #include <unistd.h>
 
+#include <spdlog/spdlog.h>
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <vector>
-#include <spdlog/spdlog.h>
 
 #include "pi0/check.hpp"
 #include "pi0/cuda/device_report.hpp"
@@ -42,10 +42,12 @@ RunReport run_single_process_baseline(const ResolvedRun& run) {
   const std::string shape = std::to_string(run.shape.views) + "," +
                             std::to_string(run.shape.chunk) + "," +
                             std::to_string(run.shape.prompt_len);
-  const std::vector<std::string> args = {"--model", run.config.name, "--case", shape,
-                                         "--iters", std::to_string(std::max<uint64_t>(o.frames, 50)),
-                                         "--warmup", std::to_string(o.warmup),
-                                         "--json", json_path};
+  const std::vector<std::string> args = {
+      "--model",  run.config.name,
+      "--case",   shape,
+      "--iters",  std::to_string(std::max<uint64_t>(o.frames, 50)),
+      "--warmup", std::to_string(o.warmup),
+      "--json",   json_path};
   EnvOverrides env{{"CUDA_MPS_PIPE_DIRECTORY", "/nonexistent/pi0-mps-no-mps"},
                    {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", std::nullopt}};
   ChildProcess bench = ChildProcess::spawn("pi0_bench", dir + "/pi0_bench", args, env, false);
@@ -77,6 +79,8 @@ RunReport run_single_process_baseline(const ResolvedRun& run) {
   r.latency_max_ms = r.latency_p99_ms;
   r.latency_mean_ms = r.latency_p50_ms;
   r.throughput_fps = c.at("throughput_per_s").get<double>();
+  r.host_to_host_p50_ms = c.at("host_to_host_median_ms").get<double>();
+  r.host_to_host_p99_ms = c.at("host_to_host_p99_ms").get<double>();
   r.encoder.stage_ms_median = c.at("encoder_median_ms").get<double>();
   r.decoder.stage_ms_median = c.at("decoder_median_ms").get<double>();
   r.device_sms = cuda::device_sm_count_without_context();
@@ -171,8 +175,10 @@ SweepResult run_sweep(const ResolvedRun& requested) {
 void print_sweep(const SweepResult& s) {
   std::printf("\n== split sweep (concurrent mode, MPS) ==\n");
   if (s.decoder_batch > 1)
-    std::printf("decoder batch %u: frames that wait together share a decoder pass; dec ms is per "
-                "pass\n", s.decoder_batch);
+    std::printf(
+        "decoder batch %u: frames that wait together share a decoder pass; dec ms is per "
+        "pass\n",
+        s.decoder_batch);
   // Stage medians show which stage limits the throughput at each split.
   std::printf("%-10s %8s %8s %10s %10s %10s %10s %10s %8s\n", "enc/dec %", "enc SMs", "dec SMs",
               "enc ms", "dec ms", "p50 ms", "p99 ms", "frames/s", "applied");
@@ -204,6 +210,13 @@ void print_sweep(const SweepResult& s) {
     if (single && seq && single->latency_p50_ms > 0) {
       std::printf("sequential 100/100 latency vs single-process: %+.1f%%\n",
                   100.0 * (seq->latency_p50_ms / single->latency_p50_ms - 1.0));
+      // Like for like: both host to host, inputs uploaded and actions read back.
+      if (single->host_to_host_p50_ms > 0) {
+        std::printf(
+            "sequential 100/100 latency vs single-process host to host (%.2f ms): %+.1f%%\n",
+            single->host_to_host_p50_ms,
+            100.0 * (seq->latency_p50_ms / single->host_to_host_p50_ms - 1.0));
+      }
     }
   }
   if (best) {
@@ -253,8 +266,10 @@ void write_sweep_plot(const SweepResult& s, const std::string& path) {
   const auto y_ms = [&](double v) { return kTop + plot_h * (1 - v / max_ms); };
   std::ostringstream svg;
   svg << "<svg xmlns='http://www.w3.org/2000/svg' width='" << kW << "' height='" << kH
-      << "' font-family='sans-serif' font-size='12'>\n<rect width='100%' height='100%' fill='white'/>\n";
-  svg << "<text x='" << kW / 2 << "' y='22' text-anchor='middle' font-size='14'>pi0-mps split sweep ("
+      << "' font-family='sans-serif' font-size='12'>\n<rect width='100%' height='100%' "
+         "fill='white'/>\n";
+  svg << "<text x='" << kW / 2
+      << "' y='22' text-anchor='middle' font-size='14'>pi0-mps split sweep ("
       << s.points.front().model << ", V=" << s.points.front().views
       << ", C=" << s.points.front().chunk << ", concurrent)</text>\n";
   svg << "<rect x='" << kLeft << "' y='" << kTop << "' width='" << plot_w << "' height='" << plot_h
@@ -267,22 +282,26 @@ void write_sweep_plot(const SweepResult& s, const std::string& path) {
       << "' text-anchor='middle'>encoder SM percentage (decoder gets the rest)</text>\n";
   for (int i = 0; i <= 5; ++i) {
     const double f = max_fps * i / 5, m = max_ms * i / 5;
-    svg << "<text x='" << kLeft - 6 << "' y='" << y_fps(f) + 4 << "' text-anchor='end' fill='#1f77b4'>"
-        << static_cast<int>(f) << "</text>\n";
+    svg << "<text x='" << kLeft - 6 << "' y='" << y_fps(f) + 4
+        << "' text-anchor='end' fill='#1f77b4'>" << static_cast<int>(f) << "</text>\n";
     svg << "<text x='" << kLeft + plot_w + 6 << "' y='" << y_ms(m) + 4 << "' fill='#d62728'>"
         << std::round(m * 10) / 10 << "</text>\n";
   }
-  svg << "<text transform='rotate(-90)' x='" << -(kTop + plot_h / 2) << "' y='16' text-anchor='middle' fill='#1f77b4'>throughput (frames/s)</text>\n";
-  svg << "<text transform='rotate(90)' x='" << kTop + plot_h / 2 << "' y='" << -(kW - 14) << "' text-anchor='middle' fill='#d62728'>latency (ms)</text>\n";
+  svg << "<text transform='rotate(-90)' x='" << -(kTop + plot_h / 2)
+      << "' y='16' text-anchor='middle' fill='#1f77b4'>throughput (frames/s)</text>\n";
+  svg << "<text transform='rotate(90)' x='" << kTop + plot_h / 2 << "' y='" << -(kW - 14)
+      << "' text-anchor='middle' fill='#d62728'>latency (ms)</text>\n";
   const auto polyline = [&](auto y_of, const char* color, const char* dash) {
-    svg << "<polyline fill='none' stroke='" << color << "' stroke-width='2' stroke-dasharray='" << dash << "' points='";
+    svg << "<polyline fill='none' stroke='" << color << "' stroke-width='2' stroke-dasharray='"
+        << dash << "' points='";
     for (const auto& p : s.points) {
       if (p.error.empty()) svg << x_of(p.encoder_pct) << "," << y_of(p) << " ";
     }
     svg << "'/>\n";
     for (const auto& p : s.points) {
       if (!p.error.empty()) continue;
-      svg << "<circle cx='" << x_of(p.encoder_pct) << "' cy='" << y_of(p) << "' r='3' fill='" << color << "'/>\n";
+      svg << "<circle cx='" << x_of(p.encoder_pct) << "' cy='" << y_of(p) << "' r='3' fill='"
+          << color << "'/>\n";
     }
   };
   polyline([&](const RunReport& p) { return y_fps(p.throughput_fps); }, "#1f77b4", "none");
@@ -309,8 +328,10 @@ void write_sweep_plot(const SweepResult& s, const std::string& path) {
     svg << "<text x='" << kLeft + 6 << "' y='" << label_y << "' fill='#777' font-size='10'>"
         << b->label << " " << std::round(b->throughput_fps) << "/s</text>\n";
   }
-  svg << "<text x='" << kLeft + plot_w - 6 << "' y='" << legend_y << "' text-anchor='end' fill='#1f77b4'>throughput</text>\n";
-  svg << "<text x='" << kLeft + plot_w - 6 << "' y='" << legend_y + 14 << "' text-anchor='end' fill='#d62728'>latency p50 (solid), p99 (dashed)</text>\n";
+  svg << "<text x='" << kLeft + plot_w - 6 << "' y='" << legend_y
+      << "' text-anchor='end' fill='#1f77b4'>throughput</text>\n";
+  svg << "<text x='" << kLeft + plot_w - 6 << "' y='" << legend_y + 14
+      << "' text-anchor='end' fill='#d62728'>latency p50 (solid), p99 (dashed)</text>\n";
   svg << "</svg>\n";
   std::ofstream out(path, std::ios::trunc);
   PI0_CHECK(out.good(), "cannot write " + path);

@@ -28,7 +28,7 @@ struct RunOptions {
   std::string mode = "concurrent";  // sequential | concurrent
   uint64_t frames = 200;
   uint64_t warmup = 10;
-  uint32_t slots = 2;  // 2, or 2 x decoder_batch when --slots is not given
+  uint32_t slots = 2;          // 2, or 2 x decoder_batch when --slots is not given
   uint32_t decoder_batch = 1;  // frames the decoder may decode in one pass (cuda backend)
   uint64_t seed = 0;
   double rate_hz = 0;  // 0: back to back; else frames arrive at this camera rate (open loop)
@@ -96,6 +96,9 @@ struct RunReport {
   double rate_hz = 0;
   double latency_p50_ms = 0, latency_p99_ms = 0, latency_max_ms = 0, latency_mean_ms = 0;
   double throughput_fps = 0;
+  // Single-process baseline only: the same inferences timed host to host (inputs uploaded from
+  // pinned memory, actions read back), which is how the pipeline's latency is measured.
+  double host_to_host_p50_ms = 0, host_to_host_p99_ms = 0;
   double handoff_us_median = -1;
   double wall_s = 0;
   bool interrupted = false;

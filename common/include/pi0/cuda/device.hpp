@@ -20,26 +20,38 @@ namespace pi0::cuda {
 // memory when the allocation fails.
 void* device_alloc(size_t bytes, const std::string& what);
 void device_free(void* ptr) noexcept;
+// Page-locked host memory, which asynchronous copies need to overlap the host.
+void* pinned_alloc(size_t bytes, const std::string& what);
+void pinned_free(void* ptr) noexcept;
 
-template <typename T>
-class DeviceBuffer {
+struct DeviceMemory {
+  static void* allocate(size_t bytes, const std::string& what) { return device_alloc(bytes, what); }
+  static void release(void* ptr) noexcept { device_free(ptr); }
+};
+struct PinnedHostMemory {
+  static void* allocate(size_t bytes, const std::string& what) { return pinned_alloc(bytes, what); }
+  static void release(void* ptr) noexcept { pinned_free(ptr); }
+};
+
+template <typename T, typename Memory>
+class Buffer {
  public:
-  DeviceBuffer() = default;
-  DeviceBuffer(size_t count, const std::string& what)
-      : ptr_(static_cast<T*>(device_alloc(count * sizeof(T), what))), count_(count) {}
-  ~DeviceBuffer() { device_free(ptr_); }
-  DeviceBuffer(DeviceBuffer&& other) noexcept
+  Buffer() = default;
+  Buffer(size_t count, const std::string& what)
+      : ptr_(static_cast<T*>(Memory::allocate(count * sizeof(T), what))), count_(count) {}
+  ~Buffer() { Memory::release(ptr_); }
+  Buffer(Buffer&& other) noexcept
       : ptr_(std::exchange(other.ptr_, nullptr)), count_(std::exchange(other.count_, 0)) {}
-  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept {
+  Buffer& operator=(Buffer&& other) noexcept {
     if (this != &other) {
-      device_free(ptr_);
+      Memory::release(ptr_);
       ptr_ = std::exchange(other.ptr_, nullptr);
       count_ = std::exchange(other.count_, 0);
     }
     return *this;
   }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
 
   T* get() const { return ptr_; }
   size_t size() const { return count_; }
@@ -50,6 +62,11 @@ class DeviceBuffer {
   T* ptr_ = nullptr;
   size_t count_ = 0;
 };
+
+template <typename T>
+using DeviceBuffer = Buffer<T, DeviceMemory>;
+template <typename T>
+using PinnedBuffer = Buffer<T, PinnedHostMemory>;
 
 // What an engine holds on the GPU, for its memory report: weights apart from workspace. Buffers
 // pass through it as they are made; it names workspace allocations after its owner, so an

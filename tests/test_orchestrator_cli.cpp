@@ -31,7 +31,8 @@ std::string fake_mps_control(const std::string& dir, bool start_fails = false) {
   script << "#!/bin/sh\n"
             "state=\"$CUDA_MPS_PIPE_DIRECTORY/daemon\"\n"
             "if [ \"$1\" = \"-d\" ]; then\n"
-         << (start_fails ? "  echo 'An instance of this daemon is already running' >&2; exit 1\n" : "")
+         << (start_fails ? "  echo 'An instance of this daemon is already running' >&2; exit 1\n"
+                         : "")
          << "  echo up > \"$state\"; echo start >> \"$CUDA_MPS_PIPE_DIRECTORY/starts\"; exit 0\n"
             "fi\n"
             "[ -f \"$state\" ] || { echo 'Cannot find MPS control daemon process' >&2; exit 1; }\n"
@@ -54,18 +55,27 @@ TEST_CASE("command line defaults and validation", "[orchestrator][cli]") {
   CHECK(o->slots == 2);
   CHECK_FALSE(o->prompt_len.has_value());
 
-  o = parse({"--encoder-pct", "30", "--decoder-pct", "70", "--mode", "sequential", "--prompt-len", "20"}, code);
+  o = parse(
+      {"--encoder-pct", "30", "--decoder-pct", "70", "--mode", "sequential", "--prompt-len", "20"},
+      code);
   REQUIRE(o.has_value());
   CHECK(o->encoder_pct == 30);
   CHECK(o->decoder_pct == 70);
   CHECK(o->mode == "sequential");
   CHECK(*o->prompt_len == 20);
 
-  for (const auto& bad : std::vector<std::vector<std::string>>{
-           {"--encoder-pct", "0"}, {"--decoder-pct", "101"}, {"--mode", "fast"},
-           {"--slots", "9"}, {"--backend", "tpu"}, {"--views", "0"}, {"--frames", "-3"},
-           {"--decoder-batch", "0"}, {"--decoder-batch", "5"},
-           {"--sweep", "--sweep-min", "80", "--sweep-max", "20"}, {"--no-such-flag"}}) {
+  for (const auto& bad :
+       std::vector<std::vector<std::string>>{{"--encoder-pct", "0"},
+                                             {"--decoder-pct", "101"},
+                                             {"--mode", "fast"},
+                                             {"--slots", "9"},
+                                             {"--backend", "tpu"},
+                                             {"--views", "0"},
+                                             {"--frames", "-3"},
+                                             {"--decoder-batch", "0"},
+                                             {"--decoder-batch", "5"},
+                                             {"--sweep", "--sweep-min", "80", "--sweep-max", "20"},
+                                             {"--no-such-flag"}}) {
     INFO(bad[0]);
     CHECK_FALSE(parse(bad, code).has_value());
     CHECK(code != 0);
@@ -102,6 +112,30 @@ TEST_CASE("decoder batching gets enough slots unless they are given", "[orchestr
   CHECK(parsed.decoder_batch == 3);
 }
 
+TEST_CASE("the busy-wait option reaches the run options and the workers' command line",
+          "[orchestrator][cli]") {
+  int code = 0;
+  auto o = parse({}, code);
+  REQUIRE(o.has_value());
+  CHECK_FALSE(o->busy_wait);
+  o = parse({"--busy-wait"}, code);
+  REQUIRE(o.has_value());
+  CHECK(o->busy_wait);
+
+  for (const bool busy : {false, true}) {
+    ipc::WorkerOptions wo;
+    wo.control_name = "pi0-test";
+    wo.busy_wait = busy;
+    std::vector<std::string> args = ipc::worker_arguments(wo);
+    args.insert(args.begin(), "encoder_worker");
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    const ipc::WorkerOptions parsed = ipc::parse_worker_arguments(
+        ipc::Role::kEncoder, static_cast<int>(argv.size()), argv.data());
+    CHECK(parsed.busy_wait == busy);
+  }
+}
+
 TEST_CASE("resolve picks the CPU backend and tiny model without a GPU", "[orchestrator][cli]") {
   RunOptions o;
   o.backend = "cpu";
@@ -113,7 +147,8 @@ TEST_CASE("resolve picks the CPU backend and tiny model without a GPU", "[orches
 }
 
 TEST_CASE("child processes report exit status and output", "[orchestrator][process]") {
-  ChildProcess p = ChildProcess::spawn("sh", "/bin/sh", {"-c", "echo first; echo second >&2; exit 3"}, {}, false);
+  ChildProcess p = ChildProcess::spawn("sh", "/bin/sh",
+                                       {"-c", "echo first; echo second >&2; exit 3"}, {}, false);
   const auto s = p.wait_for(5000ms);
   REQUIRE(s.has_value());
   CHECK(s->code == 3);
@@ -156,7 +191,8 @@ TEST_CASE("run_command feeds stdin and enforces its timeout", "[orchestrator][pr
   CHECK(find_on_path("no-such-program-pi0").empty());
 }
 
-TEST_CASE("MPS daemon is started and quit or adopted and left running", "[orchestrator][mps-control]") {
+TEST_CASE("MPS daemon is started and quit or adopted and left running",
+          "[orchestrator][mps-control]") {
   const std::string dir = test::temp_dir("mps");
   MpsOptions o;
   o.pipe_dir = dir + "/pipe";

@@ -39,9 +39,9 @@ int pid_in_log(const std::string& log, const std::string& worker) {
 
 // Starts a long tiny run and waits until both workers serve frames.
 ChildProcess start_long_run(std::string& log_out) {
-  ChildProcess orch = ChildProcess::spawn(
-      "orchestrator", PI0_ORCHESTRATOR_EXE,
-      tiny_run({"--frames", "1000000", "--warmup", "0"}), {}, false);
+  ChildProcess orch =
+      ChildProcess::spawn("orchestrator", PI0_ORCHESTRATOR_EXE,
+                          tiny_run({"--frames", "1000000", "--warmup", "0"}), {}, false);
   REQUIRE(test::eventually(
       [&] { return orch.output().find("streaming frames") != std::string::npos; }, 20000ms));
   std::this_thread::sleep_for(300ms);  // frames are flowing
@@ -52,7 +52,8 @@ ChildProcess start_long_run(std::string& log_out) {
 
 }  // namespace
 
-TEST_CASE("cpu pipeline actions equal the in-process reference bitwise in both modes", "[orchestrator][process]") {
+TEST_CASE("cpu pipeline actions equal the in-process reference bitwise in both modes",
+          "[orchestrator][process]") {
   const uint64_t seed = 7;
   const std::string dir = test::temp_dir("bitwise");
   const ModelConfig config = model_config("tiny");
@@ -71,11 +72,16 @@ TEST_CASE("cpu pipeline actions equal the in-process reference bitwise in both m
   }
   REQUIRE(expected[0] != expected[1]);
 
-  for (const std::string mode : {"concurrent", "sequential"}) {
-    const std::string out = dir + "/actions_" + mode + ".f32";
-    const auto run = test::run_orchestrator(tiny_run({"--frames", "200", "--warmup", "0", "--mode",
-                                                      mode, "--seed", std::to_string(seed),
-                                                      "--actions-out", out}));
+  // Sequential once more with every process spinning instead of sleeping while it waits.
+  for (const std::string variant : {"concurrent", "sequential", "sequential --busy-wait"}) {
+    const std::string mode = variant.substr(0, variant.find(' '));
+    const bool busy_wait = variant != mode;
+    const std::string out = dir + "/actions_" + mode + (busy_wait ? "_busy" : "") + ".f32";
+    std::vector<std::string> args = {"--frames",      "200", "--warmup", "0",
+                                     "--mode",        mode,  "--seed",   std::to_string(seed),
+                                     "--actions-out", out};
+    if (busy_wait) args.push_back("--busy-wait");
+    const auto run = test::run_orchestrator(tiny_run(args));
     INFO(run.output);
     REQUIRE(run.status.success());
     REQUIRE(run.output.find("frames                          200") != std::string::npos);
@@ -106,10 +112,10 @@ TEST_CASE("a run writes its figures as JSON", "[orchestrator][process]") {
   fs::remove_all(dir);
 }
 
-TEST_CASE("bad percentages are rejected with one line and nothing left behind", "[orchestrator][cli]") {
-  for (const auto& bad : std::vector<std::vector<std::string>>{{"--encoder-pct", "0"},
-                                                               {"--decoder-pct", "101"},
-                                                               {"--encoder-pct", "abc"}}) {
+TEST_CASE("bad percentages are rejected with one line and nothing left behind",
+          "[orchestrator][cli]") {
+  for (const auto& bad : std::vector<std::vector<std::string>>{
+           {"--encoder-pct", "0"}, {"--decoder-pct", "101"}, {"--encoder-pct", "abc"}}) {
     const auto run = test::run_orchestrator(tiny_run(bad));
     INFO(run.output);
     CHECK_FALSE(run.status.success());
@@ -149,8 +155,9 @@ TEST_CASE("missing truncated and misshapen weights files fail cleanly", "[orches
     CHECK(run.output.find(c.expect) != std::string::npos);
   }
   // The good file works and gives the same actions as the same seed's random weights.
-  const auto with_file = test::run_orchestrator(
-      tiny_run({"--weights", good, "--seed", "3", "--frames", "5", "--warmup", "0", "--actions-out", dir + "/a.f32"}));
+  const auto with_file =
+      test::run_orchestrator(tiny_run({"--weights", good, "--seed", "3", "--frames", "5",
+                                       "--warmup", "0", "--actions-out", dir + "/a.f32"}));
   const auto with_seed = test::run_orchestrator(
       tiny_run({"--seed", "3", "--frames", "5", "--warmup", "0", "--actions-out", dir + "/b.f32"}));
   REQUIRE(with_file.status.success());
@@ -159,7 +166,8 @@ TEST_CASE("missing truncated and misshapen weights files fail cleanly", "[orches
   fs::remove_all(dir);
 }
 
-TEST_CASE("kill -9 of a worker stops the run within a second naming it", "[orchestrator][process]") {
+TEST_CASE("kill -9 of a worker stops the run within a second naming it",
+          "[orchestrator][process]") {
   for (const std::string victim : {"encoder_worker", "decoder_worker"}) {
     std::string log;
     ChildProcess orch = start_long_run(log);
@@ -168,7 +176,8 @@ TEST_CASE("kill -9 of a worker stops the run within a second naming it", "[orche
     const auto t0 = std::chrono::steady_clock::now();
     REQUIRE(::kill(victim_pid, SIGKILL) == 0);
     const auto status = orch.wait_for(2000ms);
-    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double secs =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     REQUIRE(status.has_value());
     INFO(orch.output());
     CHECK(secs < 1.0);
@@ -204,7 +213,8 @@ TEST_CASE("SIGINT drains the frames in flight and exits cleanly", "[orchestrator
   require_nothing_left(orch.pid());
 }
 
-TEST_CASE("a worker that fails to start is named with its status and last lines", "[orchestrator][process]") {
+TEST_CASE("a worker that fails to start is named with its status and last lines",
+          "[orchestrator][process]") {
   const std::string dir = test::temp_dir("badworker");
   {
     std::ofstream script(dir + "/encoder_worker");
@@ -238,8 +248,8 @@ TEST_CASE("segments left by dead runs are removed when a run starts", "[orchestr
 TEST_CASE("the cuda backend without a GPU is a one-line error", "[orchestrator][cli]") {
   std::string why;
   const bool gpu = cuda::cuda_device_present(&why);
-  const auto run = test::run_orchestrator({"--backend", "cuda", "--model", "tiny", "--frames", "3",
-                                           "--no-mps", "--quiet-workers"});
+  const auto run = test::run_orchestrator(
+      {"--backend", "cuda", "--model", "tiny", "--frames", "3", "--no-mps", "--quiet-workers"});
   INFO(run.output);
   if (gpu) {
     CHECK(run.status.success());

@@ -64,6 +64,8 @@ enum class Step { kDone, kBlocked, kCorrupt };
 constexpr int kSpinIterations = 200;
 constexpr int kYieldIterations = 4;
 
+std::atomic<WaitPolicy> g_wait_policy{WaitPolicy::kSleep};
+
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
   _mm_pause();
@@ -74,7 +76,9 @@ inline void cpu_relax() {
 #endif
 }
 
-inline uint32_t* futex_word(std::atomic<uint32_t>& a) { return reinterpret_cast<uint32_t*>(&a); }
+inline uint32_t* futex_word(std::atomic<uint32_t>& a) {
+  return reinterpret_cast<uint32_t*>(&a);
+}
 
 // Shared (not FUTEX_PRIVATE) because waiter and waker live in different processes.
 void futex_wait(std::atomic<uint32_t>& word, uint32_t expected, std::chrono::nanoseconds timeout) {
@@ -151,6 +155,7 @@ WaitStatus wait_loop(StepFn&& step, BlockedFn&& still_blocked, std::atomic<uint3
     if (s == Step::kCorrupt) return WaitStatus::kCorrupt;
     ::sched_yield();
   }
+  const bool spin = g_wait_policy.load(std::memory_order_relaxed) == WaitPolicy::kSpin;
   auto last_peer_check = Clock::now();
   for (;;) {
     const Step s = step();
@@ -162,6 +167,10 @@ WaitStatus wait_loop(StepFn&& step, BlockedFn&& still_blocked, std::atomic<uint3
     if (peer_alive && now - last_peer_check >= kWaitSlice) {
       if (!peer_alive()) return WaitStatus::kPeerDead;
       last_peer_check = now;
+    }
+    if (spin) {
+      cpu_relax();
+      continue;
     }
 
     const uint32_t expected = seq.load(std::memory_order_seq_cst);
@@ -182,12 +191,23 @@ WaitStatus wait_loop(StepFn&& step, BlockedFn&& still_blocked, std::atomic<uint3
 
 }  // namespace
 
+void set_wait_policy(WaitPolicy policy) {
+  g_wait_policy.store(policy, std::memory_order_relaxed);
+}
+WaitPolicy wait_policy() {
+  return g_wait_policy.load(std::memory_order_relaxed);
+}
+
 const char* wait_status_name(WaitStatus s) {
   switch (s) {
-    case WaitStatus::kOk: return "ok";
-    case WaitStatus::kTimeout: return "timeout";
-    case WaitStatus::kPeerDead: return "peer dead";
-    case WaitStatus::kCorrupt: return "corrupt";
+    case WaitStatus::kOk:
+      return "ok";
+    case WaitStatus::kTimeout:
+      return "timeout";
+    case WaitStatus::kPeerDead:
+      return "peer dead";
+    case WaitStatus::kCorrupt:
+      return "corrupt";
   }
   return "unknown";
 }

@@ -4,11 +4,11 @@
 #include <sys/prctl.h>
 #include <unistd.h>
 
+#include <spdlog/spdlog.h>
 #include <CLI/CLI.hpp>
 #include <atomic>
 #include <cerrno>
 #include <cstdio>
-#include <spdlog/spdlog.h>
 
 #include "pi0/check.hpp"
 #include "pi0/log.hpp"
@@ -18,27 +18,47 @@ namespace {
 
 std::atomic<bool> g_stop_signal{false};
 
-void on_stop_signal(int) { g_stop_signal.store(true); }
+void on_stop_signal(int) {
+  g_stop_signal.store(true);
+}
 
-bool process_alive(int pid) { return pid > 0 && (::kill(pid, 0) == 0 || errno == EPERM); }
+bool process_alive(int pid) {
+  return pid > 0 && (::kill(pid, 0) == 0 || errno == EPERM);
+}
 
 }  // namespace
 
 std::vector<std::string> worker_arguments(const WorkerOptions& o) {
-  return {"--control",     o.control_name,
-          "--model",       o.model,
-          "--views",       std::to_string(o.shape.views),
-          "--chunk",       std::to_string(o.shape.chunk),
-          "--prompt-len",  std::to_string(o.shape.prompt_len),
-          "--backend",     o.backend,
-          "--weights",     o.weights_path,
-          "--seed",        std::to_string(o.weight_seed),
-          "--slots",       std::to_string(o.kv_slots),
-          "--decoder-batch", std::to_string(o.decoder_batch),
-          "--max-frame",   std::to_string(o.max_frame),
-          "--parent-pid",  std::to_string(o.parent_pid),
-          "--startup-timeout", std::to_string(o.startup_timeout_s),
-          "--log-level",   o.log_level};
+  std::vector<std::string> args = {"--control",
+                                   o.control_name,
+                                   "--model",
+                                   o.model,
+                                   "--views",
+                                   std::to_string(o.shape.views),
+                                   "--chunk",
+                                   std::to_string(o.shape.chunk),
+                                   "--prompt-len",
+                                   std::to_string(o.shape.prompt_len),
+                                   "--backend",
+                                   o.backend,
+                                   "--weights",
+                                   o.weights_path,
+                                   "--seed",
+                                   std::to_string(o.weight_seed),
+                                   "--slots",
+                                   std::to_string(o.kv_slots),
+                                   "--decoder-batch",
+                                   std::to_string(o.decoder_batch),
+                                   "--max-frame",
+                                   std::to_string(o.max_frame),
+                                   "--parent-pid",
+                                   std::to_string(o.parent_pid),
+                                   "--startup-timeout",
+                                   std::to_string(o.startup_timeout_s),
+                                   "--log-level",
+                                   o.log_level};
+  if (o.busy_wait) args.push_back("--busy-wait");
+  return args;
 }
 
 WorkerOptions parse_worker_arguments(Role role, int argc, char** argv) {
@@ -59,6 +79,7 @@ WorkerOptions parse_worker_arguments(Role role, int argc, char** argv) {
   app.add_option("--parent-pid", o.parent_pid)->required();
   app.add_option("--startup-timeout", o.startup_timeout_s);
   app.add_option("--log-level", o.log_level);
+  app.add_flag("--busy-wait", o.busy_wait);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -80,8 +101,9 @@ WorkerRuntime::WorkerRuntime(Role role, const WorkerOptions& options)
   // The kernel tells us when the orchestrator dies; the check after it closes the race where it
   // died before prctl took effect.
   ::prctl(PR_SET_PDEATHSIG, SIGTERM);
-  PI0_CHECK(orchestrator_alive(), "the orchestrator (pid " + std::to_string(options.parent_pid) +
-                                      ") is not running");
+  PI0_CHECK(orchestrator_alive(),
+            "the orchestrator (pid " + std::to_string(options.parent_pid) + ") is not running");
+  set_wait_policy(options.busy_wait ? WaitPolicy::kSpin : WaitPolicy::kSleep);
   const bool host_kv = options.backend == "cpu";
   control_ = ControlBlock::open(
       options.control_name,
@@ -101,7 +123,9 @@ WorkerInfo& WorkerRuntime::my_info() {
   return role_ == Role::kEncoder ? control_.header().encoder : control_.header().decoder;
 }
 
-bool WorkerRuntime::stop_signalled() const { return g_stop_signal.load(); }
+bool WorkerRuntime::stop_signalled() const {
+  return g_stop_signal.load();
+}
 
 bool WorkerRuntime::orchestrator_gone() const {
   return ::getppid() != options_.parent_pid || !process_alive(options_.parent_pid);
@@ -123,8 +147,8 @@ SpscRing& WorkerRuntime::to_orchestrator() {
 }
 
 Deadline WorkerRuntime::after(double seconds) {
-  return Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                            std::chrono::duration<double>(seconds));
+  return Clock::now() +
+         std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
 }
 
 void WorkerRuntime::describe(const char* backend, const std::string& device, int sm_count,

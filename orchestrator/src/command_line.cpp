@@ -20,21 +20,30 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
   app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_option("--backend", o.backend, "cuda, cpu, or auto (cuda when a GPU is present)")
       ->check(CLI::IsMember({"auto", "cuda", "cpu"}));
-  app.add_option("--model", o.model, "pi0, tiny, pi0-1l, pi0-2l, or auto (pi0 on cuda, tiny on cpu)")
+  app.add_option("--model", o.model,
+                 "pi0, tiny, pi0-1l, pi0-2l, or auto (pi0 on cuda, tiny on cpu)")
       ->check(CLI::IsMember({"auto", "pi0", "tiny", "pi0-1l", "pi0-2l"}));
-  app.add_option("--weights", o.weights, ".safetensors weights file (default: seeded random weights)");
+  app.add_option("--weights", o.weights,
+                 ".safetensors weights file (default: seeded random weights)");
   app.add_option("--views", o.views, "camera views per frame")->check(CLI::Range(1, 8));
   app.add_option("--chunk", o.chunk, "action chunk length")->check(CLI::Range(1, 1024));
-  app.add_option("--prompt-len", prompt_len, "prompt tokens (default: from the weights file, else 0)")
+  app.add_option("--prompt-len", prompt_len,
+                 "prompt tokens (default: from the weights file, else 0)")
       ->check(CLI::Range(0, 4096));
-  app.add_option("--encoder-pct", o.encoder_pct, "encoder's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (1..100)")
+  app.add_option("--encoder-pct", o.encoder_pct,
+                 "encoder's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (1..100)")
       ->check(CLI::Range(1, 100));
-  app.add_option("--decoder-pct", o.decoder_pct, "decoder's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (1..100)")
+  app.add_option("--decoder-pct", o.decoder_pct,
+                 "decoder's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (1..100)")
       ->check(CLI::Range(1, 100));
-  app.add_option("--mode", o.mode, "sequential, or concurrent (encoder works on frame n+1 while the decoder works on frame n)")
+  app.add_option("--mode", o.mode,
+                 "sequential, or concurrent (encoder works on frame n+1 while the decoder works on "
+                 "frame n)")
       ->check(CLI::IsMember({"sequential", "concurrent"}));
-  app.add_option("--frames", o.frames, "frames measured")->check(CLI::Range(uint64_t{1}, uint64_t{10000000}));
-  app.add_option("--warmup", o.warmup, "frames run before measuring")->check(CLI::Range(uint64_t{0}, uint64_t{100000}));
+  app.add_option("--frames", o.frames, "frames measured")
+      ->check(CLI::Range(uint64_t{1}, uint64_t{10000000}));
+  app.add_option("--warmup", o.warmup, "frames run before measuring")
+      ->check(CLI::Range(uint64_t{0}, uint64_t{100000}));
   app.add_option("--slots", o.slots, "prefix K/V slots (frames in flight in concurrent mode)")
       ->check(CLI::Range(1u, ipc::kMaxKvSlots));
   app.add_option("--decoder-batch", o.decoder_batch,
@@ -44,34 +53,47 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
                  "Slots default to 2N")
       ->check(CLI::Range(1u, 4u));
   app.add_option("--seed", o.seed, "seed of the random weights and synthetic frames");
-  app.add_option("--rate", o.rate_hz, "feed frames at this camera rate in Hz (default: back to back)")
+  app.add_option("--rate", o.rate_hz,
+                 "feed frames at this camera rate in Hz (default: back to back)")
       ->check(CLI::Range(0.0, 100000.0));
-  app.add_flag("--no-mps", o.no_mps, "do not start or use the MPS daemon (workers time-share the GPU)");
+  app.add_flag("--busy-wait", o.busy_wait,
+               "orchestrator and workers spin instead of sleeping while they wait for a message: "
+               "lower latency per frame, one busy CPU core per process");
+  app.add_flag("--no-mps", o.no_mps,
+               "do not start or use the MPS daemon (workers time-share the GPU)");
   app.add_option("--mps-pipe-dir", o.mps.pipe_dir, "MPS pipe directory");
   app.add_option("--mps-log-dir", o.mps.log_dir, "MPS log directory");
-  app.add_option("--gpu", o.gpu, "CUDA_VISIBLE_DEVICES for the workers (default: inherited, else 0)");
+  app.add_option("--gpu", o.gpu,
+                 "CUDA_VISIBLE_DEVICES for the workers (default: inherited, else 0)");
   app.add_option("--json", o.json_path, "write the figures as JSON to this file");
-  app.add_option("--actions-out", o.actions_path, "write every frame's actions (f32, frame order) to this file");
+  app.add_option("--actions-out", o.actions_path,
+                 "write every frame's actions (f32, frame order) to this file");
   app.add_option("--log-level", o.log_level, "trace, debug, info, warn, error, off")
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}));
   app.add_option("--startup-timeout", o.startup_timeout_s, "seconds a worker may take to load")
       ->check(CLI::Range(1.0, 3600.0));
-  app.add_option("--frame-timeout", o.frame_timeout_s, "seconds a frame may take before the run fails")
+  app.add_option("--frame-timeout", o.frame_timeout_s,
+                 "seconds a frame may take before the run fails")
       ->check(CLI::Range(0.1, 3600.0));
   app.add_option("--run-timeout", o.run_timeout_s,
                  "seconds a whole run may take, worker start included (0: no limit; unset: no "
                  "limit, but a sweep gives each run 120 s + 0.25 s per frame, or twice the frame "
                  "period per frame with --rate)")
       ->check(CLI::Range(0.0, 86400.0));
-  app.add_option("--worker-dir", o.worker_dir, "directory holding encoder_worker and decoder_worker");
+  app.add_option("--worker-dir", o.worker_dir,
+                 "directory holding encoder_worker and decoder_worker");
   app.add_flag("--quiet-workers", o.quiet_workers, "do not copy the workers' log lines to stderr");
   app.add_flag("--sweep", o.sweep, "sweep the encoder's SM percentage (decoder gets the rest)");
   app.add_option("--sweep-step", o.sweep_step, "sweep step in percent")->check(CLI::Range(1, 50));
-  app.add_option("--sweep-min", o.sweep_min, "lowest encoder percentage of the sweep")->check(CLI::Range(1, 99));
-  app.add_option("--sweep-max", o.sweep_max, "highest encoder percentage of the sweep")->check(CLI::Range(1, 99));
-  app.add_option("--latency-budget-ms", o.latency_budget_ms, "sweep: best throughput whose p99 latency stays within this")
+  app.add_option("--sweep-min", o.sweep_min, "lowest encoder percentage of the sweep")
+      ->check(CLI::Range(1, 99));
+  app.add_option("--sweep-max", o.sweep_max, "highest encoder percentage of the sweep")
+      ->check(CLI::Range(1, 99));
+  app.add_option("--latency-budget-ms", o.latency_budget_ms,
+                 "sweep: best throughput whose p99 latency stays within this")
       ->check(CLI::Range(0.0, 100000.0));
-  app.add_option("--plot", o.plot_path, "sweep: write an SVG plot of throughput and latency against the split");
+  app.add_option("--plot", o.plot_path,
+                 "sweep: write an SVG plot of throughput and latency against the split");
   app.add_flag("!--no-baselines", o.baselines, "sweep: skip the baseline runs");
   try {
     app.parse(argc, argv);
@@ -85,7 +107,8 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
   }
   if (prompt_len >= 0) o.prompt_len = prompt_len;
   // Full passes need a pass's worth of slots running and another filling behind it.
-  if (app.count("--slots") == 0) o.slots = std::min(ipc::kMaxKvSlots, std::max(o.slots, 2 * o.decoder_batch));
+  if (app.count("--slots") == 0)
+    o.slots = std::min(ipc::kMaxKvSlots, std::max(o.slots, 2 * o.decoder_batch));
   if (o.sweep && o.sweep_min > o.sweep_max) {
     std::fprintf(stderr, "orchestrator: error: --sweep-min must not exceed --sweep-max\n");
     exit_code = 2;
@@ -129,7 +152,8 @@ ResolvedRun resolve(const RunOptions& o) {
     r.note = "backend " + r.backend + ", model " + model;
   }
   if (r.backend == "cpu" && o.decoder_batch > 1)
-    r.note += "; --decoder-batch applies to the cuda backend (the CPU decoder decodes frame by frame)";
+    r.note +=
+        "; --decoder-batch applies to the cuda backend (the CPU decoder decodes frame by frame)";
   return r;
 }
 

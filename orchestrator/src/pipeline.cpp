@@ -2,13 +2,13 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <spdlog/spdlog.h>
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
 #include <fstream>
 #include <numeric>
-#include <spdlog/spdlog.h>
 #include <thread>
 
 #include "pi0/check.hpp"
@@ -30,7 +30,9 @@ using ipc::WaitStatus;
 using Clock = std::chrono::steady_clock;
 
 std::atomic<int> g_stop_signal{0};
-void on_stop_signal(int sig) { g_stop_signal.store(sig); }
+void on_stop_signal(int sig) {
+  g_stop_signal.store(sig);
+}
 
 constexpr auto kSlice = std::chrono::milliseconds(20);
 constexpr auto kTerminateGrace = std::chrono::milliseconds(500);
@@ -152,8 +154,12 @@ void Pipeline::handle_worker_message(Worker& w, const Message& m) {
     return;
   }
   switch (static_cast<MsgType>(m.type)) {
-    case MsgType::kWorkerReady: w.ready = true; break;
-    case MsgType::kStopped: w.stopped = true; break;
+    case MsgType::kWorkerReady:
+      w.ready = true;
+      break;
+    case MsgType::kStopped:
+      w.stopped = true;
+      break;
     case MsgType::kError: {
       // Give it a moment to exit so that its last log lines are complete.
       if (w.process.wait_for(std::chrono::milliseconds(300))) {
@@ -162,7 +168,8 @@ void Pipeline::handle_worker_message(Worker& w, const Message& m) {
       failure_ = failure_text(w, "failed: " + std::string(ipc::message_text(m)));
       break;
     }
-    case MsgType::kHeartbeat: break;
+    case MsgType::kHeartbeat:
+      break;
     default:
       failure_ = failure_text(w, "sent an unexpected " +
                                      std::string(ipc::type_name(static_cast<MsgType>(m.type))) +
@@ -193,6 +200,7 @@ void Pipeline::start_workers() {
   wo.weight_seed = run_.options.seed;
   wo.kv_slots = run_.options.slots;
   wo.decoder_batch = run_.options.decoder_batch;
+  wo.busy_wait = run_.options.busy_wait;
   wo.max_frame = total;
   wo.parent_pid = static_cast<int>(::getpid());
   wo.startup_timeout_s = run_.options.startup_timeout_s;
@@ -224,8 +232,8 @@ void Pipeline::start_workers() {
     } else if (std::getenv("CUDA_VISIBLE_DEVICES") == nullptr) {
       env["CUDA_VISIBLE_DEVICES"] = "0";
     }
-    w->process = ChildProcess::spawn(w->name, dir + "/" + w->name, args, env,
-                                     !run_.options.quiet_workers);
+    w->process =
+        ChildProcess::spawn(w->name, dir + "/" + w->name, args, env, !run_.options.quiet_workers);
   }
   spdlog::info("started encoder_worker (pid {}) and decoder_worker (pid {}), control segment {}",
                encoder_.process.pid(), decoder_.process.pid(), control_.name());
@@ -250,9 +258,9 @@ void Pipeline::await_ready() {
     }
     if (Clock::now() > deadline) {
       Worker& late = !encoder_.ready ? encoder_ : decoder_;
-      failure_ = failure_text(late, "did not report ready within " +
-                                        std::to_string(static_cast<int>(run_.options.startup_timeout_s)) +
-                                        " s");
+      failure_ = failure_text(
+          late, "did not report ready within " +
+                    std::to_string(static_cast<int>(run_.options.startup_timeout_s)) + " s");
       fail();
     }
   }
@@ -315,8 +323,9 @@ void Pipeline::feed(std::vector<float>* actions) {
       m.submit_ns = static_cast<uint64_t>(submitted[next].time_since_epoch().count());
       const WaitStatus st = to_encoder.push(m, Clock::now() + std::chrono::seconds(10), healthy);
       if (st != WaitStatus::kOk) {
-        if (failure_.empty()) failure_ = std::string("could not hand a frame to the encoder: ") +
-                                         ipc::wait_status_name(st);
+        if (failure_.empty())
+          failure_ =
+              std::string("could not hand a frame to the encoder: ") + ipc::wait_status_name(st);
         fail();
       }
       ++next;
@@ -367,7 +376,8 @@ void Pipeline::feed(std::vector<float>* actions) {
                   action_values * sizeof(float));
     }
     if (m.frame >= o.warmup) {
-      latencies_ms_.push_back(std::chrono::duration<double, std::milli>(now - submitted[m.frame]).count());
+      latencies_ms_.push_back(
+          std::chrono::duration<double, std::milli>(now - submitted[m.frame]).count());
       if (m.handoff_ns > 0) handoffs_us_.push_back(static_cast<double>(m.handoff_ns) / 1e3);
       t_last_done = now;
     }
@@ -377,15 +387,16 @@ void Pipeline::feed(std::vector<float>* actions) {
   report_.frames = latencies_ms_.size();
   if (!latencies_ms_.empty()) {
     report_.wall_s = std::chrono::duration<double>(t_last_done - t_first_measured).count();
-    report_.throughput_fps = report_.wall_s > 0 ? static_cast<double>(latencies_ms_.size()) / report_.wall_s : 0;
+    report_.throughput_fps =
+        report_.wall_s > 0 ? static_cast<double>(latencies_ms_.size()) / report_.wall_s : 0;
   }
 }
 
 void Pipeline::stop_workers() {
   Message stop = ipc::make_message(MsgType::kStop, ipc::Role::kOrchestrator);
   const auto healthy = [this] { return workers_healthy(false); };
-  if (control_.ring(RingId::kOrchToEncoder).push(stop, Clock::now() + std::chrono::seconds(5),
-                                                 healthy) != WaitStatus::kOk) {
+  if (control_.ring(RingId::kOrchToEncoder)
+          .push(stop, Clock::now() + std::chrono::seconds(5), healthy) != WaitStatus::kOk) {
     fail();
   }
   const auto deadline = Clock::now() + std::chrono::seconds(30);
@@ -417,6 +428,7 @@ RunReport Pipeline::run(std::vector<float>* actions) {
   report_.views = run_.shape.views;
   report_.slots = run_.options.slots;
   report_.decoder_batch = run_.options.decoder_batch;
+  report_.busy_wait = run_.options.busy_wait;
   report_.chunk = run_.shape.chunk;
   report_.prompt_len = run_.shape.prompt_len;
   report_.encoder_pct = encoder_pct_;
@@ -441,12 +453,13 @@ RunReport Pipeline::run(std::vector<float>* actions) {
         : report_.split_applied
             ? "applied"
             : "NOT applied: a worker is not an MPS client or sees another SM count";
-    spdlog::info("encoder_worker: {} of {} SMs, MPS client: {}; decoder_worker: {} of {} SMs, "
-                 "MPS client: {}; split {}/{} {}",
-                 report_.encoder.sm_count, report_.device_sms,
-                 report_.encoder.mps_client == 1 ? "yes" : "no", report_.decoder.sm_count,
-                 report_.device_sms, report_.decoder.mps_client == 1 ? "yes" : "no",
-                 encoder_pct_, decoder_pct_, report_.split_note);
+    spdlog::info(
+        "encoder_worker: {} of {} SMs, MPS client: {}; decoder_worker: {} of {} SMs, "
+        "MPS client: {}; split {}/{} {}",
+        report_.encoder.sm_count, report_.device_sms,
+        report_.encoder.mps_client == 1 ? "yes" : "no", report_.decoder.sm_count,
+        report_.device_sms, report_.decoder.mps_client == 1 ? "yes" : "no", encoder_pct_,
+        decoder_pct_, report_.split_note);
   } else {
     report_.split_note = "not applicable: MPS does not apply to the CPU backend";
   }
@@ -458,15 +471,21 @@ RunReport Pipeline::run(std::vector<float>* actions) {
   report_.decoder = summarise(control_.header().decoder);
   report_.latency_p50_ms = percentile(latencies_ms_, 50);
   report_.latency_p99_ms = percentile(latencies_ms_, 99);
-  report_.latency_max_ms = latencies_ms_.empty() ? 0 : *std::max_element(latencies_ms_.begin(), latencies_ms_.end());
-  report_.latency_mean_ms = latencies_ms_.empty() ? 0 : std::accumulate(latencies_ms_.begin(), latencies_ms_.end(), 0.0) / latencies_ms_.size();
+  report_.latency_max_ms =
+      latencies_ms_.empty() ? 0 : *std::max_element(latencies_ms_.begin(), latencies_ms_.end());
+  report_.latency_mean_ms =
+      latencies_ms_.empty()
+          ? 0
+          : std::accumulate(latencies_ms_.begin(), latencies_ms_.end(), 0.0) / latencies_ms_.size();
   report_.handoff_us_median = handoffs_us_.empty() ? -1 : percentile(handoffs_us_, 50);
   return report_;
 }
 
 }  // namespace
 
-uint64_t input_seed(uint64_t run_seed) { return run_seed ^ 0x5eed'f00d'cafe'0001ull; }
+uint64_t input_seed(uint64_t run_seed) {
+  return run_seed ^ 0x5eed'f00d'cafe'0001ull;
+}
 
 void install_stop_handlers() {
   struct sigaction action {};
@@ -477,10 +496,14 @@ void install_stop_handlers() {
   ::signal(SIGPIPE, SIG_IGN);
 }
 
-int stop_signal() { return g_stop_signal.load(); }
+int stop_signal() {
+  return g_stop_signal.load();
+}
 
 RunReport run_pipeline(const ResolvedRun& run, const MpsDaemon* mps, int encoder_pct,
                        int decoder_pct, const std::string& mode, std::vector<float>* actions) {
+  // The workers get the same policy on their command line.
+  ipc::set_wait_policy(run.options.busy_wait ? ipc::WaitPolicy::kSpin : ipc::WaitPolicy::kSleep);
   Pipeline pipeline(run, mps, encoder_pct, decoder_pct, mode);
   return pipeline.run(actions);
 }

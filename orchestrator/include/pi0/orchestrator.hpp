@@ -30,6 +30,7 @@ struct RunOptions {
   uint64_t warmup = 10;
   uint32_t slots = 2;          // 2, or 2 x decoder_batch when --slots is not given
   uint32_t decoder_batch = 1;  // frames the decoder may decode in one pass (cuda backend)
+  bool busy_wait = false;      // orchestrator and workers spin while they wait for a message
   uint64_t seed = 0;
   double rate_hz = 0;  // 0: back to back; else frames arrive at this camera rate (open loop)
   bool no_mps = false;
@@ -87,6 +88,7 @@ struct RunReport {
   std::string backend, model, mode;
   int views = 0, chunk = 0, prompt_len = 0;
   uint32_t slots = 0, decoder_batch = 1;
+  bool busy_wait = false;
   int encoder_pct = 0, decoder_pct = 0;
   bool mps = false;            // workers were started under MPS
   bool split_applied = false;  // both workers are MPS clients with the SM share asked for

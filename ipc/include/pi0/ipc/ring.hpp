@@ -2,7 +2,8 @@
 // Indices are free-running 64-bit counters; the slot index is taken modulo the capacity that the
 // process attaching the ring expects, never modulo a value read from shared memory.
 // Blocking push/pop spin briefly, then sleep on a futex in short slices so that an idle pipeline
-// burns no CPU, and check a deadline and the peer's liveness between slices.
+// burns no CPU, and check a deadline and the peer's liveness between slices. A process that wants
+// the lowest wake-up latency instead keeps spinning (WaitPolicy::kSpin), at the cost of a core.
 #pragma once
 
 #include <atomic>
@@ -26,13 +27,21 @@ inline constexpr std::chrono::milliseconds kWaitSlice{10};
 enum class WaitStatus { kOk, kTimeout, kPeerDead, kCorrupt };
 const char* wait_status_name(WaitStatus s);
 
+// How this process's blocked push/pop wait once the short spin is over: asleep on a futex, or
+// spinning on (deadline and peer checks unchanged). A futex wake-up costs the sleeper tens of
+// microseconds on a frame's critical path; spinning saves it and keeps one core busy per waiter.
+enum class WaitPolicy { kSleep, kSpin };
+void set_wait_policy(WaitPolicy policy);
+WaitPolicy wait_policy();
+
 struct RingHeader;  // defined in ring.cpp; standard layout, offsets only
 
 class SpscRing {
  public:
   // Bytes needed for a ring of `capacity` messages (a power of two, 2..65536), header included.
   static size_t bytes_for(uint32_t capacity);
-  // Constructs an empty ring at `where` (which must be 64-byte aligned and bytes_for(capacity) long).
+  // Constructs an empty ring at `where` (which must be 64-byte aligned and bytes_for(capacity)
+  // long).
   static SpscRing create(void* where, uint32_t capacity);
   // Attaches to a ring another process created; checks the header's magic and capacity against
   // `capacity`. Throws pi0::Error if they differ.

@@ -24,6 +24,7 @@ struct WorkerOptions {
   uint64_t weight_seed = 0;
   uint32_t kv_slots = 2;
   uint32_t decoder_batch = 1;  // frames the decoder may decode in one pass
+  bool busy_wait = false;      // WaitPolicy::kSpin for this worker's rings
   uint64_t max_frame = 0;
   int parent_pid = 0;
   double startup_timeout_s = 120;
@@ -80,7 +81,6 @@ WeightStore load_stage_weights(const WorkerOptions& options, WeightSet set);
 
 // The body of a worker main: runs `body` and turns exceptions into a kError message, a log line
 // and exit code 1. If the orchestrator is gone, removes the control segment it left.
-int run_worker_main(Role role, int argc, char** argv,
-                    int (*body)(WorkerRuntime& runtime));
+int run_worker_main(Role role, int argc, char** argv, int (*body)(WorkerRuntime& runtime));
 
 }  // namespace pi0::ipc

@@ -95,6 +95,14 @@ if want sweep; then
       --encoder-pct "${PI0_RATE_ENC:-50}" --decoder-pct "${PI0_RATE_DEC:-50}" >>"$OUT_DIR/rates.log" 2>&1
   done
   grep -E "^== |camera rate|latency p|throughput" "$OUT_DIR/rates.log"
+  # Sequential 100/100, the latency comparison with the single process, with the host's waits
+  # asleep (the default) and spinning (--busy-wait).
+  for busy in "" --busy-wait; do
+    echo "== sequential 100/100 ${busy:-(sleeping waits)}"
+    "$BIN/orchestrator" --mode sequential --encoder-pct 100 --decoder-pct 100 --frames 300 \
+      --warmup 20 --quiet-workers $busy 2>&1 | grep -E "latency p50|latency p99"
+  done >>"$OUT_DIR/rates.log"
+  grep -A2 "^== sequential" "$OUT_DIR/rates.log"
 fi
 
 echo

@@ -90,6 +90,8 @@ if want sweep; then
   rc=$?
   status_sweep="rc $rc"
   # Open loop at camera rates (the run's report goes to rates.log).
+  : >"$OUT_DIR/rates.log"
+  : >"$OUT_DIR/sequential.log"
   for hz in 30 60; do
     "$BIN/orchestrator" --rate "$hz" --frames 150 --warmup 10 --quiet-workers ${PI0_RATE_ARGS:-} \
       --encoder-pct "${PI0_RATE_ENC:-50}" --decoder-pct "${PI0_RATE_DEC:-50}" >>"$OUT_DIR/rates.log" 2>&1
@@ -98,11 +100,12 @@ if want sweep; then
   # Sequential 100/100, the latency comparison with the single process, with the host's waits
   # asleep (the default) and spinning (--busy-wait).
   for busy in "" --busy-wait; do
-    echo "== sequential 100/100 ${busy:-(sleeping waits)}"
+    echo "== sequential 100/100 ${busy:-(sleeping waits)}" >>"$OUT_DIR/sequential.log"
     "$BIN/orchestrator" --mode sequential --encoder-pct 100 --decoder-pct 100 --frames 300 \
-      --warmup 20 --quiet-workers $busy 2>&1 | grep -E "latency p50|latency p99"
-  done >>"$OUT_DIR/rates.log"
-  grep -A2 "^== sequential" "$OUT_DIR/rates.log"
+      --warmup 20 --quiet-workers $busy >>"$OUT_DIR/sequential.log" 2>&1 ||
+      echo "gpu_check: sequential run ${busy} failed (rc $?)" | tee -a "$OUT_DIR/sequential.log"
+  done
+  grep -E "^== sequential|latency p50|latency p99|error" "$OUT_DIR/sequential.log"
 fi
 
 echo

@@ -2,9 +2,12 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 
+#include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 
 #include "catch.hpp"
 #include "pi0/cuda/device_report.hpp"
@@ -52,8 +55,9 @@ ChildProcess start_long_run(std::string& log_out) {
 
 }  // namespace
 
-TEST_CASE("cpu pipeline actions equal the in-process reference bitwise in both modes",
-          "[orchestrator][process]") {
+TEST_CASE(
+    "cpu pipeline actions equal the in-process reference bitwise in both modes and with busy waits",
+    "[orchestrator][process]") {
   const uint64_t seed = 7;
   const std::string dir = test::temp_dir("bitwise");
   const ModelConfig config = model_config("tiny");
@@ -72,23 +76,45 @@ TEST_CASE("cpu pipeline actions equal the in-process reference bitwise in both m
   }
   REQUIRE(expected[0] != expected[1]);
 
-  // Sequential once more with every process spinning instead of sleeping while it waits.
+  // Sequential once more with every process spinning instead of sleeping while it waits (fewer
+  // frames: on a small CPU-only host the spinners compete with the CPU stages). That run keeps
+  // the workers' log lines, which say whether each one spins.
   for (const std::string variant : {"concurrent", "sequential", "sequential --busy-wait"}) {
     const std::string mode = variant.substr(0, variant.find(' '));
     const bool busy_wait = variant != mode;
+    const uint64_t frames = busy_wait ? 24 : 200;
     const std::string out = dir + "/actions_" + mode + (busy_wait ? "_busy" : "") + ".f32";
-    std::vector<std::string> args = {"--frames",      "200", "--warmup", "0",
-                                     "--mode",        mode,  "--seed",   std::to_string(seed),
-                                     "--actions-out", out};
-    if (busy_wait) args.push_back("--busy-wait");
-    const auto run = test::run_orchestrator(tiny_run(args));
+    std::vector<std::string> args =
+        tiny_run({"--frames", std::to_string(frames), "--warmup", "0", "--mode", mode, "--seed",
+                  std::to_string(seed), "--actions-out", out});
+    if (busy_wait) {
+      args.erase(std::find(args.begin(), args.end(), "--quiet-workers"));
+      args.push_back("--busy-wait");
+    }
+    const auto run = test::run_orchestrator(args);
     INFO(run.output);
     REQUIRE(run.status.success());
-    REQUIRE(run.output.find("frames                          200") != std::string::npos);
+    char frames_line[64];
+    std::snprintf(frames_line, sizeof frames_line, "%-22s %12llu", "frames",
+                  static_cast<unsigned long long>(frames));
+    REQUIRE(run.output.find(frames_line) != std::string::npos);
+    if (busy_wait) {
+      CHECK(run.output.find("waiting for messages       spinning") != std::string::npos);
+      for (const std::string worker : {"encoder", "decoder"}) {
+        INFO(worker << " worker's log");
+        bool spins = false;
+        std::istringstream lines(run.output);
+        for (std::string line; std::getline(lines, line);) {
+          spins = spins || (line.find("[" + worker) != std::string::npos &&
+                            line.find("waits for messages spinning") != std::string::npos);
+        }
+        CHECK(spins);
+      }
+    }
     const std::vector<float> got = test::read_floats(out);
-    REQUIRE(got.size() == 200 * sizes.action_values);
+    REQUIRE(got.size() == frames * sizes.action_values);
     size_t mismatched = 0;
-    for (uint64_t f = 0; f < 200; ++f) {
+    for (uint64_t f = 0; f < frames; ++f) {
       const auto& want = expected[f % kDistinctInputs];
       if (std::memcmp(got.data() + f * sizes.action_values, want.data(),
                       sizes.action_values * sizeof(float)) != 0) {

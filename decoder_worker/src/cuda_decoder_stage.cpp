@@ -202,9 +202,21 @@ class CudaDecoderStage final : public DecoderStage {
     const ipc::ControlLayout& layout = c.layout();
     std::vector<Bf16*> slots;
     // state_, noise_ and actions_ serve every pass: one stream orders a pass's uploads after the
-    // previous pass's decode, and its decode after the previous pass's action downloads. The
-    // uploads need nothing from the encoder, so they go before the wait on its "ready" events
-    // and overlap its work instead of delaying the decode.
+    // previous pass's decode, and its decode after the previous pass's action downloads.
+    for (uint32_t i = 0; i < count; ++i) {
+      const Frame& f = frames_[first + i];
+      CUDA_CHECK(cudaStreamWaitEvent(stream, ready_[f.kv_slot].get(), 0));
+      slots.push_back(slot(f.kv_slot));
+    }
+    pass.start.record(stream);
+    for (uint32_t i = 0; i < count; ++i) {
+      const Frame& f = frames_[first + i];
+      uint64_t* stamps = stamps_.get() + f.stamp * kStampCount;
+      cuda::write_gpu_timestamp(stamps + 0, stream);
+      CUDA_CHECK(cudaMemcpyAsync(stamps + 1,
+                                 static_cast<const uint64_t*>(encoder_stamps_.get()) + f.kv_slot,
+                                 sizeof(uint64_t), cudaMemcpyDeviceToDevice, stream));
+    }
     for (uint32_t i = 0; i < count; ++i) {
       const Frame& f = frames_[first + i];
       CUDA_CHECK(cudaMemcpyAsync(state_.get() + i * layout.state_values, c.state(f.input_slot),
@@ -214,26 +226,12 @@ class CudaDecoderStage final : public DecoderStage {
                                  layout.noise_values * sizeof(Bf16), cudaMemcpyHostToDevice,
                                  stream));
     }
-    for (uint32_t i = 0; i < count; ++i) {
-      const Frame& f = frames_[first + i];
-      CUDA_CHECK(cudaStreamWaitEvent(stream, ready_[f.kv_slot].get(), 0));
-      slots.push_back(slot(f.kv_slot));
-    }
-    pass.start.record(stream);
-    for (uint32_t i = 0; i < count; ++i)
-      cuda::write_gpu_timestamp(stamps_.get() + frames_[first + i].stamp * kStampCount, stream);
     decoder_->decode_batch(slots.data(), static_cast<int>(count), state_.get(), noise_.get(),
                            actions_.get(), stream);
     for (uint32_t i = 0; i < count; ++i) {
       const Frame& f = frames_[first + i];
-      uint64_t* stamps = stamps_.get() + f.stamp * kStampCount;
-      // The encoder's stamp for this slot is final once "ready" fired and stays so until
-      // "consumed": copying it here keeps the copy off the path from the handoff to the decode.
-      CUDA_CHECK(cudaMemcpyAsync(stamps + 1,
-                                 static_cast<const uint64_t*>(encoder_stamps_.get()) + f.kv_slot,
-                                 sizeof(uint64_t), cudaMemcpyDeviceToDevice, stream));
       CUDA_CHECK(cudaEventRecord(consumed_[f.kv_slot].get(), stream));
-      cuda::write_gpu_timestamp(stamps + 2, stream);
+      cuda::write_gpu_timestamp(stamps_.get() + f.stamp * kStampCount + 2, stream);
     }
     pass.stop.record(stream);
     for (uint32_t i = 0; i < count; ++i) {

@@ -63,6 +63,10 @@ enum class Step { kDone, kBlocked, kCorrupt };
 
 constexpr int kSpinIterations = 200;
 constexpr int kYieldIterations = 4;
+// A spinning waiter (WaitPolicy::kSpin) yields its core this often, so that on a host with fewer
+// free cores than spinners the thread it waits for still gets to run; on an idle core the yield
+// returns at once.
+constexpr uint32_t kSpinsPerYield = 256;
 
 std::atomic<WaitPolicy> g_wait_policy{WaitPolicy::kSleep};
 
@@ -157,7 +161,7 @@ WaitStatus wait_loop(StepFn&& step, BlockedFn&& still_blocked, std::atomic<uint3
   }
   const bool spin = g_wait_policy.load(std::memory_order_relaxed) == WaitPolicy::kSpin;
   auto last_peer_check = Clock::now();
-  for (;;) {
+  for (uint32_t spins = 1;; ++spins) {
     const Step s = step();
     if (s == Step::kDone) return WaitStatus::kOk;
     if (s == Step::kCorrupt) return WaitStatus::kCorrupt;
@@ -169,7 +173,11 @@ WaitStatus wait_loop(StepFn&& step, BlockedFn&& still_blocked, std::atomic<uint3
       last_peer_check = now;
     }
     if (spin) {
-      cpu_relax();
+      if (spins % kSpinsPerYield == 0) {
+        ::sched_yield();
+      } else {
+        cpu_relax();
+      }
       continue;
     }
 

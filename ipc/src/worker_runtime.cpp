@@ -104,6 +104,7 @@ WorkerRuntime::WorkerRuntime(Role role, const WorkerOptions& options)
   PI0_CHECK(orchestrator_alive(),
             "the orchestrator (pid " + std::to_string(options.parent_pid) + ") is not running");
   set_wait_policy(options.busy_wait ? WaitPolicy::kSpin : WaitPolicy::kSleep);
+  if (wait_policy() == WaitPolicy::kSpin) spdlog::info("waits for messages spinning (--busy-wait)");
   const bool host_kv = options.backend == "cpu";
   control_ = ControlBlock::open(
       options.control_name,

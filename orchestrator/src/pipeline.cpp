@@ -428,7 +428,7 @@ RunReport Pipeline::run(std::vector<float>* actions) {
   report_.views = run_.shape.views;
   report_.slots = run_.options.slots;
   report_.decoder_batch = run_.options.decoder_batch;
-  report_.busy_wait = run_.options.busy_wait;
+  report_.busy_wait = ipc::wait_policy() == ipc::WaitPolicy::kSpin;
   report_.chunk = run_.shape.chunk;
   report_.prompt_len = run_.shape.prompt_len;
   report_.encoder_pct = encoder_pct_;

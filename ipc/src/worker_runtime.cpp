@@ -29,34 +29,24 @@ bool process_alive(int pid) {
 }  // namespace
 
 std::vector<std::string> worker_arguments(const WorkerOptions& o) {
-  std::vector<std::string> args = {"--control",
-                                   o.control_name,
-                                   "--model",
-                                   o.model,
-                                   "--views",
-                                   std::to_string(o.shape.views),
-                                   "--chunk",
-                                   std::to_string(o.shape.chunk),
-                                   "--prompt-len",
-                                   std::to_string(o.shape.prompt_len),
-                                   "--backend",
-                                   o.backend,
-                                   "--weights",
-                                   o.weights_path,
-                                   "--seed",
-                                   std::to_string(o.weight_seed),
-                                   "--slots",
-                                   std::to_string(o.kv_slots),
-                                   "--decoder-batch",
-                                   std::to_string(o.decoder_batch),
-                                   "--max-frame",
-                                   std::to_string(o.max_frame),
-                                   "--parent-pid",
-                                   std::to_string(o.parent_pid),
-                                   "--startup-timeout",
-                                   std::to_string(o.startup_timeout_s),
-                                   "--log-level",
-                                   o.log_level};
+  // One flag and its value per line.
+  // clang-format off
+  std::vector<std::string> args = {
+      "--control",         o.control_name,
+      "--model",           o.model,
+      "--views",           std::to_string(o.shape.views),
+      "--chunk",           std::to_string(o.shape.chunk),
+      "--prompt-len",      std::to_string(o.shape.prompt_len),
+      "--backend",         o.backend,
+      "--weights",         o.weights_path,
+      "--seed",            std::to_string(o.weight_seed),
+      "--slots",           std::to_string(o.kv_slots),
+      "--decoder-batch",   std::to_string(o.decoder_batch),
+      "--max-frame",       std::to_string(o.max_frame),
+      "--parent-pid",      std::to_string(o.parent_pid),
+      "--startup-timeout", std::to_string(o.startup_timeout_s),
+      "--log-level",       o.log_level};
+  // clang-format on
   if (o.busy_wait) args.push_back("--busy-wait");
   return args;
 }

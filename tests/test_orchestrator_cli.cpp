@@ -23,6 +23,15 @@ std::optional<RunOptions> parse(std::vector<std::string> args, int& code) {
   return parse_command_line(static_cast<int>(argv.size()), argv.data(), code);
 }
 
+// What a worker parses from the command line the orchestrator builds for it.
+ipc::WorkerOptions worker_round_trip(const ipc::WorkerOptions& options, ipc::Role role) {
+  std::vector<std::string> args = ipc::worker_arguments(options);
+  args.insert(args.begin(), "worker");
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  return ipc::parse_worker_arguments(role, static_cast<int>(argv.size()), argv.data());
+}
+
 // A stand-in for nvidia-cuda-mps-control: "-d" starts a "daemon" (a state file), commands on
 // stdin answer only while it runs, "quit" stops it.
 std::string fake_mps_control(const std::string& dir, bool start_fails = false) {
@@ -103,13 +112,7 @@ TEST_CASE("decoder batching gets enough slots unless they are given", "[orchestr
   ipc::WorkerOptions wo;
   wo.control_name = "pi0-test";
   wo.decoder_batch = 3;
-  std::vector<std::string> args = ipc::worker_arguments(wo);
-  args.insert(args.begin(), "decoder_worker");
-  std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
-  const ipc::WorkerOptions parsed =
-      ipc::parse_worker_arguments(ipc::Role::kDecoder, static_cast<int>(argv.size()), argv.data());
-  CHECK(parsed.decoder_batch == 3);
+  CHECK(worker_round_trip(wo, ipc::Role::kDecoder).decoder_batch == 3);
 }
 
 TEST_CASE("the busy-wait option reaches the run options and the workers' command line",
@@ -126,13 +129,7 @@ TEST_CASE("the busy-wait option reaches the run options and the workers' command
     ipc::WorkerOptions wo;
     wo.control_name = "pi0-test";
     wo.busy_wait = busy;
-    std::vector<std::string> args = ipc::worker_arguments(wo);
-    args.insert(args.begin(), "encoder_worker");
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    const ipc::WorkerOptions parsed = ipc::parse_worker_arguments(
-        ipc::Role::kEncoder, static_cast<int>(argv.size()), argv.data());
-    CHECK(parsed.busy_wait == busy);
+    CHECK(worker_round_trip(wo, ipc::Role::kEncoder).busy_wait == busy);
   }
 }
 

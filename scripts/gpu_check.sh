@@ -58,22 +58,22 @@ if want bench; then
   rc=$?
   tail -30 "$OUT_DIR/bench.log"
   status_bench="rc $rc"
-  # Where the time goes (V=2), and the decoder with its fused attention kernel instead of GEMMs +
-  # softmax, for comparison.
+  # Where the time goes (V=2), and the alternatives each left opt-in or opt-out, on this GPU.
   {
     "$BIN/pi0_bench" --case 2,63,0 --iters 50 --breakdown
+    echo "== encoder vision attention as GEMMs + softmax (PI0_VISION_ATTENTION=gemm)"
+    PI0_VISION_ATTENTION=gemm "$BIN/pi0_bench" --case 2,63,0 --iters 200
+    echo "== encoder lm attention in the fused kernel (PI0_LM_ATTENTION=fused)"
+    PI0_LM_ATTENTION=fused "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== decoder attention in the fused kernel (PI0_DECODER_FUSED_ATTENTION=1)"
     PI0_DECODER_FUSED_ATTENTION=1 "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== decoder weight GEMMs on the skinny kernel (PI0_DECODER_SKINNY=1)"
     PI0_DECODER_SKINNY=1 "$BIN/pi0_bench" --case 2,63,0 --iters 200
-    PI0_DECODER_SKINNY=1 "$BIN/pi0_bench" --case 2,63,0 --iters 30 --breakdown
     echo "== decoder layers in the persistent kernel (PI0_DECODER_LAYERS=1)"
     PI0_DECODER_LAYERS=1 "$BIN/pi0_bench" --case 2,63,0 --iters 200
-    PI0_DECODER_LAYERS=1 "$BIN/pi0_bench" --case 2,63,0 --iters 30 --breakdown
   } >"$OUT_DIR/bench_extra.log" 2>&1
-  grep -E "breakdown|^== decoder|^V=2 C=63 P=0 " "$OUT_DIR/bench_extra.log"
+  grep -E "breakdown|^== |^V=2 C=63 P=0 " "$OUT_DIR/bench_extra.log"
   grep -A12 "decoder breakdown" "$OUT_DIR/bench_extra.log" | head -13
-  grep -A11 "persistent layers, us" "$OUT_DIR/bench_extra.log"
 fi
 
 if want gemm-sweep; then

@@ -8,7 +8,9 @@ namespace {
 
 // Score rows padded to 16 elements keep every bf16 probability row 32-byte aligned, so the PV
 // product can use the widest loads.
-int padded(int cols) { return (cols + 15) / 16 * 16; }
+int padded(int cols) {
+  return (cols + 15) / 16 * 16;
+}
 
 }  // namespace
 
@@ -24,8 +26,8 @@ bool SharedKvAttention::try_fused() {
   return fused_attention_runs_here(fused_shape_);
 }
 
-SharedKvAttention::SharedKvAttention(cublasLtHandle_t handle, const Params& params,
-                                     void* workspace, size_t workspace_bytes)
+SharedKvAttention::SharedKvAttention(cublasLtHandle_t handle, const Params& params, void* workspace,
+                                     size_t workspace_bytes)
     : params_(params), ld_(padded(params.keys)) {
   PI0_CHECK(params.queries > 0 && params.heads > 0 && params.head_dim > 0 && params.keys > 0,
             "SharedKvAttention: empty shape");
@@ -96,6 +98,25 @@ ViewAttention::ViewAttention(cublasLtHandle_t handle, const Params& params, void
     : params_(params), ld_(padded(params.tokens)) {
   PI0_CHECK(params.views > 0 && params.tokens > 0 && params.heads > 0 && params.head_dim > 0,
             "ViewAttention: empty shape");
+  const int64_t width = static_cast<int64_t>(params.heads) * params.head_dim;
+  if (params.fused && fused_attention_supported(params.head_dim)) {
+    FusedAttentionShape f;
+    f.rows = params.tokens;
+    f.keys = params.tokens;
+    f.head_dim = params.head_dim;
+    f.scale = params.scale;
+    f.ld_q = f.ld_kv = static_cast<int>(3 * width);
+    f.ld_out = static_cast<int>(width);
+    f.outer = params.views;
+    f.inner = params.heads;
+    f.outer_stride = params.tokens * 3 * width;
+    f.inner_stride = params.head_dim;
+    f.out_outer_stride = params.tokens * width;
+    f.out_inner_stride = params.head_dim;
+    fused_shape_ = plan_fused_attention(f);
+    fused_ = fused_attention_runs_here(fused_shape_);
+    if (fused_) return;
+  }
   const size_t per_view = static_cast<size_t>(params.heads) * params.tokens * ld_;
   scores_ = DeviceBuffer<float>(per_view * params.views, "vision attention scores");
   probs_ = DeviceBuffer<Bf16>(per_view * params.views, "vision attention probabilities");
@@ -137,6 +158,11 @@ ViewAttention::ViewAttention(cublasLtHandle_t handle, const Params& params, void
 
 void ViewAttention::run(const Bf16* qkv, Bf16* out, cudaStream_t stream, OpTimer* timer) {
   const int hd = params_.heads * params_.head_dim;
+  if (fused_) {
+    fused_attention(fused_shape_, qkv, qkv + hd, qkv + 2 * hd, out, stream);
+    if (timer) timer->mark("vision attention (fused)", stream);
+    return;
+  }
   const size_t view_rows = static_cast<size_t>(params_.tokens) * 3 * hd;
   const size_t per_view = static_cast<size_t>(params_.heads) * params_.tokens * ld_;
   for (int v = 0; v < params_.views; ++v) {
@@ -144,8 +170,8 @@ void ViewAttention::run(const Bf16* qkv, Bf16* out, cudaStream_t stream, OpTimer
     qk_.run(base, base + hd, scores_.get() + v * per_view, nullptr, stream);
   }
   if (timer) timer->mark("vision attention qk gemm", stream);
-  softmax_rows(scores_.get(), ld_, probs_.get(), ld_, params_.views * params_.heads * params_.tokens,
-               params_.tokens, 0, 0, stream);
+  softmax_rows(scores_.get(), ld_, probs_.get(), ld_,
+               params_.views * params_.heads * params_.tokens, params_.tokens, 0, 0, stream);
   if (timer) timer->mark("vision attention softmax", stream);
   for (int v = 0; v < params_.views; ++v) {
     const Bf16* base = qkv + v * view_rows;

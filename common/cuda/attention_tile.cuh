@@ -21,18 +21,27 @@ __device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
   return static_cast<uint32_t>((row * (D / 8) + (chunk ^ (row & 7))) * 16);
 }
 
-// Rows first .. first + count - 1 of a [*, D] matrix into shared memory (cp.async, not committed);
-// rows >= end read as 0.
+// Rows first .. first + count - 1 of a matrix with rows ld elements apart into shared memory
+// rows of D (cp.async, not committed): the first `chunks` 16-byte chunks of each row, where chunks
+// at or past column `cols` and rows >= end read as 0 (a head narrower than D, e.g. SigLIP's 72 in
+// rows of 128, gets zeros in its padding).
+template <int D, int kThreads>
+__device__ __forceinline__ void load_rows(uint32_t dst, const __nv_bfloat16* src, int ld, int cols,
+                                          int chunks, int first, int end, int count) {
+  for (int c = static_cast<int>(threadIdx.x); c < count * chunks; c += kThreads) {
+    const int r = c / chunks, ch = c % chunks;
+    const int gr = first + r;
+    const bool ok = gr < end && ch * 8 < cols;
+    mma::cp_async16(dst + swizzled<D>(r, ch),
+                    ok ? src + static_cast<size_t>(gr) * ld + ch * 8 : src, ok);
+  }
+}
+
+// The same for a contiguous [*, D] matrix.
 template <int D, int kThreads>
 __device__ __forceinline__ void load_rows(uint32_t dst, const __nv_bfloat16* src, int first,
                                           int end, int count) {
-  for (int c = static_cast<int>(threadIdx.x); c < count * (D / 8); c += kThreads) {
-    const int r = c / (D / 8), ch = c % (D / 8);
-    const int gr = first + r;
-    const bool ok = gr < end;
-    mma::cp_async16(dst + swizzled<D>(r, ch), ok ? src + static_cast<size_t>(gr) * D + ch * 8 : src,
-                    ok);
-  }
+  load_rows<D, kThreads>(dst, src, D, D, D / 8, first, end, count);
 }
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
@@ -44,8 +53,9 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 // key0 + 31 (ks, vs: that tile's K and V rows): S = Q K^T over the whole head dim, scaled (log2
 // domain, scale_log2 = scale * log2 e) and masked (keys >= key_end, and for a `limited` row keys
 // >= limited_keys); the running max m and sum l updated; o = o * alpha + P V for output dims
-// dim0 .. dim0 + DO - 1. l stays a per-thread partial: quad_sum() it at the end.
-template <int D, int DO>
+// dim0 .. dim0 + DO - 1. l stays a per-thread partial: quad_sum() it at the end. The product runs
+// over the first DK dims of the rows only (DK < D where the head is padded to D).
+template <int D, int DO, int DK = D>
 __device__ __forceinline__ void attend_tile(uint32_t qs, uint32_t ks, uint32_t vs, int row0,
                                             int dim0, int key0, int key_end,
                                             const bool (&limited)[2], int limited_keys,
@@ -57,7 +67,7 @@ __device__ __forceinline__ void attend_tile(uint32_t qs, uint32_t ks, uint32_t v
 #pragma unroll
   for (int j = 0; j < 4; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
+  for (int kk = 0; kk < DK / 16; ++kk) {
     uint32_t af[4];
     ldsm_x4(af, qs + swizzled<D>(row0 + (lane & 15), kk * 2 + (lane >> 4)));
 #pragma unroll
@@ -123,36 +133,42 @@ __device__ __forceinline__ void attend_tile(uint32_t qs, uint32_t ks, uint32_t v
   }
 }
 
-// The warp's rows against keys key_begin .. key_end - 1 of k / v ([keys][D], global), in tiles
-// double-buffered through ks0 / vs0 (room for two tiles each). The caller has issued the Q load
-// into qs without committing it. Every warp of the CTA calls this (it synchronises the CTA).
-template <int D, int DO, int kThreads>
+// The warp's rows against keys key_begin .. key_end - 1 of k / v (global, rows ld elements apart,
+// `cols` of them valid; by default [keys][D]), in tiles double-buffered through ks0 / vs0 (room
+// for two tiles each). The caller has issued the Q load into qs without committing it. Every warp
+// of the CTA calls this (it synchronises the CTA).
+template <int D, int DO, int kThreads, int DK = D>
 __device__ __forceinline__ void attend_range(uint32_t qs, uint32_t ks0, uint32_t vs0,
                                              const __nv_bfloat16* k, const __nv_bfloat16* v,
                                              int key_begin, int key_end, int row0, int dim0,
                                              const bool (&limited)[2], int limited_keys,
                                              float scale_log2, float (&m)[2], float (&l)[2],
-                                             float (&o)[DO / 8][4]) {
+                                             float (&o)[DO / 8][4], int ld = D, int cols = D) {
   constexpr int kTileBytes = kKeys * D * 2;
+  // 16-byte chunks of a row to load: all of them, or with a padded head (DK < D, dim0 = 0) only
+  // those the products read.
+  constexpr int kChunks = DK == D ? D / 8 : (DK > DO ? DK : DO) / 8;
   const int tiles = key_end > key_begin ? (key_end - key_begin + kKeys - 1) / kKeys : 0;
   if (tiles > 0) {
-    load_rows<D, kThreads>(ks0, k, key_begin, key_end, kKeys);
-    load_rows<D, kThreads>(vs0, v, key_begin, key_end, kKeys);
+    load_rows<D, kThreads>(ks0, k, ld, cols, kChunks, key_begin, key_end, kKeys);
+    load_rows<D, kThreads>(vs0, v, ld, cols, kChunks, key_begin, key_end, kKeys);
   }
   mma::cp_commit();
   for (int it = 0; it < tiles; ++it) {
     const int stage = it & 1;
     if (it + 1 < tiles) {
       const int next = key_begin + (it + 1) * kKeys;
-      load_rows<D, kThreads>(ks0 + (stage ^ 1) * kTileBytes, k, next, key_end, kKeys);
-      load_rows<D, kThreads>(vs0 + (stage ^ 1) * kTileBytes, v, next, key_end, kKeys);
+      load_rows<D, kThreads>(ks0 + (stage ^ 1) * kTileBytes, k, ld, cols, kChunks, next, key_end,
+                             kKeys);
+      load_rows<D, kThreads>(vs0 + (stage ^ 1) * kTileBytes, v, ld, cols, kChunks, next, key_end,
+                             kKeys);
       mma::cp_commit();
       mma::cp_wait<1>();
     } else {
       mma::cp_wait<0>();
     }
     __syncthreads();
-    attend_tile<D, DO>(qs, ks0 + stage * kTileBytes, vs0 + stage * kTileBytes, row0, dim0,
+    attend_tile<D, DO, DK>(qs, ks0 + stage * kTileBytes, vs0 + stage * kTileBytes, row0, dim0,
                        key_begin + it * kKeys, key_end, limited, limited_keys, scale_log2, m, l, o);
     __syncthreads();  // this stage is refilled by the next iteration's prefetch
   }

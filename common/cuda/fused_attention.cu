@@ -4,7 +4,9 @@
 // attention_tile.cuh's, shared with the persistent decoder-layers kernel.
 // The key ranges of a row block form one thread-block cluster and combine through distributed
 // shared memory (the first version combined through global memory in the last CTA to arrive:
-// 74 us per call, as one SM read every range's partial rows).
+// 74 us per call, as one SM read every range's partial rows); each combined row reads its ranges'
+// (max, sum) once, then only their partial rows. Independent problems (SigLIP's views and heads)
+// are the grid's z.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 
@@ -39,26 +41,32 @@ struct Args {
   const bf16* v;
   bf16* out;
   int rows, keys, keys_per_split, splits, limited_rows, limited_keys;
+  int head_dim, ld_q, ld_kv, ld_out, inner;
+  int64_t outer_stride, inner_stride, out_outer_stride, out_inner_stride;
   float scale_log2;  // scale * log2(e)
 };
 
 int row_blocks(const FusedAttentionShape& s) {
   return (s.rows + kRowsPerBlock - 1) / kRowsPerBlock;
 }
+int problems(const FusedAttentionShape& s) {
+  return s.outer * s.inner;
+}
 int keys_per_split(const FusedAttentionShape& s) {
   const int per = (s.keys + s.splits - 1) / s.splits;
   return (per + kKeysPerTile - 1) / kKeysPerTile * kKeysPerTile;
 }
-using attention_tile::load_rows;
-
 __device__ __forceinline__ void store_bf16x2(bf16* p, float a, float b) {
   *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
 }
 
-template <int D>
-__global__ void __launch_bounds__(kThreads) fused_attention_kernel(const Args a) {
+// D: the shared-memory row (the head dim, or the power of two it is padded to); DK: the head dim
+// rounded up to 16, the depth of both products.
+template <int D, int DK>
+__global__ void __launch_bounds__(kThreads) fused_attention_kernel(Args a) {
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ float2 parked_ml[kRowsPerBlock];
+  __shared__ float row_weights[kRowsPerBlock][kMaxSplits + 1];  // per combined row: w, 1 / sum
   const uint32_t qs = smem_u32(smem);
   const uint32_t ks0 = qs + kRowsPerBlock * D * 2;
   const uint32_t vs0 = ks0 + 2 * kKeysPerTile * D * 2;
@@ -69,19 +77,28 @@ __global__ void __launch_bounds__(kThreads) fused_attention_kernel(const Args a)
   const int split = blockIdx.y;
   const int key_begin = split * a.keys_per_split;
   const int key_end = min(a.keys, key_begin + a.keys_per_split);
+  {
+    const int problem = blockIdx.z, outer = problem / a.inner, inner = problem % a.inner;
+    const int64_t in = outer * a.outer_stride + inner * a.inner_stride;
+    a.q += in;
+    a.k += in;
+    a.v += in;
+    a.out += outer * a.out_outer_stride + inner * a.out_inner_stride;
+  }
 
-  load_rows<D, kThreads>(qs, a.q, r0, a.rows, kRowsPerBlock);
+  attention_tile::load_rows<D, kThreads>(qs, a.q, a.ld_q, a.head_dim, DK / 8, r0, a.rows,
+                                         kRowsPerBlock);
 
-  float o[D / 8][4];
+  float o[DK / 8][4];
 #pragma unroll
-  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  for (int n = 0; n < DK / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   const int row_a = r0 + warp * 16 + g;  // this thread's rows: row_a and row_a + 8
   const bool limited[2] = {row_a < a.limited_rows, row_a + 8 < a.limited_rows};
 
-  attention_tile::attend_range<D, D, kThreads>(qs, ks0, vs0, a.k, a.v, key_begin, key_end,
-                                               warp * 16, 0, limited, a.limited_keys, a.scale_log2,
-                                               m, l, o);
+  attention_tile::attend_range<D, DK, kThreads, DK>(qs, ks0, vs0, a.k, a.v, key_begin, key_end,
+                                                    warp * 16, 0, limited, a.limited_keys,
+                                                    a.scale_log2, m, l, o, a.ld_kv, a.head_dim);
   attention_tile::quad_sum(l);
 
   if (a.splits == 1) {
@@ -91,9 +108,10 @@ __global__ void __launch_bounds__(kThreads) fused_attention_kernel(const Args a)
       if (row >= a.rows) continue;
       const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
 #pragma unroll
-      for (int n = 0; n < D / 8; ++n)
-        store_bf16x2(a.out + static_cast<size_t>(row) * D + n * 8 + 2 * t, o[n][2 * h] * inv,
-                     o[n][2 * h + 1] * inv);
+      for (int n = 0; n < DK / 8; ++n)
+        if (n * 8 < a.head_dim)
+          store_bf16x2(a.out + static_cast<size_t>(row) * a.ld_out + n * 8 + 2 * t,
+                       o[n][2 * h] * inv, o[n][2 * h + 1] * inv);
     }
     return;
   }
@@ -109,7 +127,7 @@ __global__ void __launch_bounds__(kThreads) fused_attention_kernel(const Args a)
   for (int h = 0; h < 2; ++h) {
     const int rl = warp * 16 + g + 8 * h;
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n)
+    for (int n = 0; n < DK / 8; ++n)
       *reinterpret_cast<float2*>(parked + rl * D + n * 8 + 2 * t) =
           make_float2(o[n][2 * h], o[n][2 * h + 1]);
     if (t == 0) parked_ml[rl] = make_float2(m[h], l[h]);
@@ -118,28 +136,53 @@ __global__ void __launch_bounds__(kThreads) fused_attention_kernel(const Args a)
 
   const int splits = a.splits, rank = static_cast<int>(cluster.block_rank());
   const int my_rows = (kRowsPerBlock - rank + splits - 1) / splits;
-  for (int idx = tid; idx < my_rows * (D / 4); idx += kThreads) {
-    const int rl = rank + (idx / (D / 4)) * splits, d4 = idx % (D / 4);
+  // Each of this CTA's rows weighs its ranges once (max, then exp2 of each range's max against
+  // it, and the normaliser): the remote (max, sum) pairs are read once per row, not per column.
+  for (int j = tid; j < my_rows; j += kThreads) {
+    const int rl = rank + j * splits;
+    float2 ml[kMaxSplits];
+    float mmax = -INFINITY;
+#pragma unroll
+    for (int sp = 0; sp < kMaxSplits; ++sp) {
+      if (sp >= splits) break;
+      ml[sp] = cluster.map_shared_rank(parked_ml, sp)[rl];
+      mmax = fmaxf(mmax, ml[sp].x);
+    }
+    float sum = 0.0f;
+#pragma unroll
+    for (int sp = 0; sp < kMaxSplits; ++sp) {
+      if (sp >= splits) break;
+      const float w = ml[sp].x == -INFINITY ? 0.0f : exp2f(ml[sp].x - mmax);
+      sum += w * ml[sp].y;
+      row_weights[j][sp] = w;
+    }
+    row_weights[j][kMaxSplits] = sum > 0.0f ? 1.0f / sum : 0.0f;
+  }
+  __syncthreads();
+  const int quads = a.head_dim / 4;  // output columns in fours
+  for (int idx = tid; idx < my_rows * quads; idx += kThreads) {
+    const int j = idx / quads, d4 = idx % quads;
+    const int rl = rank + j * splits;
     const int row = r0 + rl;
     if (row >= a.rows) continue;
-    float mmax = -INFINITY;
-    for (int sp = 0; sp < splits; ++sp)
-      mmax = fmaxf(mmax, cluster.map_shared_rank(parked_ml, sp)[rl].x);
-    float sum = 0.0f;
-    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    for (int sp = 0; sp < splits; ++sp) {
-      const float2 ml = cluster.map_shared_rank(parked_ml, sp)[rl];
-      const float w = ml.x == -INFINITY ? 0.0f : exp2f(ml.x - mmax);
-      sum += w * ml.y;
-      const float4 po =
-          reinterpret_cast<const float4*>(cluster.map_shared_rank(parked, sp) + rl * D)[d4];
-      acc.x += w * po.x;
-      acc.y += w * po.y;
-      acc.z += w * po.z;
-      acc.w += w * po.w;
+    float4 po[kMaxSplits];
+#pragma unroll
+    for (int sp = 0; sp < kMaxSplits; ++sp) {
+      if (sp >= splits) break;
+      po[sp] = reinterpret_cast<const float4*>(cluster.map_shared_rank(parked, sp) + rl * D)[d4];
     }
-    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-    bf16* dst = a.out + static_cast<size_t>(row) * D + d4 * 4;
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+    for (int sp = 0; sp < kMaxSplits; ++sp) {
+      if (sp >= splits) break;
+      const float w = row_weights[j][sp];
+      acc.x += w * po[sp].x;
+      acc.y += w * po[sp].y;
+      acc.z += w * po[sp].z;
+      acc.w += w * po[sp].w;
+    }
+    const float inv = row_weights[j][kMaxSplits];
+    bf16* dst = a.out + static_cast<size_t>(row) * a.ld_out + d4 * 4;
     store_bf16x2(dst, acc.x * inv, acc.y * inv);
     store_bf16x2(dst + 2, acc.z * inv, acc.w * inv);
   }
@@ -151,10 +194,10 @@ constexpr int smem_bytes() {
   return (kRowsPerBlock + 4 * kKeysPerTile) * D * 2;
 }
 
-template <int D>
+template <int D, int DK>
 void configure() {
   static const bool configured = [] {
-    CUDA_CHECK(cudaFuncSetAttribute(fused_attention_kernel<D>,
+    CUDA_CHECK(cudaFuncSetAttribute(fused_attention_kernel<D, DK>,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes<D>()));
     return true;
   }();
@@ -165,7 +208,8 @@ template <int D>
 cudaLaunchConfig_t launch_config(const FusedAttentionShape& s, cudaLaunchAttribute* attr,
                                  cudaStream_t stream) {
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(row_blocks(s)), static_cast<unsigned>(s.splits));
+  cfg.gridDim = dim3(static_cast<unsigned>(row_blocks(s)), static_cast<unsigned>(s.splits),
+                     static_cast<unsigned>(problems(s)));
   cfg.blockDim = dim3(kThreads);
   cfg.dynamicSmemBytes = smem_bytes<D>();
   cfg.stream = stream;
@@ -178,22 +222,22 @@ cudaLaunchConfig_t launch_config(const FusedAttentionShape& s, cudaLaunchAttribu
   return cfg;
 }
 
-template <int D>
+template <int D, int DK>
 void launch(const FusedAttentionShape& s, const Args& args, cudaStream_t stream) {
-  configure<D>();
+  configure<D, DK>();
   cudaLaunchAttribute attr[1];
   const cudaLaunchConfig_t cfg = launch_config<D>(s, attr, stream);
-  CUDA_CHECK(cudaLaunchKernelEx(&cfg, fused_attention_kernel<D>, args));
+  CUDA_CHECK(cudaLaunchKernelEx(&cfg, fused_attention_kernel<D, DK>, args));
 }
 
-template <int D>
+template <int D, int DK>
 bool cluster_fits(const FusedAttentionShape& s) {
-  configure<D>();
+  configure<D, DK>();
   cudaLaunchAttribute attr[1];
   const cudaLaunchConfig_t cfg = launch_config<D>(s, attr, nullptr);
   int clusters = 0;
   const cudaError_t err =
-      cudaOccupancyMaxActiveClusters(&clusters, fused_attention_kernel<D>, &cfg);
+      cudaOccupancyMaxActiveClusters(&clusters, fused_attention_kernel<D, DK>, &cfg);
   if (err != cudaSuccess) {
     (void)cudaGetLastError();
     return false;
@@ -201,18 +245,55 @@ bool cluster_fits(const FusedAttentionShape& s) {
   return clusters >= 1;
 }
 
+// The instantiations: D is the shared-memory row, DK the head rounded up to 16 (SigLIP's 72 runs
+// in rows of 128, its products 80 deep).
+bool cluster_fits_any(const FusedAttentionShape& s) {
+  switch (s.head_dim) {
+    case 64:
+      return cluster_fits<64, 64>(s);
+    case 72:
+      return cluster_fits<128, 80>(s);
+    case 128:
+      return cluster_fits<128, 128>(s);
+    default:
+      return cluster_fits<256, 256>(s);
+  }
+}
+
+void launch_any(const FusedAttentionShape& s, const Args& args, cudaStream_t stream) {
+  switch (s.head_dim) {
+    case 64:
+      return launch<64, 64>(s, args, stream);
+    case 72:
+      return launch<128, 80>(s, args, stream);
+    case 128:
+      return launch<128, 128>(s, args, stream);
+    default:
+      return launch<256, 256>(s, args, stream);
+  }
+}
+
 }  // namespace
 
 bool fused_attention_supported(int head_dim) {
-  return head_dim == 64 || head_dim == 128 || head_dim == 256;
+  return head_dim == 64 || head_dim == 72 || head_dim == 128 || head_dim == 256;
 }
 
 FusedAttentionShape plan_fused_attention(FusedAttentionShape s) {
   PI0_CHECK(s.rows > 0 && s.keys > 0 && fused_attention_supported(s.head_dim),
             "fused attention: unsupported shape");
+  PI0_CHECK(s.outer >= 1 && s.inner >= 1 && problems(s) <= 65535,
+            "fused attention: bad problem grid");
+  if (s.ld_q == 0) s.ld_q = s.head_dim;
+  if (s.ld_kv == 0) s.ld_kv = s.head_dim;
+  if (s.ld_out == 0) s.ld_out = s.head_dim;
+  PI0_CHECK(s.ld_q >= s.head_dim && s.ld_kv >= s.head_dim && s.ld_out >= s.head_dim &&
+                s.ld_q % 8 == 0 && s.ld_kv % 8 == 0 && s.ld_out % 8 == 0,
+            "fused attention: row strides must cover the head and keep rows 16-byte aligned");
+  const int blocks = row_blocks(s) * problems(s);
   const int max_splits =
       std::clamp((s.keys + 2 * kKeysPerTile - 1) / (2 * kKeysPerTile), 1, kMaxSplits);
-  const int wanted = std::max(1, (kPlannedCtas + row_blocks(s) - 1) / row_blocks(s));
+  const int wanted = std::max(1, (kPlannedCtas + blocks - 1) / blocks);
   s.splits = std::min(max_splits, wanted);
   // No empty range: as many ranges as the rounded-up range length needs.
   const int per = keys_per_split(s);
@@ -221,19 +302,13 @@ FusedAttentionShape plan_fused_attention(FusedAttentionShape s) {
 }
 
 bool fused_attention_runs_here(const FusedAttentionShape& s) {
-  switch (s.head_dim) {
-    case 64:
-      return cluster_fits<64>(s);
-    case 128:
-      return cluster_fits<128>(s);
-    default:
-      return cluster_fits<256>(s);
-  }
+  return cluster_fits_any(s);
 }
 
 void fused_attention(const FusedAttentionShape& s, const Bf16* q, const Bf16* k, const Bf16* v,
                      Bf16* out, cudaStream_t stream) {
-  PI0_CHECK(fused_attention_supported(s.head_dim) && s.splits >= 1 && s.splits <= kMaxSplits,
+  PI0_CHECK(fused_attention_supported(s.head_dim) && s.splits >= 1 && s.splits <= kMaxSplits &&
+                s.ld_q >= s.head_dim && s.ld_kv >= s.head_dim && s.ld_out >= s.head_dim,
             "fused attention: shape not planned");
   Args a{};
   a.q = reinterpret_cast<const bf16*>(q);
@@ -246,18 +321,17 @@ void fused_attention(const FusedAttentionShape& s, const Bf16* q, const Bf16* k,
   a.splits = s.splits;
   a.limited_rows = s.limited_rows;
   a.limited_keys = s.limited_keys;
+  a.head_dim = s.head_dim;
+  a.ld_q = s.ld_q;
+  a.ld_kv = s.ld_kv;
+  a.ld_out = s.ld_out;
+  a.inner = s.inner;
+  a.outer_stride = s.outer_stride;
+  a.inner_stride = s.inner_stride;
+  a.out_outer_stride = s.out_outer_stride;
+  a.out_inner_stride = s.out_inner_stride;
   a.scale_log2 = s.scale * 1.4426950408889634f;
-  switch (s.head_dim) {
-    case 64:
-      launch<64>(s, a, stream);
-      break;
-    case 128:
-      launch<128>(s, a, stream);
-      break;
-    default:
-      launch<256>(s, a, stream);
-      break;
-  }
+  launch_any(s, a, stream);
 }
 
 }  // namespace pi0::cuda

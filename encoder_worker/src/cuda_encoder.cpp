@@ -6,6 +6,7 @@
 #include "pi0/cuda_encoder.hpp"
 
 #include <cmath>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -72,7 +73,19 @@ struct CudaEncoder::Impl {
   }
 };
 
-namespace {}  // namespace
+namespace {
+
+// Whether an attention runs the fused kernel: `variable` = gemm | fused, unset for the default.
+bool attention_path(const char* variable, bool fused_by_default) {
+  const char* value = std::getenv(variable);
+  if (value == nullptr || value[0] == '\0') return fused_by_default;
+  const std::string path(value);
+  PI0_CHECK(path == "gemm" || path == "fused",
+            std::string(variable) + "=" + path + ": expected gemm or fused");
+  return path == "fused";
+}
+
+}  // namespace
 
 CudaEncoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, const WeightStore& w,
                         const CudaEngineOptions& options)
@@ -153,14 +166,24 @@ CudaEncoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
           (cfg.lm_layers - 1) *
               (g_lo.shape().flops() + g_lgu.shape().flops() + g_ldown.shape().flops());
 
-  v_attention = cuda::ViewAttention(lt.get(),
-                                    {shape.views, tokens, cfg.vision_heads, cfg.vision_head_dim,
-                                     1.0f / std::sqrt(static_cast<float>(cfg.vision_head_dim))},
-                                    gemm_ws.get(), gemm_ws.bytes());
-  lm_attention = cuda::SharedKvAttention(lt.get(),
-                                         {prefix, cfg.lm_heads, cfg.head_dim, prefix,
-                                          1.0f / std::sqrt(static_cast<float>(cfg.head_dim)), 0, 0},
-                                         gemm_ws.get(), gemm_ws.bytes());
+  // Attention in the fused kernel where the head size has one (PI0_VISION_ATTENTION /
+  // PI0_LM_ATTENTION = gemm | fused override the choice, for comparisons; bench/NOTES.md v9).
+  cuda::ViewAttention::Params vision_attention{
+      shape.views, tokens, cfg.vision_heads, cfg.vision_head_dim,
+      1.0f / std::sqrt(static_cast<float>(cfg.vision_head_dim))};
+  vision_attention.fused = attention_path("PI0_VISION_ATTENTION", true);
+  v_attention = cuda::ViewAttention(lt.get(), vision_attention, gemm_ws.get(), gemm_ws.bytes());
+  cuda::SharedKvAttention::Params lm_attention_params{
+      prefix,
+      cfg.lm_heads,
+      cfg.head_dim,
+      prefix,
+      1.0f / std::sqrt(static_cast<float>(cfg.head_dim)),
+      0,
+      0};
+  lm_attention_params.fused = attention_path("PI0_LM_ATTENTION", false);
+  lm_attention =
+      cuda::SharedKvAttention(lt.get(), lm_attention_params, gemm_ws.get(), gemm_ws.bytes());
   memory.add_workspace(v_attention.scratch_bytes() + lm_attention.scratch_bytes());
   flops += cfg.vision_layers * v_attention.flops() + (cfg.lm_layers - 1) * lm_attention.flops();
 

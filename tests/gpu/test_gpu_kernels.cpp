@@ -189,28 +189,61 @@ TEST_CASE("shared kv attention applies the state token mask", "[gpu]") {
   check_shared_kv(9, 50, 2, 32, 1, 3, 21);
 }
 
-TEST_CASE("view attention keeps views apart and matches the reference", "[gpu]") {
-  const int views = 2, tokens = 256, heads = 16, hd = 72;
-  const float scale = 1.0f / std::sqrt(72.0f);
+namespace {
+
+// SigLIP-style attention within each view, on the GEMM path or the fused kernel, against the
+// reference; the fused kernel must also repeat its bits.
+void check_view_attention(int views, int tokens, int heads, int hd, bool fused, uint64_t seed) {
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const int width = 3 * heads * hd;
-  const auto qkv = rounded(random_floats(static_cast<size_t>(views) * tokens * width, 30, 1.5f));
+  const auto qkv =
+      rounded(random_floats(static_cast<size_t>(views) * tokens * width, seed, 1.5f));
   auto dqkv = up(to_bf16(qkv));
   auto out = poisoned<Bf16>(static_cast<size_t>(views) * tokens * heads * hd);
   cuda::LtHandle lt;
   DeviceBuffer<std::byte> ws(cuda::kGemmWorkspaceBytes, "workspace");
-  cuda::ViewAttention att(lt.get(), {views, tokens, heads, hd, scale}, ws.get(), ws.bytes());
+  cuda::ViewAttention::Params params{views, tokens, heads, hd, scale};
+  params.fused = fused;
+  cuda::ViewAttention att(lt.get(), params, ws.get(), ws.bytes());
+  REQUIRE(att.fused() == fused);
+  if (fused) REQUIRE(att.scratch_bytes() == 0);
   att.run(dqkv.get(), out.get(), nullptr);
   CUDA_CHECK(cudaDeviceSynchronize());
+  if (fused) {
+    const auto first = cuda::download(out.get(), out.size());
+    CUDA_CHECK(cudaMemset(out.get(), 0xFF, out.bytes()));
+    att.run(dqkv.get(), out.get(), nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    const auto second = cuda::download(out.get(), out.size());
+    REQUIRE(bitwise_equal(first.data(), second.data(), first.size() * sizeof(Bf16)));
+  }
   std::vector<float> ref(out.size());
   for (int v = 0; v < views; ++v) {
     const float* base = qkv.data() + static_cast<size_t>(v) * tokens * width;
     ref::attention(base, width, base + heads * hd, width, base + 2 * heads * hd, width,
-                   ref.data() + static_cast<size_t>(v) * tokens * heads * hd, tokens, tokens, heads, heads, hd,
-                   scale, nullptr, nullptr);
+                   ref.data() + static_cast<size_t>(v) * tokens * heads * hd, tokens, tokens,
+                   heads, heads, hd, scale, nullptr, nullptr);
   }
   const double err = rel_error(down_bf16(out), ref);
-  report("view attention 2 views x 256 tokens, 16 x 72", err);
+  report(std::string(fused ? "fused " : "") + "view attention " + std::to_string(views) +
+             " views x " + std::to_string(tokens) + " tokens, " + std::to_string(heads) + " x " +
+             std::to_string(hd),
+         err);
   REQUIRE(err < kBf16Bound);
+}
+
+}  // namespace
+
+TEST_CASE("view attention keeps views apart and matches the reference", "[gpu]") {
+  check_view_attention(2, 256, 16, 72, false, 30);
+}
+
+// SigLIP's head of 72 runs padded to 80 inside rows of 128: the padding must neither leak into
+// the scores nor be written over the next head's columns.
+TEST_CASE("fused view attention matches the reference", "[gpu]") {
+  check_view_attention(2, 256, 16, 72, true, 31);  // pi0, V=2
+  check_view_attention(3, 100, 4, 72, true, 32);   // partial tiles and key ranges
+  check_view_attention(1, 40, 2, 64, true, 33);    // another head size, one key range
 }
 
 namespace {

@@ -55,20 +55,27 @@ class SharedKvAttention {
 };
 
 // Multi-head attention within each view (SigLIP): qkv [views * tokens, 3 * heads * head_dim]
-// = Q | K | V, out [views * tokens, heads * head_dim]. Heads are GEMM batches; views are separate
-// calls, the softmax one launch over all of them.
+// = Q | K | V, out [views * tokens, heads * head_dim]. Fused: one kernel for every view and head,
+// reading Q, K and V in place. Otherwise heads are GEMM batches and views separate calls, the
+// softmax one launch over all of them (five launches at two views).
 class ViewAttention {
  public:
   struct Params {
     int views = 0, tokens = 0, heads = 0, head_dim = 0;
     float scale = 1.0f;
+    // The fused kernel, where the head size allows it and its cluster fits this process's share.
+    bool fused = false;
   };
   ViewAttention() = default;
   ViewAttention(cublasLtHandle_t handle, const Params& params, void* workspace,
                 size_t workspace_bytes);
   void run(const Bf16* qkv, Bf16* out, cudaStream_t stream, OpTimer* timer = nullptr);
   size_t scratch_bytes() const { return scores_.bytes() + probs_.bytes(); }
-  double flops() const { return params_.views * (qk_.shape().flops() + pv_.shape().flops()); }
+  double flops() const {
+    return 4.0 * params_.views * params_.heads * static_cast<double>(params_.tokens) *
+           params_.tokens * params_.head_dim;
+  }
+  bool fused() const { return fused_; }
 
  private:
   Params params_{};
@@ -76,6 +83,8 @@ class ViewAttention {
   DeviceBuffer<float> scores_;
   DeviceBuffer<Bf16> probs_;
   Gemm qk_, pv_;
+  bool fused_ = false;
+  FusedAttentionShape fused_shape_{};
 };
 
 }  // namespace pi0::cuda

@@ -3,7 +3,9 @@
 // the 3 launches and 2 score round trips of the GEMM path cost more than the arithmetic.
 //
 // Q' [rows, head_dim] (rows = queries * heads: a query row's heads are contiguous, and all share
-// one K/V head), K and V [keys, head_dim], O' like Q'; bf16, 16-byte aligned rows. The keys are
+// one K/V head), K and V [keys, head_dim], O' like Q'; bf16, 16-byte aligned rows. Rows may also
+// sit further apart (ld_*), and one launch may run a grid of independent problems (SigLIP: one per
+// view and head, reading Q, K and V straight out of the fused QKV rows). The keys are
 // cut into `splits` ranges, one CTA per (64 rows, range); the ranges of a row block are one
 // thread-block cluster and combine in range order through distributed shared memory, so the
 // result does not depend on scheduling (bitwise reproducible).
@@ -12,6 +14,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
+#include <cstdint>
 
 #include "pi0/bf16.hpp"
 
@@ -22,10 +25,18 @@ struct FusedAttentionShape {
   float scale = 1.0f;
   // Rows < limited_rows see only keys < limited_keys (the decoder's state token, all its heads).
   int limited_rows = 0, limited_keys = 0;
+  // Elements between consecutive rows of Q, of K and V, of O; 0 means head_dim (contiguous).
+  int ld_q = 0, ld_kv = 0, ld_out = 0;
+  // outer x inner independent problems; problem (o, i) finds its Q, K and V offset by
+  // o * outer_stride + i * inner_stride elements, its output by o * out_outer_stride +
+  // i * out_inner_stride.
+  int outer = 1, inner = 1;
+  int64_t outer_stride = 0, inner_stride = 0, out_outer_stride = 0, out_inner_stride = 0;
   int splits = 1;  // key ranges; plan_fused_attention() picks it from the shape alone
 };
 
-bool fused_attention_supported(int head_dim);  // 64, 128 or 256
+// 64, 72 (SigLIP's, padded to 80 in the products), 128 or 256.
+bool fused_attention_supported(int head_dim);
 
 // Fills in splits. Depends on the shape only, so every process computes the same bits.
 FusedAttentionShape plan_fused_attention(FusedAttentionShape shape);
@@ -34,7 +45,7 @@ FusedAttentionShape plan_fused_attention(FusedAttentionShape shape);
 // small SM share may not hold one); where not, use the GEMM path.
 bool fused_attention_runs_here(const FusedAttentionShape& shape);
 
-void fused_attention(const FusedAttentionShape& shape, const Bf16* q, const Bf16* k,
-                     const Bf16* v, Bf16* out, cudaStream_t stream);
+void fused_attention(const FusedAttentionShape& shape, const Bf16* q, const Bf16* k, const Bf16* v,
+                     Bf16* out, cudaStream_t stream);
 
 }  // namespace pi0::cuda

@@ -18,12 +18,13 @@ constexpr int kKeys = 32;  // keys per tile
 
 template <int D>
 __device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
+  static_assert(D % 64 == 0, "the XOR swizzle needs rows of at least 8 chunks, in eights");
   return static_cast<uint32_t>((row * (D / 8) + (chunk ^ (row & 7))) * 16);
 }
 
 // Rows first .. first + count - 1 of a matrix with rows ld elements apart into shared memory
 // rows of D (cp.async, not committed): the first `chunks` 16-byte chunks of each row, where chunks
-// at or past column `cols` and rows >= end read as 0 (a head narrower than D, e.g. SigLIP's 72 in
+// at or past column `cols` (a multiple of 8) and rows >= end read as 0 (a head narrower than D, e.g. SigLIP's 72 in
 // rows of 128, gets zeros in its padding).
 template <int D, int kThreads>
 __device__ __forceinline__ void load_rows(uint32_t dst, const __nv_bfloat16* src, int ld, int cols,
@@ -61,6 +62,8 @@ __device__ __forceinline__ void attend_tile(uint32_t qs, uint32_t ks, uint32_t v
                                             const bool (&limited)[2], int limited_keys,
                                             float scale_log2, float (&m)[2], float (&l)[2],
                                             float (&o)[DO / 8][4]) {
+  static_assert(DK % 16 == 0 && DO % 16 == 0 && DK <= D && DO <= D,
+                "both products step 16 dims at a time within the shared-memory row");
   using namespace mma;
   const int lane = threadIdx.x & 31, t = lane & 3;
   float s[4][4];
@@ -145,22 +148,22 @@ __device__ __forceinline__ void attend_range(uint32_t qs, uint32_t ks0, uint32_t
                                              float scale_log2, float (&m)[2], float (&l)[2],
                                              float (&o)[DO / 8][4], int ld = D, int cols = D) {
   constexpr int kTileBytes = kKeys * D * 2;
-  // 16-byte chunks of a row to load: all of them, or with a padded head (DK < D, dim0 = 0) only
-  // those the products read.
-  constexpr int kChunks = DK == D ? D / 8 : (DK > DO ? DK : DO) / 8;
+  // 16-byte chunks of a row to load: all of them, or with a padded head (DK < D) only those the
+  // products read.
+  const int chunks = DK == D ? D / 8 : max(DK, dim0 + DO) / 8;
   const int tiles = key_end > key_begin ? (key_end - key_begin + kKeys - 1) / kKeys : 0;
   if (tiles > 0) {
-    load_rows<D, kThreads>(ks0, k, ld, cols, kChunks, key_begin, key_end, kKeys);
-    load_rows<D, kThreads>(vs0, v, ld, cols, kChunks, key_begin, key_end, kKeys);
+    load_rows<D, kThreads>(ks0, k, ld, cols, chunks, key_begin, key_end, kKeys);
+    load_rows<D, kThreads>(vs0, v, ld, cols, chunks, key_begin, key_end, kKeys);
   }
   mma::cp_commit();
   for (int it = 0; it < tiles; ++it) {
     const int stage = it & 1;
     if (it + 1 < tiles) {
       const int next = key_begin + (it + 1) * kKeys;
-      load_rows<D, kThreads>(ks0 + (stage ^ 1) * kTileBytes, k, ld, cols, kChunks, next, key_end,
+      load_rows<D, kThreads>(ks0 + (stage ^ 1) * kTileBytes, k, ld, cols, chunks, next, key_end,
                              kKeys);
-      load_rows<D, kThreads>(vs0 + (stage ^ 1) * kTileBytes, v, ld, cols, kChunks, next, key_end,
+      load_rows<D, kThreads>(vs0 + (stage ^ 1) * kTileBytes, v, ld, cols, chunks, next, key_end,
                              kKeys);
       mma::cp_commit();
       mma::cp_wait<1>();

@@ -243,6 +243,7 @@ TEST_CASE("view attention keeps views apart and matches the reference", "[gpu]")
 TEST_CASE("fused view attention matches the reference", "[gpu]") {
   check_view_attention(2, 256, 16, 72, true, 31);  // pi0, V=2
   check_view_attention(3, 100, 4, 72, true, 32);   // partial tiles and key ranges
+  check_view_attention(1, 40, 2, 72, true, 34);    // one key range: stores straight from registers
   check_view_attention(1, 40, 2, 64, true, 33);    // another head size, one key range
 }
 

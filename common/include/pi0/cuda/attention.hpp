@@ -1,7 +1,7 @@
 // Attention as two cuBLASLt GEMMs around a row softmax: S = scale * Q K^T (fp32), P = softmax(S)
-// (bf16, masked), O = P V. The scores of pi0's shapes are small (at most a few MB), so the extra
-// pass over them costs less than it would to hand-write tensor-core flash kernels for three
-// head sizes, and the GEMMs run at cuBLASLt's speed.
+// (bf16, masked), O = P V; or, where asked and possible, in the one-kernel flash attention of
+// fused_attention.hpp. Which is faster depends on the shape (bench/NOTES.md v9: SigLIP's is
+// fused, the Gemma prefix's and the decoder's are not), so each caller chooses.
 #pragma once
 
 #include <cublasLt.h>

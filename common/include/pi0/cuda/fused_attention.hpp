@@ -1,12 +1,13 @@
 // Multi-query attention in one kernel (flash-decoding style): S = scale * Q K^T, a masked online
-// softmax and O = P V per tile of keys, never writing the scores out. Built for the decoder, where
-// the 3 launches and 2 score round trips of the GEMM path cost more than the arithmetic.
+// softmax and O = P V per tile of keys, never writing the scores out. Built for small attentions
+// (SigLIP's, the decoder's), where the launches and score round trips of the GEMM path cost more
+// than the arithmetic.
 //
 // Q' [rows, head_dim] (rows = queries * heads: a query row's heads are contiguous, and all share
 // one K/V head), K and V [keys, head_dim], O' like Q'; bf16, 16-byte aligned rows. Rows may also
 // sit further apart (ld_*), and one launch may run a grid of independent problems (SigLIP: one per
 // view and head, reading Q, K and V straight out of the fused QKV rows). The keys are
-// cut into `splits` ranges, one CTA per (64 rows, range); the ranges of a row block are one
+// cut into `splits` ranges, one CTA per (problem, 64 rows, range); the ranges of a row block are one
 // thread-block cluster and combine in range order through distributed shared memory, so the
 // result does not depend on scheduling (bitwise reproducible).
 #pragma once

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cstdio>
+#include <cstring>
 
 #include "pi0/check.hpp"
 #include "pi0/log.hpp"
@@ -22,8 +23,44 @@ void on_stop_signal(int) {
   g_stop_signal.store(true);
 }
 
+// A peer worker counts as alive until the orchestrator reaps it, so that the orchestrator, which
+// reaps it, is the one that names it (and how it died) rather than the surviving worker.
 bool process_alive(int pid) {
   return pid > 0 && (::kill(pid, 0) == 0 || errno == EPERM);
+}
+
+// The orchestrator is gone once it is a zombie: nobody reaps it while we watch, and a killed
+// orchestrator's main thread is one while its other threads still exit.
+bool process_running(int pid) {
+  if (!process_alive(pid)) return false;
+  char path[32];
+  std::snprintf(path, sizeof path, "/proc/%d/stat", pid);
+  std::FILE* f = std::fopen(path, "r");
+  if (f == nullptr) return true;  // no /proc to ask: trust kill()
+  char stat[256];
+  const size_t n = std::fread(stat, 1, sizeof stat - 1, f);
+  std::fclose(f);
+  stat[n] = '\0';
+  const char* name_end = std::strrchr(stat, ')');  // the state follows the (name)
+  if (name_end == nullptr || name_end[1] != ' ') return true;
+  return name_end[2] != 'Z' && name_end[2] != 'X';
+}
+
+bool orchestrator_gone(int parent_pid) {
+  return ::getppid() != parent_pid || !process_running(parent_pid);
+}
+
+// Whether the control segment is ours to remove: its orchestrator is gone. The kernel sends the
+// death signal (PR_SET_PDEATHSIG) as the orchestrator's spawning thread exits, a moment before the
+// process is gone, so after a stop signal look again for a short while.
+bool segment_orphaned(int parent_pid) {
+  if (orchestrator_gone(parent_pid)) return true;
+  if (!g_stop_signal.load()) return false;
+  for (int i = 0; i < 25; ++i) {
+    ::usleep(2000);
+    if (orchestrator_gone(parent_pid)) return true;
+  }
+  return false;
 }
 
 }  // namespace
@@ -119,7 +156,7 @@ bool WorkerRuntime::stop_signalled() const {
 }
 
 bool WorkerRuntime::orchestrator_gone() const {
-  return ::getppid() != options_.parent_pid || !process_alive(options_.parent_pid);
+  return ipc::orchestrator_gone(options_.parent_pid);
 }
 
 bool WorkerRuntime::orchestrator_alive() const {
@@ -212,28 +249,35 @@ int run_worker_main(Role role, int argc, char** argv, int (*body)(WorkerRuntime&
     const WorkerOptions options = parse_worker_arguments(role, argc, argv);
     control_name = options.control_name;
     parent = options.parent_pid;
+    // With the orchestrator gone nobody else is left to remove its control segment.
+    const auto remove_if_orphaned = [&] {
+      if (!segment_orphaned(parent)) return;
+      SharedSegment::remove(control_name);
+      spdlog::warn("orchestrator (pid {}) is gone; removed its control segment", parent);
+    };
     std::unique_ptr<WorkerRuntime> runtime;
     try {
       runtime = std::make_unique<WorkerRuntime>(role, options);
     } catch (const std::exception& e) {
       spdlog::error("{}", e.what());
+      remove_if_orphaned();
       return 1;
     }
     try {
       const int rc = body(*runtime);
-      if (runtime->orchestrator_gone()) {
-        spdlog::warn("orchestrator (pid {}) is gone; removing its control segment", parent);
-        SharedSegment::remove(control_name);
-      }
+      remove_if_orphaned();
       return rc;
     } catch (const std::exception& e) {
       spdlog::error("{}", e.what());
       runtime->send_error(e.what());
-      if (runtime->orchestrator_gone()) SharedSegment::remove(control_name);
+      remove_if_orphaned();
       return 1;
     }
   } catch (const std::exception& e) {
     spdlog::error("{}", e.what());
+    if (!control_name.empty() && parent > 0 && segment_orphaned(parent)) {
+      SharedSegment::remove(control_name);
+    }
     return 1;
   }
 }

@@ -15,8 +15,12 @@ using bf162 = __nv_bfloat162;
 constexpr int kThreads = 256;
 constexpr int kMaxBlocks = 4096;  // grid-stride beyond this: 31 blocks per SM is plenty
 
-const bf16* dev(const Bf16* p) { return reinterpret_cast<const bf16*>(p); }
-bf16* dev(Bf16* p) { return reinterpret_cast<bf16*>(p); }
+const bf16* dev(const Bf16* p) {
+  return reinterpret_cast<const bf16*>(p);
+}
+bf16* dev(Bf16* p) {
+  return reinterpret_cast<bf16*>(p);
+}
 
 int grid_for(size_t n) {
   const size_t blocks = (n + kThreads - 1) / kThreads;
@@ -92,8 +96,100 @@ __global__ void rms_norm_kernel(const float* x, bf16* out, int width, float eps)
   for (int i = threadIdx.x; i < width; i += blockDim.x) o[i] = __float2bfloat16_rn(row[i] * scale);
 }
 
-__global__ void extract_patches_kernel(const bf16* images, bf16* patches, int views,
-                                       int image_size, int patch, int channels) {
+// The same two norms with the row held in registers, kVec float4 per thread of kRowThreads: one
+// read of the row, 16-byte loads and 8-byte stores. For widths that are multiples of 4 up to
+// 4 * kVec * kRowThreads and 16-byte aligned rows, which all of pi0's are; the kernels above take
+// the rest.
+constexpr int kRowThreads = 128;
+
+template <int kVec>
+__device__ __forceinline__ void load_row(const float* x, int n4, float4 (&v)[kVec]) {
+  const float4* row = reinterpret_cast<const float4*>(x) + static_cast<size_t>(blockIdx.x) * n4;
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) {
+    const int i = static_cast<int>(threadIdx.x) + j * kRowThreads;
+    v[j] = i < n4 ? row[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  }
+}
+
+__device__ __forceinline__ void store_bf16x4(bf16* dst, float a, float b, float c, float d) {
+  const bf162 lo = __floats2bfloat162_rn(a, b), hi = __floats2bfloat162_rn(c, d);
+  uint2 packed;
+  packed.x = *reinterpret_cast<const uint32_t*>(&lo);
+  packed.y = *reinterpret_cast<const uint32_t*>(&hi);
+  *reinterpret_cast<uint2*>(dst) = packed;
+}
+
+template <int kVec>
+__global__ void __launch_bounds__(kRowThreads)
+    rms_norm_row_kernel(const float* x, bf16* out, int width, float eps) {
+  __shared__ float smem[32];
+  const int n4 = width / 4;
+  float4 v[kVec];
+  load_row<kVec>(x, n4, v);
+  float s = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kVec; ++j)
+    s += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
+  const float scale = rsqrtf(block_sum(s, smem) / width + eps);
+  bf16* o = out + static_cast<size_t>(blockIdx.x) * width;
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) {
+    const int i = static_cast<int>(threadIdx.x) + j * kRowThreads;
+    if (i < n4)
+      store_bf16x4(o + 4 * i, v[j].x * scale, v[j].y * scale, v[j].z * scale, v[j].w * scale);
+  }
+}
+
+template <int kVec>
+__global__ void __launch_bounds__(kRowThreads)
+    layer_norm_row_kernel(const float* x, const bf16* weight, const bf16* bias, bf16* out,
+                          int width, float eps) {
+  __shared__ float smem[32];
+  const int n4 = width / 4;
+  float4 v[kVec];
+  load_row<kVec>(x, n4, v);
+  float s = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) s += (v[j].x + v[j].y) + (v[j].z + v[j].w);
+  const float mean = block_sum(s, smem) / width;
+  float var = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) {
+    const int i = static_cast<int>(threadIdx.x) + j * kRowThreads;
+    if (i >= n4) continue;
+    const float a = v[j].x - mean, b = v[j].y - mean, c = v[j].z - mean, d = v[j].w - mean;
+    var += (a * a + b * b) + (c * c + d * d);
+  }
+  const float rstd = rsqrtf(block_sum(var, smem) / width + eps);
+  bf16* o = out + static_cast<size_t>(blockIdx.x) * width;
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) {
+    const int i = static_cast<int>(threadIdx.x) + j * kRowThreads;
+    if (i >= n4) continue;
+    const bf162* w = reinterpret_cast<const bf162*>(weight + 4 * i);
+    const bf162* b = reinterpret_cast<const bf162*>(bias + 4 * i);
+    const float2 w0 = __bfloat1622float2(w[0]), w1 = __bfloat1622float2(w[1]);
+    const float2 b0 = __bfloat1622float2(b[0]), b1 = __bfloat1622float2(b[1]);
+    store_bf16x4(o + 4 * i, (v[j].x - mean) * rstd * w0.x + b0.x,
+                 (v[j].y - mean) * rstd * w0.y + b0.y, (v[j].z - mean) * rstd * w1.x + b1.x,
+                 (v[j].w - mean) * rstd * w1.y + b1.y);
+  }
+}
+
+// float4 per thread the row kernels need for `width`; 0 where they do not apply.
+int row_vecs(const void* x, const void* out, int width) {
+  if (width % 4 != 0 || reinterpret_cast<uintptr_t>(x) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(out) % 8 != 0)
+    return 0;
+  const int per_thread = (width / 4 + kRowThreads - 1) / kRowThreads;
+  for (int v : {1, 2, 4, 8})
+    if (per_thread <= v) return v;
+  return 0;
+}
+
+__global__ void extract_patches_kernel(const bf16* images, bf16* patches, int views, int image_size,
+                                       int patch, int channels) {
   const int side = image_size / patch;
   const int values = patch * patch * channels;
   const size_t n = static_cast<size_t>(views) * side * side * values;
@@ -140,9 +236,8 @@ __global__ void rope_split_qkv_kernel(const bf16* qkv, int rows, int q_heads, in
     const int row = static_cast<int>(idx / pairs_per_row);
     const int j = static_cast<int>(idx % pairs_per_row);
     const int head = j / half, i = j % half;
-    const bf162 pair =
-        *reinterpret_cast<const bf162*>(qkv + static_cast<size_t>(row) * width + head * head_dim +
-                                        2 * i);
+    const bf162 pair = *reinterpret_cast<const bf162*>(qkv + static_cast<size_t>(row) * width +
+                                                       head * head_dim + 2 * i);
     if (head == q_heads + 1) {
       *reinterpret_cast<bf162*>(v_out + static_cast<size_t>(row) * head_dim + 2 * i) = pair;
       continue;
@@ -253,21 +348,57 @@ void f32_to_bf16(const float* in, Bf16* out, size_t n, cudaStream_t stream) {
 void layer_norm(const float* x, const Bf16* weight, const Bf16* bias, Bf16* out, int rows,
                 int width, float eps, cudaStream_t stream) {
   if (rows == 0) return;
-  layer_norm_kernel<<<rows, kThreads, 0, stream>>>(x, dev(weight), dev(bias), dev(out), width, eps);
+  const bool params_aligned =
+      reinterpret_cast<uintptr_t>(weight) % 8 == 0 && reinterpret_cast<uintptr_t>(bias) % 8 == 0;
+  switch (params_aligned ? row_vecs(x, out, width) : 0) {
+    case 1:
+      layer_norm_row_kernel<1>
+          <<<rows, kRowThreads, 0, stream>>>(x, dev(weight), dev(bias), dev(out), width, eps);
+      break;
+    case 2:
+      layer_norm_row_kernel<2>
+          <<<rows, kRowThreads, 0, stream>>>(x, dev(weight), dev(bias), dev(out), width, eps);
+      break;
+    case 4:
+      layer_norm_row_kernel<4>
+          <<<rows, kRowThreads, 0, stream>>>(x, dev(weight), dev(bias), dev(out), width, eps);
+      break;
+    case 8:
+      layer_norm_row_kernel<8>
+          <<<rows, kRowThreads, 0, stream>>>(x, dev(weight), dev(bias), dev(out), width, eps);
+      break;
+    default:
+      layer_norm_kernel<<<rows, kThreads, 0, stream>>>(x, dev(weight), dev(bias), dev(out), width,
+                                                       eps);
+  }
   CUDA_CHECK_LAUNCH();
 }
 
 void rms_norm(const float* x, Bf16* out, int rows, int width, float eps, cudaStream_t stream) {
   if (rows == 0) return;
-  rms_norm_kernel<<<rows, kThreads, 0, stream>>>(x, dev(out), width, eps);
+  switch (row_vecs(x, out, width)) {
+    case 1:
+      rms_norm_row_kernel<1><<<rows, kRowThreads, 0, stream>>>(x, dev(out), width, eps);
+      break;
+    case 2:
+      rms_norm_row_kernel<2><<<rows, kRowThreads, 0, stream>>>(x, dev(out), width, eps);
+      break;
+    case 4:
+      rms_norm_row_kernel<4><<<rows, kRowThreads, 0, stream>>>(x, dev(out), width, eps);
+      break;
+    case 8:
+      rms_norm_row_kernel<8><<<rows, kRowThreads, 0, stream>>>(x, dev(out), width, eps);
+      break;
+    default:
+      rms_norm_kernel<<<rows, kThreads, 0, stream>>>(x, dev(out), width, eps);
+  }
   CUDA_CHECK_LAUNCH();
 }
 
 void extract_patches(const Bf16* images, Bf16* patches, int views, int image_size, int patch_size,
                      int channels, cudaStream_t stream) {
   const int side = image_size / patch_size;
-  const size_t n =
-      static_cast<size_t>(views) * side * side * patch_size * patch_size * channels;
+  const size_t n = static_cast<size_t>(views) * side * side * patch_size * patch_size * channels;
   extract_patches_kernel<<<grid_for(n), kThreads, 0, stream>>>(dev(images), dev(patches), views,
                                                                image_size, patch_size, channels);
   CUDA_CHECK_LAUNCH();
@@ -287,14 +418,14 @@ void rope_split_qkv(const Bf16* qkv, int rows, int q_heads, int head_dim, int fi
   PI0_CHECK(head_dim % 2 == 0, "rope_split_qkv: head_dim must be even");
   const size_t n = static_cast<size_t>(rows) * (q_heads + 2) * (head_dim / 2);
   if (n == 0) return;
-  rope_split_qkv_kernel<<<grid_for(n), kThreads, 0, stream>>>(
-      dev(qkv), rows, q_heads, head_dim, first_position, std::log2(theta), dev(q_out),
-      dev(k_out), dev(v_out));
+  rope_split_qkv_kernel<<<grid_for(n), kThreads, 0, stream>>>(dev(qkv), rows, q_heads, head_dim,
+                                                              first_position, std::log2(theta),
+                                                              dev(q_out), dev(k_out), dev(v_out));
   CUDA_CHECK_LAUNCH();
 }
 
-void softmax_rows(const float* scores, int ld_scores, Bf16* probs, int ld_probs, int rows,
-                  int cols, int limited_rows, int limited_cols, cudaStream_t stream) {
+void softmax_rows(const float* scores, int ld_scores, Bf16* probs, int ld_probs, int rows, int cols,
+                  int limited_rows, int limited_cols, cudaStream_t stream) {
   if (rows == 0) return;
   PI0_CHECK(limited_rows <= 0 || (limited_cols >= 1 && limited_cols <= cols),
             "softmax_rows: limited_cols out of range");
@@ -310,8 +441,7 @@ void geglu(const Bf16* gate_up, Bf16* out, int rows, int width, cudaStream_t str
   if (width % 2 == 0) {
     geglu_kernel<<<grid_for(n / 2), kThreads, 0, stream>>>(dev(gate_up), dev(out), rows, width);
   } else {
-    geglu_scalar_kernel<<<grid_for(n), kThreads, 0, stream>>>(dev(gate_up), dev(out), rows,
-                                                              width);
+    geglu_scalar_kernel<<<grid_for(n), kThreads, 0, stream>>>(dev(gate_up), dev(out), rows, width);
   }
   CUDA_CHECK_LAUNCH();
 }

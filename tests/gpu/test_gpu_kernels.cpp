@@ -38,36 +38,42 @@ std::vector<float> down_f32(const DeviceBuffer<float>& d) {
 
 }  // namespace
 
+// Widths that take the row-in-registers kernels with 1, 2, 3 (as 4), 4 and 8 float4 per thread,
+// and ones that take the plain kernels (not a multiple of 4).
 TEST_CASE("layernorm matches the reference", "[gpu]") {
-  const int rows = 37, width = 1152;
-  const auto x = random_floats(static_cast<size_t>(rows) * width, 1, 2.0f, 0.5f);
-  const auto w = rounded(random_floats(width, 2, 0.5f, 1.0f));
-  const auto b = rounded(random_floats(width, 3, 0.2f));
-  auto dx = up(x);
-  auto dw = up(to_bf16(w));
-  auto db = up(to_bf16(b));
-  auto out = poisoned<Bf16>(x.size());
-  cuda::layer_norm(dx.get(), dw.get(), db.get(), out.get(), rows, width, 1e-5f, nullptr);
-  CUDA_CHECK(cudaDeviceSynchronize());
-  std::vector<float> ref(x.size());
-  ref::layer_norm(x.data(), w.data(), b.data(), ref.data(), rows, width, 1e-5f);
-  const double err = rel_error(down_bf16(out), ref);
-  report("layernorm 37 x 1152", err);
-  REQUIRE(err < 5e-3);
+  for (const int width : {1152, 2048, 4096, 500, 1150}) {
+    const int rows = 37;
+    const auto x = random_floats(static_cast<size_t>(rows) * width, 1, 2.0f, 0.5f);
+    const auto w = rounded(random_floats(width, 2, 0.5f, 1.0f));
+    const auto b = rounded(random_floats(width, 3, 0.2f));
+    auto dx = up(x);
+    auto dw = up(to_bf16(w));
+    auto db = up(to_bf16(b));
+    auto out = poisoned<Bf16>(x.size());
+    cuda::layer_norm(dx.get(), dw.get(), db.get(), out.get(), rows, width, 1e-5f, nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<float> ref(x.size());
+    ref::layer_norm(x.data(), w.data(), b.data(), ref.data(), rows, width, 1e-5f);
+    const double err = rel_error(down_bf16(out), ref);
+    report("layernorm 37 x " + std::to_string(width), err);
+    REQUIRE(err < 5e-3);
+  }
 }
 
 TEST_CASE("rmsnorm matches the reference", "[gpu]") {
-  const int rows = 65, width = 1024;
-  const auto x = random_floats(static_cast<size_t>(rows) * width, 4, 3.0f, -0.3f);
-  auto dx = up(x);
-  auto out = poisoned<Bf16>(x.size());
-  cuda::rms_norm(dx.get(), out.get(), rows, width, 1e-6f, nullptr);
-  CUDA_CHECK(cudaDeviceSynchronize());
-  std::vector<float> ref(x.size());
-  ref::rms_norm(x.data(), ref.data(), rows, width, 1e-6f);
-  const double err = rel_error(down_bf16(out), ref);
-  report("rmsnorm 65 x 1024", err);
-  REQUIRE(err < 5e-3);
+  for (const int width : {1024, 2048, 4096, 300, 1022}) {
+    const int rows = 65;
+    const auto x = random_floats(static_cast<size_t>(rows) * width, 4, 3.0f, -0.3f);
+    auto dx = up(x);
+    auto out = poisoned<Bf16>(x.size());
+    cuda::rms_norm(dx.get(), out.get(), rows, width, 1e-6f, nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<float> ref(x.size());
+    ref::rms_norm(x.data(), ref.data(), rows, width, 1e-6f);
+    const double err = rel_error(down_bf16(out), ref);
+    report("rmsnorm 65 x " + std::to_string(width), err);
+    REQUIRE(err < 5e-3);
+  }
 }
 
 TEST_CASE("rope split writes rotated q and k and copies v", "[gpu]") {
@@ -82,13 +88,16 @@ TEST_CASE("rope split writes rotated q and k and copies v", "[gpu]") {
   cuda::rope_split_qkv(dqkv.get(), rows, heads, hd, first, theta, q.get(), k.get(), v.get(),
                        nullptr);
   CUDA_CHECK(cudaDeviceSynchronize());
-  std::vector<float> rq(static_cast<size_t>(rows) * heads * hd), rk(static_cast<size_t>(rows) * hd), rv(rk.size());
+  std::vector<float> rq(static_cast<size_t>(rows) * heads * hd), rk(static_cast<size_t>(rows) * hd),
+      rv(rk.size());
   for (int r = 0; r < rows; ++r)
-    for (int i = 0; i < heads * hd; ++i) rq[static_cast<size_t>(r) * heads * hd + i] = qkv[static_cast<size_t>(r) * width + i];
+    for (int i = 0; i < heads * hd; ++i)
+      rq[static_cast<size_t>(r) * heads * hd + i] = qkv[static_cast<size_t>(r) * width + i];
   for (int r = 0; r < rows; ++r)
     for (int i = 0; i < hd; ++i) {
       rk[static_cast<size_t>(r) * hd + i] = qkv[static_cast<size_t>(r) * width + heads * hd + i];
-      rv[static_cast<size_t>(r) * hd + i] = qkv[static_cast<size_t>(r) * width + (heads + 1) * hd + i];
+      rv[static_cast<size_t>(r) * hd + i] =
+          qkv[static_cast<size_t>(r) * width + (heads + 1) * hd + i];
     }
   ref::rope(rq.data(), rows, heads, hd, heads * hd, first, theta);
   ref::rope(rk.data(), rows, 1, hd, hd, first, theta);
@@ -126,8 +135,8 @@ void check_shared_kv(int queries, int keys, int heads, int hd, int limited_queri
   auto out = poisoned<Bf16>(q.size());
   cuda::LtHandle lt;
   DeviceBuffer<std::byte> ws(cuda::kGemmWorkspaceBytes, "workspace");
-  cuda::SharedKvAttention::Params params{queries, heads, hd, keys, scale, limited_queries,
-                                         limited_keys};
+  cuda::SharedKvAttention::Params params{queries, heads,           hd,          keys,
+                                         scale,   limited_queries, limited_keys};
   params.fused = fused;
   cuda::SharedKvAttention att(lt.get(), params, ws.get(), ws.bytes());
   REQUIRE(att.fused() == (fused || falls_back_to_fused));
@@ -152,8 +161,8 @@ void check_shared_kv(int queries, int keys, int heads, int hd, int limited_queri
   report(std::string(falls_back_to_fused ? "fused (GEMMs on the built-in kernel) "
                      : fused             ? "fused "
                                          : "") +
-             "shared-kv attention q=" + std::to_string(queries) +
-             " k=" + std::to_string(keys) + " hd=" + std::to_string(hd) +
+             "shared-kv attention q=" + std::to_string(queries) + " k=" + std::to_string(keys) +
+             " hd=" + std::to_string(hd) +
              (limited_queries ? " state-token mask" : " bidirectional"),
          err);
   REQUIRE(err < kBf16Bound);
@@ -167,18 +176,18 @@ TEST_CASE("shared kv attention matches the reference bidirectional", "[gpu]") {
 }
 
 TEST_CASE("fused shared kv attention matches the reference", "[gpu]") {
-  check_shared_kv(64, 576, 8, 256, 1, 513, 40, true);   // decoder, V=2 C=63: 6 key ranges
-  check_shared_kv(51, 583, 8, 256, 1, 533, 41, true);   // decoder, C=50 P=20: partial tiles
-  check_shared_kv(532, 532, 8, 256, 0, 0, 42, true);    // encoder-sized, bidirectional
-  check_shared_kv(9, 40, 2, 128, 1, 3, 43, true);       // one key range, rows < 64
-  check_shared_kv(33, 300, 4, 64, 2, 100, 44, true);    // head_dim 64
+  check_shared_kv(64, 576, 8, 256, 1, 513, 40, true);  // decoder, V=2 C=63: 6 key ranges
+  check_shared_kv(51, 583, 8, 256, 1, 533, 41, true);  // decoder, C=50 P=20: partial tiles
+  check_shared_kv(532, 532, 8, 256, 0, 0, 42, true);   // encoder-sized, bidirectional
+  check_shared_kv(9, 40, 2, 128, 1, 3, 43, true);      // one key range, rows < 64
+  check_shared_kv(33, 300, 4, 64, 2, 100, 44, true);   // head_dim 64
 }
 
 // At some MPS shares no cuBLASLt algorithm gets the QK / PV products right; the attention then
 // runs the fused kernel rather than the plain GEMM kernel, and keeps no GEMM scratch for it.
 TEST_CASE("shared kv attention falls back to the fused kernel without keeping gemm scratch",
           "[gpu]") {
-  const ScopedEnv builtin("PI0_GEMM_PATH", "builtin");  // the Gemm tier to start at
+  const ScopedEnv builtin("PI0_GEMM_PATH", "builtin");        // the Gemm tier to start at
   check_shared_kv(64, 576, 8, 256, 1, 513, 45, false, true);  // decoder, V=2 C=63
 }
 
@@ -196,8 +205,7 @@ namespace {
 void check_view_attention(int views, int tokens, int heads, int hd, bool fused, uint64_t seed) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const int width = 3 * heads * hd;
-  const auto qkv =
-      rounded(random_floats(static_cast<size_t>(views) * tokens * width, seed, 1.5f));
+  const auto qkv = rounded(random_floats(static_cast<size_t>(views) * tokens * width, seed, 1.5f));
   auto dqkv = up(to_bf16(qkv));
   auto out = poisoned<Bf16>(static_cast<size_t>(views) * tokens * heads * hd);
   cuda::LtHandle lt;
@@ -221,8 +229,8 @@ void check_view_attention(int views, int tokens, int heads, int hd, bool fused, 
   for (int v = 0; v < views; ++v) {
     const float* base = qkv.data() + static_cast<size_t>(v) * tokens * width;
     ref::attention(base, width, base + heads * hd, width, base + 2 * heads * hd, width,
-                   ref.data() + static_cast<size_t>(v) * tokens * heads * hd, tokens, tokens,
-                   heads, heads, hd, scale, nullptr, nullptr);
+                   ref.data() + static_cast<size_t>(v) * tokens * heads * hd, tokens, tokens, heads,
+                   heads, hd, scale, nullptr, nullptr);
   }
   const double err = rel_error(down_bf16(out), ref);
   report(std::string(fused ? "fused " : "") + "view attention " + std::to_string(views) +
@@ -254,14 +262,16 @@ double check_gemm(int m, int n, int k, cuda::DType y_type, cuda::Epilogue epi, b
                   bool transposed, uint64_t seed, bool erf_gelu = false,
                   std::string* path = nullptr) {
   const auto x = rounded(random_floats(static_cast<size_t>(m) * k, seed));
-  const auto w = rounded(random_floats(static_cast<size_t>(k) * n, seed + 1, 1.0f / std::sqrt(float(k))));
+  const auto w =
+      rounded(random_floats(static_cast<size_t>(k) * n, seed + 1, 1.0f / std::sqrt(float(k))));
   auto b = rounded(random_floats(n, seed + 2, 0.5f));
   const auto y0 = rounded(random_floats(static_cast<size_t>(m) * n, seed + 3));
   // W^T stored [n, k] when transposed.
   std::vector<float> w_stored(w.size());
   for (int i = 0; i < k; ++i)
     for (int j = 0; j < n; ++j)
-      w_stored[transposed ? static_cast<size_t>(j) * k + i : static_cast<size_t>(i) * n + j] = w[static_cast<size_t>(i) * n + j];
+      w_stored[transposed ? static_cast<size_t>(j) * k + i : static_cast<size_t>(i) * n + j] =
+          w[static_cast<size_t>(i) * n + j];
   cuda::GemmShape s = cuda::linear_shape(m, n, k, y_type, epi, accumulate);
   s.ld_w = transposed ? k : n;
   s.w_transposed = transposed;
@@ -308,7 +318,8 @@ TEST_CASE("gemm matches the reference with every epilogue", "[gpu]") {
   const double f32 = check_gemm(63, 1024, 1024, DType::kF32, Epilogue::kBias, false, false, 42);
   const double acc = check_gemm(512, 1152, 4304, DType::kF32, Epilogue::kBias, true, false, 43);
   const double acc_t = check_gemm(100, 72, 256, DType::kF32, Epilogue::kNone, true, true, 44);
-  const double gelu = check_gemm(128, 4304, 1152, DType::kF32, Epilogue::kGeluBias, false, false, 45);
+  const double gelu =
+      check_gemm(128, 4304, 1152, DType::kF32, Epilogue::kGeluBias, false, false, 45);
   const double gelu_erf =
       check_gemm(128, 4304, 1152, DType::kF32, Epilogue::kGeluBias, false, false, 45, true);
   const double gelu_bf16 =
@@ -355,8 +366,9 @@ TEST_CASE("geglu and silu match the host formulas", "[gpu]") {
   std::vector<float> ref(out.size());
   for (int r = 0; r < rows; ++r)
     for (int j = 0; j < width; ++j)
-      ref[static_cast<size_t>(r) * width + j] = ref::gelu_tanh(gu[static_cast<size_t>(r) * 2 * width + j]) *
-                                   gu[static_cast<size_t>(r) * 2 * width + width + j];
+      ref[static_cast<size_t>(r) * width + j] =
+          ref::gelu_tanh(gu[static_cast<size_t>(r) * 2 * width + j]) *
+          gu[static_cast<size_t>(r) * 2 * width + width + j];
   const auto x = rounded(random_floats(5000, 51, 3.0f));
   auto dx = up(to_bf16(x));
   cuda::silu_inplace(dx.get(), x.size(), nullptr);
@@ -394,7 +406,9 @@ TEST_CASE("patch extraction and row broadcast follow the spec layout", "[gpu]") 
             for (int k = 0; k < ch; ++k) {
               const size_t token = static_cast<size_t>(v) * tokens + pr * side + pc;
               const size_t dst = token * values + (r * patch + c) * ch + k;
-              const size_t src = ((static_cast<size_t>(v) * size + pr * patch + r) * size + pc * patch + c) * ch + k;
+              const size_t src =
+                  ((static_cast<size_t>(v) * size + pr * patch + r) * size + pc * patch + c) * ch +
+                  k;
               mismatches += got[dst].bits != img[src].bits;
             }
   REQUIRE(mismatches == 0);
@@ -403,7 +417,8 @@ TEST_CASE("patch extraction and row broadcast follow the spec layout", "[gpu]") 
   for (int r = 0; r < views * tokens; ++r)
     for (int j = 0; j < width; ++j)
       rows_ref[static_cast<size_t>(r) * width + j] =
-          bf16_to_float(table[static_cast<size_t>(r % tokens) * width + j]) + bf16_to_float(bias[j]);
+          bf16_to_float(table[static_cast<size_t>(r % tokens) * width + j]) +
+          bf16_to_float(bias[j]);
   REQUIRE(rel_error(rows_got, rows_ref) < 1e-6);
 }
 
@@ -422,7 +437,9 @@ struct GemmCase {
 };
 
 // bf16 output rounds each value (~2e-3); fp32 output differs only in summation order.
-double gemm_bound(cuda::DType y) { return y == cuda::DType::kF32 ? 1e-4 : 5e-3; }
+double gemm_bound(cuda::DType y) {
+  return y == cuda::DType::kF32 ? 1e-4 : 5e-3;
+}
 
 // Runs `cases` (seeds first_seed, first_seed + 1, ...) with the Gemm tiers forced to start at
 // `forced` (PI0_GEMM_PATH), and checks each lands on `expected_path` and matches the reference.
@@ -450,8 +467,10 @@ TEST_CASE("encoder gemm shapes match the reference", "[gpu]") {
       {"patch embedding 512x1152x588 (+=)", 512, 1152, 588, DType::kF32, Epilogue::kNone, true},
       {"vision qkv 512x3456x1152 + bias", 512, 3456, 1152, DType::kBf16, Epilogue::kBias, false},
       {"vision o 512x1152x1152 + bias (+=)", 512, 1152, 1152, DType::kF32, Epilogue::kBias, true},
-      {"vision up 512x4304x1152 + bias + gelu", 512, 4304, 1152, DType::kBf16, Epilogue::kGeluBias, false},
-      {"vision down 512x1152x4304 + bias (+=)", 512, 1152, 4304, DType::kF32, Epilogue::kBias, true},
+      {"vision up 512x4304x1152 + bias + gelu", 512, 4304, 1152, DType::kBf16, Epilogue::kGeluBias,
+       false},
+      {"vision down 512x1152x4304 + bias (+=)", 512, 1152, 4304, DType::kF32, Epilogue::kBias,
+       true},
       {"projector 512x2048x1152 + bias", 512, 2048, 1152, DType::kF32, Epilogue::kBias, false},
       {"lm qkv 512x2560x2048", 512, 2560, 2048, DType::kBf16, Epilogue::kNone, false},
       {"lm o 512x2048x2048 (+=)", 512, 2048, 2048, DType::kF32, Epilogue::kNone, true},
@@ -471,37 +490,36 @@ TEST_CASE("encoder gemm shapes match the reference", "[gpu]") {
 TEST_CASE("gemm with a separate epilogue kernel matches the reference", "[gpu]") {
   using cuda::DType;
   using cuda::Epilogue;
-  check_gemm_tier("separate", "cublaslt+epilogue", "separate epilogue",
-                  {{"bf16 out + bias", 512, 3456, 1152, DType::kBf16, Epilogue::kBias, false},
-                   {"fp32 accumulate + bias", 512, 1152, 4304, DType::kF32, Epilogue::kBias, true},
-                   {"bf16 out + bias + gelu", 256, 4304, 1152, DType::kBf16, Epilogue::kGeluBias,
-                    false}},
-                  400);
+  check_gemm_tier(
+      "separate", "cublaslt+epilogue", "separate epilogue",
+      {{"bf16 out + bias", 512, 3456, 1152, DType::kBf16, Epilogue::kBias, false},
+       {"fp32 accumulate + bias", 512, 1152, 4304, DType::kF32, Epilogue::kBias, true},
+       {"bf16 out + bias + gelu", 256, 4304, 1152, DType::kBf16, Epilogue::kGeluBias, false}},
+      400);
 }
 
 // The last resort of a Gemm no cuBLASLt algorithm computes correctly: the plain kernel in place.
 TEST_CASE("gemm on the built-in kernel matches the reference", "[gpu]") {
   using cuda::DType;
   using cuda::Epilogue;
-  check_gemm_tier("builtin", "builtin", "built-in gemm",
-                  {{"bf16 out + bias", 512, 3456, 1152, DType::kBf16, Epilogue::kBias, false},
-                   {"fp32 accumulate", 64, 1024, 4096, DType::kF32, Epilogue::kNone, true},
-                   {"bf16 out + bias + gelu", 256, 4304, 1152, DType::kBf16, Epilogue::kGeluBias,
-                    false},
-                   {"fp32 out, W transposed", 512, 576, 256, DType::kF32, Epilogue::kNone, false,
-                    true}},
-                  410);
+  check_gemm_tier(
+      "builtin", "builtin", "built-in gemm",
+      {{"bf16 out + bias", 512, 3456, 1152, DType::kBf16, Epilogue::kBias, false},
+       {"fp32 accumulate", 64, 1024, 4096, DType::kF32, Epilogue::kNone, true},
+       {"bf16 out + bias + gelu", 256, 4304, 1152, DType::kBf16, Epilogue::kGeluBias, false},
+       {"fp32 out, W transposed", 512, 576, 256, DType::kF32, Epilogue::kNone, false, true}},
+      410);
 }
 
 // The fallback before the plain kernel: our skinny tensor-core kernel, bias / GELU apart.
 TEST_CASE("gemm on the skinny kernel fallback matches the reference", "[gpu]") {
   using cuda::DType;
   using cuda::Epilogue;
-  check_gemm_tier("skinny", "skinny", "skinny fallback",
-                  {{"bf16 out + bias", 512, 3456, 1152, DType::kBf16, Epilogue::kBias, false},
-                   {"fp32 accumulate", 560, 2048, 16384, DType::kF32, Epilogue::kNone, true},
-                   {"bf16 out + bias + gelu", 256, 4304, 1152, DType::kBf16, Epilogue::kGeluBias,
-                    false},
-                   {"fp32 out + bias", 63, 1024, 32, DType::kF32, Epilogue::kBias, false}},
-                  420);
+  check_gemm_tier(
+      "skinny", "skinny", "skinny fallback",
+      {{"bf16 out + bias", 512, 3456, 1152, DType::kBf16, Epilogue::kBias, false},
+       {"fp32 accumulate", 560, 2048, 16384, DType::kF32, Epilogue::kNone, true},
+       {"bf16 out + bias + gelu", 256, 4304, 1152, DType::kBf16, Epilogue::kGeluBias, false},
+       {"fp32 out + bias", 63, 1024, 32, DType::kF32, Epilogue::kBias, false}},
+      420);
 }

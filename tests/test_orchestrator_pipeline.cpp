@@ -12,6 +12,8 @@
 #include "catch.hpp"
 #include "pi0/cuda/device_report.hpp"
 #include "pi0/frame_inputs.hpp"
+#include "pi0/ipc/shm.hpp"
+#include "pi0/ipc/worker_runtime.hpp"
 #include "pi0/orchestrator.hpp"
 #include "pi0/reference.hpp"
 #include "process_utils.hpp"
@@ -224,6 +226,28 @@ TEST_CASE("workers exit and clean up when the orchestrator is killed", "[orchest
   REQUIRE(orch.wait_for(1000ms).has_value());
   CHECK(test::eventually([&] { return test::workers_of(pid).empty(); }, 1000ms));
   CHECK(test::eventually([&] { return test::segments_of(pid).empty(); }, 1000ms));
+}
+
+// A worker that is not the orchestrator's own child (here under a shell that does not exec it,
+// as under a profiler's wrapper) must not take the orchestrator for gone: when it fails, the
+// control segment stays for the orchestrator, which is alive, to remove.
+TEST_CASE("a failing worker under a wrapper leaves a live orchestrator's segment alone",
+          "[orchestrator][process]") {
+  const std::string name = ipc::unique_segment_name("ctl");
+  ipc::SharedSegment segment = ipc::SharedSegment::create(name, 4096);  // not a control block
+  ipc::WorkerOptions options;
+  options.control_name = name;
+  options.config = model_config(options.model);
+  options.parent_pid = static_cast<int>(::getpid());
+  std::vector<std::string> args = {"-c", "\"$0\" \"$@\"; exit $?", PI0_DECODER_EXE};
+  for (const std::string& a : ipc::worker_arguments(options)) args.push_back(a);
+  ChildProcess wrapper = ChildProcess::spawn("wrapper", "/bin/sh", args, {}, false);
+  const auto status = wrapper.wait_for(10000ms);
+  REQUIRE(status.has_value());
+  INFO(wrapper.output());
+  CHECK(status->code == 1);
+  CHECK(wrapper.output().find("error") != std::string::npos);
+  CHECK(test::segments_named(name).size() == 1);
 }
 
 TEST_CASE("SIGINT drains the frames in flight and exits cleanly", "[orchestrator][process]") {

@@ -177,7 +177,9 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-// float4 per thread the row kernels need for `width`; 0 where they do not apply.
+// float4 per thread the row kernels need for `width`; 0 where they do not apply. The choice (and
+// so the last bits) depends on pointer alignment as well as the width: every engine buffer comes
+// from 256-byte aligned allocations, so every process makes the same choice.
 int row_vecs(const void* x, const void* out, int width) {
   if (width % 4 != 0 || reinterpret_cast<uintptr_t>(x) % 16 != 0 ||
       reinterpret_cast<uintptr_t>(out) % 8 != 0)

@@ -18,9 +18,25 @@ namespace pi0::ipc {
 namespace {
 
 std::atomic<bool> g_stop_signal{false};
+// Our death signal (PR_SET_PDEATHSIG) came: the orchestrator's thread that spawned us exited.
+std::atomic<bool> g_parent_died{false};
+// The orchestrator's pid when we started as its child (0 otherwise, e.g. under a wrapper that
+// did not exec): only then does a different parent pid mean it is gone.
+std::atomic<int> g_spawned_by{0};
+static_assert(std::atomic<bool>::is_always_lock_free && std::atomic<int>::is_always_lock_free,
+              "set from signal handlers");
 
 void on_stop_signal(int) {
   g_stop_signal.store(true);
+}
+
+void on_parent_death(int) {
+  g_parent_died.store(true);
+  g_stop_signal.store(true);
+}
+
+void note_parent(int parent_pid) {
+  if (::getppid() == parent_pid) g_spawned_by.store(parent_pid);
 }
 
 // A peer worker counts as alive until the orchestrator reaps it, so that the orchestrator, which
@@ -30,7 +46,8 @@ bool process_alive(int pid) {
 }
 
 // The orchestrator is gone once it is a zombie: nobody reaps it while we watch, and a killed
-// orchestrator's main thread is one while its other threads still exit.
+// orchestrator's main thread is one while its other threads still exit. (So the orchestrator
+// must not end its main thread on its own while other threads run.)
 bool process_running(int pid) {
   if (!process_alive(pid)) return false;
   char path[32];
@@ -46,19 +63,27 @@ bool process_running(int pid) {
   return name_end[2] != 'Z' && name_end[2] != 'X';
 }
 
+// Cheap enough for the wait loops' peer checks (no /proc read); the death signal covers a killed
+// orchestrator there.
 bool orchestrator_gone(int parent_pid) {
-  return ::getppid() != parent_pid || !process_running(parent_pid);
+  return (g_spawned_by.load() == parent_pid && ::getppid() != parent_pid) ||
+         !process_alive(parent_pid);
+}
+
+// Also counts a zombie as gone: for deciding whether the control segment is left to us.
+bool orchestrator_dead(int parent_pid) {
+  return orchestrator_gone(parent_pid) || !process_running(parent_pid);
 }
 
 // Whether the control segment is ours to remove: its orchestrator is gone. The kernel sends the
-// death signal (PR_SET_PDEATHSIG) as the orchestrator's spawning thread exits, a moment before the
-// process is gone, so after a stop signal look again for a short while.
+// death signal as the orchestrator's spawning thread exits, a moment before the process is gone,
+// so after the death signal look again for a short while.
 bool segment_orphaned(int parent_pid) {
-  if (orchestrator_gone(parent_pid)) return true;
-  if (!g_stop_signal.load()) return false;
+  if (orchestrator_dead(parent_pid)) return true;
+  if (!g_parent_died.load()) return false;
   for (int i = 0; i < 25; ++i) {
     ::usleep(2000);
-    if (orchestrator_gone(parent_pid)) return true;
+    if (orchestrator_dead(parent_pid)) return true;
   }
   return false;
 }
@@ -125,10 +150,16 @@ WorkerRuntime::WorkerRuntime(Role role, const WorkerOptions& options)
   ::sigaction(SIGTERM, &action, nullptr);
   ::sigaction(SIGINT, &action, nullptr);
   ::signal(SIGPIPE, SIG_IGN);
-  // The kernel tells us when the orchestrator dies; the check after it closes the race where it
+  // The kernel tells us when the orchestrator dies, with a signal of its own so that a stop the
+  // orchestrator asks for (SIGTERM) is told apart; the check after it closes the race where it
   // died before prctl took effect.
-  ::prctl(PR_SET_PDEATHSIG, SIGTERM);
-  PI0_CHECK(orchestrator_alive(),
+  struct sigaction death {};
+  death.sa_handler = on_parent_death;
+  sigemptyset(&death.sa_mask);
+  ::sigaction(SIGUSR1, &death, nullptr);
+  note_parent(options.parent_pid);
+  ::prctl(PR_SET_PDEATHSIG, SIGUSR1);
+  PI0_CHECK(!g_stop_signal.load() && !orchestrator_dead(options.parent_pid),
             "the orchestrator (pid " + std::to_string(options.parent_pid) + ") is not running");
   set_wait_policy(options.busy_wait ? WaitPolicy::kSpin : WaitPolicy::kSleep);
   if (wait_policy() == WaitPolicy::kSpin) spdlog::info("waits for messages spinning (--busy-wait)");
@@ -249,11 +280,12 @@ int run_worker_main(Role role, int argc, char** argv, int (*body)(WorkerRuntime&
     const WorkerOptions options = parse_worker_arguments(role, argc, argv);
     control_name = options.control_name;
     parent = options.parent_pid;
+    note_parent(parent);
     // With the orchestrator gone nobody else is left to remove its control segment.
     const auto remove_if_orphaned = [&] {
-      if (!segment_orphaned(parent)) return;
-      SharedSegment::remove(control_name);
-      spdlog::warn("orchestrator (pid {}) is gone; removed its control segment", parent);
+      if (segment_orphaned(parent) && SharedSegment::remove(control_name)) {
+        spdlog::warn("orchestrator (pid {}) is gone; removed its control segment", parent);
+      }
     };
     std::unique_ptr<WorkerRuntime> runtime;
     try {

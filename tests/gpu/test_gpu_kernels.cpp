@@ -39,29 +39,35 @@ std::vector<float> down_f32(const DeviceBuffer<float>& d) {
 }  // namespace
 
 // Widths that take the row-in-registers kernels with 1, 2, 3 (as 4), 4 and 8 float4 per thread,
-// and ones that take the plain kernels (not a multiple of 4).
+// and ones that take the plain kernels: not a multiple of 4, wider than 4096, or (the last run)
+// an input that is not 16-byte aligned.
 TEST_CASE("layernorm matches the reference", "[gpu]") {
-  for (const int width : {1152, 2048, 4096, 500, 1150}) {
-    const int rows = 37;
-    const auto x = random_floats(static_cast<size_t>(rows) * width, 1, 2.0f, 0.5f);
-    const auto w = rounded(random_floats(width, 2, 0.5f, 1.0f));
-    const auto b = rounded(random_floats(width, 3, 0.2f));
-    auto dx = up(x);
+  for (const int width : {1152, 768, 2048, 4096, 500, 1150, 8192, -1152}) {
+    const bool misaligned = width < 0;  // the input starts one float into its buffer
+    const int cols = misaligned ? -width : width, rows = 37;
+    const auto x = random_floats(static_cast<size_t>(rows) * cols, 1, 2.0f, 0.5f);
+    const auto w = rounded(random_floats(cols, 2, 0.5f, 1.0f));
+    const auto b = rounded(random_floats(cols, 3, 0.2f));
+    const size_t offset = misaligned ? 1 : 0;
+    std::vector<float> padded(x.size() + offset, 0.0f);
+    std::copy(x.begin(), x.end(), padded.begin() + static_cast<std::ptrdiff_t>(offset));
+    auto dx = up(padded);
     auto dw = up(to_bf16(w));
     auto db = up(to_bf16(b));
     auto out = poisoned<Bf16>(x.size());
-    cuda::layer_norm(dx.get(), dw.get(), db.get(), out.get(), rows, width, 1e-5f, nullptr);
+    cuda::layer_norm(dx.get() + offset, dw.get(), db.get(), out.get(), rows, cols, 1e-5f, nullptr);
     CUDA_CHECK(cudaDeviceSynchronize());
     std::vector<float> ref(x.size());
-    ref::layer_norm(x.data(), w.data(), b.data(), ref.data(), rows, width, 1e-5f);
+    ref::layer_norm(x.data(), w.data(), b.data(), ref.data(), rows, cols, 1e-5f);
     const double err = rel_error(down_bf16(out), ref);
-    report("layernorm 37 x " + std::to_string(width), err);
+    report("layernorm 37 x " + std::to_string(cols) + (misaligned ? ", misaligned input" : ""),
+           err);
     REQUIRE(err < 5e-3);
   }
 }
 
 TEST_CASE("rmsnorm matches the reference", "[gpu]") {
-  for (const int width : {1024, 2048, 4096, 300, 1022}) {
+  for (const int width : {1024, 2048, 4096, 300, 1022, 8192}) {
     const int rows = 65;
     const auto x = random_floats(static_cast<size_t>(rows) * width, 4, 3.0f, -0.3f);
     auto dx = up(x);

@@ -39,7 +39,8 @@ std::vector<std::string> worker_arguments(const WorkerOptions& options);
 class WorkerRuntime {
  public:
   // Installs signal handling (SIGTERM/SIGINT request a stop, SIGPIPE ignored), asks the kernel to
-  // send SIGTERM when the parent dies, and opens the control segment.
+  // send SIGUSR1 when the parent dies (a stop too, and the sign that the control segment may be
+  // left to us), and opens the control segment.
   WorkerRuntime(Role role, const WorkerOptions& options);
   ~WorkerRuntime();
 

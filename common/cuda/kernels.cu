@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "pi0/check.hpp"
+#include "pi0/cuda/device.hpp"
 #include "pi0/cuda/kernels.hpp"
 
 namespace pi0::cuda {
@@ -181,13 +183,33 @@ __global__ void __launch_bounds__(kRowThreads)
 // so the last bits) depends on pointer alignment as well as the width: every engine buffer comes
 // from 256-byte aligned allocations, so every process makes the same choice.
 int row_vecs(const void* x, const void* out, int width) {
-  if (width % 4 != 0 || reinterpret_cast<uintptr_t>(x) % 16 != 0 ||
-      reinterpret_cast<uintptr_t>(out) % 8 != 0)
-    return 0;
+  if (width % 4 != 0 || !is_aligned(x, 16) || !is_aligned(out, 8)) return 0;
   const int per_thread = (width / 4 + kRowThreads - 1) / kRowThreads;
   for (int v : {1, 2, 4, 8})
     if (per_thread <= v) return v;
   return 0;
+}
+
+// Runs launch(std::integral_constant<int, vecs>()) for the row kernels' instantiations; false
+// where vecs is none of them (0: the plain kernels).
+template <typename Launch>
+bool launch_row_kernel(int vecs, Launch&& launch) {
+  switch (vecs) {
+    case 1:
+      launch(std::integral_constant<int, 1>());
+      return true;
+    case 2:
+      launch(std::integral_constant<int, 2>());
+      return true;
+    case 4:
+      launch(std::integral_constant<int, 4>());
+      return true;
+    case 8:
+      launch(std::integral_constant<int, 8>());
+      return true;
+    default:
+      return false;
+  }
 }
 
 __global__ void extract_patches_kernel(const bf16* images, bf16* patches, int views, int image_size,
@@ -350,50 +372,25 @@ void f32_to_bf16(const float* in, Bf16* out, size_t n, cudaStream_t stream) {
 void layer_norm(const float* x, const Bf16* weight, const Bf16* bias, Bf16* out, int rows,
                 int width, float eps, cudaStream_t stream) {
   if (rows == 0) return;
-  const bool params_aligned =
-      reinterpret_cast<uintptr_t>(weight) % 8 == 0 && reinterpret_cast<uintptr_t>(bias) % 8 == 0;
-  switch (params_aligned ? row_vecs(x, out, width) : 0) {
-    case 1:
-      layer_norm_row_kernel<1>
-          <<<rows, kRowThreads, 0, stream>>>(x, dev(weight), dev(bias), dev(out), width, eps);
-      break;
-    case 2:
-      layer_norm_row_kernel<2>
-          <<<rows, kRowThreads, 0, stream>>>(x, dev(weight), dev(bias), dev(out), width, eps);
-      break;
-    case 4:
-      layer_norm_row_kernel<4>
-          <<<rows, kRowThreads, 0, stream>>>(x, dev(weight), dev(bias), dev(out), width, eps);
-      break;
-    case 8:
-      layer_norm_row_kernel<8>
-          <<<rows, kRowThreads, 0, stream>>>(x, dev(weight), dev(bias), dev(out), width, eps);
-      break;
-    default:
-      layer_norm_kernel<<<rows, kThreads, 0, stream>>>(x, dev(weight), dev(bias), dev(out), width,
-                                                       eps);
-  }
+  const bool params_aligned = is_aligned(weight, 8) && is_aligned(bias, 8);
+  const bool in_registers =
+      launch_row_kernel(params_aligned ? row_vecs(x, out, width) : 0, [&](auto vecs) {
+        layer_norm_row_kernel<decltype(vecs)::value>
+            <<<rows, kRowThreads, 0, stream>>>(x, dev(weight), dev(bias), dev(out), width, eps);
+      });
+  if (!in_registers)
+    layer_norm_kernel<<<rows, kThreads, 0, stream>>>(x, dev(weight), dev(bias), dev(out), width,
+                                                     eps);
   CUDA_CHECK_LAUNCH();
 }
 
 void rms_norm(const float* x, Bf16* out, int rows, int width, float eps, cudaStream_t stream) {
   if (rows == 0) return;
-  switch (row_vecs(x, out, width)) {
-    case 1:
-      rms_norm_row_kernel<1><<<rows, kRowThreads, 0, stream>>>(x, dev(out), width, eps);
-      break;
-    case 2:
-      rms_norm_row_kernel<2><<<rows, kRowThreads, 0, stream>>>(x, dev(out), width, eps);
-      break;
-    case 4:
-      rms_norm_row_kernel<4><<<rows, kRowThreads, 0, stream>>>(x, dev(out), width, eps);
-      break;
-    case 8:
-      rms_norm_row_kernel<8><<<rows, kRowThreads, 0, stream>>>(x, dev(out), width, eps);
-      break;
-    default:
-      rms_norm_kernel<<<rows, kThreads, 0, stream>>>(x, dev(out), width, eps);
-  }
+  const bool in_registers = launch_row_kernel(row_vecs(x, out, width), [&](auto vecs) {
+    rms_norm_row_kernel<decltype(vecs)::value>
+        <<<rows, kRowThreads, 0, stream>>>(x, dev(out), width, eps);
+  });
+  if (!in_registers) rms_norm_kernel<<<rows, kThreads, 0, stream>>>(x, dev(out), width, eps);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "attention_tile.cuh"
 #include "mma_primitives.cuh"
@@ -246,31 +247,21 @@ bool cluster_fits(const FusedAttentionShape& s) {
   return clusters >= 1;
 }
 
-// The instantiations: D is the shared-memory row, DK the head rounded up to 16 (SigLIP's 72 runs
-// in rows of 128, its products 80 deep).
-bool cluster_fits_any(const FusedAttentionShape& s) {
-  switch (s.head_dim) {
+// Runs f(D, DK) as std::integral_constants for the head dim's instantiation: D is the
+// shared-memory row, DK the head rounded up to 16 (SigLIP's 72 runs in rows of 128, its products
+// 80 deep).
+template <typename F>
+auto with_instantiation(int head_dim, F&& f) {
+  using std::integral_constant;
+  switch (head_dim) {
     case 64:
-      return cluster_fits<64, 64>(s);
+      return f(integral_constant<int, 64>(), integral_constant<int, 64>());
     case 72:
-      return cluster_fits<128, 80>(s);
+      return f(integral_constant<int, 128>(), integral_constant<int, 80>());
     case 128:
-      return cluster_fits<128, 128>(s);
+      return f(integral_constant<int, 128>(), integral_constant<int, 128>());
     default:
-      return cluster_fits<256, 256>(s);
-  }
-}
-
-void launch_any(const FusedAttentionShape& s, const Args& args, cudaStream_t stream) {
-  switch (s.head_dim) {
-    case 64:
-      return launch<64, 64>(s, args, stream);
-    case 72:
-      return launch<128, 80>(s, args, stream);
-    case 128:
-      return launch<128, 128>(s, args, stream);
-    default:
-      return launch<256, 256>(s, args, stream);
+      return f(integral_constant<int, 256>(), integral_constant<int, 256>());
   }
 }
 
@@ -290,8 +281,8 @@ FusedAttentionShape plan_fused_attention(FusedAttentionShape s) {
   if (s.ld_out == 0) s.ld_out = s.head_dim;
   PI0_CHECK(s.ld_q >= s.head_dim && s.ld_kv >= s.head_dim && s.ld_out >= s.head_dim &&
                 s.ld_q % 8 == 0 && s.ld_kv % 8 == 0 && s.ld_out % 8 == 0 &&
-                s.outer_stride % 8 == 0 && s.inner_stride % 8 == 0 &&
-                s.out_outer_stride % 8 == 0 && s.out_inner_stride % 8 == 0,
+                s.outer_stride % 8 == 0 && s.inner_stride % 8 == 0 && s.out_outer_stride % 8 == 0 &&
+                s.out_inner_stride % 8 == 0,
             "fused attention: row strides must cover the head and keep rows 16-byte aligned");
   const int blocks = row_blocks(s) * static_cast<int>(problems(s));
   const int max_splits =
@@ -307,7 +298,9 @@ FusedAttentionShape plan_fused_attention(FusedAttentionShape s) {
 }
 
 bool fused_attention_runs_here(const FusedAttentionShape& s) {
-  return cluster_fits_any(s);
+  return with_instantiation(s.head_dim, [&](auto d, auto dk) {
+    return cluster_fits<decltype(d)::value, decltype(dk)::value>(s);
+  });
 }
 
 void fused_attention(const FusedAttentionShape& s, const Bf16* q, const Bf16* k, const Bf16* v,
@@ -338,7 +331,9 @@ void fused_attention(const FusedAttentionShape& s, const Bf16* q, const Bf16* k,
   a.out_outer_stride = s.out_outer_stride;
   a.out_inner_stride = s.out_inner_stride;
   a.scale_log2 = s.scale * 1.4426950408889634f;
-  launch_any(s, a, stream);
+  with_instantiation(s.head_dim, [&](auto d, auto dk) {
+    launch<decltype(d)::value, decltype(dk)::value>(s, a, stream);
+  });
 }
 
 }  // namespace pi0::cuda

@@ -35,6 +35,13 @@ void on_parent_death(int) {
   g_stop_signal.store(true);
 }
 
+void install_handler(int signal, void (*handler)(int)) {
+  struct sigaction action {};
+  action.sa_handler = handler;
+  sigemptyset(&action.sa_mask);
+  ::sigaction(signal, &action, nullptr);
+}
+
 void note_parent(int parent_pid) {
   if (::getppid() == parent_pid) g_spawned_by.store(parent_pid);
 }
@@ -144,19 +151,13 @@ WorkerOptions parse_worker_arguments(Role role, int argc, char** argv) {
 
 WorkerRuntime::WorkerRuntime(Role role, const WorkerOptions& options)
     : role_(role), options_(options) {
-  struct sigaction action {};
-  action.sa_handler = on_stop_signal;
-  sigemptyset(&action.sa_mask);
-  ::sigaction(SIGTERM, &action, nullptr);
-  ::sigaction(SIGINT, &action, nullptr);
+  install_handler(SIGTERM, on_stop_signal);
+  install_handler(SIGINT, on_stop_signal);
   ::signal(SIGPIPE, SIG_IGN);
   // The kernel tells us when the orchestrator dies, with a signal of its own so that a stop the
   // orchestrator asks for (SIGTERM) is told apart; the check after it closes the race where it
   // died before prctl took effect.
-  struct sigaction death {};
-  death.sa_handler = on_parent_death;
-  sigemptyset(&death.sa_mask);
-  ::sigaction(SIGUSR1, &death, nullptr);
+  install_handler(SIGUSR1, on_parent_death);
   note_parent(options.parent_pid);
   ::prctl(PR_SET_PDEATHSIG, SIGUSR1);
   PI0_CHECK(!g_stop_signal.load() && !orchestrator_dead(options.parent_pid),
@@ -276,17 +277,18 @@ int run_worker_main(Role role, int argc, char** argv, int (*body)(WorkerRuntime&
   }
   std::string control_name;
   int parent = 0;
+  // With the orchestrator gone nobody else is left to remove its control segment.
+  const auto remove_if_orphaned = [&] {
+    if (control_name.empty() || parent <= 0 || !segment_orphaned(parent)) return;
+    if (SharedSegment::remove(control_name)) {
+      spdlog::warn("orchestrator (pid {}) is gone; removed its control segment", parent);
+    }
+  };
   try {
     const WorkerOptions options = parse_worker_arguments(role, argc, argv);
     control_name = options.control_name;
     parent = options.parent_pid;
     note_parent(parent);
-    // With the orchestrator gone nobody else is left to remove its control segment.
-    const auto remove_if_orphaned = [&] {
-      if (segment_orphaned(parent) && SharedSegment::remove(control_name)) {
-        spdlog::warn("orchestrator (pid {}) is gone; removed its control segment", parent);
-      }
-    };
     std::unique_ptr<WorkerRuntime> runtime;
     try {
       runtime = std::make_unique<WorkerRuntime>(role, options);
@@ -307,9 +309,7 @@ int run_worker_main(Role role, int argc, char** argv, int (*body)(WorkerRuntime&
     }
   } catch (const std::exception& e) {
     spdlog::error("{}", e.what());
-    if (!control_name.empty() && parent > 0 && segment_orphaned(parent)) {
-      SharedSegment::remove(control_name);
-    }
+    remove_if_orphaned();
     return 1;
   }
 }

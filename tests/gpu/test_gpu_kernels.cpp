@@ -117,6 +117,18 @@ TEST_CASE("rope split writes rotated q and k and copies v", "[gpu]") {
 
 namespace {
 
+// Runs `run` again into a freshly poisoned `out`: the fused kernel's key ranges combine in a fixed
+// order, so the bits must repeat.
+template <typename Run>
+void require_same_bits_again(DeviceBuffer<Bf16>& out, Run&& run) {
+  const auto first = cuda::download(out.get(), out.size());
+  CUDA_CHECK(cudaMemset(out.get(), 0xFF, out.bytes()));
+  run();
+  CUDA_CHECK(cudaDeviceSynchronize());
+  const auto second = cuda::download(out.get(), out.size());
+  REQUIRE(bitwise_equal(first.data(), second.data(), first.size() * sizeof(Bf16)));
+}
+
 struct PrefixMask {
   int limited_queries;
   int limited_keys;
@@ -149,16 +161,9 @@ void check_shared_kv(int queries, int keys, int heads, int hd, int limited_queri
   if (falls_back_to_fused) REQUIRE(att.scratch_bytes() == 0);
   att.run(dq.get(), dk.get(), dv.get(), out.get(), nullptr);
   CUDA_CHECK(cudaDeviceSynchronize());
-  if (att.fused()) {
-    // Run again into a freshly poisoned output: the key ranges combine in a fixed order, so the
-    // bits must repeat.
-    const auto first = cuda::download(out.get(), out.size());
-    CUDA_CHECK(cudaMemset(out.get(), 0xFF, out.bytes()));
-    att.run(dq.get(), dk.get(), dv.get(), out.get(), nullptr);
-    CUDA_CHECK(cudaDeviceSynchronize());
-    const auto second = cuda::download(out.get(), out.size());
-    REQUIRE(bitwise_equal(first.data(), second.data(), first.size() * sizeof(Bf16)));
-  }
+  if (att.fused())
+    require_same_bits_again(out,
+                            [&] { att.run(dq.get(), dk.get(), dv.get(), out.get(), nullptr); });
   std::vector<float> ref(q.size());
   PrefixMask mask{limited_queries, limited_keys};
   ref::attention(q.data(), heads * hd, k.data(), hd, v.data(), hd, ref.data(), queries, keys, heads,
@@ -223,14 +228,7 @@ void check_view_attention(int views, int tokens, int heads, int hd, bool fused, 
   if (fused) REQUIRE(att.scratch_bytes() == 0);
   att.run(dqkv.get(), out.get(), nullptr);
   CUDA_CHECK(cudaDeviceSynchronize());
-  if (fused) {
-    const auto first = cuda::download(out.get(), out.size());
-    CUDA_CHECK(cudaMemset(out.get(), 0xFF, out.bytes()));
-    att.run(dqkv.get(), out.get(), nullptr);
-    CUDA_CHECK(cudaDeviceSynchronize());
-    const auto second = cuda::download(out.get(), out.size());
-    REQUIRE(bitwise_equal(first.data(), second.data(), first.size() * sizeof(Bf16)));
-  }
+  if (fused) require_same_bits_again(out, [&] { att.run(dqkv.get(), out.get(), nullptr); });
   std::vector<float> ref(out.size());
   for (int v = 0; v < views; ++v) {
     const float* base = qkv.data() + static_cast<size_t>(v) * tokens * width;

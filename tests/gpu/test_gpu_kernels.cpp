@@ -361,6 +361,36 @@ TEST_CASE("gemm rejects misaligned operands", "[gpu]") {
   REQUIRE_THROWS_AS(g.run(a.get() + 8, b.get(), c.get(), nullptr, nullptr), pi0::Error);
 }
 
+// Row softmax over widths that take the register kernel with 2, 5 and 8 float4 per lane, and one
+// too wide for it; rows below limited_rows see only the first keys, the rest of each row is 0.
+TEST_CASE("row softmax matches the host formula", "[gpu]") {
+  for (const int cols : {50, 575, 640, 1000, 2000}) {
+    const int rows = 37, ld = (cols + 15) / 16 * 16, limited_rows = 3, limited_cols = cols / 3;
+    const auto scores = random_floats(static_cast<size_t>(rows) * ld, 60 + cols, 4.0f);
+    auto ds = up(scores);
+    auto probs = poisoned<Bf16>(static_cast<size_t>(rows) * ld);
+    cuda::softmax_rows(ds.get(), ld, probs.get(), ld, rows, cols, limited_rows, limited_cols,
+                       nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    const auto got = down_bf16(probs);
+    std::vector<float> ref, out;
+    for (int r = 0; r < rows; ++r) {
+      const int valid = r < limited_rows ? limited_cols : cols;
+      const float* s = scores.data() + static_cast<size_t>(r) * ld;
+      double m = -1e30, sum = 0.0;
+      for (int c = 0; c < valid; ++c) m = std::max(m, static_cast<double>(s[c]));
+      for (int c = 0; c < valid; ++c) sum += std::exp(s[c] - m);
+      for (int c = 0; c < cols; ++c) {
+        ref.push_back(c < valid ? static_cast<float>(std::exp(s[c] - m) / sum) : 0.0f);
+        out.push_back(got[static_cast<size_t>(r) * ld + c]);
+      }
+    }
+    const double err = rel_error(out, ref);
+    report("row softmax 37 x " + std::to_string(cols) + ", 3 rows masked", err);
+    REQUIRE(err < 5e-3);
+  }
+}
+
 TEST_CASE("geglu and silu match the host formulas", "[gpu]") {
   const int rows = 33, width = 4096;
   const auto gu = rounded(random_floats(static_cast<size_t>(rows) * 2 * width, 50, 2.0f));

@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <initializer_list>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "catch.hpp"
@@ -82,37 +83,50 @@ TEST_CASE("rmsnorm matches the reference", "[gpu]") {
   }
 }
 
+// 420 rows of head 256 take the four-pairs-a-thread kernel; 21 rows (too few to vectorize), a
+// head of 12 (not a multiple of 8) and a q output that is not 16-byte aligned take the pair
+// kernel. Both compute each angle the same way.
 TEST_CASE("rope split writes rotated q and k and copies v", "[gpu]") {
-  const int rows = 21, heads = 8, hd = 256, first = 517;
-  const float theta = 10000.0f;
-  const int width = (heads + 2) * hd;
-  const auto qkv = rounded(random_floats(static_cast<size_t>(rows) * width, 5));
-  auto dqkv = up(to_bf16(qkv));
-  auto q = poisoned<Bf16>(static_cast<size_t>(rows) * heads * hd);
-  auto k = poisoned<Bf16>(static_cast<size_t>(rows) * hd);
-  auto v = poisoned<Bf16>(static_cast<size_t>(rows) * hd);
-  cuda::rope_split_qkv(dqkv.get(), rows, heads, hd, first, theta, q.get(), k.get(), v.get(),
-                       nullptr);
-  CUDA_CHECK(cudaDeviceSynchronize());
-  std::vector<float> rq(static_cast<size_t>(rows) * heads * hd), rk(static_cast<size_t>(rows) * hd),
-      rv(rk.size());
-  for (int r = 0; r < rows; ++r)
-    for (int i = 0; i < heads * hd; ++i)
-      rq[static_cast<size_t>(r) * heads * hd + i] = qkv[static_cast<size_t>(r) * width + i];
-  for (int r = 0; r < rows; ++r)
-    for (int i = 0; i < hd; ++i) {
-      rk[static_cast<size_t>(r) * hd + i] = qkv[static_cast<size_t>(r) * width + heads * hd + i];
-      rv[static_cast<size_t>(r) * hd + i] =
-          qkv[static_cast<size_t>(r) * width + (heads + 1) * hd + i];
-    }
-  ref::rope(rq.data(), rows, heads, hd, heads * hd, first, theta);
-  ref::rope(rk.data(), rows, 1, hd, hd, first, theta);
-  const double eq = rel_error(down_bf16(q), rq), ek = rel_error(down_bf16(k), rk);
-  report("rope q (positions 517..537)", eq);
-  report("rope k", ek);
-  REQUIRE(eq < 5e-3);
-  REQUIRE(ek < 5e-3);
-  REQUIRE(rel_error(down_bf16(v), rv) == 0.0);
+  struct Case {
+    int rows, head_dim;
+    size_t q_offset;  // elements into q's buffer
+  };
+  for (const Case cs : {Case{420, 256, 0}, Case{21, 256, 0}, Case{21, 12, 0}, Case{420, 256, 2}}) {
+    const int rows = cs.rows, heads = 8, hd = cs.head_dim, first = 517;
+    const float theta = 10000.0f;
+    const int width = (heads + 2) * hd;
+    const auto qkv = rounded(random_floats(static_cast<size_t>(rows) * width, 5));
+    auto dqkv = up(to_bf16(qkv));
+    const size_t q_size = static_cast<size_t>(rows) * heads * hd;
+    auto q = poisoned<Bf16>(q_size + cs.q_offset);
+    auto k = poisoned<Bf16>(static_cast<size_t>(rows) * hd);
+    auto v = poisoned<Bf16>(static_cast<size_t>(rows) * hd);
+    cuda::rope_split_qkv(dqkv.get(), rows, heads, hd, first, theta, q.get() + cs.q_offset, k.get(),
+                         v.get(), nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<float> rq(q_size), rk(static_cast<size_t>(rows) * hd), rv(rk.size());
+    for (int r = 0; r < rows; ++r)
+      for (int i = 0; i < heads * hd; ++i)
+        rq[static_cast<size_t>(r) * heads * hd + i] = qkv[static_cast<size_t>(r) * width + i];
+    for (int r = 0; r < rows; ++r)
+      for (int i = 0; i < hd; ++i) {
+        rk[static_cast<size_t>(r) * hd + i] = qkv[static_cast<size_t>(r) * width + heads * hd + i];
+        rv[static_cast<size_t>(r) * hd + i] =
+            qkv[static_cast<size_t>(r) * width + (heads + 1) * hd + i];
+      }
+    ref::rope(rq.data(), rows, heads, hd, heads * hd, first, theta);
+    ref::rope(rk.data(), rows, 1, hd, hd, first, theta);
+    auto gq = down_bf16(q);
+    gq.erase(gq.begin(), gq.begin() + static_cast<std::ptrdiff_t>(cs.q_offset));
+    const double eq = rel_error(gq, rq), ek = rel_error(down_bf16(k), rk);
+    const std::string name = "rope " + std::to_string(rows) + " rows of head " +
+                             std::to_string(hd) + (cs.q_offset ? ", q misaligned" : "");
+    report(name + " q", eq);
+    report(name + " k", ek);
+    REQUIRE(eq < 5e-3);
+    REQUIRE(ek < 5e-3);
+    REQUIRE(rel_error(down_bf16(v), rv) == 0.0);
+  }
 }
 
 namespace {
@@ -393,8 +407,9 @@ TEST_CASE("row softmax matches the host formula", "[gpu]") {
 
 // GeGLU at widths that take eight, two and one column per thread.
 TEST_CASE("geglu and silu match the host formulas", "[gpu]") {
-  for (const int width : {4096, 4100, 101}) {
-    const int rows = 33;
+  // 160 x 4096 takes eight columns a thread; 33 x 4096 (too few to vectorize) and 4100 two;
+  // an odd width one.
+  for (const auto& [rows, width] : {std::pair{160, 4096}, {33, 4096}, {33, 4100}, {33, 101}}) {
     const auto gu = rounded(random_floats(static_cast<size_t>(rows) * 2 * width, 50, 2.0f));
     auto dgu = up(to_bf16(gu));
     auto out = poisoned<Bf16>(static_cast<size_t>(rows) * width);
@@ -407,7 +422,7 @@ TEST_CASE("geglu and silu match the host formulas", "[gpu]") {
             ref::gelu_tanh(gu[static_cast<size_t>(r) * 2 * width + j]) *
             gu[static_cast<size_t>(r) * 2 * width + width + j];
     const double eg = rel_error(down_bf16(out), ref);
-    report("geglu 33 x " + std::to_string(width), eg);
+    report("geglu " + std::to_string(rows) + " x " + std::to_string(width), eg);
     REQUIRE(eg < 5e-3);
   }
   const auto x = rounded(random_floats(5000, 51, 3.0f));
@@ -561,4 +576,20 @@ TEST_CASE("gemm on the skinny kernel fallback matches the reference", "[gpu]") {
        {"bf16 out + bias + gelu", 256, 4304, 1152, DType::kBf16, Epilogue::kGeluBias, false},
        {"fp32 out + bias", 63, 1024, 32, DType::kF32, Epilogue::kBias, false}},
       420);
+}
+
+// The L2 prefetch takes any ranges (unaligned ends shrink to 16 bytes, empty and null ones are
+// skipped), more data than its CTAs cover in one pass, and leaves the data as it was.
+TEST_CASE("l2 prefetch accepts any ranges and changes no data", "[gpu]") {
+  const size_t n = (size_t{40} << 20) / sizeof(float);  // 40 MiB: several chunks per thread
+  const auto host = random_floats(n, 31);
+  auto data = up(host);
+  const char* base = reinterpret_cast<const char*>(data.get());
+  const cuda::L2Range ranges[] = {
+      {base + 3, data.bytes() - 100}, {nullptr, 4096}, {base, 0}, {base + 1000, 7}};
+  cuda::prefetch_l2(ranges, 4, nullptr);
+  cuda::prefetch_l2(ranges, 0, nullptr);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  REQUIRE(down_f32(data) == host);
+  REQUIRE_THROWS_AS(cuda::prefetch_l2(ranges, cuda::kMaxL2Ranges + 1, nullptr), Error);
 }

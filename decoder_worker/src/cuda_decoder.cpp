@@ -74,6 +74,16 @@ struct CudaDecoder::Impl {
   cuda::DecoderLayers layers_kernel;
   // One graph per pass shape: each slot alone and each run of slots decoded together.
   cuda::GraphCache graphs{64};
+  // Each layer's remaining weights (o, gate|up, down: 29 MB at pi0's widths) and the next
+  // layer's qkv are pulled into L2 on a side stream while its attention runs, which leaves memory
+  // bandwidth idle; its GEMMs then find them in L2 (V=2 decoder 9.18 -> 8.81 ms on an H100,
+  // bench/NOTES.md v10; prefetching in two parts, the second after the o GEMM, was slower than
+  // none: it competes with the gate|up GEMM). PI0_DECODER_PREFETCH=0 turns it off.
+  bool prefetch = false;
+  cuda::Stream side;
+  cuda::Event fork{cudaEventDisableTiming}, join{cudaEventDisableTiming};
+  void prefetch_layer_weights(int layer, cudaStream_t s);
+
   cuda::OpTimer* timer = nullptr;
   void mark(const char* label, cudaStream_t s) {
     if (timer) timer->mark(label, s);
@@ -248,6 +258,9 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   attention = cuda::SharedKvAttention(lt.get(), attention_params, gemm_ws.get(), gemm_ws.bytes());
   memory.add_workspace(attention.scratch_bytes());
 
+  const char* want_prefetch = std::getenv("PI0_DECODER_PREFETCH");
+  prefetch = !(want_prefetch && want_prefetch[0] == '0');
+
   const char* want_layers = std::getenv("PI0_DECODER_LAYERS");
   const bool layers_wanted =
       options.decoder_persistent_layers || (want_layers && want_layers[0] == '1');
@@ -298,6 +311,20 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
     }
     CUDA_CHECK(cudaDeviceSynchronize());
   }
+}
+
+void CudaDecoder::Impl::prefetch_layer_weights(int layer, cudaStream_t s) {
+  const size_t aw = cfg.action_width, am = cfg.action_mlp, qw = cfg.lm_q_width();
+  const size_t qkv_width = cfg.qkv_width(), l = layer;
+  const size_t next = (l + 1) % static_cast<size_t>(cfg.lm_layers);
+  const cuda::L2Range ranges[] = {
+      {o_w.get() + l * qw * aw, qw * aw * sizeof(Bf16)},
+      {gate_up_w.get() + l * aw * 2 * am, aw * 2 * am * sizeof(Bf16)},
+      {down_w.get() + l * am * aw, am * aw * sizeof(Bf16)},
+      {qkv_w.get() + next * aw * qkv_width, aw * qkv_width * sizeof(Bf16)}};
+  fork.record(s);
+  CUDA_CHECK(cudaStreamWaitEvent(side.get(), fork.get(), 0));
+  cuda::prefetch_l2(ranges, 4, side.get());
 }
 
 void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* state,
@@ -356,6 +383,7 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
         g.qkv.run(h.get(), qkv_w.get() + ll * aw * qkv_width, qkv.get(), nullptr, s);
       }
       mark("qkv gemm", s);
+      if (prefetch) prefetch_layer_weights(l, s);
       for (int f = 0; f < count; ++f) {
         Bf16* k = kv_slice(kv_slots[f], l, 0);
         Bf16* v = kv_slice(kv_slots[f], l, 1);
@@ -406,6 +434,11 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
       }
     }
     mark("euler: norm + out gemm", s);
+  }
+  if (prefetch && !persistent) {
+    // The side stream's prefetches rejoin the stream (a captured graph must end on one stream).
+    join.record(side.get());
+    CUDA_CHECK(cudaStreamWaitEvent(s, join.get(), 0));
   }
 }
 

@@ -396,3 +396,53 @@ TEST_CASE("persistent decoder layers match the per-op path on any grid", "[gpu]"
     CHECK(bitwise_equal(whole.data(), few.data(), whole.size() * sizeof(float)));
   }
 }
+
+// The decoder's L2 prefetch (on by default; a side stream forked from and rejoined to the decode,
+// in the graph too) reads weights early and writes nothing: the actions keep their bits, eager,
+// captured and replayed, with one frame and a pass of two.
+TEST_CASE("the decoder's L2 prefetch changes no bits", "[gpu]") {
+  const ScopedEnv layers_env("PI0_DECODER_LAYERS", nullptr),
+      skinny_env("PI0_DECODER_SKINNY", nullptr);
+  const ModelConfig config = model_config("pi0-2l");
+  const RunShape shape{2, 63, 0};
+  const StageSizes sizes = stage_sizes(config, shape);
+  const WeightStore weights = WeightStore::random(config, 0, 801, WeightSet::kAll);
+  const FrameInputs in = make_frame_inputs(config, shape, 802, 0);
+  std::vector<float> ref_kv(sizes.kv_values);
+  ReferenceEncoder(config, weights).encode(shape, in.images.data(), ref_kv.data());
+  const auto slot = to_bf16(prefix_to_slot(config, shape, ref_kv, NAN));
+  std::vector<Bf16> state2(in.state), noise2(in.noise);  // two frames, the same inputs
+  state2.insert(state2.end(), in.state.begin(), in.state.end());
+  noise2.insert(noise2.end(), in.noise.begin(), in.noise.end());
+  auto state = cuda::upload(state2, "state");
+  auto noise = cuda::upload(noise2, "noise");
+
+  auto decode = [&](const char* prefetch) {
+    const ScopedEnv prefetch_env("PI0_DECODER_PREFETCH", prefetch);
+    CudaEngineOptions options;
+    options.max_decode_batch = 2;
+    CudaDecoder decoder(config, shape, weights, options);
+    auto kv0 = cuda::upload(slot, "kv slot 0");
+    auto kv1 = cuda::upload(slot, "kv slot 1");
+    Bf16* slots[] = {kv0.get(), kv1.get()};
+    auto actions = poisoned<float>(2 * sizes.action_values, "actions");
+    std::vector<std::vector<float>> runs;  // per count: eager, capture, replay
+    for (int count = 1; count <= 2; ++count)
+      for (int i = 0; i < 3; ++i) {
+        CUDA_CHECK(cudaMemset(actions.get(), 0xFF, actions.bytes()));
+        decoder.decode_batch(slots, count, state.get(), noise.get(), actions.get(), nullptr);
+        CUDA_CHECK(cudaDeviceSynchronize());
+        auto out = cuda::download(actions.get(), actions.size());
+        out.resize(static_cast<size_t>(count) * sizes.action_values);
+        runs.push_back(std::move(out));
+      }
+    return runs;
+  };
+  const auto with = decode(nullptr);
+  const auto without = decode("0");
+  REQUIRE(with.size() == without.size());
+  for (size_t i = 0; i < with.size(); ++i) {
+    REQUIRE(count_nonfinite(with[i]) == 0);
+    REQUIRE(bitwise_equal(with[i].data(), without[i].data(), with[i].size() * sizeof(float)));
+  }
+}

@@ -74,15 +74,16 @@ struct CudaDecoder::Impl {
   cuda::DecoderLayers layers_kernel;
   // One graph per pass shape: each slot alone and each run of slots decoded together.
   cuda::GraphCache graphs{64};
-  // Each layer's remaining weights (o, gate|up, down: 29 MB at pi0's widths) and the next
-  // layer's qkv are pulled into L2 on a side stream while its attention runs, which leaves memory
-  // bandwidth idle; its GEMMs then find them in L2 (V=2 decoder 9.18 -> 8.81 ms on an H100,
-  // bench/NOTES.md v10; prefetching in two parts, the second after the o GEMM, was slower than
-  // none: it competes with the gate|up GEMM). PI0_DECODER_PREFETCH=0 turns it off.
+  // Each layer's remaining weights (o, gate|up, down: 29 MB at pi0's widths), the next layer's
+  // qkv and its K/V blocks are pulled into L2 on a side stream while this layer's attention runs,
+  // which leaves memory bandwidth idle; the GEMMs then find them in L2 (V=2 on an H100: 14.72 ->
+  // 14.33 ms for the weights, 14.26 with the K/V; bench/NOTES.md v10). Prefetching in two parts,
+  // the second after the o GEMM, was slower than none: it competes with the gate|up GEMM.
+  // PI0_DECODER_PREFETCH=0 turns it off.
   bool prefetch = false;
   cuda::Stream side;
   cuda::Event fork{cudaEventDisableTiming}, join{cudaEventDisableTiming};
-  void prefetch_layer_weights(int layer, cudaStream_t s);
+  void prefetch_layer_weights(int layer, Bf16* const* kv_slots, int count, cudaStream_t s);
 
   cuda::OpTimer* timer = nullptr;
   void mark(const char* label, cudaStream_t s) {
@@ -313,18 +314,24 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   }
 }
 
-void CudaDecoder::Impl::prefetch_layer_weights(int layer, cudaStream_t s) {
+void CudaDecoder::Impl::prefetch_layer_weights(int layer, Bf16* const* kv_slots, int count,
+                                               cudaStream_t s) {
   const size_t aw = cfg.action_width, am = cfg.action_mlp, qw = cfg.lm_q_width();
   const size_t qkv_width = cfg.qkv_width(), l = layer;
   const size_t next = (l + 1) % static_cast<size_t>(cfg.lm_layers);
-  const cuda::L2Range ranges[] = {
+  cuda::L2Range ranges[cuda::kMaxL2Ranges] = {
       {o_w.get() + l * qw * aw, qw * aw * sizeof(Bf16)},
       {gate_up_w.get() + l * aw * 2 * am, aw * 2 * am * sizeof(Bf16)},
       {down_w.get() + l * am * aw, am * aw * sizeof(Bf16)},
       {qkv_w.get() + next * aw * qkv_width, aw * qkv_width * sizeof(Bf16)}};
+  // And each frame's K and V blocks (adjacent in the slot) for the next layer's attention.
+  int n = 4;
+  for (int f = 0; f < count && n < cuda::kMaxL2Ranges; ++f)
+    ranges[n++] = {kv_slice(kv_slots[f], static_cast<int>(next), 0),
+                   2 * static_cast<size_t>(keys) * cfg.head_dim * sizeof(Bf16)};
   fork.record(s);
   CUDA_CHECK(cudaStreamWaitEvent(side.get(), fork.get(), 0));
-  cuda::prefetch_l2(ranges, 4, side.get());
+  cuda::prefetch_l2(ranges, n, side.get());
 }
 
 void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* state,
@@ -383,7 +390,7 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
         g.qkv.run(h.get(), qkv_w.get() + ll * aw * qkv_width, qkv.get(), nullptr, s);
       }
       mark("qkv gemm", s);
-      if (prefetch) prefetch_layer_weights(l, s);
+      if (prefetch) prefetch_layer_weights(l, kv_slots, count, s);
       for (int f = 0; f < count; ++f) {
         Bf16* k = kv_slice(kv_slots[f], l, 0);
         Bf16* v = kv_slice(kv_slots[f], l, 1);

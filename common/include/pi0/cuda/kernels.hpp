@@ -51,7 +51,7 @@ struct L2Range {
   const void* ptr = nullptr;
   size_t bytes = 0;
 };
-constexpr int kMaxL2Ranges = 4;
+constexpr int kMaxL2Ranges = 8;
 void prefetch_l2(const L2Range* ranges, int count, cudaStream_t stream);
 
 // Deterministic pseudo-random fill in [-scale, scale) (workspace warm-up, tuning, test poison).

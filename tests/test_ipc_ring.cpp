@@ -332,7 +332,8 @@ TEST_CASE("an idle blocked pop burns almost no CPU", "[ipc]") {
 TEST_CASE("with the spin policy a blocked pop never sleeps and keeps its deadline and peer check",
           "[ipc]") {
   struct PolicyGuard {
-    ~PolicyGuard() { set_wait_policy(WaitPolicy::kSleep); }
+    WaitPolicy before = wait_policy();
+    ~PolicyGuard() { set_wait_policy(before); }
   } restore;
   set_wait_policy(WaitPolicy::kSpin);
   REQUIRE(wait_policy() == WaitPolicy::kSpin);
@@ -376,6 +377,81 @@ TEST_CASE("with the spin policy a blocked pop never sleeps and keeps its deadlin
   CHECK(ring.pop(m, start + 50ms, {}) == WaitStatus::kTimeout);
   CHECK(Clock::now() - start >= 50ms);
   CHECK(Clock::now() - start < 1s);
+  std::atomic<bool> alive{true};
+  std::thread killer([&] {
+    std::this_thread::sleep_for(50ms);
+    alive = false;
+  });
+  const auto t0 = Clock::now();
+  CHECK(ring.pop(m, t0 + 5s, [&] { return alive.load(); }) == WaitStatus::kPeerDead);
+  CHECK(Clock::now() - t0 < 300ms);
+  killer.join();
+}
+
+TEST_CASE("the adaptive policy's spin window brackets the predicted wait", "[ipc]") {
+  CHECK(wait_policy() == WaitPolicy::kAdaptive);  // the default
+  // Nothing to predict, too short to sleep for, or too long to be steady: no window.
+  for (const auto typical : {0us, 150us, 2000000us}) {
+    const SpinWindow w = spin_window(typical);
+    CHECK(w.from == w.until);
+  }
+  // A frame's wait (14 ms): a margin of 1/8 + 100 us either side.
+  const SpinWindow w = spin_window(14ms);
+  CHECK(w.from == 14ms - 1850us);
+  CHECK(w.until == 14ms + 1850us);
+  // Long waits spin at most 4 ms.
+  const SpinWindow wide = spin_window(200ms);
+  CHECK(wide.until - wide.from == 4ms);
+  CHECK(wide.from == 198ms);
+
+  WaitHistory h;
+  h.record(20ms);
+  CHECK(h.typical == 20ms);
+  h.record(40ms);
+  CHECK(h.typical == 25ms);  // a moving average, weight 1/4 on the newest
+
+  CHECK(parse_wait_policy("spin") == WaitPolicy::kSpin);
+  CHECK(std::string(wait_policy_name(parse_wait_policy("adaptive"))) == "adaptive");
+  CHECK_THROWS_AS(parse_wait_policy("nap"), pi0::Error);
+}
+
+// A consumer fed at a steady period learns it; a message later than predicted still arrives (a
+// futex wake-up, as when sleeping); a long idle wait stays asleep but for the short window.
+TEST_CASE("adaptive waits learn a steady period and keep their deadline and peer checks",
+          "[ipc]") {
+  RingMemory mem(8);
+  SpscRing ring = SpscRing::create(mem.data(), 8);
+  constexpr int kFrames = 6;
+  std::thread producer([&] {
+    for (int i = 0; i < kFrames; ++i) {
+      std::this_thread::sleep_for(i + 1 < kFrames ? 20ms : 120ms);
+      while (!ring.try_push(frame_message(static_cast<uint64_t>(i)))) std::this_thread::yield();
+    }
+  });
+  for (int i = 0; i < kFrames; ++i) {
+    Message m;
+    REQUIRE(ring.pop(m, Clock::now() + 5s, [] { return true; }) == WaitStatus::kOk);
+    CHECK(m.frame == static_cast<uint64_t>(i));
+    if (i == kFrames - 2) {
+      const double typical_ms =
+          std::chrono::duration<double, std::milli>(ring.typical_pop_wait()).count();
+      INFO("typical wait after steady 20 ms frames: " << typical_ms << " ms");
+      CHECK(ring.typical_pop_wait() >= 10ms);
+      CHECK(ring.typical_pop_wait() <= 60ms);
+    }
+  }
+  producer.join();
+
+  // Idle: 400 ms with nothing coming, against a prediction of ~45 ms (a spin window of ~4 ms).
+  Message m;
+  const double cpu0 = thread_cpu_ms();
+  const auto start = Clock::now();
+  CHECK(ring.pop(m, start + 400ms, [] { return true; }) == WaitStatus::kTimeout);
+  CHECK(Clock::now() - start >= 400ms);
+  const double cpu_ms = thread_cpu_ms() - cpu0;
+  INFO("CPU used while blocked: " << cpu_ms << " ms");
+  CHECK(cpu_ms < 50.0);
+
   std::atomic<bool> alive{true};
   std::thread killer([&] {
     std::this_thread::sleep_for(50ms);

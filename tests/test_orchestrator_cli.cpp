@@ -115,21 +115,27 @@ TEST_CASE("decoder batching gets enough slots unless they are given", "[orchestr
   CHECK(worker_round_trip(wo, ipc::Role::kDecoder).decoder_batch == 3);
 }
 
-TEST_CASE("the busy-wait option reaches the run options and the workers' command line",
+TEST_CASE("the wait policy reaches the run options and the workers' command line",
           "[orchestrator][cli]") {
   int code = 0;
   auto o = parse({}, code);
   REQUIRE(o.has_value());
-  CHECK_FALSE(o->busy_wait);
+  CHECK(o->wait == "adaptive");
   o = parse({"--busy-wait"}, code);
   REQUIRE(o.has_value());
-  CHECK(o->busy_wait);
+  CHECK(o->wait == "spin");
+  o = parse({"--wait", "sleep"}, code);
+  REQUIRE(o.has_value());
+  CHECK(o->wait == "sleep");
+  CHECK_FALSE(parse({"--wait", "nap"}, code).has_value());
+  CHECK(code != 0);
+  CHECK_FALSE(parse({"--wait", "sleep", "--busy-wait"}, code).has_value());
 
-  for (const bool busy : {false, true}) {
+  for (const char* wait : {"sleep", "adaptive", "spin"}) {
     ipc::WorkerOptions wo;
     wo.control_name = "pi0-test";
-    wo.busy_wait = busy;
-    CHECK(worker_round_trip(wo, ipc::Role::kEncoder).busy_wait == busy);
+    wo.wait = wait;
+    CHECK(worker_round_trip(wo, ipc::Role::kEncoder).wait == wait);
   }
 }
 

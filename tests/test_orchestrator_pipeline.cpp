@@ -78,20 +78,30 @@ TEST_CASE(
   }
   REQUIRE(expected[0] != expected[1]);
 
-  // Sequential once more with every process spinning instead of sleeping while it waits (fewer
-  // frames: on a small CPU-only host the spinners compete with the CPU stages). That run keeps
-  // the workers' log lines, which say whether each one spins.
-  for (const std::string variant : {"concurrent", "sequential", "sequential --busy-wait"}) {
-    const std::string mode = variant.substr(0, variant.find(' '));
-    const bool busy_wait = variant != mode;
-    const uint64_t frames = busy_wait ? 24 : 200;
-    const std::string out = dir + "/actions_" + mode + (busy_wait ? "_busy" : "") + ".f32";
+  // Both modes under the default wait policy (adaptive), then sequential with every process
+  // spinning (fewer frames: on a small CPU-only host the spinners compete with the CPU stages)
+  // and with every process asleep. Those two runs keep the workers' log lines, which say how
+  // each one waits.
+  struct Variant {
+    std::string mode, wait;  // wait: empty for the default
+  };
+  for (const Variant& variant : {Variant{"concurrent", ""}, Variant{"sequential", ""},
+                                 Variant{"sequential", "spin"}, Variant{"sequential", "sleep"}}) {
+    const std::string& mode = variant.mode;
+    const std::string wait = variant.wait.empty() ? "adaptive" : variant.wait;
+    const uint64_t frames = variant.wait.empty() ? 200 : 24;
+    const std::string out = dir + "/actions_" + mode + "_" + wait + ".f32";
     std::vector<std::string> args =
         tiny_run({"--frames", std::to_string(frames), "--warmup", "0", "--mode", mode, "--seed",
                   std::to_string(seed), "--actions-out", out});
-    if (busy_wait) {
+    if (!variant.wait.empty()) {
       args.erase(std::find(args.begin(), args.end(), "--quiet-workers"));
-      args.push_back("--busy-wait");
+      // Spinning through the old flag, sleeping through the new option.
+      if (wait == "spin") {
+        args.push_back("--busy-wait");
+      } else {
+        args.insert(args.end(), {"--wait", wait});
+      }
     }
     const auto run = test::run_orchestrator(args);
     INFO(run.output);
@@ -100,17 +110,21 @@ TEST_CASE(
     std::snprintf(frames_line, sizeof frames_line, "%-22s %12llu", "frames",
                   static_cast<unsigned long long>(frames));
     REQUIRE(run.output.find(frames_line) != std::string::npos);
-    if (busy_wait) {
-      CHECK(run.output.find("waiting for messages       spinning") != std::string::npos);
+    const std::string policy_name = wait == "spin" ? "spinning" : wait == "sleep" ? "sleeping" : "adaptive";
+    char wait_line[64];
+    std::snprintf(wait_line, sizeof wait_line, "%-22s %12s", "waiting for messages",
+                  policy_name.c_str());
+    CHECK(run.output.find(wait_line) != std::string::npos);
+    if (!variant.wait.empty()) {
       for (const std::string worker : {"encoder", "decoder"}) {
         INFO(worker << " worker's log");
-        bool spins = false;
+        bool logged = false;
         std::istringstream lines(run.output);
         for (std::string line; std::getline(lines, line);) {
-          spins = spins || (line.find("[" + worker) != std::string::npos &&
-                            line.find("waits for messages spinning") != std::string::npos);
+          logged = logged || (line.find("[" + worker) != std::string::npos &&
+                              line.find("waits for messages: " + policy_name) != std::string::npos);
         }
-        CHECK(spins);
+        CHECK(logged);
       }
     }
     const std::vector<float> got = test::read_floats(out);

@@ -116,7 +116,8 @@ std::vector<std::string> worker_arguments(const WorkerOptions& o) {
       "--startup-timeout", std::to_string(o.startup_timeout_s),
       "--log-level",       o.log_level};
   // clang-format on
-  if (o.busy_wait) args.push_back("--busy-wait");
+  args.push_back("--wait");
+  args.push_back(o.wait);
   return args;
 }
 
@@ -138,7 +139,7 @@ WorkerOptions parse_worker_arguments(Role role, int argc, char** argv) {
   app.add_option("--parent-pid", o.parent_pid)->required();
   app.add_option("--startup-timeout", o.startup_timeout_s);
   app.add_option("--log-level", o.log_level);
-  app.add_flag("--busy-wait", o.busy_wait);
+  app.add_option("--wait", o.wait)->check(CLI::IsMember({"sleep", "adaptive", "spin"}));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -162,8 +163,8 @@ WorkerRuntime::WorkerRuntime(Role role, const WorkerOptions& options)
   ::prctl(PR_SET_PDEATHSIG, SIGUSR1);
   PI0_CHECK(!g_stop_signal.load() && !orchestrator_dead(options.parent_pid),
             "the orchestrator (pid " + std::to_string(options.parent_pid) + ") is not running");
-  set_wait_policy(options.busy_wait ? WaitPolicy::kSpin : WaitPolicy::kSleep);
-  if (wait_policy() == WaitPolicy::kSpin) spdlog::info("waits for messages spinning (--busy-wait)");
+  set_wait_policy(parse_wait_policy(options.wait));
+  spdlog::info("waits for messages: {}", wait_policy_name(wait_policy()));
   const bool host_kv = options.backend == "cpu";
   control_ = ControlBlock::open(
       options.control_name,

@@ -56,9 +56,15 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
   app.add_option("--rate", o.rate_hz,
                  "feed frames at this camera rate in Hz (default: back to back)")
       ->check(CLI::Range(0.0, 100000.0));
-  app.add_flag("--busy-wait", o.busy_wait,
-               "orchestrator and workers spin instead of sleeping while they wait for a message: "
-               "lower latency per frame, one busy CPU core per process");
+  auto* wait = app.add_option(
+                      "--wait", o.wait,
+                      "how the orchestrator and workers wait for a message: sleep (on a futex), "
+                      "adaptive (asleep, spinning only around the arrival their recent waits "
+                      "predict; the default) or spin (lowest latency, one busy CPU core per "
+                      "process)")
+                   ->check(CLI::IsMember({"sleep", "adaptive", "spin"}));
+  bool busy_wait = false;
+  app.add_flag("--busy-wait", busy_wait, "the same as --wait spin")->excludes(wait);
   app.add_flag("--no-mps", o.no_mps,
                "do not start or use the MPS daemon (workers time-share the GPU)");
   app.add_option("--mps-pipe-dir", o.mps.pipe_dir, "MPS pipe directory");
@@ -106,6 +112,7 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
     return std::nullopt;
   }
   if (prompt_len >= 0) o.prompt_len = prompt_len;
+  if (busy_wait) o.wait = "spin";
   // Full passes need a pass's worth of slots running and another filling behind it.
   if (app.count("--slots") == 0)
     o.slots = std::min(ipc::kMaxKvSlots, std::max(o.slots, 2 * o.decoder_batch));

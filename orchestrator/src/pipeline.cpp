@@ -200,7 +200,7 @@ void Pipeline::start_workers() {
   wo.weight_seed = run_.options.seed;
   wo.kv_slots = run_.options.slots;
   wo.decoder_batch = run_.options.decoder_batch;
-  wo.busy_wait = run_.options.busy_wait;
+  wo.wait = run_.options.wait;
   wo.max_frame = total;
   wo.parent_pid = static_cast<int>(::getpid());
   wo.startup_timeout_s = run_.options.startup_timeout_s;
@@ -428,7 +428,7 @@ RunReport Pipeline::run(std::vector<float>* actions) {
   report_.views = run_.shape.views;
   report_.slots = run_.options.slots;
   report_.decoder_batch = run_.options.decoder_batch;
-  report_.busy_wait = ipc::wait_policy() == ipc::WaitPolicy::kSpin;
+  report_.wait = ipc::wait_policy_name(ipc::wait_policy());
   report_.chunk = run_.shape.chunk;
   report_.prompt_len = run_.shape.prompt_len;
   report_.encoder_pct = encoder_pct_;
@@ -503,7 +503,7 @@ int stop_signal() {
 RunReport run_pipeline(const ResolvedRun& run, const MpsDaemon* mps, int encoder_pct,
                        int decoder_pct, const std::string& mode, std::vector<float>* actions) {
   // The workers get the same policy on their command line.
-  ipc::set_wait_policy(run.options.busy_wait ? ipc::WaitPolicy::kSpin : ipc::WaitPolicy::kSleep);
+  ipc::set_wait_policy(ipc::parse_wait_policy(run.options.wait));
   Pipeline pipeline(run, mps, encoder_pct, decoder_pct, mode);
   return pipeline.run(actions);
 }

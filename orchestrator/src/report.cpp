@@ -31,7 +31,7 @@ nlohmann::json report_to_json(const RunReport& r) {
                       {"prompt_len", r.prompt_len},
                       {"slots", r.slots},
                       {"decoder_batch", r.decoder_batch},
-                      {"busy_wait", r.busy_wait},
+                      {"wait", r.wait},
                       {"encoder_pct", r.encoder_pct},
                       {"decoder_pct", r.decoder_pct},
                       {"mps", r.mps},
@@ -95,7 +95,7 @@ void print_report(const RunReport& r) {
   if (r.handoff_us_median >= 0) {
     std::printf("%-22s %12.1f\n", "handoff median (us)", r.handoff_us_median);
   }
-  if (r.busy_wait) std::printf("%-22s %12s\n", "waiting for messages", "spinning");
+  std::printf("%-22s %12s\n", "waiting for messages", r.wait.c_str());
   if (r.interrupted) std::printf("(interrupted: figures cover the frames completed)\n");
   std::fflush(stdout);
 }

@@ -30,7 +30,8 @@ struct RunOptions {
   uint64_t warmup = 10;
   uint32_t slots = 2;          // 2, or 2 x decoder_batch when --slots is not given
   uint32_t decoder_batch = 1;  // frames the decoder may decode in one pass (cuda backend)
-  bool busy_wait = false;      // orchestrator and workers spin while they wait for a message
+  // How the orchestrator and workers wait for a message: sleep | adaptive | spin (ipc/ring.hpp).
+  std::string wait = "adaptive";
   uint64_t seed = 0;
   double rate_hz = 0;  // 0: back to back; else frames arrive at this camera rate (open loop)
   bool no_mps = false;
@@ -88,7 +89,7 @@ struct RunReport {
   std::string backend, model, mode;
   int views = 0, chunk = 0, prompt_len = 0;
   uint32_t slots = 0, decoder_batch = 1;
-  bool busy_wait = false;
+  std::string wait;  // the wait policy
   int encoder_pct = 0, decoder_pct = 0;
   bool mps = false;            // workers were started under MPS
   bool split_applied = false;  // both workers are MPS clients with the SM share asked for

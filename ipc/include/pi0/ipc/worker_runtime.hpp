@@ -24,7 +24,7 @@ struct WorkerOptions {
   uint64_t weight_seed = 0;
   uint32_t kv_slots = 2;
   uint32_t decoder_batch = 1;  // frames the decoder may decode in one pass
-  bool busy_wait = false;      // WaitPolicy::kSpin for this worker's rings
+  std::string wait = "adaptive";  // this worker's WaitPolicy: sleep | adaptive | spin
   uint64_t max_frame = 0;
   int parent_pid = 0;
   double startup_timeout_s = 120;

@@ -65,6 +65,8 @@ if want bench; then
     PI0_VISION_ATTENTION=gemm "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== encoder lm attention in the fused kernel (PI0_LM_ATTENTION=fused)"
     PI0_LM_ATTENTION=fused "$BIN/pi0_bench" --case 2,63,0 --iters 200
+    echo "== encoder without the L2 weight prefetch (PI0_ENCODER_PREFETCH=0)"
+    PI0_ENCODER_PREFETCH=0 "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== decoder without the L2 weight prefetch (PI0_DECODER_PREFETCH=0)"
     PI0_DECODER_PREFETCH=0 "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== decoder attention in the fused kernel (PI0_DECODER_FUSED_ATTENTION=1)"
@@ -99,13 +101,13 @@ if want sweep; then
       --encoder-pct "${PI0_RATE_ENC:-50}" --decoder-pct "${PI0_RATE_DEC:-50}" >>"$OUT_DIR/rates.log" 2>&1
   done
   grep -E "^== |camera rate|latency p|throughput" "$OUT_DIR/rates.log"
-  # Sequential 100/100, the latency comparison with the single process, with the host's waits
-  # asleep (the default) and spinning (--busy-wait).
-  for busy in "" --busy-wait; do
-    echo "== sequential 100/100 ${busy:-(sleeping waits)}" >>"$OUT_DIR/sequential.log"
+  # Sequential 100/100, the latency comparison with the single process, under each wait policy
+  # of the host's processes: adaptive (the default), asleep, spinning.
+  for wait in adaptive sleep spin; do
+    echo "== sequential 100/100 --wait $wait" >>"$OUT_DIR/sequential.log"
     "$BIN/orchestrator" --mode sequential --encoder-pct 100 --decoder-pct 100 --frames 300 \
-      --warmup 20 --quiet-workers $busy >>"$OUT_DIR/sequential.log" 2>&1 ||
-      echo "gpu_check: sequential run ${busy} failed (rc $?)" | tee -a "$OUT_DIR/sequential.log"
+      --warmup 20 --quiet-workers --wait "$wait" >>"$OUT_DIR/sequential.log" 2>&1 ||
+      echo "gpu_check: sequential run --wait $wait failed (rc $?)" | tee -a "$OUT_DIR/sequential.log"
   done
   grep -E "^== sequential|latency p50|latency p99|error" "$OUT_DIR/sequential.log"
 fi

@@ -27,6 +27,7 @@
 #include "pi0/cuda/device.hpp"
 #include "pi0/cuda/gemm.hpp"
 #include "pi0/cuda/kernels.hpp"
+#include "pi0/cuda/l2_prefetch.hpp"
 #include "pi0/cuda/op_timer.hpp"
 #include "pi0/cuda/skinny_gemm.hpp"
 #include "pi0/cuda/weights.hpp"
@@ -81,8 +82,7 @@ struct CudaDecoder::Impl {
   // the second after the o GEMM, was slower than none: it competes with the gate|up GEMM.
   // PI0_DECODER_PREFETCH=0 turns it off.
   bool prefetch = false;
-  cuda::Stream side;
-  cuda::Event fork{cudaEventDisableTiming}, join{cudaEventDisableTiming};
+  cuda::L2Prefetcher prefetcher;
   void prefetch_layer_weights(int layer, Bf16* const* kv_slots, int count, cudaStream_t s);
 
   cuda::OpTimer* timer = nullptr;
@@ -329,9 +329,7 @@ void CudaDecoder::Impl::prefetch_layer_weights(int layer, Bf16* const* kv_slots,
   for (int f = 0; f < count && n < cuda::kMaxL2Ranges; ++f)
     ranges[n++] = {kv_slice(kv_slots[f], static_cast<int>(next), 0),
                    2 * static_cast<size_t>(keys) * cfg.head_dim * sizeof(Bf16)};
-  fork.record(s);
-  CUDA_CHECK(cudaStreamWaitEvent(side.get(), fork.get(), 0));
-  cuda::prefetch_l2(ranges, n, side.get());
+  prefetcher.prefetch(ranges, n, s);
 }
 
 void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* state,
@@ -442,11 +440,7 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
     }
     mark("euler: norm + out gemm", s);
   }
-  if (prefetch && !persistent) {
-    // The side stream's prefetches rejoin the stream (a captured graph must end on one stream).
-    join.record(side.get());
-    CUDA_CHECK(cudaStreamWaitEvent(s, join.get(), 0));
-  }
+  prefetcher.rejoin(s);
 }
 
 CudaDecoder::CudaDecoder(const ModelConfig& config, const RunShape& shape,

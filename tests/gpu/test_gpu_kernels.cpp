@@ -14,6 +14,7 @@
 #include "pi0/cuda/device.hpp"
 #include "pi0/cuda/gemm.hpp"
 #include "pi0/cuda/kernels.hpp"
+#include "pi0/cuda/l2_prefetch.hpp"
 #include "pi0/reference_ops.hpp"
 
 using namespace pi0;

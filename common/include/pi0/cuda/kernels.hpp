@@ -44,16 +44,6 @@ void softmax_rows(const float* scores, int ld_scores, Bf16* probs, int ld_probs,
 void geglu(const Bf16* gate_up, Bf16* out, int rows, int width, cudaStream_t stream);
 void silu_inplace(Bf16* x, size_t n, cudaStream_t stream);
 
-// Starts pulling each range into L2 and returns without waiting for the data (sm_90: bulk
-// prefetches; older GPUs: one prefetch per 128-byte line). For weights that the next kernels will
-// stream while the ones running now leave memory bandwidth idle. Changes no data.
-struct L2Range {
-  const void* ptr = nullptr;
-  size_t bytes = 0;
-};
-constexpr int kMaxL2Ranges = 8;
-void prefetch_l2(const L2Range* ranges, int count, cudaStream_t stream);
-
 // Deterministic pseudo-random fill in [-scale, scale) (workspace warm-up, tuning, test poison).
 void fill_random(Bf16* out, size_t n, uint64_t seed, float scale, cudaStream_t stream);
 void fill_random(float* out, size_t n, uint64_t seed, float scale, cudaStream_t stream);

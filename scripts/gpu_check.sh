@@ -65,8 +65,6 @@ if want bench; then
     PI0_VISION_ATTENTION=gemm "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== encoder lm attention in the fused kernel (PI0_LM_ATTENTION=fused)"
     PI0_LM_ATTENTION=fused "$BIN/pi0_bench" --case 2,63,0 --iters 200
-    echo "== encoder without the L2 weight prefetch (PI0_ENCODER_PREFETCH=0)"
-    PI0_ENCODER_PREFETCH=0 "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== decoder without the L2 weight prefetch (PI0_DECODER_PREFETCH=0)"
     PI0_DECODER_PREFETCH=0 "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== decoder attention in the fused kernel (PI0_DECODER_FUSED_ATTENTION=1)"

@@ -15,7 +15,6 @@
 #include "pi0/cuda/device.hpp"
 #include "pi0/cuda/gemm.hpp"
 #include "pi0/cuda/kernels.hpp"
-#include "pi0/cuda/l2_prefetch.hpp"
 #include "pi0/cuda/op_timer.hpp"
 #include "pi0/cuda/weights.hpp"
 #include "pi0/reference.hpp"
@@ -59,11 +58,6 @@ struct CudaEncoder::Impl {
   cuda::ViewAttention v_attention;
   cuda::SharedKvAttention lm_attention;
   cuda::GraphCache graphs;
-  // While attention runs, the layer's remaining weights and the next layer's qkv are pulled into
-  // L2 (SigLIP: o, up and down, 22 MB; Gemma: o only, its MLP's 134 MB would not fit).
-  // PI0_ENCODER_PREFETCH=0 turns it off.
-  bool prefetch = false;
-  cuda::L2Prefetcher prefetcher;
   cuda::OpTimer* timer = nullptr;
   void mark(const char* label, cudaStream_t s) {
     if (timer) timer->mark(label, s);
@@ -178,8 +172,6 @@ CudaEncoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
       shape.views, tokens, cfg.vision_heads, cfg.vision_head_dim,
       1.0f / std::sqrt(static_cast<float>(cfg.vision_head_dim))};
   vision_attention.fused = attention_path("PI0_VISION_ATTENTION", true);
-  const char* want_prefetch = std::getenv("PI0_ENCODER_PREFETCH");
-  prefetch = !(want_prefetch && want_prefetch[0] == '0');
   v_attention = cuda::ViewAttention(lt.get(), vision_attention, gemm_ws.get(), gemm_ws.bytes());
   cuda::SharedKvAttention::Params lm_attention_params{
       prefix,
@@ -241,15 +233,6 @@ void CudaEncoder::Impl::forward(const Bf16* images, Bf16* kv, cudaStream_t s) {
     g_vqkv.run(vh.get(), v_qkv_w.get() + lv * vw * vqkv_w, vqkv.get(), v_qkv_b.get() + lv * vqkv_w,
                s);
     mark("vision qkv gemm", s);
-    if (prefetch) {
-      const size_t next = (lv + 1) % static_cast<size_t>(cfg.vision_layers);
-      const size_t b = sizeof(Bf16);
-      const cuda::L2Range ranges[] = {{v_o_w.get() + lv * vw * vw, b * vw * vw},
-                                      {v_up_w.get() + lv * vw * vm, b * vw * vm},
-                                      {v_down_w.get() + lv * vm * vw, b * vm * vw},
-                                      {v_qkv_w.get() + next * vw * vqkv_w, b * vw * vqkv_w}};
-      prefetcher.prefetch(ranges, 4, s);
-    }
     v_attention.run(vqkv.get(), vattn.get(), s, timer);
     g_vo.run(vattn.get(), v_o_w.get() + lv * vw * vw, vx.get(), v_o_b.get() + lv * vw, s);
     mark("vision o gemm + residual", s);
@@ -277,12 +260,6 @@ void CudaEncoder::Impl::forward(const Bf16* images, Bf16* kv, cudaStream_t s) {
     mark("lm rmsnorm", s);
     g_lqkv.run(lh.get(), lm_qkv_w.get() + ll * lw * qkv_w, lqkv.get(), nullptr, s);
     mark("lm qkv gemm", s);
-    if (prefetch && l + 1 < cfg.lm_layers) {
-      const size_t b = sizeof(Bf16);
-      const cuda::L2Range ranges[] = {{lm_o_w.get() + ll * qw * lw, b * qw * lw},
-                                      {lm_qkv_w.get() + (ll + 1) * lw * qkv_w, b * lw * qkv_w}};
-      prefetcher.prefetch(ranges, 2, s);
-    }
     cuda::rope_split_qkv(lqkv.get(), prefix, cfg.lm_heads, cfg.head_dim, 0, cfg.rope_theta,
                          lq.get(), k, v, s);
     mark("lm rope + kv write", s);
@@ -299,7 +276,6 @@ void CudaEncoder::Impl::forward(const Bf16* images, Bf16* kv, cudaStream_t s) {
     g_ldown.run(lact.get(), lm_down_w.get() + ll * lm * lw, lx.get(), nullptr, s);
     mark("lm down gemm + residual", s);
   }
-  prefetcher.rejoin(s);
 }
 
 CudaEncoder::CudaEncoder(const ModelConfig& config, const RunShape& shape,

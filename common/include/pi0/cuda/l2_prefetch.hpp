@@ -1,7 +1,8 @@
 // Pulling data into L2 ahead of the kernels that will read it (kernel code in l2_prefetch.cu).
 // Matrix products at a few dozen rows stream their weights at well under the memory's bandwidth,
 // and attention and the small kernels between them leave it idle: prefetching the next weights
-// there lets the GEMMs find them in L2 (bench/NOTES.md v10).
+// there lets the GEMMs find them in L2 (bench/NOTES.md v10). The decoder uses it; the encoder's
+// GEMMs (hundreds of rows, bound by tensor cores) got slower with it.
 #pragma once
 
 #include <cuda_runtime_api.h>

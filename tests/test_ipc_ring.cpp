@@ -89,6 +89,20 @@ bool wait_until_sleeping(pid_t tid, Deadline deadline) {
   return true;
 }
 
+// A pop whose peer dies 50 ms into a 5 s wait says so well before its deadline.
+void require_dead_peer_reported(SpscRing& ring) {
+  std::atomic<bool> alive{true};
+  std::thread killer([&] {
+    std::this_thread::sleep_for(50ms);
+    alive = false;
+  });
+  Message m;
+  const auto t0 = Clock::now();
+  CHECK(ring.pop(m, t0 + 5s, [&] { return alive.load(); }) == WaitStatus::kPeerDead);
+  CHECK(Clock::now() - t0 < 300ms);
+  killer.join();
+}
+
 }  // namespace
 
 TEST_CASE("ring sizes and capacity checks", "[ipc]") {
@@ -302,18 +316,7 @@ TEST_CASE("sleeping waiters are woken promptly and not by the slice timeout", "[
 TEST_CASE("a blocked pop reports a dead peer", "[ipc]") {
   RingMemory mem(8);
   SpscRing ring = SpscRing::create(mem.data(), 8);
-  std::atomic<bool> alive{true};
-  std::thread killer([&] {
-    std::this_thread::sleep_for(50ms);
-    alive = false;
-  });
-  Message m;
-  const auto start = Clock::now();
-  const WaitStatus s = ring.pop(m, start + 5s, [&] { return alive.load(); });
-  const auto elapsed = Clock::now() - start;
-  killer.join();
-  CHECK(s == WaitStatus::kPeerDead);
-  CHECK(elapsed < 300ms);
+  require_dead_peer_reported(ring);
 }
 
 TEST_CASE("an idle blocked pop burns almost no CPU", "[ipc]") {
@@ -377,15 +380,7 @@ TEST_CASE("with the spin policy a blocked pop never sleeps and keeps its deadlin
   CHECK(ring.pop(m, start + 50ms, {}) == WaitStatus::kTimeout);
   CHECK(Clock::now() - start >= 50ms);
   CHECK(Clock::now() - start < 1s);
-  std::atomic<bool> alive{true};
-  std::thread killer([&] {
-    std::this_thread::sleep_for(50ms);
-    alive = false;
-  });
-  const auto t0 = Clock::now();
-  CHECK(ring.pop(m, t0 + 5s, [&] { return alive.load(); }) == WaitStatus::kPeerDead);
-  CHECK(Clock::now() - t0 < 300ms);
-  killer.join();
+  require_dead_peer_reported(ring);
 }
 
 TEST_CASE("the adaptive policy's spin window brackets the predicted wait", "[ipc]") {
@@ -417,8 +412,7 @@ TEST_CASE("the adaptive policy's spin window brackets the predicted wait", "[ipc
 
 // A consumer fed at a steady period learns it; a message later than predicted still arrives (a
 // futex wake-up, as when sleeping); a long idle wait stays asleep but for the short window.
-TEST_CASE("adaptive waits learn a steady period and keep their deadline and peer checks",
-          "[ipc]") {
+TEST_CASE("adaptive waits learn a steady period and keep their deadline and peer checks", "[ipc]") {
   RingMemory mem(8);
   SpscRing ring = SpscRing::create(mem.data(), 8);
   constexpr int kFrames = 6;
@@ -452,15 +446,7 @@ TEST_CASE("adaptive waits learn a steady period and keep their deadline and peer
   INFO("CPU used while blocked: " << cpu_ms << " ms");
   CHECK(cpu_ms < 50.0);
 
-  std::atomic<bool> alive{true};
-  std::thread killer([&] {
-    std::this_thread::sleep_for(50ms);
-    alive = false;
-  });
-  const auto t0 = Clock::now();
-  CHECK(ring.pop(m, t0 + 5s, [&] { return alive.load(); }) == WaitStatus::kPeerDead);
-  CHECK(Clock::now() - t0 < 300ms);
-  killer.join();
+  require_dead_peer_reported(ring);
 }
 
 TEST_CASE("a corrupted shared tail yields kCorrupt", "[ipc]") {

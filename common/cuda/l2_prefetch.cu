@@ -21,8 +21,8 @@ __global__ void prefetch_l2_kernel(L2Ranges ranges) {
   for (int r = 0; r < ranges.count; ++r) {
     const char* base = static_cast<const char*>(ranges.range[r].ptr);
     const size_t bytes = ranges.range[r].bytes;
-    for (size_t off = (blockIdx.x * size_t{blockDim.x} + threadIdx.x) * kPrefetchChunk;
-         off < bytes; off += stride) {
+    for (size_t off = (blockIdx.x * size_t{blockDim.x} + threadIdx.x) * kPrefetchChunk; off < bytes;
+         off += stride) {
       const size_t size = bytes - off < kPrefetchChunk ? bytes - off : kPrefetchChunk;
 #if __CUDA_ARCH__ >= 900
       asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(base + off),
@@ -46,7 +46,8 @@ void prefetch_l2(const L2Range* ranges, int count, cudaStream_t stream) {
   for (int r = 0; r < count; ++r) {
     // Bulk prefetches take 16-byte aligned addresses and sizes: the range shrinks to fit.
     const auto begin = (reinterpret_cast<uintptr_t>(ranges[r].ptr) + 15) & ~uintptr_t{15};
-    const auto end = (reinterpret_cast<uintptr_t>(ranges[r].ptr) + ranges[r].bytes) & ~uintptr_t{15};
+    const auto end =
+        (reinterpret_cast<uintptr_t>(ranges[r].ptr) + ranges[r].bytes) & ~uintptr_t{15};
     if (ranges[r].ptr == nullptr || end <= begin) continue;
     args.range[args.count++] = {reinterpret_cast<const void*>(begin), end - begin};
     chunks = std::max<size_t>(chunks, (end - begin + kPrefetchChunk - 1) / kPrefetchChunk);

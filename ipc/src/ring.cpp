@@ -201,9 +201,11 @@ WaitStatus wait_loop(StepFn&& step, BlockedFn&& still_blocked, std::atomic<uint3
     waiting.store(1, std::memory_order_relaxed);
     std::atomic_thread_fence(std::memory_order_seq_cst);
     if (still_blocked()) {
-      std::chrono::nanoseconds slice = std::min<std::chrono::nanoseconds>(deadline - now, kWaitSlice);
+      std::chrono::nanoseconds slice =
+          std::min<std::chrono::nanoseconds>(deadline - now, kWaitSlice);
       // Asleep before the spin window: wake for it (a timer, not a futex wake-up from the peer).
-      if (waited < window.from) slice = std::min<std::chrono::nanoseconds>(slice, window.from - waited);
+      if (waited < window.from)
+        slice = std::min<std::chrono::nanoseconds>(slice, window.from - waited);
       // A sleeper that was woken by a stale wake (or slept through a full slice) still checks the
       // peer at most one slice later; that bounds peer-death detection to about two slices.
       futex_wait(seq, expected, slice);
@@ -224,9 +226,8 @@ SpinWindow spin_window(std::chrono::nanoseconds typical) {
   // average; the margin also covers the sleeper's timer slack (50 us by default) and is capped so
   // that a long wait spins at most 4 ms. On an H100, sequential 100/100 with a margin of
   // 1/16 + 50 us came to 14.95-15.04 ms, against 14.92-14.96 spinning and 15.07-15.11 asleep.
-  const std::chrono::nanoseconds margin =
-      std::min<std::chrono::nanoseconds>(typical / 8 + std::chrono::microseconds(100),
-                                         std::chrono::milliseconds(2));
+  const std::chrono::nanoseconds margin = std::min<std::chrono::nanoseconds>(
+      typical / 8 + std::chrono::microseconds(100), std::chrono::milliseconds(2));
   return {typical - margin, typical + margin};
 }
 

@@ -56,13 +56,13 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
   app.add_option("--rate", o.rate_hz,
                  "feed frames at this camera rate in Hz (default: back to back)")
       ->check(CLI::Range(0.0, 100000.0));
-  auto* wait = app.add_option(
-                      "--wait", o.wait,
-                      "how the orchestrator and workers wait for a message: sleep (on a futex), "
-                      "adaptive (asleep, spinning only around the arrival their recent waits "
-                      "predict; the default) or spin (lowest latency, one busy CPU core per "
-                      "process)")
-                   ->check(CLI::IsMember({"sleep", "adaptive", "spin"}));
+  auto* wait =
+      app.add_option("--wait", o.wait,
+                     "how the orchestrator and workers wait for a message: sleep (on a futex), "
+                     "adaptive (asleep, spinning only around the arrival their recent waits "
+                     "predict; the default) or spin (lowest latency, one busy CPU core per "
+                     "process)")
+          ->check(CLI::IsMember({"sleep", "adaptive", "spin"}));
   bool busy_wait = false;
   app.add_flag("--busy-wait", busy_wait, "the same as --wait spin")->excludes(wait);
   app.add_flag("--no-mps", o.no_mps,

@@ -23,7 +23,7 @@ struct WorkerOptions {
   std::string weights_path;     // empty: seeded random weights
   uint64_t weight_seed = 0;
   uint32_t kv_slots = 2;
-  uint32_t decoder_batch = 1;  // frames the decoder may decode in one pass
+  uint32_t decoder_batch = 1;     // frames the decoder may decode in one pass
   std::string wait = "adaptive";  // this worker's WaitPolicy: sleep | adaptive | spin
   uint64_t max_frame = 0;
   int parent_pid = 0;

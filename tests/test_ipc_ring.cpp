@@ -369,10 +369,11 @@ TEST_CASE("with the spin policy a blocked pop never sleeps and keeps its deadlin
   CHECK(status == static_cast<int>(WaitStatus::kOk));
   CHECK(got == 42);
   CHECK(sleeping_seen == 0);
-  // A sleeping waiter uses well under 1 ms of CPU in 200 ms; a spinning one uses what the
-  // scheduler gives it, which on a loaded two-core machine is still tens of milliseconds.
+  // A sleeping waiter uses well under 0.1 ms of CPU in 200 ms; a spinning one uses what the
+  // scheduler gives it: tens of milliseconds on an idle core, a few on a saturated two-core
+  // machine (it yields every 256 spins; 2.6 ms seen with both cores busy).
   INFO("CPU used while spinning about 200 ms: " << waiter_cpu_ms.load() << " ms");
-  CHECK(waiter_cpu_ms.load() > 10.0);
+  CHECK(waiter_cpu_ms.load() > 1.0);
 
   // Deadline and dead peer, as with sleeping waits.
   Message m;

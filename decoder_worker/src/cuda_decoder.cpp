@@ -324,7 +324,8 @@ void CudaDecoder::Impl::prefetch_layer_weights(int layer, Bf16* const* kv_slots,
       {gate_up_w.get() + l * aw * 2 * am, aw * 2 * am * sizeof(Bf16)},
       {down_w.get() + l * am * aw, am * aw * sizeof(Bf16)},
       {qkv_w.get() + next * aw * qkv_width, aw * qkv_width * sizeof(Bf16)}};
-  // And each frame's K and V blocks (adjacent in the slot) for the next layer's attention.
+  // And each frame's K and V blocks (adjacent in the slot) for the next layer's attention: 4 + at
+  // most 4 frames a pass (max_decode_batch) fit kMaxL2Ranges.
   int n = 4;
   for (int f = 0; f < count && n < cuda::kMaxL2Ranges; ++f)
     ranges[n++] = {kv_slice(kv_slots[f], static_cast<int>(next), 0),
@@ -344,6 +345,7 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
   const bool persistent = count == 1 && layers_kernel.valid();
 
   if (timer) timer->begin(s);
+  prefetcher.begin();
   g.state.run(state, state_w.get(), state_row.get(), state_b.get(), s);
   cuda::bf16_to_f32(noise, actions, count * frame_actions, s);
   mark("state proj + noise in", s);

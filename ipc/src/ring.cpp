@@ -234,11 +234,11 @@ SpinWindow spin_window(std::chrono::nanoseconds typical) {
 const char* wait_policy_name(WaitPolicy policy) {
   switch (policy) {
     case WaitPolicy::kSleep:
-      return "sleeping";
+      return "sleep";
     case WaitPolicy::kAdaptive:
       return "adaptive";
     case WaitPolicy::kSpin:
-      return "spinning";
+      return "spin";
   }
   return "unknown";
 }

@@ -36,9 +36,10 @@ void rope_split_qkv(const Bf16* qkv, int rows, int q_heads, int head_dim, int fi
                     float theta, Bf16* q_out, Bf16* k_out, Bf16* v_out, cudaStream_t stream);
 
 // probs[r, c] = softmax over c < valid(r) of scores[r, c], 0 for valid(r) <= c < cols, where
-// valid(r) = limited_cols for r < limited_rows and cols otherwise. Scores fp32, probs bf16.
-void softmax_rows(const float* scores, int ld_scores, Bf16* probs, int ld_probs, int rows,
-                  int cols, int limited_rows, int limited_cols, cudaStream_t stream);
+// valid(r) = limited_cols for r < limited_rows and cols otherwise. Scores fp32, probs bf16; both
+// [rows, ld] buffers. Where ld_probs allows, columns cols .. cols rounded up to 4 get zeros too.
+void softmax_rows(const float* scores, int ld_scores, Bf16* probs, int ld_probs, int rows, int cols,
+                  int limited_rows, int limited_cols, cudaStream_t stream);
 
 // gate_up [rows, 2 * width] = gate | up  ->  out [rows, width] = gelu_tanh(gate) * up.
 void geglu(const Bf16* gate_up, Bf16* out, int rows, int width, cudaStream_t stream);

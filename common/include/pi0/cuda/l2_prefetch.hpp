@@ -29,6 +29,9 @@ void prefetch_l2(const L2Range* ranges, int count, cudaStream_t stream);
 // of them (a captured graph must end on the stream it began on). Works eagerly and under capture.
 class L2Prefetcher {
  public:
+  // Forgets prefetches an earlier sequence left without rejoin() (one whose capture threw): call
+  // at the start of each sequence, so that its rejoin() never waits on work outside it.
+  void begin() { pending_ = false; }
   void prefetch(const L2Range* ranges, int count, cudaStream_t stream);
   // No-op when nothing was prefetched since the last rejoin.
   void rejoin(cudaStream_t stream);

@@ -35,12 +35,13 @@ const char* wait_status_name(WaitStatus s);
 // kSleep: asleep on a futex. kSpin: spinning, which saves the wake-up and keeps one core busy
 // per waiter. kAdaptive (the default): asleep, except for a window around the arrival the ring's
 // recent waits predict, in which it spins; steady waits (frames back to back or at a camera rate)
-// then cost no wake-up, for a few percent of a core.
+// then cost no wake-up, for about an eighth of a core (a wait of t spins ~t/8 + 100 us).
 enum class WaitPolicy { kSleep, kAdaptive, kSpin };
 void set_wait_policy(WaitPolicy policy);
 WaitPolicy wait_policy();
+// "sleep", "adaptive" or "spin", as --wait takes them.
 const char* wait_policy_name(WaitPolicy policy);
-// "sleep", "adaptive" or "spin"; throws pi0::Error otherwise.
+// The inverse; throws pi0::Error for any other name.
 WaitPolicy parse_wait_policy(const std::string& name);
 
 // What one ring end's past waits predict about its next one (process-local).

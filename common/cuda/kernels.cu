@@ -537,16 +537,16 @@ void rope_split_qkv(const Bf16* qkv, int rows, int q_heads, int head_dim, int fi
   PI0_CHECK(head_dim % 2 == 0, "rope_split_qkv: head_dim must be even");
   const size_t n = static_cast<size_t>(rows) * (q_heads + 2) * (head_dim / 2);
   if (n == 0) return;
-  const bool x4 = n >= kVectorizeFrom && head_dim % 8 == 0 && is_aligned(qkv, 16) && is_aligned(q_out, 16) &&
-                  is_aligned(k_out, 16) && is_aligned(v_out, 16);
+  const bool x4 = n >= kVectorizeFrom && head_dim % 8 == 0 && is_aligned(qkv, 16) &&
+                  is_aligned(q_out, 16) && is_aligned(k_out, 16) && is_aligned(v_out, 16);
   if (x4) {
     rope_split_qkv_x4_kernel<<<grid_for(n / 4), kThreads, 0, stream>>>(
-        dev(qkv), rows, q_heads, head_dim, first_position, std::log2(theta), dev(q_out),
-        dev(k_out), dev(v_out));
+        dev(qkv), rows, q_heads, head_dim, first_position, std::log2(theta), dev(q_out), dev(k_out),
+        dev(v_out));
   } else {
-    rope_split_qkv_kernel<<<grid_for(n), kThreads, 0, stream>>>(
-        dev(qkv), rows, q_heads, head_dim, first_position, std::log2(theta), dev(q_out),
-        dev(k_out), dev(v_out));
+    rope_split_qkv_kernel<<<grid_for(n), kThreads, 0, stream>>>(dev(qkv), rows, q_heads, head_dim,
+                                                                first_position, std::log2(theta),
+                                                                dev(q_out), dev(k_out), dev(v_out));
   }
   CUDA_CHECK_LAUNCH();
 }
@@ -560,8 +560,7 @@ void softmax_rows(const float* scores, int ld_scores, Bf16* probs, int ld_probs,
   const int blocks = (rows + kWarps - 1) / kWarps;
   const int quads = (cols + 3) / 4;
   const bool fits = ld_scores % 4 == 0 && ld_probs % 4 == 0 && ld_probs >= 4 * quads &&
-                    reinterpret_cast<uintptr_t>(scores) % 16 == 0 &&
-                    reinterpret_cast<uintptr_t>(probs) % 8 == 0;
+                    is_aligned(scores, 16) && is_aligned(probs, 8);
   const int per_lane = (quads + 31) / 32;
   if (fits && per_lane <= 2) {
     softmax_rows_reg_kernel<2><<<blocks, kThreads, 0, stream>>>(
@@ -582,8 +581,8 @@ void softmax_rows(const float* scores, int ld_scores, Bf16* probs, int ld_probs,
 void geglu(const Bf16* gate_up, Bf16* out, int rows, int width, cudaStream_t stream) {
   const size_t n = static_cast<size_t>(rows) * width;
   if (n == 0) return;
-  const bool x8 = n >= kVectorizeFrom && width % 8 == 0 && is_aligned(gate_up, 16) &&
-                  is_aligned(out, 16);
+  const bool x8 =
+      n >= kVectorizeFrom && width % 8 == 0 && is_aligned(gate_up, 16) && is_aligned(out, 16);
   if (x8) {
     geglu_x8_kernel<<<grid_for(n / 8), kThreads, 0, stream>>>(dev(gate_up), dev(out), rows, width);
   } else if (width % 2 == 0) {

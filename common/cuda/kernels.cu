@@ -253,65 +253,39 @@ __global__ void broadcast_rows_kernel(const bf16* table, int table_rows, const b
   }
 }
 
+// kPairs interleaved pairs a thread: 1 (4-byte loads, any even head_dim) or 4 (one 16-byte load
+// and store; head_dim % 8 == 0, every row 16-byte aligned). Each pair's angle is computed the same
+// way in both, so they give the same bits.
+template <int kPairs>
 __global__ void rope_split_qkv_kernel(const bf16* qkv, int rows, int q_heads, int head_dim,
                                       int first_position, float log2_theta, bf16* q_out,
                                       bf16* k_out, bf16* v_out) {
-  const int half = head_dim / 2;
-  const int pairs_per_row = (q_heads + 2) * half;
-  const size_t n = static_cast<size_t>(rows) * pairs_per_row;
+  static_assert(kPairs == 1 || kPairs == 4, "a bf16 pair or a 16-byte vector a thread");
+  using Vec = std::conditional_t<kPairs == 1, bf162, uint4>;
+  const int per_head = head_dim / (2 * kPairs);
+  const int per_row = (q_heads + 2) * per_head;
+  const size_t n = static_cast<size_t>(rows) * per_row;
   const int width = (q_heads + 2) * head_dim;
   for (size_t idx = blockIdx.x * size_t{blockDim.x} + threadIdx.x; idx < n;
        idx += size_t{gridDim.x} * blockDim.x) {
-    const int row = static_cast<int>(idx / pairs_per_row);
-    const int j = static_cast<int>(idx % pairs_per_row);
-    const int head = j / half, i = j % half;
-    const bf162 pair = *reinterpret_cast<const bf162*>(qkv + static_cast<size_t>(row) * width +
-                                                       head * head_dim + 2 * i);
+    const int row = static_cast<int>(idx / per_row);
+    const int j = static_cast<int>(idx % per_row);
+    const int head = j / per_head, col = (j % per_head) * 2 * kPairs;
+    const Vec in = *reinterpret_cast<const Vec*>(qkv + static_cast<size_t>(row) * width +
+                                                 head * head_dim + col);
     if (head == q_heads + 1) {
-      *reinterpret_cast<bf162*>(v_out + static_cast<size_t>(row) * head_dim + 2 * i) = pair;
-      continue;
-    }
-    const float x0 = __low2float(pair), x1 = __high2float(pair);
-    // theta^(-2i/d) in fp32, angle reduced by sincosf's full-range reduction.
-    const float inv_freq = exp2f(-(2.0f * i / head_dim) * log2_theta);
-    float s, c;
-    sincosf(static_cast<float>(first_position + row) * inv_freq, &s, &c);
-    const bf162 rotated = __floats2bfloat162_rn(x0 * c - x1 * s, x0 * s + x1 * c);
-    bf16* dst = head < q_heads
-                    ? q_out + static_cast<size_t>(row) * q_heads * head_dim + head * head_dim
-                    : k_out + static_cast<size_t>(row) * head_dim;
-    *reinterpret_cast<bf162*>(dst + 2 * i) = rotated;
-  }
-}
-
-// The same four pairs a thread: one 16-byte load and store (head_dim % 8 == 0, every row 16-byte
-// aligned). Each pair's angle is computed as above, so the bits match the pair kernel's.
-__global__ void rope_split_qkv_x4_kernel(const bf16* qkv, int rows, int q_heads, int head_dim,
-                                         int first_position, float log2_theta, bf16* q_out,
-                                         bf16* k_out, bf16* v_out) {
-  const int quads_per_head = head_dim / 8;
-  const int quads_per_row = (q_heads + 2) * quads_per_head;
-  const size_t n = static_cast<size_t>(rows) * quads_per_row;
-  const int width = (q_heads + 2) * head_dim;
-  for (size_t idx = blockIdx.x * size_t{blockDim.x} + threadIdx.x; idx < n;
-       idx += size_t{gridDim.x} * blockDim.x) {
-    const int row = static_cast<int>(idx / quads_per_row);
-    const int j = static_cast<int>(idx % quads_per_row);
-    const int head = j / quads_per_head, col = (j % quads_per_head) * 8;
-    const uint4 in = *reinterpret_cast<const uint4*>(qkv + static_cast<size_t>(row) * width +
-                                                     head * head_dim + col);
-    if (head == q_heads + 1) {
-      *reinterpret_cast<uint4*>(v_out + static_cast<size_t>(row) * head_dim + col) = in;
+      *reinterpret_cast<Vec*>(v_out + static_cast<size_t>(row) * head_dim + col) = in;
       continue;
     }
     const bf162* pairs = reinterpret_cast<const bf162*>(&in);
-    uint4 out;
+    Vec out;
     bf162* rotated = reinterpret_cast<bf162*>(&out);
     const float position = static_cast<float>(first_position + row);
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
+    for (int k = 0; k < kPairs; ++k) {
       const int i = col / 2 + k;
       const float x0 = __low2float(pairs[k]), x1 = __high2float(pairs[k]);
+      // theta^(-2i/d) in fp32, angle reduced by sincosf's full-range reduction.
       const float inv_freq = exp2f(-(2.0f * i / head_dim) * log2_theta);
       float s, c;
       sincosf(position * inv_freq, &s, &c);
@@ -320,7 +294,7 @@ __global__ void rope_split_qkv_x4_kernel(const bf16* qkv, int rows, int q_heads,
     bf16* dst = head < q_heads
                     ? q_out + static_cast<size_t>(row) * q_heads * head_dim + head * head_dim
                     : k_out + static_cast<size_t>(row) * head_dim;
-    *reinterpret_cast<uint4*>(dst + col) = out;
+    *reinterpret_cast<Vec*>(dst + col) = out;
   }
 }
 
@@ -385,13 +359,8 @@ __global__ void softmax_rows_reg_kernel(const float* scores, int ld_scores, bf16
 #pragma unroll
   for (int j = 0; j < kVec; ++j) {
     const int q = lane + 32 * j;
-    if (q >= quads) continue;
-    const bf162 lo = __floats2bfloat162_rn(v[j][0] * inv, v[j][1] * inv);
-    const bf162 hi = __floats2bfloat162_rn(v[j][2] * inv, v[j][3] * inv);
-    uint2 packed;
-    packed.x = *reinterpret_cast<const uint32_t*>(&lo);
-    packed.y = *reinterpret_cast<const uint32_t*>(&hi);
-    *reinterpret_cast<uint2*>(p + 4 * q) = packed;
+    if (q < quads)
+      store_bf16x4(p + 4 * q, v[j][0] * inv, v[j][1] * inv, v[j][2] * inv, v[j][3] * inv);
   }
 }
 
@@ -539,15 +508,11 @@ void rope_split_qkv(const Bf16* qkv, int rows, int q_heads, int head_dim, int fi
   if (n == 0) return;
   const bool x4 = n >= kVectorizeFrom && head_dim % 8 == 0 && is_aligned(qkv, 16) &&
                   is_aligned(q_out, 16) && is_aligned(k_out, 16) && is_aligned(v_out, 16);
-  if (x4) {
-    rope_split_qkv_x4_kernel<<<grid_for(n / 4), kThreads, 0, stream>>>(
-        dev(qkv), rows, q_heads, head_dim, first_position, std::log2(theta), dev(q_out), dev(k_out),
-        dev(v_out));
-  } else {
-    rope_split_qkv_kernel<<<grid_for(n), kThreads, 0, stream>>>(dev(qkv), rows, q_heads, head_dim,
-                                                                first_position, std::log2(theta),
-                                                                dev(q_out), dev(k_out), dev(v_out));
-  }
+  const int pairs = x4 ? 4 : 1;
+  auto kernel = x4 ? rope_split_qkv_kernel<4> : rope_split_qkv_kernel<1>;
+  kernel<<<grid_for(n / pairs), kThreads, 0, stream>>>(dev(qkv), rows, q_heads, head_dim,
+                                                       first_position, std::log2(theta), dev(q_out),
+                                                       dev(k_out), dev(v_out));
   CUDA_CHECK_LAUNCH();
 }
 

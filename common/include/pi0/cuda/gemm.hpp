@@ -66,11 +66,12 @@ class Gemm {
   void run(const void* x, const void* w, void* y, const void* bias, cudaStream_t stream);
 
   // Times up to `max_candidates` of the heuristic's algorithms, from the checked one on, on these
-  // operands and keeps the fastest that passes the same check. Y is overwritten (and, when
-  // accumulating, grows); call it before real data is there. Off by default: a timing-based choice
-  // can differ between processes, and with it the bits of the result.
+  // operands, each as a CUDA graph of launches (as the engines run them), and keeps the fastest
+  // that passes the same check. Y is overwritten (and, when accumulating, grows); call it before
+  // real data is there. Off by default: a timing-based choice can differ between processes, and
+  // with it the bits of the result.
   void autotune(const void* x, const void* w, void* y, const void* bias, cudaStream_t stream,
-                int max_candidates = 8);
+                int max_candidates = 32);
 
   const GemmShape& shape() const { return shape_; }
   // True when no fast path computes this shape correctly here and the plain kernel runs it.

@@ -28,6 +28,7 @@
 #include "pi0/cuda/gemm.hpp"
 #include "pi0/cuda/kernels.hpp"
 #include "pi0/cuda/l2_prefetch.hpp"
+#include "pi0/cuda/layer_signal.hpp"
 #include "pi0/cuda/op_timer.hpp"
 #include "pi0/cuda/skinny_gemm.hpp"
 #include "pi0/cuda/weights.hpp"
@@ -95,7 +96,8 @@ struct CudaDecoder::Impl {
   Impl(const ModelConfig& config, const RunShape& run_shape, const WeightStore& w,
        const CudaEngineOptions& options);
   void forward(Bf16* const* kv_slots, int count, const Bf16* state, const Bf16* noise,
-               float* actions, cudaStream_t stream);
+               float* actions, const cuda::LayerWait* waits, const cuda::LayerWaitLimits* limits,
+               cudaStream_t stream);
   Bf16* kv_slice(Bf16* kv_slot, int layer, int which) const {
     return kv_slot + kv_offset(cfg, keys, layer, which);
   }
@@ -334,7 +336,8 @@ void CudaDecoder::Impl::prefetch_layer_weights(int layer, Bf16* const* kv_slots,
 }
 
 void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* state,
-                                const Bf16* noise, float* actions, cudaStream_t s) {
+                                const Bf16* noise, float* actions, const cuda::LayerWait* waits,
+                                const cuda::LayerWaitLimits* limits, cudaStream_t s) {
   const int aw = cfg.action_width, am = cfg.action_mlp, qkv_width = cfg.qkv_width();
   const int qw = cfg.lm_q_width(), ad = cfg.action_dim, c = shape.chunk;
   PassGemms& g = pass[static_cast<size_t>(count - 1)];
@@ -343,6 +346,15 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
   // Frame f's rows: the state token, then its C action tokens.
   auto frame_row = [&](int f) { return static_cast<size_t>(f) * rows; };
   const bool persistent = count == 1 && layers_kernel.valid();
+  // Layer l of the first step waits for the encoder's layer l of every frame's slot; the later
+  // steps find every layer written.
+  auto wait_for_layer = [&](int step, int l) {
+    if (!waits || step != 0) return;
+    for (int f = 0; f < count; ++f)
+      cuda::wait_layer(waits[f].counters + l, waits[f].expected, l, *limits,
+                       l == cfg.lm_layers - 1 ? waits[f].done_at : nullptr, s);
+    mark("wait for the encoder's layer", s);
+  };
 
   if (timer) timer->begin(s);
   prefetcher.begin();
@@ -374,6 +386,7 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
                                  cudaMemcpyDeviceToDevice, s));
     mark("state token copy", s);
     if (persistent) {
+      for (int l = 0; l < cfg.lm_layers; ++l) wait_for_layer(step, l);
       // Leaves h = rms(x) for the Euler step.
       layers_kernel.run({qkv_w.get(), o_w.get(), gate_up_w.get(), down_w.get()},
                         {x.get(), h.get(), q.get(), attn.get(), act.get(), kv_slots[0]}, s);
@@ -399,6 +412,7 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
                              v + suffix, s);
       }
       mark("rope + kv write", s);
+      wait_for_layer(step, l);
       for (int f = 0; f < count; ++f) {
         attention.run(q.get() + frame_row(f) * qw, kv_slice(kv_slots[f], l, 0),
                       kv_slice(kv_slots[f], l, 1), attn.get() + frame_row(f) * qw, s, timer);
@@ -458,7 +472,8 @@ void CudaDecoder::decode(Bf16* d_kv_slot, const Bf16* d_state, const Bf16* d_noi
 }
 
 void CudaDecoder::decode_batch(Bf16* const* d_kv_slots, int count, const Bf16* d_state,
-                               const Bf16* d_noise, float* d_actions, cudaStream_t stream) {
+                               const Bf16* d_noise, float* d_actions, cudaStream_t stream,
+                               const cuda::LayerWait* waits, const cuda::LayerWaitLimits* limits) {
   PI0_CHECK(impl_, "CudaDecoder used after move");
   PI0_CHECK(count >= 1 && count <= impl_->max_batch,
             "CudaDecoder::decode_batch: " + std::to_string(count) + " frames, at most " +
@@ -468,14 +483,22 @@ void CudaDecoder::decode_batch(Bf16* const* d_kv_slots, int count, const Bf16* d
   PI0_CHECK(cuda::is_aligned(d_state, 16) && cuda::is_aligned(d_noise, 16) &&
                 cuda::is_aligned(d_actions, 16),
             "CudaDecoder::decode: device buffers must be 16-byte aligned");
-  std::vector<const void*> key{d_state, d_noise, d_actions, impl_->timer};
+  PI0_CHECK(!waits || (limits && limits->timeout_ns > 0),
+            "CudaDecoder::decode: layer waits need a deadline");
+  std::vector<const void*> key{d_state, d_noise, d_actions, impl_->timer,
+                               waits ? limits->error : nullptr};
   for (int f = 0; f < count; ++f) {
     PI0_CHECK(d_kv_slots[f] && cuda::is_aligned(d_kv_slots[f], 16),
               "CudaDecoder::decode: K/V slots must be non-null and 16-byte aligned");
     key.push_back(d_kv_slots[f]);
+    if (waits) {
+      PI0_CHECK(waits[f].counters && waits[f].expected,
+                "CudaDecoder::decode: a layer wait needs counters and an expected generation");
+      key.insert(key.end(), {waits[f].counters, waits[f].expected, waits[f].done_at});
+    }
   }
   impl_->graphs.run(key, stream, [&](cudaStream_t s) {
-    impl_->forward(d_kv_slots, count, d_state, d_noise, d_actions, s);
+    impl_->forward(d_kv_slots, count, d_state, d_noise, d_actions, waits, limits, s);
   });
 }
 

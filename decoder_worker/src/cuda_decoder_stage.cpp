@@ -1,7 +1,10 @@
 // The CUDA backend of the decoder worker. It maps the encoder's K/V slot pool through CUDA IPC
 // once (no copy), and per pass makes its stream wait on the "ready" event of each frame's slot,
 // runs the flow steps over the mapped K/V, and records "consumed" so the encoder may overwrite
-// the slots. A pass is one frame, or with --decoder-batch N up to N frames that were waiting
+// the slots. As an MPS client, where the two workers run side by side, it waits per layer
+// instead (pi0/cuda/layer_signal.hpp): the pass starts while the encoder is still at work, and
+// layer l of the first flow step waits for the encoder's signal that layer l of the slot is
+// written, so that step runs under the encoder's last layers rather than after them. A pass is one frame, or with --decoder-batch N up to N frames that were waiting
 // together (pi0/decode_batcher.hpp).
 #include <spdlog/spdlog.h>
 #include <algorithm>
@@ -14,6 +17,7 @@
 #include "pi0/check.hpp"
 #include "pi0/cuda/device.hpp"
 #include "pi0/cuda/device_report.hpp"
+#include "pi0/cuda/layer_signal.hpp"
 #include "pi0/cuda/timestamp.hpp"
 #include "pi0/cuda_decoder.hpp"
 #include "pi0/decode_batcher.hpp"
@@ -29,6 +33,9 @@ namespace {
 constexpr int kStampCount = 3;
 // Passes started at once: the next one is queued on the stream while the current one runs.
 constexpr uint32_t kPassesInFlight = 2;
+// How long one layer's wait may hold the stream: far beyond any encoder layer, at any share; past
+// it the encoder is taken for dead or hung and the pass fails instead of hanging.
+constexpr uint64_t kLayerWaitTimeoutNs = 10'000'000'000ull;
 
 class CudaDecoderStage final : public DecoderStage {
  public:
@@ -63,6 +70,10 @@ class CudaDecoderStage final : public DecoderStage {
               "the encoder's K/V pool is smaller than this run's slots");
     pool_ = ipc::IpcDeviceMemory::open_imported(cuda_block.kv_pool_handle);
     encoder_stamps_ = ipc::IpcDeviceMemory::open_imported(cuda_block.timestamp_handle);
+    layers_ = o.config.lm_layers;
+    wait_layers_ = cuda::layer_handoff_wanted(device.mps_enabled != 0);
+    // Its layer counters follow its per-slot timestamps, laid out from the same config and
+    // control layout on both sides (an imported allocation does not say its size).
     for (uint32_t s = 0; s < layout.kv_slots; ++s) {
       ready_.push_back(ipc::IpcEvent::open_imported(cuda_block.ready_event[s]));
       consumed_.push_back(ipc::IpcEvent::open_imported(cuda_block.consumed_event[s]));
@@ -72,6 +83,20 @@ class CudaDecoderStage final : public DecoderStage {
     noise_ = cuda::DeviceBuffer<Bf16>(layout.noise_values * batch, "decoder noise");
     actions_ = cuda::DeviceBuffer<float>(layout.action_values * batch, "decoder actions");
     stamps_ = cuda::DeviceBuffer<uint64_t>(kStampCount * frames, "decoder timestamps");
+    // Per slot, the generation its frame's layer waits expect (frame + 1; 0 in the warm-up below,
+    // which any slot passes) and when the last of them let the pass go; and the first layer that
+    // timed out (0: none).
+    expected_ = cuda::DeviceBuffer<uint64_t>(layout.kv_slots, "decoder expected generations");
+    expected_host_ =
+        cuda::PinnedBuffer<uint64_t>(layout.kv_slots, "decoder expected generations");
+    slot_started_ = cuda::DeviceBuffer<uint64_t>(layout.kv_slots, "decoder start per slot");
+    wait_error_ = cuda::DeviceBuffer<uint32_t>(1, "decoder layer wait error");
+    wait_error_host_ = cuda::PinnedBuffer<uint32_t>(1, "decoder layer wait error");
+    CUDA_CHECK(cudaMemset(expected_.get(), 0, expected_.bytes()));
+    CUDA_CHECK(cudaMemset(wait_error_.get(), 0, wait_error_.bytes()));
+    wait_error_host_.get()[0] = 0;
+    limits_.error = wait_error_.get();
+    limits_.timeout_ns = kLayerWaitTimeoutNs;
     input_pin_ = ipc::HostRegistration(rt.control().input_area(), rt.control().input_area_bytes());
     output_pin_ =
         ipc::HostRegistration(rt.control().output_area(), rt.control().output_area_bytes());
@@ -85,9 +110,12 @@ class CudaDecoderStage final : public DecoderStage {
       for (uint32_t first = 0; first < layout.kv_slots; ++first) {
         std::vector<Bf16*> slots;
         for (uint32_t i = 0; i < n; ++i) slots.push_back(slot((first + i) % layout.kv_slots));
+        std::vector<cuda::LayerWait> waits;
+        for (uint32_t i = 0; i < n; ++i) waits.push_back(layer_wait((first + i) % layout.kv_slots));
         for (int i = 0; i < 2; ++i) {
           decoder_->decode_batch(slots.data(), static_cast<int>(n), state_.get(), noise_.get(),
-                                 actions_.get(), stream_.get());
+                                 actions_.get(), stream_.get(),
+                                 wait_layers_ ? waits.data() : nullptr, &limits_);
         }
       }
     }
@@ -104,9 +132,9 @@ class CudaDecoderStage final : public DecoderStage {
 
   uint32_t max_in_flight() const override { return batcher_.max_in_flight(); }
 
-  void submit(uint64_t, uint32_t input_slot, uint32_t kv_slot) override {
+  void submit(uint64_t frame, uint32_t input_slot, uint32_t kv_slot) override {
     batcher_.add();
-    frames_.push_back(Frame{input_slot, kv_slot, next_stamp_});
+    frames_.push_back(Frame{input_slot, kv_slot, next_stamp_, frame});
     next_stamp_ = (next_stamp_ + 1) % batcher_.max_in_flight();
     start_passes();
   }
@@ -143,6 +171,11 @@ class CudaDecoderStage final : public DecoderStage {
       }
       pass.started_at = host_stamps_[frames_.front().stamp * kStampCount];
     }
+    if (wait_error_host_.get()[0] != 0) {
+      throw Error("the encoder did not signal layer " + std::to_string(wait_error_host_.get()[0] - 1) +
+                  " of a frame's K/V slot within " + std::to_string(kLayerWaitTimeoutNs / 1'000'000'000ull) +
+                  " s: it is dead or hung");
+    }
     const Frame f = frames_.front();
     frames_.pop_front();
     --started_in_queue_;
@@ -173,6 +206,7 @@ class CudaDecoderStage final : public DecoderStage {
  private:
   struct Frame {
     uint32_t input_slot, kv_slot, stamp;
+    uint64_t frame;
   };
   struct Pass {
     cuda::Event start, stop;
@@ -185,6 +219,19 @@ class CudaDecoderStage final : public DecoderStage {
 
   Bf16* slot(uint32_t kv_slot) const {
     return reinterpret_cast<Bf16*>(static_cast<char*>(pool_.get()) + kv_slot * slot_stride_);
+  }
+  // The layer waits of the frame in `kv_slot`: the encoder's counters for the slot (after its
+  // per-slot timestamps), the frame's expected generation, and where the last layer's wait
+  // stamps the time it let the pass go (the decoder's start, for the handoff). All per slot, so
+  // the graphs are the ones of the slots alone.
+  cuda::LayerWait layer_wait(uint32_t kv_slot) const {
+    const size_t slots = rt_.control().layout().kv_slots;
+    cuda::LayerWait w;
+    w.counters = static_cast<const uint64_t*>(encoder_stamps_.get()) + slots +
+                 static_cast<size_t>(kv_slot) * layers_;
+    w.expected = expected_.get() + kv_slot;
+    w.done_at = slot_started_.get() + kv_slot;
+    return w;
   }
 
   void start_passes() {
@@ -201,21 +248,37 @@ class CudaDecoderStage final : public DecoderStage {
     auto& c = rt_.control();
     const ipc::ControlLayout& layout = c.layout();
     std::vector<Bf16*> slots;
+    std::vector<cuda::LayerWait> waits;
     // state_, noise_ and actions_ serve every pass: one stream orders a pass's uploads after the
     // previous pass's decode, and its decode after the previous pass's action downloads.
     for (uint32_t i = 0; i < count; ++i) {
       const Frame& f = frames_[first + i];
-      CUDA_CHECK(cudaStreamWaitEvent(stream, ready_[f.kv_slot].get(), 0));
+      if (wait_layers_) {
+        waits.push_back(layer_wait(f.kv_slot));
+      } else {
+        CUDA_CHECK(cudaStreamWaitEvent(stream, ready_[f.kv_slot].get(), 0));
+      }
       slots.push_back(slot(f.kv_slot));
     }
+    // With layer waits the pass's time includes waiting for the encoder's layers.
     pass.start.record(stream);
-    for (uint32_t i = 0; i < count; ++i) {
-      const Frame& f = frames_[first + i];
-      uint64_t* stamps = stamps_.get() + f.stamp * kStampCount;
-      cuda::write_gpu_timestamp(stamps + 0, stream);
-      CUDA_CHECK(cudaMemcpyAsync(stamps + 1,
+    auto copy_encoder_stamp = [&](const Frame& f) {
+      CUDA_CHECK(cudaMemcpyAsync(stamps_.get() + f.stamp * kStampCount + 1,
                                  static_cast<const uint64_t*>(encoder_stamps_.get()) + f.kv_slot,
                                  sizeof(uint64_t), cudaMemcpyDeviceToDevice, stream));
+    };
+    for (uint32_t i = 0; i < count && !wait_layers_; ++i) {
+      const Frame& f = frames_[first + i];
+      cuda::write_gpu_timestamp(stamps_.get() + f.stamp * kStampCount, stream);
+      copy_encoder_stamp(f);
+    }
+    for (uint32_t i = 0; i < count && wait_layers_; ++i) {
+      // Read by the copy when the stream gets there; the slot's entry is written again only
+      // for the slot's next frame, after this pass has consumed it.
+      const Frame& f = frames_[first + i];
+      expected_host_.get()[f.kv_slot] = f.frame + 1;
+      CUDA_CHECK(cudaMemcpyAsync(expected_.get() + f.kv_slot, expected_host_.get() + f.kv_slot,
+                                 sizeof(uint64_t), cudaMemcpyHostToDevice, stream));
     }
     for (uint32_t i = 0; i < count; ++i) {
       const Frame& f = frames_[first + i];
@@ -227,7 +290,17 @@ class CudaDecoderStage final : public DecoderStage {
                                  stream));
     }
     decoder_->decode_batch(slots.data(), static_cast<int>(count), state_.get(), noise_.get(),
-                           actions_.get(), stream);
+                           actions_.get(), stream, wait_layers_ ? waits.data() : nullptr,
+                           &limits_);
+    for (uint32_t i = 0; i < count && wait_layers_; ++i) {
+      // The decoder's start is when the last layer's wait let it go; the encoder stamped its end
+      // before signalling that layer.
+      const Frame& f = frames_[first + i];
+      CUDA_CHECK(cudaMemcpyAsync(stamps_.get() + f.stamp * kStampCount,
+                                 slot_started_.get() + f.kv_slot, sizeof(uint64_t),
+                                 cudaMemcpyDeviceToDevice, stream));
+      copy_encoder_stamp(f);
+    }
     for (uint32_t i = 0; i < count; ++i) {
       const Frame& f = frames_[first + i];
       CUDA_CHECK(cudaEventRecord(consumed_[f.kv_slot].get(), stream));
@@ -243,6 +316,9 @@ class CudaDecoderStage final : public DecoderStage {
                                  stamps_.get() + f.stamp * kStampCount,
                                  sizeof(uint64_t) * kStampCount, cudaMemcpyDeviceToHost, stream));
     }
+    if (wait_layers_)
+      CUDA_CHECK(cudaMemcpyAsync(wait_error_host_.get(), wait_error_.get(), sizeof(uint32_t),
+                                 cudaMemcpyDeviceToHost, stream));
     pass.done.record(stream);
     started_in_queue_ += count;
     ++passes_run_;
@@ -256,6 +332,13 @@ class CudaDecoderStage final : public DecoderStage {
   size_t slot_stride_ = 0;
   ipc::IpcDeviceMemory pool_;
   ipc::IpcDeviceMemory encoder_stamps_;
+  int layers_ = 0;
+  bool wait_layers_ = false;
+  cuda::DeviceBuffer<uint64_t> expected_, slot_started_;
+  cuda::PinnedBuffer<uint64_t> expected_host_;
+  cuda::DeviceBuffer<uint32_t> wait_error_;
+  cuda::PinnedBuffer<uint32_t> wait_error_host_;
+  cuda::LayerWaitLimits limits_;
   std::vector<ipc::IpcEvent> ready_, consumed_;
   std::deque<Frame> frames_;  // started frames first (oldest first), then waiting ones
   size_t started_in_queue_ = 0;

@@ -15,6 +15,7 @@
 #include "pi0/cuda/device.hpp"
 #include "pi0/cuda/gemm.hpp"
 #include "pi0/cuda/kernels.hpp"
+#include "pi0/cuda/layer_signal.hpp"
 #include "pi0/cuda/op_timer.hpp"
 #include "pi0/cuda/weights.hpp"
 #include "pi0/reference.hpp"
@@ -67,7 +68,8 @@ struct CudaEncoder::Impl {
 
   Impl(const ModelConfig& config, const RunShape& run_shape, const WeightStore& w,
        const CudaEngineOptions& options);
-  void forward(const Bf16* images, Bf16* kv, cudaStream_t stream);
+  void forward(const Bf16* images, Bf16* kv, const cuda::LayerSignals* signals,
+               cudaStream_t stream);
   Bf16* kv_slice(Bf16* kv, int layer, int which) const {
     return kv + kv_offset(cfg, slot_rows, layer, which);
   }
@@ -213,7 +215,8 @@ CudaEncoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   }
 }
 
-void CudaEncoder::Impl::forward(const Bf16* images, Bf16* kv, cudaStream_t s) {
+void CudaEncoder::Impl::forward(const Bf16* images, Bf16* kv, const cuda::LayerSignals* signals,
+                                cudaStream_t s) {
   const int vw = cfg.vision_width, vqkv_w = cfg.vision_qkv_width(), vm = cfg.vision_mlp;
   const int lw = cfg.lm_width, qkv_w = cfg.qkv_width(), qw = cfg.lm_q_width(), lm = cfg.lm_mlp;
 
@@ -263,6 +266,11 @@ void CudaEncoder::Impl::forward(const Bf16* images, Bf16* kv, cudaStream_t s) {
     cuda::rope_split_qkv(lqkv.get(), prefix, cfg.lm_heads, cfg.head_dim, 0, cfg.rope_theta,
                          lq.get(), k, v, s);
     mark("lm rope + kv write", s);
+    if (signals) {
+      const bool last = l == cfg.lm_layers - 1;
+      cuda::signal_layer(signals->counters + l, signals->generation,
+                         last ? signals->last_stamp : nullptr, s);
+    }
     if (l == cfg.lm_layers - 1) break;  // only its K/V leave the encoder
     lm_attention.run(lq.get(), k, v, lattn.get(), s, timer);
     g_lo.run(lattn.get(), lm_o_w.get() + ll * qw * lw, lx.get(), nullptr, s);
@@ -285,13 +293,19 @@ CudaEncoder::~CudaEncoder() = default;
 CudaEncoder::CudaEncoder(CudaEncoder&&) noexcept = default;
 CudaEncoder& CudaEncoder::operator=(CudaEncoder&&) noexcept = default;
 
-void CudaEncoder::encode(const Bf16* d_images, Bf16* d_kv_out, cudaStream_t stream) {
+void CudaEncoder::encode(const Bf16* d_images, Bf16* d_kv_out, cudaStream_t stream,
+                         const cuda::LayerSignals* signals) {
   PI0_CHECK(impl_, "CudaEncoder used after move");
   PI0_CHECK(d_images && d_kv_out, "CudaEncoder::encode: null device pointer");
   PI0_CHECK(cuda::is_aligned(d_images, 16) && cuda::is_aligned(d_kv_out, 16),
             "CudaEncoder::encode: device buffers must be 16-byte aligned");
-  impl_->graphs.run({d_images, d_kv_out, impl_->timer}, stream,
-                    [&](cudaStream_t s) { impl_->forward(d_images, d_kv_out, s); });
+  PI0_CHECK(!signals || (signals->counters && signals->generation),
+            "CudaEncoder::encode: layer signals need counters and a generation");
+  const cuda::LayerSignals none;
+  const cuda::LayerSignals& sig = signals ? *signals : none;
+  impl_->graphs.run({d_images, d_kv_out, impl_->timer, sig.counters, sig.generation,
+                     sig.last_stamp},
+                    stream, [&](cudaStream_t s) { impl_->forward(d_images, d_kv_out, signals, s); });
 }
 
 void CudaEncoder::set_op_timer(cuda::OpTimer* timer) {

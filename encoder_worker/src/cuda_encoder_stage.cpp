@@ -1,12 +1,16 @@
 // The CUDA backend of the encoder worker. It owns the prefix K/V slot pool (one device allocation,
 // exported through CUDA IPC) and, per slot, a "ready" event it records after its last write and a
 // "consumed" event the decoder records after its last read, which it waits on before overwriting.
+// As an MPS client it also signals each Gemma layer of a slot as written (pi0/cuda/layer_signal.hpp:
+// per-layer counters after the per-slot timestamps in the exported timestamp buffer), so that the
+// decoder, running beside it, can start its first flow step before the whole slot is done.
 #include <cstdio>
 #include <spdlog/spdlog.h>
 
 #include "pi0/check.hpp"
 #include "pi0/cuda/device.hpp"
 #include "pi0/cuda/device_report.hpp"
+#include "pi0/cuda/layer_signal.hpp"
 #include "pi0/cuda/timestamp.hpp"
 #include "pi0/cuda_encoder.hpp"
 #include "pi0/encoder_worker.hpp"
@@ -38,8 +42,17 @@ class CudaEncoderStage final : public EncoderStage {
     slot_stride_ = (slot_bytes + kSlotAlignment - 1) / kSlotAlignment * kSlotAlignment;
     pool_ = ipc::IpcDeviceMemory::allocate_exported(slot_stride_ * layout.kv_slots,
                                                     cuda_block.kv_pool_handle);
-    timestamps_ = ipc::IpcDeviceMemory::allocate_exported(sizeof(uint64_t) * layout.kv_slots,
-                                                          cuda_block.timestamp_handle);
+    // Per slot: the GPU time its encoding finished, then (after all slots') a counter per Gemma
+    // layer holding the generation (frame + 1) last written there; 0 is no frame.
+    layers_ = o.config.lm_layers;
+    timestamps_ = ipc::IpcDeviceMemory::allocate_exported(
+        sizeof(uint64_t) * layout.kv_slots * (1 + static_cast<size_t>(layers_)),
+        cuda_block.timestamp_handle);
+    CUDA_CHECK(cudaMemset(timestamps_.get(), 0, timestamps_.bytes()));
+    signal_layers_ = cuda::layer_handoff_wanted(device.mps_enabled != 0);
+    generation_ = cuda::DeviceBuffer<uint64_t>(layout.kv_slots, "encoder frame generations");
+    CUDA_CHECK(cudaMemset(generation_.get(), 0, generation_.bytes()));
+    generation_host_ = cuda::PinnedBuffer<uint64_t>(layout.kv_slots, "encoder frame generations");
     for (uint32_t s = 0; s < layout.kv_slots; ++s) {
       ready_.push_back(ipc::IpcEvent::create_exported(cuda_block.ready_event[s]));
       consumed_.push_back(ipc::IpcEvent::create_exported(cuda_block.consumed_event[s]));
@@ -55,14 +68,17 @@ class CudaEncoderStage final : public EncoderStage {
 
     // Warm up and capture the graph of every slot now, so the first frames run at full speed.
     for (uint32_t s = 0; s < layout.kv_slots; ++s) {
-      for (int i = 0; i < 2; ++i) encoder_->encode(images_.get(), slot(s), stream_.get());
+      const cuda::LayerSignals signals = layer_signals(s);  // generation 0: signals nothing
+      for (int i = 0; i < 2; ++i)
+        encoder_->encode(images_.get(), slot(s), stream_.get(),
+                         signal_layers_ ? &signals : nullptr);
     }
     stream_.synchronize();
     info.device_bytes = encoder_->weight_bytes() + encoder_->workspace_bytes() + pool_.bytes() +
                         images_.bytes();
   }
 
-  void encode(uint64_t, uint32_t input_slot, uint32_t kv_slot) override {
+  void encode(uint64_t frame, uint32_t input_slot, uint32_t kv_slot) override {
     cudaStream_t stream = stream_.get();
     // The decoder's reads of this slot's previous frame come first (a never-recorded event
     // counts as complete).
@@ -70,8 +86,18 @@ class CudaEncoderStage final : public EncoderStage {
     start_[kv_slot].record(stream);
     CUDA_CHECK(cudaMemcpyAsync(images_.get(), rt_.control().images(input_slot), images_.bytes(),
                                cudaMemcpyHostToDevice, stream));
-    encoder_->encode(images_.get(), slot(kv_slot), stream);
-    cuda::write_gpu_timestamp(static_cast<uint64_t*>(timestamps_.get()) + kv_slot, stream);
+    if (signal_layers_) {
+      // Read by the copy when the stream gets there; this slot's entry is not written again
+      // before the decoder has consumed the slot, long after.
+      generation_host_.get()[kv_slot] = frame + 1;
+      CUDA_CHECK(cudaMemcpyAsync(generation_.get() + kv_slot, generation_host_.get() + kv_slot,
+                                 sizeof(uint64_t), cudaMemcpyHostToDevice, stream));
+      const cuda::LayerSignals signals = layer_signals(kv_slot);  // stamps the slot's end too
+      encoder_->encode(images_.get(), slot(kv_slot), stream, &signals);
+    } else {
+      encoder_->encode(images_.get(), slot(kv_slot), stream);
+      cuda::write_gpu_timestamp(static_cast<uint64_t*>(timestamps_.get()) + kv_slot, stream);
+    }
     stop_[kv_slot].record(stream);
     CUDA_CHECK(cudaEventRecord(ready_[kv_slot].get(), stream));
     timing_pending_[kv_slot] = true;
@@ -91,6 +117,15 @@ class CudaEncoderStage final : public EncoderStage {
   Bf16* slot(uint32_t kv_slot) const {
     return reinterpret_cast<Bf16*>(static_cast<char*>(pool_.get()) + kv_slot * slot_stride_);
   }
+  cuda::LayerSignals layer_signals(uint32_t kv_slot) const {
+    uint64_t* stamps = static_cast<uint64_t*>(timestamps_.get());
+    const size_t slots = rt_.control().layout().kv_slots;
+    cuda::LayerSignals s;
+    s.counters = stamps + slots + static_cast<size_t>(kv_slot) * layers_;
+    s.generation = generation_.get() + kv_slot;
+    s.last_stamp = stamps + kv_slot;
+    return s;
+  }
 
   ipc::WorkerRuntime& rt_;
   std::unique_ptr<CudaEncoder> encoder_;
@@ -98,6 +133,10 @@ class CudaEncoderStage final : public EncoderStage {
   size_t slot_stride_ = 0;
   ipc::IpcDeviceMemory pool_;
   ipc::IpcDeviceMemory timestamps_;
+  int layers_ = 0;
+  bool signal_layers_ = false;
+  cuda::DeviceBuffer<uint64_t> generation_;
+  cuda::PinnedBuffer<uint64_t> generation_host_;
   std::vector<ipc::IpcEvent> ready_, consumed_;
   std::vector<cuda::Event> start_, stop_;
   std::vector<bool> timing_pending_;

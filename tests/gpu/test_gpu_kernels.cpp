@@ -1,10 +1,12 @@
 // Each CUDA building block against the fp32 CPU reference ops on fresh random data. Inputs are
 // rounded to bf16 on the host first, so the reference sees exactly what the GPU sees and the
 // error left is the GPU's own (bf16 outputs: ~2e-3; fp32 outputs: ~1e-6).
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <initializer_list>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -15,6 +17,7 @@
 #include "pi0/cuda/gemm.hpp"
 #include "pi0/cuda/kernels.hpp"
 #include "pi0/cuda/l2_prefetch.hpp"
+#include "pi0/cuda/layer_signal.hpp"
 #include "pi0/reference_ops.hpp"
 
 using namespace pi0;
@@ -593,4 +596,63 @@ TEST_CASE("l2 prefetch accepts any ranges and changes no data", "[gpu]") {
   CUDA_CHECK(cudaDeviceSynchronize());
   REQUIRE(down_f32(data) == host);
   REQUIRE_THROWS_AS(cuda::prefetch_l2(ranges, cuda::kMaxL2Ranges + 1, nullptr), Error);
+}
+
+// The per-layer hand-off between the workers (pi0/cuda/layer_signal.hpp): a wait holds its stream
+// until the counter reaches the generation it expects, which a signal from another stream (in
+// the pipeline, another process) provides; an older generation does not pass; without a signal
+// the wait gives up at its deadline, names the layer, and lets the stream go on.
+TEST_CASE("layer waits follow the encoder's signals and give up at their deadline", "[gpu]") {
+  cuda::DeviceBuffer<uint64_t> words(6, "layer signal words");  // counter, 2 generations, 3 stamps
+  cuda::DeviceBuffer<uint32_t> error(1, "layer wait error");
+  CUDA_CHECK(cudaMemset(words.get(), 0, words.bytes()));
+  CUDA_CHECK(cudaMemset(error.get(), 0, error.bytes()));
+  uint64_t* counter = words.get();
+  uint64_t* generation = words.get() + 1;  // the encoder's: 7
+  uint64_t* expected = words.get() + 2;    // the decoder's: 7
+  uint64_t* signal_stamp = words.get() + 3;
+  uint64_t* done_at = words.get() + 4;
+  const uint64_t seven = 7, six = 6;
+  CUDA_CHECK(cudaMemcpy(generation, &seven, sizeof seven, cudaMemcpyHostToDevice));
+  CUDA_CHECK(cudaMemcpy(expected, &seven, sizeof seven, cudaMemcpyHostToDevice));
+  CUDA_CHECK(cudaMemcpy(counter, &six, sizeof six, cudaMemcpyHostToDevice));  // last frame's
+  cuda::LayerWaitLimits limits;
+  limits.error = error.get();
+  limits.timeout_ns = 5'000'000'000ull;
+
+  SECTION("a signal from another stream releases the wait") {
+    cuda::Stream decoder, encoder;
+    cuda::wait_layer(counter, expected, 3, limits, done_at, decoder.get());
+    // The decoder's stream is held: its event stays pending while nothing has signalled.
+    cuda::Event after_wait(cudaEventDisableTiming);
+    after_wait.record(decoder.get());
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    REQUIRE_FALSE(after_wait.done());
+    cuda::signal_layer(counter, generation, signal_stamp, encoder.get());
+    after_wait.synchronize();
+    const auto w = cuda::download(words.get(), words.size());
+    REQUIRE(w[0] == 7);
+    REQUIRE(w[3] != 0);
+    REQUIRE(w[4] >= w[3]);  // let go after the signal
+    REQUIRE(cuda::download(error.get(), 1)[0] == 0);
+  }
+  SECTION("without a signal the wait times out, names the layer and lets the stream go") {
+    limits.timeout_ns = 20'000'000ull;  // 20 ms
+    cuda::Stream decoder;
+    const auto t0 = std::chrono::steady_clock::now();
+    cuda::wait_layer(counter, expected, 11, limits, done_at, decoder.get());
+    decoder.synchronize();
+    const double waited_ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    REQUIRE(waited_ms >= 15.0);
+    REQUIRE(waited_ms < 2000.0);
+    REQUIRE(cuda::download(error.get(), 1)[0] == 12);  // layer 11, counted from 1
+    REQUIRE(cuda::download(words.get(), words.size())[4] != 0);
+  }
+  SECTION("a wait on a counter that is there already passes") {
+    CUDA_CHECK(cudaMemcpy(counter, &seven, sizeof seven, cudaMemcpyHostToDevice));
+    cuda::wait_layer(counter, expected, 0, limits, nullptr, nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    REQUIRE(cuda::download(error.get(), 1)[0] == 0);
+  }
 }

@@ -17,6 +17,8 @@ namespace pi0 {
 
 namespace cuda {
 class OpTimer;
+struct LayerWait;
+struct LayerWaitLimits;
 }
 
 class CudaDecoder {
@@ -47,8 +49,12 @@ class CudaDecoder {
   // [count][C][action_dim] hold the frames one after another. A frame decoded alone gets exactly
   // decode()'s bits; in a pass with others, its GEMMs may pick other algorithms, so its last bits
   // may differ.
+  // With `waits` (one per frame) and `limits`, layer l of the first flow step waits for the
+  // encoder's signal that layer l of the frame's slot is written (pi0/cuda/layer_signal.hpp)
+  // instead of the caller waiting for the whole slot: the decode then follows a running encoder.
   void decode_batch(Bf16* const* d_kv_slots, int count, const Bf16* d_state, const Bf16* d_noise,
-                    float* d_actions, cudaStream_t stream);
+                    float* d_actions, cudaStream_t stream, const cuda::LayerWait* waits = nullptr,
+                    const cuda::LayerWaitLimits* limits = nullptr);
   int max_batch() const;
   // Whether one-frame passes run the persistent layers kernel (pi0/cuda/decoder_layers.hpp)
   // rather than one kernel per operation.

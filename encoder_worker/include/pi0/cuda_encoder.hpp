@@ -16,6 +16,7 @@ namespace pi0 {
 
 namespace cuda {
 class OpTimer;
+struct LayerSignals;
 }
 
 class CudaEncoder {
@@ -36,8 +37,11 @@ class CudaEncoder {
   // writes the first E rows of every block and leaves the rest to the decoder (both at least
   // 16-byte aligned). Enqueues on `stream`; the first call per (d_images, d_kv_out)
   // pair runs eagerly, the second captures a CUDA graph of the whole forward, later calls replay
-  // it. Not to be called concurrently from two threads.
-  void encode(const Bf16* d_images, Bf16* d_kv_out, cudaStream_t stream);
+  // it. Not to be called concurrently from two threads. With `signals`, each Gemma layer's K/V
+  // write is followed by its per-layer signal (pi0/cuda/layer_signal.hpp), so a decoder can start
+  // on the layers that are done; the pointers are part of the graph's key.
+  void encode(const Bf16* d_images, Bf16* d_kv_out, cudaStream_t stream,
+              const cuda::LayerSignals* signals = nullptr);
 
   size_t weight_bytes() const;
   size_t workspace_bytes() const;

@@ -1,0 +1,67 @@
+// Per-layer signals between the encoder and decoder (see pi0/cuda/layer_signal.hpp): one-thread
+// kernels around a 64-bit counter in device memory that both processes map.
+#include <cstdint>
+#include <cstdlib>
+
+#include "pi0/check.hpp"
+#include "pi0/cuda/layer_signal.hpp"
+
+namespace pi0::cuda {
+namespace {
+
+__device__ __forceinline__ uint64_t globaltimer() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__global__ void signal_layer_kernel(uint64_t* counter, const uint64_t* generation,
+                                    uint64_t* stamp) {
+  const uint64_t g = *generation;
+  if (stamp) *stamp = globaltimer();
+  // The layer's K/V were written by earlier kernels of this stream: fence, then release.
+  __threadfence();
+  asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(counter), "l"(g) : "memory");
+}
+
+__global__ void wait_layer_kernel(const uint64_t* counter, const uint64_t* expected, int layer,
+                                  uint32_t* error, uint64_t timeout_ns, uint64_t* done_at) {
+  const uint64_t want = *expected;
+  const uint64_t start = globaltimer();
+  for (;;) {
+    uint64_t value;
+    asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(value) : "l"(counter) : "memory");
+    if (value >= want) break;
+    if (globaltimer() - start > timeout_ns) {
+      if (error) atomicCAS(error, 0u, static_cast<uint32_t>(layer + 1));
+      break;
+    }
+    __nanosleep(200);
+  }
+  if (done_at) *done_at = globaltimer();
+}
+
+}  // namespace
+
+bool layer_handoff_wanted(bool mps_client) {
+  const char* v = std::getenv("PI0_LAYER_WAITS");
+  return mps_client && !(v && v[0] == '0');
+}
+
+void signal_layer(uint64_t* counter, const uint64_t* generation, uint64_t* stamp,
+                  cudaStream_t stream) {
+  PI0_CHECK(counter && generation, "signal_layer: null counter or generation");
+  signal_layer_kernel<<<1, 1, 0, stream>>>(counter, generation, stamp);
+  CUDA_CHECK_LAUNCH();
+}
+
+void wait_layer(const uint64_t* counter, const uint64_t* expected, int layer,
+                const LayerWaitLimits& limits, uint64_t* done_at, cudaStream_t stream) {
+  PI0_CHECK(counter && expected, "wait_layer: null counter or expected generation");
+  PI0_CHECK(limits.timeout_ns > 0, "wait_layer: a wait needs a deadline");
+  wait_layer_kernel<<<1, 1, 0, stream>>>(counter, expected, layer, limits.error,
+                                         limits.timeout_ns, done_at);
+  CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace pi0::cuda

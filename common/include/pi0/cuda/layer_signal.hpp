@@ -1,0 +1,58 @@
+// Per-layer hand-off of a K/V slot between the encoder and decoder processes on one GPU. The
+// decoder's first flow step needs only layer l of the prefix K/V for its own layer l, and the
+// encoder writes layer l early in its own layer l, so the decoder can follow the encoder layer by
+// layer instead of waiting for all of it. An IPC event cannot carry that into a CUDA graph (a
+// wait node waits on the event's latest record, not this frame's), so the encoder stores the
+// frame's generation into a per-layer counter of the slot, and the decoder's graph holds a
+// one-thread kernel per layer that waits until the counter reaches the generation it expects.
+// Generations only grow (frame number + 1), so a stale counter never passes for a new frame.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace pi0::cuda {
+
+// Whether the two workers hand slots over per layer: only as MPS clients (without MPS their
+// contexts are time-sliced, and a decoder spinning on a layer would hold the GPU from the encoder
+// it waits for), and unless PI0_LAYER_WAITS=0 (both workers read it, so they agree).
+bool layer_handoff_wanted(bool mps_client);
+
+// Encoder side: after layer l's K/V are written, counters[l] = *generation (a device scalar the
+// caller uploads per frame). If last_stamp is set, the last layer's signal first writes the GPU
+// time there (so "encoder done" never comes after the decoder's wake-up).
+struct LayerSignals {
+  uint64_t* counters = nullptr;
+  const uint64_t* generation = nullptr;
+  uint64_t* last_stamp = nullptr;
+};
+
+// Decoder side, one per frame of a pass: wait until counters[l] >= *expected before layer l of
+// the first flow step reads the slot. done_at, if set, gets the GPU time the last layer's wait
+// let the stream go.
+struct LayerWait {
+  const uint64_t* counters = nullptr;
+  const uint64_t* expected = nullptr;
+  uint64_t* done_at = nullptr;
+};
+
+// Every wait of a pass shares these: on a timeout the wait sets *error (if still 0) to 1 + the
+// layer and lets the stream go on, so that a dead or hung encoder cannot hang the decoder; the
+// caller checks *error after the pass.
+struct LayerWaitLimits {
+  uint32_t* error = nullptr;
+  uint64_t timeout_ns = 0;
+};
+
+// Stores *generation into *counter, released at GPU scope after every earlier write of the stream
+// (writing the GPU time to *stamp first, if not null).
+void signal_layer(uint64_t* counter, const uint64_t* generation, uint64_t* stamp,
+                  cudaStream_t stream);
+
+// Holds the stream until *counter >= *expected (acquire, GPU scope) or timeout_ns have passed;
+// then writes the GPU time to *done_at if not null.
+void wait_layer(const uint64_t* counter, const uint64_t* expected, int layer,
+                const LayerWaitLimits& limits, uint64_t* done_at, cudaStream_t stream);
+
+}  // namespace pi0::cuda

@@ -28,6 +28,12 @@ __global__ void wait_layer_kernel(const uint64_t* counter, const uint64_t* expec
                                   uint32_t* error, uint64_t timeout_ns, uint64_t* done_at) {
   const uint64_t want = *expected;
   const uint64_t start = globaltimer();
+  // After one layer's wait timed out, the rest of the pass does not wait again: the pass is lost
+  // (its worker reports the error), and 18 more timeouts would only delay that.
+  if (error && *static_cast<volatile uint32_t*>(error) != 0) {
+    if (done_at) *done_at = start;
+    return;
+  }
   for (;;) {
     uint64_t value;
     asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(value) : "l"(counter) : "memory");
@@ -59,8 +65,8 @@ void wait_layer(const uint64_t* counter, const uint64_t* expected, int layer,
                 const LayerWaitLimits& limits, uint64_t* done_at, cudaStream_t stream) {
   PI0_CHECK(counter && expected, "wait_layer: null counter or expected generation");
   PI0_CHECK(limits.timeout_ns > 0, "wait_layer: a wait needs a deadline");
-  wait_layer_kernel<<<1, 1, 0, stream>>>(counter, expected, layer, limits.error,
-                                         limits.timeout_ns, done_at);
+  wait_layer_kernel<<<1, 1, 0, stream>>>(counter, expected, layer, limits.error, limits.timeout_ns,
+                                         done_at);
   CUDA_CHECK_LAUNCH();
 }
 

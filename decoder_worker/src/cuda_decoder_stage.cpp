@@ -4,8 +4,9 @@
 // the slots. As an MPS client, where the two workers run side by side, it waits per layer
 // instead (pi0/cuda/layer_signal.hpp): the pass starts while the encoder is still at work, and
 // layer l of the first flow step waits for the encoder's signal that layer l of the slot is
-// written, so that step runs under the encoder's last layers rather than after them. A pass is one frame, or with --decoder-batch N up to N frames that were waiting
-// together (pi0/decode_batcher.hpp).
+// written, so that step runs under the encoder's last layers rather than after them. A pass is one
+// frame, or with --decoder-batch N up to N frames that were waiting together
+// (pi0/decode_batcher.hpp).
 #include <spdlog/spdlog.h>
 #include <algorithm>
 #include <array>
@@ -87,8 +88,7 @@ class CudaDecoderStage final : public DecoderStage {
     // which any slot passes) and when the last of them let the pass go; and the first layer that
     // timed out (0: none).
     expected_ = cuda::DeviceBuffer<uint64_t>(layout.kv_slots, "decoder expected generations");
-    expected_host_ =
-        cuda::PinnedBuffer<uint64_t>(layout.kv_slots, "decoder expected generations");
+    expected_host_ = cuda::PinnedBuffer<uint64_t>(layout.kv_slots, "decoder expected generations");
     slot_started_ = cuda::DeviceBuffer<uint64_t>(layout.kv_slots, "decoder start per slot");
     wait_error_ = cuda::DeviceBuffer<uint32_t>(1, "decoder layer wait error");
     wait_error_host_ = cuda::PinnedBuffer<uint32_t>(1, "decoder layer wait error");
@@ -169,11 +169,15 @@ class CudaDecoderStage final : public DecoderStage {
         pass.encoder_stamped = pass.encoder_stamped && encoder_done != 0;
         pass.ready_at = std::max(pass.ready_at, encoder_done);
       }
+      // The pass's start; with layer waits, when the last frame's last layer let it go.
       pass.started_at = host_stamps_[frames_.front().stamp * kStampCount];
+      for (uint32_t i = 1; i < pass.count && wait_layers_; ++i)
+        pass.started_at = std::max(pass.started_at, host_stamps_[frames_[i].stamp * kStampCount]);
     }
     if (wait_error_host_.get()[0] != 0) {
-      throw Error("the encoder did not signal layer " + std::to_string(wait_error_host_.get()[0] - 1) +
-                  " of a frame's K/V slot within " + std::to_string(kLayerWaitTimeoutNs / 1'000'000'000ull) +
+      throw Error("the encoder did not signal layer " +
+                  std::to_string(wait_error_host_.get()[0] - 1) + " of a frame's K/V slot within " +
+                  std::to_string(kLayerWaitTimeoutNs / 1'000'000'000ull) +
                   " s: it is dead or hung");
     }
     const Frame f = frames_.front();
@@ -183,8 +187,12 @@ class CudaDecoderStage final : public DecoderStage {
 
     DecodeTiming t;
     t.decode_ms = pass.stop.elapsed_since(pass.start);
-    if (pass.encoder_stamped && pass.started_at >= pass.ready_at)
-      t.handoff_us = static_cast<double>(pass.started_at - pass.ready_at) / 1e3;
+    // %globaltimer ticks per microsecond and SMs see a tick at slightly different moments: a
+    // start up to 2 us "before" the encoder's end is a handoff of 0.
+    constexpr uint64_t kTimerSkewNs = 2000;
+    if (pass.encoder_stamped && pass.started_at + kTimerSkewNs >= pass.ready_at)
+      t.handoff_us =
+          static_cast<double>(std::max(pass.started_at, pass.ready_at) - pass.ready_at) / 1e3;
     if (++pass.completed == pass.count) {
       times_.add(t.decode_ms);
       previous_end_ = stamps[2];
@@ -290,8 +298,7 @@ class CudaDecoderStage final : public DecoderStage {
                                  stream));
     }
     decoder_->decode_batch(slots.data(), static_cast<int>(count), state_.get(), noise_.get(),
-                           actions_.get(), stream, wait_layers_ ? waits.data() : nullptr,
-                           &limits_);
+                           actions_.get(), stream, wait_layers_ ? waits.data() : nullptr, &limits_);
     for (uint32_t i = 0; i < count && wait_layers_; ++i) {
       // The decoder's start is when the last layer's wait let it go; the encoder stamped its end
       // before signalling that layer.

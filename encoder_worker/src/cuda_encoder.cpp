@@ -303,9 +303,9 @@ void CudaEncoder::encode(const Bf16* d_images, Bf16* d_kv_out, cudaStream_t stre
             "CudaEncoder::encode: layer signals need counters and a generation");
   const cuda::LayerSignals none;
   const cuda::LayerSignals& sig = signals ? *signals : none;
-  impl_->graphs.run({d_images, d_kv_out, impl_->timer, sig.counters, sig.generation,
-                     sig.last_stamp},
-                    stream, [&](cudaStream_t s) { impl_->forward(d_images, d_kv_out, signals, s); });
+  impl_->graphs.run(
+      {d_images, d_kv_out, impl_->timer, sig.counters, sig.generation, sig.last_stamp}, stream,
+      [&](cudaStream_t s) { impl_->forward(d_images, d_kv_out, signals, s); });
 }
 
 void CudaEncoder::set_op_timer(cuda::OpTimer* timer) {

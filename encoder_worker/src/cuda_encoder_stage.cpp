@@ -1,11 +1,12 @@
 // The CUDA backend of the encoder worker. It owns the prefix K/V slot pool (one device allocation,
 // exported through CUDA IPC) and, per slot, a "ready" event it records after its last write and a
 // "consumed" event the decoder records after its last read, which it waits on before overwriting.
-// As an MPS client it also signals each Gemma layer of a slot as written (pi0/cuda/layer_signal.hpp:
-// per-layer counters after the per-slot timestamps in the exported timestamp buffer), so that the
-// decoder, running beside it, can start its first flow step before the whole slot is done.
-#include <cstdio>
+// As an MPS client it also signals each Gemma layer of a slot as written
+// (pi0/cuda/layer_signal.hpp: per-layer counters after the per-slot timestamps in the exported
+// timestamp buffer), so that the decoder, running beside it, can start its first flow step before
+// the whole slot is done.
 #include <spdlog/spdlog.h>
+#include <cstdio>
 
 #include "pi0/check.hpp"
 #include "pi0/cuda/device.hpp"
@@ -74,8 +75,8 @@ class CudaEncoderStage final : public EncoderStage {
                          signal_layers_ ? &signals : nullptr);
     }
     stream_.synchronize();
-    info.device_bytes = encoder_->weight_bytes() + encoder_->workspace_bytes() + pool_.bytes() +
-                        images_.bytes();
+    info.device_bytes =
+        encoder_->weight_bytes() + encoder_->workspace_bytes() + pool_.bytes() + images_.bytes();
   }
 
   void encode(uint64_t frame, uint32_t input_slot, uint32_t kv_slot) override {

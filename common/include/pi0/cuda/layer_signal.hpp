@@ -38,8 +38,8 @@ struct LayerWait {
 };
 
 // Every wait of a pass shares these: on a timeout the wait sets *error (if still 0) to 1 + the
-// layer and lets the stream go on, so that a dead or hung encoder cannot hang the decoder; the
-// caller checks *error after the pass.
+// layer and lets the stream go on, so that a dead or hung encoder cannot hang the decoder, and
+// later waits do not wait while *error is set; the caller checks *error after the pass.
 struct LayerWaitLimits {
   uint32_t* error = nullptr;
   uint64_t timeout_ns = 0;

@@ -30,8 +30,9 @@ namespace pi0 {
 namespace {
 
 // Device timestamps per frame: [0] decoder start, [1] encoder finished (copied from the
-// encoder's IPC buffer), [2] decoder end.
-constexpr int kStampCount = 3;
+// encoder's IPC buffer), [2] decoder end, [3] with layer waits, when the last layer's wait let the
+// pass go.
+constexpr int kStampCount = 4;
 // Passes started at once: the next one is queued on the stream while the current one runs.
 constexpr uint32_t kPassesInFlight = 2;
 // How long one layer's wait may hold the stream: far beyond any encoder layer, at any share; past
@@ -160,7 +161,8 @@ class CudaDecoderStage final : public DecoderStage {
     // Handoff: from the later of "our previous pass finished" and "the encoder finished the
     // last frame of this pass" to the pass's start. Time queued behind our own previous pass,
     // or waiting on the GPU for a partner's encoding, is latency of the pipeline's shape, not of
-    // the handoff, and is not counted.
+    // the handoff, and is not counted. With layer waits a pass may start before the encoder is
+    // done; then the handoff ends when the last layer's wait let it go.
     if (pass.completed == 0) {
       pass.ready_at = previous_end_;
       pass.encoder_stamped = true;
@@ -169,10 +171,14 @@ class CudaDecoderStage final : public DecoderStage {
         pass.encoder_stamped = pass.encoder_stamped && encoder_done != 0;
         pass.ready_at = std::max(pass.ready_at, encoder_done);
       }
-      // The pass's start; with layer waits, when the last frame's last layer let it go.
       pass.started_at = host_stamps_[frames_.front().stamp * kStampCount];
-      for (uint32_t i = 1; i < pass.count && wait_layers_; ++i)
-        pass.started_at = std::max(pass.started_at, host_stamps_[frames_[i].stamp * kStampCount]);
+      pass.resumed_at = 0;
+      pass.ended_at = 0;
+      for (uint32_t i = 0; i < pass.count; ++i) {
+        const uint64_t* s = host_stamps_ + frames_[i].stamp * kStampCount;
+        pass.resumed_at = std::max(pass.resumed_at, s[3]);
+        pass.ended_at = std::max(pass.ended_at, s[2]);
+      }
     }
     if (wait_error_host_.get()[0] != 0) {
       throw Error("the encoder did not signal layer " +
@@ -187,12 +193,20 @@ class CudaDecoderStage final : public DecoderStage {
 
     DecodeTiming t;
     t.decode_ms = pass.stop.elapsed_since(pass.start);
+    // A pass that started beside a running encoder spent part of that time waiting for its
+    // layers: its decoder time is what came after the later of its start and the encoder's end.
+    if (wait_layers_ && pass.encoder_stamped && pass.ended_at > pass.ready_at &&
+        pass.started_at < pass.ready_at)
+      t.decode_ms = static_cast<double>(pass.ended_at - pass.ready_at) / 1e6;
     // %globaltimer ticks per microsecond and SMs see a tick at slightly different moments: a
     // start up to 2 us "before" the encoder's end is a handoff of 0.
     constexpr uint64_t kTimerSkewNs = 2000;
-    if (pass.encoder_stamped && pass.started_at + kTimerSkewNs >= pass.ready_at)
+    const uint64_t handoff_end = pass.started_at + kTimerSkewNs >= pass.ready_at || !wait_layers_
+                                     ? pass.started_at
+                                     : pass.resumed_at;
+    if (pass.encoder_stamped && handoff_end + kTimerSkewNs >= pass.ready_at)
       t.handoff_us =
-          static_cast<double>(std::max(pass.started_at, pass.ready_at) - pass.ready_at) / 1e3;
+          static_cast<double>(std::max(handoff_end, pass.ready_at) - pass.ready_at) / 1e3;
     if (++pass.completed == pass.count) {
       times_.add(t.decode_ms);
       previous_end_ = stamps[2];
@@ -220,8 +234,9 @@ class CudaDecoderStage final : public DecoderStage {
     cuda::Event start, stop;
     cuda::Event done{cudaEventDisableTiming};  // after the pass's downloads
     uint32_t count = 0, completed = 0;
-    // Device times (ns) of the pass's start and of when it could have started (see complete()).
-    uint64_t started_at = 0, ready_at = 0;
+    // Device times (ns) of the pass's start, of when it could have started, of when its last
+    // layer wait let it go (layer waits only) and of its end (see complete()).
+    uint64_t started_at = 0, ready_at = 0, resumed_at = 0, ended_at = 0;
     bool encoder_stamped = false;
   };
 
@@ -275,10 +290,10 @@ class CudaDecoderStage final : public DecoderStage {
                                  static_cast<const uint64_t*>(encoder_stamps_.get()) + f.kv_slot,
                                  sizeof(uint64_t), cudaMemcpyDeviceToDevice, stream));
     };
-    for (uint32_t i = 0; i < count && !wait_layers_; ++i) {
+    for (uint32_t i = 0; i < count; ++i) {
       const Frame& f = frames_[first + i];
       cuda::write_gpu_timestamp(stamps_.get() + f.stamp * kStampCount, stream);
-      copy_encoder_stamp(f);
+      if (!wait_layers_) copy_encoder_stamp(f);
     }
     for (uint32_t i = 0; i < count && wait_layers_; ++i) {
       // Read by the copy when the stream gets there; the slot's entry is written again only
@@ -300,10 +315,10 @@ class CudaDecoderStage final : public DecoderStage {
     decoder_->decode_batch(slots.data(), static_cast<int>(count), state_.get(), noise_.get(),
                            actions_.get(), stream, wait_layers_ ? waits.data() : nullptr, &limits_);
     for (uint32_t i = 0; i < count && wait_layers_; ++i) {
-      // The decoder's start is when the last layer's wait let it go; the encoder stamped its end
-      // before signalling that layer.
+      // When the last layer's wait let the pass go; the encoder stamped its end before
+      // signalling that layer.
       const Frame& f = frames_[first + i];
-      CUDA_CHECK(cudaMemcpyAsync(stamps_.get() + f.stamp * kStampCount,
+      CUDA_CHECK(cudaMemcpyAsync(stamps_.get() + f.stamp * kStampCount + 3,
                                  slot_started_.get() + f.kv_slot, sizeof(uint64_t),
                                  cudaMemcpyDeviceToDevice, stream));
       copy_encoder_stamp(f);

@@ -90,7 +90,7 @@ class CudaDecoderStage final : public DecoderStage {
     // timed out (0: none).
     expected_ = cuda::DeviceBuffer<uint64_t>(layout.kv_slots, "decoder expected generations");
     expected_host_ = cuda::PinnedBuffer<uint64_t>(layout.kv_slots, "decoder expected generations");
-    slot_started_ = cuda::DeviceBuffer<uint64_t>(layout.kv_slots, "decoder start per slot");
+    slot_resumed_ = cuda::DeviceBuffer<uint64_t>(layout.kv_slots, "decoder resumption per slot");
     wait_error_ = cuda::DeviceBuffer<uint32_t>(1, "decoder layer wait error");
     wait_error_host_ = cuda::PinnedBuffer<uint32_t>(1, "decoder layer wait error");
     CUDA_CHECK(cudaMemset(expected_.get(), 0, expected_.bytes()));
@@ -245,15 +245,16 @@ class CudaDecoderStage final : public DecoderStage {
   }
   // The layer waits of the frame in `kv_slot`: the encoder's counters for the slot (after its
   // per-slot timestamps), the frame's expected generation, and where the last layer's wait
-  // stamps the time it let the pass go (the decoder's start, for the handoff). All per slot, so
-  // the graphs are the ones of the slots alone.
+  // stamps the time it let the pass go (copied to the frame's timestamp [3], where the handoff of
+  // a pass that started beside the encoder ends). All per slot, so the graphs are the ones of
+  // the slots alone.
   cuda::LayerWait layer_wait(uint32_t kv_slot) const {
     const size_t slots = rt_.control().layout().kv_slots;
     cuda::LayerWait w;
     w.counters = static_cast<const uint64_t*>(encoder_stamps_.get()) + slots +
                  static_cast<size_t>(kv_slot) * layers_;
     w.expected = expected_.get() + kv_slot;
-    w.done_at = slot_started_.get() + kv_slot;
+    w.done_at = slot_resumed_.get() + kv_slot;
     return w;
   }
 
@@ -319,7 +320,7 @@ class CudaDecoderStage final : public DecoderStage {
       // signalling that layer.
       const Frame& f = frames_[first + i];
       CUDA_CHECK(cudaMemcpyAsync(stamps_.get() + f.stamp * kStampCount + 3,
-                                 slot_started_.get() + f.kv_slot, sizeof(uint64_t),
+                                 slot_resumed_.get() + f.kv_slot, sizeof(uint64_t),
                                  cudaMemcpyDeviceToDevice, stream));
       copy_encoder_stamp(f);
     }
@@ -356,7 +357,7 @@ class CudaDecoderStage final : public DecoderStage {
   ipc::IpcDeviceMemory encoder_stamps_;
   int layers_ = 0;
   bool wait_layers_ = false;
-  cuda::DeviceBuffer<uint64_t> expected_, slot_started_;
+  cuda::DeviceBuffer<uint64_t> expected_, slot_resumed_;
   cuda::PinnedBuffer<uint64_t> expected_host_;
   cuda::DeviceBuffer<uint32_t> wait_error_;
   cuda::PinnedBuffer<uint32_t> wait_error_host_;

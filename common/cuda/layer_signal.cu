@@ -47,6 +47,21 @@ __global__ void wait_layer_kernel(const uint64_t* counter, const uint64_t* expec
   if (done_at) *done_at = globaltimer();
 }
 
+// With lazy loading (CUDA's default since 12.2) a kernel's first launch loads it, and a load waits
+// for the kernels already running in the context. A wait that spins until a signal from the same
+// process would hold up that signal's load until the wait's deadline (the kernel test did, in one
+// process), so the first launch of either kernel loads both. One device per process, as our
+// workers have.
+void load_both_kernels() {
+  static const bool loaded = [] {
+    cudaFuncAttributes attributes{};
+    CUDA_CHECK(cudaFuncGetAttributes(&attributes, signal_layer_kernel));
+    CUDA_CHECK(cudaFuncGetAttributes(&attributes, wait_layer_kernel));
+    return true;
+  }();
+  (void)loaded;
+}
+
 }  // namespace
 
 bool layer_handoff_wanted(bool mps_client) {
@@ -57,6 +72,7 @@ bool layer_handoff_wanted(bool mps_client) {
 void signal_layer(uint64_t* counter, const uint64_t* generation, uint64_t* stamp,
                   cudaStream_t stream) {
   PI0_CHECK(counter && generation, "signal_layer: null counter or generation");
+  load_both_kernels();
   signal_layer_kernel<<<1, 1, 0, stream>>>(counter, generation, stamp);
   CUDA_CHECK_LAUNCH();
 }
@@ -65,6 +81,7 @@ void wait_layer(const uint64_t* counter, const uint64_t* expected, int layer,
                 const LayerWaitLimits& limits, uint64_t* done_at, cudaStream_t stream) {
   PI0_CHECK(counter && expected, "wait_layer: null counter or expected generation");
   PI0_CHECK(limits.timeout_ns > 0, "wait_layer: a wait needs a deadline");
+  load_both_kernels();
   wait_layer_kernel<<<1, 1, 0, stream>>>(counter, expected, layer, limits.error, limits.timeout_ns,
                                          done_at);
   CUDA_CHECK_LAUNCH();

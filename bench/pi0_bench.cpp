@@ -1,8 +1,10 @@
-// Single-process baseline: CudaEncoder + CudaDecoder back to back on the whole GPU, from the same
-// library code the workers use. Per shape: latency of encode+decode (median, p99 over >= 200
-// inferences after warm-up, CUDA events), the same host to host (inputs uploaded, actions read
-// back), stage times, achieved TFLOP/s and weight GB/s against the H100's ceilings, back-to-back
-// throughput and GPU memory per stage.
+// Single-process baseline: CudaEncoder + CudaDecoder on the whole GPU, one frame at a time, from
+// the same library code the workers use. The decoder runs on a second stream and follows the
+// encoder layer by layer through its first flow step, as the pipeline's workers do
+// (PI0_LAYER_WAITS=0: both on one stream). Per shape: latency of encode+decode (median, p99 over
+// >= 200 inferences after warm-up, CUDA events) and the same with the stages serial, host to host
+// (inputs uploaded, actions read back), each stage's time alone, achieved TFLOP/s and weight GB/s
+// against the H100's ceilings, back-to-back throughput and GPU memory per stage.
 #include <cuda_runtime_api.h>
 
 #include <CLI/CLI.hpp>
@@ -21,6 +23,7 @@
 #include "pi0/check.hpp"
 #include "pi0/config.hpp"
 #include "pi0/cuda/device.hpp"
+#include "pi0/cuda/layer_signal.hpp"
 #include "pi0/cuda/op_timer.hpp"
 #include "pi0/cuda_decoder.hpp"
 #include "pi0/cuda_encoder.hpp"
@@ -35,7 +38,10 @@ namespace {
 // H100 SXM ceilings used for the utilisation columns (dense bf16, HBM3).
 constexpr double kPeakTflops = 800.0;
 constexpr double kPeakGBps = 3000.0;
-constexpr int kInputSets = 2;  // rotate inputs so that no run reads what the last one cached
+constexpr int kInputSets = 2;
+constexpr uint64_t kLayerWaitTimeoutNs =
+    10'000'000'000ull;  // as the decoder worker's  // rotate inputs so that no run reads what the
+                        // last one cached
 
 struct Case {
   int views, chunk, prompt;
@@ -44,6 +50,8 @@ struct Case {
 
 struct Figures {
   Case c{};
+  bool overlapped = false;  // the decoder followed the encoder layer by layer
+  double e2e_serial_median = 0;
   double e2e_median = 0, e2e_p99 = 0, enc_median = 0, dec_median = 0, throughput = 0;
   double host_median = 0, host_p99 = 0;
   double enc_tflops = 0, dec_tflops = 0, enc_gbps = 0, dec_gbps = 0, e2e_tflops = 0;
@@ -117,34 +125,80 @@ Figures run_case(const ModelConfig& config, const Case& c, const WeightStore& en
                     cuda::DeviceBuffer<Bf16>(sizes.kv_slot_values, "kv slot"),
                     cuda::DeviceBuffer<float>(sizes.action_values, "actions")});
   }
-  cuda::Stream stream;
-  auto infer = [&](int i) {
+  // Two schedules of the same kernels. Serial: both stages on one stream, which times each stage
+  // alone. Overlapped (the default): the decoder on a second stream follows the encoder layer by
+  // layer through its first flow step (pi0/cuda/layer_signal.hpp), as the pipeline's workers do;
+  // frames stay one at a time. PI0_LAYER_WAITS=0 keeps the serial schedule for every figure.
+  const bool overlap = cuda::layer_handoff_wanted(true);
+  cuda::Stream stream;          // the encoder's, and the serial schedule's
+  cuda::Stream decoder_stream;  // the overlapped decoder's
+  cuda::InProcessHandoff handoff(config.lm_layers, kLayerWaitTimeoutNs);
+  const cuda::LayerSignals signals = handoff.signals();
+  const cuda::LayerWait wait = handoff.wait();
+  // The stream the frame's actions are written on (and its end is recorded on).
+  cudaStream_t const out_stream = overlap ? decoder_stream.get() : stream.get();
+  auto encode = [&](Inputs& s) {
+    if (overlap) handoff.begin_frame(stream.get(), decoder_stream.get());
+    encoder.encode(s.images.get(), s.kv.get(), stream.get(), overlap ? &signals : nullptr);
+  };
+  auto decode = [&](Inputs& s) {
+    Bf16* slot = s.kv.get();
+    decoder.decode_batch(&slot, 1, s.state.get(), s.noise.get(), s.actions.get(), out_stream,
+                         overlap ? &wait : nullptr, &handoff.limits());
+    if (overlap) handoff.end_frame(decoder_stream.get());
+  };
+  auto infer_serial = [&](int i) {
     Inputs& s = sets[static_cast<size_t>(i % kInputSets)];
     encoder.encode(s.images.get(), s.kv.get(), stream.get());
     decoder.decode(s.kv.get(), s.state.get(), s.noise.get(), s.actions.get(), stream.get());
   };
+  auto infer = [&](int i) {
+    Inputs& s = sets[static_cast<size_t>(i % kInputSets)];
+    encode(s);
+    decode(s);
+  };
   // Eager run, graph capture and first replay for every input set, then plain warm-up.
-  for (int i = 0; i < 3 * kInputSets + warmup; ++i) infer(i);
-  stream.synchronize();
+  for (int i = 0; i < 3 * kInputSets + warmup; ++i) {
+    infer_serial(i);
+    if (overlap) infer(i);
+  }
+  CUDA_CHECK(cudaDeviceSynchronize());
 
   cuda::Event e0, e1, e2;
-  std::vector<double> enc, dec, total;
-  for (int i = 0; i < iters; ++i) {
-    Inputs& s = sets[static_cast<size_t>(i % kInputSets)];
-    e0.record(stream.get());
-    encoder.encode(s.images.get(), s.kv.get(), stream.get());
-    e1.record(stream.get());
-    decoder.decode(s.kv.get(), s.state.get(), s.noise.get(), s.actions.get(), stream.get());
-    e2.record(stream.get());
-    e2.synchronize();
-    enc.push_back(e1.elapsed_since(e0));
-    dec.push_back(e2.elapsed_since(e1));
-    total.push_back(e2.elapsed_since(e0));
+  {
+    std::vector<double> enc, dec, total;
+    for (int i = 0; i < iters; ++i) {
+      Inputs& s = sets[static_cast<size_t>(i % kInputSets)];
+      e0.record(stream.get());
+      encoder.encode(s.images.get(), s.kv.get(), stream.get());
+      e1.record(stream.get());
+      decoder.decode(s.kv.get(), s.state.get(), s.noise.get(), s.actions.get(), stream.get());
+      e2.record(stream.get());
+      e2.synchronize();
+      enc.push_back(e1.elapsed_since(e0));
+      dec.push_back(e2.elapsed_since(e1));
+      total.push_back(e2.elapsed_since(e0));
+    }
+    f.e2e_serial_median = percentile(total, 0.5);
+    f.e2e_median = f.e2e_serial_median;
+    f.e2e_p99 = percentile(total, 0.99);
+    f.enc_median = percentile(enc, 0.5);
+    f.dec_median = percentile(dec, 0.5);
   }
-  f.e2e_median = percentile(total, 0.5);
-  f.e2e_p99 = percentile(total, 0.99);
-  f.enc_median = percentile(enc, 0.5);
-  f.dec_median = percentile(dec, 0.5);
+  if (overlap) {
+    std::vector<double> total;
+    for (int i = 0; i < iters; ++i) {
+      Inputs& s = sets[static_cast<size_t>(i % kInputSets)];
+      e0.record(stream.get());
+      encode(s);
+      decode(s);
+      e2.record(out_stream);
+      e2.synchronize();
+      total.push_back(e2.elapsed_since(e0));
+    }
+    f.e2e_median = percentile(total, 0.5);
+    f.e2e_p99 = percentile(total, 0.99);
+  }
 
   // Host to host, as a one-process deployment sees a frame: inputs uploaded from pinned host
   // memory, encode + decode, actions read back, the host waiting on the stream. This is the
@@ -159,6 +213,7 @@ Figures run_case(const ModelConfig& config, const Case& c, const WeightStore& en
     std::copy(in.state.begin(), in.state.end(), state.get());
     std::copy(in.noise.begin(), in.noise.end(), noise.get());
     Inputs& s = sets[0];
+    // On the encoder's stream, before the frame starts: the decoder's stream waits for that.
     const auto upload = [&](Bf16* dst, const cuda::PinnedBuffer<Bf16>& src) {
       CUDA_CHECK(
           cudaMemcpyAsync(dst, src.get(), src.bytes(), cudaMemcpyHostToDevice, stream.get()));
@@ -169,11 +224,11 @@ Figures run_case(const ModelConfig& config, const Case& c, const WeightStore& en
       upload(s.images.get(), images);
       upload(s.state.get(), state);
       upload(s.noise.get(), noise);
-      encoder.encode(s.images.get(), s.kv.get(), stream.get());
-      decoder.decode(s.kv.get(), s.state.get(), s.noise.get(), s.actions.get(), stream.get());
+      encode(s);
+      decode(s);
       CUDA_CHECK(cudaMemcpyAsync(actions.get(), s.actions.get(), actions.bytes(),
-                                 cudaMemcpyDeviceToHost, stream.get()));
-      stream.synchronize();
+                                 cudaMemcpyDeviceToHost, out_stream));
+      CUDA_CHECK(cudaStreamSynchronize(out_stream));
       host.push_back(
           std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
     }
@@ -185,9 +240,13 @@ Figures run_case(const ModelConfig& config, const Case& c, const WeightStore& en
   cuda::Event start, stop;
   start.record(stream.get());
   for (int i = 0; i < iters; ++i) infer(i);
-  stop.record(stream.get());
+  stop.record(out_stream);
   stop.synchronize();
   f.throughput = iters / (stop.elapsed_since(start) / 1000.0);
+  if (const uint32_t layer = handoff.timed_out_layer())
+    throw Error("the decoder's wait for the encoder's layer " + std::to_string(layer - 1) +
+                " ran into its deadline");
+  f.overlapped = overlap;
 
   const std::vector<float> actions = cuda::download(sets[0].actions.get(), sets[0].actions.size());
   for (float a : actions) PI0_CHECK(std::isfinite(a), "non-finite action in the benchmark run");
@@ -225,18 +284,20 @@ Figures run_case(const ModelConfig& config, const Case& c, const WeightStore& en
 
 void print_case(const Figures& f) {
   std::printf(
-      "V=%d C=%d P=%d: e2e median %.3f ms p99 %.3f ms | host to host median %.3f ms p99 %.3f ms "
+      "V=%d C=%d P=%d: e2e median %.3f ms p99 %.3f ms (%s; serial %.3f ms) | host to host median "
+      "%.3f ms p99 %.3f ms "
       "| encoder %.3f ms (%.2f TFLOP, %.0f TFLOP/s "
       "= %.0f%% of %.0f; weights %.2f GB at %.0f GB/s) | decoder %.3f ms (%.3f TFLOP, %.0f "
       "TFLOP/s; %.2f GB weight reads at %.0f GB/s = %.0f%% of %.0f) | %.1f inf/s back to back | "
       "memory: encoder %.2f GiB weights + %.0f MiB workspace (measured %.2f GiB), decoder %.2f "
       "GiB + %.0f MiB (measured %.2f GiB)\n",
-      f.c.views, f.c.chunk, f.c.prompt, f.e2e_median, f.e2e_p99, f.host_median, f.host_p99,
-      f.enc_median, f.enc_flop / 1e12, f.enc_tflops, 100 * f.enc_tflops / kPeakTflops, kPeakTflops,
-      f.enc_bytes / 1e9, f.enc_gbps, f.dec_median, f.dec_flop / 1e12, f.dec_tflops,
-      f.dec_bytes / 1e9, f.dec_gbps, 100 * f.dec_gbps / kPeakGBps, kPeakGBps, f.throughput,
-      gib(f.enc_weights), f.enc_work / 1048576.0, gib(f.enc_measured), gib(f.dec_weights),
-      f.dec_work / 1048576.0, gib(f.dec_measured));
+      f.c.views, f.c.chunk, f.c.prompt, f.e2e_median, f.e2e_p99,
+      f.overlapped ? "decoder following the encoder per layer" : "serial", f.e2e_serial_median,
+      f.host_median, f.host_p99, f.enc_median, f.enc_flop / 1e12, f.enc_tflops,
+      100 * f.enc_tflops / kPeakTflops, kPeakTflops, f.enc_bytes / 1e9, f.enc_gbps, f.dec_median,
+      f.dec_flop / 1e12, f.dec_tflops, f.dec_bytes / 1e9, f.dec_gbps, 100 * f.dec_gbps / kPeakGBps,
+      kPeakGBps, f.throughput, gib(f.enc_weights), f.enc_work / 1048576.0, gib(f.enc_measured),
+      gib(f.dec_weights), f.dec_work / 1048576.0, gib(f.dec_measured));
   std::fflush(stdout);
 }
 
@@ -321,6 +382,8 @@ int main(int argc, char** argv) {
                               {"prompt", f.c.prompt},
                               {"e2e_median_ms", f.e2e_median},
                               {"e2e_p99_ms", f.e2e_p99},
+                              {"stages_overlapped", f.overlapped},
+                              {"e2e_serial_median_ms", f.e2e_serial_median},
                               {"host_to_host_median_ms", f.host_median},
                               {"host_to_host_p99_ms", f.host_p99},
                               {"encoder_median_ms", f.enc_median},
@@ -343,9 +406,9 @@ int main(int argc, char** argv) {
       std::ofstream(json_path) << j.dump(2) << "\n";
     }
 
-    std::printf("\n%-14s %9s %9s %9s %9s %9s %9s %9s %9s %8s %8s %9s\n", "shape", "e2e med",
-                "e2e p99", "h2h med", "enc med", "dec med", "enc TF/s", "dec GB/s", "inf/s b2b",
-                "enc GiB", "dec GiB", "Triton");
+    std::printf("\n%-14s %9s %9s %9s %9s %9s %9s %9s %9s %9s %8s %8s %9s\n", "shape", "e2e med",
+                "e2e p99", "serial", "h2h med", "enc med", "dec med", "enc TF/s", "dec GB/s",
+                "inf/s b2b", "enc GiB", "dec GiB", "Triton");
     for (const Figures& f : results) {
       char shape_name[32];
       std::snprintf(shape_name, sizeof shape_name, "V=%d C=%d P=%d", f.c.views, f.c.chunk,
@@ -354,9 +417,10 @@ int main(int argc, char** argv) {
       if (f.c.reference_ms > 0)
         std::snprintf(reference, sizeof reference, "%.1f ms", f.c.reference_ms);
       std::printf(
-          "%-14s %6.2f ms %6.2f ms %6.2f ms %6.2f ms %6.2f ms %9.0f %9.0f %9.1f %8.2f %8.2f %9s\n",
-          shape_name, f.e2e_median, f.e2e_p99, f.host_median, f.enc_median, f.dec_median,
-          f.enc_tflops, f.dec_gbps, f.throughput, gib(f.enc_weights + f.enc_work),
+          "%-14s %6.2f ms %6.2f ms %6.2f ms %6.2f ms %6.2f ms %6.2f ms %9.0f %9.0f %9.1f %8.2f "
+          "%8.2f %9s\n",
+          shape_name, f.e2e_median, f.e2e_p99, f.e2e_serial_median, f.host_median, f.enc_median,
+          f.dec_median, f.enc_tflops, f.dec_gbps, f.throughput, gib(f.enc_weights + f.enc_work),
           gib(f.dec_weights + f.dec_work), reference);
     }
     return 0;

@@ -1,5 +1,6 @@
 // Per-layer signals between the encoder and decoder (see pi0/cuda/layer_signal.hpp): one-thread
 // kernels around a 64-bit counter in device memory that both processes map.
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 
@@ -47,6 +48,10 @@ __global__ void wait_layer_kernel(const uint64_t* counter, const uint64_t* expec
   if (done_at) *done_at = globaltimer();
 }
 
+__global__ void advance_generation_kernel(uint64_t* generation) {
+  *generation += 1;
+}
+
 // With lazy loading (CUDA's default since 12.2) a kernel's first launch loads it, and a load waits
 // for the kernels already running in the context. A wait that spins until a signal from the same
 // process would hold up that signal's load until the wait's deadline (the kernel test did, in one
@@ -85,6 +90,49 @@ void wait_layer(const uint64_t* counter, const uint64_t* expected, int layer,
   wait_layer_kernel<<<1, 1, 0, stream>>>(counter, expected, layer, limits.error, limits.timeout_ns,
                                          done_at);
   CUDA_CHECK_LAUNCH();
+}
+
+void advance_generation(uint64_t* generation, cudaStream_t stream) {
+  PI0_CHECK(generation, "advance_generation: null generation");
+  advance_generation_kernel<<<1, 1, 0, stream>>>(generation);
+  CUDA_CHECK_LAUNCH();
+}
+
+InProcessHandoff::InProcessHandoff(int layers, uint64_t timeout_ns)
+    : words_(static_cast<size_t>(1 + std::max(layers, 1)), "in-process layer counters"),
+      error_(1, "in-process layer wait error") {
+  PI0_CHECK(layers >= 1, "InProcessHandoff: a model without layers");
+  PI0_CHECK(timeout_ns > 0, "InProcessHandoff: a wait needs a deadline");
+  CUDA_CHECK(cudaMemset(words_.get(), 0, words_.bytes()));
+  CUDA_CHECK(cudaMemset(error_.get(), 0, error_.bytes()));
+  limits_.error = error_.get();
+  limits_.timeout_ns = timeout_ns;
+}
+
+void InProcessHandoff::begin_frame(cudaStream_t encoder, cudaStream_t decoder) {
+  // Waiting on an event not recorded yet (the first frame) is a no-op.
+  CUDA_CHECK(cudaStreamWaitEvent(encoder, decoder_finished_.get(), 0));
+  advance_generation(words_.get(), encoder);
+  decoder_started_.record(encoder);
+  CUDA_CHECK(cudaStreamWaitEvent(decoder, decoder_started_.get(), 0));
+}
+
+void InProcessHandoff::end_frame(cudaStream_t decoder) {
+  decoder_finished_.record(decoder);
+}
+
+LayerSignals InProcessHandoff::signals() const {
+  return LayerSignals{words_.get() + 1, words_.get(), nullptr};
+}
+
+LayerWait InProcessHandoff::wait() const {
+  return LayerWait{words_.get() + 1, words_.get(), nullptr};
+}
+
+uint32_t InProcessHandoff::timed_out_layer() const {
+  uint32_t error = 0;
+  CUDA_CHECK(cudaMemcpy(&error, error_.get(), sizeof error, cudaMemcpyDeviceToHost));
+  return error;
 }
 
 }  // namespace pi0::cuda

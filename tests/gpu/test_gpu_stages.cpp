@@ -10,6 +10,7 @@
 #include "gpu_test_util.hpp"
 #include "pi0/config.hpp"
 #include "pi0/cuda/device.hpp"
+#include "pi0/cuda/layer_signal.hpp"
 #include "pi0/cuda_decoder.hpp"
 #include "pi0/cuda_encoder.hpp"
 #include "pi0/frame_inputs.hpp"
@@ -444,5 +445,72 @@ TEST_CASE("the decoder's L2 prefetch changes no bits", "[gpu]") {
   for (size_t i = 0; i < with.size(); ++i) {
     REQUIRE(count_nonfinite(with[i]) == 0);
     REQUIRE(bitwise_equal(with[i].data(), without[i].data(), with[i].size() * sizeof(float)));
+  }
+}
+
+// The single-process baseline's overlapped schedule (pi0_bench): the decoder, on its own stream,
+// follows the encoder layer by layer through its first flow step. It runs the same kernels on
+// the same data, so its actions must be the serial schedule's bits; the slots are poisoned before
+// each frame, so a decoder that read a layer before the encoder wrote it would not get them.
+TEST_CASE("a decoder following the encoder per layer in one process gives the serial bits",
+          "[gpu]") {
+  const ModelConfig config = model_config("pi0-2l");
+  const RunShape shape{2, 63, 0};
+  const StageSizes sizes = stage_sizes(config, shape);
+  constexpr int kFrames = 2;
+  const WeightStore weights = WeightStore::random(config, 0, 901, WeightSet::kAll);
+  CudaEncoder encoder(config, shape, weights);
+  CudaDecoder decoder(config, shape, weights);
+  struct Frame {
+    DeviceBuffer<Bf16> images, state, noise, slot;
+    DeviceBuffer<float> actions;
+  };
+  std::vector<Frame> frames;
+  for (int f = 0; f < kFrames; ++f) {
+    const FrameInputs in = make_frame_inputs(config, shape, 902, static_cast<uint64_t>(f));
+    frames.push_back({cuda::upload(in.images, "images"), cuda::upload(in.state, "state"),
+                      cuda::upload(in.noise, "noise"), poisoned<Bf16>(sizes.kv_slot_values),
+                      poisoned<float>(sizes.action_values)});
+  }
+  cuda::Stream encoder_stream, decoder_stream;
+  std::vector<std::vector<float>> serial;
+  for (Frame& fr : frames) {
+    encoder.encode(fr.images.get(), fr.slot.get(), encoder_stream.get());
+    decoder.decode(fr.slot.get(), fr.state.get(), fr.noise.get(), fr.actions.get(),
+                   encoder_stream.get());
+    encoder_stream.synchronize();
+    serial.push_back(cuda::download(fr.actions.get(), fr.actions.size()));
+    REQUIRE(count_nonfinite(serial.back()) == 0);
+  }
+
+  cuda::InProcessHandoff handoff(config.lm_layers, 5'000'000'000ull);
+  DeviceBuffer<uint64_t> stamps(2, "stamps");  // the encoder's end, the decoder's last wake-up
+  cuda::LayerSignals signals = handoff.signals();
+  signals.last_stamp = stamps.get();
+  cuda::LayerWait wait = handoff.wait();
+  wait.done_at = stamps.get() + 1;
+  for (int round = 0; round < 3; ++round) {  // eager, capture, replay
+    for (Frame& fr : frames) {
+      CUDA_CHECK(cudaMemsetAsync(fr.slot.get(), 0xFF, fr.slot.bytes(), encoder_stream.get()));
+      CUDA_CHECK(cudaMemsetAsync(fr.actions.get(), 0xFF, fr.actions.bytes(), encoder_stream.get()));
+      handoff.begin_frame(encoder_stream.get(), decoder_stream.get());
+      encoder.encode(fr.images.get(), fr.slot.get(), encoder_stream.get(), &signals);
+      Bf16* slot = fr.slot.get();
+      decoder.decode_batch(&slot, 1, fr.state.get(), fr.noise.get(), fr.actions.get(),
+                           decoder_stream.get(), &wait, &handoff.limits());
+      handoff.end_frame(decoder_stream.get());
+    }
+    decoder_stream.synchronize();
+    REQUIRE(handoff.timed_out_layer() == 0);
+    const auto when = cuda::download(stamps.get(), 2);
+    // The decoder's last layer went on after the encoder's end (%globaltimer ticks about once a
+    // microsecond and differs slightly between SMs: room for that).
+    REQUIRE(when[0] != 0);
+    REQUIRE(when[1] + 50'000 >= when[0]);
+    for (int f = 0; f < kFrames; ++f) {
+      const auto got = cuda::download(frames[f].actions.get(), frames[f].actions.size());
+      INFO("round " << round << ", frame " << f);
+      REQUIRE(bitwise_equal(got.data(), serial[f].data(), got.size() * sizeof(float)));
+    }
   }
 }

@@ -12,6 +12,8 @@
 
 #include <cstdint>
 
+#include "pi0/cuda/device.hpp"
+
 namespace pi0::cuda {
 
 // Whether the two workers hand slots over per layer: only as MPS clients (without MPS their
@@ -54,5 +56,34 @@ void signal_layer(uint64_t* counter, const uint64_t* generation, uint64_t* stamp
 // then writes the GPU time to *done_at if not null.
 void wait_layer(const uint64_t* counter, const uint64_t* expected, int layer,
                 const LayerWaitLimits& limits, uint64_t* done_at, cudaStream_t stream);
+
+// Adds 1 to *generation, in stream order.
+void advance_generation(uint64_t* generation, cudaStream_t stream);
+
+// The same hand-off inside one process (the single-process baseline): the encoder runs on one
+// stream and the decoder on another, which follows it layer by layer through its first flow step.
+// Frames stay one at a time (a frame's encoder starts after the previous frame's decoder is
+// done), so one generation word serves both sides.
+class InProcessHandoff {
+ public:
+  InProcessHandoff(int layers, uint64_t timeout_ns);
+  // Enqueues a frame's start: the encoder's stream waits for the previous frame's decoder and
+  // advances the generation, and the decoder's stream waits for that.
+  void begin_frame(cudaStream_t encoder, cudaStream_t decoder);
+  // Enqueues a frame's end on the decoder's stream, for the next begin_frame.
+  void end_frame(cudaStream_t decoder);
+  LayerSignals signals() const;
+  LayerWait wait() const;
+  const LayerWaitLimits& limits() const { return limits_; }
+  // 0, or 1 + the layer whose wait ran into its deadline (reads the device, so it synchronizes).
+  uint32_t timed_out_layer() const;
+
+ private:
+  DeviceBuffer<uint64_t> words_;  // the generation, then one counter per layer
+  DeviceBuffer<uint32_t> error_;
+  Event decoder_started_{cudaEventDisableTiming};
+  Event decoder_finished_{cudaEventDisableTiming};
+  LayerWaitLimits limits_;
+};
 
 }  // namespace pi0::cuda

@@ -129,7 +129,8 @@ Figures run_case(const ModelConfig& config, const Case& c, const WeightStore& en
   // alone. Overlapped (the default): the decoder on a second stream follows the encoder layer by
   // layer through its first flow step (pi0/cuda/layer_signal.hpp), as the pipeline's workers do;
   // frames stay one at a time. PI0_LAYER_WAITS=0 keeps the serial schedule for every figure.
-  const bool overlap = cuda::layer_handoff_wanted(true);
+  // One process: its two streams run side by side, as two MPS clients do.
+  const bool overlap = cuda::layer_handoff_wanted(/*mps_client=*/true);
   cuda::Stream stream;          // the encoder's, and the serial schedule's
   cuda::Stream decoder_stream;  // the overlapped decoder's
   cuda::InProcessHandoff handoff(config.lm_layers, kLayerWaitTimeoutNs);

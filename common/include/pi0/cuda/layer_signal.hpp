@@ -75,7 +75,8 @@ class InProcessHandoff {
   LayerSignals signals() const;
   LayerWait wait() const;
   const LayerWaitLimits& limits() const { return limits_; }
-  // 0, or 1 + the layer whose wait ran into its deadline (reads the device, so it synchronizes).
+  // 0, or 1 + the layer whose wait ran into its deadline. A plain copy, which does not wait for
+  // the streams: call it once the frames are done (after synchronizing the decoder's stream).
   uint32_t timed_out_layer() const;
 
  private:

@@ -305,7 +305,7 @@ void print_case(const Figures& f) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"pi0 single-process GPU baseline (encoder + decoder back to back)"};
+  CLI::App app{"pi0 single-process GPU baseline (encoder + decoder, one frame at a time)"};
   std::string model = "pi0";
   int iters = 200, warmup = 20;
   std::string json_path;

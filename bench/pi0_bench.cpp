@@ -38,10 +38,8 @@ namespace {
 // H100 SXM ceilings used for the utilisation columns (dense bf16, HBM3).
 constexpr double kPeakTflops = 800.0;
 constexpr double kPeakGBps = 3000.0;
-constexpr int kInputSets = 2;
-constexpr uint64_t kLayerWaitTimeoutNs =
-    10'000'000'000ull;  // as the decoder worker's  // rotate inputs so that no run reads what the
-                        // last one cached
+constexpr int kInputSets = 2;  // rotate inputs so that no run reads what the last one cached
+constexpr uint64_t kLayerWaitTimeoutNs = 10'000'000'000ull;  // as the decoder worker's
 
 struct Case {
   int views, chunk, prompt;

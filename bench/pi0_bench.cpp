@@ -39,7 +39,6 @@ namespace {
 constexpr double kPeakTflops = 800.0;
 constexpr double kPeakGBps = 3000.0;
 constexpr int kInputSets = 2;  // rotate inputs so that no run reads what the last one cached
-constexpr uint64_t kLayerWaitTimeoutNs = 10'000'000'000ull;  // as the decoder worker's
 
 struct Case {
   int views, chunk, prompt;
@@ -131,7 +130,7 @@ Figures run_case(const ModelConfig& config, const Case& c, const WeightStore& en
   const bool overlap = cuda::layer_handoff_wanted(/*mps_client=*/true);
   cuda::Stream stream;          // the encoder's, and the serial schedule's
   cuda::Stream decoder_stream;  // the overlapped decoder's
-  cuda::InProcessHandoff handoff(config.lm_layers, kLayerWaitTimeoutNs);
+  cuda::InProcessHandoff handoff(config.lm_layers, cuda::kLayerWaitTimeoutNs);
   const cuda::LayerSignals signals = handoff.signals();
   const cuda::LayerWait wait = handoff.wait();
   // The stream the frame's actions are written on (and its end is recorded on).

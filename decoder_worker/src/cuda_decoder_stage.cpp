@@ -35,9 +35,6 @@ namespace {
 constexpr int kStampCount = 4;
 // Passes started at once: the next one is queued on the stream while the current one runs.
 constexpr uint32_t kPassesInFlight = 2;
-// How long one layer's wait may hold the stream: far beyond any encoder layer, at any share; past
-// it the encoder is taken for dead or hung and the pass fails instead of hanging.
-constexpr uint64_t kLayerWaitTimeoutNs = 10'000'000'000ull;
 
 class CudaDecoderStage final : public DecoderStage {
  public:
@@ -97,7 +94,7 @@ class CudaDecoderStage final : public DecoderStage {
     CUDA_CHECK(cudaMemset(wait_error_.get(), 0, wait_error_.bytes()));
     wait_error_host_.get()[0] = 0;
     limits_.error = wait_error_.get();
-    limits_.timeout_ns = kLayerWaitTimeoutNs;
+    limits_.timeout_ns = cuda::kLayerWaitTimeoutNs;
     input_pin_ = ipc::HostRegistration(rt.control().input_area(), rt.control().input_area_bytes());
     output_pin_ =
         ipc::HostRegistration(rt.control().output_area(), rt.control().output_area_bytes());
@@ -183,7 +180,7 @@ class CudaDecoderStage final : public DecoderStage {
     if (wait_error_host_.get()[0] != 0) {
       throw Error("the encoder did not signal layer " +
                   std::to_string(wait_error_host_.get()[0] - 1) + " of a frame's K/V slot within " +
-                  std::to_string(kLayerWaitTimeoutNs / 1'000'000'000ull) +
+                  std::to_string(cuda::kLayerWaitTimeoutNs / 1'000'000'000ull) +
                   " s: it is dead or hung");
     }
     const Frame f = frames_.front();

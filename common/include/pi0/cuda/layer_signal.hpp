@@ -47,6 +47,11 @@ struct LayerWaitLimits {
   uint64_t timeout_ns = 0;
 };
 
+// The deadline the decoder worker and the single-process baseline give each layer's wait: far
+// beyond any encoder layer at any share; past it the encoder is taken for dead or hung and the
+// pass fails instead of hanging.
+constexpr uint64_t kLayerWaitTimeoutNs = 10'000'000'000ull;
+
 // Stores *generation into *counter, released at GPU scope after every earlier write of the stream
 // (writing the GPU time to *stamp first, if not null).
 void signal_layer(uint64_t* counter, const uint64_t* generation, uint64_t* stamp,

@@ -133,7 +133,7 @@ LayerWait InProcessHandoff::wait() const {
 
 uint32_t InProcessHandoff::timed_out_layer() const {
   uint32_t error = 0;
-  CUDA_CHECK(cudaMemcpy(&error, error_.get(), sizeof error, cudaMemcpyDeviceToHost));
+  copy_to_host(&error, error_.get(), sizeof error);
   return error;
 }
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <type_traits>
 
 #include "pi0/check.hpp"
@@ -91,6 +92,61 @@ __global__ void layer_norm_kernel(const float* x, const bf16* weight, const bf16
   for (int i = threadIdx.x; i < width; i += blockDim.x)
     o[i] = __float2bfloat16_rn((row[i] - mean) * rstd * __bfloat162float(weight[i]) +
                                __bfloat162float(bias[i]));
+}
+
+// RowRmsScale on the device: vec8 where every row can be read as 16-byte vectors (width % 8 == 0
+// and x 16-byte aligned), decided on the host so that a configuration always sums the same way.
+struct RowScale {
+  const bf16* x;  // null: scale 1
+  int width;
+  float eps;
+  bool vec8;
+};
+
+// rsqrt(mean(x[row]^2) + eps) for every thread of the block (all of them must call it), or 1.
+__device__ float row_rms_scale(const RowScale& s, int row, float* smem) {
+  if (!s.x) return 1.0f;
+  const bf16* r = s.x + static_cast<size_t>(row) * s.width;
+  float sum = 0.0f;
+  if (s.vec8) {
+    for (int i = 8 * static_cast<int>(threadIdx.x); i < s.width; i += 8 * blockDim.x) {
+      const uint4 v = *reinterpret_cast<const uint4*>(r + i);
+      const bf162* p = reinterpret_cast<const bf162*>(&v);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float2 f = __bfloat1622float2(p[k]);
+        sum += f.x * f.x + f.y * f.y;
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < s.width; i += blockDim.x) {
+      const float f = __bfloat162float(r[i]);
+      sum += f * f;
+    }
+  }
+  return rsqrtf(block_sum(sum, smem) / s.width + s.eps);
+}
+
+// Blocks of one row each: grid (rows, blocks per row), `threads` a block, for per_row items.
+// Measured on an H100 (bench/NOTES.md v13): blocks of up to 512 or 1024 threads, or up to four
+// items a thread, were no faster for pi0's RoPE and GeGLU.
+struct RowGrid {
+  dim3 grid;
+  int threads;
+};
+RowGrid row_grid(int rows, size_t per_row) {
+  const size_t blocks = std::max<size_t>(1, (per_row + kThreads - 1) / kThreads);
+  const size_t per_block = (per_row + blocks - 1) / blocks;
+  const int threads = static_cast<int>(std::max<size_t>(32, (per_block + 31) / 32 * 32));
+  return {dim3(static_cast<unsigned>(rows), static_cast<unsigned>(blocks)), threads};
+}
+
+__global__ void rms_norm_bf16_kernel(const bf16* x, bf16* out, RowScale scale) {
+  __shared__ float smem[32];
+  const float r = row_rms_scale(scale, blockIdx.x, smem);
+  const size_t base = static_cast<size_t>(blockIdx.x) * scale.width;
+  for (int i = threadIdx.x; i < scale.width; i += blockDim.x)
+    out[base + i] = __float2bfloat16_rn(__bfloat162float(x[base + i]) * r);
 }
 
 __global__ void rms_norm_kernel(const float* x, bf16* out, int width, float eps) {
@@ -255,36 +311,45 @@ __global__ void broadcast_rows_kernel(const bf16* table, int table_rows, const b
 
 // kPairs interleaved pairs a thread: 1 (4-byte loads, any even head_dim) or 4 (one 16-byte load
 // and store; head_dim % 8 == 0, every row 16-byte aligned). Each pair's angle is computed the same
-// way in both, so they give the same bits.
+// way in both, so they give the same bits. Blocks of one row each (row_grid), so that a block can
+// scale its row by the folded RMS norm; the first item's load is issued before that reduction.
 template <int kPairs>
-__global__ void rope_split_qkv_kernel(const bf16* qkv, int rows, int q_heads, int head_dim,
+__global__ void rope_split_qkv_kernel(const bf16* qkv, int q_heads, int head_dim,
                                       int first_position, float log2_theta, bf16* q_out,
-                                      bf16* k_out, bf16* v_out) {
+                                      bf16* k_out, bf16* v_out, RowScale scale) {
   static_assert(kPairs == 1 || kPairs == 4, "a bf16 pair or a 16-byte vector a thread");
   using Vec = std::conditional_t<kPairs == 1, bf162, uint4>;
+  __shared__ float smem[32];
+  const int row = blockIdx.x;
   const int per_head = head_dim / (2 * kPairs);
   const int per_row = (q_heads + 2) * per_head;
-  const size_t n = static_cast<size_t>(rows) * per_row;
   const int width = (q_heads + 2) * head_dim;
-  for (size_t idx = blockIdx.x * size_t{blockDim.x} + threadIdx.x; idx < n;
-       idx += size_t{gridDim.x} * blockDim.x) {
-    const int row = static_cast<int>(idx / per_row);
-    const int j = static_cast<int>(idx % per_row);
+  const bf16* in_row = qkv + static_cast<size_t>(row) * width;
+  auto load = [&](int j) {
     const int head = j / per_head, col = (j % per_head) * 2 * kPairs;
-    const Vec in = *reinterpret_cast<const Vec*>(qkv + static_cast<size_t>(row) * width +
-                                                 head * head_dim + col);
-    if (head == q_heads + 1) {
-      *reinterpret_cast<Vec*>(v_out + static_cast<size_t>(row) * head_dim + col) = in;
-      continue;
-    }
+    return *reinterpret_cast<const Vec*>(in_row + head * head_dim + col);
+  };
+  const int first = blockIdx.y * blockDim.x + threadIdx.x;
+  const Vec first_in = first < per_row ? load(first) : Vec{};
+  const float r = row_rms_scale(scale, row, smem);
+  const float position = static_cast<float>(first_position + row);
+  for (int j = first; j < per_row; j += gridDim.y * blockDim.x) {
+    const int head = j / per_head, col = (j % per_head) * 2 * kPairs;
+    const Vec in = j == first ? first_in : load(j);
     const bf162* pairs = reinterpret_cast<const bf162*>(&in);
     Vec out;
     bf162* rotated = reinterpret_cast<bf162*>(&out);
-    const float position = static_cast<float>(first_position + row);
+    if (head == q_heads + 1) {
+#pragma unroll
+      for (int k = 0; k < kPairs; ++k)
+        rotated[k] = __floats2bfloat162_rn(__low2float(pairs[k]) * r, __high2float(pairs[k]) * r);
+      *reinterpret_cast<Vec*>(v_out + static_cast<size_t>(row) * head_dim + col) = out;
+      continue;
+    }
 #pragma unroll
     for (int k = 0; k < kPairs; ++k) {
       const int i = col / 2 + k;
-      const float x0 = __low2float(pairs[k]), x1 = __high2float(pairs[k]);
+      const float x0 = __low2float(pairs[k]) * r, x1 = __high2float(pairs[k]) * r;
       // theta^(-2i/d) in fp32, angle reduced by sincosf's full-range reduction.
       const float inv_freq = exp2f(-(2.0f * i / head_dim) * log2_theta);
       float s, c;
@@ -364,55 +429,36 @@ __global__ void softmax_rows_reg_kernel(const float* scores, int ld_scores, bf16
   }
 }
 
-// Eight columns a thread: 16-byte loads of gate and up, one 16-byte store (width % 8 == 0, rows
-// 16-byte aligned).
-__global__ void geglu_x8_kernel(const bf16* gate_up, bf16* out, int rows, int width) {
-  const int eighths = width / 8;
-  const size_t n = static_cast<size_t>(rows) * eighths;
-  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n;
-       i += size_t{gridDim.x} * blockDim.x) {
-    const size_t row = i / eighths;
-    const int col = static_cast<int>(i % eighths) * 8;
-    const bf16* g = gate_up + row * 2 * width + col;
-    const uint4 gv = *reinterpret_cast<const uint4*>(g);
-    const uint4 uv = *reinterpret_cast<const uint4*>(g + width);
-    const bf162* gp = reinterpret_cast<const bf162*>(&gv);
-    const bf162* up = reinterpret_cast<const bf162*>(&uv);
-    uint4 ov;
-    bf162* op = reinterpret_cast<bf162*>(&ov);
+// kCols columns a thread: 8 (16-byte loads of gate and up, one 16-byte store; width % 8 == 0,
+// rows 16-byte aligned), 2 (width even) or 1. Blocks of one row each (row_grid), so that a block
+// can scale its row by the folded RMS norm: gelu_tanh(r * gate) * (r * up).
+template <int kCols>
+__global__ void geglu_kernel(const bf16* gate_up, bf16* out, int width, RowScale scale) {
+  using Vec = std::conditional_t<kCols == 8, uint4, std::conditional_t<kCols == 2, bf162, bf16>>;
+  static_assert(sizeof(Vec) == kCols * sizeof(bf16), "kCols bf16 a vector");
+  __shared__ float smem[32];
+  const int row = blockIdx.x;
+  const int per_row = width / kCols;
+  const bf16* g_row = gate_up + static_cast<size_t>(row) * 2 * width;
+  const int first = blockIdx.y * blockDim.x + threadIdx.x;
+  Vec first_g{}, first_u{};
+  if (first < per_row) {
+    first_g = *reinterpret_cast<const Vec*>(g_row + first * kCols);
+    first_u = *reinterpret_cast<const Vec*>(g_row + width + first * kCols);
+  }
+  const float r = row_rms_scale(scale, row, smem);
+  for (int j = first; j < per_row; j += gridDim.y * blockDim.x) {
+    const Vec gv = j == first ? first_g : *reinterpret_cast<const Vec*>(g_row + j * kCols);
+    const Vec uv = j == first ? first_u : *reinterpret_cast<const Vec*>(g_row + width + j * kCols);
+    const bf16* g = reinterpret_cast<const bf16*>(&gv);
+    const bf16* u = reinterpret_cast<const bf16*>(&uv);
+    Vec ov;
+    bf16* o = reinterpret_cast<bf16*>(&ov);
 #pragma unroll
-    for (int k = 0; k < 4; ++k)
-      op[k] = __floats2bfloat162_rn(gelu_tanh(__low2float(gp[k])) * __low2float(up[k]),
-                                    gelu_tanh(__high2float(gp[k])) * __high2float(up[k]));
-    *reinterpret_cast<uint4*>(out + row * width + col) = ov;
-  }
-}
-
-__global__ void geglu_kernel(const bf16* gate_up, bf16* out, int rows, int width) {
-  const int half_width = width / 2;  // in bf16 pairs
-  const size_t n = static_cast<size_t>(rows) * half_width;
-  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n;
-       i += size_t{gridDim.x} * blockDim.x) {
-    const size_t row = i / half_width;
-    const int col = static_cast<int>(i % half_width) * 2;
-    const bf16* g = gate_up + row * 2 * width;
-    const bf162 gv = *reinterpret_cast<const bf162*>(g + col);
-    const bf162 uv = *reinterpret_cast<const bf162*>(g + width + col);
-    *reinterpret_cast<bf162*>(out + row * width + col) =
-        __floats2bfloat162_rn(gelu_tanh(__low2float(gv)) * __low2float(uv),
-                              gelu_tanh(__high2float(gv)) * __high2float(uv));
-  }
-}
-
-__global__ void geglu_scalar_kernel(const bf16* gate_up, bf16* out, int rows, int width) {
-  const size_t n = static_cast<size_t>(rows) * width;
-  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n;
-       i += size_t{gridDim.x} * blockDim.x) {
-    const size_t row = i / width;
-    const int col = static_cast<int>(i % width);
-    const float g = __bfloat162float(gate_up[row * 2 * width + col]);
-    const float u = __bfloat162float(gate_up[row * 2 * width + width + col]);
-    out[i] = __float2bfloat16_rn(gelu_tanh(g) * u);
+    for (int k = 0; k < kCols; ++k)
+      o[k] =
+          __float2bfloat16_rn(gelu_tanh(__bfloat162float(g[k]) * r) * (__bfloat162float(u[k]) * r));
+    *reinterpret_cast<Vec*>(out + static_cast<size_t>(row) * width + j * kCols) = ov;
   }
 }
 
@@ -501,18 +547,38 @@ void broadcast_rows(const Bf16* table, int table_rows, const Bf16* bias, float* 
   CUDA_CHECK_LAUNCH();
 }
 
+namespace {
+
+RowScale device_scale(const RowRmsScale& s, int rows, const char* who) {
+  if (!s.x) return RowScale{nullptr, 0, 0.0f, false};
+  PI0_CHECK(s.width > 0 && rows >= 0, std::string(who) + ": the RMS scale needs a positive width");
+  return RowScale{dev(s.x), s.width, s.eps, s.width % 8 == 0 && is_aligned(s.x, 16)};
+}
+
+}  // namespace
+
+void rms_norm(const Bf16* x, Bf16* out, int rows, int width, float eps, cudaStream_t stream) {
+  if (rows == 0) return;
+  const RowScale scale = device_scale(RowRmsScale{x, width, eps}, rows, "rms_norm");
+  rms_norm_bf16_kernel<<<rows, kRowThreads, 0, stream>>>(dev(x), dev(out), scale);
+  CUDA_CHECK_LAUNCH();
+}
+
 void rope_split_qkv(const Bf16* qkv, int rows, int q_heads, int head_dim, int first_position,
-                    float theta, Bf16* q_out, Bf16* k_out, Bf16* v_out, cudaStream_t stream) {
+                    float theta, Bf16* q_out, Bf16* k_out, Bf16* v_out, cudaStream_t stream,
+                    const RowRmsScale& rms) {
   PI0_CHECK(head_dim % 2 == 0, "rope_split_qkv: head_dim must be even");
   const size_t n = static_cast<size_t>(rows) * (q_heads + 2) * (head_dim / 2);
   if (n == 0) return;
+  const RowScale scale = device_scale(rms, rows, "rope_split_qkv");
   const bool x4 = n >= kVectorizeFrom && head_dim % 8 == 0 && is_aligned(qkv, 16) &&
                   is_aligned(q_out, 16) && is_aligned(k_out, 16) && is_aligned(v_out, 16);
   const int pairs = x4 ? 4 : 1;
   auto kernel = x4 ? rope_split_qkv_kernel<4> : rope_split_qkv_kernel<1>;
-  kernel<<<grid_for(n / pairs), kThreads, 0, stream>>>(dev(qkv), rows, q_heads, head_dim,
-                                                       first_position, std::log2(theta), dev(q_out),
-                                                       dev(k_out), dev(v_out));
+  const RowGrid g = row_grid(rows, n / rows / pairs);
+  kernel<<<g.grid, g.threads, 0, stream>>>(dev(qkv), q_heads, head_dim, first_position,
+                                           std::log2(theta), dev(q_out), dev(k_out), dev(v_out),
+                                           scale);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -543,18 +609,17 @@ void softmax_rows(const float* scores, int ld_scores, Bf16* probs, int ld_probs,
   CUDA_CHECK_LAUNCH();
 }
 
-void geglu(const Bf16* gate_up, Bf16* out, int rows, int width, cudaStream_t stream) {
+void geglu(const Bf16* gate_up, Bf16* out, int rows, int width, cudaStream_t stream,
+           const RowRmsScale& rms) {
   const size_t n = static_cast<size_t>(rows) * width;
   if (n == 0) return;
+  const RowScale scale = device_scale(rms, rows, "geglu");
   const bool x8 =
       n >= kVectorizeFrom && width % 8 == 0 && is_aligned(gate_up, 16) && is_aligned(out, 16);
-  if (x8) {
-    geglu_x8_kernel<<<grid_for(n / 8), kThreads, 0, stream>>>(dev(gate_up), dev(out), rows, width);
-  } else if (width % 2 == 0) {
-    geglu_kernel<<<grid_for(n / 2), kThreads, 0, stream>>>(dev(gate_up), dev(out), rows, width);
-  } else {
-    geglu_scalar_kernel<<<grid_for(n), kThreads, 0, stream>>>(dev(gate_up), dev(out), rows, width);
-  }
+  const int cols = x8 ? 8 : width % 2 == 0 && is_aligned(gate_up, 4) && is_aligned(out, 4) ? 2 : 1;
+  const RowGrid g = row_grid(rows, static_cast<size_t>(width / cols));
+  auto kernel = cols == 8 ? geglu_kernel<8> : cols == 2 ? geglu_kernel<2> : geglu_kernel<1>;
+  kernel<<<g.grid, g.threads, 0, stream>>>(dev(gate_up), dev(out), width, scale);
   CUDA_CHECK_LAUNCH();
 }
 

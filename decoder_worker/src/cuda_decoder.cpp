@@ -5,6 +5,10 @@
 // rows of every K and V block (StageSizes::kv_slot_rows); the decoder writes its own keys and
 // values there each layer and attention reads the [E + C + 1, head_dim] block in place.
 // The flow sample lives in d_actions (fp32); the Euler update is a GEMM accumulating into it.
+// The residual stream is bf16, so that the layers' RMS norms fold into the kernels after the
+// products they feed (pi0/cuda/kernels.hpp, RowRmsScale): qkv and gate|up read the stream itself,
+// and RoPE + K/V write and GeGLU scale each row, two launches fewer per layer and step. The skinny
+// and persistent paths below keep an fp32 stream and the norms: their epilogues accumulate fp32.
 // decode_batch() stacks the rows of several frames (each C + 1 rows, its own K/V slot) under the
 // same weight GEMMs; only RoPE + K/V write and attention, which read and write a frame's own slot,
 // and the small per-step action GEMMs, run once per frame.
@@ -57,10 +61,29 @@ struct CudaDecoder::Impl {
   DeviceBuffer<std::byte> gemm_ws;
 
   DeviceBuffer<Bf16> state_w, ain_w, time_b, amlp_w, qkv_w, o_w, gate_up_w, down_w, aout_w;
-  DeviceBuffer<float> state_b, amlp_b, aout_b;
+  DeviceBuffer<float> aout_b;
 
   DeviceBuffer<Bf16> h, sample, t1, qkv, q, attn, gu, act;
-  DeviceBuffer<float> x, state_row;
+  // The residual stream, the state token's row of it and the biases of the products that write
+  // it: bf16 with the norms folded (fold_norms), fp32 otherwise; only one of each pair is made.
+  bool fold_norms = false;
+  DeviceBuffer<Bf16> x_bf16, state_row_bf16, state_b_bf16, amlp_b_bf16;
+  DeviceBuffer<float> x_f32, state_row_f32, state_b_f32, amlp_b_f32;
+  void* x() const { return fold_norms ? static_cast<void*>(x_bf16.get()) : x_f32.get(); }
+  void* state_row() const {
+    return fold_norms ? static_cast<void*>(state_row_bf16.get()) : state_row_f32.get();
+  }
+  const void* state_b() const {
+    return fold_norms ? static_cast<const void*>(state_b_bf16.get()) : state_b_f32.get();
+  }
+  const void* amlp_b() const {
+    return fold_norms ? static_cast<const void*>(amlp_b_bf16.get()) : amlp_b_f32.get();
+  }
+  size_t residual_bytes() const { return fold_norms ? sizeof(Bf16) : sizeof(float); }
+  // Row `row` of the residual stream.
+  void* x_row(size_t row) const {
+    return static_cast<std::byte*>(x()) + row * cfg.action_width * residual_bytes();
+  }
 
   // The GEMMs over all frames of a pass, one set per frame count (index count - 1).
   struct PassGemms {
@@ -180,12 +203,41 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
                  transposed_weights ? ", layer weights transposed" : "");
   }
 
+  const char* want_layers = std::getenv("PI0_DECODER_LAYERS");
+  const bool layers_wanted =
+      options.decoder_persistent_layers || (want_layers && want_layers[0] == '1');
+  cuda::DecoderLayersShape layers_shape;
+  layers_shape.rows = rows;
+  layers_shape.prefix = prefix;
+  layers_shape.width = aw;
+  layers_shape.q_heads = cfg.lm_heads;
+  layers_shape.head_dim = cfg.head_dim;
+  layers_shape.mlp = am;
+  layers_shape.layers = cfg.lm_layers;
+  layers_shape.rms_eps = cfg.rms_eps;
+  layers_shape.rope_theta = cfg.rope_theta;
+  const std::string layers_unsupported = cuda::DecoderLayers::unsupported_reason(layers_shape);
+  if (layers_wanted && !skinny && layers_unsupported.empty()) {
+    layers_kernel = cuda::DecoderLayers(layers_shape, options.decoder_layers_ctas);
+    memory.add_workspace(layers_kernel.scratch_bytes());
+  } else if (layers_wanted) {
+    spdlog::warn("decoder: persistent layers kernel not used ({})",
+                 skinny ? "PI0_DECODER_SKINNY is on" : layers_unsupported);
+  }
+
+  fold_norms = !skinny && !layers_kernel.valid();
+
   state_w = memory.weight(cuda::upload_tensor(w, "decoder_state_in_proj_w"));
-  state_b = memory.weight(cuda::upload_tensor_f32(w, "decoder_state_in_proj_b"));
+  if (fold_norms) {
+    state_b_bf16 = memory.weight(cuda::upload_tensor(w, "decoder_state_in_proj_b"));
+    amlp_b_bf16 = memory.weight(cuda::upload_tensor(w, "decoder_action_mlp_b"));
+  } else {
+    state_b_f32 = memory.weight(cuda::upload_tensor_f32(w, "decoder_state_in_proj_b"));
+    amlp_b_f32 = memory.weight(cuda::upload_tensor_f32(w, "decoder_action_mlp_b"));
+  }
   ain_w = memory.weight(cuda::upload_tensor(w, "decoder_action_fused_in_proj_w"));
   time_b = memory.weight(cuda::upload_tensor(w, "decoder_action_fused_time_biases"));
   amlp_w = memory.weight(cuda::upload_tensor(w, "decoder_action_mlp_w"));
-  amlp_b = memory.weight(cuda::upload_tensor_f32(w, "decoder_action_mlp_b"));
   const long layers = cfg.lm_layers;
   // A stacked [layers, in, out] weight, transposed per layer to [layers, out, in].
   auto upload_transposed = [&](const std::string& name, long in, long out) {
@@ -224,9 +276,15 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
 
   const size_t r = static_cast<size_t>(rows) * max_batch;  // rows of a full pass
   const size_t cb = static_cast<size_t>(c) * max_batch;
-  x = memory.work<float>(r * aw, "residual");
-  state_row = memory.work<float>(static_cast<size_t>(max_batch) * aw, "state token");
-  h = memory.work<Bf16>(r * aw, "normed");
+  if (fold_norms) {
+    x_bf16 = memory.work<Bf16>(r * aw, "residual");
+    state_row_bf16 = memory.work<Bf16>(static_cast<size_t>(max_batch) * aw, "state token");
+  } else {
+    x_f32 = memory.work<float>(r * aw, "residual");
+    state_row_f32 = memory.work<float>(static_cast<size_t>(max_batch) * aw, "state token");
+  }
+  const DType residual_type = fold_norms ? DType::kBf16 : DType::kF32;
+  h = memory.work<Bf16>(r * aw, "normed");  // with fold_norms, only for the Euler step
   sample = memory.work<Bf16>(cb * ad, "sample (bf16)");
   t1 = memory.work<Bf16>(cb * aw, "action in");
   qkv = memory.work<Bf16>(r * qkv_width, "qkv");
@@ -238,16 +296,16 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   for (int b = 1; b <= max_batch; ++b) {
     PassGemms g;
     g.state = gemm(loosely_aligned(
-        cuda::linear_shape(b, aw, cfg.state_dim, DType::kF32, Epilogue::kBias, false)));
+        cuda::linear_shape(b, aw, cfg.state_dim, residual_type, Epilogue::kBias, false)));
     g.ain = gemm(cuda::linear_shape(b * c, aw, ad, DType::kBf16, Epilogue::kBias, false));
     g.qkv = gemm(cuda::linear_shape(b * rows, qkv_width, aw, DType::kBf16, Epilogue::kNone, false));
-    g.o = gemm(cuda::linear_shape(b * rows, aw, qw, DType::kF32, Epilogue::kNone, true));
+    g.o = gemm(cuda::linear_shape(b * rows, aw, qw, residual_type, Epilogue::kNone, true));
     g.gu = gemm(cuda::linear_shape(b * rows, 2 * am, aw, DType::kBf16, Epilogue::kNone, false));
-    g.down = gemm(cuda::linear_shape(b * rows, aw, am, DType::kF32, Epilogue::kNone, true));
+    g.down = gemm(cuda::linear_shape(b * rows, aw, am, residual_type, Epilogue::kNone, true));
     pass.push_back(std::move(g));
   }
   g_amlp =
-      gemm(loosely_aligned(cuda::linear_shape(c, aw, aw, DType::kF32, Epilogue::kBias, false)));
+      gemm(loosely_aligned(cuda::linear_shape(c, aw, aw, residual_type, Epilogue::kBias, false)));
   g_aout = gemm(loosely_aligned(cuda::linear_shape(c, ad, aw, DType::kF32, Epilogue::kBias, true)));
   const PassGemms& one = pass.front();
 
@@ -263,28 +321,6 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
 
   const char* want_prefetch = std::getenv("PI0_DECODER_PREFETCH");
   prefetch = !(want_prefetch && want_prefetch[0] == '0');
-
-  const char* want_layers = std::getenv("PI0_DECODER_LAYERS");
-  const bool layers_wanted =
-      options.decoder_persistent_layers || (want_layers && want_layers[0] == '1');
-  cuda::DecoderLayersShape layers_shape;
-  layers_shape.rows = rows;
-  layers_shape.prefix = prefix;
-  layers_shape.width = aw;
-  layers_shape.q_heads = cfg.lm_heads;
-  layers_shape.head_dim = cfg.head_dim;
-  layers_shape.mlp = am;
-  layers_shape.layers = cfg.lm_layers;
-  layers_shape.rms_eps = cfg.rms_eps;
-  layers_shape.rope_theta = cfg.rope_theta;
-  const std::string layers_unsupported = cuda::DecoderLayers::unsupported_reason(layers_shape);
-  if (layers_wanted && !skinny && layers_unsupported.empty()) {
-    layers_kernel = cuda::DecoderLayers(layers_shape, options.decoder_layers_ctas);
-    memory.add_workspace(layers_kernel.scratch_bytes());
-  } else if (layers_wanted) {
-    spdlog::warn("decoder: persistent layers kernel not used ({})",
-                 skinny ? "PI0_DECODER_SKINNY is on" : layers_unsupported);
-  }
 
   const double steps = cfg.flow_steps;
   const double per_layer = one.qkv.shape().flops() + one.o.shape().flops() +
@@ -303,14 +339,19 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
     cuda::fill_random(t1.get(), t1.size(), 13, 1.0f, s);
     cuda::fill_random(attn.get(), attn.size(), 14, 1.0f, s);
     cuda::fill_random(act.get(), act.size(), 15, 1.0f, s);
-    cuda::fill_random(x.get(), x.size(), 16, 1.0f, s);
-    g_amlp.autotune(t1.get(), amlp_w.get(), x.get() + aw, amlp_b.get(), s);
+    if (fold_norms) {
+      cuda::fill_random(x_bf16.get(), x_bf16.size(), 16, 1.0f, s);
+    } else {
+      cuda::fill_random(x_f32.get(), x_f32.size(), 16, 1.0f, s);
+    }
+    const Bf16* normed = fold_norms ? x_bf16.get() : h.get();  // what qkv and gate|up read
+    g_amlp.autotune(t1.get(), amlp_w.get(), x_row(1), amlp_b(), s);
     for (PassGemms& g : pass) {
       g.ain.autotune(sample.get(), ain_w.get(), t1.get(), time_b.get(), s);
-      g.qkv.autotune(h.get(), qkv_w.get(), qkv.get(), nullptr, s);
-      g.o.autotune(attn.get(), o_w.get(), x.get(), nullptr, s);
-      g.gu.autotune(h.get(), gate_up_w.get(), gu.get(), nullptr, s);
-      g.down.autotune(act.get(), down_w.get(), x.get(), nullptr, s);
+      g.qkv.autotune(normed, qkv_w.get(), qkv.get(), nullptr, s);
+      g.o.autotune(attn.get(), o_w.get(), x(), nullptr, s);
+      g.gu.autotune(normed, gate_up_w.get(), gu.get(), nullptr, s);
+      g.down.autotune(act.get(), down_w.get(), x(), nullptr, s);
     }
     CUDA_CHECK(cudaDeviceSynchronize());
   }
@@ -346,6 +387,12 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
   // Frame f's rows: the state token, then its C action tokens.
   auto frame_row = [&](int f) { return static_cast<size_t>(f) * rows; };
   const bool persistent = count == 1 && layers_kernel.valid();
+  // The folded norm's scale source for frame f's rows (f < 0: every row of the pass); none when
+  // the norms run as kernels of their own.
+  auto rms_of_frame = [&](int f) {
+    if (!fold_norms) return cuda::RowRmsScale{};
+    return cuda::RowRmsScale{x_bf16.get() + (f < 0 ? 0 : frame_row(f) * aw), aw, cfg.rms_eps};
+  };
   // Layer l of the first step waits for the encoder's layer l of every frame's slot; the later
   // steps find every layer written.
   auto wait_for_layer = [&](int step, int l) {
@@ -358,7 +405,7 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
 
   if (timer) timer->begin(s);
   prefetcher.begin();
-  g.state.run(state, state_w.get(), state_row.get(), state_b.get(), s);
+  g.state.run(state, state_w.get(), state_row(), state_b(), s);
   cuda::bf16_to_f32(noise, actions, count * frame_actions, s);
   mark("state proj + noise in", s);
 
@@ -372,35 +419,38 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
     mark("action in: silu", s);
     for (int f = 0; f < count; ++f) {
       const Bf16* t1_f = t1.get() + static_cast<size_t>(f) * c * aw;
-      float* x_actions = x.get() + (frame_row(f) + 1) * aw;
+      void* x_actions = x_row(frame_row(f) + 1);
       if (skinny) {
-        cuda::skinny_gemm(s_amlp, t1_f, amlp_w.get(), x_actions, amlp_b.get(), s);
+        cuda::skinny_gemm(s_amlp, t1_f, amlp_w.get(), x_actions, amlp_b_f32.get(), s);
       } else {
-        g_amlp.run(t1_f, amlp_w.get(), x_actions, amlp_b.get(), s);
+        g_amlp.run(t1_f, amlp_w.get(), x_actions, amlp_b(), s);
       }
     }
     mark("action in: mlp gemm", s);
     // Each frame's state token heads its rows.
-    CUDA_CHECK(cudaMemcpy2DAsync(x.get(), static_cast<size_t>(rows) * aw * sizeof(float),
-                                 state_row.get(), aw * sizeof(float), aw * sizeof(float), count,
+    const size_t row_bytes = aw * residual_bytes();
+    CUDA_CHECK(cudaMemcpy2DAsync(x(), rows * row_bytes, state_row(), row_bytes, row_bytes, count,
                                  cudaMemcpyDeviceToDevice, s));
     mark("state token copy", s);
     if (persistent) {
       for (int l = 0; l < cfg.lm_layers; ++l) wait_for_layer(step, l);
       // Leaves h = rms(x) for the Euler step.
       layers_kernel.run({qkv_w.get(), o_w.get(), gate_up_w.get(), down_w.get()},
-                        {x.get(), h.get(), q.get(), attn.get(), act.get(), kv_slots[0]}, s);
+                        {x_f32.get(), h.get(), q.get(), attn.get(), act.get(), kv_slots[0]}, s);
       mark("layers (persistent kernel)", s);
     }
     for (int l = 0; l < cfg.lm_layers && !persistent; ++l) {
       const size_t ll = static_cast<size_t>(l);
       const size_t suffix = static_cast<size_t>(prefix) * cfg.head_dim;
-      cuda::rms_norm(x.get(), h.get(), pass_rows, aw, cfg.rms_eps, s);
-      mark("rmsnorm", s);
+      if (!fold_norms) {
+        cuda::rms_norm(x_f32.get(), h.get(), pass_rows, aw, cfg.rms_eps, s);
+        mark("rmsnorm", s);
+      }
       if (skinny) {
         cuda::skinny_gemm(s_qkv, h.get(), qkv_w.get() + ll * aw * qkv_width, qkv.get(), nullptr, s);
       } else {
-        g.qkv.run(h.get(), qkv_w.get() + ll * aw * qkv_width, qkv.get(), nullptr, s);
+        g.qkv.run(fold_norms ? x_bf16.get() : h.get(), qkv_w.get() + ll * aw * qkv_width, qkv.get(),
+                  nullptr, s);
       }
       mark("qkv gemm", s);
       // While the first step follows the encoder layer by layer, the encoder runs beside it:
@@ -412,42 +462,49 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
         Bf16* v = kv_slice(kv_slots[f], l, 1);
         cuda::rope_split_qkv(qkv.get() + frame_row(f) * qkv_width, rows, cfg.lm_heads, cfg.head_dim,
                              prefix, cfg.rope_theta, q.get() + frame_row(f) * qw, k + suffix,
-                             v + suffix, s);
+                             v + suffix, s, rms_of_frame(f));
       }
-      mark("rope + kv write", s);
+      mark(fold_norms ? "rms + rope + kv write" : "rope + kv write", s);
       wait_for_layer(step, l);
       for (int f = 0; f < count; ++f) {
         attention.run(q.get() + frame_row(f) * qw, kv_slice(kv_slots[f], l, 0),
                       kv_slice(kv_slots[f], l, 1), attn.get() + frame_row(f) * qw, s, timer);
       }
       if (skinny) {
-        cuda::skinny_gemm(s_o, attn.get(), o_w.get() + ll * qw * aw, x.get(), nullptr, s);
+        cuda::skinny_gemm(s_o, attn.get(), o_w.get() + ll * qw * aw, x(), nullptr, s);
       } else {
-        g.o.run(attn.get(), o_w.get() + ll * qw * aw, x.get(), nullptr, s);
+        g.o.run(attn.get(), o_w.get() + ll * qw * aw, x(), nullptr, s);
       }
       mark("o gemm + residual", s);
-      cuda::rms_norm(x.get(), h.get(), pass_rows, aw, cfg.rms_eps, s);
-      mark("rmsnorm", s);
+      if (!fold_norms) {
+        cuda::rms_norm(x_f32.get(), h.get(), pass_rows, aw, cfg.rms_eps, s);
+        mark("rmsnorm", s);
+      }
       if (skinny) {
         cuda::skinny_gemm(s_gu, h.get(), gate_up_w.get() + ll * aw * 2 * am, act.get(), nullptr, s);
         mark("gate|up gemm + geglu", s);
       } else {
-        g.gu.run(h.get(), gate_up_w.get() + ll * aw * 2 * am, gu.get(), nullptr, s);
+        g.gu.run(fold_norms ? x_bf16.get() : h.get(), gate_up_w.get() + ll * aw * 2 * am, gu.get(),
+                 nullptr, s);
         mark("gate|up gemm", s);
-        cuda::geglu(gu.get(), act.get(), pass_rows, am, s);
-        mark("geglu", s);
+        cuda::geglu(gu.get(), act.get(), pass_rows, am, s, rms_of_frame(-1));
+        mark(fold_norms ? "rms + geglu" : "geglu", s);
       }
       if (skinny) {
-        cuda::skinny_gemm(s_down, act.get(), down_w.get() + ll * am * aw, x.get(), nullptr, s);
+        cuda::skinny_gemm(s_down, act.get(), down_w.get() + ll * am * aw, x(), nullptr, s);
       } else {
-        g.down.run(act.get(), down_w.get() + ll * am * aw, x.get(), nullptr, s);
+        g.down.run(act.get(), down_w.get() + ll * am * aw, x(), nullptr, s);
       }
       mark("down gemm + residual", s);
     }
     // Euler step on each frame's action rows: sample += rms(x[1..C]) @ W_aout + b_aout. One
     // norm over every row of the pass (row by row, so the action rows get the same bits; the
     // state rows' results are not read).
-    if (!persistent) cuda::rms_norm(x.get(), h.get(), pass_rows, aw, cfg.rms_eps, s);
+    if (fold_norms) {
+      cuda::rms_norm(x_bf16.get(), h.get(), pass_rows, aw, cfg.rms_eps, s);
+    } else if (!persistent) {
+      cuda::rms_norm(x_f32.get(), h.get(), pass_rows, aw, cfg.rms_eps, s);
+    }
     for (int f = 0; f < count; ++f) {
       const size_t first = (frame_row(f) + 1) * aw;
       float* actions_f = actions + f * frame_actions;

@@ -1,8 +1,10 @@
 // Encoder forward: the vision tower keeps its residual stream in fp32 ([V*T, 1152]); LayerNorm
 // outputs, QKV, attention and MLP activations are bf16 and feed cuBLASLt directly. Residual adds
 // and biases ride the GEMM epilogues (beta = 1 on the fp32 stream), GELU rides the up-projection.
-// The Gemma prefix does the same at width 2048; RoPE, the Q copy and the K/V cache writes are one
-// kernel, and the last layer stops after its K/V.
+// The Gemma prefix keeps its residual stream in bf16 at width 2048, so that its RMS norms fold
+// into the kernels after the products they feed (pi0/cuda/kernels.hpp, RowRmsScale): qkv and
+// gate|up read the stream itself, and RoPE (with the Q copy and the K/V cache writes) and GeGLU
+// scale each row. The last layer stops after its K/V.
 #include "pi0/cuda_encoder.hpp"
 
 #include <cmath>
@@ -46,14 +48,13 @@ struct CudaEncoder::Impl {
   DeviceBuffer<Bf16> v_qkv_w, v_qkv_b, v_o_w, v_up_w, v_up_b, v_down_w;
   DeviceBuffer<float> v_o_b, v_down_b;
   DeviceBuffer<Bf16> ln1_w, ln1_b, ln2_w, ln2_b, final_w, final_b;
-  DeviceBuffer<Bf16> proj_w;
-  DeviceBuffer<float> proj_b;
+  DeviceBuffer<Bf16> proj_w, proj_b;
   DeviceBuffer<Bf16> lm_qkv_w, lm_o_w, lm_gate_up_w, lm_down_w, lang;
 
   // Activations.
   DeviceBuffer<Bf16> patches, vh, vqkv, vattn, vmlp;
-  DeviceBuffer<float> vx, lx;
-  DeviceBuffer<Bf16> lh, lqkv, lq, lattn, lgu, lact;
+  DeviceBuffer<float> vx;
+  DeviceBuffer<Bf16> lx, lqkv, lq, lattn, lgu, lact;
 
   Gemm g_patch, g_vqkv, g_vo, g_vup, g_vdown, g_proj, g_lqkv, g_lo, g_lgu, g_ldown;
   cuda::ViewAttention v_attention;
@@ -127,7 +128,7 @@ CudaEncoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   final_w = memory.weight(cuda::upload_tensor(w, "vision_final_norm_w"));
   final_b = memory.weight(cuda::upload_tensor(w, "vision_final_norm_b"));
   proj_w = memory.weight(cuda::upload_tensor(w, "encoder_multi_modal_projector_w"));
-  proj_b = memory.weight(cuda::upload_tensor_f32(w, "encoder_multi_modal_projector_b"));
+  proj_b = memory.weight(cuda::upload_tensor(w, "encoder_multi_modal_projector_b"));
   lm_qkv_w = memory.weight(cuda::upload_tensor(w, "encoder_attn_qkv_w"));
   lm_o_w = memory.weight(cuda::upload_tensor(w, "encoder_attn_o_w"));
   lm_gate_up_w =
@@ -142,8 +143,7 @@ CudaEncoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   vqkv = memory.work<Bf16>(vr * vqkv_w, "vision qkv");
   vattn = memory.work<Bf16>(vr * vw, "vision attention");
   vmlp = memory.work<Bf16>(vr * vm, "vision mlp");
-  lx = memory.work<float>(e * lw, "lm residual");
-  lh = memory.work<Bf16>(e * lw, "lm normed");
+  lx = memory.work<Bf16>(e * lw, "lm residual");
   lqkv = memory.work<Bf16>(e * qkv_w, "lm qkv");
   lq = memory.work<Bf16>(e * qw, "lm q");
   lattn = memory.work<Bf16>(e * qw, "lm attention");
@@ -155,11 +155,11 @@ CudaEncoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   g_vo = gemm(cuda::linear_shape(vision_rows, vw, vw, DType::kF32, Epilogue::kBias, true));
   g_vup = gemm(cuda::linear_shape(vision_rows, vm, vw, DType::kBf16, Epilogue::kGeluBias, false));
   g_vdown = gemm(cuda::linear_shape(vision_rows, vw, vm, DType::kF32, Epilogue::kBias, true));
-  g_proj = gemm(cuda::linear_shape(vision_rows, lw, vw, DType::kF32, Epilogue::kBias, false));
+  g_proj = gemm(cuda::linear_shape(vision_rows, lw, vw, DType::kBf16, Epilogue::kBias, false));
   g_lqkv = gemm(cuda::linear_shape(prefix, qkv_w, lw, DType::kBf16, Epilogue::kNone, false));
-  g_lo = gemm(cuda::linear_shape(prefix, lw, qw, DType::kF32, Epilogue::kNone, true));
+  g_lo = gemm(cuda::linear_shape(prefix, lw, qw, DType::kBf16, Epilogue::kNone, true));
   g_lgu = gemm(cuda::linear_shape(prefix, 2 * lm, lw, DType::kBf16, Epilogue::kNone, false));
-  g_ldown = gemm(cuda::linear_shape(prefix, lw, lm, DType::kF32, Epilogue::kNone, true));
+  g_ldown = gemm(cuda::linear_shape(prefix, lw, lm, DType::kBf16, Epilogue::kNone, true));
   // Per-layer GEMMs run vision_layers or lm_layers - 1 times; count them that often.
   flops = g_patch.shape().flops() + g_proj.shape().flops() +
           cfg.vision_layers * (g_vqkv.shape().flops() + g_vo.shape().flops() +
@@ -196,7 +196,6 @@ CudaEncoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
     cuda::fill_random(vh.get(), vh.size(), 2, 1.0f, s);
     cuda::fill_random(vattn.get(), vattn.size(), 3, 1.0f, s);
     cuda::fill_random(vmlp.get(), vmlp.size(), 4, 1.0f, s);
-    cuda::fill_random(lh.get(), lh.size(), 5, 1.0f, s);
     cuda::fill_random(lattn.get(), lattn.size(), 6, 1.0f, s);
     cuda::fill_random(lact.get(), lact.size(), 7, 1.0f, s);
     cuda::fill_random(vx.get(), vx.size(), 8, 1.0f, s);
@@ -207,9 +206,9 @@ CudaEncoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
     g_vup.autotune(vh.get(), v_up_w.get(), vmlp.get(), v_up_b.get(), s);
     g_vdown.autotune(vmlp.get(), v_down_w.get(), vx.get(), v_down_b.get(), s);
     g_proj.autotune(vh.get(), proj_w.get(), lx.get(), proj_b.get(), s);
-    g_lqkv.autotune(lh.get(), lm_qkv_w.get(), lqkv.get(), nullptr, s);
+    g_lqkv.autotune(lx.get(), lm_qkv_w.get(), lqkv.get(), nullptr, s);
     g_lo.autotune(lattn.get(), lm_o_w.get(), lx.get(), nullptr, s);
-    g_lgu.autotune(lh.get(), lm_gate_up_w.get(), lgu.get(), nullptr, s);
+    g_lgu.autotune(lx.get(), lm_gate_up_w.get(), lgu.get(), nullptr, s);
     g_ldown.autotune(lact.get(), lm_down_w.get(), lx.get(), nullptr, s);
     CUDA_CHECK(cudaDeviceSynchronize());
   }
@@ -252,20 +251,20 @@ void CudaEncoder::Impl::forward(const Bf16* images, Bf16* kv, const cuda::LayerS
   g_proj.run(vh.get(), proj_w.get(), lx.get(), proj_b.get(), s);
   mark("final norm + projector", s);
   if (shape.prompt_len > 0)
-    cuda::bf16_to_f32(lang.get(), lx.get() + static_cast<size_t>(vision_rows) * lw,
-                      static_cast<size_t>(shape.prompt_len) * lw, s);
+    CUDA_CHECK(cudaMemcpyAsync(lx.get() + static_cast<size_t>(vision_rows) * lw, lang.get(),
+                               static_cast<size_t>(shape.prompt_len) * lw * sizeof(Bf16),
+                               cudaMemcpyDeviceToDevice, s));
+  const cuda::RowRmsScale rms{lx.get(), lw, cfg.rms_eps};
 
   for (int l = 0; l < cfg.lm_layers; ++l) {
     const size_t ll = static_cast<size_t>(l);
     Bf16* k = kv_slice(kv, l, 0);
     Bf16* v = kv_slice(kv, l, 1);
-    cuda::rms_norm(lx.get(), lh.get(), prefix, lw, cfg.rms_eps, s);
-    mark("lm rmsnorm", s);
-    g_lqkv.run(lh.get(), lm_qkv_w.get() + ll * lw * qkv_w, lqkv.get(), nullptr, s);
+    g_lqkv.run(lx.get(), lm_qkv_w.get() + ll * lw * qkv_w, lqkv.get(), nullptr, s);
     mark("lm qkv gemm", s);
     cuda::rope_split_qkv(lqkv.get(), prefix, cfg.lm_heads, cfg.head_dim, 0, cfg.rope_theta,
-                         lq.get(), k, v, s);
-    mark("lm rope + kv write", s);
+                         lq.get(), k, v, s, rms);
+    mark("lm rms + rope + kv write", s);
     if (signals) {
       const bool last = l == cfg.lm_layers - 1;
       cuda::signal_layer(signals->counters + l, signals->generation,
@@ -275,12 +274,10 @@ void CudaEncoder::Impl::forward(const Bf16* images, Bf16* kv, const cuda::LayerS
     lm_attention.run(lq.get(), k, v, lattn.get(), s, timer);
     g_lo.run(lattn.get(), lm_o_w.get() + ll * qw * lw, lx.get(), nullptr, s);
     mark("lm o gemm + residual", s);
-    cuda::rms_norm(lx.get(), lh.get(), prefix, lw, cfg.rms_eps, s);
-    mark("lm rmsnorm", s);
-    g_lgu.run(lh.get(), lm_gate_up_w.get() + ll * lw * 2 * lm, lgu.get(), nullptr, s);
+    g_lgu.run(lx.get(), lm_gate_up_w.get() + ll * lw * 2 * lm, lgu.get(), nullptr, s);
     mark("lm gate|up gemm", s);
-    cuda::geglu(lgu.get(), lact.get(), prefix, lm, s);
-    mark("lm geglu", s);
+    cuda::geglu(lgu.get(), lact.get(), prefix, lm, s, rms);
+    mark("lm rms + geglu", s);
     g_ldown.run(lact.get(), lm_down_w.get() + ll * lm * lw, lx.get(), nullptr, s);
     mark("lm down gemm + residual", s);
   }

@@ -133,6 +133,84 @@ TEST_CASE("rope split writes rotated q and k and copies v", "[gpu]") {
   }
 }
 
+// An RMS norm folded into the kernel after the product (RowRmsScale): row r of RoPE's and GeGLU's
+// input is scaled by rsqrt(mean(x[r]^2) + eps) of the bf16 residual stream x first, which is what
+// the product would have given had it read the normed rows. 420 rows take the 16-byte kernels
+// (four pairs, eight columns a thread), 65 rows the pair kernels, an odd GeGLU width the scalar
+// one; x of width 1022 is summed with scalar loads, 1024 and 2048 with 16-byte ones.
+TEST_CASE("rope and geglu apply a folded rms norm", "[gpu]") {
+  struct Case {
+    int rows, x_width, mlp_width;
+  };
+  for (const Case cs : {Case{420, 2048, 4096}, Case{65, 1024, 4096}, Case{65, 1022, 101}}) {
+    const int rows = cs.rows, xw = cs.x_width, heads = 8, hd = 256, first = 300;
+    const float eps = 1e-6f, theta = 10000.0f;
+    const auto x = rounded(random_floats(static_cast<size_t>(rows) * xw, 60, 3.0f, -0.3f));
+    std::vector<float> scale(static_cast<size_t>(rows));
+    for (int r = 0; r < rows; ++r) {
+      double squares = 0.0;
+      for (int i = 0; i < xw; ++i) {
+        const double v = x[static_cast<size_t>(r) * xw + i];
+        squares += v * v;
+      }
+      scale[static_cast<size_t>(r)] = static_cast<float>(1.0 / std::sqrt(squares / xw + eps));
+    }
+    auto dx = up(to_bf16(x));
+    const cuda::RowRmsScale rms{dx.get(), xw, eps};
+    const std::string name = std::to_string(rows) + " rows, x width " + std::to_string(xw);
+
+    // The norm itself, on the bf16 stream (the Euler step's).
+    auto normed = poisoned<Bf16>(x.size());
+    cuda::rms_norm(dx.get(), normed.get(), rows, xw, eps, nullptr);
+    // RoPE + K/V write.
+    const int width = (heads + 2) * hd;
+    const auto qkv = rounded(random_floats(static_cast<size_t>(rows) * width, 61));
+    auto dqkv = up(to_bf16(qkv));
+    auto q = poisoned<Bf16>(static_cast<size_t>(rows) * heads * hd);
+    auto k = poisoned<Bf16>(static_cast<size_t>(rows) * hd);
+    auto v = poisoned<Bf16>(static_cast<size_t>(rows) * hd);
+    cuda::rope_split_qkv(dqkv.get(), rows, heads, hd, first, theta, q.get(), k.get(), v.get(),
+                         nullptr, rms);
+    // GeGLU.
+    const int mw = cs.mlp_width;
+    const auto gu = rounded(random_floats(static_cast<size_t>(rows) * 2 * mw, 62, 2.0f));
+    auto dgu = up(to_bf16(gu));
+    auto act = poisoned<Bf16>(static_cast<size_t>(rows) * mw);
+    cuda::geglu(dgu.get(), act.get(), rows, mw, nullptr, rms);
+    CUDA_CHECK(cudaDeviceSynchronize());
+
+    std::vector<float> rn(x.size()), rq(q.size()), rk(k.size()), rv(v.size()), ract(act.size());
+    for (int r = 0; r < rows; ++r) {
+      const size_t row = static_cast<size_t>(r);
+      const float sr = scale[row];
+      for (int i = 0; i < xw; ++i) rn[row * xw + i] = x[row * xw + i] * sr;
+      for (int i = 0; i < heads * hd; ++i) rq[row * heads * hd + i] = qkv[row * width + i] * sr;
+      for (int i = 0; i < hd; ++i) {
+        rk[row * hd + i] = qkv[row * width + heads * hd + i] * sr;
+        rv[row * hd + i] = qkv[row * width + (heads + 1) * hd + i] * sr;
+      }
+      for (int j = 0; j < mw; ++j)
+        ract[row * mw + j] =
+            ref::gelu_tanh(gu[row * 2 * mw + j] * sr) * (gu[row * 2 * mw + mw + j] * sr);
+    }
+    ref::rope(rq.data(), rows, heads, hd, heads * hd, first, theta);
+    ref::rope(rk.data(), rows, 1, hd, hd, first, theta);
+    const double en = rel_error(down_bf16(normed), rn), eq = rel_error(down_bf16(q), rq),
+                 ek = rel_error(down_bf16(k), rk), ev = rel_error(down_bf16(v), rv),
+                 eg = rel_error(down_bf16(act), ract);
+    report("rms norm of the bf16 stream, " + name, en);
+    report("rope q with the folded norm, " + name, eq);
+    report("rope k with the folded norm, " + name, ek);
+    report("v with the folded norm, " + name, ev);
+    report("geglu " + std::to_string(mw) + " wide with the folded norm, " + name, eg);
+    REQUIRE(en < 5e-3);
+    REQUIRE(eq < 5e-3);
+    REQUIRE(ek < 5e-3);
+    REQUIRE(ev < 5e-3);
+    REQUIRE(eg < 5e-3);
+  }
+}
+
 namespace {
 
 // Runs `run` again into a freshly poisoned `out`: the fused kernel's key ranges combine in a fixed

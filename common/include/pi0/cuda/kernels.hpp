@@ -1,6 +1,6 @@
 // Launchers of the pi0 elementwise, normalisation and RoPE kernels (kernel code lives in
-// common/cuda/kernels.cu). Activations: bf16 storage; the residual stream and the flow sample
-// are fp32. Every launcher checks the launch and throws pi0::Error on failure.
+// common/cuda/kernels.cu). Activations: bf16 storage; the vision tower's residual stream and the
+// flow sample are fp32. Every launcher checks the launch and throws pi0::Error on failure.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -20,6 +20,17 @@ void layer_norm(const float* x, const Bf16* weight, const Bf16* bias, Bf16* out,
                 int width, float eps, cudaStream_t stream);
 // out[r] = x[r] * rsqrt(mean(x[r]^2) + eps), stored bf16.
 void rms_norm(const float* x, Bf16* out, int rows, int width, float eps, cudaStream_t stream);
+void rms_norm(const Bf16* x, Bf16* out, int rows, int width, float eps, cudaStream_t stream);
+
+// An RMS norm folded into the product after it. pi0's norms before a matrix have their learned
+// scale folded into that matrix, so rms(x) @ W is (x @ W) with row r scaled by
+// rsqrt(mean(x[r]^2) + eps): the product reads the residual stream x itself, and the kernel after
+// it applies this scale, which saves the norm's own launch. x [rows, width] bf16; null: no scale.
+struct RowRmsScale {
+  const Bf16* x = nullptr;
+  int width = 0;
+  float eps = 0.0f;
+};
 
 // images [views, size, size, channels] -> patches [views * (size/patch)^2, patch*patch*channels],
 // patches in row-major order, each flattened in (row, col, channel) order.
@@ -31,9 +42,11 @@ void broadcast_rows(const Bf16* table, int table_rows, const Bf16* bias, float* 
 
 // qkv [rows, (q_heads + 2) * head_dim] = Q | K | V (one K/V head). Rotates interleaved pairs of Q
 // and K by position (first_position + row) and writes Q to q_out [rows, q_heads * head_dim], K to
-// k_out [rows, head_dim] and V (unrotated) to v_out [rows, head_dim].
+// k_out [rows, head_dim] and V (unrotated) to v_out [rows, head_dim]; with `rms`, Q, K and V of
+// row r are scaled by its RMS scale first.
 void rope_split_qkv(const Bf16* qkv, int rows, int q_heads, int head_dim, int first_position,
-                    float theta, Bf16* q_out, Bf16* k_out, Bf16* v_out, cudaStream_t stream);
+                    float theta, Bf16* q_out, Bf16* k_out, Bf16* v_out, cudaStream_t stream,
+                    const RowRmsScale& rms = {});
 
 // probs[r, c] = softmax over c < valid(r) of scores[r, c], 0 for valid(r) <= c < cols, where
 // valid(r) = limited_cols for r < limited_rows and cols otherwise. Scores fp32, probs bf16; both
@@ -41,8 +54,10 @@ void rope_split_qkv(const Bf16* qkv, int rows, int q_heads, int head_dim, int fi
 void softmax_rows(const float* scores, int ld_scores, Bf16* probs, int ld_probs, int rows, int cols,
                   int limited_rows, int limited_cols, cudaStream_t stream);
 
-// gate_up [rows, 2 * width] = gate | up  ->  out [rows, width] = gelu_tanh(gate) * up.
-void geglu(const Bf16* gate_up, Bf16* out, int rows, int width, cudaStream_t stream);
+// gate_up [rows, 2 * width] = gate | up  ->  out [rows, width] = gelu_tanh(gate) * up; with `rms`,
+// gate and up of row r are scaled by its RMS scale first.
+void geglu(const Bf16* gate_up, Bf16* out, int rows, int width, cudaStream_t stream,
+           const RowRmsScale& rms = {});
 void silu_inplace(Bf16* x, size_t n, cudaStream_t stream);
 
 // Deterministic pseudo-random fill in [-scale, scale) (workspace warm-up, tuning, test poison).

@@ -619,7 +619,7 @@ void DecoderLayers::enable_trace() {
   if (trace_.empty()) {
     trace_ = DeviceBuffer<uint64_t>(static_cast<size_t>(2 * grid_) * trace_phases(),
                                     "decoder layers trace");
-    CUDA_CHECK(cudaMemset(trace_.get(), 0, trace_.bytes()));
+    zero_device(trace_.get(), trace_.bytes());
   }
 }
 

@@ -103,10 +103,8 @@ InProcessHandoff::InProcessHandoff(int layers, uint64_t timeout_ns)
       error_(1, "in-process layer wait error") {
   PI0_CHECK(layers >= 1, "InProcessHandoff: a model without layers");
   PI0_CHECK(timeout_ns > 0, "InProcessHandoff: a wait needs a deadline");
-  CUDA_CHECK(cudaMemset(words_.get(), 0, words_.bytes()));
-  CUDA_CHECK(cudaMemset(error_.get(), 0, error_.bytes()));
-  // The streams that use these words are non-blocking: nothing orders them after the memsets.
-  CUDA_CHECK(cudaStreamSynchronize(nullptr));
+  zero_device(words_.get(), words_.bytes());
+  zero_device(error_.get(), error_.bytes());
   limits_.error = error_.get();
   limits_.timeout_ns = timeout_ns;
 }

@@ -90,8 +90,8 @@ class CudaDecoderStage final : public DecoderStage {
     slot_resumed_ = cuda::DeviceBuffer<uint64_t>(layout.kv_slots, "decoder resumption per slot");
     wait_error_ = cuda::DeviceBuffer<uint32_t>(1, "decoder layer wait error");
     wait_error_host_ = cuda::PinnedBuffer<uint32_t>(1, "decoder layer wait error");
-    CUDA_CHECK(cudaMemset(expected_.get(), 0, expected_.bytes()));
-    CUDA_CHECK(cudaMemset(wait_error_.get(), 0, wait_error_.bytes()));
+    cuda::zero_device(expected_.get(), expected_.bytes());
+    cuda::zero_device(wait_error_.get(), wait_error_.bytes());
     wait_error_host_.get()[0] = 0;
     limits_.error = wait_error_.get();
     limits_.timeout_ns = cuda::kLayerWaitTimeoutNs;

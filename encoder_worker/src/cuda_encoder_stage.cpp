@@ -49,10 +49,10 @@ class CudaEncoderStage final : public EncoderStage {
     timestamps_ = ipc::IpcDeviceMemory::allocate_exported(
         sizeof(uint64_t) * layout.kv_slots * (1 + static_cast<size_t>(layers_)),
         cuda_block.timestamp_handle);
-    CUDA_CHECK(cudaMemset(timestamps_.get(), 0, timestamps_.bytes()));
+    cuda::zero_device(timestamps_.get(), timestamps_.bytes());
     signal_layers_ = cuda::layer_handoff_wanted(device.mps_enabled != 0);
     generation_ = cuda::DeviceBuffer<uint64_t>(layout.kv_slots, "encoder frame generations");
-    CUDA_CHECK(cudaMemset(generation_.get(), 0, generation_.bytes()));
+    cuda::zero_device(generation_.get(), generation_.bytes());
     generation_host_ = cuda::PinnedBuffer<uint64_t>(layout.kv_slots, "encoder frame generations");
     for (uint32_t s = 0; s < layout.kv_slots; ++s) {
       ready_.push_back(ipc::IpcEvent::create_exported(cuda_block.ready_event[s]));

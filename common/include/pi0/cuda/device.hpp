@@ -97,6 +97,9 @@ class MemoryLedger {
 // Synchronous copies (tests, setup); the async forms are used on hot paths.
 void copy_to_device(void* dst, const void* src, size_t bytes);
 void copy_to_host(void* dst, const void* src, size_t bytes);
+// Zeroes device memory and waits for it. A plain cudaMemset runs on the legacy default stream,
+// which nothing orders before the engines' non-blocking streams (device.hpp's Stream).
+void zero_device(void* dst, size_t bytes);
 
 template <typename T>
 DeviceBuffer<T> upload(const T* host, size_t count, const std::string& what) {

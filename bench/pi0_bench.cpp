@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <map>
 #include <memory>
@@ -23,6 +24,7 @@
 #include "pi0/check.hpp"
 #include "pi0/config.hpp"
 #include "pi0/cuda/device.hpp"
+#include "pi0/cuda/gemm_table.hpp"
 #include "pi0/cuda/layer_signal.hpp"
 #include "pi0/cuda/op_timer.hpp"
 #include "pi0/cuda_decoder.hpp"
@@ -86,7 +88,8 @@ void print_breakdown(const char* stage, const cuda::OpTimer& timer) {
 
 Figures run_case(const ModelConfig& config, const Case& c, const WeightStore& enc_weights,
                  const WeightStore& dec_weights, int iters, int warmup,
-                 const CudaEngineOptions& options, bool breakdown) {
+                 const CudaEngineOptions& enc_options, const CudaEngineOptions& dec_options,
+                 bool breakdown) {
   const RunShape shape{c.views, c.chunk, c.prompt};
   const StageSizes sizes = stage_sizes(config, shape);
   Figures f;
@@ -94,10 +97,10 @@ Figures run_case(const ModelConfig& config, const Case& c, const WeightStore& en
 
   CUDA_CHECK(cudaDeviceSynchronize());
   const size_t before = used_memory();
-  CudaEncoder encoder(config, shape, enc_weights, options);
+  CudaEncoder encoder(config, shape, enc_weights, enc_options);
   CUDA_CHECK(cudaDeviceSynchronize());
   const size_t after_encoder = used_memory();
-  CudaDecoder decoder(config, shape, dec_weights, options);
+  CudaDecoder decoder(config, shape, dec_weights, dec_options);
   CUDA_CHECK(cudaDeviceSynchronize());
   f.enc_measured = after_encoder - before;
   f.dec_measured = used_memory() - after_encoder;
@@ -306,7 +309,8 @@ int main(int argc, char** argv) {
   std::string model = "pi0";
   int iters = 200, warmup = 20;
   std::string json_path;
-  bool autotune = false;
+  bool autotune = false, autotune_decoder = false;
+  std::string gemm_table, write_gemm_table;
   bool breakdown = false;
   bool sm_count_only = false;
   std::string log_level = "warn";
@@ -316,6 +320,13 @@ int main(int argc, char** argv) {
   app.add_option("--warmup", warmup, "untimed inferences after graph capture");
   app.add_option("--json", json_path, "write the figures to this file");
   app.add_flag("--autotune", autotune, "time cuBLASLt candidates per GEMM at construction");
+  app.add_flag("--autotune-decoder", autotune_decoder,
+               "the same for the decoder's GEMMs only (the encoder's tuned choices, faster alone, "
+               "were slower in sequence: bench/NOTES.md v11)");
+  app.add_option("--gemm-table", gemm_table,
+                 "read tuned GEMM choices from this file (as PI0_GEMM_TABLE does)");
+  app.add_option("--write-gemm-table", write_gemm_table,
+                 "write the choices autotuning made to this file, for PI0_GEMM_TABLE");
   app.add_flag("--breakdown", breakdown, "also time every operation (event nodes in the graph)");
   app.add_option("--case", case_specs, "V,C,P (repeatable); default: the four report shapes");
   app.add_flag("--sm-count", sm_count_only, "print the SM count this process sees and exit");
@@ -325,6 +336,12 @@ int main(int argc, char** argv) {
       });
   CLI11_PARSE(app, argc, argv);
   init_logging("pi0_bench", log_level);
+  if (!write_gemm_table.empty() && !autotune && !autotune_decoder) {
+    std::fprintf(stderr, "pi0_bench: --write-gemm-table needs --autotune or --autotune-decoder\n");
+    return 2;
+  }
+  // Before any Gemm exists: the table is read once per process, at the first one.
+  if (!gemm_table.empty()) setenv("PI0_GEMM_TABLE", gemm_table.c_str(), 1);
 
   try {
     const ModelConfig config = model_config(model);
@@ -356,16 +373,23 @@ int main(int argc, char** argv) {
     const WeightStore dec_weights = WeightStore::random(config, 0, 1234, WeightSet::kDecoder);
     std::map<int, WeightStore> enc_weights;
     std::vector<Figures> results;
-    CudaEngineOptions options;
-    options.autotune_gemms = autotune;
+    CudaEngineOptions enc_options, dec_options;
+    enc_options.autotune_gemms = autotune;
+    dec_options.autotune_gemms = autotune || autotune_decoder;
 
     for (const Case& c : cases) {
       if (!enc_weights.count(c.prompt))
         enc_weights.emplace(c.prompt,
                             WeightStore::random(config, c.prompt, 1234, WeightSet::kEncoder));
       results.push_back(run_case(config, c, enc_weights.at(c.prompt), dec_weights, iters, warmup,
-                                 options, breakdown));
+                                 enc_options, dec_options, breakdown));
       print_case(results.back());
+    }
+    if (!write_gemm_table.empty()) {
+      const cuda::GemmTable tuned = cuda::tuned_gemm_choices();
+      tuned.save(write_gemm_table);
+      std::printf("pi0_bench: %zu tuned GEMM choices written to %s\n", tuned.size(),
+                  write_gemm_table.c_str());
     }
 
     if (!json_path.empty()) {
@@ -374,6 +398,9 @@ int main(int argc, char** argv) {
       j["device"] = props.name;
       j["iters"] = iters;
       j["autotune"] = autotune;
+      j["autotune_decoder"] = autotune_decoder;
+      const char* table = std::getenv("PI0_GEMM_TABLE");
+      j["gemm_table"] = table ? table : "";
       for (const Figures& f : results) {
         j["cases"].push_back({{"views", f.c.views},
                               {"chunk", f.c.chunk},

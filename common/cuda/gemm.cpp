@@ -14,6 +14,7 @@
 #include "pi0/check.hpp"
 #include "pi0/cuda/device.hpp"
 #include "pi0/cuda/gemm_check.hpp"
+#include "pi0/cuda/gemm_table.hpp"
 #include "pi0/cuda/kernels.hpp"
 #include "pi0/cuda/skinny_gemm.hpp"
 
@@ -22,7 +23,7 @@ namespace {
 
 // More than the heuristic's first few: as an MPS client with a reduced SM share, the first ones
 // can all fail their check (see verify()).
-constexpr int kHeuristicCandidates = 32;
+constexpr int kHeuristicCandidates = kMaxGemmCandidates;
 
 // PI0_GEMM_PLAN_SMS=N makes cuBLASLt choose algorithms for N SMs instead of the SM count this
 // process sees. The orchestrator gives its workers the whole GPU's count, so that every split
@@ -142,6 +143,7 @@ Gemm::Gemm(cublasLtHandle_t handle, const GemmShape& shape, void* workspace,
     if (!skip_cublaslt) {
       plan(forced == "separate" && has_bias(shape.epilogue));
       chosen_ = first_verified();
+      if (chosen_ != kNotChosen) apply_table_choice();
       if (chosen_ == kNotChosen && has_bias(shape.epilogue) && !separate_epilogue_) {
         // No offered algorithm computes the fused bias / GELU epilogue correctly here: run the
         // product alone and the epilogue in its own kernel, checked the same way.
@@ -276,6 +278,41 @@ int Gemm::add_clusterless_variants() {
   spdlog::debug("{}: {} clusterless variant(s) of the failed candidates", shape_.describe(),
                 candidates_.size() - static_cast<size_t>(first));
   return first;
+}
+
+std::string Gemm::describe_candidate(int candidate) const {
+  PI0_CHECK(candidate >= 0 && candidate < candidates(), "candidate " + std::to_string(candidate) +
+                                                            " of " + std::to_string(candidates()) +
+                                                            " for " + shape_.describe());
+  return describe_algo(candidates_[static_cast<size_t>(candidate)].algo);
+}
+
+void Gemm::apply_table_choice() {
+  const GemmTable* table = process_gemm_table();
+  const GemmChoice* choice = table ? table->find(shape_.describe()) : nullptr;
+  if (choice == nullptr || choice->candidate == chosen_) return;
+  const int c = choice->candidate;
+  // One past the list, or another algorithm at that index, means the table was tuned under
+  // another GPU, SM plan or cuBLASLt.
+  const bool offered =
+      c < candidates() && describe_algo(candidates_[static_cast<size_t>(c)].algo) == choice->algo;
+  if (!offered) {
+    spdlog::warn(
+        "{}: the GEMM table's candidate {} ({}) is not what cuBLASLt offers here; using "
+        "the heuristic's choice",
+        shape_.describe(), c, choice->algo);
+    return;
+  }
+  // first_verified() has checked, and failed, every candidate before chosen_.
+  if (c < chosen_ || verify(c) >= tolerance()) {
+    spdlog::warn(
+        "{}: the GEMM table's candidate {} ({}) fails its check here; using the "
+        "heuristic's choice",
+        shape_.describe(), c, choice->algo);
+    return;
+  }
+  spdlog::debug("{}: candidate {} from the GEMM table ({})", shape_.describe(), c, choice->algo);
+  chosen_ = c;
 }
 
 int Gemm::first_verified(int from) {
@@ -461,11 +498,14 @@ void Gemm::autotune(const void* x, const void* w, void* y, const void* bias, cud
   std::sort(timed.begin(), timed.end());
   for (const auto& [ms, c] : timed) {
     if (c == chosen_ || verify(c) < tolerance()) {
-      spdlog::info("{}: autotune keeps the heuristic's candidate {} of {} ({:.2f} us a launch; "
-                   "candidate {}, the first that checks out: {:.2f} us): {}",
-                   shape_.describe(), c, candidates(), 1000.0f * ms, chosen_, 1000.0f * first,
-                   describe_algo(candidates_[static_cast<size_t>(c)].algo));
+      const std::string algo = describe_algo(candidates_[static_cast<size_t>(c)].algo);
+      spdlog::info(
+          "{}: autotune keeps the heuristic's candidate {} of {} ({:.2f} us a launch; "
+          "candidate {}, the first that checks out: {:.2f} us): {}",
+          shape_.describe(), c, candidates(), 1000.0f * ms, chosen_, 1000.0f * first, algo);
       chosen_ = c;
+      // Only a choice among the fused-epilogue candidates is what a table entry can name.
+      if (!separate_epilogue_) record_tuned_gemm_choice(shape_.describe(), GemmChoice{c, algo});
       return;
     }
   }

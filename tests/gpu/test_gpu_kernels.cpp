@@ -15,6 +15,7 @@
 #include "pi0/cuda/attention.hpp"
 #include "pi0/cuda/device.hpp"
 #include "pi0/cuda/gemm.hpp"
+#include "pi0/cuda/gemm_table.hpp"
 #include "pi0/cuda/kernels.hpp"
 #include "pi0/cuda/l2_prefetch.hpp"
 #include "pi0/cuda/layer_signal.hpp"
@@ -424,6 +425,8 @@ TEST_CASE("gemm matches the reference with every epilogue", "[gpu]") {
       check_gemm(128, 4304, 1152, DType::kF32, Epilogue::kGeluBias, false, false, 45, true);
   const double gelu_bf16 =
       check_gemm(96, 4304, 1152, DType::kBf16, Epilogue::kGeluBias, false, false, 46);
+  const double acc_bf16 =
+      check_gemm(64, 1024, 4096, DType::kBf16, Epilogue::kNone, true, false, 47);
   report("gemm bf16 out", plain);
   report("gemm bf16 out + bias", bias);
   report("gemm fp32 out + bias", f32);
@@ -432,6 +435,7 @@ TEST_CASE("gemm matches the reference with every epilogue", "[gpu]") {
   report("gemm fp32 out + bias + gelu (vs tanh gelu)", gelu);
   report("gemm fp32 out + bias + gelu (vs erf gelu, info)", gelu_erf);
   report("gemm bf16 out + bias + gelu", gelu_bf16);
+  report("gemm bf16 accumulate (the bf16 residual add)", acc_bf16);
   REQUIRE(plain < 5e-3);
   REQUIRE(bias < 5e-3);
   // fp32 outputs keep the fp32 accumulation: only summation order differs.
@@ -440,6 +444,41 @@ TEST_CASE("gemm matches the reference with every epilogue", "[gpu]") {
   REQUIRE(acc_t < 1e-4);
   REQUIRE(gelu < 2e-3);
   REQUIRE(gelu_bf16 < 5e-3);
+  REQUIRE(acc_bf16 < 5e-3);
+}
+
+// A GEMM table entry (gemm_table.hpp) moves a Gemm to the candidate it names where cuBLASLt
+// offers that algorithm at that index, and is ignored where the description differs (a table
+// tuned under another GPU, SM plan or cuBLASLt). The decoder's gate|up shape, which has several
+// candidates on an H100.
+TEST_CASE("a gemm table entry picks its candidate only where cuBLASLt offers it", "[gpu]") {
+  const cuda::GemmShape s =
+      cuda::linear_shape(64, 8192, 1024, cuda::DType::kBf16, cuda::Epilogue::kNone, false);
+  cuda::LtHandle lt;
+  DeviceBuffer<std::byte> ws(cuda::kGemmWorkspaceBytes, "workspace");
+  cuda::GemmTable none;
+  const cuda::ScopedGemmTable without(&none);
+  const cuda::Gemm heuristic(lt.get(), s, ws.get(), ws.bytes());
+  const int first = heuristic.chosen_candidate();
+  REQUIRE(first >= 0);
+  REQUIRE(heuristic.candidates() > first + 1);
+  const int other = first + 1;
+
+  cuda::GemmTable table;
+  table.set(s.describe(), cuda::GemmChoice{other, heuristic.describe_candidate(other)});
+  {
+    const cuda::ScopedGemmTable with(&table);
+    const cuda::Gemm tuned(lt.get(), s, ws.get(), ws.bytes());
+    CHECK(tuned.chosen_candidate() == other);
+    CHECK(tuned.describe_candidate(other) == heuristic.describe_candidate(other));
+  }
+  cuda::GemmTable stale;
+  stale.set(s.describe(), cuda::GemmChoice{other, "algo 0 tile 0 stages 0 split-k 0 cluster 0"});
+  {
+    const cuda::ScopedGemmTable with(&stale);
+    const cuda::Gemm ignored(lt.get(), s, ws.get(), ws.bytes());
+    CHECK(ignored.chosen_candidate() == first);
+  }
 }
 
 TEST_CASE("gemm rejects misaligned operands", "[gpu]") {

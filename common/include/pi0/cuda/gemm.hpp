@@ -49,11 +49,13 @@ class Gemm {
   Gemm() = default;
   // Picks the heuristic's best algorithm for `shape` now, so that run() does no planning (it is
   // called while capturing graphs): the first of cuBLASLt's candidates that matches a plain
-  // reference GEMM on random operands; failing that, the same with bias / GELU in a kernel of
-  // their own; failing that, our skinny tensor-core kernel (pi0/cuda/skinny_gemm.hpp) where it
-  // runs the shape, and last the (slow) plain kernel itself, with a warning. With the environment
-  // variable PI0_GEMM_PLAN_SMS=N, cuBLASLt chooses for N SMs instead of the SM count the process
-  // sees (an MPS client sees its share). `workspace` is shared by every Gemm on one stream.
+  // reference GEMM on random operands, or the candidate the process's GEMM table names for the
+  // shape (PI0_GEMM_TABLE, pi0/cuda/gemm_table.hpp) where it is offered here and checks out;
+  // failing that, the same with bias / GELU in a kernel of their own; failing that, our skinny
+  // tensor-core kernel (pi0/cuda/skinny_gemm.hpp) where it runs the shape, and last the (slow)
+  // plain kernel itself, with a warning. With the environment variable PI0_GEMM_PLAN_SMS=N,
+  // cuBLASLt chooses for N SMs instead of the SM count the process sees (an MPS client sees its
+  // share). `workspace` is shared by every Gemm on one stream.
   Gemm(cublasLtHandle_t handle, const GemmShape& shape, void* workspace, size_t workspace_bytes);
   ~Gemm();
   Gemm(Gemm&& other) noexcept;
@@ -85,6 +87,10 @@ class Gemm {
                                     : "cublaslt";
   }
   int candidates() const { return static_cast<int>(candidates_.size()); }
+  // The heuristic's candidate run() uses (-1 on the skinny or built-in tiers), and a candidate's
+  // description, as a GEMM table names it (gemm_table.hpp).
+  int chosen_candidate() const { return chosen_ >= 0 ? chosen_ : -1; }
+  std::string describe_candidate(int candidate) const;
 
  private:
   void release() noexcept;
@@ -95,7 +101,10 @@ class Gemm {
   // (gemm_check.hpp), infinite when it fails to run.
   double verify(int c);
   int first_verified(int from = 0);  // -1 if none
-  int add_clusterless_variants();    // returns the index of the first one added
+  // Moves chosen_ to the process's GEMM table's candidate for this shape (gemm_table.hpp) where
+  // cuBLASLt offers the same algorithm there and it checks out.
+  void apply_table_choice();
+  int add_clusterless_variants();  // returns the index of the first one added
   double tolerance() const;
   // Plans the fallback on our skinny tensor-core kernel; false where it cannot run this shape.
   bool plan_skinny_fallback();

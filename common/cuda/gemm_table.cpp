@@ -1,0 +1,139 @@
+#include "pi0/cuda/gemm_table.hpp"
+
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <mutex>
+#include <optional>
+#include <sstream>
+#include <utility>
+
+#include "pi0/check.hpp"
+
+namespace pi0::cuda {
+namespace {
+
+std::mutex& recorder_mutex() {
+  static std::mutex m;
+  return m;
+}
+GemmTable& recorder() {
+  static GemmTable table;
+  return table;
+}
+
+// ScopedGemmTable's override: active while `overridden`.
+struct Override {
+  bool overridden = false;
+  const GemmTable* table = nullptr;
+};
+Override& table_override() {
+  static Override o;
+  return o;
+}
+
+bool has_tab_or_newline(const std::string& s) {
+  return s.find_first_of("\t\n\r") != std::string::npos;
+}
+
+}  // namespace
+
+GemmTable GemmTable::parse(std::istream& in, const std::string& source) {
+  GemmTable table;
+  std::string line;
+  for (int number = 1; std::getline(in, line); ++number) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (line.empty() || line[0] == '#') continue;
+    const std::string where = source + " line " + std::to_string(number);
+    const size_t tab1 = line.find('\t');
+    const size_t tab2 = tab1 == std::string::npos ? tab1 : line.find('\t', tab1 + 1);
+    PI0_CHECK(tab2 != std::string::npos && line.find('\t', tab2 + 1) == std::string::npos,
+              where + ": want 'shape<TAB>candidate<TAB>description'");
+    const std::string shape = line.substr(0, tab1);
+    const std::string index = line.substr(tab1 + 1, tab2 - tab1 - 1);
+    GemmChoice choice;
+    choice.algo = line.substr(tab2 + 1);
+    PI0_CHECK(!shape.empty() && !choice.algo.empty(), where + ": empty shape or description");
+    char* end = nullptr;
+    const long candidate = std::strtol(index.c_str(), &end, 10);
+    PI0_CHECK(!index.empty() && *end == '\0' && candidate >= 0 && candidate < kMaxGemmCandidates,
+              where + ": candidate must be 0.." + std::to_string(kMaxGemmCandidates - 1) +
+                  ", got '" + index + "'");
+    PI0_CHECK(table.find(shape) == nullptr, where + ": a second entry for '" + shape + "'");
+    choice.candidate = static_cast<int>(candidate);
+    table.entries_.emplace(shape, std::move(choice));
+  }
+  PI0_CHECK(!in.bad(), source + ": read error");
+  return table;
+}
+
+GemmTable GemmTable::load(const std::string& path) {
+  std::ifstream in(path);
+  PI0_CHECK(in.is_open(), "GEMM table " + path + " cannot be opened");
+  return parse(in, "GEMM table " + path);
+}
+
+void GemmTable::write(std::ostream& out) const {
+  out << "# pi0 GEMM table: shape, the heuristic's candidate autotuning kept, its description\n";
+  for (const auto& [shape, choice] : entries_)
+    out << shape << '\t' << choice.candidate << '\t' << choice.algo << '\n';
+}
+
+void GemmTable::save(const std::string& path) const {
+  const std::string temporary = path + ".tmp";
+  {
+    std::ofstream out(temporary, std::ios::trunc);
+    PI0_CHECK(out.is_open(), "GEMM table " + temporary + " cannot be written");
+    write(out);
+    out.flush();
+    PI0_CHECK(out.good(), "GEMM table " + temporary + ": write error");
+  }
+  PI0_CHECK(std::rename(temporary.c_str(), path.c_str()) == 0,
+            "GEMM table " + path + " cannot be replaced");
+}
+
+void GemmTable::set(const std::string& shape, GemmChoice choice) {
+  PI0_CHECK(!shape.empty() && !has_tab_or_newline(shape) && !choice.algo.empty() &&
+                !has_tab_or_newline(choice.algo),
+            "GEMM table: a shape or description that cannot be written on one line");
+  PI0_CHECK(choice.candidate >= 0 && choice.candidate < kMaxGemmCandidates,
+            "GEMM table: candidate " + std::to_string(choice.candidate) + " out of range");
+  entries_[shape] = std::move(choice);
+}
+
+const GemmChoice* GemmTable::find(const std::string& shape) const {
+  const auto it = entries_.find(shape);
+  return it == entries_.end() ? nullptr : &it->second;
+}
+
+const GemmTable* process_gemm_table() {
+  if (table_override().overridden) return table_override().table;
+  // A load that throws leaves this uninitialised, so the next Gemm reports the same error.
+  static const std::optional<GemmTable> table = []() -> std::optional<GemmTable> {
+    const char* path = std::getenv("PI0_GEMM_TABLE");
+    if (path == nullptr || *path == '\0') return std::nullopt;
+    return GemmTable::load(path);
+  }();
+  return table ? &*table : nullptr;
+}
+
+ScopedGemmTable::ScopedGemmTable(const GemmTable* table)
+    : previous_(table_override().table), had_previous_(table_override().overridden) {
+  table_override() = Override{true, table};
+}
+
+ScopedGemmTable::~ScopedGemmTable() {
+  table_override() = Override{had_previous_, previous_};
+}
+
+GemmTable tuned_gemm_choices() {
+  std::lock_guard<std::mutex> lock(recorder_mutex());
+  return recorder();
+}
+
+void record_tuned_gemm_choice(const std::string& shape, const GemmChoice& choice) {
+  std::lock_guard<std::mutex> lock(recorder_mutex());
+  recorder().set(shape, choice);
+}
+
+}  // namespace pi0::cuda

@@ -1,0 +1,127 @@
+// The tuned-GEMM table's file format: what the bench writes, every process reads back the same,
+// and a malformed file is refused with its name and line.
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include "catch.hpp"
+#include "pi0/check.hpp"
+#include "pi0/cuda/gemm_table.hpp"
+
+namespace {
+
+namespace fs = std::filesystem;
+using pi0::cuda::GemmChoice;
+using pi0::cuda::GemmTable;
+
+const std::string kQkv =
+    "gemm m=51 n=2560 k=1024 ld_x=1024 ld_w=2560 ld_y=2560 y=bf16 batch=1 align=256";
+const std::string kDown =
+    "gemm m=51 n=1024 k=4096 ld_x=4096 ld_w=1024 ld_y=1024 y=bf16 accumulate batch=1 align=256";
+
+// The message parse() throws for `text`, or "" when it parses.
+std::string parse_error(const std::string& text) {
+  std::istringstream in(text);
+  try {
+    (void)GemmTable::parse(in, "table.tsv");
+  } catch (const pi0::Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+struct TempPath {
+  std::string path;
+  explicit TempPath(const std::string& tag)
+      : path((fs::temp_directory_path() /
+              ("pi0_test_gemm_table_" + std::to_string(::getpid()) + "_" + tag + ".tsv"))
+                 .string()) {}
+  ~TempPath() {
+    std::error_code ec;
+    fs::remove(path, ec);
+    fs::remove(path + ".tmp", ec);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a gemm table written and read back gives the same choices") {
+  GemmTable table;
+  table.set(kQkv, GemmChoice{1, "algo 66 tile 13 stages 35 split-k 1 cluster 7"});
+  table.set(kDown, GemmChoice{3, "algo 66 tile 316 stages 35 split-k 3 cluster 4"});
+  table.set(kDown, GemmChoice{2, "algo 66 tile 316 stages 35 split-k 2 cluster 4"});  // replaces
+  REQUIRE(table.size() == 2);
+
+  std::ostringstream out;
+  table.write(out);
+  std::istringstream in(out.str());
+  const GemmTable back = GemmTable::parse(in, "written");
+  REQUIRE(back.size() == 2);
+  REQUIRE(back.find(kQkv) != nullptr);
+  CHECK(back.find(kQkv)->candidate == 1);
+  CHECK(back.find(kQkv)->algo == "algo 66 tile 13 stages 35 split-k 1 cluster 7");
+  REQUIRE(back.find(kDown) != nullptr);
+  CHECK(back.find(kDown)->candidate == 2);
+  CHECK(back.find(kDown)->algo == "algo 66 tile 316 stages 35 split-k 2 cluster 4");
+  CHECK(back.find("gemm m=1 n=1 k=1") == nullptr);
+
+  TempPath file("roundtrip");
+  table.save(file.path);
+  CHECK_FALSE(fs::exists(file.path + ".tmp"));
+  const GemmTable loaded = GemmTable::load(file.path);
+  REQUIRE(loaded.size() == 2);
+  CHECK(loaded.find(kDown)->candidate == 2);
+}
+
+TEST_CASE("a gemm table skips comments and blank lines and accepts CRLF") {
+  std::istringstream in("# tuned on one H100\n\n" + kQkv + "\t4\talgo 66 tile 13\r\n# end\n");
+  const GemmTable table = GemmTable::parse(in, "crlf");
+  REQUIRE(table.size() == 1);
+  CHECK(table.find(kQkv)->candidate == 4);
+  CHECK(table.find(kQkv)->algo == "algo 66 tile 13");
+}
+
+TEST_CASE("a malformed gemm table is refused with its line") {
+  const std::string ok = kQkv + "\t1\talgo 66\n";
+  CHECK(parse_error(ok).empty());
+  CHECK(parse_error("# header\n" + kQkv + " 1 algo 66\n") ==
+        "table.tsv line 2: want 'shape<TAB>candidate<TAB>description'");
+  CHECK(parse_error(kQkv + "\t1\talgo 66\textra\n") ==
+        "table.tsv line 1: want 'shape<TAB>candidate<TAB>description'");
+  CHECK(parse_error(kQkv + "\tone\talgo 66\n") ==
+        "table.tsv line 1: candidate must be 0..31, got 'one'");
+  CHECK(parse_error(kQkv + "\t32\talgo 66\n") ==
+        "table.tsv line 1: candidate must be 0..31, got '32'");
+  CHECK(parse_error(kQkv + "\t-1\talgo 66\n") ==
+        "table.tsv line 1: candidate must be 0..31, got '-1'");
+  CHECK(parse_error(kQkv + "\t\talgo 66\n") == "table.tsv line 1: candidate must be 0..31, got ''");
+  CHECK(parse_error("\t1\talgo 66\n") == "table.tsv line 1: empty shape or description");
+  CHECK(parse_error(kQkv + "\t1\t\n") == "table.tsv line 1: empty shape or description");
+  CHECK(parse_error(ok + ok) == "table.tsv line 2: a second entry for '" + kQkv + "'");
+}
+
+TEST_CASE("a gemm table file that is missing or cannot be written is named") {
+  const std::string missing =
+      (fs::temp_directory_path() / ("pi0_no_such_table_" + std::to_string(::getpid()))).string();
+  try {
+    (void)GemmTable::load(missing);
+    FAIL("loading a missing table did not throw");
+  } catch (const pi0::Error& e) {
+    CHECK(std::string(e.what()) == "GEMM table " + missing + " cannot be opened");
+  }
+  GemmTable table;
+  table.set(kQkv, GemmChoice{0, "algo 66"});
+  CHECK_THROWS_AS(table.save(missing + "/dir/table.tsv"), pi0::Error);
+}
+
+TEST_CASE("a gemm table refuses entries it could not write on one line") {
+  GemmTable table;
+  CHECK_THROWS_AS(table.set("shape\twith a tab", GemmChoice{0, "algo"}), pi0::Error);
+  CHECK_THROWS_AS(table.set(kQkv, GemmChoice{0, "algo\nsecond line"}), pi0::Error);
+  CHECK_THROWS_AS(table.set(kQkv, GemmChoice{0, ""}), pi0::Error);
+  CHECK_THROWS_AS(table.set(kQkv, GemmChoice{32, "algo"}), pi0::Error);
+  CHECK(table.size() == 0);
+}

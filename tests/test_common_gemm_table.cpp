@@ -95,6 +95,8 @@ TEST_CASE("a malformed gemm table is refused with its line") {
         "table.tsv line 1: candidate must be 0..31, got 'one'");
   CHECK(parse_error(kQkv + "\t32\talgo 66\n") ==
         "table.tsv line 1: candidate must be 0..31, got '32'");
+  CHECK(parse_error(kQkv + "\t+1\talgo 66\n") ==
+        "table.tsv line 1: candidate must be 0..31, got '+1'");
   CHECK(parse_error(kQkv + "\t-1\talgo 66\n") ==
         "table.tsv line 1: candidate must be 0..31, got '-1'");
   CHECK(parse_error(kQkv + "\t\talgo 66\n") == "table.tsv line 1: candidate must be 0..31, got ''");

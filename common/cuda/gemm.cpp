@@ -143,7 +143,8 @@ Gemm::Gemm(cublasLtHandle_t handle, const GemmShape& shape, void* workspace,
     if (!skip_cublaslt) {
       plan(forced == "separate" && has_bias(shape.epilogue));
       chosen_ = first_verified();
-      if (chosen_ != kNotChosen) apply_table_choice();
+      first_checked_ = chosen_;
+      if (chosen_ != kNotChosen && !separate_epilogue_) apply_table_choice();
       if (chosen_ == kNotChosen && has_bias(shape.epilogue) && !separate_epilogue_) {
         // No offered algorithm computes the fused bias / GELU epilogue correctly here: run the
         // product alone and the epilogue in its own kernel, checked the same way.
@@ -224,6 +225,7 @@ void Gemm::plan(bool separate_epilogue) {
     returned = 0;
   }
   candidates_.resize(static_cast<size_t>(std::max(returned, 0)));
+  offered_ = candidates();
   std::erase_if(candidates_, [](const cublasLtMatmulHeuristicResult_t& c) {
     return c.state != CUBLAS_STATUS_SUCCESS;
   });
@@ -351,6 +353,8 @@ Gemm::Gemm(Gemm&& other) noexcept
       d_(std::exchange(other.d_, nullptr)),
       candidates_(std::move(other.candidates_)),
       chosen_(other.chosen_),
+      first_checked_(other.first_checked_),
+      offered_(other.offered_),
       separate_epilogue_(other.separate_epilogue_),
       skinny_(other.skinny_),
       workspace_(other.workspace_),
@@ -367,6 +371,8 @@ Gemm& Gemm::operator=(Gemm&& other) noexcept {
     d_ = std::exchange(other.d_, nullptr);
     candidates_ = std::move(other.candidates_);
     chosen_ = other.chosen_;
+    first_checked_ = other.first_checked_;
+    offered_ = other.offered_;
     separate_epilogue_ = other.separate_epilogue_;
     skinny_ = other.skinny_;
     workspace_ = other.workspace_;
@@ -467,14 +473,17 @@ void Gemm::autotune(const void* x, const void* w, void* y, const void* bias, cud
   // launches, as the engines run them: a loop of launches from the host is bound by the host's
   // launch rate (~4.5 us a launch), which is slower than most of these products and hides their
   // differences.
-  if (chosen_ < 0) return;
-  const int end = std::min(candidates(), chosen_ + std::max(max_candidates, 1));
-  if (end - chosen_ <= 1) return;
+  // A GEMM table's choice (apply_table_choice) may stand after candidates that check out too:
+  // timing starts at the first one that does, so a new table is not biased towards the old.
+  const int from = first_checked_ >= 0 ? first_checked_ : chosen_;
+  if (from < 0) return;
+  const int end = std::min(candidates(), from + std::max(max_candidates, 1));
+  if (end - from <= 1) return;
   Event start, stop;
   constexpr int kPerGraph = 20, kGraphs = 10;
   GraphCache graphs(1);
   std::vector<std::pair<float, int>> timed;  // (ms per launch, candidate)
-  for (int c = chosen_; c < end; ++c) {
+  for (int c = from; c < end; ++c) {
     const std::vector<const void*> key{reinterpret_cast<const void*>(static_cast<intptr_t>(c + 1))};
     auto enqueue = [&](cudaStream_t s) {
       for (int i = 0; i < kPerGraph; ++i) launch(c, x, w, y, bias, s);
@@ -494,18 +503,20 @@ void Gemm::autotune(const void* x, const void* w, void* y, const void* bias, cud
     timed.emplace_back(stop.elapsed_since(start) / (kPerGraph * kGraphs), c);
   }
   if (timed.empty()) return;
-  const float first = timed.front().second == chosen_ ? timed.front().first : NAN;
+  const float first = timed.front().second == from ? timed.front().first : NAN;
   std::sort(timed.begin(), timed.end());
   for (const auto& [ms, c] : timed) {
-    if (c == chosen_ || verify(c) < tolerance()) {
+    if (c == from || c == chosen_ || verify(c) < tolerance()) {
       const std::string algo = describe_algo(candidates_[static_cast<size_t>(c)].algo);
       spdlog::info(
           "{}: autotune keeps the heuristic's candidate {} of {} ({:.2f} us a launch; "
           "candidate {}, the first that checks out: {:.2f} us): {}",
-          shape_.describe(), c, candidates(), 1000.0f * ms, chosen_, 1000.0f * first, algo);
+          shape_.describe(), c, candidates(), 1000.0f * ms, from, 1000.0f * first, algo);
       chosen_ = c;
-      // Only a choice among the fused-epilogue candidates is what a table entry can name.
-      if (!separate_epilogue_) record_tuned_gemm_choice(shape_.describe(), GemmChoice{c, algo});
+      // A table entry names one of the heuristic's candidates for the fused epilogue, not a
+      // clusterless variant appended after them (add_clusterless_variants).
+      if (!separate_epilogue_ && c < offered_)
+        record_tuned_gemm_choice(shape_.describe(), GemmChoice{c, algo});
       return;
     }
   }

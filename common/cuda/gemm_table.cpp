@@ -54,9 +54,10 @@ GemmTable GemmTable::parse(std::istream& in, const std::string& source) {
     GemmChoice choice;
     choice.algo = line.substr(tab2 + 1);
     PI0_CHECK(!shape.empty() && !choice.algo.empty(), where + ": empty shape or description");
-    char* end = nullptr;
-    const long candidate = std::strtol(index.c_str(), &end, 10);
-    PI0_CHECK(!index.empty() && *end == '\0' && candidate >= 0 && candidate < kMaxGemmCandidates,
+    const bool digits = !index.empty() && index.size() <= 3 &&
+                        index.find_first_not_of("0123456789") == std::string::npos;
+    const long candidate = digits ? std::strtol(index.c_str(), nullptr, 10) : -1;
+    PI0_CHECK(candidate >= 0 && candidate < kMaxGemmCandidates,
               where + ": candidate must be 0.." + std::to_string(kMaxGemmCandidates - 1) +
                   ", got '" + index + "'");
     PI0_CHECK(table.find(shape) == nullptr, where + ": a second entry for '" + shape + "'");
@@ -81,15 +82,18 @@ void GemmTable::write(std::ostream& out) const {
 
 void GemmTable::save(const std::string& path) const {
   const std::string temporary = path + ".tmp";
+  bool written = false;
   {
     std::ofstream out(temporary, std::ios::trunc);
     PI0_CHECK(out.is_open(), "GEMM table " + temporary + " cannot be written");
     write(out);
     out.flush();
-    PI0_CHECK(out.good(), "GEMM table " + temporary + ": write error");
+    written = out.good();
   }
-  PI0_CHECK(std::rename(temporary.c_str(), path.c_str()) == 0,
-            "GEMM table " + path + " cannot be replaced");
+  if (!written || std::rename(temporary.c_str(), path.c_str()) != 0) {
+    (void)std::remove(temporary.c_str());
+    throw Error("GEMM table " + path + (written ? " cannot be replaced" : ": write error"));
+  }
 }
 
 void GemmTable::set(const std::string& shape, GemmChoice choice) {

@@ -311,8 +311,10 @@ __global__ void broadcast_rows_kernel(const bf16* table, int table_rows, const b
 
 // kPairs interleaved pairs a thread: 1 (4-byte loads, any even head_dim) or 4 (one 16-byte load
 // and store; head_dim % 8 == 0, every row 16-byte aligned). Each pair's angle is computed the same
-// way in both, so they give the same bits. Blocks of one row each (row_grid), so that a block can
-// scale its row by the folded RMS norm; the first item's load is issued before that reduction.
+// way in both, so without the folded norm they give the same bits; with it, the row's sum of
+// squares is reduced over blocks of another size, so the last bits may differ (a configuration
+// always takes the same one). Blocks of one row each (row_grid), so that a block can scale its row
+// by the folded RMS norm; the first item's load is issued before that reduction.
 template <int kPairs>
 __global__ void rope_split_qkv_kernel(const bf16* qkv, int q_heads, int head_dim,
                                       int first_position, float log2_theta, bf16* q_out,

@@ -121,6 +121,8 @@ class Gemm {
   cublasLtMatrixLayout_t a_ = nullptr, b_ = nullptr, d_ = nullptr;
   std::vector<cublasLtMatmulHeuristicResult_t> candidates_;
   int chosen_ = kNotChosen;
+  int first_checked_ = kNotChosen;  // first_verified()'s pick in the first plan, before a table's
+  int offered_ = 0;                 // the heuristic's candidates; clusterless variants follow
   bool separate_epilogue_ = false;
   SkinnyShape skinny_{};  // the plan of kSkinnyPath
   void* workspace_ = nullptr;

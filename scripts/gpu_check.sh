@@ -65,6 +65,8 @@ if want bench; then
     PI0_VISION_ATTENTION=gemm "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== encoder lm attention in the fused kernel (PI0_LM_ATTENTION=fused)"
     PI0_LM_ATTENTION=fused "$BIN/pi0_bench" --case 2,63,0 --iters 200
+    echo "== the decoder's tuned GEMM choices from bench/gemm_table_h100.tsv (PI0_GEMM_TABLE)"
+    "$BIN/pi0_bench" --case 2,63,0 --iters 200 --gemm-table "$ROOT/bench/gemm_table_h100.tsv"
     echo "== decoder without the L2 weight prefetch (PI0_DECODER_PREFETCH=0)"
     PI0_DECODER_PREFETCH=0 "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== decoder attention in the fused kernel (PI0_DECODER_FUSED_ATTENTION=1)"

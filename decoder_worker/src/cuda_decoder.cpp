@@ -65,25 +65,22 @@ struct CudaDecoder::Impl {
 
   DeviceBuffer<Bf16> h, sample, t1, qkv, q, attn, gu, act;
   // The residual stream, the state token's row of it and the biases of the products that write
-  // it: bf16 with the norms folded (fold_norms), fp32 otherwise; only one of each pair is made.
+  // it: bf16 with the norms folded (fold_norms), fp32 otherwise; only the buffer of that type is
+  // made.
   bool fold_norms = false;
-  DeviceBuffer<Bf16> x_bf16, state_row_bf16, state_b_bf16, amlp_b_bf16;
-  DeviceBuffer<float> x_f32, state_row_f32, state_b_f32, amlp_b_f32;
-  void* x() const { return fold_norms ? static_cast<void*>(x_bf16.get()) : x_f32.get(); }
-  void* state_row() const {
-    return fold_norms ? static_cast<void*>(state_row_bf16.get()) : state_row_f32.get();
-  }
-  const void* state_b() const {
-    return fold_norms ? static_cast<const void*>(state_b_bf16.get()) : state_b_f32.get();
-  }
-  const void* amlp_b() const {
-    return fold_norms ? static_cast<const void*>(amlp_b_bf16.get()) : amlp_b_f32.get();
-  }
+  struct ResidualTyped {
+    DeviceBuffer<Bf16> bf16;
+    DeviceBuffer<float> f32;
+    void* get() const { return bf16.empty() ? static_cast<void*>(f32.get()) : bf16.get(); }
+  };
+  ResidualTyped x, state_row, state_b, amlp_b;
   size_t residual_bytes() const { return fold_norms ? sizeof(Bf16) : sizeof(float); }
   // Row `row` of the residual stream.
   void* x_row(size_t row) const {
-    return static_cast<std::byte*>(x()) + row * cfg.action_width * residual_bytes();
+    return static_cast<std::byte*>(x.get()) + row * cfg.action_width * residual_bytes();
   }
+  // What the qkv and gate|up products read: the stream itself with the norms folded, else h.
+  const Bf16* normed() const { return fold_norms ? x.bf16.get() : h.get(); }
 
   // The GEMMs over all frames of a pass, one set per frame count (index count - 1).
   struct PassGemms {
@@ -228,13 +225,17 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   fold_norms = !skinny && !layers_kernel.valid();
 
   state_w = memory.weight(cuda::upload_tensor(w, "decoder_state_in_proj_w"));
-  if (fold_norms) {
-    state_b_bf16 = memory.weight(cuda::upload_tensor(w, "decoder_state_in_proj_b"));
-    amlp_b_bf16 = memory.weight(cuda::upload_tensor(w, "decoder_action_mlp_b"));
-  } else {
-    state_b_f32 = memory.weight(cuda::upload_tensor_f32(w, "decoder_state_in_proj_b"));
-    amlp_b_f32 = memory.weight(cuda::upload_tensor_f32(w, "decoder_action_mlp_b"));
-  }
+  auto upload_residual_bias = [&](const char* name) {
+    ResidualTyped b;
+    if (fold_norms) {
+      b.bf16 = memory.weight(cuda::upload_tensor(w, name));
+    } else {
+      b.f32 = memory.weight(cuda::upload_tensor_f32(w, name));
+    }
+    return b;
+  };
+  state_b = upload_residual_bias("decoder_state_in_proj_b");
+  amlp_b = upload_residual_bias("decoder_action_mlp_b");
   ain_w = memory.weight(cuda::upload_tensor(w, "decoder_action_fused_in_proj_w"));
   time_b = memory.weight(cuda::upload_tensor(w, "decoder_action_fused_time_biases"));
   amlp_w = memory.weight(cuda::upload_tensor(w, "decoder_action_mlp_w"));
@@ -276,13 +277,17 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
 
   const size_t r = static_cast<size_t>(rows) * max_batch;  // rows of a full pass
   const size_t cb = static_cast<size_t>(c) * max_batch;
-  if (fold_norms) {
-    x_bf16 = memory.work<Bf16>(r * aw, "residual");
-    state_row_bf16 = memory.work<Bf16>(static_cast<size_t>(max_batch) * aw, "state token");
-  } else {
-    x_f32 = memory.work<float>(r * aw, "residual");
-    state_row_f32 = memory.work<float>(static_cast<size_t>(max_batch) * aw, "state token");
-  }
+  auto residual_work = [&](size_t count, const char* what) {
+    ResidualTyped b;
+    if (fold_norms) {
+      b.bf16 = memory.work<Bf16>(count, what);
+    } else {
+      b.f32 = memory.work<float>(count, what);
+    }
+    return b;
+  };
+  x = residual_work(r * aw, "residual");
+  state_row = residual_work(static_cast<size_t>(max_batch) * aw, "state token");
   const DType residual_type = fold_norms ? DType::kBf16 : DType::kF32;
   h = memory.work<Bf16>(r * aw, "normed");  // with fold_norms, only for the Euler step
   sample = memory.work<Bf16>(cb * ad, "sample (bf16)");
@@ -340,18 +345,17 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
     cuda::fill_random(attn.get(), attn.size(), 14, 1.0f, s);
     cuda::fill_random(act.get(), act.size(), 15, 1.0f, s);
     if (fold_norms) {
-      cuda::fill_random(x_bf16.get(), x_bf16.size(), 16, 1.0f, s);
+      cuda::fill_random(x.bf16.get(), x.bf16.size(), 16, 1.0f, s);
     } else {
-      cuda::fill_random(x_f32.get(), x_f32.size(), 16, 1.0f, s);
+      cuda::fill_random(x.f32.get(), x.f32.size(), 16, 1.0f, s);
     }
-    const Bf16* normed = fold_norms ? x_bf16.get() : h.get();  // what qkv and gate|up read
-    g_amlp.autotune(t1.get(), amlp_w.get(), x_row(1), amlp_b(), s);
+    g_amlp.autotune(t1.get(), amlp_w.get(), x_row(1), amlp_b.get(), s);
     for (PassGemms& g : pass) {
       g.ain.autotune(sample.get(), ain_w.get(), t1.get(), time_b.get(), s);
-      g.qkv.autotune(normed, qkv_w.get(), qkv.get(), nullptr, s);
-      g.o.autotune(attn.get(), o_w.get(), x(), nullptr, s);
-      g.gu.autotune(normed, gate_up_w.get(), gu.get(), nullptr, s);
-      g.down.autotune(act.get(), down_w.get(), x(), nullptr, s);
+      g.qkv.autotune(normed(), qkv_w.get(), qkv.get(), nullptr, s);
+      g.o.autotune(attn.get(), o_w.get(), x.get(), nullptr, s);
+      g.gu.autotune(normed(), gate_up_w.get(), gu.get(), nullptr, s);
+      g.down.autotune(act.get(), down_w.get(), x.get(), nullptr, s);
     }
     CUDA_CHECK(cudaDeviceSynchronize());
   }
@@ -391,7 +395,7 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
   // the norms run as kernels of their own.
   auto rms_of_frame = [&](int f) {
     if (!fold_norms) return cuda::RowRmsScale{};
-    return cuda::RowRmsScale{x_bf16.get() + (f < 0 ? 0 : frame_row(f) * aw), aw, cfg.rms_eps};
+    return cuda::RowRmsScale{x.bf16.get() + (f < 0 ? 0 : frame_row(f) * aw), aw, cfg.rms_eps};
   };
   // Layer l of the first step waits for the encoder's layer l of every frame's slot; the later
   // steps find every layer written.
@@ -405,7 +409,7 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
 
   if (timer) timer->begin(s);
   prefetcher.begin();
-  g.state.run(state, state_w.get(), state_row(), state_b(), s);
+  g.state.run(state, state_w.get(), state_row.get(), state_b.get(), s);
   cuda::bf16_to_f32(noise, actions, count * frame_actions, s);
   mark("state proj + noise in", s);
 
@@ -421,36 +425,35 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
       const Bf16* t1_f = t1.get() + static_cast<size_t>(f) * c * aw;
       void* x_actions = x_row(frame_row(f) + 1);
       if (skinny) {
-        cuda::skinny_gemm(s_amlp, t1_f, amlp_w.get(), x_actions, amlp_b_f32.get(), s);
+        cuda::skinny_gemm(s_amlp, t1_f, amlp_w.get(), x_actions, amlp_b.f32.get(), s);
       } else {
-        g_amlp.run(t1_f, amlp_w.get(), x_actions, amlp_b(), s);
+        g_amlp.run(t1_f, amlp_w.get(), x_actions, amlp_b.get(), s);
       }
     }
     mark("action in: mlp gemm", s);
     // Each frame's state token heads its rows.
     const size_t row_bytes = aw * residual_bytes();
-    CUDA_CHECK(cudaMemcpy2DAsync(x(), rows * row_bytes, state_row(), row_bytes, row_bytes, count,
-                                 cudaMemcpyDeviceToDevice, s));
+    CUDA_CHECK(cudaMemcpy2DAsync(x.get(), rows * row_bytes, state_row.get(), row_bytes, row_bytes,
+                                 count, cudaMemcpyDeviceToDevice, s));
     mark("state token copy", s);
     if (persistent) {
       for (int l = 0; l < cfg.lm_layers; ++l) wait_for_layer(step, l);
       // Leaves h = rms(x) for the Euler step.
       layers_kernel.run({qkv_w.get(), o_w.get(), gate_up_w.get(), down_w.get()},
-                        {x_f32.get(), h.get(), q.get(), attn.get(), act.get(), kv_slots[0]}, s);
+                        {x.f32.get(), h.get(), q.get(), attn.get(), act.get(), kv_slots[0]}, s);
       mark("layers (persistent kernel)", s);
     }
     for (int l = 0; l < cfg.lm_layers && !persistent; ++l) {
       const size_t ll = static_cast<size_t>(l);
       const size_t suffix = static_cast<size_t>(prefix) * cfg.head_dim;
       if (!fold_norms) {
-        cuda::rms_norm(x_f32.get(), h.get(), pass_rows, aw, cfg.rms_eps, s);
+        cuda::rms_norm(x.f32.get(), h.get(), pass_rows, aw, cfg.rms_eps, s);
         mark("rmsnorm", s);
       }
       if (skinny) {
         cuda::skinny_gemm(s_qkv, h.get(), qkv_w.get() + ll * aw * qkv_width, qkv.get(), nullptr, s);
       } else {
-        g.qkv.run(fold_norms ? x_bf16.get() : h.get(), qkv_w.get() + ll * aw * qkv_width, qkv.get(),
-                  nullptr, s);
+        g.qkv.run(normed(), qkv_w.get() + ll * aw * qkv_width, qkv.get(), nullptr, s);
       }
       mark("qkv gemm", s);
       // While the first step follows the encoder layer by layer, the encoder runs beside it:
@@ -471,29 +474,28 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
                       kv_slice(kv_slots[f], l, 1), attn.get() + frame_row(f) * qw, s, timer);
       }
       if (skinny) {
-        cuda::skinny_gemm(s_o, attn.get(), o_w.get() + ll * qw * aw, x(), nullptr, s);
+        cuda::skinny_gemm(s_o, attn.get(), o_w.get() + ll * qw * aw, x.get(), nullptr, s);
       } else {
-        g.o.run(attn.get(), o_w.get() + ll * qw * aw, x(), nullptr, s);
+        g.o.run(attn.get(), o_w.get() + ll * qw * aw, x.get(), nullptr, s);
       }
       mark("o gemm + residual", s);
       if (!fold_norms) {
-        cuda::rms_norm(x_f32.get(), h.get(), pass_rows, aw, cfg.rms_eps, s);
+        cuda::rms_norm(x.f32.get(), h.get(), pass_rows, aw, cfg.rms_eps, s);
         mark("rmsnorm", s);
       }
       if (skinny) {
         cuda::skinny_gemm(s_gu, h.get(), gate_up_w.get() + ll * aw * 2 * am, act.get(), nullptr, s);
         mark("gate|up gemm + geglu", s);
       } else {
-        g.gu.run(fold_norms ? x_bf16.get() : h.get(), gate_up_w.get() + ll * aw * 2 * am, gu.get(),
-                 nullptr, s);
+        g.gu.run(normed(), gate_up_w.get() + ll * aw * 2 * am, gu.get(), nullptr, s);
         mark("gate|up gemm", s);
         cuda::geglu(gu.get(), act.get(), pass_rows, am, s, rms_of_frame(-1));
         mark(fold_norms ? "rms + geglu" : "geglu", s);
       }
       if (skinny) {
-        cuda::skinny_gemm(s_down, act.get(), down_w.get() + ll * am * aw, x(), nullptr, s);
+        cuda::skinny_gemm(s_down, act.get(), down_w.get() + ll * am * aw, x.get(), nullptr, s);
       } else {
-        g.down.run(act.get(), down_w.get() + ll * am * aw, x(), nullptr, s);
+        g.down.run(act.get(), down_w.get() + ll * am * aw, x.get(), nullptr, s);
       }
       mark("down gemm + residual", s);
     }
@@ -501,9 +503,9 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
     // norm over every row of the pass (row by row, so the action rows get the same bits; the
     // state rows' results are not read).
     if (fold_norms) {
-      cuda::rms_norm(x_bf16.get(), h.get(), pass_rows, aw, cfg.rms_eps, s);
+      cuda::rms_norm(x.bf16.get(), h.get(), pass_rows, aw, cfg.rms_eps, s);
     } else if (!persistent) {
-      cuda::rms_norm(x_f32.get(), h.get(), pass_rows, aw, cfg.rms_eps, s);
+      cuda::rms_norm(x.f32.get(), h.get(), pass_rows, aw, cfg.rms_eps, s);
     }
     for (int f = 0; f < count; ++f) {
       const size_t first = (frame_row(f) + 1) * aw;

@@ -309,7 +309,7 @@ int main(int argc, char** argv) {
   std::string model = "pi0";
   int iters = 200, warmup = 20;
   std::string json_path;
-  bool autotune = false, autotune_decoder = false;
+  bool autotune = false, autotune_decoder = false, autotune_wide = false;
   std::string gemm_table, write_gemm_table;
   bool breakdown = false;
   bool sm_count_only = false;
@@ -323,6 +323,9 @@ int main(int argc, char** argv) {
   app.add_flag("--autotune-decoder", autotune_decoder,
                "the same for the decoder's GEMMs only (the encoder's tuned choices, faster alone, "
                "were slower in sequence: bench/NOTES.md v11)");
+  app.add_flag("--autotune-wide", autotune_wide,
+               "with --autotune[-decoder]: search cuBLASLt's configurations beyond its "
+               "heuristic's (minutes; for --write-gemm-table)");
   app.add_option("--gemm-table", gemm_table,
                  "read tuned GEMM choices from this file (as PI0_GEMM_TABLE does)");
   app.add_option("--write-gemm-table", write_gemm_table,
@@ -336,8 +339,9 @@ int main(int argc, char** argv) {
       });
   CLI11_PARSE(app, argc, argv);
   init_logging("pi0_bench", log_level);
-  if (!write_gemm_table.empty() && !autotune && !autotune_decoder) {
-    std::fprintf(stderr, "pi0_bench: --write-gemm-table needs --autotune or --autotune-decoder\n");
+  if ((!write_gemm_table.empty() || autotune_wide) && !autotune && !autotune_decoder) {
+    std::fprintf(stderr, "pi0_bench: --%s needs --autotune or --autotune-decoder\n",
+                 autotune_wide ? "autotune-wide" : "write-gemm-table");
     return 2;
   }
   // Before any Gemm exists: the table is read once per process, at the first one.
@@ -376,6 +380,7 @@ int main(int argc, char** argv) {
     CudaEngineOptions enc_options, dec_options;
     enc_options.autotune_gemms = autotune;
     dec_options.autotune_gemms = autotune || autotune_decoder;
+    enc_options.autotune_wide = dec_options.autotune_wide = autotune_wide;
 
     for (const Case& c : cases) {
       if (!enc_weights.count(c.prompt))
@@ -399,6 +404,7 @@ int main(int argc, char** argv) {
       j["iters"] = iters;
       j["autotune"] = autotune;
       j["autotune_decoder"] = autotune_decoder;
+      j["autotune_wide"] = autotune_wide;
       const char* table = std::getenv("PI0_GEMM_TABLE");
       j["gemm_table"] = table ? table : "";
       for (const Figures& f : results) {

@@ -14,6 +14,7 @@
 namespace {
 
 namespace fs = std::filesystem;
+using pi0::cuda::GemmAlgoConfig;
 using pi0::cuda::GemmChoice;
 using pi0::cuda::GemmTable;
 
@@ -92,14 +93,16 @@ TEST_CASE("a malformed gemm table is refused with its line") {
   CHECK(parse_error(kQkv + "\t1\talgo 66\textra\n") ==
         "table.tsv line 1: want 'shape<TAB>candidate<TAB>description'");
   CHECK(parse_error(kQkv + "\tone\talgo 66\n") ==
-        "table.tsv line 1: candidate must be 0..31, got 'one'");
-  CHECK(parse_error(kQkv + "\t32\talgo 66\n") ==
-        "table.tsv line 1: candidate must be 0..31, got '32'");
+        "table.tsv line 1: candidate must be 0..9999, got 'one'");
+  CHECK(parse_error(kQkv + "\t10000\talgo 66\n") ==
+        "table.tsv line 1: candidate must be 0..9999, got '10000'");
   CHECK(parse_error(kQkv + "\t+1\talgo 66\n") ==
-        "table.tsv line 1: candidate must be 0..31, got '+1'");
+        "table.tsv line 1: candidate must be 0..9999, got '+1'");
   CHECK(parse_error(kQkv + "\t-1\talgo 66\n") ==
-        "table.tsv line 1: candidate must be 0..31, got '-1'");
-  CHECK(parse_error(kQkv + "\t\talgo 66\n") == "table.tsv line 1: candidate must be 0..31, got ''");
+        "table.tsv line 1: candidate must be 0..9999, got '-1'");
+  CHECK(parse_error(kQkv + "\t\talgo 66\n") ==
+        "table.tsv line 1: candidate must be 0..9999, got ''");
+  CHECK(parse_error(kQkv + "\t9999\talgo 66\n").empty());
   CHECK(parse_error("\t1\talgo 66\n") == "table.tsv line 1: empty shape or description");
   CHECK(parse_error(kQkv + "\t1\t\n") == "table.tsv line 1: empty shape or description");
   CHECK(parse_error(ok + ok) == "table.tsv line 2: a second entry for '" + kQkv + "'");
@@ -124,6 +127,40 @@ TEST_CASE("a gemm table refuses entries it could not write on one line") {
   CHECK_THROWS_AS(table.set("shape\twith a tab", GemmChoice{0, "algo"}), pi0::Error);
   CHECK_THROWS_AS(table.set(kQkv, GemmChoice{0, "algo\nsecond line"}), pi0::Error);
   CHECK_THROWS_AS(table.set(kQkv, GemmChoice{0, ""}), pi0::Error);
-  CHECK_THROWS_AS(table.set(kQkv, GemmChoice{32, "algo"}), pi0::Error);
+  CHECK_THROWS_AS(table.set(kQkv, GemmChoice{10000, "algo"}), pi0::Error);
+  CHECK_THROWS_AS(table.set(kQkv, GemmChoice{-1, "algo"}), pi0::Error);
   CHECK(table.size() == 0);
+}
+
+// What a table entry names: a configuration that reads back field for field, so a Gemm can build it
+// where the heuristic does not offer it; any other text is no configuration at all.
+TEST_CASE("a gemm configuration's description reads back as the same configuration") {
+  GemmAlgoConfig c;
+  c.id = 66;
+  c.tile = 12;
+  c.stages = 35;
+  c.split_k = 4;
+  c.reduction = 2;
+  c.swizzle = 1;
+  c.custom = 3;
+  c.inner = 7;
+  c.cluster = 2;
+  const std::string text = c.describe();
+  CHECK(text ==
+        "algo 66 tile 12 stages 35 split-k 4 reduction 2 swizzle 1 custom 3 inner 7 cluster 2");
+  const auto back = GemmAlgoConfig::parse(text);
+  REQUIRE(back.has_value());
+  CHECK(*back == c);
+
+  CHECK_FALSE(GemmAlgoConfig::parse("algo 66 tile 13 stages 35 split-k 1 cluster 7"));  // v13 form
+  CHECK_FALSE(GemmAlgoConfig::parse(""));
+  CHECK_FALSE(GemmAlgoConfig::parse(text + " extra"));
+  CHECK_FALSE(GemmAlgoConfig::parse(
+      "algo 66 tile 12 stages 35 split-k 0 reduction 2 swizzle 1 custom 3 inner 7 cluster 2"));
+  CHECK_FALSE(GemmAlgoConfig::parse(
+      "algo 66 tile -12 stages 35 split-k 4 reduction 2 swizzle 1 custom 3 inner 7 cluster 2"));
+  CHECK_FALSE(GemmAlgoConfig::parse(
+      "algo 66 tile 12 stages 35 split-k 4 reduction 2 swizzle 1 custom 3 inner 7 cluster 70000"));
+  CHECK_FALSE(GemmAlgoConfig::parse(
+      "algo 66 tiles 12 stages 35 split-k 4 reduction 2 swizzle 1 custom 3 inner 7 cluster 2"));
 }

@@ -46,18 +46,48 @@ T algo_attribute(const cublasLtMatmulAlgo_t& algo, cublasLtMatmulAlgoConfigAttri
   return value;
 }
 
-std::string describe_algo(const cublasLtMatmulAlgo_t& algo) {
-  std::ostringstream s;
-  s << "algo " << algo_attribute<int32_t>(algo, CUBLASLT_ALGO_CONFIG_ID) << " tile "
-    << algo_attribute<uint32_t>(algo, CUBLASLT_ALGO_CONFIG_TILE_ID) << " stages "
-    << algo_attribute<uint32_t>(algo, CUBLASLT_ALGO_CONFIG_STAGES_ID) << " split-k "
-    << algo_attribute<int32_t>(algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM) << " cluster "
-    << algo_attribute<uint16_t>(algo, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID);
-  return s.str();
+GemmAlgoConfig config_of(const cublasLtMatmulAlgo_t& algo) {
+  GemmAlgoConfig c;
+  c.id = algo_attribute<int32_t>(algo, CUBLASLT_ALGO_CONFIG_ID);
+  c.tile = algo_attribute<uint32_t>(algo, CUBLASLT_ALGO_CONFIG_TILE_ID);
+  c.stages = algo_attribute<uint32_t>(algo, CUBLASLT_ALGO_CONFIG_STAGES_ID);
+  c.split_k = algo_attribute<int32_t>(algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM);
+  c.reduction = algo_attribute<uint32_t>(algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME);
+  c.swizzle = algo_attribute<uint32_t>(algo, CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING);
+  c.custom = algo_attribute<uint32_t>(algo, CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION);
+  c.inner = algo_attribute<uint16_t>(algo, CUBLASLT_ALGO_CONFIG_INNER_SHAPE_ID);
+  c.cluster = algo_attribute<uint16_t>(algo, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID);
+  return c;
 }
 
-cudaDataType_t to_cuda(DType t) { return t == DType::kBf16 ? CUDA_R_16BF : CUDA_R_32F; }
-size_t type_bytes(DType t) { return t == DType::kBf16 ? 2 : 4; }
+std::string describe_algo(const cublasLtMatmulAlgo_t& algo) {
+  return config_of(algo).describe();
+}
+
+template <typename T>
+bool set_algo(cublasLtMatmulAlgo_t& algo, cublasLtMatmulAlgoConfigAttributes_t attr, T value) {
+  return cublasLtMatmulAlgoConfigSetAttribute(&algo, attr, &value, sizeof value) ==
+         CUBLAS_STATUS_SUCCESS;
+}
+
+// Sets every field but the id, which cublasLtMatmulAlgoInit sets.
+bool configure(cublasLtMatmulAlgo_t& algo, const GemmAlgoConfig& c) {
+  return set_algo(algo, CUBLASLT_ALGO_CONFIG_TILE_ID, c.tile) &&
+         set_algo(algo, CUBLASLT_ALGO_CONFIG_STAGES_ID, c.stages) &&
+         set_algo(algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, c.split_k) &&
+         set_algo(algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, c.reduction) &&
+         set_algo(algo, CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING, c.swizzle) &&
+         set_algo(algo, CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION, c.custom) &&
+         set_algo(algo, CUBLASLT_ALGO_CONFIG_INNER_SHAPE_ID, static_cast<uint16_t>(c.inner)) &&
+         set_algo(algo, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, static_cast<uint16_t>(c.cluster));
+}
+
+cudaDataType_t to_cuda(DType t) {
+  return t == DType::kBf16 ? CUDA_R_16BF : CUDA_R_32F;
+}
+size_t type_bytes(DType t) {
+  return t == DType::kBf16 ? 2 : 4;
+}
 
 template <typename T>
 void set_desc(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attr, const T& value) {
@@ -78,7 +108,9 @@ cublasLtMatrixLayout_t make_layout(cudaDataType_t type, int rows, int cols, int 
   return layout;
 }
 
-bool has_bias(Epilogue e) { return e != Epilogue::kNone; }
+bool has_bias(Epilogue e) {
+  return e != Epilogue::kNone;
+}
 
 }  // namespace
 
@@ -100,15 +132,16 @@ GemmShape linear_shape(int m, int n, int k, DType y_type, Epilogue epilogue, boo
 std::string GemmShape::describe() const {
   std::ostringstream s;
   s << "gemm m=" << m << " n=" << n << " k=" << k << " ld_x=" << ld_x << " ld_w=" << ld_w
-    << " ld_y=" << ld_y << (w_transposed ? " W^T" : "") << " y="
-    << (y_type == DType::kBf16 ? "bf16" : "f32")
-    << (epilogue == Epilogue::kBias ? " +bias" : epilogue == Epilogue::kGeluBias ? " +bias,gelu" : "")
+    << " ld_y=" << ld_y << (w_transposed ? " W^T" : "")
+    << " y=" << (y_type == DType::kBf16 ? "bf16" : "f32")
+    << (epilogue == Epilogue::kBias       ? " +bias"
+        : epilogue == Epilogue::kGeluBias ? " +bias,gelu"
+                                          : "")
     << (accumulate ? " accumulate" : "") << " batch=" << batch << " align=" << alignment;
   return s.str();
 }
 
-Gemm::Gemm(cublasLtHandle_t handle, const GemmShape& shape, void* workspace,
-           size_t workspace_bytes)
+Gemm::Gemm(cublasLtHandle_t handle, const GemmShape& shape, void* workspace, size_t workspace_bytes)
     : handle_(handle), shape_(shape), workspace_(workspace), workspace_bytes_(workspace_bytes) {
   PI0_CHECK(shape.m > 0 && shape.n > 0 && shape.k > 0 && shape.batch > 0,
             "empty " + shape.describe());
@@ -163,22 +196,25 @@ Gemm::Gemm(cublasLtHandle_t handle, const GemmShape& shape, void* workspace,
       }
     }
     if (chosen_ == kNotChosen && !force_builtin && plan_skinny_fallback()) {
-      // Our tensor-core kernel (no clusters), bias / GELU in their own kernel, checked the same way.
+      // Our tensor-core kernel (no clusters), bias / GELU in their own kernel, checked the same
+      // way.
       if (verify(kSkinnyPath) < tolerance()) {
         chosen_ = kSkinnyPath;
         if (!skip_cublaslt)
-          spdlog::warn("no cuBLASLt algorithm computes {} correctly on this GPU (share); using the "
-                     "skinny tensor-core kernel for it",
-                     shape.describe());
+          spdlog::warn(
+              "no cuBLASLt algorithm computes {} correctly on this GPU (share); using the "
+              "skinny tensor-core kernel for it",
+              shape.describe());
       }
     }
     if (chosen_ == kNotChosen) {
       // Correct but slow beats fast and wrong: the plain CUDA-core kernel the candidates are
       // checked against.
       if (!force_builtin)
-        spdlog::warn("no checked kernel computes {} correctly on this GPU (share) ({} cuBLASLt "
-                     "candidates tried); using the slow built-in kernel for it",
-                     shape.describe(), candidates_.size());
+        spdlog::warn(
+            "no checked kernel computes {} correctly on this GPU (share) ({} cuBLASLt "
+            "candidates tried); using the slow built-in kernel for it",
+            shape.describe(), candidates_.size());
       chosen_ = kBuiltinPath;
     }
   } catch (...) {
@@ -198,25 +234,14 @@ void Gemm::plan(bool separate_epilogue) {
   if (epi != CUBLASLT_EPILOGUE_DEFAULT) {
     set_desc(desc_, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, to_cuda(shape_.y_type));
   }
-  cublasLtMatmulPreference_t pref = nullptr;
-  CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-  const uint64_t ws = workspace_bytes_;
-  const uint32_t align = static_cast<uint32_t>(shape_.alignment);
-  cublasStatus_t status = cublasLtMatmulPreferenceSetAttribute(
-      pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
-  for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
-                    CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                    CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
-                    CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES}) {
-    if (status == CUBLAS_STATUS_SUCCESS)
-      status = cublasLtMatmulPreferenceSetAttribute(pref, attr, &align, sizeof align);
-  }
+  cublasLtMatmulPreference_t pref = make_preference(CUBLASLT_SEARCH_BEST_FIT);
+  cublasStatus_t status = pref ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_NOT_SUPPORTED;
   int returned = 0;
   candidates_.resize(kHeuristicCandidates);
   if (status == CUBLAS_STATUS_SUCCESS)
     status = cublasLtMatmulAlgoGetHeuristic(handle_, desc_, a_, b_, d_, d_, pref,
                                             kHeuristicCandidates, candidates_.data(), &returned);
-  (void)cublasLtMatmulPreferenceDestroy(pref);
+  if (pref) (void)cublasLtMatmulPreferenceDestroy(pref);
   // No algorithm (or a heuristic that refuses the shape) is not an error: the tiers after
   // cuBLASLt's still run.
   if (status != CUBLAS_STATUS_SUCCESS) {
@@ -229,6 +254,109 @@ void Gemm::plan(bool separate_epilogue) {
   std::erase_if(candidates_, [](const cublasLtMatmulHeuristicResult_t& c) {
     return c.state != CUBLAS_STATUS_SUCCESS;
   });
+}
+
+cublasLtMatmulPreference_t Gemm::make_preference(uint32_t search_mode) const {
+  cublasLtMatmulPreference_t pref = nullptr;
+  if (cublasLtMatmulPreferenceCreate(&pref) != CUBLAS_STATUS_SUCCESS) return nullptr;
+  const uint64_t ws = workspace_bytes_;
+  const uint32_t align = static_cast<uint32_t>(shape_.alignment);
+  cublasStatus_t status = cublasLtMatmulPreferenceSetAttribute(
+      pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
+  if (status == CUBLAS_STATUS_SUCCESS)
+    status = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_SEARCH_MODE,
+                                                  &search_mode, sizeof search_mode);
+  for (auto attr :
+       {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES}) {
+    if (status == CUBLAS_STATUS_SUCCESS)
+      status = cublasLtMatmulPreferenceSetAttribute(pref, attr, &align, sizeof align);
+  }
+  if (status != CUBLAS_STATUS_SUCCESS) {
+    (void)cublasLtMatmulPreferenceDestroy(pref);
+    return nullptr;
+  }
+  return pref;
+}
+
+int Gemm::find_or_add(const GemmAlgoConfig& config) {
+  const std::string wanted = config.describe();
+  for (int c = 0; c < candidates(); ++c)
+    if (describe_algo(candidates_[static_cast<size_t>(c)].algo) == wanted) return c;
+  const cudaDataType_t y_type = to_cuda(shape_.y_type);
+  cublasLtMatmulAlgo_t algo{};
+  if (cublasLtMatmulAlgoInit(handle_, CUBLAS_COMPUTE_32F, CUDA_R_32F, CUDA_R_16BF, CUDA_R_16BF,
+                             y_type, y_type, config.id, &algo) != CUBLAS_STATUS_SUCCESS ||
+      !configure(algo, config))
+    return -1;
+  cublasLtMatmulHeuristicResult_t checked{};
+  if (cublasLtMatmulAlgoCheck(handle_, desc_, a_, b_, d_, d_, &algo, &checked) !=
+          CUBLAS_STATUS_SUCCESS ||
+      checked.workspaceSize > workspace_bytes_ || describe_algo(algo) != wanted)
+    return -1;
+  checked.algo = algo;
+  checked.state = CUBLAS_STATUS_SUCCESS;
+  candidates_.push_back(checked);
+  return candidates() - 1;
+}
+
+int Gemm::widen_candidates() {
+  if (chosen_ < 0 || separate_epilogue_) return 0;
+  const int before = candidates();
+  const cudaDataType_t y_type = to_cuda(shape_.y_type);
+  // cuBLASLt's own configurations, per algorithm id.
+  std::vector<int> ids(256);
+  int id_count = 0;
+  if (cublasLtMatmulAlgoGetIds(handle_, CUBLAS_COMPUTE_32F, CUDA_R_32F, CUDA_R_16BF, CUDA_R_16BF,
+                               y_type, y_type, static_cast<int>(ids.size()), ids.data(),
+                               &id_count) != CUBLAS_STATUS_SUCCESS)
+    id_count = 0;
+  std::vector<GemmAlgoConfig> bases;
+  for (int c = 0; c < candidates(); ++c)
+    bases.push_back(config_of(candidates_[static_cast<size_t>(c)].algo));
+  for (int i = 0; i < id_count; ++i) {
+    cublasLtMatmulPreference_t pref = make_preference(CUBLASLT_SEARCH_LIMITED_BY_ALGO_ID);
+    if (!pref) continue;
+    std::vector<cublasLtMatmulHeuristicResult_t> found(64);
+    bool ready = true;
+    for (auto& f : found)
+      ready =
+          ready && cublasLtMatmulAlgoInit(handle_, CUBLAS_COMPUTE_32F, CUDA_R_32F, CUDA_R_16BF,
+                                          CUDA_R_16BF, y_type, y_type, ids[static_cast<size_t>(i)],
+                                          &f.algo) == CUBLAS_STATUS_SUCCESS;
+    int returned = 0;
+    if (ready && cublasLtMatmulAlgoGetHeuristic(handle_, desc_, a_, b_, d_, d_, pref,
+                                                static_cast<int>(found.size()), found.data(),
+                                                &returned) == CUBLAS_STATUS_SUCCESS) {
+      for (int r = 0; r < returned; ++r)
+        if (found[static_cast<size_t>(r)].state == CUBLAS_STATUS_SUCCESS &&
+            find_or_add(config_of(found[static_cast<size_t>(r)].algo)) >= 0)
+          bases.push_back(config_of(found[static_cast<size_t>(r)].algo));
+    }
+    (void)cublasLtMatmulPreferenceDestroy(pref);
+  }
+  // Their split-K and cluster variants: a 64-row product with a narrow output has too few tiles
+  // to stream its weights on every SM without splitting K, and a cluster need not pay.
+  for (const GemmAlgoConfig& base : bases) {
+    for (const uint32_t cluster : {CUBLASLT_CLUSTER_SHAPE_1x1x1, CUBLASLT_CLUSTER_SHAPE_2x1x1,
+                                   CUBLASLT_CLUSTER_SHAPE_1x2x1}) {
+      for (const int split : {1, 2, 3, 4, 6, 8}) {
+        for (const uint32_t reduction :
+             {CUBLASLT_REDUCTION_SCHEME_NONE, CUBLASLT_REDUCTION_SCHEME_INPLACE,
+              CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE}) {
+          if ((split == 1) != (reduction == CUBLASLT_REDUCTION_SCHEME_NONE)) continue;
+          GemmAlgoConfig v = base;
+          v.cluster = cluster;
+          v.split_k = split;
+          v.reduction = reduction;
+          (void)find_or_add(v);
+        }
+      }
+    }
+  }
+  spdlog::debug("{}: {} candidates after widening ({} offered)", shape_.describe(), candidates(),
+                offered_);
+  return candidates() - before;
 }
 
 double Gemm::tolerance() const {
@@ -265,8 +393,8 @@ int Gemm::add_clusterless_variants() {
     const auto cluster = algo_attribute<uint16_t>(algo, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID);
     if (cluster == CUBLASLT_CLUSTER_SHAPE_1x1x1) continue;
     const uint16_t single = CUBLASLT_CLUSTER_SHAPE_1x1x1;
-    if (cublasLtMatmulAlgoConfigSetAttribute(&algo, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID,
-                                             &single, sizeof single) != CUBLAS_STATUS_SUCCESS)
+    if (cublasLtMatmulAlgoConfigSetAttribute(&algo, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, &single,
+                                             sizeof single) != CUBLAS_STATUS_SUCCESS)
       continue;
     cublasLtMatmulHeuristicResult_t checked{};
     if (cublasLtMatmulAlgoCheck(handle_, desc_, a_, b_, d_, d_, &algo, &checked) !=
@@ -292,25 +420,24 @@ std::string Gemm::describe_candidate(int candidate) const {
 void Gemm::apply_table_choice() {
   const GemmTable* table = process_gemm_table();
   const GemmChoice* choice = table ? table->find(shape_.describe()) : nullptr;
-  if (choice == nullptr || choice->candidate == chosen_) return;
-  const int c = choice->candidate;
-  // One past the list, or another algorithm at that index, means the table was tuned under
-  // another GPU, SM plan or cuBLASLt.
-  const bool offered =
-      c < candidates() && describe_algo(candidates_[static_cast<size_t>(c)].algo) == choice->algo;
-  if (!offered) {
-    spdlog::warn(
-        "{}: the GEMM table's candidate {} ({}) is not what cuBLASLt offers here; using "
-        "the heuristic's choice",
-        shape_.describe(), c, choice->algo);
+  if (choice == nullptr) return;
+  const std::optional<GemmAlgoConfig> config = GemmAlgoConfig::parse(choice->algo);
+  // Not a configuration (an older table's form), or one cuBLASLt does not accept here (another
+  // GPU, SM plan or cuBLASLt).
+  const int c = config ? find_or_add(*config) : -1;
+  if (c < 0) {
+    spdlog::warn("{}: the GEMM table's configuration ({}) {}; using the heuristic's choice",
+                 shape_.describe(), choice->algo,
+                 config ? "is not accepted by cuBLASLt here" : "is not one this build reads");
     return;
   }
+  if (c == chosen_) return;
   // first_verified() has checked, and failed, every candidate before chosen_.
   if (c < chosen_ || verify(c) >= tolerance()) {
     spdlog::warn(
-        "{}: the GEMM table's candidate {} ({}) fails its check here; using the "
+        "{}: the GEMM table's configuration ({}) fails its check here; using the "
         "heuristic's choice",
-        shape_.describe(), c, choice->algo);
+        shape_.describe(), choice->algo);
     return;
   }
   spdlog::debug("{}: candidate {} from the GEMM table ({})", shape_.describe(), c, choice->algo);
@@ -322,8 +449,8 @@ int Gemm::first_verified(int from) {
     const double err = verify(c);
     if (err < tolerance()) {
       if (c > from)
-        spdlog::info("{}: {} candidate(s) failed the check; using {}", shape_.describe(),
-                     c - from, describe_algo(candidates_[static_cast<size_t>(c)].algo));
+        spdlog::info("{}: {} candidate(s) failed the check; using {}", shape_.describe(), c - from,
+                     describe_algo(candidates_[static_cast<size_t>(c)].algo));
       return c;
     }
     spdlog::debug("cuBLASLt candidate {} of {} ({}) fails its check for {}{}: rel error {:.3g}", c,
@@ -333,7 +460,9 @@ int Gemm::first_verified(int from) {
   return kNotChosen;
 }
 
-Gemm::~Gemm() { release(); }
+Gemm::~Gemm() {
+  release();
+}
 
 void Gemm::release() noexcept {
   if (a_) (void)cublasLtMatrixLayoutDestroy(a_);
@@ -436,7 +565,8 @@ double Gemm::verify(int c) {
   const Stream stream;
   cudaStream_t st = stream.get();
   DeviceBuffer<Bf16> x(x_n, "gemm check x"), w(w_n, "gemm check w");
-  DeviceBuffer<float> y0(y_n, "gemm check y0"), y(y_n, "gemm check y"), bias(s.n, "gemm check bias");
+  DeviceBuffer<float> y0(y_n, "gemm check y0"), y(y_n, "gemm check y"),
+      bias(s.n, "gemm check bias");
   DeviceBuffer<float> ref(static_cast<size_t>(s.batch) * s.m * s.n, "gemm check reference");
   fill_random(x.get(), x_n, 0x5eed1, 1.0f, st);
   fill_random(w.get(), w_n, 0x5eed2, 1.0f / std::sqrt(static_cast<float>(s.k)), st);
@@ -465,8 +595,37 @@ double Gemm::verify(int c) {
   return relative_difference(s, y.get(), ref.get(), st);
 }
 
+float Gemm::time_candidate(int c, const void* x, const void* w, void* y, const void* bias,
+                           cudaStream_t stream, const AutotuneOptions& options, int graphs) {
+  const int copies = std::max(options.weight_copies, 1);
+  const int per_graph = std::max(20, copies);
+  GraphCache cache(1);
+  const std::vector<const void*> key{reinterpret_cast<const void*>(static_cast<intptr_t>(c + 1))};
+  auto enqueue = [&](cudaStream_t s) {
+    for (int i = 0; i < per_graph; ++i) {
+      const Bf16* wi =
+          static_cast<const Bf16*>(w) + static_cast<size_t>(i % copies) * options.weight_stride;
+      launch(c, x, wi, y, bias, s);
+    }
+  };
+  try {
+    cache.run(key, stream, enqueue);  // eager: warms up
+    cache.run(key, stream, enqueue);  // captured
+    CUDA_CHECK(cudaStreamSynchronize(stream));
+  } catch (const Error&) {
+    (void)cudaGetLastError();
+    return NAN;  // a candidate cuBLASLt accepted that cannot run here
+  }
+  Event start, stop;
+  start.record(stream);
+  for (int i = 0; i < graphs; ++i) cache.run(key, stream, enqueue);
+  stop.record(stream);
+  stop.synchronize();
+  return stop.elapsed_since(start) / static_cast<float>(per_graph * graphs);
+}
+
 void Gemm::autotune(const void* x, const void* w, void* y, const void* bias, cudaStream_t stream,
-                    int max_candidates) {
+                    const AutotuneOptions& options) {
   // first_verified() walks the candidates in order, so every one before chosen_ has already
   // failed its check: only chosen_ and those after it are timed, and the fastest of them that
   // checks out is kept (chosen_ itself needs no second check). Each is timed as a CUDA graph of
@@ -477,46 +636,39 @@ void Gemm::autotune(const void* x, const void* w, void* y, const void* bias, cud
   // timing starts at the first one that does, so a new table is not biased towards the old.
   const int from = first_checked_ >= 0 ? first_checked_ : chosen_;
   if (from < 0) return;
-  const int end = std::min(candidates(), from + std::max(max_candidates, 1));
+  if (options.wide) widen_candidates();
+  const int end = options.wide ? candidates()
+                               : std::min(candidates(), from + std::max(options.max_candidates, 1));
   if (end - from <= 1) return;
-  Event start, stop;
-  constexpr int kPerGraph = 20, kGraphs = 10;
-  GraphCache graphs(1);
+  // A wide list (hundreds) gets a short look each, then its fastest few a longer one.
+  constexpr int kGraphs = 10, kGlanceGraphs = 2, kFinalists = 8;
   std::vector<std::pair<float, int>> timed;  // (ms per launch, candidate)
   for (int c = from; c < end; ++c) {
-    const std::vector<const void*> key{reinterpret_cast<const void*>(static_cast<intptr_t>(c + 1))};
-    auto enqueue = [&](cudaStream_t s) {
-      for (int i = 0; i < kPerGraph; ++i) launch(c, x, w, y, bias, s);
-    };
-    try {
-      graphs.run(key, stream, enqueue);  // eager: warms up
-      graphs.run(key, stream, enqueue);  // captured
-      CUDA_CHECK(cudaStreamSynchronize(stream));
-    } catch (const Error&) {
-      (void)cudaGetLastError();
-      continue;  // a candidate the heuristic offered but that cannot run here
-    }
-    start.record(stream);
-    for (int i = 0; i < kGraphs; ++i) graphs.run(key, stream, enqueue);
-    stop.record(stream);
-    stop.synchronize();
-    timed.emplace_back(stop.elapsed_since(start) / (kPerGraph * kGraphs), c);
+    const float ms =
+        time_candidate(c, x, w, y, bias, stream, options, options.wide ? kGlanceGraphs : kGraphs);
+    if (!std::isnan(ms)) timed.emplace_back(ms, c);
   }
   if (timed.empty()) return;
   const float first = timed.front().second == from ? timed.front().first : NAN;
   std::sort(timed.begin(), timed.end());
+  if (options.wide) {
+    timed.resize(std::min<size_t>(timed.size(), kFinalists));
+    for (auto& [ms, c] : timed) ms = time_candidate(c, x, w, y, bias, stream, options, kGraphs);
+    std::erase_if(timed, [](const auto& t) { return std::isnan(t.first); });
+    std::sort(timed.begin(), timed.end());
+  }
   for (const auto& [ms, c] : timed) {
     if (c == from || c == chosen_ || verify(c) < tolerance()) {
       const std::string algo = describe_algo(candidates_[static_cast<size_t>(c)].algo);
       spdlog::info(
-          "{}: autotune keeps the heuristic's candidate {} of {} ({:.2f} us a launch; "
-          "candidate {}, the first that checks out: {:.2f} us): {}",
-          shape_.describe(), c, candidates(), 1000.0f * ms, from, 1000.0f * first, algo);
+          "{}: autotune keeps candidate {} of {} ({} offered; {:.2f} us a launch over {} weight "
+          "copies; candidate {}, the first that checks out: {:.2f} us): {}",
+          shape_.describe(), c, candidates(), offered_, 1000.0f * ms,
+          std::max(options.weight_copies, 1), from, 1000.0f * first, algo);
       chosen_ = c;
-      // A table entry names one of the heuristic's candidates for the fused epilogue, not a
-      // clusterless variant appended after them (add_clusterless_variants).
-      if (!separate_epilogue_ && c < offered_)
-        record_tuned_gemm_choice(shape_.describe(), GemmChoice{c, algo});
+      // A table entry is for the fused epilogue's configurations (apply_table_choice runs only
+      // there).
+      if (!separate_epilogue_) record_tuned_gemm_choice(shape_.describe(), GemmChoice{c, algo});
       return;
     }
   }

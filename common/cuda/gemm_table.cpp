@@ -6,6 +6,7 @@
 #include <mutex>
 #include <optional>
 #include <sstream>
+#include <type_traits>
 #include <utility>
 
 #include "pi0/check.hpp"
@@ -38,6 +39,43 @@ bool has_tab_or_newline(const std::string& s) {
 
 }  // namespace
 
+std::string GemmAlgoConfig::describe() const {
+  std::ostringstream s;
+  s << "algo " << id << " tile " << tile << " stages " << stages << " split-k " << split_k
+    << " reduction " << reduction << " swizzle " << swizzle << " custom " << custom << " inner "
+    << inner << " cluster " << cluster;
+  return s.str();
+}
+
+std::optional<GemmAlgoConfig> GemmAlgoConfig::parse(const std::string& text) {
+  GemmAlgoConfig c;
+  std::istringstream in(text);
+  // Each field: its keyword, then a number of the field's type (no sign where it is unsigned).
+  bool ok = true;
+  auto field = [&](const char* keyword, auto& value) {
+    std::string word, number;
+    if (!ok || !(in >> word >> number) || word != keyword ||
+        number.find_first_not_of("0123456789") != std::string::npos || number.size() > 9) {
+      ok = false;
+      return;
+    }
+    value = static_cast<std::remove_reference_t<decltype(value)>>(std::stol(number));
+  };
+  field("algo", c.id);
+  field("tile", c.tile);
+  field("stages", c.stages);
+  field("split-k", c.split_k);
+  field("reduction", c.reduction);
+  field("swizzle", c.swizzle);
+  field("custom", c.custom);
+  field("inner", c.inner);
+  field("cluster", c.cluster);
+  std::string rest;
+  if (!ok || (in >> rest) || c.split_k < 1 || c.inner > 0xffff || c.cluster > 0xffff)
+    return std::nullopt;
+  return c;
+}
+
 GemmTable GemmTable::parse(std::istream& in, const std::string& source) {
   GemmTable table;
   std::string line;
@@ -54,12 +92,12 @@ GemmTable GemmTable::parse(std::istream& in, const std::string& source) {
     GemmChoice choice;
     choice.algo = line.substr(tab2 + 1);
     PI0_CHECK(!shape.empty() && !choice.algo.empty(), where + ": empty shape or description");
-    const bool digits = !index.empty() && index.size() <= 3 &&
+    const bool digits = !index.empty() && index.size() <= 4 &&
                         index.find_first_not_of("0123456789") == std::string::npos;
     const long candidate = digits ? std::strtol(index.c_str(), nullptr, 10) : -1;
-    PI0_CHECK(candidate >= 0 && candidate < kMaxGemmCandidates,
-              where + ": candidate must be 0.." + std::to_string(kMaxGemmCandidates - 1) +
-                  ", got '" + index + "'");
+    PI0_CHECK(candidate >= 0 && candidate <= kMaxGemmTableIndex,
+              where + ": candidate must be 0.." + std::to_string(kMaxGemmTableIndex) + ", got '" +
+                  index + "'");
     PI0_CHECK(table.find(shape) == nullptr, where + ": a second entry for '" + shape + "'");
     choice.candidate = static_cast<int>(candidate);
     table.entries_.emplace(shape, std::move(choice));
@@ -75,7 +113,8 @@ GemmTable GemmTable::load(const std::string& path) {
 }
 
 void GemmTable::write(std::ostream& out) const {
-  out << "# pi0 GEMM table: shape, the heuristic's candidate autotuning kept, its description\n";
+  out << "# pi0 GEMM table: shape, where the kept configuration stood in the tuning list, the "
+         "configuration\n";
   for (const auto& [shape, choice] : entries_)
     out << shape << '\t' << choice.candidate << '\t' << choice.algo << '\n';
 }
@@ -100,7 +139,7 @@ void GemmTable::set(const std::string& shape, GemmChoice choice) {
   PI0_CHECK(!shape.empty() && !has_tab_or_newline(shape) && !choice.algo.empty() &&
                 !has_tab_or_newline(choice.algo),
             "GEMM table: a shape or description that cannot be written on one line");
-  PI0_CHECK(choice.candidate >= 0 && choice.candidate < kMaxGemmCandidates,
+  PI0_CHECK(choice.candidate >= 0 && choice.candidate <= kMaxGemmTableIndex,
             "GEMM table: candidate " + std::to_string(choice.candidate) + " out of range");
   entries_[shape] = std::move(choice);
 }

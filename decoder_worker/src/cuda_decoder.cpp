@@ -349,13 +349,26 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
     } else {
       cuda::fill_random(x.f32.get(), x.f32.size(), 16, 1.0f, s);
     }
-    g_amlp.autotune(t1.get(), amlp_w.get(), x_row(1), amlp_b.get(), s);
+    // Per-layer weights are timed over every layer's copy, as a decode streams them.
+    Gemm::AutotuneOptions tune;
+    tune.wide = options.autotune_wide;
+    auto per_layer = [&](size_t stride) {
+      Gemm::AutotuneOptions t = tune;
+      t.weight_copies = cfg.lm_layers;
+      t.weight_stride = stride;
+      return t;
+    };
+    g_amlp.autotune(t1.get(), amlp_w.get(), x_row(1), amlp_b.get(), s, tune);
     for (PassGemms& g : pass) {
-      g.ain.autotune(sample.get(), ain_w.get(), t1.get(), time_b.get(), s);
-      g.qkv.autotune(normed(), qkv_w.get(), qkv.get(), nullptr, s);
-      g.o.autotune(attn.get(), o_w.get(), x.get(), nullptr, s);
-      g.gu.autotune(normed(), gate_up_w.get(), gu.get(), nullptr, s);
-      g.down.autotune(act.get(), down_w.get(), x.get(), nullptr, s);
+      g.ain.autotune(sample.get(), ain_w.get(), t1.get(), time_b.get(), s, tune);
+      g.qkv.autotune(normed(), qkv_w.get(), qkv.get(), nullptr, s,
+                     per_layer(static_cast<size_t>(aw) * qkv_width));
+      g.o.autotune(attn.get(), o_w.get(), x.get(), nullptr, s,
+                   per_layer(static_cast<size_t>(qw) * aw));
+      g.gu.autotune(normed(), gate_up_w.get(), gu.get(), nullptr, s,
+                    per_layer(static_cast<size_t>(aw) * 2 * am));
+      g.down.autotune(act.get(), down_w.get(), x.get(), nullptr, s,
+                      per_layer(static_cast<size_t>(am) * aw));
     }
     CUDA_CHECK(cudaDeviceSynchronize());
   }

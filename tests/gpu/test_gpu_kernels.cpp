@@ -447,21 +447,23 @@ TEST_CASE("gemm matches the reference with every epilogue", "[gpu]") {
   REQUIRE(acc_bf16 < 5e-3);
 }
 
-// A GEMM table entry (gemm_table.hpp) moves a Gemm to the candidate it names where cuBLASLt
-// offers that algorithm at that index, and is ignored where the description differs (a table
-// tuned under another GPU, SM plan or cuBLASLt). The decoder's gate|up shape, which has several
-// candidates on an H100.
-TEST_CASE("a gemm table entry picks its candidate only where cuBLASLt offers it", "[gpu]") {
+// A GEMM table entry (gemm_table.hpp) moves a Gemm to the configuration it names: one of the
+// heuristic's candidates, or one a wide search found that the heuristic does not offer, which the
+// Gemm builds. An entry cuBLASLt does not accept (a table tuned under another GPU, SM plan or
+// cuBLASLt) or that is not a configuration at all is ignored. The decoder's gate|up shape, which
+// has several candidates on an H100.
+TEST_CASE("a gemm table entry picks its configuration only where cuBLASLt accepts it", "[gpu]") {
   const cuda::GemmShape s =
       cuda::linear_shape(64, 8192, 1024, cuda::DType::kBf16, cuda::Epilogue::kNone, false);
   cuda::LtHandle lt;
   DeviceBuffer<std::byte> ws(cuda::kGemmWorkspaceBytes, "workspace");
   cuda::GemmTable none;
   const cuda::ScopedGemmTable without(&none);
-  const cuda::Gemm heuristic(lt.get(), s, ws.get(), ws.bytes());
+  cuda::Gemm heuristic(lt.get(), s, ws.get(), ws.bytes());
   const int first = heuristic.chosen_candidate();
+  const int offered = heuristic.candidates();
   REQUIRE(first >= 0);
-  REQUIRE(heuristic.candidates() > first + 1);
+  REQUIRE(offered > first + 1);
   const int other = first + 1;
 
   cuda::GemmTable table;
@@ -472,12 +474,30 @@ TEST_CASE("a gemm table entry picks its candidate only where cuBLASLt offers it"
     CHECK(tuned.chosen_candidate() == other);
     CHECK(tuned.describe_candidate(other) == heuristic.describe_candidate(other));
   }
-  cuda::GemmTable stale;
-  stale.set(s.describe(), cuda::GemmChoice{other, "algo 0 tile 0 stages 0 split-k 0 cluster 0"});
+
+  // A configuration from the wide list, past the heuristic's, is built where it is read.
+  REQUIRE(heuristic.widen_candidates() > 0);
+  const int widened = heuristic.candidates() - 1;
+  REQUIRE(widened >= offered);
+  const std::string wide_algo = heuristic.describe_candidate(widened);
+  cuda::GemmTable wide;
+  wide.set(s.describe(), cuda::GemmChoice{widened, wide_algo});
   {
-    const cuda::ScopedGemmTable with(&stale);
+    const cuda::ScopedGemmTable with(&wide);
+    const cuda::Gemm built(lt.get(), s, ws.get(), ws.bytes());
+    REQUIRE(built.chosen_candidate() >= offered);
+    CHECK(built.describe_candidate(built.chosen_candidate()) == wide_algo);
+  }
+
+  for (const char* stale :
+       {"algo 0 tile 0 stages 0 split-k 0 cluster 0",  // not a configuration (v13's form)
+        "algo 9999 tile 12 stages 35 split-k 1 reduction 0 swizzle 0 custom 0 inner 0 cluster 2"}) {
+    cuda::GemmTable bad;
+    bad.set(s.describe(), cuda::GemmChoice{other, stale});
+    const cuda::ScopedGemmTable with(&bad);
     const cuda::Gemm ignored(lt.get(), s, ws.get(), ws.bytes());
     CHECK(ignored.chosen_candidate() == first);
+    CHECK(ignored.candidates() == offered);
   }
 }
 

@@ -8,6 +8,9 @@ struct CudaEngineOptions {
   // but the choice (and so the last bits of the output) may differ between two engines, so it is
   // off unless asked for.
   bool autotune_gemms = false;
+  // With autotune_gemms: search cuBLASLt's configurations beyond its heuristic's few
+  // (Gemm::widen_candidates); slower to start (seconds per GEMM), for writing a GEMM table.
+  bool autotune_wide = false;
   // Decoder only: the most frames CudaDecoder::decode_batch() takes in one pass (1..4).
   int max_decode_batch = 1;
   // Decoder only: one-frame passes run every layer of a flow step in one persistent kernel

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "pi0/cuda/gemm_table.hpp"
 #include "pi0/cuda/skinny_gemm.hpp"
 
 namespace pi0::cuda {
@@ -67,13 +68,30 @@ class Gemm {
   // epilogue. Throws pi0::Error on a misaligned pointer or a failed launch.
   void run(const void* x, const void* w, void* y, const void* bias, cudaStream_t stream);
 
-  // Times up to `max_candidates` of the heuristic's algorithms, from the checked one on, on these
-  // operands, each as a CUDA graph of launches (as the engines run them), and keeps the fastest
-  // that passes the same check. Y is overwritten (and, when accumulating, grows); call it before
-  // real data is there. Off by default: a timing-based choice can differ between processes, and
-  // with it the bits of the result.
+  struct AutotuneOptions {
+    // Time at most this many candidates, from the first one that checks out.
+    int max_candidates = 32;
+    // Widen the list first (widen_candidates()) and time all of it; the fastest few are then
+    // timed again, longer, before one is kept.
+    bool wide = false;
+    // Time over this many weight matrices, w + i * weight_stride bf16 elements, as a stage's
+    // layers stream theirs from DRAM: one matrix, launch after launch, is read from L2, which
+    // flatters some algorithms over others.
+    int weight_copies = 1;
+    size_t weight_stride = 0;
+  };
+  // Times candidates on these operands, each as a CUDA graph of launches (as the engines run
+  // them), and keeps the fastest that passes the same check. Y is overwritten (and, when
+  // accumulating, grows); call it before real data is there. Off by default: a timing-based
+  // choice can differ between processes, and with it the bits of the result (a GEMM table,
+  // gemm_table.hpp, carries one process's choice to the others).
   void autotune(const void* x, const void* w, void* y, const void* bias, cudaStream_t stream,
-                int max_candidates = 32);
+                const AutotuneOptions& options);
+  // Appends, after the heuristic's candidates, the configurations cuBLASLt's heuristic gives per
+  // algorithm id and their variants in split-K (2..8, two reduction schemes) and cluster shape
+  // (1x1, 2x1, 1x2), each accepted by cublasLtMatmulAlgoCheck; returns how many it added. Only on
+  // the fused-epilogue cuBLASLt tier (0 elsewhere). For autotuning: none of them is checked here.
+  int widen_candidates();
 
   const GemmShape& shape() const { return shape_; }
   // True when no fast path computes this shape correctly here and the plain kernel runs it.
@@ -101,9 +119,18 @@ class Gemm {
   // (gemm_check.hpp), infinite when it fails to run.
   double verify(int c);
   int first_verified(int from = 0);  // -1 if none
-  // Moves chosen_ to the process's GEMM table's candidate for this shape (gemm_table.hpp) where
-  // cuBLASLt offers the same algorithm there and it checks out.
+  // Moves chosen_ to the process's GEMM table's configuration for this shape (gemm_table.hpp),
+  // found among the candidates or built, where cuBLASLt accepts it here and it checks out.
   void apply_table_choice();
+  // The candidate with this configuration's description, appended when cuBLASLt accepts it for
+  // this shape and it is not listed yet; -1 when it does not.
+  int find_or_add(const GemmAlgoConfig& config);
+  // cuBLASLt's preferences for this shape: workspace, operand alignment, and `search_mode`.
+  cublasLtMatmulPreference_t make_preference(uint32_t search_mode) const;
+  // Time per launch (ms) of candidate c, as `graphs` replays of a graph of launches; NaN when it
+  // cannot run.
+  float time_candidate(int c, const void* x, const void* w, void* y, const void* bias,
+                       cudaStream_t stream, const AutotuneOptions& options, int graphs);
   int add_clusterless_variants();  // returns the index of the first one added
   double tolerance() const;
   // Plans the fallback on our skinny tensor-core kernel; false where it cannot run this shape.

@@ -1,29 +1,56 @@
 // Tuned GEMM choices that every process can share. For each GEMM shape (GemmShape::describe())
-// the table names which of cuBLASLt's heuristic candidates autotuning kept, and that candidate's
-// description (algorithm, tile, stages, split-K, cluster), which the Gemm compares with what the
-// heuristic offers where it is read: the same list comes back for the same GPU, SM plan and
-// cuBLASLt, and an entry that no longer matches is ignored. Autotuning in each process would pick
-// by timing, so two processes could differ in the last bits; reading one table they cannot.
+// the table names the cuBLASLt configuration autotuning kept (GemmAlgoConfig: algorithm, tile,
+// stages, split-K, reduction, swizzle, custom option, inner shape, cluster). A Gemm that reads it
+// takes the candidate with that description, or builds that configuration where the heuristic
+// did not offer it (a wide search, Gemm::widen_candidates, finds such ones), provided cuBLASLt
+// accepts it on this GPU and it passes the reference check; otherwise the entry is ignored with a
+// warning. Autotuning in each process would pick by timing, so two processes could differ in the
+// last bits; reading one table they cannot.
 //
 // File: one entry a line, `shape <TAB> candidate <TAB> description`; `#` starts a comment line.
-// Written by `pi0_bench --autotune-decoder --write-gemm-table FILE`, read by every Gemm of a
-// process whose environment has PI0_GEMM_TABLE=FILE (the orchestrator's workers inherit it).
+// The candidate is where the configuration stood in the tuning process's list (for the reader of
+// the file; the description is what is matched). Written by `pi0_bench --autotune[-decoder]
+// [--autotune-wide] --write-gemm-table FILE`, read by every Gemm of a process whose environment
+// has PI0_GEMM_TABLE=FILE (the orchestrator's workers inherit it).
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <iosfwd>
 #include <map>
+#include <optional>
 #include <string>
 
 namespace pi0::cuda {
 
+// One cuBLASLt matmul configuration, as cublasLtMatmulAlgoConfigSetAttribute takes it.
+struct GemmAlgoConfig {
+  int32_t id = 0;
+  uint32_t tile = 0, stages = 0;
+  int32_t split_k = 1;
+  uint32_t reduction = 0, swizzle = 0, custom = 0;
+  uint32_t inner = 0, cluster = 0;  // uint16_t in cuBLASLt
+
+  // "algo 66 tile 12 stages 35 split-k 1 reduction 0 swizzle 0 custom 0 inner 0 cluster 2"
+  std::string describe() const;
+  // The inverse of describe(); nullopt for anything else (an older table's shorter form, say).
+  static std::optional<GemmAlgoConfig> parse(const std::string& text);
+  bool operator==(const GemmAlgoConfig& o) const {
+    return id == o.id && tile == o.tile && stages == o.stages && split_k == o.split_k &&
+           reduction == o.reduction && swizzle == o.swizzle && custom == o.custom &&
+           inner == o.inner && cluster == o.cluster;
+  }
+};
+
 struct GemmChoice {
-  int candidate = 0;  // index into the heuristic's list, 0 .. kMaxGemmCandidates - 1
-  std::string algo;   // describe_algo() of that candidate where it was tuned
+  int candidate = 0;  // where it stood in the tuning process's list, 0 .. kMaxGemmTableIndex
+  std::string algo;   // GemmAlgoConfig::describe() of the configuration
 };
 
 // The most heuristic candidates a Gemm asks cuBLASLt for.
 inline constexpr int kMaxGemmCandidates = 32;
+// A wide search lists up to a few thousand configurations.
+inline constexpr int kMaxGemmTableIndex = 9999;
 
 class GemmTable {
  public:

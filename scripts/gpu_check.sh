@@ -21,6 +21,13 @@ cleanup() { echo quit | nvidia-cuda-mps-control >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 
 nvidia-smi --query-gpu=name,memory.total,compute_mode,driver_version --format=csv,noheader
+# On an H100 every step (tests, benchmark, the workers of the sweep) reads the GEMM table tuned
+# for it, bench/gemm_table_h100.tsv, unless PI0_GEMM_TABLE is set (empty: no table).
+if [ -z "${PI0_GEMM_TABLE+x}" ] &&
+  [[ "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" == *H100* ]]; then
+  export PI0_GEMM_TABLE="$ROOT/bench/gemm_table_h100.tsv"
+fi
+echo "gpu_check: GEMM table: ${PI0_GEMM_TABLE:-none}"
 source "$ROOT/scripts/setup.sh"
 set +e  # setup.sh turns errexit on; here a failing step is reported and the others still run
 t0=$(date +%s)
@@ -65,8 +72,8 @@ if want bench; then
     PI0_VISION_ATTENTION=gemm "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== encoder lm attention in the fused kernel (PI0_LM_ATTENTION=fused)"
     PI0_LM_ATTENTION=fused "$BIN/pi0_bench" --case 2,63,0 --iters 200
-    echo "== the decoder's tuned GEMM choices from bench/gemm_table_h100.tsv (PI0_GEMM_TABLE)"
-    "$BIN/pi0_bench" --case 2,63,0 --iters 200 --gemm-table "$ROOT/bench/gemm_table_h100.tsv"
+    echo "== without a GEMM table (PI0_GEMM_TABLE=): cuBLASLt's heuristic choices"
+    PI0_GEMM_TABLE= "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== decoder without the L2 weight prefetch (PI0_DECODER_PREFETCH=0)"
     PI0_DECODER_PREFETCH=0 "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== decoder attention in the fused kernel (PI0_DECODER_FUSED_ATTENTION=1)"
@@ -114,6 +121,7 @@ fi
 
 echo
 echo "================ gpu_check summary ($(date -u +%FT%TZ)) ================"
+echo "GEMM table: ${PI0_GEMM_TABLE:-none}"
 echo "gpu tests : $status_tests"
 echo "benchmark : $status_bench"
 [ -f "$OUT_DIR/bench.log" ] && sed -n '/^== table/,$p' "$OUT_DIR/bench.log"

@@ -577,6 +577,99 @@ TEST_CASE("geglu and silu match the host formulas", "[gpu]") {
   REQUIRE(es < 5e-3);
 }
 
+// The decoder's flow-step ends in one launch each: the action input (bf16 sample, product, time
+// bias, SiLU) with the state token's row copy beside it, and the Euler step (RMS norm, product,
+// accumulation into the fp32 sample). pi0's widths with two frames, the tiny config's, and odd
+// sizes that take the byte copy and the unvectorised norm.
+TEST_CASE("the decoder's fused action input and euler step match the host formulas", "[gpu]") {
+  struct Case {
+    int frames, chunk, in_dim, width;
+  };
+  for (const Case& k : {Case{2, 63, 32, 1024}, Case{1, 50, 32, 48}, Case{3, 5, 7, 100}}) {
+    const std::string name = std::to_string(k.frames) + " x " + std::to_string(k.chunk) + " x " +
+                             std::to_string(k.in_dim) + " -> " + std::to_string(k.width);
+    const int rows = k.frames * k.chunk, tokens = k.chunk + 1;
+    const size_t n_out = static_cast<size_t>(rows) * k.width;
+    // Action input: the sample is fp32 and rounded to bf16 by the kernel.
+    const auto sample = random_floats(static_cast<size_t>(rows) * k.in_dim, 70, 1.5f);
+    const auto w = rounded(random_floats(static_cast<size_t>(k.in_dim) * k.width, 71,
+                                         1.0f / std::sqrt(static_cast<float>(k.in_dim))));
+    const auto bias = rounded(random_floats(k.width, 72, 0.5f));
+    const auto state = to_bf16(random_floats(static_cast<size_t>(k.frames) * k.width, 73, 1.0f));
+    auto dsample = up(sample);
+    auto dw = up(to_bf16(w));
+    auto dbias = up(to_bf16(bias));
+    auto dstate = up(state);
+    auto out = poisoned<Bf16>(n_out);
+    auto stream_rows = poisoned<Bf16>(static_cast<size_t>(k.frames) * tokens * k.width);
+    const size_t row_bytes = static_cast<size_t>(k.width) * sizeof(Bf16);
+    const cuda::RowCopy copy{dstate.get(), stream_rows.get(),  row_bytes,
+                             row_bytes,    tokens * row_bytes, k.frames};
+    cuda::action_in(dsample.get(), dw.get(), dbias.get(), out.get(), rows, k.in_dim, k.width, copy,
+                    nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    const auto sample_bf16 = rounded(sample);
+    std::vector<float> ref(n_out);
+    for (int r = 0; r < rows; ++r)
+      for (int j = 0; j < k.width; ++j) {
+        double acc = bias[static_cast<size_t>(j)];
+        for (int i = 0; i < k.in_dim; ++i)
+          acc += static_cast<double>(sample_bf16[static_cast<size_t>(r) * k.in_dim + i]) *
+                 w[static_cast<size_t>(i) * k.width + j];
+        ref[static_cast<size_t>(r) * k.width + j] = ref::silu(static_cast<float>(acc));
+      }
+    const double ea = rel_error(down_bf16(out), ref);
+    report("action in " + name, ea);
+    REQUIRE(ea < 5e-3);
+    const auto copied = cuda::download(stream_rows.get(), stream_rows.size());
+    for (int f = 0; f < k.frames; ++f)
+      REQUIRE(bitwise_equal(copied.data() + static_cast<size_t>(f) * tokens * k.width,
+                            state.data() + static_cast<size_t>(f) * k.width, row_bytes));
+
+    // Euler step over rows 1..chunk of each frame's tokens; the sample has a sentinel row after.
+    constexpr int kOut = 32;
+    const int out_dim = k.in_dim == 7 ? 7 : kOut;
+    const float eps = 1e-6f;
+    const auto x =
+        rounded(random_floats(static_cast<size_t>(k.frames) * tokens * k.width, 74, 2.0f));
+    const auto wo = rounded(random_floats(static_cast<size_t>(k.width) * out_dim, 75,
+                                          1.0f / std::sqrt(static_cast<float>(k.width))));
+    const auto bo = random_floats(out_dim, 76, 0.5f);
+    const auto acts = random_floats(static_cast<size_t>(rows + 1) * out_dim, 77, 1.0f);
+    auto dx = up(to_bf16(x));
+    auto dwo = up(to_bf16(wo));
+    auto dbo = up(bo);
+    auto dacts = up(acts);
+    cuda::euler_step(dx.get(), 1, tokens, k.chunk, k.frames, k.width, eps, dwo.get(), dbo.get(),
+                     dacts.get(), out_dim, nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    const auto got = down_f32(dacts);
+    std::vector<float> step_ref, step_got;
+    for (int f = 0; f < k.frames; ++f)
+      for (int i = 0; i < k.chunk; ++i) {
+        const float* xr = x.data() + (static_cast<size_t>(f) * tokens + 1 + i) * k.width;
+        double ss = 0.0;
+        for (int j = 0; j < k.width; ++j) ss += static_cast<double>(xr[j]) * xr[j];
+        const float scale = static_cast<float>(1.0 / std::sqrt(ss / k.width + eps));
+        const size_t a = (static_cast<size_t>(f) * k.chunk + i) * out_dim;
+        for (int o = 0; o < out_dim; ++o) {
+          double acc = bo[static_cast<size_t>(o)];
+          for (int j = 0; j < k.width; ++j)
+            acc += static_cast<double>(bf16_to_float(float_to_bf16(xr[j] * scale))) *
+                   wo[static_cast<size_t>(j) * out_dim + o];
+          step_ref.push_back(static_cast<float>(acc));
+          step_got.push_back(got[a + o] - acts[a + o]);
+        }
+      }
+    const double ee = rel_error(step_got, step_ref);
+    report("euler step " + name, ee);
+    REQUIRE(ee < 2e-3);
+    for (int o = 0; o < out_dim; ++o)  // the sentinel row is not touched
+      REQUIRE(got[static_cast<size_t>(rows) * out_dim + o] ==
+              acts[static_cast<size_t>(rows) * out_dim + o]);
+  }
+}
+
 TEST_CASE("patch extraction and row broadcast follow the spec layout", "[gpu]") {
   const int views = 2, size = 56, patch = 14, ch = 3, side = size / patch;
   const int values = patch * patch * ch, tokens = side * side, width = 40;

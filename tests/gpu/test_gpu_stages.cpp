@@ -73,9 +73,12 @@ CaseResult run_case(const std::string& model, int views, int chunk, int prompt, 
   CHECK(count_nonfinite(gpu_slot) == sizes.kv_slot_values - sizes.kv_values);
   const auto gpu_actions = cuda::download(actions.get(), actions.size());
   const auto gpu_actions_e2e = cuda::download(actions_e2e.get(), actions_e2e.size());
-  const std::string name = model + (options.autotune_gemms ? " (autotuned)" : "") +
-                           " V=" + std::to_string(views) + " C=" + std::to_string(chunk) +
-                           " P=" + std::to_string(prompt);
+  const std::string name =
+      model +
+      (options.autotune_gemms ? (options.autotune_wide ? " (autotuned, wide)" : " (autotuned)")
+                              : "") +
+      " V=" + std::to_string(views) + " C=" + std::to_string(chunk) +
+      " P=" + std::to_string(prompt);
   CaseResult r;
   r.kv_error = rel_error(gpu_kv, ref_kv);
   r.decoder_error = rel_error(gpu_actions, ref_actions);
@@ -126,6 +129,10 @@ TEST_CASE("stages with autotuned gemms match the reference", "[gpu]") {
   CudaEngineOptions options;
   options.autotune_gemms = true;
   require_case(run_case("pi0-1l", 1, 50, 20, 502, options));
+  // The wide search's choices (configurations the heuristic does not offer, attention's products
+  // too), as a GEMM table carries them to every process.
+  options.autotune_wide = true;
+  require_case(run_case("pi0-1l", 2, 63, 0, 503, options));
 }
 
 // The decoder's per-step weight GEMMs on the skinny kernel (fused residual / GeGLU epilogues; the

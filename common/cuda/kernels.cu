@@ -472,95 +472,6 @@ __global__ void silu_kernel(bf16* x, size_t n) {
   }
 }
 
-constexpr int kActionInMax = 64;        // in_dim of action_in, out_dim of euler_step
-constexpr int kActionRowsPerBlock = 4;  // 63 rows x 1024 columns: 64 blocks
-
-struct DeviceRowCopy {
-  const unsigned char* src;
-  unsigned char* dst;
-  size_t row_bytes, src_stride, dst_stride;
-  int rows;
-  bool words;  // every address 16-byte aligned
-};
-
-__device__ void copy_rows(const DeviceRowCopy& c) {
-  if (c.words) {
-    const size_t per_row = c.row_bytes / 16;
-    for (size_t i = threadIdx.x; i < per_row * c.rows; i += blockDim.x) {
-      const size_t r = i / per_row, w = i % per_row;
-      reinterpret_cast<uint4*>(c.dst + r * c.dst_stride)[w] =
-          reinterpret_cast<const uint4*>(c.src + r * c.src_stride)[w];
-    }
-  } else {
-    for (size_t i = threadIdx.x; i < c.row_bytes * c.rows; i += blockDim.x) {
-      const size_t r = i / c.row_bytes, b = i % c.row_bytes;
-      c.dst[r * c.dst_stride + b] = c.src[r * c.src_stride + b];
-    }
-  }
-}
-
-// Grid (column blocks, row blocks + 1 for the copy); each thread holds its column of w.
-__global__ void action_in_kernel(const float* sample, const bf16* w, const bf16* bias, bf16* out,
-                                 int rows, int in_dim, int width, DeviceRowCopy copy) {
-  if (blockIdx.y == gridDim.y - 1) {
-    if (blockIdx.x == 0) copy_rows(copy);
-    return;
-  }
-  __shared__ float s[kActionRowsPerBlock][kActionInMax];
-  const int row0 = blockIdx.y * kActionRowsPerBlock;
-  for (int i = threadIdx.x; i < kActionRowsPerBlock * in_dim; i += blockDim.x) {
-    const int r = row0 + i / in_dim;
-    s[i / in_dim][i % in_dim] =
-        r < rows ? __bfloat162float(
-                       __float2bfloat16_rn(sample[static_cast<size_t>(r) * in_dim + i % in_dim]))
-                 : 0.0f;
-  }
-  const int col = blockIdx.x * blockDim.x + threadIdx.x;
-  float wk[kActionInMax];
-#pragma unroll
-  for (int k = 0; k < kActionInMax; ++k)
-    wk[k] = k < in_dim && col < width ? __bfloat162float(w[static_cast<size_t>(k) * width + col])
-                                      : 0.0f;
-  const float b = col < width ? __bfloat162float(bias[col]) : 0.0f;
-  __syncthreads();
-  if (col >= width) return;
-  for (int rr = 0; rr < kActionRowsPerBlock && row0 + rr < rows; ++rr) {
-    float acc = 0.0f;
-#pragma unroll
-    for (int k = 0; k < kActionInMax; ++k) acc += s[rr][k] * wk[k];
-    const float v = __bfloat162float(__float2bfloat16_rn(acc + b));
-    out[static_cast<size_t>(row0 + rr) * width + col] = __float2bfloat16_rn(v / (1.0f + expf(-v)));
-  }
-}
-
-// One block a row: its RMS scale, h in shared memory, then thread t sums h @ w for output
-// t % out_dim over every (blockDim / out_dim)-th input, and the parts add up in a fixed order.
-__global__ void euler_step_kernel(const bf16* x, int first, int frame_stride, int rows, int width,
-                                  float eps, const bf16* w, const float* bias, float* actions,
-                                  int out_dim, bool vec8) {
-  extern __shared__ float h[];  // width values, then the parts' sums
-  __shared__ float smem[32];
-  const int f = blockIdx.x / rows, i = blockIdx.x % rows;
-  const bf16* row = x + (static_cast<size_t>(f) * frame_stride + first + i) * width;
-  const float scale = row_rms_scale(RowScale{row, width, eps, vec8}, 0, smem);
-  for (int j = threadIdx.x; j < width; j += blockDim.x)
-    h[j] = __bfloat162float(__float2bfloat16_rn(__bfloat162float(row[j]) * scale));
-  __syncthreads();
-  const int parts = blockDim.x / out_dim, o = threadIdx.x % out_dim, part = threadIdx.x / out_dim;
-  float* sums = h + width;
-  if (part < parts) {
-    float acc = 0.0f;
-    for (int j = part; j < width; j += parts) acc += h[j] * __bfloat162float(w[j * out_dim + o]);
-    sums[part * out_dim + o] = acc;
-  }
-  __syncthreads();
-  if (threadIdx.x < out_dim) {
-    float acc = 0.0f;
-    for (int p = 0; p < parts; ++p) acc += sums[p * out_dim + threadIdx.x];
-    actions[static_cast<size_t>(blockIdx.x) * out_dim + threadIdx.x] += acc + bias[threadIdx.x];
-  }
-}
-
 __device__ __forceinline__ float hash_uniform(uint64_t seed, size_t i) {
   uint64_t z = seed * 0x9e3779b97f4a7c15ull + i + 0x632be59bd9b4e019ull;
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -717,43 +628,6 @@ void geglu(const Bf16* gate_up, Bf16* out, int rows, int width, cudaStream_t str
 void silu_inplace(Bf16* x, size_t n, cudaStream_t stream) {
   if (n == 0) return;
   silu_kernel<<<grid_for(n), kThreads, 0, stream>>>(dev(x), n);
-  CUDA_CHECK_LAUNCH();
-}
-
-void action_in(const float* sample, const Bf16* w, const Bf16* bias, Bf16* out, int rows,
-               int in_dim, int width, const RowCopy& copy, cudaStream_t stream) {
-  PI0_CHECK(in_dim >= 1 && in_dim <= kActionInMax && width >= 1 && rows >= 0 && copy.rows >= 0,
-            "action_in: in_dim must be 1.." + std::to_string(kActionInMax));
-  DeviceRowCopy c{static_cast<const unsigned char*>(copy.src),
-                  static_cast<unsigned char*>(copy.dst),
-                  copy.row_bytes,
-                  copy.src_stride,
-                  copy.dst_stride,
-                  copy.rows,
-                  false};
-  c.words = copy.row_bytes % 16 == 0 && copy.src_stride % 16 == 0 && copy.dst_stride % 16 == 0 &&
-            is_aligned(copy.src, 16) && is_aligned(copy.dst, 16);
-  const dim3 grid(
-      static_cast<unsigned>((width + kThreads - 1) / kThreads),
-      static_cast<unsigned>((rows + kActionRowsPerBlock - 1) / kActionRowsPerBlock + 1));
-  action_in_kernel<<<grid, kThreads, 0, stream>>>(sample, dev(w), dev(bias), dev(out), rows, in_dim,
-                                                  width, c);
-  CUDA_CHECK_LAUNCH();
-}
-
-void euler_step(const Bf16* x, int first, int frame_stride, int rows, int frames, int width,
-                float eps, const Bf16* w, const float* bias, float* actions, int out_dim,
-                cudaStream_t stream) {
-  PI0_CHECK(out_dim >= 1 && out_dim <= kActionInMax && width >= 1,
-            "euler_step: out_dim must be 1.." + std::to_string(kActionInMax));
-  if (rows == 0 || frames == 0) return;
-  const int parts = kThreads / out_dim;
-  const size_t smem =
-      (static_cast<size_t>(width) + static_cast<size_t>(parts) * out_dim) * sizeof(float);
-  PI0_CHECK(smem <= 48 * 1024, "euler_step: width too large for shared memory");
-  const bool vec8 = width % 8 == 0 && is_aligned(x, 16);
-  euler_step_kernel<<<rows * frames, kThreads, smem, stream>>>(
-      dev(x), first, frame_stride, rows, width, eps, dev(w), bias, actions, out_dim, vec8);
   CUDA_CHECK_LAUNCH();
 }
 

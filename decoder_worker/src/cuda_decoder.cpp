@@ -4,9 +4,7 @@
 // The prefix K/V is not copied: the slot the encoder filled has C + 1 free rows after the E prefix
 // rows of every K and V block (StageSizes::kv_slot_rows); the decoder writes its own keys and
 // values there each layer and attention reads the [E + C + 1, head_dim] block in place.
-// The flow sample lives in d_actions (fp32). A step's action input (product, time bias, SiLU,
-// beside the state token's copy) is one kernel, cuda::action_in; with the norms folded so is its
-// Euler update (norm, product, accumulation), cuda::euler_step, else a norm and a GEMM.
+// The flow sample lives in d_actions (fp32); the Euler update is a GEMM accumulating into it.
 // The residual stream is bf16, so that the layers' RMS norms fold into the kernels after the
 // products they feed (pi0/cuda/kernels.hpp, RowRmsScale): qkv and gate|up read the stream itself,
 // and RoPE + K/V write and GeGLU scale each row, two launches fewer per layer and step. The skinny
@@ -65,7 +63,7 @@ struct CudaDecoder::Impl {
   DeviceBuffer<Bf16> state_w, ain_w, time_b, amlp_w, qkv_w, o_w, gate_up_w, down_w, aout_w;
   DeviceBuffer<float> aout_b;
 
-  DeviceBuffer<Bf16> h, t1, qkv, q, attn, gu, act;
+  DeviceBuffer<Bf16> h, sample, t1, qkv, q, attn, gu, act;
   // The residual stream, the state token's row of it and the biases of the products that write
   // it: bf16 with the norms folded (fold_norms), fp32 otherwise; only the buffer of that type is
   // made.
@@ -86,7 +84,7 @@ struct CudaDecoder::Impl {
 
   // The GEMMs over all frames of a pass, one set per frame count (index count - 1).
   struct PassGemms {
-    Gemm state, qkv, o, gu, down;
+    Gemm state, ain, qkv, o, gu, down;
   };
   std::vector<PassGemms> pass;
   Gemm g_amlp, g_aout;  // per frame
@@ -292,6 +290,7 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   state_row = residual_work(static_cast<size_t>(max_batch) * aw, "state token");
   const DType residual_type = fold_norms ? DType::kBf16 : DType::kF32;
   h = memory.work<Bf16>(r * aw, "normed");  // with fold_norms, only for the Euler step
+  sample = memory.work<Bf16>(cb * ad, "sample (bf16)");
   t1 = memory.work<Bf16>(cb * aw, "action in");
   qkv = memory.work<Bf16>(r * qkv_width, "qkv");
   q = memory.work<Bf16>(r * qw, "q");
@@ -303,6 +302,7 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
     PassGemms g;
     g.state = gemm(loosely_aligned(
         cuda::linear_shape(b, aw, cfg.state_dim, residual_type, Epilogue::kBias, false)));
+    g.ain = gemm(cuda::linear_shape(b * c, aw, ad, DType::kBf16, Epilogue::kBias, false));
     g.qkv = gemm(cuda::linear_shape(b * rows, qkv_width, aw, DType::kBf16, Epilogue::kNone, false));
     g.o = gemm(cuda::linear_shape(b * rows, aw, qw, residual_type, Epilogue::kNone, true));
     g.gu = gemm(cuda::linear_shape(b * rows, 2 * am, aw, DType::kBf16, Epilogue::kNone, false));
@@ -330,8 +330,7 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   const double steps = cfg.flow_steps;
   const double per_layer = one.qkv.shape().flops() + one.o.shape().flops() +
                            one.gu.shape().flops() + one.down.shape().flops() + attention.flops();
-  const double action_in_flops = 2.0 * c * ad * aw;  // cuda::action_in
-  flops = one.state.shape().flops() + steps * (action_in_flops + g_amlp.shape().flops() +
+  flops = one.state.shape().flops() + steps * (one.ain.shape().flops() + g_amlp.shape().flops() +
                                                g_aout.shape().flops() + cfg.lm_layers * per_layer);
   bytes_read =
       static_cast<double>(state_w.bytes()) +
@@ -341,6 +340,7 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   if (options.autotune_gemms && !skinny) {
     cudaStream_t s = nullptr;
     cuda::fill_random(h.get(), h.size(), 11, 1.0f, s);
+    cuda::fill_random(sample.get(), sample.size(), 12, 1.0f, s);
     cuda::fill_random(t1.get(), t1.size(), 13, 1.0f, s);
     cuda::fill_random(attn.get(), attn.size(), 14, 1.0f, s);
     cuda::fill_random(act.get(), act.size(), 15, 1.0f, s);
@@ -361,6 +361,7 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
     g_amlp.autotune(t1.get(), amlp_w.get(), x_row(1), amlp_b.get(), s, tune);
     attention.autotune(tune, s);
     for (PassGemms& g : pass) {
+      g.ain.autotune(sample.get(), ain_w.get(), t1.get(), time_b.get(), s, tune);
       g.qkv.autotune(normed(), qkv_w.get(), qkv.get(), nullptr, s,
                      per_layer(static_cast<size_t>(aw) * qkv_width));
       g.o.autotune(attn.get(), o_w.get(), x.get(), nullptr, s,
@@ -427,13 +428,13 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
   mark("state proj + noise in", s);
 
   for (int step = 0; step < cfg.flow_steps; ++step) {
-    // Each frame's state token heads its rows: copied beside the action input.
-    const size_t row_bytes = aw * residual_bytes();
-    const cuda::RowCopy state_tokens{state_row.get(), x.get(),          row_bytes,
-                                     row_bytes,       rows * row_bytes, count};
-    cuda::action_in(actions, ain_w.get(), time_b.get() + static_cast<size_t>(step) * aw, t1.get(),
-                    count * c, ad, aw, state_tokens, s);
-    mark("action in + state token", s);
+    cuda::f32_to_bf16(actions, sample.get(), count * frame_actions, s);
+    mark("action in: sample to bf16", s);
+    g.ain.run(sample.get(), ain_w.get(), t1.get(), time_b.get() + static_cast<size_t>(step) * aw,
+              s);
+    mark("action in: gemm + time bias", s);
+    cuda::silu_inplace(t1.get(), static_cast<size_t>(count) * c * aw, s);
+    mark("action in: silu", s);
     for (int f = 0; f < count; ++f) {
       const Bf16* t1_f = t1.get() + static_cast<size_t>(f) * c * aw;
       void* x_actions = x_row(frame_row(f) + 1);
@@ -444,6 +445,11 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
       }
     }
     mark("action in: mlp gemm", s);
+    // Each frame's state token heads its rows.
+    const size_t row_bytes = aw * residual_bytes();
+    CUDA_CHECK(cudaMemcpy2DAsync(x.get(), rows * row_bytes, state_row.get(), row_bytes, row_bytes,
+                                 count, cudaMemcpyDeviceToDevice, s));
+    mark("state token copy", s);
     if (persistent) {
       for (int l = 0; l < cfg.lm_layers; ++l) wait_for_layer(step, l);
       // Leaves h = rms(x) for the Euler step.
@@ -507,22 +513,21 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
       }
       mark("down gemm + residual", s);
     }
-    // Euler step on each frame's action rows: sample += rms(x[1..C]) @ W_aout + b_aout.
+    // Euler step on each frame's action rows: sample += rms(x[1..C]) @ W_aout + b_aout. One
+    // norm over every row of the pass (row by row, so the action rows get the same bits; the
+    // state rows' results are not read).
     if (fold_norms) {
-      cuda::euler_step(x.bf16.get(), 1, rows, c, count, aw, cfg.rms_eps, aout_w.get(), aout_b.get(),
-                       actions, ad, s);
-    } else {
-      // One norm over every row of the pass (row by row, so the action rows get the same bits;
-      // the state rows' results are not read).
-      if (!persistent) cuda::rms_norm(x.f32.get(), h.get(), pass_rows, aw, cfg.rms_eps, s);
-      for (int f = 0; f < count; ++f) {
-        const size_t first = (frame_row(f) + 1) * aw;
-        float* actions_f = actions + f * frame_actions;
-        if (skinny) {
-          cuda::skinny_gemm(s_aout, h.get() + first, aout_w.get(), actions_f, aout_b.get(), s);
-        } else {
-          g_aout.run(h.get() + first, aout_w.get(), actions_f, aout_b.get(), s);
-        }
+      cuda::rms_norm(x.bf16.get(), h.get(), pass_rows, aw, cfg.rms_eps, s);
+    } else if (!persistent) {
+      cuda::rms_norm(x.f32.get(), h.get(), pass_rows, aw, cfg.rms_eps, s);
+    }
+    for (int f = 0; f < count; ++f) {
+      const size_t first = (frame_row(f) + 1) * aw;
+      float* actions_f = actions + f * frame_actions;
+      if (skinny) {
+        cuda::skinny_gemm(s_aout, h.get() + first, aout_w.get(), actions_f, aout_b.get(), s);
+      } else {
+        g_aout.run(h.get() + first, aout_w.get(), actions_f, aout_b.get(), s);
       }
     }
     mark("euler: norm + out gemm", s);

@@ -60,29 +60,6 @@ void geglu(const Bf16* gate_up, Bf16* out, int rows, int width, cudaStream_t str
            const RowRmsScale& rms = {});
 void silu_inplace(Bf16* x, size_t n, cudaStream_t stream);
 
-// Rows copied between device buffers (byte rows; 16-byte words where every address allows).
-struct RowCopy {
-  const void* src = nullptr;
-  void* dst = nullptr;
-  size_t row_bytes = 0;
-  size_t src_stride = 0, dst_stride = 0;  // bytes from row to row
-  int rows = 0;
-};
-// The decoder's action input in one launch: out[r] = silu(bf16(sample[r]) @ w + bias) for r <
-// rows, with the product's sum plus bias rounded to bf16 before the SiLU (as a GEMM with a bias
-// epilogue and an in-place SiLU would store it). sample fp32 [rows, in_dim] (in_dim <= 64),
-// w [in_dim, width] and bias [width] bf16, out [rows, width] bf16. `copy` (rows 0: none) runs
-// beside it: the flow step's state-token rows.
-void action_in(const float* sample, const Bf16* w, const Bf16* bias, Bf16* out, int rows,
-               int in_dim, int width, const RowCopy& copy, cudaStream_t stream);
-// The decoder's Euler step in one launch: for row i < rows of each of `frames` frames, x's row
-// first + f * frame_stride + i (bf16, [*, width]) is RMS-normed and stored to bf16 (h, as
-// rms_norm would), and actions[f * rows + i] (fp32, [*, out_dim], out_dim <= 64) += h @ w + bias,
-// w [width, out_dim] bf16, bias fp32. Needs width * 4 bytes of shared memory.
-void euler_step(const Bf16* x, int first, int frame_stride, int rows, int frames, int width,
-                float eps, const Bf16* w, const float* bias, float* actions, int out_dim,
-                cudaStream_t stream);
-
 // Deterministic pseudo-random fill in [-scale, scale) (workspace warm-up, tuning, test poison).
 void fill_random(Bf16* out, size_t n, uint64_t seed, float scale, cudaStream_t stream);
 void fill_random(float* out, size_t n, uint64_t seed, float scale, cudaStream_t stream);

@@ -320,9 +320,7 @@ int main(int argc, char** argv) {
   app.add_option("--warmup", warmup, "untimed inferences after graph capture");
   app.add_option("--json", json_path, "write the figures to this file");
   app.add_flag("--autotune", autotune, "time cuBLASLt candidates per GEMM at construction");
-  app.add_flag("--autotune-decoder", autotune_decoder,
-               "the same for the decoder's GEMMs only (the encoder's tuned choices, faster alone, "
-               "were slower in sequence: bench/NOTES.md v11)");
+  app.add_flag("--autotune-decoder", autotune_decoder, "the same for the decoder's GEMMs only");
   app.add_flag("--autotune-wide", autotune_wide,
                "with --autotune[-decoder]: search cuBLASLt's configurations beyond its "
                "heuristic's (minutes; for --write-gemm-table)");

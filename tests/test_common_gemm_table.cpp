@@ -136,7 +136,7 @@ TEST_CASE("a gemm table refuses entries it could not write on one line") {
 // where the heuristic does not offer it; any other text is no configuration at all.
 TEST_CASE("a gemm configuration's description reads back as the same configuration") {
   GemmAlgoConfig c;
-  c.id = 66;
+  c.id = 66;  // every field its own value, so that swapping two fields shows
   c.tile = 12;
   c.stages = 35;
   c.split_k = 4;
@@ -144,10 +144,10 @@ TEST_CASE("a gemm configuration's description reads back as the same configurati
   c.swizzle = 1;
   c.custom = 3;
   c.inner = 7;
-  c.cluster = 2;
+  c.cluster = 9;
   const std::string text = c.describe();
   CHECK(text ==
-        "algo 66 tile 12 stages 35 split-k 4 reduction 2 swizzle 1 custom 3 inner 7 cluster 2");
+        "algo 66 tile 12 stages 35 split-k 4 reduction 2 swizzle 1 custom 3 inner 7 cluster 9");
   const auto back = GemmAlgoConfig::parse(text);
   REQUIRE(back.has_value());
   CHECK(*back == c);

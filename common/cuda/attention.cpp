@@ -93,22 +93,6 @@ void SharedKvAttention::run(const Bf16* q, const Bf16* k, const Bf16* v, Bf16* o
   if (timer) timer->mark("attention pv gemm", stream);
 }
 
-void SharedKvAttention::autotune(const Gemm::AutotuneOptions& options, cudaStream_t stream) {
-  if (fused_) return;
-  const size_t q_values = static_cast<size_t>(params_.queries) * params_.heads * params_.head_dim;
-  const size_t kv_values = static_cast<size_t>(params_.keys) * params_.head_dim;
-  DeviceBuffer<Bf16> q(q_values, "attention autotune q"), k(kv_values, "attention autotune k");
-  DeviceBuffer<Bf16> v(kv_values, "attention autotune v"), out(q_values, "attention autotune out");
-  // Random, not zeros: zeros can run faster than real values.
-  fill_random(q.get(), q_values, 21, 1.0f, stream);
-  fill_random(k.get(), kv_values, 22, 1.0f, stream);
-  fill_random(v.get(), kv_values, 23, 1.0f, stream);
-  run(q.get(), k.get(), v.get(), out.get(), stream);  // probabilities for the PV product
-  qk_.autotune(q.get(), k.get(), scores_.get(), nullptr, stream, options);
-  pv_.autotune(probs_.get(), v.get(), out.get(), nullptr, stream, options);
-  CUDA_CHECK(cudaStreamSynchronize(stream));
-}
-
 ViewAttention::ViewAttention(cublasLtHandle_t handle, const Params& params, void* workspace,
                              size_t workspace_bytes)
     : params_(params), ld_(padded(params.tokens)) {

@@ -4,7 +4,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <set>
 #include <sstream>
+#include <string>
 #include <utility>
 
 #include <vector>
@@ -250,10 +252,10 @@ void Gemm::plan(bool separate_epilogue) {
     returned = 0;
   }
   candidates_.resize(static_cast<size_t>(std::max(returned, 0)));
-  offered_ = candidates();
   std::erase_if(candidates_, [](const cublasLtMatmulHeuristicResult_t& c) {
     return c.state != CUBLAS_STATUS_SUCCESS;
   });
+  offered_ = candidates();
 }
 
 cublasLtMatmulPreference_t Gemm::make_preference(uint32_t search_mode) const {
@@ -279,24 +281,44 @@ cublasLtMatmulPreference_t Gemm::make_preference(uint32_t search_mode) const {
   return pref;
 }
 
-int Gemm::find_or_add(const GemmAlgoConfig& config) {
-  const std::string wanted = config.describe();
-  for (int c = 0; c < candidates(); ++c)
-    if (describe_algo(candidates_[static_cast<size_t>(c)].algo) == wanted) return c;
+bool Gemm::accepts(const GemmAlgoConfig& config, cublasLtMatmulHeuristicResult_t& result) const {
   const cudaDataType_t y_type = to_cuda(shape_.y_type);
   cublasLtMatmulAlgo_t algo{};
   if (cublasLtMatmulAlgoInit(handle_, CUBLAS_COMPUTE_32F, CUDA_R_32F, CUDA_R_16BF, CUDA_R_16BF,
                              y_type, y_type, config.id, &algo) != CUBLAS_STATUS_SUCCESS ||
-      !configure(algo, config))
-    return -1;
+      !configure(algo, config) || !(config_of(algo) == config))
+    return false;
   cublasLtMatmulHeuristicResult_t checked{};
   if (cublasLtMatmulAlgoCheck(handle_, desc_, a_, b_, d_, d_, &algo, &checked) !=
           CUBLAS_STATUS_SUCCESS ||
-      checked.workspaceSize > workspace_bytes_ || describe_algo(algo) != wanted)
-    return -1;
+      checked.workspaceSize > workspace_bytes_)
+    return false;
+  // cublasLtMatmulAlgoCheck sees no pointers: an algorithm that needs more alignment than the
+  // operands have (the heuristic filters by it, a built configuration is not filtered) would pass
+  // the reference check on fresh, 256-byte aligned buffers and fail on the real ones. Where
+  // cuBLASLt does not say, only fully aligned operands are safe.
+  for (auto attr :
+       {CUBLASLT_ALGO_CAP_MIN_ALIGNMENT_A_BYTES, CUBLASLT_ALGO_CAP_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_ALGO_CAP_MIN_ALIGNMENT_C_BYTES, CUBLASLT_ALGO_CAP_MIN_ALIGNMENT_D_BYTES}) {
+    uint32_t needed = 256;
+    size_t written = 0;
+    if (cublasLtMatmulAlgoCapGetAttribute(&algo, attr, &needed, sizeof needed, &written) !=
+        CUBLAS_STATUS_SUCCESS)
+      needed = 256;
+    if (needed > static_cast<uint32_t>(shape_.alignment)) return false;
+  }
   checked.algo = algo;
   checked.state = CUBLAS_STATUS_SUCCESS;
-  candidates_.push_back(checked);
+  result = checked;
+  return true;
+}
+
+int Gemm::find_or_add(const GemmAlgoConfig& config) {
+  for (int c = 0; c < candidates(); ++c)
+    if (config_of(candidates_[static_cast<size_t>(c)].algo) == config) return c;
+  cublasLtMatmulHeuristicResult_t result{};
+  if (!accepts(config, result)) return -1;
+  candidates_.push_back(result);
   return candidates() - 1;
 }
 
@@ -304,6 +326,21 @@ int Gemm::widen_candidates() {
   if (chosen_ < 0 || separate_epilogue_) return 0;
   const int before = candidates();
   const cudaDataType_t y_type = to_cuda(shape_.y_type);
+  // Every configuration is looked at once (a few thousand a shape): `seen` holds their
+  // descriptions, `bases` the listed ones whose variants are tried.
+  std::set<std::string> seen;
+  std::vector<GemmAlgoConfig> bases;
+  for (const auto& c : candidates_) {
+    const GemmAlgoConfig config = config_of(c.algo);
+    if (seen.insert(config.describe()).second) bases.push_back(config);
+  }
+  auto add = [&](const GemmAlgoConfig& config) {
+    if (!seen.insert(config.describe()).second) return false;
+    cublasLtMatmulHeuristicResult_t result{};
+    if (!accepts(config, result)) return false;
+    candidates_.push_back(result);
+    return true;
+  };
   // cuBLASLt's own configurations, per algorithm id.
   std::vector<int> ids(256);
   int id_count = 0;
@@ -311,12 +348,8 @@ int Gemm::widen_candidates() {
                                y_type, y_type, static_cast<int>(ids.size()), ids.data(),
                                &id_count) != CUBLAS_STATUS_SUCCESS)
     id_count = 0;
-  std::vector<GemmAlgoConfig> bases;
-  for (int c = 0; c < candidates(); ++c)
-    bases.push_back(config_of(candidates_[static_cast<size_t>(c)].algo));
-  for (int i = 0; i < id_count; ++i) {
-    cublasLtMatmulPreference_t pref = make_preference(CUBLASLT_SEARCH_LIMITED_BY_ALGO_ID);
-    if (!pref) continue;
+  cublasLtMatmulPreference_t pref = make_preference(CUBLASLT_SEARCH_LIMITED_BY_ALGO_ID);
+  for (int i = 0; pref && i < id_count; ++i) {
     std::vector<cublasLtMatmulHeuristicResult_t> found(64);
     bool ready = true;
     for (auto& f : found)
@@ -325,16 +358,17 @@ int Gemm::widen_candidates() {
                                           CUDA_R_16BF, y_type, y_type, ids[static_cast<size_t>(i)],
                                           &f.algo) == CUBLAS_STATUS_SUCCESS;
     int returned = 0;
-    if (ready && cublasLtMatmulAlgoGetHeuristic(handle_, desc_, a_, b_, d_, d_, pref,
-                                                static_cast<int>(found.size()), found.data(),
-                                                &returned) == CUBLAS_STATUS_SUCCESS) {
-      for (int r = 0; r < returned; ++r)
-        if (found[static_cast<size_t>(r)].state == CUBLAS_STATUS_SUCCESS &&
-            find_or_add(config_of(found[static_cast<size_t>(r)].algo)) >= 0)
-          bases.push_back(config_of(found[static_cast<size_t>(r)].algo));
+    if (!ready || cublasLtMatmulAlgoGetHeuristic(handle_, desc_, a_, b_, d_, d_, pref,
+                                                 static_cast<int>(found.size()), found.data(),
+                                                 &returned) != CUBLAS_STATUS_SUCCESS)
+      continue;
+    for (int r = 0; r < returned; ++r) {
+      const auto& f = found[static_cast<size_t>(r)];
+      if (f.state == CUBLAS_STATUS_SUCCESS && add(config_of(f.algo)))
+        bases.push_back(config_of(f.algo));
     }
-    (void)cublasLtMatmulPreferenceDestroy(pref);
   }
+  if (pref) (void)cublasLtMatmulPreferenceDestroy(pref);
   // Their split-K and cluster variants: a 64-row product with a narrow output has too few tiles
   // to stream its weights on every SM without splitting K, and a cluster need not pay.
   for (const GemmAlgoConfig& base : bases) {
@@ -349,7 +383,7 @@ int Gemm::widen_candidates() {
           v.cluster = cluster;
           v.split_k = split;
           v.reduction = reduction;
-          (void)find_or_add(v);
+          (void)add(v);
         }
       }
     }
@@ -636,6 +670,9 @@ void Gemm::autotune(const void* x, const void* w, void* y, const void* bias, cud
   // timing starts at the first one that does, so a new table is not biased towards the old.
   const int from = first_checked_ >= 0 ? first_checked_ : chosen_;
   if (from < 0) return;
+  PI0_CHECK(options.weight_copies <= 1 ||
+                options.weight_stride * sizeof(Bf16) % static_cast<size_t>(shape_.alignment) == 0,
+            "autotune: a weight stride that breaks the alignment of " + shape_.describe());
   if (options.wide) widen_candidates();
   const int end = options.wide ? candidates()
                                : std::min(candidates(), from + std::max(options.max_candidates, 1));
@@ -649,29 +686,40 @@ void Gemm::autotune(const void* x, const void* w, void* y, const void* bias, cud
     if (!std::isnan(ms)) timed.emplace_back(ms, c);
   }
   if (timed.empty()) return;
-  const float first = timed.front().second == from ? timed.front().first : NAN;
+  float first = NAN;
+  for (const auto& [ms, c] : timed)
+    if (c == from) first = ms;
   std::sort(timed.begin(), timed.end());
+  // The fastest that pass the check, in order; only chosen_ and `from` are known to pass. A wide
+  // list's are timed again, longer, and the fastest of them kept.
+  std::vector<std::pair<float, int>> passed;
+  for (const auto& t : timed) {
+    const int c = t.second;
+    if (c == from || c == chosen_ || verify(c) < tolerance()) passed.push_back(t);
+    if (passed.size() == static_cast<size_t>(options.wide ? kFinalists : 1)) break;
+  }
   if (options.wide) {
-    timed.resize(std::min<size_t>(timed.size(), kFinalists));
-    for (auto& [ms, c] : timed) ms = time_candidate(c, x, w, y, bias, stream, options, kGraphs);
-    std::erase_if(timed, [](const auto& t) { return std::isnan(t.first); });
-    std::sort(timed.begin(), timed.end());
+    for (auto& [ms, c] : passed) ms = time_candidate(c, x, w, y, bias, stream, options, kGraphs);
+    std::erase_if(passed, [](const auto& t) { return std::isnan(t.first); });
+    std::sort(passed.begin(), passed.end());
   }
-  for (const auto& [ms, c] : timed) {
-    if (c == from || c == chosen_ || verify(c) < tolerance()) {
-      const std::string algo = describe_algo(candidates_[static_cast<size_t>(c)].algo);
-      spdlog::info(
-          "{}: autotune keeps candidate {} of {} ({} offered; {:.2f} us a launch over {} weight "
-          "copies; candidate {}, the first that checks out: {:.2f} us): {}",
-          shape_.describe(), c, candidates(), offered_, 1000.0f * ms,
-          std::max(options.weight_copies, 1), from, 1000.0f * first, algo);
-      chosen_ = c;
-      // A table entry is for the fused epilogue's configurations (apply_table_choice runs only
-      // there).
-      if (!separate_epilogue_) record_tuned_gemm_choice(shape_.describe(), GemmChoice{c, algo});
-      return;
-    }
+  if (passed.empty()) {
+    spdlog::warn("{}: autotune found no candidate that checks out; keeping candidate {}",
+                 shape_.describe(), chosen_);
+    return;
   }
+  const auto [ms, c] = passed.front();
+  const std::string algo = describe_algo(candidates_[static_cast<size_t>(c)].algo);
+  spdlog::info(
+      "{}: autotune keeps candidate {} of {} ({} offered; {:.2f} us a launch over {} weight "
+      "copies; candidate {}, the first that checks out: {:.2f} us): {}",
+      shape_.describe(), c, candidates(), offered_, 1000.0f * ms,
+      std::max(options.weight_copies, 1), from, 1000.0f * first, algo);
+  chosen_ = c;
+  // A table entry is for the fused epilogue's configurations (apply_table_choice runs only
+  // there). Its index only says where the configuration stood; descriptions are matched.
+  if (!separate_epilogue_)
+    record_tuned_gemm_choice(shape_.describe(), GemmChoice{std::min(c, kMaxGemmTableIndex), algo});
 }
 
 }  // namespace pi0::cuda

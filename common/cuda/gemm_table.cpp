@@ -50,7 +50,7 @@ std::string GemmAlgoConfig::describe() const {
 std::optional<GemmAlgoConfig> GemmAlgoConfig::parse(const std::string& text) {
   GemmAlgoConfig c;
   std::istringstream in(text);
-  // Each field: its keyword, then a number of the field's type (no sign where it is unsigned).
+  // Each field: its keyword, then a decimal number without a sign.
   bool ok = true;
   auto field = [&](const char* keyword, auto& value) {
     std::string word, number;

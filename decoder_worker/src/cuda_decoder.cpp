@@ -359,7 +359,6 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
       return t;
     };
     g_amlp.autotune(t1.get(), amlp_w.get(), x_row(1), amlp_b.get(), s, tune);
-    attention.autotune(tune, s);
     for (PassGemms& g : pass) {
       g.ain.autotune(sample.get(), ain_w.get(), t1.get(), time_b.get(), s, tune);
       g.qkv.autotune(normed(), qkv_w.get(), qkv.get(), nullptr, s,

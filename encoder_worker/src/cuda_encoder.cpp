@@ -227,7 +227,6 @@ CudaEncoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
                    per_layer(ll, lws * 2 * lm));
     g_ldown.autotune(lact.get(), lm_down_w.get(), lx.get(), nullptr, s,
                      per_layer(ll, static_cast<size_t>(lm) * lw));
-    lm_attention.autotune(tune, s);
     CUDA_CHECK(cudaDeviceSynchronize());
   }
 }

@@ -35,13 +35,10 @@ MpsOptions test_mps_options() {
 
 std::vector<std::string> gpu_run(const MpsOptions& mps, std::vector<std::string> extra,
                                  uint64_t frames = kFrames, bool quiet_workers = true) {
-  std::vector<std::string> args = {"--backend",      "cuda",
-                                   "--model",        kModel,
-                                   "--seed",         std::to_string(kSeed),
-                                   "--frames",       std::to_string(frames),
-                                   "--warmup",       "0",
-                                   "--mps-pipe-dir", mps.pipe_dir,
-                                   "--mps-log-dir",  mps.log_dir};
+  std::vector<std::string> args = {"--backend", "cuda", "--model", kModel, "--seed",
+                                   std::to_string(kSeed), "--frames", std::to_string(frames),
+                                   "--warmup", "0", "--mps-pipe-dir", mps.pipe_dir,
+                                   "--mps-log-dir", mps.log_dir};
   if (quiet_workers) args.push_back("--quiet-workers");
   args.insert(args.end(), extra.begin(), extra.end());
   return args;
@@ -101,8 +98,8 @@ TEST_CASE("mps pipeline matches the single-process engines and splits the SMs", 
     const FrameInputs in = make_frame_inputs(config, shape, input_seed(kSeed), 0);
     std::vector<float> kv(stage_sizes(config, shape).kv_values);
     ReferenceEncoder(config, weights).encode(shape, in.images.data(), kv.data());
-    ReferenceDecoder(config, weights)
-        .decode(shape, kv.data(), in.state.data(), in.noise.data(), cpu_reference.data());
+    ReferenceDecoder(config, weights).decode(shape, kv.data(), in.state.data(), in.noise.data(),
+                                             cpu_reference.data());
   }
   const double single_vs_cpu = test::rel_error(expected[0], cpu_reference);
   std::printf("  single-process engines vs fp32 CPU reference (frame 0): %.3e\n", single_vs_cpu);
@@ -111,10 +108,10 @@ TEST_CASE("mps pipeline matches the single-process engines and splits the SMs", 
   std::vector<float> first;
   for (const std::string mode : {"concurrent", "sequential", "concurrent"}) {
     const std::string actions = dir + "/actions.f32", json = dir + "/run.json";
-    const auto run =
-        test::run_orchestrator(gpu_run(mps, {"--encoder-pct", "30", "--decoder-pct", "70", "--mode",
-                                             mode, "--actions-out", actions, "--json", json}),
-                               300s);
+    const auto run = test::run_orchestrator(
+        gpu_run(mps, {"--encoder-pct", "30", "--decoder-pct", "70", "--mode", mode,
+                      "--actions-out", actions, "--json", json}),
+        300s);
     INFO(run.output);
     REQUIRE(run.status.success());
     const nlohmann::json r = read_json(json).at("runs").at(0);
@@ -167,9 +164,8 @@ TEST_CASE("mps pipeline with decoder batching keeps every frame's actions", "[gp
   const size_t values = expected.front().size();
   const std::string actions = dir + "/actions.f32", json = dir + "/run.json";
   const auto run = test::run_orchestrator(
-      gpu_run(mps,
-              {"--encoder-pct", "90", "--decoder-pct", "10", "--decoder-batch", "2",
-               "--actions-out", actions, "--json", json},
+      gpu_run(mps, {"--encoder-pct", "90", "--decoder-pct", "10", "--decoder-batch", "2",
+                    "--actions-out", actions, "--json", json},
               kFrames, /*quiet_workers=*/false),
       300s);
   INFO(run.output);
@@ -194,10 +190,9 @@ TEST_CASE("mps pipeline with decoder batching keeps every frame's actions", "[gp
     const auto& want = expected[f % expected.size()];
     worst = std::max(worst, test::rel_error(got.data() + f * values, want.data(), values));
   }
-  std::printf(
-      "  decoder batch 2 at 90/10: worst rel error vs single-process over %llu frames: "
-      "%.3e\n",
-      static_cast<unsigned long long>(kFrames), worst);
+  std::printf("  decoder batch 2 at 90/10: worst rel error vs single-process over %llu frames: "
+              "%.3e\n",
+              static_cast<unsigned long long>(kFrames), worst);
   CHECK(worst < 2e-2);
   CHECK_FALSE(mps_daemon_answers(mps));
   fs::remove_all(dir);
@@ -219,8 +214,8 @@ TEST_CASE("a daemon that was already running is adopted and left running", "[gpu
 TEST_CASE("without mps the split is reported as not applied", "[gpu][mps]") {
   const MpsOptions mps = test_mps_options();
   const std::string dir = test::temp_dir("gpu_nomps");
-  const auto run =
-      test::run_orchestrator(gpu_run(mps, {"--no-mps", "--json", dir + "/r.json"}, 5), 300s);
+  const auto run = test::run_orchestrator(
+      gpu_run(mps, {"--no-mps", "--json", dir + "/r.json"}, 5), 300s);
   INFO(run.output);
   REQUIRE(run.status.success());
   const nlohmann::json r = read_json(dir + "/r.json").at("runs").at(0);

@@ -129,8 +129,8 @@ TEST_CASE("stages with autotuned gemms match the reference", "[gpu]") {
   CudaEngineOptions options;
   options.autotune_gemms = true;
   require_case(run_case("pi0-1l", 1, 50, 20, 502, options));
-  // The wide search's choices (configurations the heuristic does not offer, attention's products
-  // too), as a GEMM table carries them to every process.
+  // The wide search's choices (configurations the heuristic does not offer), as a GEMM table
+  // carries them to every process.
   options.autotune_wide = true;
   require_case(run_case("pi0-1l", 2, 63, 0, 503, options));
 }

@@ -42,9 +42,6 @@ class SharedKvAttention {
            params_.head_dim;
   }
   bool fused() const { return fused_; }
-  // Autotunes the QK and PV products (Gemm::autotune) on random operands of its own; nothing on
-  // the fused kernel.
-  void autotune(const Gemm::AutotuneOptions& options, cudaStream_t stream);
 
  private:
   bool try_fused();  // plans the fused kernel; false where its cluster does not fit here

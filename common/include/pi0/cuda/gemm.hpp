@@ -50,8 +50,10 @@ class Gemm {
   Gemm() = default;
   // Picks the heuristic's best algorithm for `shape` now, so that run() does no planning (it is
   // called while capturing graphs): the first of cuBLASLt's candidates that matches a plain
-  // reference GEMM on random operands, or the candidate the process's GEMM table names for the
-  // shape (PI0_GEMM_TABLE, pi0/cuda/gemm_table.hpp) where it is offered here and checks out;
+  // reference GEMM on random operands, or the configuration the process's GEMM table names for
+  // the shape (PI0_GEMM_TABLE, pi0/cuda/gemm_table.hpp), listed or built, where cuBLASLt accepts
+  // it here and it checks out (the table applies only where a fused-epilogue candidate checks
+  // out);
   // failing that, the same with bias / GELU in a kernel of their own; failing that, our skinny
   // tensor-core kernel (pi0/cuda/skinny_gemm.hpp) where it runs the shape, and last the (slow)
   // plain kernel itself, with a warning. With the environment variable PI0_GEMM_PLAN_SMS=N,
@@ -75,8 +77,9 @@ class Gemm {
     // timed again, longer, before one is kept.
     bool wide = false;
     // Time over this many weight matrices, w + i * weight_stride bf16 elements, as a stage's
-    // layers stream theirs from DRAM: one matrix, launch after launch, is read from L2, which
-    // flatters some algorithms over others.
+    // layers read theirs one after another: one matrix, launch after launch, stays in L2, which
+    // flatters some algorithms over others. (The decoder's L2 prefetch brings part of each
+    // layer's weights into L2 ahead of use: neither timing is the stage exactly.)
     int weight_copies = 1;
     size_t weight_stride = 0;
   };
@@ -88,9 +91,10 @@ class Gemm {
   void autotune(const void* x, const void* w, void* y, const void* bias, cudaStream_t stream,
                 const AutotuneOptions& options);
   // Appends, after the heuristic's candidates, the configurations cuBLASLt's heuristic gives per
-  // algorithm id and their variants in split-K (2..8, two reduction schemes) and cluster shape
-  // (1x1, 2x1, 1x2), each accepted by cublasLtMatmulAlgoCheck; returns how many it added. Only on
-  // the fused-epilogue cuBLASLt tier (0 elsewhere). For autotuning: none of them is checked here.
+  // algorithm id and their variants in split-K (2, 3, 4, 6, 8; two reduction schemes) and cluster
+  // shape (1x1, 2x1, 1x2), each accepted by cublasLtMatmulAlgoCheck for this shape's alignment;
+  // returns how many it added. Only on the fused-epilogue cuBLASLt tier (0 elsewhere). For
+  // autotuning: none of them is checked against the reference here.
   int widen_candidates();
 
   const GemmShape& shape() const { return shape_; }
@@ -105,8 +109,9 @@ class Gemm {
                                     : "cublaslt";
   }
   int candidates() const { return static_cast<int>(candidates_.size()); }
-  // The heuristic's candidate run() uses (-1 on the skinny or built-in tiers), and a candidate's
-  // description, as a GEMM table names it (gemm_table.hpp).
+  // The candidate run() uses (-1 on the skinny or built-in tiers): one of the heuristic's, or one
+  // appended after them (a table's built configuration, a widened or clusterless one); and a
+  // candidate's description, as a GEMM table names it (gemm_table.hpp).
   int chosen_candidate() const { return chosen_ >= 0 ? chosen_ : -1; }
   std::string describe_candidate(int candidate) const;
 
@@ -125,6 +130,9 @@ class Gemm {
   // The candidate with this configuration's description, appended when cuBLASLt accepts it for
   // this shape and it is not listed yet; -1 when it does not.
   int find_or_add(const GemmAlgoConfig& config);
+  // Whether cuBLASLt runs `config` for this shape here, with the operands' alignment and the
+  // workspace; `result` gets the algorithm.
+  bool accepts(const GemmAlgoConfig& config, cublasLtMatmulHeuristicResult_t& result) const;
   // cuBLASLt's preferences for this shape: workspace, operand alignment, and `search_mode`.
   cublasLtMatmulPreference_t make_preference(uint32_t search_mode) const;
   // Time per launch (ms) of candidate c, as `graphs` replays of a graph of launches; NaN when it
@@ -149,7 +157,7 @@ class Gemm {
   std::vector<cublasLtMatmulHeuristicResult_t> candidates_;
   int chosen_ = kNotChosen;
   int first_checked_ = kNotChosen;  // first_verified()'s pick in the first plan, before a table's
-  int offered_ = 0;                 // the heuristic's candidates; clusterless variants follow
+  int offered_ = 0;  // the heuristic's candidates; built, widened and clusterless ones follow
   bool separate_epilogue_ = false;
   SkinnyShape skinny_{};  // the plan of kSkinnyPath
   void* workspace_ = nullptr;

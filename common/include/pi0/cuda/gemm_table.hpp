@@ -4,8 +4,9 @@
 // takes the candidate with that description, or builds that configuration where the heuristic
 // did not offer it (a wide search, Gemm::widen_candidates, finds such ones), provided cuBLASLt
 // accepts it on this GPU and it passes the reference check; otherwise the entry is ignored with a
-// warning. Autotuning in each process would pick by timing, so two processes could differ in the
-// last bits; reading one table they cannot.
+// warning. Where no candidate with the fused epilogue checks out at all (some MPS shares), the
+// Gemm's fallbacks run and the entry is not looked at. Autotuning in each process would pick by
+// timing, so two processes could differ in the last bits; reading one table they cannot.
 //
 // File: one entry a line, `shape <TAB> candidate <TAB> description`; `#` starts a comment line.
 // The candidate is where the configuration stood in the tuning process's list (for the reader of
@@ -33,7 +34,8 @@ struct GemmAlgoConfig {
 
   // "algo 66 tile 12 stages 35 split-k 1 reduction 0 swizzle 0 custom 0 inner 0 cluster 2"
   std::string describe() const;
-  // The inverse of describe(); nullopt for anything else (an older table's shorter form, say).
+  // Reads describe()'s form (fields in its order, unsigned decimal numbers of up to 9 digits; any
+  // whitespace between them); nullopt for anything else (an older table's shorter form, say).
   static std::optional<GemmAlgoConfig> parse(const std::string& text);
   bool operator==(const GemmAlgoConfig& o) const {
     return id == o.id && tile == o.tile && stages == o.stages && split_k == o.split_k &&

@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -24,6 +25,7 @@
 #include "pi0/check.hpp"
 #include "pi0/config.hpp"
 #include "pi0/cuda/device.hpp"
+#include "pi0/cuda/gemm.hpp"
 #include "pi0/cuda/gemm_table.hpp"
 #include "pi0/cuda/layer_signal.hpp"
 #include "pi0/cuda/op_timer.hpp"
@@ -84,6 +86,51 @@ void print_breakdown(const char* stage, const cuda::OpTimer& timer) {
     std::printf("    %-34s %8.3f ms %5.1f%% %6d calls %8.2f us/call\n", r.label.c_str(),
                 r.ms_per_pass, 100 * r.ms_per_pass / total, r.calls_per_pass,
                 1000 * r.ms_per_pass / std::max(r.calls_per_pass, 1));
+}
+
+// Median time (ms) of `run` on `stream` after its eager run, graph capture and first replay.
+double median_stage_ms(const std::function<void()>& run, cudaStream_t stream, int reps) {
+  for (int i = 0; i < 3; ++i) run();
+  CUDA_CHECK(cudaStreamSynchronize(stream));
+  cuda::Event a, b;
+  std::vector<double> ms;
+  for (int i = 0; i < reps; ++i) {
+    a.record(stream);
+    run();
+    b.record(stream);
+    b.synchronize();
+    ms.push_back(b.elapsed_since(a));
+  }
+  return percentile(ms, 0.5);
+}
+
+// In-place tuning: each GEMM's finalists (ranked alone) tried one at a time in the stage itself,
+// the whole stage timed; a finalist is kept where the stage gets faster by more than the noise of
+// a median (0.2%). The kept choices go to the GEMM table recorder (--write-gemm-table).
+void tune_in_place(const char* stage, const std::vector<cuda::TunableGemm>& tunables,
+                   const std::function<double()>& time_stage, const std::function<void()>& forget) {
+  constexpr double kBetter = 0.998;
+  double best_ms = time_stage();
+  std::printf("in-place tuning, %s: %.3f ms with each GEMM's fastest alone\n", stage, best_ms);
+  for (const cuda::TunableGemm& t : tunables) {
+    const int start = t.gemm->chosen_candidate();
+    int best = start;
+    for (const int c : t.finalists) {
+      if (c == best || !t.gemm->select_candidate(c)) continue;
+      forget();
+      const double ms = time_stage();
+      if (ms < best_ms * kBetter) {
+        best_ms = ms;
+        best = c;
+      }
+    }
+    PI0_CHECK(t.gemm->select_candidate(best), "in-place tuning lost a checked candidate");
+    forget();
+    t.gemm->record_choice();
+    std::printf("  %-26s candidate %4d -> %4d  (%.3f ms)  %s\n", t.label.c_str(), start, best,
+                best_ms, t.gemm->describe_candidate(best).c_str());
+  }
+  std::fflush(stdout);
 }
 
 Figures run_case(const ModelConfig& config, const Case& c, const WeightStore& enc_weights,
@@ -158,6 +205,30 @@ Figures run_case(const ModelConfig& config, const Case& c, const WeightStore& en
     encode(s);
     decode(s);
   };
+  if (dec_options.autotune_inplace || enc_options.autotune_inplace) {
+    Inputs& s = sets[0];
+    constexpr int kReps = 20;
+    // A real prefix for the decoder to attend to: zeros or leftovers can time differently.
+    encoder.encode(s.images.get(), s.kv.get(), stream.get());
+    tune_in_place(
+        "decoder", decoder.tunable_gemms(),
+        [&] {
+          return median_stage_ms(
+              [&] {
+                decoder.decode(s.kv.get(), s.state.get(), s.noise.get(), s.actions.get(),
+                               stream.get());
+              },
+              stream.get(), kReps);
+        },
+        [&] { decoder.forget_graphs(); });
+    tune_in_place(
+        "encoder", encoder.tunable_gemms(),
+        [&] {
+          return median_stage_ms([&] { encoder.encode(s.images.get(), s.kv.get(), stream.get()); },
+                                 stream.get(), kReps);
+        },
+        [&] { encoder.forget_graphs(); });
+  }
   // Eager run, graph capture and first replay for every input set, then plain warm-up.
   for (int i = 0; i < 3 * kInputSets + warmup; ++i) {
     infer_serial(i);
@@ -309,7 +380,7 @@ int main(int argc, char** argv) {
   std::string model = "pi0";
   int iters = 200, warmup = 20;
   std::string json_path;
-  bool autotune = false, autotune_decoder = false, autotune_wide = false;
+  bool autotune = false, autotune_decoder = false, autotune_wide = false, autotune_inplace = false;
   std::string gemm_table, write_gemm_table;
   bool breakdown = false;
   bool sm_count_only = false;
@@ -324,6 +395,9 @@ int main(int argc, char** argv) {
   app.add_flag("--autotune-wide", autotune_wide,
                "with --autotune[-decoder]: search cuBLASLt's configurations beyond its "
                "heuristic's (minutes; for --write-gemm-table)");
+  app.add_flag("--autotune-inplace", autotune_inplace,
+               "with --autotune[-decoder]: the wide search's few fastest alone per GEMM, tried "
+               "one at a time in the stage itself (for --write-gemm-table)");
   app.add_option("--gemm-table", gemm_table,
                  "read tuned GEMM choices from this file (as PI0_GEMM_TABLE does)");
   app.add_option("--write-gemm-table", write_gemm_table,
@@ -337,9 +411,12 @@ int main(int argc, char** argv) {
       });
   CLI11_PARSE(app, argc, argv);
   init_logging("pi0_bench", log_level);
-  if ((!write_gemm_table.empty() || autotune_wide) && !autotune && !autotune_decoder) {
+  if ((!write_gemm_table.empty() || autotune_wide || autotune_inplace) && !autotune &&
+      !autotune_decoder) {
     std::fprintf(stderr, "pi0_bench: --%s needs --autotune or --autotune-decoder\n",
-                 autotune_wide ? "autotune-wide" : "write-gemm-table");
+                 autotune_inplace ? "autotune-inplace"
+                 : autotune_wide  ? "autotune-wide"
+                                  : "write-gemm-table");
     return 2;
   }
   // Before any Gemm exists: the table is read once per process, at the first one.
@@ -378,7 +455,9 @@ int main(int argc, char** argv) {
     CudaEngineOptions enc_options, dec_options;
     enc_options.autotune_gemms = autotune;
     dec_options.autotune_gemms = autotune || autotune_decoder;
-    enc_options.autotune_wide = dec_options.autotune_wide = autotune_wide;
+    enc_options.autotune_wide = dec_options.autotune_wide = autotune_wide || autotune_inplace;
+    enc_options.autotune_inplace = autotune && autotune_inplace;
+    dec_options.autotune_inplace = autotune_inplace;
 
     for (const Case& c : cases) {
       if (!enc_weights.count(c.prompt))
@@ -403,6 +482,7 @@ int main(int argc, char** argv) {
       j["autotune"] = autotune;
       j["autotune_decoder"] = autotune_decoder;
       j["autotune_wide"] = autotune_wide;
+      j["autotune_inplace"] = autotune_inplace;
       const char* table = std::getenv("PI0_GEMM_TABLE");
       j["gemm_table"] = table ? table : "";
       for (const Figures& f : results) {

@@ -658,25 +658,26 @@ float Gemm::time_candidate(int c, const void* x, const void* w, void* y, const v
   return stop.elapsed_since(start) / static_cast<float>(per_graph * graphs);
 }
 
-void Gemm::autotune(const void* x, const void* w, void* y, const void* bias, cudaStream_t stream,
-                    const AutotuneOptions& options) {
+std::vector<std::pair<float, int>> Gemm::rank_candidates(const void* x, const void* w, void* y,
+                                                         const void* bias, cudaStream_t stream,
+                                                         const AutotuneOptions& options,
+                                                         int count) {
   // first_verified() walks the candidates in order, so every one before chosen_ has already
   // failed its check: only chosen_ and those after it are timed, and the fastest of them that
-  // checks out is kept (chosen_ itself needs no second check). Each is timed as a CUDA graph of
+  // check out are kept (chosen_ itself needs no second check). Each is timed as a CUDA graph of
   // launches, as the engines run them: a loop of launches from the host is bound by the host's
   // launch rate (~4.5 us a launch), which is slower than most of these products and hides their
   // differences.
   // A GEMM table's choice (apply_table_choice) may stand after candidates that check out too:
   // timing starts at the first one that does, so a new table is not biased towards the old.
   const int from = first_checked_ >= 0 ? first_checked_ : chosen_;
-  if (from < 0) return;
+  if (from < 0) return {};
   PI0_CHECK(options.weight_copies <= 1 ||
                 options.weight_stride * sizeof(Bf16) % static_cast<size_t>(shape_.alignment) == 0,
             "autotune: a weight stride that breaks the alignment of " + shape_.describe());
   if (options.wide) widen_candidates();
   const int end = options.wide ? candidates()
                                : std::min(candidates(), from + std::max(options.max_candidates, 1));
-  if (end - from <= 1) return;
   // A wide list (hundreds) gets a short look each, then its fastest few a longer one.
   constexpr int kGraphs = 10, kGlanceGraphs = 2, kFinalists = 8;
   std::vector<std::pair<float, int>> timed;  // (ms per launch, candidate)
@@ -685,41 +686,81 @@ void Gemm::autotune(const void* x, const void* w, void* y, const void* bias, cud
         time_candidate(c, x, w, y, bias, stream, options, options.wide ? kGlanceGraphs : kGraphs);
     if (!std::isnan(ms)) timed.emplace_back(ms, c);
   }
-  if (timed.empty()) return;
-  float first = NAN;
-  for (const auto& [ms, c] : timed)
-    if (c == from) first = ms;
   std::sort(timed.begin(), timed.end());
   // The fastest that pass the check, in order; only chosen_ and `from` are known to pass. A wide
-  // list's are timed again, longer, and the fastest of them kept.
+  // list's are timed again, longer.
+  const size_t wanted = static_cast<size_t>(std::max(count, options.wide ? kFinalists : 1));
   std::vector<std::pair<float, int>> passed;
   for (const auto& t : timed) {
     const int c = t.second;
     if (c == from || c == chosen_ || verify(c) < tolerance()) passed.push_back(t);
-    if (passed.size() == static_cast<size_t>(options.wide ? kFinalists : 1)) break;
+    if (passed.size() == wanted) break;
   }
   if (options.wide) {
     for (auto& [ms, c] : passed) ms = time_candidate(c, x, w, y, bias, stream, options, kGraphs);
     std::erase_if(passed, [](const auto& t) { return std::isnan(t.first); });
     std::sort(passed.begin(), passed.end());
   }
-  if (passed.empty()) {
+  if (passed.size() > static_cast<size_t>(std::max(count, 1)))
+    passed.resize(static_cast<size_t>(std::max(count, 1)));
+  return passed;
+}
+
+void Gemm::autotune(const void* x, const void* w, void* y, const void* bias, cudaStream_t stream,
+                    const AutotuneOptions& options) {
+  const int from = first_checked_ >= 0 ? first_checked_ : chosen_;
+  if (from < 0) return;
+  const auto ranked = rank_candidates(x, w, y, bias, stream, options, 1);
+  if (ranked.empty()) {
     spdlog::warn("{}: autotune found no candidate that checks out; keeping candidate {}",
                  shape_.describe(), chosen_);
     return;
   }
-  const auto [ms, c] = passed.front();
-  const std::string algo = describe_algo(candidates_[static_cast<size_t>(c)].algo);
+  const auto [ms, c] = ranked.front();
   spdlog::info(
-      "{}: autotune keeps candidate {} of {} ({} offered; {:.2f} us a launch over {} weight "
-      "copies; candidate {}, the first that checks out: {:.2f} us): {}",
+      "{}: autotune keeps candidate {} of {} ({} offered; {:.2f} us a launch over {} "
+      "weight copies): {}",
       shape_.describe(), c, candidates(), offered_, 1000.0f * ms,
-      std::max(options.weight_copies, 1), from, 1000.0f * first, algo);
+      std::max(options.weight_copies, 1), describe_algo(candidates_[static_cast<size_t>(c)].algo));
   chosen_ = c;
+  record_choice();
+}
+
+bool Gemm::select_candidate(int c) {
+  PI0_CHECK(c >= 0 && c < candidates(), "select_candidate: candidate " + std::to_string(c) +
+                                            " of " + std::to_string(candidates()));
+  if (c == chosen_) return true;
+  // first_verified() checked, and failed, every candidate before first_checked_.
+  if ((first_checked_ >= 0 && c < first_checked_) || verify(c) >= tolerance()) return false;
+  chosen_ = c;
+  return true;
+}
+
+void Gemm::record_choice() const {
   // A table entry is for the fused epilogue's configurations (apply_table_choice runs only
   // there). Its index only says where the configuration stood; descriptions are matched.
-  if (!separate_epilogue_)
-    record_tuned_gemm_choice(shape_.describe(), GemmChoice{std::min(c, kMaxGemmTableIndex), algo});
+  if (chosen_ < 0 || separate_epilogue_) return;
+  record_tuned_gemm_choice(
+      shape_.describe(), GemmChoice{std::min(chosen_, kMaxGemmTableIndex),
+                                    describe_algo(candidates_[static_cast<size_t>(chosen_)].algo)});
+}
+
+void autotune_gemm(Gemm& gemm, const void* x, const void* w, void* y, const void* bias,
+                   cudaStream_t stream, const Gemm::AutotuneOptions& options, const char* label,
+                   std::vector<TunableGemm>* tunables) {
+  if (tunables == nullptr) {
+    gemm.autotune(x, w, y, bias, stream, options);
+    return;
+  }
+  // Six finalists: a stage is timed once for each, and beyond the sixth alone-fastest the
+  // products hardly differ alone (bench/NOTES.md v14).
+  constexpr int kFinalists = 6;
+  TunableGemm t{label, &gemm, {}};
+  for (const auto& [ms, c] : gemm.rank_candidates(x, w, y, bias, stream, options, kFinalists))
+    t.finalists.push_back(c);
+  if (t.finalists.empty()) return;
+  if (!gemm.select_candidate(t.finalists.front())) t.finalists.erase(t.finalists.begin());
+  tunables->push_back(std::move(t));
 }
 
 }  // namespace pi0::cuda

@@ -106,6 +106,8 @@ struct CudaDecoder::Impl {
   cuda::L2Prefetcher prefetcher;
   void prefetch_layer_weights(int layer, Bf16* const* kv_slots, int count, cudaStream_t s);
 
+  std::vector<cuda::TunableGemm> tunables;  // with options.autotune_inplace
+
   cuda::OpTimer* timer = nullptr;
   void mark(const char* label, cudaStream_t s) {
     if (timer) timer->mark(label, s);
@@ -358,17 +360,26 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
       t.weight_stride = stride;
       return t;
     };
-    g_amlp.autotune(t1.get(), amlp_w.get(), x_row(1), amlp_b.get(), s, tune);
+    // In-place tuning (options.autotune_inplace) is for the one-frame pass's products.
+    std::vector<cuda::TunableGemm>* in_place = options.autotune_inplace ? &tunables : nullptr;
+    auto tune_gemm = [&](const char* label, Gemm& g, const void* gx, const void* gw, void* gy,
+                         const void* gb, const Gemm::AutotuneOptions& o, bool one_frame) {
+      cuda::autotune_gemm(g, gx, gw, gy, gb, s, o, label, one_frame ? in_place : nullptr);
+    };
+    tune_gemm("decoder action mlp", g_amlp, t1.get(), amlp_w.get(), x_row(1), amlp_b.get(), tune,
+              true);
     for (PassGemms& g : pass) {
-      g.ain.autotune(sample.get(), ain_w.get(), t1.get(), time_b.get(), s, tune);
-      g.qkv.autotune(normed(), qkv_w.get(), qkv.get(), nullptr, s,
-                     per_layer(static_cast<size_t>(aw) * qkv_width));
-      g.o.autotune(attn.get(), o_w.get(), x.get(), nullptr, s,
-                   per_layer(static_cast<size_t>(qw) * aw));
-      g.gu.autotune(normed(), gate_up_w.get(), gu.get(), nullptr, s,
-                    per_layer(static_cast<size_t>(aw) * 2 * am));
-      g.down.autotune(act.get(), down_w.get(), x.get(), nullptr, s,
-                      per_layer(static_cast<size_t>(am) * aw));
+      const bool one_frame = &g == &pass.front();
+      tune_gemm("decoder action in", g.ain, sample.get(), ain_w.get(), t1.get(), time_b.get(), tune,
+                one_frame);
+      tune_gemm("decoder qkv", g.qkv, normed(), qkv_w.get(), qkv.get(), nullptr,
+                per_layer(static_cast<size_t>(aw) * qkv_width), one_frame);
+      tune_gemm("decoder o + residual", g.o, attn.get(), o_w.get(), x.get(), nullptr,
+                per_layer(static_cast<size_t>(qw) * aw), one_frame);
+      tune_gemm("decoder gate|up", g.gu, normed(), gate_up_w.get(), gu.get(), nullptr,
+                per_layer(static_cast<size_t>(aw) * 2 * am), one_frame);
+      tune_gemm("decoder down + residual", g.down, act.get(), down_w.get(), x.get(), nullptr,
+                per_layer(static_cast<size_t>(am) * aw), one_frame);
     }
     CUDA_CHECK(cudaDeviceSynchronize());
   }
@@ -577,6 +588,12 @@ void CudaDecoder::decode_batch(Bf16* const* d_kv_slots, int count, const Bf16* d
   });
 }
 
+std::vector<cuda::TunableGemm> CudaDecoder::tunable_gemms() const {
+  return impl_->tunables;
+}
+void CudaDecoder::forget_graphs() {
+  impl_->graphs.clear();
+}
 int CudaDecoder::max_batch() const {
   return impl_->max_batch;
 }

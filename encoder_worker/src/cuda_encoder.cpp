@@ -60,6 +60,8 @@ struct CudaEncoder::Impl {
   cuda::ViewAttention v_attention;
   cuda::SharedKvAttention lm_attention;
   cuda::GraphCache graphs;
+  std::vector<cuda::TunableGemm> tunables;  // with options.autotune_inplace
+
   cuda::OpTimer* timer = nullptr;
   void mark(const char* label, cudaStream_t s) {
     if (timer) timer->mark(label, s);
@@ -211,22 +213,30 @@ CudaEncoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
     };
     const int vl = cfg.vision_layers, ll = cfg.lm_layers - 1;  // Gemma's last stops after K/V
     const size_t vws = static_cast<size_t>(vw), lws = static_cast<size_t>(lw);
-    g_patch.autotune(patches.get(), patch_w.get(), vx.get(), nullptr, s, tune);
-    g_vqkv.autotune(vh.get(), v_qkv_w.get(), vqkv.get(), v_qkv_b.get(), s,
-                    per_layer(vl, vws * vqkv_w));
-    g_vo.autotune(vattn.get(), v_o_w.get(), vx.get(), v_o_b.get(), s, per_layer(vl, vws * vw));
-    g_vup.autotune(vh.get(), v_up_w.get(), vmlp.get(), v_up_b.get(), s, per_layer(vl, vws * vm));
-    g_vdown.autotune(vmlp.get(), v_down_w.get(), vx.get(), v_down_b.get(), s,
-                     per_layer(vl, static_cast<size_t>(vm) * vw));
-    g_proj.autotune(vh.get(), proj_w.get(), lx.get(), proj_b.get(), s, tune);
-    g_lqkv.autotune(lx.get(), lm_qkv_w.get(), lqkv.get(), nullptr, s,
-                    per_layer(cfg.lm_layers, lws * qkv_w));
-    g_lo.autotune(lattn.get(), lm_o_w.get(), lx.get(), nullptr, s,
-                  per_layer(ll, static_cast<size_t>(qw) * lw));
-    g_lgu.autotune(lx.get(), lm_gate_up_w.get(), lgu.get(), nullptr, s,
-                   per_layer(ll, lws * 2 * lm));
-    g_ldown.autotune(lact.get(), lm_down_w.get(), lx.get(), nullptr, s,
-                     per_layer(ll, static_cast<size_t>(lm) * lw));
+    std::vector<cuda::TunableGemm>* in_place = options.autotune_inplace ? &tunables : nullptr;
+    auto tune_gemm = [&](const char* label, Gemm& g, const void* gx, const void* gw, void* gy,
+                         const void* gb, const cuda::Gemm::AutotuneOptions& o) {
+      cuda::autotune_gemm(g, gx, gw, gy, gb, s, o, label, in_place);
+    };
+    tune_gemm("encoder patch embedding", g_patch, patches.get(), patch_w.get(), vx.get(), nullptr,
+              tune);
+    tune_gemm("encoder vision qkv", g_vqkv, vh.get(), v_qkv_w.get(), vqkv.get(), v_qkv_b.get(),
+              per_layer(vl, vws * vqkv_w));
+    tune_gemm("encoder vision o", g_vo, vattn.get(), v_o_w.get(), vx.get(), v_o_b.get(),
+              per_layer(vl, vws * vw));
+    tune_gemm("encoder vision up", g_vup, vh.get(), v_up_w.get(), vmlp.get(), v_up_b.get(),
+              per_layer(vl, vws * vm));
+    tune_gemm("encoder vision down", g_vdown, vmlp.get(), v_down_w.get(), vx.get(), v_down_b.get(),
+              per_layer(vl, static_cast<size_t>(vm) * vw));
+    tune_gemm("encoder projector", g_proj, vh.get(), proj_w.get(), lx.get(), proj_b.get(), tune);
+    tune_gemm("encoder lm qkv", g_lqkv, lx.get(), lm_qkv_w.get(), lqkv.get(), nullptr,
+              per_layer(cfg.lm_layers, lws * qkv_w));
+    tune_gemm("encoder lm o", g_lo, lattn.get(), lm_o_w.get(), lx.get(), nullptr,
+              per_layer(ll, static_cast<size_t>(qw) * lw));
+    tune_gemm("encoder lm gate|up", g_lgu, lx.get(), lm_gate_up_w.get(), lgu.get(), nullptr,
+              per_layer(ll, lws * 2 * lm));
+    tune_gemm("encoder lm down", g_ldown, lact.get(), lm_down_w.get(), lx.get(), nullptr,
+              per_layer(ll, static_cast<size_t>(lm) * lw));
     CUDA_CHECK(cudaDeviceSynchronize());
   }
 }
@@ -322,6 +332,12 @@ void CudaEncoder::encode(const Bf16* d_images, Bf16* d_kv_out, cudaStream_t stre
       [&](cudaStream_t s) { impl_->forward(d_images, d_kv_out, signals, s); });
 }
 
+std::vector<cuda::TunableGemm> CudaEncoder::tunable_gemms() const {
+  return impl_->tunables;
+}
+void CudaEncoder::forget_graphs() {
+  impl_->graphs.clear();
+}
 void CudaEncoder::set_op_timer(cuda::OpTimer* timer) {
   impl_->timer = timer;
 }

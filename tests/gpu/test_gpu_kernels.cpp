@@ -496,6 +496,26 @@ TEST_CASE("a gemm table entry picks its configuration only where cuBLASLt accept
     CHECK(built.describe_candidate(built.chosen_candidate()) == wide_algo);
   }
 
+  // In-place tuning's two steps: a ranking of checked candidates, fastest first, and a switch to
+  // any of them.
+  {
+    DeviceBuffer<Bf16> x(64 * 1024, "x"), w(1024 * 8192, "w"), y(64 * 8192, "y");
+    cuda::fill_random(x.get(), x.size(), 31, 1.0f, nullptr);
+    cuda::fill_random(w.get(), w.size(), 32, 0.03f, nullptr);
+    cuda::Gemm::AutotuneOptions options;
+    options.wide = true;
+    const auto ranked =
+        heuristic.rank_candidates(x.get(), w.get(), y.get(), nullptr, nullptr, options, 3);
+    REQUIRE(!ranked.empty());
+    REQUIRE(ranked.size() <= 3);
+    for (size_t i = 1; i < ranked.size(); ++i) CHECK(ranked[i - 1].first <= ranked[i].first);
+    for (const auto& [ms, c] : ranked) {
+      CHECK(ms > 0.0f);
+      REQUIRE(heuristic.select_candidate(c));
+      CHECK(heuristic.chosen_candidate() == c);
+    }
+  }
+
   for (const char* stale :
        {"algo 0 tile 0 stages 0 split-k 0 cluster 0",  // not a configuration (v13's form)
         "algo 9999 tile 12 stages 35 split-k 1 reduction 0 swizzle 0 custom 0 inner 0 cluster 2"}) {

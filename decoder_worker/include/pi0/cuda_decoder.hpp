@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "pi0/bf16.hpp"
 #include "pi0/config.hpp"
@@ -17,9 +18,10 @@ namespace pi0 {
 
 namespace cuda {
 class OpTimer;
+struct TunableGemm;
 struct LayerWait;
 struct LayerWaitLimits;
-}
+}  // namespace cuda
 
 class CudaDecoder {
  public:
@@ -36,10 +38,10 @@ class CudaDecoder {
   // d_kv_slot: the K/V slot the encoder filled, bf16 [lm_layers][2][E + C + 1][head_dim]
   // (StageSizes::kv_slot_values; may be another process's memory mapped through CUDA IPC). Its
   // first E rows per block are read, never written; the decoder writes its own C + 1 keys and
-  // values into the rows after them and attends over each block in place. d_state bf16 [state_dim]; d_noise bf16 [C, action_dim]; d_actions
-  // fp32 [C, action_dim] (output; it also holds the flow sample between steps). All at least
-  // 16-byte aligned. All flow steps are enqueued on `stream`; graph-captured per pointer set after
-  // a first eager call.
+  // values into the rows after them and attends over each block in place. d_state bf16 [state_dim];
+  // d_noise bf16 [C, action_dim]; d_actions fp32 [C, action_dim] (output; it also holds the flow
+  // sample between steps). All at least 16-byte aligned. All flow steps are enqueued on `stream`;
+  // graph-captured per pointer set after a first eager call.
   void decode(Bf16* d_kv_slot, const Bf16* d_state, const Bf16* d_noise, float* d_actions,
               cudaStream_t stream);
   // Decodes `count` frames (1..max_batch()) in one pass: their rows share every weight GEMM
@@ -65,11 +67,15 @@ class CudaDecoder {
 
   size_t weight_bytes() const;
   size_t workspace_bytes() const;
-  double flops() const;                  // per decode, all steps
-  double weight_bytes_read() const;      // per decode, all steps (weights are re-read each step)
+  double flops() const;              // per decode, all steps
+  double weight_bytes_read() const;  // per decode, all steps (weights are re-read each step)
   // Charges GPU time to named operations (see pi0/cuda/op_timer.hpp); nullptr turns it off. The
   // timed forward is graph-captured separately from the untimed one.
   void set_op_timer(cuda::OpTimer* timer);
+  // The GEMMs an in-place tuning may try (CudaEngineOptions::autotune_inplace; empty otherwise),
+  // and a way to drop the captured graphs after one of them changed its choice.
+  std::vector<cuda::TunableGemm> tunable_gemms() const;
+  void forget_graphs();
   const ModelConfig& config() const;
   const RunShape& shape() const;
 

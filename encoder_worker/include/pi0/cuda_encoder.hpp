@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <memory>
+#include <vector>
 
 #include "pi0/bf16.hpp"
 #include "pi0/config.hpp"
@@ -16,8 +17,9 @@ namespace pi0 {
 
 namespace cuda {
 class OpTimer;
+struct TunableGemm;
 struct LayerSignals;
-}
+}  // namespace cuda
 
 class CudaEncoder {
  public:
@@ -49,6 +51,10 @@ class CudaEncoder {
   // Charges GPU time to named operations (see pi0/cuda/op_timer.hpp); nullptr turns it off. The
   // timed forward is graph-captured separately from the untimed one.
   void set_op_timer(cuda::OpTimer* timer);
+  // The GEMMs an in-place tuning may try (CudaEngineOptions::autotune_inplace; empty otherwise),
+  // and a way to drop the captured graphs after one of them changed its choice.
+  std::vector<cuda::TunableGemm> tunable_gemms() const;
+  void forget_graphs();
   const ModelConfig& config() const;
   const RunShape& shape() const;
 

@@ -218,6 +218,9 @@ class GraphCache {
     entry->exec.launch(stream);
   }
   size_t graphs() const;
+  // Forgets every graph: the next run of each key runs eagerly, then captures anew (after the
+  // work's plan changed, e.g. a GEMM's algorithm).
+  void clear() { entries_.clear(); }
 
  private:
   struct Entry {

@@ -11,6 +11,10 @@ struct CudaEngineOptions {
   // With autotune_gemms: search cuBLASLt's configurations beyond its heuristic's few
   // (Gemm::widen_candidates); slower to start (seconds per GEMM), for writing a GEMM table.
   bool autotune_wide = false;
+  // With autotune_gemms: rank each GEMM's candidates alone but keep its few fastest
+  // (tunable_gemms()), for trying them one at a time in the stage itself (pi0_bench
+  // --autotune-inplace); each GEMM starts on the fastest alone.
+  bool autotune_inplace = false;
   // Decoder only: the most frames CudaDecoder::decode_batch() takes in one pass (1..4).
   int max_decode_batch = 1;
   // Decoder only: one-frame passes run every layer of a flow step in one persistent kernel

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "pi0/cuda/gemm_table.hpp"
@@ -90,6 +91,17 @@ class Gemm {
   // gemm_table.hpp, carries one process's choice to the others).
   void autotune(const void* x, const void* w, void* y, const void* bias, cudaStream_t stream,
                 const AutotuneOptions& options);
+  // What autotune() ranks: the fastest `count` candidates that check out, fastest first, with
+  // their time per launch (ms), timed as autotune() times them; run()'s choice is unchanged.
+  std::vector<std::pair<float, int>> rank_candidates(const void* x, const void* w, void* y,
+                                                     const void* bias, cudaStream_t stream,
+                                                     const AutotuneOptions& options, int count);
+  // run() uses candidate c from now on if it checks out (or is known to); false, and no change,
+  // otherwise. For tuning a stage in place (pi0_bench --autotune-inplace).
+  bool select_candidate(int c);
+  // Records run()'s choice for a GEMM table (gemm_table.hpp), where it is a cuBLASLt candidate
+  // with the fused epilogue.
+  void record_choice() const;
   // Appends, after the heuristic's candidates, the configurations cuBLASLt's heuristic gives per
   // algorithm id and their variants in split-K (2, 3, 4, 6, 8; two reduction schemes) and cluster
   // shape (1x1, 2x1, 1x2), each accepted by cublasLtMatmulAlgoCheck for this shape's alignment;
@@ -163,6 +175,20 @@ class Gemm {
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
 };
+
+// One of a stage's GEMMs, for tuning the stage in place: its candidates ranked alone (fastest
+// first, each checked), to be tried one at a time in the stage's own graph.
+struct TunableGemm {
+  std::string label;
+  Gemm* gemm = nullptr;
+  std::vector<int> finalists;
+};
+
+// Autotunes `gemm` (Gemm::autotune); with `tunables`, ranks its candidates instead, starts it on
+// the fastest alone and lists its few fastest there under `label`, for tuning in place.
+void autotune_gemm(Gemm& gemm, const void* x, const void* w, void* y, const void* bias,
+                   cudaStream_t stream, const Gemm::AutotuneOptions& options, const char* label,
+                   std::vector<TunableGemm>* tunables);
 
 // 32 MiB: what NVIDIA recommends for cuBLASLt on Hopper.
 inline constexpr size_t kGemmWorkspaceBytes = size_t{32} << 20;

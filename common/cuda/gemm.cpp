@@ -139,7 +139,8 @@ std::string GemmShape::describe() const {
     << (epilogue == Epilogue::kBias       ? " +bias"
         : epilogue == Epilogue::kGeluBias ? " +bias,gelu"
                                           : "")
-    << (accumulate ? " accumulate" : "") << " batch=" << batch << " align=" << alignment;
+    << (accumulate ? " accumulate" : "") << " batch=" << batch << " align=" << alignment
+    << (role.empty() ? "" : " role=" + role);
   return s.str();
 }
 
@@ -454,6 +455,12 @@ std::string Gemm::describe_candidate(int candidate) const {
 void Gemm::apply_table_choice() {
   const GemmTable* table = process_gemm_table();
   const GemmChoice* choice = table ? table->find(shape_.describe()) : nullptr;
+  if (choice == nullptr && table && !shape_.role.empty()) {
+    // A GEMM with a role of its own takes its shape's entry where the table has none for it.
+    GemmShape plain = shape_;
+    plain.role.clear();
+    choice = table->find(plain.describe());
+  }
   if (choice == nullptr) return;
   const std::optional<GemmAlgoConfig> config = GemmAlgoConfig::parse(choice->algo);
   // Not a configuration (an older table's form), or one cuBLASLt does not accept here (another
@@ -755,7 +762,7 @@ void autotune_gemm(Gemm& gemm, const void* x, const void* w, void* y, const void
   // Six finalists: a stage is timed once for each, and beyond the sixth alone-fastest the
   // products hardly differ alone (bench/NOTES.md v14).
   constexpr int kFinalists = 6;
-  TunableGemm t{label, &gemm, {}};
+  TunableGemm t{label, &gemm, {}, false};
   for (const auto& [ms, c] : gemm.rank_candidates(x, w, y, bias, stream, options, kFinalists))
     t.finalists.push_back(c);
   if (t.finalists.empty()) return;

@@ -87,6 +87,11 @@ struct CudaDecoder::Impl {
     Gemm state, ain, qkv, o, gu, down;
   };
   std::vector<PassGemms> pass;
+  // The layers' products of the first flow step (qkv, o, gate|up, down; one set per frame count),
+  // which follows the encoder layer by layer beside it: the same shapes with a role of their
+  // own, so that a GEMM table can choose them for running beside the encoder (without an entry
+  // of their own they take their shape's).
+  std::vector<PassGemms> first_step;
   Gemm g_amlp, g_aout;  // per frame
   bool skinny = false;
   cuda::SkinnyShape s_amlp, s_qkv, s_o, s_gu, s_down, s_aout;
@@ -310,6 +315,20 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
     g.gu = gemm(cuda::linear_shape(b * rows, 2 * am, aw, DType::kBf16, Epilogue::kNone, false));
     g.down = gemm(cuda::linear_shape(b * rows, aw, am, residual_type, Epilogue::kNone, true));
     pass.push_back(std::move(g));
+    PassGemms f;
+    auto beside_encoder = [](GemmShape shape) {
+      shape.role = "first step";
+      return shape;
+    };
+    f.qkv = gemm(beside_encoder(
+        cuda::linear_shape(b * rows, qkv_width, aw, DType::kBf16, Epilogue::kNone, false)));
+    f.o = gemm(
+        beside_encoder(cuda::linear_shape(b * rows, aw, qw, residual_type, Epilogue::kNone, true)));
+    f.gu = gemm(beside_encoder(
+        cuda::linear_shape(b * rows, 2 * am, aw, DType::kBf16, Epilogue::kNone, false)));
+    f.down = gemm(
+        beside_encoder(cuda::linear_shape(b * rows, aw, am, residual_type, Epilogue::kNone, true)));
+    first_step.push_back(std::move(f));
   }
   g_amlp =
       gemm(loosely_aligned(cuda::linear_shape(c, aw, aw, residual_type, Epilogue::kBias, false)));
@@ -380,6 +399,19 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
                 per_layer(static_cast<size_t>(aw) * 2 * am), one_frame);
       tune_gemm("decoder down + residual", g.down, act.get(), down_w.get(), x.get(), nullptr,
                 per_layer(static_cast<size_t>(am) * aw), one_frame);
+    }
+    for (PassGemms& g : first_step) {
+      const bool one_frame = &g == &first_step.front();
+      const size_t before = tunables.size();
+      tune_gemm("decoder first step qkv", g.qkv, normed(), qkv_w.get(), qkv.get(), nullptr,
+                per_layer(static_cast<size_t>(aw) * qkv_width), one_frame);
+      tune_gemm("decoder first step o", g.o, attn.get(), o_w.get(), x.get(), nullptr,
+                per_layer(static_cast<size_t>(qw) * aw), one_frame);
+      tune_gemm("decoder first step gate|up", g.gu, normed(), gate_up_w.get(), gu.get(), nullptr,
+                per_layer(static_cast<size_t>(aw) * 2 * am), one_frame);
+      tune_gemm("decoder first step down", g.down, act.get(), down_w.get(), x.get(), nullptr,
+                per_layer(static_cast<size_t>(am) * aw), one_frame);
+      for (size_t i = before; i < tunables.size(); ++i) tunables[i].overlapped = true;
     }
     CUDA_CHECK(cudaDeviceSynchronize());
   }
@@ -467,6 +499,8 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
                         {x.f32.get(), h.get(), q.get(), attn.get(), act.get(), kv_slots[0]}, s);
       mark("layers (persistent kernel)", s);
     }
+    // The layers' products: the first step's own set (its role in a GEMM table), then the pass's.
+    PassGemms& gl = step == 0 ? first_step[static_cast<size_t>(count - 1)] : g;
     for (int l = 0; l < cfg.lm_layers && !persistent; ++l) {
       const size_t ll = static_cast<size_t>(l);
       const size_t suffix = static_cast<size_t>(prefix) * cfg.head_dim;
@@ -477,7 +511,7 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
       if (skinny) {
         cuda::skinny_gemm(s_qkv, h.get(), qkv_w.get() + ll * aw * qkv_width, qkv.get(), nullptr, s);
       } else {
-        g.qkv.run(normed(), qkv_w.get() + ll * aw * qkv_width, qkv.get(), nullptr, s);
+        gl.qkv.run(normed(), qkv_w.get() + ll * aw * qkv_width, qkv.get(), nullptr, s);
       }
       mark("qkv gemm", s);
       // While the first step follows the encoder layer by layer, the encoder runs beside it:
@@ -500,7 +534,7 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
       if (skinny) {
         cuda::skinny_gemm(s_o, attn.get(), o_w.get() + ll * qw * aw, x.get(), nullptr, s);
       } else {
-        g.o.run(attn.get(), o_w.get() + ll * qw * aw, x.get(), nullptr, s);
+        gl.o.run(attn.get(), o_w.get() + ll * qw * aw, x.get(), nullptr, s);
       }
       mark("o gemm + residual", s);
       if (!fold_norms) {
@@ -511,7 +545,7 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
         cuda::skinny_gemm(s_gu, h.get(), gate_up_w.get() + ll * aw * 2 * am, act.get(), nullptr, s);
         mark("gate|up gemm + geglu", s);
       } else {
-        g.gu.run(normed(), gate_up_w.get() + ll * aw * 2 * am, gu.get(), nullptr, s);
+        gl.gu.run(normed(), gate_up_w.get() + ll * aw * 2 * am, gu.get(), nullptr, s);
         mark("gate|up gemm", s);
         cuda::geglu(gu.get(), act.get(), pass_rows, am, s, rms_of_frame(-1));
         mark(fold_norms ? "rms + geglu" : "geglu", s);
@@ -519,7 +553,7 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
       if (skinny) {
         cuda::skinny_gemm(s_down, act.get(), down_w.get() + ll * am * aw, x.get(), nullptr, s);
       } else {
-        g.down.run(act.get(), down_w.get() + ll * am * aw, x.get(), nullptr, s);
+        gl.down.run(act.get(), down_w.get() + ll * am * aw, x.get(), nullptr, s);
       }
       mark("down gemm + residual", s);
     }

@@ -475,6 +475,22 @@ TEST_CASE("a gemm table entry picks its configuration only where cuBLASLt accept
     CHECK(tuned.describe_candidate(other) == heuristic.describe_candidate(other));
   }
 
+  // A GEMM of the same shape with a role of its own (the decoder's first flow step) takes the
+  // shape's entry where the table has none for the role, and its own where it has one.
+  {
+    cuda::GemmShape roled = s;
+    roled.role = "first step";
+    REQUIRE(roled.describe() != s.describe());
+    const cuda::ScopedGemmTable with(&table);
+    const cuda::Gemm shared(lt.get(), roled, ws.get(), ws.bytes());
+    CHECK(shared.chosen_candidate() == other);
+    cuda::GemmTable own = table;
+    own.set(roled.describe(), cuda::GemmChoice{first, heuristic.describe_candidate(first)});
+    const cuda::ScopedGemmTable with_own(&own);
+    const cuda::Gemm apart(lt.get(), roled, ws.get(), ws.bytes());
+    CHECK(apart.chosen_candidate() == first);
+  }
+
   // A configuration from the wide list, past the heuristic's, is built where it is read. One
   // without a cluster or split-K, so that it runs at an MPS share too (gpu_check runs these
   // tests at 30%).

@@ -36,6 +36,9 @@ struct GemmShape {
   // The least alignment, in bytes, of every pointer given to run(): kernels that need more are not
   // considered. Row strides must keep every row at this alignment too.
   int alignment = 256;
+  // Sets apart GEMMs of one shape that run in different surroundings, so that a GEMM table can
+  // choose for each (the decoder's first flow step runs beside the encoder): part of describe().
+  std::string role;
 
   std::string describe() const;
   double flops() const { return 2.0 * m * n * k * batch; }
@@ -182,6 +185,9 @@ struct TunableGemm {
   std::string label;
   Gemm* gemm = nullptr;
   std::vector<int> finalists;
+  // The decoder's first flow step runs beside the encoder: its GEMMs are tuned by the time of
+  // the two stages overlapped, not of the decoder alone.
+  bool overlapped = false;
 };
 
 // Autotunes `gemm` (Gemm::autotune); with `tunables`, ranks its candidates instead, starts it on

@@ -454,35 +454,37 @@ std::string Gemm::describe_candidate(int candidate) const {
 
 void Gemm::apply_table_choice() {
   const GemmTable* table = process_gemm_table();
-  const GemmChoice* choice = table ? table->find(shape_.describe()) : nullptr;
-  if (choice == nullptr && table && !shape_.role.empty()) {
-    // A GEMM with a role of its own takes its shape's entry where the table has none for it.
+  if (table == nullptr) return;
+  // A GEMM with a role of its own takes its role's entry, else (none, or one that does not
+  // apply here) its shape's.
+  std::vector<std::string> keys{shape_.describe()};
+  if (!shape_.role.empty()) {
     GemmShape plain = shape_;
     plain.role.clear();
-    choice = table->find(plain.describe());
+    keys.push_back(plain.describe());
   }
-  if (choice == nullptr) return;
-  const std::optional<GemmAlgoConfig> config = GemmAlgoConfig::parse(choice->algo);
-  // Not a configuration (an older table's form), or one cuBLASLt does not accept here (another
-  // GPU, SM plan or cuBLASLt).
-  const int c = config ? find_or_add(*config) : -1;
-  if (c < 0) {
-    spdlog::warn("{}: the GEMM table's configuration ({}) {}; using the heuristic's choice",
-                 shape_.describe(), choice->algo,
-                 config ? "is not accepted by cuBLASLt here" : "is not one this build reads");
+  for (const std::string& key : keys) {
+    const GemmChoice* choice = table->find(key);
+    if (choice == nullptr) continue;
+    const std::optional<GemmAlgoConfig> config = GemmAlgoConfig::parse(choice->algo);
+    // Not a configuration (an older table's form), or one cuBLASLt does not accept here (another
+    // GPU, SM plan or cuBLASLt).
+    const int c = config ? find_or_add(*config) : -1;
+    if (c < 0) {
+      spdlog::warn("{}: the GEMM table's configuration ({}) {}", key, choice->algo,
+                   config ? "is not accepted by cuBLASLt here" : "is not one this build reads");
+      continue;
+    }
+    // first_verified() has checked, and failed, every candidate before chosen_.
+    if (c != chosen_ && (c < chosen_ || verify(c) >= tolerance())) {
+      spdlog::warn("{}: the GEMM table's configuration ({}) fails its check here", key,
+                   choice->algo);
+      continue;
+    }
+    spdlog::debug("{}: candidate {} from the GEMM table ({})", shape_.describe(), c, choice->algo);
+    chosen_ = c;
     return;
   }
-  if (c == chosen_) return;
-  // first_verified() has checked, and failed, every candidate before chosen_.
-  if (c < chosen_ || verify(c) >= tolerance()) {
-    spdlog::warn(
-        "{}: the GEMM table's configuration ({}) fails its check here; using the "
-        "heuristic's choice",
-        shape_.describe(), choice->algo);
-    return;
-  }
-  spdlog::debug("{}: candidate {} from the GEMM table ({})", shape_.describe(), c, choice->algo);
-  chosen_ = c;
 }
 
 int Gemm::first_verified(int from) {
@@ -516,7 +518,7 @@ void Gemm::release() noexcept {
 
 Gemm::Gemm(Gemm&& other) noexcept
     : handle_(other.handle_),
-      shape_(other.shape_),
+      shape_(std::move(other.shape_)),
       desc_(std::exchange(other.desc_, nullptr)),
       a_(std::exchange(other.a_, nullptr)),
       b_(std::exchange(other.b_, nullptr)),
@@ -534,7 +536,7 @@ Gemm& Gemm::operator=(Gemm&& other) noexcept {
   if (this != &other) {
     release();
     handle_ = other.handle_;
-    shape_ = other.shape_;
+    shape_ = std::move(other.shape_);
     desc_ = std::exchange(other.desc_, nullptr);
     a_ = std::exchange(other.a_, nullptr);
     b_ = std::exchange(other.b_, nullptr);
@@ -669,14 +671,14 @@ std::vector<std::pair<float, int>> Gemm::rank_candidates(const void* x, const vo
                                                          const void* bias, cudaStream_t stream,
                                                          const AutotuneOptions& options,
                                                          int count) {
-  // first_verified() walks the candidates in order, so every one before chosen_ has already
-  // failed its check: only chosen_ and those after it are timed, and the fastest of them that
-  // check out are kept (chosen_ itself needs no second check). Each is timed as a CUDA graph of
-  // launches, as the engines run them: a loop of launches from the host is bound by the host's
-  // launch rate (~4.5 us a launch), which is slower than most of these products and hides their
-  // differences.
-  // A GEMM table's choice (apply_table_choice) may stand after candidates that check out too:
-  // timing starts at the first one that does, so a new table is not biased towards the old.
+  // first_verified() walks the candidates in order, so every one before `from` (its pick) has
+  // already failed its check: only `from` and those after it are timed, and the fastest of them
+  // that check out are returned (`from` and chosen_ need no second check). Each is timed as a CUDA
+  // graph of launches, as the engines run them: a loop of launches from the host is bound by the
+  // host's launch rate (~4.5 us a launch), which is slower than most of these products and hides
+  // their differences. A GEMM table's choice (apply_table_choice) may stand after candidates that
+  // check out too: timing starts at the first one that does, so a new table is not biased towards
+  // the old.
   const int from = first_checked_ >= 0 ? first_checked_ : chosen_;
   if (from < 0) return {};
   PI0_CHECK(options.weight_copies <= 1 ||
@@ -717,6 +719,10 @@ void Gemm::autotune(const void* x, const void* w, void* y, const void* bias, cud
                     const AutotuneOptions& options) {
   const int from = first_checked_ >= 0 ? first_checked_ : chosen_;
   if (from < 0) return;
+  // Nothing to choose between (and a table's choice stands).
+  if (!options.wide &&
+      std::min(candidates(), from + std::max(options.max_candidates, 1)) - from <= 1)
+    return;
   const auto ranked = rank_candidates(x, w, y, bias, stream, options, 1);
   if (ranked.empty()) {
     spdlog::warn("{}: autotune found no candidate that checks out; keeping candidate {}",
@@ -743,6 +749,13 @@ bool Gemm::select_candidate(int c) {
   return true;
 }
 
+bool Gemm::select_like(const Gemm& other) {
+  if (other.chosen_ < 0 || chosen_ < 0 || other.separate_epilogue_ != separate_epilogue_)
+    return false;
+  const int c = find_or_add(config_of(other.candidates_[static_cast<size_t>(other.chosen_)].algo));
+  return c >= 0 && select_candidate(c);
+}
+
 void Gemm::record_choice() const {
   // A table entry is for the fused epilogue's configurations (apply_table_choice runs only
   // there). Its index only says where the configuration stood; descriptions are matched.
@@ -767,6 +780,8 @@ void autotune_gemm(Gemm& gemm, const void* x, const void* w, void* y, const void
     t.finalists.push_back(c);
   if (t.finalists.empty()) return;
   if (!gemm.select_candidate(t.finalists.front())) t.finalists.erase(t.finalists.begin());
+  // Recorded as it stands; tuning in place (pi0_bench) records its final choice over it.
+  gemm.record_choice();
   tunables->push_back(std::move(t));
 }
 

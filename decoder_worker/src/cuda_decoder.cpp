@@ -379,39 +379,56 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
       t.weight_stride = stride;
       return t;
     };
-    // In-place tuning (options.autotune_inplace) is for the one-frame pass's products.
+    // In-place tuning (options.autotune_inplace) is for the one-frame pass's products, and its
+    // layers' products only where they run (not under the persistent layers kernel).
     std::vector<cuda::TunableGemm>* in_place = options.autotune_inplace ? &tunables : nullptr;
+    std::vector<cuda::TunableGemm>* layers_in_place = layers_kernel.valid() ? nullptr : in_place;
     auto tune_gemm = [&](const char* label, Gemm& g, const void* gx, const void* gw, void* gy,
                          const void* gb, const Gemm::AutotuneOptions& o, bool one_frame) {
       cuda::autotune_gemm(g, gx, gw, gy, gb, s, o, label, one_frame ? in_place : nullptr);
     };
     tune_gemm("decoder action mlp", g_amlp, t1.get(), amlp_w.get(), x_row(1), amlp_b.get(), tune,
               true);
+    auto tune_layer_gemm = [&](const char* label, Gemm& g, const void* gx, const void* gw, void* gy,
+                               const Gemm::AutotuneOptions& o, bool one_frame) {
+      cuda::autotune_gemm(g, gx, gw, gy, nullptr, s, o, label,
+                          one_frame ? layers_in_place : nullptr);
+    };
     for (PassGemms& g : pass) {
       const bool one_frame = &g == &pass.front();
       tune_gemm("decoder action in", g.ain, sample.get(), ain_w.get(), t1.get(), time_b.get(), tune,
                 one_frame);
-      tune_gemm("decoder qkv", g.qkv, normed(), qkv_w.get(), qkv.get(), nullptr,
-                per_layer(static_cast<size_t>(aw) * qkv_width), one_frame);
-      tune_gemm("decoder o + residual", g.o, attn.get(), o_w.get(), x.get(), nullptr,
-                per_layer(static_cast<size_t>(qw) * aw), one_frame);
-      tune_gemm("decoder gate|up", g.gu, normed(), gate_up_w.get(), gu.get(), nullptr,
-                per_layer(static_cast<size_t>(aw) * 2 * am), one_frame);
-      tune_gemm("decoder down + residual", g.down, act.get(), down_w.get(), x.get(), nullptr,
-                per_layer(static_cast<size_t>(am) * aw), one_frame);
+      tune_layer_gemm("decoder qkv", g.qkv, normed(), qkv_w.get(), qkv.get(),
+                      per_layer(static_cast<size_t>(aw) * qkv_width), one_frame);
+      tune_layer_gemm("decoder o + residual", g.o, attn.get(), o_w.get(), x.get(),
+                      per_layer(static_cast<size_t>(qw) * aw), one_frame);
+      tune_layer_gemm("decoder gate|up", g.gu, normed(), gate_up_w.get(), gu.get(),
+                      per_layer(static_cast<size_t>(aw) * 2 * am), one_frame);
+      tune_layer_gemm("decoder down + residual", g.down, act.get(), down_w.get(), x.get(),
+                      per_layer(static_cast<size_t>(am) * aw), one_frame);
     }
-    for (PassGemms& g : first_step) {
-      const bool one_frame = &g == &first_step.front();
-      const size_t before = tunables.size();
-      tune_gemm("decoder first step qkv", g.qkv, normed(), qkv_w.get(), qkv.get(), nullptr,
-                per_layer(static_cast<size_t>(aw) * qkv_width), one_frame);
-      tune_gemm("decoder first step o", g.o, attn.get(), o_w.get(), x.get(), nullptr,
-                per_layer(static_cast<size_t>(qw) * aw), one_frame);
-      tune_gemm("decoder first step gate|up", g.gu, normed(), gate_up_w.get(), gu.get(), nullptr,
-                per_layer(static_cast<size_t>(aw) * 2 * am), one_frame);
-      tune_gemm("decoder first step down", g.down, act.get(), down_w.get(), x.get(), nullptr,
-                per_layer(static_cast<size_t>(am) * aw), one_frame);
-      for (size_t i = before; i < tunables.size(); ++i) tunables[i].overlapped = true;
+    // Tuned alone, the first step's products would choose as the others did: they take those
+    // choices (so that the steps agree), and are tuned for their own surroundings only in place.
+    const bool first_step_in_place = layers_in_place != nullptr;
+    for (size_t b = 0; b < first_step.size(); ++b) {
+      PassGemms& f = first_step[b];
+      const PassGemms& g = pass[b];
+      if (first_step_in_place && b == 0) {
+        const size_t before = tunables.size();
+        tune_layer_gemm("decoder first step qkv", f.qkv, normed(), qkv_w.get(), qkv.get(),
+                        per_layer(static_cast<size_t>(aw) * qkv_width), true);
+        tune_layer_gemm("decoder first step o", f.o, attn.get(), o_w.get(), x.get(),
+                        per_layer(static_cast<size_t>(qw) * aw), true);
+        tune_layer_gemm("decoder first step gate|up", f.gu, normed(), gate_up_w.get(), gu.get(),
+                        per_layer(static_cast<size_t>(aw) * 2 * am), true);
+        tune_layer_gemm("decoder first step down", f.down, act.get(), down_w.get(), x.get(),
+                        per_layer(static_cast<size_t>(am) * aw), true);
+        for (size_t i = before; i < tunables.size(); ++i) tunables[i].overlapped = true;
+        continue;
+      }
+      for (auto [mine, theirs] : {std::pair{&f.qkv, &g.qkv}, std::pair{&f.o, &g.o},
+                                  std::pair{&f.gu, &g.gu}, std::pair{&f.down, &g.down}})
+        (void)mine->select_like(*theirs);
     }
     CUDA_CHECK(cudaDeviceSynchronize());
   }
@@ -622,7 +639,7 @@ void CudaDecoder::decode_batch(Bf16* const* d_kv_slots, int count, const Bf16* d
   });
 }
 
-std::vector<cuda::TunableGemm> CudaDecoder::tunable_gemms() const {
+std::vector<cuda::TunableGemm> CudaDecoder::tunable_gemms() {
   return impl_->tunables;
 }
 void CudaDecoder::forget_graphs() {

@@ -332,7 +332,7 @@ void CudaEncoder::encode(const Bf16* d_images, Bf16* d_kv_out, cudaStream_t stre
       [&](cudaStream_t s) { impl_->forward(d_images, d_kv_out, signals, s); });
 }
 
-std::vector<cuda::TunableGemm> CudaEncoder::tunable_gemms() const {
+std::vector<cuda::TunableGemm> CudaEncoder::tunable_gemms() {
   return impl_->tunables;
 }
 void CudaEncoder::forget_graphs() {

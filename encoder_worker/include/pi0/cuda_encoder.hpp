@@ -51,9 +51,10 @@ class CudaEncoder {
   // Charges GPU time to named operations (see pi0/cuda/op_timer.hpp); nullptr turns it off. The
   // timed forward is graph-captured separately from the untimed one.
   void set_op_timer(cuda::OpTimer* timer);
-  // The GEMMs an in-place tuning may try (CudaEngineOptions::autotune_inplace; empty otherwise),
-  // and a way to drop the captured graphs after one of them changed its choice.
-  std::vector<cuda::TunableGemm> tunable_gemms() const;
+  // The GEMMs an in-place tuning may try (CudaEngineOptions::autotune_inplace; empty otherwise;
+  // their pointers live as long as the engine), and a way to drop the captured graphs after one
+  // of them changed its choice.
+  std::vector<cuda::TunableGemm> tunable_gemms();
   void forget_graphs();
   const ModelConfig& config() const;
   const RunShape& shape() const;

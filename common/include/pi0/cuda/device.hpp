@@ -219,7 +219,8 @@ class GraphCache {
   }
   size_t graphs() const;
   // Forgets every graph: the next run of each key runs eagerly, then captures anew (after the
-  // work's plan changed, e.g. a GEMM's algorithm).
+  // work's plan changed, e.g. a GEMM's algorithm). Safe while a graph still runs: CUDA frees an
+  // executable graph that is destroyed while in flight when it completes.
   void clear() { entries_.clear(); }
 
  private:

@@ -102,6 +102,9 @@ class Gemm {
   // run() uses candidate c from now on if it checks out (or is known to); false, and no change,
   // otherwise. For tuning a stage in place (pi0_bench --autotune-inplace).
   bool select_candidate(int c);
+  // run() uses the configuration `other` runs (a Gemm of the same shape), listed or built, if
+  // it checks out here; false, and no change, otherwise.
+  bool select_like(const Gemm& other);
   // Records run()'s choice for a GEMM table (gemm_table.hpp), where it is a cuBLASLt candidate
   // with the fused epilogue.
   void record_choice() const;
@@ -191,7 +194,8 @@ struct TunableGemm {
 };
 
 // Autotunes `gemm` (Gemm::autotune); with `tunables`, ranks its candidates instead, starts it on
-// the fastest alone and lists its few fastest there under `label`, for tuning in place.
+// the fastest alone, records that for a GEMM table and lists its few fastest there under `label`,
+// for tuning in place (whose caller records the final choice: Gemm::record_choice).
 void autotune_gemm(Gemm& gemm, const void* x, const void* w, void* y, const void* bias,
                    cudaStream_t stream, const Gemm::AutotuneOptions& options, const char* label,
                    std::vector<TunableGemm>* tunables);

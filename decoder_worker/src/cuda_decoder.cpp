@@ -352,12 +352,7 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
     // Per-layer weights are timed over every layer's copy, as a decode streams them.
     Gemm::AutotuneOptions tune;
     tune.wide = options.autotune_wide;
-    auto per_layer = [&](size_t stride) {
-      Gemm::AutotuneOptions t = tune;
-      t.weight_copies = cfg.lm_layers;
-      t.weight_stride = stride;
-      return t;
-    };
+    auto per_layer = [&](size_t stride) { return tune.over_layers(cfg.lm_layers, stride); };
     g_amlp.autotune(t1.get(), amlp_w.get(), x_row(1), amlp_b.get(), s, tune);
     for (PassGemms& g : pass) {
       g.ain.autotune(sample.get(), ain_w.get(), t1.get(), time_b.get(), s, tune);

@@ -203,30 +203,26 @@ CudaEncoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
     // Per-layer weights are timed over every layer's copy, as a frame streams them.
     cuda::Gemm::AutotuneOptions tune;
     tune.wide = options.autotune_wide;
-    auto per_layer = [&](int layers, size_t stride) {
-      cuda::Gemm::AutotuneOptions t = tune;
-      t.weight_copies = layers;
-      t.weight_stride = stride;
-      return t;
-    };
     const int vl = cfg.vision_layers, ll = cfg.lm_layers - 1;  // Gemma's last stops after K/V
     const size_t vws = static_cast<size_t>(vw), lws = static_cast<size_t>(lw);
     g_patch.autotune(patches.get(), patch_w.get(), vx.get(), nullptr, s, tune);
     g_vqkv.autotune(vh.get(), v_qkv_w.get(), vqkv.get(), v_qkv_b.get(), s,
-                    per_layer(vl, vws * vqkv_w));
-    g_vo.autotune(vattn.get(), v_o_w.get(), vx.get(), v_o_b.get(), s, per_layer(vl, vws * vw));
-    g_vup.autotune(vh.get(), v_up_w.get(), vmlp.get(), v_up_b.get(), s, per_layer(vl, vws * vm));
+                    tune.over_layers(vl, vws * vqkv_w));
+    g_vo.autotune(vattn.get(), v_o_w.get(), vx.get(), v_o_b.get(), s,
+                  tune.over_layers(vl, vws * vw));
+    g_vup.autotune(vh.get(), v_up_w.get(), vmlp.get(), v_up_b.get(), s,
+                   tune.over_layers(vl, vws * vm));
     g_vdown.autotune(vmlp.get(), v_down_w.get(), vx.get(), v_down_b.get(), s,
-                     per_layer(vl, static_cast<size_t>(vm) * vw));
+                     tune.over_layers(vl, static_cast<size_t>(vm) * vw));
     g_proj.autotune(vh.get(), proj_w.get(), lx.get(), proj_b.get(), s, tune);
     g_lqkv.autotune(lx.get(), lm_qkv_w.get(), lqkv.get(), nullptr, s,
-                    per_layer(cfg.lm_layers, lws * qkv_w));
+                    tune.over_layers(cfg.lm_layers, lws * qkv_w));
     g_lo.autotune(lattn.get(), lm_o_w.get(), lx.get(), nullptr, s,
-                  per_layer(ll, static_cast<size_t>(qw) * lw));
+                  tune.over_layers(ll, static_cast<size_t>(qw) * lw));
     g_lgu.autotune(lx.get(), lm_gate_up_w.get(), lgu.get(), nullptr, s,
-                   per_layer(ll, lws * 2 * lm));
+                   tune.over_layers(ll, lws * 2 * lm));
     g_ldown.autotune(lact.get(), lm_down_w.get(), lx.get(), nullptr, s,
-                     per_layer(ll, static_cast<size_t>(lm) * lw));
+                     tune.over_layers(ll, static_cast<size_t>(lm) * lw));
     CUDA_CHECK(cudaDeviceSynchronize());
   }
 }

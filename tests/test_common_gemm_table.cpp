@@ -92,16 +92,9 @@ TEST_CASE("a malformed gemm table is refused with its line") {
         "table.tsv line 2: want 'shape<TAB>candidate<TAB>description'");
   CHECK(parse_error(kQkv + "\t1\talgo 66\textra\n") ==
         "table.tsv line 1: want 'shape<TAB>candidate<TAB>description'");
-  CHECK(parse_error(kQkv + "\tone\talgo 66\n") ==
-        "table.tsv line 1: candidate must be 0..9999, got 'one'");
-  CHECK(parse_error(kQkv + "\t10000\talgo 66\n") ==
-        "table.tsv line 1: candidate must be 0..9999, got '10000'");
-  CHECK(parse_error(kQkv + "\t+1\talgo 66\n") ==
-        "table.tsv line 1: candidate must be 0..9999, got '+1'");
-  CHECK(parse_error(kQkv + "\t-1\talgo 66\n") ==
-        "table.tsv line 1: candidate must be 0..9999, got '-1'");
-  CHECK(parse_error(kQkv + "\t\talgo 66\n") ==
-        "table.tsv line 1: candidate must be 0..9999, got ''");
+  for (const std::string index : {"one", "10000", "+1", "-1", ""})
+    CHECK(parse_error(kQkv + "\t" + index + "\talgo 66\n") ==
+          "table.tsv line 1: candidate must be 0..9999, got '" + index + "'");
   CHECK(parse_error(kQkv + "\t9999\talgo 66\n").empty());
   CHECK(parse_error("\t1\talgo 66\n") == "table.tsv line 1: empty shape or description");
   CHECK(parse_error(kQkv + "\t1\t\n") == "table.tsv line 1: empty shape or description");

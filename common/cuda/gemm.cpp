@@ -301,7 +301,7 @@ bool Gemm::accepts(const GemmAlgoConfig& config, cublasLtMatmulHeuristicResult_t
   for (auto attr :
        {CUBLASLT_ALGO_CAP_MIN_ALIGNMENT_A_BYTES, CUBLASLT_ALGO_CAP_MIN_ALIGNMENT_B_BYTES,
         CUBLASLT_ALGO_CAP_MIN_ALIGNMENT_C_BYTES, CUBLASLT_ALGO_CAP_MIN_ALIGNMENT_D_BYTES}) {
-    uint32_t needed = 256;
+    uint32_t needed = 0;
     size_t written = 0;
     if (cublasLtMatmulAlgoCapGetAttribute(&algo, attr, &needed, sizeof needed, &written) !=
         CUBLAS_STATUS_SUCCESS)

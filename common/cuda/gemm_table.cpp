@@ -37,6 +37,12 @@ bool has_tab_or_newline(const std::string& s) {
   return s.find_first_of("\t\n\r") != std::string::npos;
 }
 
+// A decimal number of 1 to `max_digits` digits, without a sign.
+bool plain_digits(const std::string& s, size_t max_digits) {
+  return !s.empty() && s.size() <= max_digits &&
+         s.find_first_not_of("0123456789") == std::string::npos;
+}
+
 }  // namespace
 
 std::string GemmAlgoConfig::describe() const {
@@ -54,8 +60,7 @@ std::optional<GemmAlgoConfig> GemmAlgoConfig::parse(const std::string& text) {
   bool ok = true;
   auto field = [&](const char* keyword, auto& value) {
     std::string word, number;
-    if (!ok || !(in >> word >> number) || word != keyword ||
-        number.find_first_not_of("0123456789") != std::string::npos || number.size() > 9) {
+    if (!ok || !(in >> word >> number) || word != keyword || !plain_digits(number, 9)) {
       ok = false;
       return;
     }
@@ -92,9 +97,7 @@ GemmTable GemmTable::parse(std::istream& in, const std::string& source) {
     GemmChoice choice;
     choice.algo = line.substr(tab2 + 1);
     PI0_CHECK(!shape.empty() && !choice.algo.empty(), where + ": empty shape or description");
-    const bool digits = !index.empty() && index.size() <= 4 &&
-                        index.find_first_not_of("0123456789") == std::string::npos;
-    const long candidate = digits ? std::strtol(index.c_str(), nullptr, 10) : -1;
+    const long candidate = plain_digits(index, 4) ? std::strtol(index.c_str(), nullptr, 10) : -1;
     PI0_CHECK(candidate >= 0 && candidate <= kMaxGemmTableIndex,
               where + ": candidate must be 0.." + std::to_string(kMaxGemmTableIndex) + ", got '" +
                   index + "'");

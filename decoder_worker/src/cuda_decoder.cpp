@@ -373,12 +373,7 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
     // Per-layer weights are timed over every layer's copy, as a decode streams them.
     Gemm::AutotuneOptions tune;
     tune.wide = options.autotune_wide;
-    auto per_layer = [&](size_t stride) {
-      Gemm::AutotuneOptions t = tune;
-      t.weight_copies = cfg.lm_layers;
-      t.weight_stride = stride;
-      return t;
-    };
+    auto per_layer = [&](size_t stride) { return tune.over_layers(cfg.lm_layers, stride); };
     // In-place tuning (options.autotune_inplace) is for the one-frame pass's products, and its
     // layers' products only where they run (not under the persistent layers kernel).
     std::vector<cuda::TunableGemm>* in_place = options.autotune_inplace ? &tunables : nullptr;

@@ -205,12 +205,6 @@ CudaEncoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
     // Per-layer weights are timed over every layer's copy, as a frame streams them.
     cuda::Gemm::AutotuneOptions tune;
     tune.wide = options.autotune_wide;
-    auto per_layer = [&](int layers, size_t stride) {
-      cuda::Gemm::AutotuneOptions t = tune;
-      t.weight_copies = layers;
-      t.weight_stride = stride;
-      return t;
-    };
     const int vl = cfg.vision_layers, ll = cfg.lm_layers - 1;  // Gemma's last stops after K/V
     const size_t vws = static_cast<size_t>(vw), lws = static_cast<size_t>(lw);
     std::vector<cuda::TunableGemm>* in_place = options.autotune_inplace ? &tunables : nullptr;
@@ -221,22 +215,22 @@ CudaEncoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
     tune_gemm("encoder patch embedding", g_patch, patches.get(), patch_w.get(), vx.get(), nullptr,
               tune);
     tune_gemm("encoder vision qkv", g_vqkv, vh.get(), v_qkv_w.get(), vqkv.get(), v_qkv_b.get(),
-              per_layer(vl, vws * vqkv_w));
+              tune.over_layers(vl, vws * vqkv_w));
     tune_gemm("encoder vision o", g_vo, vattn.get(), v_o_w.get(), vx.get(), v_o_b.get(),
-              per_layer(vl, vws * vw));
+              tune.over_layers(vl, vws * vw));
     tune_gemm("encoder vision up", g_vup, vh.get(), v_up_w.get(), vmlp.get(), v_up_b.get(),
-              per_layer(vl, vws * vm));
+              tune.over_layers(vl, vws * vm));
     tune_gemm("encoder vision down", g_vdown, vmlp.get(), v_down_w.get(), vx.get(), v_down_b.get(),
-              per_layer(vl, static_cast<size_t>(vm) * vw));
+              tune.over_layers(vl, static_cast<size_t>(vm) * vw));
     tune_gemm("encoder projector", g_proj, vh.get(), proj_w.get(), lx.get(), proj_b.get(), tune);
     tune_gemm("encoder lm qkv", g_lqkv, lx.get(), lm_qkv_w.get(), lqkv.get(), nullptr,
-              per_layer(cfg.lm_layers, lws * qkv_w));
+              tune.over_layers(cfg.lm_layers, lws * qkv_w));
     tune_gemm("encoder lm o", g_lo, lattn.get(), lm_o_w.get(), lx.get(), nullptr,
-              per_layer(ll, static_cast<size_t>(qw) * lw));
+              tune.over_layers(ll, static_cast<size_t>(qw) * lw));
     tune_gemm("encoder lm gate|up", g_lgu, lx.get(), lm_gate_up_w.get(), lgu.get(), nullptr,
-              per_layer(ll, lws * 2 * lm));
+              tune.over_layers(ll, lws * 2 * lm));
     tune_gemm("encoder lm down", g_ldown, lact.get(), lm_down_w.get(), lx.get(), nullptr,
-              per_layer(ll, static_cast<size_t>(lm) * lw));
+              tune.over_layers(ll, static_cast<size_t>(lm) * lw));
     CUDA_CHECK(cudaDeviceSynchronize());
   }
 }

@@ -86,6 +86,13 @@ class Gemm {
     // layer's weights into L2 ahead of use: neither timing is the stage exactly.)
     int weight_copies = 1;
     size_t weight_stride = 0;
+    // These options, timed over `copies` weight matrices `stride` elements apart.
+    AutotuneOptions over_layers(int copies, size_t stride) const {
+      AutotuneOptions o = *this;
+      o.weight_copies = copies;
+      o.weight_stride = stride;
+      return o;
+    }
   };
   // Times candidates on these operands, each as a CUDA graph of launches (as the engines run
   // them), and keeps the fastest that passes the same check. Y is overwritten (and, when

@@ -206,7 +206,7 @@ std::atomic<int> g_handover{-1};  // -1: not chosen yet
 
 KernelHandover handover_from_env() {
   const char* value = std::getenv("PI0_KERNEL_HANDOVER");
-  if (value == nullptr || *value == '\0') return KernelHandover::kEarly;
+  if (value == nullptr || *value == '\0') return KernelHandover::kCompletion;
   const std::string v(value);
   for (KernelHandover h : {KernelHandover::kCompletion, KernelHandover::kEarly})
     if (v == handover_name(h)) return h;

@@ -197,7 +197,9 @@ class LtHandle {
 enum class KernelHandover { kCompletion, kEarly };
 const char* handover_name(KernelHandover handover);
 // The process's choice: set_kernel_handover() if called, else PI0_KERNEL_HANDOVER (completion |
-// early), else kEarly. A bad value throws pi0::Error naming it.
+// early), else kCompletion. A bad value throws pi0::Error naming it. kEarly is opt-in: on one H100
+// it took V=2 from 13.26 to 13.11-13.16 ms, on another from 13.27-13.31 to 13.34-13.37 ms (the same
+// binaries; bench/NOTES.md v15).
 KernelHandover kernel_handover();
 void set_kernel_handover(KernelHandover handover);
 

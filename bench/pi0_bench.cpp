@@ -417,6 +417,7 @@ int main(int argc, char** argv) {
   bool breakdown = false;
   bool sm_count_only = false;
   std::string log_level = "warn";
+  std::string handover;
   std::vector<std::string> case_specs;
   app.add_option("--model", model, "model config (pi0, pi0-1l, pi0-2l, tiny)");
   app.add_option("--iters", iters, "timed inferences per shape (>= 200 for the report)");
@@ -434,6 +435,10 @@ int main(int argc, char** argv) {
                  "read tuned GEMM choices from this file (as PI0_GEMM_TABLE does)");
   app.add_option("--write-gemm-table", write_gemm_table,
                  "write the choices autotuning made to this file, for PI0_GEMM_TABLE");
+  app.add_option("--kernel-handover", handover,
+                 "how the graphs hand over from kernel to kernel: completion or early "
+                 "(as PI0_KERNEL_HANDOVER does; see pi0/cuda/device.hpp)")
+      ->check(CLI::IsMember({"completion", "early"}));
   app.add_flag("--breakdown", breakdown, "also time every operation (event nodes in the graph)");
   app.add_option("--case", case_specs, "V,C,P (repeatable); default: the four report shapes");
   app.add_flag("--sm-count", sm_count_only, "print the SM count this process sees and exit");
@@ -451,6 +456,7 @@ int main(int argc, char** argv) {
                                   : "write-gemm-table");
     return 2;
   }
+  if (!handover.empty()) setenv("PI0_KERNEL_HANDOVER", handover.c_str(), 1);
   // Before any Gemm exists: the table is read once per process, at the first one.
   if (!gemm_table.empty()) setenv("PI0_GEMM_TABLE", gemm_table.c_str(), 1);
 
@@ -475,9 +481,11 @@ int main(int argc, char** argv) {
       std::printf("%d\n", props.multiProcessorCount);
       return 0;
     }
-    std::printf("pi0_bench: model %s on %s (%d SMs), %d timed inferences per shape%s\n",
-                config.name.c_str(), props.name, props.multiProcessorCount, iters,
-                autotune ? ", autotuned GEMMs" : "");
+    std::printf(
+        "pi0_bench: model %s on %s (%d SMs), %d timed inferences per shape%s, kernel handover "
+        "at %s\n",
+        config.name.c_str(), props.name, props.multiProcessorCount, iters,
+        autotune ? ", autotuned GEMMs" : "", cuda::handover_name(cuda::kernel_handover()));
     std::fflush(stdout);
 
     // Decoder weights do not depend on the prompt; encoder weights do (language_embeds).
@@ -517,6 +525,7 @@ int main(int argc, char** argv) {
       j["autotune_inplace"] = autotune_inplace;
       const char* table = std::getenv("PI0_GEMM_TABLE");
       j["gemm_table"] = table ? table : "";
+      j["kernel_handover"] = cuda::handover_name(cuda::kernel_handover());
       for (const Figures& f : results) {
         j["cases"].push_back({{"views", f.c.views},
                               {"chunk", f.c.chunk},

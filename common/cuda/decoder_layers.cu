@@ -22,6 +22,7 @@
 #include "mma_primitives.cuh"
 #include "pi0/check.hpp"
 #include "pi0/cuda/decoder_layers.hpp"
+#include "programmatic.cuh"
 
 namespace pi0::cuda {
 namespace {
@@ -398,6 +399,7 @@ __device__ void combine_phase(const Args& a) {
 // ---- the kernel ----
 
 __global__ void __launch_bounds__(kThreads) decoder_layers_kernel(const Args a) {
+  wait_for_prior_grids();
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ float red[kThreads / 32];
   cg::grid_group grid = cg::this_grid();

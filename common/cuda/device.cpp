@@ -1,7 +1,14 @@
 #include "pi0/cuda/device.hpp"
 
+#include <cuda.h>
+#include <spdlog/spdlog.h>
+
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <set>
 #include <sstream>
+#include <unordered_map>
 
 #include "pi0/check.hpp"
 
@@ -180,11 +187,186 @@ void GraphCache::abort_capture() noexcept {
 GraphExec GraphCache::end_capture() {
   cudaGraph_t graph = nullptr;
   CUDA_CHECK(cudaStreamEndCapture(capture_stream_.get(), &graph));
+  try {
+    link_kernels(graph, kernel_handover());
+  } catch (...) {
+    (void)cudaGraphDestroy(graph);
+    throw;
+  }
   cudaGraphExec_t exec = nullptr;
   const cudaError_t status = cudaGraphInstantiate(&exec, graph, 0);
   (void)cudaGraphDestroy(graph);
   CUDA_CHECK(status);
   return GraphExec(exec);
+}
+
+namespace {
+
+std::atomic<int> g_handover{-1};  // -1: not chosen yet
+
+KernelHandover handover_from_env() {
+  const char* value = std::getenv("PI0_KERNEL_HANDOVER");
+  if (value == nullptr || *value == '\0') return KernelHandover::kCompletion;
+  const std::string v(value);
+  for (KernelHandover h : {KernelHandover::kCompletion, KernelHandover::kEarly})
+    if (v == handover_name(h)) return h;
+  throw Error("PI0_KERNEL_HANDOVER must be completion or early, not '" + v + "'");
+}
+
+// cuBLASLt launches its kernels through the driver API, so their names come from the driver's
+// kernel node parameters; the entry points are looked up once, without linking libcuda.
+struct DriverCalls {
+  CUresult(CUDAAPI* node_params)(CUgraphNode, CUDA_KERNEL_NODE_PARAMS*) = nullptr;
+  CUresult(CUDAAPI* function_name)(const char**, CUfunction) = nullptr;
+  CUresult(CUDAAPI* kernel_name)(const char**, CUkernel) = nullptr;
+};
+
+template <typename Fn>
+void load_driver_call(const char* symbol, Fn& fn) {
+  void* ptr = nullptr;
+  cudaDriverEntryPointQueryResult found{};
+  if (cudaGetDriverEntryPointByVersion(symbol, &ptr, 12030, cudaEnableDefault, &found) ==
+          cudaSuccess &&
+      found == cudaDriverEntryPointSuccess)
+    fn = reinterpret_cast<Fn>(ptr);
+  else
+    (void)cudaGetLastError();
+}
+
+const DriverCalls& driver_calls() {
+  static const DriverCalls calls = [] {
+    DriverCalls c;
+    load_driver_call("cuGraphKernelNodeGetParams", c.node_params);
+    load_driver_call("cuFuncGetName", c.function_name);
+    load_driver_call("cuKernelGetName", c.kernel_name);
+    return c;
+  }();
+  return calls;
+}
+
+std::string kernel_name(cudaGraphNode_t node) {
+  const DriverCalls& d = driver_calls();
+  CUDA_KERNEL_NODE_PARAMS params{};
+  if (!d.node_params || d.node_params(node, &params) != CUDA_SUCCESS) return {};
+  const char* name = nullptr;
+  if (params.func && d.function_name && d.function_name(&name, params.func) == CUDA_SUCCESS && name)
+    return name;
+  if (params.kern && d.kernel_name && d.kernel_name(&name, params.kern) == CUDA_SUCCESS && name)
+    return name;
+  return {};
+}
+
+// Kernels whose every block runs griddepcontrol.wait before it touches memory: ours (namespace
+// pi0::cuda; each starts with wait_for_prior_grids()). cuBLASLt's Hopper GEMMs (nvjet) do not wait:
+// launched early behind a kernel that writes their input late, they read the old input (GPU test
+// "kernels linked programmatically..."), so edges into them stay full. (cuBLASLt links its own
+// split-K GEMM to its reduction kernel programmatically, which is its business.)
+bool waits_for_predecessor(const std::string& name) {
+  return name.find("3pi04cuda") != std::string::npos;
+}
+
+bool is_kernel(cudaGraphNode_t node) {
+  cudaGraphNodeType type{};
+  return cudaGraphNodeGetType(node, &type) == cudaSuccess && type == cudaGraphNodeTypeKernel;
+}
+
+bool is_cooperative(cudaGraphNode_t node) {
+  cudaLaunchAttributeValue value{};
+  if (cudaGraphKernelNodeGetAttribute(node, cudaLaunchAttributeCooperative, &value) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return true;  // unknown: leave it alone
+  }
+  return value.cooperative != 0;
+}
+
+bool device_supports_handover() {
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return major >= 9;
+}
+
+}  // namespace
+
+const char* handover_name(KernelHandover handover) {
+  switch (handover) {
+    case KernelHandover::kCompletion: return "completion";
+    case KernelHandover::kEarly: return "early";
+  }
+  return "?";
+}
+
+KernelHandover kernel_handover() {
+  int h = g_handover.load();
+  if (h < 0) {
+    h = static_cast<int>(handover_from_env());
+    g_handover.store(h);
+  }
+  return static_cast<KernelHandover>(h);
+}
+
+void set_kernel_handover(KernelHandover handover) {
+  g_handover.store(static_cast<int>(handover));
+}
+
+HandoverLinks link_kernels(cudaGraph_t graph, KernelHandover handover) {
+  HandoverLinks links;
+  if (handover == KernelHandover::kCompletion || !device_supports_handover()) return links;
+  size_t count = 0;
+  CUDA_CHECK(cudaGraphGetEdges(graph, nullptr, nullptr, nullptr, &count));
+  std::vector<cudaGraphNode_t> from(count), to(count);
+  std::vector<cudaGraphEdgeData> data(count);
+  if (count > 0) CUDA_CHECK(cudaGraphGetEdges(graph, from.data(), to.data(), data.data(), &count));
+  std::unordered_map<cudaGraphNode_t, int> out_edges, in_edges;
+  for (size_t e = 0; e < count; ++e) {
+    ++out_edges[from[e]];
+    ++in_edges[to[e]];
+  }
+  // Waits on another stream's progress, and every node before them.
+  std::unordered_map<cudaGraphNode_t, std::vector<cudaGraphNode_t>> predecessors;
+  for (size_t e = 0; e < count; ++e) predecessors[to[e]].push_back(from[e]);
+  std::set<cudaGraphNode_t> before_waits;
+  std::vector<cudaGraphNode_t> pending;
+  for (size_t e = 0; e < count; ++e)
+    for (cudaGraphNode_t node : {from[e], to[e]})
+      if (is_kernel(node) && kernel_name(node).find("wait_layer_kernel") != std::string::npos)
+        pending.push_back(node);
+  while (!pending.empty()) {
+    const cudaGraphNode_t node = pending.back();
+    pending.pop_back();
+    if (!before_waits.insert(node).second) continue;
+    for (cudaGraphNode_t p : predecessors[node]) pending.push_back(p);
+  }
+  std::set<std::string> refused_names;
+  for (size_t e = 0; e < count; ++e) {
+    const cudaGraphEdgeData& old = data[e];
+    if (old.type != cudaGraphDependencyTypeDefault || old.from_port != 0 || old.to_port != 0)
+      continue;
+    if (out_edges[from[e]] != 1 || in_edges[to[e]] != 1) continue;
+    if (!is_kernel(from[e]) || !is_kernel(to[e])) continue;
+    if (is_cooperative(from[e]) || is_cooperative(to[e])) continue;
+    const std::string name = kernel_name(to[e]);
+    if (!waits_for_predecessor(name)) {
+      ++links.refused;
+      refused_names.insert(name.empty() ? std::string("(unnamed)") : name);
+      continue;
+    }
+    if (before_waits.count(to[e])) continue;
+    cudaGraphEdgeData edge{};
+    edge.from_port = cudaGraphKernelNodePortProgrammatic;
+    edge.type = cudaGraphDependencyTypeProgrammatic;
+    CUDA_CHECK(cudaGraphRemoveDependencies(graph, &from[e], &to[e], &old, 1));
+    CUDA_CHECK(cudaGraphAddDependencies(graph, &from[e], &to[e], &edge, 1));
+    ++links.linked;
+  }
+  spdlog::debug("kernel handover '{}': {} edges linked, {} left", handover_name(handover),
+                links.linked, links.refused);
+  for (const auto& name : refused_names)
+    spdlog::trace("kernel handover: {} starts only after its predecessor ends", name);
+  return links;
 }
 
 }  // namespace pi0::cuda

@@ -20,6 +20,7 @@
 #include "pi0/check.hpp"
 #include "pi0/cuda/device.hpp"
 #include "pi0/cuda/fused_attention.hpp"
+#include "programmatic.cuh"
 
 namespace pi0::cuda {
 namespace {
@@ -66,6 +67,7 @@ __device__ __forceinline__ void store_bf16x2(bf16* p, float a, float b) {
 // dim rounded up to 16, the depth of both products.
 template <int D, int DK>
 __global__ void __launch_bounds__(kThreads) fused_attention_kernel(Args a) {
+  wait_for_prior_grids();
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ float2 parked_ml[kRowsPerBlock];
   __shared__ float row_weights[kRowsPerBlock][kMaxSplits + 1];  // per combined row: w, 1 / sum

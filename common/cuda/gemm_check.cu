@@ -4,6 +4,7 @@
 
 #include "pi0/check.hpp"
 #include "pi0/cuda/gemm_check.hpp"
+#include "programmatic.cuh"
 
 namespace pi0::cuda {
 namespace {
@@ -39,6 +40,7 @@ __device__ void store(void* p, long long i, bool f32, float v) {
 template <bool kInPlace>
 __global__ void plain_gemm_kernel(Layout l, const __nv_bfloat16* x, const __nv_bfloat16* w,
                                   const void* bias, const void* y0, void* out) {
+  wait_for_prior_grids();
   const int j = blockIdx.x * blockDim.x + threadIdx.x;
   const int i = blockIdx.y;
   const int b = blockIdx.z;
@@ -64,6 +66,7 @@ __global__ void plain_gemm_kernel(Layout l, const __nv_bfloat16* x, const __nv_b
 }
 
 __global__ void difference_kernel(Layout l, const void* y, const float* ref, double* sums) {
+  wait_for_prior_grids();
   const int j = blockIdx.x * blockDim.x + threadIdx.x;
   const int i = blockIdx.y;
   const int b = blockIdx.z;
@@ -80,6 +83,7 @@ __global__ void difference_kernel(Layout l, const void* y, const float* ref, dou
 }
 
 __global__ void bias_epilogue_kernel(Layout l, const void* bias, void* y) {
+  wait_for_prior_grids();
   const int j = blockIdx.x * blockDim.x + threadIdx.x;
   const int i = blockIdx.y;
   const int b = blockIdx.z;

@@ -8,6 +8,7 @@
 #include "pi0/check.hpp"
 #include "pi0/cuda/device.hpp"
 #include "pi0/cuda/kernels.hpp"
+#include "programmatic.cuh"
 
 namespace pi0::cuda {
 namespace {
@@ -62,12 +63,14 @@ __device__ __forceinline__ float gelu_tanh(float x) {
 }
 
 __global__ void bf16_to_f32_kernel(const bf16* in, float* out, size_t n) {
+  wait_for_prior_grids();
   for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n;
        i += size_t{gridDim.x} * blockDim.x)
     out[i] = __bfloat162float(in[i]);
 }
 
 __global__ void f32_to_bf16_kernel(const float* in, bf16* out, size_t n) {
+  wait_for_prior_grids();
   for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n;
        i += size_t{gridDim.x} * blockDim.x)
     out[i] = __float2bfloat16_rn(in[i]);
@@ -77,6 +80,7 @@ __global__ void f32_to_bf16_kernel(const float* in, bf16* out, size_t n) {
 // which keeps one kernel for every width.
 __global__ void layer_norm_kernel(const float* x, const bf16* weight, const bf16* bias, bf16* out,
                                   int width, float eps) {
+  wait_for_prior_grids();
   __shared__ float smem[32];
   const float* row = x + static_cast<size_t>(blockIdx.x) * width;
   float s = 0.0f;
@@ -142,6 +146,7 @@ RowGrid row_grid(int rows, size_t per_row) {
 }
 
 __global__ void rms_norm_bf16_kernel(const bf16* x, bf16* out, RowScale scale) {
+  wait_for_prior_grids();
   __shared__ float smem[32];
   const float r = row_rms_scale(scale, blockIdx.x, smem);
   const size_t base = static_cast<size_t>(blockIdx.x) * scale.width;
@@ -150,6 +155,7 @@ __global__ void rms_norm_bf16_kernel(const bf16* x, bf16* out, RowScale scale) {
 }
 
 __global__ void rms_norm_kernel(const float* x, bf16* out, int width, float eps) {
+  wait_for_prior_grids();
   __shared__ float smem[32];
   const float* row = x + static_cast<size_t>(blockIdx.x) * width;
   float s = 0.0f;
@@ -186,6 +192,7 @@ __device__ __forceinline__ void store_bf16x4(bf16* dst, float a, float b, float 
 template <int kVec>
 __global__ void __launch_bounds__(kRowThreads)
     rms_norm_row_kernel(const float* x, bf16* out, int width, float eps) {
+  wait_for_prior_grids();
   __shared__ float smem[32];
   const int n4 = width / 4;
   float4 v[kVec];
@@ -208,6 +215,7 @@ template <int kVec>
 __global__ void __launch_bounds__(kRowThreads)
     layer_norm_row_kernel(const float* x, const bf16* weight, const bf16* bias, bf16* out,
                           int width, float eps) {
+  wait_for_prior_grids();
   __shared__ float smem[32];
   const int n4 = width / 4;
   float4 v[kVec];
@@ -275,6 +283,7 @@ bool launch_row_kernel(int vecs, Launch&& launch) {
 
 __global__ void extract_patches_kernel(const bf16* images, bf16* patches, int views, int image_size,
                                        int patch, int channels) {
+  wait_for_prior_grids();
   const int side = image_size / patch;
   const int values = patch * patch * channels;
   const size_t n = static_cast<size_t>(views) * side * side * values;
@@ -298,6 +307,7 @@ __global__ void extract_patches_kernel(const bf16* images, bf16* patches, int vi
 
 __global__ void broadcast_rows_kernel(const bf16* table, int table_rows, const bf16* bias,
                                       float* out, int rows, int width) {
+  wait_for_prior_grids();
   const size_t n = static_cast<size_t>(rows) * width;
   for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n;
        i += size_t{gridDim.x} * blockDim.x) {
@@ -319,6 +329,7 @@ template <int kPairs>
 __global__ void rope_split_qkv_kernel(const bf16* qkv, int q_heads, int head_dim,
                                       int first_position, float log2_theta, bf16* q_out,
                                       bf16* k_out, bf16* v_out, RowScale scale) {
+  wait_for_prior_grids();
   static_assert(kPairs == 1 || kPairs == 4, "a bf16 pair or a 16-byte vector a thread");
   using Vec = std::conditional_t<kPairs == 1, bf162, uint4>;
   __shared__ float smem[32];
@@ -368,6 +379,7 @@ __global__ void rope_split_qkv_kernel(const bf16* qkv, int q_heads, int head_dim
 // One warp per row; the row (at most a few thousand scores) is re-read from L2 per pass.
 __global__ void softmax_rows_kernel(const float* scores, int ld_scores, bf16* probs, int ld_probs,
                                     int rows, int cols, int limited_rows, int limited_cols) {
+  wait_for_prior_grids();
   const int warps = blockDim.x >> 5;
   const int row = blockIdx.x * warps + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
@@ -392,6 +404,7 @@ template <int kVec>
 __global__ void softmax_rows_reg_kernel(const float* scores, int ld_scores, bf16* probs,
                                         int ld_probs, int rows, int cols, int limited_rows,
                                         int limited_cols) {
+  wait_for_prior_grids();
   const int warps = blockDim.x >> 5;
   const int row = blockIdx.x * warps + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
@@ -436,6 +449,7 @@ __global__ void softmax_rows_reg_kernel(const float* scores, int ld_scores, bf16
 // can scale its row by the folded RMS norm: gelu_tanh(r * gate) * (r * up).
 template <int kCols>
 __global__ void geglu_kernel(const bf16* gate_up, bf16* out, int width, RowScale scale) {
+  wait_for_prior_grids();
   using Vec = std::conditional_t<kCols == 8, uint4, std::conditional_t<kCols == 2, bf162, bf16>>;
   static_assert(sizeof(Vec) == kCols * sizeof(bf16), "kCols bf16 a vector");
   __shared__ float smem[32];
@@ -465,6 +479,7 @@ __global__ void geglu_kernel(const bf16* gate_up, bf16* out, int width, RowScale
 }
 
 __global__ void silu_kernel(bf16* x, size_t n) {
+  wait_for_prior_grids();
   for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n;
        i += size_t{gridDim.x} * blockDim.x) {
     const float v = __bfloat162float(x[i]);
@@ -481,12 +496,14 @@ __device__ __forceinline__ float hash_uniform(uint64_t seed, size_t i) {
 }
 
 __global__ void fill_bf16_kernel(bf16* out, size_t n, uint64_t seed, float scale) {
+  wait_for_prior_grids();
   for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n;
        i += size_t{gridDim.x} * blockDim.x)
     out[i] = __float2bfloat16_rn(scale * hash_uniform(seed, i));
 }
 
 __global__ void fill_f32_kernel(float* out, size_t n, uint64_t seed, float scale) {
+  wait_for_prior_grids();
   for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n;
        i += size_t{gridDim.x} * blockDim.x)
     out[i] = scale * hash_uniform(seed, i);

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "pi0/check.hpp"
+#include "programmatic.cuh"
 
 namespace pi0::cuda {
 namespace {
@@ -17,6 +18,7 @@ struct L2Ranges {
 // Each thread issues whole chunks; the prefetches complete after the kernel has exited.
 constexpr size_t kPrefetchChunk = 16 * 1024;
 __global__ void prefetch_l2_kernel(L2Ranges ranges) {
+  wait_for_prior_grids();
   const size_t stride = size_t{gridDim.x} * blockDim.x * kPrefetchChunk;
   for (int r = 0; r < ranges.count; ++r) {
     const char* base = static_cast<const char*>(ranges.range[r].ptr);

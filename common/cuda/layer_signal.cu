@@ -6,6 +6,7 @@
 
 #include "pi0/check.hpp"
 #include "pi0/cuda/layer_signal.hpp"
+#include "programmatic.cuh"
 
 namespace pi0::cuda {
 namespace {
@@ -18,6 +19,7 @@ __device__ __forceinline__ uint64_t globaltimer() {
 
 __global__ void signal_layer_kernel(uint64_t* counter, const uint64_t* generation,
                                     uint64_t* stamp) {
+  wait_for_prior_grids();
   const uint64_t g = *generation;
   if (stamp) *stamp = globaltimer();
   // The layer's K/V were written by earlier kernels of this stream: fence, then release.
@@ -27,6 +29,7 @@ __global__ void signal_layer_kernel(uint64_t* counter, const uint64_t* generatio
 
 __global__ void wait_layer_kernel(const uint64_t* counter, const uint64_t* expected, int layer,
                                   uint32_t* error, uint64_t timeout_ns, uint64_t* done_at) {
+  wait_for_prior_grids();
   const uint64_t want = *expected;
   const uint64_t start = globaltimer();
   // After one layer's wait timed out, the rest of the pass does not wait again: the pass is lost
@@ -49,6 +52,7 @@ __global__ void wait_layer_kernel(const uint64_t* counter, const uint64_t* expec
 }
 
 __global__ void advance_generation_kernel(uint64_t* generation) {
+  wait_for_prior_grids();
   *generation += 1;
 }
 

@@ -18,6 +18,7 @@
 #include "mma_primitives.cuh"
 #include "pi0/check.hpp"
 #include "pi0/cuda/skinny_gemm.hpp"
+#include "programmatic.cuh"
 
 namespace pi0::cuda {
 namespace {
@@ -179,6 +180,7 @@ __device__ __forceinline__ void ring_refill(int it, int nkb, int kb0, Load& load
 
 template <int BN, int STAGES>
 __global__ void __launch_bounds__(kThreads) skinny_kernel(const Args a) {
+  wait_for_prior_grids();
   extern __shared__ __align__(128) unsigned char smem[];
   constexpr int kXBytes = kBM * kBK * 2;
   constexpr int kWBytes = kBK * BN * 2;
@@ -273,6 +275,7 @@ __global__ void __launch_bounds__(kThreads) skinny_kernel(const Args a) {
 // step the K-major descriptors move 32 bytes along their rows, the MN-major ones 16 rows.
 template <int BN, int STAGES, bool kWT>
 __global__ void __launch_bounds__(kThreads) skinny_wgmma_kernel(const Args a) {
+  wait_for_prior_grids();
 #if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   (void)a;
   __trap();  // never launched: plan_skinny picks this kernel only where sm_90a code exists
@@ -368,6 +371,7 @@ __global__ void __launch_bounds__(kThreads) skinny_wgmma_kernel(const Args a) {
 
 // Writes 1 only where this binary carries sm_90a code for the device.
 __global__ void wgmma_probe_kernel(int* flag) {
+  wait_for_prior_grids();
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   *flag = 1;
 #else

@@ -1,10 +1,12 @@
 #include "pi0/check.hpp"
 #include "pi0/cuda/timestamp.hpp"
+#include "programmatic.cuh"
 
 namespace pi0::cuda {
 namespace {
 
 __global__ void write_globaltimer_kernel(uint64_t* dst) {
+  wait_for_prior_grids();
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   *dst = t;

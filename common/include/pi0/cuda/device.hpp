@@ -186,6 +186,36 @@ class LtHandle {
   cublasLtHandle_t handle_ = nullptr;
 };
 
+// How a captured graph hands over from one kernel to the next (programmatic dependent launch,
+// sm_90 and later). kCompletion is CUDA's default: a kernel launches once the kernel before it has
+// finished and flushed its memory. kEarly lets one of our kernels launch once every block of the
+// kernel before has exited or allowed it (cuBLASLt's GEMMs allow it early); its blocks then wait
+// (griddepcontrol.wait) for that kernel's completion and memory before they touch memory. That
+// hides the launch and the hand-over, not the work. (A launch-completion edge, which would launch
+// it once every block of the kernel before has started, is not ordered by griddepcontrol.wait at
+// all: tried, it read stale inputs.)
+enum class KernelHandover { kCompletion, kEarly };
+const char* handover_name(KernelHandover handover);
+// The process's choice: set_kernel_handover() if called, else PI0_KERNEL_HANDOVER (completion |
+// early), else kCompletion. A bad value throws pi0::Error naming it. kEarly is opt-in: on one H100
+// it took V=2 from 13.26 to 13.11-13.16 ms, on another from 13.27-13.31 to 13.34-13.37 ms (the same
+// binaries; bench/NOTES.md v15).
+KernelHandover kernel_handover();
+void set_kernel_handover(KernelHandover handover);
+
+struct HandoverLinks {
+  size_t linked = 0;   // kernel-to-kernel edges made programmatic
+  size_t refused = 0;  // kernel-to-kernel edges left alone: the later kernel does not wait
+};
+// Rewrites `graph`'s edges from one kernel node to the next as programmatic (kEarly) where that is
+// safe and pays: the edge is the only one out of the earlier node and the only one into the later,
+// neither is a cooperative launch, the later kernel is one of ours (each waits for its predecessor
+// first thing; cuBLASLt's GEMMs do not wait, and read stale inputs when launched early), and the
+// later kernel does not run before a wait on another stream's progress (a decoder's first flow
+// step beside the encoder, layer_signal.hpp): blocks launched early there would sit on SMs the
+// other stream's GEMMs need. Does nothing for kCompletion or on a GPU before sm_90.
+HandoverLinks link_kernels(cudaGraph_t graph, KernelHandover handover);
+
 // Runs a fixed sequence of stream work, keyed by the device pointers it touches: the first call for
 // a key runs eagerly (module loading, lazy allocations and first-touch costs stay out of the
 // graph), the second captures the sequence into a CUDA graph and launches it, later calls replay

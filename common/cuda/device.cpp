@@ -272,7 +272,8 @@ bool is_kernel(cudaGraphNode_t node) {
 
 bool is_cooperative(cudaGraphNode_t node) {
   cudaLaunchAttributeValue value{};
-  if (cudaGraphKernelNodeGetAttribute(node, cudaLaunchAttributeCooperative, &value) != cudaSuccess) {
+  if (cudaGraphKernelNodeGetAttribute(node, cudaLaunchAttributeCooperative, &value) !=
+      cudaSuccess) {
     (void)cudaGetLastError();
     return true;  // unknown: leave it alone
   }
@@ -293,8 +294,10 @@ bool device_supports_handover() {
 
 const char* handover_name(KernelHandover handover) {
   switch (handover) {
-    case KernelHandover::kCompletion: return "completion";
-    case KernelHandover::kEarly: return "early";
+    case KernelHandover::kCompletion:
+      return "completion";
+    case KernelHandover::kEarly:
+      return "early";
   }
   return "?";
 }

@@ -389,18 +389,22 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
       cuda::autotune_gemm(g, gx, gw, gy, nullptr, s, o, label,
                           one_frame ? layers_in_place : nullptr);
     };
+    // A layer's four weight products, labelled "<stage> qkv" and so on.
+    auto tune_weight_gemms = [&](const std::string& stage, PassGemms& g, bool one_frame) {
+      tune_layer_gemm((stage + " qkv").c_str(), g.qkv, normed(), qkv_w.get(), qkv.get(),
+                      per_layer(static_cast<size_t>(aw) * qkv_width), one_frame);
+      tune_layer_gemm((stage + " o + residual").c_str(), g.o, attn.get(), o_w.get(), x.get(),
+                      per_layer(static_cast<size_t>(qw) * aw), one_frame);
+      tune_layer_gemm((stage + " gate|up").c_str(), g.gu, normed(), gate_up_w.get(), gu.get(),
+                      per_layer(static_cast<size_t>(aw) * 2 * am), one_frame);
+      tune_layer_gemm((stage + " down + residual").c_str(), g.down, act.get(), down_w.get(),
+                      x.get(), per_layer(static_cast<size_t>(am) * aw), one_frame);
+    };
     for (PassGemms& g : pass) {
       const bool one_frame = &g == &pass.front();
       tune_gemm("decoder action in", g.ain, sample.get(), ain_w.get(), t1.get(), time_b.get(), tune,
                 one_frame);
-      tune_layer_gemm("decoder qkv", g.qkv, normed(), qkv_w.get(), qkv.get(),
-                      per_layer(static_cast<size_t>(aw) * qkv_width), one_frame);
-      tune_layer_gemm("decoder o + residual", g.o, attn.get(), o_w.get(), x.get(),
-                      per_layer(static_cast<size_t>(qw) * aw), one_frame);
-      tune_layer_gemm("decoder gate|up", g.gu, normed(), gate_up_w.get(), gu.get(),
-                      per_layer(static_cast<size_t>(aw) * 2 * am), one_frame);
-      tune_layer_gemm("decoder down + residual", g.down, act.get(), down_w.get(), x.get(),
-                      per_layer(static_cast<size_t>(am) * aw), one_frame);
+      tune_weight_gemms("decoder", g, one_frame);
     }
     // Tuned alone, the first step's products would choose as the others did: they take those
     // choices (so that the steps agree), and are tuned for their own surroundings only in place.
@@ -410,14 +414,7 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
       const PassGemms& g = pass[b];
       if (first_step_in_place && b == 0) {
         const size_t before = tunables.size();
-        tune_layer_gemm("decoder first step qkv", f.qkv, normed(), qkv_w.get(), qkv.get(),
-                        per_layer(static_cast<size_t>(aw) * qkv_width), true);
-        tune_layer_gemm("decoder first step o", f.o, attn.get(), o_w.get(), x.get(),
-                        per_layer(static_cast<size_t>(qw) * aw), true);
-        tune_layer_gemm("decoder first step gate|up", f.gu, normed(), gate_up_w.get(), gu.get(),
-                        per_layer(static_cast<size_t>(aw) * 2 * am), true);
-        tune_layer_gemm("decoder first step down", f.down, act.get(), down_w.get(), x.get(),
-                        per_layer(static_cast<size_t>(am) * aw), true);
+        tune_weight_gemms("decoder first step", f, true);
         for (size_t i = before; i < tunables.size(); ++i) tunables[i].overlapped = true;
         continue;
       }

@@ -15,6 +15,7 @@
 #include "pi0/check.hpp"
 #include "pi0/config.hpp"
 #include "pi0/cuda/device.hpp"
+#include "pi0/frame_inputs.hpp"
 #include "pi0/random.hpp"
 #include "pi0/reference.hpp"
 
@@ -143,6 +144,33 @@ inline bool bitwise_equal(const void* a, const void* b, size_t bytes) {
 inline void report(const std::string& what, double err) {
   std::printf("  %-58s rel error %.3e\n", what.c_str(), err);
   std::fflush(stdout);
+}
+
+// One frame's inputs on the device.
+struct DeviceFrame {
+  cuda::DeviceBuffer<Bf16> images, state, noise;
+};
+inline DeviceFrame upload_frame(const FrameInputs& in) {
+  return DeviceFrame{cuda::upload(in.images, "images"), cuda::upload(in.state, "state"),
+                     cuda::upload(in.noise, "noise")};
+}
+
+// Encodes and decodes `frame` into `kv` and `actions`, poisoned first so that every value read
+// back was written by this frame; returns the K/V slot and the actions.
+struct FrameOutputs {
+  std::vector<Bf16> kv;
+  std::vector<float> actions;
+};
+template <typename Encoder, typename Decoder>
+FrameOutputs encode_and_decode(Encoder& encoder, Decoder& decoder, const DeviceFrame& frame,
+                               cuda::DeviceBuffer<Bf16>& kv, cuda::DeviceBuffer<float>& actions) {
+  CUDA_CHECK(cudaMemset(kv.get(), 0xFF, kv.bytes()));
+  CUDA_CHECK(cudaMemset(actions.get(), 0xFF, actions.bytes()));
+  encoder.encode(frame.images.get(), kv.get(), nullptr);
+  decoder.decode(kv.get(), frame.state.get(), frame.noise.get(), actions.get(), nullptr);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  return FrameOutputs{cuda::download(kv.get(), kv.size()),
+                      cuda::download(actions.get(), actions.size())};
 }
 
 }  // namespace pi0::test

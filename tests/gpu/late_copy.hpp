@@ -10,8 +10,8 @@
 
 namespace pi0::test {
 
-// Copies `bytes` (a multiple of 16) from `src` to `dst` about `delay_ns` after it starts. Every block
-// allows its dependents to launch first thing.
+// Copies `bytes` (a multiple of 16) from `src` to `dst` about `delay_ns` after it starts. Every
+// block allows its dependents to launch first thing.
 void launch_late_copy(void* dst, const void* src, size_t bytes, uint64_t delay_ns,
                       cudaStream_t stream);
 // Copies at once, without waiting for the kernel before it.

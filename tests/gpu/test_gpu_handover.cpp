@@ -136,8 +136,8 @@ TEST_CASE("kernels linked programmatically wait for their predecessor's late wri
     });
     CHECK(links.linked == 1);
     CHECK(links.refused == 0);
-    CHECK(bitwise_equal(cuda::download(x.get(), n).data(),
-                        cuda::download(expected.get(), n).data(), n * sizeof(Bf16)));
+    CHECK(bitwise_equal(cuda::download(x.get(), n).data(), cuda::download(expected.get(), n).data(),
+                        n * sizeof(Bf16)));
   }
 
   SECTION("cuBLASLt's GEMM is left to start after its predecessor ends") {
@@ -174,39 +174,30 @@ TEST_CASE("the kernel handover changes no bits in the engines", "[gpu]") {
   const RunShape shape{2, 63, 0};
   const StageSizes sizes = stage_sizes(config, shape);
   const WeightStore weights = WeightStore::random(config, 0, 1101, WeightSet::kAll);
-  const FrameInputs in = make_frame_inputs(config, shape, 1102, 0);
-  auto images = cuda::upload(in.images, "images");
-  auto state = cuda::upload(in.state, "state");
-  auto noise = cuda::upload(in.noise, "noise");
+  const DeviceFrame frame = upload_frame(make_frame_inputs(config, shape, 1102, 0));
+  auto kv = poisoned<Bf16>(sizes.kv_slot_values, "kv slot");
+  auto actions = poisoned<float>(sizes.action_values, "actions");
 
   auto run = [&](cuda::KernelHandover handover) {
     const ScopedHandover scoped(handover);
     CudaEncoder encoder(config, shape, weights);
     CudaDecoder decoder(config, shape, weights);
-    auto kv = poisoned<Bf16>(sizes.kv_slot_values, "kv slot");
-    auto actions = poisoned<float>(sizes.action_values, "actions");
-    std::vector<std::vector<float>> runs;  // eager, capture, replay: K/V then actions
-    for (int i = 0; i < 3; ++i) {
-      CUDA_CHECK(cudaMemset(kv.get(), 0xFF, kv.bytes()));
-      CUDA_CHECK(cudaMemset(actions.get(), 0xFF, actions.bytes()));
-      encoder.encode(images.get(), kv.get(), nullptr);
-      decoder.decode(kv.get(), state.get(), noise.get(), actions.get(), nullptr);
-      CUDA_CHECK(cudaDeviceSynchronize());
-      runs.push_back(to_float(cuda::download(kv.get(), kv.size())));
-      runs.push_back(cuda::download(actions.get(), actions.size()));
-    }
+    std::vector<FrameOutputs> runs;  // eager, capture, replay
+    for (int i = 0; i < 3; ++i)
+      runs.push_back(encode_and_decode(encoder, decoder, frame, kv, actions));
     return runs;
   };
   const auto plain = run(cuda::KernelHandover::kCompletion);
-  for (size_t i = 1; i < plain.size(); i += 2) REQUIRE(count_nonfinite(plain[i]) == 0);
-  {
-    const auto linked = run(cuda::KernelHandover::kEarly);
-    REQUIRE(linked.size() == plain.size());
-    for (size_t i = 0; i < plain.size(); ++i) {
-      INFO("output " << i);
-      // NaN poison where the encoder writes nothing compares equal bit for bit.
-      CHECK(bitwise_equal(linked[i].data(), plain[i].data(), plain[i].size() * sizeof(float)));
-    }
+  for (const FrameOutputs& r : plain) REQUIRE(count_nonfinite(r.actions) == 0);
+  const auto linked = run(cuda::KernelHandover::kEarly);
+  REQUIRE(linked.size() == plain.size());
+  for (size_t i = 0; i < plain.size(); ++i) {
+    INFO("run " << i);
+    // The poison where the encoder writes nothing compares equal bit for bit.
+    CHECK(
+        bitwise_equal(linked[i].kv.data(), plain[i].kv.data(), plain[i].kv.size() * sizeof(Bf16)));
+    CHECK(bitwise_equal(linked[i].actions.data(), plain[i].actions.data(),
+                        plain[i].actions.size() * sizeof(float)));
   }
 }
 
@@ -252,8 +243,8 @@ TEST_CASE("probe: cuBLASLt behind a programmatic capture dependency", "[.probe]"
     cudaGraphEdgeData edge{};
     edge.from_port = cudaGraphKernelNodePortProgrammatic;
     edge.type = cudaGraphDependencyTypeProgrammatic;
-    CUDA_CHECK(cudaStreamUpdateCaptureDependencies(s, &dep, &edge, 1,
-                                                   cudaStreamSetCaptureDependencies));
+    CUDA_CHECK(
+        cudaStreamUpdateCaptureDependencies(s, &dep, &edge, 1, cudaStreamSetCaptureDependencies));
     gemm.run(x.get(), w.get(), y.get(), nullptr, s);
     cudaGraph_t graph = nullptr;
     CUDA_CHECK(cudaStreamEndCapture(s, &graph));

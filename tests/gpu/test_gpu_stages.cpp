@@ -201,15 +201,11 @@ TEST_CASE("full pi0 is finite and bitwise deterministic", "[gpu]") {
   const RunShape shape{2, 63, 0};
   const StageSizes sizes = stage_sizes(config, shape);
   const WeightStore weights = WeightStore::random(config, 0, 401, WeightSet::kAll);
-  const FrameInputs in = make_frame_inputs(config, shape, 402, 0);
-  auto images = cuda::upload(in.images, "images");
-  auto state = cuda::upload(in.state, "state");
-  auto noise = cuda::upload(in.noise, "noise");
+  const DeviceFrame frame = upload_frame(make_frame_inputs(config, shape, 402, 0));
   auto kv = poisoned<Bf16>(sizes.kv_slot_values, "kv slot");
   auto actions = poisoned<float>(sizes.action_values, "actions");
 
-  std::vector<std::vector<Bf16>> kvs;
-  std::vector<std::vector<float>> outs;
+  std::vector<FrameOutputs> runs;
   {
     CudaEncoder encoder(config, shape, weights);
     CudaDecoder decoder(config, shape, weights);
@@ -218,37 +214,25 @@ TEST_CASE("full pi0 is finite and bitwise deterministic", "[gpu]") {
         encoder.weight_bytes() / 1073741824.0, encoder.workspace_bytes() / 1048576.0,
         decoder.weight_bytes() / 1073741824.0, decoder.workspace_bytes() / 1048576.0);
     // Call 1 runs eagerly, call 2 captures the graphs, call 3 replays them.
-    for (int i = 0; i < 3; ++i) {
-      CUDA_CHECK(cudaMemset(kv.get(), 0xFF, kv.bytes()));
-      CUDA_CHECK(cudaMemset(actions.get(), 0xFF, actions.bytes()));
-      encoder.encode(images.get(), kv.get(), nullptr);
-      decoder.decode(kv.get(), state.get(), noise.get(), actions.get(), nullptr);
-      CUDA_CHECK(cudaDeviceSynchronize());
-      kvs.push_back(cuda::download(kv.get(), kv.size()));
-      outs.push_back(cuda::download(actions.get(), actions.size()));
-    }
+    for (int i = 0; i < 3; ++i)
+      runs.push_back(encode_and_decode(encoder, decoder, frame, kv, actions));
   }
   {
     // A second pair of engines on the same weights: same algorithms, same bits.
     CudaEncoder encoder(config, shape, weights);
     CudaDecoder decoder(config, shape, weights);
-    CUDA_CHECK(cudaMemset(kv.get(), 0xFF, kv.bytes()));
-    CUDA_CHECK(cudaMemset(actions.get(), 0xFF, actions.bytes()));
-    encoder.encode(images.get(), kv.get(), nullptr);
-    decoder.decode(kv.get(), state.get(), noise.get(), actions.get(), nullptr);
-    CUDA_CHECK(cudaDeviceSynchronize());
-    kvs.push_back(cuda::download(kv.get(), kv.size()));
-    outs.push_back(cuda::download(actions.get(), actions.size()));
+    runs.push_back(encode_and_decode(encoder, decoder, frame, kv, actions));
   }
-  REQUIRE(count_nonfinite(to_float(kvs[0])) == 0);
-  REQUIRE(count_nonfinite(outs[0]) == 0);
+  const std::vector<float>& first = runs[0].actions;
+  REQUIRE(count_nonfinite(to_float(runs[0].kv)) == 0);
+  REQUIRE(count_nonfinite(first) == 0);
   double norm = 0;
-  for (float v : outs[0]) norm += double(v) * v;
-  std::printf("  pi0 actions rms %.4f\n", std::sqrt(norm / outs[0].size()));
-  for (size_t i = 1; i < kvs.size(); ++i) {
+  for (float v : first) norm += double(v) * v;
+  std::printf("  pi0 actions rms %.4f\n", std::sqrt(norm / first.size()));
+  for (size_t i = 1; i < runs.size(); ++i) {
     INFO("run " << i);
-    REQUIRE(bitwise_equal(kvs[i].data(), kvs[0].data(), kvs[0].size() * sizeof(Bf16)));
-    REQUIRE(bitwise_equal(outs[i].data(), outs[0].data(), outs[0].size() * sizeof(float)));
+    REQUIRE(bitwise_equal(runs[i].kv.data(), runs[0].kv.data(), runs[0].kv.size() * sizeof(Bf16)));
+    REQUIRE(bitwise_equal(runs[i].actions.data(), first.data(), first.size() * sizeof(float)));
   }
 }
 

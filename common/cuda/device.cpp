@@ -1,6 +1,7 @@
 #include "pi0/cuda/device.hpp"
 
 #include <cuda.h>
+#include <cudaTypedefs.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -216,9 +217,9 @@ KernelHandover handover_from_env() {
 // cuBLASLt launches its kernels through the driver API, so their names come from the driver's
 // kernel node parameters; the entry points are looked up once, without linking libcuda.
 struct DriverCalls {
-  CUresult(CUDAAPI* node_params)(CUgraphNode, CUDA_KERNEL_NODE_PARAMS*) = nullptr;
-  CUresult(CUDAAPI* function_name)(const char**, CUfunction) = nullptr;
-  CUresult(CUDAAPI* kernel_name)(const char**, CUkernel) = nullptr;
+  PFN_cuGraphKernelNodeGetParams_v12000 node_params = nullptr;
+  PFN_cuFuncGetName_v12030 function_name = nullptr;
+  PFN_cuKernelGetName_v12030 kernel_name = nullptr;
 };
 
 template <typename Fn>
@@ -246,7 +247,7 @@ const DriverCalls& driver_calls() {
 
 std::string kernel_name(cudaGraphNode_t node) {
   const DriverCalls& d = driver_calls();
-  CUDA_KERNEL_NODE_PARAMS params{};
+  CUDA_KERNEL_NODE_PARAMS_v2 params{};
   if (!d.node_params || d.node_params(node, &params) != CUDA_SUCCESS) return {};
   const char* name = nullptr;
   if (params.func && d.function_name && d.function_name(&name, params.func) == CUDA_SUCCESS && name)
@@ -257,17 +258,22 @@ std::string kernel_name(cudaGraphNode_t node) {
 }
 
 // Kernels whose every block runs griddepcontrol.wait before it touches memory: ours (namespace
-// pi0::cuda; each starts with wait_for_prior_grids()). cuBLASLt's Hopper GEMMs (nvjet) do not wait:
-// launched early behind a kernel that writes their input late, they read the old input (GPU test
-// "kernels linked programmatically..."), so edges into them stay full. (cuBLASLt links its own
-// split-K GEMM to its reduction kernel programmatically, which is its business.)
+// pi0::cuda, each starting with wait_for_prior_grids(), which a CPU test checks in the sources).
+// cuBLASLt's Hopper GEMMs (nvjet) do not wait: launched early behind a kernel that writes their
+// input late, they read the old input (bench/NOTES.md v15, the handover test's [.probe] case), so
+// edges into them stay full. (cuBLASLt links its own split-K GEMM to its reduction kernel
+// programmatically, which is its business.)
 bool waits_for_predecessor(const std::string& name) {
-  return name.find("3pi04cuda") != std::string::npos;
+  return name.rfind("_ZN3pi04cuda", 0) == 0;
 }
 
 bool is_kernel(cudaGraphNode_t node) {
   cudaGraphNodeType type{};
-  return cudaGraphNodeGetType(node, &type) == cudaSuccess && type == cudaGraphNodeTypeKernel;
+  if (cudaGraphNodeGetType(node, &type) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return type == cudaGraphNodeTypeKernel;
 }
 
 bool is_cooperative(cudaGraphNode_t node) {
@@ -280,6 +286,8 @@ bool is_cooperative(cudaGraphNode_t node) {
   return value.cooperative != 0;
 }
 
+// The GPU must be sm_90 or later, and our kernels must have been compiled for it: a build for an
+// older architecture, JIT-compiled from its PTX here, has no wait in them.
 bool device_supports_handover() {
   int device = 0, major = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
@@ -287,8 +295,10 @@ bool device_supports_handover() {
     (void)cudaGetLastError();
     return false;
   }
-  return major >= 9;
+  return major >= 9 && our_kernels_wait_for_prior_grids();
 }
+
+std::atomic<size_t> g_linked{0}, g_refused{0};
 
 }  // namespace
 
@@ -313,6 +323,10 @@ KernelHandover kernel_handover() {
 
 void set_kernel_handover(KernelHandover handover) {
   g_handover.store(static_cast<int>(handover));
+}
+
+HandoverLinks handover_links_so_far() {
+  return HandoverLinks{g_linked.load(), g_refused.load()};
 }
 
 HandoverLinks link_kernels(cudaGraph_t graph, KernelHandover handover) {
@@ -365,6 +379,8 @@ HandoverLinks link_kernels(cudaGraph_t graph, KernelHandover handover) {
     CUDA_CHECK(cudaGraphAddDependencies(graph, &from[e], &to[e], &edge, 1));
     ++links.linked;
   }
+  g_linked += links.linked;
+  g_refused += links.refused;
   spdlog::debug("kernel handover '{}': {} edges linked, {} left", handover_name(handover),
                 links.linked, links.refused);
   for (const auto& name : refused_names)

@@ -660,4 +660,15 @@ void fill_random(float* out, size_t n, uint64_t seed, float scale, cudaStream_t 
   CUDA_CHECK_LAUNCH();
 }
 
+bool our_kernels_wait_for_prior_grids() {
+  // Every .cu file of ours is compiled for the same architectures; the PTX version of one kernel
+  // says whether wait_for_prior_grids() was compiled in (__CUDA_ARCH__ >= 900).
+  cudaFuncAttributes attributes{};
+  if (cudaFuncGetAttributes(&attributes, silu_kernel) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return attributes.ptxVersion >= 90;
+}
+
 }  // namespace pi0::cuda

@@ -1,5 +1,5 @@
 // Programmatic dependent launch, the device side. A captured graph may let a kernel start while the
-// kernel before it is still finishing (see `link_kernels_programmatically` in device.hpp); every
+// kernel before it is still finishing (see `link_kernels` in device.hpp); every
 // kernel of ours therefore waits for its predecessor's completion and memory before it touches
 // memory. Where the kernel was launched the ordinary way the wait returns at once. None of them
 // lets its successor launch before it exits (griddepcontrol.launch_dependents): tried at the start

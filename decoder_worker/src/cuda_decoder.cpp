@@ -590,7 +590,8 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
 
 CudaDecoder::CudaDecoder(const ModelConfig& config, const RunShape& shape,
                          const WeightStore& weights, const CudaEngineOptions& options)
-    : impl_(std::make_unique<Impl>(config, shape, weights, options)) {}
+    : impl_(((void)cuda::kernel_handover(),  // a bad PI0_KERNEL_HANDOVER fails here, not later
+             std::make_unique<Impl>(config, shape, weights, options))) {}
 CudaDecoder::~CudaDecoder() = default;
 CudaDecoder::CudaDecoder(CudaDecoder&&) noexcept = default;
 CudaDecoder& CudaDecoder::operator=(CudaDecoder&&) noexcept = default;

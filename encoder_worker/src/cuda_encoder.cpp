@@ -306,7 +306,8 @@ void CudaEncoder::Impl::forward(const Bf16* images, Bf16* kv, const cuda::LayerS
 
 CudaEncoder::CudaEncoder(const ModelConfig& config, const RunShape& shape,
                          const WeightStore& weights, const CudaEngineOptions& options)
-    : impl_(std::make_unique<Impl>(config, shape, weights, options)) {}
+    : impl_(((void)cuda::kernel_handover(),  // a bad PI0_KERNEL_HANDOVER fails here, not later
+             std::make_unique<Impl>(config, shape, weights, options))) {}
 CudaEncoder::~CudaEncoder() = default;
 CudaEncoder::CudaEncoder(CudaEncoder&&) noexcept = default;
 CudaEncoder& CudaEncoder::operator=(CudaEncoder&&) noexcept = default;

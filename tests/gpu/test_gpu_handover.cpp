@@ -25,13 +25,15 @@ using cuda::DeviceBuffer;
 
 namespace {
 
-constexpr uint64_t kLateNs = 50'000;
+// Long enough that a kernel which did not wait would surely have read first, even beside other
+// processes' work at an MPS share.
+constexpr uint64_t kLateNs = 1'000'000;
 
 bool device_has_handover() {
   int device = 0, major = 0;
   CUDA_CHECK(cudaGetDevice(&device));
   CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return major >= 9;
+  return major >= 9 && cuda::our_kernels_wait_for_prior_grids();
 }
 
 // Captures `enqueue` on `stream`, links it with `handover` and runs it once.
@@ -39,8 +41,14 @@ template <typename Enqueue>
 cuda::HandoverLinks run_linked(cudaStream_t stream, cuda::KernelHandover handover,
                                Enqueue&& enqueue) {
   CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  enqueue(stream);
   cudaGraph_t graph = nullptr;
+  try {
+    enqueue(stream);
+  } catch (...) {
+    (void)cudaStreamEndCapture(stream, &graph);
+    if (graph) (void)cudaGraphDestroy(graph);
+    throw;
+  }
   CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
   cuda::HandoverLinks links;
   cudaGraphExec_t exec = nullptr;
@@ -84,7 +92,7 @@ DeviceBuffer<Bf16> up_bf16(const std::vector<Bf16>& v) {
 
 TEST_CASE("kernels linked programmatically wait for their predecessor's late writes", "[gpu]") {
   if (!device_has_handover()) {
-    WARN("programmatic launches need sm_90 or later; nothing to check on this GPU");
+    WARN("programmatic launches need sm_90 code on an sm_90 GPU or later; nothing to check here");
     return;
   }
   cuda::Stream stream;
@@ -101,22 +109,25 @@ TEST_CASE("kernels linked programmatically wait for their predecessor's late wri
     launch_unwaiting_copy(out.get(), in.get(), in.bytes(), stream.get());
     cudaGraph_t graph = nullptr;
     CUDA_CHECK(cudaStreamEndCapture(stream.get(), &graph));
-    size_t edges = 1;
+    size_t edges = 0;
     cudaGraphNode_t from = nullptr, to = nullptr;
     cudaGraphEdgeData old_edge{};
     cudaGraphEdgeData edge{};
     edge.from_port = cudaGraphKernelNodePortProgrammatic;
     edge.type = cudaGraphDependencyTypeProgrammatic;
-    cudaError_t status = cudaGraphGetEdges(graph, &from, &to, &old_edge, &edges);
+    cudaError_t status = cudaGraphGetEdges(graph, nullptr, nullptr, nullptr, &edges);
+    if (status == cudaSuccess && edges == 1)
+      status = cudaGraphGetEdges(graph, &from, &to, &old_edge, &edges);
     if (status == cudaSuccess && edges == 1)
       status = cudaGraphRemoveDependencies(graph, &from, &to, &old_edge, 1);
-    if (status == cudaSuccess) status = cudaGraphAddDependencies(graph, &from, &to, &edge, 1);
+    if (status == cudaSuccess && edges == 1)
+      status = cudaGraphAddDependencies(graph, &from, &to, &edge, 1);
     cudaGraphExec_t exec = nullptr;
-    if (status == cudaSuccess) status = cudaGraphInstantiate(&exec, graph, 0);
+    if (status == cudaSuccess && edges == 1) status = cudaGraphInstantiate(&exec, graph, 0);
     (void)cudaGraphDestroy(graph);
+    const cuda::GraphExec owner(exec);
     CUDA_CHECK(status);
     REQUIRE(edges == 1);
-    const cuda::GraphExec owner(exec);
     owner.launch(stream.get());
     CUDA_CHECK(cudaStreamSynchronize(stream.get()));
     const auto copied = cuda::download(out.get(), n);
@@ -147,6 +158,10 @@ TEST_CASE("kernels linked programmatically wait for their predecessor's late wri
     const auto shape =
         cuda::linear_shape(m, n, k, cuda::DType::kBf16, cuda::Epilogue::kNone, false);
     cuda::Gemm gemm(lt.get(), shape, ws.get(), ws.bytes());
+    if (gemm.chosen_candidate() < 0) {
+      WARN("the GEMM runs on a kernel of ours here, not cuBLASLt's; nothing to check");
+      return;
+    }
     const auto old_x = random_bf16(size_t{m} * k, 3), new_x = random_bf16(size_t{m} * k, 4);
     const auto w = up_bf16(random_bf16(size_t{k} * n, 5));
     auto x = up_bf16(old_x);
@@ -189,7 +204,10 @@ TEST_CASE("the kernel handover changes no bits in the engines", "[gpu]") {
   };
   const auto plain = run(cuda::KernelHandover::kCompletion);
   for (const FrameOutputs& r : plain) REQUIRE(count_nonfinite(r.actions) == 0);
+  const size_t linked_before = cuda::handover_links_so_far().linked;
   const auto linked = run(cuda::KernelHandover::kEarly);
+  // The comparison means something only if edges were linked (where the GPU and build allow it).
+  if (device_has_handover()) CHECK(cuda::handover_links_so_far().linked > linked_before);
   REQUIRE(linked.size() == plain.size());
   for (size_t i = 0; i < plain.size(); ++i) {
     INFO("run " << i);

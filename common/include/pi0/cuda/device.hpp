@@ -197,9 +197,9 @@ class LtHandle {
 enum class KernelHandover { kCompletion, kEarly };
 const char* handover_name(KernelHandover handover);
 // The process's choice: set_kernel_handover() if called, else PI0_KERNEL_HANDOVER (completion |
-// early), else kCompletion. A bad value throws pi0::Error naming it. kEarly is opt-in: on one H100
-// it took V=2 from 13.26 to 13.11-13.16 ms, on another from 13.27-13.31 to 13.34-13.37 ms (the same
-// binaries; bench/NOTES.md v15).
+// early), else kCompletion. A bad value throws pi0::Error naming it (the engines ask at
+// construction, so it shows at start). kEarly is opt-in: on two H100s it took V=2 from 13.24-13.26
+// to 13.11-13.16 ms, on a third from 13.26-13.31 to 13.34-13.36 ms (bench/NOTES.md v15).
 KernelHandover kernel_handover();
 void set_kernel_handover(KernelHandover handover);
 
@@ -215,6 +215,10 @@ struct HandoverLinks {
 // step beside the encoder, layer_signal.hpp): blocks launched early there would sit on SMs the
 // other stream's GEMMs need. Does nothing for kCompletion or on a GPU before sm_90.
 HandoverLinks link_kernels(cudaGraph_t graph, KernelHandover handover);
+// What link_kernels has linked and refused in this process so far (tests check that it linked).
+HandoverLinks handover_links_so_far();
+// Whether our kernels, as compiled for this GPU, wait for their predecessor (sm_90 code or PTX).
+bool our_kernels_wait_for_prior_grids();
 
 // Runs a fixed sequence of stream work, keyed by the device pointers it touches: the first call for
 // a key runs eagerly (module loading, lazy allocations and first-touch costs stay out of the

@@ -325,58 +325,75 @@ void set_kernel_handover(KernelHandover handover) {
   g_handover.store(static_cast<int>(handover));
 }
 
+bool kernel_handover_supported() {
+  return device_supports_handover();
+}
+
+void relink_programmatically(cudaGraph_t graph, cudaGraphNode_t from, cudaGraphNode_t to,
+                             const cudaGraphEdgeData& old) {
+  cudaGraphEdgeData edge{};
+  edge.from_port = cudaGraphKernelNodePortProgrammatic;
+  edge.type = cudaGraphDependencyTypeProgrammatic;
+  CUDA_CHECK(cudaGraphRemoveDependencies(graph, &from, &to, &old, 1));
+  CUDA_CHECK(cudaGraphAddDependencies(graph, &from, &to, &edge, 1));
+}
+
 HandoverLinks handover_links_so_far() {
   return HandoverLinks{g_linked.load(), g_refused.load()};
 }
 
 HandoverLinks link_kernels(cudaGraph_t graph, KernelHandover handover) {
   HandoverLinks links;
-  if (handover == KernelHandover::kCompletion || !device_supports_handover()) return links;
+  if (handover == KernelHandover::kCompletion || !kernel_handover_supported()) return links;
   size_t count = 0;
   CUDA_CHECK(cudaGraphGetEdges(graph, nullptr, nullptr, nullptr, &count));
   std::vector<cudaGraphNode_t> from(count), to(count);
   std::vector<cudaGraphEdgeData> data(count);
   if (count > 0) CUDA_CHECK(cudaGraphGetEdges(graph, from.data(), to.data(), data.data(), &count));
-  std::unordered_map<cudaGraphNode_t, int> out_edges, in_edges;
+  // Each node looked at once: its edge counts, predecessors, and (for kernels) its name.
+  struct Node {
+    int in = 0, out = 0;
+    std::vector<cudaGraphNode_t> predecessors;
+    bool kernel = false;
+    std::string name;
+  };
+  std::unordered_map<cudaGraphNode_t, Node> nodes;
   for (size_t e = 0; e < count; ++e) {
-    ++out_edges[from[e]];
-    ++in_edges[to[e]];
+    ++nodes[from[e]].out;
+    Node& t = nodes[to[e]];
+    ++t.in;
+    t.predecessors.push_back(from[e]);
   }
-  // Waits on another stream's progress, and every node before them.
-  std::unordered_map<cudaGraphNode_t, std::vector<cudaGraphNode_t>> predecessors;
-  for (size_t e = 0; e < count; ++e) predecessors[to[e]].push_back(from[e]);
+  std::vector<cudaGraphNode_t> pending;  // waits on another stream's progress
+  for (auto& [handle, node] : nodes) {
+    node.kernel = is_kernel(handle);
+    if (node.kernel) node.name = kernel_name(handle);
+    if (node.name.find("wait_layer_kernel") != std::string::npos) pending.push_back(handle);
+  }
+  // The waits, and every node before them.
   std::set<cudaGraphNode_t> before_waits;
-  std::vector<cudaGraphNode_t> pending;
-  for (size_t e = 0; e < count; ++e)
-    for (cudaGraphNode_t node : {from[e], to[e]})
-      if (is_kernel(node) && kernel_name(node).find("wait_layer_kernel") != std::string::npos)
-        pending.push_back(node);
   while (!pending.empty()) {
-    const cudaGraphNode_t node = pending.back();
+    const cudaGraphNode_t handle = pending.back();
     pending.pop_back();
-    if (!before_waits.insert(node).second) continue;
-    for (cudaGraphNode_t p : predecessors[node]) pending.push_back(p);
+    if (!before_waits.insert(handle).second) continue;
+    for (cudaGraphNode_t p : nodes.at(handle).predecessors) pending.push_back(p);
   }
   std::set<std::string> refused_names;
   for (size_t e = 0; e < count; ++e) {
     const cudaGraphEdgeData& old = data[e];
     if (old.type != cudaGraphDependencyTypeDefault || old.from_port != 0 || old.to_port != 0)
       continue;
-    if (out_edges[from[e]] != 1 || in_edges[to[e]] != 1) continue;
-    if (!is_kernel(from[e]) || !is_kernel(to[e])) continue;
+    const Node& f = nodes.at(from[e]);
+    const Node& t = nodes.at(to[e]);
+    if (f.out != 1 || t.in != 1 || !f.kernel || !t.kernel) continue;
     if (is_cooperative(from[e]) || is_cooperative(to[e])) continue;
-    const std::string name = kernel_name(to[e]);
-    if (!waits_for_predecessor(name)) {
+    if (!waits_for_predecessor(t.name)) {
       ++links.refused;
-      refused_names.insert(name.empty() ? std::string("(unnamed)") : name);
+      refused_names.insert(t.name.empty() ? std::string("(unnamed)") : t.name);
       continue;
     }
     if (before_waits.count(to[e])) continue;
-    cudaGraphEdgeData edge{};
-    edge.from_port = cudaGraphKernelNodePortProgrammatic;
-    edge.type = cudaGraphDependencyTypeProgrammatic;
-    CUDA_CHECK(cudaGraphRemoveDependencies(graph, &from[e], &to[e], &old, 1));
-    CUDA_CHECK(cudaGraphAddDependencies(graph, &from[e], &to[e], &edge, 1));
+    relink_programmatically(graph, from[e], to[e], old);
     ++links.linked;
   }
   g_linked += links.linked;

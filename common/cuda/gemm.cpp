@@ -282,18 +282,18 @@ cublasLtMatmulPreference_t Gemm::make_preference(uint32_t search_mode) const {
   return pref;
 }
 
-bool Gemm::accepts(const GemmAlgoConfig& config, cublasLtMatmulHeuristicResult_t& result) const {
+int Gemm::append_if_accepted(const GemmAlgoConfig& config) {
   const cudaDataType_t y_type = to_cuda(shape_.y_type);
   cublasLtMatmulAlgo_t algo{};
   if (cublasLtMatmulAlgoInit(handle_, CUBLAS_COMPUTE_32F, CUDA_R_32F, CUDA_R_16BF, CUDA_R_16BF,
                              y_type, y_type, config.id, &algo) != CUBLAS_STATUS_SUCCESS ||
       !configure(algo, config) || !(config_of(algo) == config))
-    return false;
+    return -1;
   cublasLtMatmulHeuristicResult_t checked{};
   if (cublasLtMatmulAlgoCheck(handle_, desc_, a_, b_, d_, d_, &algo, &checked) !=
           CUBLAS_STATUS_SUCCESS ||
       checked.workspaceSize > workspace_bytes_)
-    return false;
+    return -1;
   // cublasLtMatmulAlgoCheck sees no pointers: an algorithm that needs more alignment than the
   // operands have (the heuristic filters by it, a built configuration is not filtered) would pass
   // the reference check on fresh, 256-byte aligned buffers and fail on the real ones. Where
@@ -306,21 +306,18 @@ bool Gemm::accepts(const GemmAlgoConfig& config, cublasLtMatmulHeuristicResult_t
     if (cublasLtMatmulAlgoCapGetAttribute(&algo, attr, &needed, sizeof needed, &written) !=
         CUBLAS_STATUS_SUCCESS)
       needed = 256;
-    if (needed > static_cast<uint32_t>(shape_.alignment)) return false;
+    if (needed > static_cast<uint32_t>(shape_.alignment)) return -1;
   }
   checked.algo = algo;
   checked.state = CUBLAS_STATUS_SUCCESS;
-  result = checked;
-  return true;
+  candidates_.push_back(checked);
+  return candidates() - 1;
 }
 
 int Gemm::find_or_add(const GemmAlgoConfig& config) {
   for (int c = 0; c < candidates(); ++c)
     if (config_of(candidates_[static_cast<size_t>(c)].algo) == config) return c;
-  cublasLtMatmulHeuristicResult_t result{};
-  if (!accepts(config, result)) return -1;
-  candidates_.push_back(result);
-  return candidates() - 1;
+  return append_if_accepted(config);
 }
 
 int Gemm::widen_candidates() {
@@ -336,11 +333,7 @@ int Gemm::widen_candidates() {
     if (seen.insert(config.describe()).second) bases.push_back(config);
   }
   auto add = [&](const GemmAlgoConfig& config) {
-    if (!seen.insert(config.describe()).second) return false;
-    cublasLtMatmulHeuristicResult_t result{};
-    if (!accepts(config, result)) return false;
-    candidates_.push_back(result);
-    return true;
+    return seen.insert(config.describe()).second && append_if_accepted(config) >= 0;
   };
   // cuBLASLt's own configurations, per algorithm id.
   std::vector<int> ids(256);

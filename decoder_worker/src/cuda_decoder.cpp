@@ -314,20 +314,16 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
     g.o = gemm(cuda::linear_shape(b * rows, aw, qw, residual_type, Epilogue::kNone, true));
     g.gu = gemm(cuda::linear_shape(b * rows, 2 * am, aw, DType::kBf16, Epilogue::kNone, false));
     g.down = gemm(cuda::linear_shape(b * rows, aw, am, residual_type, Epilogue::kNone, true));
-    pass.push_back(std::move(g));
     PassGemms f;
     auto beside_encoder = [](GemmShape shape) {
       shape.role = "first step";
       return shape;
     };
-    f.qkv = gemm(beside_encoder(
-        cuda::linear_shape(b * rows, qkv_width, aw, DType::kBf16, Epilogue::kNone, false)));
-    f.o = gemm(
-        beside_encoder(cuda::linear_shape(b * rows, aw, qw, residual_type, Epilogue::kNone, true)));
-    f.gu = gemm(beside_encoder(
-        cuda::linear_shape(b * rows, 2 * am, aw, DType::kBf16, Epilogue::kNone, false)));
-    f.down = gemm(
-        beside_encoder(cuda::linear_shape(b * rows, aw, am, residual_type, Epilogue::kNone, true)));
+    f.qkv = gemm(beside_encoder(g.qkv.shape()));
+    f.o = gemm(beside_encoder(g.o.shape()));
+    f.gu = gemm(beside_encoder(g.gu.shape()));
+    f.down = gemm(beside_encoder(g.down.shape()));
+    pass.push_back(std::move(g));
     first_step.push_back(std::move(f));
   }
   g_amlp =

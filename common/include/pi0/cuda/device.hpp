@@ -217,8 +217,14 @@ struct HandoverLinks {
 HandoverLinks link_kernels(cudaGraph_t graph, KernelHandover handover);
 // What link_kernels has linked and refused in this process so far (tests check that it linked).
 HandoverLinks handover_links_so_far();
-// Whether our kernels, as compiled for this GPU, wait for their predecessor (sm_90 code or PTX).
+// Whether link_kernels can link here: an sm_90 or later GPU, and our kernels compiled for it with
+// their wait (our_kernels_wait_for_prior_grids: sm_90 code or PTX).
+bool kernel_handover_supported();
 bool our_kernels_wait_for_prior_grids();
+// Replaces the ordinary edge `old` from `from` to `to` with a programmatic one: `to` may launch
+// once every block of `from` has exited or allowed it. Safe only where `to` waits (link_kernels).
+void relink_programmatically(cudaGraph_t graph, cudaGraphNode_t from, cudaGraphNode_t to,
+                             const cudaGraphEdgeData& old);
 
 // Runs a fixed sequence of stream work, keyed by the device pointers it touches: the first call for
 // a key runs eagerly (module loading, lazy allocations and first-touch costs stay out of the

@@ -155,9 +155,9 @@ class Gemm {
   // The candidate with this configuration's description, appended when cuBLASLt accepts it for
   // this shape and it is not listed yet; -1 when it does not.
   int find_or_add(const GemmAlgoConfig& config);
-  // Whether cuBLASLt runs `config` for this shape here, with the operands' alignment and the
-  // workspace; `result` gets the algorithm.
-  bool accepts(const GemmAlgoConfig& config, cublasLtMatmulHeuristicResult_t& result) const;
+  // Appends `config` where cuBLASLt runs it for this shape here, with the operands' alignment and
+  // the workspace, and returns its index; -1 where it does not.
+  int append_if_accepted(const GemmAlgoConfig& config);
   // cuBLASLt's preferences for this shape: workspace, operand alignment, and `search_mode`.
   cublasLtMatmulPreference_t make_preference(uint32_t search_mode) const;
   // Time per launch (ms) of candidate c, as `graphs` replays of a graph of launches; NaN when it

@@ -72,8 +72,8 @@ if want bench; then
     PI0_VISION_ATTENTION=gemm "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== encoder lm attention in the fused kernel (PI0_LM_ATTENTION=fused)"
     PI0_LM_ATTENTION=fused "$BIN/pi0_bench" --case 2,63,0 --iters 200
-    echo "== kernels handed over early (PI0_KERNEL_HANDOVER=early)"
-    PI0_KERNEL_HANDOVER=early "$BIN/pi0_bench" --case 2,63,0 --iters 200
+    echo "== kernels handed over at completion only (PI0_KERNEL_HANDOVER=completion)"
+    PI0_KERNEL_HANDOVER=completion "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== without a GEMM table (PI0_GEMM_TABLE=): cuBLASLt's heuristic choices"
     PI0_GEMM_TABLE= "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== decoder without the L2 weight prefetch (PI0_DECODER_PREFETCH=0)"

@@ -207,7 +207,7 @@ std::atomic<int> g_handover{-1};  // -1: not chosen yet
 
 KernelHandover handover_from_env() {
   const char* value = std::getenv("PI0_KERNEL_HANDOVER");
-  if (value == nullptr || *value == '\0') return KernelHandover::kCompletion;
+  if (value == nullptr || *value == '\0') return KernelHandover::kEarly;
   const std::string v(value);
   for (KernelHandover h : {KernelHandover::kCompletion, KernelHandover::kEarly})
     if (v == handover_name(h)) return h;

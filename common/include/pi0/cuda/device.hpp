@@ -197,9 +197,9 @@ class LtHandle {
 enum class KernelHandover { kCompletion, kEarly };
 const char* handover_name(KernelHandover handover);
 // The process's choice: set_kernel_handover() if called, else PI0_KERNEL_HANDOVER (completion |
-// early), else kCompletion. A bad value throws pi0::Error naming it (the engines ask at
-// construction, so it shows at start). kEarly is opt-in: on two H100s it took V=2 from 13.24-13.26
-// to 13.11-13.16 ms, on a third from 13.26-13.31 to 13.34-13.36 ms (bench/NOTES.md v15).
+// early), else kEarly. A bad value throws pi0::Error naming it (the engines ask at construction,
+// so it shows at start). kEarly is the default since it took V=2 0.06-0.16 ms lower on seven
+// H100s of eight (one was 0.03-0.08 ms slower; bench/NOTES.md v15, v16).
 KernelHandover kernel_handover();
 void set_kernel_handover(KernelHandover handover);
 

@@ -198,8 +198,8 @@ enum class KernelHandover { kCompletion, kEarly };
 const char* handover_name(KernelHandover handover);
 // The process's choice: set_kernel_handover() if called, else PI0_KERNEL_HANDOVER (completion |
 // early), else kEarly. A bad value throws pi0::Error naming it (the engines ask at construction,
-// so it shows at start). kEarly is the default since it took V=2 0.06-0.16 ms lower on seven
-// H100s of eight (one was 0.03-0.08 ms slower; bench/NOTES.md v15, v16).
+// so it shows at start). kEarly is the default since it took V=2 0.06-0.16 ms lower on eight
+// H100s of nine (one was 0.03-0.08 ms slower; bench/NOTES.md v15, v16).
 KernelHandover kernel_handover();
 void set_kernel_handover(KernelHandover handover);
 

@@ -1,7 +1,7 @@
-// The early kernel handover (pi0/cuda/device.hpp, link_kernels) lets any kernel of ours launch
-// before the kernel before it has finished: that is safe only because each one waits for its
-// predecessor before it touches memory. This reads the sources and requires that of every kernel,
-// so that a new one cannot forget it.
+// The early kernel handover (pi0/cuda/device.hpp, link_kernels; the default) lets any kernel of
+// ours launch before the kernel before it has finished: that is safe only because each one waits
+// for its predecessor before it touches memory. This reads the sources and requires that of every
+// kernel, so that a new one cannot forget it; and checks how PI0_KERNEL_HANDOVER is read.
 #include <algorithm>
 #include <cctype>
 #include <filesystem>
@@ -11,6 +11,8 @@
 #include <vector>
 
 #include "catch.hpp"
+#include "pi0/check.hpp"
+#include "pi0/cuda/device.hpp"
 
 namespace {
 
@@ -64,5 +66,23 @@ TEST_CASE("every kernel of ours waits for the kernel before it first thing", "[h
   for (const Kernel& k : kernels) {
     INFO(k.file << ":" << k.line << " starts with: " << k.first_statement);
     CHECK(k.first_statement == "wait_for_prior_grids();");
+  }
+}
+
+// What a user sets in PI0_KERNEL_HANDOVER, and what they get without it.
+TEST_CASE("PI0_KERNEL_HANDOVER: early unless set, and a bad value is named", "[handover]") {
+  using pi0::cuda::KernelHandover;
+  CHECK(pi0::cuda::parse_kernel_handover(nullptr) == KernelHandover::kEarly);
+  CHECK(pi0::cuda::parse_kernel_handover("") == KernelHandover::kEarly);
+  CHECK(pi0::cuda::parse_kernel_handover("early") == KernelHandover::kEarly);
+  CHECK(pi0::cuda::parse_kernel_handover("completion") == KernelHandover::kCompletion);
+  for (const char* bad : {"Early", "late", "completion "}) {
+    INFO("value '" << bad << "'");
+    try {
+      (void)pi0::cuda::parse_kernel_handover(bad);
+      FAIL("accepted");
+    } catch (const pi0::Error& e) {
+      CHECK(std::string(e.what()).find(std::string("'") + bad + "'") != std::string::npos);
+    }
   }
 }

@@ -205,15 +205,6 @@ namespace {
 
 std::atomic<int> g_handover{-1};  // -1: not chosen yet
 
-KernelHandover handover_from_env() {
-  const char* value = std::getenv("PI0_KERNEL_HANDOVER");
-  if (value == nullptr || *value == '\0') return KernelHandover::kEarly;
-  const std::string v(value);
-  for (KernelHandover h : {KernelHandover::kCompletion, KernelHandover::kEarly})
-    if (v == handover_name(h)) return h;
-  throw Error("PI0_KERNEL_HANDOVER must be completion or early, not '" + v + "'");
-}
-
 // cuBLASLt launches its kernels through the driver API, so their names come from the driver's
 // kernel node parameters; the entry points are looked up once, without linking libcuda.
 struct DriverCalls {
@@ -312,10 +303,18 @@ const char* handover_name(KernelHandover handover) {
   return "?";
 }
 
+KernelHandover parse_kernel_handover(const char* value) {
+  if (value == nullptr || *value == '\0') return KernelHandover::kEarly;
+  const std::string v(value);
+  for (KernelHandover h : {KernelHandover::kCompletion, KernelHandover::kEarly})
+    if (v == handover_name(h)) return h;
+  throw Error("PI0_KERNEL_HANDOVER must be completion or early, not '" + v + "'");
+}
+
 KernelHandover kernel_handover() {
   int h = g_handover.load();
   if (h < 0) {
-    h = static_cast<int>(handover_from_env());
+    h = static_cast<int>(parse_kernel_handover(std::getenv("PI0_KERNEL_HANDOVER")));
     g_handover.store(h);
   }
   return static_cast<KernelHandover>(h);

@@ -202,6 +202,9 @@ const char* handover_name(KernelHandover handover);
 // H100s of nine (one was 0.03-0.08 ms slower; bench/NOTES.md v15, v16).
 KernelHandover kernel_handover();
 void set_kernel_handover(KernelHandover handover);
+// A value of PI0_KERNEL_HANDOVER: "completion" or "early"; null or empty is the default, kEarly.
+// Anything else throws pi0::Error naming it.
+KernelHandover parse_kernel_handover(const char* value);
 
 struct HandoverLinks {
   size_t linked = 0;   // kernel-to-kernel edges made programmatic

@@ -277,18 +277,6 @@ bool is_cooperative(cudaGraphNode_t node) {
   return value.cooperative != 0;
 }
 
-// The GPU must be sm_90 or later, and our kernels must have been compiled for it: a build for an
-// older architecture, JIT-compiled from its PTX here, has no wait in them.
-bool device_supports_handover() {
-  int device = 0, major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return major >= 9 && our_kernels_wait_for_prior_grids();
-}
-
 std::atomic<size_t> g_linked{0}, g_refused{0};
 
 }  // namespace
@@ -324,8 +312,16 @@ void set_kernel_handover(KernelHandover handover) {
   g_handover.store(static_cast<int>(handover));
 }
 
+// The GPU must be sm_90 or later, and our kernels must have been compiled for it: a build for an
+// older architecture, JIT-compiled from its PTX here, has no wait in them.
 bool kernel_handover_supported() {
-  return device_supports_handover();
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return major >= 9 && our_kernels_wait_for_prior_grids();
 }
 
 void relink_programmatically(cudaGraph_t graph, cudaGraphNode_t from, cudaGraphNode_t to,
@@ -349,11 +345,12 @@ HandoverLinks link_kernels(cudaGraph_t graph, KernelHandover handover) {
   std::vector<cudaGraphNode_t> from(count), to(count);
   std::vector<cudaGraphEdgeData> data(count);
   if (count > 0) CUDA_CHECK(cudaGraphGetEdges(graph, from.data(), to.data(), data.data(), &count));
-  // Each node looked at once: its edge counts, predecessors, and (for kernels) its name.
+  // Each node looked at once: its edge counts, predecessors, and (for kernels) its name and
+  // whether it is a cooperative launch.
   struct Node {
     int in = 0, out = 0;
     std::vector<cudaGraphNode_t> predecessors;
-    bool kernel = false;
+    bool kernel = false, cooperative = false;
     std::string name;
   };
   std::unordered_map<cudaGraphNode_t, Node> nodes;
@@ -366,7 +363,10 @@ HandoverLinks link_kernels(cudaGraph_t graph, KernelHandover handover) {
   std::vector<cudaGraphNode_t> pending;  // waits on another stream's progress
   for (auto& [handle, node] : nodes) {
     node.kernel = is_kernel(handle);
-    if (node.kernel) node.name = kernel_name(handle);
+    if (node.kernel) {
+      node.name = kernel_name(handle);
+      node.cooperative = is_cooperative(handle);
+    }
     if (node.name.find("wait_layer_kernel") != std::string::npos) pending.push_back(handle);
   }
   // The waits, and every node before them.
@@ -385,7 +385,7 @@ HandoverLinks link_kernels(cudaGraph_t graph, KernelHandover handover) {
     const Node& f = nodes.at(from[e]);
     const Node& t = nodes.at(to[e]);
     if (f.out != 1 || t.in != 1 || !f.kernel || !t.kernel) continue;
-    if (is_cooperative(from[e]) || is_cooperative(to[e])) continue;
+    if (f.cooperative || t.cooperative) continue;
     if (!waits_for_predecessor(t.name)) {
       ++links.refused;
       refused_names.insert(t.name.empty() ? std::string("(unnamed)") : t.name);

@@ -18,6 +18,7 @@
 #include "pi0/frame_inputs.hpp"
 #include "pi0/random.hpp"
 #include "pi0/reference.hpp"
+#include "pi0/weights.hpp"
 
 namespace pi0::test {
 
@@ -171,6 +172,33 @@ FrameOutputs encode_and_decode(Encoder& encoder, Decoder& decoder, const DeviceF
   CUDA_CHECK(cudaDeviceSynchronize());
   return FrameOutputs{cuda::download(kv.get(), kv.size()),
                       cuda::download(actions.get(), actions.size())};
+}
+
+// What the end-to-end engine tests share: a model's seeded random weights, one seeded random frame
+// on the device, and poisoned buffers for the frame's K/V slot and actions.
+struct EngineRig {
+  ModelConfig config;
+  RunShape shape;
+  WeightStore weights;
+  DeviceFrame frame;
+  cuda::DeviceBuffer<Bf16> kv;
+  cuda::DeviceBuffer<float> actions;
+
+  template <typename Encoder, typename Decoder>
+  FrameOutputs run(Encoder& encoder, Decoder& decoder) {
+    return encode_and_decode(encoder, decoder, frame, kv, actions);
+  }
+};
+// The weights from `seed`, the frame from seed + 1.
+inline EngineRig engine_rig(const std::string& model, const RunShape& shape, uint64_t seed) {
+  const ModelConfig config = model_config(model);
+  const StageSizes sizes = stage_sizes(config, shape);
+  return EngineRig{config,
+                   shape,
+                   WeightStore::random(config, shape.prompt_len, seed, WeightSet::kAll),
+                   upload_frame(make_frame_inputs(config, shape, seed + 1, 0)),
+                   poisoned<Bf16>(sizes.kv_slot_values, "kv slot"),
+                   poisoned<float>(sizes.action_values, "actions")};
 }
 
 }  // namespace pi0::test

@@ -181,21 +181,14 @@ TEST_CASE("kernels linked programmatically wait for their predecessor's late wri
 // The engines' graphs with every handover: the same kernels on the same data, so the same bits,
 // eager, captured and replayed (the encoder's K/V slot and the decoder's actions).
 TEST_CASE("the kernel handover changes no bits in the engines", "[gpu]") {
-  const ModelConfig config = model_config("pi0-2l");
-  const RunShape shape{2, 63, 0};
-  const StageSizes sizes = stage_sizes(config, shape);
-  const WeightStore weights = WeightStore::random(config, 0, 1101, WeightSet::kAll);
-  const DeviceFrame frame = upload_frame(make_frame_inputs(config, shape, 1102, 0));
-  auto kv = poisoned<Bf16>(sizes.kv_slot_values, "kv slot");
-  auto actions = poisoned<float>(sizes.action_values, "actions");
+  EngineRig rig = engine_rig("pi0-2l", RunShape{2, 63, 0}, 1101);
 
   auto run = [&](cuda::KernelHandover handover) {
     const ScopedHandover scoped(handover);
-    CudaEncoder encoder(config, shape, weights);
-    CudaDecoder decoder(config, shape, weights);
+    CudaEncoder encoder(rig.config, rig.shape, rig.weights);
+    CudaDecoder decoder(rig.config, rig.shape, rig.weights);
     std::vector<FrameOutputs> runs;  // eager, capture, replay
-    for (int i = 0; i < 3; ++i)
-      runs.push_back(encode_and_decode(encoder, decoder, frame, kv, actions));
+    for (int i = 0; i < 3; ++i) runs.push_back(rig.run(encoder, decoder));
     return runs;
   };
   const auto plain = run(cuda::KernelHandover::kCompletion);

@@ -197,31 +197,24 @@ TEST_CASE("running out of GPU memory names the buffer and leaves the device usab
 }
 
 TEST_CASE("full pi0 is finite and bitwise deterministic", "[gpu]") {
-  const ModelConfig config = model_config("pi0");
-  const RunShape shape{2, 63, 0};
-  const StageSizes sizes = stage_sizes(config, shape);
-  const WeightStore weights = WeightStore::random(config, 0, 401, WeightSet::kAll);
-  const DeviceFrame frame = upload_frame(make_frame_inputs(config, shape, 402, 0));
-  auto kv = poisoned<Bf16>(sizes.kv_slot_values, "kv slot");
-  auto actions = poisoned<float>(sizes.action_values, "actions");
+  EngineRig rig = engine_rig("pi0", RunShape{2, 63, 0}, 401);
 
   std::vector<FrameOutputs> runs;
   {
-    CudaEncoder encoder(config, shape, weights);
-    CudaDecoder decoder(config, shape, weights);
+    CudaEncoder encoder(rig.config, rig.shape, rig.weights);
+    CudaDecoder decoder(rig.config, rig.shape, rig.weights);
     std::printf(
         "  pi0 encoder: %.2f GiB weights, %.1f MiB workspace; decoder: %.2f GiB, %.1f MiB\n",
         encoder.weight_bytes() / 1073741824.0, encoder.workspace_bytes() / 1048576.0,
         decoder.weight_bytes() / 1073741824.0, decoder.workspace_bytes() / 1048576.0);
     // Call 1 runs eagerly, call 2 captures the graphs, call 3 replays them.
-    for (int i = 0; i < 3; ++i)
-      runs.push_back(encode_and_decode(encoder, decoder, frame, kv, actions));
+    for (int i = 0; i < 3; ++i) runs.push_back(rig.run(encoder, decoder));
   }
   {
     // A second pair of engines on the same weights: same algorithms, same bits.
-    CudaEncoder encoder(config, shape, weights);
-    CudaDecoder decoder(config, shape, weights);
-    runs.push_back(encode_and_decode(encoder, decoder, frame, kv, actions));
+    CudaEncoder encoder(rig.config, rig.shape, rig.weights);
+    CudaDecoder decoder(rig.config, rig.shape, rig.weights);
+    runs.push_back(rig.run(encoder, decoder));
   }
   const std::vector<float>& first = runs[0].actions;
   REQUIRE(count_nonfinite(to_float(runs[0].kv)) == 0);

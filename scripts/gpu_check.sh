@@ -78,14 +78,18 @@ if want bench; then
     PI0_GEMM_TABLE= "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== decoder without the L2 weight prefetch (PI0_DECODER_PREFETCH=0)"
     PI0_DECODER_PREFETCH=0 "$BIN/pi0_bench" --case 2,63,0 --iters 200
-    echo "== decoder attention in the fused kernel (PI0_DECODER_FUSED_ATTENTION=1)"
-    PI0_DECODER_FUSED_ATTENTION=1 "$BIN/pi0_bench" --case 2,63,0 --iters 200
+    echo "== decoder attention in the fused kernel (PI0_DECODER_ATTENTION=fused)"
+    PI0_DECODER_ATTENTION=fused "$BIN/pi0_bench" --case 2,63,0 --iters 200
+    echo "== decoder attention in the tiled kernels (PI0_DECODER_ATTENTION=tiled)"
+    PI0_DECODER_ATTENTION=tiled "$BIN/pi0_bench" --case 2,63,0 --iters 200
+    echo "== attention as GEMMs where the keys are unaligned (PI0_DECODER_ATTENTION=gemm PI0_LM_ATTENTION=gemm)"
+    PI0_DECODER_ATTENTION=gemm PI0_LM_ATTENTION=gemm "$BIN/pi0_bench" --case 2,50,20 --iters 200
     echo "== decoder weight GEMMs on the skinny kernel (PI0_DECODER_SKINNY=1)"
     PI0_DECODER_SKINNY=1 "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== decoder layers in the persistent kernel (PI0_DECODER_LAYERS=1)"
     PI0_DECODER_LAYERS=1 "$BIN/pi0_bench" --case 2,63,0 --iters 200
   } >"$OUT_DIR/bench_extra.log" 2>&1
-  grep -E "breakdown|^== |^V=2 C=63 P=0 " "$OUT_DIR/bench_extra.log"
+  grep -E "breakdown|^== |^V=2 C=(63 P=0|50 P=20) " "$OUT_DIR/bench_extra.log"
   grep -A12 "decoder breakdown" "$OUT_DIR/bench_extra.log" | head -13
 fi
 

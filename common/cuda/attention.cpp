@@ -1,5 +1,8 @@
 #include "pi0/cuda/attention.hpp"
 
+#include <cstdlib>
+#include <string>
+
 #include "pi0/check.hpp"
 #include "pi0/cuda/kernels.hpp"
 
@@ -13,6 +16,22 @@ int padded(int cols) {
 }
 
 }  // namespace
+
+AttentionKernels default_attention_kernels(int query_rows, int keys) {
+  constexpr int kMaxTiledRows = 1024;
+  return keys % 8 != 0 && query_rows <= kMaxTiledRows ? AttentionKernels::kTiled
+                                                       : AttentionKernels::kGemms;
+}
+
+AttentionKernels attention_kernels_from_env(const char* variable, AttentionKernels fallback) {
+  const char* value = std::getenv(variable);
+  if (value == nullptr || value[0] == '\0') return fallback;
+  const std::string kernels(value);
+  if (kernels == "gemm") return AttentionKernels::kGemms;
+  if (kernels == "fused") return AttentionKernels::kFused;
+  if (kernels == "tiled") return AttentionKernels::kTiled;
+  throw Error(std::string(variable) + "=" + kernels + ": expected gemm, fused or tiled");
+}
 
 bool SharedKvAttention::try_fused() {
   FusedAttentionShape f;
@@ -32,9 +51,22 @@ SharedKvAttention::SharedKvAttention(cublasLtHandle_t handle, const Params& para
   PI0_CHECK(params.queries > 0 && params.heads > 0 && params.head_dim > 0 && params.keys > 0,
             "SharedKvAttention: empty shape");
   const int rows = params.queries * params.heads;
-  if (params.fused && fused_attention_supported(params.head_dim)) {
+  if (params.kernels == AttentionKernels::kFused && fused_attention_supported(params.head_dim)) {
     fused_ = try_fused();
     if (fused_) return;
+  }
+  if (params.kernels == AttentionKernels::kTiled) {
+    tiled_shape_.rows = rows;
+    tiled_shape_.keys = params.keys;
+    tiled_shape_.head_dim = params.head_dim;
+    tiled_shape_.scale = params.scale;
+    tiled_shape_.limited_rows = params.limited_queries * params.heads;
+    tiled_shape_.limited_keys = params.limited_keys;
+    if (tiled_attention_supported(tiled_shape_)) {
+      tiled_scratch_ = DeviceBuffer<std::byte>(tiled_attention_scratch_bytes(tiled_shape_),
+                                               "attention tiles");
+      return;
+    }
   }
   scores_ = DeviceBuffer<float>(static_cast<size_t>(rows) * ld_, "attention scores");
   probs_ = DeviceBuffer<Bf16>(static_cast<size_t>(rows) * ld_, "attention probabilities");
@@ -81,6 +113,13 @@ void SharedKvAttention::run(const Bf16* q, const Bf16* k, const Bf16* v, Bf16* o
   if (fused_) {
     fused_attention(fused_shape_, q, k, v, out, stream);
     if (timer) timer->mark("attention (fused)", stream);
+    return;
+  }
+  if (tiled()) {
+    tiled_attention_scores(tiled_shape_, q, k, tiled_scratch_.get(), stream);
+    if (timer) timer->mark("attention scores (tiled)", stream);
+    tiled_attention_values(tiled_shape_, tiled_scratch_.get(), v, out, stream);
+    if (timer) timer->mark("attention values (tiled)", stream);
     return;
   }
   const int rows = params_.queries * params_.heads;

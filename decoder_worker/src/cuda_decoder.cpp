@@ -331,13 +331,13 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   g_aout = gemm(loosely_aligned(cuda::linear_shape(c, ad, aw, DType::kF32, Epilogue::kBias, true)));
   const PassGemms& one = pass.front();
 
-  // Attention as GEMMs + softmax: PI0_DECODER_FUSED_ATTENTION=1 runs the fused kernel instead
-  // (correct and deterministic, but 1 ms slower per decode as of bench/NOTES.md v4).
-  const char* fused_attention = std::getenv("PI0_DECODER_FUSED_ATTENTION");
+  // The tiled kernels where cuBLASLt's products would be misaligned, else QK GEMM + softmax + PV
+  // GEMM; PI0_DECODER_ATTENTION = gemm | fused | tiled overrides (bench/NOTES.md v4, v16, v17).
   cuda::SharedKvAttention::Params attention_params{
       rows, cfg.lm_heads, cfg.head_dim, keys, 1.0f / std::sqrt(static_cast<float>(cfg.head_dim)),
       1,    prefix + 1};
-  attention_params.fused = fused_attention && fused_attention[0] == '1';
+  attention_params.kernels = cuda::attention_kernels_from_env(
+      "PI0_DECODER_ATTENTION", cuda::default_attention_kernels(rows * cfg.lm_heads, keys));
   attention = cuda::SharedKvAttention(lt.get(), attention_params, gemm_ws.get(), gemm_ws.bytes());
   memory.add_workspace(attention.scratch_bytes());
 

@@ -170,8 +170,9 @@ CudaEncoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
           (cfg.lm_layers - 1) *
               (g_lo.shape().flops() + g_lgu.shape().flops() + g_ldown.shape().flops());
 
-  // Attention in the fused kernel where the head size has one (PI0_VISION_ATTENTION /
-  // PI0_LM_ATTENTION = gemm | fused override the choice, for comparisons; bench/NOTES.md v9).
+  // SigLIP's attention in the fused kernel where the head size has one, Gemma's as
+  // default_attention_kernels() says (PI0_VISION_ATTENTION = gemm | fused and PI0_LM_ATTENTION =
+  // gemm | fused | tiled override the choice, for comparisons; bench/NOTES.md v9, v17).
   cuda::ViewAttention::Params vision_attention{
       shape.views, tokens, cfg.vision_heads, cfg.vision_head_dim,
       1.0f / std::sqrt(static_cast<float>(cfg.vision_head_dim))};
@@ -185,7 +186,8 @@ CudaEncoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
       1.0f / std::sqrt(static_cast<float>(cfg.head_dim)),
       0,
       0};
-  lm_attention_params.fused = attention_path("PI0_LM_ATTENTION", false);
+  lm_attention_params.kernels = cuda::attention_kernels_from_env(
+      "PI0_LM_ATTENTION", cuda::default_attention_kernels(prefix * cfg.lm_heads, prefix));
   lm_attention =
       cuda::SharedKvAttention(lt.get(), lm_attention_params, gemm_ws.get(), gemm_ws.bytes());
   memory.add_workspace(v_attention.scratch_bytes() + lm_attention.scratch_bytes());

@@ -235,11 +235,13 @@ bool prefix_mask(int q, int k, const void* ctx) {
   return q >= m->limited_queries || k < m->limited_keys;
 }
 
-// fused: ask for the fused kernel. falls_back_to_fused: the GEMMs are expected to land on the
+// kernels: the kernels asked for. falls_back_to_fused: the GEMMs are expected to land on the
 // built-in kernel, and the attention to switch to the fused kernel and free their scratch.
 void check_shared_kv(int queries, int keys, int heads, int hd, int limited_queries,
-                     int limited_keys, uint64_t seed, bool fused = false,
+                     int limited_keys, uint64_t seed,
+                     cuda::AttentionKernels kernels = cuda::AttentionKernels::kGemms,
                      bool falls_back_to_fused = false) {
+  using cuda::AttentionKernels;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const auto q = rounded(random_floats(static_cast<size_t>(queries) * heads * hd, seed, 1.5f));
   const auto k = rounded(random_floats(static_cast<size_t>(keys) * hd, seed + 1, 1.5f));
@@ -252,13 +254,15 @@ void check_shared_kv(int queries, int keys, int heads, int hd, int limited_queri
   DeviceBuffer<std::byte> ws(cuda::kGemmWorkspaceBytes, "workspace");
   cuda::SharedKvAttention::Params params{queries, heads,           hd,          keys,
                                          scale,   limited_queries, limited_keys};
-  params.fused = fused;
+  params.kernels = kernels;
   cuda::SharedKvAttention att(lt.get(), params, ws.get(), ws.bytes());
+  const bool fused = kernels == AttentionKernels::kFused, tiled = kernels == AttentionKernels::kTiled;
   REQUIRE(att.fused() == (fused || falls_back_to_fused));
+  REQUIRE(att.tiled() == tiled);
   if (falls_back_to_fused) REQUIRE(att.scratch_bytes() == 0);
   att.run(dq.get(), dk.get(), dv.get(), out.get(), nullptr);
   CUDA_CHECK(cudaDeviceSynchronize());
-  if (att.fused())
+  if (att.fused() || att.tiled())
     require_same_bits_again(out,
                             [&] { att.run(dq.get(), dk.get(), dv.get(), out.get(), nullptr); });
   std::vector<float> ref(q.size());
@@ -268,6 +272,7 @@ void check_shared_kv(int queries, int keys, int heads, int hd, int limited_queri
   const double err = rel_error(down_bf16(out), ref);
   report(std::string(falls_back_to_fused ? "fused (GEMMs on the built-in kernel) "
                      : fused             ? "fused "
+                     : tiled             ? "tiled "
                                          : "") +
              "shared-kv attention q=" + std::to_string(queries) + " k=" + std::to_string(keys) +
              " hd=" + std::to_string(hd) +
@@ -284,11 +289,25 @@ TEST_CASE("shared kv attention matches the reference bidirectional", "[gpu]") {
 }
 
 TEST_CASE("fused shared kv attention matches the reference", "[gpu]") {
-  check_shared_kv(64, 576, 8, 256, 1, 513, 40, true);  // decoder, V=2 C=63: 6 key ranges
-  check_shared_kv(51, 583, 8, 256, 1, 533, 41, true);  // decoder, C=50 P=20: partial tiles
-  check_shared_kv(532, 532, 8, 256, 0, 0, 42, true);   // encoder-sized, bidirectional
-  check_shared_kv(9, 40, 2, 128, 1, 3, 43, true);      // one key range, rows < 64
-  check_shared_kv(33, 300, 4, 64, 2, 100, 44, true);   // head_dim 64
+  const auto fused = cuda::AttentionKernels::kFused;
+  check_shared_kv(64, 576, 8, 256, 1, 513, 40, fused);  // decoder, V=2 C=63: 6 key ranges
+  check_shared_kv(51, 583, 8, 256, 1, 533, 41, fused);  // decoder, C=50 P=20: partial tiles
+  check_shared_kv(532, 532, 8, 256, 0, 0, 42, fused);   // encoder-sized, bidirectional
+  check_shared_kv(9, 40, 2, 128, 1, 3, 43, fused);      // one key range, rows < 64
+  check_shared_kv(33, 300, 4, 64, 2, 100, 44, fused);   // head_dim 64
+}
+
+// The two tiled kernels: partial row blocks and key tiles, masks that leave whole tiles of a row
+// empty, every head size they take.
+TEST_CASE("tiled shared kv attention matches the reference", "[gpu]") {
+  const auto tiled = cuda::AttentionKernels::kTiled;
+  check_shared_kv(64, 576, 8, 256, 1, 513, 50, tiled);  // decoder, V=2 C=63
+  check_shared_kv(51, 583, 8, 256, 1, 533, 51, tiled);  // decoder, C=50 P=20
+  check_shared_kv(64, 832, 8, 256, 1, 769, 52, tiled);  // decoder, V=3
+  check_shared_kv(532, 532, 8, 256, 0, 0, 53, tiled);   // encoder-sized, with a prompt
+  check_shared_kv(9, 200, 2, 128, 1, 3, 54, tiled);     // token 0 sees only 3 keys
+  check_shared_kv(33, 300, 4, 64, 2, 100, 55, tiled);   // head_dim 64
+  check_shared_kv(40, 70, 2, 32, 1, 41, 56, tiled);     // tiny widths
 }
 
 // At some MPS shares no cuBLASLt algorithm gets the QK / PV products right; the attention then
@@ -296,7 +315,7 @@ TEST_CASE("fused shared kv attention matches the reference", "[gpu]") {
 TEST_CASE("shared kv attention falls back to the fused kernel without keeping gemm scratch",
           "[gpu]") {
   const ScopedEnv builtin("PI0_GEMM_PATH", "builtin");        // the Gemm tier to start at
-  check_shared_kv(64, 576, 8, 256, 1, 513, 45, false, true);  // decoder, V=2 C=63
+  check_shared_kv(64, 576, 8, 256, 1, 513, 45, cuda::AttentionKernels::kGemms, true);  // decoder
 }
 
 TEST_CASE("shared kv attention applies the state token mask", "[gpu]") {

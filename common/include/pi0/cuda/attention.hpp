@@ -1,7 +1,7 @@
 // Attention as two cuBLASLt GEMMs around a row softmax: S = scale * Q K^T (fp32), P = softmax(S)
 // (bf16, masked), O = P V; or, where asked and possible, in the one-kernel flash attention of
-// fused_attention.hpp. Which is faster depends on the shape (bench/NOTES.md v9: SigLIP's is
-// fused, the Gemma prefix's and the decoder's are not), so each caller chooses.
+// fused_attention.hpp or the two kernels of tiled_attention.hpp. Which is faster depends on the
+// shape (bench/NOTES.md v9, v17), so each caller chooses.
 #pragma once
 
 #include <cublasLt.h>
@@ -12,8 +12,24 @@
 #include "pi0/cuda/fused_attention.hpp"
 #include "pi0/cuda/gemm.hpp"
 #include "pi0/cuda/op_timer.hpp"
+#include "pi0/cuda/tiled_attention.hpp"
 
 namespace pi0::cuda {
+
+enum class AttentionKernels { kGemms, kFused, kTiled };
+
+// The multi-query attention's kernels for `query_rows` (queries x heads) against `keys` keys.
+// cuBLASLt takes far slower kernels for the QK and PV products when the key count is not a
+// multiple of 8: the decoder at C = 50 (512 query rows) took 10.9-11.1 ms against 8.2-8.3 with
+// the tiled kernels. Elsewhere the GEMMs are 0.05-0.4 ms a frame faster, and so they are for the
+// Gemma prefix's 4,256 query rows at P = 20, whose tiled values kernel re-reads P~ once per 32
+// output dims (bench/NOTES.md v17). So: tiled for a decoder-sized attention over unaligned keys,
+// else the GEMMs.
+AttentionKernels default_attention_kernels(int query_rows, int keys);
+
+// `variable` = gemm | fused | tiled overrides `fallback`; unset or empty keeps it. A bad value
+// throws an error naming the variable and the value.
+AttentionKernels attention_kernels_from_env(const char* variable, AttentionKernels fallback);
 
 // `heads` query heads sharing one K/V head (Gemma's multi-query attention). Because the query
 // heads of a row are contiguous, Q [queries, heads * head_dim] is also Q' [queries * heads,
@@ -25,9 +41,10 @@ class SharedKvAttention {
     float scale = 1.0f;
     // Queries (tokens) < limited_queries see only keys < limited_keys (the decoder's state token).
     int limited_queries = 0, limited_keys = 0;
-    // One fused kernel (pi0/cuda/fused_attention.hpp) instead of the two GEMMs and the softmax,
-    // where the head size allows it and its cluster fits this process's SM share.
-    bool fused = false;
+    // kFused: one kernel (pi0/cuda/fused_attention.hpp), where the head size allows it and its
+    // cluster fits this process's SM share. kTiled: the two kernels of tiled_attention.hpp,
+    // where the shape allows it. Otherwise, and for kGemms, the GEMMs and the softmax.
+    AttentionKernels kernels = AttentionKernels::kGemms;
   };
   SharedKvAttention() = default;
   SharedKvAttention(cublasLtHandle_t handle, const Params& params, void* workspace,
@@ -36,12 +53,13 @@ class SharedKvAttention {
   // contiguous bf16, 256-byte aligned.
   void run(const Bf16* q, const Bf16* k, const Bf16* v, Bf16* out, cudaStream_t stream,
            OpTimer* timer = nullptr);
-  size_t scratch_bytes() const { return scores_.bytes() + probs_.bytes(); }
+  size_t scratch_bytes() const { return scores_.bytes() + probs_.bytes() + tiled_scratch_.bytes(); }
   double flops() const {
     return 4.0 * params_.queries * params_.heads * static_cast<double>(params_.keys) *
            params_.head_dim;
   }
   bool fused() const { return fused_; }
+  bool tiled() const { return tiled_scratch_.bytes() > 0; }
 
  private:
   bool try_fused();  // plans the fused kernel; false where its cluster does not fit here
@@ -52,6 +70,8 @@ class SharedKvAttention {
   Gemm qk_, pv_;
   bool fused_ = false;
   FusedAttentionShape fused_shape_{};
+  TiledAttentionShape tiled_shape_{};
+  DeviceBuffer<std::byte> tiled_scratch_;
 };
 
 // Multi-head attention within each view (SigLIP): qkv [views * tokens, 3 * heads * head_dim]

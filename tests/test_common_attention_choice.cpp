@@ -1,0 +1,52 @@
+// Which kernels a multi-query attention runs by default, and how the PI0_*_ATTENTION overrides
+// are read (pi0/cuda/attention.hpp). The kernels themselves are checked on the GPU.
+#include <cstdlib>
+#include <string>
+
+#include "catch.hpp"
+#include "pi0/check.hpp"
+#include "pi0/cuda/attention.hpp"
+
+using pi0::cuda::attention_kernels_from_env;
+using pi0::cuda::AttentionKernels;
+using pi0::cuda::default_attention_kernels;
+
+TEST_CASE("attention: the tiled kernels only for decoder-sized attentions over unaligned keys",
+          "[attention]") {
+  // The decoder: 64 or 51 tokens x 8 heads against E + C + 1 keys.
+  CHECK(default_attention_kernels(64 * 8, 576) == AttentionKernels::kGemms);  // V=2 C=63
+  CHECK(default_attention_kernels(51 * 8, 563) == AttentionKernels::kTiled);  // V=2 C=50
+  CHECK(default_attention_kernels(51 * 8, 583) == AttentionKernels::kTiled);  // V=2 C=50 P=20
+  CHECK(default_attention_kernels(56 * 8, 568) == AttentionKernels::kGemms);  // a multiple of 8
+  // The Gemma prefix attends to itself: 532 x 8 query rows are too many for the tiled kernels.
+  CHECK(default_attention_kernels(532 * 8, 532) == AttentionKernels::kGemms);
+  CHECK(default_attention_kernels(533 * 8, 533) == AttentionKernels::kGemms);
+}
+
+TEST_CASE("attention: PI0_*_ATTENTION overrides the default, and a bad value is named",
+          "[attention]") {
+  constexpr const char* kVariable = "PI0_TEST_ATTENTION_CHOICE";
+  ::unsetenv(kVariable);
+  CHECK(attention_kernels_from_env(kVariable, AttentionKernels::kTiled) ==
+        AttentionKernels::kTiled);
+  ::setenv(kVariable, "", 1);
+  CHECK(attention_kernels_from_env(kVariable, AttentionKernels::kGemms) ==
+        AttentionKernels::kGemms);
+  ::setenv(kVariable, "gemm", 1);
+  CHECK(attention_kernels_from_env(kVariable, AttentionKernels::kTiled) ==
+        AttentionKernels::kGemms);
+  ::setenv(kVariable, "fused", 1);
+  CHECK(attention_kernels_from_env(kVariable, AttentionKernels::kGemms) ==
+        AttentionKernels::kFused);
+  ::setenv(kVariable, "tiled", 1);
+  CHECK(attention_kernels_from_env(kVariable, AttentionKernels::kGemms) ==
+        AttentionKernels::kTiled);
+  ::setenv(kVariable, "flash", 1);
+  try {
+    (void)attention_kernels_from_env(kVariable, AttentionKernels::kGemms);
+    FAIL("accepted");
+  } catch (const pi0::Error& e) {
+    CHECK(std::string(e.what()).find("PI0_TEST_ATTENTION_CHOICE=flash") != std::string::npos);
+  }
+  ::unsetenv(kVariable);
+}

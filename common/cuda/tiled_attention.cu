@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "attention_tile.cuh"
 #include "mma_primitives.cuh"
 #include "pi0/check.hpp"
 #include "pi0/cuda/device.hpp"
@@ -18,6 +19,7 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 using namespace mma;
+using attention_tile::pack_bf16;
 
 constexpr int kScoreThreads = 256;  // 8 warps: 4 row groups of 16 x 2 key halves of 32
 constexpr int kValueThreads = 128;  // 4 warps: 2 row groups of 16 x even / odd tiles
@@ -65,11 +67,6 @@ __device__ __forceinline__ void cp_wait_at_most(int pending) {
     else
       cp_wait_at_most<N - 1>(pending);
   }
-}
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  const __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&p);
 }
 
 template <int D>
@@ -386,6 +383,20 @@ Args args_for(const TiledAttentionShape& s, const Layout& l, const void* scratch
   return a;
 }
 
+// One pass: the arguments from the shape and the scratch, `bind` adds the pass's operands, and
+// `launch(D, args, layout)` launches the kernel instantiated for the head dim.
+template <typename Bind, typename Launch>
+void run_pass(const TiledAttentionShape& s, const void* scratch, Bind&& bind, Launch&& launch) {
+  const Layout l = layout_of(s);
+  Args a = args_for(s, l, scratch);
+  bind(a);
+  with_head_dim(s.head_dim, [&](auto d) {
+    configure<decltype(d)::value>();
+    launch(d, a, l);
+  });
+  CUDA_CHECK_LAUNCH();
+}
+
 }  // namespace
 
 bool tiled_attention_supported(const TiledAttentionShape& s) {
@@ -402,38 +413,38 @@ size_t tiled_attention_scratch_bytes(const TiledAttentionShape& s) {
 
 void tiled_attention_scores(const TiledAttentionShape& s, const Bf16* q, const Bf16* k,
                             void* scratch, cudaStream_t stream) {
-  const Layout l = layout_of(s);
-  Args a = args_for(s, l, scratch);
   PI0_CHECK(is_aligned(q, 16) && is_aligned(k, 16),
             "tiled attention: Q and K must be 16-byte aligned");
-  a.q = reinterpret_cast<const bf16*>(q);
-  a.k = reinterpret_cast<const bf16*>(k);
-  with_head_dim(s.head_dim, [&](auto d) {
-    constexpr int D = decltype(d)::value;
-    configure<D>();
-    scores_kernel<D>
-        <<<dim3(static_cast<unsigned>(l.tiles), static_cast<unsigned>(l.rows_padded / kScoreRows)),
-           kScoreThreads, scores_smem_bytes<D>(), stream>>>(a);
-  });
-  CUDA_CHECK_LAUNCH();
+  run_pass(
+      s, scratch,
+      [&](Args& a) {
+        a.q = reinterpret_cast<const bf16*>(q);
+        a.k = reinterpret_cast<const bf16*>(k);
+      },
+      [&](auto d, const Args& a, const Layout& l) {
+        constexpr int D = decltype(d)::value;
+        scores_kernel<D><<<dim3(static_cast<unsigned>(l.tiles),
+                                static_cast<unsigned>(l.rows_padded / kScoreRows)),
+                           kScoreThreads, scores_smem_bytes<D>(), stream>>>(a);
+      });
 }
 
 void tiled_attention_values(const TiledAttentionShape& s, const void* scratch, const Bf16* v,
                             Bf16* out, cudaStream_t stream) {
-  const Layout l = layout_of(s);
-  Args a = args_for(s, l, scratch);
   PI0_CHECK(is_aligned(v, 16) && is_aligned(out, 4),
             "tiled attention: V must be 16-byte and the output 4-byte aligned");
-  a.v = reinterpret_cast<const bf16*>(v);
-  a.out = reinterpret_cast<bf16*>(out);
-  with_head_dim(s.head_dim, [&](auto d) {
-    constexpr int D = decltype(d)::value;
-    configure<D>();
-    values_kernel<D><<<dim3(static_cast<unsigned>(D / kDims),
-                            static_cast<unsigned>(l.rows_padded / kValueRows)),
-                       kValueThreads, kValuesSmemBytes, stream>>>(a);
-  });
-  CUDA_CHECK_LAUNCH();
+  run_pass(
+      s, scratch,
+      [&](Args& a) {
+        a.v = reinterpret_cast<const bf16*>(v);
+        a.out = reinterpret_cast<bf16*>(out);
+      },
+      [&](auto d, const Args& a, const Layout& l) {
+        constexpr int D = decltype(d)::value;
+        values_kernel<D><<<dim3(static_cast<unsigned>(D / kDims),
+                                static_cast<unsigned>(l.rows_padded / kValueRows)),
+                           kValueThreads, kValuesSmemBytes, stream>>>(a);
+      });
 }
 
 }  // namespace pi0::cuda

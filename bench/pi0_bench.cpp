@@ -88,16 +88,18 @@ void print_breakdown(const char* stage, const cuda::OpTimer& timer) {
                 1000 * r.ms_per_pass / std::max(r.calls_per_pass, 1));
 }
 
-// Median time (ms) of `run` on `stream` after its eager run, graph capture and first replay.
-double median_stage_ms(const std::function<void()>& run, cudaStream_t stream, int reps) {
+// Median time (ms) of `run`, from `start` (the stream it begins on) to `end` (the one it ends on),
+// after its eager run, graph capture and first replay.
+double median_stage_ms(const std::function<void()>& run, cudaStream_t start, cudaStream_t end,
+                       int reps) {
   for (int i = 0; i < 3; ++i) run();
-  CUDA_CHECK(cudaStreamSynchronize(stream));
+  CUDA_CHECK(cudaDeviceSynchronize());
   cuda::Event a, b;
   std::vector<double> ms;
   for (int i = 0; i < reps; ++i) {
-    a.record(stream);
+    a.record(start);
     run();
-    b.record(stream);
+    b.record(end);
     b.synchronize();
     ms.push_back(b.elapsed_since(a));
   }
@@ -220,7 +222,7 @@ Figures run_case(const ModelConfig& config, const Case& c, const WeightStore& en
         "encoder", encoder.tunable_gemms(),
         [&] {
           return median_stage_ms([&] { encoder.encode(s.images.get(), s.kv.get(), stream.get()); },
-                                 stream.get(), kReps);
+                                 stream.get(), stream.get(), kReps);
         },
         [&] { encoder.forget_graphs(); });
     // The decoder's first-step products are tuned by the time of the two stages overlapped
@@ -236,28 +238,18 @@ Figures run_case(const ModelConfig& config, const Case& c, const WeightStore& en
                 decoder.decode(s.kv.get(), s.state.get(), s.noise.get(), s.actions.get(),
                                stream.get());
               },
-              stream.get(), kReps);
+              stream.get(), stream.get(), kReps);
         },
         [&] { decoder.forget_graphs(); });
     tune_in_place(
         "decoder's first step beside the encoder", beside,
         [&] {
-          for (int i = 0; i < 3; ++i) {
-            encode(s);
-            decode(s);
-          }
-          CUDA_CHECK(cudaDeviceSynchronize());
-          cuda::Event a, b;
-          std::vector<double> ms;
-          for (int i = 0; i < kReps; ++i) {
-            a.record(stream.get());
-            encode(s);
-            decode(s);
-            b.record(out_stream);
-            b.synchronize();
-            ms.push_back(b.elapsed_since(a));
-          }
-          return percentile(ms, 0.5);
+          return median_stage_ms(
+              [&] {
+                encode(s);
+                decode(s);
+              },
+              stream.get(), out_stream, kReps);
         },
         [&] { decoder.forget_graphs(); });
   }

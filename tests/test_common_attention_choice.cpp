@@ -48,5 +48,17 @@ TEST_CASE("attention: PI0_*_ATTENTION overrides the default, and a bad value is 
   } catch (const pi0::Error& e) {
     CHECK(std::string(e.what()).find("PI0_TEST_ATTENTION_CHOICE=flash") != std::string::npos);
   }
+  // SigLIP's attention has no tiled kernels: its variable accepts gemm and fused only.
+  const auto gemm_or_fused = {AttentionKernels::kGemms, AttentionKernels::kFused};
+  ::setenv(kVariable, "fused", 1);
+  CHECK(attention_kernels_from_env(kVariable, AttentionKernels::kGemms, gemm_or_fused) ==
+        AttentionKernels::kFused);
+  ::setenv(kVariable, "tiled", 1);
+  try {
+    (void)attention_kernels_from_env(kVariable, AttentionKernels::kFused, gemm_or_fused);
+    FAIL("accepted");
+  } catch (const pi0::Error& e) {
+    CHECK(std::string(e.what()) == "PI0_TEST_ATTENTION_CHOICE=tiled: expected gemm or fused");
+  }
   ::unsetenv(kVariable);
 }

@@ -23,14 +23,24 @@ AttentionKernels default_attention_kernels(int query_rows, int keys) {
                                                        : AttentionKernels::kGemms;
 }
 
-AttentionKernels attention_kernels_from_env(const char* variable, AttentionKernels fallback) {
+AttentionKernels attention_kernels_from_env(const char* variable, AttentionKernels fallback,
+                                            std::initializer_list<AttentionKernels> accepted) {
   const char* value = std::getenv(variable);
   if (value == nullptr || value[0] == '\0') return fallback;
   const std::string kernels(value);
-  if (kernels == "gemm") return AttentionKernels::kGemms;
-  if (kernels == "fused") return AttentionKernels::kFused;
-  if (kernels == "tiled") return AttentionKernels::kTiled;
-  throw Error(std::string(variable) + "=" + kernels + ": expected gemm, fused or tiled");
+  auto name = [](AttentionKernels k) {
+    return k == AttentionKernels::kGemms   ? "gemm"
+           : k == AttentionKernels::kFused ? "fused"
+                                           : "tiled";
+  };
+  std::string choices;
+  size_t i = 0;
+  for (AttentionKernels k : accepted) {
+    if (kernels == name(k)) return k;
+    choices += (i == 0 ? "" : i + 1 == accepted.size() ? " or " : ", ") + std::string(name(k));
+    ++i;
+  }
+  throw Error(std::string(variable) + "=" + kernels + ": expected " + choices);
 }
 
 bool SharedKvAttention::try_fused() {

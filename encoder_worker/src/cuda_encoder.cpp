@@ -8,7 +8,6 @@
 #include "pi0/cuda_encoder.hpp"
 
 #include <cmath>
-#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -77,20 +76,6 @@ struct CudaEncoder::Impl {
     return kv + kv_offset(cfg, slot_rows, layer, which);
   }
 };
-
-namespace {
-
-// Whether an attention runs the fused kernel: `variable` = gemm | fused, unset for the default.
-bool attention_path(const char* variable, bool fused_by_default) {
-  const char* value = std::getenv(variable);
-  if (value == nullptr || value[0] == '\0') return fused_by_default;
-  const std::string path(value);
-  PI0_CHECK(path == "gemm" || path == "fused",
-            std::string(variable) + "=" + path + ": expected gemm or fused");
-  return path == "fused";
-}
-
-}  // namespace
 
 CudaEncoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, const WeightStore& w,
                         const CudaEngineOptions& options)
@@ -176,7 +161,11 @@ CudaEncoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   cuda::ViewAttention::Params vision_attention{
       shape.views, tokens, cfg.vision_heads, cfg.vision_head_dim,
       1.0f / std::sqrt(static_cast<float>(cfg.vision_head_dim))};
-  vision_attention.fused = attention_path("PI0_VISION_ATTENTION", true);
+  // ViewAttention has no tiled kernels.
+  vision_attention.fused = cuda::attention_kernels_from_env(
+                               "PI0_VISION_ATTENTION", cuda::AttentionKernels::kFused,
+                               {cuda::AttentionKernels::kGemms, cuda::AttentionKernels::kFused}) ==
+                           cuda::AttentionKernels::kFused;
   v_attention = cuda::ViewAttention(lt.get(), vision_attention, gemm_ws.get(), gemm_ws.bytes());
   cuda::SharedKvAttention::Params lm_attention_params{
       prefix,

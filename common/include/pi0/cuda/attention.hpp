@@ -7,6 +7,8 @@
 #include <cublasLt.h>
 #include <cuda_runtime_api.h>
 
+#include <initializer_list>
+
 #include "pi0/bf16.hpp"
 #include "pi0/cuda/device.hpp"
 #include "pi0/cuda/fused_attention.hpp"
@@ -27,9 +29,12 @@ enum class AttentionKernels { kGemms, kFused, kTiled };
 // else the GEMMs.
 AttentionKernels default_attention_kernels(int query_rows, int keys);
 
-// `variable` = gemm | fused | tiled overrides `fallback`; unset or empty keeps it. A bad value
-// throws an error naming the variable and the value.
-AttentionKernels attention_kernels_from_env(const char* variable, AttentionKernels fallback);
+// `variable` = gemm | fused | tiled (those of `accepted`) overrides `fallback`; unset or empty
+// keeps it. A value not accepted throws an error naming the variable, the value and the choices.
+AttentionKernels attention_kernels_from_env(const char* variable, AttentionKernels fallback,
+                                            std::initializer_list<AttentionKernels> accepted = {
+                                                AttentionKernels::kGemms, AttentionKernels::kFused,
+                                                AttentionKernels::kTiled});
 
 // `heads` query heads sharing one K/V head (Gemma's multi-query attention). Because the query
 // heads of a row are contiguous, Q [queries, heads * head_dim] is also Q' [queries * heads,

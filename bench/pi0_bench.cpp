@@ -52,6 +52,7 @@ struct Case {
 struct Figures {
   Case c{};
   bool overlapped = false;  // the decoder followed the encoder layer by layer
+  int frontend_waits = 0;   // of its layer waits, those held in the stream's front end
   double e2e_serial_median = 0;
   double e2e_median = 0, e2e_p99 = 0, enc_median = 0, dec_median = 0, throughput = 0;
   double host_median = 0, host_p99 = 0;
@@ -343,6 +344,7 @@ Figures run_case(const ModelConfig& config, const Case& c, const WeightStore& en
     throw Error("the decoder's wait for the encoder's layer " + std::to_string(layer - 1) +
                 " ran into its deadline");
   f.overlapped = overlap;
+  f.frontend_waits = overlap ? handoff.limits().frontend_layers : 0;
 
   const std::vector<float> actions = cuda::download(sets[0].actions.get(), sets[0].actions.size());
   for (float a : actions) PI0_CHECK(std::isfinite(a), "non-finite action in the benchmark run");
@@ -380,7 +382,7 @@ Figures run_case(const ModelConfig& config, const Case& c, const WeightStore& en
 
 void print_case(const Figures& f) {
   std::printf(
-      "V=%d C=%d P=%d: e2e median %.3f ms p99 %.3f ms (%s; serial %.3f ms) | host to host median "
+      "V=%d C=%d P=%d: e2e median %.3f ms p99 %.3f ms (%s%s; serial %.3f ms) | host to host median "
       "%.3f ms p99 %.3f ms "
       "| encoder %.3f ms (%.2f TFLOP, %.0f TFLOP/s "
       "= %.0f%% of %.0f; weights %.2f GB at %.0f GB/s) | decoder %.3f ms (%.3f TFLOP, %.0f "
@@ -388,8 +390,11 @@ void print_case(const Figures& f) {
       "memory: encoder %.2f GiB weights + %.0f MiB workspace (measured %.2f GiB), decoder %.2f "
       "GiB + %.0f MiB (measured %.2f GiB)\n",
       f.c.views, f.c.chunk, f.c.prompt, f.e2e_median, f.e2e_p99,
-      f.overlapped ? "decoder following the encoder per layer" : "serial", f.e2e_serial_median,
-      f.host_median, f.host_p99, f.enc_median, f.enc_flop / 1e12, f.enc_tflops,
+      f.overlapped ? "decoder following the encoder per layer" : "serial",
+      f.frontend_waits > 0
+          ? (", " + std::to_string(f.frontend_waits) + " of its waits in the front end").c_str()
+          : "",
+      f.e2e_serial_median, f.host_median, f.host_p99, f.enc_median, f.enc_flop / 1e12, f.enc_tflops,
       100 * f.enc_tflops / kPeakTflops, kPeakTflops, f.enc_bytes / 1e9, f.enc_gbps, f.dec_median,
       f.dec_flop / 1e12, f.dec_tflops, f.dec_bytes / 1e9, f.dec_gbps, 100 * f.dec_gbps / kPeakGBps,
       kPeakGBps, f.throughput, gib(f.enc_weights), f.enc_work / 1048576.0, gib(f.enc_measured),
@@ -525,6 +530,7 @@ int main(int argc, char** argv) {
                               {"e2e_median_ms", f.e2e_median},
                               {"e2e_p99_ms", f.e2e_p99},
                               {"stages_overlapped", f.overlapped},
+                              {"frontend_layer_waits", f.frontend_waits},
                               {"e2e_serial_median_ms", f.e2e_serial_median},
                               {"host_to_host_median_ms", f.host_median},
                               {"host_to_host_p99_ms", f.host_p99},

@@ -258,13 +258,21 @@ bool waits_for_predecessor(const std::string& name) {
   return name.rfind("_ZN3pi04cuda", 0) == 0;
 }
 
-bool is_kernel(cudaGraphNode_t node) {
+int node_type(cudaGraphNode_t node) {
   cudaGraphNodeType type{};
   if (cudaGraphNodeGetType(node, &type) != cudaSuccess) {
     (void)cudaGetLastError();
-    return false;
+    return -1;
   }
-  return type == cudaGraphNodeTypeKernel;
+  return static_cast<int>(type);
+}
+
+bool is_kernel(cudaGraphNode_t node) { return node_type(node) == cudaGraphNodeTypeKernel; }
+
+// A captured stream memory operation: in our graphs only the decoder's front-end layer waits
+// (cuStreamWaitValue64; the runtime's node types have no name for it).
+bool is_memory_operation(cudaGraphNode_t node) {
+  return node_type(node) == CU_GRAPH_NODE_TYPE_BATCH_MEM_OP;
 }
 
 bool is_cooperative(cudaGraphNode_t node) {
@@ -367,7 +375,8 @@ HandoverLinks link_kernels(cudaGraph_t graph, KernelHandover handover) {
       node.name = kernel_name(handle);
       node.cooperative = is_cooperative(handle);
     }
-    if (node.name.find("wait_layer_kernel") != std::string::npos) pending.push_back(handle);
+    if (node.name.find("wait_layer_kernel") != std::string::npos || is_memory_operation(handle))
+      pending.push_back(handle);
   }
   // The waits, and every node before them.
   std::set<cudaGraphNode_t> before_waits;

@@ -7,6 +7,7 @@
 #include "pi0/check.hpp"
 #include "pi0/cuda/layer_signal.hpp"
 #include "programmatic.cuh"
+#include "layer_wait_internal.hpp"
 
 namespace pi0::cuda {
 namespace {
@@ -56,22 +57,37 @@ __global__ void advance_generation_kernel(uint64_t* generation) {
   *generation += 1;
 }
 
+__global__ void begin_generation_kernel(uint64_t* generation, uint64_t* counters, int layers) {
+  wait_for_prior_grids();
+  if (threadIdx.x == 0) *generation += 1;
+  for (int l = threadIdx.x; l < layers; l += blockDim.x) counters[l] = 0;
+}
+
+__global__ void stamp_kernel(uint64_t* dst) {
+  wait_for_prior_grids();
+  *dst = globaltimer();
+}
+
+}  // namespace
+
 // With lazy loading (CUDA's default since 12.2) a kernel's first launch loads it, and a load waits
 // for the kernels already running in the context. A wait that spins until a signal from the same
 // process would hold up that signal's load until the wait's deadline (the kernel test did, in one
-// process), so the first launch of either kernel loads both. One device per process, as our
+// process), and a front-end wait would hold it for good; so the first launch of any of these
+// kernels (or InProcessHandoff, before any wait) loads them all. One device per process, as our
 // workers have.
-void load_both_kernels() {
+void load_layer_signal_kernels() {
   static const bool loaded = [] {
     cudaFuncAttributes attributes{};
     CUDA_CHECK(cudaFuncGetAttributes(&attributes, signal_layer_kernel));
     CUDA_CHECK(cudaFuncGetAttributes(&attributes, wait_layer_kernel));
+    CUDA_CHECK(cudaFuncGetAttributes(&attributes, stamp_kernel));
+    CUDA_CHECK(cudaFuncGetAttributes(&attributes, advance_generation_kernel));
+    CUDA_CHECK(cudaFuncGetAttributes(&attributes, begin_generation_kernel));
     return true;
   }();
   (void)loaded;
 }
-
-}  // namespace
 
 bool layer_handoff_wanted(bool mps_client) {
   const char* v = std::getenv("PI0_LAYER_WAITS");
@@ -81,7 +97,7 @@ bool layer_handoff_wanted(bool mps_client) {
 void signal_layer(uint64_t* counter, const uint64_t* generation, uint64_t* stamp,
                   cudaStream_t stream) {
   PI0_CHECK(counter && generation, "signal_layer: null counter or generation");
-  load_both_kernels();
+  load_layer_signal_kernels();
   signal_layer_kernel<<<1, 1, 0, stream>>>(counter, generation, stamp);
   CUDA_CHECK_LAUNCH();
 }
@@ -90,7 +106,15 @@ void wait_layer(const uint64_t* counter, const uint64_t* expected, int layer,
                 const LayerWaitLimits& limits, uint64_t* done_at, cudaStream_t stream) {
   PI0_CHECK(counter && expected, "wait_layer: null counter or expected generation");
   PI0_CHECK(limits.timeout_ns > 0, "wait_layer: a wait needs a deadline");
-  load_both_kernels();
+  load_layer_signal_kernels();
+  if (layer < limits.frontend_layers) {
+    hold_stream_until_set(counter, stream);
+    if (done_at) {
+      stamp_kernel<<<1, 1, 0, stream>>>(done_at);
+      CUDA_CHECK_LAUNCH();
+    }
+    return;
+  }
   wait_layer_kernel<<<1, 1, 0, stream>>>(counter, expected, layer, limits.error, limits.timeout_ns,
                                          done_at);
   CUDA_CHECK_LAUNCH();
@@ -102,41 +126,11 @@ void advance_generation(uint64_t* generation, cudaStream_t stream) {
   CUDA_CHECK_LAUNCH();
 }
 
-InProcessHandoff::InProcessHandoff(int layers, uint64_t timeout_ns)
-    : words_(static_cast<size_t>(1 + std::max(layers, 1)), "in-process layer counters"),
-      error_(1, "in-process layer wait error") {
-  PI0_CHECK(layers >= 1, "InProcessHandoff: a model without layers");
-  PI0_CHECK(timeout_ns > 0, "InProcessHandoff: a wait needs a deadline");
-  zero_device(words_.get(), words_.bytes());
-  zero_device(error_.get(), error_.bytes());
-  limits_.error = error_.get();
-  limits_.timeout_ns = timeout_ns;
-}
-
-void InProcessHandoff::begin_frame(cudaStream_t encoder, cudaStream_t decoder) {
-  // Waiting on an event not recorded yet (the first frame) is a no-op.
-  CUDA_CHECK(cudaStreamWaitEvent(encoder, decoder_finished_.get(), 0));
-  advance_generation(words_.get(), encoder);
-  decoder_started_.record(encoder);
-  CUDA_CHECK(cudaStreamWaitEvent(decoder, decoder_started_.get(), 0));
-}
-
-void InProcessHandoff::end_frame(cudaStream_t decoder) {
-  decoder_finished_.record(decoder);
-}
-
-LayerSignals InProcessHandoff::signals() const {
-  return LayerSignals{words_.get() + 1, words_.get(), nullptr};
-}
-
-LayerWait InProcessHandoff::wait() const {
-  return LayerWait{words_.get() + 1, words_.get(), nullptr};
-}
-
-uint32_t InProcessHandoff::timed_out_layer() const {
-  uint32_t error = 0;
-  copy_to_host(&error, error_.get(), sizeof error);
-  return error;
+void begin_generation(uint64_t* generation, uint64_t* counters, int layers, cudaStream_t stream) {
+  PI0_CHECK(generation && counters && layers >= 1, "begin_generation: no counters");
+  load_layer_signal_kernels();
+  begin_generation_kernel<<<1, 32, 0, stream>>>(generation, counters, layers);
+  CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace pi0::cuda

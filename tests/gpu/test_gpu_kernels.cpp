@@ -860,3 +860,93 @@ TEST_CASE("layer waits follow the encoder's signals and give up at their deadlin
     REQUIRE(cuda::download(error.get(), 1)[0] == 0);
   }
 }
+
+namespace {
+
+// Polls instead of synchronizing, so that a wait that is never let go fails the test instead of
+// hanging it. Returns the milliseconds it took, or a negative number past the deadline.
+double wait_for(const cuda::Event& event, double deadline_ms) {
+  const auto t0 = std::chrono::steady_clock::now();
+  for (;;) {
+    const double ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    if (event.done()) return ms;
+    if (ms > deadline_ms) return -1.0;
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+}
+
+}  // namespace
+
+// The single process's hand-off (pi0_bench, the stages' bit test) holds the decoder's stream in
+// its front end for every layer's wait but the last, so no SM spins while the encoder runs. What
+// the user relies on: a frame's decoder goes past layer l only after that frame's signal of layer
+// l (never on the previous frame's), and a frame whose encoder never signals a layer ends at the
+// hand-off's deadline with that layer named, instead of hanging the process; so does one whose
+// hand-off is destroyed while it is held (an exception unwinding).
+TEST_CASE("in-process front-end layer waits follow the signals, and a watchdog ends them",
+          "[gpu]") {
+  constexpr int kLayers = 4;
+  cuda::Stream encoder, decoder;
+  DeviceBuffer<uint64_t> stamps(2, "stamps");  // layer 1's signal, the decoder let go past it
+  const auto enqueue_frame_waits = [&](cuda::InProcessHandoff& handoff, const cuda::Event& after) {
+    const cuda::LayerWait wait = handoff.wait();
+    handoff.begin_frame(encoder.get(), decoder.get());
+    for (int l = 0; l < kLayers; ++l)
+      cuda::wait_layer(wait.counters + l, wait.expected, l, handoff.limits(),
+                       l == 1 ? stamps.get() + 1 : nullptr, decoder.get());
+    after.record(decoder.get());
+    handoff.end_frame(decoder.get());
+  };
+  const auto signal = [&](cuda::InProcessHandoff& handoff, int from, int to) {
+    const cuda::LayerSignals signals = handoff.signals();
+    for (int l = from; l < to; ++l)
+      cuda::signal_layer(signals.counters + l, signals.generation,
+                         l == 1 ? stamps.get() : nullptr, encoder.get());
+  };
+  cuda::Event after(cudaEventDisableTiming);
+
+  SECTION("each frame's waits pass on that frame's signals") {
+    cuda::InProcessHandoff handoff(kLayers, 5'000'000'000ull);
+    INFO("PI0_FRONTEND_WAITS=0 in the environment turns front-end waits off");
+    REQUIRE(cuda::frontend_waits_supported());
+    REQUIRE(handoff.limits().frontend_layers == kLayers - 1);
+    for (int frame = 0; frame < 3; ++frame) {
+      INFO("frame " << frame);
+      CUDA_CHECK(cudaMemsetAsync(stamps.get(), 0, stamps.bytes(), encoder.get()));
+      enqueue_frame_waits(handoff, after);
+      // Held: from frame 1 on, the counters still hold the previous frame's signals.
+      std::this_thread::sleep_for(std::chrono::milliseconds(30));
+      REQUIRE_FALSE(after.done());
+      signal(handoff, 0, 2);
+      std::this_thread::sleep_for(std::chrono::milliseconds(30));
+      REQUIRE_FALSE(after.done());  // layer 2 has not been signalled
+      signal(handoff, 2, kLayers);
+      REQUIRE(wait_for(after, 5000.0) >= 0.0);
+      REQUIRE(handoff.timed_out_layer() == 0);
+      const auto w = cuda::download(stamps.get(), 2);
+      // %globaltimer ticks about once a microsecond and differs slightly between SMs.
+      REQUIRE(w[0] != 0);
+      REQUIRE(w[1] + 50'000 >= w[0]);
+    }
+  }
+  SECTION("a layer never signalled ends the frame at the deadline, named") {
+    cuda::InProcessHandoff handoff(kLayers, 200'000'000ull);  // 200 ms
+    enqueue_frame_waits(handoff, after);
+    signal(handoff, 0, 2);
+    const double ms = wait_for(after, 5000.0);
+    INFO("the frame ended after " << ms << " ms");
+    REQUIRE(ms >= 150.0);
+    REQUIRE(ms < 3000.0);
+    REQUIRE(handoff.timed_out_layer() == 3);  // layer 2, counted from 1
+  }
+  SECTION("destroying the hand-off lets a held frame go") {
+    {
+      cuda::InProcessHandoff handoff(kLayers, 60'000'000'000ull);
+      enqueue_frame_waits(handoff, after);
+      std::this_thread::sleep_for(std::chrono::milliseconds(30));
+      REQUIRE_FALSE(after.done());
+    }
+    REQUIRE(wait_for(after, 5000.0) >= 0.0);
+  }
+}

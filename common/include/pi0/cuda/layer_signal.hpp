@@ -11,6 +11,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <memory>
 
 #include "pi0/cuda/device.hpp"
 
@@ -42,10 +43,21 @@ struct LayerWait {
 // Every wait of a pass shares these: on a timeout the wait sets *error (if still 0) to 1 + the
 // layer and lets the stream go on, so that a dead or hung encoder cannot hang the decoder, and
 // later waits do not wait while *error is set; the caller checks *error after the pass.
+//
+// The waits of layers below frontend_layers hold the stream in its front end instead
+// (cuStreamWaitValue64 until the counter is >= 1), which keeps them off the SMs: a one-thread
+// kernel spinning for most of the encoder's time holds an SM that a full-wave encoder GEMM then
+// misses (bench/NOTES.md v18). Such a wait has no deadline and a fixed value, so only a caller
+// that zeroes the counters after each frame and releases them from the host past a deadline may
+// set it (InProcessHandoff).
 struct LayerWaitLimits {
   uint32_t* error = nullptr;
   uint64_t timeout_ns = 0;
+  int frontend_layers = 0;
 };
+
+// Whether this device and driver can hold a stream on a 64-bit word (the front-end waits above).
+bool frontend_waits_supported();
 
 // The deadline the decoder worker and the single-process baseline give each layer's wait: far
 // beyond any encoder layer at any share; past it the encoder is taken for dead or hung and the
@@ -58,7 +70,8 @@ void signal_layer(uint64_t* counter, const uint64_t* generation, uint64_t* stamp
                   cudaStream_t stream);
 
 // Holds the stream until *counter >= *expected (acquire, GPU scope) or timeout_ns have passed;
-// then writes the GPU time to *done_at if not null.
+// then writes the GPU time to *done_at if not null. Below limits.frontend_layers: until
+// *counter >= 1, in the stream's front end, without a deadline.
 void wait_layer(const uint64_t* counter, const uint64_t* expected, int layer,
                 const LayerWaitLimits& limits, uint64_t* done_at, cudaStream_t stream);
 
@@ -68,28 +81,44 @@ void advance_generation(uint64_t* generation, cudaStream_t stream);
 // The same hand-off inside one process (the single-process baseline): the encoder runs on one
 // stream and the decoder on another, which follows it layer by layer through its first flow step.
 // Frames stay one at a time (a frame's encoder starts after the previous frame's decoder is
-// done), so one generation word serves both sides.
+// done), so one generation word serves both sides, and the counters are zeroed at each frame's
+// start, which lets every layer's wait but the last hold the decoder's stream in its front end
+// (LayerWaitLimits::frontend_layers; PI0_FRONTEND_WAITS=0 keeps them all on the wait kernel).
+// The last layer keeps the kernel: the front end polls, and would wake the decoder late there.
+//
+// A front-end wait has no deadline of its own, so a watchdog thread gives one to each frame: once
+// a frame has been the oldest unfinished one for timeout_ns, the watchdog sets the error (1 + the
+// first layer not signalled) and lets the frame's waits go. After a timeout the hand-off is spent:
+// the caller reports the error and stops. Destroying the hand-off lets every wait go.
 class InProcessHandoff {
  public:
   InProcessHandoff(int layers, uint64_t timeout_ns);
-  // Enqueues a frame's start: the encoder's stream waits for the previous frame's decoder and
-  // advances the generation, and the decoder's stream waits for that.
+  ~InProcessHandoff();
+  InProcessHandoff(const InProcessHandoff&) = delete;
+  InProcessHandoff& operator=(const InProcessHandoff&) = delete;
+
+  // Enqueues a frame's start: the encoder's stream waits for the previous frame's decoder,
+  // advances the generation and zeroes the counters, and the decoder's stream waits for that.
   void begin_frame(cudaStream_t encoder, cudaStream_t decoder);
-  // Enqueues a frame's end on the decoder's stream, for the next begin_frame.
+  // Enqueues a frame's end on the decoder's stream, for the next begin_frame, and hands the
+  // frame to the watchdog.
   void end_frame(cudaStream_t decoder);
   LayerSignals signals() const;
   LayerWait wait() const;
   const LayerWaitLimits& limits() const { return limits_; }
-  // 0, or 1 + the layer whose wait ran into its deadline. A plain copy, which does not wait for
-  // the streams: call it once the frames are done (after synchronizing the decoder's stream).
+  // 0, or 1 + the first layer whose wait ran into its deadline. A plain copy, which does not wait
+  // for the streams: call it once the frames are done (after synchronizing the decoder's stream).
   uint32_t timed_out_layer() const;
 
  private:
+  class Watchdog;
+  int layers_;
   DeviceBuffer<uint64_t> words_;  // the generation, then one counter per layer
   DeviceBuffer<uint32_t> error_;
   Event decoder_started_{cudaEventDisableTiming};
   Event decoder_finished_{cudaEventDisableTiming};
   LayerWaitLimits limits_;
+  std::unique_ptr<Watchdog> watchdog_;  // only with front-end waits
 };
 
 }  // namespace pi0::cuda

@@ -1,0 +1,286 @@
+// The front-end layer waits (the driver's stream memory operations) and the single-process
+// hand-off with the watchdog that gives those waits their deadline (pi0/cuda/layer_signal.hpp).
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <deque>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "pi0/check.hpp"
+#include "pi0/cuda/layer_signal.hpp"
+#include "layer_wait_internal.hpp"
+
+namespace pi0::cuda {
+namespace {
+
+// Looked up once through the runtime, so that nothing links libcuda (CI builds without a driver).
+struct MemOpCalls {
+  PFN_cuStreamWaitValue64_v11070 wait64 = nullptr;
+  PFN_cuStreamWriteValue64_v11070 write64 = nullptr;
+  PFN_cuStreamWriteValue32_v11070 write32 = nullptr;
+  PFN_cuDeviceGetAttribute_v2000 attribute = nullptr;
+};
+
+template <typename Fn>
+void load_call(const char* symbol, int version, Fn& fn) {
+  void* ptr = nullptr;
+  cudaDriverEntryPointQueryResult found{};
+  if (cudaGetDriverEntryPointByVersion(symbol, &ptr, version, cudaEnableDefault, &found) ==
+          cudaSuccess &&
+      found == cudaDriverEntryPointSuccess)
+    fn = reinterpret_cast<Fn>(ptr);
+  else
+    (void)cudaGetLastError();
+}
+
+const MemOpCalls& memop_calls() {
+  static const MemOpCalls calls = [] {
+    MemOpCalls c;
+    load_call("cuStreamWaitValue64", 11070, c.wait64);
+    load_call("cuStreamWriteValue64", 11070, c.write64);
+    load_call("cuStreamWriteValue32", 11070, c.write32);
+    load_call("cuDeviceGetAttribute", 2000, c.attribute);
+    return c;
+  }();
+  return calls;
+}
+
+void check_driver(CUresult result, const char* what) {
+  if (result != CUDA_SUCCESS)
+    throw Error(std::string(what) + " failed (CUresult " + std::to_string(result) + ")");
+}
+
+bool frontend_waits_wanted() {
+  const char* v = std::getenv("PI0_FRONTEND_WAITS");
+  return !(v && v[0] == '0');
+}
+
+}  // namespace
+
+bool frontend_waits_supported() {
+  const MemOpCalls& c = memop_calls();
+  if (!c.wait64 || !c.write64 || !c.write32 || !c.attribute) return false;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  int can = 0;
+  return c.attribute(&can, CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS, device) ==
+             CUDA_SUCCESS &&
+         can != 0;
+}
+
+void hold_stream_until_set(const uint64_t* counter, cudaStream_t stream) {
+  PI0_CHECK(memop_calls().wait64, "front-end waits: the driver has no cuStreamWaitValue64");
+  check_driver(memop_calls().wait64(reinterpret_cast<CUstream>(stream),
+                                    reinterpret_cast<CUdeviceptr>(counter), 1,
+                                    CU_STREAM_WAIT_VALUE_GEQ),
+               "cuStreamWaitValue64");
+}
+
+void write_word(uint64_t* word, uint64_t value, cudaStream_t stream) {
+  PI0_CHECK(memop_calls().write64, "front-end waits: the driver has no cuStreamWriteValue64");
+  check_driver(memop_calls().write64(reinterpret_cast<CUstream>(stream),
+                                     reinterpret_cast<CUdeviceptr>(word), value,
+                                     CU_STREAM_WRITE_VALUE_DEFAULT),
+               "cuStreamWriteValue64");
+}
+
+void write_word(uint32_t* word, uint32_t value, cudaStream_t stream) {
+  PI0_CHECK(memop_calls().write32, "front-end waits: the driver has no cuStreamWriteValue32");
+  check_driver(memop_calls().write32(reinterpret_cast<CUstream>(stream),
+                                     reinterpret_cast<CUdeviceptr>(word), value,
+                                     CU_STREAM_WRITE_VALUE_DEFAULT),
+               "cuStreamWriteValue32");
+}
+
+// Frames enter at end_frame (an event recorded after the frame's decoder); the thread looks at
+// the oldest every poll. Everything it enqueues goes on its own stream as memory operations, which
+// a held stream cannot delay.
+class InProcessHandoff::Watchdog {
+ public:
+  Watchdog(int layers, int frontend_layers, uint64_t timeout_ns, uint64_t* words, uint32_t* error)
+      : layers_(layers),
+        frontend_layers_(frontend_layers),
+        timeout_(std::chrono::nanoseconds(timeout_ns)),
+        poll_(std::clamp(std::chrono::duration_cast<std::chrono::milliseconds>(timeout_ / 8),
+                         std::chrono::milliseconds(1), std::chrono::milliseconds(50))),
+        words_(words),
+        error_(error),
+        snapshot_(static_cast<size_t>(layers) + 1, "watchdog's counter snapshot"),
+        error_snapshot_(1, "watchdog's error snapshot"),
+        thread_([this] { run(); }) {}
+
+  ~Watchdog() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    wake_.notify_one();
+    thread_.join();
+    // Frames still held (the caller is unwinding) must not hang the frees that follow, nor read
+    // the counters after them: every counter is set past any generation, and the frames are
+    // given a moment to get past their waits.
+    try {
+      for (int l = 0; l < layers_; ++l)
+        write_word(words_ + 1 + l, uint64_t{1} << 62, release_stream_.get());
+      release_stream_.synchronize();
+      const auto deadline = Clock::now() + std::chrono::seconds(2);
+      while (!pending_.empty() && cudaEventQuery(pending_.back().end.get()) == cudaErrorNotReady &&
+             Clock::now() < deadline)
+        std::this_thread::sleep_for(std::chrono::microseconds(100));
+      (void)cudaGetLastError();
+    } catch (const std::exception& e) {
+      spdlog::warn("in-process hand-off: releasing the layer waits at exit failed: {}", e.what());
+    }
+  }
+
+  // Called by the frame's thread after enqueueing the frame's end.
+  void frame_ended(cudaStream_t decoder) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (spare_.empty()) spare_.emplace_back(cudaEventDisableTiming);
+    Event end = std::move(spare_.back());
+    spare_.pop_back();
+    end.record(decoder);
+    pending_.push_back({std::move(end), Clock::now()});
+  }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  struct Frame {
+    Event end;
+    Clock::time_point ended_enqueued;
+  };
+
+  void run() {
+    Clock::time_point oldest_since{};  // when the current oldest frame became the oldest
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (!stop_) {
+      wake_.wait_for(lock, poll_);
+      while (!stop_ && !pending_.empty()) {
+        const cudaError_t state = cudaEventQuery(pending_.front().end.get());
+        if (state == cudaErrorNotReady) break;
+        // A failed frame is the frame thread's to report (its synchronize returns the error).
+        if (state != cudaSuccess) (void)cudaGetLastError();
+        spare_.push_back(std::move(pending_.front().end));
+        pending_.pop_front();
+        oldest_since = Clock::now();
+      }
+      if (stop_ || pending_.empty()) continue;
+      const Clock::time_point since = std::max(oldest_since, pending_.front().ended_enqueued);
+      if (Clock::now() - since < timeout_) continue;
+      lock.unlock();
+      try {
+        release_oldest();
+      } catch (const std::exception& e) {
+        spdlog::error("in-process hand-off: releasing a held frame failed: {}", e.what());
+      }
+      lock.lock();
+      oldest_since = Clock::now();  // its waits are let go; give the rest of it a deadline too
+    }
+  }
+
+  // The oldest frame is past its deadline: name the first layer not signalled yet (unless a wait
+  // kernel named one already) and let every unsignalled wait go.
+  void release_oldest() {
+    cudaStream_t s = release_stream_.get();
+    CUDA_CHECK(cudaMemcpyAsync(snapshot_.get(), words_, snapshot_.bytes(), cudaMemcpyDeviceToHost,
+                               s));
+    CUDA_CHECK(cudaMemcpyAsync(error_snapshot_.get(), error_, error_snapshot_.bytes(),
+                               cudaMemcpyDeviceToHost, s));
+    release_stream_.synchronize();
+    const uint64_t generation = snapshot_.get()[0];
+    int first_unsignalled = -1;
+    for (int l = 0; l < layers_ && first_unsignalled < 0; ++l)
+      if (snapshot_.get()[1 + l] == 0) first_unsignalled = l;
+    // Held in the last layer's wait kernel (which has its own deadline) or in the frame's
+    // kernels: nothing of ours to let go, and a counter set now would pass that kernel as if
+    // signalled.
+    if (first_unsignalled < 0 || first_unsignalled >= frontend_layers_) return;
+    // The error first: the last layer's wait kernel, let go by the counters below, then skips.
+    if (error_snapshot_.get()[0] == 0)
+      write_word(error_, static_cast<uint32_t>(first_unsignalled + 1), s);
+    for (int l = first_unsignalled; l < layers_; ++l)
+      if (snapshot_.get()[1 + l] == 0) write_word(words_ + 1 + l, std::max<uint64_t>(generation, 1), s);
+    release_stream_.synchronize();
+    spdlog::error("in-process hand-off: the encoder's layer {} was not signalled within {} ms; "
+                  "the decoder's waits were let go",
+                  first_unsignalled,
+                  std::chrono::duration_cast<std::chrono::milliseconds>(timeout_).count());
+  }
+
+  const int layers_, frontend_layers_;
+  const std::chrono::nanoseconds timeout_;
+  const std::chrono::milliseconds poll_;
+  uint64_t* const words_;
+  uint32_t* const error_;
+  Stream release_stream_;
+  PinnedBuffer<uint64_t> snapshot_;
+  PinnedBuffer<uint32_t> error_snapshot_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  bool stop_ = false;
+  std::deque<Frame> pending_;
+  std::vector<Event> spare_;
+  std::thread thread_;  // last: it starts once everything above is built
+};
+
+InProcessHandoff::InProcessHandoff(int layers, uint64_t timeout_ns)
+    : layers_(std::max(layers, 1)),
+      words_(static_cast<size_t>(1 + std::max(layers, 1)), "in-process layer counters"),
+      error_(1, "in-process layer wait error") {
+  PI0_CHECK(layers >= 1, "InProcessHandoff: a model without layers");
+  PI0_CHECK(timeout_ns > 0, "InProcessHandoff: a wait needs a deadline");
+  zero_device(words_.get(), words_.bytes());
+  zero_device(error_.get(), error_.bytes());
+  limits_.error = error_.get();
+  limits_.timeout_ns = timeout_ns;
+  load_layer_signal_kernels();
+  if (layers > 1 && frontend_waits_wanted() && frontend_waits_supported()) {
+    limits_.frontend_layers = layers - 1;
+    watchdog_ = std::make_unique<Watchdog>(layers, limits_.frontend_layers, timeout_ns,
+                                           words_.get(), error_.get());
+  }
+}
+
+InProcessHandoff::~InProcessHandoff() = default;
+
+void InProcessHandoff::begin_frame(cudaStream_t encoder, cudaStream_t decoder) {
+  // Waiting on an event not recorded yet (the first frame) is a no-op. The counters are zeroed
+  // here, after the previous frame's decoder and before this frame's signals, so that a front-end
+  // wait (counter >= 1) passes only on this frame's signal.
+  CUDA_CHECK(cudaStreamWaitEvent(encoder, decoder_finished_.get(), 0));
+  begin_generation(words_.get(), words_.get() + 1, layers_, encoder);
+  decoder_started_.record(encoder);
+  CUDA_CHECK(cudaStreamWaitEvent(decoder, decoder_started_.get(), 0));
+}
+
+void InProcessHandoff::end_frame(cudaStream_t decoder) {
+  decoder_finished_.record(decoder);
+  if (watchdog_) watchdog_->frame_ended(decoder);
+}
+
+LayerSignals InProcessHandoff::signals() const {
+  return LayerSignals{words_.get() + 1, words_.get(), nullptr};
+}
+
+LayerWait InProcessHandoff::wait() const {
+  return LayerWait{words_.get() + 1, words_.get(), nullptr};
+}
+
+uint32_t InProcessHandoff::timed_out_layer() const {
+  uint32_t error = 0;
+  copy_to_host(&error, error_.get(), sizeof error);
+  return error;
+}
+
+}  // namespace pi0::cuda

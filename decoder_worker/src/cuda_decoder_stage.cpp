@@ -4,14 +4,16 @@
 // the slots. As an MPS client, where the two workers run side by side, it waits per layer
 // instead (pi0/cuda/layer_signal.hpp): the pass starts while the encoder is still at work, and
 // layer l of the first flow step waits for the encoder's signal that layer l of the slot is
-// written, so that step runs under the encoder's last layers rather than after them. A pass is one
-// frame, or with --decoder-batch N up to N frames that were waiting together
-// (pi0/decode_batcher.hpp).
+// written, so that step runs under the encoder's last layers rather than after them; all layers'
+// waits but the last hold the stream in its front end, whose deadline this stage keeps from the
+// host (release_oldest_pass). A pass is one frame, or with --decoder-batch N up to N frames that
+// were waiting together (pi0/decode_batcher.hpp).
 #include <spdlog/spdlog.h>
 #include <algorithm>
 #include <array>
 #include <cstdio>
 #include <deque>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -57,7 +59,7 @@ class CudaDecoderStage final : public DecoderStage {
     // The encoder publishes its handles once its pool exists; it loads weights concurrently.
     auto& cuda_block = rt.control().header().cuda;
     const auto deadline = ipc::WorkerRuntime::after(o.startup_timeout_s);
-    while (cuda_block.published.load(std::memory_order_acquire) != 1) {
+    while (cuda_block.published.load(std::memory_order_acquire) < ipc::kCudaHandlesPublished) {
       PI0_CHECK(rt.peer_alive(), "the encoder worker died before publishing its K/V slots");
       PI0_CHECK(ipc::Clock::now() < deadline, "the encoder did not publish its K/V slots in time");
       std::this_thread::sleep_for(std::chrono::milliseconds(2));
@@ -71,8 +73,20 @@ class CudaDecoderStage final : public DecoderStage {
     encoder_stamps_ = ipc::IpcDeviceMemory::open_imported(cuda_block.timestamp_handle);
     layers_ = o.config.lm_layers;
     wait_layers_ = cuda::layer_handoff_wanted(device.mps_enabled != 0);
-    // Its layer counters follow its per-slot timestamps, laid out from the same config and
-    // control layout on both sides (an imported allocation does not say its size).
+    // Every layer's wait but the last in the stream's front end (pi0/cuda/layer_signal.hpp): a
+    // slot's counters must then be 0 until its frame's signals, which the encoder's warm-up
+    // (signalling generation 0) would undo. So this warm-up comes after the encoder's, with every
+    // counter set, and zeroes them before the first frame; each pass zeroes its slots' counters
+    // before it hands them back.
+    if (wait_layers_ && layers_ > 1 && cuda::frontend_waits_enabled()) {
+      limits_.frontend_layers = layers_ - 1;
+      release_.emplace(layers_);
+      while (cuda_block.published.load(std::memory_order_acquire) < ipc::kCudaEncoderWarm) {
+        PI0_CHECK(rt.peer_alive(), "the encoder worker died during its warm-up");
+        PI0_CHECK(ipc::Clock::now() < deadline, "the encoder did not finish its warm-up in time");
+        std::this_thread::sleep_for(std::chrono::milliseconds(2));
+      }
+    }
     for (uint32_t s = 0; s < layout.kv_slots; ++s) {
       ready_.push_back(ipc::IpcEvent::open_imported(cuda_block.ready_event[s]));
       consumed_.push_back(ipc::IpcEvent::open_imported(cuda_block.consumed_event[s]));
@@ -101,6 +115,9 @@ class CudaDecoderStage final : public DecoderStage {
     CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&host_stamps_),
                               sizeof(uint64_t) * kStampCount * frames));
 
+    const size_t counter_bytes = sizeof(uint64_t) * layout.kv_slots * static_cast<size_t>(layers_);
+    if (limits_.frontend_layers > 0)  // bytes of 1: >= 1, and >= the warm-up's generation 0
+      CUDA_CHECK(cudaMemsetAsync(slot_counters(0), 1, counter_bytes, stream_.get()));
     // Capture the graph of every pass that can come now (the slot contents are whatever is
     // there: the run has not started, and the results are discarded). The encoder hands slots
     // out in ring order, so a pass of n frames holds n consecutive slots.
@@ -117,12 +134,18 @@ class CudaDecoderStage final : public DecoderStage {
         }
       }
     }
+    if (limits_.frontend_layers > 0)
+      CUDA_CHECK(cudaMemsetAsync(slot_counters(0), 0, counter_bytes, stream_.get()));
     stream_.synchronize();
     info.device_bytes = decoder_->weight_bytes() + decoder_->workspace_bytes() + state_.bytes() +
                         noise_.bytes() + actions_.bytes();
   }
 
   ~CudaDecoderStage() override {
+    // A pass held in its front end (the encoder died or hung) would hold the frees below for good.
+    if (release_ && batcher_.started_passes() != 0)
+      release_->release_all(slot_counters(0),
+                            rt_.control().layout().kv_slots * static_cast<size_t>(layers_));
     // Passes still started (the run failed) may never finish, e.g. behind the "ready" event of
     // a dead encoder, and would write host_stamps_: leave it to the process's exit.
     if (batcher_.started_passes() == 0 && host_stamps_) cudaFreeHost(host_stamps_);
@@ -146,7 +169,10 @@ class CudaDecoderStage final : public DecoderStage {
     const auto deadline = std::chrono::steady_clock::now() + timeout;
     for (;;) {
       if (passes_[oldest_pass_].done.done()) return true;
-      if (std::chrono::steady_clock::now() >= deadline) return false;
+      const auto now = std::chrono::steady_clock::now();
+      if (release_ && now - oldest_since_ > std::chrono::nanoseconds(cuda::kLayerWaitTimeoutNs))
+        release_oldest_pass();
+      if (now >= deadline) return false;
       std::this_thread::yield();
     }
   }
@@ -154,7 +180,9 @@ class CudaDecoderStage final : public DecoderStage {
   DecodeTiming complete() override {
     PI0_CHECK(batcher_.started_frames() > 0, "complete() without a started frame");
     Pass& pass = passes_[oldest_pass_];
-    pass.done.synchronize();
+    // Polled: a pass held in its front end past the deadline is let go there.
+    while (!wait_oldest(std::chrono::milliseconds(100))) {
+    }
     // Handoff: from the later of "our previous pass finished" and "the encoder finished the
     // last frame of this pass" to the pass's start. Time queued behind our own previous pass,
     // or waiting on the GPU for a partner's encoding, is latency of the pipeline's shape, not of
@@ -209,6 +237,7 @@ class CudaDecoderStage final : public DecoderStage {
       previous_end_ = stamps[2];
       batcher_.finish_oldest();
       oldest_pass_ = (oldest_pass_ + 1) % kPassesInFlight;
+      oldest_since_ = std::chrono::steady_clock::now();
       start_passes();
     }
     return t;
@@ -246,13 +275,29 @@ class CudaDecoderStage final : public DecoderStage {
   // a pass that started beside the encoder ends). All per slot, so the graphs are the ones of
   // the slots alone.
   cuda::LayerWait layer_wait(uint32_t kv_slot) const {
-    const size_t slots = rt_.control().layout().kv_slots;
     cuda::LayerWait w;
-    w.counters = static_cast<const uint64_t*>(encoder_stamps_.get()) + slots +
-                 static_cast<size_t>(kv_slot) * layers_;
+    w.counters = slot_counters(kv_slot);
     w.expected = expected_.get() + kv_slot;
     w.done_at = slot_resumed_.get() + kv_slot;
     return w;
+  }
+
+  // The encoder's layer counters of `kv_slot`, after its per-slot timestamps (both sides lay them
+  // out from the same config and control layout: an imported allocation does not say its size).
+  uint64_t* slot_counters(uint32_t kv_slot) const {
+    return static_cast<uint64_t*>(encoder_stamps_.get()) + rt_.control().layout().kv_slots +
+           static_cast<size_t>(kv_slot) * layers_;
+  }
+
+  // The oldest pass has been the oldest for the layer waits' deadline: its front-end waits, which
+  // have none of their own, are let go with the first unsignalled layer named (complete() reports
+  // it), and the rest of the pass gets a deadline of its own.
+  void release_oldest_pass() {
+    const Pass& pass = passes_[oldest_pass_];
+    for (uint32_t i = 0; i < pass.count && i < frames_.size(); ++i)
+      release_->release_unsignalled(slot_counters(frames_[i].kv_slot), limits_.frontend_layers,
+                                    wait_error_.get());
+    oldest_since_ = std::chrono::steady_clock::now();
   }
 
   void start_passes() {
@@ -263,6 +308,7 @@ class CudaDecoderStage final : public DecoderStage {
   void start_pass(uint32_t count) {
     const size_t first = started_in_queue_;  // started frames lead frames_
     Pass& pass = passes_[(oldest_pass_ + batcher_.started_passes() - 1) % kPassesInFlight];
+    if (batcher_.started_passes() == 1) oldest_since_ = std::chrono::steady_clock::now();
     pass.count = count;
     pass.completed = 0;
     cudaStream_t stream = stream_.get();
@@ -323,6 +369,10 @@ class CudaDecoderStage final : public DecoderStage {
     }
     for (uint32_t i = 0; i < count; ++i) {
       const Frame& f = frames_[first + i];
+      // The slot's next frame (after "consumed", which the encoder waits for) must wait for its
+      // own signals.
+      if (limits_.frontend_layers > 0)
+        CUDA_CHECK(cudaMemsetAsync(slot_counters(f.kv_slot), 0, sizeof(uint64_t) * layers_, stream));
       CUDA_CHECK(cudaEventRecord(consumed_[f.kv_slot].get(), stream));
       cuda::write_gpu_timestamp(stamps_.get() + f.stamp * kStampCount + 2, stream);
     }
@@ -359,6 +409,8 @@ class CudaDecoderStage final : public DecoderStage {
   cuda::DeviceBuffer<uint32_t> wait_error_;
   cuda::PinnedBuffer<uint32_t> wait_error_host_;
   cuda::LayerWaitLimits limits_;
+  std::optional<cuda::FrontendWaitRelease> release_;  // with front-end waits
+  std::chrono::steady_clock::time_point oldest_since_{};  // when the oldest pass became it
   std::vector<ipc::IpcEvent> ready_, consumed_;
   std::deque<Frame> frames_;  // started frames first (oldest first), then waiting ones
   size_t started_in_queue_ = 0;

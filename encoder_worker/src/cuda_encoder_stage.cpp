@@ -65,7 +65,7 @@ class CudaEncoderStage final : public EncoderStage {
     cuda_block.kv_slot_stride = slot_stride_;
     images_ = cuda::DeviceBuffer<Bf16>(layout.image_values, "encoder input images");
     input_pin_ = ipc::HostRegistration(rt.control().input_area(), rt.control().input_area_bytes());
-    cuda_block.published.store(1, std::memory_order_release);
+    cuda_block.published.store(ipc::kCudaHandlesPublished, std::memory_order_release);
 
     // Warm up and capture the graph of every slot now, so the first frames run at full speed.
     for (uint32_t s = 0; s < layout.kv_slots; ++s) {
@@ -75,6 +75,7 @@ class CudaEncoderStage final : public EncoderStage {
                          signal_layers_ ? &signals : nullptr);
     }
     stream_.synchronize();
+    cuda_block.published.store(ipc::kCudaEncoderWarm, std::memory_order_release);
     info.device_bytes =
         encoder_->weight_bytes() + encoder_->workspace_bytes() + pool_.bytes() + images_.bytes();
   }

@@ -1,9 +1,11 @@
 // The whole pipeline on the GPU under MPS: real orchestrator, real workers, real daemon.
 // Uses its own MPS pipe directory so that it neither adopts nor stops anybody else's daemon.
+#include <signal.h>
 #include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
+#include <thread>
 #include <nlohmann/json.hpp>
 
 #include "catch.hpp"
@@ -196,6 +198,40 @@ TEST_CASE("mps pipeline with decoder batching keeps every frame's actions", "[gp
   CHECK(worst < 2e-2);
   CHECK_FALSE(mps_daemon_answers(mps));
   fs::remove_all(dir);
+}
+
+// The decoder worker follows the encoder per layer with its stream held in the front end, waits
+// that only the encoder's signals or the decoder's own host can let go. With the encoder killed
+// mid-run the run must still end at once, naming it, with no worker and no segment left.
+TEST_CASE("kill -9 of the encoder worker on the GPU stops the run naming it", "[gpu][mps]") {
+  const MpsOptions mps = test_mps_options();
+  REQUIRE_FALSE(mps_daemon_answers(mps));
+  ChildProcess orch = ChildProcess::spawn(
+      "orchestrator", PI0_ORCHESTRATOR_EXE,
+      gpu_run(mps, {"--encoder-pct", "50", "--decoder-pct", "50"}, 1'000'000, false), {}, false);
+  REQUIRE(test::eventually(
+      [&] { return orch.output().find("streaming frames") != std::string::npos; }, 120'000ms));
+  std::this_thread::sleep_for(500ms);  // frames are flowing
+  REQUIRE(orch.running());
+  const std::string log = orch.output();
+  const std::string key = "encoder_worker (pid ";
+  const size_t at = log.find(key);
+  REQUIRE(at != std::string::npos);
+  const int victim = std::stoi(log.substr(at + key.size()));
+  const auto t0 = std::chrono::steady_clock::now();
+  REQUIRE(::kill(victim, SIGKILL) == 0);
+  const auto status = orch.wait_for(10'000ms);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  INFO(orch.output());
+  REQUIRE(status.has_value());
+  std::printf("  encoder killed: the run ended after %.2f s with status %d\n", secs, status->code);
+  CHECK(secs < 3.0);
+  CHECK(status->code == 3);
+  CHECK(orch.output().find("encoder_worker (pid " + std::to_string(victim) +
+                           ") died: killed by signal 9") != std::string::npos);
+  CHECK(test::eventually([&] { return test::workers_of(orch.pid()).empty(); }, 2000ms));
+  CHECK(test::segments_of(orch.pid()).empty());
+  CHECK(test::eventually([&] { return !mps_daemon_answers(mps); }, 5000ms));
 }
 
 TEST_CASE("a daemon that was already running is adopted and left running", "[gpu][mps]") {

@@ -3,9 +3,12 @@
 // encoder writes layer l early in its own layer l, so the decoder can follow the encoder layer by
 // layer instead of waiting for all of it. An IPC event cannot carry that into a CUDA graph (a
 // wait node waits on the event's latest record, not this frame's), so the encoder stores the
-// frame's generation into a per-layer counter of the slot, and the decoder's graph holds a
-// one-thread kernel per layer that waits until the counter reaches the generation it expects.
-// Generations only grow (frame number + 1), so a stale counter never passes for a new frame.
+// frame's generation into a per-layer counter of the slot, and the decoder's graph holds a wait
+// per layer: a one-thread kernel that waits until the counter reaches the generation it expects
+// (generations only grow, frame number + 1, so a stale counter never passes for a new frame), or,
+// for every layer but the last, the stream's front end held until the counter is non-zero, which
+// spins on no SM and needs the counter zeroed between frames and a deadline kept by the host
+// (LayerWaitLimits::frontend_layers).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -48,8 +51,8 @@ struct LayerWait {
 // (cuStreamWaitValue64 until the counter is >= 1), which keeps them off the SMs: a one-thread
 // kernel spinning for most of the encoder's time holds an SM that a full-wave encoder GEMM then
 // misses (bench/NOTES.md v18). Such a wait has no deadline and a fixed value, so only a caller
-// that zeroes the counters after each frame and releases them from the host past a deadline may
-// set it (InProcessHandoff).
+// that zeroes the counters between frames and lets them go from the host past a deadline
+// (FrontendWaitRelease) may set it: InProcessHandoff and the decoder worker.
 struct LayerWaitLimits {
   uint32_t* error = nullptr;
   uint64_t timeout_ns = 0;
@@ -58,6 +61,31 @@ struct LayerWaitLimits {
 
 // Whether this device and driver can hold a stream on a 64-bit word (the front-end waits above).
 bool frontend_waits_supported();
+// The same, unless PI0_FRONTEND_WAITS=0 keeps every wait on the kernel.
+bool frontend_waits_enabled();
+
+// Lets front-end waits go from the host, which is where their deadline lives. Everything goes on
+// a stream of its own as stream memory operations, which neither a held stream nor a kernel load
+// can delay, into pinned memory allocated up front (allocating it later would wait for the held
+// stream).
+class FrontendWaitRelease {
+ public:
+  explicit FrontendWaitRelease(int layers);
+  // For a frame past its deadline: if one of counters[0, frontend_layers) is still 0, sets *error
+  // to 1 + the first such layer (unless a wait already set it), then every later counter still 0
+  // past any generation (which lets the front-end waits and the last layer's wait kernel go),
+  // and returns 1 + that layer. Otherwise writes nothing (the frame is held in its wait kernel,
+  // which has its own deadline, or in its work) and returns 0.
+  uint32_t release_unsignalled(uint64_t* counters, int frontend_layers, uint32_t* error);
+  // Sets counters[0, count) past any generation: a hand-off torn down with frames maybe held.
+  void release_all(uint64_t* counters, size_t count) noexcept;
+
+ private:
+  int layers_ = 0;
+  Stream stream_;
+  PinnedBuffer<uint64_t> counters_seen_;
+  PinnedBuffer<uint32_t> error_seen_;
+};
 
 // The deadline the decoder worker and the single-process baseline give each layer's wait: far
 // beyond any encoder layer at any share; past it the encoder is taken for dead or hung and the

@@ -58,9 +58,14 @@ struct CudaIpcBlock {
   uint8_t timestamp_handle[kCudaIpcHandleBytes];  // device buffer of GPU timestamps (handoff)
   uint64_t kv_pool_bytes;
   uint64_t kv_slot_stride;
-  std::atomic<uint32_t> published;  // 1 once the encoder has written every handle
+  std::atomic<uint32_t> published;  // the encoder's progress: kCudaHandlesPublished, kCudaEncoderWarm
   uint32_t reserved;
 };
+// Every handle above is written.
+inline constexpr uint32_t kCudaHandlesPublished = 1;
+// And the encoder's warm-up is done: from now on it writes the slots' layer counters only for
+// frames (the decoder's front-end waits need them at 0 until then).
+inline constexpr uint32_t kCudaEncoderWarm = 2;
 static_assert(std::atomic<uint32_t>::is_always_lock_free);
 static_assert(std::is_standard_layout_v<CudaIpcBlock>);
 

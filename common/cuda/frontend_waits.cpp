@@ -58,12 +58,15 @@ void check_driver(CUresult result, const char* what) {
     throw Error(std::string(what) + " failed (CUresult " + std::to_string(result) + ")");
 }
 
-bool frontend_waits_wanted() {
-  const char* v = std::getenv("PI0_FRONTEND_WAITS");
-  return !(v && v[0] == '0');
-}
+// Passes a front-end wait (>= 1) and any wait kernel (>= its frame's generation) alike.
+constexpr uint64_t kPastAnyGeneration = uint64_t{1} << 62;
 
 }  // namespace
+
+bool frontend_waits_enabled() {
+  const char* v = std::getenv("PI0_FRONTEND_WAITS");
+  return !(v && v[0] == '0') && frontend_waits_supported();
+}
 
 bool frontend_waits_supported() {
   const MemOpCalls& c = memop_calls();
@@ -103,6 +106,41 @@ void write_word(uint32_t* word, uint32_t value, cudaStream_t stream) {
                "cuStreamWriteValue32");
 }
 
+FrontendWaitRelease::FrontendWaitRelease(int layers)
+    : layers_(layers),
+      counters_seen_(static_cast<size_t>(std::max(layers, 1)), "front-end wait counters seen"),
+      error_seen_(1, "front-end wait error seen") {}
+
+uint32_t FrontendWaitRelease::release_unsignalled(uint64_t* counters, int frontend_layers,
+                                                  uint32_t* error) {
+  cudaStream_t s = stream_.get();
+  CUDA_CHECK(cudaMemcpyAsync(counters_seen_.get(), counters, counters_seen_.bytes(),
+                             cudaMemcpyDeviceToHost, s));
+  CUDA_CHECK(cudaMemcpyAsync(error_seen_.get(), error, error_seen_.bytes(),
+                             cudaMemcpyDeviceToHost, s));
+  stream_.synchronize();
+  int first = -1;
+  for (int l = 0; l < layers_ && first < 0; ++l)
+    if (counters_seen_.get()[l] == 0) first = l;
+  // A counter set while the last layer's wait kernel runs would pass it as if signalled.
+  if (first < 0 || first >= frontend_layers) return 0;
+  // The error first: the last layer's wait kernel, let go by the counters below, then skips.
+  if (error_seen_.get()[0] == 0) write_word(error, static_cast<uint32_t>(first + 1), s);
+  for (int l = first; l < layers_; ++l)
+    if (counters_seen_.get()[l] == 0) write_word(counters + l, kPastAnyGeneration, s);
+  stream_.synchronize();
+  return static_cast<uint32_t>(first + 1);
+}
+
+void FrontendWaitRelease::release_all(uint64_t* counters, size_t count) noexcept {
+  try {
+    for (size_t i = 0; i < count; ++i) write_word(counters + i, kPastAnyGeneration, stream_.get());
+    stream_.synchronize();
+  } catch (const std::exception& e) {
+    spdlog::warn("front-end layer waits: letting them go failed: {}", e.what());
+  }
+}
+
 // Frames enter at end_frame (an event recorded after the frame's decoder); the thread looks at
 // the oldest every poll. Everything it enqueues goes on its own stream as memory operations, which
 // a held stream cannot delay.
@@ -116,8 +154,7 @@ class InProcessHandoff::Watchdog {
                          std::chrono::milliseconds(1), std::chrono::milliseconds(50))),
         words_(words),
         error_(error),
-        snapshot_(static_cast<size_t>(layers) + 1, "watchdog's counter snapshot"),
-        error_snapshot_(1, "watchdog's error snapshot"),
+        release_(layers),
         thread_([this] { run(); }) {}
 
   ~Watchdog() {
@@ -128,20 +165,13 @@ class InProcessHandoff::Watchdog {
     wake_.notify_one();
     thread_.join();
     // Frames still held (the caller is unwinding) must not hang the frees that follow, nor read
-    // the counters after them: every counter is set past any generation, and the frames are
+    // the counters after them: the counters are set past any generation, and the frames are
     // given a moment to get past their waits.
-    try {
-      for (int l = 0; l < layers_; ++l)
-        write_word(words_ + 1 + l, uint64_t{1} << 62, release_stream_.get());
-      release_stream_.synchronize();
-      const auto deadline = Clock::now() + std::chrono::seconds(2);
-      while (!pending_.empty() && cudaEventQuery(pending_.back().end.get()) == cudaErrorNotReady &&
-             Clock::now() < deadline)
-        std::this_thread::sleep_for(std::chrono::microseconds(100));
-      (void)cudaGetLastError();
-    } catch (const std::exception& e) {
-      spdlog::warn("in-process hand-off: releasing the layer waits at exit failed: {}", e.what());
-    }
+    release_.release_all(words_ + 1, static_cast<size_t>(layers_));
+    const auto deadline = Clock::now() + std::chrono::seconds(2);
+    while (!pending_.empty() && cudaEventQuery(pending_.back().end.get()) == cudaErrorNotReady &&
+           Clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
   }
 
   // Called by the frame's thread after enqueueing the frame's end.
@@ -190,32 +220,14 @@ class InProcessHandoff::Watchdog {
   }
 
   // The oldest frame is past its deadline: name the first layer not signalled yet (unless a wait
-  // kernel named one already) and let every unsignalled wait go.
+  // kernel named one already) and let its waits go.
   void release_oldest() {
-    cudaStream_t s = release_stream_.get();
-    CUDA_CHECK(cudaMemcpyAsync(snapshot_.get(), words_, snapshot_.bytes(), cudaMemcpyDeviceToHost,
-                               s));
-    CUDA_CHECK(cudaMemcpyAsync(error_snapshot_.get(), error_, error_snapshot_.bytes(),
-                               cudaMemcpyDeviceToHost, s));
-    release_stream_.synchronize();
-    const uint64_t generation = snapshot_.get()[0];
-    int first_unsignalled = -1;
-    for (int l = 0; l < layers_ && first_unsignalled < 0; ++l)
-      if (snapshot_.get()[1 + l] == 0) first_unsignalled = l;
-    // Held in the last layer's wait kernel (which has its own deadline) or in the frame's
-    // kernels: nothing of ours to let go, and a counter set now would pass that kernel as if
-    // signalled.
-    if (first_unsignalled < 0 || first_unsignalled >= frontend_layers_) return;
-    // The error first: the last layer's wait kernel, let go by the counters below, then skips.
-    if (error_snapshot_.get()[0] == 0)
-      write_word(error_, static_cast<uint32_t>(first_unsignalled + 1), s);
-    for (int l = first_unsignalled; l < layers_; ++l)
-      if (snapshot_.get()[1 + l] == 0) write_word(words_ + 1 + l, std::max<uint64_t>(generation, 1), s);
-    release_stream_.synchronize();
-    spdlog::error("in-process hand-off: the encoder's layer {} was not signalled within {} ms; "
-                  "the decoder's waits were let go",
-                  first_unsignalled,
-                  std::chrono::duration_cast<std::chrono::milliseconds>(timeout_).count());
+    const uint32_t layer = release_.release_unsignalled(words_ + 1, frontend_layers_, error_);
+    if (layer != 0)
+      spdlog::error("in-process hand-off: the encoder's layer {} was not signalled within {} ms; "
+                    "the decoder's waits were let go",
+                    layer - 1,
+                    std::chrono::duration_cast<std::chrono::milliseconds>(timeout_).count());
   }
 
   const int layers_, frontend_layers_;
@@ -223,9 +235,7 @@ class InProcessHandoff::Watchdog {
   const std::chrono::milliseconds poll_;
   uint64_t* const words_;
   uint32_t* const error_;
-  Stream release_stream_;
-  PinnedBuffer<uint64_t> snapshot_;
-  PinnedBuffer<uint32_t> error_snapshot_;
+  FrontendWaitRelease release_;
   std::mutex mutex_;
   std::condition_variable wake_;
   bool stop_ = false;
@@ -245,7 +255,7 @@ InProcessHandoff::InProcessHandoff(int layers, uint64_t timeout_ns)
   limits_.error = error_.get();
   limits_.timeout_ns = timeout_ns;
   load_layer_signal_kernels();
-  if (layers > 1 && frontend_waits_wanted() && frontend_waits_supported()) {
+  if (layers > 1 && frontend_waits_enabled()) {
     limits_.frontend_layers = layers - 1;
     watchdog_ = std::make_unique<Watchdog>(layers, limits_.frontend_layers, timeout_ns,
                                            words_.get(), error_.get());

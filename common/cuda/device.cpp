@@ -11,6 +11,7 @@
 #include <sstream>
 #include <unordered_map>
 
+#include "driver_entry.hpp"
 #include "pi0/check.hpp"
 
 namespace pi0::cuda {
@@ -213,24 +214,12 @@ struct DriverCalls {
   PFN_cuKernelGetName_v12030 kernel_name = nullptr;
 };
 
-template <typename Fn>
-void load_driver_call(const char* symbol, Fn& fn) {
-  void* ptr = nullptr;
-  cudaDriverEntryPointQueryResult found{};
-  if (cudaGetDriverEntryPointByVersion(symbol, &ptr, 12030, cudaEnableDefault, &found) ==
-          cudaSuccess &&
-      found == cudaDriverEntryPointSuccess)
-    fn = reinterpret_cast<Fn>(ptr);
-  else
-    (void)cudaGetLastError();
-}
-
 const DriverCalls& driver_calls() {
   static const DriverCalls calls = [] {
     DriverCalls c;
-    load_driver_call("cuGraphKernelNodeGetParams", c.node_params);
-    load_driver_call("cuFuncGetName", c.function_name);
-    load_driver_call("cuKernelGetName", c.kernel_name);
+    load_driver_call("cuGraphKernelNodeGetParams", 12030, c.node_params);
+    load_driver_call("cuFuncGetName", 12030, c.function_name);
+    load_driver_call("cuKernelGetName", 12030, c.kernel_name);
     return c;
   }();
   return calls;

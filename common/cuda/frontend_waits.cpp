@@ -5,7 +5,6 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
@@ -14,14 +13,14 @@
 #include <thread>
 #include <vector>
 
+#include "driver_entry.hpp"
+#include "layer_wait_internal.hpp"
 #include "pi0/check.hpp"
 #include "pi0/cuda/layer_signal.hpp"
-#include "layer_wait_internal.hpp"
 
 namespace pi0::cuda {
 namespace {
 
-// Looked up once through the runtime, so that nothing links libcuda (CI builds without a driver).
 struct MemOpCalls {
   PFN_cuStreamWaitValue64_v11070 wait64 = nullptr;
   PFN_cuStreamWriteValue64_v11070 write64 = nullptr;
@@ -29,25 +28,13 @@ struct MemOpCalls {
   PFN_cuDeviceGetAttribute_v2000 attribute = nullptr;
 };
 
-template <typename Fn>
-void load_call(const char* symbol, int version, Fn& fn) {
-  void* ptr = nullptr;
-  cudaDriverEntryPointQueryResult found{};
-  if (cudaGetDriverEntryPointByVersion(symbol, &ptr, version, cudaEnableDefault, &found) ==
-          cudaSuccess &&
-      found == cudaDriverEntryPointSuccess)
-    fn = reinterpret_cast<Fn>(ptr);
-  else
-    (void)cudaGetLastError();
-}
-
 const MemOpCalls& memop_calls() {
   static const MemOpCalls calls = [] {
     MemOpCalls c;
-    load_call("cuStreamWaitValue64", 11070, c.wait64);
-    load_call("cuStreamWriteValue64", 11070, c.write64);
-    load_call("cuStreamWriteValue32", 11070, c.write32);
-    load_call("cuDeviceGetAttribute", 2000, c.attribute);
+    load_driver_call("cuStreamWaitValue64", 11070, c.wait64);
+    load_driver_call("cuStreamWriteValue64", 11070, c.write64);
+    load_driver_call("cuStreamWriteValue32", 11070, c.write32);
+    load_driver_call("cuDeviceGetAttribute", 2000, c.attribute);
     return c;
   }();
   return calls;
@@ -84,26 +71,30 @@ bool frontend_waits_supported() {
 
 void hold_stream_until_set(const uint64_t* counter, cudaStream_t stream) {
   PI0_CHECK(memop_calls().wait64, "front-end waits: the driver has no cuStreamWaitValue64");
-  check_driver(memop_calls().wait64(reinterpret_cast<CUstream>(stream),
-                                    reinterpret_cast<CUdeviceptr>(counter), 1,
-                                    CU_STREAM_WAIT_VALUE_GEQ),
-               "cuStreamWaitValue64");
+  check_driver(
+      memop_calls().wait64(reinterpret_cast<CUstream>(stream),
+                           reinterpret_cast<CUdeviceptr>(counter), 1, CU_STREAM_WAIT_VALUE_GEQ),
+      "cuStreamWaitValue64");
 }
 
+namespace {
+
+template <typename Word, typename Write>
+void write_with(Write write, const char* name, Word* word, Word value, cudaStream_t stream) {
+  PI0_CHECK(write, std::string("front-end waits: the driver has no ") + name);
+  check_driver(write(reinterpret_cast<CUstream>(stream), reinterpret_cast<CUdeviceptr>(word), value,
+                     CU_STREAM_WRITE_VALUE_DEFAULT),
+               name);
+}
+
+}  // namespace
+
 void write_word(uint64_t* word, uint64_t value, cudaStream_t stream) {
-  PI0_CHECK(memop_calls().write64, "front-end waits: the driver has no cuStreamWriteValue64");
-  check_driver(memop_calls().write64(reinterpret_cast<CUstream>(stream),
-                                     reinterpret_cast<CUdeviceptr>(word), value,
-                                     CU_STREAM_WRITE_VALUE_DEFAULT),
-               "cuStreamWriteValue64");
+  write_with(memop_calls().write64, "cuStreamWriteValue64", word, value, stream);
 }
 
 void write_word(uint32_t* word, uint32_t value, cudaStream_t stream) {
-  PI0_CHECK(memop_calls().write32, "front-end waits: the driver has no cuStreamWriteValue32");
-  check_driver(memop_calls().write32(reinterpret_cast<CUstream>(stream),
-                                     reinterpret_cast<CUdeviceptr>(word), value,
-                                     CU_STREAM_WRITE_VALUE_DEFAULT),
-               "cuStreamWriteValue32");
+  write_with(memop_calls().write32, "cuStreamWriteValue32", word, value, stream);
 }
 
 FrontendWaitRelease::FrontendWaitRelease(int layers)
@@ -116,8 +107,8 @@ uint32_t FrontendWaitRelease::release_unsignalled(uint64_t* counters, int fronte
   cudaStream_t s = stream_.get();
   CUDA_CHECK(cudaMemcpyAsync(counters_seen_.get(), counters, counters_seen_.bytes(),
                              cudaMemcpyDeviceToHost, s));
-  CUDA_CHECK(cudaMemcpyAsync(error_seen_.get(), error, error_seen_.bytes(),
-                             cudaMemcpyDeviceToHost, s));
+  CUDA_CHECK(
+      cudaMemcpyAsync(error_seen_.get(), error, error_seen_.bytes(), cudaMemcpyDeviceToHost, s));
   stream_.synchronize();
   int first = -1;
   for (int l = 0; l < layers_ && first < 0; ++l)
@@ -224,10 +215,10 @@ class InProcessHandoff::Watchdog {
   void release_oldest() {
     const uint32_t layer = release_.release_unsignalled(words_ + 1, frontend_layers_, error_);
     if (layer != 0)
-      spdlog::error("in-process hand-off: the encoder's layer {} was not signalled within {} ms; "
-                    "the decoder's waits were let go",
-                    layer - 1,
-                    std::chrono::duration_cast<std::chrono::milliseconds>(timeout_).count());
+      spdlog::error(
+          "in-process hand-off: the encoder's layer {} was not signalled within {} ms; "
+          "the decoder's waits were let go",
+          layer - 1, std::chrono::duration_cast<std::chrono::milliseconds>(timeout_).count());
   }
 
   const int layers_, frontend_layers_;

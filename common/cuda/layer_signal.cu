@@ -4,10 +4,10 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include "layer_wait_internal.hpp"
 #include "pi0/check.hpp"
 #include "pi0/cuda/layer_signal.hpp"
 #include "programmatic.cuh"
-#include "layer_wait_internal.hpp"
 
 namespace pi0::cuda {
 namespace {

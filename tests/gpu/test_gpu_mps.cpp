@@ -5,8 +5,8 @@
 
 #include <filesystem>
 #include <fstream>
-#include <thread>
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "catch.hpp"
 #include "gpu_test_util.hpp"

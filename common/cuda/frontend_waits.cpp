@@ -45,9 +45,6 @@ void check_driver(CUresult result, const char* what) {
     throw Error(std::string(what) + " failed (CUresult " + std::to_string(result) + ")");
 }
 
-// Passes a front-end wait (>= 1) and any wait kernel (>= its frame's generation) alike.
-constexpr uint64_t kPastAnyGeneration = uint64_t{1} << 62;
-
 }  // namespace
 
 bool frontend_waits_enabled() {
@@ -102,14 +99,35 @@ FrontendWaitRelease::FrontendWaitRelease(int layers)
       counters_seen_(static_cast<size_t>(std::max(layers, 1)), "front-end wait counters seen"),
       error_seen_(1, "front-end wait error seen") {}
 
+void FrontendWaitRelease::finish_within_deadline() {
+  // A stream memory operation orders work where CUDA cannot see it: were this stream to share a
+  // hardware queue with the held one, it would queue behind it for good. Bounded, so that the
+  // caller reports that instead of hanging.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+  for (;;) {
+    const cudaError_t state = cudaStreamQuery(stream_.get());
+    if (state == cudaSuccess) return;
+    if (state != cudaErrorNotReady) CUDA_CHECK(state);
+    if (std::chrono::steady_clock::now() > deadline)
+      throw Error("front-end layer waits: the stream that lets them go did not finish in 2 s");
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+}
+
 uint32_t FrontendWaitRelease::release_unsignalled(uint64_t* counters, int frontend_layers,
-                                                  uint32_t* error) {
+                                                  uint32_t* error, cudaEvent_t past_waits) {
   cudaStream_t s = stream_.get();
   CUDA_CHECK(cudaMemcpyAsync(counters_seen_.get(), counters, counters_seen_.bytes(),
                              cudaMemcpyDeviceToHost, s));
   CUDA_CHECK(
       cudaMemcpyAsync(error_seen_.get(), error, error_seen_.bytes(), cudaMemcpyDeviceToHost, s));
-  stream_.synchronize();
+  finish_within_deadline();
+  // Got past its waits meanwhile: the counters read may already be zeroed for the next frame.
+  const cudaError_t passed = cudaEventQuery(past_waits);
+  if (passed != cudaErrorNotReady) {
+    if (passed != cudaSuccess) (void)cudaGetLastError();
+    return 0;
+  }
   int first = -1;
   for (int l = 0; l < layers_ && first < 0; ++l)
     if (counters_seen_.get()[l] == 0) first = l;
@@ -119,14 +137,14 @@ uint32_t FrontendWaitRelease::release_unsignalled(uint64_t* counters, int fronte
   if (error_seen_.get()[0] == 0) write_word(error, static_cast<uint32_t>(first + 1), s);
   for (int l = first; l < layers_; ++l)
     if (counters_seen_.get()[l] == 0) write_word(counters + l, kPastAnyGeneration, s);
-  stream_.synchronize();
+  finish_within_deadline();
   return static_cast<uint32_t>(first + 1);
 }
 
 void FrontendWaitRelease::release_all(uint64_t* counters, size_t count) noexcept {
   try {
     for (size_t i = 0; i < count; ++i) write_word(counters + i, kPastAnyGeneration, stream_.get());
-    stream_.synchronize();
+    finish_within_deadline();
   } catch (const std::exception& e) {
     spdlog::warn("front-end layer waits: letting them go failed: {}", e.what());
   }
@@ -199,9 +217,11 @@ class InProcessHandoff::Watchdog {
       if (stop_ || pending_.empty()) continue;
       const Clock::time_point since = std::max(oldest_since, pending_.front().ended_enqueued);
       if (Clock::now() - since < timeout_) continue;
+      // The frame's thread only appends: the oldest entry stays where it is while unlocked.
+      const cudaEvent_t oldest_end = pending_.front().end.get();
       lock.unlock();
       try {
-        release_oldest();
+        release_oldest(oldest_end);
       } catch (const std::exception& e) {
         spdlog::error("in-process hand-off: releasing a held frame failed: {}", e.what());
       }
@@ -212,8 +232,9 @@ class InProcessHandoff::Watchdog {
 
   // The oldest frame is past its deadline: name the first layer not signalled yet (unless a wait
   // kernel named one already) and let its waits go.
-  void release_oldest() {
-    const uint32_t layer = release_.release_unsignalled(words_ + 1, frontend_layers_, error_);
+  void release_oldest(cudaEvent_t oldest_end) {
+    const uint32_t layer =
+        release_.release_unsignalled(words_ + 1, frontend_layers_, error_, oldest_end);
     if (layer != 0)
       spdlog::error(
           "in-process hand-off: the encoder's layer {} was not signalled within {} ms; "
@@ -260,14 +281,16 @@ void InProcessHandoff::begin_frame(cudaStream_t encoder, cudaStream_t decoder) {
   // here, after the previous frame's decoder and before this frame's signals, so that a front-end
   // wait (counter >= 1) passes only on this frame's signal.
   CUDA_CHECK(cudaStreamWaitEvent(encoder, decoder_finished_.get(), 0));
-  begin_generation(words_.get(), words_.get() + 1, layers_, encoder);
+  begin_generation(words_.get(), words_.get() + 1, layers_, error_.get(), encoder);
   decoder_started_.record(encoder);
   CUDA_CHECK(cudaStreamWaitEvent(decoder, decoder_started_.get(), 0));
 }
 
 void InProcessHandoff::end_frame(cudaStream_t decoder) {
-  decoder_finished_.record(decoder);
+  // The watchdog's event first: while it is pending, so is the next frame's start, which zeroes
+  // the counters (see release_unsignalled).
   if (watchdog_) watchdog_->frame_ended(decoder);
+  decoder_finished_.record(decoder);
 }
 
 LayerSignals InProcessHandoff::signals() const {

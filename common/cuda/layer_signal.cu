@@ -57,10 +57,12 @@ __global__ void advance_generation_kernel(uint64_t* generation) {
   *generation += 1;
 }
 
-__global__ void begin_generation_kernel(uint64_t* generation, uint64_t* counters, int layers) {
+__global__ void begin_generation_kernel(uint64_t* generation, uint64_t* counters, int layers,
+                                        const uint32_t* error) {
   wait_for_prior_grids();
   if (threadIdx.x == 0) *generation += 1;
-  for (int l = threadIdx.x; l < layers; l += blockDim.x) counters[l] = 0;
+  const uint64_t start = *error != 0 ? kPastAnyGeneration : 0;
+  for (int l = threadIdx.x; l < layers; l += blockDim.x) counters[l] = start;
 }
 
 __global__ void stamp_kernel(uint64_t* dst) {
@@ -126,10 +128,11 @@ void advance_generation(uint64_t* generation, cudaStream_t stream) {
   CUDA_CHECK_LAUNCH();
 }
 
-void begin_generation(uint64_t* generation, uint64_t* counters, int layers, cudaStream_t stream) {
-  PI0_CHECK(generation && counters && layers >= 1, "begin_generation: no counters");
+void begin_generation(uint64_t* generation, uint64_t* counters, int layers, const uint32_t* error,
+                      cudaStream_t stream) {
+  PI0_CHECK(generation && counters && error && layers >= 1, "begin_generation: no counters");
   load_layer_signal_kernels();
-  begin_generation_kernel<<<1, 32, 0, stream>>>(generation, counters, layers);
+  begin_generation_kernel<<<1, 32, 0, stream>>>(generation, counters, layers, error);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -258,7 +258,8 @@ class CudaDecoderStage final : public DecoderStage {
   };
   struct Pass {
     cuda::Event start, stop;
-    cuda::Event done{cudaEventDisableTiming};  // after the pass's downloads
+    cuda::Event done{cudaEventDisableTiming};     // after the pass's downloads
+    cuda::Event decoded{cudaEventDisableTiming};  // after its waits, before its counters are zeroed
     uint32_t count = 0, completed = 0;
     // Device times (ns) of the pass's start, of when it could have started, of when its last
     // layer wait let it go (layer waits only) and of its end (see complete()).
@@ -296,7 +297,7 @@ class CudaDecoderStage final : public DecoderStage {
     const Pass& pass = passes_[oldest_pass_];
     for (uint32_t i = 0; i < pass.count && i < frames_.size(); ++i)
       release_->release_unsignalled(slot_counters(frames_[i].kv_slot), limits_.frontend_layers,
-                                    wait_error_.get());
+                                    wait_error_.get(), pass.decoded.get());
     oldest_since_ = std::chrono::steady_clock::now();
   }
 
@@ -358,6 +359,7 @@ class CudaDecoderStage final : public DecoderStage {
     }
     decoder_->decode_batch(slots.data(), static_cast<int>(count), state_.get(), noise_.get(),
                            actions_.get(), stream, wait_layers_ ? waits.data() : nullptr, &limits_);
+    if (release_) pass.decoded.record(stream);
     for (uint32_t i = 0; i < count && wait_layers_; ++i) {
       // When the last layer's wait let the pass go; the encoder stamped its end before
       // signalling that layer.

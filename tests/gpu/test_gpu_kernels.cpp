@@ -882,8 +882,9 @@ double wait_for(const cuda::Event& event, double deadline_ms) {
 // its front end for every layer's wait but the last, so no SM spins while the encoder runs. What
 // the user relies on: a frame's decoder goes past layer l only after that frame's signal of layer
 // l (never on the previous frame's), and a frame whose encoder never signals a layer ends at the
-// hand-off's deadline with that layer named, instead of hanging the process; so does one whose
-// hand-off is destroyed while it is held (an exception unwinding).
+// hand-off's deadline with that layer named, instead of hanging the process, and the frames
+// queued behind it do not wait out a deadline each; a frame whose hand-off is destroyed while it
+// is held (an exception unwinding) goes on too.
 TEST_CASE("in-process front-end layer waits follow the signals, and a watchdog ends them",
           "[gpu]") {
   constexpr int kLayers = 4;
@@ -939,6 +940,14 @@ TEST_CASE("in-process front-end layer waits follow the signals, and a watchdog e
     REQUIRE(ms >= 150.0);
     REQUIRE(ms < 3000.0);
     REQUIRE(handoff.timed_out_layer() == 3);  // layer 2, counted from 1
+    // The hand-off is spent: a frame queued after it is not held for another deadline.
+    cuda::Event next(cudaEventDisableTiming);
+    enqueue_frame_waits(handoff, next);
+    const double next_ms = wait_for(next, 5000.0);
+    INFO("the next frame ended after " << next_ms << " ms");
+    REQUIRE(next_ms >= 0.0);
+    REQUIRE(next_ms < 100.0);
+    REQUIRE(handoff.timed_out_layer() == 3);
   }
   SECTION("destroying the hand-off lets a held frame go") {
     {

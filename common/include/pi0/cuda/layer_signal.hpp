@@ -75,12 +75,18 @@ class FrontendWaitRelease {
   // to 1 + the first such layer (unless a wait already set it), then every later counter still 0
   // past any generation (which lets the front-end waits and the last layer's wait kernel go),
   // and returns 1 + that layer. Otherwise writes nothing (the frame is held in its wait kernel,
-  // which has its own deadline, or in its work) and returns 0.
-  uint32_t release_unsignalled(uint64_t* counters, int frontend_layers, uint32_t* error);
+  // which has its own deadline, or in its work) and returns 0. `past_waits` is an event recorded
+  // after the frame's waits and before anything that zeroes its counters for the next frame:
+  // done once the counters are read, the frame went on by itself and nothing is written.
+  // Throws if the release does not finish within 2 s.
+  uint32_t release_unsignalled(uint64_t* counters, int frontend_layers, uint32_t* error,
+                               cudaEvent_t past_waits);
   // Sets counters[0, count) past any generation: a hand-off torn down with frames maybe held.
   void release_all(uint64_t* counters, size_t count) noexcept;
 
  private:
+  void finish_within_deadline();
+
   int layers_ = 0;
   Stream stream_;
   PinnedBuffer<uint64_t> counters_seen_;
@@ -117,7 +123,8 @@ void advance_generation(uint64_t* generation, cudaStream_t stream);
 // A front-end wait has no deadline of its own, so a watchdog thread gives one to each frame: once
 // a frame has been the oldest unfinished one for timeout_ns, the watchdog sets the error (1 + the
 // first layer not signalled) and lets the frame's waits go. After a timeout the hand-off is spent:
-// the caller reports the error and stops. Destroying the hand-off lets every wait go.
+// the waits of the frames after it pass at once (none waits out a deadline of its own), and the
+// caller reports the error and stops. Destroying the hand-off lets every wait go.
 class InProcessHandoff {
  public:
   InProcessHandoff(int layers, uint64_t timeout_ns);

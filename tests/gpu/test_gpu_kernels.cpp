@@ -878,6 +878,73 @@ double wait_for(const cuda::Event& event, double deadline_ms) {
 
 }  // namespace
 
+// The host's side of the front-end waits' deadline (FrontendWaitRelease), which the decoder worker
+// and the single process share: it names the first layer not signalled and lets the frame's
+// later waits go; it leaves alone a frame held only at its last layer (whose wait kernel has its
+// own deadline, and would pass a counter set now as if signalled) and a frame that went on by
+// itself while the counters were read (they may be the next frame's by then).
+TEST_CASE("front-end waits are let go only where a frame is held in them", "[gpu]") {
+  REQUIRE(cuda::frontend_waits_supported());
+  constexpr int kLayers = 4;
+  constexpr uint64_t kLetGo = uint64_t{1} << 62;
+  DeviceBuffer<uint64_t> words(kLayers + 1, "counters and a gate");
+  DeviceBuffer<uint32_t> error(1, "layer wait error");
+  uint64_t* const counters = words.get();
+  uint64_t* const gate = words.get() + kLayers;  // holds the frame's stream until opened
+  cuda::FrontendWaitRelease release(kLayers), opener(1);
+  cuda::Stream frame;
+  cuda::Event past(cudaEventDisableTiming);  // after the frame's waits
+  const auto start = [&](std::vector<uint64_t> values, uint32_t error_value, bool held) {
+    values.push_back(0);  // the gate, closed
+    cuda::copy_to_device(words.get(), values.data(), words.bytes());
+    cuda::copy_to_device(error.get(), &error_value, sizeof error_value);
+    if (held) {
+      cuda::LayerWaitLimits gate_limits;
+      gate_limits.error = error.get();
+      gate_limits.timeout_ns = 1'000'000'000ull;
+      gate_limits.frontend_layers = 1;
+      cuda::wait_layer(gate, words.get(), 0, gate_limits, nullptr, frame.get());
+    }
+    past.record(frame.get());
+    if (!held) past.synchronize();
+  };
+  const auto finish = [&] {
+    opener.release_all(gate, 1);
+    REQUIRE(wait_for(past, 5000.0) >= 0.0);
+    auto w = cuda::download(words.get(), kLayers);
+    return std::make_pair(w, cuda::download(error.get(), 1)[0]);
+  };
+
+  SECTION("held in a front-end wait: the first layer not signalled is named, the rest let go") {
+    start({5, 5, 0, 0}, 0, true);
+    REQUIRE(release.release_unsignalled(counters, kLayers - 1, error.get(), past.get()) == 3);
+    const auto [w, e] = finish();
+    CHECK(w == std::vector<uint64_t>{5, 5, kLetGo, kLetGo});
+    CHECK(e == 3);
+  }
+  SECTION("a layer a wait kernel named already keeps its name") {
+    start({5, 0, 0, 0}, 7, true);
+    REQUIRE(release.release_unsignalled(counters, kLayers - 1, error.get(), past.get()) == 2);
+    const auto [w, e] = finish();
+    CHECK(w == std::vector<uint64_t>{5, kLetGo, kLetGo, kLetGo});
+    CHECK(e == 7);
+  }
+  SECTION("held only at the last layer: nothing is written") {
+    start({5, 5, 5, 0}, 0, true);
+    REQUIRE(release.release_unsignalled(counters, kLayers - 1, error.get(), past.get()) == 0);
+    const auto [w, e] = finish();
+    CHECK(w == std::vector<uint64_t>{5, 5, 5, 0});
+    CHECK(e == 0);
+  }
+  SECTION("a frame that went on by itself: nothing is written") {
+    start({5, 0, 0, 0}, 0, false);
+    REQUIRE(release.release_unsignalled(counters, kLayers - 1, error.get(), past.get()) == 0);
+    const auto [w, e] = finish();
+    CHECK(w == std::vector<uint64_t>{5, 0, 0, 0});
+    CHECK(e == 0);
+  }
+}
+
 // The single process's hand-off (pi0_bench, the stages' bit test) holds the decoder's stream in
 // its front end for every layer's wait but the last, so no SM spins while the encoder runs. What
 // the user relies on: a frame's decoder goes past layer l only after that frame's signal of layer

@@ -277,7 +277,7 @@ void CudaEncoder::Impl::forward(const Bf16* images, Bf16* kv, const cuda::LayerS
     cuda::rope_split_qkv(lqkv.get(), prefix, cfg.lm_heads, cfg.head_dim, 0, cfg.rope_theta,
                          lq.get(), k, v, s, rms);
     mark("lm rms + rope + kv write", s);
-    if (signals) {
+    if (signals && l != signals->withheld_layer) {
       const bool last = l == cfg.lm_layers - 1;
       cuda::signal_layer(signals->counters + l, signals->generation,
                          last ? signals->last_stamp : nullptr, s);

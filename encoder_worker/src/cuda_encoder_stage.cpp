@@ -7,6 +7,8 @@
 // the whole slot is done.
 #include <spdlog/spdlog.h>
 #include <cstdio>
+#include <cstdlib>
+#include <string>
 
 #include "pi0/check.hpp"
 #include "pi0/cuda/device.hpp"
@@ -51,6 +53,17 @@ class CudaEncoderStage final : public EncoderStage {
         cuda_block.timestamp_handle);
     cuda::zero_device(timestamps_.get(), timestamps_.bytes());
     signal_layers_ = cuda::layer_handoff_wanted(device.mps_enabled != 0);
+    if (const char* withheld = std::getenv("PI0_TEST_WITHHOLD_LAYER_SIGNAL")) {
+      char* end = nullptr;
+      const long layer = std::strtol(withheld, &end, 10);
+      PI0_CHECK(*withheld != '\0' && *end == '\0' && layer >= 0 && layer < layers_,
+                std::string("PI0_TEST_WITHHOLD_LAYER_SIGNAL: expected a Gemma layer from 0 to ") +
+                    std::to_string(layers_ - 1) + ", got '" + withheld + "'");
+      withheld_layer_ = static_cast<int>(layer);
+      spdlog::warn("fault injection: the encoder never signals its layer {} "
+                   "(PI0_TEST_WITHHOLD_LAYER_SIGNAL)",
+                   withheld_layer_);
+    }
     generation_ = cuda::DeviceBuffer<uint64_t>(layout.kv_slots, "encoder frame generations");
     cuda::zero_device(generation_.get(), generation_.bytes());
     generation_host_ = cuda::PinnedBuffer<uint64_t>(layout.kv_slots, "encoder frame generations");
@@ -126,6 +139,7 @@ class CudaEncoderStage final : public EncoderStage {
     s.counters = stamps + slots + static_cast<size_t>(kv_slot) * layers_;
     s.generation = generation_.get() + kv_slot;
     s.last_stamp = stamps + kv_slot;
+    s.withheld_layer = withheld_layer_;
     return s;
   }
 
@@ -137,6 +151,7 @@ class CudaEncoderStage final : public EncoderStage {
   ipc::IpcDeviceMemory timestamps_;
   int layers_ = 0;
   bool signal_layers_ = false;
+  int withheld_layer_ = -1;
   cuda::DeviceBuffer<uint64_t> generation_;
   cuda::PinnedBuffer<uint64_t> generation_host_;
   std::vector<ipc::IpcEvent> ready_, consumed_;

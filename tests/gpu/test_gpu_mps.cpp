@@ -234,6 +234,38 @@ TEST_CASE("kill -9 of the encoder worker on the GPU stops the run naming it", "[
   CHECK(test::eventually([&] { return !mps_daemon_answers(mps); }, 5000ms));
 }
 
+// An encoder hung inside a frame (here one that never signals Gemma layer 0, by fault injection)
+// must not hang the decoder waiting for that layer: the wait's deadline (10 s) ends the run with
+// the layer named, whether the decoder waits in its stream's front end (layer 0 of pi0-2l's two)
+// or in a wait kernel, and nothing is left behind.
+TEST_CASE("an encoder that never signals a layer ends the run at the wait deadline, naming it",
+          "[gpu][mps]") {
+  for (const std::string frontend : {"1", "0"}) {
+    INFO("PI0_FRONTEND_WAITS=" << frontend);
+    const MpsOptions mps = test_mps_options();
+    REQUIRE_FALSE(mps_daemon_answers(mps));
+    const auto t0 = std::chrono::steady_clock::now();
+    ChildProcess orch = ChildProcess::spawn(
+        "orchestrator", PI0_ORCHESTRATOR_EXE,
+        gpu_run(mps, {"--encoder-pct", "50", "--decoder-pct", "50"}, 10, false),
+        {{"PI0_TEST_WITHHOLD_LAYER_SIGNAL", "0"}, {"PI0_FRONTEND_WAITS", frontend}}, false);
+    const auto status = orch.wait_for(120'000ms);
+    const double secs =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    INFO(orch.output());
+    REQUIRE(status.has_value());
+    std::printf("  layer 0 withheld, PI0_FRONTEND_WAITS=%s: the run ended after %.1f s with "
+                "status %d\n",
+                frontend.c_str(), secs, status->code);
+    CHECK(status->code != 0);
+    CHECK(secs >= 10.0);  // not before the deadline
+    CHECK(orch.output().find("the encoder did not signal layer 0") != std::string::npos);
+    CHECK(test::eventually([&] { return test::workers_of(orch.pid()).empty(); }, 2000ms));
+    CHECK(test::segments_of(orch.pid()).empty());
+    CHECK(test::eventually([&] { return !mps_daemon_answers(mps); }, 5000ms));
+  }
+}
+
 TEST_CASE("a daemon that was already running is adopted and left running", "[gpu][mps]") {
   const MpsOptions mps = test_mps_options();
   MpsDaemon ours = MpsDaemon::start_or_adopt(mps);

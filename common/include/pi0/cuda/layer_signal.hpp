@@ -32,6 +32,9 @@ struct LayerSignals {
   uint64_t* counters = nullptr;
   const uint64_t* generation = nullptr;
   uint64_t* last_stamp = nullptr;
+  // Fault injection: this layer is never signalled, as by an encoder hung there, so that a test can
+  // watch the decoder's deadline end the run (PI0_TEST_WITHHOLD_LAYER_SIGNAL). -1: none.
+  int withheld_layer = -1;
 };
 
 // Decoder side, one per frame of a pass: wait until counters[l] >= *expected before layer l of

@@ -374,7 +374,8 @@ class CudaDecoderStage final : public DecoderStage {
       // The slot's next frame (after "consumed", which the encoder waits for) must wait for its
       // own signals.
       if (limits_.frontend_layers > 0)
-        CUDA_CHECK(cudaMemsetAsync(slot_counters(f.kv_slot), 0, sizeof(uint64_t) * layers_, stream));
+        CUDA_CHECK(
+            cudaMemsetAsync(slot_counters(f.kv_slot), 0, sizeof(uint64_t) * layers_, stream));
       CUDA_CHECK(cudaEventRecord(consumed_[f.kv_slot].get(), stream));
       cuda::write_gpu_timestamp(stamps_.get() + f.stamp * kStampCount + 2, stream);
     }

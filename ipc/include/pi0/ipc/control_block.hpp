@@ -58,7 +58,8 @@ struct CudaIpcBlock {
   uint8_t timestamp_handle[kCudaIpcHandleBytes];  // device buffer of GPU timestamps (handoff)
   uint64_t kv_pool_bytes;
   uint64_t kv_slot_stride;
-  std::atomic<uint32_t> published;  // the encoder's progress: kCudaHandlesPublished, kCudaEncoderWarm
+  // The encoder's progress: kCudaHandlesPublished, then kCudaEncoderWarm.
+  std::atomic<uint32_t> published;
   uint32_t reserved;
 };
 // Every handle above is written.

@@ -61,22 +61,31 @@ inline std::vector<std::string> segments_of(int pid) {
   return segments_named("pi0mps_" + std::to_string(pid) + "_");
 }
 
+// The pid the orchestrator's log gives `worker` ("encoder_worker (pid N)"), or -1.
+inline int pid_in_log(const std::string& log, const std::string& worker) {
+  const std::string key = worker + " (pid ";
+  const auto at = log.find(key);
+  return at == std::string::npos ? -1 : std::stoi(log.substr(at + key.size()));
+}
+
 struct Finished {
   ExitStatus status;
   std::string output;
   double seconds;
+  int pid;  // the orchestrator's, to look for what it left behind
 };
 
-// Runs the orchestrator to completion (killed after `timeout`).
+// Runs the orchestrator to completion (killed after `timeout`), with `env` over this process's.
 inline Finished run_orchestrator(const std::vector<std::string>& args,
-                                 std::chrono::seconds timeout = std::chrono::seconds(120)) {
+                                 std::chrono::seconds timeout = std::chrono::seconds(120),
+                                 const EnvOverrides& env = {}) {
   const auto t0 = std::chrono::steady_clock::now();
-  ChildProcess p = ChildProcess::spawn("orchestrator", PI0_ORCHESTRATOR_EXE, args, {}, false);
+  ChildProcess p = ChildProcess::spawn("orchestrator", PI0_ORCHESTRATOR_EXE, args, env, false);
   auto status = p.wait_for(timeout);
   if (!status) status = p.terminate(std::chrono::milliseconds(100));
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   p.terminate(std::chrono::milliseconds(100));  // joins the output reader
-  return {*status, p.output(), secs};
+  return {*status, p.output(), secs, p.pid()};
 }
 
 // Waits until `pred` holds or the timeout passes; returns whether it held.

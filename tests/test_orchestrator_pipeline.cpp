@@ -36,12 +36,6 @@ void require_nothing_left(int pid) {
   REQUIRE(test::segments_of(pid).empty());
 }
 
-int pid_in_log(const std::string& log, const std::string& worker) {
-  const std::string key = worker + " (pid ";
-  const auto at = log.find(key);
-  return at == std::string::npos ? -1 : std::stoi(log.substr(at + key.size()));
-}
-
 // Starts a long tiny run and waits until both workers serve frames.
 ChildProcess start_long_run(std::string& log_out) {
   ChildProcess orch =
@@ -213,7 +207,7 @@ TEST_CASE("kill -9 of a worker stops the run within a second naming it",
   for (const std::string victim : {"encoder_worker", "decoder_worker"}) {
     std::string log;
     ChildProcess orch = start_long_run(log);
-    const int victim_pid = pid_in_log(log, victim);
+    const int victim_pid = test::pid_in_log(log, victim);
     REQUIRE(victim_pid > 0);
     const auto t0 = std::chrono::steady_clock::now();
     REQUIRE(::kill(victim_pid, SIGKILL) == 0);

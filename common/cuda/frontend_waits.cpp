@@ -52,6 +52,10 @@ bool frontend_waits_enabled() {
   return !(v && v[0] == '0') && frontend_waits_supported();
 }
 
+int frontend_wait_layers(int layers) {
+  return layers > 1 && frontend_waits_enabled() ? layers - 1 : 0;
+}
+
 bool frontend_waits_supported() {
   const MemOpCalls& c = memop_calls();
   if (!c.wait64 || !c.write64 || !c.write32 || !c.attribute) return false;
@@ -267,8 +271,8 @@ InProcessHandoff::InProcessHandoff(int layers, uint64_t timeout_ns)
   limits_.error = error_.get();
   limits_.timeout_ns = timeout_ns;
   load_layer_signal_kernels();
-  if (layers > 1 && frontend_waits_enabled()) {
-    limits_.frontend_layers = layers - 1;
+  limits_.frontend_layers = frontend_wait_layers(layers);
+  if (limits_.frontend_layers > 0) {
     watchdog_ = std::make_unique<Watchdog>(layers, limits_.frontend_layers, timeout_ns,
                                            words_.get(), error_.get());
   }

@@ -7,6 +7,7 @@
 #include "layer_wait_internal.hpp"
 #include "pi0/check.hpp"
 #include "pi0/cuda/layer_signal.hpp"
+#include "pi0/cuda/timestamp.hpp"
 #include "programmatic.cuh"
 
 namespace pi0::cuda {
@@ -52,22 +53,12 @@ __global__ void wait_layer_kernel(const uint64_t* counter, const uint64_t* expec
   if (done_at) *done_at = globaltimer();
 }
 
-__global__ void advance_generation_kernel(uint64_t* generation) {
-  wait_for_prior_grids();
-  *generation += 1;
-}
-
 __global__ void begin_generation_kernel(uint64_t* generation, uint64_t* counters, int layers,
                                         const uint32_t* error) {
   wait_for_prior_grids();
   if (threadIdx.x == 0) *generation += 1;
   const uint64_t start = *error != 0 ? kPastAnyGeneration : 0;
   for (int l = threadIdx.x; l < layers; l += blockDim.x) counters[l] = start;
-}
-
-__global__ void stamp_kernel(uint64_t* dst) {
-  wait_for_prior_grids();
-  *dst = globaltimer();
 }
 
 }  // namespace
@@ -83,8 +74,7 @@ void load_layer_signal_kernels() {
     cudaFuncAttributes attributes{};
     CUDA_CHECK(cudaFuncGetAttributes(&attributes, signal_layer_kernel));
     CUDA_CHECK(cudaFuncGetAttributes(&attributes, wait_layer_kernel));
-    CUDA_CHECK(cudaFuncGetAttributes(&attributes, stamp_kernel));
-    CUDA_CHECK(cudaFuncGetAttributes(&attributes, advance_generation_kernel));
+    load_gpu_timestamp_kernel();  // a front-end wait's done_at
     CUDA_CHECK(cudaFuncGetAttributes(&attributes, begin_generation_kernel));
     return true;
   }();
@@ -111,20 +101,11 @@ void wait_layer(const uint64_t* counter, const uint64_t* expected, int layer,
   load_layer_signal_kernels();
   if (layer < limits.frontend_layers) {
     hold_stream_until_set(counter, stream);
-    if (done_at) {
-      stamp_kernel<<<1, 1, 0, stream>>>(done_at);
-      CUDA_CHECK_LAUNCH();
-    }
+    if (done_at) write_gpu_timestamp(done_at, stream);
     return;
   }
   wait_layer_kernel<<<1, 1, 0, stream>>>(counter, expected, layer, limits.error, limits.timeout_ns,
                                          done_at);
-  CUDA_CHECK_LAUNCH();
-}
-
-void advance_generation(uint64_t* generation, cudaStream_t stream) {
-  PI0_CHECK(generation, "advance_generation: null generation");
-  advance_generation_kernel<<<1, 1, 0, stream>>>(generation);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -19,4 +19,9 @@ void write_gpu_timestamp(uint64_t* dst, cudaStream_t stream) {
   CUDA_CHECK_LAUNCH();
 }
 
+void load_gpu_timestamp_kernel() {
+  cudaFuncAttributes attributes{};
+  CUDA_CHECK(cudaFuncGetAttributes(&attributes, write_globaltimer_kernel));
+}
+
 }  // namespace pi0::cuda

@@ -59,11 +59,16 @@ class CudaDecoderStage final : public DecoderStage {
     // The encoder publishes its handles once its pool exists; it loads weights concurrently.
     auto& cuda_block = rt.control().header().cuda;
     const auto deadline = ipc::WorkerRuntime::after(o.startup_timeout_s);
-    while (cuda_block.published.load(std::memory_order_acquire) < ipc::kCudaHandlesPublished) {
-      PI0_CHECK(rt.peer_alive(), "the encoder worker died before publishing its K/V slots");
-      PI0_CHECK(ipc::Clock::now() < deadline, "the encoder did not publish its K/V slots in time");
-      std::this_thread::sleep_for(std::chrono::milliseconds(2));
-    }
+    const auto await_encoder = [&](uint32_t progress, const char* died, const char* late) {
+      while (cuda_block.published.load(std::memory_order_acquire) < progress) {
+        PI0_CHECK(rt.peer_alive(), died);
+        PI0_CHECK(ipc::Clock::now() < deadline, late);
+        std::this_thread::sleep_for(std::chrono::milliseconds(2));
+      }
+    };
+    await_encoder(ipc::kCudaHandlesPublished,
+                  "the encoder worker died before publishing its K/V slots",
+                  "the encoder did not publish its K/V slots in time");
     const ipc::ControlLayout& layout = rt.control().layout();
     slot_stride_ = cuda_block.kv_slot_stride;
     PI0_CHECK(slot_stride_ >= stage_sizes(o.config, o.shape).kv_slot_values * sizeof(Bf16) &&
@@ -78,14 +83,11 @@ class CudaDecoderStage final : public DecoderStage {
     // (signalling generation 0) would undo. So this warm-up comes after the encoder's, with every
     // counter set, and zeroes them before the first frame; each pass zeroes its slots' counters
     // before it hands them back.
-    if (wait_layers_ && layers_ > 1 && cuda::frontend_waits_enabled()) {
-      limits_.frontend_layers = layers_ - 1;
+    if (wait_layers_) limits_.frontend_layers = cuda::frontend_wait_layers(layers_);
+    if (limits_.frontend_layers > 0) {
       release_.emplace(layers_);
-      while (cuda_block.published.load(std::memory_order_acquire) < ipc::kCudaEncoderWarm) {
-        PI0_CHECK(rt.peer_alive(), "the encoder worker died during its warm-up");
-        PI0_CHECK(ipc::Clock::now() < deadline, "the encoder did not finish its warm-up in time");
-        std::this_thread::sleep_for(std::chrono::milliseconds(2));
-      }
+      await_encoder(ipc::kCudaEncoderWarm, "the encoder worker died during its warm-up",
+                    "the encoder did not finish its warm-up in time");
     }
     for (uint32_t s = 0; s < layout.kv_slots; ++s) {
       ready_.push_back(ipc::IpcEvent::open_imported(cuda_block.ready_event[s]));

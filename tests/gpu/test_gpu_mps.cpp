@@ -213,11 +213,8 @@ TEST_CASE("kill -9 of the encoder worker on the GPU stops the run naming it", "[
       [&] { return orch.output().find("streaming frames") != std::string::npos; }, 120'000ms));
   std::this_thread::sleep_for(500ms);  // frames are flowing
   REQUIRE(orch.running());
-  const std::string log = orch.output();
-  const std::string key = "encoder_worker (pid ";
-  const size_t at = log.find(key);
-  REQUIRE(at != std::string::npos);
-  const int victim = std::stoi(log.substr(at + key.size()));
+  const int victim = test::pid_in_log(orch.output(), "encoder_worker");
+  REQUIRE(victim > 0);
   const auto t0 = std::chrono::steady_clock::now();
   REQUIRE(::kill(victim, SIGKILL) == 0);
   const auto status = orch.wait_for(10'000ms);
@@ -244,24 +241,19 @@ TEST_CASE("an encoder that never signals a layer ends the run at the wait deadli
     INFO("PI0_FRONTEND_WAITS=" << frontend);
     const MpsOptions mps = test_mps_options();
     REQUIRE_FALSE(mps_daemon_answers(mps));
-    const auto t0 = std::chrono::steady_clock::now();
-    ChildProcess orch = ChildProcess::spawn(
-        "orchestrator", PI0_ORCHESTRATOR_EXE,
-        gpu_run(mps, {"--encoder-pct", "50", "--decoder-pct", "50"}, 10, false),
-        {{"PI0_TEST_WITHHOLD_LAYER_SIGNAL", "0"}, {"PI0_FRONTEND_WAITS", frontend}}, false);
-    const auto status = orch.wait_for(120'000ms);
-    const double secs =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    INFO(orch.output());
-    REQUIRE(status.has_value());
+    const auto run = test::run_orchestrator(
+        gpu_run(mps, {"--encoder-pct", "50", "--decoder-pct", "50"}, 10, false), 120s,
+        {{"PI0_TEST_WITHHOLD_LAYER_SIGNAL", "0"}, {"PI0_FRONTEND_WAITS", frontend}});
+    INFO(run.output);
+    REQUIRE(run.seconds < 120.0);  // ended by itself, not killed by run_orchestrator
     std::printf("  layer 0 withheld, PI0_FRONTEND_WAITS=%s: the run ended after %.1f s with "
                 "status %d\n",
-                frontend.c_str(), secs, status->code);
-    CHECK(status->code != 0);
-    CHECK(secs >= 10.0);  // not before the deadline
-    CHECK(orch.output().find("the encoder did not signal layer 0") != std::string::npos);
-    CHECK(test::eventually([&] { return test::workers_of(orch.pid()).empty(); }, 2000ms));
-    CHECK(test::segments_of(orch.pid()).empty());
+                frontend.c_str(), run.seconds, run.status.code);
+    CHECK(run.status.code != 0);
+    CHECK(run.seconds >= 10.0);  // not before the deadline
+    CHECK(run.output.find("the encoder did not signal layer 0") != std::string::npos);
+    CHECK(test::eventually([&] { return test::workers_of(run.pid).empty(); }, 2000ms));
+    CHECK(test::segments_of(run.pid).empty());
     CHECK(test::eventually([&] { return !mps_daemon_answers(mps); }, 5000ms));
   }
 }

@@ -66,6 +66,9 @@ struct LayerWaitLimits {
 bool frontend_waits_supported();
 // The same, unless PI0_FRONTEND_WAITS=0 keeps every wait on the kernel.
 bool frontend_waits_enabled();
+// LayerWaitLimits::frontend_layers for a model of `layers` layers: all but the last where
+// enabled (the front end polls, and would wake the decoder late at the last one), else 0.
+int frontend_wait_layers(int layers);
 
 // Lets front-end waits go from the host, which is where their deadline lives. Everything goes on
 // a stream of its own as stream memory operations, which neither a held stream nor a kernel load
@@ -111,9 +114,6 @@ void signal_layer(uint64_t* counter, const uint64_t* generation, uint64_t* stamp
 // *counter >= 1, in the stream's front end, without a deadline.
 void wait_layer(const uint64_t* counter, const uint64_t* expected, int layer,
                 const LayerWaitLimits& limits, uint64_t* done_at, cudaStream_t stream);
-
-// Adds 1 to *generation, in stream order.
-void advance_generation(uint64_t* generation, cudaStream_t stream);
 
 // The same hand-off inside one process (the single-process baseline): the encoder runs on one
 // stream and the decoder on another, which follows it layer by layer through its first flow step.

@@ -20,7 +20,7 @@ int padded(int cols) {
 AttentionKernels default_attention_kernels(int query_rows, int keys) {
   constexpr int kMaxTiledRows = 1024;
   return keys % 8 != 0 && query_rows <= kMaxTiledRows ? AttentionKernels::kTiled
-                                                       : AttentionKernels::kGemms;
+                                                      : AttentionKernels::kGemms;
 }
 
 AttentionKernels attention_kernels_from_env(const char* variable, AttentionKernels fallback,
@@ -31,7 +31,8 @@ AttentionKernels attention_kernels_from_env(const char* variable, AttentionKerne
   auto name = [](AttentionKernels k) {
     return k == AttentionKernels::kGemms   ? "gemm"
            : k == AttentionKernels::kFused ? "fused"
-                                           : "tiled";
+           : k == AttentionKernels::kTiled ? "tiled"
+                                           : "wgmma";
   };
   std::string choices;
   size_t i = 0;
@@ -61,6 +62,17 @@ SharedKvAttention::SharedKvAttention(cublasLtHandle_t handle, const Params& para
   PI0_CHECK(params.queries > 0 && params.heads > 0 && params.head_dim > 0 && params.keys > 0,
             "SharedKvAttention: empty shape");
   const int rows = params.queries * params.heads;
+  if (params.kernels == AttentionKernels::kWgmma && params.head_dim == 256) {
+    WgmmaAttentionShape w;
+    w.rows = rows;
+    w.keys = params.keys;
+    w.scale = params.scale;
+    w.limited_rows = params.limited_queries * params.heads;
+    w.limited_keys = params.limited_keys;
+    wgmma_shape_ = plan_wgmma_attention(w);
+    wgmma_ = wgmma_attention_runs_here(wgmma_shape_);
+    if (wgmma_) return;
+  }
   if (params.kernels == AttentionKernels::kFused && fused_attention_supported(params.head_dim)) {
     fused_ = try_fused();
     if (fused_) return;
@@ -73,8 +85,8 @@ SharedKvAttention::SharedKvAttention(cublasLtHandle_t handle, const Params& para
     tiled_shape_.limited_rows = params.limited_queries * params.heads;
     tiled_shape_.limited_keys = params.limited_keys;
     if (tiled_attention_supported(tiled_shape_)) {
-      tiled_scratch_ = DeviceBuffer<std::byte>(tiled_attention_scratch_bytes(tiled_shape_),
-                                               "attention tiles");
+      tiled_scratch_ =
+          DeviceBuffer<std::byte>(tiled_attention_scratch_bytes(tiled_shape_), "attention tiles");
       return;
     }
   }
@@ -120,6 +132,11 @@ SharedKvAttention::SharedKvAttention(cublasLtHandle_t handle, const Params& para
 
 void SharedKvAttention::run(const Bf16* q, const Bf16* k, const Bf16* v, Bf16* out,
                             cudaStream_t stream, OpTimer* timer) {
+  if (wgmma_) {
+    wgmma_attention(wgmma_shape_, q, k, v, out, stream);
+    if (timer) timer->mark("attention (wgmma)", stream);
+    return;
+  }
   if (fused_) {
     fused_attention(fused_shape_, q, k, v, out, stream);
     if (timer) timer->mark("attention (fused)", stream);

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -22,6 +23,7 @@
 #include "mma_primitives.cuh"
 #include "pi0/check.hpp"
 #include "pi0/cuda/decoder_layers.hpp"
+#include "pi0/cuda/skinny_gemm.hpp"
 #include "programmatic.cuh"
 
 namespace pi0::cuda {
@@ -44,7 +46,9 @@ constexpr int kKeysPerTile = attention_tile::kKeys;
 constexpr int kKeysPerUnit = 64;
 constexpr int kQRowsPerUnit = 64;
 constexpr int kAttnBytes = (kQRowsPerUnit + 4 * kKeysPerTile) * kHeadDim * 2;
-constexpr int kSmemBytes = kStages * kStageBytes > kAttnBytes ? kStages* kStageBytes : kAttnBytes;
+// + 1024: the ring starts on a 1024-byte boundary (wgmma's 128-byte-swizzle atoms).
+constexpr int kSmemBytes =
+    (kStages * kStageBytes > kAttnBytes ? kStages * kStageBytes : kAttnBytes) + 1024;
 // Units per GEMM phase the K splits aim at: about one per SM of a whole H100. A constant, so the
 // split (and so the bits) do not depend on the SM share.
 constexpr int kTargetUnits = 128;
@@ -77,15 +81,23 @@ struct Args {
   int rows, prefix, keys, width, qkv_width, q_heads, layers;
   int q_rows, q_rows_pad, ranges, attn_units;
   float eps, log2_theta, scale_log2;
+  int wgmma;  // GEMM units on warpgroup MMA (sm_90a code only) instead of mma.sync
   // Optional: globaltimer stamps [2][gridDim.x][phases]: as each CTA reaches each barrier, and
   // as it leaves it.
   unsigned long long* trace;
   int trace_phases;
+  // Optional, with trace: inside each CTA's first GEMM unit of layer 1, per GEMM kind (qkv, o,
+  // gate|up, down): [kind][gridDim.x][4] stamps: start, first block landed, loop done, end.
+  unsigned long long* unit_trace;
 };
 
 __device__ __forceinline__ float gelu_tanh(float x) {
   const float k = 0.7978845608028654f;  // sqrt(2 / pi)
   return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
+}
+
+__device__ __forceinline__ void* smem_generic(uint32_t addr) {
+  return __cvta_shared_to_generic(addr);
 }
 
 __device__ __forceinline__ float block_sum(float v, float* red) {
@@ -103,6 +115,7 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 
 struct UnitRange {
   int tile, split, kb0, nkb;
+  __device__ int kb(int it) const { return kb0 + it; }  // the K block loaded at step it
 };
 __device__ __forceinline__ UnitRange unit_range(const GemmPhase& g, int u) {
   UnitRange r;
@@ -127,7 +140,7 @@ __device__ __forceinline__ void load_w(const GemmPhase& g, const bf16* w, int ti
   for (int i = 0; i < kBK * kBN / 8 / kThreads; ++i) {
     const int c = tid + i * kThreads;
     const int kr = c >> 3, nc = c & 7;
-    const bf16* src = w + static_cast<size_t>(kb * kBK + kr) * g.ldw + w_column(g, tile, nc);
+    const bf16* src = w + (static_cast<size_t>(tile) * g.kblocks + kb) * (kBK * kBN) + c * 8;
     cp_async16(ws + (kr * kBN + ((nc ^ (kr & 7)) << 3)) * 2, src, true);
   }
 }
@@ -146,16 +159,16 @@ __device__ __forceinline__ void load_x(const GemmPhase& g, int rows, uint32_t xs
 
 // The first kStages - 1 weight blocks of unit u, as one cp.async group: they do not depend on the
 // previous phase, so they are issued before its barrier.
-__device__ void prefetch_w(const GemmPhase& g, int layer, int u, uint32_t sbase) {
+__device__ __noinline__ void prefetch_w(const GemmPhase& g, int layer, int u, uint32_t sbase) {
   const UnitRange r = unit_range(g, u);
   const bf16* w = g.w + layer * g.w_layer_stride;
   for (int s = 0; s < kStages - 1 && s < r.nkb; ++s)
-    load_w(g, w, r.tile, sbase + s * kStageBytes + kXStageBytes, r.kb0 + s);
+    load_w(g, w, r.tile, sbase + s * kStageBytes + kXStageBytes, r.kb(s));
   cp_commit();
 }
 
-__device__ void gemm_unit(const GemmPhase& g, int layer, int u, int rows, uint32_t sbase,
-                          bool w_prefetched) {
+__device__ __noinline__ void gemm_unit_mma(const GemmPhase& g, int layer, int u, int rows,
+                                           uint32_t sbase, bool w_prefetched) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const UnitRange r = unit_range(g, u);
   const bf16* w = g.w + layer * g.w_layer_stride;
@@ -174,8 +187,8 @@ __device__ void gemm_unit(const GemmPhase& g, int layer, int u, int rows, uint32
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < r.nkb) {
       const uint32_t xs = sbase + s * kStageBytes;
-      if (!w_prefetched) load_w(g, w, r.tile, xs + kXStageBytes, r.kb0 + s);
-      load_x(g, rows, xs, r.kb0 + s);
+      if (!w_prefetched) load_w(g, w, r.tile, xs + kXStageBytes, r.kb(s));
+      load_x(g, rows, xs, r.kb(s));
     }
     cp_commit();
   }
@@ -186,8 +199,8 @@ __device__ void gemm_unit(const GemmPhase& g, int layer, int u, int rows, uint32
       const int next = it + kStages - 1;
       if (next < r.nkb) {
         const uint32_t xs = sbase + (next % kStages) * kStageBytes;
-        load_w(g, w, r.tile, xs + kXStageBytes, r.kb0 + next);
-        load_x(g, rows, xs, r.kb0 + next);
+        load_w(g, w, r.tile, xs + kXStageBytes, r.kb(next));
+        load_x(g, rows, xs, r.kb(next));
       }
       cp_commit();
     }
@@ -249,10 +262,149 @@ __device__ void gemm_unit(const GemmPhase& g, int layer, int u, int rows, uint32
   __syncthreads();  // the ring is free for the next unit or the next phase's prefetch
 }
 
+// The same unit on warpgroup MMA (sm_90a): the tensor cores read X (K-major) and W (MN-major, as
+// stored [k, n]) from the ring through 128-byte-swizzle descriptors (the ring's chunk swizzle is
+// that layout), so no operand passes through registers. The two warpgroups take the two halves of
+// every 64-deep block (k 0-31 and 32-63); warpgroup 1 hands its accumulators to warpgroup 0
+// through shared memory, which adds them (always in that order) and runs the epilogue.
+__device__ __forceinline__ void unit_stamp(unsigned long long* stamps, int i) {
+  if (stamps && threadIdx.x == 0) {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+    stamps[i] = t;
+  }
+}
+
+__device__ __forceinline__ void gemm_unit_wgmma(const GemmPhase& g, int layer, int u, int rows,
+                                                uint32_t sbase, bool w_prefetched,
+                                                unsigned long long* stamps) {
+#if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  (void)g, (void)layer, (void)u, (void)rows, (void)sbase, (void)w_prefetched, (void)stamps;
+  __trap();  // never launched: the host asks for wgmma only where sm_90a code exists
+#else
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wg = warp >> 2, wg_tid = tid & 127, wg_warp = warp & 3;
+  const UnitRange r = unit_range(g, u);
+  const bf16* w = g.w + layer * g.w_layer_stride;
+
+  float d[32];
+#pragma unroll
+  for (int e = 0; e < 32; ++e) d[e] = 0.0f;
+
+  unit_stamp(stamps, 0);
+#pragma unroll 1
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < r.nkb) {
+      const uint32_t xs = sbase + s * kStageBytes;
+      if (!w_prefetched) load_w(g, w, r.tile, xs + kXStageBytes, r.kb(s));
+      load_x(g, rows, xs, r.kb(s));
+    }
+    cp_commit();
+  }
+  for (int it = 0; it < r.nkb; ++it) {
+    cp_wait<kStages - 2>();
+    fence_async_shared();  // this thread's copies, visible to the tensor cores
+    __syncthreads();       // everyone's; and block it - 1's wgmma are done (waited below)
+    if (it == 0) unit_stamp(stamps, 1);
+    {
+      const int next = it + kStages - 1;
+      if (next < r.nkb) {
+        const uint32_t xs = sbase + (next % kStages) * kStageBytes;
+        load_w(g, w, r.tile, xs + kXStageBytes, r.kb(next));
+        load_x(g, rows, xs, r.kb(next));
+      }
+      cp_commit();
+    }
+    const uint32_t xs = sbase + (it % kStages) * kStageBytes;
+    const uint32_t ws = xs + kXStageBytes;
+    fence_operand(d);
+    wgmma_fence();
+#pragma unroll
+    for (int kq = 0; kq < kBK / 32; ++kq) {
+      const int kk = wg * (kBK / 32) + kq;
+      wgmma_m64n64k16<1>(d, smem_desc_sw128(xs + kk * 32, 16, 1024),
+                         smem_desc_sw128(ws + kk * 2048, 1024, 1024), 1);
+    }
+    wgmma_commit();
+    wgmma_wait0();
+    fence_operand(d);
+  }
+  unit_stamp(stamps, 2);
+  cp_wait<0>();
+  // The tensor cores are done reading the ring (every warp waited); order those async-proxy reads
+  // before the generic writes below.
+  fence_async_shared();
+  __syncthreads();
+  float4* red = reinterpret_cast<float4*>(smem_generic(sbase));
+  float* tile = reinterpret_cast<float*>(smem_generic(sbase + 8 * 128 * 16));  // [64][64] fp32
+  if (wg == 1) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      red[j * 128 + wg_tid] = make_float4(d[4 * j], d[4 * j + 1], d[4 * j + 2], d[4 * j + 3]);
+  }
+  __syncthreads();
+  if (wg == 0) {
+    // Warp w holds rows 16 w + lane / 4 (and + 8); d[4 j + {0, 1}] are columns 8 j + 2 (lane % 4)
+    // + {0, 1} of the tile (chunk j), d[4 j + {2, 3}] the same columns 8 rows down.
+    const int row0 = wg_warp * 16 + (lane >> 2);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float4 o = red[j * 128 + wg_tid];
+      const int col = j * 8 + (lane & 3) * 2;
+      *reinterpret_cast<float2*>(tile + row0 * kBN + col) =
+          make_float2(d[4 * j] + o.x, d[4 * j + 1] + o.y);
+      *reinterpret_cast<float2*>(tile + (row0 + 8) * kBN + col) =
+          make_float2(d[4 * j + 2] + o.z, d[4 * j + 3] + o.w);
+    }
+  }
+  __syncthreads();
+  // The epilogue from the tile, by all 256 threads, as a loop (not unrolled: the GeGLU's tanhf is
+  // long, and the kernel's code has to stay small enough for the instruction cache).
+  if (g.geglu_up > 0) {
+    // Chunk 2c holds the gate, chunk 2c + 1 the up of output columns c * 8 .. + 8 (w_column).
+#pragma unroll 1
+    for (int i = tid; i < kRows * kBN / 4; i += kThreads) {
+      const int row = i / (kBN / 4), pair = i % (kBN / 4);
+      if (row >= rows) continue;
+      const int c = pair / 4, e = (pair % 4) * 2;
+      const float* gate = tile + row * kBN + c * 16 + e;
+      const float g0 = gate[0], g1 = gate[1], u0 = gate[8], u1 = gate[9];
+      *reinterpret_cast<bf162*>(g.y + static_cast<size_t>(row) * g.ld_y + r.tile * (kBN / 2) +
+                                c * 8 + e) =
+          __floats2bfloat162_rn(gelu_tanh(g0) * u0, gelu_tanh(g1) * u1);
+    }
+  } else {
+    float* part = g.part + static_cast<size_t>(r.split) * kRows * g.ld_part + r.tile * kBN;
+#pragma unroll
+    for (int i = tid; i < kRows * kBN / 4; i += kThreads) {
+      const int row = i / (kBN / 4), c4 = i % (kBN / 4);
+      if (row >= rows) continue;
+      *reinterpret_cast<float4*>(part + static_cast<size_t>(row) * g.ld_part + c4 * 4) =
+          *reinterpret_cast<const float4*>(tile + row * kBN + c4 * 4);
+    }
+  }
+  __syncthreads();  // the ring is free for the next unit or the next phase's prefetch
+  unit_stamp(stamps, 3);
+#endif
+}
+
+__device__ __forceinline__ void gemm_unit(const Args& a, const GemmPhase& g, int layer, int u,
+                                          uint32_t sbase, bool w_prefetched, int kind) {
+  if (a.wgmma) {
+    unsigned long long* stamps =
+        a.unit_trace && layer == 1 && u == blockIdx.x
+            ? a.unit_trace + (static_cast<size_t>(kind) * gridDim.x + blockIdx.x) * 4
+            : nullptr;
+    gemm_unit_wgmma(g, layer, u, a.rows, sbase, w_prefetched, stamps);
+  } else {
+    gemm_unit_mma(g, layer, u, a.rows, sbase, w_prefetched);
+  }
+}
+
 // ---- row phases ----
 
 // x += the `splits` partials of the last GEMM (in split order); h = x * rsqrt(mean(x^2) + eps).
-__device__ void norm_phase(const Args& a, const GemmPhase* from, float* red) {
+__device__ __noinline__ void norm_phase(const Args& a, const GemmPhase* from, float* red) {
   const int w4 = a.width / 4;
   for (int r = blockIdx.x; r < a.rows; r += gridDim.x) {
     float4* xr = reinterpret_cast<float4*>(a.x + static_cast<size_t>(r) * a.width);
@@ -285,7 +437,7 @@ __device__ void norm_phase(const Args& a, const GemmPhase* from, float* red) {
 
 // Sums the qkv partials, rotates q and k (RoPE on interleaved pairs, positions prefix + row) and
 // writes q, and k and v into the slot's suffix rows of this layer.
-__device__ void rope_phase(const Args& a, int layer) {
+__device__ __noinline__ void rope_phase(const Args& a, int layer) {
   constexpr int kHalf = kHeadDim / 2;
   const int pairs_per_row = (a.q_heads + 2) * kHalf;
   const int n = a.rows * pairs_per_row;
@@ -320,7 +472,7 @@ __device__ void rope_phase(const Args& a, int layer) {
 
 // ---- attention ----
 
-__device__ void attention_unit(const Args& a, int layer, int u, uint32_t sbase) {
+__device__ __noinline__ void attention_unit(const Args& a, int layer, int u, uint32_t sbase) {
   const uint32_t qs = sbase;
   const uint32_t ks0 = qs + kQRowsPerUnit * kHeadDim * 2;
   const uint32_t vs0 = ks0 + 2 * kKeysPerTile * kHeadDim * 2;
@@ -368,7 +520,7 @@ __device__ void attention_unit(const Args& a, int layer, int u, uint32_t sbase) 
 }
 
 // Merges the key ranges of every query row in range order; attn = sum_r w_r o_r / sum_r w_r l_r.
-__device__ void combine_phase(const Args& a) {
+__device__ __noinline__ void combine_phase(const Args& a) {
   constexpr int kD4 = kHeadDim / 4;
   const int n = a.q_rows * kD4;
   for (int idx = blockIdx.x * kThreads + threadIdx.x; idx < n; idx += gridDim.x * kThreads) {
@@ -396,14 +548,35 @@ __device__ void combine_phase(const Args& a) {
   }
 }
 
+// Copies a phase's weights ([layers][k][n] as stored) into per-unit blocks: for every layer, tile
+// and 64-deep K block, the [64 k][64 n] block a unit loads, 8 KB back to back, so each unit
+// streams contiguous memory instead of 64- or 128-byte pieces of 64 rows far apart.
+__global__ void tile_weights_kernel(GemmPhase g, bf16* dst, int layers) {
+  wait_for_prior_grids();
+  const size_t per_layer = static_cast<size_t>(g.tiles) * g.kblocks * (kBK * kBN / 8);
+  const size_t n = per_layer * layers;
+  for (size_t c = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; c < n;
+       c += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    const int layer = static_cast<int>(c / per_layer);
+    const size_t in_layer = c % per_layer;
+    const int block = static_cast<int>(in_layer / (kBK * kBN / 8));
+    const int chunk = static_cast<int>(in_layer % (kBK * kBN / 8));
+    const int tile = block / g.kblocks, kb = block % g.kblocks;
+    const int kr = chunk >> 3, nc = chunk & 7;
+    const bf16* src = g.w + layer * g.w_layer_stride + static_cast<size_t>(kb * kBK + kr) * g.ldw +
+                      w_column(g, tile, nc);
+    *reinterpret_cast<uint4*>(dst + c * 8) = *reinterpret_cast<const uint4*>(src);
+  }
+}
+
 // ---- the kernel ----
 
-__global__ void __launch_bounds__(kThreads) decoder_layers_kernel(const Args a) {
+__global__ void __launch_bounds__(kThreads) decoder_layers_kernel(const __grid_constant__ Args a) {
   wait_for_prior_grids();
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ float red[kThreads / 32];
   cg::grid_group grid = cg::this_grid();
-  const uint32_t sbase = smem_u32(smem);
+  const uint32_t sbase = (smem_u32(smem) + 1023u) & ~1023u;
   const int b = blockIdx.x, nb = gridDim.x;
   int phase = 0;
   auto stamp = [&]() {
@@ -426,37 +599,35 @@ __global__ void __launch_bounds__(kThreads) decoder_layers_kernel(const Args a) 
     prefetch_w(g, layer, b, sbase);
     return true;
   };
-  auto gemm_phase = [&](const GemmPhase& g, int layer, bool prefetched) {
-    for (int u = b; u < g.units(); u += nb)
-      gemm_unit(g, layer, u, a.rows, sbase, prefetched && u == b);
-  };
-
   bool prefetched = prefetch(a.qkv, 0);
   norm_phase(a, nullptr, red);
   sync();
+  // Phases of a layer: 0 qkv, 1 RoPE + K/V, 2 attention, 3 combine, 4 o, 5 norm, 6 gate|up,
+  // 7 down, 8 norm. The four GEMM phases share one call site, so that the wgmma unit is inlined
+  // once (ptxas serialises wgmma across a call).
   for (int l = 0; l < a.layers; ++l) {
-    gemm_phase(a.qkv, l, prefetched);
-    sync();
-    rope_phase(a, l);
-    sync();
-    for (int u = b; u < a.attn_units; u += nb) attention_unit(a, l, u, sbase);
-    prefetched = prefetch(a.o, l);
-    sync();
-    combine_phase(a);
-    sync();
-    gemm_phase(a.o, l, prefetched);
-    prefetched = prefetch(a.gu, l);
-    sync();
-    norm_phase(a, &a.o, red);
-    sync();
-    gemm_phase(a.gu, l, prefetched);
-    prefetched = prefetch(a.down, l);
-    sync();
-    gemm_phase(a.down, l, prefetched);
-    prefetched = l + 1 < a.layers && prefetch(a.qkv, l + 1);
-    sync();
-    norm_phase(a, &a.down, red);  // the last one leaves h = rms(x) for the Euler step
-    if (l + 1 < a.layers) sync();
+    for (int p = 0; p < kPhasesPerLayer; ++p) {
+      if (p == 0 || p == 4 || p == 6 || p == 7) {
+        const int kind = p == 0 ? 0 : p == 4 ? 1 : p == 6 ? 2 : 3;
+        const GemmPhase& g = kind == 0 ? a.qkv : kind == 1 ? a.o : kind == 2 ? a.gu : a.down;
+        for (int u = b; u < g.units(); u += nb)
+          gemm_unit(a, g, l, u, sbase, prefetched && u == b, kind);
+        // The first weight blocks of the next GEMM phase, before the barrier.
+        if (kind == 1) prefetched = prefetch(a.gu, l);
+        if (kind == 2) prefetched = prefetch(a.down, l);
+        if (kind == 3) prefetched = l + 1 < a.layers && prefetch(a.qkv, l + 1);
+      } else if (p == 1) {
+        rope_phase(a, l);
+      } else if (p == 2) {
+        for (int u = b; u < a.attn_units; u += nb) attention_unit(a, l, u, sbase);
+        prefetched = prefetch(a.o, l);
+      } else if (p == 3) {
+        combine_phase(a);
+      } else {
+        norm_phase(a, p == 5 ? &a.o : &a.down, red);  // the last leaves h = rms(x) for Euler
+      }
+      if (l + 1 < a.layers || p + 1 < kPhasesPerLayer) sync();
+    }
   }
 }
 
@@ -546,10 +717,37 @@ DecoderLayers::DecoderLayers(const DecoderLayersShape& shape, int max_ctas) : sh
   // One CTA per SM: the units of a phase are about one per SM of a whole GPU, and at 255
   // registers per thread a second CTA would not fit anyway.
   grid_ = max_ctas > 0 ? std::min(sms, max_ctas) : sms;
+
+  // PI0_LAYERS_GEMM=mma|wgmma (default: wgmma where this binary has sm_90a code for the GPU).
+  // Both give bits that do not depend on the grid; they differ from each other in the order of
+  // each tile's K sum.
+  const char* gemm_env = std::getenv("PI0_LAYERS_GEMM");
+  const std::string gemm_choice = gemm_env ? gemm_env : "";
+  PI0_CHECK(gemm_choice.empty() || gemm_choice == "mma" || gemm_choice == "wgmma",
+            "PI0_LAYERS_GEMM must be mma or wgmma, not '" + gemm_choice + "'");
+  wgmma_ = gemm_choice != "mma" && skinny_wgmma_available();
+  PI0_CHECK(gemm_choice != "wgmma" || wgmma_,
+            "PI0_LAYERS_GEMM=wgmma: this binary has no sm_90a code for this GPU");
 }
 
-void DecoderLayers::run(const DecoderLayersWeights& w, const DecoderLayersBuffers& buf,
-                        cudaStream_t stream) const {
+void DecoderLayers::set_weights(const DecoderLayersWeights& w) {
+  PI0_CHECK(valid(), "DecoderLayers used before construction");
+  Plan p = plan(shape_);
+  auto tile = [&](GemmPhase g, const Bf16* src, const char* what) {
+    DeviceBuffer<Bf16> dst(g.w_layer_stride * shape_.layers, what);
+    g.w = reinterpret_cast<const bf16*>(src);
+    tile_weights_kernel<<<1024, 256>>>(g, reinterpret_cast<bf16*>(dst.get()), shape_.layers);
+    CUDA_CHECK(cudaGetLastError());
+    return dst;
+  };
+  tiled_qkv_ = tile(p.qkv, w.qkv, "decoder layers qkv weights (tiled)");
+  tiled_o_ = tile(p.o, w.o, "decoder layers o weights (tiled)");
+  tiled_gu_ = tile(p.gu, w.gate_up, "decoder layers gate|up weights (tiled)");
+  tiled_down_ = tile(p.down, w.down, "decoder layers down weights (tiled)");
+  CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+void DecoderLayers::run(const DecoderLayersBuffers& buf, cudaStream_t stream) const {
   PI0_CHECK(valid(), "DecoderLayers used before construction");
   const DecoderLayersShape& s = shape_;
   const Plan p = plan(s);
@@ -558,16 +756,17 @@ void DecoderLayers::run(const DecoderLayersWeights& w, const DecoderLayersBuffer
   a.o = p.o;
   a.gu = p.gu;
   a.down = p.down;
-  a.qkv.w = reinterpret_cast<const bf16*>(w.qkv);
+  PI0_CHECK(!tiled_qkv_.empty(), "DecoderLayers::run before set_weights");
+  a.qkv.w = reinterpret_cast<const bf16*>(tiled_qkv_.get());
   a.qkv.x = reinterpret_cast<const bf16*>(buf.h);
   a.qkv.part = partials_.get();
-  a.o.w = reinterpret_cast<const bf16*>(w.o);
+  a.o.w = reinterpret_cast<const bf16*>(tiled_o_.get());
   a.o.x = reinterpret_cast<const bf16*>(buf.attn);
   a.o.part = partials_.get();
-  a.gu.w = reinterpret_cast<const bf16*>(w.gate_up);
+  a.gu.w = reinterpret_cast<const bf16*>(tiled_gu_.get());
   a.gu.x = reinterpret_cast<const bf16*>(buf.h);
   a.gu.y = reinterpret_cast<bf16*>(buf.act);
-  a.down.w = reinterpret_cast<const bf16*>(w.down);
+  a.down.w = reinterpret_cast<const bf16*>(tiled_down_.get());
   a.down.x = reinterpret_cast<const bf16*>(buf.act);
   a.down.part = partials_.get();
   a.x = buf.x;
@@ -593,10 +792,14 @@ void DecoderLayers::run(const DecoderLayersWeights& w, const DecoderLayersBuffer
   a.eps = s.rms_eps;
   a.log2_theta = std::log2(s.rope_theta);
   a.scale_log2 = 1.4426950408889634f / std::sqrt(static_cast<float>(kHeadDim));
+  a.wgmma = wgmma_ ? 1 : 0;
 
   cudaLaunchConfig_t cfg = {};
   a.trace = trace_.empty() ? nullptr : reinterpret_cast<unsigned long long*>(trace_.get());
   a.trace_phases = trace_phases();
+  a.unit_trace = trace_.empty() ? nullptr
+                                : reinterpret_cast<unsigned long long*>(trace_.get()) +
+                                      static_cast<size_t>(2 * grid_) * trace_phases();
   cfg.gridDim = dim3(static_cast<unsigned>(grid_));
   cfg.blockDim = dim3(kThreads);
   cfg.dynamicSmemBytes = kSmemBytes;
@@ -613,14 +816,19 @@ void DecoderLayers::run(const DecoderLayersWeights& w, const DecoderLayersBuffer
 
 namespace pi0::cuda {
 
+std::string DecoderLayers::describe() const {
+  return wgmma_ ? "wgmma" : "mma.sync";
+}
+
 int DecoderLayers::trace_phases() const {
   return 1 + kPhasesPerLayer * shape_.layers;
 }
 
 void DecoderLayers::enable_trace() {
   if (trace_.empty()) {
-    trace_ = DeviceBuffer<uint64_t>(static_cast<size_t>(2 * grid_) * trace_phases(),
-                                    "decoder layers trace");
+    trace_ = DeviceBuffer<uint64_t>(
+        static_cast<size_t>(2 * grid_) * trace_phases() + static_cast<size_t>(4 * grid_) * 4,
+        "decoder layers trace");
     zero_device(trace_.get(), trace_.bytes());
   }
 }
@@ -663,8 +871,9 @@ std::string DecoderLayers::trace_summary() const {
     release[kind] += static_cast<double>(last_out - first_out) / 1000.0;
   }
   const int layers_seen = std::max(1, shape_.layers - 1);  // the final norm is not stamped
-  std::string out = "  persistent layers, us per layer (work + barrier + release), " +
-                    std::to_string(grid_) + " CTAs:\n";
+  std::string out = "  persistent layers (" + describe() +
+                    "), us per layer (work + barrier + release), " + std::to_string(grid_) +
+                    " CTAs:\n";
   char line[160];
   for (int k = 0; k < kPhasesPerLayer; ++k) {
     if (k == kPhasesPerLayer - 1 && shape_.layers == 1) continue;  // no barrier after it
@@ -681,6 +890,29 @@ std::string DecoderLayers::trace_summary() const {
   std::snprintf(line, sizeof line, "    all layers, first and last norm aside  %.1f us\n",
                 static_cast<double>(last_leave - first_leave) / 1000.0);
   out += line;
+  // Inside the first GEMM unit of each CTA, layer 1 (wgmma only): mean over the CTAs of the
+  // time to the first landed block, the K loop after it and the epilogue, and the slowest unit.
+  const uint64_t* u = t.data() + static_cast<size_t>(2 * grid_) * phases;
+  static const char* const kGemms[4] = {"qkv", "o", "gate|up", "down"};
+  for (int k = 0; k < 4 && shape_.layers > 1; ++k) {
+    double first = 0, loop = 0, epi = 0, slowest = 0;
+    int n = 0;
+    for (int b = 0; b < grid_; ++b) {
+      const uint64_t* st = u + (static_cast<size_t>(k) * grid_ + b) * 4;
+      if (st[0] == 0 || st[3] < st[0]) continue;
+      first += static_cast<double>(st[1] - st[0]);
+      loop += static_cast<double>(st[2] - st[1]);
+      epi += static_cast<double>(st[3] - st[2]);
+      slowest = std::max(slowest, static_cast<double>(st[3] - st[0]));
+      ++n;
+    }
+    if (n == 0) continue;
+    std::snprintf(
+        line, sizeof line,
+        "    %-8s unit: first block %.2f, loop %.2f, epilogue %.2f, slowest %.2f us (%d)\n",
+        kGemms[k], first / n / 1000.0, loop / n / 1000.0, epi / n / 1000.0, slowest / 1000.0, n);
+    out += line;
+  }
   return out;
 }
 

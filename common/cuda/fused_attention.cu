@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "attention_tile.cuh"
+#include "cluster_combine.cuh"
 #include "mma_primitives.cuh"
 #include "pi0/check.hpp"
 #include "pi0/cuda/device.hpp"
@@ -30,7 +31,7 @@ using namespace mma;
 namespace cg = cooperative_groups;
 
 constexpr int kThreads = 128;
-constexpr int kRowsPerBlock = 64;
+constexpr int kRowsPerBlock = attention_combine::kRowsPerBlock;
 constexpr int kKeysPerTile = attention_tile::kKeys;
 // Ranges are planned for about two CTAs per SM of a whole H100; a fixed number, not the SM count
 // this process sees, so that an MPS share does not change the bits. A row block's ranges are one
@@ -138,59 +139,8 @@ __global__ void __launch_bounds__(kThreads) fused_attention_kernel(Args a) {
   }
   cluster.sync();
 
-  const int splits = a.splits, rank = static_cast<int>(cluster.block_rank());
-  const int my_rows = (kRowsPerBlock - rank + splits - 1) / splits;
-  // Each of this CTA's rows weighs its ranges once (max, then exp2 of each range's max against
-  // it, and the normaliser): the remote (max, sum) pairs are read once per row, not per column.
-  for (int j = tid; j < my_rows; j += kThreads) {
-    const int rl = rank + j * splits;
-    float2 ml[kMaxSplits];
-    float mmax = -INFINITY;
-#pragma unroll
-    for (int sp = 0; sp < kMaxSplits; ++sp) {
-      if (sp >= splits) break;
-      ml[sp] = cluster.map_shared_rank(parked_ml, sp)[rl];
-      mmax = fmaxf(mmax, ml[sp].x);
-    }
-    float sum = 0.0f;
-#pragma unroll
-    for (int sp = 0; sp < kMaxSplits; ++sp) {
-      if (sp >= splits) break;
-      const float w = ml[sp].x == -INFINITY ? 0.0f : exp2f(ml[sp].x - mmax);
-      sum += w * ml[sp].y;
-      row_weights[j][sp] = w;
-    }
-    row_weights[j][kMaxSplits] = sum > 0.0f ? 1.0f / sum : 0.0f;
-  }
-  __syncthreads();
-  const int quads = a.head_dim / 4;  // output columns in fours
-  for (int idx = tid; idx < my_rows * quads; idx += kThreads) {
-    const int j = idx / quads, d4 = idx % quads;
-    const int rl = rank + j * splits;
-    const int row = r0 + rl;
-    if (row >= a.rows) continue;
-    float4 po[kMaxSplits];
-#pragma unroll
-    for (int sp = 0; sp < kMaxSplits; ++sp) {
-      if (sp >= splits) break;
-      po[sp] = reinterpret_cast<const float4*>(cluster.map_shared_rank(parked, sp) + rl * D)[d4];
-    }
-    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll
-    for (int sp = 0; sp < kMaxSplits; ++sp) {
-      if (sp >= splits) break;
-      const float w = row_weights[j][sp];
-      acc.x += w * po[sp].x;
-      acc.y += w * po[sp].y;
-      acc.z += w * po[sp].z;
-      acc.w += w * po[sp].w;
-    }
-    const float inv = row_weights[j][kMaxSplits];
-    bf16* dst = a.out + static_cast<size_t>(row) * a.ld_out + d4 * 4;
-    store_bf16x2(dst, acc.x * inv, acc.y * inv);
-    store_bf16x2(dst + 2, acc.z * inv, acc.w * inv);
-  }
-  cluster.sync();  // no CTA leaves while another still reads its shared memory
+  attention_combine::combine_ranges<D, kThreads, kMaxSplits>(
+      cluster, parked, parked_ml, row_weights, a.splits, r0, a.rows, a.head_dim, a.out, a.ld_out);
 }
 
 template <int D>

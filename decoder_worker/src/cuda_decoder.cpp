@@ -279,6 +279,10 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   }
   down_w = memory.weight(transposed_weights ? upload_transposed("decoder_ffn_down_w", am, aw)
                                             : cuda::upload_tensor(w, "decoder_ffn_down_w"));
+  if (layers_kernel.valid()) {
+    layers_kernel.set_weights({qkv_w.get(), o_w.get(), gate_up_w.get(), down_w.get()});
+    memory.add_workspace(layers_kernel.weight_copy_bytes());
+  }
   aout_w = memory.weight(cuda::upload_tensor(w, "decoder_action_fused_out_proj_w"));
   aout_b = memory.weight(cuda::upload_tensor_f32(w, "decoder_action_fused_out_proj_b"));
 
@@ -500,8 +504,7 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
     if (persistent) {
       for (int l = 0; l < cfg.lm_layers; ++l) wait_for_layer(step, l);
       // Leaves h = rms(x) for the Euler step.
-      layers_kernel.run({qkv_w.get(), o_w.get(), gate_up_w.get(), down_w.get()},
-                        {x.f32.get(), h.get(), q.get(), attn.get(), act.get(), kv_slots[0]}, s);
+      layers_kernel.run({x.f32.get(), h.get(), q.get(), attn.get(), act.get(), kv_slots[0]}, s);
       mark("layers (persistent kernel)", s);
     }
     // The layers' products: the first step's own set (its role in a GEMM table), then the pass's.

@@ -256,13 +256,16 @@ void check_shared_kv(int queries, int keys, int heads, int hd, int limited_queri
                                          scale,   limited_queries, limited_keys};
   params.kernels = kernels;
   cuda::SharedKvAttention att(lt.get(), params, ws.get(), ws.bytes());
-  const bool fused = kernels == AttentionKernels::kFused, tiled = kernels == AttentionKernels::kTiled;
+  const bool fused = kernels == AttentionKernels::kFused,
+             tiled = kernels == AttentionKernels::kTiled;
+  const bool wgmma = kernels == AttentionKernels::kWgmma;
   REQUIRE(att.fused() == (fused || falls_back_to_fused));
   REQUIRE(att.tiled() == tiled);
-  if (falls_back_to_fused) REQUIRE(att.scratch_bytes() == 0);
+  REQUIRE(att.on_wgmma() == wgmma);
+  if (falls_back_to_fused || wgmma) REQUIRE(att.scratch_bytes() == 0);
   att.run(dq.get(), dk.get(), dv.get(), out.get(), nullptr);
   CUDA_CHECK(cudaDeviceSynchronize());
-  if (att.fused() || att.tiled())
+  if (att.fused() || att.tiled() || att.on_wgmma())
     require_same_bits_again(out,
                             [&] { att.run(dq.get(), dk.get(), dv.get(), out.get(), nullptr); });
   std::vector<float> ref(q.size());
@@ -273,6 +276,7 @@ void check_shared_kv(int queries, int keys, int heads, int hd, int limited_queri
   report(std::string(falls_back_to_fused ? "fused (GEMMs on the built-in kernel) "
                      : fused             ? "fused "
                      : tiled             ? "tiled "
+                     : wgmma             ? "wgmma "
                                          : "") +
              "shared-kv attention q=" + std::to_string(queries) + " k=" + std::to_string(keys) +
              " hd=" + std::to_string(hd) +
@@ -310,11 +314,28 @@ TEST_CASE("tiled shared kv attention matches the reference", "[gpu]") {
   check_shared_kv(40, 70, 2, 32, 1, 41, 56, tiled);     // tiny widths
 }
 
+// The wgmma kernel (head size 256, sm_90a builds): one and several key steps per range, partial
+// row blocks and key tiles, the state token's mask, one range and clusters up to 9 ranges.
+TEST_CASE("wgmma shared kv attention matches the reference", "[gpu]") {
+  if (!cuda::wgmma_attention_available()) {
+    WARN("skipped: this binary has no sm_90a code for this GPU");
+    return;
+  }
+  const auto wgmma = cuda::AttentionKernels::kWgmma;
+  check_shared_kv(64, 576, 8, 256, 1, 513, 60, wgmma);   // decoder, V=2 C=63: 9 ranges of 64
+  check_shared_kv(51, 583, 8, 256, 1, 533, 61, wgmma);   // decoder, C=50 P=20: partial tiles
+  check_shared_kv(64, 832, 8, 256, 1, 769, 62, wgmma);   // decoder, V=3
+  check_shared_kv(512, 512, 8, 256, 0, 0, 63, wgmma);    // encoder prefix, V=2 P=0
+  check_shared_kv(532, 532, 8, 256, 0, 0, 64, wgmma);    // encoder prefix with a prompt
+  check_shared_kv(9, 40, 2, 256, 1, 3, 65, wgmma);       // one range, rows < 64, 3 keys seen
+  check_shared_kv(1024, 1000, 1, 256, 0, 0, 66, wgmma);  // 8 ranges of 2 steps, partial tile
+}
+
 // At some MPS shares no cuBLASLt algorithm gets the QK / PV products right; the attention then
 // runs the fused kernel rather than the plain GEMM kernel, and keeps no GEMM scratch for it.
 TEST_CASE("shared kv attention falls back to the fused kernel without keeping gemm scratch",
           "[gpu]") {
-  const ScopedEnv builtin("PI0_GEMM_PATH", "builtin");        // the Gemm tier to start at
+  const ScopedEnv builtin("PI0_GEMM_PATH", "builtin");  // the Gemm tier to start at
   check_shared_kv(64, 576, 8, 256, 1, 513, 45, cuda::AttentionKernels::kGemms, true);  // decoder
 }
 
@@ -969,8 +990,8 @@ TEST_CASE("in-process front-end layer waits follow the signals, and a watchdog e
   const auto signal = [&](cuda::InProcessHandoff& handoff, int from, int to) {
     const cuda::LayerSignals signals = handoff.signals();
     for (int l = from; l < to; ++l)
-      cuda::signal_layer(signals.counters + l, signals.generation,
-                         l == 1 ? stamps.get() : nullptr, encoder.get());
+      cuda::signal_layer(signals.counters + l, signals.generation, l == 1 ? stamps.get() : nullptr,
+                         encoder.get());
   };
   cuda::Event after(cudaEventDisableTiming);
 

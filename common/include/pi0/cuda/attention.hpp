@@ -15,10 +15,11 @@
 #include "pi0/cuda/gemm.hpp"
 #include "pi0/cuda/op_timer.hpp"
 #include "pi0/cuda/tiled_attention.hpp"
+#include "pi0/cuda/wgmma_attention.hpp"
 
 namespace pi0::cuda {
 
-enum class AttentionKernels { kGemms, kFused, kTiled };
+enum class AttentionKernels { kGemms, kFused, kTiled, kWgmma };
 
 // The multi-query attention's kernels for `query_rows` (queries x heads) against `keys` keys.
 // cuBLASLt takes far slower kernels for the QK and PV products when the key count is not a
@@ -29,12 +30,14 @@ enum class AttentionKernels { kGemms, kFused, kTiled };
 // else the GEMMs.
 AttentionKernels default_attention_kernels(int query_rows, int keys);
 
-// `variable` = gemm | fused | tiled (those of `accepted`) overrides `fallback`; unset or empty
-// keeps it. A value not accepted throws an error naming the variable, the value and the choices.
+// `variable` = gemm | fused | tiled | wgmma (those of `accepted`) overrides `fallback`; unset or
+// empty keeps it. A value not accepted throws an error naming the variable, the value and the
+// choices.
 AttentionKernels attention_kernels_from_env(const char* variable, AttentionKernels fallback,
                                             std::initializer_list<AttentionKernels> accepted = {
                                                 AttentionKernels::kGemms, AttentionKernels::kFused,
-                                                AttentionKernels::kTiled});
+                                                AttentionKernels::kTiled,
+                                                AttentionKernels::kWgmma});
 
 // `heads` query heads sharing one K/V head (Gemma's multi-query attention). Because the query
 // heads of a row are contiguous, Q [queries, heads * head_dim] is also Q' [queries * heads,
@@ -48,7 +51,9 @@ class SharedKvAttention {
     int limited_queries = 0, limited_keys = 0;
     // kFused: one kernel (pi0/cuda/fused_attention.hpp), where the head size allows it and its
     // cluster fits this process's SM share. kTiled: the two kernels of tiled_attention.hpp,
-    // where the shape allows it. Otherwise, and for kGemms, the GEMMs and the softmax.
+    // where the shape allows it. kWgmma: pi0/cuda/wgmma_attention.hpp's one kernel, for head
+    // size 256 where this binary has sm_90a code and its cluster fits this process's share.
+    // Otherwise, and for kGemms, the GEMMs and the softmax.
     AttentionKernels kernels = AttentionKernels::kGemms;
   };
   SharedKvAttention() = default;
@@ -65,10 +70,13 @@ class SharedKvAttention {
   }
   bool fused() const { return fused_; }
   bool tiled() const { return tiled_scratch_.bytes() > 0; }
+  bool on_wgmma() const { return wgmma_; }
 
  private:
   bool try_fused();  // plans the fused kernel; false where its cluster does not fit here
   Params params_{};
+  bool wgmma_ = false;
+  WgmmaAttentionShape wgmma_shape_{};
   int ld_ = 0;
   DeviceBuffer<float> scores_;
   DeviceBuffer<Bf16> probs_;

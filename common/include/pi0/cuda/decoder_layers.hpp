@@ -11,10 +11,13 @@
 // alone (never from the SM count this process sees) and split-K partials are summed in a fixed
 // order, so every MPS share computes the same bits.
 //
-// Status (bench/NOTES.md v6): correct and deterministic, but slower than the per-op path (decoder
-// 11.8 vs 9.6 ms on an H100), so CudaDecoder runs it only when asked. Its GEMM units, mma.sync
-// over a 64 x 64 tile, run far below the weight-streaming rate even with the weight loads
-// removed, and its 9 grid barriers per layer cost about 1-2 us each.
+// Status (bench/NOTES.md v6, v20): correct and deterministic, but slower than the per-op path
+// (V=2 on an H100: 16.65 ms against 13.0), so CudaDecoder runs it only when asked. Its GEMM units
+// run on wgmma where the binary has sm_90a code (PI0_LAYERS_GEMM=mma|wgmma), inlined at one call
+// site (ptxas serialises wgmma across a call), over weights copied into per-unit blocks
+// (set_weights). Every phase is a chain of latencies (L2 round trips, the epilogue, a grid
+// barrier of about 1 us) about as long as a kernel boundary of the per-op path; only phases that
+// overlap (per-tile counters instead of barriers) can beat it.
 //
 // Layouts: x fp32 [rows, width] (the residual, updated in place), h bf16 [rows, width] (rms(x)
 // on return, for the Euler step), q / attn bf16 [rows, q_heads * head_dim], act bf16
@@ -68,8 +71,16 @@ class DecoderLayers {
   // max_ctas where that is > 0. The grid changes the time, never the bits.
   explicit DecoderLayers(const DecoderLayersShape& shape, int max_ctas = 0);
 
-  void run(const DecoderLayersWeights& weights, const DecoderLayersBuffers& buffers,
-           cudaStream_t stream) const;
+  // Copies the layer weights into the layout the kernel streams (each unit's 64 x 64 blocks back
+  // to back, 8 KB apiece, instead of 64-128 byte pieces of 64 rows far apart: the GEMM phases
+  // 10-15% faster). As much memory again as the layer weights; synchronises the device. Required
+  // before run(), which reads only the copies.
+  void set_weights(const DecoderLayersWeights& weights);
+  size_t weight_copy_bytes() const {
+    return tiled_qkv_.bytes() + tiled_o_.bytes() + tiled_gu_.bytes() + tiled_down_.bytes();
+  }
+
+  void run(const DecoderLayersBuffers& buffers, cudaStream_t stream) const;
 
   // Diagnostics: every later launch (graphs captured from then on included) stamps each CTA's
   // arrival at and departure from every barrier; trace_summary() (synchronises the device) gives
@@ -78,6 +89,8 @@ class DecoderLayers {
   std::string trace_summary() const;
 
   bool valid() const { return grid_ > 0; }
+  // The GEMM units' mainloop, "wgmma" or "mma.sync" (PI0_LAYERS_GEMM): for the benchmark.
+  std::string describe() const;
   int grid() const { return grid_; }
   size_t scratch_bytes() const {
     return partials_.bytes() + attn_partials_.bytes() + attn_stats_.bytes();
@@ -86,9 +99,11 @@ class DecoderLayers {
  private:
   DecoderLayersShape shape_;
   int grid_ = 0;
+  bool wgmma_ = false;  // GEMM units on warpgroup MMA
   int trace_phases() const;
   DeviceBuffer<float> partials_, attn_partials_, attn_stats_;
   DeviceBuffer<uint64_t> trace_;
+  DeviceBuffer<Bf16> tiled_qkv_, tiled_o_, tiled_gu_, tiled_down_;
 };
 
 }  // namespace pi0::cuda

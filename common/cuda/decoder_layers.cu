@@ -1,13 +1,16 @@
 // Persistent decoder-layers kernel (see pi0/cuda/decoder_layers.hpp). One CTA of 8 warps per SM;
 // each phase hands out units in blockIdx order, grid-strided.
 // GEMM units: a 64-row x 64-column output tile over one K range; X and W stream through a
-// kStages-deep cp.async ring of 64-deep K blocks (16-byte chunks, XOR-swizzled so ldmatrix is free
-// of bank conflicts), as in skinny_gemm.cu. A unit writes its fp32 partial tile to global scratch;
-// the next phase sums the partials of a row in split order. Gate|up units take 32 gate and the
-// matching 32 up columns, so the GeGLU is applied in the epilogue, with no partials (one K range).
-// Attention units: 64 query rows (query row r's heads are rows r * q_heads + h, all sharing the one
-// K/V head) against 64 keys, an online softmax as in fused_attention.cu; the combine phase merges
-// the key ranges in range order.
+// kStages-deep cp.async ring of 64-deep K blocks (16-byte chunks, XOR-swizzled: free of bank
+// conflicts for ldmatrix, and the 128-byte-swizzle layout wgmma reads), as in skinny_gemm.cu. W
+// comes from set_weights' copy, each unit's [64 k][64 n] blocks back to back (8 KB apiece). The
+// mainloop is wgmma where the binary has sm_90a code (inlined at the kernel's one GEMM call site:
+// ptxas serialises wgmma across a call), else mma.sync. A unit writes its fp32 partial tile to
+// global scratch; the next phase sums the partials of a row in split order. Gate|up units take 32
+// gate and the matching 32 up columns, so the GeGLU is applied in the epilogue, with no partials
+// (one K range). Attention units: 64 query rows (query row r's heads are rows r * q_heads + h, all
+// sharing the one K/V head) against 64 keys, an online softmax as in fused_attention.cu; the
+// combine phase merges the key ranges in range order.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 
@@ -115,7 +118,7 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 
 struct UnitRange {
   int tile, split, kb0, nkb;
-  __device__ int kb(int it) const { return kb0 + it; }  // the K block loaded at step it
+  __device__ int kb(int step) const { return kb0 + step; }  // the K block of the unit's step
 };
 __device__ __forceinline__ UnitRange unit_range(const GemmPhase& g, int u) {
   UnitRange r;
@@ -732,6 +735,7 @@ DecoderLayers::DecoderLayers(const DecoderLayersShape& shape, int max_ctas) : sh
 
 void DecoderLayers::set_weights(const DecoderLayersWeights& w) {
   PI0_CHECK(valid(), "DecoderLayers used before construction");
+  PI0_CHECK(w.qkv && w.o && w.gate_up && w.down, "DecoderLayers::set_weights: a weight is missing");
   Plan p = plan(shape_);
   auto tile = [&](GemmPhase g, const Bf16* src, const char* what) {
     DeviceBuffer<Bf16> dst(g.w_layer_stride * shape_.layers, what);

@@ -339,7 +339,11 @@ WgmmaAttentionShape plan_wgmma_attention(WgmmaAttentionShape s) {
 
 bool wgmma_attention_runs_here(const WgmmaAttentionShape& s) {
   if (!wgmma_attention_available()) return false;
-  configure();
+  try {
+    configure();
+  } catch (const Error&) {
+    return false;  // the caller keeps another path
+  }
   cudaLaunchAttribute attr[1];
   const cudaLaunchConfig_t cfg = launch_config(s, attr, nullptr);
   int clusters = 0;

@@ -336,7 +336,8 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   const PassGemms& one = pass.front();
 
   // The tiled kernels where cuBLASLt's products would be misaligned, else QK GEMM + softmax + PV
-  // GEMM; PI0_DECODER_ATTENTION = gemm | fused | tiled overrides (bench/NOTES.md v4, v16, v17).
+  // GEMM; PI0_DECODER_ATTENTION = gemm | fused | tiled | wgmma overrides (bench/NOTES.md v4, v16,
+  // v17, v20).
   cuda::SharedKvAttention::Params attention_params{
       rows, cfg.lm_heads, cfg.head_dim, keys, 1.0f / std::sqrt(static_cast<float>(cfg.head_dim)),
       1,    prefix + 1};

@@ -157,7 +157,8 @@ CudaEncoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
 
   // SigLIP's attention in the fused kernel where the head size has one, Gemma's as
   // default_attention_kernels() says (PI0_VISION_ATTENTION = gemm | fused and PI0_LM_ATTENTION =
-  // gemm | fused | tiled override the choice, for comparisons; bench/NOTES.md v9, v17).
+  // gemm | fused | tiled | wgmma override the choice, for comparisons; bench/NOTES.md v9, v17,
+  // v20).
   cuda::ViewAttention::Params vision_attention{
       shape.views, tokens, cfg.vision_heads, cfg.vision_head_dim,
       1.0f / std::sqrt(static_cast<float>(cfg.vision_head_dim))};

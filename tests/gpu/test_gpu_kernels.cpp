@@ -315,7 +315,7 @@ TEST_CASE("tiled shared kv attention matches the reference", "[gpu]") {
 }
 
 // The wgmma kernel (head size 256, sm_90a builds): one and several key steps per range, partial
-// row blocks and key tiles, the state token's mask, one range and clusters up to 9 ranges.
+// row blocks and key tiles, the state token's mask, one range and clusters up to 13 ranges.
 TEST_CASE("wgmma shared kv attention matches the reference", "[gpu]") {
   if (!cuda::wgmma_attention_available()) {
     WARN("skipped: this binary has no sm_90a code for this GPU");

@@ -73,8 +73,9 @@ class DecoderLayers {
 
   // Copies the layer weights into the layout the kernel streams (each unit's 64 x 64 blocks back
   // to back, 8 KB apiece, instead of 64-128 byte pieces of 64 rows far apart: the GEMM phases
-  // 10-15% faster). As much memory again as the layer weights; synchronises the device. Required
-  // before run(), which reads only the copies.
+  // 10-15% faster). As much memory again as the layer weights. Runs on the legacy stream and
+  // synchronises the device, so never during a graph capture; required before run(), which
+  // reads only the copies.
   void set_weights(const DecoderLayersWeights& weights);
   size_t weight_copy_bytes() const {
     return tiled_qkv_.bytes() + tiled_o_.bytes() + tiled_gu_.bytes() + tiled_down_.bytes();
@@ -83,8 +84,10 @@ class DecoderLayers {
   void run(const DecoderLayersBuffers& buffers, cudaStream_t stream) const;
 
   // Diagnostics: every later launch (graphs captured from then on included) stamps each CTA's
-  // arrival at and departure from every barrier; trace_summary() (synchronises the device) gives
-  // each phase's time per layer in the last run. Stays on once enabled.
+  // arrival at and departure from every barrier, and inside its first GEMM unit of layer 1 (wgmma
+  // only) the first block's arrival, the loop's end and the epilogue's; trace_summary()
+  // (synchronises the device) gives each phase's time per layer in the last run and the units'
+  // means. Stays on once enabled.
   void enable_trace();
   std::string trace_summary() const;
 

@@ -170,6 +170,32 @@ __device__ __noinline__ void prefetch_w(const GemmPhase& g, int layer, int u, ui
   cp_commit();
 }
 
+// The ring's first kStages - 1 blocks of unit r (W unless it was prefetched, and X), one cp.async
+// group each, empty past the unit's end.
+__device__ __forceinline__ void fill_ring(const GemmPhase& g, const bf16* w, const UnitRange& r,
+                                          int rows, uint32_t sbase, bool w_prefetched) {
+#pragma unroll 1
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < r.nkb) {
+      const uint32_t xs = sbase + s * kStageBytes;
+      if (!w_prefetched) load_w(g, w, r.tile, xs + kXStageBytes, r.kb(s));
+      load_x(g, rows, xs, r.kb(s));
+    }
+    cp_commit();
+  }
+}
+
+// Block `next` of unit r into its stage, as one group (empty past the unit's end).
+__device__ __forceinline__ void refill_ring(const GemmPhase& g, const bf16* w, const UnitRange& r,
+                                            int rows, uint32_t sbase, int next) {
+  if (next < r.nkb) {
+    const uint32_t xs = sbase + (next % kStages) * kStageBytes;
+    load_w(g, w, r.tile, xs + kXStageBytes, r.kb(next));
+    load_x(g, rows, xs, r.kb(next));
+  }
+  cp_commit();
+}
+
 __device__ __noinline__ void gemm_unit_mma(const GemmPhase& g, int layer, int u, int rows,
                                            uint32_t sbase, bool w_prefetched) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -186,27 +212,11 @@ __device__ __noinline__ void gemm_unit_mma(const GemmPhase& g, int layer, int u,
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < r.nkb) {
-      const uint32_t xs = sbase + s * kStageBytes;
-      if (!w_prefetched) load_w(g, w, r.tile, xs + kXStageBytes, r.kb(s));
-      load_x(g, rows, xs, r.kb(s));
-    }
-    cp_commit();
-  }
+  fill_ring(g, w, r, rows, sbase, w_prefetched);
   for (int it = 0; it < r.nkb; ++it) {
     cp_wait<kStages - 2>();
     __syncthreads();  // stage `it` landed for all threads; stage it - 1 is free again
-    {
-      const int next = it + kStages - 1;
-      if (next < r.nkb) {
-        const uint32_t xs = sbase + (next % kStages) * kStageBytes;
-        load_w(g, w, r.tile, xs + kXStageBytes, r.kb(next));
-        load_x(g, rows, xs, r.kb(next));
-      }
-      cp_commit();
-    }
+    refill_ring(g, w, r, rows, sbase, it + kStages - 1);
     const uint32_t xs = sbase + (it % kStages) * kStageBytes;
     const uint32_t ws = xs + kXStageBytes;
 #pragma unroll
@@ -295,29 +305,13 @@ __device__ __forceinline__ void gemm_unit_wgmma(const GemmPhase& g, int layer, i
   for (int e = 0; e < 32; ++e) d[e] = 0.0f;
 
   unit_stamp(stamps, 0);
-#pragma unroll 1
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < r.nkb) {
-      const uint32_t xs = sbase + s * kStageBytes;
-      if (!w_prefetched) load_w(g, w, r.tile, xs + kXStageBytes, r.kb(s));
-      load_x(g, rows, xs, r.kb(s));
-    }
-    cp_commit();
-  }
+  fill_ring(g, w, r, rows, sbase, w_prefetched);
   for (int it = 0; it < r.nkb; ++it) {
     cp_wait<kStages - 2>();
     fence_async_shared();  // this thread's copies, visible to the tensor cores
     __syncthreads();       // everyone's; and block it - 1's wgmma are done (waited below)
     if (it == 0) unit_stamp(stamps, 1);
-    {
-      const int next = it + kStages - 1;
-      if (next < r.nkb) {
-        const uint32_t xs = sbase + (next % kStages) * kStageBytes;
-        load_w(g, w, r.tile, xs + kXStageBytes, r.kb(next));
-        load_x(g, rows, xs, r.kb(next));
-      }
-      cp_commit();
-    }
+    refill_ring(g, w, r, rows, sbase, it + kStages - 1);
     const uint32_t xs = sbase + (it % kStages) * kStageBytes;
     const uint32_t ws = xs + kXStageBytes;
     fence_operand(d);

@@ -275,11 +275,7 @@ __device__ __noinline__ void gemm_unit_mma(const GemmPhase& g, int layer, int u,
   __syncthreads();  // the ring is free for the next unit or the next phase's prefetch
 }
 
-// The same unit on warpgroup MMA (sm_90a): the tensor cores read X (K-major) and W (MN-major, as
-// stored [k, n]) from the ring through 128-byte-swizzle descriptors (the ring's chunk swizzle is
-// that layout), so no operand passes through registers. The two warpgroups take the two halves of
-// every 64-deep block (k 0-31 and 32-63); warpgroup 1 hands its accumulators to warpgroup 0
-// through shared memory, which adds them (always in that order) and runs the epilogue.
+// Stamps step i of a traced unit (Args::unit_trace).
 __device__ __forceinline__ void unit_stamp(unsigned long long* stamps, int i) {
   if (stamps && threadIdx.x == 0) {
     unsigned long long t;
@@ -288,6 +284,11 @@ __device__ __forceinline__ void unit_stamp(unsigned long long* stamps, int i) {
   }
 }
 
+// The same unit on warpgroup MMA (sm_90a): the tensor cores read X (K-major) and W (MN-major: its
+// [64 k][64 n] blocks) from the ring through 128-byte-swizzle descriptors (the ring's chunk swizzle
+// is that layout), so no operand passes through registers. The two warpgroups take the two halves
+// of every 64-deep block (k 0-31 and 32-63); warpgroup 1 hands its accumulators to warpgroup 0
+// through shared memory, which adds them (always in that order) and runs the epilogue.
 __device__ __forceinline__ void gemm_unit_wgmma(const GemmPhase& g, int layer, int u, int rows,
                                                 uint32_t sbase, bool w_prefetched,
                                                 unsigned long long* stamps) {

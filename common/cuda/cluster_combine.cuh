@@ -1,8 +1,9 @@
 // The last step of a flash-decoding attention whose key ranges are one thread-block cluster: each
 // CTA has parked its unnormalised output rows [64][D] (fp32) and their (max, sum) in its own
 // shared memory; CTA r combines rows r, r + S, ... over the ranks 0 .. S-1 in that order through
-// distributed shared memory, so the result does not depend on scheduling. Shared by the fused
-// (mma.sync) and the wgmma attention kernels. Internal to common/cuda.
+// distributed shared memory, so the result does not depend on scheduling. The fused (mma.sync)
+// attention kernels' combine; the wgmma kernel exchanges bf16 rows instead (its own, in
+// wgmma_attention.cu). Internal to common/cuda.
 #pragma once
 
 #include <cooperative_groups.h>

@@ -6,7 +6,8 @@
 //   S = Q K^T: 16 x wgmma.m64n64k16 (A = Q K-major, B = K K-major);
 //   masked online softmax on the accumulators, P (bf16) written to shared memory;
 //   O += P V: 4 x 4 x wgmma.m64n64k16 (A = P K-major, B = V MN-major: keys are V's rows).
-// The key ranges of a row block are one cluster and combine in range order (cluster_combine.cuh).
+// The key ranges of a row block are one cluster: each parks its rows, normalised by its own sum, as
+// bf16 in its shared memory, and CTA r sums rows r, r + S, ... over the ranges in order.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 
@@ -14,7 +15,6 @@
 #include <cmath>
 #include <cstdint>
 
-#include "cluster_combine.cuh"
 #include "mma_primitives.cuh"
 #include "pi0/check.hpp"
 #include "pi0/cuda/device.hpp"
@@ -31,17 +31,19 @@ namespace cg = cooperative_groups;
 
 constexpr int kThreads = 128;  // one warpgroup
 constexpr int kHeadDim = 256;
-constexpr int kRows = attention_combine::kRowsPerBlock;  // 64 query rows per CTA
-constexpr int kKeys = 64;                                // keys per step
-constexpr int kBlockBytes = 64 * 64 * 2;                 // one [64][64] bf16 block
+constexpr int kRows = 64;                 // query rows per CTA
+constexpr int kKeys = 64;                 // keys per step
+constexpr int kBlockBytes = 64 * 64 * 2;  // one [64][64] bf16 block
 constexpr int kQBytes = 4 * kBlockBytes;
 constexpr int kTileBytes = 8 * kBlockBytes;  // K (4 blocks) then V (4 blocks)
 constexpr int kPBytes = kBlockBytes;
 // One CTA per SM of a whole H100 is the plan (shared memory allows no more with two stages); a
 // fixed number, so that an MPS share does not change the split, nor the bits.
 constexpr int kPlannedCtas = 132;
+// A parked row (bf16): 256 dims and 8 of padding, so that a warp's stores (8 rows x 4 columns)
+// fall on 32 different banks.
 constexpr int kParkedRow = kHeadDim + 8;
-static_assert(kRows * kParkedRow * 4 <= kQBytes + kPBytes + kTileBytes, "parked rows must fit");
+static_assert(kRows * kParkedRow * 2 <= kQBytes + kPBytes + kTileBytes, "parked rows must fit");
 constexpr int kMaxSplits = 16;  // above 8 the cluster size is non-portable (H100: up to 16)
 
 struct Args {
@@ -247,26 +249,84 @@ __global__ void __launch_bounds__(kThreads) wgmma_attention_kernel(const __grid_
     return;
   }
 
-  // Park the unnormalised rows (fp32 [64][kParkedRow], over Q, P and the ring: none is read any
-  // more) and (max, sum), then combine the cluster's ranges. The row stride of 264 floats keeps
-  // a warp's stores to two-way bank conflicts (256: eight-way).
+  // Park this range's rows normalised by its own sum, as bf16 [64][kParkedRow], over Q, P and the
+  // ring (none is read any more), and (max, sum); then CTA r of the cluster combines rows r, r + S,
+  // ... over the ranges in order through distributed shared memory. bf16 halves the exchange,
+  // which is most of the kernel's time (bench/NOTES.md v21).
   cg::cluster_group cluster = cg::this_cluster();
   __syncthreads();
-  float* parked = reinterpret_cast<float*>(base_ptr);
+  bf16* parked = reinterpret_cast<bf16*>(base_ptr);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = rl0 + 8 * h;
+    const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
 #pragma unroll
     for (int nb = 0; nb < 4; ++nb)
 #pragma unroll
       for (int j = 0; j < 8; ++j)
-        *reinterpret_cast<float2*>(parked + r * kParkedRow + nb * 64 + 8 * j + 2 * t) =
-            make_float2(o[nb][4 * j + 2 * h], o[nb][4 * j + 2 * h + 1]);
+        *reinterpret_cast<__nv_bfloat162*>(parked + r * kParkedRow + nb * 64 + 8 * j + 2 * t) =
+            __floats2bfloat162_rn(o[nb][4 * j + 2 * h] * inv, o[nb][4 * j + 2 * h + 1] * inv);
     if (t == 0) parked_ml[r] = make_float2(m[h], l[h]);
   }
   cluster.sync();
-  attention_combine::combine_ranges<kParkedRow, kThreads, kMaxSplits>(
-      cluster, parked, parked_ml, row_weights, a.splits, r0, a.rows, kHeadDim, a.out, kHeadDim);
+  const int splits = a.splits, rank = split;  // the cluster spans blockIdx.x
+  const int my_rows = (kRows - rank + splits - 1) / splits;
+  // Each row's range weights: sum_sp * exp2(max_sp - max), then 1 / their total. All the remote
+  // loads are issued before the first is used.
+  for (int j = tid; j < my_rows; j += kThreads) {
+    const int rl = rank + j * splits;
+    float2 ml[kMaxSplits];
+#pragma unroll
+    for (int sp = 0; sp < kMaxSplits; ++sp)
+      ml[sp] =
+          sp < splits ? cluster.map_shared_rank(parked_ml, sp)[rl] : make_float2(-INFINITY, 0.0f);
+    float mmax = -INFINITY;
+#pragma unroll
+    for (int sp = 0; sp < kMaxSplits; ++sp) mmax = fmaxf(mmax, ml[sp].x);
+    float sum = 0.0f;
+#pragma unroll
+    for (int sp = 0; sp < kMaxSplits; ++sp) {
+      const float w = ml[sp].x == -INFINITY ? 0.0f : ml[sp].y * exp2f(ml[sp].x - mmax);
+      sum += w;
+      row_weights[j][sp] = w;
+    }
+    row_weights[j][kMaxSplits] = sum > 0.0f ? 1.0f / sum : 0.0f;
+  }
+  __syncthreads();
+  constexpr int kOctets = kHeadDim / 8;  // eight bf16 columns: one 16-byte load
+  for (int idx = tid; idx < my_rows * kOctets; idx += kThreads) {
+    const int j = idx / kOctets, d8 = idx % kOctets;
+    const int rl = rank + j * splits;
+    const int row = r0 + rl;
+    if (row >= a.rows) continue;
+    uint4 po[kMaxSplits];
+#pragma unroll
+    for (int sp = 0; sp < kMaxSplits; ++sp)
+      po[sp] = sp < splits ? reinterpret_cast<const uint4*>(cluster.map_shared_rank(parked, sp) +
+                                                            rl * kParkedRow)[d8]
+                           : make_uint4(0u, 0u, 0u, 0u);
+    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int sp = 0; sp < kMaxSplits; ++sp) {
+      if (sp >= splits) break;
+      const float w = row_weights[j][sp];
+      const __nv_bfloat162* p2 = reinterpret_cast<const __nv_bfloat162*>(&po[sp]);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 f = __bfloat1622float2(p2[e]);
+        acc[2 * e] += w * f.x;
+        acc[2 * e + 1] += w * f.y;
+      }
+    }
+    const float inv = row_weights[j][kMaxSplits];
+    uint4 packed;
+    __nv_bfloat162* q2 = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      q2[e] = __floats2bfloat162_rn(acc[2 * e] * inv, acc[2 * e + 1] * inv);
+    *reinterpret_cast<uint4*>(a.out + static_cast<size_t>(row) * kHeadDim + d8 * 8) = packed;
+  }
+  cluster.sync();  // no CTA leaves while another still reads its shared memory
 #endif
 }
 

@@ -329,6 +329,7 @@ TEST_CASE("wgmma shared kv attention matches the reference", "[gpu]") {
   check_shared_kv(532, 532, 8, 256, 0, 0, 64, wgmma);    // encoder prefix with a prompt
   check_shared_kv(9, 40, 2, 256, 1, 3, 65, wgmma);       // one range, rows < 64, 3 keys seen
   check_shared_kv(1024, 1000, 1, 256, 0, 0, 66, wgmma);  // 8 ranges of 2 steps, partial tile
+  check_shared_kv(1024, 570, 1, 256, 0, 0, 67, wgmma);   // ranges of 2, 2, 2, 2 and 1 steps
 }
 
 // At some MPS shares no cuBLASLt algorithm gets the QK / PV products right; the attention then

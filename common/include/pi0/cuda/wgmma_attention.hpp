@@ -3,7 +3,9 @@
 // one range of keys, 64 keys at a time; S = Q K^T and O += P V run on wgmma with every operand in
 // shared memory (Q and K as loaded, P written by the softmax), so the scores never leave the SM.
 // The key ranges of a row block are one thread-block cluster and combine in range order through
-// distributed shared memory: bitwise reproducible, whatever the SM share.
+// distributed shared memory, each range's rows normalised by its own sum and exchanged as bf16
+// (half the bytes of fp32, and the exchange is most of the kernel's time): bitwise reproducible,
+// whatever the SM share.
 //
 // Q' [rows, 256] (rows = queries * heads, a query's heads contiguous, all sharing the one K/V
 // head), K and V [keys, 256], O' like Q'; contiguous bf16, 16-byte aligned. Needs sm_90a code

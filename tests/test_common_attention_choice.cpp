@@ -23,6 +23,16 @@ TEST_CASE("attention: the tiled kernels only for decoder-sized attentions over u
   CHECK(default_attention_kernels(533 * 8, 533) == AttentionKernels::kGemms);
 }
 
+TEST_CASE("attention: the decoder's later steps on the wgmma kernel where the GEMMs would run",
+          "[attention]") {
+  using pi0::cuda::default_decoder_attention_kernels;
+  CHECK(default_decoder_attention_kernels(64 * 8, 576, 256) == AttentionKernels::kWgmma);  // V=2
+  CHECK(default_decoder_attention_kernels(64 * 8, 832, 256) == AttentionKernels::kWgmma);  // V=3
+  CHECK(default_decoder_attention_kernels(51 * 8, 583, 256) == AttentionKernels::kTiled);  // C=50
+  // Other head sizes (the tiny test config) keep the GEMMs: the kernel is for 256 only.
+  CHECK(default_decoder_attention_kernels(64 * 8, 576, 64) == AttentionKernels::kGemms);
+}
+
 TEST_CASE("attention: PI0_*_ATTENTION overrides the default, and a bad value is named",
           "[attention]") {
   constexpr const char* kVariable = "PI0_TEST_ATTENTION_CHOICE";

@@ -23,6 +23,12 @@ AttentionKernels default_attention_kernels(int query_rows, int keys) {
                                                       : AttentionKernels::kGemms;
 }
 
+AttentionKernels default_decoder_attention_kernels(int query_rows, int keys, int head_dim) {
+  const AttentionKernels kernels = default_attention_kernels(query_rows, keys);
+  return kernels == AttentionKernels::kGemms && head_dim == 256 ? AttentionKernels::kWgmma
+                                                                : kernels;
+}
+
 AttentionKernels attention_kernels_from_env(const char* variable, AttentionKernels fallback,
                                             std::initializer_list<AttentionKernels> accepted) {
   const char* value = std::getenv(variable);

@@ -96,6 +96,11 @@ struct CudaDecoder::Impl {
   bool skinny = false;
   cuda::SkinnyShape s_amlp, s_qkv, s_o, s_gu, s_down, s_aout;
   cuda::SharedKvAttention attention;
+  // Where `attention` is the wgmma kernel, the first flow step runs the default kernels instead:
+  // while it follows the encoder layer by layer, a cluster of 9 CTAs waits for 9 free SMs of one
+  // GPC, which the encoder's GEMMs beside it hold (bench/NOTES.md v21). Whether it follows or
+  // not, so that both schedules give the same bits.
+  cuda::SharedKvAttention first_step_attention;
   // Opt-in: one-frame passes run every layer of a step in one persistent kernel (see
   // pi0/cuda/decoder_layers.hpp); multi-frame passes and unsupported shapes use the ops below.
   cuda::DecoderLayers layers_kernel;
@@ -335,16 +340,24 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   g_aout = gemm(loosely_aligned(cuda::linear_shape(c, ad, aw, DType::kF32, Epilogue::kBias, true)));
   const PassGemms& one = pass.front();
 
-  // The tiled kernels where cuBLASLt's products would be misaligned, else QK GEMM + softmax + PV
-  // GEMM; PI0_DECODER_ATTENTION = gemm | fused | tiled | wgmma overrides (bench/NOTES.md v4, v16,
-  // v17, v20).
+  // The tiled kernels where cuBLASLt's products would be misaligned, else the wgmma kernel at
+  // head size 256 (its first step: QK GEMM + softmax + PV GEMM), else the GEMMs;
+  // PI0_DECODER_ATTENTION = gemm | fused | tiled | wgmma overrides (bench/NOTES.md v4, v16, v17,
+  // v20, v21).
   cuda::SharedKvAttention::Params attention_params{
       rows, cfg.lm_heads, cfg.head_dim, keys, 1.0f / std::sqrt(static_cast<float>(cfg.head_dim)),
       1,    prefix + 1};
   attention_params.kernels = cuda::attention_kernels_from_env(
-      "PI0_DECODER_ATTENTION", cuda::default_attention_kernels(rows * cfg.lm_heads, keys));
+      "PI0_DECODER_ATTENTION",
+      cuda::default_decoder_attention_kernels(rows * cfg.lm_heads, keys, cfg.head_dim));
   attention = cuda::SharedKvAttention(lt.get(), attention_params, gemm_ws.get(), gemm_ws.bytes());
   memory.add_workspace(attention.scratch_bytes());
+  if (attention.on_wgmma()) {
+    attention_params.kernels = cuda::default_attention_kernels(rows * cfg.lm_heads, keys);
+    first_step_attention =
+        cuda::SharedKvAttention(lt.get(), attention_params, gemm_ws.get(), gemm_ws.bytes());
+    memory.add_workspace(first_step_attention.scratch_bytes());
+  }
 
   const char* want_prefetch = std::getenv("PI0_DECODER_PREFETCH");
   prefetch = !(want_prefetch && want_prefetch[0] == '0');
@@ -536,9 +549,11 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
       }
       mark(fold_norms ? "rms + rope + kv write" : "rope + kv write", s);
       wait_for_layer(step, l);
+      cuda::SharedKvAttention& att =
+          step == 0 && attention.on_wgmma() ? first_step_attention : attention;
       for (int f = 0; f < count; ++f) {
-        attention.run(q.get() + frame_row(f) * qw, kv_slice(kv_slots[f], l, 0),
-                      kv_slice(kv_slots[f], l, 1), attn.get() + frame_row(f) * qw, s, timer);
+        att.run(q.get() + frame_row(f) * qw, kv_slice(kv_slots[f], l, 0),
+                kv_slice(kv_slots[f], l, 1), attn.get() + frame_row(f) * qw, s, timer);
       }
       if (skinny) {
         cuda::skinny_gemm(s_o, attn.get(), o_w.get() + ll * qw * aw, x.get(), nullptr, s);

@@ -249,10 +249,12 @@ __global__ void __launch_bounds__(kThreads) wgmma_attention_kernel(const __grid_
     return;
   }
 
-  // Park this range's rows normalised by its own sum, as bf16 [64][kParkedRow], over Q, P and the
-  // ring (none is read any more), and (max, sum); then CTA r of the cluster combines rows r, r + S,
-  // ... over the ranges in order through distributed shared memory. bf16 halves the exchange,
-  // which is most of the kernel's time (bench/NOTES.md v21).
+  // Park this range's rows normalised by its own sum, as bf16 [64][kParkedRow] over Q (and the
+  // first 1 KB of P; neither is read any more), and (max, sum); then CTA r of the cluster combines
+  // rows r, r + S, ... over the ranges in order through distributed shared memory. bf16 halves
+  // the exchange, which is most of the kernel's time (bench/NOTES.md v21). The ranks past the
+  // cluster are never loaded from, but the compiler maps every address up front: rank 0 stands
+  // in for them, so that no address is mapped for a CTA that does not exist.
   cg::cluster_group cluster = cg::this_cluster();
   __syncthreads();
   bf16* parked = reinterpret_cast<bf16*>(base_ptr);
@@ -278,8 +280,8 @@ __global__ void __launch_bounds__(kThreads) wgmma_attention_kernel(const __grid_
     float2 ml[kMaxSplits];
 #pragma unroll
     for (int sp = 0; sp < kMaxSplits; ++sp)
-      ml[sp] =
-          sp < splits ? cluster.map_shared_rank(parked_ml, sp)[rl] : make_float2(-INFINITY, 0.0f);
+      ml[sp] = sp < splits ? cluster.map_shared_rank(parked_ml, sp < splits ? sp : 0)[rl]
+                           : make_float2(-INFINITY, 0.0f);
     float mmax = -INFINITY;
 #pragma unroll
     for (int sp = 0; sp < kMaxSplits; ++sp) mmax = fmaxf(mmax, ml[sp].x);
@@ -302,9 +304,11 @@ __global__ void __launch_bounds__(kThreads) wgmma_attention_kernel(const __grid_
     uint4 po[kMaxSplits];
 #pragma unroll
     for (int sp = 0; sp < kMaxSplits; ++sp)
-      po[sp] = sp < splits ? reinterpret_cast<const uint4*>(cluster.map_shared_rank(parked, sp) +
-                                                            rl * kParkedRow)[d8]
-                           : make_uint4(0u, 0u, 0u, 0u);
+      po[sp] =
+          sp < splits
+              ? reinterpret_cast<const uint4*>(
+                    cluster.map_shared_rank(parked, sp < splits ? sp : 0) + rl * kParkedRow)[d8]
+              : make_uint4(0u, 0u, 0u, 0u);
     float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int sp = 0; sp < kMaxSplits; ++sp) {

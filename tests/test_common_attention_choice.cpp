@@ -29,6 +29,8 @@ TEST_CASE("attention: the decoder's later steps on the wgmma kernel where the GE
   CHECK(default_decoder_attention_kernels(64 * 8, 576, 256) == AttentionKernels::kWgmma);  // V=2
   CHECK(default_decoder_attention_kernels(64 * 8, 832, 256) == AttentionKernels::kWgmma);  // V=3
   CHECK(default_decoder_attention_kernels(51 * 8, 583, 256) == AttentionKernels::kTiled);  // C=50
+  // Unaligned keys with too many query rows for the tiled kernels: the wgmma kernel, not the GEMMs.
+  CHECK(default_decoder_attention_kernels(129 * 8, 583, 256) == AttentionKernels::kWgmma);
   // Other head sizes (the tiny test config) keep the GEMMs: the kernel is for 256 only.
   CHECK(default_decoder_attention_kernels(64 * 8, 576, 64) == AttentionKernels::kGemms);
 }

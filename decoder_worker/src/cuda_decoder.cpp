@@ -352,6 +352,10 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
       cuda::default_decoder_attention_kernels(rows * cfg.lm_heads, keys, cfg.head_dim));
   attention = cuda::SharedKvAttention(lt.get(), attention_params, gemm_ws.get(), gemm_ws.bytes());
   memory.add_workspace(attention.scratch_bytes());
+  if (attention_params.kernels == cuda::AttentionKernels::kWgmma && !attention.on_wgmma())
+    spdlog::info(
+        "decoder attention: the wgmma kernel cannot run here (no sm_90a code for this GPU, or its "
+        "cluster does not fit this SM share); every flow step runs the GEMMs");
   if (attention.on_wgmma()) {
     attention_params.kernels = cuda::default_attention_kernels(rows * cfg.lm_heads, keys);
     first_step_attention =

@@ -30,10 +30,12 @@ enum class AttentionKernels { kGemms, kFused, kTiled, kWgmma };
 // else the GEMMs.
 AttentionKernels default_attention_kernels(int query_rows, int keys);
 
-// The decoder's flow steps after the first: where default_attention_kernels() says GEMMs and the
-// head size is 256, the wgmma kernel (V=2 0.10-0.12 ms lower on an H100, bench/NOTES.md v21);
-// SharedKvAttention falls back to the GEMMs where it cannot run (no sm_90a code, a cluster that
-// does not fit the SM share). The first step keeps default_attention_kernels().
+// The decoder's flow steps after the first: the wgmma kernel wherever default_attention_kernels()
+// says GEMMs and the head size is 256 (V=2 0.10-0.12 ms lower on an H100, bench/NOTES.md v21),
+// so the tiled kernels keep decoder-sized attentions over unaligned keys. SharedKvAttention falls
+// back to the GEMMs where the kernel cannot run (no sm_90a code, a cluster that does not fit the
+// SM share; then every step runs them, and the bits differ from a run on the wgmma kernel). The
+// first step keeps default_attention_kernels().
 AttentionKernels default_decoder_attention_kernels(int query_rows, int keys, int head_dim);
 
 // `variable` = gemm | fused | tiled | wgmma (those of `accepted`) overrides `fallback`; unset or

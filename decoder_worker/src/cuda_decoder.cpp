@@ -341,7 +341,8 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   const PassGemms& one = pass.front();
 
   // The tiled kernels where cuBLASLt's products would be misaligned, else the wgmma kernel at
-  // head size 256 (its first step: QK GEMM + softmax + PV GEMM), else the GEMMs;
+  // head size 256 (its first step: QK GEMM + softmax + PV GEMM; not in the MPS pipeline's
+  // worker, CudaEngineOptions::decoder_in_pipeline), else the GEMMs;
   // PI0_DECODER_ATTENTION = gemm | fused | tiled | wgmma overrides (bench/NOTES.md v4, v16, v17,
   // v20, v21).
   cuda::SharedKvAttention::Params attention_params{
@@ -349,7 +350,9 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
       1,    prefix + 1};
   attention_params.kernels = cuda::attention_kernels_from_env(
       "PI0_DECODER_ATTENTION",
-      cuda::default_decoder_attention_kernels(rows * cfg.lm_heads, keys, cfg.head_dim));
+      options.decoder_in_pipeline
+          ? cuda::default_attention_kernels(rows * cfg.lm_heads, keys)
+          : cuda::default_decoder_attention_kernels(rows * cfg.lm_heads, keys, cfg.head_dim));
   attention = cuda::SharedKvAttention(lt.get(), attention_params, gemm_ws.get(), gemm_ws.bytes());
   memory.add_workspace(attention.scratch_bytes());
   if (attention_params.kernels == cuda::AttentionKernels::kWgmma && !attention.on_wgmma())

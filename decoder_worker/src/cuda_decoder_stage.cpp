@@ -52,6 +52,7 @@ class CudaDecoderStage final : public DecoderStage {
       const WeightStore weights = ipc::load_stage_weights(o, WeightSet::kDecoder);
       CudaEngineOptions engine;
       engine.max_decode_batch = static_cast<int>(o.decoder_batch);
+      engine.decoder_in_pipeline = true;
       decoder_ = std::make_unique<CudaDecoder>(o.config, o.shape, weights, engine);
     }
     info.weight_bytes = decoder_->weight_bytes();
@@ -414,7 +415,7 @@ class CudaDecoderStage final : public DecoderStage {
   cuda::DeviceBuffer<uint32_t> wait_error_;
   cuda::PinnedBuffer<uint32_t> wait_error_host_;
   cuda::LayerWaitLimits limits_;
-  std::optional<cuda::FrontendWaitRelease> release_;  // with front-end waits
+  std::optional<cuda::FrontendWaitRelease> release_;      // with front-end waits
   std::chrono::steady_clock::time_point oldest_since_{};  // when the oldest pass became it
   std::vector<ipc::IpcEvent> ready_, consumed_;
   std::deque<Frame> frames_;  // started frames first (oldest first), then waiting ones

@@ -253,8 +253,8 @@ __global__ void __launch_bounds__(kThreads) wgmma_attention_kernel(const __grid_
   // first 1 KB of P; neither is read any more), and (max, sum); then CTA r of the cluster combines
   // rows r, r + S, ... over the ranges in order through distributed shared memory. bf16 halves
   // the exchange, which is most of the kernel's time (bench/NOTES.md v21). The ranks past the
-  // cluster are never loaded from, but the compiler maps every address up front: rank 0 stands
-  // in for them, so that no address is mapped for a CTA that does not exist.
+  // cluster are never loaded from, but the compiler maps every address up front: peer() has
+  // rank 0 stand in for them, so that no address is mapped for a CTA that does not exist.
   cg::cluster_group cluster = cg::this_cluster();
   __syncthreads();
   bf16* parked = reinterpret_cast<bf16*>(base_ptr);
@@ -273,6 +273,7 @@ __global__ void __launch_bounds__(kThreads) wgmma_attention_kernel(const __grid_
   cluster.sync();
   const int splits = a.splits, rank = split;  // the cluster spans blockIdx.x
   const int my_rows = (kRows - rank + splits - 1) / splits;
+  auto peer = [&](auto* p, int sp) { return cluster.map_shared_rank(p, sp < splits ? sp : 0); };
   // Each row's range weights: sum_sp * exp2(max_sp - max), then 1 / their total. All the remote
   // loads are issued before the first is used.
   for (int j = tid; j < my_rows; j += kThreads) {
@@ -280,8 +281,7 @@ __global__ void __launch_bounds__(kThreads) wgmma_attention_kernel(const __grid_
     float2 ml[kMaxSplits];
 #pragma unroll
     for (int sp = 0; sp < kMaxSplits; ++sp)
-      ml[sp] = sp < splits ? cluster.map_shared_rank(parked_ml, sp < splits ? sp : 0)[rl]
-                           : make_float2(-INFINITY, 0.0f);
+      ml[sp] = sp < splits ? peer(parked_ml, sp)[rl] : make_float2(-INFINITY, 0.0f);
     float mmax = -INFINITY;
 #pragma unroll
     for (int sp = 0; sp < kMaxSplits; ++sp) mmax = fmaxf(mmax, ml[sp].x);
@@ -304,11 +304,8 @@ __global__ void __launch_bounds__(kThreads) wgmma_attention_kernel(const __grid_
     uint4 po[kMaxSplits];
 #pragma unroll
     for (int sp = 0; sp < kMaxSplits; ++sp)
-      po[sp] =
-          sp < splits
-              ? reinterpret_cast<const uint4*>(
-                    cluster.map_shared_rank(parked, sp < splits ? sp : 0) + rl * kParkedRow)[d8]
-              : make_uint4(0u, 0u, 0u, 0u);
+      po[sp] = sp < splits ? reinterpret_cast<const uint4*>(peer(parked, sp) + rl * kParkedRow)[d8]
+                           : make_uint4(0u, 0u, 0u, 0u);
     float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int sp = 0; sp < kMaxSplits; ++sp) {

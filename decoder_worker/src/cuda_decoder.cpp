@@ -348,10 +348,12 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   cuda::SharedKvAttention::Params attention_params{
       rows, cfg.lm_heads, cfg.head_dim, keys, 1.0f / std::sqrt(static_cast<float>(cfg.head_dim)),
       1,    prefix + 1};
+  const cuda::AttentionKernels first_step_kernels =
+      cuda::default_attention_kernels(rows * cfg.lm_heads, keys);
   attention_params.kernels = cuda::attention_kernels_from_env(
       "PI0_DECODER_ATTENTION",
       options.decoder_in_pipeline
-          ? cuda::default_attention_kernels(rows * cfg.lm_heads, keys)
+          ? first_step_kernels
           : cuda::default_decoder_attention_kernels(rows * cfg.lm_heads, keys, cfg.head_dim));
   attention = cuda::SharedKvAttention(lt.get(), attention_params, gemm_ws.get(), gemm_ws.bytes());
   memory.add_workspace(attention.scratch_bytes());
@@ -360,7 +362,7 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
         "decoder attention: the wgmma kernel cannot run here (no sm_90a code for this GPU, or its "
         "cluster does not fit this SM share); every flow step runs the GEMMs");
   if (attention.on_wgmma()) {
-    attention_params.kernels = cuda::default_attention_kernels(rows * cfg.lm_heads, keys);
+    attention_params.kernels = first_step_kernels;
     first_step_attention =
         cuda::SharedKvAttention(lt.get(), attention_params, gemm_ws.get(), gemm_ws.bytes());
     memory.add_workspace(first_step_attention.scratch_bytes());

@@ -60,6 +60,7 @@ struct Figures {
   double enc_flop = 0, dec_flop = 0, enc_bytes = 0, dec_bytes = 0;
   size_t enc_weights = 0, enc_work = 0, dec_weights = 0, dec_work = 0;
   size_t enc_measured = 0, dec_measured = 0;
+  std::string first_step_attention, later_attention;  // CudaDecoder::attention_kernels
 };
 
 double percentile(std::vector<double> v, double p) {
@@ -166,6 +167,10 @@ Figures run_case(const ModelConfig& config, const Case& c, const WeightStore& en
   f.dec_flop = decoder.flops();
   f.enc_bytes = static_cast<double>(encoder.weight_bytes());
   f.dec_bytes = decoder.weight_bytes_read();
+  if (!decoder.persistent_layers()) {
+    f.first_step_attention = decoder.attention_kernels(0);
+    f.later_attention = decoder.attention_kernels(config.flow_steps - 1);
+  }
 
   struct Inputs {
     cuda::DeviceBuffer<Bf16> images, state, noise, kv;
@@ -388,7 +393,7 @@ void print_case(const Figures& f) {
       "= %.0f%% of %.0f; weights %.2f GB at %.0f GB/s) | decoder %.3f ms (%.3f TFLOP, %.0f "
       "TFLOP/s; %.2f GB weight reads at %.0f GB/s = %.0f%% of %.0f) | %.1f inf/s back to back | "
       "memory: encoder %.2f GiB weights + %.0f MiB workspace (measured %.2f GiB), decoder %.2f "
-      "GiB + %.0f MiB (measured %.2f GiB)\n",
+      "GiB + %.0f MiB (measured %.2f GiB)%s\n",
       f.c.views, f.c.chunk, f.c.prompt, f.e2e_median, f.e2e_p99,
       f.overlapped ? "decoder following the encoder per layer" : "serial",
       f.frontend_waits > 0
@@ -398,7 +403,11 @@ void print_case(const Figures& f) {
       100 * f.enc_tflops / kPeakTflops, kPeakTflops, f.enc_bytes / 1e9, f.enc_gbps, f.dec_median,
       f.dec_flop / 1e12, f.dec_tflops, f.dec_bytes / 1e9, f.dec_gbps, 100 * f.dec_gbps / kPeakGBps,
       kPeakGBps, f.throughput, gib(f.enc_weights), f.enc_work / 1048576.0, gib(f.enc_measured),
-      gib(f.dec_weights), f.dec_work / 1048576.0, gib(f.dec_measured));
+      gib(f.dec_weights), f.dec_work / 1048576.0, gib(f.dec_measured),
+      f.later_attention.empty() ? ""
+                                : (" | decoder attention: first flow step " +
+                                   f.first_step_attention + ", later steps " + f.later_attention)
+                                      .c_str());
   std::fflush(stdout);
 }
 
@@ -549,6 +558,8 @@ int main(int argc, char** argv) {
                               {"decoder_workspace_bytes", f.dec_work},
                               {"encoder_measured_bytes", f.enc_measured},
                               {"decoder_measured_bytes", f.dec_measured},
+                              {"decoder_first_step_attention", f.first_step_attention},
+                              {"decoder_later_attention", f.later_attention},
                               {"reference_ms", f.c.reference_ms}});
       }
       std::ofstream(json_path) << j.dump(2) << "\n";

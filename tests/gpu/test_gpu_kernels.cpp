@@ -19,6 +19,7 @@
 #include "pi0/cuda/kernels.hpp"
 #include "pi0/cuda/l2_prefetch.hpp"
 #include "pi0/cuda/layer_signal.hpp"
+#include "pi0/cuda/wgmma_attention.hpp"
 #include "pi0/reference_ops.hpp"
 
 using namespace pi0;
@@ -330,6 +331,18 @@ TEST_CASE("wgmma shared kv attention matches the reference", "[gpu]") {
   check_shared_kv(9, 40, 2, 256, 1, 3, 65, wgmma);       // one range, rows < 64, 3 keys seen
   check_shared_kv(1024, 1000, 1, 256, 0, 0, 66, wgmma);  // 8 ranges of 2 steps, partial tile
   check_shared_kv(1024, 570, 1, 256, 0, 0, 67, wgmma);   // ranges of 2, 2, 2, 2 and 1 steps
+  // 16 ranges of 2 steps, a partial last tile: the largest (non-portable) cluster, which a small
+  // MPS share may not hold; there the attention keeps another path and this case is skipped.
+  cuda::WgmmaAttentionShape sixteen;
+  sixteen.rows = 2 * 64;
+  sixteen.keys = 2000;
+  sixteen = cuda::plan_wgmma_attention(sixteen);
+  REQUIRE(sixteen.splits == 16);
+  if (cuda::wgmma_attention_runs_here(sixteen)) {
+    check_shared_kv(64, 2000, 2, 256, 0, 0, 68, wgmma);
+  } else {
+    WARN("skipped the 16-range case: a cluster of 16 CTAs does not fit this process's SM share");
+  }
 }
 
 // At some MPS shares no cuBLASLt algorithm gets the QK / PV products right; the attention then

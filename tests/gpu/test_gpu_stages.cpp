@@ -11,6 +11,7 @@
 #include "pi0/config.hpp"
 #include "pi0/cuda/device.hpp"
 #include "pi0/cuda/layer_signal.hpp"
+#include "pi0/cuda/wgmma_attention.hpp"
 #include "pi0/cuda_decoder.hpp"
 #include "pi0/cuda_encoder.hpp"
 #include "pi0/frame_inputs.hpp"
@@ -194,6 +195,35 @@ TEST_CASE("running out of GPU memory names the buffer and leaves the device usab
   DeviceBuffer<float> small(1024, "a small buffer");
   CUDA_CHECK(cudaMemset(small.get(), 0, small.bytes()));
   CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+// The decoder's first flow step runs beside the encoder, where the wgmma kernel's clusters wait
+// for SMs that the encoder's GEMMs hold: it keeps the GEMM attention, and only the later steps run
+// wgmma (bench/NOTES.md v21). The MPS pipeline's worker keeps the GEMMs in every step.
+TEST_CASE("the decoder's first flow step keeps the gemm attention and the later steps run wgmma",
+          "[gpu]") {
+  const ModelConfig config = model_config("pi0-2l");
+  const RunShape shape{2, 63, 0};
+  const WeightStore weights = WeightStore::random(config, 0, 71, WeightSet::kDecoder);
+  const ScopedEnv no_override("PI0_DECODER_ATTENTION", nullptr);
+  cuda::WgmmaAttentionShape later;
+  later.rows = (shape.chunk + 1) * config.lm_heads;
+  later.keys = shape.prefix_len(config) + shape.chunk + 1;
+  const bool wgmma_here = cuda::wgmma_attention_available() &&
+                          cuda::wgmma_attention_runs_here(cuda::plan_wgmma_attention(later));
+  {
+    CudaDecoder decoder(config, shape, weights);
+    CHECK(decoder.attention_kernels(0) == "gemm");
+    for (int step = 1; step < config.flow_steps; ++step)
+      CHECK(decoder.attention_kernels(step) == (wgmma_here ? "wgmma" : "gemm"));
+    REQUIRE_THROWS_AS(decoder.attention_kernels(config.flow_steps), Error);
+    if (!wgmma_here) WARN("the wgmma attention cannot run here: every step checked on the GEMMs");
+  }
+  CudaEngineOptions in_pipeline;
+  in_pipeline.decoder_in_pipeline = true;
+  CudaDecoder worker(config, shape, weights, in_pipeline);
+  for (int step = 0; step < config.flow_steps; ++step)
+    CHECK(worker.attention_kernels(step) == "gemm");
 }
 
 TEST_CASE("full pi0 is finite and bitwise deterministic", "[gpu]") {

@@ -64,6 +64,11 @@ class CudaDecoder {
   // With an op timer set: the persistent kernel's time per phase in the last decode (empty
   // without it).
   std::string layers_trace() const;
+  // The attention kernels flow step `step` runs (one-frame passes of the per-op path): "gemm"
+  // (QK product, softmax, PV product), "fused", "tiled" or "wgmma". The first step can differ from
+  // the later ones: it runs beside a still-running encoder, where the wgmma kernel's clusters wait
+  // for SMs.
+  std::string attention_kernels(int step) const;
 
   size_t weight_bytes() const;
   size_t workspace_bytes() const;

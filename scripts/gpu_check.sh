@@ -125,6 +125,18 @@ if want sweep; then
       echo "gpu_check: sequential run --wait $wait failed (rc $?)" | tee -a "$OUT_DIR/sequential.log"
   done
   grep -E "^== sequential|latency p50|latency p99|error" "$OUT_DIR/sequential.log"
+  # The decoder worker on the wgmma attention in flow steps 2-10 against its default (the GEMMs):
+  # faster at 50/50 concurrent, slower in sequential 100/100 (bench/NOTES.md v22).
+  : >"$OUT_DIR/worker_attention.log"
+  for att in gemm wgmma; do
+    for mode in "concurrent --encoder-pct 50 --decoder-pct 50" "sequential --encoder-pct 100 --decoder-pct 100"; do
+      echo "== worker attention $att, $mode" >>"$OUT_DIR/worker_attention.log"
+      PI0_DECODER_ATTENTION=$att "$BIN/orchestrator" --mode $mode --frames 200 --warmup 20 \
+        --quiet-workers >>"$OUT_DIR/worker_attention.log" 2>&1 ||
+        echo "gpu_check: worker attention run failed (rc $?)" | tee -a "$OUT_DIR/worker_attention.log"
+    done
+  done
+  grep -E "^== worker|latency p50|throughput|error" "$OUT_DIR/worker_attention.log"
 fi
 
 echo

@@ -29,22 +29,24 @@ AttentionKernels default_decoder_attention_kernels(int query_rows, int keys, int
                                                                 : kernels;
 }
 
+const char* attention_kernels_name(AttentionKernels kernels) {
+  return kernels == AttentionKernels::kGemms   ? "gemm"
+         : kernels == AttentionKernels::kFused ? "fused"
+         : kernels == AttentionKernels::kTiled ? "tiled"
+                                               : "wgmma";
+}
+
 AttentionKernels attention_kernels_from_env(const char* variable, AttentionKernels fallback,
                                             std::initializer_list<AttentionKernels> accepted) {
   const char* value = std::getenv(variable);
   if (value == nullptr || value[0] == '\0') return fallback;
   const std::string kernels(value);
-  auto name = [](AttentionKernels k) {
-    return k == AttentionKernels::kGemms   ? "gemm"
-           : k == AttentionKernels::kFused ? "fused"
-           : k == AttentionKernels::kTiled ? "tiled"
-                                           : "wgmma";
-  };
   std::string choices;
   size_t i = 0;
   for (AttentionKernels k : accepted) {
-    if (kernels == name(k)) return k;
-    choices += (i == 0 ? "" : i + 1 == accepted.size() ? " or " : ", ") + std::string(name(k));
+    const std::string name = attention_kernels_name(k);
+    if (kernels == name) return k;
+    choices += (i == 0 ? "" : i + 1 == accepted.size() ? " or " : ", ") + name;
     ++i;
   }
   throw Error(std::string(variable) + "=" + kernels + ": expected " + choices);

@@ -674,7 +674,7 @@ std::string CudaDecoder::attention_kernels(int step) const {
             "CudaDecoder::attention_kernels: no flow step " + std::to_string(step));
   const cuda::SharedKvAttention& att =
       impl_->runs_first_step_attention(step) ? impl_->first_step_attention : impl_->attention;
-  return att.on_wgmma() ? "wgmma" : att.fused() ? "fused" : att.tiled() ? "tiled" : "gemm";
+  return cuda::attention_kernels_name(att.kernels());
 }
 void CudaDecoder::set_op_timer(cuda::OpTimer* timer) {
   impl_->timer = timer;

@@ -38,6 +38,9 @@ AttentionKernels default_attention_kernels(int query_rows, int keys);
 // first step keeps default_attention_kernels().
 AttentionKernels default_decoder_attention_kernels(int query_rows, int keys, int head_dim);
 
+// "gemm", "fused", "tiled" or "wgmma": the names the PI0_*_ATTENTION variables take.
+const char* attention_kernels_name(AttentionKernels kernels);
+
 // `variable` = gemm | fused | tiled | wgmma (those of `accepted`) overrides `fallback`; unset or
 // empty keeps it. A value not accepted throws an error naming the variable, the value and the
 // choices.
@@ -79,6 +82,13 @@ class SharedKvAttention {
   bool fused() const { return fused_; }
   bool tiled() const { return tiled_scratch_.bytes() > 0; }
   bool on_wgmma() const { return wgmma_; }
+  // The kernels it runs: what Params asked for, or the GEMMs where those cannot run here.
+  AttentionKernels kernels() const {
+    return wgmma_    ? AttentionKernels::kWgmma
+           : fused_  ? AttentionKernels::kFused
+           : tiled() ? AttentionKernels::kTiled
+                     : AttentionKernels::kGemms;
+  }
 
  private:
   bool try_fused();  // plans the fused kernel; false where its cluster does not fit here

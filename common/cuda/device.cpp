@@ -274,6 +274,27 @@ bool is_cooperative(cudaGraphNode_t node) {
   return value.cooperative != 0;
 }
 
+// A kernel launched in thread-block clusters.
+bool is_clustered(cudaGraphNode_t node) {
+  cudaLaunchAttributeValue value{};
+  if (cudaGraphKernelNodeGetAttribute(node, cudaLaunchAttributeClusterDimension, &value) !=
+      cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return value.clusterDim.x * value.clusterDim.y * value.clusterDim.z > 1;
+}
+
+bool current_context_is_mps_client() {
+  int device = 0, mps = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&mps, cudaDevAttrMpsEnabled, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return mps != 0;
+}
+
 std::atomic<size_t> g_linked{0}, g_refused{0};
 
 }  // namespace
@@ -347,7 +368,7 @@ HandoverLinks link_kernels(cudaGraph_t graph, KernelHandover handover) {
   struct Node {
     int in = 0, out = 0;
     std::vector<cudaGraphNode_t> predecessors;
-    bool kernel = false, cooperative = false;
+    bool kernel = false, cooperative = false, clustered = false;
     std::string name;
   };
   std::unordered_map<cudaGraphNode_t, Node> nodes;
@@ -363,6 +384,7 @@ HandoverLinks link_kernels(cudaGraph_t graph, KernelHandover handover) {
     if (node.kernel) {
       node.name = kernel_name(handle);
       node.cooperative = is_cooperative(handle);
+      node.clustered = is_clustered(handle);
     }
     if (node.name.find("wait_layer_kernel") != std::string::npos || is_memory_operation(handle))
       pending.push_back(handle);
@@ -375,6 +397,10 @@ HandoverLinks link_kernels(cudaGraph_t graph, KernelHandover handover) {
     if (!before_waits.insert(handle).second) continue;
     for (cudaGraphNode_t p : nodes.at(handle).predecessors) pending.push_back(p);
   }
+  // As an MPS client, a clustered kernel launched early costs far more than it hides: the
+  // decoder's wgmma attention, linked, took the decode from 8.1 to 9.6 ms at a 100% share, and the
+  // same kernel separated by event nodes took as long as without MPS (bench/NOTES.md v23).
+  const bool link_into_clusters = !current_context_is_mps_client();
   std::set<std::string> refused_names;
   for (size_t e = 0; e < count; ++e) {
     const cudaGraphEdgeData& old = data[e];
@@ -384,6 +410,7 @@ HandoverLinks link_kernels(cudaGraph_t graph, KernelHandover handover) {
     const Node& t = nodes.at(to[e]);
     if (f.out != 1 || t.in != 1 || !f.kernel || !t.kernel) continue;
     if (f.cooperative || t.cooperative) continue;
+    if (t.clustered && !link_into_clusters) continue;
     if (!waits_for_predecessor(t.name)) {
       ++links.refused;
       refused_names.insert(t.name.empty() ? std::string("(unnamed)") : t.name);

@@ -53,6 +53,8 @@ class CudaDecoderStage final : public DecoderStage {
       CudaEngineOptions engine;
       engine.max_decode_batch = static_cast<int>(o.decoder_batch);
       engine.decoder_in_pipeline = true;
+      if (device.mps_enabled && info.active_thread_pct > 0)
+        engine.decoder_share_percent = info.active_thread_pct;
       decoder_ = std::make_unique<CudaDecoder>(o.config, o.shape, weights, engine);
     }
     info.weight_bytes = decoder_->weight_bytes();

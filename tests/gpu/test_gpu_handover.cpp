@@ -14,6 +14,7 @@
 #include "pi0/cuda/device.hpp"
 #include "pi0/cuda/gemm.hpp"
 #include "pi0/cuda/kernels.hpp"
+#include "pi0/cuda/wgmma_attention.hpp"
 #include "pi0/cuda_decoder.hpp"
 #include "pi0/cuda_encoder.hpp"
 #include "pi0/frame_inputs.hpp"
@@ -145,6 +146,38 @@ TEST_CASE("kernels linked programmatically wait for their predecessor's late wri
     CHECK(links.refused == 0);
     CHECK(bitwise_equal(cuda::download(x.get(), n).data(), cuda::download(expected.get(), n).data(),
                         n * sizeof(Bf16)));
+  }
+
+  SECTION("a clustered kernel of ours is linked, except in an MPS client") {
+    cuda::WgmmaAttentionShape shape;
+    shape.rows = 64 * 8;  // the decoder's shape: 64 tokens x 8 heads against 576 keys
+    shape.keys = 576;
+    shape.scale = 1.0f / 16;
+    shape = cuda::plan_wgmma_attention(shape);
+    if (!cuda::wgmma_attention_runs_here(shape) || shape.splits < 2) {
+      WARN("the wgmma attention's clusters cannot run here; nothing to check");
+      return;
+    }
+    int device = 0, mps = 0;
+    CUDA_CHECK(cudaGetDevice(&device));
+    CUDA_CHECK(cudaDeviceGetAttribute(&mps, cudaDevAttrMpsEnabled, device));
+    const size_t q_values = size_t{64} * 8 * 256, kv_values = size_t{576} * 256;
+    auto q = up_bf16(random_bf16(q_values, 11));
+    const auto fresh_q = up_bf16(random_bf16(q_values, 12));
+    const auto k = up_bf16(random_bf16(kv_values, 13)), v = up_bf16(random_bf16(kv_values, 14));
+    auto out = poisoned<Bf16>(q_values);
+    auto expected = poisoned<Bf16>(q_values);
+    cuda::wgmma_attention(shape, fresh_q.get(), k.get(), v.get(), expected.get(), stream.get());
+    CUDA_CHECK(cudaStreamSynchronize(stream.get()));
+    const auto links = run_linked(stream.get(), early, [&](cudaStream_t s) {
+      launch_late_copy(q.get(), fresh_q.get(), q.bytes(), kLateNs, s);
+      cuda::wgmma_attention(shape, q.get(), k.get(), v.get(), out.get(), s);
+    });
+    INFO("MPS client: " << (mps ? "yes" : "no") << ", clusters of " << shape.splits);
+    CHECK(links.linked == (mps ? 0u : 1u));
+    CHECK(links.refused == 0);
+    CHECK(bitwise_equal(cuda::download(out.get(), out.size()).data(),
+                        cuda::download(expected.get(), expected.size()).data(), out.bytes()));
   }
 
   SECTION("cuBLASLt's GEMM is left to start after its predecessor ends") {

@@ -199,7 +199,8 @@ TEST_CASE("running out of GPU memory names the buffer and leaves the device usab
 
 // The decoder's first flow step runs beside the encoder, where the wgmma kernel's clusters wait
 // for SMs that the encoder's GEMMs hold: it keeps the GEMM attention, and only the later steps run
-// wgmma (bench/NOTES.md v21). The MPS pipeline's worker keeps the GEMMs in every step.
+// wgmma (bench/NOTES.md v21). The MPS pipeline's worker does the same at half the GPU or more,
+// and below that keeps the GEMMs in every step (v23).
 TEST_CASE("the decoder's first flow step keeps the gemm attention and the later steps run wgmma",
           "[gpu]") {
   const ModelConfig config = model_config("pi0-2l");
@@ -221,9 +222,18 @@ TEST_CASE("the decoder's first flow step keeps the gemm attention and the later 
   }
   CudaEngineOptions in_pipeline;
   in_pipeline.decoder_in_pipeline = true;
-  CudaDecoder worker(config, shape, weights, in_pipeline);
+  for (const int share : {100, CudaEngineOptions::kWgmmaMinSharePercent}) {
+    in_pipeline.decoder_share_percent = share;
+    CudaDecoder worker(config, shape, weights, in_pipeline);
+    INFO("worker at a " << share << "% share");
+    CHECK(worker.attention_kernels(0) == "gemm");
+    for (int step = 1; step < config.flow_steps; ++step)
+      CHECK(worker.attention_kernels(step) == (wgmma_here ? "wgmma" : "gemm"));
+  }
+  in_pipeline.decoder_share_percent = CudaEngineOptions::kWgmmaMinSharePercent - 1;
+  CudaDecoder small_share(config, shape, weights, in_pipeline);
   for (int step = 0; step < config.flow_steps; ++step)
-    CHECK(worker.attention_kernels(step) == "gemm");
+    CHECK(small_share.attention_kernels(step) == "gemm");
 }
 
 TEST_CASE("full pi0 is finite and bitwise deterministic", "[gpu]") {

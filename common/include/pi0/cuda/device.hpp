@@ -216,7 +216,8 @@ struct HandoverLinks {
 // first thing; cuBLASLt's GEMMs do not wait, and read stale inputs when launched early), and the
 // later kernel does not run before a wait on another stream's progress (a decoder's first flow
 // step beside the encoder, layer_signal.hpp): blocks launched early there would sit on SMs the
-// other stream's GEMMs need. Does nothing for kCompletion or on a GPU before sm_90.
+// other stream's GEMMs need. In an MPS client, edges into kernels launched in clusters are left
+// alone too (slower there when linked). Does nothing for kCompletion or on a GPU before sm_90.
 HandoverLinks link_kernels(cudaGraph_t graph, KernelHandover handover);
 // What link_kernels has linked and refused in this process so far (tests check that it linked).
 HandoverLinks handover_links_so_far();

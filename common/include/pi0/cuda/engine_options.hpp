@@ -18,11 +18,14 @@ struct CudaEngineOptions {
   // Decoder only: the most frames CudaDecoder::decode_batch() takes in one pass (1..4).
   int max_decode_batch = 1;
   // Decoder only: the decoder worker of the MPS pipeline, beside the encoder's process on the
-  // same GPU. Its attention then keeps default_attention_kernels() in every flow step instead of
-  // the wgmma kernel for steps 2-10: that kernel's clusters wait for free SMs beside another
-  // stage's GEMMs (as they did beside the encoder in one process), and the pipeline has not been
-  // measured with it (bench/NOTES.md v21). PI0_DECODER_ATTENTION still overrides.
+  // same GPU, with `decoder_share_percent` of its SMs (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE). Below
+  // kWgmmaMinSharePercent its attention keeps default_attention_kernels() in every flow step
+  // instead of the wgmma kernel for steps 2-10: the kernel's clusters of up to 16 CTAs then run
+  // in waves, and the pipeline was measured with it only at 50% and 100% (faster at both:
+  // bench/NOTES.md v23). PI0_DECODER_ATTENTION still overrides.
   bool decoder_in_pipeline = false;
+  int decoder_share_percent = 100;
+  static constexpr int kWgmmaMinSharePercent = 50;
   // Decoder only: one-frame passes run every layer of a flow step in one persistent kernel
   // (pi0/cuda/decoder_layers.hpp) instead of one kernel per operation. Off by default: correct,
   // but slower as of bench/NOTES.md v6. PI0_DECODER_LAYERS=1 turns it on as well.

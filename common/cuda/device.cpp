@@ -285,14 +285,19 @@ bool is_clustered(cudaGraphNode_t node) {
   return value.clusterDim.x * value.clusterDim.y * value.clusterDim.z > 1;
 }
 
-bool current_context_is_mps_client() {
-  int device = 0, mps = 0;
+// An attribute of the current device, or `otherwise` where it cannot be read (no usable GPU).
+int current_device_attribute(cudaDeviceAttr attr, int otherwise) {
+  int device = 0, value = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&mps, cudaDevAttrMpsEnabled, device) != cudaSuccess) {
+      cudaDeviceGetAttribute(&value, attr, device) != cudaSuccess) {
     (void)cudaGetLastError();
-    return false;
+    return otherwise;
   }
-  return mps != 0;
+  return value;
+}
+
+bool current_context_is_mps_client() {
+  return current_device_attribute(cudaDevAttrMpsEnabled, 0) != 0;
 }
 
 std::atomic<size_t> g_linked{0}, g_refused{0};
@@ -333,13 +338,8 @@ void set_kernel_handover(KernelHandover handover) {
 // The GPU must be sm_90 or later, and our kernels must have been compiled for it: a build for an
 // older architecture, JIT-compiled from its PTX here, has no wait in them.
 bool kernel_handover_supported() {
-  int device = 0, major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return major >= 9 && our_kernels_wait_for_prior_grids();
+  return current_device_attribute(cudaDevAttrComputeCapabilityMajor, 0) >= 9 &&
+         our_kernels_wait_for_prior_grids();
 }
 
 void relink_programmatically(cudaGraph_t graph, cudaGraphNode_t from, cudaGraphNode_t to,

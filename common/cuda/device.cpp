@@ -280,7 +280,7 @@ bool is_clustered(cudaGraphNode_t node) {
   if (cudaGraphKernelNodeGetAttribute(node, cudaLaunchAttributeClusterDimension, &value) !=
       cudaSuccess) {
     (void)cudaGetLastError();
-    return false;
+    return true;  // unknown: an MPS client leaves it alone
   }
   return value.clusterDim.x * value.clusterDim.y * value.clusterDim.z > 1;
 }
@@ -397,9 +397,10 @@ HandoverLinks link_kernels(cudaGraph_t graph, KernelHandover handover) {
     if (!before_waits.insert(handle).second) continue;
     for (cudaGraphNode_t p : nodes.at(handle).predecessors) pending.push_back(p);
   }
-  // As an MPS client, a clustered kernel launched early costs far more than it hides: the
-  // decoder's wgmma attention, linked, took the decode from 8.1 to 9.6 ms at a 100% share, and the
-  // same kernel separated by event nodes took as long as without MPS (bench/NOTES.md v23).
+  // As an MPS client, a clustered kernel launched early costs far more than it hides: with the
+  // decoder's wgmma attention linked the decode took 9.6 ms at a 100% share, 8.1 with no edge into
+  // a clustered kernel linked, and the kernel separated by event nodes took as long as without
+  // MPS (bench/NOTES.md v23).
   const bool link_into_clusters = !current_context_is_mps_client();
   std::set<std::string> refused_names;
   for (size_t e = 0; e < count; ++e) {

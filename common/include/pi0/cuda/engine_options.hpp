@@ -18,11 +18,12 @@ struct CudaEngineOptions {
   // Decoder only: the most frames CudaDecoder::decode_batch() takes in one pass (1..4).
   int max_decode_batch = 1;
   // Decoder only: the decoder worker of the MPS pipeline, beside the encoder's process on the
-  // same GPU, with `decoder_share_percent` of its SMs (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE). Below
-  // kWgmmaMinSharePercent its attention keeps default_attention_kernels() in every flow step
-  // instead of the wgmma kernel for steps 2-10: the kernel's clusters of up to 16 CTAs then run
-  // in waves, and the pipeline was measured with it only at 50% and 100% (faster at both:
-  // bench/NOTES.md v23). PI0_DECODER_ATTENTION still overrides.
+  // same GPU, with `decoder_share_percent` of its SMs (its CUDA_MPS_ACTIVE_THREAD_PERCENTAGE; a
+  // worker started without one counts as the whole GPU). Below kWgmmaMinSharePercent its
+  // attention keeps default_attention_kernels() in every flow step instead of the wgmma kernel for
+  // steps 2-10: the kernel's clusters (9 CTAs at C = 63) would then run in waves, and the pipeline
+  // was measured with it only at 50% and 100% (faster at both: bench/NOTES.md v23).
+  // PI0_DECODER_ATTENTION still overrides.
   bool decoder_in_pipeline = false;
   int decoder_share_percent = 100;
   static constexpr int kWgmmaMinSharePercent = 50;

@@ -343,7 +343,7 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
 
   // The tiled kernels where cuBLASLt's products would be misaligned, else the wgmma kernel at
   // head size 256 (its first step: QK GEMM + softmax + PV GEMM; not in the MPS pipeline's
-  // worker below half the GPU, CudaEngineOptions::decoder_in_pipeline), else the GEMMs;
+  // worker below half the GPU, CudaEngineOptions::decoder_share_percent), else the GEMMs;
   // PI0_DECODER_ATTENTION = gemm | fused | tiled | wgmma overrides (bench/NOTES.md v4, v16, v17,
   // v20, v21).
   cuda::SharedKvAttention::Params attention_params{
@@ -353,8 +353,7 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
       cuda::default_attention_kernels(rows * cfg.lm_heads, keys);
   attention_params.kernels = cuda::attention_kernels_from_env(
       "PI0_DECODER_ATTENTION",
-      options.decoder_in_pipeline &&
-              options.decoder_share_percent < CudaEngineOptions::kWgmmaMinSharePercent
+      options.decoder_share_percent < CudaEngineOptions::kWgmmaMinSharePercent
           ? first_step_kernels
           : cuda::default_decoder_attention_kernels(rows * cfg.lm_heads, keys, cfg.head_dim));
   attention = cuda::SharedKvAttention(lt.get(), attention_params, gemm_ws.get(), gemm_ws.bytes());

@@ -52,7 +52,6 @@ class CudaDecoderStage final : public DecoderStage {
       const WeightStore weights = ipc::load_stage_weights(o, WeightSet::kDecoder);
       CudaEngineOptions engine;
       engine.max_decode_batch = static_cast<int>(o.decoder_batch);
-      engine.decoder_in_pipeline = true;
       if (device.mps_enabled && info.active_thread_pct > 0)
         engine.decoder_share_percent = info.active_thread_pct;
       decoder_ = std::make_unique<CudaDecoder>(o.config, o.shape, weights, engine);

@@ -221,7 +221,6 @@ TEST_CASE("the decoder's first flow step keeps the gemm attention and the later 
     if (!wgmma_here) WARN("the wgmma attention cannot run here: every step checked on the GEMMs");
   }
   CudaEngineOptions in_pipeline;
-  in_pipeline.decoder_in_pipeline = true;
   for (const int share : {100, CudaEngineOptions::kWgmmaMinSharePercent}) {
     in_pipeline.decoder_share_percent = share;
     CudaDecoder worker(config, shape, weights, in_pipeline);

@@ -17,14 +17,13 @@ struct CudaEngineOptions {
   bool autotune_inplace = false;
   // Decoder only: the most frames CudaDecoder::decode_batch() takes in one pass (1..4).
   int max_decode_batch = 1;
-  // Decoder only: the decoder worker of the MPS pipeline, beside the encoder's process on the
-  // same GPU, with `decoder_share_percent` of its SMs (its CUDA_MPS_ACTIVE_THREAD_PERCENTAGE; a
-  // worker started without one counts as the whole GPU). Below kWgmmaMinSharePercent its
-  // attention keeps default_attention_kernels() in every flow step instead of the wgmma kernel for
-  // steps 2-10: the kernel's clusters (9 CTAs at C = 63) would then run in waves, and the pipeline
-  // was measured with it only at 50% and 100% (faster at both: bench/NOTES.md v23).
+  // Decoder only: the share of the GPU's SMs the decoder was given: the MPS pipeline's decoder
+  // worker sets its CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (a worker started without one, and the
+  // single process, count as the whole GPU). Below kWgmmaMinSharePercent its attention keeps
+  // default_attention_kernels() in every flow step instead of the wgmma kernel for steps 2-10:
+  // the kernel's clusters (9 CTAs at C = 63) would then run in waves, and the pipeline was
+  // measured with it only at 50% and 100% (faster at both: bench/NOTES.md v23).
   // PI0_DECODER_ATTENTION still overrides.
-  bool decoder_in_pipeline = false;
   int decoder_share_percent = 100;
   static constexpr int kWgmmaMinSharePercent = 50;
   // Decoder only: one-frame passes run every layer of a flow step in one persistent kernel

@@ -487,6 +487,255 @@ __global__ void silu_kernel(bf16* x, size_t n) {
   }
 }
 
+constexpr int kGlueThreads = 256;
+constexpr int kGlueWarps = kGlueThreads / 32;
+constexpr int kGlueMaxDim = 32;
+constexpr int kGlueMaxWidth = 2048;
+constexpr int kGlueBatch = 16;  // weight loads a thread keeps in flight
+// One action row a block (63 blocks at V=2): with four rows (16 blocks) each block's chain of
+// phases made the kernel as slow as the six graph nodes it replaces. H100, V=2, decoder: one row
+// 7.71-7.74 ms and two 7.77 against 7.79-7.81 for the six nodes on one machine; four 7.85
+// against 7.76 on another (bench/NOTES.md v24).
+constexpr int kGlueRowsPerBlock = 1;
+
+struct GlueArgs {
+  bf16* x;
+  const bf16* state;
+  float* actions;
+  const bf16* w_out;
+  const float* b_out;
+  const bf16* w_in;
+  const bf16* time_bias;
+  bf16* t1;
+  int frames, chunk, rows_per_frame, width, action_dim, in_parts;
+  float eps;
+};
+
+__device__ __forceinline__ float round_bf16(float v) {
+  return __bfloat162float(__float2bfloat16_rn(v));
+}
+
+__device__ __forceinline__ void unpack8(const uint4& v, float* out) {
+  const bf162* p = reinterpret_cast<const bf162*>(&v);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 f = __bfloat1622float2(p[k]);
+    out[2 * k] = f.x;
+    out[2 * k + 1] = f.y;
+  }
+}
+
+// See FlowStepGlue. A block takes kGlueRows action rows. Euler: the rows are normalised into
+// shared memory, and thread t sums input rows e = t / (D / 8) (mod the block) against output
+// octet t % (D / 8) of w_out; lanes then warps are summed in a fixed order. Action input:
+// thread t takes width octet t % (W / 8) over one of in_parts equal ranges of the D inputs,
+// and the ranges are summed in order. Both products' first kGlueBatch weight loads a thread are
+// issued before anything else, so the block waits for memory once (the weights are rarely in L2
+// here: the layers stream theirs through it between two calls).
+template <int kGlueRows>
+__global__ void __launch_bounds__(kGlueThreads) flow_step_glue_kernel(const GlueArgs a) {
+  wait_for_prior_grids();
+  extern __shared__ float glue_smem[];
+  __shared__ float ss_part[kGlueWarps][kGlueRows];
+  __shared__ float act[kGlueRows][kGlueMaxDim];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int width = a.width, ad = a.action_dim, octets = width / 8;
+  const int total = a.frames * a.chunk, g0 = blockIdx.x * kGlueRows;
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+
+  const int out_octets = ad / 8;  // 1, 2 or 4: divides 32
+  const int jq = tid % out_octets, parts = kGlueThreads / out_octets, e0 = tid / out_octets;
+  auto w_out_at = [&](int e) {
+    return *reinterpret_cast<const uint4*>(a.w_out + static_cast<size_t>(e) * ad + 8 * jq);
+  };
+  uint4 wo[kGlueBatch];
+  if (a.w_out) {
+#pragma unroll
+    for (int b = 0; b < kGlueBatch; ++b) {
+      const int e = e0 + b * parts;
+      wo[b] = e < width ? w_out_at(e) : zero;
+    }
+  }
+  const int per_part = ad / a.in_parts, jp = tid / octets, oi = tid % octets;
+  const bool in_thread = a.w_in && tid < a.in_parts * octets;
+  auto w_in_at = [&](int j) {
+    return *reinterpret_cast<const uint4*>(a.w_in + static_cast<size_t>(j) * width + 8 * oi);
+  };
+  uint4 wi[kGlueBatch];
+  if (in_thread) {
+#pragma unroll
+    for (int b = 0; b < kGlueBatch; ++b) wi[b] = b < per_part ? w_in_at(jp * per_part + b) : zero;
+  }
+
+  if (a.state && blockIdx.x == 0) {
+    for (int i = tid; i < a.frames * octets; i += kGlueThreads) {
+      const int f = i / octets, o = i % octets;
+      reinterpret_cast<uint4*>(a.x + static_cast<size_t>(f) * a.rows_per_frame * width)[o] =
+          reinterpret_cast<const uint4*>(a.state + static_cast<size_t>(f) * width)[o];
+    }
+  }
+
+  if (a.w_out) {
+    float* h = glue_smem;  // [kGlueRows][width]
+    float ss[kGlueRows];
+    uint4 first[kGlueRows];
+#pragma unroll
+    for (int r = 0; r < kGlueRows; ++r) {
+      const int g = g0 + r;
+      first[r] = g < total && tid < octets
+                     ? reinterpret_cast<const uint4*>(
+                           a.x + (static_cast<size_t>(g / a.chunk) * a.rows_per_frame + 1 +
+                                  g % a.chunk) * width)[tid]
+                     : zero;
+    }
+#pragma unroll
+    for (int r = 0; r < kGlueRows; ++r) {
+      ss[r] = 0.0f;
+      const int g = g0 + r;
+      if (g >= total) continue;
+      const bf16* row = a.x + (static_cast<size_t>(g / a.chunk) * a.rows_per_frame + 1 +
+                               g % a.chunk) * width;
+      for (int o = tid; o < octets; o += kGlueThreads) {
+        float v[8];
+        unpack8(o == tid ? first[r] : reinterpret_cast<const uint4*>(row)[o], v);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          h[r * width + 8 * o + k] = v[k];
+          ss[r] += v[k] * v[k];
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kGlueRows; ++r) {
+      const float w = warp_sum(ss[r]);
+      if (lane == 0) ss_part[warp][r] = w;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < kGlueRows; ++r) {
+      float t = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kGlueWarps; ++w) t += ss_part[w][r];
+      const float scale = rsqrtf(t / width + a.eps);
+      for (int o = tid; o < octets; o += kGlueThreads)
+#pragma unroll
+        for (int k = 0; k < 8; ++k)
+          h[r * width + 8 * o + k] = round_bf16(h[r * width + 8 * o + k] * scale);
+    }
+    __syncthreads();
+    float acc[kGlueRows][8];
+#pragma unroll
+    for (int r = 0; r < kGlueRows; ++r)
+#pragma unroll
+      for (int k = 0; k < 8; ++k) acc[r][k] = 0.0f;
+    for (int base = 0; e0 + base * parts < width; base += kGlueBatch) {
+      if (base > 0) {
+#pragma unroll
+        for (int b = 0; b < kGlueBatch; ++b) {
+          const int e = e0 + (base + b) * parts;
+          wo[b] = e < width ? w_out_at(e) : zero;
+        }
+      }
+#pragma unroll
+      for (int b = 0; b < kGlueBatch; ++b) {
+        const int e = e0 + (base + b) * parts;
+        if (e >= width) break;
+        float w8[8];
+        unpack8(wo[b], w8);
+#pragma unroll
+        for (int r = 0; r < kGlueRows; ++r) {
+          const float hv = h[r * width + e];
+#pragma unroll
+          for (int k = 0; k < 8; ++k) acc[r][k] += hv * w8[k];
+        }
+      }
+    }
+    for (int m = out_octets; m < 32; m <<= 1)
+#pragma unroll
+      for (int r = 0; r < kGlueRows; ++r)
+#pragma unroll
+        for (int k = 0; k < 8; ++k) acc[r][k] += __shfl_xor_sync(0xffffffffu, acc[r][k], m);
+    float* red = glue_smem + kGlueRows * width;  // [kGlueWarps][kGlueRows][kGlueMaxDim]
+    if (lane < out_octets)
+#pragma unroll
+      for (int r = 0; r < kGlueRows; ++r)
+#pragma unroll
+        for (int k = 0; k < 8; ++k)
+          red[(warp * kGlueRows + r) * kGlueMaxDim + 8 * jq + k] = acc[r][k];
+    __syncthreads();
+    if (tid < kGlueRows * ad) {
+      const int r = tid / ad, j = tid % ad, g = g0 + r;
+      if (g < total) {
+        float sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kGlueWarps; ++w) sum += red[(w * kGlueRows + r) * kGlueMaxDim + j];
+        float* p = a.actions + static_cast<size_t>(g) * ad + j;
+        const float v = *p + (sum + a.b_out[j]);
+        *p = v;
+        act[r][j] = v;
+      }
+    }
+  } else if (tid < kGlueRows * ad) {
+    const int r = tid / ad, j = tid % ad, g = g0 + r;
+    if (g < total) act[r][j] = a.actions[static_cast<size_t>(g) * ad + j];
+  }
+  if (!a.w_in) return;
+  __syncthreads();  // act written; h (under part) no longer read
+
+  float* part = glue_smem;  // [in_parts][kGlueRows][width]
+  if (in_thread) {
+    float acc[kGlueRows][8];
+#pragma unroll
+    for (int r = 0; r < kGlueRows; ++r)
+#pragma unroll
+      for (int k = 0; k < 8; ++k) acc[r][k] = 0.0f;
+    for (int base = 0; base < per_part; base += kGlueBatch) {
+      if (base > 0) {
+#pragma unroll
+        for (int b = 0; b < kGlueBatch; ++b)
+          wi[b] = base + b < per_part ? w_in_at(jp * per_part + base + b) : zero;
+      }
+#pragma unroll
+      for (int b = 0; b < kGlueBatch; ++b) {
+        if (base + b >= per_part) break;
+        const int j = jp * per_part + base + b;
+        float w8[8];
+        unpack8(wi[b], w8);
+#pragma unroll
+        for (int r = 0; r < kGlueRows; ++r) {
+          const float sv = round_bf16(act[r][j]);
+#pragma unroll
+          for (int k = 0; k < 8; ++k) acc[r][k] += sv * w8[k];
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kGlueRows; ++r)
+#pragma unroll
+      for (int k = 0; k < 8; ++k) part[(jp * kGlueRows + r) * width + 8 * oi + k] = acc[r][k];
+  }
+  __syncthreads();
+  for (int idx = tid; idx < kGlueRows * octets; idx += kGlueThreads) {
+    const int r = idx / octets, o = idx % octets, g = g0 + r;
+    if (g >= total) continue;
+    float tb[8];
+    unpack8(reinterpret_cast<const uint4*>(a.time_bias)[o], tb);
+    uint4 packed;
+    bf162* out2 = reinterpret_cast<bf162*>(&packed);
+    float y[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      float s = 0.0f;
+      for (int p = 0; p < a.in_parts; ++p) s += part[(p * kGlueRows + r) * width + 8 * o + k];
+      const float v = round_bf16(s + tb[k]);
+      y[k] = v / (1.0f + expf(-v));
+    }
+#pragma unroll
+    for (int k = 0; k < 4; ++k) out2[k] = __floats2bfloat162_rn(y[2 * k], y[2 * k + 1]);
+    reinterpret_cast<uint4*>(a.t1 + static_cast<size_t>(g) * width)[o] = packed;
+  }
+}
+
 __device__ __forceinline__ float hash_uniform(uint64_t seed, size_t i) {
   uint64_t z = seed * 0x9e3779b97f4a7c15ull + i + 0x632be59bd9b4e019ull;
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -639,6 +888,39 @@ void geglu(const Bf16* gate_up, Bf16* out, int rows, int width, cudaStream_t str
   const RowGrid g = row_grid(rows, static_cast<size_t>(width / cols));
   auto kernel = cols == 8 ? geglu_kernel<8> : cols == 2 ? geglu_kernel<2> : geglu_kernel<1>;
   kernel<<<g.grid, g.threads, 0, stream>>>(dev(gate_up), dev(out), width, scale);
+  CUDA_CHECK_LAUNCH();
+}
+
+bool flow_step_glue_supported(int width, int action_dim) {
+  return width > 0 && width % 8 == 0 && width <= kGlueMaxWidth &&
+         (action_dim == 8 || action_dim == 16 || action_dim == 32);
+}
+
+void flow_step_glue(const FlowStepGlue& g, cudaStream_t stream) {
+  PI0_CHECK(flow_step_glue_supported(g.width, g.action_dim),
+            "flow_step_glue: width " + std::to_string(g.width) + " / action_dim " +
+                std::to_string(g.action_dim) + " not supported");
+  PI0_CHECK(g.x && g.actions && g.frames > 0 && g.chunk > 0 && g.rows_per_frame > g.chunk,
+            "flow_step_glue: bad residual stream or sample");
+  PI0_CHECK(!g.w_out || g.b_out, "flow_step_glue: the Euler update needs b_out");
+  PI0_CHECK(!g.w_in || (g.time_bias && g.t1), "flow_step_glue: the action input needs its buffers");
+  PI0_CHECK(is_aligned(g.x, 16) && is_aligned(g.state, 16) && is_aligned(g.w_out, 16) &&
+                is_aligned(g.w_in, 16) && is_aligned(g.time_bias, 16) && is_aligned(g.t1, 16),
+            "flow_step_glue: bf16 buffers must be 16-byte aligned");
+  const int octets = g.width / 8;
+  // The largest power of two of input ranges that keeps every range's octets on a thread.
+  int in_parts = 1;
+  while (in_parts * 2 <= g.action_dim && in_parts * 2 * octets <= kGlueThreads) in_parts *= 2;
+  GlueArgs a{dev(g.x),     dev(g.state),     g.actions, dev(g.w_out), g.b_out,
+             dev(g.w_in),  dev(g.time_bias), dev(g.t1), g.frames,     g.chunk,
+             g.rows_per_frame, g.width,      g.action_dim, in_parts,  g.eps};
+  constexpr int rows = kGlueRowsPerBlock;
+  const size_t euler_bytes =
+      (static_cast<size_t>(rows) * g.width + kGlueWarps * rows * kGlueMaxDim) * sizeof(float);
+  const size_t input_bytes = static_cast<size_t>(in_parts) * rows * g.width * sizeof(float);
+  const size_t smem = std::max(euler_bytes, input_bytes);
+  const int blocks = (g.frames * g.chunk + rows - 1) / rows;
+  flow_step_glue_kernel<rows><<<blocks, kGlueThreads, smem, stream>>>(a);
   CUDA_CHECK_LAUNCH();
 }
 

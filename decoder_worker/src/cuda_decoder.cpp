@@ -94,6 +94,10 @@ struct CudaDecoder::Impl {
   std::vector<PassGemms> first_step;
   Gemm g_amlp, g_aout;  // per frame
   bool skinny = false;
+  // The work between flow steps (Euler update, action input, state tokens) in one kernel
+  // (cuda::flow_step_glue) where the residual stream is bf16 and the widths fit; else six.
+  // PI0_DECODER_STEP_GLUE=0 keeps the six.
+  bool step_glue = false;
   cuda::SkinnyShape s_amlp, s_qkv, s_o, s_gu, s_down, s_aout;
   cuda::SharedKvAttention attention;
   // Where `attention` is the wgmma kernel, the first flow step runs the default kernels instead:
@@ -236,6 +240,9 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   }
 
   fold_norms = !skinny && !layers_kernel.valid();
+  const char* want_glue = std::getenv("PI0_DECODER_STEP_GLUE");  // 0: the six kernels
+  step_glue = fold_norms && cuda::flow_step_glue_supported(cfg.action_width, cfg.action_dim) &&
+              !(want_glue && want_glue[0] == '0');
 
   state_w = memory.weight(cuda::upload_tensor(w, "decoder_state_in_proj_w"));
   auto upload_residual_bias = [&](const char* name) {
@@ -502,14 +509,47 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
   cuda::bf16_to_f32(noise, actions, count * frame_actions, s);
   mark("state proj + noise in", s);
 
+  // The Euler update of step - 1 (none before the first step), the action input of `step` (none
+  // after the last) and the state tokens, in one kernel.
+  auto glue = [&](int step) {
+    cuda::FlowStepGlue gl;
+    gl.x = x.bf16.get();
+    gl.rows_per_frame = rows;
+    gl.width = aw;
+    gl.eps = cfg.rms_eps;
+    gl.actions = actions;
+    gl.frames = count;
+    gl.chunk = c;
+    gl.action_dim = ad;
+    if (step > 0) {
+      gl.w_out = aout_w.get();
+      gl.b_out = aout_b.get();
+    }
+    if (step < cfg.flow_steps) {
+      gl.state = state_row.bf16.get();
+      gl.w_in = ain_w.get();
+      gl.time_bias = time_b.get() + static_cast<size_t>(step) * aw;
+      gl.t1 = t1.get();
+    }
+    cuda::flow_step_glue(gl, s);
+    mark(step == 0                 ? "action in + state token"
+         : step < cfg.flow_steps ? "euler + action in + state token"
+                                 : "euler",
+         s);
+  };
+
   for (int step = 0; step < cfg.flow_steps; ++step) {
-    cuda::f32_to_bf16(actions, sample.get(), count * frame_actions, s);
-    mark("action in: sample to bf16", s);
-    g.ain.run(sample.get(), ain_w.get(), t1.get(), time_b.get() + static_cast<size_t>(step) * aw,
-              s);
-    mark("action in: gemm + time bias", s);
-    cuda::silu_inplace(t1.get(), static_cast<size_t>(count) * c * aw, s);
-    mark("action in: silu", s);
+    if (step_glue) {
+      glue(step);
+    } else {
+      cuda::f32_to_bf16(actions, sample.get(), count * frame_actions, s);
+      mark("action in: sample to bf16", s);
+      g.ain.run(sample.get(), ain_w.get(), t1.get(), time_b.get() + static_cast<size_t>(step) * aw,
+                s);
+      mark("action in: gemm + time bias", s);
+      cuda::silu_inplace(t1.get(), static_cast<size_t>(count) * c * aw, s);
+      mark("action in: silu", s);
+    }
     for (int f = 0; f < count; ++f) {
       const Bf16* t1_f = t1.get() + static_cast<size_t>(f) * c * aw;
       void* x_actions = x_row(frame_row(f) + 1);
@@ -520,11 +560,13 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
       }
     }
     mark("action in: mlp gemm", s);
-    // Each frame's state token heads its rows.
-    const size_t row_bytes = aw * residual_bytes();
-    CUDA_CHECK(cudaMemcpy2DAsync(x.get(), rows * row_bytes, state_row.get(), row_bytes, row_bytes,
-                                 count, cudaMemcpyDeviceToDevice, s));
-    mark("state token copy", s);
+    if (!step_glue) {
+      // Each frame's state token heads its rows.
+      const size_t row_bytes = aw * residual_bytes();
+      CUDA_CHECK(cudaMemcpy2DAsync(x.get(), rows * row_bytes, state_row.get(), row_bytes,
+                                   row_bytes, count, cudaMemcpyDeviceToDevice, s));
+      mark("state token copy", s);
+    }
     if (persistent) {
       for (int l = 0; l < cfg.lm_layers; ++l) wait_for_layer(step, l);
       // Leaves h = rms(x) for the Euler step.
@@ -591,6 +633,7 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
       }
       mark("down gemm + residual", s);
     }
+    if (step_glue) continue;  // the next glue kernel runs this step's Euler update
     // Euler step on each frame's action rows: sample += rms(x[1..C]) @ W_aout + b_aout. One
     // norm over every row of the pass (row by row, so the action rows get the same bits; the
     // state rows' results are not read).
@@ -610,6 +653,7 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
     }
     mark("euler: norm + out gemm", s);
   }
+  if (step_glue) glue(cfg.flow_steps);
   prefetcher.rejoin(s);
 }
 

@@ -1061,3 +1061,124 @@ TEST_CASE("in-process front-end layer waits follow the signals, and a watchdog e
     REQUIRE(wait_for(after, 5000.0) >= 0.0);
   }
 }
+
+// The decoder's work between flow steps in one kernel, against the host formulas: before the
+// first step (action input and state tokens only), between two steps (Euler update too) and after
+// the last (Euler only); at pi0's widths with two frames, a narrower action dim with three, and
+// the tiny config's width.
+TEST_CASE("the flow step glue kernel matches the host formulas", "[gpu]") {
+  struct Case {
+    int width, action_dim, frames, chunk;
+  };
+  for (const Case& k : {Case{1024, 32, 2, 63}, Case{1024, 16, 3, 50}, Case{48, 32, 1, 5}}) {
+    const int w = k.width, ad = k.action_dim, rpf = k.chunk + 1, total = k.frames * k.chunk;
+    const float eps = 1e-6f;
+    const auto x = rounded(random_floats(static_cast<size_t>(k.frames) * rpf * w, 90, 1.5f));
+    const auto state = rounded(random_floats(static_cast<size_t>(k.frames) * w, 91, 1.0f));
+    const auto actions = random_floats(static_cast<size_t>(total) * ad, 92, 1.0f);
+    const auto w_out = rounded(random_floats(static_cast<size_t>(w) * ad, 93, 0.03f));
+    const auto b_out = random_floats(ad, 94, 0.1f);
+    const auto w_in = rounded(random_floats(static_cast<size_t>(ad) * w, 95, 0.2f));
+    const auto time_bias = rounded(random_floats(w, 96, 0.1f));
+    auto dstate = up(to_bf16(state));
+    auto dw_out = up(to_bf16(w_out));
+    auto db_out = up(b_out);
+    auto dw_in = up(to_bf16(w_in));
+    auto dtb = up(to_bf16(time_bias));
+
+    // Host: the Euler update and the action input of every action row.
+    std::vector<float> euler(actions.size()), t1_ref(static_cast<size_t>(total) * w);
+    auto action_input = [&](const std::vector<float>& a) {
+      for (int g = 0; g < total; ++g)
+        for (int c = 0; c < w; ++c) {
+          float s = 0.0f;
+          for (int j = 0; j < ad; ++j)
+            s += round_to_bf16(a[static_cast<size_t>(g) * ad + j]) * w_in[static_cast<size_t>(j) * w + c];
+          t1_ref[static_cast<size_t>(g) * w + c] = ref::silu(round_to_bf16(s + time_bias[c]));
+        }
+    };
+    for (int g = 0; g < total; ++g) {
+      const float* row = &x[(static_cast<size_t>(g / k.chunk) * rpf + 1 + g % k.chunk) * w];
+      double ss = 0.0;
+      for (int e = 0; e < w; ++e) ss += static_cast<double>(row[e]) * row[e];
+      const float scale = static_cast<float>(1.0 / std::sqrt(ss / w + eps));
+      for (int j = 0; j < ad; ++j) {
+        double dot = 0.0;
+        for (int e = 0; e < w; ++e)
+          dot += static_cast<double>(round_to_bf16(row[e] * scale)) * w_out[static_cast<size_t>(e) * ad + j];
+        euler[static_cast<size_t>(g) * ad + j] = static_cast<float>(dot) + b_out[j];
+      }
+    }
+
+    for (const int mode : {0, 1, 2}) {  // 0: before the first step, 1: between, 2: after the last
+      const std::string name = std::to_string(w) + " x " + std::to_string(ad) + ", " +
+                               std::to_string(k.frames) + " frames of " + std::to_string(k.chunk) +
+                               (mode == 0 ? ", first" : mode == 1 ? ", between" : ", last");
+      auto dx_run = up(to_bf16(x));
+      auto dact = up(actions);
+      auto dt1 = poisoned<Bf16>(static_cast<size_t>(total) * w);
+      cuda::FlowStepGlue gl;
+      gl.x = dx_run.get();
+      gl.rows_per_frame = rpf;
+      gl.width = w;
+      gl.eps = eps;
+      gl.actions = dact.get();
+      gl.frames = k.frames;
+      gl.chunk = k.chunk;
+      gl.action_dim = ad;
+      if (mode > 0) {
+        gl.w_out = dw_out.get();
+        gl.b_out = db_out.get();
+      }
+      if (mode < 2) {
+        gl.state = dstate.get();
+        gl.w_in = dw_in.get();
+        gl.time_bias = dtb.get();
+        gl.t1 = dt1.get();
+      }
+      cuda::flow_step_glue(gl, nullptr);
+      CUDA_CHECK(cudaDeviceSynchronize());
+
+      const auto got_actions = down_f32(dact);
+      std::vector<float> new_actions = actions;
+      if (mode > 0) {
+        std::vector<float> delta(actions.size()), ref_delta(actions.size());
+        for (size_t i = 0; i < actions.size(); ++i) {
+          delta[i] = got_actions[i] - actions[i];
+          ref_delta[i] = euler[i];
+          new_actions[i] = actions[i] + euler[i];
+        }
+        const double ee = rel_error(delta, ref_delta);
+        report("flow step glue: euler update " + name, ee);
+        REQUIRE(ee < 5e-3);
+      } else {
+        REQUIRE(got_actions == actions);  // no Euler update before the first step
+      }
+
+      const auto got_t1 = cuda::download(dt1.get(), dt1.size());
+      if (mode < 2) {
+        action_input(new_actions);
+        const double et = rel_error(to_float(got_t1), t1_ref);
+        report("flow step glue: action input " + name, et);
+        REQUIRE(et < 1e-2);
+      } else {
+        size_t written = 0;  // t1 keeps its poison after the last step
+        for (const Bf16 v : got_t1) written += v.bits != 0xFFFF;
+        REQUIRE(written == 0);
+      }
+
+      // Each frame's row 0 holds its state token (none copied after the last step); the action
+      // rows are read, never written.
+      const auto got_x = to_float(cuda::download(dx_run.get(), dx_run.size()));
+      size_t wrong = 0;
+      for (int f = 0; f < k.frames; ++f)
+        for (int r = 0; r < rpf; ++r)
+          for (int e = 0; e < w; ++e) {
+            const size_t at = (static_cast<size_t>(f) * rpf + r) * w + e;
+            const float want = r == 0 && mode < 2 ? state[static_cast<size_t>(f) * w + e] : x[at];
+            wrong += got_x[at] != want;
+          }
+      REQUIRE(wrong == 0);
+    }
+  }
+}

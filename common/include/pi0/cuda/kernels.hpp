@@ -60,6 +60,35 @@ void geglu(const Bf16* gate_up, Bf16* out, int rows, int width, cudaStream_t str
            const RowRmsScale& rms = {});
 void silu_inplace(Bf16* x, size_t n, cudaStream_t stream);
 
+// The decoder's work between two flow steps, in one launch instead of six. The residual stream x
+// holds `frames` frames of rows_per_frame rows: a frame's state token, then its `chunk` action
+// rows; actions [frames * chunk, action_dim] fp32 is the flow sample. For every action row:
+// - the Euler update of the step before: actions += bf16(rms(x)) @ w_out + b_out (w_out null:
+//   none, before the first step);
+// - the next step's action input: t1 = silu(bf16(bf16(actions) @ w_in + time_bias)), t1
+//   [frames * chunk, width] bf16 (w_in null: none, after the last step);
+// and each frame's state token (state [frames, width]) copied into its row 0 (state null: none).
+// w_out [width, action_dim], w_in [action_dim, width], time_bias [width]: bf16; b_out fp32.
+struct FlowStepGlue {
+  Bf16* x = nullptr;
+  int rows_per_frame = 0;
+  int width = 0;
+  float eps = 0.0f;
+  const Bf16* state = nullptr;
+  float* actions = nullptr;
+  int frames = 0;
+  int chunk = 0;
+  int action_dim = 0;
+  const Bf16* w_out = nullptr;
+  const float* b_out = nullptr;
+  const Bf16* w_in = nullptr;
+  const Bf16* time_bias = nullptr;
+  Bf16* t1 = nullptr;
+};
+// Whether the kernel takes these widths: width a multiple of 8 up to 2048, action_dim 8, 16 or 32.
+bool flow_step_glue_supported(int width, int action_dim);
+void flow_step_glue(const FlowStepGlue& glue, cudaStream_t stream);
+
 // Deterministic pseudo-random fill in [-scale, scale) (workspace warm-up, tuning, test poison).
 void fill_random(Bf16* out, size_t n, uint64_t seed, float scale, cudaStream_t stream);
 void fill_random(float* out, size_t n, uint64_t seed, float scale, cudaStream_t stream);

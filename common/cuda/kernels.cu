@@ -497,6 +497,11 @@ constexpr int kGlueBatch = 16;  // weight loads a thread keeps in flight
 // 7.71-7.74 ms and two 7.77 against 7.79-7.81 for the six nodes on one machine; four 7.85
 // against 7.76 on another (bench/NOTES.md v24).
 constexpr int kGlueRowsPerBlock = 1;
+// The launch's dynamic shared memory (the larger of the Euler update's rows and partial sums and
+// the action input's partial sums, at most 2048 floats a row) stays under the 48 KB default.
+static_assert(kGlueRowsPerBlock * (kGlueMaxWidth + kGlueWarps * kGlueMaxDim) * sizeof(float) <=
+                  48 * 1024,
+              "flow_step_glue's shared memory needs no opt-in");
 
 struct GlueArgs {
   bf16* x;
@@ -526,8 +531,8 @@ __device__ __forceinline__ void unpack8(const uint4& v, float* out) {
 }
 
 // See FlowStepGlue. A block takes kGlueRows action rows. Euler: the rows are normalised into
-// shared memory, and thread t sums input rows e = t / (D / 8) (mod the block) against output
-// octet t % (D / 8) of w_out; lanes then warps are summed in a fixed order. Action input:
+// shared memory, and thread t sums input rows t / (D / 8) + i * 256 / (D / 8), i = 0, 1, ...,
+// against output octet t % (D / 8) of w_out; lanes then warps are summed in a fixed order. Action input:
 // thread t takes width octet t % (W / 8) over one of in_parts equal ranges of the D inputs,
 // and the ranges are summed in order. Both products' first kGlueBatch weight loads a thread are
 // issued before anything else, so the block waits for memory once (the weights are rarely in L2
@@ -535,6 +540,8 @@ __device__ __forceinline__ void unpack8(const uint4& v, float* out) {
 template <int kGlueRows>
 __global__ void __launch_bounds__(kGlueThreads) flow_step_glue_kernel(const GlueArgs a) {
   wait_for_prior_grids();
+  static_assert(kGlueRows * kGlueMaxDim <= kGlueThreads,
+                "one thread per row and output of the Euler update");
   extern __shared__ float glue_smem[];
   __shared__ float ss_part[kGlueWarps][kGlueRows];
   __shared__ float act[kGlueRows][kGlueMaxDim];
@@ -900,8 +907,14 @@ void flow_step_glue(const FlowStepGlue& g, cudaStream_t stream) {
   PI0_CHECK(flow_step_glue_supported(g.width, g.action_dim),
             "flow_step_glue: width " + std::to_string(g.width) + " / action_dim " +
                 std::to_string(g.action_dim) + " not supported");
-  PI0_CHECK(g.x && g.actions && g.frames > 0 && g.chunk > 0 && g.rows_per_frame > g.chunk,
-            "flow_step_glue: bad residual stream or sample");
+  PI0_CHECK(g.x && g.actions, "flow_step_glue: null residual stream or sample");
+  PI0_CHECK(g.frames > 0 && g.chunk > 0,
+            "flow_step_glue: " + std::to_string(g.frames) + " frames of " +
+                std::to_string(g.chunk) + " action rows");
+  PI0_CHECK(g.rows_per_frame == g.chunk + 1,
+            "flow_step_glue: " + std::to_string(g.rows_per_frame) +
+                " rows a frame, expected the state token and " + std::to_string(g.chunk) +
+                " action rows");
   PI0_CHECK(!g.w_out || g.b_out, "flow_step_glue: the Euler update needs b_out");
   PI0_CHECK(!g.w_in || (g.time_bias && g.t1), "flow_step_glue: the action input needs its buffers");
   PI0_CHECK(is_aligned(g.x, 16) && is_aligned(g.state, 16) && is_aligned(g.w_out, 16) &&

@@ -1064,13 +1064,15 @@ TEST_CASE("in-process front-end layer waits follow the signals, and a watchdog e
 
 // The decoder's work between flow steps in one kernel, against the host formulas: before the
 // first step (action input and state tokens only), between two steps (Euler update too) and after
-// the last (Euler only); at pi0's widths with two frames, a narrower action dim with three, and
-// the tiny config's width.
+// the last (Euler only); at pi0's widths with two frames, a narrower action dim with three, the
+// tiny config's width, action dim 8 (a whole warp sums one output octet), and the widest width
+// (more weights a thread than one batch of loads; one input range).
 TEST_CASE("the flow step glue kernel matches the host formulas", "[gpu]") {
   struct Case {
     int width, action_dim, frames, chunk;
   };
-  for (const Case& k : {Case{1024, 32, 2, 63}, Case{1024, 16, 3, 50}, Case{48, 32, 1, 5}}) {
+  for (const Case& k : {Case{1024, 32, 2, 63}, Case{1024, 16, 3, 50}, Case{48, 32, 1, 5},
+                        Case{1024, 8, 1, 7}, Case{2048, 32, 2, 9}}) {
     const int w = k.width, ad = k.action_dim, rpf = k.chunk + 1, total = k.frames * k.chunk;
     const float eps = 1e-6f;
     const auto x = rounded(random_floats(static_cast<size_t>(k.frames) * rpf * w, 90, 1.5f));

@@ -144,6 +144,15 @@ TEST_CASE("stages with the decoder on skinny gemms match the reference", "[gpu]"
   require_case(run_case("pi0-1l", 1, 50, 20, 602));
 }
 
+// The decoder's work between flow steps as six graph nodes (rms norm, out GEMM, sample to bf16,
+// in GEMM, SiLU, state token copy), the path before cuda::flow_step_glue.
+TEST_CASE("stages with the decoder's flow-step work as six nodes match the reference", "[gpu]") {
+  const ScopedEnv glue_env("PI0_DECODER_STEP_GLUE", "0"),
+      layers_env("PI0_DECODER_LAYERS", nullptr), skinny_env("PI0_DECODER_SKINNY", nullptr);
+  require_case(run_case("tiny", 2, 63, 0, 701));
+  require_case(run_case("pi0-2l", 2, 63, 0, 702));
+}
+
 TEST_CASE("encoder rejects weights of another model", "[gpu]") {
   const ModelConfig config = model_config("pi0-1l");
   const WeightStore tiny = WeightStore::random(model_config("tiny"), 0, 7, WeightSet::kEncoder);

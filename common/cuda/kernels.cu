@@ -107,6 +107,17 @@ struct RowScale {
   bool vec8;
 };
 
+// Eight bf16 (one 16-byte load) as floats.
+__device__ __forceinline__ void unpack8(const uint4 v, float* out) {
+  const bf162* p = reinterpret_cast<const bf162*>(&v);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 f = __bfloat1622float2(p[k]);
+    out[2 * k] = f.x;
+    out[2 * k + 1] = f.y;
+  }
+}
+
 // rsqrt(mean(x[row]^2) + eps) for every thread of the block (all of them must call it), or 1.
 __device__ float row_rms_scale(const RowScale& s, int row, float* smem) {
   if (!s.x) return 1.0f;
@@ -114,13 +125,10 @@ __device__ float row_rms_scale(const RowScale& s, int row, float* smem) {
   float sum = 0.0f;
   if (s.vec8) {
     for (int i = 8 * static_cast<int>(threadIdx.x); i < s.width; i += 8 * blockDim.x) {
-      const uint4 v = *reinterpret_cast<const uint4*>(r + i);
-      const bf162* p = reinterpret_cast<const bf162*>(&v);
+      float v[8];
+      unpack8(*reinterpret_cast<const uint4*>(r + i), v);
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const float2 f = __bfloat1622float2(p[k]);
-        sum += f.x * f.x + f.y * f.y;
-      }
+      for (int k = 0; k < 4; ++k) sum += v[2 * k] * v[2 * k] + v[2 * k + 1] * v[2 * k + 1];
     }
   } else {
     for (int i = threadIdx.x; i < s.width; i += blockDim.x) {
@@ -520,20 +528,10 @@ __device__ __forceinline__ float round_bf16(float v) {
   return __bfloat162float(__float2bfloat16_rn(v));
 }
 
-__device__ __forceinline__ void unpack8(const uint4& v, float* out) {
-  const bf162* p = reinterpret_cast<const bf162*>(&v);
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const float2 f = __bfloat1622float2(p[k]);
-    out[2 * k] = f.x;
-    out[2 * k + 1] = f.y;
-  }
-}
-
 // See FlowStepGlue. A block takes kGlueRows action rows. Euler: the rows are normalised into
 // shared memory, and thread t sums input rows t / (D / 8) + i * 256 / (D / 8), i = 0, 1, ...,
-// against output octet t % (D / 8) of w_out; lanes then warps are summed in a fixed order. Action input:
-// thread t takes width octet t % (W / 8) over one of in_parts equal ranges of the D inputs,
+// against output octet t % (D / 8) of w_out; lanes then warps are summed in a fixed order. Action
+// input: thread t takes width octet t % (W / 8) over one of in_parts equal ranges of the D inputs,
 // and the ranges are summed in order. Both products' first kGlueBatch weight loads a thread are
 // issued before anything else, so the block waits for memory once (the weights are rarely in L2
 // here: the layers stream theirs through it between two calls).
@@ -586,25 +584,25 @@ __global__ void __launch_bounds__(kGlueThreads) flow_step_glue_kernel(const Glue
     float* h = glue_smem;  // [kGlueRows][width]
     float ss[kGlueRows];
     uint4 first[kGlueRows];
+    // Action row g of the pass: row 1 + g % chunk of its frame, after the state token.
+    auto action_row = [&](int g) {
+      return reinterpret_cast<const uint4*>(
+          a.x + (static_cast<size_t>(g / a.chunk) * a.rows_per_frame + 1 + g % a.chunk) * width);
+    };
 #pragma unroll
     for (int r = 0; r < kGlueRows; ++r) {
       const int g = g0 + r;
-      first[r] = g < total && tid < octets
-                     ? reinterpret_cast<const uint4*>(
-                           a.x + (static_cast<size_t>(g / a.chunk) * a.rows_per_frame + 1 +
-                                  g % a.chunk) * width)[tid]
-                     : zero;
+      first[r] = g < total && tid < octets ? action_row(g)[tid] : zero;
     }
 #pragma unroll
     for (int r = 0; r < kGlueRows; ++r) {
       ss[r] = 0.0f;
       const int g = g0 + r;
       if (g >= total) continue;
-      const bf16* row = a.x + (static_cast<size_t>(g / a.chunk) * a.rows_per_frame + 1 +
-                               g % a.chunk) * width;
+      const uint4* row = action_row(g);
       for (int o = tid; o < octets; o += kGlueThreads) {
         float v[8];
-        unpack8(o == tid ? first[r] : reinterpret_cast<const uint4*>(row)[o], v);
+        unpack8(o == tid ? first[r] : row[o], v);
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
           h[r * width + 8 * o + k] = v[k];

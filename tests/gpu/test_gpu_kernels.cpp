@@ -1114,7 +1114,8 @@ TEST_CASE("the flow step glue kernel matches the host formulas", "[gpu]") {
         for (int c = 0; c < w; ++c) {
           float s = 0.0f;
           for (int j = 0; j < ad; ++j)
-            s += round_to_bf16(a[static_cast<size_t>(g) * ad + j]) * w_in[static_cast<size_t>(j) * w + c];
+            s += round_to_bf16(a[static_cast<size_t>(g) * ad + j]) *
+                 w_in[static_cast<size_t>(j) * w + c];
           t1_ref[static_cast<size_t>(g) * w + c] = ref::silu(round_to_bf16(s + time_bias[c]));
         }
     };
@@ -1126,7 +1127,8 @@ TEST_CASE("the flow step glue kernel matches the host formulas", "[gpu]") {
       for (int j = 0; j < ad; ++j) {
         double dot = 0.0;
         for (int e = 0; e < w; ++e)
-          dot += static_cast<double>(round_to_bf16(row[e] * scale)) * w_out[static_cast<size_t>(e) * ad + j];
+          dot += static_cast<double>(round_to_bf16(row[e] * scale)) *
+                 w_out[static_cast<size_t>(e) * ad + j];
         euler[static_cast<size_t>(g) * ad + j] = static_cast<float>(dot) + b_out[j];
       }
     }

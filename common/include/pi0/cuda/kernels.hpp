@@ -62,7 +62,8 @@ void silu_inplace(Bf16* x, size_t n, cudaStream_t stream);
 
 // The decoder's work between two flow steps, in one launch instead of six. The residual stream x
 // holds `frames` frames of rows_per_frame = chunk + 1 rows: a frame's state token, then its
-// `chunk` action rows; actions [frames * chunk, action_dim] fp32 is the flow sample. For every action row:
+// `chunk` action rows; actions [frames * chunk, action_dim] fp32 is the flow sample. For every
+// action row:
 // - the Euler update of the step before: actions += bf16(rms(x)) @ w_out + b_out (w_out null:
 //   none, before the first step);
 // - the next step's action input: t1 = silu(bf16(bf16(actions) @ w_in + time_bias)), t1

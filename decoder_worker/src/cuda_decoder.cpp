@@ -105,7 +105,10 @@ struct CudaDecoder::Impl {
   // GPC, which the encoder's GEMMs beside it hold (bench/NOTES.md v21). Whether it follows or
   // not, so that both schedules give the same bits.
   cuda::SharedKvAttention first_step_attention;
-  bool runs_first_step_attention(int step) const { return step == 0 && attention.on_wgmma(); }
+  // The attention flow step `step` runs.
+  cuda::SharedKvAttention& attention_for(int step) {
+    return step == 0 && attention.on_wgmma() ? first_step_attention : attention;
+  }
   // Opt-in: one-frame passes run every layer of a step in one persistent kernel (see
   // pi0/cuda/decoder_layers.hpp); multi-frame passes and unsupported shapes use the ops below.
   cuda::DecoderLayers layers_kernel;
@@ -601,8 +604,7 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
       }
       mark(fold_norms ? "rms + rope + kv write" : "rope + kv write", s);
       wait_for_layer(step, l);
-      cuda::SharedKvAttention& att =
-          runs_first_step_attention(step) ? first_step_attention : attention;
+      cuda::SharedKvAttention& att = attention_for(step);
       for (int f = 0; f < count; ++f) {
         att.run(q.get() + frame_row(f) * qw, kv_slice(kv_slots[f], l, 0),
                 kv_slice(kv_slots[f], l, 1), attn.get() + frame_row(f) * qw, s, timer);
@@ -716,9 +718,7 @@ bool CudaDecoder::persistent_layers() const {
 std::string CudaDecoder::attention_kernels(int step) const {
   PI0_CHECK(step >= 0 && step < impl_->cfg.flow_steps,
             "CudaDecoder::attention_kernels: no flow step " + std::to_string(step));
-  const cuda::SharedKvAttention& att =
-      impl_->runs_first_step_attention(step) ? impl_->first_step_attention : impl_->attention;
-  return cuda::attention_kernels_name(att.kernels());
+  return cuda::attention_kernels_name(impl_->attention_for(step).kernels());
 }
 void CudaDecoder::set_op_timer(cuda::OpTimer* timer) {
   impl_->timer = timer;

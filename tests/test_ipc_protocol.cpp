@@ -1,8 +1,11 @@
+#include <chrono>
 #include <cstring>
+#include <limits>
 #include <string>
 
 #include "catch.hpp"
 #include "pi0/ipc/protocol.hpp"
+#include "pi0/ipc/worker_runtime.hpp"
 
 using namespace pi0::ipc;
 
@@ -143,4 +146,22 @@ TEST_CASE("validate rejects corrupted messages", "[ipc]") {
     m.magic = 1;
     CHECK(validate(m, kLimits).find('\n') == std::string::npos);
   }
+}
+
+// Worker deadlines come from seconds given on a command line: a value the clock cannot hold (NaN
+// included) must not reach the float-to-integer cast, which would be undefined behaviour.
+TEST_CASE("worker deadlines from seconds hold any value", "[ipc]") {
+  using pi0::ipc::Clock;
+  using pi0::ipc::Deadline;
+  using pi0::ipc::WorkerRuntime;
+  CHECK(WorkerRuntime::after(std::numeric_limits<double>::quiet_NaN()) == Deadline::max());
+  CHECK(WorkerRuntime::after(std::numeric_limits<double>::infinity()) == Deadline::max());
+  CHECK(WorkerRuntime::after(1e300) == Deadline::max());
+  const auto before = Clock::now();
+  const Deadline past = WorkerRuntime::after(-5.0);
+  CHECK(past >= before);
+  CHECK(past <= Clock::now());
+  const Deadline soon = WorkerRuntime::after(2.0);
+  CHECK(soon - before >= std::chrono::milliseconds(1999));
+  CHECK(soon - before < std::chrono::seconds(60));
 }

@@ -1,4 +1,5 @@
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -17,7 +18,7 @@ using namespace pi0::ipc;
 namespace {
 
 bool shm_exists(const std::string& name) {
-  struct stat st{};
+  struct stat st {};
   return ::stat(("/dev/shm/" + name).c_str(), &st) == 0;
 }
 
@@ -64,7 +65,7 @@ TEST_CASE("a created segment is private zeroed shared and removed by its owner",
   CHECK(seg.name() == name);
   CHECK(seg.size() == 10000);
 
-  struct stat st{};
+  struct stat st {};
   REQUIRE(::stat(("/dev/shm/" + name).c_str(), &st) == 0);
   CHECK((st.st_mode & 07777) == 0600);
   CHECK(st.st_size == 10000);
@@ -107,6 +108,27 @@ TEST_CASE("a created segment is private zeroed shared and removed by its owner",
     CHECK(SharedSegment::remove(name));
     CHECK_FALSE(SharedSegment::remove(name));
   }
+}
+
+// Resizing a tmpfs object reserves nothing: a segment /dev/shm has no room for used to pass
+// creation and then kill the process with SIGBUS at its first touch (a container's 64 MiB
+// /dev/shm and a long prompt), leaving the segment behind.
+TEST_CASE("a segment larger than the room in /dev/shm is a named error and is not left behind",
+          "[ipc]") {
+  struct statvfs fs {};
+  REQUIRE(::statvfs("/dev/shm", &fs) == 0);
+  const uint64_t available = static_cast<uint64_t>(fs.f_bavail) * fs.f_frsize;
+  const std::string name = unique_segment_name("huge");
+  try {
+    (void)SharedSegment::create(name, available + (uint64_t{64} << 20));
+    FAIL("created a segment larger than the free room");
+  } catch (const pi0::Error& e) {
+    const std::string what = e.what();
+    INFO(what);
+    CHECK(what.find("not enough room in /dev/shm") != std::string::npos);
+    CHECK(what.find(name) != std::string::npos);
+  }
+  CHECK_FALSE(shm_exists(name));
 }
 
 TEST_CASE("create refuses an existing name and open of a missing name throws", "[ipc]") {

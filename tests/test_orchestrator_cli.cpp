@@ -91,6 +91,35 @@ TEST_CASE("command line defaults and validation", "[orchestrator][cli]") {
   }
 }
 
+// CLI::Range alone lets NaN through, and a NaN timeout or rate used to reach float-to-integer
+// casts (a "-2147483648 s" startup deadline, a rate silently ignored).
+TEST_CASE("real-valued options must be finite and a rate not vanishingly small",
+          "[orchestrator][cli]") {
+  int code = 0;
+  for (const char* option :
+       {"--rate", "--startup-timeout", "--frame-timeout", "--run-timeout", "--latency-budget-ms"}) {
+    for (const char* value : {"nan", "NaN", "inf", "-inf", "1e999", "3x"}) {
+      INFO(option << " " << value);
+      code = 0;
+      CHECK_FALSE(parse({option, value}, code).has_value());
+      CHECK(code == 2);
+    }
+  }
+  for (const char* rate : {"1e-300", "0.001"}) {
+    INFO("--rate " << rate);
+    code = 0;
+    CHECK_FALSE(parse({"--rate", rate}, code).has_value());
+    CHECK(code == 2);
+  }
+  auto o = parse({"--rate", "0.01", "--frame-timeout", "2.5"}, code);
+  REQUIRE(o.has_value());
+  CHECK(o->rate_hz == 0.01);
+  CHECK(o->frame_timeout_s == 2.5);
+  o = parse({"--rate", "0"}, code);
+  REQUIRE(o.has_value());
+  CHECK(o->rate_hz == 0.0);
+}
+
 TEST_CASE("decoder batching gets enough slots unless they are given", "[orchestrator][cli]") {
   int code = 0;
   auto o = parse({"--decoder-batch", "2"}, code);

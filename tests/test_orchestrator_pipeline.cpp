@@ -1,5 +1,6 @@
 // The orchestrator binary with real worker processes on the CPU backend.
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -148,6 +149,20 @@ TEST_CASE("a run writes its figures as JSON", "[orchestrator][process]") {
   fs::remove_all(dir);
 }
 
+// A worker sends kStopped and exits; an orchestrator that saw the exit before reading the message
+// reported a clean run as "died: exited with status 0" (exit 3). Looking at the stopping workers
+// every 200 ms instead of every 1 ms makes that order the usual one.
+TEST_CASE("workers that exit right after they stop end a clean run", "[orchestrator][process]") {
+  for (int i = 0; i < 3; ++i) {
+    const auto run = test::run_orchestrator(tiny_run({"--frames", "4", "--warmup", "0"}),
+                                            std::chrono::seconds(120),
+                                            {{"PI0_ORCHESTRATOR_STOP_POLL_MS", "200"}});
+    INFO(run.output);
+    REQUIRE(run.status.success());
+    require_nothing_left(run.pid);
+  }
+}
+
 TEST_CASE("bad percentages are rejected with one line and nothing left behind",
           "[orchestrator][cli]") {
   for (const auto& bad : std::vector<std::vector<std::string>>{
@@ -269,6 +284,28 @@ TEST_CASE("SIGINT drains the frames in flight and exits cleanly", "[orchestrator
   CHECK(orch.output().find("draining") != std::string::npos);
   CHECK(orch.output().find("interrupted") != std::string::npos);
   require_nothing_left(orch.pid());
+}
+
+// Exit 1 means bad input; a run stopped by a signal exits 128 + the signal at any point, the
+// workers' start (seconds for pi0-1l's weights on the CPU) included, and SIGHUP (a closed
+// terminal) stops it the same way, so that nothing (an MPS daemon we started) is left behind.
+TEST_CASE("a stop signal while the workers start exits with the signal's status",
+          "[orchestrator][process]") {
+  for (const int sig : {SIGINT, SIGHUP}) {
+    ChildProcess orch = ChildProcess::spawn(
+        "orchestrator", PI0_ORCHESTRATOR_EXE,
+        {"--backend", "cpu", "--model", "pi0-1l", "--quiet-workers", "--frames", "2"}, {}, false);
+    REQUIRE(test::eventually(
+        [&] { return orch.output().find("started encoder_worker") != std::string::npos; },
+        20000ms));
+    const bool still_starting = orch.output().find("streaming frames") == std::string::npos;
+    ::kill(orch.pid(), sig);
+    const auto status = orch.wait_for(20000ms);
+    REQUIRE(status.has_value());
+    INFO("signal " << sig << ", sent while starting: " << still_starting << "\n" << orch.output());
+    CHECK(status->code == 128 + sig);
+    require_nothing_left(orch.pid());
+  }
 }
 
 TEST_CASE("a worker that fails to start is named with its status and last lines",

@@ -73,8 +73,10 @@ class CudaDecoderStage final : public DecoderStage {
                   "the encoder did not publish its K/V slots in time");
     const ipc::ControlLayout& layout = rt.control().layout();
     slot_stride_ = cuda_block.kv_slot_stride;
-    PI0_CHECK(slot_stride_ >= stage_sizes(o.config, o.shape).kv_slot_values * sizeof(Bf16) &&
-                  cuda_block.kv_pool_bytes >= slot_stride_ * layout.kv_slots,
+    // Read from shared memory: compared by division, so that no value can overflow the check.
+    PI0_CHECK(layout.kv_slots >= 1 &&
+                  slot_stride_ >= stage_sizes(o.config, o.shape).kv_slot_values * sizeof(Bf16) &&
+                  slot_stride_ <= cuda_block.kv_pool_bytes / layout.kv_slots,
               "the encoder's K/V pool is smaller than this run's slots");
     pool_ = ipc::IpcDeviceMemory::open_imported(cuda_block.kv_pool_handle);
     encoder_stamps_ = ipc::IpcDeviceMemory::open_imported(cuda_block.timestamp_handle);
@@ -184,8 +186,16 @@ class CudaDecoderStage final : public DecoderStage {
   DecodeTiming complete() override {
     PI0_CHECK(batcher_.started_frames() > 0, "complete() without a started frame");
     Pass& pass = passes_[oldest_pass_];
-    // Polled: a pass held in its front end past the deadline is let go there.
+    // Polled: a pass held in its front end past the deadline is let go there. Its layer waits on
+    // the GPU give up at their own deadline, so a pass that has not finished after all of them
+    // never will: the worker reports that rather than spin until it is killed.
+    const auto give_up = std::chrono::steady_clock::now() +
+                         std::chrono::nanoseconds(cuda::kLayerWaitTimeoutNs) * (layers_ + 2);
     while (!wait_oldest(std::chrono::milliseconds(100))) {
+      PI0_CHECK(std::chrono::steady_clock::now() < give_up,
+                "a decode pass did not finish within " +
+                    std::to_string(cuda::kLayerWaitTimeoutNs / 1'000'000'000ull * (layers_ + 2)) +
+                    " s (the GPU is stuck or the encoder's K/V never came)");
     }
     // Handoff: from the later of "our previous pass finished" and "the encoder finished the
     // last frame of this pass" to the pass's start. Time queued behind our own previous pass,

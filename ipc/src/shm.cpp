@@ -1,8 +1,10 @@
 #include "pi0/ipc/shm.hpp"
 
 #include <dirent.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <boost/interprocess/mapped_region.hpp>
@@ -11,6 +13,7 @@
 #include <cstdio>
 #include <cstring>
 #include <random>
+#include <string>
 
 #include "pi0/check.hpp"
 
@@ -68,6 +71,13 @@ std::vector<std::string> list_segments(std::string_view prefix) {
   return names;
 }
 
+std::string no_room(const std::string& name, size_t bytes, uint64_t available) {
+  std::string text = "not enough room in " + std::string(kShmDir) + " for shared memory segment '" +
+                     name + "': it needs " + std::to_string((bytes + (1 << 20) - 1) >> 20) + " MiB";
+  if (available > 0) text += ", " + std::to_string(available >> 20) + " MiB are free";
+  return text + " (a container's /dev/shm is often 64 MiB: raise it, e.g. docker --shm-size)";
+}
+
 }  // namespace
 
 std::string unique_segment_name(std::string_view tag) {
@@ -103,12 +113,23 @@ SharedSegment SharedSegment::create(const std::string& name, size_t bytes) {
     const int fd = impl->object.get_mapping_handle().handle;
     if (::fchmod(fd, 0600) != 0)
       throw Error("cannot chmod shared memory segment '" + name + "': " + std::strerror(errno));
+    // Resizing a tmpfs object reserves no pages: the first touch of a page /dev/shm has no room
+    // for would kill the process with SIGBUS. So check the room, then reserve every page now,
+    // where running out is an error with a name. A new object reads as zeros.
+    struct statvfs fs {};
+    if (::statvfs(kShmDir, &fs) == 0) {
+      const auto available = static_cast<uint64_t>(fs.f_bavail) * fs.f_frsize;
+      if (bytes > available) throw Error(no_room(name, bytes, available));
+    }
     impl->object.truncate(static_cast<bip::offset_t>(bytes));
+    const int err = ::posix_fallocate(fd, 0, static_cast<off_t>(bytes));
+    if (err == ENOSPC) throw Error(no_room(name, bytes, 0));
+    if (err != 0 && err != EOPNOTSUPP && err != EINVAL)
+      throw Error("cannot reserve shared memory segment '" + name + "': " + std::strerror(err));
     impl->region = bip::mapped_region(impl->object, bip::read_write, 0, bytes);
   } catch (const bip::interprocess_exception& e) {
     throw Error("cannot size or map shared memory segment '" + name + "': " + e.what());
   }
-  std::memset(impl->region.get_address(), 0, bytes);
   SharedSegment seg;
   seg.impl_ = std::move(impl);
   return seg;
@@ -146,13 +167,19 @@ SharedSegment::SharedSegment(SharedSegment&&) noexcept = default;
 SharedSegment& SharedSegment::operator=(SharedSegment&&) noexcept = default;
 SharedSegment::~SharedSegment() = default;
 
-void* SharedSegment::data() const { return impl_ ? impl_->region.get_address() : nullptr; }
-size_t SharedSegment::size() const { return impl_ ? impl_->region.get_size() : 0; }
+void* SharedSegment::data() const {
+  return impl_ ? impl_->region.get_address() : nullptr;
+}
+size_t SharedSegment::size() const {
+  return impl_ ? impl_->region.get_size() : 0;
+}
 const std::string& SharedSegment::name() const {
   static const std::string kEmpty;
   return impl_ ? impl_->name : kEmpty;
 }
-bool SharedSegment::owner() const { return impl_ && impl_->owner; }
+bool SharedSegment::owner() const {
+  return impl_ && impl_->owner;
+}
 
 std::vector<std::string> remove_stale_segments() noexcept {
   std::vector<std::string> removed;

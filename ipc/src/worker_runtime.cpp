@@ -6,6 +6,7 @@
 
 #include <spdlog/spdlog.h>
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstdio>
@@ -170,7 +171,10 @@ WorkerRuntime::WorkerRuntime(Role role, const WorkerOptions& options)
       options.control_name,
       compute_layout(options.config, options.shape, options.kv_slots, options.max_frame, host_kv));
   WorkerInfo& info = my_info();
-  info.pid = static_cast<int32_t>(::getpid());
+  // The other worker reads it concurrently (peer_alive): an atomic store, as WorkerInfo must stay
+  // trivially copyable.
+  std::atomic_ref<int32_t>(info.pid).store(static_cast<int32_t>(::getpid()),
+                                           std::memory_order_release);
   info.mps_client = -1;
   info.active_thread_pct = -1;
   if (const char* pct = std::getenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")) {
@@ -198,8 +202,9 @@ bool WorkerRuntime::orchestrator_alive() const {
 
 bool WorkerRuntime::peer_alive() const {
   if (!orchestrator_alive()) return false;
-  const ControlHeader& h = control_.header();
-  const int32_t peer = role_ == Role::kEncoder ? h.decoder.pid : h.encoder.pid;
+  ControlHeader& h = control_.header();
+  int32_t& peer_pid = role_ == Role::kEncoder ? h.decoder.pid : h.encoder.pid;
+  const int32_t peer = std::atomic_ref<int32_t>(peer_pid).load(std::memory_order_acquire);
   return peer == 0 || process_alive(peer);
 }
 
@@ -208,8 +213,12 @@ SpscRing& WorkerRuntime::to_orchestrator() {
 }
 
 Deadline WorkerRuntime::after(double seconds) {
-  return Clock::now() +
-         std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+  // The cast below is undefined past the clock's range (or for NaN): a wait of more than ~30
+  // years is no deadline at all, and a negative one is due now.
+  constexpr double kNoDeadline = 1e9;
+  if (!(seconds < kNoDeadline)) return Deadline::max();
+  return Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                            std::chrono::duration<double>(std::max(seconds, 0.0)));
 }
 
 void WorkerRuntime::describe(const char* backend, const std::string& device, int sm_count,

@@ -1,6 +1,8 @@
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
 
 #include "pi0/check.hpp"
 #include "pi0/cuda/device_report.hpp"
@@ -9,6 +11,28 @@
 #include "pi0/weights.hpp"
 
 namespace pi0 {
+
+namespace {
+
+// CLI::Range lets NaN through (every comparison with it is false), and a NaN or infinite time
+// would reach float-to-integer casts as undefined behaviour: every real-valued option is checked
+// to be a finite number first.
+CLI::Validator finite_number() {
+  return CLI::Validator(
+      [](std::string& input) -> std::string {
+        char* end = nullptr;
+        const double value = std::strtod(input.c_str(), &end);
+        if (end == input.c_str() || *end != '\0' || !std::isfinite(value))
+          return "expected a finite number, got '" + input + "'";
+        return {};
+      },
+      "FINITE");
+}
+
+// The slowest camera rate --rate takes (0 means back to back): one frame every 100 s.
+constexpr double kMinRateHz = 0.01;
+
+}  // namespace
 
 std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_code) {
   RunOptions o;
@@ -54,7 +78,8 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
       ->check(CLI::Range(1u, 4u));
   app.add_option("--seed", o.seed, "seed of the random weights and synthetic frames");
   app.add_option("--rate", o.rate_hz,
-                 "feed frames at this camera rate in Hz (default: back to back)")
+                 "feed frames at this camera rate in Hz, 0.01 or more (default: back to back)")
+      ->check(finite_number())
       ->check(CLI::Range(0.0, 100000.0));
   auto* wait =
       app.add_option("--wait", o.wait,
@@ -77,14 +102,17 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
   app.add_option("--log-level", o.log_level, "trace, debug, info, warn, error, off")
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}));
   app.add_option("--startup-timeout", o.startup_timeout_s, "seconds a worker may take to load")
+      ->check(finite_number())
       ->check(CLI::Range(1.0, 3600.0));
   app.add_option("--frame-timeout", o.frame_timeout_s,
                  "seconds a frame may take before the run fails")
+      ->check(finite_number())
       ->check(CLI::Range(0.1, 3600.0));
   app.add_option("--run-timeout", o.run_timeout_s,
                  "seconds a whole run may take, worker start included (0: no limit; unset: no "
                  "limit, but a sweep gives each run 120 s + 0.25 s per frame, or twice the frame "
                  "period per frame with --rate)")
+      ->check(finite_number())
       ->check(CLI::Range(0.0, 86400.0));
   app.add_option("--worker-dir", o.worker_dir,
                  "directory holding encoder_worker and decoder_worker");
@@ -97,6 +125,7 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
       ->check(CLI::Range(1, 99));
   app.add_option("--latency-budget-ms", o.latency_budget_ms,
                  "sweep: best throughput whose p99 latency stays within this")
+      ->check(finite_number())
       ->check(CLI::Range(0.0, 100000.0));
   app.add_option("--plot", o.plot_path,
                  "sweep: write an SVG plot of throughput and latency against the split");
@@ -116,6 +145,12 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
   // Full passes need a pass's worth of slots running and another filling behind it.
   if (app.count("--slots") == 0)
     o.slots = std::min(ipc::kMaxKvSlots, std::max(o.slots, 2 * o.decoder_batch));
+  if (o.rate_hz > 0 && o.rate_hz < kMinRateHz) {
+    std::fprintf(stderr, "orchestrator: error: --rate: %g Hz is below %g Hz (0: back to back)\n",
+                 o.rate_hz, kMinRateHz);
+    exit_code = 2;
+    return std::nullopt;
+  }
   if (o.sweep && o.sweep_min > o.sweep_max) {
     std::fprintf(stderr, "orchestrator: error: --sweep-min must not exceed --sweep-max\n");
     exit_code = 2;

@@ -2,9 +2,9 @@
 
 #include <sys/stat.h>
 
+#include <spdlog/spdlog.h>
 #include <cerrno>
 #include <cstring>
-#include <spdlog/spdlog.h>
 #include <thread>
 #include <utility>
 
@@ -53,11 +53,13 @@ MpsDaemon MpsDaemon::start_or_adopt(const MpsOptions& o) {
   make_dir(o.log_dir);
   const CommandResult started = run_command(o.control_program, {"-d"}, mps_client_environment(o),
                                             "", std::chrono::milliseconds(o.timeout));
-  PI0_CHECK(!started.timed_out && started.status.success(),
-            "MPS: `" + o.control_program + " -d` failed (" + started.status.describe() + "): " +
-                started.output.substr(0, started.output.find('\n')));
+  // Before the check: `-d` may have started a daemon and still timed out or failed, and no
+  // daemon answered on this pipe directory before it, so any that answers now is ours to quit.
   daemon.active_ = true;
   daemon.started_here_ = true;  // from here on the destructor quits it on every exit path
+  PI0_CHECK(!started.timed_out && started.status.success(),
+            "MPS: `" + o.control_program + " -d` failed (" + started.status.describe() +
+                "): " + started.output.substr(0, started.output.find('\n')));
   const auto deadline = std::chrono::steady_clock::now() + o.timeout;
   while (!mps_daemon_answers(o)) {
     PI0_CHECK(std::chrono::steady_clock::now() < deadline,
@@ -68,7 +70,9 @@ MpsDaemon MpsDaemon::start_or_adopt(const MpsOptions& o) {
   return daemon;
 }
 
-MpsDaemon::MpsDaemon(MpsDaemon&& other) noexcept { *this = std::move(other); }
+MpsDaemon::MpsDaemon(MpsDaemon&& other) noexcept {
+  *this = std::move(other);
+}
 
 MpsDaemon& MpsDaemon::operator=(MpsDaemon&& other) noexcept {
   if (this != &other) {
@@ -80,7 +84,9 @@ MpsDaemon& MpsDaemon::operator=(MpsDaemon&& other) noexcept {
   return *this;
 }
 
-MpsDaemon::~MpsDaemon() { stop(); }
+MpsDaemon::~MpsDaemon() {
+  stop();
+}
 
 void MpsDaemon::stop() noexcept {
   if (!active_) return;

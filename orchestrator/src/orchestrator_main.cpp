@@ -1,6 +1,6 @@
+#include <spdlog/spdlog.h>
 #include <cstdio>
 #include <fstream>
-#include <spdlog/spdlog.h>
 
 #include "pi0/check.hpp"
 #include "pi0/ipc/shm.hpp"
@@ -18,7 +18,9 @@ void write_file(const std::string& path, const void* data, size_t bytes) {
   PI0_CHECK(out.good(), "cannot write " + path);
 }
 
-int exit_code_for_signal(int sig) { return sig ? 128 + sig : 0; }
+int exit_code_for_signal(int sig) {
+  return sig ? 128 + sig : 0;
+}
 
 }  // namespace
 
@@ -49,9 +51,8 @@ int orchestrator_main(int argc, char** argv) {
     if (run.backend == "cuda" && !options->no_mps) mps = MpsDaemon::start_or_adopt(options->mps);
     std::vector<float> actions;
     RunReport report =
-        run_pipeline(run, mps.active() ? &mps : nullptr, options->encoder_pct,
-                     options->decoder_pct, options->mode,
-                     options->actions_path.empty() ? nullptr : &actions);
+        run_pipeline(run, mps.active() ? &mps : nullptr, options->encoder_pct, options->decoder_pct,
+                     options->mode, options->actions_path.empty() ? nullptr : &actions);
     report.label = "pipeline";
     print_report(report);
     if (!options->json_path.empty()) {
@@ -67,7 +68,9 @@ int orchestrator_main(int argc, char** argv) {
     return 3;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "orchestrator: error: %s\n", e.what());
-    return 1;
+    // Stopped by a signal (e.g. while the workers were starting): the signal's status, as a run
+    // it ends later gives, not the status of bad input.
+    return stop_signal() != 0 ? exit_code_for_signal(stop_signal()) : 1;
   }
 }
 

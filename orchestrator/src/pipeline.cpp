@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <numeric>
@@ -115,6 +116,7 @@ class Pipeline {
   Worker encoder_{ipc::Role::kEncoder, "encoder_worker", {}};
   Worker decoder_{ipc::Role::kDecoder, "decoder_worker", {}};
   std::string failure_;
+  bool stop_sent_ = false;  // from here on a worker may exit, after its kStopped
   RunReport report_;
   std::vector<double> latencies_ms_, handoffs_us_;
   Clock::time_point run_deadline_ = Clock::time_point::max();
@@ -131,6 +133,14 @@ bool Pipeline::workers_healthy(bool signals_stop) {
   if (!failure_.empty()) return false;
   for (Worker* w : {&encoder_, &decoder_}) {
     if (auto status = w->process.poll()) {
+      // A worker told to stop sends kStopped and exits: we may see the exit before the message.
+      if (stop_sent_ && !w->stopped && status->success()) {
+        auto& ring = control_.ring(w->role == ipc::Role::kEncoder ? RingId::kEncoderToOrch
+                                                                  : RingId::kDecoderToOrch);
+        Message m;
+        while (!w->stopped && failure_.empty() && ring.try_pop(m)) handle_worker_message(*w, m);
+        if (!failure_.empty()) return false;
+      }
       if (!(w->stopped && status->success())) {
         w->process.wait_output_closed(std::chrono::milliseconds(200));
         failure_ = failure_text(*w, "died: " + status->describe());
@@ -394,6 +404,12 @@ void Pipeline::feed(std::vector<float>* actions) {
 
 void Pipeline::stop_workers() {
   Message stop = ipc::make_message(MsgType::kStop, ipc::Role::kOrchestrator);
+  stop_sent_ = true;
+  // A test lengthens the look to reproduce a worker that exits between two looks.
+  static const auto poll = std::chrono::milliseconds([] {
+    const char* e = std::getenv("PI0_ORCHESTRATOR_STOP_POLL_MS");
+    return e && e[0] ? std::clamp(std::atoi(e), 1, 1000) : 1;
+  }());
   const auto healthy = [this] { return workers_healthy(false); };
   if (control_.ring(RingId::kOrchToEncoder)
           .push(stop, Clock::now() + std::chrono::seconds(5), healthy) != WaitStatus::kOk) {
@@ -410,7 +426,7 @@ void Pipeline::stop_workers() {
     }
     if (!workers_healthy(false)) fail();
     PI0_CHECK(Clock::now() < deadline, "the workers did not stop within 30 s");
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    std::this_thread::sleep_for(poll);
   }
   for (Worker* w : {&encoder_, &decoder_}) {
     const auto status = w->process.wait_for(std::chrono::seconds(10));
@@ -491,8 +507,9 @@ void install_stop_handlers() {
   struct sigaction action {};
   action.sa_handler = on_stop_signal;
   sigemptyset(&action.sa_mask);
-  ::sigaction(SIGINT, &action, nullptr);
-  ::sigaction(SIGTERM, &action, nullptr);
+  // SIGHUP (a closed terminal) and SIGQUIT stop the run the same way, so that an MPS daemon we
+  // started is still quit; the default action would end us with it left running.
+  for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGQUIT}) ::sigaction(sig, &action, nullptr);
   ::signal(SIGPIPE, SIG_IGN);
 }
 

@@ -72,14 +72,14 @@ pid_t spawn_with_pipes(const std::string& path, std::vector<std::string> argv_st
 
   posix_spawnattr_t attr;
   posix_spawnattr_init(&attr);
-  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGMASK |
-                                      POSIX_SPAWN_SETSIGDEF);
+  posix_spawnattr_setflags(&attr,
+                           POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
   posix_spawnattr_setpgroup(&attr, 0);
   sigset_t empty, defaults;
   sigemptyset(&empty);
   posix_spawnattr_setsigmask(&attr, &empty);
   sigemptyset(&defaults);
-  for (int sig : {SIGINT, SIGTERM, SIGPIPE, SIGCHLD, SIGHUP}) sigaddset(&defaults, sig);
+  for (int sig : {SIGINT, SIGTERM, SIGPIPE, SIGCHLD, SIGHUP, SIGQUIT}) sigaddset(&defaults, sig);
   posix_spawnattr_setsigdefault(&attr, &defaults);
 
   std::vector<std::string> env_strings = build_environment(env);
@@ -198,8 +198,12 @@ ChildProcess::~ChildProcess() {
   if (state_) terminate(std::chrono::milliseconds(1000));
 }
 
-const std::string& ChildProcess::name() const { return state_->name; }
-int ChildProcess::pid() const { return state_ ? state_->pid : -1; }
+const std::string& ChildProcess::name() const {
+  return state_->name;
+}
+int ChildProcess::pid() const {
+  return state_ ? state_->pid : -1;
+}
 
 std::optional<ExitStatus> ChildProcess::poll() {
   if (!state_) return std::nullopt;
@@ -210,7 +214,9 @@ std::optional<ExitStatus> ChildProcess::poll() {
   return state_->status;
 }
 
-bool ChildProcess::running() { return state_ && !poll().has_value(); }
+bool ChildProcess::running() {
+  return state_ && !poll().has_value();
+}
 
 std::optional<ExitStatus> ChildProcess::wait_for(std::chrono::milliseconds timeout) {
   const auto deadline = std::chrono::steady_clock::now() + timeout;

@@ -24,11 +24,11 @@ inline constexpr uint32_t kRingCapacity = 64;
 inline constexpr size_t kCudaIpcHandleBytes = 64;  // cudaIpcMemHandle_t / cudaIpcEventHandle_t
 
 enum class RingId : uint32_t {
-  kOrchToEncoder = 0,   // kFrameInput, kStop
-  kEncoderToDecoder,    // kSlotReady, kStop
-  kDecoderToEncoder,    // kSlotFree
-  kDecoderToOrch,       // kWorkerReady, kFrameDone, kError, kStopped
-  kEncoderToOrch,       // kWorkerReady, kError, kStopped
+  kOrchToEncoder = 0,  // kFrameInput, kStop
+  kEncoderToDecoder,   // kSlotReady, kStop
+  kDecoderToEncoder,   // kSlotFree
+  kDecoderToOrch,      // kWorkerReady, kFrameDone, kError, kStopped
+  kEncoderToOrch,      // kWorkerReady, kError, kStopped
   kCount
 };
 inline constexpr uint32_t kRingCount = static_cast<uint32_t>(RingId::kCount);
@@ -36,12 +36,12 @@ inline constexpr uint32_t kRingCount = static_cast<uint32_t>(RingId::kCount);
 // What a worker tells the orchestrator about itself before it reports ready.
 struct WorkerInfo {
   int32_t pid;
-  int32_t sm_count;          // cudaDevAttrMultiProcessorCount as this process sees it (MPS-limited)
-  int32_t mps_client;        // 1 if this process is an MPS client, 0 if not, -1 unknown / CPU
-  int32_t active_thread_pct; // CUDA_MPS_ACTIVE_THREAD_PERCENTAGE it was started with, or -1
-  uint64_t weight_bytes;     // bytes of weights this process holds (host or device)
-  uint64_t device_bytes;     // device memory this process allocated (0 on the CPU backend)
-  double stage_ms_median;    // filled in at exit: this stage's median time per frame
+  int32_t sm_count;    // cudaDevAttrMultiProcessorCount as this process sees it (MPS-limited)
+  int32_t mps_client;  // 1 if this process is an MPS client, 0 if not, -1 unknown / CPU
+  int32_t active_thread_pct;  // CUDA_MPS_ACTIVE_THREAD_PERCENTAGE it was started with, or -1
+  uint64_t weight_bytes;      // bytes of weights this process holds (host or device)
+  uint64_t device_bytes;      // device memory this process allocated (0 on the CPU backend)
+  double stage_ms_median;     // filled in at exit: this stage's median time per frame
   double stage_ms_mean;
   uint64_t frames;
   char backend[16];
@@ -49,6 +49,9 @@ struct WorkerInfo {
 };
 static_assert(std::is_standard_layout_v<WorkerInfo> && std::is_trivially_copyable_v<WorkerInfo>);
 static_assert(sizeof(WorkerInfo) == 136);
+// pid is written by its worker and read by the other one through std::atomic_ref.
+static_assert(std::atomic_ref<int32_t>::is_always_lock_free &&
+              offsetof(WorkerInfo, pid) % std::atomic_ref<int32_t>::required_alignment == 0);
 
 // CUDA IPC handles the encoder publishes for the decoder (CUDA backend).
 struct CudaIpcBlock {
@@ -69,6 +72,8 @@ inline constexpr uint32_t kCudaHandlesPublished = 1;
 inline constexpr uint32_t kCudaEncoderWarm = 2;
 static_assert(std::atomic<uint32_t>::is_always_lock_free);
 static_assert(std::is_standard_layout_v<CudaIpcBlock>);
+static_assert(sizeof(CudaIpcBlock) == (2 + 2 * kMaxKvSlots) * kCudaIpcHandleBytes +
+                                          2 * sizeof(uint64_t) + 2 * sizeof(uint32_t));
 
 // Byte layout of the segment: a pure function of the run's parameters.
 struct ControlLayout {
@@ -85,6 +90,10 @@ struct ControlLayout {
 
   bool operator==(const ControlLayout&) const = default;
 };
+static_assert(std::is_standard_layout_v<ControlLayout> &&
+              std::is_trivially_copyable_v<ControlLayout>);
+static_assert(sizeof(ControlLayout) ==
+              2 * sizeof(uint32_t) + sizeof(uint64_t) * (1 + kRingCount + 15));
 ControlLayout compute_layout(const ModelConfig& config, const RunShape& shape, uint32_t kv_slots,
                              uint64_t max_frame, bool host_kv);
 
@@ -99,6 +108,8 @@ struct ControlHeader {
   CudaIpcBlock cuda;
 };
 static_assert(std::is_standard_layout_v<ControlHeader>);
+static_assert(sizeof(ControlHeader) ==
+              8 + sizeof(ControlLayout) + 8 + 2 * sizeof(WorkerInfo) + sizeof(CudaIpcBlock));
 
 // A mapped control segment. The orchestrator creates it (and owns the name); workers open it.
 class ControlBlock {

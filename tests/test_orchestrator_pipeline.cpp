@@ -163,6 +163,22 @@ TEST_CASE("workers that exit right after they stop end a clean run", "[orchestra
   }
 }
 
+// Every frame's actions are held until the run ends: a run that cannot hold them is refused
+// before the workers load (it used to end in "std::bad_alloc" after loading, or the OOM killer).
+TEST_CASE("actions too large to hold are refused before the workers start",
+          "[orchestrator][process]") {
+  const std::string dir = test::temp_dir("actions");
+  // 10^7 frames x 1024 x the action dim in f32: over a terabyte.
+  const auto run = test::run_orchestrator(tiny_run(
+      {"--frames", "10000000", "--chunk", "1024", "--actions-out", dir + "/actions.bin"}));
+  INFO(run.output);
+  CHECK(run.status.code == 1);
+  CHECK(run.output.find("--actions-out") != std::string::npos);
+  CHECK(run.output.find("started encoder_worker") == std::string::npos);
+  require_nothing_left(run.pid);
+  fs::remove_all(dir);
+}
+
 TEST_CASE("bad percentages are rejected with one line and nothing left behind",
           "[orchestrator][cli]") {
   for (const auto& bad : std::vector<std::vector<std::string>>{

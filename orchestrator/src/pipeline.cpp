@@ -282,7 +282,8 @@ void Pipeline::feed(std::vector<float>* actions) {
   const uint32_t max_in_flight = mode_ == "sequential" ? 1u : o.slots;
   const ipc::ControlLayout& layout = control_.layout();
   const size_t action_values = layout.action_values;
-  if (actions) actions->assign(total * action_values, 0.0f);
+  PI0_CHECK(!actions || actions->size() == total * action_values,
+            "the actions buffer does not match the control segment's layout");
 
   // Synthetic camera frames are generated once, off the measured path.
   const uint64_t distinct = std::min<uint64_t>(kDistinctInputs, total);
@@ -453,6 +454,28 @@ RunReport Pipeline::run(std::vector<float>* actions) {
   report_.rate_hz = o.rate_hz;
   report_.device_sms = run_.backend == "cuda" ? cuda::device_sm_count_without_context() : 0;
 
+  if (actions) {
+    // Held in memory until the run ends: found too large now, not after the workers loaded (and
+    // not by the OOM killer: zero-filling more than the machine has would summon it).
+    const uint64_t values =
+        (o.warmup + o.frames) * uint64_t{stage_sizes(run_.config, run_.shape).action_values};
+    const double gib = static_cast<double>(values * sizeof(float)) / double(1ull << 30);
+    const auto too_large = [&] {
+      return Error(
+          fmt::format("--actions-out: {} frames of actions need {:.1f} GiB of memory, "
+                      "more than this machine can hold; record fewer frames",
+                      o.warmup + o.frames, gib));
+    };
+    const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGESIZE);
+    if (pages > 0 && page > 0 &&
+        values * sizeof(float) > static_cast<uint64_t>(pages) * static_cast<uint64_t>(page) / 2)
+      throw too_large();
+    try {
+      actions->assign(values, 0.0f);
+    } catch (const std::bad_alloc&) {
+      throw too_large();
+    }
+  }
   start_workers();
   await_ready();
   report_.encoder = summarise(control_.header().encoder);

@@ -4,7 +4,10 @@
 
 #include <spdlog/spdlog.h>
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -37,8 +40,20 @@ const RunReport* find_baseline(const SweepResult& s, const std::string& label) {
 RunReport run_single_process_baseline(const ResolvedRun& run) {
   const RunOptions& o = run.options;
   const std::string dir = o.worker_dir.empty() ? executable_dir() : o.worker_dir;
-  const std::string json_path =
-      "/tmp/pi0mps_" + std::to_string(::getpid()) + "_single_process.json";
+  // A private directory (mode 0700, an unpredictable name): no other user can plant the file.
+  char dir_template[] = "/tmp/pi0mps_baseline_XXXXXX";
+  PI0_CHECK(::mkdtemp(dir_template) != nullptr,
+            std::string("cannot make a temporary directory: ") + std::strerror(errno));
+  const std::string private_dir = dir_template;
+  const std::string json_path = private_dir + "/single_process.json";
+  struct RemovedAtExit {
+    const std::string& dir;
+    const std::string& file;
+    ~RemovedAtExit() {
+      ::unlink(file.c_str());
+      ::rmdir(dir.c_str());
+    }
+  } removed{private_dir, json_path};
   const std::string shape = std::to_string(run.shape.views) + "," +
                             std::to_string(run.shape.chunk) + "," +
                             std::to_string(run.shape.prompt_len);
@@ -55,7 +70,6 @@ RunReport run_single_process_baseline(const ResolvedRun& run) {
   const auto status = bench.wait_for(std::chrono::duration_cast<std::chrono::milliseconds>(
       std::chrono::duration<double>(limit_s)));
   std::ifstream in(json_path);
-  ::unlink(json_path.c_str());
   PI0_CHECK(status && status->success() && in.good(),
             "single-process baseline (pi0_bench) failed: " +
                 (status ? status->describe() : std::string("timed out")) +

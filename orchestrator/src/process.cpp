@@ -239,10 +239,19 @@ ExitStatus ChildProcess::terminate(std::chrono::milliseconds grace) noexcept {
     ::kill(state_->pid, SIGTERM);
     if (!wait_for(grace)) {
       ::kill(state_->pid, SIGKILL);
-      int status = 0;
-      while (::waitpid(state_->pid, &status, 0) < 0 && errno == EINTR) {
+      // Bounded: a process stuck in the kernel (a driver call) outlives even SIGKILL for a while.
+      constexpr auto kKillWait = std::chrono::seconds(10);
+      if (!wait_for(std::chrono::duration_cast<std::chrono::milliseconds>(kKillWait))) {
+        std::fprintf(stderr,
+                     "%s (pid %d) did not exit within %lld s of SIGKILL (stuck in the kernel or "
+                     "a driver call); it is left behind\n",
+                     state_->name.c_str(), static_cast<int>(state_->pid),
+                     static_cast<long long>(kKillWait.count()));
+        ExitStatus killed;
+        killed.signaled = true;
+        killed.signal = SIGKILL;
+        state_->status = killed;
       }
-      state_->status = decode_wait_status(status);
     }
   }
   state_->stop_reader.store(true);

@@ -117,6 +117,10 @@ TEST_CASE("a segment larger than the room in /dev/shm is a named error and is no
           "[ipc]") {
   struct statvfs fs {};
   REQUIRE(::statvfs("/dev/shm", &fs) == 0);
+  if (fs.f_blocks == 0) {
+    WARN("/dev/shm has no size limit here; nothing to check");
+    return;
+  }
   const uint64_t available = static_cast<uint64_t>(fs.f_bavail) * fs.f_frsize;
   const std::string name = unique_segment_name("huge");
   try {

@@ -117,7 +117,8 @@ SharedSegment SharedSegment::create(const std::string& name, size_t bytes) {
     // for would kill the process with SIGBUS. So check the room, then reserve every page now,
     // where running out is an error with a name. A new object reads as zeros.
     struct statvfs fs {};
-    if (::statvfs(kShmDir, &fs) == 0) {
+    // f_blocks 0: a tmpfs mounted without a size limit, which reports no free blocks either.
+    if (::statvfs(kShmDir, &fs) == 0 && fs.f_blocks != 0) {
       const auto available = static_cast<uint64_t>(fs.f_bavail) * fs.f_frsize;
       if (bytes > available) throw Error(no_room(name, bytes, available));
     }

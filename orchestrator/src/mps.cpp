@@ -53,10 +53,11 @@ MpsDaemon MpsDaemon::start_or_adopt(const MpsOptions& o) {
   make_dir(o.log_dir);
   const CommandResult started = run_command(o.control_program, {"-d"}, mps_client_environment(o),
                                             "", std::chrono::milliseconds(o.timeout));
-  // Before the check: `-d` may have started a daemon and still timed out or failed, and no
-  // daemon answered on this pipe directory before it, so any that answers now is ours to quit.
+  // Before the check: `-d` may have started a daemon and still timed out, and then it is ours
+  // to quit. A `-d` that failed started nothing: a daemon answering now is someone else's (e.g.
+  // another run's, started in the same instant).
   daemon.active_ = true;
-  daemon.started_here_ = true;  // from here on the destructor quits it on every exit path
+  daemon.started_here_ = started.timed_out || started.status.success();
   PI0_CHECK(!started.timed_out && started.status.success(),
             "MPS: `" + o.control_program + " -d` failed (" + started.status.describe() +
                 "): " + started.output.substr(0, started.output.find('\n')));

@@ -38,6 +38,21 @@ void on_stop_signal(int sig) {
 constexpr auto kSlice = std::chrono::milliseconds(20);
 constexpr auto kTerminateGrace = std::chrono::milliseconds(500);
 
+// The machine's memory, or the cgroup's limit where one is lower (a container's): what a buffer
+// may take before the OOM killer comes. 0 where unknown.
+uint64_t usable_memory_bytes() {
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGESIZE);
+  uint64_t usable = pages > 0 && page > 0 ? static_cast<uint64_t>(pages) * page : 0;
+  for (const char* path :
+       {"/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"}) {
+    std::ifstream in(path);
+    uint64_t limit = 0;
+    // cgroup v2 writes "max" where there is no limit: the read fails and nothing changes.
+    if (in >> limit && limit > 0 && (usable == 0 || limit < usable)) usable = limit;
+  }
+  return usable;
+}
+
 double percentile(std::vector<double> v, double p) {
   if (v.empty()) return 0;
   std::sort(v.begin(), v.end());
@@ -463,13 +478,11 @@ RunReport Pipeline::run(std::vector<float>* actions) {
     const auto too_large = [&] {
       return Error(
           fmt::format("--actions-out: {} frames of actions need {:.1f} GiB of memory, "
-                      "more than this machine can hold; record fewer frames",
+                      "more than half of what this process may use; record fewer frames",
                       o.warmup + o.frames, gib));
     };
-    const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGESIZE);
-    if (pages > 0 && page > 0 &&
-        values * sizeof(float) > static_cast<uint64_t>(pages) * static_cast<uint64_t>(page) / 2)
-      throw too_large();
+    const uint64_t usable = usable_memory_bytes();
+    if (usable > 0 && values * sizeof(float) > usable / 2) throw too_large();
     try {
       actions->assign(values, 0.0f);
     } catch (const std::bad_alloc&) {

@@ -35,7 +35,8 @@ void ModelConfig::validate() const {
   require_positive(image_size, "image_size");
   require_positive(patch_size, "patch_size");
   require_positive(image_channels, "image_channels");
-  PI0_CHECK(image_size % patch_size == 0, "model config: image_size must be a multiple of patch_size");
+  PI0_CHECK(image_size % patch_size == 0,
+            "model config: image_size must be a multiple of patch_size");
   require_positive(vision_width, "vision_width");
   require_positive(vision_layers, "vision_layers");
   require_positive(vision_heads, "vision_heads");
@@ -72,13 +73,16 @@ ModelConfig model_config(const std::string& name) {
   throw Error("unknown model '" + name + "' (known: " + known + ")");
 }
 
-std::vector<std::string> model_config_names() { return {"pi0", "tiny", "pi0-1l", "pi0-2l"}; }
+std::vector<std::string> model_config_names() {
+  return {"pi0", "tiny", "pi0-1l", "pi0-2l"};
+}
 
 void RunShape::validate() const {
   PI0_CHECK(views >= 1 && views <= 8, "views must be in 1..8, got " + std::to_string(views));
   PI0_CHECK(chunk >= 1 && chunk <= 1024, "chunk must be in 1..1024, got " + std::to_string(chunk));
-  PI0_CHECK(prompt_len >= 0 && prompt_len <= 4096,
-            "prompt length must be in 0..4096, got " + std::to_string(prompt_len));
+  PI0_CHECK(prompt_len >= 0 && prompt_len <= kMaxPromptLen,
+            "prompt length must be in 0.." + std::to_string(kMaxPromptLen) + ", got " +
+                std::to_string(prompt_len));
 }
 
 StageSizes stage_sizes(const ModelConfig& c, const RunShape& s) {

@@ -11,7 +11,10 @@
 #include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <sstream>
+#include <utility>
+#include <vector>
 
 #include "pi0/check.hpp"
 #include "pi0/random.hpp"
@@ -184,10 +187,49 @@ WeightStore WeightStore::random(const ModelConfig& config, int prompt_len, uint6
   return store;
 }
 
+namespace {
+
+// The spec's "load exactly these, reject anything else": every entry is one of the model's
+// tensors (or the format's __metadata__), and their data ranges tile the data section, with no
+// overlap, gap or trailing bytes. The entries' own checks (dtype, shape, size) come first, per
+// tensor of the set being loaded.
+void check_layout(const nlohmann::json& header, const ModelConfig& config, const FileError& err,
+                  uint64_t data_size) {
+  std::set<std::string> known;
+  for (const TensorSpec& spec : weight_specs(config, 0, WeightSet::kAll)) known.insert(spec.name);
+  std::vector<std::pair<uint64_t, uint64_t>> ranges;
+  for (const auto& [name, entry] : header.items()) {
+    if (name == "__metadata__") continue;
+    if (!known.count(name))
+      err.fail("tensor " + name + " is not a tensor of model '" + config.name + "'");
+    const auto offsets = entry.is_object() ? entry.find("data_offsets") : entry.end();
+    if (offsets == entry.end() || !offsets->is_array() || offsets->size() != 2 ||
+        !(*offsets)[0].is_number_unsigned() || !(*offsets)[1].is_number_unsigned())
+      err.fail("tensor " + name + " data_offsets is not [begin, end]");
+    ranges.emplace_back((*offsets)[0].get<uint64_t>(), (*offsets)[1].get<uint64_t>());
+  }
+  std::sort(ranges.begin(), ranges.end());
+  uint64_t at = 0;
+  for (const auto& [begin, end] : ranges) {
+    if (begin != at)
+      err.fail(begin < at ? "tensor data ranges overlap at byte " + std::to_string(begin)
+                          : "tensor data leaves bytes " + std::to_string(at) + ".." +
+                                std::to_string(begin) + " unused");
+    at = end;
+  }
+  if (at != data_size)
+    err.fail("the data section has " + std::to_string(data_size - std::min(at, data_size)) +
+             " bytes after the last tensor");
+}
+
+}  // namespace
+
 WeightStore WeightStore::load_safetensors(const std::string& path, const ModelConfig& config,
                                           WeightSet set) {
   const FileError err(path);
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: a FIFO named as the weights would block the open until a writer came, before
+  // the regular-file check below could refuse it. Reads of a regular file ignore the flag.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) err.fail(std::string("cannot open: ") + std::strerror(errno));
   struct stat st {};
   if (::fstat(fd, &st) != 0) {
@@ -220,17 +262,36 @@ WeightStore WeightStore::load_safetensors(const std::string& path, const ModelCo
   if (header_len > file_size - 8)
     err.fail("header length " + std::to_string(header_len) + " runs past the end of the file (" +
              std::to_string(file_size) + " bytes): truncated or not a safetensors file");
+  // The format's own limit (pi0's header is ~4 KB); parsing a larger one could take gigabytes.
+  constexpr uint64_t kMaxHeaderBytes = 100'000'000;
+  if (header_len > kMaxHeaderBytes)
+    err.fail("header length " + std::to_string(header_len) + " is over the " +
+             std::to_string(kMaxHeaderBytes) + " bytes safetensors allows");
   const char* header_text = reinterpret_cast<const char*>(bytes + 8);
   const unsigned char* data = bytes + 8 + header_len;
   const size_t data_size = file_size - 8 - header_len;
 
   nlohmann::json header;
+  // JSON lets a name repeat and the parser keeps the last: a file that names a tensor twice is
+  // ambiguous, and refused.
+  std::set<std::string> names;
+  std::string repeated;
+  const auto note_repeats = [&](int depth, nlohmann::json::parse_event_t event,
+                                nlohmann::json& parsed) {
+    if (depth == 1 && event == nlohmann::json::parse_event_t::key && parsed.is_string() &&
+        !names.insert(parsed.get<std::string>()).second && repeated.empty())
+      repeated = parsed.get<std::string>();
+    return true;
+  };
   try {
-    header = nlohmann::json::parse(header_text, header_text + header_len);
+    header = nlohmann::json::parse(header_text, header_text + header_len, note_repeats);
   } catch (const nlohmann::json::exception&) {
     err.fail("header is not valid JSON");
+  } catch (const std::bad_alloc&) {
+    err.fail("header is too large to parse");
   }
   if (!header.is_object()) err.fail("header is not a JSON object");
+  if (!repeated.empty()) err.fail("tensor " + repeated + " is named twice in the header");
 
   // language_embeds' first dimension is the prompt length, whatever it is.
   int prompt_len = 0;
@@ -240,7 +301,10 @@ WeightStore WeightStore::load_safetensors(const std::string& path, const ModelCo
         (*it)["shape"].is_array() && !(*it)["shape"].empty() &&
         (*it)["shape"][0].is_number_integer()) {
       const int64_t p = (*it)["shape"][0].get<int64_t>();
-      if (p >= 0 && p <= (int64_t{1} << 30)) prompt_len = static_cast<int>(p);
+      if (p < 0 || p > kMaxPromptLen)
+        err.fail("tensor language_embeds has " + std::to_string(p) +
+                 " rows, expected a prompt of 0.." + std::to_string(kMaxPromptLen) + " tokens");
+      prompt_len = static_cast<int>(p);
     }
   }
   store.prompt_len_ = prompt_len;
@@ -256,7 +320,12 @@ WeightStore WeightStore::load_safetensors(const std::string& path, const ModelCo
     try {
       if (!entry.is_object()) err.fail("tensor " + name + " header entry is not an object");
       dtype = entry.at("dtype").get<std::string>();
-      shape = entry.at("shape").get<std::vector<int64_t>>();
+      const auto& dims = entry.at("shape");
+      // get<int64_t> would truncate 48.9 to 48, and a huge decimal has no int64 at all.
+      if (!dims.is_array() || !std::all_of(dims.begin(), dims.end(),
+                                           [](const auto& d) { return d.is_number_integer(); }))
+        err.fail("tensor " + name + " shape is not a list of integers");
+      shape = dims.get<std::vector<int64_t>>();
       const auto& offsets = entry.at("data_offsets");
       if (!offsets.is_array() || offsets.size() != 2 || !offsets[0].is_number_unsigned() ||
           !offsets[1].is_number_unsigned())
@@ -267,9 +336,10 @@ WeightStore WeightStore::load_safetensors(const std::string& path, const ModelCo
       err.fail("tensor " + name + " has a malformed header entry (" + e.what() + ")");
     }
     if (dtype != "BF16") err.fail("tensor " + name + " has dtype " + dtype + ", expected BF16");
-    const bool shape_ok = name == "language_embeds"
-                              ? shape.size() == 2 && shape[0] >= 0 && shape[1] == spec.shape[1]
-                              : shape == spec.shape;
+    const bool shape_ok =
+        name == "language_embeds"
+            ? shape.size() == 2 && shape[0] == spec.shape[0] && shape[1] == spec.shape[1]
+            : shape == spec.shape;
     if (!shape_ok) {
       std::string expected = shape_text(spec.shape);
       if (name == "language_embeds") expected = "[P," + std::to_string(spec.shape[1]) + "]";
@@ -299,6 +369,7 @@ WeightStore WeightStore::load_safetensors(const std::string& path, const ModelCo
     }
     store.tensors_.emplace(name, TensorView{ptr, spec.shape, numel});
   }
+  check_layout(header, config, err, data_size);
   return store;
 }
 

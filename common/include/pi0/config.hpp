@@ -27,7 +27,7 @@ struct ModelConfig {
   // its RoPE, since it attends to the prefix K/V cache layer by layer.
   int lm_width = 2048;
   int lm_layers = 18;
-  int lm_heads = 8;      // query heads; one shared K/V head
+  int lm_heads = 8;  // query heads; one shared K/V head
   int head_dim = 256;
   int lm_mlp = 16384;
   float rms_eps = 1e-6f;
@@ -59,6 +59,9 @@ struct ModelConfig {
 // "pi0-1l" / "pi0-2l" (full widths, 1 or 2 layers per tower, for GPU numerics checks).
 ModelConfig model_config(const std::string& name);  // throws pi0::Error for an unknown name
 std::vector<std::string> model_config_names();
+
+// The longest prompt a run takes (RunShape::validate, the weights file's language_embeds).
+inline constexpr int kMaxPromptLen = 4096;
 
 // The per-run shape of one inference.
 struct RunShape {

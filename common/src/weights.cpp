@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -189,6 +190,15 @@ WeightStore WeightStore::random(const ModelConfig& config, int prompt_len, uint6
 
 namespace {
 
+// A tensor's data_offsets value as [begin, end] (unchecked against the data section).
+std::pair<uint64_t, uint64_t> data_range(const nlohmann::json& offsets, const std::string& name,
+                                         const FileError& err) {
+  if (!offsets.is_array() || offsets.size() != 2 || !offsets[0].is_number_unsigned() ||
+      !offsets[1].is_number_unsigned())
+    err.fail("tensor " + name + " data_offsets is not [begin, end]");
+  return {offsets[0].get<uint64_t>(), offsets[1].get<uint64_t>()};
+}
+
 // The spec's "load exactly these, reject anything else": every entry is one of the model's
 // tensors (or the format's __metadata__), and their data ranges tile the data section, with no
 // overlap, gap or trailing bytes. The entries' own checks (dtype, shape, size) come first, per
@@ -203,10 +213,8 @@ void check_layout(const nlohmann::json& header, const ModelConfig& config, const
     if (!known.count(name))
       err.fail("tensor " + name + " is not a tensor of model '" + config.name + "'");
     const auto offsets = entry.is_object() ? entry.find("data_offsets") : entry.end();
-    if (offsets == entry.end() || !offsets->is_array() || offsets->size() != 2 ||
-        !(*offsets)[0].is_number_unsigned() || !(*offsets)[1].is_number_unsigned())
-      err.fail("tensor " + name + " data_offsets is not [begin, end]");
-    ranges.emplace_back((*offsets)[0].get<uint64_t>(), (*offsets)[1].get<uint64_t>());
+    if (offsets == entry.end()) err.fail("tensor " + name + " data_offsets is not [begin, end]");
+    ranges.push_back(data_range(*offsets, name, err));
   }
   std::sort(ranges.begin(), ranges.end());
   uint64_t at = 0;
@@ -326,12 +334,7 @@ WeightStore WeightStore::load_safetensors(const std::string& path, const ModelCo
                                            [](const auto& d) { return d.is_number_integer(); }))
         err.fail("tensor " + name + " shape is not a list of integers");
       shape = dims.get<std::vector<int64_t>>();
-      const auto& offsets = entry.at("data_offsets");
-      if (!offsets.is_array() || offsets.size() != 2 || !offsets[0].is_number_unsigned() ||
-          !offsets[1].is_number_unsigned())
-        err.fail("tensor " + name + " data_offsets is not [begin, end]");
-      begin = offsets[0].get<uint64_t>();
-      end = offsets[1].get<uint64_t>();
+      std::tie(begin, end) = data_range(entry.at("data_offsets"), name, err);
     } catch (const nlohmann::json::exception& e) {
       err.fail("tensor " + name + " has a malformed header entry (" + e.what() + ")");
     }

@@ -189,13 +189,14 @@ class CudaDecoderStage final : public DecoderStage {
     // Polled: a pass held in its front end past the deadline is let go there. Its layer waits on
     // the GPU give up at their own deadline, so a pass that has not finished after all of them
     // never will: the worker reports that rather than spin until it is killed.
-    const auto give_up = std::chrono::steady_clock::now() +
-                         std::chrono::nanoseconds(cuda::kLayerWaitTimeoutNs) * (layers_ + 2);
+    const auto limit = std::chrono::nanoseconds(cuda::kLayerWaitTimeoutNs) * (layers_ + 2);
+    const auto give_up = std::chrono::steady_clock::now() + limit;
     while (!wait_oldest(std::chrono::milliseconds(100))) {
-      PI0_CHECK(std::chrono::steady_clock::now() < give_up,
-                "a decode pass did not finish within " +
-                    std::to_string(cuda::kLayerWaitTimeoutNs / 1'000'000'000ull * (layers_ + 2)) +
-                    " s (the GPU is stuck or the encoder's K/V never came)");
+      PI0_CHECK(
+          std::chrono::steady_clock::now() < give_up,
+          "a decode pass did not finish within " +
+              std::to_string(std::chrono::duration_cast<std::chrono::seconds>(limit).count()) +
+              " s (the GPU is stuck or the encoder's K/V never came)");
     }
     // Handoff: from the later of "our previous pass finished" and "the encoder finished the
     // last frame of this pass" to the pass's start. Time queued behind our own previous pass,

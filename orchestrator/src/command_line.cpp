@@ -53,7 +53,7 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
   app.add_option("--chunk", o.chunk, "action chunk length")->check(CLI::Range(1, 1024));
   app.add_option("--prompt-len", prompt_len,
                  "prompt tokens (default: from the weights file, else 0)")
-      ->check(CLI::Range(0, 4096));
+      ->check(CLI::Range(0, kMaxPromptLen));
   app.add_option("--encoder-pct", o.encoder_pct,
                  "encoder's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (1..100)")
       ->check(CLI::Range(1, 100));

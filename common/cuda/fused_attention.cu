@@ -6,13 +6,16 @@
 // shared memory (the first version combined through global memory in the last CTA to arrive:
 // 74 us per call, as one SM read every range's partial rows); each combined row reads its ranges'
 // (max, sum) once, then only their partial rows. Independent problems (SigLIP's views and heads)
-// are the grid's z.
+// are the grid's z. Key ranges that fit in shared memory whole run on a kernel of their own without
+// a cluster (fused_attention_resident_kernel).
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include "attention_tile.cuh"
@@ -143,6 +146,119 @@ __global__ void __launch_bounds__(kThreads) fused_attention_kernel(Args a) {
       cluster, parked, parked_ml, row_weights, a.splits, r0, a.rows, a.head_dim, a.out, a.ld_out);
 }
 
+// Key ranges short enough to sit in shared memory whole (SigLIP's 256 keys a view) run without a
+// cluster: one load of Q and every key, then 8 warps, two on each 16 query rows, each pair
+// splitting the key tiles in two halves and merging them through shared memory. No waits between
+// tiles and no cluster exchange, which were most of the clustered kernel's time at this size.
+constexpr int kResidentWarps = 8;
+constexpr int kResidentThreads = kResidentWarps * 32;
+constexpr int kResidentMaxKeys = 256;
+constexpr int kResidentMaxRow = 128;  // shared-memory row (D) of the heads it runs
+
+__host__ __device__ constexpr int padded_keys(int keys) {
+  return (keys + kKeysPerTile - 1) / kKeysPerTile * kKeysPerTile;
+}
+// Per thread of the first four warps: its (o, m, l) from the second half's warp on the same rows.
+template <int DK>
+constexpr int exchange_values() {
+  return DK / 2 + 4;
+}
+template <int D, int DK>
+constexpr size_t resident_smem_bytes(int keys) {
+  return std::max(static_cast<size_t>(kRowsPerBlock + 2 * keys) * D * 2,
+                  static_cast<size_t>(exchange_values<DK>()) * 128 * sizeof(float));
+}
+
+template <int D, int DK>
+__global__ void __launch_bounds__(kResidentThreads) fused_attention_resident_kernel(Args a) {
+  wait_for_prior_grids();
+  static_assert(D <= kResidentMaxRow, "keys of wider rows do not fit in shared memory");
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int keys = padded_keys(a.keys);
+  const uint32_t qs = smem_u32(smem);
+  const uint32_t ks = qs + kRowsPerBlock * D * 2;
+  const uint32_t vs = ks + static_cast<uint32_t>(keys) * D * 2;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int group = warp & 3, half = warp >> 2;  // 16 query rows; first or second half of the keys
+  const int r0 = blockIdx.x * kRowsPerBlock;
+  {
+    const int problem = blockIdx.z, outer = problem / a.inner, inner = problem % a.inner;
+    const int64_t in = outer * a.outer_stride + inner * a.inner_stride;
+    a.q += in;
+    a.k += in;
+    a.v += in;
+    a.out += outer * a.out_outer_stride + inner * a.out_inner_stride;
+  }
+  attention_tile::load_rows<D, kResidentThreads>(qs, a.q, a.ld_q, a.head_dim, DK / 8, r0, a.rows,
+                                                 kRowsPerBlock);
+  attention_tile::load_rows<D, kResidentThreads>(ks, a.k, a.ld_kv, a.head_dim, DK / 8, 0, a.keys,
+                                                 keys);
+  attention_tile::load_rows<D, kResidentThreads>(vs, a.v, a.ld_kv, a.head_dim, DK / 8, 0, a.keys,
+                                                 keys);
+  cp_commit();
+  cp_wait<0>();
+  __syncthreads();
+
+  float o[DK / 8][4];
+#pragma unroll
+  for (int n = 0; n < DK / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  const int row_a = r0 + group * 16 + g;  // this thread's rows: row_a and row_a + 8
+  const bool limited[2] = {row_a < a.limited_rows, row_a + 8 < a.limited_rows};
+  const int tiles = keys / kKeysPerTile, first_half = (tiles + 1) / 2;
+  constexpr uint32_t kTileBytes = kKeysPerTile * D * 2;
+  for (int it = half ? first_half : 0; it < (half ? tiles : first_half); ++it)
+    attention_tile::attend_tile<D, DK, DK>(qs, ks + it * kTileBytes, vs + it * kTileBytes,
+                                           group * 16, 0, it * kKeysPerTile, a.keys, limited,
+                                           a.limited_keys, a.scale_log2, m, l, o);
+
+  // The second half hands its (o, m, l) to the first through shared memory (Q, K and V are no
+  // longer needed), laid out [value][thread] so that consecutive threads touch consecutive words.
+  float* xchg = reinterpret_cast<float*>(smem);
+  const int slot = group * 32 + lane;
+  __syncthreads();  // every warp is done with K and V
+  if (half == 1) {
+#pragma unroll
+    for (int n = 0; n < DK / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) xchg[(4 * n + e) * 128 + slot] = o[n][e];
+    xchg[(DK / 2 + 0) * 128 + slot] = m[0];
+    xchg[(DK / 2 + 1) * 128 + slot] = m[1];
+    xchg[(DK / 2 + 2) * 128 + slot] = l[0];
+    xchg[(DK / 2 + 3) * 128 + slot] = l[1];
+  }
+  __syncthreads();
+  if (half == 1) return;
+  float w_mine[2], w_other[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float m_other = xchg[(DK / 2 + h) * 128 + slot];
+    const float mx = fmaxf(m[h], m_other);
+    const float base = mx == -INFINITY ? 0.0f : mx;  // a row that sees no key stays at 0
+    w_mine[h] = exp2f(m[h] - base);
+    w_other[h] = exp2f(m_other - base);
+    l[h] = l[h] * w_mine[h] + xchg[(DK / 2 + 2 + h) * 128 + slot] * w_other[h];
+  }
+  attention_tile::quad_sum(l);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = row_a + 8 * h;
+    if (row >= a.rows) continue;
+    const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
+#pragma unroll
+    for (int n = 0; n < DK / 8; ++n)
+      if (n * 8 < a.head_dim) {
+        const float lo = o[n][2 * h] * w_mine[h] + xchg[(4 * n + 2 * h) * 128 + slot] * w_other[h];
+        const float hi =
+            o[n][2 * h + 1] * w_mine[h] + xchg[(4 * n + 2 * h + 1) * 128 + slot] * w_other[h];
+        store_bf16x2(a.out + static_cast<size_t>(row) * a.ld_out + n * 8 + 2 * t, lo * inv,
+                     hi * inv);
+      }
+  }
+}
+
 template <int D>
 constexpr int smem_bytes() {
   return (kRowsPerBlock + 4 * kKeysPerTile) * D * 2;
@@ -177,7 +293,27 @@ cudaLaunchConfig_t launch_config(const FusedAttentionShape& s, cudaLaunchAttribu
 }
 
 template <int D, int DK>
+void launch_resident(const FusedAttentionShape& s, const Args& args, cudaStream_t stream) {
+  if constexpr (D <= kResidentMaxRow) {
+    static const bool configured = [] {
+      CUDA_CHECK(cudaFuncSetAttribute(
+          fused_attention_resident_kernel<D, DK>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+          static_cast<int>(resident_smem_bytes<D, DK>(kResidentMaxKeys))));
+      return true;
+    }();
+    (void)configured;
+    const dim3 grid(static_cast<unsigned>(row_blocks(s)), 1, static_cast<unsigned>(problems(s)));
+    fused_attention_resident_kernel<D, DK>
+        <<<grid, kResidentThreads, resident_smem_bytes<D, DK>(padded_keys(s.keys)), stream>>>(args);
+    CUDA_CHECK_LAUNCH();
+  } else {
+    PI0_CHECK(false, "fused attention: no resident kernel for rows of " + std::to_string(D));
+  }
+}
+
+template <int D, int DK>
 void launch(const FusedAttentionShape& s, const Args& args, cudaStream_t stream) {
+  if (s.resident) return launch_resident<D, DK>(s, args, stream);
   configure<D, DK>();
   cudaLaunchAttribute attr[1];
   const cudaLaunchConfig_t cfg = launch_config<D>(s, attr, stream);
@@ -236,6 +372,15 @@ FusedAttentionShape plan_fused_attention(FusedAttentionShape s) {
                 s.outer_stride % 8 == 0 && s.inner_stride % 8 == 0 && s.out_outer_stride % 8 == 0 &&
                 s.out_inner_stride % 8 == 0,
             "fused attention: row strides must cover the head and keep rows 16-byte aligned");
+  // Whole key ranges in shared memory where they fit (PI0_FUSED_ATTENTION_RESIDENT=0 keeps the
+  // clustered kernel, for comparisons).
+  const char* want_resident = std::getenv("PI0_FUSED_ATTENTION_RESIDENT");
+  s.resident = s.keys <= kResidentMaxKeys && s.head_dim <= kResidentMaxRow &&
+               !(want_resident && want_resident[0] == '0');
+  if (s.resident) {
+    s.splits = 1;
+    return s;
+  }
   const int blocks = row_blocks(s) * static_cast<int>(problems(s));
   const int max_splits =
       std::clamp((s.keys + 2 * kKeysPerTile - 1) / (2 * kKeysPerTile), 1, kMaxSplits);
@@ -250,6 +395,7 @@ FusedAttentionShape plan_fused_attention(FusedAttentionShape s) {
 }
 
 bool fused_attention_runs_here(const FusedAttentionShape& s) {
+  if (s.resident) return true;  // no cluster; its shared memory fits any sm_80+ GPU
   return with_instantiation(s.head_dim, [&](auto d, auto dk) {
     return cluster_fits<decltype(d)::value, decltype(dk)::value>(s);
   });
@@ -258,6 +404,8 @@ bool fused_attention_runs_here(const FusedAttentionShape& s) {
 void fused_attention(const FusedAttentionShape& s, const Bf16* q, const Bf16* k, const Bf16* v,
                      Bf16* out, cudaStream_t stream) {
   PI0_CHECK(fused_attention_supported(s.head_dim) && s.splits >= 1 && s.splits <= kMaxSplits &&
+                (!s.resident ||
+                 (s.splits == 1 && s.keys <= kResidentMaxKeys && s.head_dim <= kResidentMaxRow)) &&
                 s.ld_q >= s.head_dim && s.ld_kv >= s.head_dim && s.ld_out >= s.head_dim,
             "fused attention: shape not planned");
   PI0_CHECK(is_aligned(q, 16) && is_aligned(k, 16) && is_aligned(v, 16) && is_aligned(out, 16),

@@ -317,7 +317,8 @@ TEST_CASE("fused shared kv attention matches the reference", "[gpu]") {
   check_shared_kv(64, 576, 8, 256, 1, 513, 40, fused);  // decoder, V=2 C=63: 6 key ranges
   check_shared_kv(51, 583, 8, 256, 1, 533, 41, fused);  // decoder, C=50 P=20: partial tiles
   check_shared_kv(532, 532, 8, 256, 0, 0, 42, fused);   // encoder-sized, bidirectional
-  check_shared_kv(9, 40, 2, 128, 1, 3, 43, fused);      // one key range, rows < 64
+  check_shared_kv(9, 40, 2, 128, 1, 3, 43, fused);      // keys in shared memory, state token
+  check_shared_kv(9, 40, 2, 256, 1, 3, 46, fused);      // one key range, rows < 64
   check_shared_kv(33, 300, 4, 64, 2, 100, 44, fused);   // head_dim 64
 }
 
@@ -422,11 +423,22 @@ TEST_CASE("view attention keeps views apart and matches the reference", "[gpu]")
 
 // SigLIP's head of 72 runs padded to 80 inside rows of 128: the padding must neither leak into
 // the scores nor be written over the next head's columns.
+// Up to 256 keys run on the kernel that holds every key in shared memory (its two halves of the
+// key tiles merged in the CTA), more on the clustered one.
 TEST_CASE("fused view attention matches the reference", "[gpu]") {
-  check_view_attention(2, 256, 16, 72, true, 31);  // pi0, V=2
-  check_view_attention(3, 100, 4, 72, true, 32);   // partial tiles and key ranges
+  check_view_attention(2, 256, 16, 72, true, 31);  // pi0, V=2: 8 tiles, 4 a half
+  check_view_attention(3, 100, 4, 72, true, 32);   // partial tiles
+  check_view_attention(1, 70, 2, 72, true, 35);    // 3 tiles: halves of 2 and 1
+  check_view_attention(1, 20, 2, 72, true, 36);    // 1 tile: the second half has no keys
+  check_view_attention(1, 40, 2, 64, true, 33);    // another head size
+  check_view_attention(1, 300, 2, 72, true, 37);   // clustered: 2 key ranges in rows of 128
+  check_view_attention(1, 300, 2, 64, true, 38);   // clustered, head 64
+}
+
+TEST_CASE("fused view attention on the clustered kernel matches the reference", "[gpu]") {
+  const ScopedEnv clustered("PI0_FUSED_ATTENTION_RESIDENT", "0");
+  check_view_attention(2, 256, 16, 72, true, 31);  // pi0, V=2: 2 key ranges
   check_view_attention(1, 40, 2, 72, true, 34);    // one key range: stores straight from registers
-  check_view_attention(1, 40, 2, 64, true, 33);    // another head size, one key range
 }
 
 namespace {
@@ -1136,7 +1148,9 @@ TEST_CASE("the flow step glue kernel matches the host formulas", "[gpu]") {
     for (const int mode : {0, 1, 2}) {  // 0: before the first step, 1: between, 2: after the last
       const std::string name = std::to_string(w) + " x " + std::to_string(ad) + ", " +
                                std::to_string(k.frames) + " frames of " + std::to_string(k.chunk) +
-                               (mode == 0 ? ", first" : mode == 1 ? ", between" : ", last");
+                               (mode == 0   ? ", first"
+                                : mode == 1 ? ", between"
+                                            : ", last");
       auto dx_run = up(to_bf16(x));
       auto dact = up(actions);
       auto dt1 = poisoned<Bf16>(static_cast<size_t>(total) * w);

@@ -147,32 +147,70 @@ __global__ void __launch_bounds__(kThreads) fused_attention_kernel(Args a) {
 }
 
 // Key ranges short enough to sit in shared memory whole (SigLIP's 256 keys a view) run without a
-// cluster: one load of Q and every key, then 8 warps, two on each 16 query rows, each pair
-// splitting the key tiles in two halves and merging them through shared memory. No waits between
-// tiles and no cluster exchange, which were most of the clustered kernel's time at this size.
-constexpr int kResidentWarps = 8;
-constexpr int kResidentThreads = kResidentWarps * 32;
+// cluster: kParts warps on each 16 query rows, each taking a part of the key tiles, merged through
+// shared memory at the end. The tiles load in rounds (round r: the r-th tile of every part, Q with
+// the first), so that a round's tiles are attended while the next ones land. No cluster exchange,
+// which was most of the clustered kernel's time at this size.
 constexpr int kResidentMaxKeys = 256;
 constexpr int kResidentMaxRow = 128;  // shared-memory row (D) of the heads it runs
+constexpr int kResidentRows = 128;    // 16-row groups x 32 lanes: the exchange's slots
+// Parts of the key tiles: SigLIP's attention (breakdown, one H100) 14.56 us a call clustered, 12.56
+// with 2 parts in rounds, 12.05 with 4 (bench/NOTES.md v26).
+constexpr int kResidentParts = 4;
 
 __host__ __device__ constexpr int padded_keys(int keys) {
   return (keys + kKeysPerTile - 1) / kKeysPerTile * kKeysPerTile;
 }
-// Per thread of the first four warps: its (o, m, l) from the second half's warp on the same rows.
+// What each thread of a later part hands to the thread on the same rows in part 0: o, m and l.
 template <int DK>
 constexpr int exchange_values() {
   return DK / 2 + 4;
 }
-template <int D, int DK>
+template <int D, int DK, int kParts>
 constexpr size_t resident_smem_bytes(int keys) {
-  return std::max(static_cast<size_t>(kRowsPerBlock + 2 * keys) * D * 2,
-                  static_cast<size_t>(exchange_values<DK>()) * 128 * sizeof(float));
+  return std::max(
+      static_cast<size_t>(kRowsPerBlock + 2 * keys) * D * 2,
+      static_cast<size_t>(kParts - 1) * exchange_values<DK>() * kResidentRows * sizeof(float));
 }
 
-template <int D, int DK>
-__global__ void __launch_bounds__(kResidentThreads) fused_attention_resident_kernel(Args a) {
+// Waits until at most `pending` of this thread's cp.async groups are in flight (0 .. 7).
+__device__ __forceinline__ void cp_wait_pending(int pending) {
+  switch (pending) {
+    case 0:
+      cp_wait<0>();
+      break;
+    case 1:
+      cp_wait<1>();
+      break;
+    case 2:
+      cp_wait<2>();
+      break;
+    case 3:
+      cp_wait<3>();
+      break;
+    case 4:
+      cp_wait<4>();
+      break;
+    case 5:
+      cp_wait<5>();
+      break;
+    case 6:
+      cp_wait<6>();
+      break;
+    default:
+      cp_wait<7>();
+      break;
+  }
+}
+
+template <int D, int DK, int kParts>
+__global__ void __launch_bounds__(kParts * 128) fused_attention_resident_kernel(Args a) {
   wait_for_prior_grids();
   static_assert(D <= kResidentMaxRow, "keys of wider rows do not fit in shared memory");
+  static_assert(kResidentMaxKeys / kKeysPerTile <= 8,
+                "at most 8 rounds of loads (cp_wait_pending)");
+  constexpr int kThreads = kParts * 128;
+  constexpr uint32_t kTileBytes = kKeysPerTile * D * 2;
   extern __shared__ __align__(128) unsigned char smem[];
   const int keys = padded_keys(a.keys);
   const uint32_t qs = smem_u32(smem);
@@ -181,7 +219,7 @@ __global__ void __launch_bounds__(kResidentThreads) fused_attention_resident_ker
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int group = warp & 3, half = warp >> 2;  // 16 query rows; first or second half of the keys
+  const int group = warp & 3, part = warp >> 2;  // 16 query rows; a part of the key tiles
   const int r0 = blockIdx.x * kRowsPerBlock;
   {
     const int problem = blockIdx.z, outer = problem / a.inner, inner = problem % a.inner;
@@ -191,15 +229,22 @@ __global__ void __launch_bounds__(kResidentThreads) fused_attention_resident_ker
     a.v += in;
     a.out += outer * a.out_outer_stride + inner * a.out_inner_stride;
   }
-  attention_tile::load_rows<D, kResidentThreads>(qs, a.q, a.ld_q, a.head_dim, DK / 8, r0, a.rows,
-                                                 kRowsPerBlock);
-  attention_tile::load_rows<D, kResidentThreads>(ks, a.k, a.ld_kv, a.head_dim, DK / 8, 0, a.keys,
-                                                 keys);
-  attention_tile::load_rows<D, kResidentThreads>(vs, a.v, a.ld_kv, a.head_dim, DK / 8, 0, a.keys,
-                                                 keys);
-  cp_commit();
-  cp_wait<0>();
-  __syncthreads();
+  const int tiles = keys / kKeysPerTile;
+  const int per_part = (tiles + kParts - 1) / kParts;  // = rounds of loads
+  attention_tile::load_rows<D, kThreads>(qs, a.q, a.ld_q, a.head_dim, DK / 8, r0, a.rows,
+                                         kRowsPerBlock);
+  for (int r = 0; r < per_part; ++r) {
+    for (int p = 0; p < kParts; ++p) {
+      const int tile = p * per_part + r;
+      if (tile >= tiles) break;
+      const int key0 = tile * kKeysPerTile;
+      attention_tile::load_rows<D, kThreads>(ks + tile * kTileBytes, a.k, a.ld_kv, a.head_dim,
+                                             DK / 8, key0, a.keys, kKeysPerTile);
+      attention_tile::load_rows<D, kThreads>(vs + tile * kTileBytes, a.v, a.ld_kv, a.head_dim,
+                                             DK / 8, key0, a.keys, kKeysPerTile);
+    }
+    cp_commit();
+  }
 
   float o[DK / 8][4];
 #pragma unroll
@@ -207,39 +252,52 @@ __global__ void __launch_bounds__(kResidentThreads) fused_attention_resident_ker
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   const int row_a = r0 + group * 16 + g;  // this thread's rows: row_a and row_a + 8
   const bool limited[2] = {row_a < a.limited_rows, row_a + 8 < a.limited_rows};
-  const int tiles = keys / kKeysPerTile, first_half = (tiles + 1) / 2;
-  constexpr uint32_t kTileBytes = kKeysPerTile * D * 2;
-  for (int it = half ? first_half : 0; it < (half ? tiles : first_half); ++it)
-    attention_tile::attend_tile<D, DK, DK>(qs, ks + it * kTileBytes, vs + it * kTileBytes,
-                                           group * 16, 0, it * kKeysPerTile, a.keys, limited,
-                                           a.limited_keys, a.scale_log2, m, l, o);
+  for (int r = 0; r < per_part; ++r) {
+    cp_wait_pending(per_part - 1 - r);
+    __syncthreads();  // round r has landed for every thread's loads
+    const int tile = part * per_part + r;
+    if (tile < tiles)
+      attention_tile::attend_tile<D, DK, DK>(qs, ks + tile * kTileBytes, vs + tile * kTileBytes,
+                                             group * 16, 0, tile * kKeysPerTile, a.keys, limited,
+                                             a.limited_keys, a.scale_log2, m, l, o);
+  }
 
-  // The second half hands its (o, m, l) to the first through shared memory (Q, K and V are no
-  // longer needed), laid out [value][thread] so that consecutive threads touch consecutive words.
+  // Later parts hand their (o, m, l) to part 0 through shared memory (Q, K and V are no longer
+  // needed), laid out [part][value][slot] so that consecutive threads touch consecutive words.
+  constexpr int kValues = exchange_values<DK>();
   float* xchg = reinterpret_cast<float*>(smem);
   const int slot = group * 32 + lane;
-  __syncthreads();  // every warp is done with K and V
-  if (half == 1) {
+  __syncthreads();  // every warp is done with Q, K and V
+  if (part > 0) {
+    float* mine = xchg + (part - 1) * kValues * kResidentRows + slot;
 #pragma unroll
     for (int n = 0; n < DK / 8; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) xchg[(4 * n + e) * 128 + slot] = o[n][e];
-    xchg[(DK / 2 + 0) * 128 + slot] = m[0];
-    xchg[(DK / 2 + 1) * 128 + slot] = m[1];
-    xchg[(DK / 2 + 2) * 128 + slot] = l[0];
-    xchg[(DK / 2 + 3) * 128 + slot] = l[1];
+      for (int e = 0; e < 4; ++e) mine[(4 * n + e) * kResidentRows] = o[n][e];
+    mine[(DK / 2 + 0) * kResidentRows] = m[0];
+    mine[(DK / 2 + 1) * kResidentRows] = m[1];
+    mine[(DK / 2 + 2) * kResidentRows] = l[0];
+    mine[(DK / 2 + 3) * kResidentRows] = l[1];
   }
   __syncthreads();
-  if (half == 1) return;
-  float w_mine[2], w_other[2];
+  if (part > 0) return;
+  // Part 0 weighs every part by exp2(its max - the overall max), in part order.
+  float w[kParts][2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const float m_other = xchg[(DK / 2 + h) * 128 + slot];
-    const float mx = fmaxf(m[h], m_other);
+    float mx = m[h];
+#pragma unroll
+    for (int p = 1; p < kParts; ++p)
+      mx = fmaxf(mx, xchg[((p - 1) * kValues + DK / 2 + h) * kResidentRows + slot]);
     const float base = mx == -INFINITY ? 0.0f : mx;  // a row that sees no key stays at 0
-    w_mine[h] = exp2f(m[h] - base);
-    w_other[h] = exp2f(m_other - base);
-    l[h] = l[h] * w_mine[h] + xchg[(DK / 2 + 2 + h) * 128 + slot] * w_other[h];
+    w[0][h] = exp2f(m[h] - base);
+    l[h] *= w[0][h];
+#pragma unroll
+    for (int p = 1; p < kParts; ++p) {
+      const float* theirs = xchg + (p - 1) * kValues * kResidentRows + slot;
+      w[p][h] = exp2f(theirs[(DK / 2 + h) * kResidentRows] - base);
+      l[h] += theirs[(DK / 2 + 2 + h) * kResidentRows] * w[p][h];
+    }
   }
   attention_tile::quad_sum(l);
 #pragma unroll
@@ -250,9 +308,13 @@ __global__ void __launch_bounds__(kResidentThreads) fused_attention_resident_ker
 #pragma unroll
     for (int n = 0; n < DK / 8; ++n)
       if (n * 8 < a.head_dim) {
-        const float lo = o[n][2 * h] * w_mine[h] + xchg[(4 * n + 2 * h) * 128 + slot] * w_other[h];
-        const float hi =
-            o[n][2 * h + 1] * w_mine[h] + xchg[(4 * n + 2 * h + 1) * 128 + slot] * w_other[h];
+        float lo = o[n][2 * h] * w[0][h], hi = o[n][2 * h + 1] * w[0][h];
+#pragma unroll
+        for (int p = 1; p < kParts; ++p) {
+          const float* theirs = xchg + (p - 1) * kValues * kResidentRows + slot;
+          lo += theirs[(4 * n + 2 * h) * kResidentRows] * w[p][h];
+          hi += theirs[(4 * n + 2 * h + 1) * kResidentRows] * w[p][h];
+        }
         store_bf16x2(a.out + static_cast<size_t>(row) * a.ld_out + n * 8 + 2 * t, lo * inv,
                      hi * inv);
       }
@@ -292,20 +354,26 @@ cudaLaunchConfig_t launch_config(const FusedAttentionShape& s, cudaLaunchAttribu
   return cfg;
 }
 
+template <int D, int DK, int kParts>
+void launch_resident_parts(const FusedAttentionShape& s, const Args& args, cudaStream_t stream) {
+  auto kernel = fused_attention_resident_kernel<D, DK, kParts>;
+  static const bool configured = [&] {
+    CUDA_CHECK(cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        static_cast<int>(resident_smem_bytes<D, DK, kParts>(kResidentMaxKeys))));
+    return true;
+  }();
+  (void)configured;
+  const dim3 grid(static_cast<unsigned>(row_blocks(s)), 1, static_cast<unsigned>(problems(s)));
+  kernel<<<grid, kParts * 128, resident_smem_bytes<D, DK, kParts>(padded_keys(s.keys)), stream>>>(
+      args);
+  CUDA_CHECK_LAUNCH();
+}
+
 template <int D, int DK>
 void launch_resident(const FusedAttentionShape& s, const Args& args, cudaStream_t stream) {
   if constexpr (D <= kResidentMaxRow) {
-    static const bool configured = [] {
-      CUDA_CHECK(cudaFuncSetAttribute(
-          fused_attention_resident_kernel<D, DK>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-          static_cast<int>(resident_smem_bytes<D, DK>(kResidentMaxKeys))));
-      return true;
-    }();
-    (void)configured;
-    const dim3 grid(static_cast<unsigned>(row_blocks(s)), 1, static_cast<unsigned>(problems(s)));
-    fused_attention_resident_kernel<D, DK>
-        <<<grid, kResidentThreads, resident_smem_bytes<D, DK>(padded_keys(s.keys)), stream>>>(args);
-    CUDA_CHECK_LAUNCH();
+    launch_resident_parts<D, DK, kResidentParts>(s, args, stream);
   } else {
     PI0_CHECK(false, "fused attention: no resident kernel for rows of " + std::to_string(D));
   }

@@ -157,6 +157,11 @@ constexpr int kResidentRows = 128;    // 16-row groups x 32 lanes: the exchange'
 // Parts of the key tiles: SigLIP's attention (breakdown, one H100) 14.56 us a call clustered, 12.56
 // with 2 parts in rounds, 12.05 with 4 (bench/NOTES.md v26).
 constexpr int kResidentParts = 4;
+// Its ~147 KB of shared memory holds one CTA an SM: more CTAs than a whole H100's SMs would run in
+// waves (SigLIP at V=3, 192 CTAs: encoder 7.80 ms against 7.69-7.73 clustered), so those keep the
+// clustered kernel. A fixed number, not the SM count this process sees, so that an MPS share does
+// not change the choice, nor the bits.
+constexpr int kResidentMaxCtas = 132;
 
 __host__ __device__ constexpr int padded_keys(int keys) {
   return (keys + kKeysPerTile - 1) / kKeysPerTile * kKeysPerTile;
@@ -444,6 +449,7 @@ FusedAttentionShape plan_fused_attention(FusedAttentionShape s) {
   // clustered kernel, for comparisons).
   const char* want_resident = std::getenv("PI0_FUSED_ATTENTION_RESIDENT");
   s.resident = s.keys <= kResidentMaxKeys && s.head_dim <= kResidentMaxRow &&
+               row_blocks(s) * problems(s) <= kResidentMaxCtas &&
                !(want_resident && want_resident[0] == '0');
   if (s.resident) {
     s.splits = 1;

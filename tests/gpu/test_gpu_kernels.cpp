@@ -423,8 +423,9 @@ TEST_CASE("view attention keeps views apart and matches the reference", "[gpu]")
 
 // SigLIP's head of 72 runs padded to 80 inside rows of 128: the padding must neither leak into
 // the scores nor be written over the next head's columns.
-// Up to 256 keys run on the kernel that holds every key in shared memory (its two halves of the
-// key tiles merged in the CTA), more on the clustered one.
+// Up to 256 keys run on the kernel that holds every key in shared memory (its parts of the key
+// tiles merged in the CTA) where its CTAs fit one to an SM of an H100, the rest on the clustered
+// one.
 TEST_CASE("fused view attention matches the reference", "[gpu]") {
   check_view_attention(2, 256, 16, 72, true, 31);  // pi0, V=2: 8 tiles, 4 a half
   check_view_attention(3, 100, 4, 72, true, 32);   // partial tiles
@@ -433,6 +434,7 @@ TEST_CASE("fused view attention matches the reference", "[gpu]") {
   check_view_attention(1, 40, 2, 64, true, 33);    // another head size
   check_view_attention(1, 300, 2, 72, true, 37);   // clustered: 2 key ranges in rows of 128
   check_view_attention(1, 300, 2, 64, true, 38);   // clustered, head 64
+  check_view_attention(3, 256, 16, 72, true, 39);  // pi0, V=3: 192 CTAs, clustered
 }
 
 TEST_CASE("fused view attention on the clustered kernel matches the reference", "[gpu]") {

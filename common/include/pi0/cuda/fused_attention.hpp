@@ -7,7 +7,8 @@
 // one K/V head), K and V [keys, head_dim], O' like Q'; bf16, 16-byte aligned rows. Rows may also
 // sit further apart (ld_*), and one launch may run a grid of independent problems (SigLIP: one per
 // view and head, reading Q, K and V straight out of the fused QKV rows). Up to 256 keys (heads up
-// to 128) sit in shared memory whole: one CTA per (problem, 64 rows), no cluster. Longer ones are
+// to 128) sit in shared memory whole: one CTA per (problem, 64 rows), no cluster, where those CTAs
+// fit one to an SM of an H100 (132). Longer ones, or more CTAs, are
 // cut into `splits` ranges, one CTA per (problem, 64 rows, range); the ranges of a row block are
 // one thread-block cluster and combine in range order through distributed shared memory. Either way
 // the result does not depend on scheduling (bitwise reproducible).
@@ -35,8 +36,8 @@ struct FusedAttentionShape {
   int outer = 1, inner = 1;
   int64_t outer_stride = 0, inner_stride = 0, out_outer_stride = 0, out_inner_stride = 0;
   int splits = 1;  // key ranges; plan_fused_attention() picks it from the shape alone
-  // Every key in shared memory at once, no cluster (up to 256 keys, heads up to 128; chosen by
-  // plan_fused_attention()).
+  // Every key in shared memory at once, no cluster (up to 256 keys, heads up to 128, 132 CTAs;
+  // chosen by plan_fused_attention()).
   bool resident = false;
 };
 

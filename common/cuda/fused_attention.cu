@@ -67,6 +67,34 @@ __device__ __forceinline__ void store_bf16x2(bf16* p, float a, float b) {
   *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
 }
 
+// Moves the operand pointers to independent problem `problem` (grid z).
+__device__ __forceinline__ void to_problem(Args& a, int problem) {
+  const int outer = problem / a.inner, inner = problem % a.inner;
+  const int64_t in = outer * a.outer_stride + inner * a.inner_stride;
+  a.q += in;
+  a.k += in;
+  a.v += in;
+  a.out += outer * a.out_outer_stride + inner * a.out_inner_stride;
+}
+
+// This thread's rows row_a and row_a + 8 of the output, o divided by the row sums l (rows past
+// a.rows and the head's padding columns are not written).
+template <int DK>
+__device__ __forceinline__ void store_rows(const Args& a, int row_a, int t, const float (&l)[2],
+                                           const float (&o)[DK / 8][4]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = row_a + 8 * h;
+    if (row >= a.rows) continue;
+    const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
+#pragma unroll
+    for (int n = 0; n < DK / 8; ++n)
+      if (n * 8 < a.head_dim)
+        store_bf16x2(a.out + static_cast<size_t>(row) * a.ld_out + n * 8 + 2 * t, o[n][2 * h] * inv,
+                     o[n][2 * h + 1] * inv);
+  }
+}
+
 // D: the shared-memory row (the head dim, or the multiple of 64 it is padded to); DK: the head
 // dim rounded up to 16, the depth of both products.
 template <int D, int DK>
@@ -85,14 +113,7 @@ __global__ void __launch_bounds__(kThreads) fused_attention_kernel(Args a) {
   const int split = blockIdx.y;
   const int key_begin = split * a.keys_per_split;
   const int key_end = min(a.keys, key_begin + a.keys_per_split);
-  {
-    const int problem = blockIdx.z, outer = problem / a.inner, inner = problem % a.inner;
-    const int64_t in = outer * a.outer_stride + inner * a.inner_stride;
-    a.q += in;
-    a.k += in;
-    a.v += in;
-    a.out += outer * a.out_outer_stride + inner * a.out_inner_stride;
-  }
+  to_problem(a, blockIdx.z);
 
   attention_tile::load_rows<D, kThreads>(qs, a.q, a.ld_q, a.head_dim, DK / 8, r0, a.rows,
                                          kRowsPerBlock);
@@ -110,17 +131,7 @@ __global__ void __launch_bounds__(kThreads) fused_attention_kernel(Args a) {
   attention_tile::quad_sum(l);
 
   if (a.splits == 1) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = row_a + 8 * h;
-      if (row >= a.rows) continue;
-      const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
-#pragma unroll
-      for (int n = 0; n < DK / 8; ++n)
-        if (n * 8 < a.head_dim)
-          store_bf16x2(a.out + static_cast<size_t>(row) * a.ld_out + n * 8 + 2 * t,
-                       o[n][2 * h] * inv, o[n][2 * h + 1] * inv);
-    }
+    store_rows<DK>(a, row_a, t, l, o);
     return;
   }
 
@@ -178,42 +189,11 @@ constexpr size_t resident_smem_bytes(int keys) {
       static_cast<size_t>(kParts - 1) * exchange_values<DK>() * kResidentRows * sizeof(float));
 }
 
-// Waits until at most `pending` of this thread's cp.async groups are in flight (0 .. 7).
-__device__ __forceinline__ void cp_wait_pending(int pending) {
-  switch (pending) {
-    case 0:
-      cp_wait<0>();
-      break;
-    case 1:
-      cp_wait<1>();
-      break;
-    case 2:
-      cp_wait<2>();
-      break;
-    case 3:
-      cp_wait<3>();
-      break;
-    case 4:
-      cp_wait<4>();
-      break;
-    case 5:
-      cp_wait<5>();
-      break;
-    case 6:
-      cp_wait<6>();
-      break;
-    default:
-      cp_wait<7>();
-      break;
-  }
-}
-
 template <int D, int DK, int kParts>
 __global__ void __launch_bounds__(kParts * 128) fused_attention_resident_kernel(Args a) {
   wait_for_prior_grids();
   static_assert(D <= kResidentMaxRow, "keys of wider rows do not fit in shared memory");
-  static_assert(kResidentMaxKeys / kKeysPerTile <= 8,
-                "at most 8 rounds of loads (cp_wait_pending)");
+  static_assert(kResidentMaxKeys / kKeysPerTile <= 2 * kParts, "at most two rounds of loads");
   constexpr int kThreads = kParts * 128;
   constexpr uint32_t kTileBytes = kKeysPerTile * D * 2;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -226,14 +206,7 @@ __global__ void __launch_bounds__(kParts * 128) fused_attention_resident_kernel(
   const int g = lane >> 2, t = lane & 3;
   const int group = warp & 3, part = warp >> 2;  // 16 query rows; a part of the key tiles
   const int r0 = blockIdx.x * kRowsPerBlock;
-  {
-    const int problem = blockIdx.z, outer = problem / a.inner, inner = problem % a.inner;
-    const int64_t in = outer * a.outer_stride + inner * a.inner_stride;
-    a.q += in;
-    a.k += in;
-    a.v += in;
-    a.out += outer * a.out_outer_stride + inner * a.out_inner_stride;
-  }
+  to_problem(a, blockIdx.z);
   const int tiles = keys / kKeysPerTile;
   const int per_part = (tiles + kParts - 1) / kParts;  // = rounds of loads
   attention_tile::load_rows<D, kThreads>(qs, a.q, a.ld_q, a.head_dim, DK / 8, r0, a.rows,
@@ -258,7 +231,11 @@ __global__ void __launch_bounds__(kParts * 128) fused_attention_resident_kernel(
   const int row_a = r0 + group * 16 + g;  // this thread's rows: row_a and row_a + 8
   const bool limited[2] = {row_a < a.limited_rows, row_a + 8 < a.limited_rows};
   for (int r = 0; r < per_part; ++r) {
-    cp_wait_pending(per_part - 1 - r);
+    if (r + 1 < per_part) {
+      cp_wait<1>();
+    } else {
+      cp_wait<0>();
+    }
     __syncthreads();  // round r has landed for every thread's loads
     const int tile = part * per_part + r;
     if (tile < tiles)
@@ -306,24 +283,17 @@ __global__ void __launch_bounds__(kParts * 128) fused_attention_resident_kernel(
   }
   attention_tile::quad_sum(l);
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int row = row_a + 8 * h;
-    if (row >= a.rows) continue;
-    const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
+  for (int n = 0; n < DK / 8; ++n)
 #pragma unroll
-    for (int n = 0; n < DK / 8; ++n)
-      if (n * 8 < a.head_dim) {
-        float lo = o[n][2 * h] * w[0][h], hi = o[n][2 * h + 1] * w[0][h];
+    for (int e = 0; e < 4; ++e) {
+      const int h = e >> 1;
+      float v = o[n][e] * w[0][h];
 #pragma unroll
-        for (int p = 1; p < kParts; ++p) {
-          const float* theirs = xchg + (p - 1) * kValues * kResidentRows + slot;
-          lo += theirs[(4 * n + 2 * h) * kResidentRows] * w[p][h];
-          hi += theirs[(4 * n + 2 * h + 1) * kResidentRows] * w[p][h];
-        }
-        store_bf16x2(a.out + static_cast<size_t>(row) * a.ld_out + n * 8 + 2 * t, lo * inv,
-                     hi * inv);
-      }
-  }
+      for (int p = 1; p < kParts; ++p)
+        v += xchg[((p - 1) * kValues + 4 * n + e) * kResidentRows + slot] * w[p][h];
+      o[n][e] = v;
+    }
+  store_rows<DK>(a, row_a, t, l, o);
 }
 
 template <int D>

@@ -163,17 +163,28 @@ __global__ void __launch_bounds__(kThreads) fused_attention_kernel(Args a) {
 // the first), so that a round's tiles are attended while the next ones land. No cluster exchange,
 // which was most of the clustered kernel's time at this size.
 constexpr int kResidentMaxKeys = 256;
-constexpr int kResidentMaxRow = 128;  // shared-memory row (D) of the heads it runs
-constexpr int kResidentRows = 128;    // 16-row groups x 32 lanes: the exchange's slots
+// Heads up to SigLIP's 72 (products 80 deep): at 128 the 512 threads' 128 registers spill.
+constexpr int kResidentMaxHead = 72;
+constexpr int kResidentMaxDepth = 80;            // DK
+constexpr int kRowGroups = kRowsPerBlock / 16;   // a warp's 16 query rows
+constexpr int kExchangeSlots = kRowGroups * 32;  // threads of one part
 // Parts of the key tiles: SigLIP's attention (breakdown, one H100) 14.56 us a call clustered, 12.56
 // with 2 parts in rounds, 12.05 with 4 (bench/NOTES.md v26).
 constexpr int kResidentParts = 4;
-// Its ~147 KB of shared memory holds one CTA an SM: more CTAs than a whole H100's SMs would run in
+// One CTA an SM (SigLIP's ~147 KB of shared memory; at head 64, its 512 threads' registers): more
+// CTAs than a whole H100's SMs would run in
 // waves (SigLIP at V=3, 192 CTAs: encoder 7.80 ms against 7.69-7.73 clustered), so those keep the
 // clustered kernel. A fixed number, not the SM count this process sees, so that an MPS share does
 // not change the choice, nor the bits.
 constexpr int kResidentMaxCtas = 132;
 
+// The current device's opt-in shared memory per block.
+size_t shared_memory_optin() {
+  int device = 0, bytes = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return static_cast<size_t>(bytes);
+}
 __host__ __device__ constexpr int padded_keys(int keys) {
   return (keys + kKeysPerTile - 1) / kKeysPerTile * kKeysPerTile;
 }
@@ -186,15 +197,15 @@ template <int D, int DK, int kParts>
 constexpr size_t resident_smem_bytes(int keys) {
   return std::max(
       static_cast<size_t>(kRowsPerBlock + 2 * keys) * D * 2,
-      static_cast<size_t>(kParts - 1) * exchange_values<DK>() * kResidentRows * sizeof(float));
+      static_cast<size_t>(kParts - 1) * exchange_values<DK>() * kExchangeSlots * sizeof(float));
 }
 
 template <int D, int DK, int kParts>
-__global__ void __launch_bounds__(kParts * 128) fused_attention_resident_kernel(Args a) {
+__global__ void __launch_bounds__(kParts* kExchangeSlots) fused_attention_resident_kernel(Args a) {
   wait_for_prior_grids();
-  static_assert(D <= kResidentMaxRow, "keys of wider rows do not fit in shared memory");
+  static_assert(DK <= kResidentMaxDepth, "deeper heads spill registers");
   static_assert(kResidentMaxKeys / kKeysPerTile <= 2 * kParts, "at most two rounds of loads");
-  constexpr int kThreads = kParts * 128;
+  constexpr int kBlockThreads = kParts * kExchangeSlots;
   constexpr uint32_t kTileBytes = kKeysPerTile * D * 2;
   extern __shared__ __align__(128) unsigned char smem[];
   const int keys = padded_keys(a.keys);
@@ -204,22 +215,22 @@ __global__ void __launch_bounds__(kParts * 128) fused_attention_resident_kernel(
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int group = warp & 3, part = warp >> 2;  // 16 query rows; a part of the key tiles
+  const int group = warp % kRowGroups, part = warp / kRowGroups;  // 16 query rows; a key part
   const int r0 = blockIdx.x * kRowsPerBlock;
   to_problem(a, blockIdx.z);
   const int tiles = keys / kKeysPerTile;
   const int per_part = (tiles + kParts - 1) / kParts;  // = rounds of loads
-  attention_tile::load_rows<D, kThreads>(qs, a.q, a.ld_q, a.head_dim, DK / 8, r0, a.rows,
-                                         kRowsPerBlock);
+  attention_tile::load_rows<D, kBlockThreads>(qs, a.q, a.ld_q, a.head_dim, DK / 8, r0, a.rows,
+                                              kRowsPerBlock);
   for (int r = 0; r < per_part; ++r) {
     for (int p = 0; p < kParts; ++p) {
       const int tile = p * per_part + r;
       if (tile >= tiles) break;
       const int key0 = tile * kKeysPerTile;
-      attention_tile::load_rows<D, kThreads>(ks + tile * kTileBytes, a.k, a.ld_kv, a.head_dim,
-                                             DK / 8, key0, a.keys, kKeysPerTile);
-      attention_tile::load_rows<D, kThreads>(vs + tile * kTileBytes, a.v, a.ld_kv, a.head_dim,
-                                             DK / 8, key0, a.keys, kKeysPerTile);
+      attention_tile::load_rows<D, kBlockThreads>(ks + tile * kTileBytes, a.k, a.ld_kv, a.head_dim,
+                                                  DK / 8, key0, a.keys, kKeysPerTile);
+      attention_tile::load_rows<D, kBlockThreads>(vs + tile * kTileBytes, a.v, a.ld_kv, a.head_dim,
+                                                  DK / 8, key0, a.keys, kKeysPerTile);
     }
     cp_commit();
   }
@@ -251,15 +262,15 @@ __global__ void __launch_bounds__(kParts * 128) fused_attention_resident_kernel(
   const int slot = group * 32 + lane;
   __syncthreads();  // every warp is done with Q, K and V
   if (part > 0) {
-    float* mine = xchg + (part - 1) * kValues * kResidentRows + slot;
+    float* mine = xchg + (part - 1) * kValues * kExchangeSlots + slot;
 #pragma unroll
     for (int n = 0; n < DK / 8; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) mine[(4 * n + e) * kResidentRows] = o[n][e];
-    mine[(DK / 2 + 0) * kResidentRows] = m[0];
-    mine[(DK / 2 + 1) * kResidentRows] = m[1];
-    mine[(DK / 2 + 2) * kResidentRows] = l[0];
-    mine[(DK / 2 + 3) * kResidentRows] = l[1];
+      for (int e = 0; e < 4; ++e) mine[(4 * n + e) * kExchangeSlots] = o[n][e];
+    mine[(DK / 2 + 0) * kExchangeSlots] = m[0];
+    mine[(DK / 2 + 1) * kExchangeSlots] = m[1];
+    mine[(DK / 2 + 2) * kExchangeSlots] = l[0];
+    mine[(DK / 2 + 3) * kExchangeSlots] = l[1];
   }
   __syncthreads();
   if (part > 0) return;
@@ -270,15 +281,15 @@ __global__ void __launch_bounds__(kParts * 128) fused_attention_resident_kernel(
     float mx = m[h];
 #pragma unroll
     for (int p = 1; p < kParts; ++p)
-      mx = fmaxf(mx, xchg[((p - 1) * kValues + DK / 2 + h) * kResidentRows + slot]);
+      mx = fmaxf(mx, xchg[((p - 1) * kValues + DK / 2 + h) * kExchangeSlots + slot]);
     const float base = mx == -INFINITY ? 0.0f : mx;  // a row that sees no key stays at 0
     w[0][h] = exp2f(m[h] - base);
     l[h] *= w[0][h];
 #pragma unroll
     for (int p = 1; p < kParts; ++p) {
-      const float* theirs = xchg + (p - 1) * kValues * kResidentRows + slot;
-      w[p][h] = exp2f(theirs[(DK / 2 + h) * kResidentRows] - base);
-      l[h] += theirs[(DK / 2 + 2 + h) * kResidentRows] * w[p][h];
+      const float* theirs = xchg + (p - 1) * kValues * kExchangeSlots + slot;
+      w[p][h] = exp2f(theirs[(DK / 2 + h) * kExchangeSlots] - base);
+      l[h] += theirs[(DK / 2 + 2 + h) * kExchangeSlots] * w[p][h];
     }
   }
   attention_tile::quad_sum(l);
@@ -290,7 +301,7 @@ __global__ void __launch_bounds__(kParts * 128) fused_attention_resident_kernel(
       float v = o[n][e] * w[0][h];
 #pragma unroll
       for (int p = 1; p < kParts; ++p)
-        v += xchg[((p - 1) * kValues + 4 * n + e) * kResidentRows + slot] * w[p][h];
+        v += xchg[((p - 1) * kValues + 4 * n + e) * kExchangeSlots + slot] * w[p][h];
       o[n][e] = v;
     }
   store_rows<DK>(a, row_a, t, l, o);
@@ -333,24 +344,26 @@ template <int D, int DK, int kParts>
 void launch_resident_parts(const FusedAttentionShape& s, const Args& args, cudaStream_t stream) {
   auto kernel = fused_attention_resident_kernel<D, DK, kParts>;
   static const bool configured = [&] {
-    CUDA_CHECK(cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-        static_cast<int>(resident_smem_bytes<D, DK, kParts>(kResidentMaxKeys))));
+    const size_t bytes =
+        std::min(resident_smem_bytes<D, DK, kParts>(kResidentMaxKeys), shared_memory_optin());
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(bytes)));
     return true;
   }();
   (void)configured;
   const dim3 grid(static_cast<unsigned>(row_blocks(s)), 1, static_cast<unsigned>(problems(s)));
-  kernel<<<grid, kParts * 128, resident_smem_bytes<D, DK, kParts>(padded_keys(s.keys)), stream>>>(
-      args);
+  kernel<<<grid, kParts * kExchangeSlots, resident_smem_bytes<D, DK, kParts>(padded_keys(s.keys)),
+           stream>>>(args);
   CUDA_CHECK_LAUNCH();
 }
 
 template <int D, int DK>
 void launch_resident(const FusedAttentionShape& s, const Args& args, cudaStream_t stream) {
-  if constexpr (D <= kResidentMaxRow) {
+  if constexpr (DK <= kResidentMaxDepth) {
     launch_resident_parts<D, DK, kResidentParts>(s, args, stream);
   } else {
-    PI0_CHECK(false, "fused attention: no resident kernel for rows of " + std::to_string(D));
+    PI0_CHECK(false, "fused attention: no in-shared-memory kernel for heads of " +
+                         std::to_string(s.head_dim));
   }
 }
 
@@ -418,7 +431,7 @@ FusedAttentionShape plan_fused_attention(FusedAttentionShape s) {
   // Whole key ranges in shared memory where they fit (PI0_FUSED_ATTENTION_RESIDENT=0 keeps the
   // clustered kernel, for comparisons).
   const char* want_resident = std::getenv("PI0_FUSED_ATTENTION_RESIDENT");
-  s.resident = s.keys <= kResidentMaxKeys && s.head_dim <= kResidentMaxRow &&
+  s.resident = s.keys <= kResidentMaxKeys && s.head_dim <= kResidentMaxHead &&
                row_blocks(s) * problems(s) <= kResidentMaxCtas &&
                !(want_resident && want_resident[0] == '0');
   if (s.resident) {
@@ -439,8 +452,10 @@ FusedAttentionShape plan_fused_attention(FusedAttentionShape s) {
 }
 
 bool fused_attention_runs_here(const FusedAttentionShape& s) {
-  if (s.resident) return true;  // no cluster; its shared memory fits any sm_80+ GPU
   return with_instantiation(s.head_dim, [&](auto d, auto dk) {
+    if (s.resident)
+      return resident_smem_bytes<decltype(d)::value, decltype(dk)::value, kResidentParts>(
+                 padded_keys(s.keys)) <= shared_memory_optin();
     return cluster_fits<decltype(d)::value, decltype(dk)::value>(s);
   });
 }
@@ -449,7 +464,7 @@ void fused_attention(const FusedAttentionShape& s, const Bf16* q, const Bf16* k,
                      Bf16* out, cudaStream_t stream) {
   PI0_CHECK(fused_attention_supported(s.head_dim) && s.splits >= 1 && s.splits <= kMaxSplits &&
                 (!s.resident ||
-                 (s.splits == 1 && s.keys <= kResidentMaxKeys && s.head_dim <= kResidentMaxRow)) &&
+                 (s.splits == 1 && s.keys <= kResidentMaxKeys && s.head_dim <= kResidentMaxHead)) &&
                 s.ld_q >= s.head_dim && s.ld_kv >= s.head_dim && s.ld_out >= s.head_dim,
             "fused attention: shape not planned");
   PI0_CHECK(is_aligned(q, 16) && is_aligned(k, 16) && is_aligned(v, 16) && is_aligned(out, 16),

@@ -15,6 +15,7 @@
 #include "gpu_test_util.hpp"
 #include "pi0/cuda/attention.hpp"
 #include "pi0/cuda/device.hpp"
+#include "pi0/cuda/fused_attention.hpp"
 #include "pi0/cuda/gemm.hpp"
 #include "pi0/cuda/gemm_table.hpp"
 #include "pi0/cuda/kernels.hpp"
@@ -317,8 +318,9 @@ TEST_CASE("fused shared kv attention matches the reference", "[gpu]") {
   check_shared_kv(64, 576, 8, 256, 1, 513, 40, fused);  // decoder, V=2 C=63: 6 key ranges
   check_shared_kv(51, 583, 8, 256, 1, 533, 41, fused);  // decoder, C=50 P=20: partial tiles
   check_shared_kv(532, 532, 8, 256, 0, 0, 42, fused);   // encoder-sized, bidirectional
-  check_shared_kv(9, 40, 2, 128, 1, 3, 43, fused);      // keys in shared memory, state token
-  check_shared_kv(9, 40, 2, 256, 1, 3, 46, fused);      // one key range, rows < 64
+  check_shared_kv(9, 40, 2, 128, 1, 3, 43, fused);      // one key range, rows < 64
+  check_shared_kv(9, 40, 2, 64, 1, 3, 46, fused);       // keys in shared memory, state token
+  check_shared_kv(33, 200, 4, 64, 2, 100, 47, fused);   // the same, its mask past the first part
   check_shared_kv(33, 300, 4, 64, 2, 100, 44, fused);   // head_dim 64
 }
 
@@ -423,18 +425,52 @@ TEST_CASE("view attention keeps views apart and matches the reference", "[gpu]")
 
 // SigLIP's head of 72 runs padded to 80 inside rows of 128: the padding must neither leak into
 // the scores nor be written over the next head's columns.
-// Up to 256 keys run on the kernel that holds every key in shared memory (its parts of the key
-// tiles merged in the CTA) where its CTAs fit one to an SM of an H100, the rest on the clustered
-// one.
+// Up to 256 keys run on the kernel that holds every key in shared memory (four parts of the key
+// tiles on each 16 query rows, merged in the CTA) where its CTAs fit one to an SM of an H100, the
+// rest on the clustered one ("which fused attention kernel a shape gets" below checks the choice).
 TEST_CASE("fused view attention matches the reference", "[gpu]") {
-  check_view_attention(2, 256, 16, 72, true, 31);  // pi0, V=2: 8 tiles, 4 a half
+  check_view_attention(2, 256, 16, 72, true, 31);  // pi0, V=2: 8 tiles, 2 a part, 2 rounds
+  check_view_attention(1, 200, 2, 72, true, 40);   // 7 tiles: the last part has 1, partial
   check_view_attention(3, 100, 4, 72, true, 32);   // partial tiles
-  check_view_attention(1, 70, 2, 72, true, 35);    // 3 tiles: halves of 2 and 1
-  check_view_attention(1, 20, 2, 72, true, 36);    // 1 tile: the second half has no keys
+  check_view_attention(1, 70, 2, 72, true, 35);    // 3 tiles: the last part has none
+  check_view_attention(1, 20, 2, 72, true, 36);    // 1 tile: three parts have none
   check_view_attention(1, 40, 2, 64, true, 33);    // another head size
+  check_view_attention(1, 256, 2, 64, true, 41);   // head 64 with 256 keys, 2 rounds
   check_view_attention(1, 300, 2, 72, true, 37);   // clustered: 2 key ranges in rows of 128
   check_view_attention(1, 300, 2, 64, true, 38);   // clustered, head 64
   check_view_attention(3, 256, 16, 72, true, 39);  // pi0, V=3: 192 CTAs, clustered
+}
+
+TEST_CASE("which fused attention kernel a shape gets", "[gpu]") {
+  auto view_plan = [](int views, int tokens, int heads, int hd) {
+    cuda::FusedAttentionShape f;
+    f.rows = f.keys = tokens;
+    f.head_dim = hd;
+    f.ld_q = f.ld_kv = 3 * heads * hd;
+    f.ld_out = heads * hd;
+    f.outer = views;
+    f.inner = heads;
+    f.outer_stride = static_cast<int64_t>(tokens) * 3 * heads * hd;
+    f.inner_stride = hd;
+    f.out_outer_stride = static_cast<int64_t>(tokens) * heads * hd;
+    f.out_inner_stride = hd;
+    return cuda::plan_fused_attention(f);
+  };
+  const cuda::FusedAttentionShape pi0_v2 = view_plan(2, 256, 16, 72);
+  REQUIRE(pi0_v2.resident);
+  REQUIRE(pi0_v2.splits == 1);
+  REQUIRE(cuda::fused_attention_runs_here(pi0_v2));
+  REQUIRE(view_plan(1, 20, 2, 72).resident);
+  REQUIRE(view_plan(1, 256, 2, 64).resident);
+  REQUIRE_FALSE(view_plan(3, 256, 16, 72).resident);  // 192 CTAs
+  REQUIRE_FALSE(view_plan(1, 300, 2, 72).resident);   // 300 keys
+  REQUIRE_FALSE(view_plan(1, 40, 2, 128).resident);   // head 128 would spill registers
+  {
+    const ScopedEnv clustered("PI0_FUSED_ATTENTION_RESIDENT", "0");
+    const cuda::FusedAttentionShape off = view_plan(2, 256, 16, 72);
+    REQUIRE_FALSE(off.resident);
+    REQUIRE(off.splits == 2);
+  }
 }
 
 TEST_CASE("fused view attention on the clustered kernel matches the reference", "[gpu]") {

@@ -7,11 +7,11 @@
 // one K/V head), K and V [keys, head_dim], O' like Q'; bf16, 16-byte aligned rows. Rows may also
 // sit further apart (ld_*), and one launch may run a grid of independent problems (SigLIP: one per
 // view and head, reading Q, K and V straight out of the fused QKV rows). Up to 256 keys (heads up
-// to 128) sit in shared memory whole: one CTA per (problem, 64 rows), no cluster, where those CTAs
-// fit one to an SM of an H100 (132). Longer ones, or more CTAs, are
-// cut into `splits` ranges, one CTA per (problem, 64 rows, range); the ranges of a row block are
-// one thread-block cluster and combine in range order through distributed shared memory. Either way
-// the result does not depend on scheduling (bitwise reproducible).
+// to 72) sit in shared memory whole: one CTA per (problem, 64 rows), no cluster, where those CTAs
+// fit one to an SM of an H100 (132). Longer ones, or more CTAs, are cut into `splits` ranges, one
+// CTA per (problem, 64 rows, range); the ranges of a row block are one thread-block cluster and
+// combine in range order through distributed shared memory. Either way the result does not depend
+// on scheduling (bitwise reproducible).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -36,7 +36,7 @@ struct FusedAttentionShape {
   int outer = 1, inner = 1;
   int64_t outer_stride = 0, inner_stride = 0, out_outer_stride = 0, out_inner_stride = 0;
   int splits = 1;  // key ranges; plan_fused_attention() picks it from the shape alone
-  // Every key in shared memory at once, no cluster (up to 256 keys, heads up to 128, 132 CTAs;
+  // Every key in shared memory at once, no cluster (up to 256 keys, heads up to 72, 132 CTAs;
   // chosen by plan_fused_attention()).
   bool resident = false;
 };
@@ -44,11 +44,13 @@ struct FusedAttentionShape {
 // 64, 72 (SigLIP's, padded to 80 in the products), 128 or 256.
 bool fused_attention_supported(int head_dim);
 
-// Fills in splits. Depends on the shape only, so every process computes the same bits.
+// Fills in resident and splits. Depends on the shape only (and PI0_FUSED_ATTENTION_RESIDENT=0,
+// which keeps the clustered kernel for comparisons), so every process computes the same bits.
 FusedAttentionShape plan_fused_attention(FusedAttentionShape shape);
 
-// Whether the cluster of the planned shape can be scheduled in this process (an MPS client with a
-// small SM share may not hold one); where not, use the GEMM path.
+// Whether the planned shape can run in this process: its cluster scheduled (an MPS client with a
+// small SM share may not hold one), or the in-shared-memory kernel's shared memory there; where
+// not, use the GEMM path.
 bool fused_attention_runs_here(const FusedAttentionShape& shape);
 
 void fused_attention(const FusedAttentionShape& shape, const Bf16* q, const Bf16* k, const Bf16* v,

@@ -202,6 +202,16 @@ GraphExec GraphCache::end_capture() {
   return GraphExec(exec);
 }
 
+int current_device_attribute(cudaDeviceAttr attr, int otherwise) {
+  int device = 0, value = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&value, attr, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return otherwise;
+  }
+  return value;
+}
+
 namespace {
 
 std::atomic<int> g_handover{-1};  // -1: not chosen yet
@@ -256,7 +266,9 @@ int node_type(cudaGraphNode_t node) {
   return static_cast<int>(type);
 }
 
-bool is_kernel(cudaGraphNode_t node) { return node_type(node) == cudaGraphNodeTypeKernel; }
+bool is_kernel(cudaGraphNode_t node) {
+  return node_type(node) == cudaGraphNodeTypeKernel;
+}
 
 // A captured stream memory operation: in our graphs only the decoder's front-end layer waits
 // (cuStreamWaitValue64; the runtime's node types have no name for it).
@@ -283,17 +295,6 @@ bool is_clustered(cudaGraphNode_t node) {
     return true;  // unknown: an MPS client leaves it alone
   }
   return value.clusterDim.x * value.clusterDim.y * value.clusterDim.z > 1;
-}
-
-// An attribute of the current device, or `otherwise` where it cannot be read (no usable GPU).
-int current_device_attribute(cudaDeviceAttr attr, int otherwise) {
-  int device = 0, value = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&value, attr, device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return otherwise;
-  }
-  return value;
 }
 
 bool current_context_is_mps_client() {

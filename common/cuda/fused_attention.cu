@@ -178,12 +178,9 @@ constexpr int kResidentParts = 4;
 // not change the choice, nor the bits.
 constexpr int kResidentMaxCtas = 132;
 
-// The current device's opt-in shared memory per block.
+// The current device's opt-in shared memory per block (0 where it cannot be read).
 size_t shared_memory_optin() {
-  int device = 0, bytes = 0;
-  CUDA_CHECK(cudaGetDevice(&device));
-  CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return static_cast<size_t>(bytes);
+  return static_cast<size_t>(current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, 0));
 }
 __host__ __device__ constexpr int padded_keys(int keys) {
   return (keys + kKeysPerTile - 1) / kKeysPerTile * kKeysPerTile;

@@ -118,6 +118,9 @@ std::vector<T> download(const T* device, size_t count) {
   return out;
 }
 
+// An attribute of the current device, or `otherwise` where it cannot be read (no usable GPU).
+int current_device_attribute(cudaDeviceAttr attr, int otherwise);
+
 class Stream {
  public:
   Stream();  // non-blocking with respect to the legacy default stream

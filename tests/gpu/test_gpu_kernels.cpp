@@ -442,24 +442,19 @@ TEST_CASE("fused view attention matches the reference", "[gpu]") {
 }
 
 TEST_CASE("which fused attention kernel a shape gets", "[gpu]") {
+  // The plan SigLIP's attention runs on, as the encoder builds it.
   auto view_plan = [](int views, int tokens, int heads, int hd) {
-    cuda::FusedAttentionShape f;
-    f.rows = f.keys = tokens;
-    f.head_dim = hd;
-    f.ld_q = f.ld_kv = 3 * heads * hd;
-    f.ld_out = heads * hd;
-    f.outer = views;
-    f.inner = heads;
-    f.outer_stride = static_cast<int64_t>(tokens) * 3 * heads * hd;
-    f.inner_stride = hd;
-    f.out_outer_stride = static_cast<int64_t>(tokens) * heads * hd;
-    f.out_inner_stride = hd;
-    return cuda::plan_fused_attention(f);
+    cuda::LtHandle lt;
+    DeviceBuffer<std::byte> ws(cuda::kGemmWorkspaceBytes, "workspace");
+    cuda::ViewAttention::Params params{views, tokens, heads, hd, 1.0f};
+    params.fused = true;
+    cuda::ViewAttention att(lt.get(), params, ws.get(), ws.bytes());
+    REQUIRE(att.fused());
+    return att.fused_shape();
   };
   const cuda::FusedAttentionShape pi0_v2 = view_plan(2, 256, 16, 72);
   REQUIRE(pi0_v2.resident);
   REQUIRE(pi0_v2.splits == 1);
-  REQUIRE(cuda::fused_attention_runs_here(pi0_v2));
   REQUIRE(view_plan(1, 20, 2, 72).resident);
   REQUIRE(view_plan(1, 256, 2, 64).resident);
   REQUIRE_FALSE(view_plan(3, 256, 16, 72).resident);  // 192 CTAs

@@ -114,7 +114,8 @@ class ViewAttention {
   struct Params {
     int views = 0, tokens = 0, heads = 0, head_dim = 0;
     float scale = 1.0f;
-    // The fused kernel, where the head size allows it and its cluster fits this process's share.
+    // The fused kernel, where the head size allows it and it can run in this process
+    // (fused_attention_runs_here).
     bool fused = false;
   };
   ViewAttention() = default;
@@ -127,6 +128,8 @@ class ViewAttention {
            params_.tokens * params_.head_dim;
   }
   bool fused() const { return fused_; }
+  // The fused kernel's plan (meaningful where fused()).
+  const FusedAttentionShape& fused_shape() const { return fused_shape_; }
 
  private:
   Params params_{};

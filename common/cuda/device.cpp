@@ -4,7 +4,6 @@
 #include <cudaTypedefs.h>
 #include <spdlog/spdlog.h>
 
-#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <set>
@@ -235,7 +234,9 @@ const DriverCalls& driver_calls() {
   return calls;
 }
 
-std::string kernel_name(cudaGraphNode_t node) {
+}  // namespace
+
+std::string kernel_node_name(cudaGraphNode_t node) {
   const DriverCalls& d = driver_calls();
   CUDA_KERNEL_NODE_PARAMS_v2 params{};
   if (!d.node_params || d.node_params(node, &params) != CUDA_SUCCESS) return {};
@@ -247,11 +248,15 @@ std::string kernel_name(cudaGraphNode_t node) {
   return {};
 }
 
+namespace {
+
 // Kernels whose every block runs griddepcontrol.wait before it touches memory: ours (namespace
 // pi0::cuda, each starting with wait_for_prior_grids(), which a CPU test checks in the sources).
 // cuBLASLt's Hopper GEMMs (nvjet) do not wait: launched early behind a kernel that writes their
 // input late, they read the old input (bench/NOTES.md v15, the handover test's [.probe] case), so
-// edges into them stay full. (cuBLASLt links its own split-K GEMM to its reduction kernel
+// edges into them stay full. None of cuBLASLt 13.1's configurations for our products waits either
+// (v27: the fastest dozen of each wide list are all nvjet, all stale when linked, and the only
+// sm_90 functions in libcublasLt with the wait are its split-K reductions). (cuBLASLt links its own split-K GEMM to its reduction kernel
 // programmatically, which is its business.)
 bool waits_for_predecessor(const std::string& name) {
   return name.rfind("_ZN3pi04cuda", 0) == 0;
@@ -383,7 +388,7 @@ HandoverLinks link_kernels(cudaGraph_t graph, KernelHandover handover) {
   for (auto& [handle, node] : nodes) {
     node.kernel = is_kernel(handle);
     if (node.kernel) {
-      node.name = kernel_name(handle);
+      node.name = kernel_node_name(handle);
       node.cooperative = is_cooperative(handle);
       node.clustered = is_clustered(handle);
     }

@@ -5,7 +5,9 @@
 // that does not wait, linked by hand, shows that it would; so does cuBLASLt's GEMM (the probe
 // below), which is why link_kernels leaves edges into it alone.
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "catch.hpp"
@@ -312,5 +314,94 @@ TEST_CASE("probe: cuBLASLt behind a programmatic capture dependency", "[.probe]"
         bitwise_equal(cuda::download(y.get(), y0.size()).data(), want.data(), y_bytes);
     std::printf("probe %s: %s\n", shape.describe().c_str(),
                 right ? "WAITED (right result)" : "STALE (did not wait)");
+  }
+}
+
+// Probe (not part of the suite): which of cuBLASLt's configurations for the decoder's products
+// run kernels that wait for their predecessor when linked by hand? For each of the fastest
+// configurations (timed as autotune times them), a late write behind a programmatic edge into the
+// GEMM's first kernel: the right result means every kernel it launched waited.
+TEST_CASE("probe: cuBLASLt configurations that wait when linked", "[.probe]") {
+  cuda::Stream stream;
+  cuda::LtHandle lt;
+  DeviceBuffer<std::byte> ws(cuda::kGemmWorkspaceBytes, "workspace");
+  struct Product {
+    const char* label;
+    int m, n, k;
+    bool accumulate;
+  };
+  const int count = [] {
+    const char* v = std::getenv("PI0_PROBE_COUNT");
+    return v ? std::atoi(v) : 24;
+  }();
+  for (const Product p : {Product{"qkv", 64, 2560, 1024, false}, Product{"o", 64, 1024, 2048, true},
+                          Product{"gate|up", 64, 8192, 1024, false},
+                          Product{"down", 64, 1024, 4096, true},
+                          Product{"siglip qkv", 512, 3456, 1152, false},
+                          Product{"gemma qkv", 512, 2560, 2048, false}}) {
+    const auto shape =
+        cuda::linear_shape(p.m, p.n, p.k, cuda::DType::kBf16, cuda::Epilogue::kNone, p.accumulate);
+    cuda::Gemm gemm(lt.get(), shape, ws.get(), ws.bytes());
+    if (gemm.chosen_candidate() < 0) continue;
+    gemm.widen_candidates();
+    const int copies = 18;
+    const size_t w_elems = static_cast<size_t>(p.k) * p.n;
+    const auto w = up_bf16(random_bf16(w_elems * copies, 5));
+    const auto old_x = random_bf16(static_cast<size_t>(p.m) * p.k, 3);
+    const auto new_x = random_bf16(static_cast<size_t>(p.m) * p.k, 4);
+    const auto y0 = random_bf16(static_cast<size_t>(p.m) * p.n, 6);
+    const size_t y_bytes = y0.size() * sizeof(Bf16);
+    auto x = up_bf16(old_x);
+    const auto fresh_x = up_bf16(new_x);
+    auto y = up_bf16(y0);
+    const auto y_start = up_bf16(y0);
+    cuda::Gemm::AutotuneOptions tune;
+    tune.wide = true;
+    const auto ranked = gemm.rank_candidates(fresh_x.get(), w.get(), y.get(), nullptr,
+                                             stream.get(), tune.over_layers(copies, w_elems), count);
+    for (const auto& [ms, c] : ranked) {
+      if (!gemm.select_candidate(c)) continue;
+      cudaStream_t s = stream.get();
+      CUDA_CHECK(cudaMemcpyAsync(y.get(), y_start.get(), y_bytes, cudaMemcpyDeviceToDevice, s));
+      gemm.run(fresh_x.get(), w.get(), y.get(), nullptr, s);
+      CUDA_CHECK(cudaStreamSynchronize(s));
+      const auto want = cuda::download(y.get(), y0.size());
+      CUDA_CHECK(cudaMemcpyAsync(x.get(), old_x.data(), x.bytes(), cudaMemcpyHostToDevice, s));
+      std::string names;
+      run_captured(
+          s,
+          [&](cudaStream_t st) {
+            CUDA_CHECK(
+                cudaMemcpyAsync(y.get(), y_start.get(), y_bytes, cudaMemcpyDeviceToDevice, st));
+            launch_late_copy(x.get(), fresh_x.get(), x.bytes(), kLateNs, st);
+            gemm.run(x.get(), w.get(), y.get(), nullptr, st);
+          },
+          [&](cudaGraph_t graph) {
+            cuda::HandoverLinks links;
+            size_t edges = 0;
+            CUDA_CHECK(cudaGraphGetEdges(graph, nullptr, nullptr, nullptr, &edges));
+            std::vector<cudaGraphNode_t> from(edges), to(edges);
+            std::vector<cudaGraphEdgeData> data(edges);
+            CUDA_CHECK(cudaGraphGetEdges(graph, from.data(), to.data(), data.data(), &edges));
+            for (size_t e = 0; e < edges; ++e) {
+              const std::string fn = cuda::kernel_node_name(from[e]);
+              const std::string tn = cuda::kernel_node_name(to[e]);
+              if (!tn.empty()) {
+                names += ' ';
+                names.append(tn, 0, 60);
+              }
+              if (fn.find("late_copy") != std::string::npos && !tn.empty() &&
+                  data[e].type == cudaGraphDependencyTypeDefault) {
+                cuda::relink_programmatically(graph, from[e], to[e], data[e]);
+                ++links.linked;
+              }
+            }
+            return links;
+          });
+      const bool right = bitwise_equal(cuda::download(y.get(), y0.size()).data(), want.data(),
+                                       y_bytes);
+      std::printf("probe %-10s %8.2f us  %s  %s |%s\n", p.label, ms * 1e3,
+                  right ? "WAITS" : "stale", gemm.describe_candidate(c).c_str(), names.c_str());
+    }
   }
 }

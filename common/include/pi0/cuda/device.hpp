@@ -228,6 +228,9 @@ HandoverLinks handover_links_so_far();
 // their wait (our_kernels_wait_for_prior_grids: sm_90 code or PTX).
 bool kernel_handover_supported();
 bool our_kernels_wait_for_prior_grids();
+// The (mangled) name of a kernel node's function, ours or a library's; empty where the driver does
+// not say.
+std::string kernel_node_name(cudaGraphNode_t node);
 // Replaces the ordinary edge `old` from `from` to `to` with a programmatic one: `to` may launch
 // once every block of `from` has exited or allowed it. Safe only where `to` waits (link_kernels).
 void relink_programmatically(cudaGraph_t graph, cudaGraphNode_t from, cudaGraphNode_t to,

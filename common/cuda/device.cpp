@@ -254,9 +254,9 @@ namespace {
 // pi0::cuda, each starting with wait_for_prior_grids(), which a CPU test checks in the sources).
 // cuBLASLt's Hopper GEMMs (nvjet) do not wait: launched early behind a kernel that writes their
 // input late, they read the old input (bench/NOTES.md v15, the handover test's [.probe] case), so
-// edges into them stay full. None of cuBLASLt 13.1's configurations for our products waits either
-// (v27: the fastest dozen of each wide list are all nvjet, all stale when linked, and the only
-// sm_90 functions in libcublasLt with the wait are its split-K reductions). (cuBLASLt links its own split-K GEMM to its reduction kernel
+// edges into them stay full. Nor does any other of cuBLASLt 13.1's configurations for our products
+// (v27: the fastest of each wide list are all nvjet and read stale inputs when linked; the only
+// sm_90 functions with the wait in libcublasLt's fatbinary are its split-K reductions). (cuBLASLt links its own split-K GEMM to its reduction kernel
 // programmatically, which is its business.)
 bool waits_for_predecessor(const std::string& name) {
   return name.rfind("_ZN3pi04cuda", 0) == 0;

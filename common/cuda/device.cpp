@@ -253,11 +253,12 @@ namespace {
 // Kernels whose every block runs griddepcontrol.wait before it touches memory: ours (namespace
 // pi0::cuda, each starting with wait_for_prior_grids(), which a CPU test checks in the sources).
 // cuBLASLt's Hopper GEMMs (nvjet) do not wait: launched early behind a kernel that writes their
-// input late, they read the old input (bench/NOTES.md v15, the handover test's [.probe] case), so
-// edges into them stay full. Nor does any other of cuBLASLt 13.1's configurations for our products
-// (v27: the fastest of each wide list are all nvjet and read stale inputs when linked; the only
-// sm_90 functions with the wait in libcublasLt's fatbinary are its split-K reductions). (cuBLASLt links its own split-K GEMM to its reduction kernel
-// programmatically, which is its business.)
+// input late, they read the old input (bench/NOTES.md v15, the handover test's [.probe] cases),
+// so edges into them stay full. Nor does any other of cuBLASLt 13.1's configurations for our
+// products (v27: the fastest of each wide list are all nvjet and read stale inputs when linked;
+// the only sm_90 functions with the wait in libcublasLt's fatbinary are its split-K reductions).
+// (cuBLASLt links its own split-K GEMM to its reduction kernel programmatically, which is its
+// business.)
 bool waits_for_predecessor(const std::string& name) {
   return name.rfind("_ZN3pi04cuda", 0) == 0;
 }

@@ -92,6 +92,21 @@ DeviceBuffer<Bf16> up_bf16(const std::vector<Bf16>& v) {
   return cuda::upload(v, "test input");
 }
 
+// A graph's edges, for the probes that print or relink them.
+struct GraphEdges {
+  std::vector<cudaGraphNode_t> from, to;
+  std::vector<cudaGraphEdgeData> data;
+};
+GraphEdges graph_edges(cudaGraph_t graph) {
+  size_t count = 0;
+  CUDA_CHECK(cudaGraphGetEdges(graph, nullptr, nullptr, nullptr, &count));
+  GraphEdges e{std::vector<cudaGraphNode_t>(count), std::vector<cudaGraphNode_t>(count),
+               std::vector<cudaGraphEdgeData>(count)};
+  if (count > 0)
+    CUDA_CHECK(cudaGraphGetEdges(graph, e.from.data(), e.to.data(), e.data.data(), &count));
+  return e;
+}
+
 }  // namespace
 
 TEST_CASE("kernels linked programmatically wait for their predecessor's late writes", "[gpu]") {
@@ -291,17 +306,14 @@ TEST_CASE("probe: cuBLASLt behind a programmatic capture dependency", "[.probe]"
     gemm.run(x.get(), w.get(), y.get(), nullptr, s);
     cudaGraph_t graph = nullptr;
     CUDA_CHECK(cudaStreamEndCapture(s, &graph));
-    size_t count = 0;
-    CUDA_CHECK(cudaGraphGetEdges(graph, nullptr, nullptr, nullptr, &count));
-    std::vector<cudaGraphNode_t> from(count), to(count);
-    std::vector<cudaGraphEdgeData> ed(count);
-    CUDA_CHECK(cudaGraphGetEdges(graph, from.data(), to.data(), ed.data(), &count));
-    for (size_t e = 0; e < count; ++e) {
+    const GraphEdges edges = graph_edges(graph);
+    for (size_t e = 0; e < edges.from.size(); ++e) {
       cudaGraphNodeType tf{}, tt{};
-      CUDA_CHECK(cudaGraphNodeGetType(from[e], &tf));
-      CUDA_CHECK(cudaGraphNodeGetType(to[e], &tt));
+      CUDA_CHECK(cudaGraphNodeGetType(edges.from[e], &tf));
+      CUDA_CHECK(cudaGraphNodeGetType(edges.to[e], &tt));
       std::printf("probe %s: edge %d -> %d type %d port %d\n", shape.describe().c_str(),
-                  static_cast<int>(tf), static_cast<int>(tt), ed[e].type, ed[e].from_port);
+                  static_cast<int>(tf), static_cast<int>(tt), edges.data[e].type,
+                  edges.data[e].from_port);
     }
     cudaGraphExec_t exec = nullptr;
     const cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
@@ -334,11 +346,11 @@ TEST_CASE("probe: cuBLASLt configurations that wait when linked", "[.probe]") {
     const char* v = std::getenv("PI0_PROBE_COUNT");
     return v ? std::atoi(v) : 24;
   }();
-  for (const Product p : {Product{"qkv", 64, 2560, 1024, false}, Product{"o", 64, 1024, 2048, true},
-                          Product{"gate|up", 64, 8192, 1024, false},
-                          Product{"down", 64, 1024, 4096, true},
-                          Product{"siglip qkv", 512, 3456, 1152, false},
-                          Product{"gemma qkv", 512, 2560, 2048, false}}) {
+  for (const Product p :
+       {Product{"qkv", 64, 2560, 1024, false}, Product{"o", 64, 1024, 2048, true},
+        Product{"gate|up", 64, 8192, 1024, false}, Product{"down", 64, 1024, 4096, true},
+        Product{"siglip qkv", 512, 3456, 1152, false},
+        Product{"gemma qkv", 512, 2560, 2048, false}}) {
     const auto shape =
         cuda::linear_shape(p.m, p.n, p.k, cuda::DType::kBf16, cuda::Epilogue::kNone, p.accumulate);
     cuda::Gemm gemm(lt.get(), shape, ws.get(), ws.bytes());
@@ -357,8 +369,8 @@ TEST_CASE("probe: cuBLASLt configurations that wait when linked", "[.probe]") {
     const auto y_start = up_bf16(y0);
     cuda::Gemm::AutotuneOptions tune;
     tune.wide = true;
-    const auto ranked = gemm.rank_candidates(fresh_x.get(), w.get(), y.get(), nullptr,
-                                             stream.get(), tune.over_layers(copies, w_elems), count);
+    const auto ranked = gemm.rank_candidates(fresh_x.get(), w.get(), y.get(), nullptr, stream.get(),
+                                             tune.over_layers(copies, w_elems), count);
     for (const auto& [ms, c] : ranked) {
       if (!gemm.select_candidate(c)) continue;
       cudaStream_t s = stream.get();
@@ -378,28 +390,26 @@ TEST_CASE("probe: cuBLASLt configurations that wait when linked", "[.probe]") {
           },
           [&](cudaGraph_t graph) {
             cuda::HandoverLinks links;
-            size_t edges = 0;
-            CUDA_CHECK(cudaGraphGetEdges(graph, nullptr, nullptr, nullptr, &edges));
-            std::vector<cudaGraphNode_t> from(edges), to(edges);
-            std::vector<cudaGraphEdgeData> data(edges);
-            CUDA_CHECK(cudaGraphGetEdges(graph, from.data(), to.data(), data.data(), &edges));
-            for (size_t e = 0; e < edges; ++e) {
-              const std::string fn = cuda::kernel_node_name(from[e]);
-              const std::string tn = cuda::kernel_node_name(to[e]);
+            const GraphEdges edges = graph_edges(graph);
+            for (size_t e = 0; e < edges.from.size(); ++e) {
+              const cudaGraphNode_t from = edges.from[e], to = edges.to[e];
+              const cudaGraphEdgeData& data = edges.data[e];
+              const std::string fn = cuda::kernel_node_name(from);
+              const std::string tn = cuda::kernel_node_name(to);
               if (!tn.empty()) {
                 names += ' ';
                 names.append(tn, 0, 60);
               }
               if (fn.find("late_copy") != std::string::npos && !tn.empty() &&
-                  data[e].type == cudaGraphDependencyTypeDefault) {
-                cuda::relink_programmatically(graph, from[e], to[e], data[e]);
+                  data.type == cudaGraphDependencyTypeDefault) {
+                cuda::relink_programmatically(graph, from, to, data);
                 ++links.linked;
               }
             }
             return links;
           });
-      const bool right = bitwise_equal(cuda::download(y.get(), y0.size()).data(), want.data(),
-                                       y_bytes);
+      const bool right =
+          bitwise_equal(cuda::download(y.get(), y0.size()).data(), want.data(), y_bytes);
       std::printf("probe %-10s %8.2f us  %s  %s |%s\n", p.label, ms * 1e3,
                   right ? "WAITS" : "stale", gemm.describe_candidate(c).c_str(), names.c_str());
     }

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -75,12 +76,21 @@ struct Finished {
   int pid;  // the orchestrator's, to look for what it left behind
 };
 
+// The orchestrator the tests run: the build's, or $PI0_TEST_ORCHESTRATOR where set (a build
+// carried to another machine, e.g. the GPU machine, where the build path does not exist; the
+// orchestrator finds its workers beside itself).
+inline std::string orchestrator_exe() {
+  const char* carried = std::getenv("PI0_TEST_ORCHESTRATOR");
+  return carried != nullptr && *carried != '\0' ? std::string(carried)
+                                                : std::string(PI0_ORCHESTRATOR_EXE);
+}
+
 // Runs the orchestrator to completion (killed after `timeout`), with `env` over this process's.
 inline Finished run_orchestrator(const std::vector<std::string>& args,
                                  std::chrono::seconds timeout = std::chrono::seconds(120),
                                  const EnvOverrides& env = {}) {
   const auto t0 = std::chrono::steady_clock::now();
-  ChildProcess p = ChildProcess::spawn("orchestrator", PI0_ORCHESTRATOR_EXE, args, env, false);
+  ChildProcess p = ChildProcess::spawn("orchestrator", orchestrator_exe(), args, env, false);
   auto status = p.wait_for(timeout);
   if (!status) status = p.terminate(std::chrono::milliseconds(100));
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -40,7 +41,7 @@ void require_nothing_left(int pid) {
 // Starts a long tiny run and waits until both workers serve frames.
 ChildProcess start_long_run(std::string& log_out) {
   ChildProcess orch =
-      ChildProcess::spawn("orchestrator", PI0_ORCHESTRATOR_EXE,
+      ChildProcess::spawn("orchestrator", test::orchestrator_exe(),
                           tiny_run({"--frames", "1000000", "--warmup", "0"}), {}, false);
   REQUIRE(test::eventually(
       [&] { return orch.output().find("streaming frames") != std::string::npos; }, 20000ms));
@@ -149,6 +150,51 @@ TEST_CASE("a run writes its figures as JSON", "[orchestrator][process]") {
   fs::remove_all(dir);
 }
 
+// A build carried to another machine (the GPU machine) has no build path there:
+// PI0_TEST_ORCHESTRATOR points the tests at the carried orchestrator, which starts the workers
+// beside it.
+TEST_CASE("the tests run the orchestrator PI0_TEST_ORCHESTRATOR names", "[orchestrator][process]") {
+  const std::string dir = test::temp_dir("carried");
+  for (const char* exe : {PI0_ORCHESTRATOR_EXE, PI0_ENCODER_EXE, PI0_DECODER_EXE})
+    fs::copy_file(exe, fs::path(dir) / fs::path(exe).filename());
+  const char* old = std::getenv("PI0_TEST_ORCHESTRATOR");
+  const std::string saved = old != nullptr ? old : "";
+  struct Restore {
+    const char* was;
+    std::string value;
+    ~Restore() {
+      if (was != nullptr) {
+        ::setenv("PI0_TEST_ORCHESTRATOR", value.c_str(), 1);
+      } else {
+        ::unsetenv("PI0_TEST_ORCHESTRATOR");
+      }
+    }
+  } restore{old, saved};
+
+  ::setenv("PI0_TEST_ORCHESTRATOR", (dir + "/orchestrator").c_str(), 1);
+  CHECK(test::orchestrator_exe() == dir + "/orchestrator");
+  const auto run = test::run_orchestrator(tiny_run({"--frames", "4"}));
+  INFO(run.output);
+  CHECK(run.status.success());
+
+  // Without its workers beside it, the carried orchestrator fails: it did not use the build's.
+  fs::remove(fs::path(dir) / "encoder_worker");
+  const auto without = test::run_orchestrator(tiny_run({"--frames", "4"}));
+  INFO(without.output);
+  CHECK_FALSE(without.status.success());
+  CHECK(without.output.find(dir + "/encoder_worker") != std::string::npos);
+
+  ::setenv("PI0_TEST_ORCHESTRATOR", (dir + "/missing").c_str(), 1);
+  bool named = false;
+  try {
+    test::run_orchestrator(tiny_run({"--frames", "4"}));
+  } catch (const Error& e) {
+    named = std::string(e.what()).find(dir + "/missing") != std::string::npos;
+  }
+  CHECK(named);
+  fs::remove_all(dir);
+}
+
 // A worker sends kStopped and exits; an orchestrator that saw the exit before reading the message
 // reported a clean run as "died: exited with status 0" (exit 3). Looking at the stopping workers
 // every 200 ms instead of every 1 ms makes that order the usual one.
@@ -169,8 +215,8 @@ TEST_CASE("actions too large to hold are refused before the workers start",
           "[orchestrator][process]") {
   const std::string dir = test::temp_dir("actions");
   // 10^7 frames x 1024 x the action dim in f32: over a terabyte.
-  const auto run = test::run_orchestrator(tiny_run(
-      {"--frames", "10000000", "--chunk", "1024", "--actions-out", dir + "/actions.bin"}));
+  const auto run = test::run_orchestrator(
+      tiny_run({"--frames", "10000000", "--chunk", "1024", "--actions-out", dir + "/actions.bin"}));
   INFO(run.output);
   CHECK(run.status.code == 1);
   CHECK(run.output.find("--actions-out") != std::string::npos);
@@ -309,7 +355,7 @@ TEST_CASE("a stop signal while the workers start exits with the signal's status"
           "[orchestrator][process]") {
   for (const int sig : {SIGINT, SIGHUP}) {
     ChildProcess orch = ChildProcess::spawn(
-        "orchestrator", PI0_ORCHESTRATOR_EXE,
+        "orchestrator", test::orchestrator_exe(),
         {"--backend", "cpu", "--model", "pi0-1l", "--quiet-workers", "--frames", "2"}, {}, false);
     REQUIRE(test::eventually(
         [&] { return orch.output().find("started encoder_worker") != std::string::npos; },
@@ -383,7 +429,7 @@ TEST_CASE("a run that outlasts --run-timeout stops with that reason and leaves n
           "[orchestrator][process]") {
   const auto t0 = std::chrono::steady_clock::now();
   ChildProcess orch = ChildProcess::spawn(
-      "orchestrator", PI0_ORCHESTRATOR_EXE,
+      "orchestrator", test::orchestrator_exe(),
       tiny_run({"--frames", "10000000", "--warmup", "0", "--run-timeout", "3"}), {}, false);
   const auto status = orch.wait_for(20000ms);
   REQUIRE(status.has_value());

@@ -37,10 +37,13 @@ MpsOptions test_mps_options() {
 
 std::vector<std::string> gpu_run(const MpsOptions& mps, std::vector<std::string> extra,
                                  uint64_t frames = kFrames, bool quiet_workers = true) {
-  std::vector<std::string> args = {"--backend", "cuda", "--model", kModel, "--seed",
-                                   std::to_string(kSeed), "--frames", std::to_string(frames),
-                                   "--warmup", "0", "--mps-pipe-dir", mps.pipe_dir,
-                                   "--mps-log-dir", mps.log_dir};
+  std::vector<std::string> args = {"--backend",      "cuda",
+                                   "--model",        kModel,
+                                   "--seed",         std::to_string(kSeed),
+                                   "--frames",       std::to_string(frames),
+                                   "--warmup",       "0",
+                                   "--mps-pipe-dir", mps.pipe_dir,
+                                   "--mps-log-dir",  mps.log_dir};
   if (quiet_workers) args.push_back("--quiet-workers");
   args.insert(args.end(), extra.begin(), extra.end());
   return args;
@@ -100,8 +103,8 @@ TEST_CASE("mps pipeline matches the single-process engines and splits the SMs", 
     const FrameInputs in = make_frame_inputs(config, shape, input_seed(kSeed), 0);
     std::vector<float> kv(stage_sizes(config, shape).kv_values);
     ReferenceEncoder(config, weights).encode(shape, in.images.data(), kv.data());
-    ReferenceDecoder(config, weights).decode(shape, kv.data(), in.state.data(), in.noise.data(),
-                                             cpu_reference.data());
+    ReferenceDecoder(config, weights)
+        .decode(shape, kv.data(), in.state.data(), in.noise.data(), cpu_reference.data());
   }
   const double single_vs_cpu = test::rel_error(expected[0], cpu_reference);
   std::printf("  single-process engines vs fp32 CPU reference (frame 0): %.3e\n", single_vs_cpu);
@@ -110,10 +113,10 @@ TEST_CASE("mps pipeline matches the single-process engines and splits the SMs", 
   std::vector<float> first;
   for (const std::string mode : {"concurrent", "sequential", "concurrent"}) {
     const std::string actions = dir + "/actions.f32", json = dir + "/run.json";
-    const auto run = test::run_orchestrator(
-        gpu_run(mps, {"--encoder-pct", "30", "--decoder-pct", "70", "--mode", mode,
-                      "--actions-out", actions, "--json", json}),
-        300s);
+    const auto run =
+        test::run_orchestrator(gpu_run(mps, {"--encoder-pct", "30", "--decoder-pct", "70", "--mode",
+                                             mode, "--actions-out", actions, "--json", json}),
+                               300s);
     INFO(run.output);
     REQUIRE(run.status.success());
     const nlohmann::json r = read_json(json).at("runs").at(0);
@@ -166,8 +169,9 @@ TEST_CASE("mps pipeline with decoder batching keeps every frame's actions", "[gp
   const size_t values = expected.front().size();
   const std::string actions = dir + "/actions.f32", json = dir + "/run.json";
   const auto run = test::run_orchestrator(
-      gpu_run(mps, {"--encoder-pct", "90", "--decoder-pct", "10", "--decoder-batch", "2",
-                    "--actions-out", actions, "--json", json},
+      gpu_run(mps,
+              {"--encoder-pct", "90", "--decoder-pct", "10", "--decoder-batch", "2",
+               "--actions-out", actions, "--json", json},
               kFrames, /*quiet_workers=*/false),
       300s);
   INFO(run.output);
@@ -192,9 +196,10 @@ TEST_CASE("mps pipeline with decoder batching keeps every frame's actions", "[gp
     const auto& want = expected[f % expected.size()];
     worst = std::max(worst, test::rel_error(got.data() + f * values, want.data(), values));
   }
-  std::printf("  decoder batch 2 at 90/10: worst rel error vs single-process over %llu frames: "
-              "%.3e\n",
-              static_cast<unsigned long long>(kFrames), worst);
+  std::printf(
+      "  decoder batch 2 at 90/10: worst rel error vs single-process over %llu frames: "
+      "%.3e\n",
+      static_cast<unsigned long long>(kFrames), worst);
   CHECK(worst < 2e-2);
   CHECK_FALSE(mps_daemon_answers(mps));
   fs::remove_all(dir);
@@ -207,7 +212,7 @@ TEST_CASE("kill -9 of the encoder worker on the GPU stops the run naming it", "[
   const MpsOptions mps = test_mps_options();
   REQUIRE_FALSE(mps_daemon_answers(mps));
   ChildProcess orch = ChildProcess::spawn(
-      "orchestrator", PI0_ORCHESTRATOR_EXE,
+      "orchestrator", test::orchestrator_exe(),
       gpu_run(mps, {"--encoder-pct", "50", "--decoder-pct", "50"}, 1'000'000, false), {}, false);
   REQUIRE(test::eventually(
       [&] { return orch.output().find("streaming frames") != std::string::npos; }, 120'000ms));
@@ -246,9 +251,10 @@ TEST_CASE("an encoder that never signals a layer ends the run at the wait deadli
         {{"PI0_TEST_WITHHOLD_LAYER_SIGNAL", "0"}, {"PI0_FRONTEND_WAITS", frontend}});
     INFO(run.output);
     REQUIRE(run.seconds < 120.0);  // ended by itself, not killed by run_orchestrator
-    std::printf("  layer 0 withheld, PI0_FRONTEND_WAITS=%s: the run ended after %.1f s with "
-                "status %d\n",
-                frontend.c_str(), run.seconds, run.status.code);
+    std::printf(
+        "  layer 0 withheld, PI0_FRONTEND_WAITS=%s: the run ended after %.1f s with "
+        "status %d\n",
+        frontend.c_str(), run.seconds, run.status.code);
     CHECK(run.status.code != 0);
     CHECK(run.seconds >= 10.0);  // not before the deadline
     CHECK(run.output.find("the encoder did not signal layer 0") != std::string::npos);
@@ -274,8 +280,8 @@ TEST_CASE("a daemon that was already running is adopted and left running", "[gpu
 TEST_CASE("without mps the split is reported as not applied", "[gpu][mps]") {
   const MpsOptions mps = test_mps_options();
   const std::string dir = test::temp_dir("gpu_nomps");
-  const auto run = test::run_orchestrator(
-      gpu_run(mps, {"--no-mps", "--json", dir + "/r.json"}, 5), 300s);
+  const auto run =
+      test::run_orchestrator(gpu_run(mps, {"--no-mps", "--json", dir + "/r.json"}, 5), 300s);
   INFO(run.output);
   REQUIRE(run.status.success());
   const nlohmann::json r = read_json(dir + "/r.json").at("runs").at(0);

@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -19,6 +18,7 @@
 #include "pi0/orchestrator.hpp"
 #include "pi0/reference.hpp"
 #include "process_utils.hpp"
+#include "scoped_env.hpp"
 
 namespace fs = std::filesystem;
 using namespace pi0;
@@ -157,41 +157,31 @@ TEST_CASE("the tests run the orchestrator PI0_TEST_ORCHESTRATOR names", "[orches
   const std::string dir = test::temp_dir("carried");
   for (const char* exe : {PI0_ORCHESTRATOR_EXE, PI0_ENCODER_EXE, PI0_DECODER_EXE})
     fs::copy_file(exe, fs::path(dir) / fs::path(exe).filename());
-  const char* old = std::getenv("PI0_TEST_ORCHESTRATOR");
-  const std::string saved = old != nullptr ? old : "";
-  struct Restore {
-    const char* was;
-    std::string value;
-    ~Restore() {
-      if (was != nullptr) {
-        ::setenv("PI0_TEST_ORCHESTRATOR", value.c_str(), 1);
-      } else {
-        ::unsetenv("PI0_TEST_ORCHESTRATOR");
-      }
-    }
-  } restore{old, saved};
+  const std::string carried = dir + "/orchestrator", missing = dir + "/missing";
+  {
+    const test::ScopedEnv env("PI0_TEST_ORCHESTRATOR", carried.c_str());
+    CHECK(test::orchestrator_exe() == carried);
+    const auto run = test::run_orchestrator(tiny_run({"--frames", "4"}));
+    INFO(run.output);
+    CHECK(run.status.success());
 
-  ::setenv("PI0_TEST_ORCHESTRATOR", (dir + "/orchestrator").c_str(), 1);
-  CHECK(test::orchestrator_exe() == dir + "/orchestrator");
-  const auto run = test::run_orchestrator(tiny_run({"--frames", "4"}));
-  INFO(run.output);
-  CHECK(run.status.success());
-
-  // Without its workers beside it, the carried orchestrator fails: it did not use the build's.
-  fs::remove(fs::path(dir) / "encoder_worker");
-  const auto without = test::run_orchestrator(tiny_run({"--frames", "4"}));
-  INFO(without.output);
-  CHECK_FALSE(without.status.success());
-  CHECK(without.output.find(dir + "/encoder_worker") != std::string::npos);
-
-  ::setenv("PI0_TEST_ORCHESTRATOR", (dir + "/missing").c_str(), 1);
-  bool named = false;
-  try {
-    test::run_orchestrator(tiny_run({"--frames", "4"}));
-  } catch (const Error& e) {
-    named = std::string(e.what()).find(dir + "/missing") != std::string::npos;
+    // Without its workers beside it, the carried orchestrator fails: it did not use the build's.
+    fs::remove(fs::path(dir) / "encoder_worker");
+    const auto without = test::run_orchestrator(tiny_run({"--frames", "4"}));
+    INFO(without.output);
+    CHECK_FALSE(without.status.success());
+    CHECK(without.output.find(dir + "/encoder_worker") != std::string::npos);
   }
-  CHECK(named);
+  {
+    const test::ScopedEnv env("PI0_TEST_ORCHESTRATOR", missing.c_str());
+    bool named = false;
+    try {
+      test::run_orchestrator(tiny_run({"--frames", "4"}));
+    } catch (const Error& e) {
+      named = std::string(e.what()).find(missing) != std::string::npos;
+    }
+    CHECK(named);
+  }
   fs::remove_all(dir);
 }
 

@@ -19,6 +19,7 @@
 #include "pi0/random.hpp"
 #include "pi0/reference.hpp"
 #include "pi0/weights.hpp"
+#include "scoped_env.hpp"
 
 namespace pi0::test {
 
@@ -46,37 +47,6 @@ inline std::vector<float> rounded(std::vector<float> v) {
   for (float& x : v) x = round_to_bf16(x);
   return v;
 }
-
-// Sets an environment variable (value nullptr: unsets it) for one scope and restores what was
-// there before, so that a failed REQUIRE does not leave a path switch on for the tests after.
-class ScopedEnv {
- public:
-  ScopedEnv(const char* name, const char* value) : name_(name) {
-    if (const char* old = std::getenv(name)) {
-      saved_ = old;
-      had_ = true;
-    }
-    if (value) {
-      ::setenv(name, value, 1);
-    } else {
-      ::unsetenv(name);
-    }
-  }
-  ~ScopedEnv() {
-    if (had_) {
-      ::setenv(name_, saved_.c_str(), 1);
-    } else {
-      ::unsetenv(name_);
-    }
-  }
-  ScopedEnv(const ScopedEnv&) = delete;
-  ScopedEnv& operator=(const ScopedEnv&) = delete;
-
- private:
-  const char* name_;
-  std::string saved_;
-  bool had_ = false;
-};
 
 // A device buffer filled with 0xFF bytes: NaN in bf16 and fp32, so unwritten outputs show.
 template <typename T>

@@ -24,8 +24,8 @@ __device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
 
 // Rows first .. first + count - 1 of a matrix with rows ld elements apart into shared memory
 // rows of D (cp.async, not committed): the first `chunks` 16-byte chunks of each row, where chunks
-// at or past column `cols` (a multiple of 8) and rows >= end read as 0 (a head narrower than D, e.g. SigLIP's 72 in
-// rows of 128, gets zeros in its padding).
+// at or past column `cols` (a multiple of 8) and rows >= end read as 0 (a head narrower than D,
+// e.g. SigLIP's 72 in rows of 128, gets zeros in its padding).
 template <int D, int kThreads>
 __device__ __forceinline__ void load_rows(uint32_t dst, const __nv_bfloat16* src, int ld, int cols,
                                           int chunks, int first, int end, int count) {
@@ -172,10 +172,28 @@ __device__ __forceinline__ void attend_range(uint32_t qs, uint32_t ks0, uint32_t
     }
     __syncthreads();
     attend_tile<D, DO, DK>(qs, ks0 + stage * kTileBytes, vs0 + stage * kTileBytes, row0, dim0,
-                       key_begin + it * kKeys, key_end, limited, limited_keys, scale_log2, m, l, o);
+                           key_begin + it * kKeys, key_end, limited, limited_keys, scale_log2, m, l,
+                           o);
     __syncthreads();  // this stage is refilled by the next iteration's prefetch
   }
 }
+
+// One thread's running state over its rows row_a and row_a + 8 (of a warp's 16 query rows): the
+// unnormalised output o over DO dims, the running maxima m and partial sums l, and which of the
+// two rows see only keys < limited_keys. Starts with no key seen. Kernels bind the members to
+// names (auto& [o, m, l, limited] = rows) and hand them to attend_tile / attend_range.
+template <int DO>
+struct RowState {
+  float o[DO / 8][4];
+  float m[2] = {-INFINITY, -INFINITY};
+  float l[2] = {0.0f, 0.0f};
+  bool limited[2];
+  __device__ __forceinline__ RowState(int row_a, int limited_rows)
+      : limited{row_a < limited_rows, row_a + 8 < limited_rows} {
+#pragma unroll
+    for (int n = 0; n < DO / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  }
+};
 
 // The four threads of a row share its sum.
 __device__ __forceinline__ void quad_sum(float (&l)[2]) {

@@ -490,12 +490,9 @@ __device__ __noinline__ void attention_unit(const Args& a, int layer, int u, uin
   const int limited_rows = a.q_heads, limited_keys = a.prefix + 1;
 
   attention_tile::load_rows<kHeadDim, kThreads>(qs, a.q, r0, a.q_rows, kQRowsPerUnit);
-  float o[kHalfDim / 8][4];
-#pragma unroll
-  for (int n = 0; n < kHalfDim / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   const int row_a = r0 + row_group * 16 + g;
-  const bool limited[2] = {row_a < limited_rows, row_a + 8 < limited_rows};
+  attention_tile::RowState<kHalfDim> rows(row_a, limited_rows);
+  auto& [o, m, l, limited] = rows;
   attention_tile::attend_range<kHeadDim, kHalfDim, kThreads>(
       qs, ks0, vs0, k, v, key_begin, key_end, row_group * 16, dim_half * kHalfDim, limited,
       limited_keys, a.scale_log2, m, l, o);

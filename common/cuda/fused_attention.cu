@@ -118,12 +118,9 @@ __global__ void __launch_bounds__(kThreads) fused_attention_kernel(Args a) {
   attention_tile::load_rows<D, kThreads>(qs, a.q, a.ld_q, a.head_dim, DK / 8, r0, a.rows,
                                          kRowsPerBlock);
 
-  float o[DK / 8][4];
-#pragma unroll
-  for (int n = 0; n < DK / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   const int row_a = r0 + warp * 16 + g;  // this thread's rows: row_a and row_a + 8
-  const bool limited[2] = {row_a < a.limited_rows, row_a + 8 < a.limited_rows};
+  attention_tile::RowState<DK> rows(row_a, a.limited_rows);
+  auto& [o, m, l, limited] = rows;
 
   attention_tile::attend_range<D, DK, kThreads, DK>(qs, ks0, vs0, a.k, a.v, key_begin, key_end,
                                                     warp * 16, 0, limited, a.limited_keys,
@@ -232,12 +229,9 @@ __global__ void __launch_bounds__(kParts* kExchangeSlots) fused_attention_reside
     cp_commit();
   }
 
-  float o[DK / 8][4];
-#pragma unroll
-  for (int n = 0; n < DK / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   const int row_a = r0 + group * 16 + g;  // this thread's rows: row_a and row_a + 8
-  const bool limited[2] = {row_a < a.limited_rows, row_a + 8 < a.limited_rows};
+  attention_tile::RowState<DK> rows(row_a, a.limited_rows);
+  auto& [o, m, l, limited] = rows;
   for (int r = 0; r < per_part; ++r) {
     if (r + 1 < per_part) {
       cp_wait<1>();

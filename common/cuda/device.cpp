@@ -362,14 +362,21 @@ HandoverLinks handover_links_so_far() {
   return HandoverLinks{g_linked.load(), g_refused.load()};
 }
 
+GraphEdges graph_edges(cudaGraph_t graph) {
+  size_t count = 0;
+  CUDA_CHECK(cudaGraphGetEdges(graph, nullptr, nullptr, nullptr, &count));
+  GraphEdges e{std::vector<cudaGraphNode_t>(count), std::vector<cudaGraphNode_t>(count),
+               std::vector<cudaGraphEdgeData>(count)};
+  if (count > 0)
+    CUDA_CHECK(cudaGraphGetEdges(graph, e.from.data(), e.to.data(), e.data.data(), &count));
+  return e;
+}
+
 HandoverLinks link_kernels(cudaGraph_t graph, KernelHandover handover) {
   HandoverLinks links;
   if (handover == KernelHandover::kCompletion || !kernel_handover_supported()) return links;
-  size_t count = 0;
-  CUDA_CHECK(cudaGraphGetEdges(graph, nullptr, nullptr, nullptr, &count));
-  std::vector<cudaGraphNode_t> from(count), to(count);
-  std::vector<cudaGraphEdgeData> data(count);
-  if (count > 0) CUDA_CHECK(cudaGraphGetEdges(graph, from.data(), to.data(), data.data(), &count));
+  const auto [from, to, data] = graph_edges(graph);
+  const size_t count = from.size();
   // Each node looked at once: its edge counts, predecessors, and (for kernels) its name and
   // whether it is a cooperative launch.
   struct Node {

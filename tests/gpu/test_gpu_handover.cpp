@@ -92,21 +92,6 @@ DeviceBuffer<Bf16> up_bf16(const std::vector<Bf16>& v) {
   return cuda::upload(v, "test input");
 }
 
-// A graph's edges, for the probes that print or relink them.
-struct GraphEdges {
-  std::vector<cudaGraphNode_t> from, to;
-  std::vector<cudaGraphEdgeData> data;
-};
-GraphEdges graph_edges(cudaGraph_t graph) {
-  size_t count = 0;
-  CUDA_CHECK(cudaGraphGetEdges(graph, nullptr, nullptr, nullptr, &count));
-  GraphEdges e{std::vector<cudaGraphNode_t>(count), std::vector<cudaGraphNode_t>(count),
-               std::vector<cudaGraphEdgeData>(count)};
-  if (count > 0)
-    CUDA_CHECK(cudaGraphGetEdges(graph, e.from.data(), e.to.data(), e.data.data(), &count));
-  return e;
-}
-
 }  // namespace
 
 TEST_CASE("kernels linked programmatically wait for their predecessor's late writes", "[gpu]") {
@@ -133,12 +118,10 @@ TEST_CASE("kernels linked programmatically wait for their predecessor's late wri
         [&](cudaGraph_t graph) {
           // Linked by hand: link_kernels would refuse a kernel that does not wait.
           cuda::HandoverLinks links;
-          CUDA_CHECK(cudaGraphGetEdges(graph, nullptr, nullptr, nullptr, &edges));
+          const cuda::GraphEdges all = cuda::graph_edges(graph);
+          edges = all.from.size();
           if (edges == 1) {
-            cudaGraphNode_t from = nullptr, to = nullptr;
-            cudaGraphEdgeData old_edge{};
-            CUDA_CHECK(cudaGraphGetEdges(graph, &from, &to, &old_edge, &edges));
-            cuda::relink_programmatically(graph, from, to, old_edge);
+            cuda::relink_programmatically(graph, all.from[0], all.to[0], all.data[0]);
             links.linked = 1;
           }
           return links;
@@ -306,7 +289,7 @@ TEST_CASE("probe: cuBLASLt behind a programmatic capture dependency", "[.probe]"
     gemm.run(x.get(), w.get(), y.get(), nullptr, s);
     cudaGraph_t graph = nullptr;
     CUDA_CHECK(cudaStreamEndCapture(s, &graph));
-    const GraphEdges edges = graph_edges(graph);
+    const cuda::GraphEdges edges = cuda::graph_edges(graph);
     for (size_t e = 0; e < edges.from.size(); ++e) {
       cudaGraphNodeType tf{}, tt{};
       CUDA_CHECK(cudaGraphNodeGetType(edges.from[e], &tf));
@@ -390,7 +373,7 @@ TEST_CASE("probe: cuBLASLt configurations that wait when linked", "[.probe]") {
           },
           [&](cudaGraph_t graph) {
             cuda::HandoverLinks links;
-            const GraphEdges edges = graph_edges(graph);
+            const cuda::GraphEdges edges = cuda::graph_edges(graph);
             for (size_t e = 0; e < edges.from.size(); ++e) {
               const cudaGraphNode_t from = edges.from[e], to = edges.to[e];
               const cudaGraphEdgeData& data = edges.data[e];

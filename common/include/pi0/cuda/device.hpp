@@ -231,6 +231,13 @@ bool our_kernels_wait_for_prior_grids();
 // The (mangled) name of a kernel node's function, ours or a library's; empty where the driver does
 // not say.
 std::string kernel_node_name(cudaGraphNode_t node);
+// A graph's edges, e-th edge from[e] -> to[e] of kind data[e] (link_kernels and the handover
+// test's probes read them).
+struct GraphEdges {
+  std::vector<cudaGraphNode_t> from, to;
+  std::vector<cudaGraphEdgeData> data;
+};
+GraphEdges graph_edges(cudaGraph_t graph);
 // Replaces the ordinary edge `old` from `from` to `to` with a programmatic one: `to` may launch
 // once every block of `from` has exited or allowed it. Safe only where `to` waits (link_kernels).
 void relink_programmatically(cudaGraph_t graph, cudaGraphNode_t from, cudaGraphNode_t to,

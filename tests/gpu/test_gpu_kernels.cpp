@@ -1255,3 +1255,73 @@ TEST_CASE("the flow step glue kernel matches the host formulas", "[gpu]") {
     }
   }
 }
+
+// Probe (not part of the suite; run with the tag "[.probe]"): how well cuBLASLt's best listed
+// configuration fills the GPU with the encoder's products as the row count grows. Where the rows
+// of one frame (V=2: 512) leave SMs idle (a wave of few tiles, or a last wave half empty), the
+// time a row falls with more rows; a GEMM that spread V=2's work evenly over every SM would come
+// near the larger counts' time a row. Each product is timed as autotune() times it, over enough
+// layers' weight copies to stream them from DRAM.
+TEST_CASE("probe: the encoder's products at several row counts", "[.probe]") {
+  using cuda::DType;
+  using cuda::Epilogue;
+  struct Product {
+    const char* label;
+    int n, k;
+    DType y;
+    Epilogue epi;
+    bool acc;
+  };
+  const Product products[] = {
+      {"vision qkv", 3456, 1152, DType::kBf16, Epilogue::kBias, false},
+      {"vision o", 1152, 1152, DType::kF32, Epilogue::kBias, true},
+      {"vision up", 4304, 1152, DType::kBf16, Epilogue::kGeluBias, false},
+      {"vision down", 1152, 4304, DType::kF32, Epilogue::kBias, true},
+      {"lm qkv", 2560, 2048, DType::kBf16, Epilogue::kNone, false},
+      {"lm o", 2048, 2048, DType::kBf16, Epilogue::kNone, true},
+      {"lm gate|up", 32768, 2048, DType::kBf16, Epilogue::kNone, false},
+      {"lm down", 2048, 16384, DType::kBf16, Epilogue::kNone, true},
+  };
+  cuda::Stream stream;
+  cuda::LtHandle lt;
+  DeviceBuffer<std::byte> ws(cuda::kGemmWorkspaceBytes, "workspace");
+  for (const Product& p : products) {
+    const size_t w_elems = static_cast<size_t>(p.k) * p.n;
+    // At least ~200 MB of weights (four times the L2), at most 27 copies (SigLIP's layers).
+    const int copies = static_cast<int>(
+        std::clamp<size_t>((size_t{200} << 20) / (w_elems * sizeof(Bf16)) + 1, 2, 27));
+    const auto w = up(to_bf16(random_floats(w_elems * copies, 5, 0.05f)));
+    const auto bias_f = random_floats(static_cast<size_t>(p.n), 6, 0.1f);
+    const auto bias_bf = up(to_bf16(bias_f));
+    const auto bias_f32 = up(bias_f);
+    const void* bias = p.epi == Epilogue::kNone ? nullptr
+                       : p.y == DType::kF32     ? static_cast<const void*>(bias_f32.get())
+                                                : static_cast<const void*>(bias_bf.get());
+    double us_per_row_at_max = 0.0;
+    std::vector<std::pair<int, double>> times;
+    for (const int m : {256, 512, 768, 1024, 2048}) {
+      const auto shape = cuda::linear_shape(m, p.n, p.k, p.y, p.epi, p.acc);
+      cuda::Gemm gemm(lt.get(), shape, ws.get(), ws.bytes());
+      if (gemm.chosen_candidate() < 0) continue;
+      const auto x = up(to_bf16(random_floats(static_cast<size_t>(m) * p.k, 3)));
+      DeviceBuffer<std::byte> y(static_cast<size_t>(m) * p.n * (p.y == DType::kF32 ? 4 : 2),
+                                "probe output");
+      CUDA_CHECK(cudaMemset(y.get(), 0, y.bytes()));
+      cuda::Gemm::AutotuneOptions tune;
+      const auto ranked = gemm.rank_candidates(x.get(), w.get(), y.get(), bias, stream.get(),
+                                               tune.over_layers(copies, w_elems), 1);
+      if (ranked.empty()) continue;
+      const double us = ranked.front().first * 1e3;
+      times.emplace_back(m, us);
+      us_per_row_at_max = us / m;
+    }
+    for (const auto& [m, us] : times) {
+      const double tflops = 2.0 * m * p.n * p.k / (us * 1e-6) / 1e12;
+      std::printf(
+          "probe %-11s m=%4d n=%5d k=%5d: %8.2f us %6.0f TFLOP/s, a row %.3f us, "
+          "%.2fx the time a row at m=%d (%d weight copies)\n",
+          p.label, m, p.n, p.k, us, tflops, us / m, us / m / us_per_row_at_max, times.back().first,
+          copies);
+    }
+  }
+}

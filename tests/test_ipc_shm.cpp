@@ -1,9 +1,11 @@
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <set>
 #include <string>
@@ -174,4 +176,45 @@ TEST_CASE("remove_stale_segments removes segments of dead pids only", "[ipc]") {
   CHECK(shm_exists(odd));
   CHECK(segments_of_process(dead).empty());
   // The owner of the removed stale name is destroyed at scope exit without complaint.
+}
+
+// The file the CUDA driver leaves in /dev/shm for the interprocess events of a process that has
+// exited ("cuda.shm.<n>.<pid in hex>.<m>"): the orchestrator removes its workers' once they are
+// reaped. Only the named pid's files go, and only once it is gone.
+TEST_CASE("remove_cuda_event_files removes a gone process's CUDA event files only", "[ipc]") {
+  const pid_t dead = dead_pid();
+  auto hex = [](long pid) {
+    char text[32];
+    std::snprintf(text, sizeof text, "%lx", pid);
+    return std::string(text);
+  };
+  auto touch = [](const std::string& name) {
+    const int fd = ::open(("/dev/shm/" + name).c_str(), O_CREAT | O_EXCL | O_WRONLY, 0600);
+    REQUIRE(fd >= 0);
+    ::close(fd);
+  };
+  const std::vector<std::string> theirs = {"cuda.shm.0." + hex(dead) + ".1",
+                                           "cuda.shm.1." + hex(dead) + ".2"};
+  // Another pid whose hex starts like the dead one's, our own (alive), and names off the scheme.
+  const std::vector<std::string> others = {
+      "cuda.shm.0." + hex(dead) + "0.1", "cuda.shm.0." + hex(::getpid()) + ".1",
+      "cuda.shm.0." + hex(dead) + "zz.1", "cuda.shm." + hex(dead),
+      "xcuda.shm.0." + hex(dead) + ".1"};
+  for (const auto& names : {theirs, others})
+    for (const std::string& name : names) touch(name);
+
+  auto sorted = [](std::vector<std::string> v) {
+    std::sort(v.begin(), v.end());
+    return v;
+  };
+  CHECK(sorted(cuda_event_files_of_process(static_cast<int>(dead))) == sorted(theirs));
+  CHECK(remove_cuda_event_files(::getpid()).empty());  // we are alive: ours stay
+  CHECK(sorted(remove_cuda_event_files(static_cast<int>(dead))) == sorted(theirs));
+  for (const std::string& name : theirs) CHECK_FALSE(shm_exists(name));
+  for (const std::string& name : others) {
+    CHECK(shm_exists(name));
+    ::unlink(("/dev/shm/" + name).c_str());
+  }
+  CHECK(cuda_event_files_of_process(static_cast<int>(dead)).empty());
+  CHECK(remove_cuda_event_files(0).empty());
 }

@@ -7,9 +7,11 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <boost/interprocess/mapped_region.hpp>
 #include <boost/interprocess/shared_memory_object.hpp>
 #include <cerrno>
+#include <charconv>
 #include <cstdio>
 #include <cstring>
 #include <random>
@@ -69,6 +71,29 @@ std::vector<std::string> list_segments(std::string_view prefix) {
   }
   ::closedir(dir);
   return names;
+}
+
+constexpr std::string_view kCudaEventFilePrefix = "cuda.shm.";
+
+// The pid of a "cuda.shm.<n>.<pid in hex>.<m>" file; -1 if the name does not follow the scheme.
+long pid_of_cuda_event_file(std::string_view name) {
+  if (name.substr(0, kCudaEventFilePrefix.size()) != kCudaEventFilePrefix) return -1;
+  name.remove_prefix(kCudaEventFilePrefix.size());
+  const size_t first = name.find('.');
+  if (first == std::string_view::npos) return -1;
+  const size_t second = name.find('.', first + 1);
+  if (second == std::string_view::npos || second == first + 1 || second - first - 1 > 8) return -1;
+  const std::string_view hex = name.substr(first + 1, second - first - 1);
+  long pid = 0;
+  const auto [end, ec] = std::from_chars(hex.data(), hex.data() + hex.size(), pid, 16);
+  if (ec != std::errc() || end != hex.data() + hex.size() || pid <= 0) return -1;
+  return pid;
+}
+
+// Only ESRCH proves a process is gone; EPERM means it runs under another user. A zombie still
+// counts as alive until its parent reaps it.
+bool process_gone(long pid) {
+  return ::kill(static_cast<pid_t>(pid), 0) == -1 && errno == ESRCH;
 }
 
 std::string no_room(const std::string& name, size_t bytes, uint64_t available) {
@@ -188,9 +213,7 @@ std::vector<std::string> remove_stale_segments() noexcept {
     for (const std::string& name : list_segments(kSegmentPrefix)) {
       const long pid = pid_of_segment(name);
       if (pid <= 0) continue;
-      // Only ESRCH proves the creator is gone; EPERM means it runs under another user. A zombie
-      // still counts as alive until its parent reaps it.
-      if (::kill(static_cast<pid_t>(pid), 0) == -1 && errno == ESRCH) {
+      if (process_gone(pid)) {
         if (SharedSegment::remove(name)) removed.push_back(name);
       }
     }
@@ -202,6 +225,26 @@ std::vector<std::string> remove_stale_segments() noexcept {
 
 std::vector<std::string> segments_of_process(int pid) {
   return list_segments(std::string(kSegmentPrefix) + std::to_string(pid) + "_");
+}
+
+std::vector<std::string> cuda_event_files_of_process(int pid) {
+  std::vector<std::string> names = list_segments(kCudaEventFilePrefix);
+  std::erase_if(names,
+                [pid](const std::string& name) { return pid_of_cuda_event_file(name) != pid; });
+  return names;
+}
+
+std::vector<std::string> remove_cuda_event_files(int pid) noexcept {
+  std::vector<std::string> removed;
+  try {
+    if (pid <= 0 || !process_gone(pid)) return removed;
+    for (const std::string& name : cuda_event_files_of_process(pid)) {
+      if (::unlink((std::string(kShmDir) + "/" + name).c_str()) == 0) removed.push_back(name);
+    }
+  } catch (...) {
+    // Allocation failure while listing: report what was removed so far.
+  }
+  return removed;
 }
 
 }  // namespace pi0::ipc

@@ -96,8 +96,27 @@ WorkerSummary summarise(const ipc::WorkerInfo& info) {
   return s;
 }
 
+// The files the CUDA driver leaves in /dev/shm for the interprocess events a worker exported
+// (ipc::remove_cuda_event_files), removed once the worker is reaped, on every way out of a run.
+class WorkerEventFiles {
+ public:
+  WorkerEventFiles() = default;
+  WorkerEventFiles(const WorkerEventFiles&) = delete;
+  WorkerEventFiles& operator=(const WorkerEventFiles&) = delete;
+  ~WorkerEventFiles() {
+    for (const int pid : pids_) {
+      for (const std::string& name : ipc::remove_cuda_event_files(pid))
+        spdlog::debug("removed /dev/shm/{}, left by the CUDA driver for pid {}", name, pid);
+    }
+  }
+  void add(int pid) { pids_.push_back(pid); }
+
+ private:
+  std::vector<int> pids_;
+};
+
 // Everything one run owns. Members are destroyed in reverse order: the workers are terminated
-// and reaped first, then the control segment is removed.
+// and reaped first, then the files the driver left for them and the control segment are removed.
 class Pipeline {
  public:
   Pipeline(const ResolvedRun& run, const MpsDaemon* mps, int encoder_pct, int decoder_pct,
@@ -128,6 +147,7 @@ class Pipeline {
   int encoder_pct_, decoder_pct_;
   std::string mode_;
   ipc::ControlBlock control_;
+  WorkerEventFiles event_files_;
   Worker encoder_{ipc::Role::kEncoder, "encoder_worker", {}};
   Worker decoder_{ipc::Role::kDecoder, "decoder_worker", {}};
   std::string failure_;
@@ -259,6 +279,7 @@ void Pipeline::start_workers() {
     }
     w->process =
         ChildProcess::spawn(w->name, dir + "/" + w->name, args, env, !run_.options.quiet_workers);
+    event_files_.add(w->process.pid());
   }
   spdlog::info("started encoder_worker (pid {}) and decoder_worker (pid {}), control segment {}",
                encoder_.process.pid(), decoder_.process.pid(), control_.name());

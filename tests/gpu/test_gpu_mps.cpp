@@ -13,6 +13,7 @@
 #include "pi0/cuda_decoder.hpp"
 #include "pi0/cuda_encoder.hpp"
 #include "pi0/frame_inputs.hpp"
+#include "pi0/ipc/shm.hpp"
 #include "pi0/mps.hpp"
 #include "pi0/orchestrator.hpp"
 #include "pi0/reference.hpp"
@@ -130,6 +131,10 @@ TEST_CASE("mps pipeline matches the single-process engines and splits the SMs", 
     CHECK(std::abs(enc_sms - device_sms * 0.3) <= 2.0);
     CHECK(std::abs(dec_sms - device_sms * 0.7) <= 2.0);
     CHECK(r.at("split_applied").get<bool>());
+    // The driver's file for the encoder's interprocess events went with the encoder.
+    const int encoder_pid = test::pid_in_log(run.output, "encoder_worker");
+    REQUIRE(encoder_pid > 0);
+    CHECK(ipc::cuda_event_files_of_process(encoder_pid).empty());
 
     const std::vector<float> got = test::read_floats(actions);
     REQUIRE(got.size() == kFrames * values);
@@ -233,6 +238,7 @@ TEST_CASE("kill -9 of the encoder worker on the GPU stops the run naming it", "[
                            ") died: killed by signal 9") != std::string::npos);
   CHECK(test::eventually([&] { return test::workers_of(orch.pid()).empty(); }, 2000ms));
   CHECK(test::segments_of(orch.pid()).empty());
+  CHECK(ipc::cuda_event_files_of_process(victim).empty());
   CHECK(test::eventually([&] { return !mps_daemon_answers(mps); }, 5000ms));
 }
 
@@ -260,6 +266,9 @@ TEST_CASE("an encoder that never signals a layer ends the run at the wait deadli
     CHECK(run.output.find("the encoder did not signal layer 0") != std::string::npos);
     CHECK(test::eventually([&] { return test::workers_of(run.pid).empty(); }, 2000ms));
     CHECK(test::segments_of(run.pid).empty());
+    const int encoder_pid = test::pid_in_log(run.output, "encoder_worker");
+    REQUIRE(encoder_pid > 0);
+    CHECK(ipc::cuda_event_files_of_process(encoder_pid).empty());
     CHECK(test::eventually([&] { return !mps_daemon_answers(mps); }, 5000ms));
   }
 }

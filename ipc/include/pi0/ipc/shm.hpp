@@ -50,4 +50,13 @@ std::vector<std::string> remove_stale_segments() noexcept;
 // Names of existing segments created by `pid` (for tests and leak checks).
 std::vector<std::string> segments_of_process(int pid);
 
+// The CUDA driver backs the interprocess events a process exports (cudaEventInterprocess) with a
+// file of its own in /dev/shm, "cuda.shm.<n>.<the pid in hex>.<m>", and leaves it there when the
+// process exits, even cleanly (driver 580: one 80 KB file per encoder worker). The names of such
+// files of `pid`.
+std::vector<std::string> cuda_event_files_of_process(int pid);
+// Removes them once `pid` has exited and been reaped (a running or zombie pid keeps its files).
+// Returns the names removed. Never throws.
+std::vector<std::string> remove_cuda_event_files(int pid) noexcept;
+
 }  // namespace pi0::ipc

@@ -7,21 +7,21 @@
 # PI0_SWEEP_ARGS / PI0_RATE_ARGS add orchestrator options to the sweep / the camera-rate runs
 # (e.g. "--decoder-batch 2 --sweep-min 40 --sweep-max 70 --sweep-step 5").
 set -uo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-OUT_DIR="${OUT:-$ROOT/gpu_check_out}"
-mkdir -p "$OUT_DIR"
-export PI0_BUILD_DIR="${PI0_BUILD_DIR:-$ROOT/build-gpu}"
-# sm_90a: sm_90 with Hopper's arch-specific instructions; the skinny GEMM's wgmma mainloop needs it.
-export PI0_CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90a ${PI0_CMAKE_ARGS:-}"
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(tests bench sweep)
-want() { [[ " ${STEPS[*]} " == *" $1 "* ]]; }
 for step in "${STEPS[@]}"; do
   case "$step" in
     build | tests | bench | sweep | gemm-sweep) ;;
     *) echo "gpu_check: unknown step '$step' (steps: build tests bench sweep gemm-sweep)" >&2; exit 2 ;;
   esac
 done
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT_DIR="${OUT:-$ROOT/gpu_check_out}"
+mkdir -p "$OUT_DIR"
+export PI0_BUILD_DIR="${PI0_BUILD_DIR:-$ROOT/build-gpu}"
+# sm_90a: sm_90 with Hopper's arch-specific instructions; the skinny GEMM's wgmma mainloop needs it.
+export PI0_CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90a ${PI0_CMAKE_ARGS:-}"
+want() { [[ " ${STEPS[*]} " == *" $1 "* ]]; }
 
 # An MPS daemon left running by a step that failed half-way must not outlive this script.
 cleanup() { echo quit | nvidia-cuda-mps-control >/dev/null 2>&1 || true; }

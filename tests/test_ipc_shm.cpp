@@ -1,4 +1,3 @@
-#include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/wait.h>
@@ -188,11 +187,6 @@ TEST_CASE("remove_cuda_event_files removes a gone process's CUDA event files onl
     std::snprintf(text, sizeof text, "%lx", pid);
     return std::string(text);
   };
-  auto touch = [](const std::string& name) {
-    const int fd = ::open(("/dev/shm/" + name).c_str(), O_CREAT | O_EXCL | O_WRONLY, 0600);
-    REQUIRE(fd >= 0);
-    ::close(fd);
-  };
   const std::vector<std::string> theirs = {"cuda.shm.0." + hex(dead) + ".1",
                                            "cuda.shm.1." + hex(dead) + ".2"};
   // Another pid whose hex starts like the dead one's, our own (alive), and names off the scheme.
@@ -200,8 +194,10 @@ TEST_CASE("remove_cuda_event_files removes a gone process's CUDA event files onl
       "cuda.shm.0." + hex(dead) + "0.1", "cuda.shm.0." + hex(::getpid()) + ".1",
       "cuda.shm.0." + hex(dead) + "zz.1", "cuda.shm." + hex(dead),
       "xcuda.shm.0." + hex(dead) + ".1"};
+  // Owners remove what is left at scope exit; removing a name twice is no error.
+  std::vector<SharedSegment> files;
   for (const auto& names : {theirs, others})
-    for (const std::string& name : names) touch(name);
+    for (const std::string& name : names) files.push_back(SharedSegment::create(name, 4096));
 
   auto sorted = [](std::vector<std::string> v) {
     std::sort(v.begin(), v.end());
@@ -211,10 +207,7 @@ TEST_CASE("remove_cuda_event_files removes a gone process's CUDA event files onl
   CHECK(remove_cuda_event_files(::getpid()).empty());  // we are alive: ours stay
   CHECK(sorted(remove_cuda_event_files(static_cast<int>(dead))) == sorted(theirs));
   for (const std::string& name : theirs) CHECK_FALSE(shm_exists(name));
-  for (const std::string& name : others) {
-    CHECK(shm_exists(name));
-    ::unlink(("/dev/shm/" + name).c_str());
-  }
+  for (const std::string& name : others) CHECK(shm_exists(name));
   CHECK(cuda_event_files_of_process(static_cast<int>(dead)).empty());
   CHECK(remove_cuda_event_files(0).empty());
 }

@@ -239,7 +239,7 @@ std::vector<std::string> remove_cuda_event_files(int pid) noexcept {
   try {
     if (pid <= 0 || !process_gone(pid)) return removed;
     for (const std::string& name : cuda_event_files_of_process(pid)) {
-      if (::unlink((std::string(kShmDir) + "/" + name).c_str()) == 0) removed.push_back(name);
+      if (SharedSegment::remove(name)) removed.push_back(name);
     }
   } catch (...) {
     // Allocation failure while listing: report what was removed so far.

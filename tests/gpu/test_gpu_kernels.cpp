@@ -1297,7 +1297,6 @@ TEST_CASE("probe: the encoder's products at several row counts", "[.probe]") {
     const void* bias = p.epi == Epilogue::kNone ? nullptr
                        : p.y == DType::kF32     ? static_cast<const void*>(bias_f32.get())
                                                 : static_cast<const void*>(bias_bf.get());
-    double us_per_row_at_max = 0.0;
     std::vector<std::pair<int, double>> times;
     for (const int m : {256, 512, 768, 1024, 2048}) {
       const auto shape = cuda::linear_shape(m, p.n, p.k, p.y, p.epi, p.acc);
@@ -1313,14 +1312,15 @@ TEST_CASE("probe: the encoder's products at several row counts", "[.probe]") {
       if (ranked.empty()) continue;
       const double us = ranked.front().first * 1e3;
       times.emplace_back(m, us);
-      us_per_row_at_max = us / m;
     }
+    if (times.empty()) continue;
+    const auto [max_rows, us_at_max] = times.back();
     for (const auto& [m, us] : times) {
       const double tflops = 2.0 * m * p.n * p.k / (us * 1e-6) / 1e12;
       std::printf(
           "probe %-11s m=%4d n=%5d k=%5d: %8.2f us %6.0f TFLOP/s, a row %.3f us, "
           "%.2fx the time a row at m=%d (%d weight copies)\n",
-          p.label, m, p.n, p.k, us, tflops, us / m, us / m / us_per_row_at_max, times.back().first,
+          p.label, m, p.n, p.k, us, tflops, us / m, us / m / (us_at_max / max_rows), max_rows,
           copies);
     }
   }

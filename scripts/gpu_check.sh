@@ -121,9 +121,13 @@ if want sweep; then
   # Open loop at camera rates (the run's report goes to rates.log).
   : >"$OUT_DIR/rates.log"
   : >"$OUT_DIR/sequential.log"
-  for hz in 30 60; do
-    "$BIN/orchestrator" --rate "$hz" --frames 150 --warmup 10 --quiet-workers ${PI0_RATE_ARGS:-} \
-      --encoder-pct "${PI0_RATE_ENC:-50}" --decoder-pct "${PI0_RATE_DEC:-50}" >>"$OUT_DIR/rates.log" 2>&1
+  # At the default split and at 100/100, which at a camera rate has the lower latency.
+  for split in "${PI0_RATE_ENC:-50} ${PI0_RATE_DEC:-50}" "100 100"; do
+    for hz in 30 60; do
+      echo "== $hz Hz at ${split/ //}" >>"$OUT_DIR/rates.log"
+      "$BIN/orchestrator" --rate "$hz" --frames 150 --warmup 10 --quiet-workers ${PI0_RATE_ARGS:-} \
+        --encoder-pct "${split% *}" --decoder-pct "${split#* }" >>"$OUT_DIR/rates.log" 2>&1
+    done
   done
   grep -E "^== |camera rate|latency p|throughput" "$OUT_DIR/rates.log"
   # Sequential 100/100, the latency comparison with the single process, under each wait policy

@@ -17,6 +17,8 @@ RunReport point(int pct, double fps, double p99, const std::string& error = "") 
   r.model = "pi0";
   r.views = 2;
   r.chunk = 63;
+  r.mode = "concurrent";
+  r.mps = true;
   r.encoder_pct = pct;
   r.decoder_pct = 100 - pct;
   r.throughput_fps = fps;
@@ -32,6 +34,7 @@ SweepResult synthetic() {
               point(60, 75, 27), point(80, 70, 22)};
   RunReport single = point(100, 60, 16);
   single.label = "single-process";
+  single.mode = "single-process";
   s.baselines = {single};
   s.latency_budget_ms = 25;
   choose_best_splits(s);
@@ -43,9 +46,64 @@ SweepResult synthetic() {
 TEST_CASE("sweep picks the best split among the runs that succeeded", "[orchestrator][sweep]") {
   SweepResult s = synthetic();
   REQUIRE(s.best_throughput.has_value());
-  CHECK(s.points[*s.best_throughput].encoder_pct == 60);  // 50/50 failed, so its 90/s is no result
+  // 50/50 failed, so its 90/s is no result; the single process (60/s, p99 16 ms) is a yardstick.
+  CHECK(*s.best_throughput == "split 60/40");
   REQUIRE(s.best_within_budget.has_value());
-  CHECK(s.points[*s.best_within_budget].encoder_pct == 80);  // the only p99 <= 25 ms
+  CHECK(*s.best_within_budget == "split 80/20");  // the only pipeline run with p99 <= 25 ms
+  REQUIRE(find_run(s, "split 80/20") != nullptr);
+  CHECK(find_run(s, "split 80/20")->encoder_pct == 80);
+  CHECK(find_run(s, "single-process") == &s.baselines[0]);
+  CHECK(find_run(s, "split 10/90") == nullptr);
+  s.latency_budget_ms = 10;
+  choose_best_splits(s);
+  CHECK_FALSE(s.best_within_budget.has_value());
+}
+
+TEST_CASE("at a camera rate the sweep recommends the lowest latency among the runs that keep up",
+          "[orchestrator][sweep]") {
+  // 30 Hz: every run that keeps up delivers ~30 frames/s, so latency decides, and the MPS
+  // 100/100 runs are candidates like the splits (H100 figures of the twenty-ninth session).
+  SweepResult s;
+  s.points = {point(10, 23.7, 90.0), point(50, 30.10, 18.42), point(60, 30.11, 19.5)};
+  RunReport concurrent = point(100, 30.12, 15.06);
+  concurrent.label = "mps-100/100";
+  concurrent.decoder_pct = 100;
+  RunReport sequential = point(100, 30.08, 14.47);
+  sequential.label = "mps-100/100-sequential";
+  sequential.mode = "sequential";
+  sequential.decoder_pct = 100;
+  RunReport no_mps = point(100, 30.09, 16.0, "worker failed");
+  no_mps.label = "no-mps";
+  no_mps.mps = false;
+  RunReport single = point(100, 30.2, 13.1);
+  single.label = "single-process";
+  single.mode = "single-process";
+  s.baselines = {single, no_mps, concurrent, sequential};
+  s.latency_budget_ms = 15;
+  choose_best_splits(s);
+  REQUIRE(s.best_throughput.has_value());
+  CHECK(*s.best_throughput == "mps-100/100-sequential");
+  REQUIRE(s.best_within_budget.has_value());
+  CHECK(*s.best_within_budget == "mps-100/100-sequential");
+  CHECK(run_options(*find_run(s, *s.best_throughput)) ==
+        "--encoder-pct 100 --decoder-pct 100 --mode sequential");
+  CHECK(run_options(*find_run(s, "split 50/50")) ==
+        "--encoder-pct 50 --decoder-pct 50 --mode concurrent");
+  CHECK(run_options(no_mps) == "--no-mps --mode concurrent");
+  CHECK(run_options(single).empty());
+
+  // More than 1% more frames/s outweighs latency: back to back, the split wins.
+  s.points[1].throughput_fps = 80.9;
+  s.points[1].latency_p99_ms = 24.79;
+  s.latency_budget_ms = 25;
+  choose_best_splits(s);
+  CHECK(*s.best_throughput == "split 50/50");
+  CHECK(*s.best_within_budget == "split 50/50");
+  // Within 1% it does not: the lower p99 wins.
+  s.baselines[2].throughput_fps = 80.5;
+  s.baselines[2].latency_p99_ms = 20.0;
+  choose_best_splits(s);
+  CHECK(*s.best_throughput == "mps-100/100");
   s.latency_budget_ms = 10;
   choose_best_splits(s);
   CHECK_FALSE(s.best_within_budget.has_value());

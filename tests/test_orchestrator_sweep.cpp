@@ -1,4 +1,7 @@
 // The sweep's reporting on synthetic results: best split choice, failed splits, JSON and plot.
+#include <unistd.h>
+
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -107,6 +110,44 @@ TEST_CASE("at a camera rate the sweep recommends the lowest latency among the ru
   s.latency_budget_ms = 10;
   choose_best_splits(s);
   CHECK_FALSE(s.best_within_budget.has_value());
+}
+
+TEST_CASE("the sweep's report names the options of its recommendation", "[orchestrator][sweep]") {
+  SweepResult s;
+  s.points = {point(50, 30.1, 18.2)};
+  s.points[0].rate_hz = 30;
+  RunReport sequential = point(100, 30.1, 13.8);
+  sequential.label = "mps-100/100-sequential";
+  sequential.mode = "sequential";
+  sequential.decoder_pct = 100;
+  sequential.rate_hz = 30;
+  RunReport single = point(100, 78.7, 13.0);
+  single.label = "single-process";
+  single.mode = "single-process";
+  s.baselines = {single, sequential};
+  s.latency_budget_ms = 16;
+  choose_best_splits(s);
+
+  const std::string dir = test::temp_dir("report");
+  const std::string path = dir + "/stdout.txt";
+  std::fflush(stdout);
+  const int saved = ::dup(STDOUT_FILENO);
+  REQUIRE(saved >= 0);
+  REQUIRE(std::freopen(path.c_str(), "w", stdout) != nullptr);
+  print_sweep(s);
+  std::fflush(stdout);
+  ::dup2(saved, STDOUT_FILENO);
+  ::close(saved);
+  std::ifstream in(path);
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::filesystem::remove_all(dir);
+  CHECK(text.find("best for throughput: mps-100/100-sequential") != std::string::npos);
+  CHECK(text.find("best within p99 <= 16.0 ms: mps-100/100-sequential") != std::string::npos);
+  CHECK(text.find("--encoder-pct 100 --decoder-pct 100 --mode sequential") != std::string::npos);
+  // Back to back against 30 Hz: no ratio for the single process, and the report says why.
+  CHECK(text.find("78.7        -") != std::string::npos);
+  CHECK(text.find("the pipeline runs at 30.0 Hz, the single process back to back") !=
+        std::string::npos);
 }
 
 TEST_CASE("sweep JSON and plot carry every split and skip failed ones in the curves", "[orchestrator][sweep]") {

@@ -121,8 +121,11 @@ if want sweep; then
   # Open loop at camera rates (the run's report goes to rates.log).
   : >"$OUT_DIR/rates.log"
   : >"$OUT_DIR/sequential.log"
-  # At the default split and at 100/100, which at a camera rate has the lower latency.
-  for split in "${PI0_RATE_ENC:-50} ${PI0_RATE_DEC:-50}" "100 100"; do
+  # At the split asked for (50/50 unless PI0_RATE_ENC/DEC say) and at 100/100, which at a camera
+  # rate has the lower latency.
+  rate_splits=("${PI0_RATE_ENC:-50} ${PI0_RATE_DEC:-50}")
+  [ "${rate_splits[0]}" != "100 100" ] && rate_splits+=("100 100")
+  for split in "${rate_splits[@]}"; do
     for hz in 30 60; do
       echo "== $hz Hz at ${split/ //}" >>"$OUT_DIR/rates.log"
       "$BIN/orchestrator" --rate "$hz" --frames 150 --warmup 10 --quiet-workers ${PI0_RATE_ARGS:-} \

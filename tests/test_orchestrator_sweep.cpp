@@ -1,6 +1,4 @@
 // The sweep's reporting on synthetic results: best split choice, failed splits, JSON and plot.
-#include <unistd.h>
-
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -40,7 +38,7 @@ SweepResult synthetic() {
   single.mode = "single-process";
   s.baselines = {single};
   s.latency_budget_ms = 25;
-  choose_best_splits(s);
+  choose_best_runs(s);
   return s;
 }
 
@@ -58,14 +56,14 @@ TEST_CASE("sweep picks the best split among the runs that succeeded", "[orchestr
   CHECK(find_run(s, "single-process") == &s.baselines[0]);
   CHECK(find_run(s, "split 10/90") == nullptr);
   s.latency_budget_ms = 10;
-  choose_best_splits(s);
+  choose_best_runs(s);
   CHECK_FALSE(s.best_within_budget.has_value());
 }
 
 TEST_CASE("at a camera rate the sweep recommends the lowest latency among the runs that keep up",
           "[orchestrator][sweep]") {
   // 30 Hz: every run that keeps up delivers ~30 frames/s, so latency decides, and the MPS
-  // 100/100 runs are candidates like the splits (H100 figures of the twenty-ninth session).
+  // 100/100 runs are candidates like the splits (figures of the kind an H100 gives at 30 Hz).
   SweepResult s;
   s.points = {point(10, 23.7, 90.0), point(50, 30.10, 18.42), point(60, 30.11, 19.5)};
   RunReport concurrent = point(100, 30.12, 15.06);
@@ -83,7 +81,7 @@ TEST_CASE("at a camera rate the sweep recommends the lowest latency among the ru
   single.mode = "single-process";
   s.baselines = {single, no_mps, concurrent, sequential};
   s.latency_budget_ms = 15;
-  choose_best_splits(s);
+  choose_best_runs(s);
   REQUIRE(s.best_throughput.has_value());
   CHECK(*s.best_throughput == "mps-100/100-sequential");
   REQUIRE(s.best_within_budget.has_value());
@@ -99,17 +97,35 @@ TEST_CASE("at a camera rate the sweep recommends the lowest latency among the ru
   s.points[1].throughput_fps = 80.9;
   s.points[1].latency_p99_ms = 24.79;
   s.latency_budget_ms = 25;
-  choose_best_splits(s);
+  choose_best_runs(s);
   CHECK(*s.best_throughput == "split 50/50");
   CHECK(*s.best_within_budget == "split 50/50");
   // Within 1% it does not: the lower p99 wins.
   s.baselines[2].throughput_fps = 80.5;
   s.baselines[2].latency_p99_ms = 20.0;
-  choose_best_splits(s);
+  choose_best_runs(s);
   CHECK(*s.best_throughput == "mps-100/100");
   s.latency_budget_ms = 10;
-  choose_best_splits(s);
+  choose_best_runs(s);
   CHECK_FALSE(s.best_within_budget.has_value());
+
+  // A run stopped before it measured a frame (Ctrl-C) has no figures, so its p99 of 0 is within
+  // any budget: it must never be the recommendation.
+  s.points[2].interrupted = true;
+  s.points[2].throughput_fps = 0;
+  s.points[2].latency_p99_ms = 0;
+  choose_best_runs(s);
+  CHECK_FALSE(s.best_within_budget.has_value());
+  CHECK(*s.best_throughput == "mps-100/100");
+  s.points[2].interrupted = false;  // no frames at all, however it ended
+  choose_best_runs(s);
+  CHECK_FALSE(s.best_within_budget.has_value());
+  // The options repeat the rate and the decoder batch where they were set.
+  RunReport batched = s.points[1];
+  batched.rate_hz = 60;
+  batched.decoder_batch = 3;
+  CHECK(run_options(batched) ==
+        "--encoder-pct 50 --decoder-pct 50 --mode concurrent --rate 60 --decoder-batch 3");
 }
 
 TEST_CASE("the sweep's report names the options of its recommendation", "[orchestrator][sweep]") {
@@ -126,24 +142,19 @@ TEST_CASE("the sweep's report names the options of its recommendation", "[orches
   single.mode = "single-process";
   s.baselines = {single, sequential};
   s.latency_budget_ms = 16;
-  choose_best_splits(s);
+  choose_best_runs(s);
 
-  const std::string dir = test::temp_dir("report");
-  const std::string path = dir + "/stdout.txt";
-  std::fflush(stdout);
-  const int saved = ::dup(STDOUT_FILENO);
-  REQUIRE(saved >= 0);
-  REQUIRE(std::freopen(path.c_str(), "w", stdout) != nullptr);
-  print_sweep(s);
-  std::fflush(stdout);
-  ::dup2(saved, STDOUT_FILENO);
-  ::close(saved);
-  std::ifstream in(path);
-  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  std::filesystem::remove_all(dir);
+  std::FILE* out = std::tmpfile();
+  REQUIRE(out != nullptr);
+  print_sweep(s, out);
+  std::rewind(out);
+  std::string text;
+  for (int c = std::fgetc(out); c != EOF; c = std::fgetc(out)) text.push_back(static_cast<char>(c));
+  std::fclose(out);
   CHECK(text.find("best for throughput: mps-100/100-sequential") != std::string::npos);
   CHECK(text.find("best within p99 <= 16.0 ms: mps-100/100-sequential") != std::string::npos);
-  CHECK(text.find("--encoder-pct 100 --decoder-pct 100 --mode sequential") != std::string::npos);
+  CHECK(text.find("--encoder-pct 100 --decoder-pct 100 --mode sequential --rate 30\n") !=
+        std::string::npos);
   // Back to back against 30 Hz: no ratio for the single process, and the report says why.
   CHECK(text.find("78.7        -") != std::string::npos);
   CHECK(text.find("the pipeline runs at 30.0 Hz, the single process back to back") !=

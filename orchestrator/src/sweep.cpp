@@ -97,8 +97,9 @@ RunReport run_single_process_baseline(const ResolvedRun& run) {
 
 namespace {
 
+// A run stopped before it measured a frame has no figures to compare.
 bool is_candidate(const RunReport& r) {
-  return r.error.empty() && r.mode != "single-process";
+  return r.error.empty() && !r.interrupted && r.throughput_fps > 0 && r.mode != "single-process";
 }
 
 // The most frames/s; of the runs within kSameThroughput of it, the lowest p99.
@@ -107,7 +108,7 @@ std::optional<std::string> best_of(const std::vector<const RunReport*>& runs) {
   for (const RunReport* r : runs) top = std::max(top, r->throughput_fps);
   const RunReport* best = nullptr;
   for (const RunReport* r : runs) {
-    if (r->throughput_fps < top / (1.0 + kSameThroughput)) continue;
+    if (r->throughput_fps < top * (1.0 - kSameThroughput)) continue;
     if (!best || r->latency_p99_ms < best->latency_p99_ms) best = r;
   }
   if (!best) return std::nullopt;
@@ -116,7 +117,7 @@ std::optional<std::string> best_of(const std::vector<const RunReport*>& runs) {
 
 }  // namespace
 
-void choose_best_splits(SweepResult& result) {
+void choose_best_runs(SweepResult& result) {
   std::vector<const RunReport*> runs, within_budget;
   for (const auto* list : {&result.points, &result.baselines}) {
     for (const RunReport& r : *list) {
@@ -143,7 +144,14 @@ std::string run_options(const RunReport& r) {
   std::string options = r.mps ? "--encoder-pct " + std::to_string(r.encoder_pct) +
                                     " --decoder-pct " + std::to_string(r.decoder_pct)
                               : std::string("--no-mps");
-  return options + " --mode " + r.mode;
+  options += " --mode " + r.mode;
+  if (r.rate_hz > 0) {
+    char rate[32];
+    std::snprintf(rate, sizeof rate, " --rate %g", r.rate_hz);
+    options += rate;
+  }
+  if (r.decoder_batch > 1) options += " --decoder-batch " + std::to_string(r.decoder_batch);
+  return options;
 }
 
 SweepResult run_sweep(const ResolvedRun& requested) {
@@ -209,61 +217,61 @@ SweepResult run_sweep(const ResolvedRun& requested) {
     r.decoder_pct = 100 - pct;
     result.points.push_back(r);
   }
-  choose_best_splits(result);
+  choose_best_runs(result);
   return result;
 }
 
-void print_sweep(const SweepResult& s) {
-  std::printf("\n== split sweep (concurrent mode, MPS) ==\n");
+void print_sweep(const SweepResult& s, std::FILE* out) {
+  std::fprintf(out, "\n== split sweep (concurrent mode, MPS) ==\n");
   if (s.decoder_batch > 1)
-    std::printf(
-        "decoder batch %u: frames that wait together share a decoder pass; dec ms is per "
-        "pass\n",
-        s.decoder_batch);
+    std::fprintf(out,
+                 "decoder batch %u: frames that wait together share a decoder pass; dec ms is per "
+                 "pass\n",
+                 s.decoder_batch);
   // Stage medians show which stage limits the throughput at each split.
-  std::printf("%-10s %8s %8s %10s %10s %10s %10s %10s %8s\n", "enc/dec %", "enc SMs", "dec SMs",
-              "enc ms", "dec ms", "p50 ms", "p99 ms", "frames/s", "applied");
+  std::fprintf(out, "%-10s %8s %8s %10s %10s %10s %10s %10s %8s\n", "enc/dec %", "enc SMs",
+               "dec SMs", "enc ms", "dec ms", "p50 ms", "p99 ms", "frames/s", "applied");
   for (const auto& p : s.points) {
     if (!p.error.empty()) {
-      std::printf("%3d/%-6d failed: %s\n", p.encoder_pct, p.decoder_pct, p.error.c_str());
+      std::fprintf(out, "%3d/%-6d failed: %s\n", p.encoder_pct, p.decoder_pct, p.error.c_str());
       continue;
     }
-    std::printf("%3d/%-6d %8d %8d %10.2f %10.2f %10.2f %10.2f %10.1f %8s\n", p.encoder_pct,
-                p.decoder_pct, p.encoder.sm_count, p.decoder.sm_count, p.encoder.stage_ms_median,
-                p.decoder.stage_ms_median, p.latency_p50_ms, p.latency_p99_ms, p.throughput_fps,
-                p.split_applied ? "yes" : "NO");
+    std::fprintf(out, "%3d/%-6d %8d %8d %10.2f %10.2f %10.2f %10.2f %10.1f %8s\n", p.encoder_pct,
+                 p.decoder_pct, p.encoder.sm_count, p.decoder.sm_count, p.encoder.stage_ms_median,
+                 p.decoder.stage_ms_median, p.latency_p50_ms, p.latency_p99_ms, p.throughput_fps,
+                 p.split_applied ? "yes" : "NO");
   }
   const RunReport* best = s.best_throughput ? find_run(s, *s.best_throughput) : nullptr;
   if (!s.baselines.empty()) {
-    std::printf("\n== baselines (ratio = best run's throughput / baseline's) ==\n");
-    std::printf("%-24s %10s %10s %12s %8s\n", "run", "p50 ms", "p99 ms", "frames/s", "ratio");
+    std::fprintf(out, "\n== baselines (ratio = best run's throughput / baseline's) ==\n");
+    std::fprintf(out, "%-24s %10s %10s %12s %8s\n", "run", "p50 ms", "p99 ms", "frames/s", "ratio");
     for (const auto& b : s.baselines) {
       if (!b.error.empty()) {
-        std::printf("%-24s failed: %s\n", b.label.c_str(), b.error.c_str());
+        std::fprintf(out, "%-24s failed: %s\n", b.label.c_str(), b.error.c_str());
         continue;
       }
       // The single process runs back to back even when the pipeline runs at a camera rate:
       // frames/s at two different offered rates make no ratio.
       if (best && b.throughput_fps > 0 && b.rate_hz == best->rate_hz) {
-        std::printf("%-24s %10.2f %10.2f %12.1f %8.2f\n", b.label.c_str(), b.latency_p50_ms,
-                    b.latency_p99_ms, b.throughput_fps, best->throughput_fps / b.throughput_fps);
+        std::fprintf(out, "%-24s %10.2f %10.2f %12.1f %8.2f\n", b.label.c_str(), b.latency_p50_ms,
+                     b.latency_p99_ms, b.throughput_fps, best->throughput_fps / b.throughput_fps);
       } else {
-        std::printf("%-24s %10.2f %10.2f %12.1f %8s\n", b.label.c_str(), b.latency_p50_ms,
-                    b.latency_p99_ms, b.throughput_fps, "-");
+        std::fprintf(out, "%-24s %10.2f %10.2f %12.1f %8s\n", b.label.c_str(), b.latency_p50_ms,
+                     b.latency_p99_ms, b.throughput_fps, "-");
       }
     }
-    if (best && best->rate_hz > 0)
-      std::printf("(the pipeline runs at %.1f Hz, the single process back to back)\n",
-                  best->rate_hz);
     const RunReport* single = find_run(s, "single-process");
+    if (best && best->rate_hz > 0 && single && single->error.empty())
+      std::fprintf(out, "(the pipeline runs at %.1f Hz, the single process back to back)\n",
+                   best->rate_hz);
     const RunReport* seq = find_run(s, "mps-100/100-sequential");
     if (single && seq && single->latency_p50_ms > 0) {
-      std::printf("sequential 100/100 latency vs single-process: %+.1f%%\n",
-                  100.0 * (seq->latency_p50_ms / single->latency_p50_ms - 1.0));
+      std::fprintf(out, "sequential 100/100 latency vs single-process: %+.1f%%\n",
+                   100.0 * (seq->latency_p50_ms / single->latency_p50_ms - 1.0));
       // Like for like: both host to host, inputs uploaded and actions read back.
       if (single->host_to_host_p50_ms > 0) {
-        std::printf(
-            "sequential 100/100 latency vs single-process host to host (%.2f ms): %+.1f%%\n",
+        std::fprintf(
+            out, "sequential 100/100 latency vs single-process host to host (%.2f ms): %+.1f%%\n",
             single->host_to_host_p50_ms,
             100.0 * (seq->latency_p50_ms / single->host_to_host_p50_ms - 1.0));
       }
@@ -271,24 +279,25 @@ void print_sweep(const SweepResult& s) {
   }
   // Splits and pipeline baselines compete; throughputs within 1% count as equal (at a camera
   // rate every run that keeps up delivers the rate), and then the lower p99 wins.
-  const auto describe = [](const RunReport& r) {
-    std::printf("%s (%.1f frames/s, p50 %.2f ms, p99 %.2f ms): %s\n", r.label.c_str(),
-                r.throughput_fps, r.latency_p50_ms, r.latency_p99_ms, run_options(r).c_str());
+  const auto describe = [out](const RunReport& r) {
+    std::fprintf(out, "%s (%.1f frames/s, p50 %.2f ms, p99 %.2f ms): %s\n", r.label.c_str(),
+                 r.throughput_fps, r.latency_p50_ms, r.latency_p99_ms, run_options(r).c_str());
   };
   if (best) {
-    std::printf("\nbest for throughput: ");
+    std::fprintf(out, "\nbest for throughput: ");
     describe(*best);
   }
   if (s.latency_budget_ms > 0) {
     const RunReport* b = s.best_within_budget ? find_run(s, *s.best_within_budget) : nullptr;
     if (b) {
-      std::printf("best within p99 <= %.1f ms: ", s.latency_budget_ms);
+      std::fprintf(out, "best within p99 <= %.1f ms: ", s.latency_budget_ms);
       describe(*b);
     } else {
-      std::printf("no split or baseline keeps p99 latency within %.1f ms\n", s.latency_budget_ms);
+      std::fprintf(out, "no split or baseline keeps p99 latency within %.1f ms\n",
+                   s.latency_budget_ms);
     }
   }
-  std::fflush(stdout);
+  std::fflush(out);
 }
 
 std::string sweep_json(const SweepResult& s) {

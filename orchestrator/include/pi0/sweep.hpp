@@ -3,6 +3,7 @@
 // show what MPS buys, and the best configuration for throughput and for a latency budget.
 #pragma once
 
+#include <cstdio>
 #include <optional>
 #include <string>
 #include <vector>
@@ -15,7 +16,7 @@ struct SweepResult {
   std::vector<RunReport> points;     // one per split, concurrent mode under MPS
   std::vector<RunReport> baselines;  // single-process, no MPS, MPS 100/100, sequential 100/100
   // Labels of the best runs a user can ask the orchestrator for (a split or a pipeline baseline;
-  // not the single process): see choose_best_splits.
+  // not the single process): see choose_best_runs.
   std::optional<std::string> best_throughput;
   std::optional<std::string> best_within_budget;
   double latency_budget_ms = 0;
@@ -28,15 +29,17 @@ SweepResult run_sweep(const ResolvedRun& run);
 inline constexpr double kSameThroughput = 0.01;
 // Sets best_throughput (the most frames/s; of those within kSameThroughput of it, the lowest p99)
 // and best_within_budget (the same among those with p99 <= latency_budget_ms) over the runs that
-// succeeded: the splits and the pipeline baselines (no MPS, MPS 100/100 in either mode), which
-// are configurations of the orchestrator too. The single process is a yardstick, not a candidate.
-void choose_best_splits(SweepResult& sweep);
+// measured frames: the splits and the pipeline baselines (no MPS, MPS 100/100 in either mode),
+// which are configurations of the orchestrator too. The single process is a yardstick, not a
+// candidate.
+void choose_best_runs(SweepResult& sweep);
 // The run labelled `label` among the points and baselines; nullptr if none.
 const RunReport* find_run(const SweepResult& sweep, const std::string& label);
-// The orchestrator options that repeat a pipeline run (e.g. "--encoder-pct 50 --decoder-pct 50
-// --mode concurrent", "--no-mps --mode concurrent"); empty for the single process.
+// The orchestrator options that repeat a pipeline run's configuration (e.g. "--encoder-pct 50
+// --decoder-pct 50 --mode concurrent", "--no-mps --mode concurrent --rate 30"; --rate and
+// --decoder-batch where set); empty for the single process.
 std::string run_options(const RunReport& run);
-void print_sweep(const SweepResult& sweep);
+void print_sweep(const SweepResult& sweep, std::FILE* out = stdout);
 std::string sweep_json(const SweepResult& sweep);
 // An SVG chart: throughput and p50/p99 latency against the encoder's percentage.
 void write_sweep_plot(const SweepResult& sweep, const std::string& path);

@@ -124,7 +124,8 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
   app.add_option("--sweep-max", o.sweep_max, "highest encoder percentage of the sweep")
       ->check(CLI::Range(1, 99));
   app.add_option("--latency-budget-ms", o.latency_budget_ms,
-                 "sweep: best throughput whose p99 latency stays within this")
+                 "sweep: also name the best run (a split or a pipeline baseline) whose p99 "
+                 "latency stays within this")
       ->check(finite_number())
       ->check(CLI::Range(0.0, 100000.0));
   app.add_option("--plot", o.plot_path,

@@ -29,14 +29,22 @@ RunReport point(int pct, double fps, double p99, const std::string& error = "") 
   return r;
 }
 
+// A baseline run under its sweep label: the single process and the pipeline at 100/100.
+RunReport baseline(const std::string& label, const std::string& mode, double fps, double p99,
+                   const std::string& error = "") {
+  RunReport r = point(100, fps, p99, error);
+  r.label = label;
+  r.mode = mode;
+  r.decoder_pct = 100;
+  r.mps = label != "no-mps";
+  return r;
+}
+
 SweepResult synthetic() {
   SweepResult s;
   s.points = {point(20, 40, 45), point(40, 66, 31), point(50, 90, 40, "no correct GEMM algorithm"),
               point(60, 75, 27), point(80, 70, 22)};
-  RunReport single = point(100, 60, 16);
-  single.label = "single-process";
-  single.mode = "single-process";
-  s.baselines = {single};
+  s.baselines = {baseline("single-process", "single-process", 60, 16)};
   s.latency_budget_ms = 25;
   choose_best_runs(s);
   return s;
@@ -66,19 +74,10 @@ TEST_CASE("at a camera rate the sweep recommends the lowest latency among the ru
   // 100/100 runs are candidates like the splits (figures of the kind an H100 gives at 30 Hz).
   SweepResult s;
   s.points = {point(10, 23.7, 90.0), point(50, 30.10, 18.42), point(60, 30.11, 19.5)};
-  RunReport concurrent = point(100, 30.12, 15.06);
-  concurrent.label = "mps-100/100";
-  concurrent.decoder_pct = 100;
-  RunReport sequential = point(100, 30.08, 14.47);
-  sequential.label = "mps-100/100-sequential";
-  sequential.mode = "sequential";
-  sequential.decoder_pct = 100;
-  RunReport no_mps = point(100, 30.09, 16.0, "worker failed");
-  no_mps.label = "no-mps";
-  no_mps.mps = false;
-  RunReport single = point(100, 30.2, 13.1);
-  single.label = "single-process";
-  single.mode = "single-process";
+  const RunReport concurrent = baseline("mps-100/100", "concurrent", 30.12, 15.06);
+  const RunReport sequential = baseline("mps-100/100-sequential", "sequential", 30.08, 14.47);
+  const RunReport no_mps = baseline("no-mps", "concurrent", 30.09, 16.0, "worker failed");
+  const RunReport single = baseline("single-process", "single-process", 30.2, 13.1);
   s.baselines = {single, no_mps, concurrent, sequential};
   s.latency_budget_ms = 15;
   choose_best_runs(s);
@@ -132,14 +131,9 @@ TEST_CASE("the sweep's report names the options of its recommendation", "[orches
   SweepResult s;
   s.points = {point(50, 30.1, 18.2)};
   s.points[0].rate_hz = 30;
-  RunReport sequential = point(100, 30.1, 13.8);
-  sequential.label = "mps-100/100-sequential";
-  sequential.mode = "sequential";
-  sequential.decoder_pct = 100;
+  RunReport sequential = baseline("mps-100/100-sequential", "sequential", 30.1, 13.8);
   sequential.rate_hz = 30;
-  RunReport single = point(100, 78.7, 13.0);
-  single.label = "single-process";
-  single.mode = "single-process";
+  const RunReport single = baseline("single-process", "single-process", 78.7, 13.0);
   s.baselines = {single, sequential};
   s.latency_budget_ms = 16;
   choose_best_runs(s);

@@ -252,13 +252,11 @@ void print_sweep(const SweepResult& s, std::FILE* out) {
       }
       // The single process runs back to back even when the pipeline runs at a camera rate:
       // frames/s at two different offered rates make no ratio.
-      if (best && b.throughput_fps > 0 && b.rate_hz == best->rate_hz) {
-        std::fprintf(out, "%-24s %10.2f %10.2f %12.1f %8.2f\n", b.label.c_str(), b.latency_p50_ms,
-                     b.latency_p99_ms, b.throughput_fps, best->throughput_fps / b.throughput_fps);
-      } else {
-        std::fprintf(out, "%-24s %10.2f %10.2f %12.1f %8s\n", b.label.c_str(), b.latency_p50_ms,
-                     b.latency_p99_ms, b.throughput_fps, "-");
-      }
+      char ratio[32] = "-";
+      if (best && b.throughput_fps > 0 && b.rate_hz == best->rate_hz)
+        std::snprintf(ratio, sizeof ratio, "%.2f", best->throughput_fps / b.throughput_fps);
+      std::fprintf(out, "%-24s %10.2f %10.2f %12.1f %8s\n", b.label.c_str(), b.latency_p50_ms,
+                   b.latency_p99_ms, b.throughput_fps, ratio);
     }
     const RunReport* single = find_run(s, "single-process");
     if (best && best->rate_hz > 0 && single && single->error.empty())

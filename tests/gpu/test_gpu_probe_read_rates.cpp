@@ -1,0 +1,216 @@
+// Probe (not part of the suite; run with the tag "[.probe]"): the rates at which SMs can read
+// bytes from DRAM and from L2, by load instructions and by bulk copies, against the rate the
+// decoder's cuBLASLt products read their weights at. bench/NOTES.md v34 found the decoder no faster
+// with every layer's weights in L2 than streamed from DRAM behind its prefetch, and its products'
+// time following their bytes even from L2: what a product of our own could reach is the L2 read
+// rate, which this measures.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <thread>
+#include <vector>
+
+#include "catch.hpp"
+#include "gpu_test_util.hpp"
+#include "pi0/cuda/device.hpp"
+#include "pi0/cuda/gemm.hpp"
+#include "pi0/cuda/kernels.hpp"
+#include "pi0/cuda/l2_prefetch.hpp"
+#include "read_rate.hpp"
+
+using namespace pi0;
+using namespace pi0::test;
+using cuda::DeviceBuffer;
+
+namespace {
+
+constexpr size_t kMiB = size_t{1} << 20;
+
+// Mean time of one launch (us) over `reps` launches after one unmeasured launch; the median of
+// three such rounds.
+template <typename Launch>
+double launch_us(cudaStream_t stream, int reps, Launch&& launch) {
+  cuda::Event start, stop;
+  std::vector<double> rounds;
+  for (int round = 0; round < 3; ++round) {
+    launch();
+    start.record(stream);
+    for (int i = 0; i < reps; ++i) launch();
+    stop.record(stream);
+    stop.synchronize();
+    rounds.push_back(stop.elapsed_since(start) * 1e3 / reps);
+  }
+  std::sort(rounds.begin(), rounds.end());
+  return rounds[1];
+}
+
+double tb_per_s(size_t bytes, double us) {
+  return static_cast<double>(bytes) / (us * 1e-6) / 1e12;
+}
+
+}  // namespace
+
+TEST_CASE("probe: read rates from DRAM and L2", "[.probe]") {
+  const int sms = cuda::current_device_attribute(cudaDevAttrMultiProcessorCount, 0);
+  REQUIRE(sms > 0);
+  cuda::Stream stream;
+  cudaStream_t s = stream.get();
+  const size_t big_bytes = 1024 * kMiB;
+  DeviceBuffer<float> big(big_bytes / sizeof(float), "probe buffer");
+  cuda::fill_random(big.get(), big.size(), 7, 1.0f, s);
+  DeviceBuffer<uint32_t> sink(4096, "probe sink");
+  const bool bulk = read_bulk_available();
+  CUDA_CHECK(cudaStreamSynchronize(s));
+
+  // DRAM: 1 GiB, twenty times the L2, read whole each launch.
+  const double dram_us = launch_us(
+      s, 5, [&] { launch_read_vectors(big.get(), big_bytes, 4 * sms, 512, sink.get(), s); });
+  std::printf("probe read DRAM   loads, %4d blocks x 512: %7.1f us for %zu MiB, %.2f TB/s\n",
+              4 * sms, dram_us, big_bytes / kMiB, tb_per_s(big_bytes, dram_us));
+  if (bulk) {
+    for (const auto& [stages, chunk] :
+         {std::pair{4, 16384}, std::pair{4, 32768}, std::pair{8, 16384}, std::pair{6, 32768}}) {
+      size_t read = 0;
+      const double us = launch_us(s, 5, [&] {
+        read = launch_read_bulk(big.get(), big_bytes, sms, stages, chunk, sink.get(), s);
+      });
+      std::printf(
+          "probe read DRAM   bulk,  %4d blocks, %d x %2d KB in flight: %7.1f us, %.2f TB/s\n", sms,
+          stages, chunk / 1024, us, tb_per_s(read, us));
+    }
+  }
+
+  // L2: a buffer read again and again, by size (where the rate falls, the L2 no longer holds it).
+  for (const size_t mib : {8, 16, 24, 32, 40, 48}) {
+    const size_t bytes = mib * kMiB;
+    const double us = launch_us(
+        s, 30, [&] { launch_read_vectors(big.get(), bytes, 4 * sms, 512, sink.get(), s); });
+    std::printf(
+        "probe read L2?    loads, %4d blocks x 512: %2zu MiB again and again: %6.2f us, "
+        "%.2f TB/s\n",
+        4 * sms, mib, us, tb_per_s(bytes, us));
+  }
+
+  // What a few SMs can pull from L2 (16 MiB, resident): one block of 1,024 threads an SM.
+  const size_t l2_bytes = 16 * kMiB;
+  for (const int blocks : {8, 16, 33, 66, sms}) {
+    const double us = launch_us(
+        s, 30, [&] { launch_read_vectors(big.get(), l2_bytes, blocks, 1024, sink.get(), s); });
+    std::printf(
+        "probe read L2     loads, %4d blocks x 1024: %7.2f us, %.2f TB/s, %.1f GB/s a "
+        "block\n",
+        blocks, us, tb_per_s(l2_bytes, us), tb_per_s(l2_bytes, us) * 1e3 / blocks);
+  }
+  if (bulk) {
+    for (const int blocks : {8, 33, 66, sms})
+      for (const auto& [stages, chunk] :
+           {std::pair{2, 16384}, std::pair{4, 16384}, std::pair{4, 32768}, std::pair{8, 16384},
+            std::pair{6, 32768}}) {
+        size_t read = 0;
+        const double us = launch_us(s, 30, [&] {
+          read = launch_read_bulk(big.get(), l2_bytes, blocks, stages, chunk, sink.get(), s);
+        });
+        std::printf(
+            "probe read L2     bulk,  %4d blocks, %d x %2d KB in flight: %7.2f us, %.2f "
+            "TB/s, %.1f GB/s a block\n",
+            blocks, stages, chunk / 1024, us, tb_per_s(read, us),
+            tb_per_s(read, us) * 1e3 / blocks);
+      }
+  }
+
+  // The decoder's prefetch (cuda::prefetch_l2, 8 CTAs of bulk prefetches) of one layer-step's
+  // 34 MiB, each time a region not read for the last ~500 MiB, so cold: the prefetch kernel alone,
+  // the region then read by loads (after the prefetch has had a millisecond), and prefetch + read
+  // back to back, against the cold read alone.
+  const size_t region = 34 * kMiB;
+  const int regions = static_cast<int>(big_bytes / region);
+  int next = 0;
+  auto next_region = [&] {
+    const auto* p = reinterpret_cast<const std::byte*>(big.get()) + (next % regions) * region;
+    ++next;
+    return p;
+  };
+  auto read_region = [&](const std::byte* p) {
+    launch_read_vectors(p, region, 4 * sms, 512, sink.get(), s);
+  };
+  auto median_of = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  cuda::Event a, b;
+  std::vector<double> cold, issue, warm, both;
+  for (int i = 0; i < 9; ++i) {
+    const std::byte* p = next_region();
+    a.record(s);
+    read_region(p);
+    b.record(s);
+    b.synchronize();
+    cold.push_back(b.elapsed_since(a) * 1e3);
+
+    p = next_region();
+    const cuda::L2Range range{p, region};
+    a.record(s);
+    cuda::prefetch_l2(&range, 1, s);
+    b.record(s);
+    b.synchronize();
+    issue.push_back(b.elapsed_since(a) * 1e3);
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    a.record(s);
+    read_region(p);
+    b.record(s);
+    b.synchronize();
+    warm.push_back(b.elapsed_since(a) * 1e3);
+
+    p = next_region();
+    const cuda::L2Range range2{p, region};
+    a.record(s);
+    cuda::prefetch_l2(&range2, 1, s);
+    read_region(p);
+    b.record(s);
+    b.synchronize();
+    both.push_back(b.elapsed_since(a) * 1e3);
+  }
+  std::printf(
+      "probe prefetch 34 MiB: cold read %.1f us (%.2f TB/s); prefetch kernel %.1f us; read "
+      "after it %.1f us (%.2f TB/s); prefetch then read at once %.1f us\n",
+      median_of(cold), tb_per_s(region, median_of(cold)), median_of(issue), median_of(warm),
+      tb_per_s(region, median_of(warm)), median_of(both));
+
+  // The decoder's products at 64 rows, cuBLASLt's fastest listed configuration, over one weight
+  // copy (in L2 after the first launch) and over 18 (a decode's layers, streamed from DRAM).
+  struct Product {
+    const char* label;
+    int n, k;
+    bool acc;
+  };
+  cuda::LtHandle lt;
+  DeviceBuffer<std::byte> ws(cuda::kGemmWorkspaceBytes, "workspace");
+  DeviceBuffer<Bf16> x(64 * 4096, "probe x");
+  DeviceBuffer<Bf16> y(64 * 8192, "probe y");
+  cuda::fill_random(x.get(), x.size(), 3, 1.0f, s);
+  cuda::fill_random(y.get(), y.size(), 4, 1.0f, s);
+  // The buffer's floats as bf16 would hold NaN patterns: bf16 weights of their own.
+  Bf16* weights = reinterpret_cast<Bf16*>(big.get());
+  cuda::fill_random(weights, big_bytes / sizeof(Bf16), 5, 0.05f, s);
+  for (const Product& p :
+       {Product{"qkv", 2560, 1024, false}, Product{"o", 1024, 2048, true},
+        Product{"gate|up", 8192, 1024, false}, Product{"down", 1024, 4096, true}}) {
+    const size_t w_elems = static_cast<size_t>(p.n) * p.k;
+    cuda::Gemm gemm(
+        lt.get(),
+        cuda::linear_shape(64, p.n, p.k, cuda::DType::kBf16, cuda::Epilogue::kNone, p.acc),
+        ws.get(), ws.bytes());
+    for (const int copies : {1, 18}) {
+      cuda::Gemm::AutotuneOptions tune;
+      const auto ranked = gemm.rank_candidates(x.get(), weights, y.get(), nullptr, s,
+                                               tune.over_layers(copies, w_elems), 1);
+      if (ranked.empty()) continue;
+      const double us = ranked.front().first * 1e3;
+      std::printf(
+          "probe gemm %-7s 64 x %4d x %4d, %2d weight cop%s: %6.2f us, weights at %.2f "
+          "TB/s\n",
+          p.label, p.n, p.k, copies, copies == 1 ? "y  " : "ies", us,
+          tb_per_s(w_elems * sizeof(Bf16), us));
+    }
+  }
+}

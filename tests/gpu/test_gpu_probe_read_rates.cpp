@@ -137,39 +137,33 @@ TEST_CASE("probe: read rates from DRAM and L2", "[.probe]") {
     std::sort(v.begin(), v.end());
     return v[v.size() / 2];
   };
+  auto prefetch_region = [&](const std::byte* p) {
+    const cuda::L2Range range{p, region};
+    cuda::prefetch_l2(&range, 1, s);
+  };
   cuda::Event a, b;
+  // The time (us) of the work `enqueue` puts on the stream, run once.
+  auto once_us = [&](auto&& enqueue) {
+    a.record(s);
+    enqueue();
+    b.record(s);
+    b.synchronize();
+    return b.elapsed_since(a) * 1e3;
+  };
   std::vector<double> cold, issue, warm, both;
   static_assert(2 + 3 * 9 <= 1024 / 34, "every region read once");
   for (int i = 0; i < 9; ++i) {
     const std::byte* p = next_region();
-    a.record(s);
-    read_region(p);
-    b.record(s);
-    b.synchronize();
-    cold.push_back(b.elapsed_since(a) * 1e3);
-
+    cold.push_back(once_us([&] { read_region(p); }));
     p = next_region();
-    const cuda::L2Range range{p, region};
-    a.record(s);
-    cuda::prefetch_l2(&range, 1, s);
-    b.record(s);
-    b.synchronize();
-    issue.push_back(b.elapsed_since(a) * 1e3);
+    issue.push_back(once_us([&] { prefetch_region(p); }));
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    a.record(s);
-    read_region(p);
-    b.record(s);
-    b.synchronize();
-    warm.push_back(b.elapsed_since(a) * 1e3);
-
+    warm.push_back(once_us([&] { read_region(p); }));
     p = next_region();
-    const cuda::L2Range range2{p, region};
-    a.record(s);
-    cuda::prefetch_l2(&range2, 1, s);
-    read_region(p);
-    b.record(s);
-    b.synchronize();
-    both.push_back(b.elapsed_since(a) * 1e3);
+    both.push_back(once_us([&] {
+      prefetch_region(p);
+      read_region(p);
+    }));
   }
   std::printf(
       "probe prefetch 34 MiB: cold read %.1f us (%.2f TB/s); prefetch kernel %.1f us; read "

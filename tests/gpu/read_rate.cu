@@ -10,25 +10,45 @@ constexpr int kBulkThreads = 128;
 constexpr int kMaxStages = 16;
 constexpr int kMaxBulkBytes = 192 * 1024;
 
-__global__ void read_vectors_kernel(const uint4* src, size_t n, uint32_t* sink) {
+__global__ void read_vectors_kernel(const uint4* src, size_t n, int passes, uint32_t* sink) {
+  const size_t first = blockIdx.x * size_t{blockDim.x} + threadIdx.x;
+  const size_t stride = size_t{gridDim.x} * blockDim.x;
   uint32_t x = 0;
-#pragma unroll 4
-  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n;
-       i += size_t{gridDim.x} * blockDim.x) {
-    const uint4 v = __ldcg(src + i);
-    x ^= v.x ^ v.y ^ v.z ^ v.w;
+  for (int p = 0; p < passes; ++p) {
+    size_t i = first;
+    // Four independent loads before any is used: one at a time, a thread would wait for each.
+    for (; i + 3 * stride < n; i += 4 * stride) {
+      const uint4 a = __ldcg(src + i), b = __ldcg(src + i + stride),
+                  c = __ldcg(src + i + 2 * stride), d = __ldcg(src + i + 3 * stride);
+      x ^= (a.x ^ a.y ^ a.z ^ a.w) ^ (b.x ^ b.y ^ b.z ^ b.w) ^ (c.x ^ c.y ^ c.z ^ c.w) ^
+           (d.x ^ d.y ^ d.z ^ d.w);
+    }
+    for (; i < n; i += stride) {
+      const uint4 v = __ldcg(src + i);
+      x ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
   }
   // A store the compiler cannot drop, since it depends on every load; taken almost never.
   if (x == 0x9e3779b9u) sink[blockIdx.x] = x;
 }
 
+__global__ void spin_kernel(uint64_t ns) {
+  uint64_t start, now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  do {
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  } while (now - start < ns);
+}
+
 __global__ void __launch_bounds__(kBulkThreads)
-    read_bulk_kernel(const char* src, size_t per_block, int stages, int chunk, uint32_t* sink) {
+    read_bulk_kernel(const char* src, size_t per_block, int passes, int stages, int chunk,
+                     uint32_t* sink) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(128) unsigned char stage_bytes[];
   __shared__ __align__(8) uint64_t full[kMaxStages];
   const char* base = src + blockIdx.x * per_block;
   const int chunks = static_cast<int>(per_block / chunk);
+  const int total = chunks * passes;
   const uint32_t buf = static_cast<uint32_t>(__cvta_generic_to_shared(stage_bytes));
   auto bar = [&](int s) { return static_cast<uint32_t>(__cvta_generic_to_shared(&full[s])); };
   auto issue = [&](int j, int s) {
@@ -37,18 +57,18 @@ __global__ void __launch_bounds__(kBulkThreads)
     asm volatile(
         "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
             "r"(buf + s * chunk),
-        "l"(base + static_cast<size_t>(j) * chunk), "r"(chunk), "r"(bar(s))
+        "l"(base + static_cast<size_t>(j % chunks) * chunk), "r"(chunk), "r"(bar(s))
         : "memory");
   };
   if (threadIdx.x == 0) {
     for (int s = 0; s < stages; ++s)
       asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar(s)) : "memory");
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    for (int j = 0; j < stages && j < chunks; ++j) issue(j, j);
+    for (int j = 0; j < stages && j < total; ++j) issue(j, j);
   }
   __syncthreads();
   uint32_t x = 0;
-  for (int j = 0; j < chunks; ++j) {
+  for (int j = 0; j < total; ++j) {
     const int s = j % stages;
     const uint32_t parity = static_cast<uint32_t>(j / stages) & 1u;
     uint32_t done = 0;
@@ -61,7 +81,7 @@ __global__ void __launch_bounds__(kBulkThreads)
           : "memory");
     x ^= reinterpret_cast<const uint32_t*>(stage_bytes + s * chunk)[threadIdx.x % (chunk / 4)];
     __syncthreads();  // every thread has read stage s before it is refilled
-    if (threadIdx.x == 0 && j + stages < chunks) {
+    if (threadIdx.x == 0 && j + stages < total) {
       asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
       issue(j + stages, s);
     }
@@ -70,6 +90,7 @@ __global__ void __launch_bounds__(kBulkThreads)
 #else
   (void)src;
   (void)per_block;
+  (void)passes;
   (void)stages;
   (void)chunk;
   (void)sink;
@@ -78,45 +99,60 @@ __global__ void __launch_bounds__(kBulkThreads)
 
 }  // namespace
 
-void launch_read_vectors(const void* src, size_t bytes, int blocks, int threads, uint32_t* sink,
-                         cudaStream_t stream) {
-  PI0_CHECK(
-      bytes % 16 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0 && blocks > 0 && threads > 0,
-      "launch_read_vectors: 16-byte aligned src and bytes, and a non-empty grid");
-  read_vectors_kernel<<<blocks, threads, 0, stream>>>(static_cast<const uint4*>(src), bytes / 16,
-                                                      sink);
+size_t launch_read_vectors(const void* src, size_t bytes, int passes, int blocks, int threads,
+                           bool one_block_an_sm, uint32_t* sink, cudaStream_t stream) {
+  PI0_CHECK(bytes % 16 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0 && blocks > 0 &&
+                threads > 0 && passes > 0,
+            "launch_read_vectors: 16-byte aligned src and bytes, a pass and a non-empty grid");
+  // More than half of an H100 SM's 228 KB: one such block an SM.
+  constexpr int kHalfAnSmAndMore = 120 * 1024;
+  static const bool attribute_set =
+      cudaFuncSetAttribute(read_vectors_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           kHalfAnSmAndMore) == cudaSuccess;
+  PI0_CHECK(!one_block_an_sm || attribute_set,
+            "launch_read_vectors: cannot ask for 120 KB of shared memory a block here");
+  read_vectors_kernel<<<blocks, threads, one_block_an_sm ? kHalfAnSmAndMore : 0, stream>>>(
+      static_cast<const uint4*>(src), bytes / 16, passes, sink);
+  CUDA_CHECK_LAUNCH();
+  return bytes * passes;
+}
+
+void launch_spin(uint64_t ns, cudaStream_t stream) {
+  spin_kernel<<<1, 1, 0, stream>>>(ns);
   CUDA_CHECK_LAUNCH();
 }
 
 bool read_bulk_available() {
-  int device = 0, major = 0;
-  cudaFuncAttributes attributes{};
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaFuncGetAttributes(&attributes, read_bulk_kernel) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return major == 9 && attributes.binaryVersion >= 90;
+  static const bool available = [] {
+    int device = 0, major = 0;
+    cudaFuncAttributes attributes{};
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+        cudaFuncGetAttributes(&attributes, read_bulk_kernel) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    return major == 9 && attributes.binaryVersion >= 90 &&
+           cudaFuncSetAttribute(read_bulk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                kMaxBulkBytes) == cudaSuccess;
+  }();
+  return available;
 }
 
-size_t launch_read_bulk(const void* src, size_t bytes, int blocks, int stages, int chunk,
-                        uint32_t* sink, cudaStream_t stream) {
+size_t launch_read_bulk(const void* src, size_t bytes, int passes, int blocks, int stages,
+                        int chunk, uint32_t* sink, cudaStream_t stream) {
   PI0_CHECK(read_bulk_available(), "launch_read_bulk: needs sm_90 code on a 9.x device");
-  PI0_CHECK(blocks > 0 && stages >= 1 && stages <= kMaxStages && chunk >= 16 && chunk % 16 == 0 &&
-                static_cast<size_t>(stages) * chunk <= kMaxBulkBytes &&
+  PI0_CHECK(blocks > 0 && passes > 0 && stages >= 1 && stages <= kMaxStages && chunk >= 16 &&
+                chunk % 16 == 0 && static_cast<size_t>(stages) * chunk <= kMaxBulkBytes &&
                 reinterpret_cast<uintptr_t>(src) % 16 == 0,
             "launch_read_bulk: " + std::to_string(stages) + " stages of " + std::to_string(chunk) +
                 " bytes over " + std::to_string(blocks) + " blocks");
   const size_t per_block = bytes / blocks / chunk * chunk;
   PI0_CHECK(per_block > 0, "launch_read_bulk: fewer bytes than one chunk a block");
-  const int smem = stages * chunk;
-  CUDA_CHECK(
-      cudaFuncSetAttribute(read_bulk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  read_bulk_kernel<<<blocks, kBulkThreads, smem, stream>>>(static_cast<const char*>(src), per_block,
-                                                           stages, chunk, sink);
+  read_bulk_kernel<<<blocks, kBulkThreads, stages * chunk, stream>>>(
+      static_cast<const char*>(src), per_block, passes, stages, chunk, sink);
   CUDA_CHECK_LAUNCH();
-  return per_block * blocks;
+  return per_block * blocks * passes;
 }
 
 }  // namespace pi0::test

@@ -9,20 +9,26 @@
 
 namespace pi0::test {
 
-// `blocks` blocks of `threads` threads read [src, src + bytes) (bytes a multiple of 16, src
-// 16-byte aligned) as 16-byte vectors through L2 (ld.global.cg), each thread striding the grid.
-// sink holds `blocks` words.
-void launch_read_vectors(const void* src, size_t bytes, int blocks, int threads, uint32_t* sink,
-                         cudaStream_t stream);
+// `blocks` blocks of `threads` threads read [src, src + bytes) `passes` times (bytes a multiple of
+// 16, src 16-byte aligned) as 16-byte vectors through L2 (ld.global.cg), four loads in flight a
+// thread, each thread striding the grid. With one_block_an_sm, each block asks for more than half
+// an SM's shared memory, so that no two share an SM. sink holds `blocks` words. Returns the bytes
+// read.
+size_t launch_read_vectors(const void* src, size_t bytes, int passes, int blocks, int threads,
+                           bool one_block_an_sm, uint32_t* sink, cudaStream_t stream);
 
 // Whether launch_read_bulk runs on this build and device (sm_90 code and compute capability 9.x).
 bool read_bulk_available();
-// `blocks` blocks each stream an equal, contiguous share of [src, src + bytes) into shared memory
-// as bulk copies (cp.async.bulk, the TMA's path) of `chunk` bytes, `stages` of them in flight
-// (stages * chunk <= 192 KB, chunk a multiple of 16, src 16-byte aligned); each stage is released
-// once its 128 threads have read one word of it. sink holds `blocks` words. Returns the bytes
-// read (each share is whole chunks).
-size_t launch_read_bulk(const void* src, size_t bytes, int blocks, int stages, int chunk,
-                        uint32_t* sink, cudaStream_t stream);
+// `blocks` blocks each stream an equal, contiguous share of [src, src + bytes), `passes` times,
+// into shared memory as bulk copies (cp.async.bulk, the TMA's path) of `chunk` bytes, up to
+// `stages` of them in flight (stages * chunk <= 192 KB, chunk a multiple of 16, src 16-byte
+// aligned); each stage is refilled once its 128 threads have read one word of it. sink holds
+// `blocks` words. Returns the bytes read (each share is whole chunks).
+size_t launch_read_bulk(const void* src, size_t bytes, int passes, int blocks, int stages,
+                        int chunk, uint32_t* sink, cudaStream_t stream);
+
+// One thread that spins for `ns` nanoseconds: queued before a timed region's first event, it keeps
+// the host's launch of the work after it out of the time.
+void launch_spin(uint64_t ns, cudaStream_t stream);
 
 }  // namespace pi0::test

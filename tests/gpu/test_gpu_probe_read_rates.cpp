@@ -26,14 +26,16 @@ namespace {
 
 constexpr size_t kMiB = size_t{1} << 20;
 
-// Mean time of one launch (us) over `reps` launches after one unmeasured launch; the median of
-// three such rounds.
+// Mean time of one launch (us) over `reps` launches after one unmeasured launch, all queued
+// behind a GPU-side wait; the median of three such rounds.
 template <typename Launch>
 double launch_us(cudaStream_t stream, int reps, Launch&& launch) {
   cuda::Event start, stop;
   std::vector<double> rounds;
   for (int round = 0; round < 3; ++round) {
     launch();
+    // The host's launches must not pace the timed ones: they queue behind a GPU-side wait.
+    launch_spin(static_cast<uint64_t>(reps) * 20'000, stream);
     start.record(stream);
     for (int i = 0; i < reps; ++i) launch();
     stop.record(stream);
@@ -63,16 +65,17 @@ TEST_CASE("probe: read rates from DRAM and L2", "[.probe]") {
   CUDA_CHECK(cudaStreamSynchronize(s));
 
   // DRAM: 1 GiB, twenty times the L2, read whole each launch.
-  const double dram_us = launch_us(
-      s, 5, [&] { launch_read_vectors(big.get(), big_bytes, 4 * sms, 512, sink.get(), s); });
+  size_t read = 0;
+  double us = launch_us(s, 5, [&] {
+    read = launch_read_vectors(big.get(), big_bytes, 1, 4 * sms, 512, false, sink.get(), s);
+  });
   std::printf("probe read DRAM   loads, %4d blocks x 512: %7.1f us for %zu MiB, %.2f TB/s\n",
-              4 * sms, dram_us, big_bytes / kMiB, tb_per_s(big_bytes, dram_us));
+              4 * sms, us, read / kMiB, tb_per_s(read, us));
   if (bulk) {
     for (const auto& [stages, chunk] :
          {std::pair{4, 16384}, std::pair{4, 32768}, std::pair{8, 16384}, std::pair{6, 32768}}) {
-      size_t read = 0;
-      const double us = launch_us(s, 5, [&] {
-        read = launch_read_bulk(big.get(), big_bytes, sms, stages, chunk, sink.get(), s);
+      us = launch_us(s, 5, [&] {
+        read = launch_read_bulk(big.get(), big_bytes, 1, sms, stages, chunk, sink.get(), s);
       });
       std::printf(
           "probe read DRAM   bulk,  %4d blocks, %d x %2d KB in flight: %7.1f us, %.2f TB/s\n", sms,
@@ -80,40 +83,48 @@ TEST_CASE("probe: read rates from DRAM and L2", "[.probe]") {
     }
   }
 
-  // L2: a buffer read again and again, by size (where the rate falls, the L2 no longer holds it).
+  // L2: a buffer read again and again within each launch (~1 GiB a launch), by size: where the
+  // rate falls, the L2 no longer holds it.
   for (const size_t mib : {8, 16, 24, 32, 40, 48}) {
     const size_t bytes = mib * kMiB;
-    const double us = launch_us(
-        s, 30, [&] { launch_read_vectors(big.get(), bytes, 4 * sms, 512, sink.get(), s); });
+    const int passes = static_cast<int>(big_bytes / bytes);
+    us = launch_us(s, 5, [&] {
+      read = launch_read_vectors(big.get(), bytes, passes, 4 * sms, 512, false, sink.get(), s);
+    });
     std::printf(
-        "probe read L2?    loads, %4d blocks x 512: %2zu MiB again and again: %6.2f us, "
-        "%.2f TB/s\n",
-        4 * sms, mib, us, tb_per_s(bytes, us));
+        "probe read L2?    loads, %4d blocks x 512: %2zu MiB %3d times: %7.1f us, %.2f "
+        "TB/s\n",
+        4 * sms, mib, passes, us, tb_per_s(read, us));
   }
 
-  // What a few SMs can pull from L2 (16 MiB, resident): one block of 1,024 threads an SM.
+  // What a few SMs can pull from L2: 16 MiB (resident) read 16 times a launch, one block an SM.
   const size_t l2_bytes = 16 * kMiB;
+  constexpr int kL2Passes = 16;
   for (const int blocks : {8, 16, 33, 66, sms}) {
-    const double us = launch_us(
-        s, 30, [&] { launch_read_vectors(big.get(), l2_bytes, blocks, 1024, sink.get(), s); });
+    us = launch_us(s, 3, [&] {
+      read = launch_read_vectors(big.get(), l2_bytes, kL2Passes, blocks, 1024, true, sink.get(), s);
+    });
     std::printf(
-        "probe read L2     loads, %4d blocks x 1024: %7.2f us, %.2f TB/s, %.1f GB/s a "
-        "block\n",
-        blocks, us, tb_per_s(l2_bytes, us), tb_per_s(l2_bytes, us) * 1e3 / blocks);
+        "probe read L2     loads, %4d blocks x 1024, one an SM: %8.1f us, %.2f TB/s, "
+        "%.1f GB/s a block\n",
+        blocks, us, tb_per_s(read, us), tb_per_s(read, us) * 1e3 / blocks);
   }
   if (bulk) {
     for (const int blocks : {8, 33, 66, sms})
       for (const auto& [stages, chunk] :
            {std::pair{2, 16384}, std::pair{4, 16384}, std::pair{4, 32768}, std::pair{8, 16384},
             std::pair{6, 32768}}) {
-        size_t read = 0;
-        const double us = launch_us(s, 30, [&] {
-          read = launch_read_bulk(big.get(), l2_bytes, blocks, stages, chunk, sink.get(), s);
+        // The copies in flight, where a block's share is fewer chunks than the stages.
+        const int in_flight =
+            static_cast<int>(std::min<size_t>(stages, l2_bytes / blocks / chunk * kL2Passes));
+        us = launch_us(s, 3, [&] {
+          read = launch_read_bulk(big.get(), l2_bytes, kL2Passes, blocks, stages, chunk, sink.get(),
+                                  s);
         });
         std::printf(
-            "probe read L2     bulk,  %4d blocks, %d x %2d KB in flight: %7.2f us, %.2f "
+            "probe read L2     bulk,  %4d blocks, %d x %2d KB in flight: %8.1f us, %.2f "
             "TB/s, %.1f GB/s a block\n",
-            blocks, stages, chunk / 1024, us, tb_per_s(read, us),
+            blocks, in_flight, chunk / 1024, us, tb_per_s(read, us),
             tb_per_s(read, us) * 1e3 / blocks);
       }
   }
@@ -131,7 +142,7 @@ TEST_CASE("probe: read rates from DRAM and L2", "[.probe]") {
     return p;
   };
   auto read_region = [&](const std::byte* p) {
-    launch_read_vectors(p, region, 4 * sms, 512, sink.get(), s);
+    launch_read_vectors(p, region, 1, 4 * sms, 512, false, sink.get(), s);
   };
   auto median_of = [](std::vector<double> v) {
     std::sort(v.begin(), v.end());
@@ -142,14 +153,18 @@ TEST_CASE("probe: read rates from DRAM and L2", "[.probe]") {
     cuda::prefetch_l2(&range, 1, s);
   };
   cuda::Event a, b;
-  // The time (us) of the work `enqueue` puts on the stream, run once.
+  // The time (us) of the work `enqueue` puts on the stream, run once, queued behind a GPU-side
+  // wait so that the host's launches are not timed.
   auto once_us = [&](auto&& enqueue) {
+    launch_spin(50'000, s);
     a.record(s);
     enqueue();
     b.record(s);
     b.synchronize();
     return b.elapsed_since(a) * 1e3;
   };
+  // Loads the prefetch kernel (CUDA loads kernels at their first launch), untimed.
+  prefetch_region(reinterpret_cast<const std::byte*>(big.get()));
   std::vector<double> cold, issue, warm, both;
   static_assert(2 + 3 * 9 <= 1024 / 34, "every region read once");
   for (int i = 0; i < 9; ++i) {
@@ -172,7 +187,9 @@ TEST_CASE("probe: read rates from DRAM and L2", "[.probe]") {
       tb_per_s(region, median_of(warm)), median_of(both));
 
   // The decoder's products at 64 rows, cuBLASLt's fastest listed configuration, over one weight
-  // copy (in L2 after the first launch) and over 18 (a decode's layers, streamed from DRAM).
+  // copy (in L2 after the first launch) and over 20-32 (streamed from DRAM, as a decode's layers
+  // are without the prefetch). Weight bytes only; the time includes the gaps between a graph's
+  // launches.
   struct Product {
     const char* label;
     int n, k;
@@ -195,15 +212,19 @@ TEST_CASE("probe: read rates from DRAM and L2", "[.probe]") {
         lt.get(),
         cuda::linear_shape(64, p.n, p.k, cuda::DType::kBf16, cuda::Epilogue::kNone, p.acc),
         ws.get(), ws.bytes());
-    for (const int copies : {1, 18}) {
+    // Enough copies that each is read once per timed graph (autotune's graphs hold at least 20
+    // launches) and that a copy is 128 MiB back when it comes round again.
+    const int streamed = static_cast<int>(
+        std::max<size_t>(20, (128 * kMiB + w_elems * sizeof(Bf16) - 1) / (w_elems * sizeof(Bf16))));
+    for (const int copies : {1, streamed}) {
       cuda::Gemm::AutotuneOptions tune;
       const auto ranked = gemm.rank_candidates(x.get(), weights, y.get(), nullptr, s,
                                                tune.over_layers(copies, w_elems), 1);
       if (ranked.empty()) continue;
       const double us = ranked.front().first * 1e3;
       std::printf(
-          "probe gemm %-7s 64 x %4d x %4d, %2d weight cop%s: %6.2f us, weights at %.2f "
-          "TB/s\n",
+          "probe gemm %-7s 64 x %4d x %4d, %2d weight cop%s: %6.2f us a launch in a graph, "
+          "weights at %.2f TB/s\n",
           p.label, p.n, p.k, copies, copies == 1 ? "y  " : "ies", us,
           tb_per_s(w_elems * sizeof(Bf16), us));
     }

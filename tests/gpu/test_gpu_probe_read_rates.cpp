@@ -26,6 +26,11 @@ namespace {
 
 constexpr size_t kMiB = size_t{1} << 20;
 
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
 // Mean time of one launch (us) over `reps` launches after one unmeasured launch, all queued
 // behind a GPU-side wait; the median of three such rounds.
 template <typename Launch>
@@ -42,8 +47,7 @@ double launch_us(cudaStream_t stream, int reps, Launch&& launch) {
     stop.synchronize();
     rounds.push_back(stop.elapsed_since(start) * 1e3 / reps);
   }
-  std::sort(rounds.begin(), rounds.end());
-  return rounds[1];
+  return median(rounds);
 }
 
 double tb_per_s(size_t bytes, double us) {
@@ -144,10 +148,6 @@ TEST_CASE("probe: read rates from DRAM and L2", "[.probe]") {
   auto read_region = [&](const std::byte* p) {
     launch_read_vectors(p, region, 1, 4 * sms, 512, false, sink.get(), s);
   };
-  auto median_of = [](std::vector<double> v) {
-    std::sort(v.begin(), v.end());
-    return v[v.size() / 2];
-  };
   auto prefetch_region = [&](const std::byte* p) {
     const cuda::L2Range range{p, region};
     cuda::prefetch_l2(&range, 1, s);
@@ -183,8 +183,8 @@ TEST_CASE("probe: read rates from DRAM and L2", "[.probe]") {
   std::printf(
       "probe prefetch 34 MiB: cold read %.1f us (%.2f TB/s); prefetch kernel %.1f us; read "
       "after it %.1f us (%.2f TB/s); prefetch then read at once %.1f us\n",
-      median_of(cold), tb_per_s(region, median_of(cold)), median_of(issue), median_of(warm),
-      tb_per_s(region, median_of(warm)), median_of(both));
+      median(cold), tb_per_s(region, median(cold)), median(issue), median(warm),
+      tb_per_s(region, median(warm)), median(both));
 
   // The decoder's products at 64 rows, cuBLASLt's fastest listed configuration, over one weight
   // copy (in L2 after the first launch) and over 20-32 (streamed from DRAM, as a decode's layers

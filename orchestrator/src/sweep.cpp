@@ -275,8 +275,8 @@ void print_sweep(const SweepResult& s, std::FILE* out) {
       }
     }
   }
-  // Splits and pipeline baselines compete; throughputs within 1% count as equal (at a camera
-  // rate every run that keeps up delivers the rate), and then the lower p99 wins.
+  // Splits and pipeline baselines compete; throughputs within kSameThroughput count as equal (at
+  // a camera rate every run that keeps up delivers the rate), and then the lower p99 wins.
   const auto describe = [out](const RunReport& r) {
     std::fprintf(out, "%s (%.1f frames/s, p50 %.2f ms, p99 %.2f ms): %s\n", r.label.c_str(),
                  r.throughput_fps, r.latency_p50_ms, r.latency_p99_ms, run_options(r).c_str());

@@ -1,3 +1,6 @@
+#include <cooperative_groups.h>
+
+#include <algorithm>
 #include <string>
 
 #include "pi0/check.hpp"
@@ -9,6 +12,9 @@ namespace {
 constexpr int kBulkThreads = 128;
 constexpr int kMaxStages = 16;
 constexpr int kMaxBulkBytes = 192 * 1024;
+constexpr int kMaxCluster = 4;
+
+namespace cg = cooperative_groups;
 
 __global__ void read_vectors_kernel(const uint4* src, size_t n, int passes, uint32_t* sink) {
   const size_t first = blockIdx.x * size_t{blockDim.x} + threadIdx.x;
@@ -97,6 +103,141 @@ __global__ void __launch_bounds__(kBulkThreads)
 #endif
 }
 
+// One thread a CTA runs the ring, with no block barrier a chunk. Chunk j sits in stage
+// s = j % stages, phase j / stages; its issuer is rank j % cluster, the same for every phase of a
+// stage since stages % cluster == 0. full[s] (one arrival, this CTA's own, plus the chunk's bytes)
+// says the chunk has landed here; empty[s], in the issuer, takes one arrival from every CTA of the
+// cluster once the chunk has landed in it, and only then is the stage refilled. On the H100 the
+// rate grows with the chunk, not with the chunks in flight (v35): the ring's round trip a chunk
+// bounds it, so its figures are lower bounds on what the copies can deliver.
+template <bool kMulticast>
+__global__ void __launch_bounds__(kBulkThreads)
+    read_bulk_cluster_kernel(const char* src, size_t per_cluster, int passes, int stages, int chunk,
+                             uint32_t* sink) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(128) unsigned char stage_bytes[];
+  __shared__ __align__(8) uint64_t full[kMaxStages];
+  __shared__ __align__(8) uint64_t empty[kMaxStages];
+  cg::cluster_group cluster = cg::this_cluster();
+  const int size = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const char* base = src + (blockIdx.x / size) * per_cluster;
+  const int chunks = static_cast<int>(per_cluster / chunk);
+  const int total = chunks * passes;
+  const uint16_t all = static_cast<uint16_t>((1u << size) - 1u);
+  const uint32_t buf = static_cast<uint32_t>(__cvta_generic_to_shared(stage_bytes));
+  auto full_bar = [&](int s) { return static_cast<uint32_t>(__cvta_generic_to_shared(&full[s])); };
+  auto empty_bar = [&](int s) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(&empty[s]));
+  };
+  auto wait = [](uint32_t bar, uint32_t parity) {
+    uint32_t done = 0;
+    while (!done)
+      asm volatile(
+          "{ .reg .pred p; mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2; "
+          "selp.u32 %0, 1, 0, p; }"
+          : "=r"(done)
+          : "r"(bar), "r"(parity)
+          : "memory");
+  };
+  auto expect = [&](int s) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(full_bar(s)),
+                 "r"(chunk)
+                 : "memory");
+  };
+  auto issue = [&](int j, int s) {
+    const char* from = base + static_cast<size_t>(j % chunks) * chunk;
+    if constexpr (kMulticast)
+      asm volatile(
+          "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster "
+          "[%0], [%1], %2, [%3], %4;" ::"r"(buf + s * chunk),
+          "l"(from), "r"(chunk), "r"(full_bar(s)), "h"(all)
+          : "memory");
+    else
+      asm volatile(
+          "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, "
+          "[%3];" ::"r"(buf + s * chunk),
+          "l"(from), "r"(chunk), "r"(full_bar(s))
+          : "memory");
+  };
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < stages; ++s) {
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(full_bar(s)) : "memory");
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(empty_bar(s)), "r"(size)
+                   : "memory");
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  cluster.sync();  // every CTA's barriers exist before a copy or an arrival reaches them
+  uint32_t x = 0;
+  if (threadIdx.x == 0) {
+    for (int j = 0; j < stages && j < total; ++j) {
+      expect(j);
+      if (j % size == rank) issue(j, j);
+    }
+    for (int j = 0; j < total; ++j) {
+      const int s = j % stages;
+      const uint32_t parity = static_cast<uint32_t>(j / stages) & 1u;
+      wait(full_bar(s), parity);
+      x ^= reinterpret_cast<const uint32_t*>(stage_bytes + s * chunk)[j % (chunk / 4)];
+      if (j + stages < total) {
+        expect(s);
+        uint32_t issuer_empty;
+        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
+                     : "=r"(issuer_empty)
+                     : "r"(empty_bar(s)), "r"(s % size));
+        asm volatile(
+            "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(issuer_empty)
+            : "memory");
+        if (s % size == rank) {
+          wait(empty_bar(s), parity);
+          issue(j + stages, s);
+        }
+      }
+    }
+  }
+  cluster.sync();  // no CTA leaves while a peer may still copy into it or arrive on its barriers
+  if (x == 0x9e3779b9u) sink[blockIdx.x] = x;
+#else
+  (void)src;
+  (void)per_cluster;
+  (void)passes;
+  (void)stages;
+  (void)chunk;
+  (void)sink;
+#endif
+}
+
+cudaLaunchConfig_t cluster_config(int blocks, int cluster, size_t shared, cudaStream_t stream,
+                                  cudaLaunchAttribute* attribute) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(blocks);
+  config.blockDim = dim3(kBulkThreads);
+  config.dynamicSmemBytes = shared;
+  config.stream = stream;
+  attribute->id = cudaLaunchAttributeClusterDimension;
+  attribute->val.clusterDim.x = cluster;
+  attribute->val.clusterDim.y = 1;
+  attribute->val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  return config;
+}
+
+// How many clusters of `cluster` blocks asking for all kMaxBulkBytes (one an SM) run at once.
+int active_clusters(int cluster) {
+  cudaLaunchAttribute attribute{};
+  const cudaLaunchConfig_t config =
+      cluster_config(cluster, cluster, kMaxBulkBytes, nullptr, &attribute);
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, read_bulk_cluster_kernel<true>, &config) !=
+      cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return clusters;
+}
+
 }  // namespace
 
 size_t launch_read_vectors(const void* src, size_t bytes, int passes, int blocks, int threads,
@@ -137,6 +278,47 @@ bool read_bulk_available() {
                                 kMaxBulkBytes) == cudaSuccess;
   }();
   return available;
+}
+
+bool read_bulk_cluster_available(int cluster) {
+  static const bool attribute_set =
+      read_bulk_available() &&
+      cudaFuncSetAttribute(read_bulk_cluster_kernel<true>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           kMaxBulkBytes) == cudaSuccess &&
+      cudaFuncSetAttribute(read_bulk_cluster_kernel<false>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           kMaxBulkBytes) == cudaSuccess;
+  return attribute_set && cluster >= 1 && cluster <= kMaxCluster && active_clusters(cluster) > 0;
+}
+
+size_t launch_read_bulk_cluster(const void* src, size_t bytes, int passes, int max_blocks,
+                                int cluster, bool multicast, int stages, int chunk, uint32_t* sink,
+                                cudaStream_t stream, int* blocks_run) {
+  PI0_CHECK(read_bulk_cluster_available(cluster), "launch_read_bulk_cluster: clusters of " +
+                                                      std::to_string(cluster) +
+                                                      " with one block an SM do not run here");
+  PI0_CHECK(multicast || cluster == 1, "launch_read_bulk_cluster: a cluster shares by multicast");
+  PI0_CHECK(passes > 0 && stages >= 1 && stages <= kMaxStages && stages % cluster == 0 &&
+                chunk >= 16 && chunk % 16 == 0 &&
+                static_cast<size_t>(stages) * chunk <= kMaxBulkBytes &&
+                reinterpret_cast<uintptr_t>(src) % 16 == 0,
+            "launch_read_bulk_cluster: " + std::to_string(stages) + " stages of " +
+                std::to_string(chunk) + " bytes in clusters of " + std::to_string(cluster));
+  const int clusters = std::min(max_blocks / cluster, active_clusters(cluster));
+  PI0_CHECK(clusters > 0, "launch_read_bulk_cluster: no cluster fits in " +
+                              std::to_string(max_blocks) + " blocks");
+  const size_t per_cluster = bytes / clusters / chunk * chunk;
+  PI0_CHECK(per_cluster > 0, "launch_read_bulk_cluster: fewer bytes than one chunk a cluster");
+  cudaLaunchAttribute attribute{};
+  // All of kMaxBulkBytes, whatever the stages use: one block an SM, as active_clusters counted.
+  const cudaLaunchConfig_t config =
+      cluster_config(clusters * cluster, cluster, kMaxBulkBytes, stream, &attribute);
+  CUDA_CHECK(cudaLaunchKernelEx(
+      &config, multicast ? read_bulk_cluster_kernel<true> : read_bulk_cluster_kernel<false>,
+      static_cast<const char*>(src), per_cluster, passes, stages, chunk, sink));
+  *blocks_run = clusters * cluster;
+  return per_cluster * clusters * cluster * passes;
 }
 
 size_t launch_read_bulk(const void* src, size_t bytes, int passes, int blocks, int stages,

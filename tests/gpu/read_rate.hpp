@@ -27,6 +27,20 @@ bool read_bulk_available();
 size_t launch_read_bulk(const void* src, size_t bytes, int passes, int blocks, int stages,
                         int chunk, uint32_t* sink, cudaStream_t stream);
 
+// Whether launch_read_bulk_cluster can run `cluster`-CTA clusters of one block an SM here.
+bool read_bulk_cluster_available(int cluster);
+// Bulk copies into clusters of `cluster` CTAs (1, 2 or 4), one block an SM, as many clusters as
+// run at once (at most `max_blocks` blocks): each cluster streams an equal, contiguous share of
+// [src, src + bytes), `passes` times, and every chunk lands in every CTA of the cluster
+// (cp.async.bulk .multicast::cluster; issued by CTA rank j % cluster), so L2 hands out each chunk
+// once a cluster. Without `multicast` (clusters of 1 only) the copies are the plain form. `stages`
+// chunks in flight (a multiple of `cluster`); one thread a CTA waits for each chunk, frees its
+// stage to the issuing CTA and, there, refills it. Returns the bytes that arrived in shared memory
+// (each cluster's share times its CTAs); *blocks_run gets the grid.
+size_t launch_read_bulk_cluster(const void* src, size_t bytes, int passes, int max_blocks,
+                                int cluster, bool multicast, int stages, int chunk, uint32_t* sink,
+                                cudaStream_t stream, int* blocks_run);
+
 // One thread that spins for `ns` nanoseconds: queued before a timed region's first event, it keeps
 // the host's launch of the work after it out of the time.
 void launch_spin(uint64_t ns, cudaStream_t stream);

@@ -1,9 +1,9 @@
 // Probe (not part of the suite; run with the tag "[.probe]"): the rates at which SMs can read
-// bytes from DRAM and from L2, by load instructions and by bulk copies, against the rate the
-// decoder's cuBLASLt products read their weights at. bench/NOTES.md v34 found the decoder no faster
-// with every layer's weights in L2 than streamed from DRAM behind its prefetch, and its products'
-// time following their bytes even from L2: what a product of our own could reach is the L2 read
-// rate, which this measures.
+// bytes from DRAM and from L2, by load instructions and by bulk copies (also multicast into the
+// CTAs of a cluster), against the rate the decoder's cuBLASLt products read their weights at.
+// bench/NOTES.md v34 found the decoder no faster with every layer's weights in L2 than streamed
+// from DRAM behind its prefetch, and its products' time following their bytes even from L2: what a
+// product of our own could reach is the L2 read rate, which this measures (v35 has its figures).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -130,6 +130,34 @@ TEST_CASE("probe: read rates from DRAM and L2", "[.probe]") {
             "TB/s, %.1f GB/s a block\n",
             blocks, in_flight, chunk / 1024, us, tb_per_s(read, us),
             tb_per_s(read, us) * 1e3 / blocks);
+      }
+  }
+
+  // The same resident 16 MiB into clusters: with multicast, L2 hands each chunk out once a
+  // cluster, so what each SM takes in can exceed its share of L2's rate. Cluster 1 is the same
+  // kernel without sharing (one thread a CTA runs the ring in all), with plain copies and with
+  // the multicast form, to show what that form costs by itself.
+  for (const auto& [cluster, multicast] :
+       {std::pair{1, false}, std::pair{1, true}, std::pair{2, true}, std::pair{4, true}}) {
+    if (!read_bulk_cluster_available(cluster)) {
+      std::printf("probe read L2     clusters of %d: do not run here\n", cluster);
+      continue;
+    }
+    for (const int max_blocks : {80, sms})
+      for (const auto& [stages, chunk] :
+           {std::pair{4, 16384}, std::pair{4, 32768}, std::pair{4, 49152}, std::pair{2, 65536},
+            std::pair{2, 98304}}) {
+        if (stages % cluster != 0) continue;
+        int blocks = 0;
+        us = launch_us(s, 3, [&] {
+          read = launch_read_bulk_cluster(big.get(), l2_bytes, kL2Passes, max_blocks, cluster,
+                                          multicast, stages, chunk, sink.get(), s, &blocks);
+        });
+        std::printf(
+            "probe read L2     cluster %d%s, %4d blocks, %d x %2d KB in flight: %8.1f us, into SMs "
+            "%.2f TB/s (%.1f GB/s a block), out of L2 %.2f TB/s\n",
+            cluster, multicast ? " multicast" : "", blocks, stages, chunk / 1024, us,
+            tb_per_s(read, us), tb_per_s(read, us) * 1e3 / blocks, tb_per_s(read / cluster, us));
       }
   }
 

@@ -224,18 +224,23 @@ cudaLaunchConfig_t cluster_config(int blocks, int cluster, size_t shared, cudaSt
   return config;
 }
 
-// How many clusters of `cluster` blocks asking for all kMaxBulkBytes (one an SM) run at once.
+// How many clusters of `cluster` (1 to kMaxCluster) blocks asking for all kMaxBulkBytes (one an
+// SM) run at once. Asked once a size: timed launches must not carry the query.
 int active_clusters(int cluster) {
-  cudaLaunchAttribute attribute{};
-  const cudaLaunchConfig_t config =
-      cluster_config(cluster, cluster, kMaxBulkBytes, nullptr, &attribute);
-  int clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&clusters, read_bulk_cluster_kernel<true>, &config) !=
-      cudaSuccess) {
-    (void)cudaGetLastError();
-    return 0;
+  static int known_plus_one[kMaxCluster + 1] = {};  // 0: not asked yet
+  if (known_plus_one[cluster] == 0) {
+    cudaLaunchAttribute attribute{};
+    const cudaLaunchConfig_t config =
+        cluster_config(cluster, cluster, kMaxBulkBytes, nullptr, &attribute);
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, read_bulk_cluster_kernel<true>, &config) !=
+        cudaSuccess) {
+      (void)cudaGetLastError();
+      clusters = 0;
+    }
+    known_plus_one[cluster] = clusters + 1;
   }
-  return clusters;
+  return known_plus_one[cluster] - 1;
 }
 
 }  // namespace

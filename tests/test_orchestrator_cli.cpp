@@ -64,6 +64,11 @@ TEST_CASE("command line defaults and validation", "[orchestrator][cli]") {
   CHECK(o->slots == 2);
   CHECK_FALSE(o->prompt_len.has_value());
 
+  o = parse({"--seed", "18446744073709551615", "--frames", "7"}, code);
+  REQUIRE(o.has_value());
+  CHECK(o->seed == 18446744073709551615ull);
+  CHECK(o->frames == 7);
+
   o = parse(
       {"--encoder-pct", "30", "--decoder-pct", "70", "--mode", "sequential", "--prompt-len", "20"},
       code);
@@ -81,6 +86,12 @@ TEST_CASE("command line defaults and validation", "[orchestrator][cli]") {
                                              {"--backend", "tpu"},
                                              {"--views", "0"},
                                              {"--frames", "-3"},
+                                             {"--frames", "-18446744073709551615"},
+                                             {"--warmup", "-18446744073709551615"},
+                                             {"--slots", "-4294967295"},
+                                             {"--decoder-batch", "+2"},
+                                             {"--seed", "-1"},
+                                             {"--seed", "18446744073709551616"},
                                              {"--decoder-batch", "0"},
                                              {"--decoder-batch", "5"},
                                              {"--sweep", "--sweep-min", "80", "--sweep-max", "20"},

@@ -1,5 +1,6 @@
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -27,6 +28,23 @@ CLI::Validator finite_number() {
         return {};
       },
       "FINITE");
+}
+
+// CLI11 converts an unsigned option with strtoull, which takes "-1" as 2^64 - 1,
+// "-18446744073709551615" as 1 and 2^64 as 2^64 - 1, and CLI::Range sees only the converted
+// value: every unsigned option is checked to be written without a sign, and to fit, first.
+CLI::Validator unsigned_number() {
+  return CLI::Validator(
+      [](std::string& input) -> std::string {
+        const size_t first = input.find_first_not_of(" \t");
+        if (first != std::string::npos && (input[first] == '-' || input[first] == '+'))
+          return "expected a number without a sign, got '" + input + "'";
+        errno = 0;
+        (void)std::strtoull(input.c_str(), nullptr, 0);
+        if (errno == ERANGE) return "'" + input + "' is beyond 2^64 - 1";
+        return {};
+      },
+      "UNSIGNED");
 }
 
 // The slowest camera rate --rate takes (0 means back to back): one frame every 100 s.
@@ -65,18 +83,23 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
                  "frame n)")
       ->check(CLI::IsMember({"sequential", "concurrent"}));
   app.add_option("--frames", o.frames, "frames measured")
+      ->check(unsigned_number())
       ->check(CLI::Range(uint64_t{1}, uint64_t{10000000}));
   app.add_option("--warmup", o.warmup, "frames run before measuring")
+      ->check(unsigned_number())
       ->check(CLI::Range(uint64_t{0}, uint64_t{100000}));
   app.add_option("--slots", o.slots, "prefix K/V slots (frames in flight in concurrent mode)")
+      ->check(unsigned_number())
       ->check(CLI::Range(1u, ipc::kMaxKvSlots));
   app.add_option("--decoder-batch", o.decoder_batch,
                  "decode up to N frames that are waiting together in one pass (cuda backend): "
                  "raises throughput where the decoder is the bottleneck, adds no latency at camera "
                  "rates; a frame's actions may differ in their last bits with how it was paired. "
                  "Slots default to 2N")
+      ->check(unsigned_number())
       ->check(CLI::Range(1u, 4u));
-  app.add_option("--seed", o.seed, "seed of the random weights and synthetic frames");
+  app.add_option("--seed", o.seed, "seed of the random weights and synthetic frames")
+      ->check(unsigned_number());
   app.add_option("--rate", o.rate_hz,
                  "feed frames at this camera rate in Hz, 0.01 or more (default: back to back)")
       ->check(finite_number())

@@ -2,6 +2,8 @@
 #include <filesystem>
 #include <fstream>
 
+#include <unistd.h>
+
 #include "catch.hpp"
 #include "pi0/ipc/worker_runtime.hpp"
 #include "pi0/mps.hpp"
@@ -187,6 +189,45 @@ TEST_CASE("resolve picks the CPU backend and tiny model without a GPU", "[orches
   CHECK(r.config.name == "tiny");
   o.model = "pi0";
   CHECK(resolve(o).config.name == "pi0");
+}
+
+// A run writes its results at its end: a path it cannot write must fail before any worker starts,
+// not after the run (and creating or truncating nothing on the way).
+TEST_CASE("resolve refuses results paths that cannot be written", "[orchestrator][cli]") {
+  const fs::path dir = fs::temp_directory_path() / ("pi0-cli-out-" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  RunOptions o;
+  o.backend = "cpu";
+  const auto message = [&] {
+    try {
+      resolve(o);
+    } catch (const std::exception& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  o.json_path = (dir / "no-such-dir" / "run.json").string();
+  const auto says = [&](const std::string& expected) {
+    const std::string got = message();
+    INFO("error: " << got);
+    return got.find(expected) != std::string::npos;
+  };
+  CHECK(says("--json: cannot write " + o.json_path));
+  o.json_path.clear();
+  o.actions_path = dir.string();
+  CHECK(says("--actions-out: " + dir.string() + " is a directory"));
+  o.actions_path.clear();
+  const fs::path file = dir / "a-file";
+  std::ofstream(file) << "x";
+  o.plot_path = (file / "sweep.svg").string();
+  CHECK(says("--plot: cannot write " + o.plot_path));
+  // Writable paths pass, and resolve leaves them as they were.
+  o.plot_path = (dir / "sweep.svg").string();
+  o.json_path = file.string();
+  CHECK(message().empty());
+  CHECK_FALSE(fs::exists(dir / "sweep.svg"));
+  CHECK(fs::file_size(file) == 1);
+  fs::remove_all(dir);
 }
 
 TEST_CASE("child processes report exit status and output", "[orchestrator][process]") {

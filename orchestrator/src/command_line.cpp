@@ -4,6 +4,10 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <filesystem>
+
+#include <unistd.h>
 
 #include "pi0/check.hpp"
 #include "pi0/cuda/device_report.hpp"
@@ -45,6 +49,30 @@ CLI::Validator unsigned_number() {
         return {};
       },
       "UNSIGNED");
+}
+
+// A results file the run would write at its end: checked before any worker starts, so that a long
+// run's figures are not lost to a path that cannot be written. Nothing is created or truncated
+// here.
+void check_writable(const std::string& path, const char* option) {
+  if (path.empty()) return;
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::path p(path);
+  if (fs::is_directory(p, ec)) throw Error(std::string(option) + ": " + path + " is a directory");
+  const bool exists = fs::exists(p, ec);
+  const std::string target = exists                    ? path
+                             : p.parent_path().empty() ? std::string(".")
+                                                       : p.parent_path().string();
+  const int mode = exists ? W_OK : W_OK | X_OK;
+  if (::access(target.c_str(), mode) != 0) {
+    throw Error(std::string(option) + ": cannot write " + path + " (" + target + ": " +
+                std::strerror(errno) + ")");
+  }
+  if (!exists && !fs::is_directory(target, ec)) {
+    throw Error(std::string(option) + ": cannot write " + path + " (" + target +
+                " is not a directory)");
+  }
 }
 
 // The slowest camera rate --rate takes (0 means back to back): one frame every 100 s.
@@ -211,6 +239,9 @@ ResolvedRun resolve(const RunOptions& o) {
     r.shape.prompt_len = store.prompt_len();
   }
   r.shape.validate();
+  check_writable(o.json_path, "--json");
+  check_writable(o.actions_path, "--actions-out");
+  check_writable(o.plot_path, "--plot");
   if (o.backend == "auto" && r.backend == "cpu") {
     r.note = "no CUDA GPU (" + why_no_gpu + "): running model '" + model +
              "' on the CPU backend (fp32 reference)";

@@ -1,5 +1,7 @@
 #include <spdlog/spdlog.h>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 
 #include "pi0/check.hpp"
@@ -12,10 +14,12 @@ namespace pi0 {
 namespace {
 
 void write_file(const std::string& path, const void* data, size_t bytes) {
+  errno = 0;
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  PI0_CHECK(out.good(), "cannot write " + path);
-  out.write(static_cast<const char*>(data), static_cast<std::streamsize>(bytes));
-  PI0_CHECK(out.good(), "cannot write " + path);
+  if (out.good()) out.write(static_cast<const char*>(data), static_cast<std::streamsize>(bytes));
+  if (out.good()) out.flush();
+  PI0_CHECK(out.good(), "cannot write " + path +
+                            (errno ? std::string(": ") + std::strerror(errno) : std::string()));
 }
 
 int exit_code_for_signal(int sig) {
@@ -55,13 +59,23 @@ int orchestrator_main(int argc, char** argv) {
                      options->mode, options->actions_path.empty() ? nullptr : &actions);
     report.label = "pipeline";
     print_report(report);
+    // Each results file is written even where another cannot be; the first failure is reported.
+    std::string write_error;
+    const auto write_result = [&](const std::string& path, const void* data, size_t bytes) {
+      try {
+        write_file(path, data, bytes);
+      } catch (const std::exception& e) {
+        if (write_error.empty()) write_error = e.what();
+      }
+    };
     if (!options->json_path.empty()) {
       const std::string json = report_json({report});
-      write_file(options->json_path, json.data(), json.size());
+      write_result(options->json_path, json.data(), json.size());
     }
     if (!options->actions_path.empty()) {
-      write_file(options->actions_path, actions.data(), actions.size() * sizeof(float));
+      write_result(options->actions_path, actions.data(), actions.size() * sizeof(float));
     }
+    PI0_CHECK(write_error.empty(), write_error);
     return exit_code_for_signal(stop_signal());
   } catch (const WorkerFailure& e) {
     std::fprintf(stderr, "orchestrator: error: %s\n", e.what());

@@ -10,6 +10,8 @@
 #include <fstream>
 #include <sstream>
 
+#include <nlohmann/json.hpp>
+
 #include "catch.hpp"
 #include "pi0/cuda/device_report.hpp"
 #include "pi0/frame_inputs.hpp"
@@ -336,6 +338,37 @@ TEST_CASE("SIGINT drains the frames in flight and exits cleanly", "[orchestrator
   CHECK(orch.output().find("draining") != std::string::npos);
   CHECK(orch.output().find("interrupted") != std::string::npos);
   require_nothing_left(orch.pid());
+}
+
+// The actions file of a run stopped early holds the frames that finished, as many as its JSON
+// counts (no warm-up here), and not zeros for the frames that never ran.
+TEST_CASE("an interrupted run writes the actions of the frames that finished",
+          "[orchestrator][process]") {
+  const std::string dir = test::temp_dir("interrupted");
+  const std::string json = dir + "/run.json", actions = dir + "/actions.f32";
+  ChildProcess orch =
+      ChildProcess::spawn("orchestrator", test::orchestrator_exe(),
+                          tiny_run({"--frames", "3000", "--warmup", "0", "--rate", "100", "--json",
+                                    json, "--actions-out", actions}),
+                          {}, false);
+  REQUIRE(test::eventually(
+      [&] { return orch.output().find("streaming frames") != std::string::npos; }, 20000ms));
+  std::this_thread::sleep_for(500ms);
+  ::kill(orch.pid(), SIGINT);
+  const auto status = orch.wait_for(5000ms);
+  REQUIRE(status.has_value());
+  INFO(orch.output());
+  CHECK(status->code == 130);
+  std::ifstream in(json);
+  const nlohmann::json report = nlohmann::json::parse(in).at("runs").at(0);
+  const uint64_t frames = report.at("frames").get<uint64_t>();
+  CHECK(report.at("interrupted").get<bool>());
+  CHECK(frames > 0);
+  CHECK(frames < 3000);
+  const StageSizes sizes = stage_sizes(model_config("tiny"), RunShape{});
+  CHECK(fs::file_size(actions) == frames * sizes.action_values * sizeof(float));
+  require_nothing_left(orch.pid());
+  fs::remove_all(dir);
 }
 
 // Exit 1 means bad input; a run stopped by a signal exits 128 + the signal at any point, the

@@ -431,6 +431,9 @@ void Pipeline::feed(std::vector<float>* actions) {
     free_inputs.push_back(m.input_slot);
     --in_flight;
   }
+  // Stopped early: frames 0 .. next - 1 all finished (the loop drains every frame in flight), and
+  // the actions file holds those, not zeros for frames that never ran.
+  if (actions && report_.interrupted) actions->resize(next * action_values);
   report_.frames = latencies_ms_.size();
   if (!latencies_ms_.empty()) {
     report_.wall_s = std::chrono::duration<double>(t_last_done - t_first_measured).count();

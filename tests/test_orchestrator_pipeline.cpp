@@ -340,6 +340,33 @@ TEST_CASE("SIGINT drains the frames in flight and exits cleanly", "[orchestrator
   require_nothing_left(orch.pid());
 }
 
+// A worker that never answers must not keep the run from hearing the user: with the encoder
+// stopped (SIGSTOP), the first SIGINT starts a drain that cannot end, and the second stops the run
+// at once, with the signal's status and nothing left behind (the stopped worker killed too).
+TEST_CASE("a second stop signal ends a run whose worker hangs", "[orchestrator][process]") {
+  std::string log;
+  ChildProcess orch = start_long_run(log);
+  const int encoder_pid = test::pid_in_log(log, "encoder_worker");
+  REQUIRE(encoder_pid > 0);
+  REQUIRE(::kill(encoder_pid, SIGSTOP) == 0);
+  std::this_thread::sleep_for(200ms);
+  const auto t0 = std::chrono::steady_clock::now();
+  ::kill(orch.pid(), SIGINT);
+  REQUIRE(test::eventually([&] { return orch.output().find("draining") != std::string::npos; },
+                           2000ms));
+  CHECK(orch.running());
+  ::kill(orch.pid(), SIGINT);
+  const auto status = orch.wait_for(5000ms);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (!status) ::kill(encoder_pid, SIGCONT);
+  REQUIRE(status.has_value());
+  INFO(orch.output());
+  CHECK(status->code == 130);
+  CHECK(secs < 4.0);
+  CHECK(orch.output().find("stopped by a second signal") != std::string::npos);
+  require_nothing_left(orch.pid());
+}
+
 // The actions file of a run stopped early holds the frames that finished, as many as its JSON
 // counts (no warm-up here), and not zeros for the frames that never ran.
 TEST_CASE("an interrupted run writes the actions of the frames that finished",

@@ -79,7 +79,9 @@ int orchestrator_main(int argc, char** argv) {
     return exit_code_for_signal(stop_signal());
   } catch (const WorkerFailure& e) {
     std::fprintf(stderr, "orchestrator: error: %s\n", e.what());
-    return 3;
+    // A run the user stopped (a hung worker outlasting the drain, a second signal) ends with the
+    // signal's status, as a clean stop does.
+    return stop_signal() != 0 ? exit_code_for_signal(stop_signal()) : 3;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "orchestrator: error: %s\n", e.what());
     // Stopped by a signal (e.g. while the workers were starting): the signal's status, as a run

@@ -31,8 +31,12 @@ using ipc::WaitStatus;
 using Clock = std::chrono::steady_clock;
 
 std::atomic<int> g_stop_signal{0};
+// Stop signals received: the first drains the frames in flight, a second stops at once.
+std::atomic<int> g_stop_count{0};
+static_assert(std::atomic<int>::is_always_lock_free, "the handler's atomics must be lock-free");
 void on_stop_signal(int sig) {
   g_stop_signal.store(sig);
+  g_stop_count.fetch_add(1);
 }
 
 constexpr auto kSlice = std::chrono::milliseconds(20);
@@ -304,9 +308,8 @@ void Pipeline::await_ready() {
     }
     if (Clock::now() > deadline) {
       Worker& late = !encoder_.ready ? encoder_ : decoder_;
-      failure_ = failure_text(
-          late, "did not report ready within " +
-                    std::to_string(static_cast<int>(run_.options.startup_timeout_s)) + " s");
+      failure_ = failure_text(late, "did not report ready within " +
+                                        fmt::format("{:g}", run_.options.startup_timeout_s) + " s");
       fail();
     }
   }
@@ -334,7 +337,11 @@ void Pipeline::feed(std::vector<float>* actions) {
   std::vector<int32_t> slot_of_frame(total, -1);
   auto& to_encoder = control_.ring(RingId::kOrchToEncoder);
   auto& from_decoder = control_.ring(RingId::kDecoderToOrch);
-  const auto healthy = [this] { return workers_healthy(false); };
+  // A wait also ends when a stop signal comes that the loop has not seen yet: a worker that never
+  // answers must not keep the run from hearing it.
+  int stops_seen = 0;
+  const auto healthy = [&] { return workers_healthy(false) && g_stop_count.load() == stops_seen; };
+  const auto unseen_stop = [&] { return failure_.empty() && g_stop_count.load() != stops_seen; };
 
   uint64_t next = 0, in_flight = 0;
   const auto t_start = Clock::now();
@@ -346,11 +353,19 @@ void Pipeline::feed(std::vector<float>* actions) {
   bool stopping = false;
 
   while (true) {
-    if (!stopping && g_stop_signal.load() != 0) {
+    if (const int stops = g_stop_count.load(); stops != stops_seen) {
+      stops_seen = stops;
+      if (stopping) {
+        failure_ = fmt::format("stopped by a second signal ({}) with {} frame(s) in flight",
+                               g_stop_signal.load(), in_flight);
+        fail();
+      }
       stopping = true;
       report_.interrupted = true;
-      spdlog::warn("signal {} received: draining {} frame(s) in flight, then stopping",
-                   g_stop_signal.load(), in_flight);
+      spdlog::warn(
+          "signal {} received: draining {} frame(s) in flight, then stopping (a second signal "
+          "stops at once)",
+          g_stop_signal.load(), in_flight);
     }
     while (!stopping && next < total && in_flight < max_in_flight && !free_inputs.empty() &&
            (o.rate_hz <= 0 || Clock::now() >= arrival(next))) {
@@ -369,6 +384,12 @@ void Pipeline::feed(std::vector<float>* actions) {
       m.input_slot = slot;
       m.submit_ns = static_cast<uint64_t>(submitted[next].time_since_epoch().count());
       const WaitStatus st = to_encoder.push(m, Clock::now() + std::chrono::seconds(10), healthy);
+      if (st == WaitStatus::kPeerDead && unseen_stop()) {
+        // Not handed over: the frame was never in flight, and the loop's top hears the signal.
+        slot_of_frame[next] = -1;
+        free_inputs.push_back(slot);
+        break;
+      }
       if (st != WaitStatus::kOk) {
         if (failure_.empty())
           failure_ =
@@ -397,10 +418,11 @@ void Pipeline::feed(std::vector<float>* actions) {
     if (st == WaitStatus::kTimeout) {
       if (run_deadline_first) check_run_deadline(next - in_flight, total);
       if (waiting_to_submit) continue;
-      failure_ = "no frame finished within " + std::to_string(o.frame_timeout_s) +
-                 " s (frames in flight: " + std::to_string(in_flight) + ")";
+      failure_ = fmt::format("no frame finished within {:g} s (frames in flight: {})",
+                             o.frame_timeout_s, in_flight);
       fail();
     }
+    if (st == WaitStatus::kPeerDead && unseen_stop()) continue;
     if (st == WaitStatus::kPeerDead) fail();
     if (st == WaitStatus::kCorrupt) throw Error("the ring from the decoder is corrupt");
     const std::string reason = ipc::validate(m, control_.limits());

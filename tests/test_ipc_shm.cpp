@@ -39,8 +39,11 @@ pid_t dead_pid() {
 
 }  // namespace
 
-TEST_CASE("segment names are unique and carry the pid and tag", "[ipc]") {
-  const std::string prefix = std::string(kSegmentPrefix) + std::to_string(::getpid()) + "_";
+TEST_CASE("segment names are unique and carry the pid, its namespace and the tag", "[ipc]") {
+  struct stat ns {};
+  REQUIRE(::stat("/proc/self/ns/pid", &ns) == 0);
+  const std::string prefix = std::string(kSegmentPrefix) + std::to_string(::getpid()) + "_n" +
+                             std::to_string(ns.st_ino) + "_";
   std::set<std::string> names;
   for (int i = 0; i < 100; ++i) {
     const std::string name = unique_segment_name("ring");
@@ -155,11 +158,20 @@ TEST_CASE("create refuses an existing name and open of a missing name throws", "
 
 TEST_CASE("remove_stale_segments removes segments of dead pids only", "[ipc]") {
   const pid_t dead = dead_pid();
-  const std::string stale =
-      std::string(kSegmentPrefix) + std::to_string(dead) + "_0123456789abcdef_fake";
+  const std::string stale = segment_name_of(dead, "fake");
   const std::string live = unique_segment_name("live");
   SharedSegment stale_seg = SharedSegment::create(stale, 4096);
   SharedSegment live_seg = SharedSegment::create(live, 4096);
+  // A dead pid of another pid namespace (another container sharing /dev/shm) proves nothing: its
+  // run may be alive. Nor does a name without a namespace (an older build's).
+  const std::string ns_field = "_n";
+  const std::string ours = segment_name_of(dead, "elsewhere");
+  const size_t ns_at = ours.find(ns_field) + ns_field.size();
+  const std::string elsewhere = ours.substr(0, ns_at) + "9" + ours.substr(ns_at);  // another inode
+  SharedSegment elsewhere_seg = SharedSegment::create(elsewhere, 4096);
+  const std::string no_ns =
+      std::string(kSegmentPrefix) + std::to_string(dead) + "_0123456789abcdef_old";
+  SharedSegment no_ns_seg = SharedSegment::create(no_ns, 4096);
   // Names with our prefix that do not follow the scheme must be left alone, not misparsed.
   const std::string odd = std::string(kSegmentPrefix) + "notapid" +
                           unique_segment_name("odd").substr(kSegmentPrefix.size());
@@ -170,10 +182,15 @@ TEST_CASE("remove_stale_segments removes segments of dead pids only", "[ipc]") {
   CHECK(contains(removed, stale));
   CHECK_FALSE(contains(removed, live));
   CHECK_FALSE(contains(removed, odd));
+  CHECK_FALSE(contains(removed, elsewhere));
+  CHECK_FALSE(contains(removed, no_ns));
+  CHECK(shm_exists(elsewhere));
+  CHECK(shm_exists(no_ns));
   CHECK_FALSE(shm_exists(stale));
   CHECK(shm_exists(live));
   CHECK(shm_exists(odd));
-  CHECK(segments_of_process(dead).empty());
+  // Only the two names that were not this namespace's, or had none, stay.
+  CHECK(segments_of_process(dead).size() == 2);
   // The owner of the removed stale name is destroyed at scope exit without complaint.
 }
 

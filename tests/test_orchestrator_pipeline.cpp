@@ -442,7 +442,7 @@ TEST_CASE("a worker that fails to start is named with its status and last lines"
 TEST_CASE("segments left by dead runs are removed when a run starts", "[orchestrator][ipc]") {
   ChildProcess gone = ChildProcess::spawn("true", "/bin/true", {}, {}, false);
   REQUIRE(gone.wait_for(5000ms).has_value());
-  const std::string name = "pi0mps_" + std::to_string(gone.pid()) + "_00112233deadbeef_ctl";
+  const std::string name = ipc::segment_name_of(gone.pid(), "ctl");
   const int fd = ::shm_open(("/" + name).c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
   REQUIRE(fd >= 0);
   ::close(fd);

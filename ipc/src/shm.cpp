@@ -46,19 +46,46 @@ void check_name(const std::string& name) {
             "invalid shared memory segment name '" + name + "'");
 }
 
-// Parses the creator pid out of "pi0mps_<pid>_..."; -1 if the name does not follow the scheme.
-long pid_of_segment(std::string_view name) {
-  if (name.substr(0, kSegmentPrefix.size()) != kSegmentPrefix) return -1;
+// The pid namespace this process's pids belong to: the inode of /proc/self/ns/pid, 0 where /proc
+// does not say. A pid names a process only inside its namespace; runs in two containers that
+// share /dev/shm (as MPS clients often do) see each other's segments but not each other's pids.
+uint64_t pid_namespace() {
+  static const uint64_t ns = [] {
+    struct stat st {};
+    return ::stat("/proc/self/ns/pid", &st) == 0 ? static_cast<uint64_t>(st.st_ino) : uint64_t{0};
+  }();
+  return ns;
+}
+
+// Reads the decimal number at the front of `text` up to `stop`, and drops both; false if there is
+// no such number or it exceeds `max`.
+bool take_number(std::string_view& text, char stop, uint64_t max, uint64_t& value) {
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (ec != std::errc() || end == text.data() || value > max) return false;
+  text.remove_prefix(static_cast<size_t>(end - text.data()));
+  if (text.empty() || text.front() != stop) return false;
+  text.remove_prefix(1);
+  return true;
+}
+
+struct SegmentCreator {
+  long pid = -1;
+  uint64_t pid_namespace = 0;
+};
+
+// Parses "pi0mps_<pid>_n<pid namespace>_..."; pid -1 if the name does not follow the scheme.
+SegmentCreator creator_of_segment(std::string_view name) {
+  SegmentCreator creator;
+  if (name.substr(0, kSegmentPrefix.size()) != kSegmentPrefix) return creator;
   name.remove_prefix(kSegmentPrefix.size());
-  long pid = 0;
-  size_t digits = 0;
-  while (digits < name.size() && name[digits] >= '0' && name[digits] <= '9') {
-    pid = pid * 10 + (name[digits] - '0');
-    if (pid > 0x7fffffff) return -1;
-    ++digits;
-  }
-  if (digits == 0 || digits >= name.size() || name[digits] != '_' || pid <= 0) return -1;
-  return pid;
+  uint64_t pid = 0, ns = 0;
+  if (!take_number(name, '_', 0x7fffffff, pid) || pid == 0) return creator;
+  if (name.empty() || name.front() != 'n') return creator;
+  name.remove_prefix(1);
+  if (!take_number(name, '_', UINT64_MAX, ns)) return creator;
+  creator.pid = static_cast<long>(pid);
+  creator.pid_namespace = ns;
+  return creator;
 }
 
 std::vector<std::string> list_segments(std::string_view prefix) {
@@ -106,12 +133,17 @@ std::string no_room(const std::string& name, size_t bytes, uint64_t available) {
 }  // namespace
 
 std::string unique_segment_name(std::string_view tag) {
+  return segment_name_of(::getpid(), tag);
+}
+
+std::string segment_name_of(long pid, std::string_view tag) {
   // random_device rather than a seeded PRNG: two runs started in the same instant with recycled
   // pids must still not collide, and create_only then fails loudly instead of sharing a segment.
   std::random_device rd;
   const uint64_t bits = (static_cast<uint64_t>(rd()) << 32) ^ static_cast<uint64_t>(rd());
-  char buf[64];
-  std::snprintf(buf, sizeof(buf), "%ld_%016llx_", static_cast<long>(::getpid()),
+  char buf[96];
+  std::snprintf(buf, sizeof(buf), "%ld_n%llu_%016llx_", pid,
+                static_cast<unsigned long long>(pid_namespace()),
                 static_cast<unsigned long long>(bits));
   std::string name(kSegmentPrefix);
   name += buf;
@@ -211,9 +243,10 @@ std::vector<std::string> remove_stale_segments() noexcept {
   std::vector<std::string> removed;
   try {
     for (const std::string& name : list_segments(kSegmentPrefix)) {
-      const long pid = pid_of_segment(name);
-      if (pid <= 0) continue;
-      if (process_gone(pid)) {
+      const SegmentCreator creator = creator_of_segment(name);
+      // Another namespace's pid says nothing here: its run may well be alive.
+      if (creator.pid <= 0 || creator.pid_namespace != pid_namespace()) continue;
+      if (process_gone(creator.pid)) {
         if (SharedSegment::remove(name)) removed.push_back(name);
       }
     }

@@ -1,6 +1,7 @@
 // A POSIX shared-memory segment (Boost.Interprocess) with a move-only owner.
-// Names are unique per run and carry the creator's pid so that segments left by a dead run can be
-// found and removed: "/pi0mps_<pid>_<16 hex digits>_<tag>".
+// Names are unique per run and carry the creator's pid and pid namespace so that segments left by
+// a dead run can be found and removed: "/pi0mps_<pid>_n<pid namespace inode>_<16 hex
+// digits>_<tag>".
 #pragma once
 
 #include <cstddef>
@@ -13,8 +14,11 @@ namespace pi0::ipc {
 
 inline constexpr std::string_view kSegmentPrefix = "pi0mps_";
 
-// A fresh name for this process: kSegmentPrefix + pid + '_' + 64 random bits in hex + '_' + tag.
+// A fresh name for this process: kSegmentPrefix + pid + "_n" + pid namespace + '_' + 64 random
+// bits in hex + '_' + tag.
 std::string unique_segment_name(std::string_view tag);
+// The same for another process `pid` of this pid namespace (tests make stale names with it).
+std::string segment_name_of(long pid, std::string_view tag);
 
 class SharedSegment {
  public:
@@ -44,7 +48,8 @@ class SharedSegment {
   std::unique_ptr<Impl> impl_;
 };
 
-// Removes segments whose name starts with kSegmentPrefix and whose creator pid no longer runs.
+// Removes segments whose name starts with kSegmentPrefix and whose creator, of this pid namespace,
+// no longer runs (a segment of another namespace, or of a name without one, is left alone).
 // Returns the names removed. Never throws.
 std::vector<std::string> remove_stale_segments() noexcept;
 // Names of existing segments created by `pid` (for tests and leak checks).

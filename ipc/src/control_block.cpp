@@ -9,15 +9,17 @@ namespace {
 
 constexpr uint64_t kAlign = 256;  // covers cache lines and CUDA's copy alignment
 
-uint64_t align_up(uint64_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
+uint64_t align_up(uint64_t v) {
+  return (v + kAlign - 1) / kAlign * kAlign;
+}
 
 }  // namespace
 
 ControlLayout compute_layout(const ModelConfig& config, const RunShape& shape, uint32_t kv_slots,
                              uint64_t max_frame, bool host_kv) {
-  PI0_CHECK(kv_slots >= 1 && kv_slots <= kMaxKvSlots,
-            "slots must be in 1.." + std::to_string(kMaxKvSlots) + ", got " +
-                std::to_string(kv_slots));
+  PI0_CHECK(
+      kv_slots >= 1 && kv_slots <= kMaxKvSlots,
+      "slots must be in 1.." + std::to_string(kMaxKvSlots) + ", got " + std::to_string(kv_slots));
   const StageSizes sizes = stage_sizes(config, shape);
   ControlLayout l;
   l.kv_slots = kv_slots;
@@ -56,12 +58,13 @@ ControlBlock ControlBlock::create(const std::string& name, const ControlLayout& 
   block.segment_ = SharedSegment::create(name, layout.total_bytes);
   block.layout_ = layout;
   block.header_ = new (block.segment_.data()) ControlHeader{};
-  block.header_->magic = kControlMagic;
   block.header_->version = kControlVersion;
   block.header_->layout = layout;
   for (uint32_t r = 0; r < kRingCount; ++r) {
     block.rings_[r] = SpscRing::create(block.at(layout.ring_offset[r]), kRingCapacity);
   }
+  // Magic last, released: an open that acquires it sees the header and the rings complete.
+  std::atomic_ref<uint32_t>(block.header_->magic).store(kControlMagic, std::memory_order_release);
   return block;
 }
 
@@ -71,7 +74,9 @@ ControlBlock ControlBlock::open(const std::string& name, const ControlLayout& ex
   PI0_CHECK(block.segment_.size() >= expected.total_bytes,
             "control segment " + name + " is smaller than this run's layout");
   block.header_ = static_cast<ControlHeader*>(block.segment_.data());
-  PI0_CHECK(block.header_->magic == kControlMagic, "control segment " + name + " has a bad magic");
+  PI0_CHECK(std::atomic_ref<uint32_t>(block.header_->magic).load(std::memory_order_acquire) ==
+                kControlMagic,
+            "control segment " + name + " has a bad magic");
   PI0_CHECK(block.header_->version == kControlVersion,
             "control segment " + name + " has protocol version " +
                 std::to_string(block.header_->version) + ", expected " +
@@ -89,25 +94,25 @@ ControlBlock ControlBlock::open(const std::string& name, const ControlLayout& ex
 
 namespace {
 void check_slot(uint32_t slot, uint32_t count, const char* what) {
-  PI0_CHECK(slot < count, std::string(what) + " slot " + std::to_string(slot) +
-                              " out of range (" + std::to_string(count) + " slots)");
+  PI0_CHECK(slot < count, std::string(what) + " slot " + std::to_string(slot) + " out of range (" +
+                              std::to_string(count) + " slots)");
 }
 }  // namespace
 
 Bf16* ControlBlock::images(uint32_t s) const {
   check_slot(s, layout_.input_slots, "input");
-  return reinterpret_cast<Bf16*>(at(layout_.input_offset + s * layout_.input_stride +
-                                    layout_.images_in_slot));
+  return reinterpret_cast<Bf16*>(
+      at(layout_.input_offset + s * layout_.input_stride + layout_.images_in_slot));
 }
 Bf16* ControlBlock::state(uint32_t s) const {
   check_slot(s, layout_.input_slots, "input");
-  return reinterpret_cast<Bf16*>(at(layout_.input_offset + s * layout_.input_stride +
-                                    layout_.state_in_slot));
+  return reinterpret_cast<Bf16*>(
+      at(layout_.input_offset + s * layout_.input_stride + layout_.state_in_slot));
 }
 Bf16* ControlBlock::noise(uint32_t s) const {
   check_slot(s, layout_.input_slots, "input");
-  return reinterpret_cast<Bf16*>(at(layout_.input_offset + s * layout_.input_stride +
-                                    layout_.noise_in_slot));
+  return reinterpret_cast<Bf16*>(
+      at(layout_.input_offset + s * layout_.input_stride + layout_.noise_in_slot));
 }
 float* ControlBlock::actions(uint32_t s) const {
   check_slot(s, layout_.input_slots, "output");
@@ -118,9 +123,15 @@ float* ControlBlock::host_kv(uint32_t s) const {
   check_slot(s, layout_.kv_slots, "kv");
   return reinterpret_cast<float*>(at(layout_.kv_offset + s * layout_.kv_stride));
 }
-void* ControlBlock::input_area() const { return at(layout_.input_offset); }
-size_t ControlBlock::input_area_bytes() const { return layout_.input_stride * layout_.input_slots; }
-void* ControlBlock::output_area() const { return at(layout_.output_offset); }
+void* ControlBlock::input_area() const {
+  return at(layout_.input_offset);
+}
+size_t ControlBlock::input_area_bytes() const {
+  return layout_.input_stride * layout_.input_slots;
+}
+void* ControlBlock::output_area() const {
+  return at(layout_.output_offset);
+}
 size_t ControlBlock::output_area_bytes() const {
   return layout_.output_stride * layout_.input_slots;
 }

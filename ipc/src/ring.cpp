@@ -32,7 +32,7 @@ constexpr size_t kCacheLine = 64;
 // Shared by two processes that may be built separately, so: fixed-width fields, no pointers, and
 // each side's hot counter on its own cache line so producer and consumer do not false-share.
 struct RingHeader {
-  uint64_t magic;
+  uint64_t magic;  // written and read through std::atomic_ref: the header's publication
   uint32_t capacity;
   uint32_t message_size;
   // Written by the consumer only.
@@ -49,6 +49,8 @@ struct RingHeader {
 };
 
 static_assert(std::is_standard_layout_v<RingHeader>);
+static_assert(std::atomic_ref<uint64_t>::is_always_lock_free &&
+              alignof(uint64_t) >= std::atomic_ref<uint64_t>::required_alignment);
 static_assert(sizeof(RingHeader) == 5 * kCacheLine);
 static_assert(sizeof(RingHeader) % alignof(Message) == 0);
 static_assert(std::atomic<uint64_t>::is_always_lock_free,
@@ -292,9 +294,9 @@ SpscRing SpscRing::create(void* where, uint32_t capacity) {
   h->consumer_waiting.store(0, std::memory_order_relaxed);
   h->pop_seq.store(0, std::memory_order_relaxed);
   h->producer_waiting.store(0, std::memory_order_relaxed);
-  // Magic last: a concurrent attach either sees no ring or a fully initialised one.
-  std::atomic_thread_fence(std::memory_order_release);
-  h->magic = kRingMagic;
+  // Magic last, released: an attach that acquires it sees the whole header (today every attach
+  // follows a spawn or an open, which orders it anyway).
+  std::atomic_ref<uint64_t>(h->magic).store(kRingMagic, std::memory_order_release);
   return SpscRing(h, capacity);
 }
 
@@ -305,14 +307,14 @@ SpscRing SpscRing::attach(void* where, uint32_t capacity) {
   PI0_CHECK(reinterpret_cast<uintptr_t>(where) % kCacheLine == 0,
             "ring memory is not 64-byte aligned");
   auto* h = std::launder(reinterpret_cast<RingHeader*>(where));
-  if (h->magic != kRingMagic) {
+  const uint64_t magic = std::atomic_ref<uint64_t>(h->magic).load(std::memory_order_acquire);
+  if (magic != kRingMagic) {
     char buf[96];
     std::snprintf(buf, sizeof(buf), "no ring at this address (magic 0x%016llx, expected 0x%016llx)",
-                  static_cast<unsigned long long>(h->magic),
+                  static_cast<unsigned long long>(magic),
                   static_cast<unsigned long long>(kRingMagic));
     throw Error(buf);
   }
-  std::atomic_thread_fence(std::memory_order_acquire);
   PI0_CHECK(h->capacity == capacity, "ring capacity mismatch: shared header says " +
                                          std::to_string(h->capacity) + ", expected " +
                                          std::to_string(capacity));

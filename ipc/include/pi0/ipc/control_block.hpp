@@ -98,7 +98,7 @@ ControlLayout compute_layout(const ModelConfig& config, const RunShape& shape, u
                              uint64_t max_frame, bool host_kv);
 
 struct ControlHeader {
-  uint32_t magic;
+  uint32_t magic;  // written last and read first through std::atomic_ref: the header's publication
   uint32_t version;
   ControlLayout layout;
   std::atomic<uint32_t> stop_requested;
@@ -108,6 +108,8 @@ struct ControlHeader {
   CudaIpcBlock cuda;
 };
 static_assert(std::is_standard_layout_v<ControlHeader>);
+static_assert(std::atomic_ref<uint32_t>::is_always_lock_free &&
+              alignof(uint32_t) >= std::atomic_ref<uint32_t>::required_alignment);
 static_assert(sizeof(ControlHeader) ==
               8 + sizeof(ControlLayout) + 8 + 2 * sizeof(WorkerInfo) + sizeof(CudaIpcBlock));
 

@@ -78,9 +78,14 @@ class CudaDecoderStage final : public DecoderStage {
                   slot_stride_ >= stage_sizes(o.config, o.shape).kv_slot_values * sizeof(Bf16) &&
                   slot_stride_ <= cuda_block.kv_pool_bytes / layout.kv_slots,
               "the encoder's K/V pool is smaller than this run's slots");
-    pool_ = ipc::IpcDeviceMemory::open_imported(cuda_block.kv_pool_handle);
-    encoder_stamps_ = ipc::IpcDeviceMemory::open_imported(cuda_block.timestamp_handle);
+    pool_ =
+        ipc::IpcDeviceMemory::open_imported(cuda_block.kv_pool_handle, cuda_block.kv_pool_bytes);
     layers_ = o.config.lm_layers;
+    // The encoder's stamps: a finish time per slot, then a counter per slot and Gemma layer, as
+    // the encoder sized them from the same layout and model.
+    encoder_stamps_ = ipc::IpcDeviceMemory::open_imported(
+        cuda_block.timestamp_handle,
+        sizeof(uint64_t) * layout.kv_slots * (1 + static_cast<size_t>(layers_)));
     wait_layers_ = cuda::layer_handoff_wanted(device.mps_enabled != 0);
     // Every layer's wait but the last in the stream's front end (pi0/cuda/layer_signal.hpp): a
     // slot's counters must then be 0 until its frame's signals, which the encoder's warm-up

@@ -17,19 +17,21 @@ IpcDeviceMemory IpcDeviceMemory::allocate_exported(size_t bytes,
   m.bytes_ = (bytes + kPoolAlignment - 1) / kPoolAlignment * kPoolAlignment;
   const cudaError_t status = cudaMalloc(&m.ptr_, m.bytes_);
   PI0_CHECK(status == cudaSuccess, "out of GPU memory allocating the K/V slot pool (" +
-                                       std::to_string(m.bytes_ >> 20) + " MiB): " +
-                                       cudaGetErrorString(status));
+                                       std::to_string(m.bytes_ >> 20) +
+                                       " MiB): " + cudaGetErrorString(status));
   cudaIpcMemHandle_t handle;
   CUDA_CHECK(cudaIpcGetMemHandle(&handle, m.ptr_));
   std::memcpy(handle_out, &handle, sizeof handle);
   return m;
 }
 
-IpcDeviceMemory IpcDeviceMemory::open_imported(const uint8_t (&handle)[kCudaIpcHandleBytes]) {
+IpcDeviceMemory IpcDeviceMemory::open_imported(const uint8_t (&handle)[kCudaIpcHandleBytes],
+                                               size_t bytes) {
   IpcDeviceMemory m;
   cudaIpcMemHandle_t h;
   std::memcpy(&h, handle, sizeof h);
   CUDA_CHECK(cudaIpcOpenMemHandle(&m.ptr_, h, cudaIpcMemLazyEnablePeerAccess));
+  m.bytes_ = bytes;
   m.imported_ = true;
   return m;
 }

@@ -16,9 +16,11 @@ namespace pi0::ipc {
 class IpcDeviceMemory {
  public:
   // One allocation of `bytes` (rounded up to 2 MiB), exported into `handle_out`.
-  static IpcDeviceMemory allocate_exported(size_t bytes, uint8_t (&handle_out)[kCudaIpcHandleBytes]);
-  // Maps memory another process exported. Never copies.
-  static IpcDeviceMemory open_imported(const uint8_t (&handle)[kCudaIpcHandleBytes]);
+  static IpcDeviceMemory allocate_exported(size_t bytes,
+                                           uint8_t (&handle_out)[kCudaIpcHandleBytes]);
+  // Maps memory another process exported. Never copies. `bytes` is the size the exporter
+  // announced (the caller checks it against what it will use), which bytes() then reports.
+  static IpcDeviceMemory open_imported(const uint8_t (&handle)[kCudaIpcHandleBytes], size_t bytes);
 
   IpcDeviceMemory() = default;
   IpcDeviceMemory(IpcDeviceMemory&& o) noexcept { *this = static_cast<IpcDeviceMemory&&>(o); }

@@ -1,10 +1,16 @@
 // The sweep's reporting on synthetic results: best split choice, failed splits, JSON and plot.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "catch.hpp"
+#include "pi0/orchestrator.hpp"
 #include "pi0/sweep.hpp"
 #include "process_utils.hpp"
 
@@ -155,7 +161,8 @@ TEST_CASE("the sweep's report names the options of its recommendation", "[orches
         std::string::npos);
 }
 
-TEST_CASE("sweep JSON and plot carry every split and skip failed ones in the curves", "[orchestrator][sweep]") {
+TEST_CASE("sweep JSON and plot carry every split and skip failed ones in the curves",
+          "[orchestrator][sweep]") {
   const SweepResult s = synthetic();
   const nlohmann::json j = nlohmann::json::parse(sweep_json(s));
   REQUIRE(j.at("points").size() == 5);
@@ -173,7 +180,65 @@ TEST_CASE("sweep JSON and plot carry every split and skip failed ones in the cur
   CHECK(svg.find("single-process") != std::string::npos);
   // Three curves (throughput, p50, p99) with one marker per successful split each.
   size_t circles = 0;
-  for (size_t at = svg.find("<circle"); at != std::string::npos; at = svg.find("<circle", at + 1)) ++circles;
+  for (size_t at = svg.find("<circle"); at != std::string::npos; at = svg.find("<circle", at + 1))
+    ++circles;
   CHECK(circles == 3 * 4);
   std::filesystem::remove_all(dir);
+}
+
+// The sweep's single-process baseline runs pi0_bench in a process group of its own, which a
+// terminal's Ctrl-C does not reach: a stop signal to the orchestrator must end it at once, and not
+// after the bench's whole run. Here a stand-in bench that sleeps, in a forked orchestrator
+// process (a signal handler's state must not outlive this test).
+TEST_CASE("a stop signal ends the sweep's single-process baseline at once",
+          "[orchestrator][sweep]") {
+  namespace fs = std::filesystem;
+  using namespace std::chrono_literals;
+  const std::string dir = test::temp_dir("baseline-stop");
+  const std::string bench = dir + "/pi0_bench", pid_file = dir + "/bench.pid";
+  {
+    std::ofstream script(bench);
+    script << "#!/bin/sh\necho $$ > \"" << pid_file << "\"\nexec sleep 30\n";
+  }
+  fs::permissions(bench, fs::perms::owner_all);
+  ResolvedRun run;
+  run.backend = "cuda";
+  run.config = model_config("tiny");
+  run.options.worker_dir = dir;
+  run.options.run_timeout_s = 60;
+  const pid_t child = ::fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    install_stop_handlers();
+    int code = 2;  // the baseline returned
+    try {
+      (void)run_single_process_baseline(run);
+    } catch (const std::exception& e) {
+      code = std::string(e.what()).find("interrupted by signal 2") != std::string::npos ? 0 : 3;
+    }
+    ::_exit(code);
+  }
+  REQUIRE(test::eventually([&] { return fs::exists(pid_file) && fs::file_size(pid_file) > 0; },
+                           10000ms));
+  int bench_pid = 0;
+  std::ifstream(pid_file) >> bench_pid;
+  REQUIRE(bench_pid > 0);
+  const auto t0 = std::chrono::steady_clock::now();
+  ::kill(child, SIGINT);
+  int status = 0;
+  const bool ended =
+      test::eventually([&] { return ::waitpid(child, &status, WNOHANG) == child; }, 5000ms);
+  if (!ended) {
+    ::kill(child, SIGKILL);
+    ::waitpid(child, &status, 0);
+  }
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  REQUIRE(ended);
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+  CHECK(secs < 3.0);
+  const bool bench_gone = test::eventually([&] { return ::kill(bench_pid, 0) != 0; }, 2000ms);
+  if (!bench_gone) ::kill(bench_pid, SIGKILL);
+  CHECK(bench_gone);
+  fs::remove_all(dir);
 }

@@ -60,8 +60,20 @@ RunReport run_single_process_baseline(const ResolvedRun& run) {
                    {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", std::nullopt}};
   ChildProcess bench = ChildProcess::spawn("pi0_bench", dir + "/pi0_bench", args, env, false);
   const double limit_s = o.run_timeout_s > 0 ? o.run_timeout_s : 600.0;
-  const auto status = bench.wait_for(std::chrono::duration_cast<std::chrono::milliseconds>(
-      std::chrono::duration<double>(limit_s)));
+  // Waited for in slices, so that a stop signal ends it at once: the bench runs in a process
+  // group of its own, which a terminal's Ctrl-C does not reach.
+  const auto deadline =
+      std::chrono::steady_clock::now() +
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::duration<double>(limit_s));
+  std::optional<ExitStatus> status;
+  while (!(status = bench.wait_for(std::chrono::milliseconds(50))) &&
+         std::chrono::steady_clock::now() < deadline) {
+    if (stop_signal() != 0) {
+      bench.terminate(std::chrono::milliseconds(1000));
+      throw Error("single-process baseline (pi0_bench) interrupted by signal " +
+                  std::to_string(stop_signal()));
+    }
+  }
   std::ifstream in(json_path);
   PI0_CHECK(status && status->success() && in.good(),
             "single-process baseline (pi0_bench) failed: " +
@@ -196,6 +208,11 @@ SweepResult run_sweep(const ResolvedRun& requested) {
            [&] { return run_single_process_baseline(run); });
   baseline("no-mps", "two workers without MPS (time-sliced), concurrent",
            [&] { return run_pipeline(run, nullptr, 100, 100, "concurrent", nullptr); });
+  // Stopped already: no daemon to start for runs that will not happen.
+  if (interrupted()) {
+    choose_best_runs(result);
+    return result;
+  }
   MpsDaemon mps = MpsDaemon::start_or_adopt(o.mps);
   baseline("mps-100/100", "MPS 100/100 (no partition), concurrent",
            [&] { return run_pipeline(run, &mps, 100, 100, "concurrent", nullptr); });

@@ -401,6 +401,27 @@ TEST_CASE("an interrupted run writes the actions of the frames that finished",
 // Exit 1 means bad input; a run stopped by a signal exits 128 + the signal at any point, the
 // workers' start (seconds for pi0-1l's weights on the CPU) included, and SIGHUP (a closed
 // terminal) stops it the same way, so that nothing (an MPS daemon we started) is left behind.
+// Loading checks nothing (pi0's weights take tens of seconds; here a 20 s stand-in): a worker
+// whose orchestrator is killed meanwhile must still end at once, and remove the segment.
+TEST_CASE("workers that are still loading exit when the orchestrator is killed",
+          "[orchestrator][process]") {
+  ChildProcess orch =
+      ChildProcess::spawn("orchestrator", test::orchestrator_exe(), tiny_run({"--frames", "2"}),
+                          {{"PI0_TEST_LOAD_DELAY_MS", "20000"}}, false);
+  REQUIRE(test::eventually(
+      [&] { return orch.output().find("started encoder_worker") != std::string::npos; }, 20000ms));
+  const int pid = orch.pid();
+  REQUIRE(test::eventually([&] { return test::workers_of(pid).size() == 2; }, 2000ms));
+  std::this_thread::sleep_for(300ms);  // both in their loads
+  const bool still_starting = orch.output().find("streaming frames") == std::string::npos;
+  ::kill(pid, SIGKILL);
+  REQUIRE(orch.wait_for(1000ms).has_value());
+  INFO("killed while starting: " << still_starting << "\n" << orch.output());
+  CHECK(still_starting);
+  CHECK(test::eventually([&] { return test::workers_of(pid).empty(); }, 2000ms));
+  CHECK(test::eventually([&] { return test::segments_of(pid).empty(); }, 2000ms));
+}
+
 TEST_CASE("a stop signal while the workers start exits with the signal's status",
           "[orchestrator][process]") {
   for (const int sig : {SIGINT, SIGHUP}) {

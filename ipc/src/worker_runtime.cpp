@@ -180,9 +180,35 @@ WorkerRuntime::WorkerRuntime(Role role, const WorkerOptions& options)
   if (const char* pct = std::getenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")) {
     info.active_thread_pct = std::atoi(pct);
   }
+  startup_watch_ = std::thread([this] { watch_startup(); });
 }
 
-WorkerRuntime::~WorkerRuntime() = default;
+WorkerRuntime::~WorkerRuntime() {
+  end_startup_watch();
+}
+
+void WorkerRuntime::watch_startup() {
+  std::unique_lock lock(startup_mutex_);
+  while (!startup_cv_.wait_for(lock, std::chrono::milliseconds(50), [this] { return started_; })) {
+    if (!g_parent_died.load() && !ipc::orchestrator_gone(options_.parent_pid)) continue;
+    spdlog::warn("the orchestrator (pid {}) died while this worker was starting; exiting",
+                 options_.parent_pid);
+    if (segment_orphaned(options_.parent_pid) && SharedSegment::remove(options_.control_name))
+      spdlog::warn("removed its control segment");
+    spdlog::default_logger()->flush();
+    // The main thread is somewhere in loading, which has no way out: end the process here.
+    ::_exit(1);
+  }
+}
+
+void WorkerRuntime::end_startup_watch() noexcept {
+  {
+    const std::lock_guard lock(startup_mutex_);
+    started_ = true;
+  }
+  startup_cv_.notify_all();
+  if (startup_watch_.joinable()) startup_watch_.join();
+}
 
 WorkerInfo& WorkerRuntime::my_info() {
   return role_ == Role::kEncoder ? control_.header().encoder : control_.header().decoder;
@@ -242,6 +268,7 @@ void WorkerRuntime::record_stage_times(const StageTimes& times) {
 }
 
 void WorkerRuntime::send_ready() {
+  end_startup_watch();  // from here the run's loops watch the orchestrator
   Message m = make_message(MsgType::kWorkerReady, role_);
   const WaitStatus s = to_orchestrator().push(m, after(options_.startup_timeout_s),
                                               [this] { return orchestrator_alive(); });
@@ -262,6 +289,10 @@ void WorkerRuntime::send_stopped() noexcept {
 }
 
 WeightStore load_stage_weights(const WorkerOptions& o, WeightSet set) {
+  // Tests stand in for a slow load with this (pi0's weights take tens of seconds on a GPU).
+  if (const char* delay = std::getenv("PI0_TEST_LOAD_DELAY_MS")) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(std::clamp(std::atoi(delay), 0, 60000)));
+  }
   if (o.weights_path.empty()) {
     return WeightStore::random(o.config, o.shape.prompt_len, o.weight_seed, set);
   }

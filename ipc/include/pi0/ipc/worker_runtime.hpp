@@ -3,8 +3,11 @@
 // readiness, errors and its exit through the rings.
 #pragma once
 
+#include <condition_variable>
 #include <cstdint>
+#include <mutex>
 #include <string>
+#include <thread>
 
 #include "pi0/config.hpp"
 #include "pi0/ipc/control_block.hpp"
@@ -72,9 +75,19 @@ class WorkerRuntime {
   static Deadline after(double seconds);
 
  private:
+  // From construction to send_ready(): a worker loading (weights, engines, graphs: up to minutes)
+  // checks nothing, so this thread ends it if the orchestrator dies meanwhile, and removes the
+  // control segment left to it.
+  void watch_startup();
+  void end_startup_watch() noexcept;
+
   Role role_;
   WorkerOptions options_;
   ControlBlock control_;
+  std::mutex startup_mutex_;
+  std::condition_variable startup_cv_;
+  bool started_ = false;  // guarded by startup_mutex_
+  std::thread startup_watch_;
 };
 
 // The weights of one stage: the file given, or seeded random weights. Checks the prompt length.

@@ -36,12 +36,18 @@ ipc::WorkerOptions worker_round_trip(const ipc::WorkerOptions& options, ipc::Rol
 
 // A stand-in for nvidia-cuda-mps-control: "-d" starts a "daemon" (a state file), commands on
 // stdin answer only while it runs, "quit" stops it.
-std::string fake_mps_control(const std::string& dir, bool start_fails = false) {
+// `-d` starts a daemon, fails, or fails because another run's daemon started in the same instant
+// (which then answers).
+enum class FakeStart { kStarts, kFails, kLosesRace };
+
+std::string fake_mps_control(const std::string& dir, FakeStart start = FakeStart::kStarts) {
   const std::string path = dir + "/fake-mps-control";
   std::ofstream script(path);
+  const bool start_fails = start != FakeStart::kStarts;
   script << "#!/bin/sh\n"
             "state=\"$CUDA_MPS_PIPE_DIRECTORY/daemon\"\n"
             "if [ \"$1\" = \"-d\" ]; then\n"
+         << (start == FakeStart::kLosesRace ? "  echo up > \"$state\"\n" : "")
          << (start_fails ? "  echo 'An instance of this daemon is already running' >&2; exit 1\n"
                          : "")
          << "  echo up > \"$state\"; echo start >> \"$CUDA_MPS_PIPE_DIRECTORY/starts\"; exit 0\n"
@@ -318,13 +324,21 @@ TEST_CASE("MPS daemon is started and quit or adopted and left running",
     }
   }
   SECTION("a control program that fails to start is a clear error") {
-    o.control_program = fake_mps_control(dir, true);
+    o.control_program = fake_mps_control(dir, FakeStart::kFails);
     try {
       MpsDaemon::start_or_adopt(o);
       FAIL("no error");
     } catch (const Error& e) {
       CHECK(std::string(e.what()).find("already running") != std::string::npos);
     }
+  }
+  SECTION("a daemon another run started in the same instant is adopted and left running") {
+    o.control_program = fake_mps_control(dir, FakeStart::kLosesRace);
+    {
+      MpsDaemon mps = MpsDaemon::start_or_adopt(o);
+      CHECK(mps.active());
+    }
+    CHECK(fs::exists(o.pipe_dir + "/daemon"));  // not quit: it is the other run's
   }
   fs::remove_all(dir);
 }

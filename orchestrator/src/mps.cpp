@@ -58,6 +58,13 @@ MpsDaemon MpsDaemon::start_or_adopt(const MpsOptions& o) {
   // another run's, started in the same instant).
   daemon.active_ = true;
   daemon.started_here_ = started.timed_out || started.status.success();
+  if (!daemon.started_here_ && mps_daemon_answers(o)) {
+    spdlog::info(
+        "MPS: adopted the control daemon another process started on {} meanwhile (it "
+        "stays running)",
+        o.pipe_dir);
+    return daemon;
+  }
   PI0_CHECK(!started.timed_out && started.status.success(),
             "MPS: `" + o.control_program + " -d` failed (" + started.status.describe() +
                 "): " + started.output.substr(0, started.output.find('\n')));
@@ -96,10 +103,19 @@ void MpsDaemon::stop() noexcept {
   try {
     send_command(options_, "quit");
     const auto deadline = std::chrono::steady_clock::now() + options_.timeout;
-    while (mps_daemon_answers(options_) && std::chrono::steady_clock::now() < deadline) {
+    bool answers = mps_daemon_answers(options_);
+    while (answers && std::chrono::steady_clock::now() < deadline) {
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      answers = mps_daemon_answers(options_);
     }
-    spdlog::info("MPS: stopped the control daemon we started");
+    if (answers) {
+      spdlog::warn(
+          "MPS: the control daemon we started still answers on {} after `quit`; stop it "
+          "with scripts/stop_mps.sh",
+          options_.pipe_dir);
+    } else {
+      spdlog::info("MPS: stopped the control daemon we started");
+    }
   } catch (...) {
     // Nothing sensible to do while unwinding; the daemon may outlive us.
   }

@@ -1,3 +1,4 @@
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/wait.h>
@@ -6,6 +7,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <set>
 #include <string>
 #include <vector>
@@ -227,4 +229,26 @@ TEST_CASE("remove_cuda_event_files removes a gone process's CUDA event files onl
   for (const std::string& name : others) CHECK(shm_exists(name));
   CHECK(cuda_event_files_of_process(static_cast<int>(dead)).empty());
   CHECK(remove_cuda_event_files(0).empty());
+}
+
+// The pid in a CUDA event file's name is the one its driver saw: a process of another container
+// sharing /dev/shm can have the same number. A file written before our worker started is not its.
+TEST_CASE("remove_cuda_event_files leaves files older than the process", "[ipc]") {
+  const pid_t dead = dead_pid();
+  char name[64];
+  std::snprintf(name, sizeof name, "cuda.shm.0.%lx.7", static_cast<long>(dead));
+  SharedSegment file = SharedSegment::create(name, 4096);
+  const std::string path = std::string("/dev/shm/") + name;
+  timespec hour_ago[2]{};
+  ::clock_gettime(CLOCK_REALTIME, &hour_ago[0]);
+  hour_ago[0].tv_sec -= 3600;
+  hour_ago[1] = hour_ago[0];
+  REQUIRE(::utimensat(AT_FDCWD, path.c_str(), hour_ago, 0) == 0);
+  timespec now{};
+  ::clock_gettime(CLOCK_REALTIME, &now);
+  const int64_t started_ns = (int64_t{now.tv_sec} - 60) * 1'000'000'000;  // a minute ago
+  CHECK(remove_cuda_event_files(static_cast<int>(dead), started_ns).empty());
+  CHECK(shm_exists(name));
+  CHECK(remove_cuda_event_files(static_cast<int>(dead)) == std::vector<std::string>{name});
+  CHECK_FALSE(shm_exists(name));
 }

@@ -267,11 +267,15 @@ std::vector<std::string> cuda_event_files_of_process(int pid) {
   return names;
 }
 
-std::vector<std::string> remove_cuda_event_files(int pid) noexcept {
+std::vector<std::string> remove_cuda_event_files(int pid, int64_t not_before_ns) noexcept {
   std::vector<std::string> removed;
   try {
     if (pid <= 0 || !process_gone(pid)) return removed;
     for (const std::string& name : cuda_event_files_of_process(pid)) {
+      struct stat st {};
+      if (::stat((std::string(kShmDir) + "/" + name).c_str(), &st) != 0) continue;
+      const int64_t written_ns = int64_t{st.st_mtim.tv_sec} * 1'000'000'000 + st.st_mtim.tv_nsec;
+      if (written_ns < not_before_ns) continue;  // older than `pid`: another process's
       if (SharedSegment::remove(name)) removed.push_back(name);
     }
   } catch (...) {

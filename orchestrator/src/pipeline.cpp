@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <fstream>
 #include <numeric>
 #include <thread>
@@ -108,15 +109,21 @@ class WorkerEventFiles {
   WorkerEventFiles(const WorkerEventFiles&) = delete;
   WorkerEventFiles& operator=(const WorkerEventFiles&) = delete;
   ~WorkerEventFiles() {
-    for (const int pid : pids_) {
-      for (const std::string& name : ipc::remove_cuda_event_files(pid))
+    for (const auto& [pid, started_ns] : workers_) {
+      for (const std::string& name : ipc::remove_cuda_event_files(pid, started_ns))
         spdlog::debug("removed /dev/shm/{}, left by the CUDA driver for pid {}", name, pid);
     }
   }
-  void add(int pid) { pids_.push_back(pid); }
+  // The realtime clock when a worker is about to start: its files are no older.
+  static int64_t now_ns() {
+    timespec t{};
+    ::clock_gettime(CLOCK_REALTIME, &t);
+    return int64_t{t.tv_sec} * 1'000'000'000 + t.tv_nsec;
+  }
+  void add(int pid, int64_t started_ns) { workers_.emplace_back(pid, started_ns); }
 
  private:
-  std::vector<int> pids_;
+  std::vector<std::pair<int, int64_t>> workers_;
 };
 
 // Everything one run owns. Members are destroyed in reverse order: the workers are terminated
@@ -281,9 +288,10 @@ void Pipeline::start_workers() {
     } else if (std::getenv("CUDA_VISIBLE_DEVICES") == nullptr) {
       env["CUDA_VISIBLE_DEVICES"] = "0";
     }
+    const int64_t started_ns = WorkerEventFiles::now_ns();
     w->process =
         ChildProcess::spawn(w->name, dir + "/" + w->name, args, env, !run_.options.quiet_workers);
-    event_files_.add(w->process.pid());
+    event_files_.add(w->process.pid(), started_ns);
   }
   spdlog::info("started encoder_worker (pid {}) and decoder_worker (pid {}), control segment {}",
                encoder_.process.pid(), decoder_.process.pid(), control_.name());

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -60,8 +61,11 @@ std::vector<std::string> segments_of_process(int pid);
 // process exits, even cleanly (driver 580: one 80 KB file per encoder worker). The names of such
 // files of `pid`.
 std::vector<std::string> cuda_event_files_of_process(int pid);
-// Removes them once `pid` has exited and been reaped (a running or zombie pid keeps its files).
+// Removes them once `pid` has exited and been reaped (a running or zombie pid keeps its files),
+// and only those last written at or after `not_before_ns` (CLOCK_REALTIME, ns): the time `pid`
+// was started. The pid in the name is the one the driver saw, which a process of another pid
+// namespace sharing /dev/shm (another container) can have too, and whose file is then older.
 // Returns the names removed. Never throws.
-std::vector<std::string> remove_cuda_event_files(int pid) noexcept;
+std::vector<std::string> remove_cuda_event_files(int pid, int64_t not_before_ns = 0) noexcept;
 
 }  // namespace pi0::ipc

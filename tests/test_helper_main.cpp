@@ -177,6 +177,8 @@ int usage() {
 
 int main(int argc, char** argv) {
   g_parent = ::getppid();
+  // Already re-parented to init: the parent died before we ran, and no death signal would come.
+  if (g_parent == 1) return 1;
   ::prctl(PR_SET_PDEATHSIG, SIGKILL);
   // The parent may have died between fork and prctl; then nobody would ever kill us.
   if (::getppid() != g_parent) return 1;

@@ -1,6 +1,7 @@
 // Command-line parsing and process plumbing of the orchestrator library.
 #include <filesystem>
 #include <fstream>
+#include <optional>
 
 #include <unistd.h>
 
@@ -301,6 +302,19 @@ TEST_CASE("MPS daemon is started and quit or adopted and left running",
     }
     CHECK_FALSE(fs::exists(state));
     CHECK_FALSE(mps_daemon_answers(o));
+  }
+  SECTION("a daemon a run started is quit by the last run that uses it") {
+    std::optional<MpsDaemon> first(MpsDaemon::start_or_adopt(o));
+    CHECK(first->started_here());
+    {
+      MpsDaemon second = MpsDaemon::start_or_adopt(o);
+      CHECK_FALSE(second.started_here());
+      first.reset();  // the run that started it ends first: the other still uses it
+      CHECK(fs::exists(state));
+      CHECK(mps_daemon_answers(o));
+    }  // the last user ends
+    CHECK_FALSE(fs::exists(state));
+    CHECK_FALSE(fs::exists(o.pipe_dir + ".pi0/started-by-run"));
   }
   SECTION("adopted, left running") {
     fs::create_directories(o.pipe_dir);

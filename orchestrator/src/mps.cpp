@@ -1,10 +1,14 @@
 #include "pi0/mps.hpp"
 
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <spdlog/spdlog.h>
 #include <cerrno>
 #include <cstring>
+#include <fstream>
 #include <thread>
 #include <utility>
 
@@ -22,6 +26,46 @@ void make_dir(const std::string& dir) {
   if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) {
     throw Error("MPS: cannot create directory " + dir + ": " + std::strerror(errno));
   }
+}
+
+// Our own files about the daemon live beside its pipe directory, not in it: "<pipe dir>.pi0",
+// mode 0700, used only if it is a directory of ours (under a shared /tmp another user could have
+// made it). Empty where it is not usable.
+std::string state_dir(const MpsOptions& o) {
+  const std::string dir = o.pipe_dir + ".pi0";
+  if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) return {};
+  struct stat st {};
+  if (::lstat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode) || st.st_uid != ::geteuid() ||
+      (st.st_mode & 0077) != 0)
+    return {};
+  return dir;
+}
+
+// Every pi0 run that uses the daemon holds a shared lock on this file; the one that can turn its
+// lock exclusive when it ends is the last user.
+std::string users_lock_path(const std::string& dir) {
+  return dir + "/users.lock";
+}
+// Present while the daemon answering on the pipe directory is one a pi0 run started (holds that
+// run's pid).
+std::string started_marker_path(const std::string& dir) {
+  return dir + "/started-by-run";
+}
+
+// The shared lock, taken before looking for a daemon so that a run ending meanwhile sees us; -1
+// (and a warning) where it cannot be taken: then a run quits only a daemon it started itself.
+int take_users_lock(const std::string& dir, const MpsOptions& o) {
+  const int fd =
+      dir.empty() ? -1 : ::open(users_lock_path(dir).c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (fd < 0 || ::flock(fd, LOCK_SH) != 0) {
+    spdlog::warn(
+        "MPS: cannot lock {}.pi0/users.lock: a run that shares this daemon may quit it "
+        "under us",
+        o.pipe_dir);
+    if (fd >= 0) ::close(fd);
+    return -1;
+  }
+  return fd;
 }
 
 }  // namespace
@@ -43,6 +87,8 @@ MpsDaemon MpsDaemon::start_or_adopt(const MpsOptions& o) {
                 "without MPS");
   MpsDaemon daemon;
   daemon.options_ = o;
+  daemon.state_dir_ = state_dir(o);
+  daemon.users_fd_ = take_users_lock(daemon.state_dir_, o);
   if (mps_daemon_answers(o)) {
     daemon.active_ = true;
     spdlog::info("MPS: adopted the control daemon already running on {} (it stays running)",
@@ -51,6 +97,9 @@ MpsDaemon MpsDaemon::start_or_adopt(const MpsOptions& o) {
   }
   make_dir(o.pipe_dir);
   make_dir(o.log_dir);
+  // No daemon answers, so a mark left here is stale (its run was killed, or the daemon quit by
+  // other means): the one this start may make is the only one to trust.
+  if (!daemon.state_dir_.empty()) ::unlink(started_marker_path(daemon.state_dir_).c_str());
   const CommandResult started = run_command(o.control_program, {"-d"}, mps_client_environment(o),
                                             "", std::chrono::milliseconds(o.timeout));
   // Before the check: `-d` may have started a daemon and still timed out, and then it is ours
@@ -74,6 +123,8 @@ MpsDaemon MpsDaemon::start_or_adopt(const MpsOptions& o) {
               "MPS: the control daemon started but does not answer on " + o.pipe_dir);
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
+  if (!daemon.state_dir_.empty())
+    std::ofstream(started_marker_path(daemon.state_dir_)) << ::getpid() << "\n";
   spdlog::info("MPS: started the control daemon (pipe {}, log {})", o.pipe_dir, o.log_dir);
   return daemon;
 }
@@ -88,6 +139,8 @@ MpsDaemon& MpsDaemon::operator=(MpsDaemon&& other) noexcept {
     options_ = other.options_;
     active_ = std::exchange(other.active_, false);
     started_here_ = std::exchange(other.started_here_, false);
+    users_fd_ = std::exchange(other.users_fd_, -1);
+    state_dir_ = std::move(other.state_dir_);
   }
   return *this;
 }
@@ -97,28 +150,48 @@ MpsDaemon::~MpsDaemon() {
 }
 
 void MpsDaemon::stop() noexcept {
-  if (!active_) return;
+  if (!active_) {
+    if (users_fd_ >= 0) ::close(users_fd_);  // a start that failed before it began
+    users_fd_ = -1;
+    return;
+  }
   active_ = false;
-  if (!started_here_) return;
+  // Our shared lock turns exclusive only if no other run holds one (Linux drops ours either way).
+  const bool last_user = users_fd_ < 0 || ::flock(users_fd_, LOCK_EX | LOCK_NB) == 0;
+  const bool started_by_pi0 =
+      started_here_ ||
+      (users_fd_ >= 0 && ::access(started_marker_path(state_dir_).c_str(), F_OK) == 0);
   try {
-    send_command(options_, "quit");
-    const auto deadline = std::chrono::steady_clock::now() + options_.timeout;
-    bool answers = mps_daemon_answers(options_);
-    while (answers && std::chrono::steady_clock::now() < deadline) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-      answers = mps_daemon_answers(options_);
-    }
-    if (answers) {
-      spdlog::warn(
-          "MPS: the control daemon we started still answers on {} after `quit`; stop it "
-          "with scripts/stop_mps.sh",
+    if (started_by_pi0 && !last_user) {
+      spdlog::info(
+          "MPS: left the control daemon on {} running: another run uses it, and the last "
+          "one quits it",
           options_.pipe_dir);
-    } else {
-      spdlog::info("MPS: stopped the control daemon we started");
+    } else if (started_by_pi0) {
+      send_command(options_, "quit");
+      const auto deadline = std::chrono::steady_clock::now() + options_.timeout;
+      bool answers = mps_daemon_answers(options_);
+      while (answers && std::chrono::steady_clock::now() < deadline) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        answers = mps_daemon_answers(options_);
+      }
+      if (answers) {
+        spdlog::warn(
+            "MPS: the control daemon on {} still answers after `quit`; stop it with "
+            "scripts/stop_mps.sh",
+            options_.pipe_dir);
+      } else {
+        if (!state_dir_.empty()) ::unlink(started_marker_path(state_dir_).c_str());
+        spdlog::info(started_here_ ? "MPS: stopped the control daemon we started"
+                                   : "MPS: stopped the control daemon another run started, as its "
+                                     "last user");
+      }
     }
   } catch (...) {
     // Nothing sensible to do while unwinding; the daemon may outlive us.
   }
+  if (users_fd_ >= 0) ::close(users_fd_);  // and with it our lock
+  users_fd_ = -1;
 }
 
 }  // namespace pi0

@@ -1,6 +1,8 @@
-// The CUDA MPS control daemon: adopted when one already answers on the pipe directory (and then
-// left running), otherwise started with `nvidia-cuda-mps-control -d` and told to quit when its
-// owner goes away.
+// The CUDA MPS control daemon: adopted when one already answers on the pipe directory, otherwise
+// started with `nvidia-cuda-mps-control -d`. A daemon a pi0 run started is told to quit by the
+// last pi0 run that uses it (each holds a shared lock on a file in "<pipe dir>.pi0", and the
+// starter leaves a mark there); one started otherwise (by hand, by scripts/start_mps.sh) is left
+// running.
 #pragma once
 
 #include <chrono>
@@ -34,18 +36,21 @@ class MpsDaemon {
   MpsDaemon& operator=(MpsDaemon&& other) noexcept;
   MpsDaemon(const MpsDaemon&) = delete;
   MpsDaemon& operator=(const MpsDaemon&) = delete;
-  ~MpsDaemon();  // sends `quit` only if we started it; never throws
+  ~MpsDaemon();  // stop(); never throws
 
   bool active() const { return active_; }
   bool started_here() const { return started_here_; }
   const MpsOptions& options() const { return options_; }
-  // Sends `quit` now (if we started it) and waits until the daemon stops answering.
+  // Ends our use: if a pi0 run started the daemon and no other pi0 run uses it, sends `quit` and
+  // waits until it stops answering; otherwise leaves it running.
   void stop() noexcept;
 
  private:
   MpsOptions options_;
   bool active_ = false;
   bool started_here_ = false;
+  int users_fd_ = -1;      // the shared lock held while we use the daemon (-1: none could be taken)
+  std::string state_dir_;  // "<pipe dir>.pi0", where the lock and the starter's mark live
 };
 
 }  // namespace pi0

@@ -495,6 +495,10 @@ void Pipeline::stop_workers() {
       continue;
     }
     if (!workers_healthy(false)) fail();
+    if (g_stop_count.load() >= 2) {
+      failure_ = "stopped by a second signal while the workers were stopping";
+      fail();
+    }
     PI0_CHECK(Clock::now() < deadline, "the workers did not stop within 30 s");
     std::this_thread::sleep_for(poll);
   }

@@ -426,8 +426,10 @@ int main(int argc, char** argv) {
   std::string handover;
   std::vector<std::string> case_specs;
   app.add_option("--model", model, "model config (pi0, pi0-1l, pi0-2l, tiny)");
-  app.add_option("--iters", iters, "timed inferences per shape (>= 200 for the report)");
-  app.add_option("--warmup", warmup, "untimed inferences after graph capture");
+  app.add_option("--iters", iters, "timed inferences per shape (>= 200 for the report)")
+      ->check(CLI::Range(1, 1000000));
+  app.add_option("--warmup", warmup, "untimed inferences after graph capture")
+      ->check(CLI::Range(0, 1000000));
   app.add_option("--json", json_path, "write the figures to this file");
   app.add_flag("--autotune", autotune, "time cuBLASLt candidates per GEMM at construction");
   app.add_flag("--autotune-decoder", autotune_decoder, "the same for the decoder's GEMMs only");
@@ -452,7 +454,14 @@ int main(int argc, char** argv) {
       ->check([](const std::string& v) {
         return is_valid_log_level(v) ? std::string() : "unknown log level '" + v + "'";
       });
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::fprintf(stderr, "pi0_bench: error: %s\n", e.what());
+    return 2;
+  }
   init_logging("pi0_bench", log_level);
   if ((!write_gemm_table.empty() || autotune_wide || autotune_inplace) && !autotune &&
       !autotune_decoder) {
@@ -477,7 +486,9 @@ int main(int argc, char** argv) {
         char comma1 = 0, comma2 = 0;
         std::istringstream in(spec);
         in >> c.views >> comma1 >> c.chunk >> comma2 >> c.prompt;
-        PI0_CHECK(in && comma1 == ',' && comma2 == ',', "--case wants V,C,P, got '" + spec + "'");
+        const bool parsed = in && comma1 == ',' && comma2 == ',';
+        in >> std::ws;
+        PI0_CHECK(parsed && in.eof(), "--case wants V,C,P, got '" + spec + "'");
         cases.push_back(c);
       }
     }

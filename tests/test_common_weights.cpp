@@ -317,8 +317,8 @@ TEST_CASE("loading a file with wrong tensors fails clearly", "[common]") {
   SECTION("wrong dtype") {
     write_edited(file.path, store,
                  [](std::vector<Entry>& e) { find_entry(e, "vision_attn_o_b").dtype = "F16"; });
-    REQUIRE(
-        contains(load_error(file.path, c), "tensor vision_attn_o_b has dtype F16, expected BF16"));
+    REQUIRE(contains(load_error(file.path, c),
+                     "tensor vision_attn_o_b has dtype \"F16\", expected BF16"));
   }
   SECTION("missing tensor") {
     write_edited(file.path, store,
@@ -367,14 +367,40 @@ TEST_CASE("loading a file with wrong tensors fails clearly", "[common]") {
       extra.dtype = "F32";
       e.push_back(extra);
     });
-    REQUIRE(
-        contains(load_error(file.path, c), "some_other_tensor is not a tensor of model 'tiny'"));
+    REQUIRE(contains(load_error(file.path, c),
+                     "\"some_other_tensor\" is not a tensor of model 'tiny'"));
   }
   // JSON keeps the last of two equal names: which entry was meant is unknowable.
   SECTION("a tensor named twice") {
     write_edited(file.path, store,
                  [](std::vector<Entry>& e) { e.push_back(find_entry(e, "vision_final_norm_b")); });
-    REQUIRE(contains(load_error(file.path, c), "vision_final_norm_b is named twice"));
+    REQUIRE(contains(load_error(file.path, c), "tensor \"vision_final_norm_b\" is named twice"));
+  }
+  SECTION("a field of one entry given twice") {
+    write_edited(file.path, store, [](std::vector<Entry>& e) {
+      find_entry(e, "vision_final_norm_b").dtype = "F32\",\"dtype\":\"BF16";  // the last wins
+    });
+    REQUIRE(contains(load_error(file.path, c),
+                     "tensor \"vision_final_norm_b\" has its field \"dtype\" twice"));
+  }
+  // Names and values from the file reach the error line escaped: no line break, no terminal code.
+  SECTION("a name with control characters") {
+    write_edited(file.path, store, [](std::vector<Entry>& e) {
+      Entry extra = e.front();
+      extra.name = "evil\\nline two\\u001b[31mRED";
+      e.push_back(extra);
+    });
+    const std::string msg = load_error(file.path, c);
+    INFO(msg);
+    CHECK(contains(msg, "\"evil\\nline two\\u001b[31mRED\" is not a tensor"));
+    CHECK(msg.find('\n') == std::string::npos);
+    CHECK(msg.find('\x1b') == std::string::npos);
+  }
+  SECTION("a header nested deeper than safetensors nests") {
+    write_edited(file.path, store, [](std::vector<Entry>& e) {
+      find_entry(e, "vision_final_norm_b").shape = std::string(40, '[') + std::string(40, ']');
+    });
+    REQUIRE(contains(load_error(file.path, c), "header nests deeper than a safetensors header"));
   }
   SECTION("two tensors over the same bytes") {
     write_edited(file.path, store, [](std::vector<Entry>& e) {
@@ -403,6 +429,13 @@ TEST_CASE("loading a file with wrong tensors fails clearly", "[common]") {
     });
     REQUIRE(contains(load_error(file.path, c), "language_embeds has 5000 rows"));
   }
+  SECTION("a prompt length past int64") {
+    write_edited(file.path, store, [](std::vector<Entry>& e) {
+      std::string& shape = find_entry(e, "language_embeds").shape;
+      shape = "[18446744073709551615" + shape.substr(shape.find(','));
+    });
+    REQUIRE(contains(load_error(file.path, c), "language_embeds has 18446744073709551615 rows"));
+  }
 }
 
 TEST_CASE("weights files that are not what they seem fail without hanging or exhausting memory",
@@ -423,6 +456,16 @@ TEST_CASE("weights files that are not what they seem fail without hanging or exh
     write_bytes(file.path, length);
     fs::resize_file(file.path, 8 + header_len);
     REQUIRE(contains(load_error(file.path, c), "over the 100000000 bytes safetensors allows"));
+  }
+  SECTION("a header that is a deep run of brackets") {
+    // 20 MB of '[': parsed to the end, it would take gigabytes; refused at the fourth level.
+    TempFile file("deepheader");
+    const std::string header = "{\"a\":" + std::string(20'000'000, '[');
+    std::string length(8, '\0');
+    for (int i = 0; i < 8; ++i)
+      length[i] = static_cast<char>((uint64_t{header.size()} >> (8 * i)) & 0xff);
+    write_bytes(file.path, length + header);
+    REQUIRE(contains(load_error(file.path, c), "header nests deeper than a safetensors header"));
   }
 }
 

@@ -199,6 +199,12 @@ std::pair<uint64_t, uint64_t> data_range(const nlohmann::json& offsets, const st
   return {offsets[0].get<uint64_t>(), offsets[1].get<uint64_t>()};
 }
 
+// Text from the file, for an error line: quoted, with control characters and anything but
+// printable ASCII escaped, so that a name cannot break the line or drive the terminal.
+std::string escaped(const std::string& text) {
+  return nlohmann::json(text).dump(-1, ' ', true, nlohmann::json::error_handler_t::replace);
+}
+
 // The spec's "load exactly these, reject anything else": every entry is one of the model's
 // tensors (or the format's __metadata__), and their data ranges tile the data section, with no
 // overlap, gap or trailing bytes. The entries' own checks (dtype, shape, size) come first, per
@@ -211,7 +217,7 @@ void check_layout(const nlohmann::json& header, const ModelConfig& config, const
   for (const auto& [name, entry] : header.items()) {
     if (name == "__metadata__") continue;
     if (!known.count(name))
-      err.fail("tensor " + name + " is not a tensor of model '" + config.name + "'");
+      err.fail("tensor " + escaped(name) + " is not a tensor of model '" + config.name + "'");
     const auto offsets = entry.is_object() ? entry.find("data_offsets") : entry.end();
     if (offsets == entry.end()) err.fail("tensor " + name + " data_offsets is not [begin, end]");
     ranges.push_back(data_range(*offsets, name, err));
@@ -280,26 +286,42 @@ WeightStore WeightStore::load_safetensors(const std::string& path, const ModelCo
   const size_t data_size = file_size - 8 - header_len;
 
   nlohmann::json header;
-  // JSON lets a name repeat and the parser keeps the last: a file that names a tensor twice is
-  // ambiguous, and refused.
-  std::set<std::string> names;
-  std::string repeated;
+  // JSON lets a name repeat and the parser keeps the last: a file that names a tensor twice, or a
+  // field of one entry twice, is ambiguous, and refused. And a safetensors header nests three
+  // levels deep (the object, an entry, its shape): deeper is no such header, and parsing a deep
+  // one (a 100 MB run of '[') would take gigabytes.
+  constexpr int kMaxHeaderDepth = 3;
+  struct TooDeep {};
+  std::set<std::string> names, fields;
+  std::string entry, repeated;
   const auto note_repeats = [&](int depth, nlohmann::json::parse_event_t event,
                                 nlohmann::json& parsed) {
-    if (depth == 1 && event == nlohmann::json::parse_event_t::key && parsed.is_string() &&
-        !names.insert(parsed.get<std::string>()).second && repeated.empty())
-      repeated = parsed.get<std::string>();
+    using Event = nlohmann::json::parse_event_t;
+    if ((event == Event::object_start || event == Event::array_start) && depth >= kMaxHeaderDepth)
+      throw TooDeep{};
+    if (event == Event::object_start && depth == 1) fields.clear();
+    if (event != Event::key || !parsed.is_string() || !repeated.empty()) return true;
+    const std::string key = parsed.get<std::string>();
+    if (depth == 1) {
+      entry = key;
+      if (!names.insert(key).second) repeated = "tensor " + escaped(key) + " is named twice";
+    } else if (depth == 2 && !fields.insert(key).second) {
+      repeated = "tensor " + escaped(entry) + " has its field " + escaped(key) + " twice";
+    }
     return true;
   };
   try {
     header = nlohmann::json::parse(header_text, header_text + header_len, note_repeats);
+  } catch (const TooDeep&) {
+    err.fail("header nests deeper than a safetensors header (" + std::to_string(kMaxHeaderDepth) +
+             " levels)");
   } catch (const nlohmann::json::exception&) {
     err.fail("header is not valid JSON");
   } catch (const std::bad_alloc&) {
     err.fail("header is too large to parse");
   }
   if (!header.is_object()) err.fail("header is not a JSON object");
-  if (!repeated.empty()) err.fail("tensor " + repeated + " is named twice in the header");
+  if (!repeated.empty()) err.fail(repeated + " in the header");
 
   // language_embeds' first dimension is the prompt length, whatever it is.
   int prompt_len = 0;
@@ -308,11 +330,15 @@ WeightStore WeightStore::load_safetensors(const std::string& path, const ModelCo
     if (it != header.end() && it->is_object() && it->contains("shape") &&
         (*it)["shape"].is_array() && !(*it)["shape"].empty() &&
         (*it)["shape"][0].is_number_integer()) {
-      const int64_t p = (*it)["shape"][0].get<int64_t>();
-      if (p < 0 || p > kMaxPromptLen)
-        err.fail("tensor language_embeds has " + std::to_string(p) +
-                 " rows, expected a prompt of 0.." + std::to_string(kMaxPromptLen) + " tokens");
-      prompt_len = static_cast<int>(p);
+      const nlohmann::json& rows = (*it)["shape"][0];
+      // As written: 2^64 - 1 read as int64 would be -1.
+      const bool in_range = rows.is_number_unsigned()
+                                ? rows.get<uint64_t>() <= kMaxPromptLen
+                                : rows.get<int64_t>() >= 0 && rows.get<int64_t>() <= kMaxPromptLen;
+      if (!in_range)
+        err.fail("tensor language_embeds has " + rows.dump() + " rows, expected a prompt of 0.." +
+                 std::to_string(kMaxPromptLen) + " tokens");
+      prompt_len = static_cast<int>(rows.get<int64_t>());
     }
   }
   store.prompt_len_ = prompt_len;
@@ -338,7 +364,8 @@ WeightStore WeightStore::load_safetensors(const std::string& path, const ModelCo
     } catch (const nlohmann::json::exception& e) {
       err.fail("tensor " + name + " has a malformed header entry (" + e.what() + ")");
     }
-    if (dtype != "BF16") err.fail("tensor " + name + " has dtype " + dtype + ", expected BF16");
+    if (dtype != "BF16")
+      err.fail("tensor " + name + " has dtype " + escaped(dtype) + ", expected BF16");
     const bool shape_ok =
         name == "language_embeds"
             ? shape.size() == 2 && shape[0] == spec.shape[0] && shape[1] == spec.shape[1]

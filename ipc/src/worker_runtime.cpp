@@ -143,6 +143,10 @@ WorkerOptions parse_worker_arguments(Role role, int argc, char** argv) {
   app.add_option("--wait", o.wait)->check(CLI::IsMember({"sleep", "adaptive", "spin"}));
   try {
     app.parse(argc, argv);
+  } catch (const CLI::CallForHelp&) {
+    throw Error(std::string(role_name(role)) +
+                ": started by the orchestrator, which passes its arguments; see orchestrator "
+                "--help");
   } catch (const CLI::ParseError& e) {
     throw Error(std::string(role_name(role)) + ": bad arguments: " + e.what());
   }

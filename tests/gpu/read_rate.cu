@@ -46,6 +46,55 @@ __global__ void spin_kernel(uint64_t ns) {
   } while (now - start < ns);
 }
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// The mbarrier and bulk-copy steps of both bulk kernels (sm_90 PTX).
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void barrier_init(uint32_t bar, uint32_t arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(arrivals) : "memory");
+}
+
+// This thread's arrival on `bar`, announcing `bytes` that copies will bring in this phase.
+__device__ __forceinline__ void barrier_expect(uint32_t bar, int bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+
+// Waits until the phase of `parity` completes; kCluster: also acquires what other CTAs of the
+// cluster released onto it.
+template <bool kCluster>
+__device__ __forceinline__ void barrier_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done) {
+    if constexpr (kCluster)
+      asm volatile(
+          "{ .reg .pred p; mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2; "
+          "selp.u32 %0, 1, 0, p; }"
+          : "=r"(done)
+          : "r"(bar), "r"(parity)
+          : "memory");
+    else
+      asm volatile(
+          "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; "
+          "selp.u32 %0, 1, 0, p; }"
+          : "=r"(done)
+          : "r"(bar), "r"(parity)
+          : "memory");
+  }
+}
+
+// `bytes` from global `src` into this CTA's shared memory at `dst`, completing on `bar`.
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const char* src, int bytes, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
+          "r"(dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+}
+#endif
+
 __global__ void __launch_bounds__(kBulkThreads)
     read_bulk_kernel(const char* src, size_t per_block, int passes, int stages, int chunk,
                      uint32_t* sink) {
@@ -55,20 +104,14 @@ __global__ void __launch_bounds__(kBulkThreads)
   const char* base = src + blockIdx.x * per_block;
   const int chunks = static_cast<int>(per_block / chunk);
   const int total = chunks * passes;
-  const uint32_t buf = static_cast<uint32_t>(__cvta_generic_to_shared(stage_bytes));
-  auto bar = [&](int s) { return static_cast<uint32_t>(__cvta_generic_to_shared(&full[s])); };
+  const uint32_t buf = shared_address(stage_bytes);
+  auto bar = [&](int s) { return shared_address(&full[s]); };
   auto issue = [&](int j, int s) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar(s)), "r"(chunk)
-                 : "memory");
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
-            "r"(buf + s * chunk),
-        "l"(base + static_cast<size_t>(j % chunks) * chunk), "r"(chunk), "r"(bar(s))
-        : "memory");
+    barrier_expect(bar(s), chunk);
+    bulk_copy(buf + s * chunk, base + static_cast<size_t>(j % chunks) * chunk, chunk, bar(s));
   };
   if (threadIdx.x == 0) {
-    for (int s = 0; s < stages; ++s)
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar(s)) : "memory");
+    for (int s = 0; s < stages; ++s) barrier_init(bar(s), 1);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     for (int j = 0; j < stages && j < total; ++j) issue(j, j);
   }
@@ -76,15 +119,7 @@ __global__ void __launch_bounds__(kBulkThreads)
   uint32_t x = 0;
   for (int j = 0; j < total; ++j) {
     const int s = j % stages;
-    const uint32_t parity = static_cast<uint32_t>(j / stages) & 1u;
-    uint32_t done = 0;
-    while (!done)
-      asm volatile(
-          "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; "
-          "selp.u32 %0, 1, 0, p; }"
-          : "=r"(done)
-          : "r"(bar(s)), "r"(parity)
-          : "memory");
+    barrier_wait<false>(bar(s), static_cast<uint32_t>(j / stages) & 1u);
     x ^= reinterpret_cast<const uint32_t*>(stage_bytes + s * chunk)[threadIdx.x % (chunk / 4)];
     __syncthreads();  // every thread has read stage s before it is refilled
     if (threadIdx.x == 0 && j + stages < total) {
@@ -125,26 +160,11 @@ __global__ void __launch_bounds__(kBulkThreads)
   const int chunks = static_cast<int>(per_cluster / chunk);
   const int total = chunks * passes;
   const uint16_t all = static_cast<uint16_t>((1u << size) - 1u);
-  const uint32_t buf = static_cast<uint32_t>(__cvta_generic_to_shared(stage_bytes));
-  auto full_bar = [&](int s) { return static_cast<uint32_t>(__cvta_generic_to_shared(&full[s])); };
-  auto empty_bar = [&](int s) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(&empty[s]));
-  };
-  auto wait = [](uint32_t bar, uint32_t parity) {
-    uint32_t done = 0;
-    while (!done)
-      asm volatile(
-          "{ .reg .pred p; mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2; "
-          "selp.u32 %0, 1, 0, p; }"
-          : "=r"(done)
-          : "r"(bar), "r"(parity)
-          : "memory");
-  };
-  auto expect = [&](int s) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(full_bar(s)),
-                 "r"(chunk)
-                 : "memory");
-  };
+  const uint32_t buf = shared_address(stage_bytes);
+  auto full_bar = [&](int s) { return shared_address(&full[s]); };
+  auto empty_bar = [&](int s) { return shared_address(&empty[s]); };
+  auto wait = [](uint32_t bar, uint32_t parity) { barrier_wait<true>(bar, parity); };
+  auto expect = [&](int s) { barrier_expect(full_bar(s), chunk); };
   auto issue = [&](int j, int s) {
     const char* from = base + static_cast<size_t>(j % chunks) * chunk;
     if constexpr (kMulticast)
@@ -154,17 +174,12 @@ __global__ void __launch_bounds__(kBulkThreads)
           "l"(from), "r"(chunk), "r"(full_bar(s)), "h"(all)
           : "memory");
     else
-      asm volatile(
-          "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, "
-          "[%3];" ::"r"(buf + s * chunk),
-          "l"(from), "r"(chunk), "r"(full_bar(s))
-          : "memory");
+      bulk_copy(buf + s * chunk, from, chunk, full_bar(s));
   };
   if (threadIdx.x == 0) {
     for (int s = 0; s < stages; ++s) {
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(full_bar(s)) : "memory");
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(empty_bar(s)), "r"(size)
-                   : "memory");
+      barrier_init(full_bar(s), 1);
+      barrier_init(empty_bar(s), static_cast<uint32_t>(size));
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }

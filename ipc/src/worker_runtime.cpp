@@ -96,6 +96,14 @@ bool segment_orphaned(int parent_pid) {
   return false;
 }
 
+// With the orchestrator gone nobody else is left to remove its control segment.
+void remove_segment_if_orphaned(const std::string& control_name, int parent_pid) {
+  if (control_name.empty() || parent_pid <= 0 || !segment_orphaned(parent_pid)) return;
+  if (SharedSegment::remove(control_name)) {
+    spdlog::warn("orchestrator (pid {}) is gone; removed its control segment", parent_pid);
+  }
+}
+
 }  // namespace
 
 std::vector<std::string> worker_arguments(const WorkerOptions& o) {
@@ -197,8 +205,7 @@ void WorkerRuntime::watch_startup() {
     if (!g_parent_died.load() && !ipc::orchestrator_gone(options_.parent_pid)) continue;
     spdlog::warn("the orchestrator (pid {}) died while this worker was starting; exiting",
                  options_.parent_pid);
-    if (segment_orphaned(options_.parent_pid) && SharedSegment::remove(options_.control_name))
-      spdlog::warn("removed its control segment");
+    remove_segment_if_orphaned(options_.control_name, options_.parent_pid);
     spdlog::default_logger()->flush();
     // The main thread is somewhere in loading, which has no way out: end the process here.
     ::_exit(1);
@@ -322,13 +329,7 @@ int run_worker_main(Role role, int argc, char** argv, int (*body)(WorkerRuntime&
   }
   std::string control_name;
   int parent = 0;
-  // With the orchestrator gone nobody else is left to remove its control segment.
-  const auto remove_if_orphaned = [&] {
-    if (control_name.empty() || parent <= 0 || !segment_orphaned(parent)) return;
-    if (SharedSegment::remove(control_name)) {
-      spdlog::warn("orchestrator (pid {}) is gone; removed its control segment", parent);
-    }
-  };
+  const auto remove_if_orphaned = [&] { remove_segment_if_orphaned(control_name, parent); };
   try {
     const WorkerOptions options = parse_worker_arguments(role, argc, argv);
     control_name = options.control_name;

@@ -358,25 +358,23 @@ void Pipeline::feed(std::vector<float>* actions) {
     return t_start + std::chrono::duration_cast<Clock::duration>(
                          std::chrono::duration<double>(static_cast<double>(frame) / o.rate_hz));
   };
-  bool stopping = false;
-
+  // report_.interrupted: a signal was seen, and the loop drains what is in flight, then stops.
   while (true) {
     if (const int stops = g_stop_count.load(); stops != stops_seen) {
       stops_seen = stops;
-      if (stopping) {
+      if (report_.interrupted) {
         failure_ = fmt::format("stopped by a second signal ({}) with {} frame(s) in flight",
                                g_stop_signal.load(), in_flight);
         fail();
       }
-      stopping = true;
       report_.interrupted = true;
       spdlog::warn(
           "signal {} received: draining {} frame(s) in flight, then stopping (a second signal "
           "stops at once)",
           g_stop_signal.load(), in_flight);
     }
-    while (!stopping && next < total && in_flight < max_in_flight && !free_inputs.empty() &&
-           (o.rate_hz <= 0 || Clock::now() >= arrival(next))) {
+    while (!report_.interrupted && next < total && in_flight < max_in_flight &&
+           !free_inputs.empty() && (o.rate_hz <= 0 || Clock::now() >= arrival(next))) {
       const uint32_t slot = free_inputs.back();
       free_inputs.pop_back();
       const FrameInputs& in = inputs[next % distinct];
@@ -408,7 +406,7 @@ void Pipeline::feed(std::vector<float>* actions) {
       ++in_flight;
     }
     if (in_flight == 0) {
-      if (stopping || next >= total) break;
+      if (report_.interrupted || next >= total) break;
       // Open loop and idle: sleep until the next frame arrives, watching the workers.
       if (!workers_healthy(false)) fail();
       check_run_deadline(next, total);
@@ -416,7 +414,7 @@ void Pipeline::feed(std::vector<float>* actions) {
       continue;
     }
     auto deadline = ipc::WorkerRuntime::after(o.frame_timeout_s);
-    const bool waiting_to_submit = !stopping && o.rate_hz > 0 && next < total &&
+    const bool waiting_to_submit = !report_.interrupted && o.rate_hz > 0 && next < total &&
                                    in_flight < max_in_flight && !free_inputs.empty();
     if (waiting_to_submit) deadline = std::min(deadline, arrival(next));
     const bool run_deadline_first = run_deadline_ < deadline;

@@ -150,48 +150,48 @@ MpsDaemon::~MpsDaemon() {
 }
 
 void MpsDaemon::stop() noexcept {
-  if (!active_) {
-    if (users_fd_ >= 0) ::close(users_fd_);  // a start that failed before it began
-    users_fd_ = -1;
-    return;
-  }
+  if (active_) end_use();
   active_ = false;
+  if (users_fd_ >= 0) ::close(users_fd_);  // and with it our lock
+  users_fd_ = -1;
+}
+
+void MpsDaemon::end_use() noexcept {
   // Our shared lock turns exclusive only if no other run holds one (Linux drops ours either way).
   const bool last_user = users_fd_ < 0 || ::flock(users_fd_, LOCK_EX | LOCK_NB) == 0;
   const bool started_by_pi0 =
       started_here_ ||
       (users_fd_ >= 0 && ::access(started_marker_path(state_dir_).c_str(), F_OK) == 0);
+  if (!started_by_pi0) return;
   try {
-    if (started_by_pi0 && !last_user) {
+    if (!last_user) {
       spdlog::info(
           "MPS: left the control daemon on {} running: another run uses it, and the last "
           "one quits it",
           options_.pipe_dir);
-    } else if (started_by_pi0) {
-      send_command(options_, "quit");
-      const auto deadline = std::chrono::steady_clock::now() + options_.timeout;
-      bool answers = mps_daemon_answers(options_);
-      while (answers && std::chrono::steady_clock::now() < deadline) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(50));
-        answers = mps_daemon_answers(options_);
-      }
-      if (answers) {
-        spdlog::warn(
-            "MPS: the control daemon on {} still answers after `quit`; stop it with "
-            "scripts/stop_mps.sh",
-            options_.pipe_dir);
-      } else {
-        if (!state_dir_.empty()) ::unlink(started_marker_path(state_dir_).c_str());
-        spdlog::info(started_here_ ? "MPS: stopped the control daemon we started"
-                                   : "MPS: stopped the control daemon another run started, as its "
-                                     "last user");
-      }
+      return;
     }
+    send_command(options_, "quit");
+    const auto deadline = std::chrono::steady_clock::now() + options_.timeout;
+    bool answers = mps_daemon_answers(options_);
+    while (answers && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      answers = mps_daemon_answers(options_);
+    }
+    if (answers) {
+      spdlog::warn(
+          "MPS: the control daemon on {} still answers after `quit`; stop it with "
+          "scripts/stop_mps.sh",
+          options_.pipe_dir);
+      return;
+    }
+    if (!state_dir_.empty()) ::unlink(started_marker_path(state_dir_).c_str());
+    spdlog::info(started_here_ ? "MPS: stopped the control daemon we started"
+                               : "MPS: stopped the control daemon another run started, as its "
+                                 "last user");
   } catch (...) {
     // Nothing sensible to do while unwinding; the daemon may outlive us.
   }
-  if (users_fd_ >= 0) ::close(users_fd_);  // and with it our lock
-  users_fd_ = -1;
 }
 
 }  // namespace pi0

@@ -46,6 +46,10 @@ class MpsDaemon {
   void stop() noexcept;
 
  private:
+  // stop()'s part while the daemon is in use: quit it if we are the last pi0 run using a daemon a
+  // pi0 run started.
+  void end_use() noexcept;
+
   MpsOptions options_;
   bool active_ = false;
   bool started_here_ = false;

@@ -331,14 +331,13 @@ WeightStore WeightStore::load_safetensors(const std::string& path, const ModelCo
         (*it)["shape"].is_array() && !(*it)["shape"].empty() &&
         (*it)["shape"][0].is_number_integer()) {
       const nlohmann::json& rows = (*it)["shape"][0];
-      // As written: 2^64 - 1 read as int64 would be -1.
-      const bool in_range = rows.is_number_unsigned()
-                                ? rows.get<uint64_t>() <= kMaxPromptLen
-                                : rows.get<int64_t>() >= 0 && rows.get<int64_t>() <= kMaxPromptLen;
+      // The parser keeps every non-negative integer unsigned, so a negative one is the only
+      // signed case; read as int64, 2^64 - 1 would be -1.
+      const bool in_range = rows.is_number_unsigned() && rows.get<uint64_t>() <= kMaxPromptLen;
       if (!in_range)
         err.fail("tensor language_embeds has " + rows.dump() + " rows, expected a prompt of 0.." +
                  std::to_string(kMaxPromptLen) + " tokens");
-      prompt_len = static_cast<int>(rows.get<int64_t>());
+      prompt_len = static_cast<int>(rows.get<uint64_t>());
     }
   }
   store.prompt_len_ = prompt_len;

@@ -23,15 +23,32 @@ export PI0_BUILD_DIR="${PI0_BUILD_DIR:-$ROOT/build-gpu}"
 export PI0_CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90a ${PI0_CMAKE_ARGS:-}"
 want() { [[ " ${STEPS[*]} " == *" $1 "* ]]; }
 
-# An MPS daemon left running by a step that failed half-way must not outlive this script.
-cleanup() { echo quit | nvidia-cuda-mps-control >/dev/null 2>&1 || true; }
+# Every step but the build needs the GPU, and the test and sweep steps the MPS control program.
+if [[ " ${STEPS[*]} " != " build " ]]; then
+  if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then
+    echo "gpu_check: no NVIDIA GPU or driver here (nvidia-smi missing or failing)" >&2
+    exit 1
+  fi
+  if { want tests || want sweep; } && ! command -v nvidia-cuda-mps-control >/dev/null; then
+    echo "gpu_check: nvidia-cuda-mps-control not found (it ships with the NVIDIA driver)" >&2
+    exit 1
+  fi
+fi
+# A daemon that answers now is someone else's and is left running; one a step started and left
+# behind when it failed half-way must not outlive this script.
+daemon_before=0
+echo get_server_list | nvidia-cuda-mps-control >/dev/null 2>&1 && daemon_before=1
+cleanup() {
+  [ "$daemon_before" = 1 ] || echo quit | nvidia-cuda-mps-control >/dev/null 2>&1 || true
+}
 trap cleanup EXIT
+failed=0  # the exit status: 1 if any step failed
 
-nvidia-smi --query-gpu=name,memory.total,compute_mode,driver_version --format=csv,noheader
+nvidia-smi --query-gpu=name,memory.total,compute_mode,driver_version --format=csv,noheader 2>/dev/null
 # On an H100 every step (tests, benchmark, the workers of the sweep) reads the GEMM table tuned
 # for it, bench/gemm_table_h100.tsv, unless PI0_GEMM_TABLE is set (empty: no table).
 if [ -z "${PI0_GEMM_TABLE+x}" ] &&
-  [[ "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" == *H100* ]]; then
+  [[ "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)" == *H100* ]]; then
   export PI0_GEMM_TABLE="$ROOT/bench/gemm_table_h100.tsv"
 fi
 echo "gpu_check: GEMM table: ${PI0_GEMM_TABLE:-none}"
@@ -54,18 +71,28 @@ if want tests; then
   rc=$?
   grep -E "rel error|SMs|tests passed|Failed|FAILED" "$OUT_DIR/gpu_tests.log" | head -60
   status_tests="$(grep -E 'tests passed' "$OUT_DIR/gpu_tests.log" | tail -1) (rc $rc)"
+  # CTest counts a skipped test as passed; here a skip means the GPU path did not run.
+  skipped=$(grep -c '(Skipped)' "$OUT_DIR/gpu_tests.log")
+  [ "$skipped" -gt 0 ] && status_tests="$status_tests, $skipped of them SKIPPED"
+  [ "$rc" = 0 ] && [ "$skipped" = 0 ] || failed=1
   # The engines again as an MPS client with a 30% SM share: cuBLASLt chooses its algorithms by
   # the SM count it sees, so a split must not change the numerics beyond bf16 rounding.
   # Planned for the whole GPU, as the orchestrator has its workers do (PI0_GEMM_PLAN_SMS).
   # "[gpu]~[mps]", not "~[mps]": Catch2 2's exclusion-only filter also runs the hidden probes.
+  # Without a daemon the share would not apply and the pass would run on the whole GPU.
   device_sms="$("$BIN/pi0_bench" --sm-count)"
-  bash "$ROOT/scripts/start_mps.sh" >/dev/null
-  PI0_GEMM_PLAN_SMS="$device_sms" CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=30 \
-    "$PI0_BUILD_DIR/tests/pi0_gpu_tests" "[gpu]~[mps]" >"$OUT_DIR/gpu_tests_30pct.log" 2>&1
-  rc30=$?
-  bash "$ROOT/scripts/stop_mps.sh" >/dev/null
-  grep -E "FAILED|rel error [0-9.e+-]+$" "$OUT_DIR/gpu_tests_30pct.log" | grep -E "FAILED|e-0[01]" | head -20
-  status_tests="$status_tests; at a 30% MPS share: $(grep -E '^(test cases|All tests passed)' "$OUT_DIR/gpu_tests_30pct.log" | tail -1) (rc $rc30)"
+  if bash "$ROOT/scripts/start_mps.sh" >/dev/null; then
+    PI0_GEMM_PLAN_SMS="$device_sms" CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=30 \
+      "$PI0_BUILD_DIR/tests/pi0_gpu_tests" "[gpu]~[mps]" >"$OUT_DIR/gpu_tests_30pct.log" 2>&1
+    rc30=$?
+    [ "$daemon_before" = 1 ] || bash "$ROOT/scripts/stop_mps.sh" >/dev/null
+    grep -E "FAILED|rel error [0-9.e+-]+$" "$OUT_DIR/gpu_tests_30pct.log" | grep -E "FAILED|e-0[01]" | head -20
+    status_tests="$status_tests; at a 30% MPS share: $(grep -E '^(test cases|All tests passed)' "$OUT_DIR/gpu_tests_30pct.log" | tail -1) (rc $rc30)"
+    [ "$rc30" = 0 ] || failed=1
+  else
+    status_tests="$status_tests; the 30% MPS pass NOT RUN: the MPS daemon did not start"
+    failed=1
+  fi
 fi
 
 if want bench; then
@@ -73,6 +100,7 @@ if want bench; then
   rc=$?
   tail -30 "$OUT_DIR/bench.log"
   status_bench="rc $rc"
+  [ "$rc" = 0 ] || failed=1
   # Where the time goes (V=2), and the alternatives each left opt-in or opt-out, on this GPU.
   {
     "$BIN/pi0_bench" --case 2,63,0 --iters 50 --breakdown
@@ -107,7 +135,7 @@ fi
 
 if want gemm-sweep; then
   # Both skinny GEMM mainloops (mma.sync, wgmma) over every tile and split, on the decoder's shapes.
-  "$PI0_BUILD_DIR/tests/pi0_gpu_tests" "[.sweep]" >"$OUT_DIR/gemm_sweep.log" 2>&1
+  "$PI0_BUILD_DIR/tests/pi0_gpu_tests" "[.sweep]" >"$OUT_DIR/gemm_sweep.log" 2>&1 || failed=1
   grep -E "<- plan|failed" "$OUT_DIR/gemm_sweep.log"
 fi
 
@@ -118,6 +146,7 @@ if want sweep; then
     --plot "$OUT_DIR/sweep.svg" --log-level warn >"$OUT_DIR/sweep.log" 2>&1
   rc=$?
   status_sweep="rc $rc"
+  [ "$rc" = 0 ] || failed=1
   # Open loop at camera rates (the run's report goes to rates.log).
   : >"$OUT_DIR/rates.log"
   : >"$OUT_DIR/sequential.log"
@@ -161,6 +190,8 @@ echo "================ gpu_check summary ($(date -u +%FT%TZ)) ================"
 echo "GEMM table: ${PI0_GEMM_TABLE:-none}"
 echo "gpu tests : $status_tests"
 echo "benchmark : $status_bench"
-[ -f "$OUT_DIR/bench.log" ] && sed -n '/^== table/,$p' "$OUT_DIR/bench.log"
+# Only this run's tables: $OUT may hold an earlier run's logs.
+want bench && sed -n '/^== table/,$p' "$OUT_DIR/bench.log"
 echo "sweep     : $status_sweep"
-[ -f "$OUT_DIR/sweep.log" ] && sed -n '/^== split sweep/,$p' "$OUT_DIR/sweep.log"
+want sweep && sed -n '/^== split sweep/,$p' "$OUT_DIR/sweep.log"
+exit "$failed"

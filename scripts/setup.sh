@@ -36,12 +36,14 @@ pi0_find_cuda() {
   fi
 }
 
+# Each step returns on failure by itself: a caller's `if ! pi0_build` turns errexit off inside.
 pi0_build() {
-  pi0_install_dependencies
-  pi0_find_cuda
+  pi0_install_dependencies || return 1
+  pi0_find_cuda || return 1
   local jobs
   jobs="$(nproc 2>/dev/null || echo 2)"
   # shellcheck disable=SC2086
-  cmake -S "$PI0_ROOT" -B "$PI0_BUILD_DIR" -DCMAKE_BUILD_TYPE=Release ${PI0_CMAKE_ARGS:-} >/dev/null
+  cmake -S "$PI0_ROOT" -B "$PI0_BUILD_DIR" -DCMAKE_BUILD_TYPE=Release ${PI0_CMAKE_ARGS:-} \
+    >/dev/null || return 1
   cmake --build "$PI0_BUILD_DIR" -j "$jobs"
 }

@@ -4,7 +4,7 @@ set -euo pipefail
 export CUDA_MPS_PIPE_DIRECTORY="${CUDA_MPS_PIPE_DIRECTORY:-/tmp/nvidia-mps}"
 export CUDA_MPS_LOG_DIRECTORY="${CUDA_MPS_LOG_DIRECTORY:-/tmp/nvidia-mps-log}"
 control="${NVIDIA_MPS_CONTROL:-nvidia-cuda-mps-control}"
-command -v "$control" >/dev/null || { echo "stop_mps: $control not found; nothing to stop"; exit 0; }
+command -v "$control" >/dev/null || { echo "stop_mps: $control not found (it ships with the NVIDIA driver)" >&2; exit 1; }
 if echo get_server_list | "$control" >/dev/null 2>&1; then
   echo quit | "$control"
   for _ in $(seq 1 100); do

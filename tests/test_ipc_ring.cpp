@@ -370,10 +370,11 @@ TEST_CASE("with the spin policy a blocked pop never sleeps and keeps its deadlin
   CHECK(got == 42);
   CHECK(sleeping_seen == 0);
   // A sleeping waiter uses well under 0.1 ms of CPU in 200 ms; a spinning one uses what the
-  // scheduler gives it: tens of milliseconds on an idle core, a few on a saturated two-core
-  // machine (it yields every 256 spins; 2.6 ms seen with both cores busy).
+  // scheduler gives it: tens of milliseconds on an idle core, 0.4-0.9 ms on a two-core machine
+  // with six other busy processes (it yields every 256 spins). sleeping_seen above is the main
+  // check; this one tells a spinner from a sleeper that was never caught asleep.
   INFO("CPU used while spinning about 200 ms: " << waiter_cpu_ms.load() << " ms");
-  CHECK(waiter_cpu_ms.load() > 1.0);
+  CHECK(waiter_cpu_ms.load() > 0.2);
 
   // Deadline and dead peer, as with sleeping waits.
   Message m;

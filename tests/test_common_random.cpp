@@ -20,9 +20,16 @@ bool same_bits(const std::vector<pi0::Bf16>& a, const std::vector<pi0::Bf16>& b)
 }  // namespace
 
 TEST_CASE("counter random numbers are deterministic", "[common]") {
-  for (uint64_t i = 0; i < 1000; ++i) {
-    REQUIRE(pi0::counter_uniform(7, 3, i) == pi0::counter_uniform(7, 3, i));
-    REQUIRE(pi0::counter_normal(7, 3, i) == pi0::counter_normal(7, 3, i));
+  // Recorded once: every seeded figure (random weights, inputs, the bitwise tests against the
+  // reference) moves if these do. The uniforms are exact (24 integer bits); the normals go
+  // through libm's float log and cos, so they are held to a few ulp, not to the bit.
+  const float uniforms[] = {0.751968145f, 0.336063325f, 0.26602608f};
+  const float normals[] = {-0.859606147f, -0.623176515f, 0.40383482f};
+  for (uint64_t i = 0; i < 3; ++i) {
+    CHECK(pi0::counter_uniform(7, 3, i) == uniforms[i]);
+    const float normal = pi0::counter_normal(7, 3, i);
+    INFO("normal " << i << ": " << normal);
+    CHECK(std::fabs(normal - normals[i]) <= 1e-6f * std::fabs(normals[i]));
   }
   // Order of generation does not matter: a value is a function of its counter alone.
   const float late = pi0::counter_normal(1, 2, 999);

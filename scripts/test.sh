@@ -7,7 +7,20 @@ pi0_build
 cd "$PI0_BUILD_DIR"
 # Say up front why the [gpu] tests will show as Skipped (the runner prints the reason, exit 77).
 gpu_probe="$(./tests/pi0_gpu_tests "[none]" 2>&1 || true)"
+skip_reason=""
 if [[ "$gpu_probe" == SKIPPED* ]]; then
-  echo "test: $(ctest -N -L gpu | grep -c 'Test *#') [gpu] tests will be reported as Skipped: ${gpu_probe#SKIPPED: }"
+  skip_reason="${gpu_probe#SKIPPED: }"
+  echo "test: $(ctest -N -L gpu | grep -c 'Test *#') [gpu] tests will be reported as Skipped: $skip_reason"
 fi
-ctest --output-on-failure --timeout 600 "$@"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+status=0
+ctest --output-on-failure --timeout 600 "$@" | tee "$log" || status=$?
+# CTest's own summary counts a skipped test as passed; say it in one line, last.
+total="$(sed -n 's/.* tests failed out of \([0-9]*\)$/\1/p' "$log" | tail -1)"
+failed="$(sed -n 's/.* \([0-9]*\) tests failed out of [0-9]*$/\1/p' "$log" | tail -1)"
+skipped="$(grep -c '(Skipped)' "$log" || true)"
+if [ -n "$total" ] && [ -n "$failed" ]; then
+  echo "test: $((total - failed - skipped)) passed, $failed failed, $skipped skipped${skip_reason:+ ($skip_reason)}"
+fi
+exit "$status"

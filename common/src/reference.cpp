@@ -190,8 +190,9 @@ void ReferenceEncoder::encode(const RunShape& shape, const Bf16* images, float* 
 
   std::vector<float> x(sz(e, width));
   vision_tokens(shape.views, images, x.data());
-  std::memcpy(x.data() + sz(vision_rows, width), m.language.data(),
-              sz(m.prompt_len, width) * sizeof(float));
+  if (m.prompt_len > 0)  // with no prompt, language.data() may be null: memcpy's UB
+    std::memcpy(x.data() + sz(vision_rows, width), m.language.data(),
+                sz(m.prompt_len, width) * sizeof(float));
 
   std::vector<float> h(sz(e, width)), qkv(sz(e, qkv_w)), attn(sz(e, qw));
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));

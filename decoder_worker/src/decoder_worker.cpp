@@ -39,13 +39,15 @@ int run_decoder_worker(ipc::WorkerRuntime& rt) {
   const auto peers_ok = [&rt] { return rt.peer_alive(); };
   const auto orch_ok = [&rt] { return rt.orchestrator_alive(); };
 
-  // Frames handed to the stage and not yet reported, oldest first.
+  // Frames handed to the stage and not yet reported, oldest first, and the K/V slots they hold.
   std::deque<Message> in_flight;
+  std::vector<bool> kv_busy(limits.kv_slots, false);
   // Reports the oldest frame once the stage has finished it. False: the orchestrator is gone.
   const auto finish_oldest = [&]() -> bool {
     const DecodeTiming timing = stage->complete();
     const Message m = in_flight.front();
     in_flight.pop_front();
+    kv_busy[m.kv_slot] = false;
 
     Message freed = ipc::make_message(MsgType::kSlotFree, ipc::Role::kDecoder);
     freed.frame = m.frame;
@@ -68,9 +70,14 @@ int run_decoder_worker(ipc::WorkerRuntime& rt) {
     return ds == WaitStatus::kOk;
   };
 
-  // A peer is gone or a stop was signalled: the run is over, whatever is still in flight.
-  const auto peer_gone = [&rt]() {
-    PI0_CHECK(rt.orchestrator_alive(), "orchestrator gone or stop signalled");
+  // A peer is gone or a stop was signalled: the run is over, whatever is still in flight. A
+  // signal ends the worker quietly (status 0); a peer's death is an error.
+  const auto peer_gone = [&rt]() -> int {
+    if (rt.stop_signalled()) {
+      spdlog::warn("stop signalled; exiting");
+      return 0;
+    }
+    PI0_CHECK(rt.orchestrator_alive(), "the orchestrator died");
     throw Error("the encoder worker died");
   };
   auto last_peer_check = ipc::Clock::now();
@@ -87,7 +94,7 @@ int run_decoder_worker(ipc::WorkerRuntime& rt) {
       // "ready" event never fires (its encoder died) would keep us here for good.
       if (ipc::Clock::now() - last_peer_check >= kPeerCheckInterval) {
         last_peer_check = ipc::Clock::now();
-        if (!peers_ok()) peer_gone();
+        if (!peers_ok()) return peer_gone();
       }
       if (full) continue;
     }
@@ -98,7 +105,7 @@ int run_decoder_worker(ipc::WorkerRuntime& rt) {
                                             : ipc::Clock::now() + stage->poll_slice();
     const WaitStatus st = from_encoder.pop(m, deadline, peers_ok);
     if (st == WaitStatus::kTimeout) continue;
-    if (st == WaitStatus::kPeerDead) peer_gone();
+    if (st == WaitStatus::kPeerDead) return peer_gone();
     PI0_CHECK(st == WaitStatus::kOk, "ring from the encoder is corrupt");
     const std::string reason = ipc::validate(m, limits);
     PI0_CHECK(reason.empty(), "rejected a message from the encoder: " + reason);
@@ -115,6 +122,10 @@ int run_decoder_worker(ipc::WorkerRuntime& rt) {
     }
     PI0_CHECK(type == MsgType::kSlotReady, "the encoder sent " + std::string(ipc::type_name(type)) +
                                                " where a ready slot was expected");
+    PI0_CHECK(!kv_busy[m.kv_slot], "the encoder handed over K/V slot " +
+                                       std::to_string(m.kv_slot) + " for frame " +
+                                       std::to_string(m.frame) + " while an earlier frame held it");
+    kv_busy[m.kv_slot] = true;
     stage->submit(m.frame, m.input_slot, m.kv_slot);
     in_flight.push_back(m);
   }

@@ -43,6 +43,13 @@ int run_encoder_worker(ipc::WorkerRuntime& rt) {
   const ipc::MessageLimits limits = control.limits();
   const auto orch_ok = [&rt] { return rt.orchestrator_alive(); };
   const auto peers_ok = [&rt] { return rt.peer_alive(); };
+  // A wait ended because the orchestrator or the decoder is gone, or a stop signal came: a
+  // signal ends the worker quietly wherever it waits (a peer's death is an error, exit 1).
+  const auto stopped = [&rt] {
+    if (!rt.stop_signalled()) return false;
+    spdlog::warn("stop signalled; exiting");
+    return true;
+  };
 
   std::deque<uint32_t> free_slots;
   std::vector<bool> slot_busy(limits.kv_slots, false);
@@ -65,8 +72,9 @@ int run_encoder_worker(ipc::WorkerRuntime& rt) {
     const WaitStatus st = from_orch.pop(m, ipc::WorkerRuntime::after(kPollSeconds), orch_ok);
     if (st == WaitStatus::kTimeout) continue;
     if (st == WaitStatus::kPeerDead) {
-      spdlog::warn("orchestrator gone or stop signalled; exiting");
-      return rt.stop_signalled() ? 0 : 1;
+      if (stopped()) return 0;
+      spdlog::warn("orchestrator gone; exiting");
+      return 1;
     }
     PI0_CHECK(st == WaitStatus::kOk, "ring from the orchestrator is corrupt");
     require_valid(m, limits, "orchestrator");
@@ -96,6 +104,7 @@ int run_encoder_worker(ipc::WorkerRuntime& rt) {
     const auto slot_deadline = ipc::WorkerRuntime::after(kSlotWaitSeconds);
     while (free_slots.empty()) {
       const WaitStatus fs = from_decoder.pop(free_msg, slot_deadline, peers_ok);
+      if (fs == WaitStatus::kPeerDead && stopped()) return 0;
       PI0_CHECK(fs != WaitStatus::kTimeout, "no K/V slot came back from the decoder in 60 s");
       PI0_CHECK(fs != WaitStatus::kPeerDead, "the decoder or the orchestrator died");
       PI0_CHECK(fs == WaitStatus::kOk, "ring from the decoder is corrupt");
@@ -116,6 +125,7 @@ int run_encoder_worker(ipc::WorkerRuntime& rt) {
     ready.submit_ns = m.submit_ns;
     ready.encode_ns = static_cast<uint64_t>((t1 - t0).count());
     const WaitStatus ps = to_decoder.push(ready, ipc::WorkerRuntime::after(kSlotWaitSeconds), peers_ok);
+    if (ps == WaitStatus::kPeerDead && stopped()) return 0;
     PI0_CHECK(ps == WaitStatus::kOk, std::string("could not hand frame ") +
                                          std::to_string(m.frame) + " to the decoder: " +
                                          ipc::wait_status_name(ps));

@@ -226,7 +226,7 @@ WorkerInfo& WorkerRuntime::my_info() {
 }
 
 bool WorkerRuntime::stop_signalled() const {
-  return g_stop_signal.load();
+  return g_stop_signal.load() && !g_parent_died.load();
 }
 
 bool WorkerRuntime::orchestrator_gone() const {

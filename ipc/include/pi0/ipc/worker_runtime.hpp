@@ -56,6 +56,8 @@ class WorkerRuntime {
   bool orchestrator_alive() const;
   // False once the other worker (if it has reported its pid) is gone, or orchestrator_alive() is.
   bool peer_alive() const;
+  // True once SIGTERM or SIGINT arrived (the orchestrator's teardown, or a user), not when the
+  // orchestrator died: a worker stopped this way exits quietly with status 0.
   bool stop_signalled() const;
   // True once the orchestrator process itself no longer runs (we were re-parented or it exited).
   bool orchestrator_gone() const;

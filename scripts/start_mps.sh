@@ -12,7 +12,7 @@ if echo get_server_list | "$control" >/dev/null 2>&1; then
 else
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
   # Started by hand, not by a run: no run may take it for its own and quit it.
-  rm -f "$CUDA_MPS_PIPE_DIRECTORY.pi0/started-by-run"
+  rm -f "$(realpath -m "$CUDA_MPS_PIPE_DIRECTORY").pi0/started-by-run"
   "$control" -d
   for _ in $(seq 1 100); do
     echo get_server_list | "$control" >/dev/null 2>&1 && break

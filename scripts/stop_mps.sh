@@ -14,7 +14,7 @@ if echo get_server_list | "$control" >/dev/null 2>&1; then
   if echo get_server_list | "$control" >/dev/null 2>&1; then
     echo "stop_mps: daemon still answering after quit" >&2; exit 1
   fi
-  rm -f "$CUDA_MPS_PIPE_DIRECTORY.pi0/started-by-run"  # the mark of a run's daemon, now gone
+  rm -f "$(realpath -m "$CUDA_MPS_PIPE_DIRECTORY").pi0/started-by-run"  # the mark of a run's daemon, now gone
   echo "stop_mps: stopped MPS control daemon (pipe $CUDA_MPS_PIPE_DIRECTORY)"
 else
   echo "stop_mps: no MPS control daemon running (pipe $CUDA_MPS_PIPE_DIRECTORY)"

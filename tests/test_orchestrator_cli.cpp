@@ -35,8 +35,8 @@ ipc::WorkerOptions worker_round_trip(const ipc::WorkerOptions& options, ipc::Rol
   return ipc::parse_worker_arguments(role, static_cast<int>(argv.size()), argv.data());
 }
 
-// A stand-in for nvidia-cuda-mps-control: "-d" starts a "daemon" (a state file), commands on
-// stdin answer only while it runs, "quit" stops it.
+// A stand-in for nvidia-cuda-mps-control: "-d" starts a "daemon" (a state file, and a pid file as
+// the real one keeps), commands on stdin answer only while it runs, "quit" stops it.
 // `-d` starts a daemon, fails, or fails because another run's daemon started in the same instant
 // (which then answers).
 enum class FakeStart { kStarts, kFails, kLosesRace };
@@ -51,11 +51,14 @@ std::string fake_mps_control(const std::string& dir, FakeStart start = FakeStart
          << (start == FakeStart::kLosesRace ? "  echo up > \"$state\"\n" : "")
          << (start_fails ? "  echo 'An instance of this daemon is already running' >&2; exit 1\n"
                          : "")
-         << "  echo up > \"$state\"; echo start >> \"$CUDA_MPS_PIPE_DIRECTORY/starts\"; exit 0\n"
+         << "  echo up > \"$state\"; echo start >> \"$CUDA_MPS_PIPE_DIRECTORY/starts\"\n"
+            "  echo $$ > \"$CUDA_MPS_PIPE_DIRECTORY/nvidia-cuda-mps-control.pid\"; exit 0\n"
             "fi\n"
             "[ -f \"$state\" ] || { echo 'Cannot find MPS control daemon process' >&2; exit 1; }\n"
             "read cmd\n"
-            "case \"$cmd\" in get_server_list) exit 0;; quit) rm -f \"$state\"; exit 0;; esac\n"
+            "case \"$cmd\" in get_server_list) exit 0;;\n"
+            "  quit) rm -f \"$state\" \"$CUDA_MPS_PIPE_DIRECTORY/nvidia-cuda-mps-control.pid\"; exit 0;;\n"
+            "esac\n"
             "exit 1\n";
   script.close();
   fs::permissions(path, fs::perms::owner_all);
@@ -63,6 +66,29 @@ std::string fake_mps_control(const std::string& dir, FakeStart start = FakeStart
 }
 
 }  // namespace
+
+// Runs sharing a daemon find each other's lock beside its pipe directory, however it is written.
+TEST_CASE("the MPS directories are normalised, and a sweep needs MPS", "[orchestrator][cli]") {
+  const std::string dir = test::temp_dir("mps_dirs");
+  fs::create_directories(dir + "/real");
+  fs::create_directory_symlink(dir + "/real", dir + "/link");
+  int code = 0;
+  for (const std::string& spelling :
+       {dir + "/real/", dir + "/real//", dir + "/./real", dir + "/link", dir + "/x/../real"}) {
+    const auto o = parse({"--mps-pipe-dir", spelling, "--mps-log-dir", spelling + "/../log/"}, code);
+    REQUIRE(o.has_value());
+    CHECK(o->mps.pipe_dir == fs::canonical(dir + "/real").string());
+    CHECK(o->mps.log_dir == fs::canonical(dir).string() + "/log");
+  }
+  const auto defaults = parse({}, code);
+  REQUIRE(defaults.has_value());
+  CHECK(defaults->mps.pipe_dir == fs::weakly_canonical("/tmp/nvidia-mps").string());
+  CHECK_FALSE(parse({"--mps-pipe-dir", ""}, code).has_value());
+  CHECK(code == 2);
+  CHECK_FALSE(parse({"--sweep", "--no-mps"}, code).has_value());
+  CHECK(code == 2);
+  fs::remove_all(dir);
+}
 
 TEST_CASE("command line defaults and validation", "[orchestrator][cli]") {
   int code = 0;
@@ -326,6 +352,35 @@ TEST_CASE("MPS daemon is started and quit or adopted and left running",
     }
     CHECK(fs::exists(state));
     CHECK_FALSE(fs::exists(o.pipe_dir + "/starts"));
+  }
+  SECTION("a mark left by a killed run does not get a daemon started since by hand quit") {
+    // A run that started a daemon was killed (its mark stays); the daemon was then restarted by
+    // other means, as another process with another pid.
+    {
+      MpsDaemon killed_run = MpsDaemon::start_or_adopt(o);
+      REQUIRE(killed_run.started_here());
+      const std::string mark = o.pipe_dir + ".pi0/started-by-run";
+      REQUIRE(fs::exists(mark));
+      fs::copy_file(mark, dir + "/mark");
+    }
+    fs::copy_file(dir + "/mark", o.pipe_dir + ".pi0/started-by-run");
+    const CommandResult by_hand =
+        run_command(o.control_program, {"-d"}, mps_client_environment(o), "", 5000ms);
+    REQUIRE(by_hand.status.success());
+    { MpsDaemon later_run = MpsDaemon::start_or_adopt(o); }
+    CHECK(mps_daemon_answers(o));  // left running: not the daemon the mark names
+  }
+  SECTION("a pipe or log directory others may write is refused before a daemon starts") {
+    fs::create_directories(o.log_dir);
+    fs::permissions(o.log_dir, fs::perms::all);
+    try {
+      MpsDaemon::start_or_adopt(o);
+      FAIL("no error");
+    } catch (const Error& e) {
+      CHECK(std::string(e.what()).find(o.log_dir) != std::string::npos);
+      CHECK(std::string(e.what()).find("writable by others") != std::string::npos);
+    }
+    CHECK_FALSE(fs::exists(state));
   }
   SECTION("a missing control program is a clear error") {
     o.control_program = dir + "/not-installed";

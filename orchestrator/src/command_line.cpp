@@ -203,6 +203,27 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
     exit_code = 2;
     return std::nullopt;
   }
+  if (o.sweep && o.no_mps) {
+    std::fprintf(stderr, "orchestrator: error: --sweep splits the GPU through MPS: drop --no-mps "
+                         "(its no-MPS baseline runs anyway)\n");
+    exit_code = 2;
+    return std::nullopt;
+  }
+  if (o.mps.pipe_dir.empty() || o.mps.log_dir.empty()) {
+    std::fprintf(stderr, "orchestrator: error: --mps-pipe-dir and --mps-log-dir must not be empty\n");
+    exit_code = 2;
+    return std::nullopt;
+  }
+  // One daemon, one spelling: the runs sharing a daemon find each other's lock beside its pipe
+  // directory, so "/tmp/nvidia-mps/", a relative path or a symlink must name it as the others do.
+  for (std::string* dir : {&o.mps.pipe_dir, &o.mps.log_dir}) {
+    std::error_code ec;
+    std::string normal = std::filesystem::weakly_canonical(std::filesystem::absolute(*dir), ec)
+                             .lexically_normal()
+                             .string();
+    while (normal.size() > 1 && normal.back() == '/') normal.pop_back();
+    if (!ec && !normal.empty()) *dir = normal;
+  }
   if (o.sweep && o.sweep_min > o.sweep_max) {
     std::fprintf(stderr, "orchestrator: error: --sweep-min must not exceed --sweep-max\n");
     exit_code = 2;

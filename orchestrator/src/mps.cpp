@@ -22,10 +22,37 @@ CommandResult send_command(const MpsOptions& o, const std::string& command) {
                      std::chrono::milliseconds(5000));
 }
 
+// The pipe and log directories of a daemon we start (often as root): ours or root's, and writable
+// by no one else, or another user could plant files the daemon then writes through.
 void make_dir(const std::string& dir) {
   if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) {
     throw Error("MPS: cannot create directory " + dir + ": " + std::strerror(errno));
   }
+  struct stat st {};
+  PI0_CHECK(::lstat(dir.c_str(), &st) == 0 && S_ISDIR(st.st_mode),
+            "MPS: " + dir + " is not a directory");
+  PI0_CHECK((st.st_uid == ::geteuid() || st.st_uid == 0) && (st.st_mode & 0022) == 0,
+            "MPS: " + dir + " belongs to another user or is writable by others; remove it or " +
+                "choose another with --mps-pipe-dir / --mps-log-dir");
+}
+
+// Whether the daemon answers `get_server_list`: a prompt failure means it is gone; no reply
+// within the timeout means it is still there (e.g. waiting for its clients after `quit`).
+enum class DaemonReply { kAnswers, kGone, kNoReply };
+DaemonReply ask_daemon(const MpsOptions& o) {
+  if (find_on_path(o.control_program).empty()) return DaemonReply::kGone;
+  const CommandResult r = send_command(o, "get_server_list");
+  if (r.timed_out) return DaemonReply::kNoReply;
+  return r.status.success() ? DaemonReply::kAnswers : DaemonReply::kGone;
+}
+
+// The running daemon's pid, from the file it keeps in its pipe directory ("" where there is none,
+// e.g. a control program that writes none).
+std::string daemon_pid(const MpsOptions& o) {
+  std::ifstream in(o.pipe_dir + "/nvidia-cuda-mps-control.pid");
+  std::string pid;
+  in >> pid;
+  return pid;
 }
 
 // Our own files about the daemon live beside its pipe directory, not in it: "<pipe dir>.pi0",
@@ -46,11 +73,48 @@ std::string state_dir(const MpsOptions& o) {
 std::string users_lock_path(const std::string& dir) {
   return dir + "/users.lock";
 }
-// Present while the daemon answering on the pipe directory is one a pi0 run started (holds that
-// run's pid).
+// Present while the daemon answering on the pipe directory is one a pi0 run started: that run's
+// pid, then the daemon's (so that a mark left by a killed run is not taken for a daemon started
+// since by other means).
 std::string started_marker_path(const std::string& dir) {
   return dir + "/started-by-run";
 }
+// Held exclusively from the look for a daemon to the mark, so that two runs starting together do
+// not both start one, nor one remove the other's fresh mark.
+std::string start_lock_path(const std::string& dir) {
+  return dir + "/start.lock";
+}
+
+// True if the mark names the daemon that runs now (or names none, where the control program keeps
+// no pid file).
+bool mark_is_current(const std::string& dir, const MpsOptions& o) {
+  std::ifstream in(started_marker_path(dir));
+  std::string run_pid, marked_daemon;
+  if (!(in >> run_pid)) return false;
+  in >> marked_daemon;
+  return marked_daemon.empty() || marked_daemon == daemon_pid(o);
+}
+
+// The start lock, released when it goes out of scope; nothing where the state dir is not usable.
+class StartLock {
+ public:
+  explicit StartLock(const std::string& dir) {
+    if (dir.empty()) return;
+    fd_ = ::open(start_lock_path(dir).c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd_ >= 0 && ::flock(fd_, LOCK_EX) != 0) {
+      ::close(fd_);
+      fd_ = -1;
+    }
+  }
+  ~StartLock() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  StartLock(const StartLock&) = delete;
+  StartLock& operator=(const StartLock&) = delete;
+
+ private:
+  int fd_ = -1;
+};
 
 // The shared lock, taken before looking for a daemon so that a run ending meanwhile sees us; -1
 // (and a warning) where it cannot be taken: then a run quits only a daemon it started itself.
@@ -75,9 +139,7 @@ EnvOverrides mps_client_environment(const MpsOptions& o) {
 }
 
 bool mps_daemon_answers(const MpsOptions& o) {
-  if (find_on_path(o.control_program).empty()) return false;
-  const CommandResult r = send_command(o, "get_server_list");
-  return !r.timed_out && r.status.success();
+  return ask_daemon(o) == DaemonReply::kAnswers;
 }
 
 MpsDaemon MpsDaemon::start_or_adopt(const MpsOptions& o) {
@@ -89,6 +151,7 @@ MpsDaemon MpsDaemon::start_or_adopt(const MpsOptions& o) {
   daemon.options_ = o;
   daemon.state_dir_ = state_dir(o);
   daemon.users_fd_ = take_users_lock(daemon.state_dir_, o);
+  const StartLock start_lock(daemon.state_dir_);
   if (mps_daemon_answers(o)) {
     daemon.active_ = true;
     spdlog::info("MPS: adopted the control daemon already running on {} (it stays running)",
@@ -124,7 +187,8 @@ MpsDaemon MpsDaemon::start_or_adopt(const MpsOptions& o) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   if (!daemon.state_dir_.empty())
-    std::ofstream(started_marker_path(daemon.state_dir_)) << ::getpid() << "\n";
+    std::ofstream(started_marker_path(daemon.state_dir_))
+        << ::getpid() << "\n" << daemon_pid(o) << "\n";
   spdlog::info("MPS: started the control daemon (pipe {}, log {})", o.pipe_dir, o.log_dir);
   return daemon;
 }
@@ -160,8 +224,7 @@ void MpsDaemon::end_use() noexcept {
   // Our shared lock turns exclusive only if no other run holds one (Linux drops ours either way).
   const bool last_user = users_fd_ < 0 || ::flock(users_fd_, LOCK_EX | LOCK_NB) == 0;
   const bool started_by_pi0 =
-      started_here_ ||
-      (users_fd_ >= 0 && ::access(started_marker_path(state_dir_).c_str(), F_OK) == 0);
+      started_here_ || (users_fd_ >= 0 && mark_is_current(state_dir_, options_));
   if (!started_by_pi0) return;
   try {
     if (!last_user) {
@@ -173,12 +236,12 @@ void MpsDaemon::end_use() noexcept {
     }
     send_command(options_, "quit");
     const auto deadline = std::chrono::steady_clock::now() + options_.timeout;
-    bool answers = mps_daemon_answers(options_);
-    while (answers && std::chrono::steady_clock::now() < deadline) {
+    bool gone = ask_daemon(options_) == DaemonReply::kGone;
+    while (!gone && std::chrono::steady_clock::now() < deadline) {
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
-      answers = mps_daemon_answers(options_);
+      gone = ask_daemon(options_) == DaemonReply::kGone;
     }
-    if (answers) {
+    if (!gone) {
       spdlog::warn(
           "MPS: the control daemon on {} still answers after `quit`; stop it with "
           "scripts/stop_mps.sh",

@@ -152,6 +152,33 @@ TEST_CASE("a run writes its figures as JSON", "[orchestrator][process]") {
   fs::remove_all(dir);
 }
 
+// At a camera rate, frames complete one period apart: the throughput is the rate (frames over the
+// wall time from the first arrival would count one period too few: 22 frames/s for 10 at 20 Hz).
+TEST_CASE("the throughput at a camera rate is the rate, and one frame has none",
+          "[orchestrator][process]") {
+  const std::string dir = test::temp_dir("rate_throughput");
+  auto run = test::run_orchestrator(
+      tiny_run({"--frames", "10", "--warmup", "2", "--rate", "20", "--json", dir + "/r.json"}));
+  REQUIRE(run.status.success());
+  double fps = nlohmann::json::parse(std::ifstream(dir + "/r.json"))
+                   .at("runs")
+                   .at(0)
+                   .at("throughput_fps")
+                   .get<double>();
+  CHECK(fps > 18.5);
+  CHECK(fps < 21.0);
+  run = test::run_orchestrator(
+      tiny_run({"--frames", "1", "--warmup", "2", "--rate", "20", "--json", dir + "/r.json"}));
+  REQUIRE(run.status.success());
+  fps = nlohmann::json::parse(std::ifstream(dir + "/r.json"))
+            .at("runs")
+            .at(0)
+            .at("throughput_fps")
+            .get<double>();
+  CHECK(fps == 0);
+  fs::remove_all(dir);
+}
+
 // A build carried to another machine (the GPU machine) has no build path there:
 // PI0_TEST_ORCHESTRATOR points the tests at the carried orchestrator, which starts the workers
 // beside it.

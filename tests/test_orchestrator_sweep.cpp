@@ -26,6 +26,7 @@ RunReport point(int pct, double fps, double p99, const std::string& error = "") 
   r.chunk = 63;
   r.mode = "concurrent";
   r.mps = true;
+  r.split_applied = true;
   r.encoder_pct = pct;
   r.decoder_pct = 100 - pct;
   r.throughput_fps = fps;
@@ -43,6 +44,7 @@ RunReport baseline(const std::string& label, const std::string& mode, double fps
   r.mode = mode;
   r.decoder_pct = 100;
   r.mps = label != "no-mps";
+  r.split_applied = r.mps;
   return r;
 }
 
@@ -133,6 +135,31 @@ TEST_CASE("at a camera rate the sweep recommends the lowest latency among the ru
         "--encoder-pct 50 --decoder-pct 50 --mode concurrent --rate 60 --decoder-batch 3");
 }
 
+TEST_CASE("a split whose share was not applied is not recommended", "[orchestrator][sweep]") {
+  SweepResult s = synthetic();
+  // 60/40 ran, but its workers were not MPS clients with that share: it was not the split 60/40.
+  s.points[3].split_applied = false;
+  choose_best_runs(s);
+  REQUIRE(s.best_throughput.has_value());
+  CHECK(*s.best_throughput == "split 80/20");
+}
+
+TEST_CASE("a failed sequential baseline gives no latency comparison", "[orchestrator][sweep]") {
+  SweepResult s = synthetic();
+  s.baselines.push_back(
+      baseline("mps-100/100-sequential", "sequential", 0, 0, "decoder_worker died"));
+  s.baselines.back().latency_p50_ms = 0;
+  std::FILE* out = std::tmpfile();
+  REQUIRE(out != nullptr);
+  print_sweep(s, out);
+  std::rewind(out);
+  std::string text;
+  for (int c = std::fgetc(out); c != EOF; c = std::fgetc(out)) text.push_back(static_cast<char>(c));
+  std::fclose(out);
+  CHECK(text.find("mps-100/100-sequential   failed: decoder_worker died") != std::string::npos);
+  CHECK(text.find("latency vs single-process") == std::string::npos);
+}
+
 TEST_CASE("the sweep's report names the options of its recommendation", "[orchestrator][sweep]") {
   SweepResult s;
   s.points = {point(50, 30.1, 18.2)};
@@ -183,6 +210,25 @@ TEST_CASE("sweep JSON and plot carry every split and skip failed ones in the cur
   for (size_t at = svg.find("<circle"); at != std::string::npos; at = svg.find("<circle", at + 1))
     ++circles;
   CHECK(circles == 3 * 4);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("results with invalid UTF-8 in an error text are still written, and a failed first "
+          "split does not blank the plot's title",
+          "[orchestrator][sweep]") {
+  SweepResult s = synthetic();
+  s.points.front().error = "worker said \xe2\x82";  // cut inside a three-byte character
+  s.points.front().model.clear();
+  const nlohmann::json j = nlohmann::json::parse(sweep_json(s));
+  CHECK(j.at("points").at(0).at("error").get<std::string>().rfind("worker said ", 0) == 0);
+  const nlohmann::json run = nlohmann::json::parse(report_json({s.points.front()}));
+  CHECK(run.at("runs").size() == 1);
+
+  const std::string dir = test::temp_dir("plot_title");
+  write_sweep_plot(s, dir + "/sweep.svg");
+  std::ifstream in(dir + "/sweep.svg");
+  const std::string svg((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  CHECK(svg.find("split sweep (pi0, V=2, C=63, concurrent)") != std::string::npos);
   std::filesystem::remove_all(dir);
 }
 

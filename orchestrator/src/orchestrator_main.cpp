@@ -1,6 +1,7 @@
 #include <spdlog/spdlog.h>
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 
@@ -32,6 +33,10 @@ int orchestrator_main(int argc, char** argv) {
   int exit_code = 0;
   const std::optional<RunOptions> options = parse_command_line(argc, argv, exit_code);
   if (!options) return exit_code;
+  // Our own CUDA calls only probe the device: they must not make this process a client of an MPS
+  // daemon (one quitting, or another user's, would then read as "no GPU"). Every child gets its
+  // MPS variables explicitly.
+  ::setenv("CUDA_MPS_PIPE_DIRECTORY", "/nonexistent/pi0-mps-orchestrator", 1);
   try {
     init_logging("orchestrator", options->log_level);
     install_stop_handlers();
@@ -48,7 +53,13 @@ int orchestrator_main(int argc, char** argv) {
         write_file(options->json_path, json.data(), json.size());
       }
       if (!options->plot_path.empty()) write_sweep_plot(sweep, options->plot_path);
-      return exit_code_for_signal(stop_signal());
+      if (stop_signal() != 0) return exit_code_for_signal(stop_signal());
+      // Not one run (split or pipeline baseline) measured a frame: the sweep found nothing.
+      if (!sweep.best_throughput) {
+        std::fprintf(stderr, "orchestrator: error: no run of the sweep measured a frame\n");
+        return 3;
+      }
+      return 0;
     }
 
     MpsDaemon mps;

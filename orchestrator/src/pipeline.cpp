@@ -353,7 +353,7 @@ void Pipeline::feed(std::vector<float>* actions) {
 
   uint64_t next = 0, in_flight = 0;
   const auto t_start = Clock::now();
-  Clock::time_point t_first_measured{}, t_last_done{};
+  Clock::time_point t_first_measured{}, t_first_done{}, t_last_done{};
   const auto arrival = [&](uint64_t frame) {
     return t_start + std::chrono::duration_cast<Clock::duration>(
                          std::chrono::duration<double>(static_cast<double>(frame) / o.rate_hz));
@@ -451,6 +451,7 @@ void Pipeline::feed(std::vector<float>* actions) {
                   action_values * sizeof(float));
     }
     if (m.frame >= o.warmup) {
+      if (latencies_ms_.empty()) t_first_done = now;
       latencies_ms_.push_back(
           std::chrono::duration<double, std::milli>(now - submitted[m.frame]).count());
       if (m.handoff_ns > 0) handoffs_us_.push_back(static_cast<double>(m.handoff_ns) / 1e3);
@@ -465,8 +466,15 @@ void Pipeline::feed(std::vector<float>* actions) {
   report_.frames = latencies_ms_.size();
   if (!latencies_ms_.empty()) {
     report_.wall_s = std::chrono::duration<double>(t_last_done - t_first_measured).count();
+    // The rate at which frames complete: N frames end N - 1 intervals apart. (N over the wall time
+    // would count one latency too few intervals at a camera rate: 30.1 frames/s at 30 Hz.) One
+    // frame has no rate.
+    const double completing_s =
+        std::chrono::duration<double>(t_last_done - t_first_done).count();
     report_.throughput_fps =
-        report_.wall_s > 0 ? static_cast<double>(latencies_ms_.size()) / report_.wall_s : 0;
+        latencies_ms_.size() > 1 && completing_s > 0
+            ? static_cast<double>(latencies_ms_.size() - 1) / completing_s
+            : 0;
   }
 }
 

@@ -30,6 +30,9 @@ double sweep_run_timeout_s(const RunOptions& o) {
 
 }  // namespace
 
+// pi0_bench's JSON as the baseline's report; nlohmann::json::exception where a field is missing.
+RunReport single_process_report(const nlohmann::json& j, const ResolvedRun& run);
+
 RunReport run_single_process_baseline(const ResolvedRun& run) {
   const RunOptions& o = run.options;
   const std::string dir = o.worker_dir.empty() ? executable_dir() : o.worker_dir;
@@ -79,7 +82,15 @@ RunReport run_single_process_baseline(const ResolvedRun& run) {
             "single-process baseline (pi0_bench) failed: " +
                 (status ? status->describe() : std::string("timed out")) +
                 (bench.last_lines().empty() ? "" : "; " + bench.last_lines().back()));
-  const nlohmann::json j = nlohmann::json::parse(in);
+  try {
+    return single_process_report(nlohmann::json::parse(in), run);
+  } catch (const nlohmann::json::exception& e) {
+    // A truncated file (a full disk) or an older pi0_bench's (--worker-dir).
+    throw Error("single-process baseline: cannot read pi0_bench's JSON: " + std::string(e.what()));
+  }
+}
+
+RunReport single_process_report(const nlohmann::json& j, const ResolvedRun& run) {
   RunReport r;
   r.label = "single-process";
   r.backend = "cuda";
@@ -110,8 +121,10 @@ RunReport run_single_process_baseline(const ResolvedRun& run) {
 namespace {
 
 // A run stopped before it measured a frame has no figures to compare.
+// A split whose SM share was not applied (the workers not MPS clients) is not the split it names.
 bool is_candidate(const RunReport& r) {
-  return r.error.empty() && !r.interrupted && r.throughput_fps > 0 && r.mode != "single-process";
+  return r.error.empty() && !r.interrupted && r.throughput_fps > 0 && r.mode != "single-process" &&
+         (!r.mps || r.split_applied);
 }
 
 // The most frames/s; of the runs within kSameThroughput of it, the lowest p99.
@@ -172,6 +185,11 @@ SweepResult run_sweep(const ResolvedRun& requested) {
   ResolvedRun run = requested;
   if (run.options.run_timeout_s < 0) run.options.run_timeout_s = sweep_run_timeout_s(run.options);
   const RunOptions& o = run.options;
+  // Before the baselines, which take minutes: the splits need the daemon's control program.
+  PI0_CHECK(!find_on_path(o.mps.control_program).empty(),
+            "--sweep: MPS: " + o.mps.control_program +
+                " not found on PATH (it ships with the NVIDIA driver); the sweep splits the GPU "
+                "through MPS");
   SweepResult result;
   result.latency_budget_ms = o.latency_budget_ms;
   result.decoder_batch = o.decoder_batch;
@@ -280,7 +298,8 @@ void print_sweep(const SweepResult& s, std::FILE* out) {
       std::fprintf(out, "(the pipeline runs at %.1f Hz, the single process back to back)\n",
                    best->rate_hz);
     const RunReport* seq = find_run(s, "mps-100/100-sequential");
-    if (single && seq && single->latency_p50_ms > 0) {
+    if (single && seq && single->latency_p50_ms > 0 && seq->error.empty() && !seq->interrupted &&
+        seq->latency_p50_ms > 0) {
       std::fprintf(out, "sequential 100/100 latency vs single-process: %+.1f%%\n",
                    100.0 * (seq->latency_p50_ms / single->latency_p50_ms - 1.0));
       // Like for like: both host to host, inputs uploaded and actions read back.
@@ -325,7 +344,9 @@ std::string sweep_json(const SweepResult& s) {
   out["latency_budget_ms"] = s.latency_budget_ms;
   out["decoder_batch"] = s.decoder_batch;
   if (s.best_within_budget) out["best_within_budget"] = *s.best_within_budget;
-  return out.dump(2) + "\n";
+  // Error texts come from workers (cut at 63 bytes, maybe inside a character) and paths: invalid
+  // UTF-8 is replaced rather than losing the whole file.
+  return out.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
 }
 
 void write_sweep_plot(const SweepResult& s, const std::string& path) {
@@ -347,10 +368,16 @@ void write_sweep_plot(const SweepResult& s, const std::string& path) {
   svg << "<svg xmlns='http://www.w3.org/2000/svg' width='" << kW << "' height='" << kH
       << "' font-family='sans-serif' font-size='12'>\n<rect width='100%' height='100%' "
          "fill='white'/>\n";
+  // A failed run's report has no model or shape: name them from one that ran.
+  const RunReport* named = &s.points.front();
+  for (const auto& p : s.points)
+    if (p.error.empty() && !p.model.empty()) {
+      named = &p;
+      break;
+    }
   svg << "<text x='" << kW / 2
-      << "' y='22' text-anchor='middle' font-size='14'>pi0-mps split sweep ("
-      << s.points.front().model << ", V=" << s.points.front().views
-      << ", C=" << s.points.front().chunk << ", concurrent)</text>\n";
+      << "' y='22' text-anchor='middle' font-size='14'>pi0-mps split sweep (" << named->model
+      << ", V=" << named->views << ", C=" << named->chunk << ", concurrent)</text>\n";
   svg << "<rect x='" << kLeft << "' y='" << kTop << "' width='" << plot_w << "' height='" << plot_h
       << "' fill='none' stroke='#444'/>\n";
   for (int pct = 0; pct <= 100; pct += 10) {

@@ -232,6 +232,37 @@ TEST_CASE("results with invalid UTF-8 in an error text are still written, and a 
   std::filesystem::remove_all(dir);
 }
 
+// pi0_bench's JSON, truncated (a full disk) or from an older pi0_bench (--worker-dir), is the
+// baseline's one-line failure, not an exception that ends the sweep.
+TEST_CASE("a malformed pi0_bench JSON fails the single-process baseline with one line",
+          "[orchestrator][sweep]") {
+  namespace fs = std::filesystem;
+  const std::string dir = test::temp_dir("baseline-json");
+  ResolvedRun run;
+  run.backend = "cuda";
+  run.config = model_config("tiny");
+  run.options.worker_dir = dir;
+  run.options.run_timeout_s = 60;
+  for (const std::string json : {"{\"iters\": 5, \"cases\": [{\"e2e_med",
+                                 "{\"iters\": 5, \"cases\": [{\"e2e_median_ms\": 1.0}]}"}) {
+    {
+      std::ofstream script(dir + "/pi0_bench");
+      script << "#!/bin/sh\nwhile [ $# -gt 0 ]; do [ \"$1\" = --json ] && out=\"$2\"; shift; done\n"
+             << "printf '%s' '" << json << "' > \"$out\"\n";
+    }
+    fs::permissions(dir + "/pi0_bench", fs::perms::owner_all);
+    try {
+      run_single_process_baseline(run);
+      FAIL("no error");
+    } catch (const Error& e) {
+      const std::string what = e.what();
+      CHECK(what.find("cannot read pi0_bench's JSON") != std::string::npos);
+      CHECK(what.find('\n') == std::string::npos);
+    }
+  }
+  fs::remove_all(dir);
+}
+
 // The sweep's single-process baseline runs pi0_bench in a process group of its own, which a
 // terminal's Ctrl-C does not reach: a stop signal to the orchestrator must end it at once, and not
 // after the bench's whole run. Here a stand-in bench that sleeps, in a forked orchestrator

@@ -5,7 +5,9 @@
 
 #include "catch.hpp"
 #include "pi0/check.hpp"
+#include "pi0/config.hpp"
 #include "pi0/cuda/attention.hpp"
+#include "scoped_env.hpp"
 
 using pi0::cuda::attention_kernels_from_env;
 using pi0::cuda::AttentionKernels;
@@ -73,4 +75,36 @@ TEST_CASE("attention: PI0_*_ATTENTION overrides the default, and a bad value is 
     CHECK(std::string(e.what()) == "PI0_TEST_ATTENTION_CHOICE=tiled: expected gemm or fused");
   }
   ::unsetenv(kVariable);
+}
+
+// The PI0_* on/off knobs (PI0_LAYER_WAITS, PI0_DECODER_PREFETCH, ...): "off" or "true" must not be
+// read as one or the other by its first character.
+TEST_CASE("an on/off knob takes 0 or 1 and names itself otherwise", "[attention]") {
+  const char* name = "PI0_TEST_SWITCH";
+  {
+    const pi0::test::ScopedEnv unset(name, nullptr);
+    CHECK(pi0::env_switch(name, true));
+    CHECK_FALSE(pi0::env_switch(name, false));
+  }
+  {
+    const pi0::test::ScopedEnv empty(name, "");
+    CHECK(pi0::env_switch(name, true));
+  }
+  {
+    const pi0::test::ScopedEnv on(name, "1");
+    CHECK(pi0::env_switch(name, false));
+  }
+  {
+    const pi0::test::ScopedEnv off(name, "0");
+    CHECK_FALSE(pi0::env_switch(name, true));
+  }
+  for (const char* bad : {"off", "true", "00", "10", "1 ", "yes"}) {
+    const pi0::test::ScopedEnv set(name, bad);
+    try {
+      (void)pi0::env_switch(name, true);
+      FAIL("no error for '" << bad << "'");
+    } catch (const pi0::Error& e) {
+      CHECK(std::string(e.what()) == std::string("PI0_TEST_SWITCH must be 0 or 1, not '") + bad + "'");
+    }
+  }
 }

@@ -97,6 +97,11 @@ TEST_CASE("a malformed gemm table is refused with its line") {
           "table.tsv line 1: candidate must be 0..9999, got '" + index + "'");
   CHECK(parse_error(kQkv + "\t9999\talgo 66\n").empty());
   CHECK(parse_error("\t1\talgo 66\n") == "table.tsv line 1: empty shape or description");
+  // Keys no shape can equal: a trailing blank, a byte-order mark, another word.
+  for (const std::string& key : {kQkv + " ", "\xef\xbb\xbf" + kQkv, std::string("shape m=1")})
+    CHECK(parse_error(key + "\t1\talgo 66\n") ==
+          "table.tsv line 1: the shape must be 'gemm m=...' as the table's writer gives it, with "
+          "no blanks around it");
   CHECK(parse_error(kQkv + "\t1\t\n") == "table.tsv line 1: empty shape or description");
   CHECK(parse_error(ok + ok) == "table.tsv line 2: a second entry for '" + kQkv + "'");
 }
@@ -108,7 +113,15 @@ TEST_CASE("a gemm table file that is missing or cannot be written is named") {
     (void)GemmTable::load(missing);
     FAIL("loading a missing table did not throw");
   } catch (const pi0::Error& e) {
-    CHECK(std::string(e.what()) == "GEMM table " + missing + " cannot be opened");
+    CHECK(std::string(e.what()) ==
+          "GEMM table " + missing + " cannot be opened: No such file or directory");
+  }
+  try {
+    (void)GemmTable::load(fs::temp_directory_path().string());
+    FAIL("loading a directory did not throw");
+  } catch (const pi0::Error& e) {
+    CHECK(std::string(e.what()) ==
+          "GEMM table " + fs::temp_directory_path().string() + " is a directory");
   }
   GemmTable table;
   table.set(kQkv, GemmChoice{0, "algo 66"});

@@ -16,6 +16,7 @@
 #include "driver_entry.hpp"
 #include "layer_wait_internal.hpp"
 #include "pi0/check.hpp"
+#include "pi0/config.hpp"
 #include "pi0/cuda/layer_signal.hpp"
 
 namespace pi0::cuda {
@@ -48,8 +49,7 @@ void check_driver(CUresult result, const char* what) {
 }  // namespace
 
 bool frontend_waits_enabled() {
-  const char* v = std::getenv("PI0_FRONTEND_WAITS");
-  return !(v && v[0] == '0') && frontend_waits_supported();
+  return env_switch("PI0_FRONTEND_WAITS", true) && frontend_waits_supported();
 }
 
 int frontend_wait_layers(int layers) {

@@ -22,6 +22,7 @@
 #include "cluster_combine.cuh"
 #include "mma_primitives.cuh"
 #include "pi0/check.hpp"
+#include "pi0/config.hpp"
 #include "pi0/cuda/device.hpp"
 #include "pi0/cuda/fused_attention.hpp"
 #include "programmatic.cuh"
@@ -421,10 +422,9 @@ FusedAttentionShape plan_fused_attention(FusedAttentionShape s) {
             "fused attention: row strides must cover the head and keep rows 16-byte aligned");
   // Whole key ranges in shared memory where they fit (PI0_FUSED_ATTENTION_RESIDENT=0 keeps the
   // clustered kernel, for comparisons).
-  const char* want_resident = std::getenv("PI0_FUSED_ATTENTION_RESIDENT");
   s.resident = s.keys <= kResidentMaxKeys && s.head_dim <= kResidentMaxHead &&
                row_blocks(s) * problems(s) <= kResidentMaxCtas &&
-               !(want_resident && want_resident[0] == '0');
+               env_switch("PI0_FUSED_ATTENTION_RESIDENT", true);
   if (s.resident) {
     s.splits = 1;
     return s;

@@ -1,7 +1,12 @@
 #include "pi0/cuda/gemm_table.hpp"
 
+#include <spdlog/spdlog.h>
+
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <mutex>
 #include <optional>
@@ -97,6 +102,10 @@ GemmTable GemmTable::parse(std::istream& in, const std::string& source) {
     GemmChoice choice;
     choice.algo = line.substr(tab2 + 1);
     PI0_CHECK(!shape.empty() && !choice.algo.empty(), where + ": empty shape or description");
+    // A key no GemmShape::describe() can equal would never match, silently.
+    PI0_CHECK(shape.rfind("gemm m=", 0) == 0 && shape.back() != ' ',
+              where + ": the shape must be 'gemm m=...' as the table's writer gives it, with no "
+                      "blanks around it");
     const long candidate = plain_digits(index, 4) ? std::strtol(index.c_str(), nullptr, 10) : -1;
     PI0_CHECK(candidate >= 0 && candidate <= kMaxGemmTableIndex,
               where + ": candidate must be 0.." + std::to_string(kMaxGemmTableIndex) + ", got '" +
@@ -110,8 +119,12 @@ GemmTable GemmTable::parse(std::istream& in, const std::string& source) {
 }
 
 GemmTable GemmTable::load(const std::string& path) {
+  std::error_code ec;
+  PI0_CHECK(!std::filesystem::is_directory(path, ec), "GEMM table " + path + " is a directory");
+  errno = 0;
   std::ifstream in(path);
-  PI0_CHECK(in.is_open(), "GEMM table " + path + " cannot be opened");
+  PI0_CHECK(in.is_open(), "GEMM table " + path + " cannot be opened" +
+                              (errno ? std::string(": ") + std::strerror(errno) : std::string()));
   return parse(in, "GEMM table " + path);
 }
 
@@ -158,7 +171,13 @@ const GemmTable* process_gemm_table() {
   static const std::optional<GemmTable> table = []() -> std::optional<GemmTable> {
     const char* path = std::getenv("PI0_GEMM_TABLE");
     if (path == nullptr || *path == '\0') return std::nullopt;
-    return GemmTable::load(path);
+    GemmTable loaded = GemmTable::load(path);
+    // A table with no entries changes nothing: say so, since it was asked for.
+    if (loaded.size() == 0)
+      spdlog::warn("GEMM table {} has no entries: every GEMM takes cuBLASLt's heuristic", path);
+    else
+      spdlog::info("GEMM table {}: {} entries", path, loaded.size());
+    return loaded;
   }();
   return table ? &*table : nullptr;
 }

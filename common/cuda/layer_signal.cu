@@ -6,6 +6,7 @@
 
 #include "layer_wait_internal.hpp"
 #include "pi0/check.hpp"
+#include "pi0/config.hpp"
 #include "pi0/cuda/layer_signal.hpp"
 #include "pi0/cuda/timestamp.hpp"
 #include "programmatic.cuh"
@@ -82,8 +83,7 @@ void load_layer_signal_kernels() {
 }
 
 bool layer_handoff_wanted(bool mps_client) {
-  const char* v = std::getenv("PI0_LAYER_WAITS");
-  return mps_client && !(v && v[0] == '0');
+  return mps_client && env_switch("PI0_LAYER_WAITS", true);
 }
 
 void signal_layer(uint64_t* counter, const uint64_t* generation, uint64_t* stamp,

@@ -1,5 +1,8 @@
 #include "pi0/config.hpp"
 
+#include <cstdlib>
+#include <string>
+
 #include "pi0/check.hpp"
 
 namespace pi0 {
@@ -95,6 +98,15 @@ StageSizes stage_sizes(const ModelConfig& c, const RunShape& s) {
   z.kv_slot_rows = s.prefix_len(c) + s.chunk + 1;
   z.kv_slot_values = static_cast<size_t>(c.lm_layers) * 2 * z.kv_slot_rows * c.head_dim;
   return z;
+}
+
+bool env_switch(const char* name, bool fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  const std::string value(v);
+  PI0_CHECK(value == "0" || value == "1",
+            std::string(name) + " must be 0 or 1, not '" + value + "'");
+  return value == "1";
 }
 
 }  // namespace pi0

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "pi0/check.hpp"
+#include "pi0/config.hpp"
 #include "pi0/cuda/attention.hpp"
 #include "pi0/cuda/decoder_layers.hpp"
 #include "pi0/cuda/device.hpp"
@@ -191,8 +192,7 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   s_gu = skinny_shape(rows, 2 * am, aw, am, cuda::SkinnyOut::kGeglu, false);
   s_down = skinny_shape(rows, aw, am, aw, cuda::SkinnyOut::kF32Accumulate, false);
   s_aout = skinny_shape(c, ad, aw, ad, cuda::SkinnyOut::kF32Accumulate, true);
-  const char* want_skinny = std::getenv("PI0_DECODER_SKINNY");
-  skinny = want_skinny && want_skinny[0] == '1';
+  skinny = env_switch("PI0_DECODER_SKINNY", false);
   for (const cuda::SkinnyShape* s : {&s_amlp, &s_qkv, &s_o, &s_gu, &s_down, &s_aout})
     skinny = skinny && cuda::skinny_supported(*s);
   if (skinny && max_batch > 1) {
@@ -220,9 +220,8 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
                  transposed_weights ? ", layer weights transposed" : "");
   }
 
-  const char* want_layers = std::getenv("PI0_DECODER_LAYERS");
   const bool layers_wanted =
-      options.decoder_persistent_layers || (want_layers && want_layers[0] == '1');
+      options.decoder_persistent_layers || env_switch("PI0_DECODER_LAYERS", false);
   cuda::DecoderLayersShape layers_shape;
   layers_shape.rows = rows;
   layers_shape.prefix = prefix;
@@ -243,9 +242,8 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   }
 
   fold_norms = !skinny && !layers_kernel.valid();
-  const char* want_glue = std::getenv("PI0_DECODER_STEP_GLUE");  // 0: the six kernels
   step_glue = fold_norms && cuda::flow_step_glue_supported(cfg.action_width, cfg.action_dim) &&
-              !(want_glue && want_glue[0] == '0');
+              env_switch("PI0_DECODER_STEP_GLUE", true);  // 0: the six kernels
 
   state_w = memory.weight(cuda::upload_tensor(w, "decoder_state_in_proj_w"));
   auto upload_residual_bias = [&](const char* name) {
@@ -379,8 +377,7 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
     memory.add_workspace(first_step_attention.scratch_bytes());
   }
 
-  const char* want_prefetch = std::getenv("PI0_DECODER_PREFETCH");
-  prefetch = !(want_prefetch && want_prefetch[0] == '0');
+  prefetch = env_switch("PI0_DECODER_PREFETCH", true);
 
   const double steps = cfg.flow_steps;
   const double per_layer = one.qkv.shape().flops() + one.o.shape().flops() +

@@ -60,6 +60,11 @@ struct ModelConfig {
 ModelConfig model_config(const std::string& name);  // throws pi0::Error for an unknown name
 std::vector<std::string> model_config_names();
 
+// An on/off switch from the environment (the PI0_* knobs): "1" on, "0" off, unset or empty
+// `fallback`. Anything else ("off", "true", "00") throws pi0::Error naming the variable, rather
+// than being read as one or the other.
+bool env_switch(const char* name, bool fallback);
+
 // The longest prompt a run takes (RunShape::validate, the weights file's language_embeds).
 inline constexpr int kMaxPromptLen = 4096;
 

@@ -108,3 +108,26 @@ TEST_CASE("an on/off knob takes 0 or 1 and names itself otherwise", "[attention]
     }
   }
 }
+
+TEST_CASE("a numeric knob takes a whole number in its range and names itself otherwise",
+          "[attention]") {
+  const char* name = "PI0_TEST_NUMBER";
+  {
+    const pi0::test::ScopedEnv unset(name, nullptr);
+    CHECK(pi0::env_integer(name, 0, 100, 7) == 7);
+  }
+  {
+    const pi0::test::ScopedEnv set(name, "100");
+    CHECK(pi0::env_integer(name, 0, 100, 7) == 100);
+  }
+  for (const char* bad : {"20s", "abc", "101", "-1", " 5", "+5", "99999999999999999999"}) {
+    const pi0::test::ScopedEnv set(name, bad);
+    try {
+      (void)pi0::env_integer(name, 0, 100, 7);
+      FAIL("no error for '" << bad << "'");
+    } catch (const pi0::Error& e) {
+      CHECK(std::string(e.what()) ==
+            std::string("PI0_TEST_NUMBER must be a whole number from 0 to 100, not '") + bad + "'");
+    }
+  }
+}

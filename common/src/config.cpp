@@ -1,5 +1,6 @@
 #include "pi0/config.hpp"
 
+#include <cerrno>
 #include <cstdlib>
 #include <string>
 
@@ -98,6 +99,20 @@ StageSizes stage_sizes(const ModelConfig& c, const RunShape& s) {
   z.kv_slot_rows = s.prefix_len(c) + s.chunk + 1;
   z.kv_slot_values = static_cast<size_t>(c.lm_layers) * 2 * z.kv_slot_rows * c.head_dim;
   return z;
+}
+
+long env_integer(const char* name, long lo, long hi, long fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  const std::string value(v);
+  errno = 0;
+  char* end = nullptr;
+  const long n = std::strtol(v, &end, 10);
+  PI0_CHECK(errno == 0 && *end == '\0' && value.find_first_of(" \t+") == std::string::npos &&
+                n >= lo && n <= hi,
+            std::string(name) + " must be a whole number from " + std::to_string(lo) + " to " +
+                std::to_string(hi) + ", not '" + value + "'");
+  return n;
 }
 
 bool env_switch(const char* name, bool fallback) {

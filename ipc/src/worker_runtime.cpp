@@ -13,6 +13,7 @@
 #include <cstring>
 
 #include "pi0/check.hpp"
+#include "pi0/config.hpp"
 #include "pi0/log.hpp"
 
 namespace pi0::ipc {
@@ -301,9 +302,8 @@ void WorkerRuntime::send_stopped() noexcept {
 
 WeightStore load_stage_weights(const WorkerOptions& o, WeightSet set) {
   // Tests stand in for a slow load with this (pi0's weights take tens of seconds on a GPU).
-  if (const char* delay = std::getenv("PI0_TEST_LOAD_DELAY_MS")) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(std::clamp(std::atoi(delay), 0, 60000)));
-  }
+  std::this_thread::sleep_for(
+      std::chrono::milliseconds(env_integer("PI0_TEST_LOAD_DELAY_MS", 0, 60000, 0)));
   if (o.weights_path.empty()) {
     return WeightStore::random(o.config, o.shape.prompt_len, o.weight_seed, set);
   }

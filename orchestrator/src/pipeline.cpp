@@ -14,6 +14,7 @@
 #include <thread>
 
 #include "pi0/check.hpp"
+#include "pi0/config.hpp"
 #include "pi0/cuda/device_report.hpp"
 #include "pi0/frame_inputs.hpp"
 #include "pi0/ipc/control_block.hpp"
@@ -482,10 +483,8 @@ void Pipeline::stop_workers() {
   Message stop = ipc::make_message(MsgType::kStop, ipc::Role::kOrchestrator);
   stop_sent_ = true;
   // A test lengthens the look to reproduce a worker that exits between two looks.
-  static const auto poll = std::chrono::milliseconds([] {
-    const char* e = std::getenv("PI0_ORCHESTRATOR_STOP_POLL_MS");
-    return e && e[0] ? std::clamp(std::atoi(e), 1, 1000) : 1;
-  }());
+  static const auto poll =
+      std::chrono::milliseconds(env_integer("PI0_ORCHESTRATOR_STOP_POLL_MS", 1, 1000, 1));
   const auto healthy = [this] { return workers_healthy(false); };
   if (control_.ring(RingId::kOrchToEncoder)
           .push(stop, Clock::now() + std::chrono::seconds(5), healthy) != WaitStatus::kOk) {

@@ -64,6 +64,9 @@ std::vector<std::string> model_config_names();
 // `fallback`. Anything else ("off", "true", "00") throws pi0::Error naming the variable, rather
 // than being read as one or the other.
 bool env_switch(const char* name, bool fallback);
+// A whole number from the environment, lo..hi; unset or empty `fallback`. Anything else ("20s",
+// "abc", out of range) throws pi0::Error naming the variable and the range.
+long env_integer(const char* name, long lo, long hi, long fallback);
 
 // The longest prompt a run takes (RunShape::validate, the weights file's language_embeds).
 inline constexpr int kMaxPromptLen = 4096;

@@ -58,6 +58,18 @@ SweepResult synthetic() {
   return s;
 }
 
+// What print_sweep writes for `s`.
+std::string printed(const SweepResult& s) {
+  std::FILE* out = std::tmpfile();
+  REQUIRE(out != nullptr);
+  print_sweep(s, out);
+  std::rewind(out);
+  std::string text;
+  for (int c = std::fgetc(out); c != EOF; c = std::fgetc(out)) text.push_back(static_cast<char>(c));
+  std::fclose(out);
+  return text;
+}
+
 }  // namespace
 
 TEST_CASE("sweep picks the best split among the runs that succeeded", "[orchestrator][sweep]") {
@@ -149,13 +161,7 @@ TEST_CASE("a failed sequential baseline gives no latency comparison", "[orchestr
   s.baselines.push_back(
       baseline("mps-100/100-sequential", "sequential", 0, 0, "decoder_worker died"));
   s.baselines.back().latency_p50_ms = 0;
-  std::FILE* out = std::tmpfile();
-  REQUIRE(out != nullptr);
-  print_sweep(s, out);
-  std::rewind(out);
-  std::string text;
-  for (int c = std::fgetc(out); c != EOF; c = std::fgetc(out)) text.push_back(static_cast<char>(c));
-  std::fclose(out);
+  const std::string text = printed(s);
   CHECK(text.find("mps-100/100-sequential   failed: decoder_worker died") != std::string::npos);
   CHECK(text.find("latency vs single-process") == std::string::npos);
 }
@@ -171,13 +177,7 @@ TEST_CASE("the sweep's report names the options of its recommendation", "[orches
   s.latency_budget_ms = 16;
   choose_best_runs(s);
 
-  std::FILE* out = std::tmpfile();
-  REQUIRE(out != nullptr);
-  print_sweep(s, out);
-  std::rewind(out);
-  std::string text;
-  for (int c = std::fgetc(out); c != EOF; c = std::fgetc(out)) text.push_back(static_cast<char>(c));
-  std::fclose(out);
+  const std::string text = printed(s);
   CHECK(text.find("best for throughput: mps-100/100-sequential") != std::string::npos);
   CHECK(text.find("best within p99 <= 16.0 ms: mps-100/100-sequential") != std::string::npos);
   CHECK(text.find("--encoder-pct 100 --decoder-pct 100 --mode sequential --rate 30\n") !=

@@ -7,7 +7,10 @@
 // scale each row. The last layer stops after its K/V.
 #include "pi0/cuda_encoder.hpp"
 
+#include <spdlog/spdlog.h>
+
 #include <cmath>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -180,6 +183,22 @@ CudaEncoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
       "PI0_LM_ATTENTION", cuda::default_attention_kernels(prefix * cfg.lm_heads, prefix));
   lm_attention =
       cuda::SharedKvAttention(lt.get(), lm_attention_params, gemm_ws.get(), gemm_ws.bytes());
+  // A kernel asked for that cannot run here (no sm_90a code, a cluster that does not fit this SM
+  // share, a shape it does not take) falls back to the GEMMs: say so, loudly where a variable
+  // asked for it.
+  const auto note_fallback = [](const char* variable, const char* stage, bool asked, bool runs) {
+    if (!asked || runs) return;
+    const char* set = std::getenv(variable);
+    if (set != nullptr && *set != '\0')
+      spdlog::warn("{}: {}={} cannot run here; the attention runs as GEMMs", stage, variable, set);
+    else
+      spdlog::info("{}: its default attention kernel cannot run here; it runs as GEMMs", stage);
+  };
+  note_fallback("PI0_VISION_ATTENTION", "vision attention", vision_attention.fused,
+                v_attention.fused());
+  note_fallback("PI0_LM_ATTENTION", "lm attention",
+                lm_attention_params.kernels != cuda::AttentionKernels::kGemms,
+                lm_attention.kernels() == lm_attention_params.kernels);
   memory.add_workspace(v_attention.scratch_bytes() + lm_attention.scratch_bytes());
   flops += cfg.vision_layers * v_attention.flops() + (cfg.lm_layers - 1) * lm_attention.flops();
 

@@ -59,6 +59,10 @@ class CudaEncoderStage final : public EncoderStage {
       PI0_CHECK(*withheld != '\0' && *end == '\0' && layer >= 0 && layer < layers_,
                 std::string("PI0_TEST_WITHHOLD_LAYER_SIGNAL: expected a Gemma layer from 0 to ") +
                     std::to_string(layers_ - 1) + ", got '" + withheld + "'");
+      // Only the per-layer hand-off reads the layer signals: elsewhere nothing would be withheld.
+      PI0_CHECK(signal_layers_,
+                "PI0_TEST_WITHHOLD_LAYER_SIGNAL needs the per-layer hand-off (an MPS client, "
+                "without PI0_LAYER_WAITS=0)");
       withheld_layer_ = static_cast<int>(layer);
       spdlog::warn("fault injection: the encoder never signals its layer {} "
                    "(PI0_TEST_WITHHOLD_LAYER_SIGNAL)",

@@ -80,6 +80,17 @@ bool any_error(const std::vector<Message>& messages) {
   return false;
 }
 
+// SIGTERM to the worker: it exits with status 0, reports no error to the orchestrator and says why.
+void check_quiet_stop(FakeRun& run, RingId to_orchestrator) {
+  REQUIRE(::kill(run.worker.pid(), SIGTERM) == 0);
+  const auto status = run.worker.wait_for(10s);
+  REQUIRE(status);
+  INFO(run.worker.output());
+  CHECK(status->success());
+  CHECK_FALSE(any_error(drained(run.control.ring(to_orchestrator))));
+  CHECK(run.worker.output().find("stop signalled") != std::string::npos);
+}
+
 }  // namespace
 
 TEST_CASE("a stop signal to a worker waiting on its peer ends it quietly with status 0",
@@ -95,23 +106,12 @@ TEST_CASE("a stop signal to a worker waiting on its peer ends it quietly with st
       REQUIRE(run.control.ring(RingId::kEncoderToDecoder)
                   .pop(handed, ipc::Clock::now() + 30s, {}) == WaitStatus::kOk);
     std::this_thread::sleep_for(100ms);  // into the wait for a free slot
-    REQUIRE(::kill(run.worker.pid(), SIGTERM) == 0);
-    const auto status = run.worker.wait_for(10s);
-    REQUIRE(status);
-    INFO(run.worker.output());
-    CHECK(status->success());
-    CHECK_FALSE(any_error(drained(run.control.ring(RingId::kEncoderToOrch))));
-    CHECK(run.worker.output().find("stop signalled") != std::string::npos);
+    check_quiet_stop(run, RingId::kEncoderToOrch);
   }
   SECTION("the decoder, waiting for a frame") {
     FakeRun run(ipc::Role::kDecoder, "tiny");
     std::this_thread::sleep_for(100ms);
-    REQUIRE(::kill(run.worker.pid(), SIGTERM) == 0);
-    const auto status = run.worker.wait_for(10s);
-    REQUIRE(status);
-    INFO(run.worker.output());
-    CHECK(status->success());
-    CHECK_FALSE(any_error(drained(run.control.ring(RingId::kDecoderToOrch))));
+    check_quiet_stop(run, RingId::kDecoderToOrch);
   }
 }
 

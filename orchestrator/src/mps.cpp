@@ -95,17 +95,22 @@ bool mark_is_current(const std::string& dir, const MpsOptions& o) {
   return marked_daemon.empty() || marked_daemon == daemon_pid(o);
 }
 
+// `path` opened (created 0600) and flock()ed with `operation`: the descriptor that holds the
+// lock until it is closed, or -1 where either fails.
+int lock_file(const std::string& path, int operation) {
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (fd >= 0 && ::flock(fd, operation) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
 // The start lock, released when it goes out of scope; nothing where the state dir is not usable.
 class StartLock {
  public:
-  explicit StartLock(const std::string& dir) {
-    if (dir.empty()) return;
-    fd_ = ::open(start_lock_path(dir).c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-    if (fd_ >= 0 && ::flock(fd_, LOCK_EX) != 0) {
-      ::close(fd_);
-      fd_ = -1;
-    }
-  }
+  explicit StartLock(const std::string& dir)
+      : fd_(dir.empty() ? -1 : lock_file(start_lock_path(dir), LOCK_EX)) {}
   ~StartLock() {
     if (fd_ >= 0) ::close(fd_);
   }
@@ -119,16 +124,12 @@ class StartLock {
 // The shared lock, taken before looking for a daemon so that a run ending meanwhile sees us; -1
 // (and a warning) where it cannot be taken: then a run quits only a daemon it started itself.
 int take_users_lock(const std::string& dir, const MpsOptions& o) {
-  const int fd =
-      dir.empty() ? -1 : ::open(users_lock_path(dir).c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-  if (fd < 0 || ::flock(fd, LOCK_SH) != 0) {
+  const int fd = dir.empty() ? -1 : lock_file(users_lock_path(dir), LOCK_SH);
+  if (fd < 0)
     spdlog::warn(
         "MPS: cannot lock {}.pi0/users.lock: a run that shares this daemon may quit it "
         "under us",
         o.pipe_dir);
-    if (fd >= 0) ::close(fd);
-    return -1;
-  }
   return fd;
 }
 
@@ -187,8 +188,8 @@ MpsDaemon MpsDaemon::start_or_adopt(const MpsOptions& o) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   if (!daemon.state_dir_.empty())
-    std::ofstream(started_marker_path(daemon.state_dir_))
-        << ::getpid() << "\n" << daemon_pid(o) << "\n";
+    std::ofstream(started_marker_path(daemon.state_dir_)) << ::getpid() << "\n"
+                                                          << daemon_pid(o) << "\n";
   spdlog::info("MPS: started the control daemon (pipe {}, log {})", o.pipe_dir, o.log_dir);
   return daemon;
 }

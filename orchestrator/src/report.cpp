@@ -62,9 +62,13 @@ std::string report_json(const std::vector<RunReport>& reports) {
   nlohmann::json out;
   out["runs"] = nlohmann::json::array();
   for (const auto& r : reports) out["runs"].push_back(report_to_json(r));
-  // Error texts come from workers (cut at 63 bytes, maybe inside a character): invalid UTF-8 is
-  // replaced rather than losing the whole file.
-  return out.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
+  return json_text(out);
+}
+
+std::string json_text(const nlohmann::json& document) {
+  // Error texts come from workers (cut at 63 bytes, maybe inside a character) and paths: invalid
+  // UTF-8 is replaced rather than losing the whole file.
+  return document.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
 }
 
 void print_report(const RunReport& r) {

@@ -28,10 +28,36 @@ double sweep_run_timeout_s(const RunOptions& o) {
   return 120.0 + per_frame * static_cast<double>(o.warmup + o.frames);
 }
 
-}  // namespace
-
 // pi0_bench's JSON as the baseline's report; nlohmann::json::exception where a field is missing.
-RunReport single_process_report(const nlohmann::json& j, const ResolvedRun& run);
+RunReport single_process_report(const nlohmann::json& j, const ResolvedRun& run) {
+  RunReport r;
+  r.label = "single-process";
+  r.backend = "cuda";
+  r.model = run.config.name;
+  r.mode = "single-process";
+  r.views = run.shape.views;
+  r.chunk = run.shape.chunk;
+  r.prompt_len = run.shape.prompt_len;
+  r.encoder_pct = r.decoder_pct = 100;
+  r.split_note = "one process, whole GPU";
+  // pi0_bench times encode+decode with CUDA events on device-resident inputs, back to back.
+  const nlohmann::json& c = j.at("cases").at(0);
+  r.frames = j.at("iters").get<uint64_t>();
+  r.latency_p50_ms = c.at("e2e_median_ms").get<double>();
+  r.latency_p99_ms = c.at("e2e_p99_ms").get<double>();
+  r.latency_max_ms = r.latency_p99_ms;
+  r.latency_mean_ms = r.latency_p50_ms;
+  r.throughput_fps = c.at("throughput_per_s").get<double>();
+  // Absent from an older pi0_bench (--worker-dir): then only the CUDA-event figure is compared.
+  r.host_to_host_p50_ms = c.value("host_to_host_median_ms", 0.0);
+  r.host_to_host_p99_ms = c.value("host_to_host_p99_ms", 0.0);
+  r.encoder.stage_ms_median = c.at("encoder_median_ms").get<double>();
+  r.decoder.stage_ms_median = c.at("decoder_median_ms").get<double>();
+  r.device_sms = cuda::device_sm_count_without_context();
+  return r;
+}
+
+}  // namespace
 
 RunReport run_single_process_baseline(const ResolvedRun& run) {
   const RunOptions& o = run.options;
@@ -88,34 +114,6 @@ RunReport run_single_process_baseline(const ResolvedRun& run) {
     // A truncated file (a full disk) or an older pi0_bench's (--worker-dir).
     throw Error("single-process baseline: cannot read pi0_bench's JSON: " + std::string(e.what()));
   }
-}
-
-RunReport single_process_report(const nlohmann::json& j, const ResolvedRun& run) {
-  RunReport r;
-  r.label = "single-process";
-  r.backend = "cuda";
-  r.model = run.config.name;
-  r.mode = "single-process";
-  r.views = run.shape.views;
-  r.chunk = run.shape.chunk;
-  r.prompt_len = run.shape.prompt_len;
-  r.encoder_pct = r.decoder_pct = 100;
-  r.split_note = "one process, whole GPU";
-  // pi0_bench times encode+decode with CUDA events on device-resident inputs, back to back.
-  const nlohmann::json& c = j.at("cases").at(0);
-  r.frames = j.at("iters").get<uint64_t>();
-  r.latency_p50_ms = c.at("e2e_median_ms").get<double>();
-  r.latency_p99_ms = c.at("e2e_p99_ms").get<double>();
-  r.latency_max_ms = r.latency_p99_ms;
-  r.latency_mean_ms = r.latency_p50_ms;
-  r.throughput_fps = c.at("throughput_per_s").get<double>();
-  // Absent from an older pi0_bench (--worker-dir): then only the CUDA-event figure is compared.
-  r.host_to_host_p50_ms = c.value("host_to_host_median_ms", 0.0);
-  r.host_to_host_p99_ms = c.value("host_to_host_p99_ms", 0.0);
-  r.encoder.stage_ms_median = c.at("encoder_median_ms").get<double>();
-  r.decoder.stage_ms_median = c.at("decoder_median_ms").get<double>();
-  r.device_sms = cuda::device_sm_count_without_context();
-  return r;
 }
 
 namespace {
@@ -344,9 +342,7 @@ std::string sweep_json(const SweepResult& s) {
   out["latency_budget_ms"] = s.latency_budget_ms;
   out["decoder_batch"] = s.decoder_batch;
   if (s.best_within_budget) out["best_within_budget"] = *s.best_within_budget;
-  // Error texts come from workers (cut at 63 bytes, maybe inside a character) and paths: invalid
-  // UTF-8 is replaced rather than losing the whole file.
-  return out.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
+  return json_text(out);
 }
 
 void write_sweep_plot(const SweepResult& s, const std::string& path) {

@@ -129,6 +129,8 @@ void print_report(const RunReport& report);
 // One run's figures as a JSON object (shared by report_json and the sweep's JSON).
 nlohmann::json report_to_json(const RunReport& report);
 std::string report_json(const std::vector<RunReport>& reports);
+// A results document as the file's text (report_json, the sweep's JSON).
+std::string json_text(const nlohmann::json& document);
 
 // Installs SIGINT/SIGTERM handlers that make running pipelines drain and stop.
 void install_stop_handlers();

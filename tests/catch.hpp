@@ -14,9 +14,9 @@
 #ifdef PI0_CATCH3
 #define PI0_SKIP(reason) SKIP(reason)
 #else
-#define PI0_SKIP(reason)           \
-  do {                             \
-    WARN("SKIPPED: " << reason);   \
-    return;                        \
+#define PI0_SKIP(reason)         \
+  do {                           \
+    WARN("SKIPPED: " << reason); \
+    return;                      \
   } while (false)
 #endif

@@ -104,7 +104,8 @@ TEST_CASE("an on/off knob takes 0 or 1 and names itself otherwise", "[attention]
       (void)pi0::env_switch(name, true);
       FAIL("no error for '" << bad << "'");
     } catch (const pi0::Error& e) {
-      CHECK(std::string(e.what()) == std::string("PI0_TEST_SWITCH must be 0 or 1, not '") + bad + "'");
+      CHECK(std::string(e.what()) ==
+            std::string("PI0_TEST_SWITCH must be 0 or 1, not '") + bad + "'");
     }
   }
 }

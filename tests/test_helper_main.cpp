@@ -47,7 +47,9 @@ constexpr std::chrono::seconds kTransferDeadline{60};
 
 pid_t g_parent = 0;
 
-bool parent_alive() { return ::getppid() == g_parent; }
+bool parent_alive() {
+  return ::getppid() == g_parent;
+}
 
 uint64_t parse_u64(const std::string& s) {
   size_t used = 0;

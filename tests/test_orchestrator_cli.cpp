@@ -57,7 +57,8 @@ std::string fake_mps_control(const std::string& dir, FakeStart start = FakeStart
             "[ -f \"$state\" ] || { echo 'Cannot find MPS control daemon process' >&2; exit 1; }\n"
             "read cmd\n"
             "case \"$cmd\" in get_server_list) exit 0;;\n"
-            "  quit) rm -f \"$state\" \"$CUDA_MPS_PIPE_DIRECTORY/nvidia-cuda-mps-control.pid\"; exit 0;;\n"
+            "  quit) rm -f \"$state\" \"$CUDA_MPS_PIPE_DIRECTORY/nvidia-cuda-mps-control.pid\"; "
+            "exit 0;;\n"
             "esac\n"
             "exit 1\n";
   script.close();
@@ -75,7 +76,8 @@ TEST_CASE("the MPS directories are normalised, and a sweep needs MPS", "[orchest
   int code = 0;
   for (const std::string& spelling :
        {dir + "/real/", dir + "/real//", dir + "/./real", dir + "/link", dir + "/x/../real"}) {
-    const auto o = parse({"--mps-pipe-dir", spelling, "--mps-log-dir", spelling + "/../log/"}, code);
+    const auto o =
+        parse({"--mps-pipe-dir", spelling, "--mps-log-dir", spelling + "/../log/"}, code);
     REQUIRE(o.has_value());
     CHECK(o->mps.pipe_dir == fs::canonical(dir + "/real").string());
     CHECK(o->mps.log_dir == fs::canonical(dir).string() + "/log");

@@ -213,9 +213,10 @@ TEST_CASE("sweep JSON and plot carry every split and skip failed ones in the cur
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE("results with invalid UTF-8 in an error text are still written, and a failed first "
-          "split does not blank the plot's title",
-          "[orchestrator][sweep]") {
+TEST_CASE(
+    "results with invalid UTF-8 in an error text are still written, and a failed first "
+    "split does not blank the plot's title",
+    "[orchestrator][sweep]") {
   SweepResult s = synthetic();
   s.points.front().error = "worker said \xe2\x82";  // cut inside a three-byte character
   s.points.front().model.clear();

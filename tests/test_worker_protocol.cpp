@@ -103,8 +103,9 @@ TEST_CASE("a stop signal to a worker waiting on its peer ends it quietly with st
                   .try_push(message(MsgType::kFrameInput, ipc::Role::kOrchestrator, f, f % 2)));
     Message handed;
     for (int i = 0; i < 2; ++i)
-      REQUIRE(run.control.ring(RingId::kEncoderToDecoder)
-                  .pop(handed, ipc::Clock::now() + 30s, {}) == WaitStatus::kOk);
+      REQUIRE(
+          run.control.ring(RingId::kEncoderToDecoder).pop(handed, ipc::Clock::now() + 30s, {}) ==
+          WaitStatus::kOk);
     std::this_thread::sleep_for(100ms);  // into the wait for a free slot
     check_quiet_stop(run, RingId::kEncoderToOrch);
   }

@@ -104,8 +104,9 @@ GemmTable GemmTable::parse(std::istream& in, const std::string& source) {
     PI0_CHECK(!shape.empty() && !choice.algo.empty(), where + ": empty shape or description");
     // A key no GemmShape::describe() can equal would never match, silently.
     PI0_CHECK(shape.rfind("gemm m=", 0) == 0 && shape.back() != ' ',
-              where + ": the shape must be 'gemm m=...' as the table's writer gives it, with no "
-                      "blanks around it");
+              where +
+                  ": the shape must be 'gemm m=...' as the table's writer gives it, with no "
+                  "blanks around it");
     const long candidate = plain_digits(index, 4) ? std::strtol(index.c_str(), nullptr, 10) : -1;
     PI0_CHECK(candidate >= 0 && candidate <= kMaxGemmTableIndex,
               where + ": candidate must be 0.." + std::to_string(kMaxGemmTableIndex) + ", got '" +

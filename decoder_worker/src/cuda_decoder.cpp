@@ -532,7 +532,7 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
       gl.t1 = t1.get();
     }
     cuda::flow_step_glue(gl, s);
-    mark(step == 0                 ? "action in + state token"
+    mark(step == 0               ? "action in + state token"
          : step < cfg.flow_steps ? "euler + action in + state token"
                                  : "euler",
          s);
@@ -563,8 +563,8 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
     if (!step_glue) {
       // Each frame's state token heads its rows.
       const size_t row_bytes = aw * residual_bytes();
-      CUDA_CHECK(cudaMemcpy2DAsync(x.get(), rows * row_bytes, state_row.get(), row_bytes,
-                                   row_bytes, count, cudaMemcpyDeviceToDevice, s));
+      CUDA_CHECK(cudaMemcpy2DAsync(x.get(), rows * row_bytes, state_row.get(), row_bytes, row_bytes,
+                                   count, cudaMemcpyDeviceToDevice, s));
       mark("state token copy", s);
     }
     if (persistent) {

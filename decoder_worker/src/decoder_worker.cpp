@@ -122,9 +122,9 @@ int run_decoder_worker(ipc::WorkerRuntime& rt) {
     }
     PI0_CHECK(type == MsgType::kSlotReady, "the encoder sent " + std::string(ipc::type_name(type)) +
                                                " where a ready slot was expected");
-    PI0_CHECK(!kv_busy[m.kv_slot], "the encoder handed over K/V slot " +
-                                       std::to_string(m.kv_slot) + " for frame " +
-                                       std::to_string(m.frame) + " while an earlier frame held it");
+    PI0_CHECK(!kv_busy[m.kv_slot], "the encoder handed over K/V slot " + std::to_string(m.kv_slot) +
+                                       " for frame " + std::to_string(m.frame) +
+                                       " while an earlier frame held it");
     kv_busy[m.kv_slot] = true;
     stage->submit(m.frame, m.input_slot, m.kv_slot);
     in_flight.push_back(m);

@@ -64,9 +64,10 @@ class CudaEncoderStage final : public EncoderStage {
                 "PI0_TEST_WITHHOLD_LAYER_SIGNAL needs the per-layer hand-off (an MPS client, "
                 "without PI0_LAYER_WAITS=0)");
       withheld_layer_ = static_cast<int>(layer);
-      spdlog::warn("fault injection: the encoder never signals its layer {} "
-                   "(PI0_TEST_WITHHOLD_LAYER_SIGNAL)",
-                   withheld_layer_);
+      spdlog::warn(
+          "fault injection: the encoder never signals its layer {} "
+          "(PI0_TEST_WITHHOLD_LAYER_SIGNAL)",
+          withheld_layer_);
     }
     generation_ = cuda::DeviceBuffer<uint64_t>(layout.kv_slots, "encoder frame generations");
     cuda::zero_device(generation_.get(), generation_.bytes());

@@ -29,9 +29,8 @@ void require_valid(const Message& m, const ipc::MessageLimits& limits, const cha
 int run_encoder_worker(ipc::WorkerRuntime& rt) {
   auto& control = rt.control();
   const auto t_load = std::chrono::steady_clock::now();
-  std::unique_ptr<EncoderStage> stage = rt.options().backend == "cuda"
-                                            ? make_cuda_encoder_stage(rt)
-                                            : make_cpu_encoder_stage(rt);
+  std::unique_ptr<EncoderStage> stage =
+      rt.options().backend == "cuda" ? make_cuda_encoder_stage(rt) : make_cpu_encoder_stage(rt);
   spdlog::info("encoder ready ({} backend, model {}, {:.1f} s to load)", rt.options().backend,
                rt.options().model,
                std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count());
@@ -60,8 +59,8 @@ int run_encoder_worker(ipc::WorkerRuntime& rt) {
     PI0_CHECK(m.type == static_cast<uint16_t>(MsgType::kSlotFree),
               "the decoder sent " + std::string(ipc::type_name(static_cast<MsgType>(m.type))) +
                   " where a slot-free message was expected");
-    PI0_CHECK(slot_busy[m.kv_slot], "the decoder freed K/V slot " + std::to_string(m.kv_slot) +
-                                        ", which was not in use");
+    PI0_CHECK(slot_busy[m.kv_slot],
+              "the decoder freed K/V slot " + std::to_string(m.kv_slot) + ", which was not in use");
     slot_busy[m.kv_slot] = false;
     stage->slot_returned(m.kv_slot);
     free_slots.push_back(m.kv_slot);
@@ -95,9 +94,9 @@ int run_encoder_worker(ipc::WorkerRuntime& rt) {
       spdlog::info("encoder stopped");
       return 0;
     }
-    PI0_CHECK(type == MsgType::kFrameInput,
-              "the orchestrator sent " + std::string(ipc::type_name(type)) +
-                  " where a frame was expected");
+    PI0_CHECK(type == MsgType::kFrameInput, "the orchestrator sent " +
+                                                std::string(ipc::type_name(type)) +
+                                                " where a frame was expected");
 
     Message free_msg;
     while (from_decoder.try_pop(free_msg)) take_slot_free(free_msg);
@@ -124,11 +123,12 @@ int run_encoder_worker(ipc::WorkerRuntime& rt) {
     ready.input_slot = m.input_slot;
     ready.submit_ns = m.submit_ns;
     ready.encode_ns = static_cast<uint64_t>((t1 - t0).count());
-    const WaitStatus ps = to_decoder.push(ready, ipc::WorkerRuntime::after(kSlotWaitSeconds), peers_ok);
+    const WaitStatus ps =
+        to_decoder.push(ready, ipc::WorkerRuntime::after(kSlotWaitSeconds), peers_ok);
     if (ps == WaitStatus::kPeerDead && stopped()) return 0;
     PI0_CHECK(ps == WaitStatus::kOk, std::string("could not hand frame ") +
-                                         std::to_string(m.frame) + " to the decoder: " +
-                                         ipc::wait_status_name(ps));
+                                         std::to_string(m.frame) +
+                                         " to the decoder: " + ipc::wait_status_name(ps));
   }
 }
 

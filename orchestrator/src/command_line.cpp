@@ -204,13 +204,15 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
     return std::nullopt;
   }
   if (o.sweep && o.no_mps) {
-    std::fprintf(stderr, "orchestrator: error: --sweep splits the GPU through MPS: drop --no-mps "
-                         "(its no-MPS baseline runs anyway)\n");
+    std::fprintf(stderr,
+                 "orchestrator: error: --sweep splits the GPU through MPS: drop --no-mps "
+                 "(its no-MPS baseline runs anyway)\n");
     exit_code = 2;
     return std::nullopt;
   }
   if (o.mps.pipe_dir.empty() || o.mps.log_dir.empty()) {
-    std::fprintf(stderr, "orchestrator: error: --mps-pipe-dir and --mps-log-dir must not be empty\n");
+    std::fprintf(stderr,
+                 "orchestrator: error: --mps-pipe-dir and --mps-log-dir must not be empty\n");
     exit_code = 2;
     return std::nullopt;
   }

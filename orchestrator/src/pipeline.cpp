@@ -470,12 +470,10 @@ void Pipeline::feed(std::vector<float>* actions) {
     // The rate at which frames complete: N frames end N - 1 intervals apart. (N over the wall time
     // would count one latency too few intervals at a camera rate: 30.1 frames/s at 30 Hz.) One
     // frame has no rate.
-    const double completing_s =
-        std::chrono::duration<double>(t_last_done - t_first_done).count();
-    report_.throughput_fps =
-        latencies_ms_.size() > 1 && completing_s > 0
-            ? static_cast<double>(latencies_ms_.size() - 1) / completing_s
-            : 0;
+    const double completing_s = std::chrono::duration<double>(t_last_done - t_first_done).count();
+    report_.throughput_fps = latencies_ms_.size() > 1 && completing_s > 0
+                                 ? static_cast<double>(latencies_ms_.size() - 1) / completing_s
+                                 : 0;
   }
 }
 

@@ -81,11 +81,8 @@ class CudaDecoderStage final : public DecoderStage {
     pool_ =
         ipc::IpcDeviceMemory::open_imported(cuda_block.kv_pool_handle, cuda_block.kv_pool_bytes);
     layers_ = o.config.lm_layers;
-    // The encoder's stamps: a finish time per slot, then a counter per slot and Gemma layer, as
-    // the encoder sized them from the same layout and model.
     encoder_stamps_ = ipc::IpcDeviceMemory::open_imported(
-        cuda_block.timestamp_handle,
-        sizeof(uint64_t) * layout.kv_slots * (1 + static_cast<size_t>(layers_)));
+        cuda_block.timestamp_handle, ipc::encoder_stamp_bytes(layout.kv_slots, layers_));
     wait_layers_ = cuda::layer_handoff_wanted(device.mps_enabled != 0);
     // Every layer's wait but the last in the stream's front end (pi0/cuda/layer_signal.hpp): a
     // slot's counters must then be 0 until its frame's signals, which the encoder's warm-up

@@ -49,8 +49,7 @@ class CudaEncoderStage final : public EncoderStage {
     // layer holding the generation (frame + 1) last written there; 0 is no frame.
     layers_ = o.config.lm_layers;
     timestamps_ = ipc::IpcDeviceMemory::allocate_exported(
-        sizeof(uint64_t) * layout.kv_slots * (1 + static_cast<size_t>(layers_)),
-        cuda_block.timestamp_handle);
+        ipc::encoder_stamp_bytes(layout.kv_slots, layers_), cuda_block.timestamp_handle);
     cuda::zero_device(timestamps_.get(), timestamps_.bytes());
     signal_layers_ = cuda::layer_handoff_wanted(device.mps_enabled != 0);
     if (const char* withheld = std::getenv("PI0_TEST_WITHHOLD_LAYER_SIGNAL")) {

@@ -65,6 +65,11 @@ struct CudaIpcBlock {
   std::atomic<uint32_t> published;
   uint32_t reserved;
 };
+// The bytes behind timestamp_handle: a finish time per K/V slot, then a counter per slot and Gemma
+// layer. The encoder allocates them and the decoder maps them, each sizing them alike.
+inline size_t encoder_stamp_bytes(uint32_t kv_slots, int lm_layers) {
+  return sizeof(uint64_t) * kv_slots * (1 + static_cast<size_t>(lm_layers));
+}
 // Every handle above is written.
 inline constexpr uint32_t kCudaHandlesPublished = 1;
 // And the encoder's warm-up is done: from now on it writes the slots' layer counters only for

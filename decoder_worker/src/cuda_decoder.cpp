@@ -35,6 +35,7 @@
 #include "pi0/cuda/l2_prefetch.hpp"
 #include "pi0/cuda/layer_signal.hpp"
 #include "pi0/cuda/op_timer.hpp"
+#include "pi0/cuda/qkv_rope.hpp"
 #include "pi0/cuda/skinny_gemm.hpp"
 #include "pi0/cuda/weights.hpp"
 #include "pi0/reference.hpp"
@@ -123,7 +124,17 @@ struct CudaDecoder::Impl {
   // PI0_DECODER_PREFETCH=0 turns it off.
   bool prefetch = false;
   cuda::L2Prefetcher prefetcher;
-  void prefetch_layer_weights(int layer, Bf16* const* kv_slots, int count, cudaStream_t s);
+  void prefetch_layer_weights(int layer, Bf16* const* kv_slots, int count, cudaStream_t s,
+                              bool next_reads_qkv_wt = false);
+  // Flow steps 2-10 of one-frame passes run the qkv product, its folded norm, RoPE and the K/V
+  // write as one kernel (qkv_rope.hpp, over W^T: qkv_wt) instead of cuBLASLt's product and
+  // rope_split_qkv: one kernel boundary fewer a layer-step (V=2 on an H100: 12.93-13.04
+  // -> 12.77-12.80 ms, bench/NOTES.md v37). The first step keeps the two kernels: beside the
+  // encoder, 80 CTAs of 193 KB of shared memory each would wait for SMs the encoder's GEMMs hold
+  // (v28). PI0_DECODER_QKV_ROPE=0 turns it off.
+  bool qkv_rope_later = false;
+  DeviceBuffer<Bf16> qkv_wt;
+  cuda::QkvRopeShape qkv_rope_shape;
 
   std::vector<cuda::TunableGemm> tunables;  // with options.autotune_inplace
 
@@ -244,6 +255,10 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   fold_norms = !skinny && !layers_kernel.valid();
   step_glue = fold_norms && cuda::flow_step_glue_supported(cfg.action_width, cfg.action_dim) &&
               env_switch("PI0_DECODER_STEP_GLUE", true);  // 0: the six kernels
+  qkv_rope_shape = {rows, cfg.action_width, cfg.lm_heads, cfg.head_dim};
+  qkv_rope_later = fold_norms && env_switch("PI0_DECODER_QKV_ROPE", true) &&
+                   cuda::qkv_rope_supported(qkv_rope_shape) &&
+                   cuda::qkv_rope_fits_at_once(qkv_rope_shape);
 
   state_w = memory.weight(cuda::upload_tensor(w, "decoder_state_in_proj_w"));
   auto upload_residual_bias = [&](const char* name) {
@@ -268,6 +283,8 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
     return cuda::upload(cuda::transpose_layers(t.data, layers, in, out),
                         "weight " + name + " transposed");
   };
+  if (qkv_rope_later)
+    qkv_wt = memory.weight(upload_transposed("decoder_attn_qkv_w", aw, qkv_width));
   if (transposed_weights) {
     qkv_w = memory.weight(upload_transposed("decoder_attn_qkv_w", aw, qkv_width));
     o_w = memory.weight(upload_transposed("decoder_attn_o_w", qw, aw));
@@ -458,7 +475,7 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
 }
 
 void CudaDecoder::Impl::prefetch_layer_weights(int layer, Bf16* const* kv_slots, int count,
-                                               cudaStream_t s) {
+                                               cudaStream_t s, bool next_reads_qkv_wt) {
   const size_t aw = cfg.action_width, am = cfg.action_mlp, qw = cfg.lm_q_width();
   const size_t qkv_width = cfg.qkv_width(), l = layer;
   const size_t next = (l + 1) % static_cast<size_t>(cfg.lm_layers);
@@ -466,7 +483,8 @@ void CudaDecoder::Impl::prefetch_layer_weights(int layer, Bf16* const* kv_slots,
       {o_w.get() + l * qw * aw, qw * aw * sizeof(Bf16)},
       {gate_up_w.get() + l * aw * 2 * am, aw * 2 * am * sizeof(Bf16)},
       {down_w.get() + l * am * aw, am * aw * sizeof(Bf16)},
-      {qkv_w.get() + next * aw * qkv_width, aw * qkv_width * sizeof(Bf16)}};
+      {(next_reads_qkv_wt ? qkv_wt.get() : qkv_w.get()) + next * aw * qkv_width,
+       aw * qkv_width * sizeof(Bf16)}};
   // And each frame's K and V blocks (adjacent in the slot) for the next layer's attention: 4 + at
   // most 4 frames a pass (max_decode_batch) fit kMaxL2Ranges.
   int n = 4;
@@ -582,24 +600,38 @@ void CudaDecoder::Impl::forward(Bf16* const* kv_slots, int count, const Bf16* st
         cuda::rms_norm(x.f32.get(), h.get(), pass_rows, aw, cfg.rms_eps, s);
         mark("rmsnorm", s);
       }
-      if (skinny) {
-        cuda::skinny_gemm(s_qkv, h.get(), qkv_w.get() + ll * aw * qkv_width, qkv.get(), nullptr, s);
+      const bool fused_qkv = qkv_rope_later && step > 0 && count == 1;
+      // Whether the layer after this one reads W^T (the prefetch brings that copy).
+      const bool next_fused =
+          qkv_rope_later && count == 1 && (l + 1 < cfg.lm_layers ? step > 0 : true);
+      if (fused_qkv) {
+        cuda::qkv_rope(qkv_rope_shape, normed(), qkv_wt.get() + ll * aw * qkv_width, q.get(),
+                       kv_slice(kv_slots[0], l, 0) + suffix, kv_slice(kv_slots[0], l, 1) + suffix,
+                       prefix, cfg.rope_theta, cfg.rms_eps, s);
+        mark("qkv + rms + rope + kv write", s);
+        if (prefetch) prefetch_layer_weights(l, kv_slots, count, s, next_fused);
       } else {
-        gl.qkv.run(normed(), qkv_w.get() + ll * aw * qkv_width, qkv.get(), nullptr, s);
+        if (skinny) {
+          cuda::skinny_gemm(s_qkv, h.get(), qkv_w.get() + ll * aw * qkv_width, qkv.get(), nullptr,
+                            s);
+        } else {
+          gl.qkv.run(normed(), qkv_w.get() + ll * aw * qkv_width, qkv.get(), nullptr, s);
+        }
+        mark("qkv gemm", s);
+        // While the first step follows the encoder layer by layer, the encoder runs beside it:
+        // prefetching would take DRAM bandwidth and L2 from the stage being waited for (single
+        // process, H100: V=2 14.01 against 14.10-14.14 ms with it).
+        if (prefetch && !(waits && step == 0))
+          prefetch_layer_weights(l, kv_slots, count, s, next_fused);
+        for (int f = 0; f < count; ++f) {
+          Bf16* k = kv_slice(kv_slots[f], l, 0);
+          Bf16* v = kv_slice(kv_slots[f], l, 1);
+          cuda::rope_split_qkv(qkv.get() + frame_row(f) * qkv_width, rows, cfg.lm_heads,
+                               cfg.head_dim, prefix, cfg.rope_theta, q.get() + frame_row(f) * qw,
+                               k + suffix, v + suffix, s, rms_of_frame(f));
+        }
+        mark(fold_norms ? "rms + rope + kv write" : "rope + kv write", s);
       }
-      mark("qkv gemm", s);
-      // While the first step follows the encoder layer by layer, the encoder runs beside it:
-      // prefetching would take DRAM bandwidth and L2 from the stage being waited for (single
-      // process, H100: V=2 14.01 against 14.10-14.14 ms with it).
-      if (prefetch && !(waits && step == 0)) prefetch_layer_weights(l, kv_slots, count, s);
-      for (int f = 0; f < count; ++f) {
-        Bf16* k = kv_slice(kv_slots[f], l, 0);
-        Bf16* v = kv_slice(kv_slots[f], l, 1);
-        cuda::rope_split_qkv(qkv.get() + frame_row(f) * qkv_width, rows, cfg.lm_heads, cfg.head_dim,
-                             prefix, cfg.rope_theta, q.get() + frame_row(f) * qw, k + suffix,
-                             v + suffix, s, rms_of_frame(f));
-      }
-      mark(fold_norms ? "rms + rope + kv write" : "rope + kv write", s);
       wait_for_layer(step, l);
       cuda::SharedKvAttention& att = attention_for(step);
       for (int f = 0; f < count; ++f) {

@@ -21,6 +21,7 @@
 #include "pi0/cuda/kernels.hpp"
 #include "pi0/cuda/l2_prefetch.hpp"
 #include "pi0/cuda/layer_signal.hpp"
+#include "pi0/cuda/qkv_rope.hpp"
 #include "pi0/cuda/wgmma_attention.hpp"
 #include "pi0/reference_ops.hpp"
 
@@ -308,6 +309,71 @@ void check_shared_kv(int queries, int keys, int heads, int hd, int limited_queri
 
 }  // namespace
 
+// The decoder's qkv product, folded norm, RoPE and Q/K/V split as one kernel, against the
+// reference ops: X W^T' in fp32, each row scaled by its RMS, then RoPE on Q and K. The decoder's
+// shape (one frame of 64 rows, and C = 50's 51), a few rows, and a narrower product (k 128, one
+// query head: two blocks of K, 24 CTAs).
+TEST_CASE("the fused qkv product with its norm and rope matches the reference", "[gpu]") {
+  struct Case {
+    int rows, k, heads, first;
+  };
+  const cuda::QkvRopeShape decoder{64, 1024, 8, 256};
+  if (!cuda::qkv_rope_supported(decoder)) {
+    PI0_SKIP("this binary has no sm_90a code for this GPU");
+  }
+  for (const Case cs : {Case{64, 1024, 8, 576}, Case{51, 1024, 8, 583}, Case{9, 1024, 8, 40},
+                        Case{33, 128, 1, 7}}) {
+    const int rows = cs.rows, kd = cs.k, heads = cs.heads, hd = 256, n = (heads + 2) * hd;
+    const float eps = 1e-6f, theta = 10000.0f;
+    const auto x = rounded(random_floats(static_cast<size_t>(rows) * kd, 70, 1.5f, 0.2f));
+    const auto wt = rounded(
+        random_floats(static_cast<size_t>(n) * kd, 71, 1.0f / std::sqrt(static_cast<float>(kd))));
+    auto dx = up(to_bf16(x));
+    auto dwt = up(to_bf16(wt));
+    auto q = poisoned<Bf16>(static_cast<size_t>(rows) * heads * hd);
+    auto k = poisoned<Bf16>(static_cast<size_t>(rows) * hd);
+    auto v = poisoned<Bf16>(static_cast<size_t>(rows) * hd);
+    const cuda::QkvRopeShape shape{rows, kd, heads, hd};
+    REQUIRE(cuda::qkv_rope_supported(shape));
+    cuda::qkv_rope(shape, dx.get(), dwt.get(), q.get(), k.get(), v.get(), cs.first, theta, eps,
+                   nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+
+    std::vector<float> rq(q.size()), rk(k.size()), rv(v.size());
+    for (int r = 0; r < rows; ++r) {
+      const float* xr = x.data() + static_cast<size_t>(r) * kd;
+      double squares = 0.0;
+      for (int i = 0; i < kd; ++i) squares += static_cast<double>(xr[i]) * xr[i];
+      const double sr = 1.0 / std::sqrt(squares / kd + eps);
+      for (int c = 0; c < n; ++c) {
+        const float* wc = wt.data() + static_cast<size_t>(c) * kd;
+        double y = 0.0;
+        for (int i = 0; i < kd; ++i) y += static_cast<double>(xr[i]) * wc[i];
+        const float scaled = static_cast<float>(y * sr);
+        const size_t row = static_cast<size_t>(r);
+        if (c < heads * hd) {
+          rq[row * heads * hd + c] = scaled;
+        } else if (c < (heads + 1) * hd) {
+          rk[row * hd + c - heads * hd] = scaled;
+        } else {
+          rv[row * hd + c - (heads + 1) * hd] = scaled;
+        }
+      }
+    }
+    ref::rope(rq.data(), rows, heads, hd, heads * hd, cs.first, theta);
+    ref::rope(rk.data(), rows, 1, hd, hd, cs.first, theta);
+    const std::string name = std::to_string(rows) + " rows, k " + std::to_string(kd) + ", " +
+                             std::to_string(heads) + " query heads";
+    const double eq = rel_error(down_bf16(q), rq), ek = rel_error(down_bf16(k), rk),
+                 ev = rel_error(down_bf16(v), rv);
+    report("fused qkv + norm + rope q, " + name, eq);
+    report("fused qkv + norm + rope k, " + name, ek);
+    report("fused qkv + norm v, " + name, ev);
+    REQUIRE(eq < 5e-3);
+    REQUIRE(ek < 5e-3);
+    REQUIRE(ev < 5e-3);
+  }
+}
 TEST_CASE("shared kv attention matches the reference bidirectional", "[gpu]") {
   check_shared_kv(532, 532, 8, 256, 0, 0, 10);  // encoder prefix with a prompt
   check_shared_kv(40, 70, 2, 32, 0, 0, 11);     // tiny widths

@@ -1,6 +1,6 @@
 // Driver API entry points looked up through the runtime, so that nothing links libcuda (CI builds
-// without a driver). Internal to pi0_cuda: device.cpp (graph node names) and frontend_waits.cpp
-// (stream memory operations) use it.
+// without a driver). Internal to pi0_cuda: device.cpp (graph node names), frontend_waits.cpp
+// (stream memory operations) and qkv_rope.cu (tensor maps) use it.
 #pragma once
 
 #include <cuda_runtime_api.h>

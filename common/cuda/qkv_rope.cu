@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <string>
 
+#include "driver_entry.hpp"
 #include "mma_primitives.cuh"
 #include "pi0/check.hpp"
 #include "pi0/cuda/device.hpp"
@@ -186,13 +187,10 @@ __global__ void __launch_bounds__(kThreads) qkv_rope_kernel(const __grid_constan
 
 PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
-    CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000,
-                                                cudaEnableDefault, &found));
-    PI0_CHECK(found == cudaDriverEntryPointSuccess && fn != nullptr,
-              "qkv rope: the driver has no cuTensorMapEncodeTiled");
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+    PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
+    load_driver_call("cuTensorMapEncodeTiled", 12000, fn);
+    PI0_CHECK(fn != nullptr, "qkv rope: the driver has no cuTensorMapEncodeTiled");
+    return fn;
   }();
   return encode;
 }

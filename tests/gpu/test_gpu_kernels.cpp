@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstddef>
 #include <cstdlib>
 #include <initializer_list>
 #include <string>
@@ -339,29 +340,23 @@ TEST_CASE("the fused qkv product with its norm and rope matches the reference", 
                    nullptr);
     CUDA_CHECK(cudaDeviceSynchronize());
 
-    std::vector<float> rq(q.size()), rk(k.size()), rv(v.size());
+    // The reference's own order: rms(x) @ W, then RoPE on Q and K in place.
+    std::vector<float> w(wt.size());
+    for (int c = 0; c < n; ++c)
+      for (int i = 0; i < kd; ++i)
+        w[static_cast<size_t>(i) * n + c] = wt[static_cast<size_t>(c) * kd + i];
+    std::vector<float> h(x.size()), qkv(static_cast<size_t>(rows) * n);
+    ref::rms_norm(x.data(), h.data(), rows, kd, eps);
+    ref::matmul(h.data(), w.data(), nullptr, qkv.data(), rows, kd, n, false);
+    ref::rope(qkv.data(), rows, heads, hd, n, cs.first, theta);
+    ref::rope(qkv.data() + heads * hd, rows, 1, hd, n, cs.first, theta);
+    std::vector<float> rq, rk, rv;
     for (int r = 0; r < rows; ++r) {
-      const float* xr = x.data() + static_cast<size_t>(r) * kd;
-      double squares = 0.0;
-      for (int i = 0; i < kd; ++i) squares += static_cast<double>(xr[i]) * xr[i];
-      const double sr = 1.0 / std::sqrt(squares / kd + eps);
-      for (int c = 0; c < n; ++c) {
-        const float* wc = wt.data() + static_cast<size_t>(c) * kd;
-        double y = 0.0;
-        for (int i = 0; i < kd; ++i) y += static_cast<double>(xr[i]) * wc[i];
-        const float scaled = static_cast<float>(y * sr);
-        const size_t row = static_cast<size_t>(r);
-        if (c < heads * hd) {
-          rq[row * heads * hd + c] = scaled;
-        } else if (c < (heads + 1) * hd) {
-          rk[row * hd + c - heads * hd] = scaled;
-        } else {
-          rv[row * hd + c - (heads + 1) * hd] = scaled;
-        }
-      }
+      const auto row = qkv.begin() + static_cast<std::ptrdiff_t>(r) * n;
+      rq.insert(rq.end(), row, row + heads * hd);
+      rk.insert(rk.end(), row + heads * hd, row + (heads + 1) * hd);
+      rv.insert(rv.end(), row + (heads + 1) * hd, row + n);
     }
-    ref::rope(rq.data(), rows, heads, hd, heads * hd, cs.first, theta);
-    ref::rope(rk.data(), rows, 1, hd, hd, cs.first, theta);
     const std::string name = std::to_string(rows) + " rows, k " + std::to_string(kd) + ", " +
                              std::to_string(heads) + " query heads";
     const double eq = rel_error(down_bf16(q), rq), ek = rel_error(down_bf16(k), rk),

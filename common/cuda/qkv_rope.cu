@@ -212,6 +212,11 @@ CUtensorMap tensor_map(const Bf16* base, int rows, int cols, int box_rows) {
   return map;
 }
 
+// Q | K | V: the product's columns, 32 a CTA.
+int output_columns(const QkvRopeShape& s) {
+  return (s.q_heads + 2) * s.head_dim;
+}
+
 void configure() {
   static const bool configured = [] {
     CUDA_CHECK(cudaFuncSetAttribute(qkv_rope_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -237,8 +242,8 @@ bool qkv_rope_fits_at_once(const QkvRopeShape& s) {
     (void)cudaGetLastError();
     return false;
   }
-  const int ctas = (s.q_heads + 2) * s.head_dim / kCols;
-  return per_sm * current_device_attribute(cudaDevAttrMultiProcessorCount, 0) >= ctas;
+  return per_sm * current_device_attribute(cudaDevAttrMultiProcessorCount, 0) >=
+         output_columns(s) / kCols;
 }
 
 void qkv_rope(const QkvRopeShape& s, const Bf16* x, const Bf16* w_transposed, Bf16* q, Bf16* k,
@@ -249,7 +254,7 @@ void qkv_rope(const QkvRopeShape& s, const Bf16* x, const Bf16* w_transposed, Bf
                 is_aligned(k, 4) && is_aligned(v, 4),
             "qkv rope: X and W must be 16-byte aligned, the outputs 4-byte aligned");
   configure();
-  const int n = (s.q_heads + 2) * s.head_dim;
+  const int n = output_columns(s);
   Args a{};
   a.x_map = tensor_map(x, s.rows, s.k, kRows);
   a.w_map = tensor_map(w_transposed, n, s.k, kCols);

@@ -2,10 +2,11 @@
 // pi0/cuda/qkv_rope.hpp). Shared memory holds every 64-deep block of X ([64 rows][64 k]) and of
 // this CTA's 32 rows of W^T ([32][64 k]) in the 128-byte-swizzle layout wgmma reads through
 // descriptors, which is the layout the TMA writes a 64-wide box in with SWIZZLE_128B. One thread
-// issues every block as a tensor-map copy, W block b and X block b completing on barrier b; block
-// b's four wgmma.m64n32k16 start as soon as it has landed, while the CUDA cores sum the squares of
-// its X rows for the norm. The epilogue scales, rotates and stores from the accumulators: a
-// thread's accumulator pairs are adjacent columns, i.e. RoPE's interleaved pairs.
+// issues every block as a tensor-map copy, W's before the wait for the kernel before and X's after
+// it, W block b and X block b completing on barrier b; block b's four wgmma.m64n32k16 start as soon
+// as it has landed, while the CUDA cores sum the squares of its X rows for the norm. The epilogue
+// scales, rotates and stores from the accumulators: a thread's accumulator pairs are adjacent
+// columns, i.e. RoPE's interleaved pairs.
 #include <cudaTypedefs.h>  // CUtensorMap, PFN_cuTensorMapEncodeTiled_v12000
 #include <cuda_bf16.h>
 
@@ -35,7 +36,7 @@ constexpr int kMaxK = 1024;
 constexpr int kMaxBlocks = kMaxK / kBK;
 constexpr uint32_t kXBlockBytes = kRows * kBK * 2;
 constexpr uint32_t kWBlockBytes = kCols * kBK * 2;
-constexpr int kSmemBytes = kMaxBlocks * (kXBlockBytes + kWBlockBytes) + 1024;
+constexpr int kSmemBytes = kMaxBlocks * (kXBlockBytes + kWBlockBytes + 8) + 1024;
 
 // Passed __grid_constant__: the TMA copies take the tensor maps' addresses in parameter space.
 struct Args {
@@ -87,30 +88,57 @@ __device__ __forceinline__ void wgmma_m64n32k16(float (&d)[16], uint64_t desc_a,
         "+f"(d[14]), "+f"(d[15])
       : "l"(desc_a), "l"(desc_b));
 }
+
+// Dynamic shared memory: W^T's blocks, then X's, 1024-byte aligned as the 128-byte swizzle needs,
+// then a barrier a block.
+struct Layout {
+  uint32_t ws, xs, bars;
+  __device__ uint32_t bar(int b) const { return bars + 8u * static_cast<uint32_t>(b); }
+};
+__device__ __forceinline__ Layout layout() {
+  extern __shared__ unsigned char smem_raw[];
+  Layout m;
+  m.ws = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  m.xs = m.ws + kMaxBlocks * kWBlockBytes;
+  m.bars = m.xs + kMaxBlocks * kXBlockBytes;
+  return m;
+}
 #endif
 
-__global__ void __launch_bounds__(kThreads) qkv_rope_kernel(const __grid_constant__ Args a) {
+// The kernel's first statement. The weights' copies go out before the wait for the kernel before:
+// W is constant, nothing in flight writes it (V=2 on an H100: decoder 7.83 ms against 7.88,
+// bench/NOTES.md v38). Nothing else is read here; X, which the kernel before writes, is copied
+// after this returns.
+__device__ __forceinline__ void issue_weights_then_wait_for_prior_grids(const Args& a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  const Layout m = layout();
+  if (threadIdx.x == 0) {
+    const int blocks = a.kdim / kBK;
+    for (int b = 0; b < blocks; ++b) bar_init(m.bar(b));
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    for (int b = 0; b < blocks; ++b) {
+      bar_expect(m.bar(b), kWBlockBytes + kXBlockBytes);
+      load_box(m.ws + b * kWBlockBytes, a.w_map, b * kBK, static_cast<int>(blockIdx.x) * kCols,
+               m.bar(b));
+    }
+  }
+#endif
   wait_for_prior_grids();
+}
+
+__global__ void __launch_bounds__(kThreads) qkv_rope_kernel(const __grid_constant__ Args a) {
+  issue_weights_then_wait_for_prior_grids(a);
 #if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();  // never launched: the host checks skinny_wgmma_available()
 #else
-  __shared__ uint64_t bars[kMaxBlocks];
   __shared__ float row_scale[kRows];
-  extern __shared__ unsigned char smem_raw[];
-  const uint32_t ws = (smem_u32(smem_raw) + 1023u) & ~1023u;
-  const uint32_t xs = ws + kMaxBlocks * kWBlockBytes;
+  const Layout m = layout();
+  const uint32_t ws = m.ws, xs = m.xs;
   const int blocks = a.kdim / kBK;
   const int tid = threadIdx.x;
   const int n0 = static_cast<int>(blockIdx.x) * kCols;
   if (tid == 0) {
-    for (int b = 0; b < blocks; ++b) bar_init(smem_u32(&bars[b]));
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    for (int b = 0; b < blocks; ++b) {
-      const uint32_t bar = smem_u32(&bars[b]);
-      bar_expect(bar, kWBlockBytes + kXBlockBytes);
-      load_box(ws + b * kWBlockBytes, a.w_map, b * kBK, n0, bar);
-      load_box(xs + b * kXBlockBytes, a.x_map, b * kBK, 0, bar);
-    }
+    for (int b = 0; b < blocks; ++b) load_box(xs + b * kXBlockBytes, a.x_map, b * kBK, 0, m.bar(b));
   }
   __syncthreads();  // the barriers are initialised before anyone waits on them
   const int sq_row = tid >> 1, sq_half = tid & 1;  // this thread's 32 values of each X block
@@ -120,7 +148,7 @@ __global__ void __launch_bounds__(kThreads) qkv_rope_kernel(const __grid_constan
   for (int e = 0; e < 16; ++e) d[e] = 0.0f;
   __builtin_assume(blocks > 0);  // k >= 64 (the host checks)
   for (int b = 0; b < blocks; ++b) {
-    bar_wait(smem_u32(&bars[b]), 0);
+    bar_wait(m.bar(b), 0);
     const uint32_t xb = xs + b * kXBlockBytes, wb = ws + b * kWBlockBytes;
     fence_operand(d);
     wgmma_fence();

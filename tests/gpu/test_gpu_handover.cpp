@@ -16,6 +16,7 @@
 #include "pi0/cuda/device.hpp"
 #include "pi0/cuda/gemm.hpp"
 #include "pi0/cuda/kernels.hpp"
+#include "pi0/cuda/qkv_rope.hpp"
 #include "pi0/cuda/wgmma_attention.hpp"
 #include "pi0/cuda_decoder.hpp"
 #include "pi0/cuda_encoder.hpp"
@@ -176,6 +177,34 @@ TEST_CASE("kernels linked programmatically wait for their predecessor's late wri
     CHECK(links.refused == 0);
     CHECK(bitwise_equal(cuda::download(out.get(), out.size()).data(),
                         cuda::download(expected.get(), expected.size()).data(), out.bytes()));
+  }
+
+  SECTION("the fused qkv kernel is linked and reads the late X") {
+    const cuda::QkvRopeShape shape{51, 1024, 8, 256};  // the decoder's, C = 50
+    if (!cuda::qkv_rope_supported(shape) || !cuda::qkv_rope_fits_at_once(shape)) {
+      PI0_SKIP("the fused qkv kernel does not run here");
+    }
+    const size_t x_values = size_t{51} * 1024, n = size_t{10} * 256;
+    auto x = up_bf16(random_bf16(x_values, 21));
+    const auto fresh_x = up_bf16(random_bf16(x_values, 22));
+    const auto wt = up_bf16(random_bf16(n * 1024, 23));
+    auto q = poisoned<Bf16>(size_t{51} * 8 * 256), k = poisoned<Bf16>(size_t{51} * 256);
+    auto v = poisoned<Bf16>(size_t{51} * 256);
+    auto eq = poisoned<Bf16>(q.size()), ek = poisoned<Bf16>(k.size()),
+         ev = poisoned<Bf16>(v.size());
+    cuda::qkv_rope(shape, fresh_x.get(), wt.get(), eq.get(), ek.get(), ev.get(), 576, 10000.0f,
+                   1e-6f, stream.get());
+    CUDA_CHECK(cudaStreamSynchronize(stream.get()));
+    const auto links = run_linked(stream.get(), early, [&](cudaStream_t s) {
+      launch_late_copy(x.get(), fresh_x.get(), x.bytes(), kLateNs, s);
+      cuda::qkv_rope(shape, x.get(), wt.get(), q.get(), k.get(), v.get(), 576, 10000.0f, 1e-6f, s);
+    });
+    CHECK(links.linked == 1);
+    CHECK(links.refused == 0);
+    for (const auto& [got, want] : {std::pair{&q, &eq}, std::pair{&k, &ek}, std::pair{&v, &ev}}) {
+      CHECK(bitwise_equal(cuda::download(got->get(), got->size()).data(),
+                          cuda::download(want->get(), want->size()).data(), got->bytes()));
+    }
   }
 
   SECTION("cuBLASLt's GEMM is left to start after its predecessor ends") {

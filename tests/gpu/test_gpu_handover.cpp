@@ -181,9 +181,8 @@ TEST_CASE("kernels linked programmatically wait for their predecessor's late wri
 
   SECTION("the fused qkv kernel is linked and reads the late X") {
     const cuda::QkvRopeShape shape{51, 1024, 8, 256};  // the decoder's, C = 50
-    if (!cuda::qkv_rope_supported(shape) || !cuda::qkv_rope_fits_at_once(shape)) {
-      PI0_SKIP("the fused qkv kernel does not run here");
-    }
+    // (Where its CTAs do not all fit at once, as at a small MPS share, it runs in waves.)
+    if (!cuda::qkv_rope_supported(shape)) PI0_SKIP("this binary has no sm_90a code for this GPU");
     const size_t x_values = size_t{51} * 1024, n = size_t{10} * 256;
     auto x = up_bf16(random_bf16(x_values, 21));
     const auto fresh_x = up_bf16(random_bf16(x_values, 22));

@@ -116,8 +116,8 @@ if want bench; then
     PI0_DECODER_PREFETCH=0 "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== decoder's work between flow steps as six nodes (PI0_DECODER_STEP_GLUE=0)"
     PI0_DECODER_STEP_GLUE=0 "$BIN/pi0_bench" --case 2,63,0 --iters 200
-    echo "== decoder qkv product and RoPE as cuBLASLt + rope_split_qkv (PI0_DECODER_QKV_ROPE=0)"
-    PI0_DECODER_QKV_ROPE=0 "$BIN/pi0_bench" --case 2,63,0 --iters 200
+    echo "== decoder qkv product, norm, RoPE and K/V write as one kernel (PI0_DECODER_QKV_ROPE=1)"
+    PI0_DECODER_QKV_ROPE=1 "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== decoder attention as GEMMs + softmax in every step (PI0_DECODER_ATTENTION=gemm)"
     PI0_DECODER_ATTENTION=gemm "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== decoder attention in the fused kernel (PI0_DECODER_ATTENTION=fused)"

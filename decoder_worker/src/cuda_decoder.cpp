@@ -126,12 +126,13 @@ struct CudaDecoder::Impl {
   cuda::L2Prefetcher prefetcher;
   void prefetch_layer_weights(int layer, Bf16* const* kv_slots, int count, cudaStream_t s,
                               bool next_reads_qkv_wt = false);
-  // Flow steps 2-10 of one-frame passes run the qkv product, its folded norm, RoPE and the K/V
-  // write as one kernel (qkv_rope.hpp, over W^T: qkv_wt) instead of cuBLASLt's product and
-  // rope_split_qkv: one kernel boundary fewer a layer-step (V=2 on an H100: 12.93-13.04
-  // -> 12.77-12.80 ms, bench/NOTES.md v37). The first step keeps the two kernels: beside the
-  // encoder, 80 CTAs of 193 KB of shared memory each would wait for SMs the encoder's GEMMs hold
-  // (v28). PI0_DECODER_QKV_ROPE=0 turns it off.
+  // Opt-in (PI0_DECODER_QKV_ROPE=1): flow steps 2-10 of one-frame passes run the qkv product,
+  // its folded norm, RoPE and the K/V write as one kernel (qkv_rope.hpp, over W^T: qkv_wt)
+  // instead of cuBLASLt's product and rope_split_qkv, one kernel boundary fewer a layer-step. Off
+  // by default: one H100 gained with it (V=2 12.93-13.04 -> 12.77-12.80 ms, bench/NOTES.md v37),
+  // but two others lost 0.08-0.21 ms in four paired runs (v38), and it costs a 94 MB transposed
+  // copy of the qkv weights. The first step keeps the two kernels either way: beside the encoder,
+  // 80 CTAs of 193 KB of shared memory each would wait for SMs the encoder's GEMMs hold (v28).
   bool qkv_rope_later = false;
   DeviceBuffer<Bf16> qkv_wt;
   cuda::QkvRopeShape qkv_rope_shape;
@@ -256,7 +257,7 @@ CudaDecoder::Impl::Impl(const ModelConfig& config, const RunShape& run_shape, co
   step_glue = fold_norms && cuda::flow_step_glue_supported(cfg.action_width, cfg.action_dim) &&
               env_switch("PI0_DECODER_STEP_GLUE", true);  // 0: the six kernels
   qkv_rope_shape = {rows, cfg.action_width, cfg.lm_heads, cfg.head_dim};
-  qkv_rope_later = fold_norms && env_switch("PI0_DECODER_QKV_ROPE", true) &&
+  qkv_rope_later = fold_norms && env_switch("PI0_DECODER_QKV_ROPE", false) &&
                    cuda::qkv_rope_supported(qkv_rope_shape) &&
                    cuda::qkv_rope_fits_at_once(qkv_rope_shape);
 

@@ -153,6 +153,15 @@ TEST_CASE("stages with the decoder's flow-step work as six nodes match the refer
   require_case(run_case("pi0-2l", 2, 63, 0, 702));
 }
 
+// The opt-in fused qkv kernel (PI0_DECODER_QKV_ROPE=1: flow steps 2-10 on qkv_rope.cu where its
+// CTAs fit at once; elsewhere the decoder keeps cuBLASLt's product and rope_split_qkv).
+TEST_CASE("stages with the decoder's qkv product on the fused kernel match the reference",
+          "[gpu]") {
+  const ScopedEnv qkv_env("PI0_DECODER_QKV_ROPE", "1"), layers_env("PI0_DECODER_LAYERS", nullptr),
+      skinny_env("PI0_DECODER_SKINNY", nullptr);
+  require_case(run_case("pi0-2l", 2, 63, 0, 703));
+}
+
 TEST_CASE("encoder rejects weights of another model", "[gpu]") {
   const ModelConfig config = model_config("pi0-1l");
   const WeightStore tiny = WeightStore::random(model_config("tiny"), 0, 7, WeightSet::kEncoder);

@@ -3,6 +3,8 @@
 # benchmark and the split sweep with its baselines, and prints a short table last.
 #   scripts/gpu_check.sh [build] [tests] [bench] [sweep] [gemm-sweep]
 # (default: tests bench sweep; every step builds first, and "build" alone does nothing else)
+# "tests" is two passes, which may also run alone: "tests-whole" (every [gpu] and [mps] test under
+# CTest on the whole GPU) and "tests-share" (the non-[mps] ones as an MPS client with a 30% share).
 # Figures, logs, JSON and the sweep plot go to $OUT (default: ./gpu_check_out).
 # PI0_SWEEP_ARGS / PI0_RATE_ARGS add orchestrator options to the sweep / the camera-rate runs
 # (e.g. "--decoder-batch 2 --sweep-min 40 --sweep-max 70 --sweep-step 5").
@@ -11,8 +13,12 @@ STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(tests bench sweep)
 for step in "${STEPS[@]}"; do
   case "$step" in
-    build | tests | bench | sweep | gemm-sweep) ;;
-    *) echo "gpu_check: unknown step '$step' (steps: build tests bench sweep gemm-sweep)" >&2; exit 2 ;;
+    build | tests | tests-whole | tests-share | bench | sweep | gemm-sweep) ;;
+    *)
+      echo "gpu_check: unknown step '$step' (steps: build tests tests-whole tests-share bench" \
+        "sweep gemm-sweep)" >&2
+      exit 2
+      ;;
   esac
 done
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,7 +35,8 @@ if [[ " ${STEPS[*]} " != " build " ]]; then
     echo "gpu_check: no NVIDIA GPU or driver here (nvidia-smi missing or failing)" >&2
     exit 1
   fi
-  if { want tests || want sweep; } && ! command -v nvidia-cuda-mps-control >/dev/null; then
+  if { want tests || want tests-share || want sweep; } &&
+    ! command -v nvidia-cuda-mps-control >/dev/null; then
     echo "gpu_check: nvidia-cuda-mps-control not found (it ships with the NVIDIA driver)" >&2
     exit 1
   fi
@@ -66,7 +73,7 @@ echo "gpu_check: built in $(( $(date +%s) - t0 )) s"
 BIN="$PI0_BUILD_DIR/bin"
 status_tests="not run"; status_bench="not run"; status_sweep="not run"
 
-if want tests; then
+if want tests || want tests-whole; then
   (cd "$PI0_BUILD_DIR" && ctest -L gpu --output-on-failure --timeout 900) >"$OUT_DIR/gpu_tests.log" 2>&1
   rc=$?
   grep -E "rel error|SMs|tests passed|Failed|FAILED" "$OUT_DIR/gpu_tests.log" | head -60
@@ -75,6 +82,9 @@ if want tests; then
   skipped=$(grep -c '(Skipped)' "$OUT_DIR/gpu_tests.log")
   [ "$skipped" -gt 0 ] && status_tests="$status_tests, $skipped of them SKIPPED"
   [ "$rc" = 0 ] && [ "$skipped" = 0 ] || failed=1
+fi
+if want tests || want tests-share; then
+  [ "$status_tests" = "not run" ] && status_tests="whole-GPU pass not run"
   # The engines again as an MPS client with a 30% SM share: cuBLASLt chooses its algorithms by
   # the SM count it sees, so a split must not change the numerics beyond bf16 rounding.
   # Planned for the whole GPU, as the orchestrator has its workers do (PI0_GEMM_PLAN_SMS).

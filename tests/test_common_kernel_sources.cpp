@@ -22,12 +22,16 @@ struct Kernel {
   std::string first_statement;
 };
 
-// Each __global__ function's first statement (the text after the body's '{', up to its ';').
-std::vector<Kernel> kernels_in(const std::filesystem::path& path) {
+std::string read_source(const std::filesystem::path& path) {
   std::ifstream in(path);
   std::stringstream buffer;
   buffer << in.rdbuf();
-  const std::string src = buffer.str();
+  return buffer.str();
+}
+
+// Each __global__ function's first statement (the text after the body's '{', up to its ';').
+std::vector<Kernel> kernels_in(const std::filesystem::path& path) {
+  const std::string src = read_source(path);
   std::vector<Kernel> found;
   for (size_t at = src.find("__global__"); at != std::string::npos;
        at = src.find("__global__", at + 1)) {
@@ -76,10 +80,8 @@ TEST_CASE("every kernel of ours waits for the kernel before it first thing", "[h
 // its weights (W^T, a.w_map), and it copies nothing after the wait.
 TEST_CASE("the qkv kernel copies only its weights before it waits for the kernel before",
           "[handover]") {
-  std::ifstream in(std::filesystem::path(PI0_SOURCE_DIR) / "common" / "cuda" / "qkv_rope.cu");
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  const std::string src = buffer.str();
+  const std::string src =
+      read_source(std::filesystem::path(PI0_SOURCE_DIR) / "common" / "cuda" / "qkv_rope.cu");
   const std::string head = "void issue_weights_then_wait_for_prior_grids(const Args& a) {";
   const size_t at = src.find(head);
   REQUIRE(at != std::string::npos);

@@ -14,6 +14,7 @@
 #include <spdlog/spdlog.h>
 
 #include "pi0/check.hpp"
+#include "pi0/config.hpp"
 #include "pi0/cuda/device.hpp"
 #include "pi0/cuda/gemm_check.hpp"
 #include "pi0/cuda/gemm_table.hpp"
@@ -31,13 +32,7 @@ constexpr int kHeuristicCandidates = kMaxGemmCandidates;
 // process sees. The orchestrator gives its workers the whole GPU's count, so that every split
 // runs the algorithms of the single-process run (the same bits), not ones chosen for a share.
 int32_t planning_sm_count() {
-  const char* v = std::getenv("PI0_GEMM_PLAN_SMS");
-  if (v == nullptr || *v == '\0') return 0;
-  char* end = nullptr;
-  const long n = std::strtol(v, &end, 10);
-  PI0_CHECK(*end == '\0' && n > 0 && n <= 4096,
-            std::string("PI0_GEMM_PLAN_SMS must be a positive SM count, got '") + v + "'");
-  return static_cast<int32_t>(n);
+  return static_cast<int32_t>(env_integer("PI0_GEMM_PLAN_SMS", 1, 4096, 0));  // 0: unset
 }
 
 template <typename T>

@@ -7,7 +7,6 @@
 // the whole slot is done.
 #include <spdlog/spdlog.h>
 #include <cstdio>
-#include <cstdlib>
 #include <string>
 
 #include "pi0/check.hpp"
@@ -52,12 +51,9 @@ class CudaEncoderStage final : public EncoderStage {
         ipc::encoder_stamp_bytes(layout.kv_slots, layers_), cuda_block.timestamp_handle);
     cuda::zero_device(timestamps_.get(), timestamps_.bytes());
     signal_layers_ = cuda::layer_handoff_wanted(device.mps_enabled != 0);
-    if (const char* withheld = std::getenv("PI0_TEST_WITHHOLD_LAYER_SIGNAL")) {
-      char* end = nullptr;
-      const long layer = std::strtol(withheld, &end, 10);
-      PI0_CHECK(*withheld != '\0' && *end == '\0' && layer >= 0 && layer < layers_,
-                std::string("PI0_TEST_WITHHOLD_LAYER_SIGNAL: expected a Gemma layer from 0 to ") +
-                    std::to_string(layers_ - 1) + ", got '" + withheld + "'");
+    // A Gemma layer, 0..layers - 1; unset or empty: none (as every PI0_* number reads).
+    const long layer = env_integer("PI0_TEST_WITHHOLD_LAYER_SIGNAL", 0, layers_ - 1, -1);
+    if (layer >= 0) {
       // Only the per-layer hand-off reads the layer signals: elsewhere nothing would be withheld.
       PI0_CHECK(signal_layers_,
                 "PI0_TEST_WITHHOLD_LAYER_SIGNAL needs the per-layer hand-off (an MPS client, "

@@ -464,6 +464,26 @@ TEST_CASE("a stop signal while the workers start exits with the signal's status"
   }
 }
 
+// Under nohup (SIGHUP ignored), or as a background job of a shell (SIGINT and SIGQUIT ignored),
+// those signals must not stop the run: the caller meant it to outlive them.
+TEST_CASE("stop signals the caller ignores stay ignored", "[orchestrator][process]") {
+  std::vector<std::string> args = {"-c", "trap '' HUP INT QUIT; exec \"$0\" \"$@\"",
+                                   test::orchestrator_exe()};
+  for (const std::string& a : tiny_run({"--frames", "40", "--warmup", "0", "--rate", "20"}))
+    args.push_back(a);
+  ChildProcess orch = ChildProcess::spawn("orchestrator", "/bin/sh", args, {}, false);
+  REQUIRE(test::eventually(
+      [&] { return orch.output().find("streaming frames") != std::string::npos; }, 20000ms));
+  for (const int sig : {SIGHUP, SIGINT, SIGQUIT}) REQUIRE(::kill(orch.pid(), sig) == 0);
+  const auto status = orch.wait_for(20000ms);
+  REQUIRE(status.has_value());
+  INFO(orch.output());
+  CHECK(status->code == 0);
+  CHECK(orch.output().find("draining") == std::string::npos);
+  CHECK(orch.output().find("interrupted") == std::string::npos);
+  require_nothing_left(orch.pid());
+}
+
 TEST_CASE("a worker that fails to start is named with its status and last lines",
           "[orchestrator][process]") {
   const std::string dir = test::temp_dir("badworker");

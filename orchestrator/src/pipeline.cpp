@@ -605,8 +605,15 @@ void install_stop_handlers() {
   action.sa_handler = on_stop_signal;
   sigemptyset(&action.sa_mask);
   // SIGHUP (a closed terminal) and SIGQUIT stop the run the same way, so that an MPS daemon we
-  // started is still quit; the default action would end us with it left running.
-  for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGQUIT}) ::sigaction(sig, &action, nullptr);
+  // started is still quit; the default action would end us with it left running. A signal our
+  // caller set to be ignored stays ignored (nohup's SIGHUP, a background job's SIGINT and SIGQUIT):
+  // catching it would stop the run the caller meant to outlive them. SIGTERM is always a stop.
+  for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGQUIT}) {
+    struct sigaction before {};
+    if (sig != SIGTERM && ::sigaction(sig, nullptr, &before) == 0 && before.sa_handler == SIG_IGN)
+      continue;
+    ::sigaction(sig, &action, nullptr);
+  }
   ::signal(SIGPIPE, SIG_IGN);
 }
 

@@ -503,6 +503,41 @@ TEST_CASE("a worker that fails to start is named with its status and last lines"
   fs::remove_all(dir);
 }
 
+// A worker that stops and then exits badly (say, a crash in its driver's teardown) has done its
+// frames: the run prints and writes its figures, then ends with exit 3 naming the worker, and
+// so whether the orchestrator sees the exit or the worker's "stopped" message first.
+TEST_CASE("a worker that fails after it stopped leaves the figures and exit 3",
+          "[orchestrator][process]") {
+  const std::string dir = test::temp_dir("teardown");
+  {
+    std::ofstream script(dir + "/decoder_worker");
+    script << "#!/bin/sh\n\"" << PI0_DECODER_EXE
+           << "\" \"$@\"\necho 'driver teardown failed' >&2\nexit 7\n";
+  }
+  fs::permissions(dir + "/decoder_worker", fs::perms::owner_all);
+  fs::create_symlink(fs::path(PI0_ENCODER_EXE), dir + "/encoder_worker");
+  const std::string json = dir + "/run.json";
+  for (int round = 0; round < 3; ++round) {
+    fs::remove(json);
+    const auto run = test::run_orchestrator(
+        tiny_run({"--worker-dir", dir, "--frames", "5", "--warmup", "0", "--json", json}), 30s);
+    INFO("round " << round << "\n" << run.output);
+    CHECK(run.status.code == 3);
+    CHECK(run.output.find("decoder_worker (pid") != std::string::npos);
+    CHECK(run.output.find("stopped, then did not exit cleanly: exited with status 7") !=
+          std::string::npos);
+    CHECK(run.output.find("driver teardown failed") != std::string::npos);
+    CHECK(run.output.find("latency p50") != std::string::npos);
+    REQUIRE(fs::exists(json));
+    std::ifstream in(json);
+    const nlohmann::json report = nlohmann::json::parse(in).at("runs").at(0);
+    CHECK(report.at("frames").get<uint64_t>() == 5);
+    CHECK(report.at("error").get<std::string>().find("decoder_worker") != std::string::npos);
+    require_nothing_left(run.pid);
+  }
+  fs::remove_all(dir);
+}
+
 TEST_CASE("segments left by dead runs are removed when a run starts", "[orchestrator][ipc]") {
   ChildProcess gone = ChildProcess::spawn("true", "/bin/true", {}, {}, false);
   REQUIRE(gone.wait_for(5000ms).has_value());

@@ -181,14 +181,15 @@ bool Pipeline::workers_healthy(bool signals_stop) {
   for (Worker* w : {&encoder_, &decoder_}) {
     if (auto status = w->process.poll()) {
       // A worker told to stop sends kStopped and exits: we may see the exit before the message.
-      if (stop_sent_ && !w->stopped && status->success()) {
+      if (stop_sent_ && !w->stopped) {
         auto& ring = control_.ring(w->role == ipc::Role::kEncoder ? RingId::kEncoderToOrch
                                                                   : RingId::kDecoderToOrch);
         Message m;
         while (!w->stopped && failure_.empty() && ring.try_pop(m)) handle_worker_message(*w, m);
         if (!failure_.empty()) return false;
       }
-      if (!(w->stopped && status->success())) {
+      // One that stopped and then exited badly has done its frames: stop_workers judges its exit.
+      if (!w->stopped) {
         w->process.wait_output_closed(std::chrono::milliseconds(200));
         failure_ = failure_text(*w, "died: " + status->describe());
         return false;
@@ -502,13 +503,23 @@ void Pipeline::stop_workers() {
       failure_ = "stopped by a second signal while the workers were stopping";
       fail();
     }
-    PI0_CHECK(Clock::now() < deadline, "the workers did not stop within 30 s");
+    if (Clock::now() >= deadline) {
+      for (Worker* w : {&encoder_, &decoder_})
+        if (!w->stopped && failure_.empty())
+          failure_ = failure_text(*w, "did not stop within 30 s of being told to");
+      fail();
+    }
     std::this_thread::sleep_for(poll);
   }
+  // Every frame is done, so the figures stand; a worker that then exits badly (a crash in its
+  // teardown) is the run's error, reported after them (exit 3).
   for (Worker* w : {&encoder_, &decoder_}) {
     const auto status = w->process.wait_for(std::chrono::seconds(10));
-    PI0_CHECK(status && status->success(),
-              w->name + " did not exit cleanly: " +
+    if (status && status->success()) continue;
+    if (status) w->process.wait_output_closed(std::chrono::milliseconds(200));
+    if (report_.error.empty())
+      report_.error = failure_text(
+          *w, "stopped, then did not exit cleanly: " +
                   (status ? status->describe() : std::string("still running after 10 s")));
   }
 }

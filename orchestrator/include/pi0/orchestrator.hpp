@@ -105,7 +105,9 @@ struct RunReport {
   double handoff_us_median = -1;
   double wall_s = 0;
   bool interrupted = false;
-  std::string error;  // sweep: why this run failed (empty when it ran)
+  // Why this run failed: in a sweep, a run that could not happen; in any run, a worker that
+  // exited badly after every frame had finished (the figures stand). Empty when all went well.
+  std::string error;
   WorkerSummary encoder, decoder;
 };
 

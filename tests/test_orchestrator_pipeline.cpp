@@ -390,6 +390,33 @@ TEST_CASE("a second stop signal ends a run whose worker hangs", "[orchestrator][
   require_nothing_left(orch.pid());
 }
 
+// A worker that hangs (here stopped by SIGSTOP) ends the run at --frame-timeout, and the line
+// says what the kernel says of each worker, so the stopped one can be found.
+TEST_CASE("a frame timeout says what each worker is doing", "[orchestrator][process]") {
+  ChildProcess orch =
+      ChildProcess::spawn("orchestrator", test::orchestrator_exe(),
+                          tiny_run({"--frames", "1000000", "--warmup", "0", "--frame-timeout", "1"}),
+                          {}, false);
+  REQUIRE(test::eventually(
+      [&] { return orch.output().find("streaming frames") != std::string::npos; }, 20000ms));
+  const int decoder_pid = test::pid_in_log(orch.output(), "decoder_worker");
+  const int encoder_pid = test::pid_in_log(orch.output(), "encoder_worker");
+  REQUIRE(decoder_pid > 0);
+  REQUIRE(encoder_pid > 0);
+  REQUIRE(::kill(decoder_pid, SIGSTOP) == 0);
+  const auto status = orch.wait_for(10000ms);
+  if (!status) ::kill(decoder_pid, SIGCONT);
+  REQUIRE(status.has_value());
+  INFO(orch.output());
+  CHECK(status->code == 3);
+  CHECK(orch.output().find("no frame finished within 1 s") != std::string::npos);
+  CHECK(orch.output().find("decoder_worker (pid " + std::to_string(decoder_pid) +
+                           ") is stopped by a signal") != std::string::npos);
+  CHECK(orch.output().find("encoder_worker (pid " + std::to_string(encoder_pid) + ") is ") !=
+        std::string::npos);
+  require_nothing_left(orch.pid());
+}
+
 // The actions file of a run stopped early holds the frames that finished, as many as its JSON
 // counts (no warm-up here), and not zeros for the frames that never ran.
 TEST_CASE("an interrupted run writes the actions of the frames that finished",

@@ -426,8 +426,16 @@ void Pipeline::feed(std::vector<float>* actions) {
     if (st == WaitStatus::kTimeout) {
       if (run_deadline_first) check_run_deadline(next - in_flight, total);
       if (waiting_to_submit) continue;
-      failure_ = fmt::format("no frame finished within {:g} s (frames in flight: {})",
-                             o.frame_timeout_s, in_flight);
+      // Which worker holds the frames is not known here; what the kernel says of each helps
+      // the user find it (a stopped or driver-bound one).
+      std::string states;
+      for (const Worker* w : {&encoder_, &decoder_}) {
+        const std::string state = process_state(w->process.pid());
+        states += fmt::format("; {} (pid {}) is {}", w->name, w->process.pid(),
+                              state.empty() ? "in an unknown state" : state);
+      }
+      failure_ = fmt::format("no frame finished within {:g} s (frames in flight: {}){}",
+                             o.frame_timeout_s, in_flight, states);
       fail();
     }
     if (st == WaitStatus::kPeerDead && unseen_stop()) continue;

@@ -13,6 +13,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <sstream>
 
 #include "pi0/check.hpp"
@@ -354,6 +355,31 @@ CommandResult run_command(const std::string& program, const std::vector<std::str
   }
   result.status = decode_wait_status(status);
   return result;
+}
+
+std::string process_state(int pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string stat;
+  if (pid <= 0 || !std::getline(in, stat)) return {};
+  // "pid (comm) S ...": the command may hold spaces and parentheses, the state follows the last ')'.
+  const size_t close = stat.rfind(')');
+  if (close == std::string::npos || close + 2 >= stat.size()) return {};
+  switch (stat[close + 2]) {
+    case 'R':
+      return "running";
+    case 'S':
+      return "sleeping";
+    case 'D':
+      return "in an uninterruptible wait (a driver call)";
+    case 'T':
+      return "stopped by a signal";
+    case 't':
+      return "stopped by a tracer";
+    case 'Z':
+      return "exited, not yet reaped";
+    default:
+      return std::string("in state ") + stat[close + 2];
+  }
 }
 
 std::string find_on_path(const std::string& program) {

@@ -77,6 +77,11 @@ CommandResult run_command(const std::string& program, const std::vector<std::str
                           const EnvOverrides& env, const std::string& input,
                           std::chrono::milliseconds timeout);
 
+// What the kernel says a live process is doing, in words ("running", "sleeping", "stopped by a
+// signal", "in an uninterruptible wait (a driver call)", ...), from /proc/<pid>/stat; empty if
+// it cannot be read (gone, or no /proc). For naming which worker hangs.
+std::string process_state(int pid);
+
 // Absolute path of a program on PATH, or empty.
 std::string find_on_path(const std::string& program);
 // Directory of the running executable (/proc/self/exe).

@@ -393,10 +393,9 @@ TEST_CASE("a second stop signal ends a run whose worker hangs", "[orchestrator][
 // A worker that hangs (here stopped by SIGSTOP) ends the run at --frame-timeout, and the line
 // says what the kernel says of each worker, so the stopped one can be found.
 TEST_CASE("a frame timeout says what each worker is doing", "[orchestrator][process]") {
-  ChildProcess orch =
-      ChildProcess::spawn("orchestrator", test::orchestrator_exe(),
-                          tiny_run({"--frames", "1000000", "--warmup", "0", "--frame-timeout", "1"}),
-                          {}, false);
+  ChildProcess orch = ChildProcess::spawn(
+      "orchestrator", test::orchestrator_exe(),
+      tiny_run({"--frames", "1000000", "--warmup", "0", "--frame-timeout", "1"}), {}, false);
   REQUIRE(test::eventually(
       [&] { return orch.output().find("streaming frames") != std::string::npos; }, 20000ms));
   const int decoder_pid = test::pid_in_log(orch.output(), "decoder_worker");

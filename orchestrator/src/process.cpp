@@ -361,8 +361,7 @@ std::string process_state(int pid) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
   std::string stat;
   if (pid <= 0 || !std::getline(in, stat)) return {};
-  // "pid (comm) S ...": the command may hold spaces and parentheses, the state follows the last
-  // ')'.
+  // "pid (comm) S ...": comm may hold spaces and ')', so the state follows the last ')'.
   const size_t close = stat.rfind(')');
   if (close == std::string::npos || close + 2 >= stat.size()) return {};
   switch (stat[close + 2]) {

@@ -451,7 +451,8 @@ TEST_CASE("adaptive waits learn a steady period and keep their deadline and peer
   require_dead_peer_reported(ring);
 }
 
-TEST_CASE("a corrupted shared tail yields kCorrupt", "[ipc]") {
+TEST_CASE("a corrupted shared tail yields kCorrupt, and an error from try_push and try_pop",
+          "[ipc]") {
   constexpr uint32_t kCap = 8;
   RingMemory mem(kCap);
   SpscRing ring = SpscRing::create(mem.data(), kCap);
@@ -473,8 +474,9 @@ TEST_CASE("a corrupted shared tail yields kCorrupt", "[ipc]") {
     head->store(~0ULL - 3);
     tail->store(10);
   }
-  CHECK_FALSE(ring.try_pop(m));
-  CHECK_FALSE(ring.try_push(frame_message(9)));
+  // Not "empty" or "full": a message behind them would go unseen.
+  CHECK_THROWS_AS(ring.try_pop(m), pi0::Error);
+  CHECK_THROWS_AS(ring.try_push(frame_message(9)), pi0::Error);
   const Deadline deadline = Clock::now() + 1s;
   CHECK(ring.pop(m, deadline, {}) == WaitStatus::kCorrupt);
   CHECK(ring.push(frame_message(9), deadline, {}) == WaitStatus::kCorrupt);

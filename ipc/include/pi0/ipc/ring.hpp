@@ -74,8 +74,9 @@ class SpscRing {
 
   SpscRing() = default;
 
-  bool try_push(const Message& m);  // false if full
-  bool try_pop(Message& m);         // false if empty
+  // false if full / empty; pi0::Error if the shared counters are inconsistent (corrupt).
+  bool try_push(const Message& m);
+  bool try_pop(Message& m);
   // kCorrupt when the shared counters are inconsistent (more queued than the capacity).
   WaitStatus push(const Message& m, Deadline deadline, const PeerCheck& peer_alive);
   WaitStatus pop(Message& m, Deadline deadline, const PeerCheck& peer_alive);

@@ -316,16 +316,39 @@ TEST_CASE("kill -9 of a worker stops the run within a second naming it",
   }
 }
 
+// With the orchestrator gone, the workers also remove the file the CUDA driver keeps in /dev/shm
+// for their interprocess events (its name holds the pid in hex; stand-ins here, since the CPU
+// backend makes none), and only their own: another live process's file stays.
 TEST_CASE("workers exit and clean up when the orchestrator is killed", "[orchestrator][process]") {
   std::string log;
   ChildProcess orch = start_long_run(log);
   const int pid = orch.pid();
   REQUIRE(test::workers_of(pid).size() == 2);
   REQUIRE(test::segments_of(pid).size() == 1);
+  const auto event_file = [](int owner) {
+    char name[64];
+    std::snprintf(name, sizeof name, "cuda.shm.0.%x.1", static_cast<unsigned>(owner));
+    return std::string(name);
+  };
+  std::vector<ipc::SharedSegment> files;
+  std::vector<std::string> workers_files;
+  for (const int worker : {test::pid_in_log(log, "encoder_worker"),
+                           test::pid_in_log(log, "decoder_worker")}) {
+    REQUIRE(worker > 0);
+    workers_files.push_back(event_file(worker));
+    files.push_back(ipc::SharedSegment::create(workers_files.back(), 4096));
+  }
+  const std::string ours = event_file(static_cast<int>(::getpid()));
+  files.push_back(ipc::SharedSegment::create(ours, 4096));
   ::kill(pid, SIGKILL);
   REQUIRE(orch.wait_for(1000ms).has_value());
   CHECK(test::eventually([&] { return test::workers_of(pid).empty(); }, 1000ms));
   CHECK(test::eventually([&] { return test::segments_of(pid).empty(); }, 1000ms));
+  for (const std::string& name : workers_files) {
+    INFO(name);
+    CHECK(test::segments_named(name).empty());
+  }
+  CHECK(test::segments_named(ours).size() == 1);
 }
 
 // A worker that is not the orchestrator's own child (here under a shell that does not exec it,

@@ -267,10 +267,11 @@ std::vector<std::string> cuda_event_files_of_process(int pid) {
   return names;
 }
 
-std::vector<std::string> remove_cuda_event_files(int pid, int64_t not_before_ns) noexcept {
+namespace {
+
+std::vector<std::string> remove_event_files_written_since(int pid, int64_t not_before_ns) noexcept {
   std::vector<std::string> removed;
   try {
-    if (pid <= 0 || !process_gone(pid)) return removed;
     for (const std::string& name : cuda_event_files_of_process(pid)) {
       struct stat st {};
       if (::stat((std::string(kShmDir) + "/" + name).c_str(), &st) != 0) continue;
@@ -282,6 +283,17 @@ std::vector<std::string> remove_cuda_event_files(int pid, int64_t not_before_ns)
     // Allocation failure while listing: report what was removed so far.
   }
   return removed;
+}
+
+}  // namespace
+
+std::vector<std::string> remove_cuda_event_files(int pid, int64_t not_before_ns) noexcept {
+  if (pid <= 0 || !process_gone(pid)) return {};
+  return remove_event_files_written_since(pid, not_before_ns);
+}
+
+std::vector<std::string> remove_own_cuda_event_files(int64_t not_before_ns) noexcept {
+  return remove_event_files_written_since(static_cast<int>(::getpid()), not_before_ns);
 }
 
 }  // namespace pi0::ipc

@@ -11,6 +11,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 
 #include "pi0/check.hpp"
 #include "pi0/config.hpp"
@@ -22,6 +23,9 @@ namespace {
 std::atomic<bool> g_stop_signal{false};
 // Our death signal (PR_SET_PDEATHSIG) came: the orchestrator's thread that spawned us exited.
 std::atomic<bool> g_parent_died{false};
+// When this process started (CLOCK_REALTIME, ns), before anything of it reached /dev/shm.
+std::atomic<int64_t> g_started_ns{0};
+static_assert(std::atomic<int64_t>::is_always_lock_free);
 // The orchestrator's pid when we started as its child (0 otherwise, e.g. under a wrapper that
 // did not exec): only then does a different parent pid mean it is gone.
 std::atomic<int> g_spawned_by{0};
@@ -97,12 +101,15 @@ bool segment_orphaned(int parent_pid) {
   return false;
 }
 
-// With the orchestrator gone nobody else is left to remove its control segment.
+// With the orchestrator gone nobody else is left to remove its control segment, nor the file the
+// CUDA driver keeps for our interprocess events (the orchestrator removes it once it reaps us).
 void remove_segment_if_orphaned(const std::string& control_name, int parent_pid) {
   if (control_name.empty() || parent_pid <= 0 || !segment_orphaned(parent_pid)) return;
   if (SharedSegment::remove(control_name)) {
     spdlog::warn("orchestrator (pid {}) is gone; removed its control segment", parent_pid);
   }
+  for (const std::string& name : remove_own_cuda_event_files(g_started_ns.load()))
+    spdlog::warn("orchestrator (pid {}) is gone; removed /dev/shm/{}", parent_pid, name);
 }
 
 }  // namespace
@@ -318,6 +325,9 @@ WeightStore load_stage_weights(const WorkerOptions& o, WeightSet set) {
 }
 
 int run_worker_main(Role role, int argc, char** argv, int (*body)(WorkerRuntime& runtime)) {
+  timespec now{};
+  ::clock_gettime(CLOCK_REALTIME, &now);
+  g_started_ns.store(int64_t{now.tv_sec} * 1'000'000'000 + now.tv_nsec);
   std::string level = "info";
   for (int i = 1; i + 1 < argc; ++i) {
     if (std::string(argv[i]) == "--log-level") level = argv[i + 1];

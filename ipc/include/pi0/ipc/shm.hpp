@@ -67,5 +67,9 @@ std::vector<std::string> cuda_event_files_of_process(int pid);
 // namespace sharing /dev/shm (another container) can have too, and whose file is then older.
 // Returns the names removed. Never throws.
 std::vector<std::string> remove_cuda_event_files(int pid, int64_t not_before_ns = 0) noexcept;
+// The calling process's own such files, last written at or after `not_before_ns` (when it
+// started): for a worker that exits after its orchestrator died, when nobody is left to remove
+// them (its events destroyed; an importer keeps its mapping, only the name goes). Never throws.
+std::vector<std::string> remove_own_cuda_event_files(int64_t not_before_ns) noexcept;
 
 }  // namespace pi0::ipc

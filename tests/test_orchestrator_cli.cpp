@@ -375,14 +375,34 @@ TEST_CASE("MPS daemon is started and quit or adopted and left running",
   SECTION("a pipe or log directory others may write is refused before a daemon starts") {
     fs::create_directories(o.log_dir);
     fs::permissions(o.log_dir, fs::perms::all);
-    try {
-      MpsDaemon::start_or_adopt(o);
-      FAIL("no error");
-    } catch (const Error& e) {
-      CHECK(std::string(e.what()).find(o.log_dir) != std::string::npos);
-      CHECK(std::string(e.what()).find("writable by others") != std::string::npos);
+    // Both the start and the check a sweep makes before its baselines refuse it.
+    for (const bool check_only : {true, false}) {
+      try {
+        if (check_only)
+          MpsDaemon::check_can_start_or_adopt(o);
+        else
+          MpsDaemon::start_or_adopt(o);
+        FAIL("no error");
+      } catch (const Error& e) {
+        CHECK(std::string(e.what()).find(o.log_dir) != std::string::npos);
+        CHECK(std::string(e.what()).find("writable by others") != std::string::npos);
+      }
     }
     CHECK_FALSE(fs::exists(state));
+    // A daemon that answers there is adopted, not judged: the check passes.
+    fs::permissions(o.log_dir, fs::perms::owner_all);
+    const CommandResult by_hand =
+        run_command(o.control_program, {"-d"}, mps_client_environment(o), "", 5000ms);
+    REQUIRE(by_hand.status.success());
+    fs::permissions(o.log_dir, fs::perms::all);
+    CHECK_NOTHROW(MpsDaemon::check_can_start_or_adopt(o));
+    run_command(o.control_program, {}, mps_client_environment(o), "quit\n", 5000ms);
+    CHECK(test::eventually([&] { return !mps_daemon_answers(o); }, 5000ms));
+  }
+  SECTION("the check before a start passes where a daemon may start, and starts nothing") {
+    CHECK_NOTHROW(MpsDaemon::check_can_start_or_adopt(o));
+    CHECK_FALSE(fs::exists(state));
+    CHECK_FALSE(mps_daemon_answers(o));
   }
   SECTION("a missing control program is a clear error") {
     o.control_program = dir + "/not-installed";

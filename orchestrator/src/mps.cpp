@@ -143,6 +143,16 @@ bool mps_daemon_answers(const MpsOptions& o) {
   return ask_daemon(o) == DaemonReply::kAnswers;
 }
 
+void MpsDaemon::check_can_start_or_adopt(const MpsOptions& o) {
+  PI0_CHECK(!find_on_path(o.control_program).empty(),
+            "MPS: " + o.control_program +
+                " not found on PATH (it ships with the NVIDIA driver); pass --no-mps to run "
+                "without MPS");
+  if (mps_daemon_answers(o)) return;  // adopted: its directories are not ours to judge
+  make_dir(o.pipe_dir);
+  make_dir(o.log_dir);
+}
+
 MpsDaemon MpsDaemon::start_or_adopt(const MpsOptions& o) {
   PI0_CHECK(!find_on_path(o.control_program).empty(),
             "MPS: " + o.control_program +

@@ -183,11 +183,13 @@ SweepResult run_sweep(const ResolvedRun& requested) {
   ResolvedRun run = requested;
   if (run.options.run_timeout_s < 0) run.options.run_timeout_s = sweep_run_timeout_s(run.options);
   const RunOptions& o = run.options;
-  // Before the baselines, which take minutes: the splits need the daemon's control program.
-  PI0_CHECK(!find_on_path(o.mps.control_program).empty(),
-            "--sweep: MPS: " + o.mps.control_program +
-                " not found on PATH (it ships with the NVIDIA driver); the sweep splits the GPU "
-                "through MPS");
+  // Before the baselines, which take minutes: the splits need the daemon's control program, and
+  // a daemon they may start in its pipe and log directories (or one that answers there).
+  try {
+    MpsDaemon::check_can_start_or_adopt(o.mps);
+  } catch (const Error& e) {
+    throw Error(std::string("--sweep (it splits the GPU through MPS): ") + e.what());
+  }
   SweepResult result;
   result.latency_budget_ms = o.latency_budget_ms;
   result.decoder_batch = o.decoder_batch;

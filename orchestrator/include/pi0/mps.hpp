@@ -30,6 +30,10 @@ class MpsDaemon {
   // Throws pi0::Error (one line) if the control program is missing, fails to start, or does not
   // answer within the timeout.
   static MpsDaemon start_or_adopt(const MpsOptions& options);
+  // What start_or_adopt would refuse before it does anything, checked now (e.g. before a sweep's
+  // baselines, which take minutes): the control program is missing, or no daemon answers and the
+  // pipe or log directory is not one it may start a daemon in. Throws pi0::Error (one line).
+  static void check_can_start_or_adopt(const MpsOptions& options);
 
   MpsDaemon() = default;
   MpsDaemon(MpsDaemon&& other) noexcept;

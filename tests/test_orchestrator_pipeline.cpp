@@ -332,8 +332,8 @@ TEST_CASE("workers exit and clean up when the orchestrator is killed", "[orchest
   };
   std::vector<ipc::SharedSegment> files;
   std::vector<std::string> workers_files;
-  for (const int worker : {test::pid_in_log(log, "encoder_worker"),
-                           test::pid_in_log(log, "decoder_worker")}) {
+  for (const int worker :
+       {test::pid_in_log(log, "encoder_worker"), test::pid_in_log(log, "decoder_worker")}) {
     REQUIRE(worker > 0);
     workers_files.push_back(event_file(worker));
     files.push_back(ipc::SharedSegment::create(workers_files.back(), 4096));
@@ -613,6 +613,21 @@ TEST_CASE("the cuda backend without a GPU is a one-line error", "[orchestrator][
     CHECK(run.output.find("--backend cuda: no usable CUDA GPU") != std::string::npos);
     CHECK(std::count(run.output.begin(), run.output.end(), '\n') == 1);
     CHECK(test::segments_of(run.pid).empty());
+  }
+}
+
+// --gpu names the devices the workers get; one that is not there (99 on any host) is bad input,
+// found before a worker starts, and not a quiet fall-back to the CPU.
+TEST_CASE("a --gpu that names no usable GPU is a one-line error", "[orchestrator][cli]") {
+  for (const std::vector<std::string>& backend :
+       {std::vector<std::string>{}, std::vector<std::string>{"--backend", "cuda"}}) {
+    std::vector<std::string> args = {"--gpu", "99", "--frames", "1"};
+    args.insert(args.end(), backend.begin(), backend.end());
+    const auto run = test::run_orchestrator(args, 30s);
+    INFO(run.output);
+    CHECK(run.status.code == 1);
+    CHECK(run.output.find("--gpu 99: no usable CUDA GPU") != std::string::npos);
+    CHECK(run.output.find("started encoder_worker") == std::string::npos);
   }
 }
 

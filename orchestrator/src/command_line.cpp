@@ -237,14 +237,22 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
 ResolvedRun resolve(const RunOptions& o) {
   ResolvedRun r;
   r.options = o;
+  // The orchestrator looks at the GPU the workers get (its SM count judges their split), so it
+  // sees the same devices: set before its first CUDA call, which reads the variable once.
+  if (!o.gpu.empty()) ::setenv("CUDA_VISIBLE_DEVICES", o.gpu.c_str(), 1);
   std::string why_no_gpu;
   if (o.backend == "auto") {
-    r.backend = cuda::cuda_device_present(&why_no_gpu) ? "cuda" : "cpu";
+    const bool gpu = cuda::cuda_device_present(&why_no_gpu);
+    // Asked for by name, a GPU that is not there is an error, not a quiet run on the CPU.
+    PI0_CHECK(gpu || o.gpu.empty(), "--gpu " + o.gpu + ": no usable CUDA GPU with " +
+                                        "CUDA_VISIBLE_DEVICES=" + o.gpu + " (" + why_no_gpu + ")");
+    r.backend = gpu ? "cuda" : "cpu";
   } else {
     r.backend = o.backend;
     if (r.backend == "cuda") {
       PI0_CHECK(cuda::cuda_device_present(&why_no_gpu),
-                "--backend cuda: no usable CUDA GPU (" + why_no_gpu + ")");
+                (o.gpu.empty() ? std::string("--backend cuda") : "--gpu " + o.gpu) +
+                    ": no usable CUDA GPU (" + why_no_gpu + ")");
     }
   }
   const std::string model = o.model != "auto" ? o.model : (r.backend == "cuda" ? "pi0" : "tiny");

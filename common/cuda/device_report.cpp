@@ -28,6 +28,15 @@ DeviceReport open_device() {
   return r;
 }
 
+int cuda_device_count() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return count;
+}
+
 bool cuda_device_present(std::string* why_not) {
   int count = 0;
   const cudaError_t status = cudaGetDeviceCount(&count);
@@ -41,10 +50,10 @@ bool cuda_device_present(std::string* why_not) {
 }  // namespace pi0::cuda
 
 namespace pi0::cuda {
-int device_sm_count_without_context() {
+int device_sm_count_without_context(int device) {
   int count = 0, sms = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) return 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0) != cudaSuccess) return 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || device < 0 || device >= count) return 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 0;
   return sms;
 }
 }  // namespace pi0::cuda

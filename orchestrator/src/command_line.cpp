@@ -1,6 +1,7 @@
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cerrno>
+#include <charconv>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -237,15 +238,12 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
 ResolvedRun resolve(const RunOptions& o) {
   ResolvedRun r;
   r.options = o;
-  // The orchestrator looks at the GPU the workers get (its SM count judges their split), so it
-  // sees the same devices: set before its first CUDA call, which reads the variable once.
-  if (!o.gpu.empty()) ::setenv("CUDA_VISIBLE_DEVICES", o.gpu.c_str(), 1);
   std::string why_no_gpu;
   if (o.backend == "auto") {
     const bool gpu = cuda::cuda_device_present(&why_no_gpu);
     // Asked for by name, a GPU that is not there is an error, not a quiet run on the CPU.
-    PI0_CHECK(gpu || o.gpu.empty(), "--gpu " + o.gpu + ": no usable CUDA GPU with " +
-                                        "CUDA_VISIBLE_DEVICES=" + o.gpu + " (" + why_no_gpu + ")");
+    PI0_CHECK(gpu || o.gpu.empty(),
+              "--gpu " + o.gpu + ": no usable CUDA GPU on this host (" + why_no_gpu + ")");
     r.backend = gpu ? "cuda" : "cpu";
   } else {
     r.backend = o.backend;
@@ -253,6 +251,21 @@ ResolvedRun resolve(const RunOptions& o) {
       PI0_CHECK(cuda::cuda_device_present(&why_no_gpu),
                 (o.gpu.empty() ? std::string("--backend cuda") : "--gpu " + o.gpu) +
                     ": no usable CUDA GPU (" + why_no_gpu + ")");
+    }
+  }
+  // --gpu is only the workers' CUDA_VISIBLE_DEVICES (an MPS daemon we start must not inherit it:
+  // MPS reads a client's devices relative to the daemon's). Its first entry, where it is a device
+  // number, must exist; UUIDs are left to the workers.
+  if (r.backend == "cuda" && !o.gpu.empty()) {
+    const std::string first = o.gpu.substr(0, o.gpu.find(','));
+    int ordinal = -1;
+    const auto [end, ec] = std::from_chars(first.data(), first.data() + first.size(), ordinal);
+    if (ec == std::errc() && end == first.data() + first.size() && ordinal >= 0) {
+      const int count = cuda::cuda_device_count();
+      PI0_CHECK(ordinal < count, "--gpu " + o.gpu + ": there is no CUDA device " + first +
+                                     " (this host has " + std::to_string(count) +
+                                     ", numbered from 0)");
+      r.gpu_ordinal = ordinal;
     }
   }
   const std::string model = o.model != "auto" ? o.model : (r.backend == "cuda" ? "pi0" : "tiny");

@@ -270,7 +270,7 @@ void Pipeline::start_workers() {
   // cuBLASLt plans for the whole GPU in both workers, whatever their share: every split then
   // runs the single-process run's algorithms (see PI0_GEMM_PLAN_SMS in pi0/cuda/gemm.hpp).
   const int plan_sms = run_.backend == "cuda" && std::getenv("PI0_GEMM_PLAN_SMS") == nullptr
-                           ? cuda::device_sm_count_without_context()
+                           ? cuda::device_sm_count_without_context(run_.gpu_ordinal)
                            : 0;
   for (Worker* w : {&encoder_, &decoder_}) {
     EnvOverrides env;
@@ -547,7 +547,8 @@ RunReport Pipeline::run(std::vector<float>* actions) {
   report_.decoder_pct = decoder_pct_;
   report_.mps = mps_ != nullptr;
   report_.rate_hz = o.rate_hz;
-  report_.device_sms = run_.backend == "cuda" ? cuda::device_sm_count_without_context() : 0;
+  report_.device_sms =
+      run_.backend == "cuda" ? cuda::device_sm_count_without_context(run_.gpu_ordinal) : 0;
 
   if (actions) {
     // Held in memory until the run ends: found too large now, not after the workers loaded (and

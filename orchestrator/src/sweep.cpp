@@ -53,7 +53,7 @@ RunReport single_process_report(const nlohmann::json& j, const ResolvedRun& run)
   r.host_to_host_p99_ms = c.value("host_to_host_p99_ms", 0.0);
   r.encoder.stage_ms_median = c.at("encoder_median_ms").get<double>();
   r.decoder.stage_ms_median = c.at("decoder_median_ms").get<double>();
-  r.device_sms = cuda::device_sm_count_without_context();
+  r.device_sms = cuda::device_sm_count_without_context(run.gpu_ordinal);
   return r;
 }
 

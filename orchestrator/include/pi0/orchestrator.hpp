@@ -68,6 +68,9 @@ struct ResolvedRun {
   ModelConfig config;
   RunShape shape;
   std::string note;  // one line on how backend and model were chosen
+  // The device the workers get first (--gpu's first entry where it is a number, else 0), as this
+  // process numbers them: the one whose SM count judges their split.
+  int gpu_ordinal = 0;
 };
 ResolvedRun resolve(const RunOptions& options);  // throws pi0::Error (one line)
 

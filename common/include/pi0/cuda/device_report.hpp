@@ -20,10 +20,13 @@ struct DeviceReport {
 DeviceReport open_device();
 // True when at least one CUDA device can be used; never throws, creates no context.
 bool cuda_device_present(std::string* why_not = nullptr);
+// How many CUDA devices this process sees (0 where none can be used); never throws.
+int cuda_device_count();
 
 }  // namespace pi0::cuda
 
 namespace pi0::cuda {
-// The device's full SM count, read without creating a context (so not MPS-limited); 0 if none.
-int device_sm_count_without_context();
+// Device `device`'s full SM count, read without creating a context (so not MPS-limited); 0 if
+// there is no such device.
+int device_sm_count_without_context(int device = 0);
 }  // namespace pi0::cuda

@@ -494,6 +494,32 @@ TEST_CASE("workers that are still loading exit when the orchestrator is killed",
   CHECK(test::eventually([&] { return test::segments_of(pid).empty(); }, 2000ms));
 }
 
+// A worker told to stop while it loads (tens of seconds for pi0's weights; an 8 s stand-in here)
+// stops at once, instead of loading, reporting ready and only then stopping.
+TEST_CASE("a worker told to stop while it loads stops at once", "[orchestrator][process]") {
+  ChildProcess orch =
+      ChildProcess::spawn("orchestrator", test::orchestrator_exe(), tiny_run({"--frames", "2"}),
+                          {{"PI0_TEST_LOAD_DELAY_MS", "8000"}}, false);
+  REQUIRE(test::eventually(
+      [&] { return orch.output().find("started encoder_worker") != std::string::npos; }, 20000ms));
+  const int encoder_pid = test::pid_in_log(orch.output(), "encoder_worker");
+  REQUIRE(encoder_pid > 0);
+  std::this_thread::sleep_for(300ms);  // in its load
+  const auto t0 = std::chrono::steady_clock::now();
+  REQUIRE(::kill(encoder_pid, SIGTERM) == 0);
+  const auto status = orch.wait_for(20000ms);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  REQUIRE(status.has_value());
+  INFO(orch.output());
+  CHECK(secs < 3.0);
+  CHECK(status->code == 3);
+  CHECK(orch.output().find("stop signalled while loading") != std::string::npos);
+  CHECK(orch.output().find("encoder_worker (pid " + std::to_string(encoder_pid) + ") died") !=
+        std::string::npos);
+  CHECK(orch.output().find("streaming frames") == std::string::npos);
+  require_nothing_left(orch.pid());
+}
+
 TEST_CASE("a stop signal while the workers start exits with the signal's status",
           "[orchestrator][process]") {
   for (const int sig : {SIGINT, SIGHUP}) {

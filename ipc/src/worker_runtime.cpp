@@ -210,6 +210,15 @@ WorkerRuntime::~WorkerRuntime() {
 void WorkerRuntime::watch_startup() {
   std::unique_lock lock(startup_mutex_);
   while (!startup_cv_.wait_for(lock, std::chrono::milliseconds(50), [this] { return started_; })) {
+    // Told to stop (SIGTERM, SIGINT) while loading, which can take tens of seconds and has no
+    // way out: stop now, as the run's loops would, rather than load, report ready and then stop.
+    // (The death signal sets g_parent_died before g_stop_signal, so a stop seen here without it
+    // is a stop request.)
+    if (g_stop_signal.load() && !g_parent_died.load()) {
+      spdlog::info("stop signalled while loading; exiting");
+      spdlog::default_logger()->flush();
+      ::_exit(0);
+    }
     if (!g_parent_died.load() && !ipc::orchestrator_gone(options_.parent_pid)) continue;
     spdlog::warn("the orchestrator (pid {}) died while this worker was starting; exiting",
                  options_.parent_pid);
@@ -288,6 +297,9 @@ void WorkerRuntime::record_stage_times(const StageTimes& times) {
 
 void WorkerRuntime::send_ready() {
   end_startup_watch();  // from here the run's loops watch the orchestrator
+  // A stop that came as the load ended: no "ready" for a worker about to stop (the run's loop
+  // sees the stop first thing).
+  if (stop_signalled()) return;
   Message m = make_message(MsgType::kWorkerReady, role_);
   const WaitStatus s = to_orchestrator().push(m, after(options_.startup_timeout_s),
                                               [this] { return orchestrator_alive(); });

@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <string>
 #include <thread>
@@ -133,4 +134,50 @@ TEST_CASE("the decoder refuses a K/V slot handed over again while a frame still 
     if (m.type == static_cast<uint16_t>(MsgType::kError))
       named = named || ipc::message_text(m).find("K/V slot 0") != std::string_view::npos;
   CHECK(named);
+}
+
+// A corrupt ring from the decoder is an error when the encoder stops, as anywhere else, not the
+// end of the slots it waits for: it must not report a clean stop over it.
+TEST_CASE("the encoder's stop reports a corrupt ring from the decoder", "[worker][process]") {
+  FakeRun run(ipc::Role::kEncoder, "tiny");
+  // Two frames, and their slots never come back: the stop then waits for them.
+  for (uint32_t f = 0; f < 2; ++f)
+    REQUIRE(run.control.ring(RingId::kOrchToEncoder)
+                .try_push(message(MsgType::kFrameInput, ipc::Role::kOrchestrator, f, f)));
+  Message handed;
+  for (int i = 0; i < 2; ++i)
+    REQUIRE(run.control.ring(RingId::kEncoderToDecoder).pop(handed, ipc::Clock::now() + 30s, {}) ==
+            WaitStatus::kOk);
+  // Three messages the encoder has not read yet make the ring's tail 3 and its head 0; then the
+  // tail is set past what the ring can hold.
+  auto& from_decoder = run.control.ring(RingId::kDecoderToEncoder);
+  for (uint32_t i = 0; i < 3; ++i)
+    REQUIRE(from_decoder.try_push(message(MsgType::kSlotFree, ipc::Role::kDecoder, 0, 0)));
+  const size_t header_bytes =
+      ipc::SpscRing::bytes_for(ipc::kRingCapacity) - ipc::kRingCapacity * sizeof(Message);
+  auto* words = reinterpret_cast<uint64_t*>(
+      reinterpret_cast<char*>(&run.control.header()) +
+      run.control.layout().ring_offset[static_cast<uint32_t>(RingId::kDecoderToEncoder)]);
+  std::atomic<uint64_t>* tail = nullptr;
+  for (size_t i = 0; i < header_bytes / sizeof(uint64_t); ++i) {
+    if (words[i] != 3) continue;
+    REQUIRE(tail == nullptr);
+    tail = reinterpret_cast<std::atomic<uint64_t>*>(&words[i]);
+  }
+  REQUIRE(tail != nullptr);
+  tail->store(ipc::kRingCapacity + 5);
+  REQUIRE(run.control.ring(RingId::kOrchToEncoder)
+              .try_push(message(MsgType::kStop, ipc::Role::kOrchestrator, 0, 0)));
+  const auto status = run.worker.wait_for(30s);
+  REQUIRE(status);
+  INFO(run.worker.output());
+  CHECK(status->code == 1);
+  bool named = false, stopped = false;
+  for (const Message& m : drained(run.control.ring(RingId::kEncoderToOrch))) {
+    if (m.type == static_cast<uint16_t>(MsgType::kError))
+      named = named || ipc::message_text(m).find("corrupt") != std::string_view::npos;
+    stopped = stopped || m.type == static_cast<uint16_t>(MsgType::kStopped);
+  }
+  CHECK(named);
+  CHECK_FALSE(stopped);
 }

@@ -84,9 +84,11 @@ int run_encoder_worker(ipc::WorkerRuntime& rt) {
       if (fs != WaitStatus::kOk) spdlog::warn("could not forward stop to the decoder");
       // Slots still out are returned by the decoder as it drains; collect their timings.
       Message free_msg;
-      while (std::count(slot_busy.begin(), slot_busy.end(), true) > 0 &&
-             from_decoder.pop(free_msg, ipc::WorkerRuntime::after(5.0), peers_ok) ==
-                 WaitStatus::kOk) {
+      while (std::count(slot_busy.begin(), slot_busy.end(), true) > 0) {
+        const WaitStatus ds = from_decoder.pop(free_msg, ipc::WorkerRuntime::after(5.0), peers_ok);
+        // A decoder gone or slow here only costs its slots' timings; a corrupt ring is an error.
+        PI0_CHECK(ds != WaitStatus::kCorrupt, "ring from the decoder is corrupt");
+        if (ds != WaitStatus::kOk) break;
         take_slot_free(free_msg);
       }
       rt.record_stage_times(stage->stage_times());

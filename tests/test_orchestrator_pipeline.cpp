@@ -354,6 +354,41 @@ TEST_CASE("workers exit and clean up when the orchestrator is killed", "[orchest
 // A worker that is not the orchestrator's own child (here under a shell that does not exec it,
 // as under a profiler's wrapper) must not take the orchestrator for gone: when it fails, the
 // control segment stays for the orchestrator, which is alive, to remove.
+// Workers under wrappers that do not exec them get no death signal from the orchestrator, and
+// a killed orchestrator stays a zombie until its parent reaps it (here: this test, 4 s later).
+// They must still see it gone and exit.
+TEST_CASE("workers under wrappers exit when the orchestrator is killed and not yet reaped",
+          "[orchestrator][process]") {
+  const std::string dir = test::temp_dir("wrapped");
+  for (const auto& [name, exe] :
+       {std::pair<std::string, std::string>{"encoder_worker", PI0_ENCODER_EXE},
+        {"decoder_worker", PI0_DECODER_EXE}}) {
+    std::ofstream script(dir + "/" + name);
+    script << "#!/bin/sh\n\"" << exe << "\" \"$@\"\n";
+    script.close();
+    fs::permissions(dir + "/" + name, fs::perms::owner_all);
+  }
+  ChildProcess orch = ChildProcess::spawn(
+      "orchestrator", test::orchestrator_exe(),
+      tiny_run({"--worker-dir", dir, "--frames", "1000000", "--warmup", "0"}), {}, false);
+  REQUIRE(test::eventually(
+      [&] { return orch.output().find("streaming frames") != std::string::npos; }, 20000ms));
+  const int pid = orch.pid();
+  REQUIRE(::kill(pid, SIGKILL) == 0);
+  // Not reaped (no poll or wait on it) while the workers are watched.
+  const auto t0 = std::chrono::steady_clock::now();
+  bool gone = false;
+  while (!gone && std::chrono::steady_clock::now() - t0 < 4s) {
+    gone = test::workers_of(pid).empty();
+    std::this_thread::sleep_for(50ms);
+  }
+  CHECK(gone);
+  REQUIRE(orch.wait_for(1000ms).has_value());
+  CHECK(test::eventually([&] { return test::workers_of(pid).empty(); }, 2000ms));
+  CHECK(test::eventually([&] { return test::segments_of(pid).empty(); }, 2000ms));
+  fs::remove_all(dir);
+}
+
 TEST_CASE("a failing worker under a wrapper leaves a live orchestrator's segment alone",
           "[orchestrator][process]") {
   const std::string name = ipc::unique_segment_name("ctl");

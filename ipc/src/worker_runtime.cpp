@@ -79,8 +79,12 @@ bool process_running(int pid) {
 // Cheap enough for the wait loops' peer checks (no /proc read); the death signal covers a killed
 // orchestrator there.
 bool orchestrator_gone(int parent_pid) {
-  return (g_spawned_by.load() == parent_pid && ::getppid() != parent_pid) ||
-         !process_alive(parent_pid);
+  if (g_spawned_by.load() == parent_pid)
+    return ::getppid() != parent_pid || !process_alive(parent_pid);
+  // Under a wrapper the death signal is the wrapper's, and kill() calls a zombie alive: one that
+  // nobody reaps (its parent busy, or stopped) would keep us running. /proc tells (~10 us, at the
+  // waits' 10 ms peer checks).
+  return !process_running(parent_pid);
 }
 
 // Also counts a zombie as gone: for deciding whether the control segment is left to us.

@@ -220,7 +220,13 @@ void check_layout(const nlohmann::json& header, const ModelConfig& config, const
       err.fail("tensor " + escaped(name) + " is not a tensor of model '" + config.name + "'");
     const auto offsets = entry.is_object() ? entry.find("data_offsets") : entry.end();
     if (offsets == entry.end()) err.fail("tensor " + name + " data_offsets is not [begin, end]");
-    ranges.push_back(data_range(*offsets, name, err));
+    // Every entry, in the set being loaded or not: the ranges must tile the data section.
+    const auto [begin, end] = data_range(*offsets, name, err);
+    if (begin > end || end > data_size)
+      err.fail("tensor " + name + " data_offsets [" + std::to_string(begin) + "," +
+               std::to_string(end) + "] are not a range of the " + std::to_string(data_size) +
+               "-byte data section");
+    ranges.emplace_back(begin, end);
   }
   std::sort(ranges.begin(), ranges.end());
   uint64_t at = 0;
@@ -276,11 +282,12 @@ WeightStore WeightStore::load_safetensors(const std::string& path, const ModelCo
   if (header_len > file_size - 8)
     err.fail("header length " + std::to_string(header_len) + " runs past the end of the file (" +
              std::to_string(file_size) + " bytes): truncated or not a safetensors file");
-  // The format's own limit (pi0's header is ~4 KB); parsing a larger one could take gigabytes.
-  constexpr uint64_t kMaxHeaderBytes = 100'000'000;
+  // pi0's header is ~4 KB and the format allows 100 MB; a header of 99 MB of metadata strings
+  // took 10 s and 1.8 GB to parse, so this loader reads at most 16 MiB.
+  constexpr uint64_t kMaxHeaderBytes = 16 << 20;
   if (header_len > kMaxHeaderBytes)
     err.fail("header length " + std::to_string(header_len) + " is over the " +
-             std::to_string(kMaxHeaderBytes) + " bytes safetensors allows");
+             std::to_string(kMaxHeaderBytes) + " bytes this loader reads (pi0's is ~4 KB)");
   const char* header_text = reinterpret_cast<const char*>(bytes + 8);
   const unsigned char* data = bytes + 8 + header_len;
   const size_t data_size = file_size - 8 - header_len;
@@ -292,6 +299,17 @@ WeightStore WeightStore::load_safetensors(const std::string& path, const ModelCo
   // one (a 100 MB run of '[') would take gigabytes.
   constexpr int kMaxHeaderDepth = 3;
   struct TooDeep {};
+  // Refused as they are read, not after the whole header is: a name that is not one of the
+  // model's tensors, and an object inside an entry (no field of one is an object, and
+  // __metadata__ maps names to strings). Otherwise a header of many such members, well under
+  // the size cap, takes the parser time that grows with their square (nlohmann 3.11's callback
+  // parser walks the parent at every closing brace): 100k members took 73 s.
+  struct Unexpected {
+    std::string what;
+  };
+  std::set<std::string> known_names = {"__metadata__"};
+  for (const TensorSpec& spec : weight_specs(config, 0, WeightSet::kAll))
+    known_names.insert(spec.name);
   std::set<std::string> names, fields;
   std::string entry, repeated;
   const auto note_repeats = [&](int depth, nlohmann::json::parse_event_t event,
@@ -299,11 +317,16 @@ WeightStore WeightStore::load_safetensors(const std::string& path, const ModelCo
     using Event = nlohmann::json::parse_event_t;
     if ((event == Event::object_start || event == Event::array_start) && depth >= kMaxHeaderDepth)
       throw TooDeep{};
+    if (event == Event::object_start && depth == 2)
+      throw Unexpected{"entry " + escaped(entry) + " holds an object, which no field of one is"};
     if (event == Event::object_start && depth == 1) fields.clear();
     if (event != Event::key || !parsed.is_string() || !repeated.empty()) return true;
     const std::string key = parsed.get<std::string>();
     if (depth == 1) {
       entry = key;
+      if (!known_names.count(key))
+        throw Unexpected{"tensor " + escaped(key) + " is not a tensor of model '" + config.name +
+                         "'"};
       if (!names.insert(key).second) repeated = "tensor " + escaped(key) + " is named twice";
     } else if (depth == 2 && !fields.insert(key).second) {
       repeated = "tensor " + escaped(entry) + " has its field " + escaped(key) + " twice";
@@ -315,6 +338,8 @@ WeightStore WeightStore::load_safetensors(const std::string& path, const ModelCo
   } catch (const TooDeep&) {
     err.fail("header nests deeper than a safetensors header (" + std::to_string(kMaxHeaderDepth) +
              " levels)");
+  } catch (const Unexpected& e) {
+    err.fail(e.what);
   } catch (const nlohmann::json::exception&) {
     err.fail("header is not valid JSON");
   } catch (const std::bad_alloc&) {
@@ -355,9 +380,12 @@ WeightStore WeightStore::load_safetensors(const std::string& path, const ModelCo
       dtype = entry.at("dtype").get<std::string>();
       const auto& dims = entry.at("shape");
       // get<int64_t> would truncate 48.9 to 48, and a huge decimal has no int64 at all.
-      if (!dims.is_array() || !std::all_of(dims.begin(), dims.end(),
-                                           [](const auto& d) { return d.is_number_integer(); }))
-        err.fail("tensor " + name + " shape is not a list of integers");
+      // Unsigned and below 2^62: read as int64, 2^64 - 1 would print as -1. (Any dimension that
+      // large fails the shape check below; this keeps its message true.)
+      if (!dims.is_array() || !std::all_of(dims.begin(), dims.end(), [](const auto& d) {
+            return d.is_number_unsigned() && d.template get<uint64_t>() < (uint64_t{1} << 62);
+          }))
+        err.fail("tensor " + name + " shape " + escaped(dims.dump()) + " is not a list of sizes");
       shape = dims.get<std::vector<int64_t>>();
       std::tie(begin, end) = data_range(entry.at("data_offsets"), name, err);
     } catch (const nlohmann::json::exception& e) {
@@ -415,19 +443,34 @@ void WeightStore::save_safetensors(const std::string& path) const {
   // Padding keeps the data section 8-byte aligned, as the safetensors writers do.
   text.append((8 - text.size() % 8) % 8, ' ');
 
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  if (!out)
-    throw Error("weights file '" + path + "': cannot open for writing: " + std::strerror(errno));
-  unsigned char len[8];
-  uint64_t n = text.size();
-  for (int i = 0; i < 8; ++i, n >>= 8) len[i] = static_cast<unsigned char>(n & 0xff);
-  out.write(reinterpret_cast<const char*>(len), 8);
-  out.write(text.data(), static_cast<std::streamsize>(text.size()));
-  for (const auto& [name, view] : tensors_)
-    out.write(reinterpret_cast<const char*>(view.data),
-              static_cast<std::streamsize>(view.numel * sizeof(Bf16)));
-  out.flush();
-  if (!out) throw Error("weights file '" + path + "': write failed");
+  // Written beside the file and renamed over it: a store loaded from `path` (or a process that
+  // has it loaded) reads a mapping of the old file, which truncating it in place would turn into
+  // SIGBUS, and a reader never sees half a file.
+  const std::string partial = path + ".partial-" + std::to_string(::getpid());
+  {
+    std::ofstream out(partial, std::ios::binary | std::ios::trunc);
+    if (!out)
+      throw Error("weights file '" + path + "': cannot open " + partial +
+                  " for writing: " + std::strerror(errno));
+    unsigned char len[8];
+    uint64_t n = text.size();
+    for (int i = 0; i < 8; ++i, n >>= 8) len[i] = static_cast<unsigned char>(n & 0xff);
+    out.write(reinterpret_cast<const char*>(len), 8);
+    out.write(text.data(), static_cast<std::streamsize>(text.size()));
+    for (const auto& [name, view] : tensors_)
+      out.write(reinterpret_cast<const char*>(view.data),
+                static_cast<std::streamsize>(view.numel * sizeof(Bf16)));
+    out.close();
+    if (!out) {
+      ::unlink(partial.c_str());
+      throw Error("weights file '" + path + "': write failed");
+    }
+  }
+  if (std::rename(partial.c_str(), path.c_str()) != 0) {
+    const std::string why = std::strerror(errno);
+    ::unlink(partial.c_str());
+    throw Error("weights file '" + path + "': cannot replace it: " + why);
+  }
 }
 
 const TensorView& WeightStore::get(const std::string& name) const {

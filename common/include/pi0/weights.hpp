@@ -50,7 +50,9 @@ class WeightStore {
   static WeightStore random(const ModelConfig& config, int prompt_len, uint64_t seed,
                             WeightSet set);
 
-  // Writes every tensor held to a .safetensors file (for tests and the weights tool).
+  // Writes every tensor held to a .safetensors file (for tests and the weights tool): beside it
+  // first, then renamed over it, so that a store mapping the old file (this one included) keeps
+  // reading it. Throws pi0::Error if it cannot.
   void save_safetensors(const std::string& path) const;
 
   const TensorView& get(const std::string& name) const;  // throws pi0::Error if absent

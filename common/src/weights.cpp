@@ -206,14 +206,21 @@ std::string escaped(const std::string& text) {
   return nlohmann::json(text).dump(-1, ' ', true, nlohmann::json::error_handler_t::replace);
 }
 
+// The names a header may hold for `config`: every tensor of the model, and the format's
+// __metadata__.
+std::set<std::string> model_entry_names(const ModelConfig& config) {
+  std::set<std::string> names = {"__metadata__"};
+  for (const TensorSpec& spec : weight_specs(config, 0, WeightSet::kAll)) names.insert(spec.name);
+  return names;
+}
+
 // The spec's "load exactly these, reject anything else": every entry is one of the model's
 // tensors (or the format's __metadata__), and their data ranges tile the data section, with no
 // overlap, gap or trailing bytes. The entries' own checks (dtype, shape, size) come first, per
 // tensor of the set being loaded.
-void check_layout(const nlohmann::json& header, const ModelConfig& config, const FileError& err,
-                  uint64_t data_size) {
-  std::set<std::string> known;
-  for (const TensorSpec& spec : weight_specs(config, 0, WeightSet::kAll)) known.insert(spec.name);
+// `known`: the model's tensor names and __metadata__ (model_entry_names).
+void check_layout(const nlohmann::json& header, const ModelConfig& config,
+                  const std::set<std::string>& known, const FileError& err, uint64_t data_size) {
   std::vector<std::pair<uint64_t, uint64_t>> ranges;
   for (const auto& [name, entry] : header.items()) {
     if (name == "__metadata__") continue;
@@ -308,9 +315,7 @@ WeightStore WeightStore::load_safetensors(const std::string& path, const ModelCo
   struct Unexpected {
     std::string what;
   };
-  std::set<std::string> known_names = {"__metadata__"};
-  for (const TensorSpec& spec : weight_specs(config, 0, WeightSet::kAll))
-    known_names.insert(spec.name);
+  const std::set<std::string> known_names = model_entry_names(config);
   std::set<std::string> names, fields;
   std::string entry, repeated;
   const auto note_repeats = [&](int depth, nlohmann::json::parse_event_t event,
@@ -427,7 +432,7 @@ WeightStore WeightStore::load_safetensors(const std::string& path, const ModelCo
     }
     store.tensors_.emplace(name, TensorView{ptr, spec.shape, numel});
   }
-  check_layout(header, config, err, data_size);
+  check_layout(header, config, known_names, err, data_size);
   return store;
 }
 

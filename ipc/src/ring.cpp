@@ -216,6 +216,14 @@ WaitStatus wait_loop(StepFn&& step, BlockedFn&& still_blocked, std::atomic<uint3
   }
 }
 
+// Corrupt counters are not "full" or "empty": read as those, a peer's error or stop message
+// would go unseen and the run be misreported, so they throw, as the blocking calls' callers do.
+bool done_unless_corrupt(Step s, uint32_t capacity) {
+  PI0_CHECK(s != Step::kCorrupt, "a shared ring is corrupt: its counters say more than its " +
+                                     std::to_string(capacity) + " slots are queued");
+  return s == Step::kDone;
+}
+
 }  // namespace
 
 void WaitHistory::record(std::chrono::nanoseconds waited) {
@@ -324,22 +332,14 @@ SpscRing SpscRing::attach(void* where, uint32_t capacity) {
   return SpscRing(h, capacity);
 }
 
-// Corrupt counters are not "full" or "empty": read as those, a peer's error or stop message
-// would go unseen and the run be misreported, so they throw, as the blocking calls' callers do.
 bool SpscRing::try_push(const Message& m) {
   PI0_CHECK(header_ != nullptr, "push on a ring that is not attached");
-  const Step s = push_step(header_, capacity_, m);
-  PI0_CHECK(s != Step::kCorrupt, "a shared ring is corrupt: its counters say more than its " +
-                                     std::to_string(capacity_) + " slots are queued");
-  return s == Step::kDone;
+  return done_unless_corrupt(push_step(header_, capacity_, m), capacity_);
 }
 
 bool SpscRing::try_pop(Message& m) {
   PI0_CHECK(header_ != nullptr, "pop on a ring that is not attached");
-  const Step s = pop_step(header_, capacity_, m);
-  PI0_CHECK(s != Step::kCorrupt, "a shared ring is corrupt: its counters say more than its " +
-                                     std::to_string(capacity_) + " slots are queued");
-  return s == Step::kDone;
+  return done_unless_corrupt(pop_step(header_, capacity_, m), capacity_);
 }
 
 WaitStatus SpscRing::push(const Message& m, Deadline deadline, const PeerCheck& peer_alive) {

@@ -133,6 +133,13 @@ int take_users_lock(const std::string& dir, const MpsOptions& o) {
   return fd;
 }
 
+void require_control_program(const MpsOptions& o) {
+  PI0_CHECK(!find_on_path(o.control_program).empty(),
+            "MPS: " + o.control_program +
+                " not found on PATH (it ships with the NVIDIA driver); pass --no-mps to run "
+                "without MPS");
+}
+
 }  // namespace
 
 EnvOverrides mps_client_environment(const MpsOptions& o) {
@@ -144,20 +151,14 @@ bool mps_daemon_answers(const MpsOptions& o) {
 }
 
 void MpsDaemon::check_can_start_or_adopt(const MpsOptions& o) {
-  PI0_CHECK(!find_on_path(o.control_program).empty(),
-            "MPS: " + o.control_program +
-                " not found on PATH (it ships with the NVIDIA driver); pass --no-mps to run "
-                "without MPS");
+  require_control_program(o);
   if (mps_daemon_answers(o)) return;  // adopted: its directories are not ours to judge
   make_dir(o.pipe_dir);
   make_dir(o.log_dir);
 }
 
 MpsDaemon MpsDaemon::start_or_adopt(const MpsOptions& o) {
-  PI0_CHECK(!find_on_path(o.control_program).empty(),
-            "MPS: " + o.control_program +
-                " not found on PATH (it ships with the NVIDIA driver); pass --no-mps to run "
-                "without MPS");
+  require_control_program(o);
   MpsDaemon daemon;
   daemon.options_ = o;
   daemon.state_dir_ = state_dir(o);

@@ -51,8 +51,8 @@ bool cuda_device_present(std::string* why_not) {
 
 namespace pi0::cuda {
 int device_sm_count_without_context(int device) {
-  int count = 0, sms = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess || device < 0 || device >= count) return 0;
+  int sms = 0;
+  if (device < 0 || device >= cuda_device_count()) return 0;
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 0;
   return sms;
 }

@@ -34,6 +34,15 @@ std::vector<std::string> tiny_run(std::vector<std::string> extra) {
   return args;
 }
 
+// An executable shell script at `path` (a stand-in or wrapper for a worker).
+void write_script(const std::string& path, const std::string& body) {
+  {
+    std::ofstream script(path);
+    script << "#!/bin/sh\n" << body;
+  }
+  fs::permissions(path, fs::perms::owner_all);
+}
+
 // Nothing of the run `pid` is left: no worker process, no shared-memory segment.
 void require_nothing_left(int pid) {
   REQUIRE(test::eventually([&] { return test::workers_of(pid).empty(); }, 1000ms));
@@ -363,10 +372,7 @@ TEST_CASE("workers under wrappers exit when the orchestrator is killed and not y
   for (const auto& [name, exe] :
        {std::pair<std::string, std::string>{"encoder_worker", PI0_ENCODER_EXE},
         {"decoder_worker", PI0_DECODER_EXE}}) {
-    std::ofstream script(dir + "/" + name);
-    script << "#!/bin/sh\n\"" << exe << "\" \"$@\"\n";
-    script.close();
-    fs::permissions(dir + "/" + name, fs::perms::owner_all);
+    write_script(dir + "/" + name, "\"" + exe + "\" \"$@\"\n");
   }
   ChildProcess orch = ChildProcess::spawn(
       "orchestrator", test::orchestrator_exe(),
@@ -597,11 +603,7 @@ TEST_CASE("stop signals the caller ignores stay ignored", "[orchestrator][proces
 TEST_CASE("a worker that fails to start is named with its status and last lines",
           "[orchestrator][process]") {
   const std::string dir = test::temp_dir("badworker");
-  {
-    std::ofstream script(dir + "/encoder_worker");
-    script << "#!/bin/sh\necho 'cannot open the camera driver' >&2\nexit 7\n";
-  }
-  fs::permissions(dir + "/encoder_worker", fs::perms::owner_all);
+  write_script(dir + "/encoder_worker", "echo 'cannot open the camera driver' >&2\nexit 7\n");
   fs::create_symlink(fs::path(PI0_DECODER_EXE), dir + "/decoder_worker");
   const auto run = test::run_orchestrator(tiny_run({"--worker-dir", dir, "--frames", "5"}), 30s);
   INFO(run.output);
@@ -619,12 +621,9 @@ TEST_CASE("a worker that fails to start is named with its status and last lines"
 TEST_CASE("a worker that fails after it stopped leaves the figures and exit 3",
           "[orchestrator][process]") {
   const std::string dir = test::temp_dir("teardown");
-  {
-    std::ofstream script(dir + "/decoder_worker");
-    script << "#!/bin/sh\n\"" << PI0_DECODER_EXE
-           << "\" \"$@\"\necho 'driver teardown failed' >&2\nexit 7\n";
-  }
-  fs::permissions(dir + "/decoder_worker", fs::perms::owner_all);
+  write_script(dir + "/decoder_worker",
+               std::string("\"") + PI0_DECODER_EXE +
+                   "\" \"$@\"\necho 'driver teardown failed' >&2\nexit 7\n");
   fs::create_symlink(fs::path(PI0_ENCODER_EXE), dir + "/encoder_worker");
   const std::string json = dir + "/run.json";
   for (int round = 0; round < 3; ++round) {

@@ -10,7 +10,7 @@
 #include <sstream>
 #include <unordered_map>
 
-#include "driver_entry.hpp"
+#include "pi0/cuda/driver_entry.hpp"
 #include "pi0/check.hpp"
 
 namespace pi0::cuda {

@@ -13,7 +13,7 @@
 #include <thread>
 #include <vector>
 
-#include "driver_entry.hpp"
+#include "pi0/cuda/driver_entry.hpp"
 #include "layer_wait_internal.hpp"
 #include "pi0/check.hpp"
 #include "pi0/config.hpp"

@@ -14,7 +14,7 @@
 #include <cstdint>
 #include <string>
 
-#include "driver_entry.hpp"
+#include "pi0/cuda/driver_entry.hpp"
 #include "mma_primitives.cuh"
 #include "pi0/check.hpp"
 #include "pi0/cuda/device.hpp"

@@ -1,9 +1,11 @@
 #include "pi0/ipc/cuda_ipc.hpp"
 
 #include <cstring>
+#include <string>
 #include <utility>
 
 #include "pi0/check.hpp"
+#include "pi0/cuda/driver_entry.hpp"
 
 namespace pi0::ipc {
 namespace {
@@ -33,7 +35,31 @@ IpcDeviceMemory IpcDeviceMemory::open_imported(const uint8_t (&handle)[kCudaIpcH
   CUDA_CHECK(cudaIpcOpenMemHandle(&m.ptr_, h, cudaIpcMemLazyEnablePeerAccess));
   m.bytes_ = bytes;
   m.imported_ = true;
+  // The size comes from shared memory: a kernel that trusted a wrong one would read past the
+  // mapping and end this context with an illegal address instead of one line naming the problem.
+  const size_t mapped = allocation_bytes_from(m.ptr_);
+  PI0_CHECK(mapped >= bytes, "the exporter announced " + std::to_string(bytes) +
+                                 " bytes of device memory, but its allocation has " +
+                                 std::to_string(mapped));
   return m;
+}
+
+size_t allocation_bytes_from(const void* ptr) {
+  // cuMemGetAddressRange_v2 (CUDA 3.2): CUresult (CUdeviceptr* base, size_t* size, CUdeviceptr).
+  using GetRange = int (*)(unsigned long long*, size_t*, unsigned long long);
+  static const GetRange get_range = [] {
+    GetRange fn = nullptr;
+    cuda::load_driver_call("cuMemGetAddressRange", 3020, fn);
+    return fn;
+  }();
+  PI0_CHECK(get_range != nullptr, "the CUDA driver lacks cuMemGetAddressRange");
+  const auto address = reinterpret_cast<unsigned long long>(ptr);
+  unsigned long long base = 0;
+  size_t size = 0;
+  const int status = get_range(&base, &size, address);
+  PI0_CHECK(status == 0, "cuMemGetAddressRange failed (CUresult " + std::to_string(status) +
+                             ") for a pointer that should be device memory");
+  return static_cast<size_t>(base + size - address);
 }
 
 IpcDeviceMemory& IpcDeviceMemory::operator=(IpcDeviceMemory&& o) noexcept {

@@ -19,7 +19,8 @@ class IpcDeviceMemory {
   static IpcDeviceMemory allocate_exported(size_t bytes,
                                            uint8_t (&handle_out)[kCudaIpcHandleBytes]);
   // Maps memory another process exported. Never copies. `bytes` is the size the exporter
-  // announced (the caller checks it against what it will use), which bytes() then reports.
+  // announced (the caller checks it against what it will use), which bytes() then reports;
+  // an allocation smaller than that is refused.
   static IpcDeviceMemory open_imported(const uint8_t (&handle)[kCudaIpcHandleBytes], size_t bytes);
 
   IpcDeviceMemory() = default;
@@ -37,6 +38,11 @@ class IpcDeviceMemory {
   size_t bytes_ = 0;
   bool imported_ = false;
 };
+
+// Bytes of device memory from `ptr` to the end of the allocation that holds it (the driver's
+// record, so also for memory mapped from another process). Throws for a pointer that is not
+// device memory.
+size_t allocation_bytes_from(const void* ptr);
 
 // An interprocess event (cudaEventInterprocess | cudaEventDisableTiming).
 class IpcEvent {

@@ -1,6 +1,7 @@
 // Driver API entry points looked up through the runtime, so that nothing links libcuda (CI builds
-// without a driver). Internal to pi0_cuda: device.cpp (graph node names), frontend_waits.cpp
-// (stream memory operations) and qkv_rope.cu (tensor maps) use it.
+// without a driver). device.cpp (graph node names), frontend_waits.cpp (stream memory
+// operations), qkv_rope.cu (tensor maps) and ipc's cuda_ipc.cpp (the size of a mapped allocation)
+// use it.
 #pragma once
 
 #include <cuda_runtime_api.h>

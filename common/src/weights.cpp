@@ -1,7 +1,6 @@
 #include "pi0/weights.hpp"
 
 #include <fcntl.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -141,14 +140,8 @@ std::vector<TensorSpec> weight_specs(const ModelConfig& c, int prompt_len, Weigh
 }
 
 struct WeightStore::Backing {
-  void* map = nullptr;
-  size_t map_size = 0;
   // Inner vectors keep their data pointers when the outer vector grows, so views stay valid.
   std::vector<std::vector<Bf16>> owned;
-
-  ~Backing() {
-    if (map) munmap(map, map_size);
-  }
 };
 
 WeightStore::WeightStore() : backing_(std::make_unique<Backing>()) {}
@@ -252,41 +245,78 @@ void check_layout(const nlohmann::json& header, const ModelConfig& config,
 
 }  // namespace
 
-WeightStore WeightStore::load_safetensors(const std::string& path, const ModelConfig& config,
-                                          WeightSet set) {
+namespace {
+
+// An open file, closed when this goes.
+class FileHandle {
+ public:
+  explicit FileHandle(int fd) : fd_(fd) {}
+  FileHandle(const FileHandle&) = delete;
+  FileHandle& operator=(const FileHandle&) = delete;
+  ~FileHandle() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  int get() const { return fd_; }
+
+ private:
+  int fd_;
+};
+
+// Reads `bytes` at `offset` in full. The file is read, not mapped: a file that another program
+// shrinks (`cp` over it truncates it first) then fails here with one line, where a mapping would
+// end the process with SIGBUS wherever the lost bytes were first touched, long after the load.
+void read_exactly(int fd, void* dst, size_t bytes, uint64_t offset, const FileError& err,
+                  const std::string& what) {
+  auto* at = static_cast<unsigned char*>(dst);
+  while (bytes > 0) {
+    const ssize_t n =
+        ::pread(fd, at, std::min<size_t>(bytes, size_t{1} << 30), static_cast<off_t>(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) err.fail("cannot read " + what + ": " + std::strerror(errno));
+    if (n == 0)
+      err.fail("the file ended at byte " + std::to_string(offset) + " while reading " + what +
+               ": it shrank while being read");
+    at += n;
+    bytes -= static_cast<size_t>(n);
+    offset += static_cast<uint64_t>(n);
+  }
+}
+
+// Where one tensor of the set being loaded lies in the file.
+struct Placement {
+  size_t spec;      // index into CheckedFile::specs
+  uint64_t offset;  // from the start of the file
+};
+
+// A safetensors file whose header has passed every check for `config`: the open file, the
+// prompt length, and where each tensor of the set lies. Reads no tensor data.
+struct CheckedFile {
+  std::unique_ptr<FileHandle> file;
+  int prompt_len = 0;
+  std::vector<TensorSpec> specs;
+  std::vector<Placement> placements;
+};
+
+CheckedFile check_file(const std::string& path, const ModelConfig& config, WeightSet set) {
   const FileError err(path);
+  CheckedFile checked;
   // O_NONBLOCK: a FIFO named as the weights would block the open until a writer came, before
   // the regular-file check below could refuse it. Reads of a regular file ignore the flag.
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  checked.file =
+      std::make_unique<FileHandle>(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
+  const int fd = checked.file->get();
   if (fd < 0) err.fail(std::string("cannot open: ") + std::strerror(errno));
   struct stat st {};
-  if (::fstat(fd, &st) != 0) {
-    const int e = errno;
-    ::close(fd);
-    err.fail(std::string("cannot stat: ") + std::strerror(e));
-  }
-  if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
-    err.fail("not a regular file");
-  }
+  if (::fstat(fd, &st) != 0) err.fail(std::string("cannot stat: ") + std::strerror(errno));
+  if (!S_ISREG(st.st_mode)) err.fail("not a regular file");
   const size_t file_size = static_cast<size_t>(st.st_size);
-  if (file_size < 8) {
-    ::close(fd);
+  if (file_size < 8)
     err.fail("file is " + std::to_string(file_size) +
              " bytes, shorter than the 8-byte header length: truncated");
-  }
-  void* map = ::mmap(nullptr, file_size, PROT_READ, MAP_PRIVATE, fd, 0);
-  const int map_errno = errno;
-  ::close(fd);  // the mapping keeps the file contents reachable
-  if (map == MAP_FAILED) err.fail(std::string("cannot mmap: ") + std::strerror(map_errno));
-
-  WeightStore store;
-  store.backing_->map = map;
-  store.backing_->map_size = file_size;
-  const auto* bytes = static_cast<const unsigned char*>(map);
-
+  unsigned char length_bytes[8];
+  read_exactly(fd, length_bytes, 8, 0, err, "the header length");
   uint64_t header_len = 0;
-  for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | bytes[i];  // little-endian
+  for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | length_bytes[i];  // little-endian
   if (header_len > file_size - 8)
     err.fail("header length " + std::to_string(header_len) + " runs past the end of the file (" +
              std::to_string(file_size) + " bytes): truncated or not a safetensors file");
@@ -296,9 +326,11 @@ WeightStore WeightStore::load_safetensors(const std::string& path, const ModelCo
   if (header_len > kMaxHeaderBytes)
     err.fail("header length " + std::to_string(header_len) + " is over the " +
              std::to_string(kMaxHeaderBytes) + " bytes this loader reads (pi0's is ~4 KB)");
-  const char* header_text = reinterpret_cast<const char*>(bytes + 8);
-  const unsigned char* data = bytes + 8 + header_len;
-  const size_t data_size = file_size - 8 - header_len;
+  std::string header_bytes(header_len, '\0');
+  read_exactly(fd, header_bytes.data(), header_len, 8, err, "the header");
+  const char* header_text = header_bytes.data();
+  const uint64_t data_start = 8 + header_len;
+  const size_t data_size = file_size - data_start;
 
   nlohmann::json header;
   // JSON lets a name repeat and the parser keeps the last: a file that names a tensor twice, or a
@@ -371,9 +403,11 @@ WeightStore WeightStore::load_safetensors(const std::string& path, const ModelCo
       prompt_len = static_cast<int>(rows.get<uint64_t>());
     }
   }
-  store.prompt_len_ = prompt_len;
+  checked.prompt_len = prompt_len;
+  checked.specs = weight_specs(config, prompt_len, set);
 
-  for (const TensorSpec& spec : weight_specs(config, prompt_len, set)) {
+  for (size_t index = 0; index < checked.specs.size(); ++index) {
+    const TensorSpec& spec = checked.specs[index];
     const std::string& name = spec.name;
     const auto it = header.find(name);
     if (it == header.end()) err.fail("tensor " + name + " is missing");
@@ -420,20 +454,33 @@ WeightStore WeightStore::load_safetensors(const std::string& path, const ModelCo
     if (end - begin != numel * sizeof(Bf16))
       err.fail("tensor " + name + " holds " + std::to_string(end - begin) + " bytes, expected " +
                std::to_string(numel * sizeof(Bf16)) + " for shape " + shape_text(shape));
-    const unsigned char* src = data + begin;
-    const Bf16* ptr = reinterpret_cast<const Bf16*>(src);
-    if (reinterpret_cast<uintptr_t>(src) % alignof(Bf16) != 0) {
-      // Writers that do not pad the header can leave tensors at odd addresses; copy those
-      // rather than hand out a misaligned pointer.
-      std::vector<Bf16> copy(numel);
-      std::memcpy(copy.data(), src, numel * sizeof(Bf16));
-      ptr = copy.data();
-      store.backing_->owned.push_back(std::move(copy));
-    }
-    store.tensors_.emplace(name, TensorView{ptr, spec.shape, numel});
+    checked.placements.push_back({index, data_start + begin});
   }
   check_layout(header, config, known_names, err, data_size);
+  return checked;
+}
+
+}  // namespace
+
+WeightStore WeightStore::load_safetensors(const std::string& path, const ModelConfig& config,
+                                          WeightSet set) {
+  const CheckedFile checked = check_file(path, config, set);
+  const FileError err(path);
+  WeightStore store;
+  store.prompt_len_ = checked.prompt_len;
+  for (const Placement& p : checked.placements) {
+    const TensorSpec& spec = checked.specs[p.spec];
+    std::vector<Bf16> data(spec.numel());
+    read_exactly(checked.file->get(), data.data(), data.size() * sizeof(Bf16), p.offset, err,
+                 "tensor " + spec.name);
+    store.tensors_.emplace(spec.name, TensorView{data.data(), spec.shape, data.size()});
+    store.backing_->owned.push_back(std::move(data));
+  }
   return store;
+}
+
+int WeightStore::check_safetensors(const std::string& path, const ModelConfig& config) {
+  return check_file(path, config, WeightSet::kAll).prompt_len;
 }
 
 void WeightStore::save_safetensors(const std::string& path) const {
@@ -449,9 +496,8 @@ void WeightStore::save_safetensors(const std::string& path) const {
   // Padding keeps the data section 8-byte aligned, as the safetensors writers do.
   text.append((8 - text.size() % 8) % 8, ' ');
 
-  // Written beside the file and renamed over it: a store loaded from `path` (or a process that
-  // has it loaded) reads a mapping of the old file, which truncating it in place would turn into
-  // SIGBUS, and a reader never sees half a file.
+  // Written beside the file and renamed over it: a process still reading `path` (a worker that
+  // is loading it) keeps reading the old file whole, and a reader never sees half a file.
   const std::string partial = path + ".partial-" + std::to_string(::getpid());
   {
     std::ofstream out(partial, std::ios::binary | std::ios::trunc);

@@ -274,13 +274,13 @@ ResolvedRun resolve(const RunOptions& o) {
   r.shape.chunk = o.chunk;
   r.shape.prompt_len = o.prompt_len.value_or(0);
   if (!o.weights.empty()) {
-    // Validates every tensor's name, dtype, shape and offsets now (the file is only mapped), so a
-    // bad file fails before any worker starts.
-    const WeightStore store = WeightStore::load_safetensors(o.weights, r.config, WeightSet::kAll);
-    PI0_CHECK(!o.prompt_len || *o.prompt_len == store.prompt_len(),
+    // Every tensor's name, dtype, shape and offsets, checked now without reading their data, so
+    // that a bad file fails before any worker starts.
+    const int file_prompt_len = WeightStore::check_safetensors(o.weights, r.config);
+    PI0_CHECK(!o.prompt_len || *o.prompt_len == file_prompt_len,
               "--prompt-len " + std::to_string(*o.prompt_len) + " does not match the " +
-                  std::to_string(store.prompt_len()) + " prompt tokens in " + o.weights);
-    r.shape.prompt_len = store.prompt_len();
+                  std::to_string(file_prompt_len) + " prompt tokens in " + o.weights);
+    r.shape.prompt_len = file_prompt_len;
   }
   r.shape.validate();
   check_writable(o.json_path, "--json");

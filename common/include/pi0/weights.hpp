@@ -21,9 +21,9 @@ enum class WeightSet { kEncoder, kDecoder, kAll };
 struct TensorSpec {
   std::string name;
   std::vector<int64_t> shape;
-  int64_t fan_in;      // input dimension, for N(0, 1/fan_in) initialisation; 0 = not a matrix
-  float init_std;      // std of the random init (0 for biases; norm weights use init_one)
-  bool init_one;       // norm weights: all ones
+  int64_t fan_in;  // input dimension, for N(0, 1/fan_in) initialisation; 0 = not a matrix
+  float init_std;  // std of the random init (0 for biases; norm weights use init_one)
+  bool init_one;   // norm weights: all ones
   size_t numel() const;
 };
 
@@ -42,8 +42,13 @@ class WeightStore {
   // one-line message naming the file and the problem: missing file, truncated file, header that is
   // not JSON, missing tensor, wrong dtype, wrong shape, offsets outside the data. The prompt length
   // is taken from language_embeds' first dimension (any, including 0).
+  // The tensors are read into memory the store owns (not mapped), so that a file changed on disk
+  // afterwards changes nothing the store holds.
   static WeightStore load_safetensors(const std::string& path, const ModelConfig& config,
                                       WeightSet set);
+  // Every check load_safetensors makes of every tensor of the model, without reading their data;
+  // returns the prompt length. Throws as load_safetensors does.
+  static int check_safetensors(const std::string& path, const ModelConfig& config);
 
   // Seeded random weights as the spec describes (norm weights 1, biases 0, position embedding and
   // time biases N(0, 0.02), matrices N(0, 1/fan_in), language_embeds N(0, 1)).
@@ -51,8 +56,8 @@ class WeightStore {
                             WeightSet set);
 
   // Writes every tensor held to a .safetensors file (for tests and the weights tool): beside it
-  // first, then renamed over it, so that a store mapping the old file (this one included) keeps
-  // reading it. Throws pi0::Error if it cannot.
+  // first, then renamed over it, so that a process reading the old file keeps reading it whole.
+  // Throws pi0::Error if it cannot.
   void save_safetensors(const std::string& path) const;
 
   const TensorView& get(const std::string& name) const;  // throws pi0::Error if absent
@@ -67,7 +72,7 @@ class WeightStore {
 
  private:
   WeightStore();
-  struct Backing;  // mmap of a file, or owned vectors
+  struct Backing;  // the tensors' memory
   std::unique_ptr<Backing> backing_;
   std::map<std::string, TensorView> tensors_;
   int prompt_len_ = 0;

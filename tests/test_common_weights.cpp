@@ -541,6 +541,31 @@ TEST_CASE("weights files that are not what they seem fail without hanging or exh
     fs::resize_file(file.path, 8 + header_len);
     REQUIRE(contains(load_error(file.path, c), "over the 16777216 bytes this loader reads"));
   }
+  SECTION("metadata that is not a map of names to strings, or a byte-order mark") {
+    const auto store = pi0::WeightStore::random(c, 0, 3, pi0::WeightSet::kAll);
+    TempFile file("metadata");
+    store.save_safetensors(file.path);
+    const std::string bytes = read_bytes(file.path);
+    uint64_t header_len = 0;
+    for (int i = 7; i >= 0; --i)
+      header_len = (header_len << 8) | static_cast<unsigned char>(bytes[i]);
+    const std::string header = bytes.substr(8, header_len), data = bytes.substr(8 + header_len);
+    // The saved header starts with '{': these put something before its first entry.
+    const auto with_header = [&](const std::string& text) {
+      std::string length(8, '\0');
+      for (int i = 0; i < 8; ++i)
+        length[i] = static_cast<char>((uint64_t{text.size()} >> (8 * i)) & 0xff);
+      write_bytes(file.path, length + text + data);
+      return load_error(file.path, c);
+    };
+    REQUIRE(with_header("{\"__metadata__\":{\"format\":\"pt\"}," + header.substr(1)).empty());
+    for (const std::string metadata : {"[1,2]", "{\"format\":[\"pt\"]}", "{\"n\":3}", "\"pt\""}) {
+      INFO(metadata);
+      REQUIRE(contains(with_header("{\"__metadata__\":" + metadata + "," + header.substr(1)),
+                       "__metadata__ is not a map of names to strings"));
+    }
+    REQUIRE(contains(with_header("\xEF\xBB\xBF" + header), "byte-order mark"));
+  }
   SECTION("a header that is a deep run of brackets") {
     // 20 MB of '[': parsed to the end, it would take gigabytes; refused at the fourth level.
     TempFile file("deepheader");

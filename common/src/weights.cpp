@@ -227,7 +227,13 @@ void check_layout(const nlohmann::json& header, const ModelConfig& config,
                   const std::set<std::string>& known, const FileError& err, uint64_t data_size) {
   std::vector<std::pair<uint64_t, uint64_t>> ranges;
   for (const auto& [name, entry] : header.items()) {
-    if (name == "__metadata__") continue;
+    if (name == "__metadata__") {
+      // The format's metadata maps names to strings, and its readers take it as such.
+      if (!entry.is_object() ||
+          !std::all_of(entry.begin(), entry.end(), [](const auto& v) { return v.is_string(); }))
+        err.fail("__metadata__ is not a map of names to strings");
+      continue;
+    }
     if (!known.count(name))
       err.fail("tensor " + escaped(name) + " is not a tensor of model '" + config.name + "'");
     const auto offsets = entry.is_object() ? entry.find("data_offsets") : entry.end();
@@ -382,6 +388,9 @@ CheckedFile check_file(const std::string& path, const ModelConfig& config, Weigh
     }
     return true;
   };
+  // nlohmann skips a UTF-8 byte-order mark; the format's own reader (serde_json) refuses one.
+  if (header_len >= 3 && std::memcmp(header_text, "\xEF\xBB\xBF", 3) == 0)
+    err.fail("header starts with a UTF-8 byte-order mark, which a safetensors header may not");
   try {
     header = nlohmann::json::parse(header_text, header_text + header_len, note_repeats);
   } catch (const TooDeep&) {

@@ -16,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "pi0/proc_state.hpp"
 #include "pi0/process.hpp"
 
 namespace pi0::test {
@@ -34,11 +35,8 @@ inline std::vector<int> processes_matching(const std::string& needle) {
     const std::string name = entry.path().filename();
     if (name.find_first_not_of("0123456789") != std::string::npos) continue;
     const int pid = std::stoi(name);
-    std::ifstream stat("/proc/" + name + "/stat");
-    std::string line;
-    std::getline(stat, line);
-    const auto close = line.rfind(')');
-    if (close == std::string::npos || close + 2 >= line.size() || line[close + 2] == 'Z') continue;
+    const char state = proc_state(pid);
+    if (state == '\0' || state == 'Z') continue;
     if (read_cmdline(pid).find(needle) != std::string::npos) pids.push_back(pid);
   }
   return pids;

@@ -16,6 +16,7 @@
 #include "pi0/check.hpp"
 #include "pi0/config.hpp"
 #include "pi0/log.hpp"
+#include "pi0/proc_state.hpp"
 
 namespace pi0::ipc {
 namespace {
@@ -63,17 +64,8 @@ bool process_alive(int pid) {
 // must not end its main thread on its own while other threads run.)
 bool process_running(int pid) {
   if (!process_alive(pid)) return false;
-  char path[32];
-  std::snprintf(path, sizeof path, "/proc/%d/stat", pid);
-  std::FILE* f = std::fopen(path, "r");
-  if (f == nullptr) return true;  // no /proc to ask: trust kill()
-  char stat[256];
-  const size_t n = std::fread(stat, 1, sizeof stat - 1, f);
-  std::fclose(f);
-  stat[n] = '\0';
-  const char* name_end = std::strrchr(stat, ')');  // the state follows the (name)
-  if (name_end == nullptr || name_end[1] != ' ') return true;
-  return name_end[2] != 'Z' && name_end[2] != 'X';
+  const char state = proc_state(pid);
+  return state != 'Z' && state != 'X';  // no /proc to ask ('\0'): trust kill()
 }
 
 // Cheap enough for the wait loops' peer checks (no /proc read); the death signal covers a killed

@@ -13,10 +13,10 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
 #include <sstream>
 
 #include "pi0/check.hpp"
+#include "pi0/proc_state.hpp"
 
 extern char** environ;
 
@@ -358,13 +358,10 @@ CommandResult run_command(const std::string& program, const std::vector<std::str
 }
 
 std::string process_state(int pid) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
-  std::string stat;
-  if (pid <= 0 || !std::getline(in, stat)) return {};
-  // "pid (comm) S ...": comm may hold spaces and ')', so the state follows the last ')'.
-  const size_t close = stat.rfind(')');
-  if (close == std::string::npos || close + 2 >= stat.size()) return {};
-  switch (stat[close + 2]) {
+  const char state = proc_state(pid);
+  switch (state) {
+    case '\0':
+      return {};
     case 'R':
       return "running";
     case 'S':
@@ -378,7 +375,7 @@ std::string process_state(int pid) {
     case 'Z':
       return "exited, not yet reaped";
     default:
-      return std::string("in state ") + stat[close + 2];
+      return std::string("in state ") + state;
   }
 }
 

@@ -163,6 +163,34 @@ TEST_CASE("mps pipeline matches the single-process engines and splits the SMs", 
   fs::remove_all(dir);
 }
 
+// The workers read a weights file into their own memory and upload it: the same weights drawn
+// from the seed inside the workers give the same bits.
+TEST_CASE("a weights file gives the actions of the same weights drawn in the workers",
+          "[gpu][mps]") {
+  const MpsOptions mps = test_mps_options();
+  REQUIRE_FALSE(mps_daemon_answers(mps));
+  const std::string dir = test::temp_dir("gpu_weights_file");
+  const std::string weights = dir + "/pi0-2l.safetensors";
+  WeightStore::random(model_config(kModel), 0, kSeed, WeightSet::kAll).save_safetensors(weights);
+  std::vector<std::vector<float>> actions;
+  for (const bool from_file : {false, true}) {
+    const std::string out = dir + (from_file ? "/file.f32" : "/drawn.f32");
+    std::vector<std::string> extra = {"--actions-out", out};
+    if (from_file) extra.insert(extra.end(), {"--weights", weights});
+    const auto run = test::run_orchestrator(gpu_run(mps, extra, 8), 300s);
+    INFO(run.output);
+    REQUIRE(run.status.success());
+    actions.push_back(test::read_floats(out));
+    REQUIRE(actions.back().size() ==
+            8 * stage_sizes(model_config(kModel), RunShape{}).action_values);
+    REQUIRE(test::count_nonfinite(actions.back()) == 0);
+  }
+  CHECK(
+      test::bitwise_equal(actions[0].data(), actions[1].data(), actions[0].size() * sizeof(float)));
+  CHECK_FALSE(mps_daemon_answers(mps));
+  fs::remove_all(dir);
+}
+
 // --decoder-batch 2 with the decoder on a small share, so that frames pile up behind it and
 // pass through it two at a time: each frame's actions still match the single-process engines
 // (within bf16 rounding: a pass of two runs other GEMM algorithms) and come out in frame order.

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <exception>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -309,6 +310,7 @@ struct Placement {
 // prompt length, and where each tensor of the set lies. Reads no tensor data.
 struct CheckedFile {
   std::unique_ptr<FileHandle> file;
+  struct stat status {};  // when the header was read
   int prompt_len = 0;
   std::vector<TensorSpec> specs;
   std::vector<Placement> placements;
@@ -318,14 +320,18 @@ CheckedFile check_file(const std::string& path, const ModelConfig& config, Weigh
   const FileError err(path);
   CheckedFile checked;
   // O_NONBLOCK: a FIFO named as the weights would block the open until a writer came, before
-  // the regular-file check below could refuse it. Reads of a regular file ignore the flag.
-  checked.file =
-      std::make_unique<FileHandle>(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
-  const int fd = checked.file->get();
-  if (fd < 0) err.fail(std::string("cannot open: ") + std::strerror(errno));
-  struct stat st {};
+  // the regular-file check below could refuse it. Cleared after it, for filesystems (FUSE) that
+  // would answer a read with EAGAIN.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  const int open_errno = errno;
+  checked.file = std::make_unique<FileHandle>(fd);
+  if (fd < 0) err.fail(std::string("cannot open: ") + std::strerror(open_errno));
+  struct stat& st = checked.status;
   if (::fstat(fd, &st) != 0) err.fail(std::string("cannot stat: ") + std::strerror(errno));
   if (!S_ISREG(st.st_mode)) err.fail("not a regular file");
+  const int flags = ::fcntl(fd, F_GETFL);
+  if (flags < 0 || ::fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) != 0)
+    err.fail(std::string("cannot make it blocking: ") + std::strerror(errno));
   const size_t file_size = static_cast<size_t>(st.st_size);
   if (file_size < 8)
     err.fail("file is " + std::to_string(file_size) +
@@ -519,21 +525,31 @@ WeightStore WeightStore::load_safetensors(const std::string& path, const ModelCo
   backing.region = region;
   (void)::madvise(region, backing.region_bytes, MADV_HUGEPAGE);  // advice only
   auto* base = static_cast<unsigned char*>(region);
-  std::string failure;
+  std::exception_ptr failure;
   const long piece_count = static_cast<long>(pieces.size());
 #pragma omp parallel for schedule(dynamic) if (piece_count > 1)
   for (long i = 0; i < piece_count; ++i) {
-    const Piece& piece = pieces[static_cast<size_t>(i)];
-    const std::string& name = checked.specs[checked.placements[piece.placement].spec].name;
     try {
+      const Piece& piece = pieces[static_cast<size_t>(i)];
+      const std::string& name = checked.specs[checked.placements[piece.placement].spec].name;
       read_exactly(checked.file->get(), base + piece.at, piece.bytes, piece.offset, err,
                    "tensor " + name);
-    } catch (const Error& e) {
+    } catch (...) {  // nothing may leave the parallel region (std::terminate)
 #pragma omp critical(pi0_weights_read_failure)
-      if (failure.empty()) failure = e.what();
+      if (!failure) failure = std::current_exception();
     }
   }
-  if (!failure.empty()) throw Error(failure);
+  if (failure) std::rethrow_exception(failure);
+  // A file rewritten in place while it was read (without shrinking) would give tensors of both
+  // versions. Its size or modification time tells, as far as the time's resolution goes (not
+  // its change time, which a rename over the path also moves). Writers should write a new file
+  // and rename it over (as save_safetensors does), which an open file never sees.
+  struct stat after {};
+  const struct stat& before = checked.status;
+  if (::fstat(checked.file->get(), &after) != 0 || after.st_size != before.st_size ||
+      after.st_mtim.tv_sec != before.st_mtim.tv_sec ||
+      after.st_mtim.tv_nsec != before.st_mtim.tv_nsec)
+    err.fail("the file changed while it was read (replace it by renaming a new file over it)");
   for (size_t i = 0; i < checked.placements.size(); ++i) {
     const TensorSpec& spec = checked.specs[checked.placements[i].spec];
     store.tensors_.emplace(spec.name, TensorView{reinterpret_cast<const Bf16*>(base + starts[i]),

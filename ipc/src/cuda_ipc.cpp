@@ -58,7 +58,7 @@ size_t allocation_bytes_from(const void* ptr) {
   size_t size = 0;
   const int status = get_range(&base, &size, address);
   PI0_CHECK(status == 0, "cuMemGetAddressRange failed (CUresult " + std::to_string(status) +
-                             ") for a pointer that should be device memory");
+                             "): not device memory, or no CUDA context");
   return static_cast<size_t>(base + size - address);
 }
 

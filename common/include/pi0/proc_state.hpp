@@ -13,7 +13,7 @@ inline char proc_state(int pid) {
   if (pid <= 0) return '\0';
   char path[32];
   std::snprintf(path, sizeof path, "/proc/%d/stat", pid);
-  std::FILE* f = std::fopen(path, "r");
+  std::FILE* f = std::fopen(path, "re");  // close-on-exec: children spawned meanwhile
   if (f == nullptr) return '\0';
   // "pid (comm) S ...": comm (at most 16 bytes) may hold spaces and ')', so the state follows
   // the last ')'.

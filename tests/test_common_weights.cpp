@@ -54,6 +54,34 @@ void write_bytes(const std::string& path, const std::string& bytes) {
   out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
 }
 
+// A safetensors file's 8-byte little-endian header length, read from its bytes and written.
+uint64_t header_length(const std::string& file_bytes) {
+  uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<unsigned char>(file_bytes[i]);
+  return n;
+}
+std::string length_prefix(uint64_t n) {
+  std::string length(8, '\0');
+  for (int i = 0; i < 8; ++i) length[i] = static_cast<char>((n >> (8 * i)) & 0xff);
+  return length;
+}
+
+// Saves `store` to `path` and returns the file's bytes.
+std::string save_and_read(const pi0::WeightStore& store, const std::string& path) {
+  store.save_safetensors(path);
+  return read_bytes(path);
+}
+
+// Every tensor `got` holds has the shape and bytes of the one of that name in `want`.
+void require_tensors_of(const pi0::WeightStore& got, const pi0::WeightStore& want) {
+  for (const auto& [name, view] : got.tensors()) {
+    INFO(name);
+    const pi0::TensorView& original = want.get(name);
+    REQUIRE(view.shape == original.shape);
+    REQUIRE(std::memcmp(view.data, original.data, view.numel * 2) == 0);
+  }
+}
+
 // One header entry as the hand-written files below spell it.
 struct Entry {
   std::string name;
@@ -92,10 +120,7 @@ void write_edited(const std::string& path, const pi0::WeightStore& store,
               ",\"data_offsets\":" + e.offsets + "}";
   }
   header += "}";
-  std::string file(8, '\0');
-  uint64_t n = header.size();
-  for (int i = 0; i < 8; ++i, n >>= 8) file[i] = static_cast<char>(n & 0xff);
-  write_bytes(path, file + header + data);
+  write_bytes(path, length_prefix(header.size()) + header + data);
 }
 
 Entry& find_entry(std::vector<Entry>& entries, const std::string& name) {
@@ -214,11 +239,8 @@ TEST_CASE("safetensors save and load round trip", "[common]") {
   const pi0::ModelConfig c = pi0::model_config("tiny");
   const auto store = pi0::WeightStore::random(c, 5, 9, pi0::WeightSet::kAll);
   TempFile file("roundtrip");
-  store.save_safetensors(file.path);
-  const std::string bytes = read_bytes(file.path);
-  uint64_t header_len = 0;
-  for (int i = 7; i >= 0; --i)
-    header_len = (header_len << 8) | static_cast<unsigned char>(bytes[i]);
+  const std::string bytes = save_and_read(store, file.path);
+  const uint64_t header_len = header_length(bytes);
   REQUIRE(header_len % 8 == 0);
   REQUIRE(bytes.size() == 8 + header_len + store.total_bytes());
 
@@ -226,11 +248,7 @@ TEST_CASE("safetensors save and load round trip", "[common]") {
     const auto loaded = pi0::WeightStore::load_safetensors(file.path, c, set);
     REQUIRE(loaded.prompt_len() == (set == pi0::WeightSet::kDecoder ? 0 : 5));
     REQUIRE(loaded.tensors().size() == pi0::weight_specs(c, 5, set).size());
-    for (const auto& [name, view] : loaded.tensors()) {
-      const pi0::TensorView& original = store.get(name);
-      REQUIRE(view.shape == original.shape);
-      REQUIRE(std::memcmp(view.data, original.data, view.numel * 2) == 0);
-    }
+    require_tensors_of(loaded, store);
   }
 
   // An empty prompt round-trips too.
@@ -243,8 +261,11 @@ TEST_CASE("safetensors save and load round trip", "[common]") {
 }
 
 // Saved over the file it was loaded from, a store keeps its tensors, and a reader of the old file
-// reads it whole (the saver renames a new file over it instead of writing in place).
-TEST_CASE("a loaded store saved over its own file keeps its tensors", "[common]") {
+// reads it whole (the saver renames a new file over it instead of writing in place). And
+// `cp new.safetensors weights.safetensors` truncates the file in place and rewrites it: a store
+// that mapped its file then gave wrong data, or SIGBUS wherever it read a lost page (the CPU
+// backend reads its weights every frame); a store holds its own copy.
+TEST_CASE("a loaded store keeps its tensors when its file is replaced or overwritten", "[common]") {
   const pi0::ModelConfig c = pi0::model_config("tiny");
   const auto store = pi0::WeightStore::random(c, 3, 4, pi0::WeightSet::kAll);
   TempFile file("resave");
@@ -253,29 +274,16 @@ TEST_CASE("a loaded store saved over its own file keeps its tensors", "[common]"
   const auto reader = pi0::WeightStore::load_safetensors(file.path, c, pi0::WeightSet::kDecoder);
   loaded.save_safetensors(file.path);
   const auto again = pi0::WeightStore::load_safetensors(file.path, c, pi0::WeightSet::kAll);
-  for (const auto& [name, view] : again.tensors())
-    REQUIRE(std::memcmp(view.data, store.get(name).data, view.numel * 2) == 0);
-  for (const auto& [name, view] : reader.tensors())
-    REQUIRE(std::memcmp(view.data, store.get(name).data, view.numel * 2) == 0);
+  require_tensors_of(again, store);
+  require_tensors_of(reader, store);
   // Nothing is left beside it.
   for (const auto& entry : fs::directory_iterator(fs::path(file.path).parent_path())) {
     const std::string name = entry.path().string();
     REQUIRE((name.find("resave") == std::string::npos || name == file.path));
   }
-}
-
-// `cp new.safetensors weights.safetensors` truncates the file in place and rewrites it. A store
-// that mapped its file then raised SIGBUS wherever it read a lost page (the CPU backend reads its
-// weights every frame); a store holds its own copy.
-TEST_CASE("a loaded store keeps its tensors when its file is overwritten in place", "[common]") {
-  const pi0::ModelConfig c = pi0::model_config("tiny");
-  const auto store = pi0::WeightStore::random(c, 3, 6, pi0::WeightSet::kAll);
-  TempFile file("inplace");
-  store.save_safetensors(file.path);
-  const auto loaded = pi0::WeightStore::load_safetensors(file.path, c, pi0::WeightSet::kAll);
   write_bytes(file.path, "cut");
-  for (const auto& [name, view] : loaded.tensors())
-    REQUIRE(std::memcmp(view.data, store.get(name).data, view.numel * 2) == 0);
+  require_tensors_of(again, store);
+  require_tensors_of(loaded, store);
 }
 
 // A rewrite in place that keeps the size moves the modification time: a load that spans one
@@ -299,8 +307,7 @@ TEST_CASE("a load during which the file is modified fails with one line", "[comm
   for (int i = 0; i < 2000 && changed < 5; ++i) {
     try {
       const auto loaded = pi0::WeightStore::load_safetensors(file.path, c, pi0::WeightSet::kAll);
-      for (const auto& [name, view] : loaded.tensors())
-        REQUIRE(std::memcmp(view.data, store.get(name).data, view.numel * 2) == 0);
+      require_tensors_of(loaded, store);
       ++whole;
     } catch (const pi0::Error& e) {
       const std::string msg = e.what();
@@ -369,11 +376,8 @@ TEST_CASE("loading a missing or truncated file fails clearly", "[common]") {
   SECTION("truncated file") {
     const auto store = pi0::WeightStore::random(c, 0, 3, pi0::WeightSet::kAll);
     TempFile full("full");
-    store.save_safetensors(full.path);
-    const std::string bytes = read_bytes(full.path);
-    uint64_t header_len = 0;
-    for (int i = 7; i >= 0; --i)
-      header_len = (header_len << 8) | static_cast<unsigned char>(bytes[i]);
+    const std::string bytes = save_and_read(store, full.path);
+    const uint64_t header_len = header_length(bytes);
     TempFile cut("cut");
     // Inside the length field, inside the header, inside the data, one byte short.
     for (size_t at : {size_t{0}, size_t{5}, size_t{8 + header_len / 2},
@@ -578,27 +582,19 @@ TEST_CASE("weights files that are not what they seem fail without hanging or exh
     // A sparse file: the length field, then 16 MiB of nothing the loader must not parse.
     TempFile file("hugeheader");
     const uint64_t header_len = (16 << 20) + 1;
-    std::string length(8, '\0');
-    for (int i = 0; i < 8; ++i) length[i] = static_cast<char>((header_len >> (8 * i)) & 0xff);
-    write_bytes(file.path, length);
+    write_bytes(file.path, length_prefix(header_len));
     fs::resize_file(file.path, 8 + header_len);
     REQUIRE(contains(load_error(file.path, c), "over the 16777216 bytes this loader reads"));
   }
   SECTION("metadata that is not a map of names to strings, or a byte-order mark") {
     const auto store = pi0::WeightStore::random(c, 0, 3, pi0::WeightSet::kAll);
     TempFile file("metadata");
-    store.save_safetensors(file.path);
-    const std::string bytes = read_bytes(file.path);
-    uint64_t header_len = 0;
-    for (int i = 7; i >= 0; --i)
-      header_len = (header_len << 8) | static_cast<unsigned char>(bytes[i]);
+    const std::string bytes = save_and_read(store, file.path);
+    const uint64_t header_len = header_length(bytes);
     const std::string header = bytes.substr(8, header_len), data = bytes.substr(8 + header_len);
     // The saved header starts with '{': these put something before its first entry.
     const auto with_header = [&](const std::string& text) {
-      std::string length(8, '\0');
-      for (int i = 0; i < 8; ++i)
-        length[i] = static_cast<char>((uint64_t{text.size()} >> (8 * i)) & 0xff);
-      write_bytes(file.path, length + text + data);
+      write_bytes(file.path, length_prefix(text.size()) + text + data);
       return load_error(file.path, c);
     };
     REQUIRE(with_header("{\"__metadata__\":{\"format\":\"pt\"}," + header.substr(1)).empty());
@@ -613,10 +609,7 @@ TEST_CASE("weights files that are not what they seem fail without hanging or exh
     // 20 MB of '[': parsed to the end, it would take gigabytes; refused at the fourth level.
     TempFile file("deepheader");
     const std::string header = "{\"vision_final_norm_b\":" + std::string(10'000'000, '[');
-    std::string length(8, '\0');
-    for (int i = 0; i < 8; ++i)
-      length[i] = static_cast<char>((uint64_t{header.size()} >> (8 * i)) & 0xff);
-    write_bytes(file.path, length + header);
+    write_bytes(file.path, length_prefix(header.size()) + header);
     REQUIRE(contains(load_error(file.path, c), "header nests deeper than a safetensors header"));
   }
   SECTION("a header of many object members") {
@@ -627,10 +620,7 @@ TEST_CASE("weights files that are not what they seem fail without hanging or exh
       std::string header = "{" + prefix;
       for (int i = 0; i < 100'000; ++i) header += (i ? ",\"" : "\"") + std::to_string(i) + "\":{}";
       header += prefix.empty() ? "}" : "}}";
-      std::string length(8, '\0');
-      for (int i = 0; i < 8; ++i)
-        length[i] = static_cast<char>((uint64_t{header.size()} >> (8 * i)) & 0xff);
-      write_bytes(file.path, length + header);
+      write_bytes(file.path, length_prefix(header.size()) + header);
       const std::string msg = load_error(file.path, c);
       INFO(prefix << ": " << msg);
       REQUIRE(contains(msg, prefix.empty() ? "\"0\" is not a tensor of model 'tiny'"
@@ -651,10 +641,7 @@ TEST_CASE("random weights do not depend on the thread count", "[common]") {
   const auto three = pi0::WeightStore::random(c, 2, 6, pi0::WeightSet::kEncoder);
   omp_set_num_threads(threads);
   REQUIRE(one.get("encoder_ffn_gate_w").numel >= (size_t{1} << 17));
-  for (const auto& [name, view] : one.tensors()) {
-    INFO(name);
-    REQUIRE(std::memcmp(view.data, three.get(name).data, view.numel * 2) == 0);
-  }
+  require_tensors_of(one, three);
   // Element i is counter normal i of the tensor's stream, whatever chunk it falls in.
   const pi0::TensorView& gate = one.get("encoder_ffn_gate_w");
   for (size_t i : {size_t{0}, size_t{65535}, size_t{65536}, gate.numel - 1}) {

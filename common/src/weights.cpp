@@ -261,10 +261,6 @@ void check_layout(const nlohmann::json& header, const ModelConfig& config,
              " bytes after the last tensor");
 }
 
-}  // namespace
-
-namespace {
-
 // An open file, closed when this goes.
 class FileHandle {
  public:

@@ -15,8 +15,8 @@ inline char proc_state(int pid) {
   std::snprintf(path, sizeof path, "/proc/%d/stat", pid);
   std::FILE* f = std::fopen(path, "re");  // close-on-exec: children spawned meanwhile
   if (f == nullptr) return '\0';
-  // "pid (comm) S ...": comm (at most 16 bytes) may hold spaces and ')', so the state follows
-  // the last ')'.
+  // "pid (comm) S ...": comm (16 bytes, 64 for some kernel threads) may hold spaces and ')', so the
+  // state follows the last ')'.
   char stat[128];
   const size_t n = std::fread(stat, 1, sizeof stat - 1, f);
   std::fclose(f);

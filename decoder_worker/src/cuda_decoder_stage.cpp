@@ -11,6 +11,7 @@
 #include <spdlog/spdlog.h>
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdio>
 #include <deque>
 #include <optional>
@@ -72,14 +73,18 @@ class CudaDecoderStage final : public DecoderStage {
                   "the encoder worker died before publishing its K/V slots",
                   "the encoder did not publish its K/V slots in time");
     const ipc::ControlLayout& layout = rt.control().layout();
-    slot_stride_ = cuda_block.kv_slot_stride;
-    // Read from shared memory: compared by division, so that no value can overflow the check.
+    // Each size is read from shared memory once, so that the value checked here is the value
+    // the import maps: a second read could see another. Compared by division, so that no value
+    // can overflow the check.
+    slot_stride_ =
+        std::atomic_ref<uint64_t>(cuda_block.kv_slot_stride).load(std::memory_order_relaxed);
+    const uint64_t pool_bytes =
+        std::atomic_ref<uint64_t>(cuda_block.kv_pool_bytes).load(std::memory_order_relaxed);
     PI0_CHECK(layout.kv_slots >= 1 &&
                   slot_stride_ >= stage_sizes(o.config, o.shape).kv_slot_values * sizeof(Bf16) &&
-                  slot_stride_ <= cuda_block.kv_pool_bytes / layout.kv_slots,
+                  slot_stride_ <= pool_bytes / layout.kv_slots,
               "the encoder's K/V pool is smaller than this run's slots");
-    pool_ =
-        ipc::IpcDeviceMemory::open_imported(cuda_block.kv_pool_handle, cuda_block.kv_pool_bytes);
+    pool_ = ipc::IpcDeviceMemory::open_imported(cuda_block.kv_pool_handle, pool_bytes);
     layers_ = o.config.lm_layers;
     encoder_stamps_ = ipc::IpcDeviceMemory::open_imported(
         cuda_block.timestamp_handle, ipc::encoder_stamp_bytes(layout.kv_slots, layers_));

@@ -197,58 +197,100 @@ TEST_CASE("remove_stale_segments removes segments of dead pids only", "[ipc]") {
 }
 
 // The file the CUDA driver leaves in /dev/shm for the interprocess events of a process that has
-// exited ("cuda.shm.<n>.<pid in hex>.<m>"): the orchestrator removes its workers' once they are
-// reaped. Only the named pid's files go, and only once it is gone.
-TEST_CASE("remove_cuda_event_files removes a gone process's CUDA event files only", "[ipc]") {
-  const pid_t dead = dead_pid();
-  auto hex = [](long pid) {
-    char text[32];
-    std::snprintf(text, sizeof text, "%lx", pid);
-    return std::string(text);
-  };
-  const std::vector<std::string> theirs = {"cuda.shm.0." + hex(dead) + ".1",
-                                           "cuda.shm.1." + hex(dead) + ".2"};
-  // Another pid whose hex starts like the dead one's, our own (alive), and names off the scheme.
-  const std::vector<std::string> others = {
-      "cuda.shm.0." + hex(dead) + "0.1", "cuda.shm.0." + hex(::getpid()) + ".1",
-      "cuda.shm.0." + hex(dead) + "zz.1", "cuda.shm." + hex(dead),
-      "xcuda.shm.0." + hex(dead) + ".1"};
-  // Owners remove what is left at scope exit; removing a name twice is no error.
-  std::vector<SharedSegment> files;
-  for (const auto& names : {theirs, others})
-    for (const std::string& name : names) files.push_back(SharedSegment::create(name, 4096));
+// exited ("cuda.shm.<n>.<pid in hex>.<m>"): the orchestrator removes those its workers recorded
+// once they are reaped. A process of another container sharing /dev/shm can have the same pid, so
+// a file of that name the worker did not record stays, older or newer.
+namespace {
 
-  auto sorted = [](std::vector<std::string> v) {
-    std::sort(v.begin(), v.end());
-    return v;
-  };
-  CHECK(sorted(cuda_event_files_of_process(static_cast<int>(dead))) == sorted(theirs));
-  CHECK(remove_cuda_event_files(::getpid()).empty());  // we are alive: ours stay
-  CHECK(sorted(remove_cuda_event_files(static_cast<int>(dead))) == sorted(theirs));
-  for (const std::string& name : theirs) CHECK_FALSE(shm_exists(name));
-  for (const std::string& name : others) CHECK(shm_exists(name));
-  CHECK(cuda_event_files_of_process(static_cast<int>(dead)).empty());
-  CHECK(remove_cuda_event_files(0).empty());
+std::string hex_pid(long pid) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%lx", pid);
+  return text;
 }
 
-// The pid in a CUDA event file's name is the one its driver saw: a process of another container
-// sharing /dev/shm can have the same number. A file written before our worker started is not its.
-TEST_CASE("remove_cuda_event_files leaves files older than the process", "[ipc]") {
+// Records `names` (files in /dev/shm) as a worker's watch would.
+CudaEventFiles record_of(const std::vector<std::string>& names) {
+  CudaEventFiles files{};
+  for (const std::string& name : names) {
+    struct stat st {};
+    REQUIRE(::stat(("/dev/shm/" + name).c_str(), &st) == 0);
+    files.device[files.count] = st.st_dev;
+    files.inode[files.count] = st.st_ino;
+    ++files.count;
+  }
+  return files;
+}
+
+auto sorted(std::vector<std::string> v) {
+  std::sort(v.begin(), v.end());
+  return v;
+}
+
+}  // namespace
+
+TEST_CASE("remove_cuda_event_files removes the files a gone process recorded, and only those",
+          "[ipc]") {
   const pid_t dead = dead_pid();
-  char name[64];
-  std::snprintf(name, sizeof name, "cuda.shm.0.%lx.7", static_cast<long>(dead));
-  SharedSegment file = SharedSegment::create(name, 4096);
-  const std::string path = std::string("/dev/shm/") + name;
-  timespec hour_ago[2]{};
-  ::clock_gettime(CLOCK_REALTIME, &hour_ago[0]);
-  hour_ago[0].tv_sec -= 3600;
-  hour_ago[1] = hour_ago[0];
-  REQUIRE(::utimensat(AT_FDCWD, path.c_str(), hour_ago, 0) == 0);
-  timespec now{};
-  ::clock_gettime(CLOCK_REALTIME, &now);
-  const int64_t started_ns = (int64_t{now.tv_sec} - 60) * 1'000'000'000;  // a minute ago
-  CHECK(remove_cuda_event_files(static_cast<int>(dead), started_ns).empty());
-  CHECK(shm_exists(name));
-  CHECK(remove_cuda_event_files(static_cast<int>(dead)) == std::vector<std::string>{name});
-  CHECK_FALSE(shm_exists(name));
+  const std::vector<std::string> recorded = {"cuda.shm.0." + hex_pid(dead) + ".1",
+                                             "cuda.shm.1." + hex_pid(dead) + ".2"};
+  // Another container's file of the same pid, another pid whose hex starts like the dead one's,
+  // our own (alive), and names off the scheme.
+  const std::vector<std::string> others = {"cuda.shm.2." + hex_pid(dead) + ".3",
+                                           "cuda.shm.0." + hex_pid(dead) + "0.1",
+                                           "cuda.shm.0." + hex_pid(::getpid()) + ".1",
+                                           "cuda.shm.0." + hex_pid(dead) + "zz.1",
+                                           "cuda.shm." + hex_pid(dead),
+                                           "xcuda.shm.0." + hex_pid(dead) + ".1"};
+  // Owners remove what is left at scope exit; removing a name twice is no error.
+  std::vector<SharedSegment> files;
+  for (const auto& names : {recorded, others})
+    for (const std::string& name : names) files.push_back(SharedSegment::create(name, 4096));
+  const CudaEventFiles record = record_of(recorded);
+
+  CHECK(cuda_event_files_of_process(static_cast<int>(dead)).size() == 3);
+  CHECK(remove_cuda_event_files(::getpid(), record).empty());  // we are alive: ours stay
+  CHECK(
+      remove_cuda_event_files(static_cast<int>(dead), CudaEventFiles{}).empty());  // none recorded
+  CHECK(remove_cuda_event_files(0, record).empty());
+  CHECK(sorted(remove_cuda_event_files(static_cast<int>(dead), record)) == sorted(recorded));
+  for (const std::string& name : recorded) CHECK_FALSE(shm_exists(name));
+  for (const std::string& name : others) CHECK(shm_exists(name));
+  CHECK(cuda_event_files_of_process(static_cast<int>(dead)) ==
+        std::vector<std::string>{others.front()});
+}
+
+// A record read from shared memory may say anything: a count past the arrays is bounded by them.
+TEST_CASE("remove_cuda_event_files bounds a corrupt record's count", "[ipc]") {
+  const pid_t dead = dead_pid();
+  std::vector<std::string> names;
+  std::vector<SharedSegment> files;
+  for (uint32_t n = 0; n <= CudaEventFiles::kMax; ++n) {
+    names.push_back("cuda.shm." + std::to_string(n) + "." + hex_pid(dead) + ".1");
+    files.push_back(SharedSegment::create(names.back(), 4096));
+  }
+  CudaEventFiles record = record_of({names.begin(), names.begin() + CudaEventFiles::kMax});
+  record.count = UINT32_MAX;
+  CHECK(sorted(remove_cuda_event_files(static_cast<int>(dead), record)) ==
+        sorted({names.begin(), names.begin() + CudaEventFiles::kMax}));
+  CHECK(shm_exists(names.back()));
+}
+
+// A worker's watch records the files of its pid made after the watch began, not those before, and
+// the worker removes only what it recorded.
+TEST_CASE("a CudaEventFileWatch records only the files made since it began", "[ipc]") {
+  const std::string before = "cuda.shm.7." + hex_pid(::getpid()) + ".1";
+  const std::string made = "cuda.shm.8." + hex_pid(::getpid()) + ".1";
+  SharedSegment old_file = SharedSegment::create(before, 4096);
+  CudaEventFiles published{};
+  {
+    const CudaEventFileWatch watch;
+    SharedSegment new_file = SharedSegment::create(made, 4096);
+    REQUIRE(watch.record(published) == 1);
+    CHECK(published.count == 1);
+    CHECK(record_of({made}).inode[0] == published.inode[0]);
+    CHECK(remove_own_cuda_event_files() == std::vector<std::string>{made});
+    CHECK_FALSE(shm_exists(made));
+  }
+  CHECK(shm_exists(before));
+  CHECK(remove_own_cuda_event_files().empty());
 }

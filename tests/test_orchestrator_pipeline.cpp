@@ -50,10 +50,10 @@ void require_nothing_left(int pid) {
 }
 
 // Starts a long tiny run and waits until both workers serve frames.
-ChildProcess start_long_run(std::string& log_out) {
+ChildProcess start_long_run(std::string& log_out, const EnvOverrides& env = {}) {
   ChildProcess orch =
       ChildProcess::spawn("orchestrator", test::orchestrator_exe(),
-                          tiny_run({"--frames", "1000000", "--warmup", "0"}), {}, false);
+                          tiny_run({"--frames", "1000000", "--warmup", "0"}), env, false);
   REQUIRE(test::eventually(
       [&] { return orch.output().find("streaming frames") != std::string::npos; }, 20000ms));
   std::this_thread::sleep_for(300ms);  // frames are flowing
@@ -325,39 +325,72 @@ TEST_CASE("kill -9 of a worker stops the run within a second naming it",
   }
 }
 
-// With the orchestrator gone, the workers also remove the file the CUDA driver keeps in /dev/shm
-// for their interprocess events (its name holds the pid in hex; stand-ins here, since the CPU
-// backend makes none), and only their own: another live process's file stays.
+// The file the CUDA driver keeps in /dev/shm for a worker's interprocess events is named after
+// the worker's pid in hex, which a process of another container sharing /dev/shm can have too.
+// The workers here make stand-ins (the CPU backend makes none) and record them as the CUDA encoder
+// records the driver's; "another container's" files carry the same pids, made later.
+struct EventFileStandIns {
+  static std::string name(int pid, int n) {
+    char text[64];
+    std::snprintf(text, sizeof text, "cuda.shm.%d.%x.1", n, static_cast<unsigned>(pid));
+    return text;
+  }
+  // The workers' own (made by them at start) and, for each, another container's of its pid.
+  explicit EventFileStandIns(const std::string& log) {
+    for (const char* worker : {"encoder_worker", "decoder_worker"}) {
+      const int pid = test::pid_in_log(log, worker);
+      REQUIRE(pid > 0);
+      workers.push_back(name(pid, 0));
+      REQUIRE(test::segments_named(workers.back()).size() == 1);
+      foreign.push_back(name(pid, 5));
+      files.push_back(ipc::SharedSegment::create(foreign.back(), 4096));
+    }
+    foreign.push_back(name(static_cast<int>(::getpid()), 0));  // and a live process's
+    files.push_back(ipc::SharedSegment::create(foreign.back(), 4096));
+  }
+  void require_only_foreign_left() const {
+    for (const std::string& n : workers) {
+      INFO(n);
+      CHECK(test::eventually([&] { return test::segments_named(n).empty(); }, 1000ms));
+    }
+    for (const std::string& n : foreign) {
+      INFO(n);
+      CHECK(test::segments_named(n).size() == 1);
+    }
+  }
+  std::vector<std::string> workers, foreign;
+  std::vector<ipc::SharedSegment> files;  // the foreign files, removed at scope exit
+};
+const EnvOverrides kEventFileStandIns = {{"PI0_TEST_CUDA_EVENT_FILE_STAND_IN", "1"}};
+
+// With the orchestrator gone, the workers remove the files they recorded themselves.
 TEST_CASE("workers exit and clean up when the orchestrator is killed", "[orchestrator][process]") {
   std::string log;
-  ChildProcess orch = start_long_run(log);
+  ChildProcess orch = start_long_run(log, kEventFileStandIns);
   const int pid = orch.pid();
   REQUIRE(test::workers_of(pid).size() == 2);
   REQUIRE(test::segments_of(pid).size() == 1);
-  const auto event_file = [](int owner) {
-    char name[64];
-    std::snprintf(name, sizeof name, "cuda.shm.0.%x.1", static_cast<unsigned>(owner));
-    return std::string(name);
-  };
-  std::vector<ipc::SharedSegment> files;
-  std::vector<std::string> workers_files;
-  for (const int worker :
-       {test::pid_in_log(log, "encoder_worker"), test::pid_in_log(log, "decoder_worker")}) {
-    REQUIRE(worker > 0);
-    workers_files.push_back(event_file(worker));
-    files.push_back(ipc::SharedSegment::create(workers_files.back(), 4096));
-  }
-  const std::string ours = event_file(static_cast<int>(::getpid()));
-  files.push_back(ipc::SharedSegment::create(ours, 4096));
+  const EventFileStandIns event_files(log);
   ::kill(pid, SIGKILL);
   REQUIRE(orch.wait_for(1000ms).has_value());
   CHECK(test::eventually([&] { return test::workers_of(pid).empty(); }, 1000ms));
   CHECK(test::eventually([&] { return test::segments_of(pid).empty(); }, 1000ms));
-  for (const std::string& name : workers_files) {
-    INFO(name);
-    CHECK(test::segments_named(name).empty());
-  }
-  CHECK(test::segments_named(ours).size() == 1);
+  event_files.require_only_foreign_left();
+}
+
+// After a run the orchestrator removes, once it has reaped its workers, the files they recorded,
+// and no other file of their pids.
+TEST_CASE("the orchestrator removes only the event files its workers recorded",
+          "[orchestrator][process]") {
+  std::string log;
+  ChildProcess orch = start_long_run(log, kEventFileStandIns);
+  const EventFileStandIns event_files(log);
+  ::kill(orch.pid(), SIGINT);
+  const auto status = orch.wait_for(5000ms);
+  REQUIRE(status.has_value());
+  CHECK(status->code == 130);
+  require_nothing_left(orch.pid());
+  event_files.require_only_foreign_left();
 }
 
 // A worker that is not the orchestrator's own child (here under a shell that does not exec it,

@@ -67,12 +67,17 @@ class CudaEncoderStage final : public EncoderStage {
     generation_ = cuda::DeviceBuffer<uint64_t>(layout.kv_slots, "encoder frame generations");
     cuda::zero_device(generation_.get(), generation_.bytes());
     generation_host_ = cuda::PinnedBuffer<uint64_t>(layout.kv_slots, "encoder frame generations");
+    // The driver makes a file in /dev/shm for the exported events and leaves it behind: recorded
+    // here by identity, so that only this file is removed (pi0/ipc/shm.hpp).
+    const ipc::CudaEventFileWatch event_files;
     for (uint32_t s = 0; s < layout.kv_slots; ++s) {
       ready_.push_back(ipc::IpcEvent::create_exported(cuda_block.ready_event[s]));
       consumed_.push_back(ipc::IpcEvent::create_exported(cuda_block.consumed_event[s]));
       start_.emplace_back(cudaEventDefault);
       stop_.emplace_back(cudaEventDefault);
     }
+    spdlog::debug("the CUDA driver made {} file(s) in /dev/shm for the exported events",
+                  event_files.record(info.event_files));
     timing_pending_.assign(layout.kv_slots, false);
     cuda_block.kv_pool_bytes = pool_.bytes();
     cuda_block.kv_slot_stride = slot_stride_;

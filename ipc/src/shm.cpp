@@ -14,6 +14,7 @@
 #include <charconv>
 #include <cstdio>
 #include <cstring>
+#include <optional>
 #include <random>
 #include <string>
 
@@ -269,31 +270,83 @@ std::vector<std::string> cuda_event_files_of_process(int pid) {
 
 namespace {
 
-std::vector<std::string> remove_event_files_written_since(int pid, int64_t not_before_ns) noexcept {
+using FileId = std::pair<uint64_t, uint64_t>;  // (device, inode)
+
+std::optional<FileId> id_of_shm_file(const std::string& name) {
+  struct stat st {};
+  if (::stat((std::string(kShmDir) + "/" + name).c_str(), &st) != 0) return std::nullopt;
+  return FileId{static_cast<uint64_t>(st.st_dev), static_cast<uint64_t>(st.st_ino)};
+}
+
+std::vector<FileId> event_file_ids_of_process(int pid) {
+  std::vector<FileId> ids;
+  for (const std::string& name : cuda_event_files_of_process(pid)) {
+    if (const auto id = id_of_shm_file(name)) ids.push_back(*id);
+  }
+  return ids;
+}
+
+// What this process's watch recorded, for remove_own_cuda_event_files.
+CudaEventFiles g_own_event_files{};
+
+// Copies a record whose count may be anything (it may come from shared memory).
+std::vector<FileId> ids_in(const CudaEventFiles& files) {
+  // atomic_ref takes no const object in C++20; it only loads here.
+  const uint32_t count = std::min(
+      std::atomic_ref<uint32_t>(const_cast<uint32_t&>(files.count)).load(std::memory_order_acquire),
+      CudaEventFiles::kMax);
+  std::vector<FileId> ids;
+  for (uint32_t i = 0; i < count; ++i) ids.emplace_back(files.device[i], files.inode[i]);
+  return ids;
+}
+
+std::vector<std::string> remove_listed_event_files(int pid, const std::vector<FileId>& ids) {
   std::vector<std::string> removed;
-  try {
-    for (const std::string& name : cuda_event_files_of_process(pid)) {
-      struct stat st {};
-      if (::stat((std::string(kShmDir) + "/" + name).c_str(), &st) != 0) continue;
-      const int64_t written_ns = int64_t{st.st_mtim.tv_sec} * 1'000'000'000 + st.st_mtim.tv_nsec;
-      if (written_ns < not_before_ns) continue;  // older than `pid`: another process's
-      if (SharedSegment::remove(name)) removed.push_back(name);
-    }
-  } catch (...) {
-    // Allocation failure while listing: report what was removed so far.
+  if (ids.empty()) return removed;
+  for (const std::string& name : cuda_event_files_of_process(pid)) {
+    const auto id = id_of_shm_file(name);
+    if (!id || std::find(ids.begin(), ids.end(), *id) == ids.end()) continue;  // not the one made
+    if (SharedSegment::remove(name)) removed.push_back(name);
   }
   return removed;
 }
 
 }  // namespace
 
-std::vector<std::string> remove_cuda_event_files(int pid, int64_t not_before_ns) noexcept {
-  if (pid <= 0 || !process_gone(pid)) return {};
-  return remove_event_files_written_since(pid, not_before_ns);
+CudaEventFileWatch::CudaEventFileWatch() : before_(event_file_ids_of_process(::getpid())) {}
+
+uint32_t CudaEventFileWatch::record(CudaEventFiles& published) const {
+  uint32_t count = 0;
+  for (const FileId& id : event_file_ids_of_process(::getpid())) {
+    if (count == CudaEventFiles::kMax) break;
+    if (std::find(before_.begin(), before_.end(), id) != before_.end()) continue;
+    for (CudaEventFiles* files : {&published, &g_own_event_files}) {
+      files->device[count] = id.first;
+      files->inode[count] = id.second;
+    }
+    ++count;
+  }
+  for (CudaEventFiles* files : {&published, &g_own_event_files})
+    std::atomic_ref<uint32_t>(files->count).store(count, std::memory_order_release);
+  return count;
 }
 
-std::vector<std::string> remove_own_cuda_event_files(int64_t not_before_ns) noexcept {
-  return remove_event_files_written_since(static_cast<int>(::getpid()), not_before_ns);
+std::vector<std::string> remove_cuda_event_files(int pid,
+                                                 const CudaEventFiles& published) noexcept {
+  try {
+    if (pid <= 0 || !process_gone(pid)) return {};
+    return remove_listed_event_files(pid, ids_in(published));
+  } catch (...) {
+    return {};  // allocation failure while listing
+  }
+}
+
+std::vector<std::string> remove_own_cuda_event_files() noexcept {
+  try {
+    return remove_listed_event_files(static_cast<int>(::getpid()), ids_in(g_own_event_files));
+  } catch (...) {
+    return {};
+  }
 }
 
 }  // namespace pi0::ipc

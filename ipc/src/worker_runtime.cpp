@@ -1,5 +1,6 @@
 #include "pi0/ipc/worker_runtime.hpp"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <unistd.h>
@@ -10,7 +11,8 @@
 #include <atomic>
 #include <cerrno>
 #include <cstdio>
-#include <ctime>
+#include <cstring>
+#include <string>
 
 #include "pi0/check.hpp"
 #include "pi0/config.hpp"
@@ -23,9 +25,6 @@ namespace {
 std::atomic<bool> g_stop_signal{false};
 // Our death signal (PR_SET_PDEATHSIG) came: the orchestrator's thread that spawned us exited.
 std::atomic<bool> g_parent_died{false};
-// When this process started (CLOCK_REALTIME, ns), before anything of it reached /dev/shm.
-std::atomic<int64_t> g_started_ns{0};
-static_assert(std::atomic<int64_t>::is_always_lock_free);
 // The orchestrator's pid when we started as its child (0 otherwise, e.g. under a wrapper that
 // did not exec): only then does a different parent pid mean it is gone.
 std::atomic<int> g_spawned_by{0};
@@ -103,8 +102,21 @@ void remove_segment_if_orphaned(const std::string& control_name, int parent_pid)
   if (SharedSegment::remove(control_name)) {
     spdlog::warn("orchestrator (pid {}) is gone; removed its control segment", parent_pid);
   }
-  for (const std::string& name : remove_own_cuda_event_files(g_started_ns.load()))
+  for (const std::string& name : remove_own_cuda_event_files())
     spdlog::warn("orchestrator (pid {}) is gone; removed /dev/shm/{}", parent_pid, name);
+}
+
+// Test hook (PI0_TEST_CUDA_EVENT_FILE_STAND_IN=1): the CPU backend makes no CUDA driver files,
+// so a stand-in is made and recorded the way the CUDA encoder records the driver's, and the
+// tests of their removal run without a GPU.
+void make_event_file_stand_in(WorkerInfo& info) {
+  const CudaEventFileWatch watch;
+  char path[64];
+  std::snprintf(path, sizeof path, "/dev/shm/cuda.shm.0.%x.1", static_cast<unsigned>(::getpid()));
+  const int fd = ::open(path, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0600);
+  PI0_CHECK(fd >= 0, std::string("cannot make ") + path + ": " + std::strerror(errno));
+  ::close(fd);
+  watch.record(info.event_files);
 }
 
 }  // namespace
@@ -195,6 +207,7 @@ WorkerRuntime::WorkerRuntime(Role role, const WorkerOptions& options)
   if (const char* pct = std::getenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")) {
     info.active_thread_pct = std::atoi(pct);
   }
+  if (env_switch("PI0_TEST_CUDA_EVENT_FILE_STAND_IN", false)) make_event_file_stand_in(info);
   startup_watch_ = std::thread([this] { watch_startup(); });
 }
 
@@ -332,9 +345,6 @@ WeightStore load_stage_weights(const WorkerOptions& o, WeightSet set) {
 }
 
 int run_worker_main(Role role, int argc, char** argv, int (*body)(WorkerRuntime& runtime)) {
-  timespec now{};
-  ::clock_gettime(CLOCK_REALTIME, &now);
-  g_started_ns.store(int64_t{now.tv_sec} * 1'000'000'000 + now.tv_nsec);
   std::string level = "info";
   for (int i = 1; i + 1 < argc; ++i) {
     if (std::string(argv[i]) == "--log-level") level = argv[i + 1];

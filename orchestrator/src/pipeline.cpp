@@ -8,7 +8,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <ctime>
 #include <fstream>
 #include <numeric>
 #include <thread>
@@ -103,28 +102,25 @@ WorkerSummary summarise(const ipc::WorkerInfo& info) {
 }
 
 // The files the CUDA driver leaves in /dev/shm for the interprocess events a worker exported
-// (ipc::remove_cuda_event_files), removed once the worker is reaped, on every way out of a run.
+// (ipc::remove_cuda_event_files): those the worker recorded in its info block, removed once it is
+// reaped, on every way out of a run. The control segment that holds the records outlives this.
 class WorkerEventFiles {
  public:
   WorkerEventFiles() = default;
   WorkerEventFiles(const WorkerEventFiles&) = delete;
   WorkerEventFiles& operator=(const WorkerEventFiles&) = delete;
   ~WorkerEventFiles() {
-    for (const auto& [pid, started_ns] : workers_) {
-      for (const std::string& name : ipc::remove_cuda_event_files(pid, started_ns))
+    for (const auto& [pid, published] : workers_) {
+      for (const std::string& name : ipc::remove_cuda_event_files(pid, *published))
         spdlog::debug("removed /dev/shm/{}, left by the CUDA driver for pid {}", name, pid);
     }
   }
-  // The realtime clock when a worker is about to start: its files are no older.
-  static int64_t now_ns() {
-    timespec t{};
-    ::clock_gettime(CLOCK_REALTIME, &t);
-    return int64_t{t.tv_sec} * 1'000'000'000 + t.tv_nsec;
+  void add(int pid, const ipc::CudaEventFiles& published) {
+    workers_.emplace_back(pid, &published);
   }
-  void add(int pid, int64_t started_ns) { workers_.emplace_back(pid, started_ns); }
 
  private:
-  std::vector<std::pair<int, int64_t>> workers_;
+  std::vector<std::pair<int, const ipc::CudaEventFiles*>> workers_;
 };
 
 // Everything one run owns. Members are destroyed in reverse order: the workers are terminated
@@ -290,10 +286,11 @@ void Pipeline::start_workers() {
     } else if (std::getenv("CUDA_VISIBLE_DEVICES") == nullptr) {
       env["CUDA_VISIBLE_DEVICES"] = "0";
     }
-    const int64_t started_ns = WorkerEventFiles::now_ns();
     w->process =
         ChildProcess::spawn(w->name, dir + "/" + w->name, args, env, !run_.options.quiet_workers);
-    event_files_.add(w->process.pid(), started_ns);
+    const ipc::WorkerInfo& info =
+        w->role == ipc::Role::kEncoder ? control_.header().encoder : control_.header().decoder;
+    event_files_.add(w->process.pid(), info.event_files);
   }
   spdlog::info("started encoder_worker (pid {}) and decoder_worker (pid {}), control segment {}",
                encoder_.process.pid(), decoder_.process.pid(), control_.name());

@@ -46,9 +46,10 @@ struct WorkerInfo {
   uint64_t frames;
   char backend[16];
   char device_name[64];
+  CudaEventFiles event_files;  // the files the driver made for its interprocess events
 };
 static_assert(std::is_standard_layout_v<WorkerInfo> && std::is_trivially_copyable_v<WorkerInfo>);
-static_assert(sizeof(WorkerInfo) == 136);
+static_assert(sizeof(WorkerInfo) == 136 + sizeof(CudaEventFiles));
 // pid is written by its worker and read by the other one through std::atomic_ref.
 static_assert(std::atomic_ref<int32_t>::is_always_lock_free &&
               offsetof(WorkerInfo, pid) % std::atomic_ref<int32_t>::required_alignment == 0);

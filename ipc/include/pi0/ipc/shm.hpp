@@ -4,11 +4,14 @@
 // digits>_<tag>".
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <string_view>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace pi0::ipc {
@@ -61,15 +64,46 @@ std::vector<std::string> segments_of_process(int pid);
 // process exits, even cleanly (driver 580: one 80 KB file per encoder worker). The names of such
 // files of `pid`.
 std::vector<std::string> cuda_event_files_of_process(int pid);
-// Removes them once `pid` has exited and been reaped (a running or zombie pid keeps its files),
-// and only those last written at or after `not_before_ns` (CLOCK_REALTIME, ns): the time `pid`
-// was started. The pid in the name is the one the driver saw, which a process of another pid
-// namespace sharing /dev/shm (another container) can have too, and whose file is then older.
-// Returns the names removed. Never throws.
-std::vector<std::string> remove_cuda_event_files(int pid, int64_t not_before_ns = 0) noexcept;
-// The calling process's own such files, last written at or after `not_before_ns` (when it
-// started): for a worker that exits after its orchestrator died, when nobody is left to remove
-// them (its events destroyed; an importer keeps its mapping, only the name goes). Never throws.
-std::vector<std::string> remove_own_cuda_event_files(int64_t not_before_ns) noexcept;
+
+// The pid in such a name is the one the driver saw, which a process of another pid namespace
+// sharing /dev/shm (another container) can have too, and its file may be older or newer than
+// ours. So a process records which files are its own by identity (device and inode) as the driver
+// makes them, and only those are removed. Placed in shared memory (WorkerInfo): written by the
+// worker, `count` last (std::atomic_ref, release); read by the orchestrator, `count` first
+// (acquire) and bounded by kMax.
+struct CudaEventFiles {
+  static constexpr uint32_t kMax = 4;
+  uint32_t count;
+  uint32_t reserved;
+  uint64_t device[kMax];
+  uint64_t inode[kMax];
+};
+static_assert(std::is_standard_layout_v<CudaEventFiles> &&
+              std::is_trivially_copyable_v<CudaEventFiles>);
+static_assert(sizeof(CudaEventFiles) == 8 + 16 * CudaEventFiles::kMax);
+static_assert(std::atomic_ref<uint32_t>::is_always_lock_free &&
+              offsetof(CudaEventFiles, count) % std::atomic_ref<uint32_t>::required_alignment == 0);
+
+// Taken just before this process makes its interprocess events; record() then finds the event
+// files of this process that appeared since.
+class CudaEventFileWatch {
+ public:
+  CudaEventFileWatch();
+  // Writes the new files' identities (at most kMax) into `published` and keeps them for
+  // remove_own_cuda_event_files. Returns how many.
+  uint32_t record(CudaEventFiles& published) const;
+
+ private:
+  std::vector<std::pair<uint64_t, uint64_t>> before_;  // (device, inode)
+};
+
+// Removes the files of `pid` that `published` names, once `pid` has exited and been reaped (a
+// running or zombie pid keeps its files). Files of that name it does not list stay. Returns the
+// names removed. Never throws.
+std::vector<std::string> remove_cuda_event_files(int pid, const CudaEventFiles& published) noexcept;
+// The calling process's own files, as its CudaEventFileWatch recorded them: for a worker that
+// exits after its orchestrator died, when nobody is left to remove them (its events destroyed;
+// an importer keeps its mapping, only the name goes). Never throws.
+std::vector<std::string> remove_own_cuda_event_files() noexcept;
 
 }  // namespace pi0::ipc

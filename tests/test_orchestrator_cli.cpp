@@ -3,6 +3,8 @@
 #include <fstream>
 #include <optional>
 
+#include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "catch.hpp"
@@ -290,6 +292,54 @@ TEST_CASE("child processes report exit status and output", "[orchestrator][proce
   CHECK(std::chrono::steady_clock::now() - t0 < 1s);
 
   CHECK_THROWS_AS(ChildProcess::spawn("nope", "/nonexistent/program", {}, {}, false), Error);
+}
+
+// A caller that ignores SIGCHLD (a service manager, a shell's `trap '' CHLD`) passes that on
+// through exec, and the kernel then reaps our children itself. The orchestrator sets it back to
+// the default; where it is ignored anyway, a wait still ends, the status reads as lost, and the
+// pid is not signalled again.
+TEST_CASE(
+    "an ignored SIGCHLD neither hangs a wait nor hides a child's status from the orchestrator",
+    "[orchestrator][process]") {
+  struct sigaction ignore {
+  }, before{};
+  ignore.sa_handler = SIG_IGN;
+  sigemptyset(&ignore.sa_mask);
+  SECTION("ignored: the waits end and say the status is lost") {
+    REQUIRE(::sigaction(SIGCHLD, &ignore, &before) == 0);
+    const auto t0 = std::chrono::steady_clock::now();
+    const CommandResult r = run_command("true", {}, {}, "", 3000ms);
+    ChildProcess child = ChildProcess::spawn("sh", "/bin/sh", {"-c", "exit 3"}, {}, false);
+    const auto status = child.wait_for(3000ms);
+    const ExitStatus terminated = child.terminate(100ms);
+    ::sigaction(SIGCHLD, &before, nullptr);
+    CHECK_FALSE(r.timed_out);
+    CHECK(r.status.lost);
+    CHECK_FALSE(r.status.success());
+    REQUIRE(status.has_value());
+    CHECK(status->lost);
+    CHECK(status->describe() == "exited with a status nobody could read (SIGCHLD was ignored)");
+    CHECK(terminated.lost);
+    CHECK(std::chrono::steady_clock::now() - t0 < 2s);
+  }
+  SECTION("install_stop_handlers sets it back, so the status is read") {
+    const pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {  // its own process: the stop handlers stay out of this test runner
+      ::sigaction(SIGCHLD, &ignore, nullptr);
+      install_stop_handlers();
+      ChildProcess child = ChildProcess::spawn("sh", "/bin/sh", {"-c", "exit 3"}, {}, false);
+      const auto status = child.wait_for(3000ms);
+      const CommandResult r = run_command("sh", {"-c", "exit 4"}, {}, "", 3000ms);
+      ::_exit(status && !status->lost && status->code == 3 && !r.status.lost && r.status.code == 4
+                  ? 0
+                  : 1);
+    }
+    int status = 0;
+    REQUIRE(::waitpid(pid, &status, 0) == pid);
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
+  }
 }
 
 TEST_CASE("run_command feeds stdin and enforces its timeout", "[orchestrator][process]") {

@@ -632,6 +632,12 @@ void install_stop_handlers() {
     ::sigaction(sig, &action, nullptr);
   }
   ::signal(SIGPIPE, SIG_IGN);
+  // An ignored SIGCHLD (or SA_NOCLDWAIT) survives exec, and then the kernel reaps our children
+  // itself: waitpid could not tell a worker's or the MPS control program's exit from a hang.
+  struct sigaction child {};
+  child.sa_handler = SIG_DFL;
+  sigemptyset(&child.sa_mask);
+  ::sigaction(SIGCHLD, &child, nullptr);
 }
 
 int stop_signal() {

@@ -37,6 +37,14 @@ ExitStatus decode_wait_status(int status) {
   return s;
 }
 
+// waitpid's ECHILD for a child we started: it has exited and another reaped it (the kernel does,
+// where SIGCHLD is ignored).
+ExitStatus lost_status() {
+  ExitStatus s;
+  s.lost = true;
+  return s;
+}
+
 std::vector<std::string> build_environment(const EnvOverrides& overrides) {
   std::vector<std::string> env;
   for (char** e = environ; e && *e; ++e) {
@@ -101,6 +109,7 @@ pid_t spawn_with_pipes(const std::string& path, std::vector<std::string> argv_st
 }  // namespace
 
 std::string ExitStatus::describe() const {
+  if (lost) return "exited with a status nobody could read (SIGCHLD was ignored)";
   if (!signaled) return "exited with status " + std::to_string(code);
   const char* abbrev = sigabbrev_np(signal);
   return "killed by signal " + std::to_string(signal) +
@@ -211,7 +220,11 @@ std::optional<ExitStatus> ChildProcess::poll() {
   if (state_->status) return state_->status;
   int status = 0;
   const pid_t r = ::waitpid(state_->pid, &status, WNOHANG);
-  if (r == state_->pid) state_->status = decode_wait_status(status);
+  if (r == state_->pid) {
+    state_->status = decode_wait_status(status);
+  } else if (r < 0 && errno == ECHILD) {
+    state_->status = lost_status();  // gone: its pid must never be signalled again
+  }
   return state_->status;
 }
 
@@ -342,8 +355,13 @@ CommandResult run_command(const std::string& program, const std::vector<std::str
   if (!result.timed_out) {
     // The output closed: the program is exiting; give it the rest of the deadline.
     while (std::chrono::steady_clock::now() < deadline) {
-      if (::waitpid(pid, &status, WNOHANG) == pid) {
+      const pid_t r = ::waitpid(pid, &status, WNOHANG);
+      if (r == pid) {
         result.status = decode_wait_status(status);
+        return result;
+      }
+      if (r < 0 && errno == ECHILD) {
+        result.status = lost_status();
         return result;
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(2));
@@ -351,9 +369,10 @@ CommandResult run_command(const std::string& program, const std::vector<std::str
     result.timed_out = true;
     ::kill(pid, SIGKILL);
   }
-  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  pid_t r = 0;
+  while ((r = ::waitpid(pid, &status, 0)) < 0 && errno == EINTR) {
   }
-  result.status = decode_wait_status(status);
+  result.status = r == pid ? decode_wait_status(status) : lost_status();
   return result;
 }
 

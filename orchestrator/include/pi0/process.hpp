@@ -18,9 +18,10 @@ namespace pi0 {
 
 struct ExitStatus {
   bool signaled = false;
-  int code = 0;    // exit code when !signaled
-  int signal = 0;  // signal number when signaled
-  bool success() const { return !signaled && code == 0; }
+  int code = 0;       // exit code when !signaled
+  int signal = 0;     // signal number when signaled
+  bool lost = false;  // it exited, but another reaped it (SIGCHLD ignored): the status is unknown
+  bool success() const { return !signaled && !lost && code == 0; }
   std::string describe() const;  // "exited with status 1", "killed by signal 9 (SIGKILL)"
 };
 

@@ -29,6 +29,7 @@ RunReport point(int pct, double fps, double p99, const std::string& error = "") 
   r.split_applied = true;
   r.encoder_pct = pct;
   r.decoder_pct = 100 - pct;
+  r.frames = 200;
   r.throughput_fps = fps;
   r.latency_p50_ms = p99 * 0.9;
   r.latency_p99_ms = p99;
@@ -137,6 +138,7 @@ TEST_CASE("at a camera rate the sweep recommends the lowest latency among the ru
   CHECK_FALSE(s.best_within_budget.has_value());
   CHECK(*s.best_throughput == "mps-100/100");
   s.points[2].interrupted = false;  // no frames at all, however it ended
+  s.points[2].frames = 0;
   choose_best_runs(s);
   CHECK_FALSE(s.best_within_budget.has_value());
   // The options repeat the rate and the decoder batch where they were set.
@@ -145,6 +147,19 @@ TEST_CASE("at a camera rate the sweep recommends the lowest latency among the ru
   batched.decoder_batch = 3;
   CHECK(run_options(batched) ==
         "--encoder-pct 50 --decoder-pct 50 --mode concurrent --rate 60 --decoder-batch 3");
+}
+
+// One frame a run (--frames 1) gives each a latency and no throughput: the runs are compared by
+// their latency, not all refused as if none had measured a frame.
+TEST_CASE("a sweep of one frame a run still names the best run", "[orchestrator][sweep]") {
+  SweepResult s;
+  for (const auto& [pct, p99] : {std::pair{30, 24.0}, {50, 18.0}, {70, 21.0}}) {
+    s.points.push_back(point(pct, 0, p99));
+    s.points.back().frames = 1;
+  }
+  choose_best_runs(s);
+  REQUIRE(s.best_throughput.has_value());
+  CHECK(*s.best_throughput == "split 50/50");
 }
 
 TEST_CASE("a split whose share was not applied is not recommended", "[orchestrator][sweep]") {

@@ -118,10 +118,11 @@ RunReport run_single_process_baseline(const ResolvedRun& run) {
 
 namespace {
 
-// A run stopped before it measured a frame has no figures to compare.
+// A run stopped before it measured a frame has no figures to compare. (One frame has a latency
+// but no throughput, so a sweep of one frame a run compares the latencies.)
 // A split whose SM share was not applied (the workers not MPS clients) is not the split it names.
 bool is_candidate(const RunReport& r) {
-  return r.error.empty() && !r.interrupted && r.throughput_fps > 0 && r.mode != "single-process" &&
+  return r.error.empty() && !r.interrupted && r.frames > 0 && r.mode != "single-process" &&
          (!r.mps || r.split_applied);
 }
 

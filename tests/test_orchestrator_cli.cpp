@@ -91,6 +91,16 @@ TEST_CASE("the MPS directories are normalised, and a sweep needs MPS", "[orchest
   CHECK(code == 2);
   CHECK_FALSE(parse({"--sweep", "--no-mps"}, code).has_value());
   CHECK(code == 2);
+  // A relative directory where the working directory is gone: one line and exit 2, no abort.
+  const fs::path cwd = fs::current_path();
+  fs::create_directory(dir + "/gone");
+  REQUIRE(::chdir((dir + "/gone").c_str()) == 0);
+  fs::remove(dir + "/gone");
+  code = 0;
+  const auto relative = parse({"--mps-pipe-dir", "rel"}, code);
+  REQUIRE(::chdir(cwd.c_str()) == 0);
+  CHECK_FALSE(relative.has_value());
+  CHECK(code == 2);
   fs::remove_all(dir);
 }
 
@@ -107,6 +117,14 @@ TEST_CASE("command line defaults and validation", "[orchestrator][cli]") {
   REQUIRE(o.has_value());
   CHECK(o->seed == 18446744073709551615ull);
   CHECK(o->frames == 7);
+
+  // Integers are decimal: a leading zero is not octal.
+  o = parse({"--frames", "010", "--seed", "0123", "--views", "03", "--warmup", "000"}, code);
+  REQUIRE(o.has_value());
+  CHECK(o->frames == 10);
+  CHECK(o->seed == 123);
+  CHECK(o->views == 3);
+  CHECK(o->warmup == 0);
 
   o = parse(
       {"--encoder-pct", "30", "--decoder-pct", "70", "--mode", "sequential", "--prompt-len", "20"},
@@ -133,6 +151,12 @@ TEST_CASE("command line defaults and validation", "[orchestrator][cli]") {
                                              {"--seed", "18446744073709551616"},
                                              {"--decoder-batch", "0"},
                                              {"--decoder-batch", "5"},
+                                             {"--frames", "0x10"},
+                                             {"--seed", "0x10"},
+                                             {"--views", "0b1"},
+                                             {"--encoder-pct", "5e1"},
+                                             {"--chunk", "12abc"},
+                                             {"--sweep-step", ""},
                                              {"--sweep", "--sweep-min", "80", "--sweep-max", "20"},
                                              {"--no-such-flag"}}) {
     INFO(bad[0]);

@@ -7,6 +7,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <string>
+#include <string_view>
+#include <utility>
 
 #include <unistd.h>
 
@@ -50,6 +53,30 @@ CLI::Validator unsigned_number() {
         return {};
       },
       "UNSIGNED");
+}
+
+// Integers are decimal. CLI11 reads "010" as 8 and "0x10" as 16, which nobody typing a frame
+// count or a seed means: leading zeros are dropped here, and any other digit is refused.
+CLI::Validator decimal_integer() {
+  return CLI::Validator(
+      [](std::string& input) -> std::string {
+        const size_t first = input.find_first_not_of(" \t");
+        const size_t last = input.find_last_not_of(" \t");
+        std::string_view digits;
+        if (first != std::string::npos)
+          digits = std::string_view(input).substr(first, last - first + 1);
+        std::string sign;
+        if (!digits.empty() && (digits.front() == '-' || digits.front() == '+')) {
+          sign = digits.front();
+          digits.remove_prefix(1);
+        }
+        if (digits.empty() || digits.find_first_not_of("0123456789") != std::string_view::npos)
+          return "expected a decimal integer, got '" + input + "'";
+        const size_t significant = std::min(digits.find_first_not_of('0'), digits.size() - 1);
+        input = sign + std::string(digits.substr(significant));
+        return {};
+      },
+      "INTEGER");
 }
 
 // A results file the run would write at its end: checked before any worker starts, so that a long
@@ -96,28 +123,38 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
       ->check(CLI::IsMember({"auto", "pi0", "tiny", "pi0-1l", "pi0-2l"}));
   app.add_option("--weights", o.weights,
                  ".safetensors weights file (default: seeded random weights)");
-  app.add_option("--views", o.views, "camera views per frame")->check(CLI::Range(1, 8));
-  app.add_option("--chunk", o.chunk, "action chunk length")->check(CLI::Range(1, 1024));
+  app.add_option("--views", o.views, "camera views per frame")
+      ->transform(decimal_integer())
+      ->check(CLI::Range(1, 8));
+  app.add_option("--chunk", o.chunk, "action chunk length")
+      ->transform(decimal_integer())
+      ->check(CLI::Range(1, 1024));
   app.add_option("--prompt-len", prompt_len,
                  "prompt tokens (default: from the weights file, else 0)")
+      ->transform(decimal_integer())
       ->check(CLI::Range(0, kMaxPromptLen));
   app.add_option("--encoder-pct", o.encoder_pct,
                  "encoder's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (1..100)")
+      ->transform(decimal_integer())
       ->check(CLI::Range(1, 100));
   app.add_option("--decoder-pct", o.decoder_pct,
                  "decoder's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (1..100)")
+      ->transform(decimal_integer())
       ->check(CLI::Range(1, 100));
   app.add_option("--mode", o.mode,
                  "sequential, or concurrent (encoder works on frame n+1 while the decoder works on "
                  "frame n)")
       ->check(CLI::IsMember({"sequential", "concurrent"}));
   app.add_option("--frames", o.frames, "frames measured")
+      ->transform(decimal_integer())
       ->check(unsigned_number())
       ->check(CLI::Range(uint64_t{1}, uint64_t{10000000}));
   app.add_option("--warmup", o.warmup, "frames run before measuring")
+      ->transform(decimal_integer())
       ->check(unsigned_number())
       ->check(CLI::Range(uint64_t{0}, uint64_t{100000}));
   app.add_option("--slots", o.slots, "prefix K/V slots (frames in flight in concurrent mode)")
+      ->transform(decimal_integer())
       ->check(unsigned_number())
       ->check(CLI::Range(1u, ipc::kMaxKvSlots));
   app.add_option("--decoder-batch", o.decoder_batch,
@@ -125,9 +162,11 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
                  "raises throughput where the decoder is the bottleneck, adds no latency at camera "
                  "rates; a frame's actions may differ in their last bits with how it was paired. "
                  "Slots default to 2N")
+      ->transform(decimal_integer())
       ->check(unsigned_number())
       ->check(CLI::Range(1u, 4u));
   app.add_option("--seed", o.seed, "seed of the random weights and synthetic frames")
+      ->transform(decimal_integer())
       ->check(unsigned_number());
   app.add_option("--rate", o.rate_hz,
                  "feed frames at this camera rate in Hz, 0.01 or more (default: back to back)")
@@ -170,10 +209,14 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
                  "directory holding encoder_worker and decoder_worker");
   app.add_flag("--quiet-workers", o.quiet_workers, "do not copy the workers' log lines to stderr");
   app.add_flag("--sweep", o.sweep, "sweep the encoder's SM percentage (decoder gets the rest)");
-  app.add_option("--sweep-step", o.sweep_step, "sweep step in percent")->check(CLI::Range(1, 50));
+  app.add_option("--sweep-step", o.sweep_step, "sweep step in percent")
+      ->transform(decimal_integer())
+      ->check(CLI::Range(1, 50));
   app.add_option("--sweep-min", o.sweep_min, "lowest encoder percentage of the sweep")
+      ->transform(decimal_integer())
       ->check(CLI::Range(1, 99));
   app.add_option("--sweep-max", o.sweep_max, "highest encoder percentage of the sweep")
+      ->transform(decimal_integer())
       ->check(CLI::Range(1, 99));
   app.add_option("--latency-budget-ms", o.latency_budget_ms,
                  "sweep: also name the best run (a split or a pipeline baseline) whose p99 "
@@ -219,11 +262,18 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
   }
   // One daemon, one spelling: the runs sharing a daemon find each other's lock beside its pipe
   // directory, so "/tmp/nvidia-mps/", a relative path or a symlink must name it as the others do.
-  for (std::string* dir : {&o.mps.pipe_dir, &o.mps.log_dir}) {
+  for (const auto& [dir, option] :
+       {std::pair{&o.mps.pipe_dir, "--mps-pipe-dir"}, std::pair{&o.mps.log_dir, "--mps-log-dir"}}) {
     std::error_code ec;
-    std::string normal = std::filesystem::weakly_canonical(std::filesystem::absolute(*dir), ec)
-                             .lexically_normal()
-                             .string();
+    const std::filesystem::path absolute = std::filesystem::absolute(*dir, ec);
+    if (ec) {  // a relative path, and the working directory is gone
+      std::fprintf(stderr, "orchestrator: error: %s %s: cannot make it absolute: %s\n", option,
+                   dir->c_str(), ec.message().c_str());
+      exit_code = 2;
+      return std::nullopt;
+    }
+    std::string normal =
+        std::filesystem::weakly_canonical(absolute, ec).lexically_normal().string();
     while (normal.size() > 1 && normal.back() == '/') normal.pop_back();
     if (!ec && !normal.empty()) *dir = normal;
   }

@@ -3,7 +3,10 @@
 #include <fstream>
 #include <optional>
 
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/file.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -417,6 +420,27 @@ TEST_CASE("MPS daemon is started and quit or adopted and left running",
     }  // the last user ends
     CHECK_FALSE(fs::exists(state));
     CHECK_FALSE(fs::exists(o.pipe_dir + ".pi0/started-by-run"));
+  }
+  SECTION("locks a stopped run holds delay a start, and do not stop it") {
+    // Another run stopped (Ctrl-Z) while it starts or quits the daemon holds these locks.
+    o.timeout = 200ms;
+    const std::string locks = o.pipe_dir + ".pi0";
+    REQUIRE(::mkdir(locks.c_str(), 0700) == 0);
+    std::vector<int> held;
+    for (const char* name : {"/start.lock", "/users.lock"}) {
+      held.push_back(::open((locks + name).c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+      REQUIRE(held.back() >= 0);
+      REQUIRE(::flock(held.back(), LOCK_EX) == 0);
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    {
+      MpsDaemon d = MpsDaemon::start_or_adopt(o);
+      CHECK(d.started_here());
+      CHECK(mps_daemon_answers(o));
+    }
+    CHECK(std::chrono::steady_clock::now() - t0 < 5s);  // each lock waited 3 x 200 ms
+    for (const int fd : held) ::close(fd);
+    CHECK_FALSE(fs::exists(state));  // the daemon it started is quit
   }
   SECTION("adopted, left running") {
     fs::create_directories(o.pipe_dir);

@@ -96,21 +96,40 @@ bool mark_is_current(const std::string& dir, const MpsOptions& o) {
 }
 
 // `path` opened (created 0600) and flock()ed with `operation`: the descriptor that holds the
-// lock until it is closed, or -1 where either fails.
-int lock_file(const std::string& path, int operation) {
+// lock until it is closed, or -1 where either fails, or where the lock is still held elsewhere
+// after `patience`. Another run holds these locks only while it starts or quits the daemon, each
+// step bounded by its own timeout; a run stopped there (Ctrl-Z) must not stop us too.
+int lock_file(const std::string& path, int operation, std::chrono::milliseconds patience) {
   const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-  if (fd >= 0 && ::flock(fd, operation) != 0) {
-    ::close(fd);
-    return -1;
+  if (fd < 0) return -1;
+  const auto deadline = std::chrono::steady_clock::now() + patience;
+  while (::flock(fd, operation | LOCK_NB) != 0) {
+    if (errno == EINTR) continue;
+    if (errno != EWOULDBLOCK || std::chrono::steady_clock::now() >= deadline) {
+      if (errno == EWOULDBLOCK)
+        spdlog::warn(
+            "MPS: {} is still locked after {} s (a run stopped while it starts or quits "
+            "the daemon?); going on without it",
+            path, patience.count() / 1000.0);
+      ::close(fd);
+      return -1;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   return fd;
+}
+
+// Longer than a run that holds a lock may take in the steps it holds it for: the control
+// program's `-d` and the wait for the new daemon's answer, or `quit` and the wait for it to go.
+std::chrono::milliseconds lock_patience(const MpsOptions& o) {
+  return 3 * o.timeout;
 }
 
 // The start lock, released when it goes out of scope; nothing where the state dir is not usable.
 class StartLock {
  public:
-  explicit StartLock(const std::string& dir)
-      : fd_(dir.empty() ? -1 : lock_file(start_lock_path(dir), LOCK_EX)) {}
+  StartLock(const std::string& dir, const MpsOptions& o)
+      : fd_(dir.empty() ? -1 : lock_file(start_lock_path(dir), LOCK_EX, lock_patience(o))) {}
   ~StartLock() {
     if (fd_ >= 0) ::close(fd_);
   }
@@ -124,7 +143,7 @@ class StartLock {
 // The shared lock, taken before looking for a daemon so that a run ending meanwhile sees us; -1
 // (and a warning) where it cannot be taken: then a run quits only a daemon it started itself.
 int take_users_lock(const std::string& dir, const MpsOptions& o) {
-  const int fd = dir.empty() ? -1 : lock_file(users_lock_path(dir), LOCK_SH);
+  const int fd = dir.empty() ? -1 : lock_file(users_lock_path(dir), LOCK_SH, lock_patience(o));
   if (fd < 0)
     spdlog::warn(
         "MPS: cannot lock {}.pi0/users.lock: a run that shares this daemon may quit it "
@@ -163,7 +182,7 @@ MpsDaemon MpsDaemon::start_or_adopt(const MpsOptions& o) {
   daemon.options_ = o;
   daemon.state_dir_ = state_dir(o);
   daemon.users_fd_ = take_users_lock(daemon.state_dir_, o);
-  const StartLock start_lock(daemon.state_dir_);
+  const StartLock start_lock(daemon.state_dir_, o);
   if (mps_daemon_answers(o)) {
     daemon.active_ = true;
     spdlog::info("MPS: adopted the control daemon already running on {} (it stays running)",

@@ -79,6 +79,13 @@ CLI::Validator decimal_integer() {
       "INTEGER");
 }
 
+// An integer option, read as decimal.
+template <typename T>
+CLI::Option* add_integer_option(CLI::App& app, const std::string& name, T& value,
+                                const std::string& description) {
+  return app.add_option(name, value, description)->transform(decimal_integer());
+}
+
 // A results file the run would write at its end: checked before any worker starts, so that a long
 // run's figures are not lost to a path that cannot be written. Nothing is created or truncated
 // here.
@@ -123,50 +130,40 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
       ->check(CLI::IsMember({"auto", "pi0", "tiny", "pi0-1l", "pi0-2l"}));
   app.add_option("--weights", o.weights,
                  ".safetensors weights file (default: seeded random weights)");
-  app.add_option("--views", o.views, "camera views per frame")
-      ->transform(decimal_integer())
-      ->check(CLI::Range(1, 8));
-  app.add_option("--chunk", o.chunk, "action chunk length")
-      ->transform(decimal_integer())
-      ->check(CLI::Range(1, 1024));
-  app.add_option("--prompt-len", prompt_len,
-                 "prompt tokens (default: from the weights file, else 0)")
-      ->transform(decimal_integer())
+  add_integer_option(app, "--views", o.views, "camera views per frame")->check(CLI::Range(1, 8));
+  add_integer_option(app, "--chunk", o.chunk, "action chunk length")->check(CLI::Range(1, 1024));
+  add_integer_option(app, "--prompt-len", prompt_len,
+                     "prompt tokens (default: from the weights file, else 0)")
       ->check(CLI::Range(0, kMaxPromptLen));
-  app.add_option("--encoder-pct", o.encoder_pct,
-                 "encoder's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (1..100)")
-      ->transform(decimal_integer())
+  add_integer_option(app, "--encoder-pct", o.encoder_pct,
+                     "encoder's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (1..100)")
       ->check(CLI::Range(1, 100));
-  app.add_option("--decoder-pct", o.decoder_pct,
-                 "decoder's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (1..100)")
-      ->transform(decimal_integer())
+  add_integer_option(app, "--decoder-pct", o.decoder_pct,
+                     "decoder's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (1..100)")
       ->check(CLI::Range(1, 100));
   app.add_option("--mode", o.mode,
                  "sequential, or concurrent (encoder works on frame n+1 while the decoder works on "
                  "frame n)")
       ->check(CLI::IsMember({"sequential", "concurrent"}));
-  app.add_option("--frames", o.frames, "frames measured")
-      ->transform(decimal_integer())
+  add_integer_option(app, "--frames", o.frames, "frames measured")
       ->check(unsigned_number())
       ->check(CLI::Range(uint64_t{1}, uint64_t{10000000}));
-  app.add_option("--warmup", o.warmup, "frames run before measuring")
-      ->transform(decimal_integer())
+  add_integer_option(app, "--warmup", o.warmup, "frames run before measuring")
       ->check(unsigned_number())
       ->check(CLI::Range(uint64_t{0}, uint64_t{100000}));
-  app.add_option("--slots", o.slots, "prefix K/V slots (frames in flight in concurrent mode)")
-      ->transform(decimal_integer())
+  add_integer_option(app, "--slots", o.slots,
+                     "prefix K/V slots (frames in flight in concurrent mode)")
       ->check(unsigned_number())
       ->check(CLI::Range(1u, ipc::kMaxKvSlots));
-  app.add_option("--decoder-batch", o.decoder_batch,
-                 "decode up to N frames that are waiting together in one pass (cuda backend): "
-                 "raises throughput where the decoder is the bottleneck, adds no latency at camera "
-                 "rates; a frame's actions may differ in their last bits with how it was paired. "
-                 "Slots default to 2N")
-      ->transform(decimal_integer())
+  add_integer_option(
+      app, "--decoder-batch", o.decoder_batch,
+      "decode up to N frames that are waiting together in one pass (cuda backend): "
+      "raises throughput where the decoder is the bottleneck, adds no latency at camera "
+      "rates; a frame's actions may differ in their last bits with how it was paired. "
+      "Slots default to 2N")
       ->check(unsigned_number())
       ->check(CLI::Range(1u, 4u));
-  app.add_option("--seed", o.seed, "seed of the random weights and synthetic frames")
-      ->transform(decimal_integer())
+  add_integer_option(app, "--seed", o.seed, "seed of the random weights and synthetic frames")
       ->check(unsigned_number());
   app.add_option("--rate", o.rate_hz,
                  "feed frames at this camera rate in Hz, 0.01 or more (default: back to back)")
@@ -209,14 +206,11 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
                  "directory holding encoder_worker and decoder_worker");
   app.add_flag("--quiet-workers", o.quiet_workers, "do not copy the workers' log lines to stderr");
   app.add_flag("--sweep", o.sweep, "sweep the encoder's SM percentage (decoder gets the rest)");
-  app.add_option("--sweep-step", o.sweep_step, "sweep step in percent")
-      ->transform(decimal_integer())
+  add_integer_option(app, "--sweep-step", o.sweep_step, "sweep step in percent")
       ->check(CLI::Range(1, 50));
-  app.add_option("--sweep-min", o.sweep_min, "lowest encoder percentage of the sweep")
-      ->transform(decimal_integer())
+  add_integer_option(app, "--sweep-min", o.sweep_min, "lowest encoder percentage of the sweep")
       ->check(CLI::Range(1, 99));
-  app.add_option("--sweep-max", o.sweep_max, "highest encoder percentage of the sweep")
-      ->transform(decimal_integer())
+  add_integer_option(app, "--sweep-max", o.sweep_max, "highest encoder percentage of the sweep")
       ->check(CLI::Range(1, 99));
   app.add_option("--latency-budget-ms", o.latency_budget_ms,
                  "sweep: also name the best run (a split or a pipeline baseline) whose p99 "

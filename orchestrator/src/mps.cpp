@@ -104,9 +104,10 @@ int lock_file(const std::string& path, int operation, std::chrono::milliseconds 
   if (fd < 0) return -1;
   const auto deadline = std::chrono::steady_clock::now() + patience;
   while (::flock(fd, operation | LOCK_NB) != 0) {
-    if (errno == EINTR) continue;
-    if (errno != EWOULDBLOCK || std::chrono::steady_clock::now() >= deadline) {
-      if (errno == EWOULDBLOCK)
+    const int error = errno;
+    if (error == EINTR) continue;
+    if (error != EWOULDBLOCK || std::chrono::steady_clock::now() >= deadline) {
+      if (error == EWOULDBLOCK)
         spdlog::warn(
             "MPS: {} is still locked after {} s (a run stopped while it starts or quits "
             "the daemon?); going on without it",

@@ -358,6 +358,12 @@ struct EventFileStandIns {
       CHECK(test::segments_named(n).size() == 1);
     }
   }
+  // Where a check above failed, the workers' stand-ins are not left behind either.
+  ~EventFileStandIns() {
+    for (const std::string& n : workers) ipc::SharedSegment::remove(n);
+  }
+  EventFileStandIns(const EventFileStandIns&) = delete;
+  EventFileStandIns& operator=(const EventFileStandIns&) = delete;
   std::vector<std::string> workers, foreign;
   std::vector<ipc::SharedSegment> files;  // the foreign files, removed at scope exit
 };

@@ -219,13 +219,12 @@ std::set<std::string> model_entry_names(const ModelConfig& config) {
   return names;
 }
 
-// The spec's "load exactly these, reject anything else": every entry is one of the model's
-// tensors (or the format's __metadata__), and their data ranges tile the data section, with no
-// overlap, gap or trailing bytes. The entries' own checks (dtype, shape, size) come first, per
+// The spec's "load exactly these, reject anything else": the entries' data ranges tile the data
+// section, with no overlap, gap or trailing bytes, and __metadata__ is what the format says.
+// That every entry is one of the model's tensors (or __metadata__) was checked as the header was
+// parsed (check_file's callback); the entries' own checks (dtype, shape, size) come first, per
 // tensor of the set being loaded.
-// `known`: the model's tensor names and __metadata__ (model_entry_names).
-void check_layout(const nlohmann::json& header, const ModelConfig& config,
-                  const std::set<std::string>& known, const FileError& err, uint64_t data_size) {
+void check_layout(const nlohmann::json& header, const FileError& err, uint64_t data_size) {
   std::vector<std::pair<uint64_t, uint64_t>> ranges;
   for (const auto& [name, entry] : header.items()) {
     if (name == "__metadata__") {
@@ -235,8 +234,6 @@ void check_layout(const nlohmann::json& header, const ModelConfig& config,
         err.fail("__metadata__ is not a map of names to strings");
       continue;
     }
-    if (!known.count(name))
-      err.fail("tensor " + escaped(name) + " is not a tensor of model '" + config.name + "'");
     const auto offsets = entry.is_object() ? entry.find("data_offsets") : entry.end();
     if (offsets == entry.end()) err.fail("tensor " + name + " data_offsets is not [begin, end]");
     // Every entry, in the set being loaded or not: the ranges must tile the data section.
@@ -478,7 +475,7 @@ CheckedFile check_file(const std::string& path, const ModelConfig& config, Weigh
                std::to_string(numel * sizeof(Bf16)) + " for shape " + shape_text(shape));
     checked.placements.push_back({index, data_start + begin});
   }
-  check_layout(header, config, known_names, err, data_size);
+  check_layout(header, err, data_size);
   return checked;
 }
 

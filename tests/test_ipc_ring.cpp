@@ -319,6 +319,27 @@ TEST_CASE("a blocked pop reports a dead peer", "[ipc]") {
   require_dead_peer_reported(ring);
 }
 
+// A peer that pushes its last message and exits (the encoder's stop to the decoder, an error
+// report) can do both between the waiter's look at the empty ring and its peer check: the
+// message is there to read, and the peer's death must not hide it.
+TEST_CASE("a message pushed just before the peer is found dead is still delivered", "[ipc]") {
+  RingMemory mem(8);
+  SpscRing ring = SpscRing::create(mem.data(), 8);
+  SpscRing producer = SpscRing::attach(mem.data(), 8);
+  bool pushed = false;
+  // Runs only after the ring was seen empty: the last push, then the exit, land in between.
+  const auto peer_alive = [&] {
+    if (!pushed) pushed = producer.try_push(frame_message(7));
+    return false;
+  };
+  Message m;
+  REQUIRE(ring.pop(m, Clock::now() + 5s, peer_alive) == WaitStatus::kOk);
+  CHECK(pushed);
+  CHECK(m.frame == 7);
+  // Nothing more comes from a dead peer.
+  CHECK(ring.pop(m, Clock::now() + 5s, peer_alive) == WaitStatus::kPeerDead);
+}
+
 TEST_CASE("an idle blocked pop burns almost no CPU", "[ipc]") {
   RingMemory mem(8);
   SpscRing ring = SpscRing::create(mem.data(), 8);

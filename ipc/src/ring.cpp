@@ -186,7 +186,13 @@ WaitStatus wait_loop(StepFn&& step, BlockedFn&& still_blocked, std::atomic<uint3
     const auto now = Clock::now();
     if (now >= deadline) return WaitStatus::kTimeout;
     if (peer_alive && now - last_peer_check >= kWaitSlice) {
-      if (!peer_alive()) return WaitStatus::kPeerDead;
+      if (!peer_alive()) {
+        // The peer may have pushed its last message (a stop, an error) or freed its last slot and
+        // exited since the step above saw the ring blocked: what it left is still ours.
+        const Step last = step();
+        if (last == Step::kDone) return done();
+        return last == Step::kCorrupt ? WaitStatus::kCorrupt : WaitStatus::kPeerDead;
+      }
       last_peer_check = now;
     }
     const auto waited = now - start;

@@ -181,3 +181,30 @@ TEST_CASE("the encoder's stop reports a corrupt ring from the decoder", "[worker
   CHECK(named);
   CHECK_FALSE(stopped);
 }
+
+// A frame's generation (its number + 1) is what tells a K/V slot's layer signals of this frame
+// from those its previous frame left (pi0/cuda/layer_signal.hpp): that holds only while the frame
+// numbers grow, so a worker refuses one that does not, whichever way it came.
+TEST_CASE("a worker refuses a frame handed over twice or out of order", "[worker][process]") {
+  const bool encoder = GENERATE(true, false);
+  const uint64_t second = GENERATE(uint64_t{1}, uint64_t{0});  // frame 1 again, or frame 0 after it
+  INFO((encoder ? "encoder" : "decoder") << ", frame " << second << " after frame 1");
+  FakeRun run(encoder ? ipc::Role::kEncoder : ipc::Role::kDecoder, "tiny");
+  auto& in = run.control.ring(encoder ? RingId::kOrchToEncoder : RingId::kEncoderToDecoder);
+  const MsgType type = encoder ? MsgType::kFrameInput : MsgType::kSlotReady;
+  const ipc::Role sender = encoder ? ipc::Role::kOrchestrator : ipc::Role::kEncoder;
+  // Two K/V and input slots, one for each frame: only the frame numbers break the protocol.
+  REQUIRE(in.try_push(message(type, sender, 1, 0)));
+  REQUIRE(in.try_push(message(type, sender, second, 1)));
+  const auto status = run.worker.wait_for(20s);
+  REQUIRE(status);
+  INFO(run.worker.output());
+  CHECK(status->code == 1);
+  const std::string expected = "frame " + std::to_string(second) + " after frame 1";
+  bool named = false;
+  for (const Message& m :
+       drained(run.control.ring(encoder ? RingId::kEncoderToOrch : RingId::kDecoderToOrch)))
+    if (m.type == static_cast<uint16_t>(MsgType::kError))
+      named = named || ipc::message_text(m).find(expected) != std::string_view::npos;
+  CHECK(named);
+}

@@ -42,6 +42,9 @@ int run_decoder_worker(ipc::WorkerRuntime& rt) {
   // Frames handed to the stage and not yet reported, oldest first, and the K/V slots they hold.
   std::deque<Message> in_flight;
   std::vector<bool> kv_busy(limits.kv_slots, false);
+  // A frame's layer waits tell its slot's signals from the ones the slot's previous frame left by
+  // the frame's generation (frame + 1), which holds only while frame numbers grow.
+  uint64_t next_frame = 0;  // the lowest frame number that may come next
   // Reports the oldest frame once the stage has finished it. False: the orchestrator is gone.
   const auto finish_oldest = [&]() -> bool {
     const DecodeTiming timing = stage->complete();
@@ -125,6 +128,10 @@ int run_decoder_worker(ipc::WorkerRuntime& rt) {
     PI0_CHECK(!kv_busy[m.kv_slot], "the encoder handed over K/V slot " + std::to_string(m.kv_slot) +
                                        " for frame " + std::to_string(m.frame) +
                                        " while an earlier frame held it");
+    PI0_CHECK(m.frame >= next_frame, "the encoder handed over frame " + std::to_string(m.frame) +
+                                         " after frame " + std::to_string(next_frame - 1) +
+                                         "; frame numbers must grow");
+    next_frame = m.frame + 1;
     kv_busy[m.kv_slot] = true;
     stage->submit(m.frame, m.input_slot, m.kv_slot);
     in_flight.push_back(m);

@@ -52,6 +52,9 @@ int run_encoder_worker(ipc::WorkerRuntime& rt) {
 
   std::deque<uint32_t> free_slots;
   std::vector<bool> slot_busy(limits.kv_slots, false);
+  // A frame's generation (frame + 1), which this worker writes into its slot's layer signals, tells
+  // them from the ones the slot's previous frame left only while frame numbers grow.
+  uint64_t next_frame = 0;  // the lowest frame number that may come next
   for (uint32_t s = 0; s < limits.kv_slots; ++s) free_slots.push_back(s);
 
   const auto take_slot_free = [&](const Message& m) {
@@ -99,6 +102,10 @@ int run_encoder_worker(ipc::WorkerRuntime& rt) {
     PI0_CHECK(type == MsgType::kFrameInput, "the orchestrator sent " +
                                                 std::string(ipc::type_name(type)) +
                                                 " where a frame was expected");
+    PI0_CHECK(m.frame >= next_frame, "the orchestrator sent frame " + std::to_string(m.frame) +
+                                         " after frame " + std::to_string(next_frame - 1) +
+                                         "; frame numbers must grow");
+    next_frame = m.frame + 1;
 
     Message free_msg;
     while (from_decoder.try_pop(free_msg)) take_slot_free(free_msg);

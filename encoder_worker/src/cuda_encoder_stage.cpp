@@ -70,11 +70,18 @@ class CudaEncoderStage final : public EncoderStage {
     // The driver makes a file in /dev/shm for the exported events and leaves it behind: recorded
     // here by identity, so that only this file is removed (pi0/ipc/shm.hpp).
     const ipc::CudaEventFileWatch event_files;
-    for (uint32_t s = 0; s < layout.kv_slots; ++s) {
-      ready_.push_back(ipc::IpcEvent::create_exported(cuda_block.ready_event[s]));
-      consumed_.push_back(ipc::IpcEvent::create_exported(cuda_block.consumed_event[s]));
-      start_.emplace_back(cudaEventDefault);
-      stop_.emplace_back(cudaEventDefault);
+    try {
+      for (uint32_t s = 0; s < layout.kv_slots; ++s) {
+        ready_.push_back(ipc::IpcEvent::create_exported(cuda_block.ready_event[s]));
+        consumed_.push_back(ipc::IpcEvent::create_exported(cuda_block.consumed_event[s]));
+        start_.emplace_back(cudaEventDefault);
+        stop_.emplace_back(cudaEventDefault);
+      }
+    } catch (...) {
+      // The events made before the failure have their file already: recorded, it is removed
+      // once we are reaped; unrecorded, it would stay in /dev/shm for good.
+      event_files.record(info.event_files);
+      throw;
     }
     spdlog::debug("the CUDA driver made {} file(s) in /dev/shm for the exported events",
                   event_files.record(info.event_files));

@@ -10,7 +10,20 @@ command -v "$control" >/dev/null || { echo "start_mps: $control not found (it sh
 if echo get_server_list | "$control" >/dev/null 2>&1; then
   echo "start_mps: MPS control daemon already running (pipe $CUDA_MPS_PIPE_DIRECTORY)"
 else
-  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  # The daemon (often root's) writes into these: as the orchestrator does, start it only in
+  # directories that are ours or root's and writable by no one else, made 0755 whatever the umask
+  # (a umask of 002 would leave them group-writable, and the orchestrator would then refuse them).
+  for dir in "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"; do
+    # shellcheck disable=SC2174  # the mode is for the directory itself, not its parents
+    mkdir -p -m 0755 "$dir"
+    owner_mode="$(stat -L -c '%u %a' "$dir")"
+    if { [ "${owner_mode% *}" != "$(id -u)" ] && [ "${owner_mode% *}" != 0 ]; } ||
+      (( 8#${owner_mode#* } & 8#022 )); then
+      echo "start_mps: $dir belongs to another user or is writable by others; remove it or set" \
+        "CUDA_MPS_PIPE_DIRECTORY / CUDA_MPS_LOG_DIRECTORY to another" >&2
+      exit 1
+    fi
+  done
   # Started by hand, not by a run: no run may take it for its own and quit it.
   rm -f "$(realpath -m "$CUDA_MPS_PIPE_DIRECTORY").pi0/started-by-run"
   "$control" -d

@@ -387,6 +387,69 @@ TEST_CASE("run_command feeds stdin and enforces its timeout", "[orchestrator][pr
   CHECK(find_on_path("no-such-program-pi0").empty());
 }
 
+// scripts/start_mps.sh and stop_mps.sh, against the same stand-in control program.
+TEST_CASE("start_mps.sh starts a daemon only where a run may and stop_mps.sh quits it",
+          "[orchestrator][mps-control]") {
+  const std::string dir = test::temp_dir("mps_scripts");
+  MpsOptions o;
+  o.pipe_dir = dir + "/pipe";
+  o.log_dir = dir + "/log";
+  o.control_program = fake_mps_control(dir);
+  const EnvOverrides env{{"NVIDIA_MPS_CONTROL", o.control_program},
+                         {"CUDA_MPS_PIPE_DIRECTORY", o.pipe_dir},
+                         {"CUDA_MPS_LOG_DIRECTORY", o.log_dir}};
+  // Under a given umask: a user's shell often has 002.
+  const auto script = [&](const std::string& name, const std::string& umask = "022") {
+    return run_command("sh",
+                       {"-c", "umask " + umask + " && exec bash \"$0\"",
+                        std::string(PI0_SOURCE_DIR) + "/scripts/" + name},
+                       env, "", 10000ms);
+  };
+  const auto starts = [&] {
+    std::ifstream in(o.pipe_dir + "/starts");
+    int n = 0;
+    for (std::string line; std::getline(in, line);) ++n;
+    return n;
+  };
+  SECTION("under a umask of 002 it makes directories a run may start a daemon in later") {
+    const CommandResult started = script("start_mps.sh", "002");
+    INFO(started.output);
+    REQUIRE(started.status.success());
+    CHECK(mps_daemon_answers(o));
+    for (const std::string& d : {o.pipe_dir, o.log_dir})
+      CHECK((fs::status(d).permissions() & (fs::perms::group_write | fs::perms::others_write)) ==
+            fs::perms::none);
+    CHECK(script("start_mps.sh").status.success());  // it answers: nothing more is started
+    CHECK(starts() == 1);
+    REQUIRE(script("stop_mps.sh").status.success());
+    CHECK_FALSE(mps_daemon_answers(o));
+    CHECK_NOTHROW(MpsDaemon::check_can_start_or_adopt(o));
+    CHECK(script("stop_mps.sh").status.success());  // none runs: nothing to do
+  }
+  SECTION("a directory others may write is refused before a daemon starts") {
+    fs::create_directories(o.log_dir);
+    fs::permissions(o.log_dir, fs::perms::all);
+    const CommandResult refused = script("start_mps.sh");
+    INFO(refused.output);
+    CHECK(refused.status.code == 1);
+    CHECK(refused.output.find(o.log_dir + " belongs to another user or is writable by others") !=
+          std::string::npos);
+    CHECK(starts() == 0);
+    CHECK_FALSE(mps_daemon_answers(o));
+  }
+  SECTION("a missing control program is one line and exit 1") {
+    const CommandResult missing = run_command(
+        "bash", {std::string(PI0_SOURCE_DIR) + "/scripts/start_mps.sh"},
+        {{"NVIDIA_MPS_CONTROL", dir + "/not-installed"}, {"CUDA_MPS_PIPE_DIRECTORY", o.pipe_dir},
+         {"CUDA_MPS_LOG_DIRECTORY", o.log_dir}},
+        "", 10000ms);
+    CHECK(missing.status.code == 1);
+    CHECK(missing.output.find("not found") != std::string::npos);
+    CHECK_FALSE(fs::exists(o.pipe_dir));
+  }
+  fs::remove_all(dir);
+}
+
 TEST_CASE("MPS daemon is started and quit or adopted and left running",
           "[orchestrator][mps-control]") {
   const std::string dir = test::temp_dir("mps");

@@ -90,7 +90,7 @@ if want tests || want tests-share; then
   # Planned for the whole GPU, as the orchestrator has its workers do (PI0_GEMM_PLAN_SMS).
   # "[gpu]~[mps]", not "~[mps]": Catch2 2's exclusion-only filter also runs the hidden probes.
   # Without a daemon the share would not apply and the pass would run on the whole GPU.
-  device_sms="$("$BIN/pi0_bench" --sm-count)"
+  device_sms="$("$BIN/pi0_bench" --sm-count)" || { echo "gpu_check: pi0_bench --sm-count failed"; failed=1; }
   if bash "$ROOT/scripts/start_mps.sh" >/dev/null; then
     PI0_GEMM_PLAN_SMS="$device_sms" CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=30 \
       "$PI0_BUILD_DIR/tests/pi0_gpu_tests" "[gpu]~[mps]" >"$OUT_DIR/gpu_tests_30pct.log" 2>&1
@@ -112,36 +112,45 @@ if want bench; then
   status_bench="rc $rc"
   [ "$rc" = 0 ] || failed=1
   # Where the time goes (V=2), and the alternatives each left opt-in or opt-out, on this GPU.
+  # Each must run: one that fails fails the step (its line names it in bench_extra.log).
+  extras_failed=0
+  extra() {
+    "$@" || { echo "gpu_check: the run above failed (rc $?)"; extras_failed=$((extras_failed + 1)); }
+  }
   {
-    "$BIN/pi0_bench" --case 2,63,0 --iters 50 --breakdown
+    extra "$BIN/pi0_bench" --case 2,63,0 --iters 50 --breakdown
     echo "== encoder vision attention as GEMMs + softmax (PI0_VISION_ATTENTION=gemm)"
-    PI0_VISION_ATTENTION=gemm "$BIN/pi0_bench" --case 2,63,0 --iters 200
+    PI0_VISION_ATTENTION=gemm extra "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== encoder lm attention in the fused kernel (PI0_LM_ATTENTION=fused)"
-    PI0_LM_ATTENTION=fused "$BIN/pi0_bench" --case 2,63,0 --iters 200
+    PI0_LM_ATTENTION=fused extra "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== kernels handed over at completion only (PI0_KERNEL_HANDOVER=completion)"
-    PI0_KERNEL_HANDOVER=completion "$BIN/pi0_bench" --case 2,63,0 --iters 200
+    PI0_KERNEL_HANDOVER=completion extra "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== without a GEMM table (PI0_GEMM_TABLE=): cuBLASLt's heuristic choices"
-    PI0_GEMM_TABLE= "$BIN/pi0_bench" --case 2,63,0 --iters 200
+    PI0_GEMM_TABLE= extra "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== decoder without the L2 weight prefetch (PI0_DECODER_PREFETCH=0)"
-    PI0_DECODER_PREFETCH=0 "$BIN/pi0_bench" --case 2,63,0 --iters 200
+    PI0_DECODER_PREFETCH=0 extra "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== decoder's work between flow steps as six nodes (PI0_DECODER_STEP_GLUE=0)"
-    PI0_DECODER_STEP_GLUE=0 "$BIN/pi0_bench" --case 2,63,0 --iters 200
+    PI0_DECODER_STEP_GLUE=0 extra "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== decoder qkv product, norm, RoPE and K/V write as one kernel (PI0_DECODER_QKV_ROPE=1)"
-    PI0_DECODER_QKV_ROPE=1 "$BIN/pi0_bench" --case 2,63,0 --iters 200
+    PI0_DECODER_QKV_ROPE=1 extra "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== decoder attention as GEMMs + softmax in every step (PI0_DECODER_ATTENTION=gemm)"
-    PI0_DECODER_ATTENTION=gemm "$BIN/pi0_bench" --case 2,63,0 --iters 200
+    PI0_DECODER_ATTENTION=gemm extra "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== decoder attention in the fused kernel (PI0_DECODER_ATTENTION=fused)"
-    PI0_DECODER_ATTENTION=fused "$BIN/pi0_bench" --case 2,63,0 --iters 200
+    PI0_DECODER_ATTENTION=fused extra "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== decoder attention in the tiled kernels (PI0_DECODER_ATTENTION=tiled)"
-    PI0_DECODER_ATTENTION=tiled "$BIN/pi0_bench" --case 2,63,0 --iters 200
+    PI0_DECODER_ATTENTION=tiled extra "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== attention as GEMMs where the keys are unaligned (PI0_DECODER_ATTENTION=gemm PI0_LM_ATTENTION=gemm)"
-    PI0_DECODER_ATTENTION=gemm PI0_LM_ATTENTION=gemm "$BIN/pi0_bench" --case 2,50,20 --iters 200
+    PI0_DECODER_ATTENTION=gemm PI0_LM_ATTENTION=gemm extra "$BIN/pi0_bench" --case 2,50,20 --iters 200
     echo "== decoder weight GEMMs on the skinny kernel (PI0_DECODER_SKINNY=1)"
-    PI0_DECODER_SKINNY=1 "$BIN/pi0_bench" --case 2,63,0 --iters 200
+    PI0_DECODER_SKINNY=1 extra "$BIN/pi0_bench" --case 2,63,0 --iters 200
     echo "== decoder layers in the persistent kernel (PI0_DECODER_LAYERS=1)"
-    PI0_DECODER_LAYERS=1 "$BIN/pi0_bench" --case 2,63,0 --iters 200
+    PI0_DECODER_LAYERS=1 extra "$BIN/pi0_bench" --case 2,63,0 --iters 200
   } >"$OUT_DIR/bench_extra.log" 2>&1
-  grep -E "breakdown|^== |^V=2 C=(63 P=0|50 P=20) " "$OUT_DIR/bench_extra.log"
+  grep -E "breakdown|^== |^V=2 C=(63 P=0|50 P=20) |^gpu_check:" "$OUT_DIR/bench_extra.log"
+  if [ "$extras_failed" != 0 ]; then
+    status_bench="$status_bench; $extras_failed of the alternatives' runs FAILED (bench_extra.log)"
+    failed=1
+  fi
   grep -A12 "decoder breakdown" "$OUT_DIR/bench_extra.log" | head -13
 fi
 
@@ -159,6 +168,7 @@ if want sweep; then
   rc=$?
   status_sweep="rc $rc"
   [ "$rc" = 0 ] || failed=1
+  runs_failed=0  # of the runs after the sweep; each that fails fails the step
   # Open loop at camera rates (the run's report goes to rates.log).
   : >"$OUT_DIR/rates.log"
   : >"$OUT_DIR/sequential.log"
@@ -170,7 +180,9 @@ if want sweep; then
     for hz in 30 60; do
       echo "== $hz Hz at ${split/ //}" >>"$OUT_DIR/rates.log"
       "$BIN/orchestrator" --rate "$hz" --frames 150 --warmup 10 --quiet-workers ${PI0_RATE_ARGS:-} \
-        --encoder-pct "${split% *}" --decoder-pct "${split#* }" >>"$OUT_DIR/rates.log" 2>&1
+        --encoder-pct "${split% *}" --decoder-pct "${split#* }" >>"$OUT_DIR/rates.log" 2>&1 ||
+        { echo "gpu_check: $hz Hz run at ${split/ //} failed (rc $?)" | tee -a "$OUT_DIR/rates.log"
+          runs_failed=$((runs_failed + 1)); }
     done
   done
   grep -E "^== |camera rate|latency p|throughput" "$OUT_DIR/rates.log"
@@ -180,7 +192,8 @@ if want sweep; then
     echo "== sequential 100/100 --wait $wait" >>"$OUT_DIR/sequential.log"
     "$BIN/orchestrator" --mode sequential --encoder-pct 100 --decoder-pct 100 --frames 300 \
       --warmup 20 --quiet-workers --wait "$wait" >>"$OUT_DIR/sequential.log" 2>&1 ||
-      echo "gpu_check: sequential run --wait $wait failed (rc $?)" | tee -a "$OUT_DIR/sequential.log"
+      { echo "gpu_check: sequential run --wait $wait failed (rc $?)" | tee -a "$OUT_DIR/sequential.log"
+        runs_failed=$((runs_failed + 1)); }
   done
   grep -E "^== sequential|latency p50|latency p99|error" "$OUT_DIR/sequential.log"
   # The decoder worker's attention in flow steps 2-10: wgmma (its default at a share of 50% or
@@ -191,10 +204,15 @@ if want sweep; then
       echo "== worker attention $att, $mode" >>"$OUT_DIR/worker_attention.log"
       PI0_DECODER_ATTENTION=$att "$BIN/orchestrator" --mode $mode --frames 200 --warmup 20 \
         --quiet-workers >>"$OUT_DIR/worker_attention.log" 2>&1 ||
-        echo "gpu_check: worker attention run failed (rc $?)" | tee -a "$OUT_DIR/worker_attention.log"
+        { echo "gpu_check: worker attention run failed (rc $?)" | tee -a "$OUT_DIR/worker_attention.log"
+          runs_failed=$((runs_failed + 1)); }
     done
   done
   grep -E "^== worker|latency p50|throughput|error" "$OUT_DIR/worker_attention.log"
+  if [ "$runs_failed" != 0 ]; then
+    status_sweep="$status_sweep; $runs_failed of the rate, sequential and worker attention runs FAILED"
+    failed=1
+  fi
 fi
 
 echo

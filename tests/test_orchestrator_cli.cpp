@@ -594,3 +594,63 @@ TEST_CASE("MPS daemon is started and quit or adopted and left running",
   }
   fs::remove_all(dir);
 }
+
+// scripts/gpu_check.sh with stand-ins for the driver's tools, the build and the programs its steps
+// run (in a directory whose name has a space): a step fails, and the script exits 1, where any of
+// its runs fails, not only its first.
+TEST_CASE("gpu_check.sh exits 1 where any run of a step fails", "[orchestrator][scripts]") {
+  const std::string dir = test::temp_dir("gpu check");
+  const std::string tools = dir + "/tools", build = dir + "/build";
+  fs::create_directories(tools);
+  fs::create_directories(build + "/bin");
+  const auto program = [](const std::string& path, const std::string& body) {
+    std::ofstream(path) << "#!/bin/sh\n" << body;
+    fs::permissions(path, fs::perms::owner_all);
+  };
+  program(tools + "/nvidia-smi", "echo 'Stand-in GPU, 80 GiB, Default, 580'\n");
+  program(tools + "/cmake", "exit 0\n");  // the build is done already
+  for (const char* installer : {"/apt-get", "/sudo"})
+    program(tools + installer, "echo \"stand-in $0: installs nothing\" >&2; exit 1\n");
+  fs::create_symlink(fake_mps_control(dir), tools + "/nvidia-cuda-mps-control");
+  // Each fails where its FAIL_IF variable is set and its arguments or environment match it.
+  program(build + "/bin/orchestrator",
+          "case \" $* \" in *\" ${FAIL_IF:-none} \"*) exit 3;; esac\necho 'throughput 1 frames/s'\n");
+  program(build + "/bin/pi0_bench",
+          "[ -n \"${FAIL_IF:-}\" ] && [ \"$(printenv \"$FAIL_IF\")\" = 1 ] && exit 4\n"
+          "echo 'V=2 C=63 P=0 1 ms'\n");
+  const auto gpu_check = [&](const std::string& step, const std::string& fail_if) {
+    const EnvOverrides env{{"PATH", tools + ":" + std::getenv("PATH")},
+                           {"OUT", dir + "/out"},
+                           {"PI0_BUILD_DIR", build},
+                           {"PI0_GEMM_TABLE", ""},
+                           {"CUDACXX", "stand-in"},
+                           {"CUDA_MPS_PIPE_DIRECTORY", dir + "/pipe"},
+                           {"CUDA_MPS_LOG_DIRECTORY", dir + "/log"},
+                           {"FAIL_IF", fail_if}};
+    return run_command("bash", {std::string(PI0_SOURCE_DIR) + "/scripts/gpu_check.sh", step}, env,
+                       "", 60000ms);
+  };
+  for (const std::string step : {"bench", "sweep"}) {
+    const CommandResult passed = gpu_check(step, "");
+    INFO(passed.output);
+    CHECK(passed.status.code == 0);
+  }
+  SECTION("a camera-rate run after the sweep") {
+    const CommandResult r = gpu_check("sweep", "--rate");
+    INFO(r.output);
+    CHECK(r.status.code == 1);
+    CHECK(r.output.find("30 Hz run at 50/50 failed (rc 3)") != std::string::npos);
+  }
+  SECTION("a sequential run after the sweep") {
+    const CommandResult r = gpu_check("sweep", "sequential");
+    INFO(r.output);
+    CHECK(r.status.code == 1);
+  }
+  SECTION("one of the benchmark's alternatives") {
+    const CommandResult r = gpu_check("bench", "PI0_DECODER_LAYERS");
+    INFO(r.output);
+    CHECK(r.status.code == 1);
+    CHECK(r.output.find("1 of the alternatives' runs FAILED") != std::string::npos);
+  }
+  fs::remove_all(dir);
+}

@@ -3,6 +3,7 @@
 #if __has_include(<catch2/catch_test_macros.hpp>)
 #include <catch2/catch_approx.hpp>
 #include <catch2/catch_test_macros.hpp>
+#include <catch2/generators/catch_generators.hpp>
 #define PI0_CATCH3 1
 #else
 #include <catch2/catch.hpp>

@@ -44,9 +44,9 @@ fi
 # A daemon that answers now is someone else's and is left running; one a step started and left
 # behind when it failed half-way must not outlive this script.
 daemon_before=0
-echo get_server_list | nvidia-cuda-mps-control >/dev/null 2>&1 && daemon_before=1
+echo get_server_list | timeout "${PI0_MPS_TIMEOUT_S:-10}" nvidia-cuda-mps-control >/dev/null 2>&1 && daemon_before=1
 cleanup() {
-  [ "$daemon_before" = 1 ] || echo quit | nvidia-cuda-mps-control >/dev/null 2>&1 || true
+  [ "$daemon_before" = 1 ] || echo quit | timeout "${PI0_MPS_TIMEOUT_S:-10}" nvidia-cuda-mps-control >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 failed=0  # the exit status: 1 if any step failed

@@ -7,8 +7,23 @@ export CUDA_MPS_PIPE_DIRECTORY="${CUDA_MPS_PIPE_DIRECTORY:-/tmp/nvidia-mps}"
 export CUDA_MPS_LOG_DIRECTORY="${CUDA_MPS_LOG_DIRECTORY:-/tmp/nvidia-mps-log}"
 control="${NVIDIA_MPS_CONTROL:-nvidia-cuda-mps-control}"
 command -v "$control" >/dev/null || { echo "start_mps: $control not found (it ships with the NVIDIA driver)" >&2; exit 1; }
-if echo get_server_list | "$control" >/dev/null 2>&1; then
+# Every request to the control program has a deadline, as the orchestrator's do: a wedged daemon
+# must not hang the script. PI0_MPS_TIMEOUT_S (default 10) seconds a request.
+deadline="${PI0_MPS_TIMEOUT_S:-10}"
+ask() { timeout "$deadline" "$control" "$@"; }
+# 0: a daemon answers; 124: one may be there and did not answer in time; else: none.
+answers() { echo get_server_list | ask >/dev/null 2>&1; }
+not_answering() {
+  echo "start_mps: the MPS control daemon (pipe $CUDA_MPS_PIPE_DIRECTORY) did not answer within" \
+    "$deadline s" >&2
+  exit 1
+}
+rc=0
+answers || rc=$?
+if [ "$rc" = 0 ]; then
   echo "start_mps: MPS control daemon already running (pipe $CUDA_MPS_PIPE_DIRECTORY)"
+elif [ "$rc" = 124 ]; then
+  not_answering
 else
   # The daemon (often root's) writes into these: as the orchestrator does, start it only in
   # directories that are ours or root's and writable by no one else, made 0755 whatever the umask
@@ -26,12 +41,13 @@ else
   done
   # Started by hand, not by a run: no run may take it for its own and quit it.
   rm -f "$(realpath -m "$CUDA_MPS_PIPE_DIRECTORY").pi0/started-by-run"
-  "$control" -d
+  ask -d || { echo "start_mps: $control -d failed (exit $?)" >&2; exit 1; }
   for _ in $(seq 1 100); do
-    echo get_server_list | "$control" >/dev/null 2>&1 && break
+    answers && break
     sleep 0.05
   done
-  echo get_server_list | "$control" >/dev/null 2>&1 || { echo "start_mps: daemon does not answer" >&2; exit 1; }
+  answers || { echo "start_mps: daemon does not answer" >&2; exit 1; }
   echo "start_mps: started MPS control daemon (pipe $CUDA_MPS_PIPE_DIRECTORY, log $CUDA_MPS_LOG_DIRECTORY)"
 fi
-echo "start_mps: servers: $(echo get_server_list | "$control" | tr '\n' ' ')"
+servers="$(echo get_server_list | ask)" || not_answering
+echo "start_mps: servers: $(echo "$servers" | tr '\n' ' ')"

@@ -437,6 +437,23 @@ TEST_CASE("start_mps.sh starts a daemon only where a run may and stop_mps.sh qui
     CHECK(starts() == 0);
     CHECK_FALSE(mps_daemon_answers(o));
   }
+  SECTION("a daemon that does not answer is one line and exit 1, not a hang") {
+    const std::string wedged = dir + "/wedged-mps-control";
+    std::ofstream(wedged) << "#!/bin/sh\nexec sleep 30\n";
+    fs::permissions(wedged, fs::perms::owner_all);
+    for (const std::string name : {"start_mps.sh", "stop_mps.sh"}) {
+      const auto begun = std::chrono::steady_clock::now();
+      const CommandResult r = run_command(
+          "bash", {std::string(PI0_SOURCE_DIR) + "/scripts/" + name},
+          {{"NVIDIA_MPS_CONTROL", wedged}, {"PI0_MPS_TIMEOUT_S", "1"},
+           {"CUDA_MPS_PIPE_DIRECTORY", o.pipe_dir}, {"CUDA_MPS_LOG_DIRECTORY", o.log_dir}},
+          "", 20000ms);
+      INFO(name << ": " << r.output);
+      CHECK(r.status.code == 1);
+      CHECK(r.output.find("did not answer within 1 s") != std::string::npos);
+      CHECK(std::chrono::steady_clock::now() - begun < 10s);
+    }
+  }
   SECTION("a missing control program is one line and exit 1") {
     const CommandResult missing = run_command(
         "bash", {std::string(PI0_SOURCE_DIR) + "/scripts/start_mps.sh"},

@@ -2,6 +2,7 @@
 // and a malformed file is refused with its name and line.
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -135,6 +136,10 @@ TEST_CASE("a gemm table refuses entries it could not write on one line") {
   CHECK_THROWS_AS(table.set(kQkv, GemmChoice{0, ""}), pi0::Error);
   CHECK_THROWS_AS(table.set(kQkv, GemmChoice{10000, "algo"}), pi0::Error);
   CHECK_THROWS_AS(table.set(kQkv, GemmChoice{-1, "algo"}), pi0::Error);
+  // A line parse() would refuse as too long.
+  CHECK_THROWS_AS(
+      table.set(kQkv, GemmChoice{0, std::string(pi0::cuda::kMaxGemmTableLine - kQkv.size(), 'a')}),
+      pi0::Error);
   CHECK(table.size() == 0);
 }
 
@@ -169,4 +174,51 @@ TEST_CASE("a gemm configuration's description reads back as the same configurati
       "algo 66 tile 12 stages 35 split-k 4 reduction 2 swizzle 1 custom 3 inner 7 cluster 70000"));
   CHECK_FALSE(GemmAlgoConfig::parse(
       "algo 66 tiles 12 stages 35 split-k 4 reduction 2 swizzle 1 custom 3 inner 7 cluster 2"));
+}
+
+namespace {
+
+// `bytes` zero bytes and no line end, as /dev/zero or a binary file gives: counts what was read.
+class ZeroBytes : public std::streambuf {
+ public:
+  explicit ZeroBytes(size_t bytes) : left_(bytes) {}
+  size_t served() const { return served_; }
+
+ protected:
+  int_type underflow() override {
+    if (left_ == 0) return traits_type::eof();
+    const size_t n = std::min(left_, sizeof block_);
+    left_ -= n;
+    served_ += n;
+    setg(block_, block_, block_ + n);
+    return traits_type::to_int_type(block_[0]);
+  }
+
+ private:
+  char block_[4096] = {};
+  size_t left_, served_ = 0;
+};
+
+}  // namespace
+
+// PI0_GEMM_TABLE=/dev/zero (or a large file with no line ends) must not grow one line without
+// bound: the line is refused once it is longer than any table's.
+TEST_CASE("a gemm table line without an end is refused before it fills memory") {
+  ZeroBytes zeros(size_t{64} << 20);
+  std::istream in(&zeros);
+  try {
+    (void)GemmTable::parse(in, "zeros");
+    FAIL("a line of 64 MiB parsed");
+  } catch (const pi0::Error& e) {
+    CHECK(std::string(e.what()) ==
+          "zeros line 1: longer than " + std::to_string(pi0::cuda::kMaxGemmTableLine) +
+              " characters (not a GEMM table?)");
+  }
+  CHECK(zeros.served() < (size_t{1} << 20));
+  // The longest line taken is read whole.
+  const std::string longest =
+      kQkv + "\t1\t" + std::string(pi0::cuda::kMaxGemmTableLine - kQkv.size() - 3, 'a');
+  CHECK(parse_error(longest + "\n").empty());
+  CHECK(parse_error(longest + "\r\n").empty());
+  CHECK_FALSE(parse_error(longest + "a\n").empty());
 }

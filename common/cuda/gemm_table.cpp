@@ -48,6 +48,19 @@ bool plain_digits(const std::string& s, size_t max_digits) {
          s.find_first_not_of("0123456789") == std::string::npos;
 }
 
+// std::getline with a bound: stops once the line is longer than `max` characters (its line end and
+// a CR before it not counted), so that a file without line ends (/dev/zero, a binary file) cannot
+// grow one string until memory runs out. False at the end of the input, as std::getline.
+bool read_bounded_line(std::istream& in, std::string& line, size_t max) {
+  line.clear();
+  for (int c; (c = in.get()) != std::char_traits<char>::eof();) {
+    if (c == '\n') return true;
+    line.push_back(static_cast<char>(c));
+    if (line.size() > max + 1 || (line.size() == max + 1 && line.back() != '\r')) return true;
+  }
+  return !line.empty();  // a last line without its line end
+}
+
 }  // namespace
 
 std::string GemmAlgoConfig::describe() const {
@@ -89,8 +102,11 @@ std::optional<GemmAlgoConfig> GemmAlgoConfig::parse(const std::string& text) {
 GemmTable GemmTable::parse(std::istream& in, const std::string& source) {
   GemmTable table;
   std::string line;
-  for (int number = 1; std::getline(in, line); ++number) {
+  for (size_t number = 1; read_bounded_line(in, line, kMaxGemmTableLine); ++number) {
     if (!line.empty() && line.back() == '\r') line.pop_back();
+    PI0_CHECK(line.size() <= kMaxGemmTableLine,
+              source + " line " + std::to_string(number) + ": longer than " +
+                  std::to_string(kMaxGemmTableLine) + " characters (not a GEMM table?)");
     if (line.empty() || line[0] == '#') continue;
     const std::string where = source + " line " + std::to_string(number);
     const size_t tab1 = line.find('\t');
@@ -156,6 +172,9 @@ void GemmTable::set(const std::string& shape, GemmChoice choice) {
   PI0_CHECK(!shape.empty() && !has_tab_or_newline(shape) && !choice.algo.empty() &&
                 !has_tab_or_newline(choice.algo),
             "GEMM table: a shape or description that cannot be written on one line");
+  // What parse() would refuse to read back (a candidate has up to 4 digits; two tabs).
+  PI0_CHECK(shape.size() + choice.algo.size() + 6 <= kMaxGemmTableLine,
+            "GEMM table: a shape and description longer than a table line may be");
   PI0_CHECK(choice.candidate >= 0 && choice.candidate <= kMaxGemmTableIndex,
             "GEMM table: candidate " + std::to_string(choice.candidate) + " out of range");
   entries_[shape] = std::move(choice);

@@ -53,6 +53,8 @@ struct GemmChoice {
 inline constexpr int kMaxGemmCandidates = 32;
 // A wide search lists up to a few thousand configurations.
 inline constexpr int kMaxGemmTableIndex = 9999;
+// The longest line a table file may have (its entries are a few hundred characters).
+inline constexpr size_t kMaxGemmTableLine = 4096;
 
 class GemmTable {
  public:

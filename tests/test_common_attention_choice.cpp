@@ -121,7 +121,9 @@ TEST_CASE("a numeric knob takes a whole number in its range and names itself oth
     const pi0::test::ScopedEnv set(name, "100");
     CHECK(pi0::env_integer(name, 0, 100, 7) == 100);
   }
-  for (const char* bad : {"20s", "abc", "101", "-1", " 5", "+5", "99999999999999999999"}) {
+  // strtol skips any leading white space, not only blanks: "\n5" is refused as " 5" is.
+  for (const char* bad : {"20s", "abc", "101", "-1", " 5", "+5", "99999999999999999999", "\n5",
+                          "\r5", "\v5", "\f5", "- 5"}) {
     const pi0::test::ScopedEnv set(name, bad);
     try {
       (void)pi0::env_integer(name, 0, 100, 7);

@@ -108,8 +108,10 @@ long env_integer(const char* name, long lo, long hi, long fallback) {
   errno = 0;
   char* end = nullptr;
   const long n = std::strtol(v, &end, 10);
-  PI0_CHECK(errno == 0 && *end == '\0' && value.find_first_of(" \t+") == std::string::npos &&
-                n >= lo && n <= hi,
+  // strtol skips leading white space of every kind ("\n5") and takes a '+': a digit or a minus
+  // sign first.
+  const bool plain = (v[0] >= '0' && v[0] <= '9') || v[0] == '-';
+  PI0_CHECK(plain && errno == 0 && *end == '\0' && n >= lo && n <= hi,
             std::string(name) + " must be a whole number from " + std::to_string(lo) + " to " +
                 std::to_string(hi) + ", not '" + value + "'");
   return n;

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -23,6 +24,7 @@
 #include <vector>
 
 #include "pi0/check.hpp"
+#include "pi0/command_line.hpp"
 #include "pi0/config.hpp"
 #include "pi0/cuda/device.hpp"
 #include "pi0/cuda/gemm.hpp"
@@ -411,6 +413,36 @@ void print_case(const Figures& f) {
   std::fflush(stdout);
 }
 
+// --case V,C,P, checked as a run's shape: a prompt of 2^31 - 1 tokens would otherwise size the
+// encoder's weights (terabytes) before the engine refuses the shape.
+Case parse_case(const std::string& spec) {
+  Case c{0, 0, 0, 0.0};
+  char comma1 = 0, comma2 = 0;
+  std::istringstream in(spec);
+  in >> c.views >> comma1 >> c.chunk >> comma2 >> c.prompt;
+  const bool parsed = in && comma1 == ',' && comma2 == ',';
+  in >> std::ws;
+  PI0_CHECK(parsed && in.eof(), "--case wants V,C,P, got '" + spec + "'");
+  try {
+    RunShape{c.views, c.chunk, c.prompt}.validate();
+  } catch (const Error& e) {
+    throw Error("--case " + spec + ": " + e.what());
+  }
+  return c;
+}
+
+// Whether two options name one file (the later write would replace the earlier's file).
+bool same_file(const std::string& a, const std::string& b) {
+  namespace fs = std::filesystem;
+  if (a.empty() || b.empty()) return false;
+  std::error_code ec;
+  if (fs::exists(a, ec) && fs::exists(b, ec)) return fs::equivalent(a, b, ec);
+  const fs::path ca = fs::weakly_canonical(a, ec);
+  if (ec) return a == b;
+  const fs::path cb = fs::weakly_canonical(b, ec);
+  return ec ? a == b : ca == cb;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -427,8 +459,10 @@ int main(int argc, char** argv) {
   std::vector<std::string> case_specs;
   app.add_option("--model", model, "model config (pi0, pi0-1l, pi0-2l, tiny)");
   app.add_option("--iters", iters, "timed inferences per shape (>= 200 for the report)")
+      ->transform(decimal_integer())
       ->check(CLI::Range(1, 1000000));
   app.add_option("--warmup", warmup, "untimed inferences after graph capture")
+      ->transform(decimal_integer())
       ->check(CLI::Range(0, 1000000));
   app.add_option("--json", json_path, "write the figures to this file");
   app.add_flag("--autotune", autotune, "time cuBLASLt candidates per GEMM at construction");
@@ -471,27 +505,31 @@ int main(int argc, char** argv) {
                                   : "write-gemm-table");
     return 2;
   }
+  // Before any work: a run can take an hour (--autotune-wide), and its results must not be lost
+  // to a path that cannot be written, nor written over the table it read or wrote.
+  std::vector<Case> cases;
+  try {
+    for (const std::string& spec : case_specs) cases.push_back(parse_case(spec));
+    check_writable(json_path, "--json");
+    check_writable(write_gemm_table, "--write-gemm-table");
+    const char* env_table = std::getenv("PI0_GEMM_TABLE");
+    const std::string read_table = !gemm_table.empty() ? gemm_table : env_table ? env_table : "";
+    for (const auto& [path, option] :
+         {std::pair{read_table, gemm_table.empty() ? "PI0_GEMM_TABLE" : "--gemm-table"},
+          std::pair{write_gemm_table, "--write-gemm-table"}})
+      PI0_CHECK(!same_file(json_path, path), "--json " + json_path + " is the file of " + option);
+  } catch (const Error& e) {
+    std::fprintf(stderr, "pi0_bench: %s\n", e.what());
+    return 2;
+  }
   if (!handover.empty()) setenv("PI0_KERNEL_HANDOVER", handover.c_str(), 1);
   // Before any Gemm exists: the table is read once per process, at the first one.
   if (!gemm_table.empty()) setenv("PI0_GEMM_TABLE", gemm_table.c_str(), 1);
 
   try {
     const ModelConfig config = model_config(model);
-    std::vector<Case> cases;
-    if (case_specs.empty()) {
+    if (cases.empty())
       cases = {{1, 63, 0, 15.2}, {2, 63, 0, 17.7}, {3, 63, 0, 20.6}, {2, 50, 20, 20.3}};
-    } else {
-      for (const std::string& spec : case_specs) {
-        Case c{0, 0, 0, 0.0};
-        char comma1 = 0, comma2 = 0;
-        std::istringstream in(spec);
-        in >> c.views >> comma1 >> c.chunk >> comma2 >> c.prompt;
-        const bool parsed = in && comma1 == ',' && comma2 == ',';
-        in >> std::ws;
-        PI0_CHECK(parsed && in.eof(), "--case wants V,C,P, got '" + spec + "'");
-        cases.push_back(c);
-      }
-    }
     cudaDeviceProp props{};
     CUDA_CHECK(cudaGetDeviceProperties(&props, 0));
     if (sm_count_only) {
@@ -573,7 +611,11 @@ int main(int argc, char** argv) {
                               {"decoder_later_attention", f.later_attention},
                               {"reference_ms", f.c.reference_ms}});
       }
-      std::ofstream(json_path) << j.dump(2) << "\n";
+      // A file name that is not UTF-8 (gemm_table) is replaced, not thrown over after the run.
+      std::ofstream out(json_path);
+      out << j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+      out.close();
+      PI0_CHECK(!out.fail(), "--json: cannot write " + json_path);
     }
 
     std::printf("\n%-14s %9s %9s %9s %9s %9s %9s %9s %9s %9s %8s %8s %9s\n", "shape", "e2e med",

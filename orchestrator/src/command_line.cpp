@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "pi0/check.hpp"
+#include "pi0/command_line.hpp"
 #include "pi0/cuda/device_report.hpp"
 #include "pi0/log.hpp"
 #include "pi0/orchestrator.hpp"
@@ -55,59 +56,11 @@ CLI::Validator unsigned_number() {
       "UNSIGNED");
 }
 
-// Integers are decimal. CLI11 reads "010" as 8 and "0x10" as 16, which nobody typing a frame
-// count or a seed means: leading zeros are dropped here, and any other digit is refused.
-CLI::Validator decimal_integer() {
-  return CLI::Validator(
-      [](std::string& input) -> std::string {
-        const size_t first = input.find_first_not_of(" \t");
-        const size_t last = input.find_last_not_of(" \t");
-        std::string_view digits;
-        if (first != std::string::npos)
-          digits = std::string_view(input).substr(first, last - first + 1);
-        std::string sign;
-        if (!digits.empty() && (digits.front() == '-' || digits.front() == '+')) {
-          sign = digits.front();
-          digits.remove_prefix(1);
-        }
-        if (digits.empty() || digits.find_first_not_of("0123456789") != std::string_view::npos)
-          return "expected a decimal integer, got '" + input + "'";
-        const size_t significant = std::min(digits.find_first_not_of('0'), digits.size() - 1);
-        input = sign + std::string(digits.substr(significant));
-        return {};
-      },
-      "INTEGER");
-}
-
 // An integer option, read as decimal.
 template <typename T>
 CLI::Option* add_integer_option(CLI::App& app, const std::string& name, T& value,
                                 const std::string& description) {
   return app.add_option(name, value, description)->transform(decimal_integer());
-}
-
-// A results file the run would write at its end: checked before any worker starts, so that a long
-// run's figures are not lost to a path that cannot be written. Nothing is created or truncated
-// here.
-void check_writable(const std::string& path, const char* option) {
-  if (path.empty()) return;
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  const fs::path p(path);
-  if (fs::is_directory(p, ec)) throw Error(std::string(option) + ": " + path + " is a directory");
-  const bool exists = fs::exists(p, ec);
-  const std::string target = exists                    ? path
-                             : p.parent_path().empty() ? std::string(".")
-                                                       : p.parent_path().string();
-  const int mode = exists ? W_OK : W_OK | X_OK;
-  if (::access(target.c_str(), mode) != 0) {
-    throw Error(std::string(option) + ": cannot write " + path + " (" + target + ": " +
-                std::strerror(errno) + ")");
-  }
-  if (!exists && !fs::is_directory(target, ec)) {
-    throw Error(std::string(option) + ": cannot write " + path + " (" + target +
-                " is not a directory)");
-  }
 }
 
 // The slowest camera rate --rate takes (0 means back to back): one frame every 100 s.

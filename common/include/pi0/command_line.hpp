@@ -1,0 +1,67 @@
+// Command-line checks the orchestrator and pi0_bench share. Header-only: it needs CLI11, which
+// only those programs link (pi0_common does not).
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <string>
+#include <string_view>
+
+#include <unistd.h>
+
+#include "pi0/check.hpp"
+
+namespace pi0 {
+
+// Integers are decimal. CLI11 reads "010" as 8 and "0x10" as 16, which nobody typing a frame
+// count or a seed means: leading zeros are dropped here, and any other digit is refused.
+inline CLI::Validator decimal_integer() {
+  return CLI::Validator(
+      [](std::string& input) -> std::string {
+        const size_t first = input.find_first_not_of(" \t");
+        const size_t last = input.find_last_not_of(" \t");
+        std::string_view digits;
+        if (first != std::string::npos)
+          digits = std::string_view(input).substr(first, last - first + 1);
+        std::string sign;
+        if (!digits.empty() && (digits.front() == '-' || digits.front() == '+')) {
+          sign = digits.front();
+          digits.remove_prefix(1);
+        }
+        if (digits.empty() || digits.find_first_not_of("0123456789") != std::string_view::npos)
+          return "expected a decimal integer, got '" + input + "'";
+        const size_t significant = std::min(digits.find_first_not_of('0'), digits.size() - 1);
+        input = sign + std::string(digits.substr(significant));
+        return {};
+      },
+      "INTEGER");
+}
+
+// A results file the run would write at its end: checked before the run starts, so that a long
+// run's figures are not lost to a path that cannot be written. Nothing is created or truncated
+// here.
+inline void check_writable(const std::string& path, const char* option) {
+  if (path.empty()) return;
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::path p(path);
+  if (fs::is_directory(p, ec)) throw Error(std::string(option) + ": " + path + " is a directory");
+  const bool exists = fs::exists(p, ec);
+  const std::string target = exists                    ? path
+                             : p.parent_path().empty() ? std::string(".")
+                                                       : p.parent_path().string();
+  const int mode = exists ? W_OK : W_OK | X_OK;
+  if (::access(target.c_str(), mode) != 0) {
+    throw Error(std::string(option) + ": cannot write " + path + " (" + target + ": " +
+                std::strerror(errno) + ")");
+  }
+  if (!exists && !fs::is_directory(target, ec)) {
+    throw Error(std::string(option) + ": cannot write " + path + " (" + target +
+                " is not a directory)");
+  }
+}
+
+}  // namespace pi0

@@ -1,21 +1,9 @@
 #!/usr/bin/env bash
 # Stops the CUDA MPS control daemon on the pipe directory if one answers (idempotent).
 set -euo pipefail
-export CUDA_MPS_PIPE_DIRECTORY="${CUDA_MPS_PIPE_DIRECTORY:-/tmp/nvidia-mps}"
-export CUDA_MPS_LOG_DIRECTORY="${CUDA_MPS_LOG_DIRECTORY:-/tmp/nvidia-mps-log}"
-control="${NVIDIA_MPS_CONTROL:-nvidia-cuda-mps-control}"
-command -v "$control" >/dev/null || { echo "stop_mps: $control not found (it ships with the NVIDIA driver)" >&2; exit 1; }
-# Every request to the control program has a deadline, as the orchestrator's do: a wedged daemon
-# must not hang the script. PI0_MPS_TIMEOUT_S (default 10) seconds a request.
-deadline="${PI0_MPS_TIMEOUT_S:-10}"
-ask() { timeout "$deadline" "$control" "$@"; }
-# 0: a daemon answers; 124: one may be there and did not answer in time; else: none.
-answers() { echo get_server_list | ask >/dev/null 2>&1; }
-not_answering() {
-  echo "stop_mps: the MPS control daemon (pipe $CUDA_MPS_PIPE_DIRECTORY) did not answer within" \
-    "$deadline s" >&2
-  exit 1
-}
+script=stop_mps
+# shellcheck source=mps_control.sh
+source "$(dirname "${BASH_SOURCE[0]}")/mps_control.sh"
 rc=0
 answers || rc=$?
 [ "$rc" = 124 ] && not_answering

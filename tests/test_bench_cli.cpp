@@ -46,18 +46,18 @@ TEST_CASE("pi0_bench refuses a case outside what a run takes before making its w
   // Weights for 2^31 - 1 prompt tokens would be terabytes.
   CHECK(refusal({"--case", "2,63,2147483647"}) ==
         "pi0_bench: --case 2,63,2147483647: prompt length must be in 0..4096, got 2147483647\n");
-  CHECK(refusal({"--case", "0,63,0"}) == "pi0_bench: --case 0,63,0: views must be in 1..8, got 0\n");
+  CHECK(refusal({"--case", "0,63,0"}) ==
+        "pi0_bench: --case 0,63,0: views must be in 1..8, got 0\n");
   CHECK(refusal({"--case", "2,-1,0"}) ==
         "pi0_bench: --case 2,-1,0: chunk must be in 1..1024, got -1\n");
   CHECK(refusal({"--case", "2,63"}) == "pi0_bench: --case wants V,C,P, got '2,63'\n");
 }
 
-TEST_CASE("pi0_bench refuses results files it could not write, before the run",
-          "[bench][cli]") {
+TEST_CASE("pi0_bench refuses results files it could not write, before the run", "[bench][cli]") {
   const std::string dir = test::temp_dir("bench_cli");
   const std::string missing = dir + "/no/such/dir/out.json";
-  CHECK(refusal({"--json", missing}) == "pi0_bench: --json: cannot write " + missing + " (" +
-                                            dir + "/no/such/dir: No such file or directory)\n");
+  CHECK(refusal({"--json", missing}) == "pi0_bench: --json: cannot write " + missing + " (" + dir +
+                                            "/no/such/dir: No such file or directory)\n");
   CHECK(refusal({"--json", dir}) == "pi0_bench: --json: " + dir + " is a directory\n");
   CHECK(refusal({"--autotune", "--write-gemm-table", missing}) ==
         "pi0_bench: --write-gemm-table: cannot write " + missing + " (" + dir +

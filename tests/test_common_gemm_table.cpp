@@ -210,9 +210,9 @@ TEST_CASE("a gemm table line without an end is refused before it fills memory") 
     (void)GemmTable::parse(in, "zeros");
     FAIL("a line of 64 MiB parsed");
   } catch (const pi0::Error& e) {
-    CHECK(std::string(e.what()) ==
-          "zeros line 1: longer than " + std::to_string(pi0::cuda::kMaxGemmTableLine) +
-              " characters (not a GEMM table?)");
+    CHECK(std::string(e.what()) == "zeros line 1: longer than " +
+                                       std::to_string(pi0::cuda::kMaxGemmTableLine) +
+                                       " characters (not a GEMM table?)");
   }
   CHECK(zeros.served() < (size_t{1} << 20));
   // The longest line taken is read whole.

@@ -443,11 +443,13 @@ TEST_CASE("start_mps.sh starts a daemon only where a run may and stop_mps.sh qui
     fs::permissions(wedged, fs::perms::owner_all);
     for (const std::string name : {"start_mps.sh", "stop_mps.sh"}) {
       const auto begun = std::chrono::steady_clock::now();
-      const CommandResult r = run_command(
-          "bash", {std::string(PI0_SOURCE_DIR) + "/scripts/" + name},
-          {{"NVIDIA_MPS_CONTROL", wedged}, {"PI0_MPS_TIMEOUT_S", "1"},
-           {"CUDA_MPS_PIPE_DIRECTORY", o.pipe_dir}, {"CUDA_MPS_LOG_DIRECTORY", o.log_dir}},
-          "", 20000ms);
+      const CommandResult r =
+          run_command("bash", {std::string(PI0_SOURCE_DIR) + "/scripts/" + name},
+                      {{"NVIDIA_MPS_CONTROL", wedged},
+                       {"PI0_MPS_TIMEOUT_S", "1"},
+                       {"CUDA_MPS_PIPE_DIRECTORY", o.pipe_dir},
+                       {"CUDA_MPS_LOG_DIRECTORY", o.log_dir}},
+                      "", 20000ms);
       INFO(name << ": " << r.output);
       CHECK(r.status.code == 1);
       CHECK(r.output.find("did not answer within 1 s") != std::string::npos);
@@ -455,11 +457,12 @@ TEST_CASE("start_mps.sh starts a daemon only where a run may and stop_mps.sh qui
     }
   }
   SECTION("a missing control program is one line and exit 1") {
-    const CommandResult missing = run_command(
-        "bash", {std::string(PI0_SOURCE_DIR) + "/scripts/start_mps.sh"},
-        {{"NVIDIA_MPS_CONTROL", dir + "/not-installed"}, {"CUDA_MPS_PIPE_DIRECTORY", o.pipe_dir},
-         {"CUDA_MPS_LOG_DIRECTORY", o.log_dir}},
-        "", 10000ms);
+    const CommandResult missing =
+        run_command("bash", {std::string(PI0_SOURCE_DIR) + "/scripts/start_mps.sh"},
+                    {{"NVIDIA_MPS_CONTROL", dir + "/not-installed"},
+                     {"CUDA_MPS_PIPE_DIRECTORY", o.pipe_dir},
+                     {"CUDA_MPS_LOG_DIRECTORY", o.log_dir}},
+                    "", 10000ms);
     CHECK(missing.status.code == 1);
     CHECK(missing.output.find("not found") != std::string::npos);
     CHECK_FALSE(fs::exists(o.pipe_dir));
@@ -630,8 +633,9 @@ TEST_CASE("gpu_check.sh exits 1 where any run of a step fails", "[orchestrator][
     program(tools + installer, "echo \"stand-in $0: installs nothing\" >&2; exit 1\n");
   fs::create_symlink(fake_mps_control(dir), tools + "/nvidia-cuda-mps-control");
   // Each fails where its FAIL_IF variable is set and its arguments or environment match it.
-  program(build + "/bin/orchestrator",
-          "case \" $* \" in *\" ${FAIL_IF:-none} \"*) exit 3;; esac\necho 'throughput 1 frames/s'\n");
+  program(
+      build + "/bin/orchestrator",
+      "case \" $* \" in *\" ${FAIL_IF:-none} \"*) exit 3;; esac\necho 'throughput 1 frames/s'\n");
   program(build + "/bin/pi0_bench",
           "[ -n \"${FAIL_IF:-}\" ] && [ \"$(printenv \"$FAIL_IF\")\" = 1 ] && exit 4\n"
           "echo 'V=2 C=63 P=0 1 ms'\n");

@@ -18,3 +18,11 @@ not_answering() {
     "$deadline s" >&2
   exit 1
 }
+# Whether a daemon answers on the pipe directory; one that may be there but does not answer in
+# time ends the script.
+daemon_running() {
+  local rc=0
+  answers || rc=$?
+  [ "$rc" = 124 ] && not_answering
+  return "$rc"
+}

@@ -6,12 +6,8 @@ set -euo pipefail
 script=start_mps
 # shellcheck source=mps_control.sh
 source "$(dirname "${BASH_SOURCE[0]}")/mps_control.sh"
-rc=0
-answers || rc=$?
-if [ "$rc" = 0 ]; then
+if daemon_running; then
   echo "start_mps: MPS control daemon already running (pipe $CUDA_MPS_PIPE_DIRECTORY)"
-elif [ "$rc" = 124 ]; then
-  not_answering
 else
   # The daemon (often root's) writes into these: as the orchestrator does, start it only in
   # directories that are ours or root's and writable by no one else, made 0755 whatever the umask

@@ -4,10 +4,7 @@ set -euo pipefail
 script=stop_mps
 # shellcheck source=mps_control.sh
 source "$(dirname "${BASH_SOURCE[0]}")/mps_control.sh"
-rc=0
-answers || rc=$?
-[ "$rc" = 124 ] && not_answering
-if [ "$rc" = 0 ]; then
+if daemon_running; then
   echo quit | ask || not_answering
   for _ in $(seq 1 100); do
     answers || break

@@ -505,6 +505,9 @@ int main(int argc, char** argv) {
                                   : "write-gemm-table");
     return 2;
   }
+  if (!handover.empty()) setenv("PI0_KERNEL_HANDOVER", handover.c_str(), 1);
+  // Before any Gemm exists: the table is read once per process, at the first one.
+  if (!gemm_table.empty()) setenv("PI0_GEMM_TABLE", gemm_table.c_str(), 1);
   // Before any work: a run can take an hour (--autotune-wide), and its results must not be lost
   // to a path that cannot be written, nor written over the table it read or wrote.
   std::vector<Case> cases;
@@ -512,19 +515,16 @@ int main(int argc, char** argv) {
     for (const std::string& spec : case_specs) cases.push_back(parse_case(spec));
     check_writable(json_path, "--json");
     check_writable(write_gemm_table, "--write-gemm-table");
-    const char* env_table = std::getenv("PI0_GEMM_TABLE");
-    const std::string read_table = !gemm_table.empty() ? gemm_table : env_table ? env_table : "";
+    const char* read_table = std::getenv("PI0_GEMM_TABLE");
     for (const auto& [path, option] :
-         {std::pair{read_table, gemm_table.empty() ? "PI0_GEMM_TABLE" : "--gemm-table"},
+         {std::pair{std::string(read_table ? read_table : ""),
+                    gemm_table.empty() ? "PI0_GEMM_TABLE" : "--gemm-table"},
           std::pair{write_gemm_table, "--write-gemm-table"}})
       PI0_CHECK(!same_file(json_path, path), "--json " + json_path + " is the file of " + option);
   } catch (const Error& e) {
     std::fprintf(stderr, "pi0_bench: %s\n", e.what());
     return 2;
   }
-  if (!handover.empty()) setenv("PI0_KERNEL_HANDOVER", handover.c_str(), 1);
-  // Before any Gemm exists: the table is read once per process, at the first one.
-  if (!gemm_table.empty()) setenv("PI0_GEMM_TABLE", gemm_table.c_str(), 1);
 
   try {
     const ModelConfig config = model_config(model);

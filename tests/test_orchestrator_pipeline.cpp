@@ -686,6 +686,45 @@ TEST_CASE("a worker that fails after it stopped leaves the figures and exit 3",
   fs::remove_all(dir);
 }
 
+// A decoder that reports a frame done which is not in flight in that slot (here, each frame as the
+// next one, through the decoder's test hook) misbehaves as one that sends a malformed message
+// does: the run ends at once with exit 3 and one line naming it, not as bad input (exit 1).
+TEST_CASE("a decoder that reports a frame not in flight is named and the run ends with exit 3",
+          "[orchestrator][process]") {
+  for (const std::string mode : {"sequential", "concurrent"}) {
+    const auto run = test::run_orchestrator(
+        tiny_run({"--mode", mode, "--frames", "20", "--warmup", "0", "--frame-timeout", "30"}), 60s,
+        {{"PI0_TEST_DECODER_REPORT_FRAME_OFFSET", "1"}});
+    INFO(mode << "\n" << run.output);
+    CHECK(run.status.code == 3);
+    const int decoder_pid = test::pid_in_log(run.output, "decoder_worker");
+    REQUIRE(decoder_pid > 0);
+    CHECK(run.output.find("error: decoder_worker (pid " + std::to_string(decoder_pid) +
+                          ") reported frame 1 done in input slot") != std::string::npos);
+    CHECK(run.output.find("where that frame is not in flight") != std::string::npos);
+    CHECK(run.seconds < 10);
+    require_nothing_left(run.pid);
+  }
+}
+
+// A frame number far past the run's end is refused by the message's validation, before it could
+// index anything, and is the decoder's failure as well.
+TEST_CASE("a decoder that reports a frame out of range is named and the run ends with exit 3",
+          "[orchestrator][process]") {
+  const auto run = test::run_orchestrator(
+      tiny_run({"--frames", "5", "--warmup", "0", "--frame-timeout", "30"}), 60s,
+      {{"PI0_TEST_DECODER_REPORT_FRAME_OFFSET", std::to_string(1ull << 40)}});
+  INFO(run.output);
+  CHECK(run.status.code == 3);
+  const int decoder_pid = test::pid_in_log(run.output, "decoder_worker");
+  REQUIRE(decoder_pid > 0);
+  CHECK(run.output.find("error: decoder_worker (pid " + std::to_string(decoder_pid) +
+                        ") sent a malformed message: frame " + std::to_string(1ull << 40) +
+                        " out of range (max 5) in FrameDone") != std::string::npos);
+  CHECK(run.seconds < 10);
+  require_nothing_left(run.pid);
+}
+
 TEST_CASE("segments left by dead runs are removed when a run starts", "[orchestrator][ipc]") {
   ChildProcess gone = ChildProcess::spawn("true", "/bin/true", {}, {}, false);
   REQUIRE(gone.wait_for(5000ms).has_value());

@@ -4,9 +4,11 @@
 
 #include <chrono>
 #include <deque>
+#include <limits>
 #include <thread>
 
 #include "pi0/check.hpp"
+#include "pi0/config.hpp"
 
 namespace pi0 {
 namespace {
@@ -24,6 +26,11 @@ constexpr std::chrono::milliseconds kPeerCheckInterval{10};
 
 int run_decoder_worker(ipc::WorkerRuntime& rt) {
   auto& control = rt.control();
+  // Test hook: each frame is reported done as frame + N, as a misbehaving decoder might, so that
+  // the tests see the orchestrator refuse a frame that is not in flight (or out of range) and
+  // name this worker. Read before the load, so that a bad value fails the start.
+  const auto reported_frame_offset = static_cast<uint64_t>(
+      env_integer("PI0_TEST_DECODER_REPORT_FRAME_OFFSET", 0, std::numeric_limits<long>::max(), 0));
   const auto t_load = std::chrono::steady_clock::now();
   std::unique_ptr<DecoderStage> stage =
       rt.options().backend == "cuda" ? make_cuda_decoder_stage(rt) : make_cpu_decoder_stage(rt);
@@ -60,7 +67,7 @@ int run_decoder_worker(ipc::WorkerRuntime& rt) {
                                          ipc::wait_status_name(fs));
 
     Message done = ipc::make_message(MsgType::kFrameDone, ipc::Role::kDecoder);
-    done.frame = m.frame;
+    done.frame = m.frame + reported_frame_offset;
     done.input_slot = m.input_slot;
     done.kv_slot = m.kv_slot;
     done.submit_ns = m.submit_ns;

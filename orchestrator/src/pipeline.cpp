@@ -149,6 +149,11 @@ class Pipeline {
   // kernel): `done` frames of `total` so far.
   void check_run_deadline(uint64_t done, uint64_t total);
   void handle_worker_message(Worker& w, const Message& m);
+  ipc::SpscRing& ring_from(const Worker& w);
+  // try_pop on `w`'s ring to the orchestrator; corrupt counters set failure_ and return false.
+  bool try_pop_from(Worker& w, Message& m);
+  // The counters of `w`'s ring to the orchestrator are inconsistent.
+  void ring_corrupt(const Worker& w);
 
   const ResolvedRun& run_;
   const MpsDaemon* mps_;
@@ -178,10 +183,8 @@ bool Pipeline::workers_healthy(bool signals_stop) {
     if (auto status = w->process.poll()) {
       // A worker told to stop sends kStopped and exits: we may see the exit before the message.
       if (stop_sent_ && !w->stopped) {
-        auto& ring = control_.ring(w->role == ipc::Role::kEncoder ? RingId::kEncoderToOrch
-                                                                  : RingId::kDecoderToOrch);
         Message m;
-        while (!w->stopped && failure_.empty() && ring.try_pop(m)) handle_worker_message(*w, m);
+        while (!w->stopped && failure_.empty() && try_pop_from(*w, m)) handle_worker_message(*w, m);
         if (!failure_.empty()) return false;
       }
       // One that stopped and then exited badly has done its frames: stop_workers judges its exit.
@@ -194,11 +197,31 @@ bool Pipeline::workers_healthy(bool signals_stop) {
   }
   // The encoder reports errors on its own ring; the decoder's arrive on the ring we wait on.
   Message m;
-  if (control_.ring(RingId::kEncoderToOrch).try_pop(m)) {
-    handle_worker_message(encoder_, m);
-    if (!failure_.empty()) return false;
-  }
+  if (try_pop_from(encoder_, m)) handle_worker_message(encoder_, m);
+  if (!failure_.empty()) return false;
   return !(signals_stop && g_stop_signal.load() != 0);
+}
+
+ipc::SpscRing& Pipeline::ring_from(const Worker& w) {
+  return control_.ring(w.role == ipc::Role::kEncoder ? RingId::kEncoderToOrch
+                                                     : RingId::kDecoderToOrch);
+}
+
+bool Pipeline::try_pop_from(Worker& w, Message& m) {
+  try {
+    return ring_from(w).try_pop(m);
+  } catch (const Error&) {  // the ring is attached, so its counters are what is wrong
+    ring_corrupt(w);
+    return false;
+  }
+}
+
+void Pipeline::ring_corrupt(const Worker& w) {
+  // The worker alone moves the ring's tail: inconsistent counters are its doing, and so its
+  // failure (exit 3), as a malformed message is, not a setup error.
+  failure_ = failure_text(w,
+                          "corrupted its ring to the orchestrator (its counters say more "
+                          "messages are queued than the ring holds)");
 }
 
 void Pipeline::handle_worker_message(Worker& w, const Message& m) {
@@ -311,7 +334,8 @@ void Pipeline::await_ready() {
       handle_worker_message(decoder_, m);
       if (!failure_.empty()) fail();
     } else if (st == WaitStatus::kCorrupt) {
-      throw Error("the ring from the decoder is corrupt");
+      ring_corrupt(decoder_);
+      fail();
     }
     if (Clock::now() > deadline) {
       Worker& late = !encoder_.ready ? encoder_ : decoder_;
@@ -437,7 +461,10 @@ void Pipeline::feed(std::vector<float>* actions) {
     }
     if (st == WaitStatus::kPeerDead && unseen_stop()) continue;
     if (st == WaitStatus::kPeerDead) fail();
-    if (st == WaitStatus::kCorrupt) throw Error("the ring from the decoder is corrupt");
+    if (st == WaitStatus::kCorrupt) {
+      ring_corrupt(decoder_);
+      fail();
+    }
     const std::string reason = ipc::validate(m, control_.limits());
     if (!reason.empty()) {
       failure_ = failure_text(decoder_, "sent a malformed message: " + reason);
@@ -449,9 +476,16 @@ void Pipeline::feed(std::vector<float>* actions) {
       continue;
     }
     const auto now = Clock::now();
-    PI0_CHECK(m.frame < next && slot_of_frame[m.frame] == static_cast<int32_t>(m.input_slot),
-              "decoder reported frame " + std::to_string(m.frame) +
-                  " done, which is not in flight in that slot");
+    // validate() has bounded the frame by the run's frame count and the slot by the slot count;
+    // `m.frame < next` comes first all the same, so that the frame never indexes unchecked. A
+    // frame that is not in flight in that slot is the decoder's fault, as a malformed message is.
+    if (m.frame >= next || slot_of_frame[m.frame] != static_cast<int32_t>(m.input_slot)) {
+      failure_ = failure_text(
+          decoder_, fmt::format("reported frame {} done in input slot {}, where that frame is not "
+                                "in flight (frames handed in so far: {})",
+                                m.frame, m.input_slot, next));
+      fail();
+    }
     slot_of_frame[m.frame] = -1;
     if (actions) {
       std::memcpy(actions->data() + m.frame * action_values, control_.actions(m.input_slot),
@@ -490,15 +524,19 @@ void Pipeline::stop_workers() {
   static const auto poll =
       std::chrono::milliseconds(env_integer("PI0_ORCHESTRATOR_STOP_POLL_MS", 1, 1000, 1));
   const auto healthy = [this] { return workers_healthy(false); };
-  if (control_.ring(RingId::kOrchToEncoder)
-          .push(stop, Clock::now() + std::chrono::seconds(5), healthy) != WaitStatus::kOk) {
+  const WaitStatus pushed = control_.ring(RingId::kOrchToEncoder)
+                                .push(stop, Clock::now() + std::chrono::seconds(5), healthy);
+  if (pushed != WaitStatus::kOk) {
+    // A full ring or corrupt counters leave no failure behind: the line must still say why.
+    if (failure_.empty())
+      failure_ = failure_text(
+          encoder_, std::string("could not be told to stop: ") + ipc::wait_status_name(pushed));
     fail();
   }
   const auto deadline = Clock::now() + std::chrono::seconds(30);
-  auto& from_decoder = control_.ring(RingId::kDecoderToOrch);
   while (!(encoder_.stopped && decoder_.stopped)) {
     Message m;
-    if (from_decoder.try_pop(m)) {
+    if (try_pop_from(decoder_, m)) {
       handle_worker_message(decoder_, m);
       if (!failure_.empty()) fail();
       continue;

@@ -10,6 +10,11 @@ command -v "$control" >/dev/null || {
 # Every request to the control program has a deadline, as the orchestrator's do: a wedged daemon
 # must not hang the script. PI0_MPS_TIMEOUT_S (default 10) seconds a request.
 deadline="${PI0_MPS_TIMEOUT_S:-10}"
+# `timeout` refuses anything else (exit 125, which would read as "no daemon"), and takes 0 as none.
+if ! [[ "$deadline" =~ ^[0-9]*\.?[0-9]+$ && "$deadline" =~ [1-9] ]]; then
+  echo "$script: PI0_MPS_TIMEOUT_S='$deadline': expected a number of seconds above 0" >&2
+  exit 1
+fi
 ask() { timeout "$deadline" "$control" "$@"; }
 # 0: a daemon answers; 124: one may be there and did not answer in time; else: none.
 answers() { echo get_server_list | ask >/dev/null 2>&1; }

@@ -456,6 +456,29 @@ TEST_CASE("start_mps.sh starts a daemon only where a run may and stop_mps.sh qui
       CHECK(std::chrono::steady_clock::now() - begun < 10s);
     }
   }
+  SECTION("a deadline that is not a number of seconds is one line and exit 1") {
+    // `timeout` would refuse it, and a refused request reads as "no daemon": stop_mps.sh would
+    // report none while one answers, and start_mps.sh would start another.
+    REQUIRE(script("start_mps.sh").status.success());
+    for (const std::string bad : {"abc", "-1", "0", "1x"}) {
+      for (const std::string name : {"stop_mps.sh", "start_mps.sh"}) {
+        const CommandResult r =
+            run_command("bash", {std::string(PI0_SOURCE_DIR) + "/scripts/" + name},
+                        {{"NVIDIA_MPS_CONTROL", o.control_program},
+                         {"PI0_MPS_TIMEOUT_S", bad},
+                         {"CUDA_MPS_PIPE_DIRECTORY", o.pipe_dir},
+                         {"CUDA_MPS_LOG_DIRECTORY", o.log_dir}},
+                        "", 10000ms);
+        INFO(name << " with PI0_MPS_TIMEOUT_S=" << bad << ": " << r.output);
+        CHECK(r.status.code == 1);
+        CHECK(r.output == name.substr(0, name.size() - 3) + ": PI0_MPS_TIMEOUT_S='" + bad +
+                              "': expected a number of seconds above 0\n");
+      }
+    }
+    CHECK(mps_daemon_answers(o));
+    CHECK(starts() == 1);
+    REQUIRE(script("stop_mps.sh").status.success());
+  }
   SECTION("a missing control program is one line and exit 1") {
     const CommandResult missing =
         run_command("bash", {std::string(PI0_SOURCE_DIR) + "/scripts/start_mps.sh"},

@@ -457,7 +457,8 @@ int main(int argc, char** argv) {
   std::string log_level = "warn";
   std::string handover;
   std::vector<std::string> case_specs;
-  app.add_option("--model", model, "model config (pi0, pi0-1l, pi0-2l, tiny)");
+  app.add_option("--model", model, "model config (pi0, pi0-1l, pi0-2l, tiny)")
+      ->check(CLI::IsMember(model_config_names()));
   app.add_option("--iters", iters, "timed inferences per shape (>= 200 for the report)")
       ->transform(decimal_integer())
       ->check(CLI::Range(1, 1000000));

@@ -39,6 +39,12 @@ TEST_CASE("pi0_bench reads its counts as decimal", "[bench][cli]") {
   CHECK(refusal({"--iters", "00"}).find("--iters: Value 0 not in range") != std::string::npos);
 }
 
+TEST_CASE("pi0_bench refuses an unknown model as a bad command line", "[bench][cli]") {
+  const CommandResult r = run_command(PI0_BENCH_EXE, {"--model", "pi0-3l"}, {}, "", 120000ms);
+  CHECK(r.status.code == 2);
+  CHECK(r.output == "pi0_bench: error: --model: pi0-3l not in {pi0,tiny,pi0-1l,pi0-2l}\n");
+}
+
 TEST_CASE("pi0_bench refuses a case outside what a run takes before making its weights",
           "[bench][cli]") {
   CHECK(refusal({"--case", "2,63,5000"}) ==

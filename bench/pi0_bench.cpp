@@ -27,6 +27,7 @@
 #include "pi0/command_line.hpp"
 #include "pi0/config.hpp"
 #include "pi0/cuda/device.hpp"
+#include "pi0/cuda/device_report.hpp"
 #include "pi0/cuda/gemm.hpp"
 #include "pi0/cuda/gemm_table.hpp"
 #include "pi0/cuda/layer_signal.hpp"
@@ -531,6 +532,9 @@ int main(int argc, char** argv) {
     const ModelConfig config = model_config(model);
     if (cases.empty())
       cases = {{1, 63, 0, 15.2}, {2, 63, 0, 17.7}, {3, 63, 0, 20.6}, {2, 50, 20, 20.3}};
+    // Without a GPU, say so as the orchestrator does, not as a CUDA error at a source line.
+    std::string why_no_gpu;
+    PI0_CHECK(cuda::cuda_device_present(&why_no_gpu), "no usable CUDA GPU (" + why_no_gpu + ")");
     cudaDeviceProp props{};
     CUDA_CHECK(cudaGetDeviceProperties(&props, 0));
     if (sm_count_only) {

@@ -45,6 +45,20 @@ TEST_CASE("pi0_bench refuses an unknown model as a bad command line", "[bench][c
   CHECK(r.output == "pi0_bench: error: --model: pi0-3l not in {pi0,tiny,pi0-1l,pi0-2l}\n");
 }
 
+TEST_CASE("pi0_bench without a usable GPU says so in one line", "[bench][cli]") {
+  // An empty CUDA_VISIBLE_DEVICES hides every GPU, so this runs alike on any machine.
+  for (const std::vector<std::string>& args :
+       {std::vector<std::string>{"--model", "tiny"}, {"--sm-count"}}) {
+    const CommandResult r =
+        run_command(PI0_BENCH_EXE, args, {{"CUDA_VISIBLE_DEVICES", ""}}, "", 120000ms);
+    INFO(r.output);
+    CHECK(r.status.code == 1);
+    CHECK(r.output.rfind("pi0_bench: no usable CUDA GPU (", 0) == 0);
+    CHECK(r.output.find('\n') == r.output.size() - 1);
+    CHECK(r.output.find("CUDA error") == std::string::npos);
+  }
+}
+
 TEST_CASE("pi0_bench refuses a case outside what a run takes before making its weights",
           "[bench][cli]") {
   CHECK(refusal({"--case", "2,63,5000"}) ==

@@ -432,18 +432,6 @@ Case parse_case(const std::string& spec) {
   return c;
 }
 
-// Whether two options name one file (the later write would replace the earlier's file).
-bool same_file(const std::string& a, const std::string& b) {
-  namespace fs = std::filesystem;
-  if (a.empty() || b.empty()) return false;
-  std::error_code ec;
-  if (fs::exists(a, ec) && fs::exists(b, ec)) return fs::equivalent(a, b, ec);
-  const fs::path ca = fs::weakly_canonical(a, ec);
-  if (ec) return a == b;
-  const fs::path cb = fs::weakly_canonical(b, ec);
-  return ec ? a == b : ca == cb;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {

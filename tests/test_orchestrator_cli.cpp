@@ -15,6 +15,7 @@
 #include "pi0/mps.hpp"
 #include "pi0/orchestrator.hpp"
 #include "pi0/process.hpp"
+#include "pi0/weights.hpp"
 #include "process_utils.hpp"
 
 using namespace pi0;
@@ -285,6 +286,31 @@ TEST_CASE("resolve refuses results paths that cannot be written", "[orchestrator
   std::ofstream(file) << "x";
   o.plot_path = (file / "sweep.svg").string();
   CHECK(says("--plot: cannot write " + o.plot_path));
+  // Two results written to one file: the later would replace the earlier, however it is spelt.
+  o.plot_path.clear();
+  o.json_path = file.string();
+  o.actions_path = (dir / "." / "a-file").string();
+  CHECK(says("--actions-out " + o.actions_path + " is the file of --json"));
+  o.actions_path.clear();
+  fs::create_symlink(file, dir / "link");
+  o.plot_path = (dir / "link").string();
+  CHECK(says("--plot " + o.plot_path + " is the file of --json"));
+  // Neither written yet.
+  o.json_path = (dir / "sweep.svg").string();
+  o.plot_path.clear();
+  o.actions_path = (dir / "sweep.svg").string();
+  CHECK(says("--actions-out " + o.actions_path + " is the file of --json"));
+  o.actions_path.clear();
+  // Nor over the weights the run reads.
+  const fs::path weights = dir / "tiny.safetensors";
+  WeightStore::random(model_config("tiny"), 0, 1, WeightSet::kAll).save_safetensors(weights);
+  o.weights = weights.string();
+  o.json_path.clear();
+  o.actions_path = (dir / "." / "tiny.safetensors").string();
+  CHECK(says("--actions-out " + o.actions_path + " is the file of --weights"));
+  o.actions_path.clear();
+  CHECK(message().empty());
+  o.weights.clear();
   // Writable paths pass, and resolve leaves them as they were.
   o.plot_path = (dir / "sweep.svg").string();
   o.json_path = file.string();

@@ -283,6 +283,16 @@ ResolvedRun resolve(const RunOptions& o) {
   check_writable(o.json_path, "--json");
   check_writable(o.actions_path, "--actions-out");
   check_writable(o.plot_path, "--plot");
+  // No results file may replace another, nor the weights the run reads.
+  const std::pair<const std::string*, const char*> results[] = {{&o.weights, "--weights"},
+                                                                {&o.json_path, "--json"},
+                                                                {&o.actions_path, "--actions-out"},
+                                                                {&o.plot_path, "--plot"}};
+  for (size_t i = 0; i < std::size(results); ++i)
+    for (size_t j = i + 1; j < std::size(results); ++j)
+      PI0_CHECK(!same_file(*results[i].first, *results[j].first),
+                std::string(results[j].second) + " " + *results[j].first + " is the file of " +
+                    results[i].second);
   if (o.backend == "auto" && r.backend == "cpu") {
     r.note = "no CUDA GPU (" + why_no_gpu + "): running model '" + model +
              "' on the CPU backend (fp32 reference)";

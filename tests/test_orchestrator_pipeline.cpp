@@ -233,6 +233,22 @@ TEST_CASE("workers that exit right after they stop end a clean run", "[orchestra
   }
 }
 
+// The stop poll is read when the run is set up, so a bad value stops the run before any worker
+// starts, with one line naming it (it was read only as the workers stopped: every frame ran, then
+// the run ended with exit 1 and no report).
+TEST_CASE("a bad stop poll is refused before the workers start", "[orchestrator][process]") {
+  const auto run =
+      test::run_orchestrator(tiny_run({"--frames", "4", "--warmup", "0"}), std::chrono::seconds(60),
+                             {{"PI0_ORCHESTRATOR_STOP_POLL_MS", "0"}});
+  INFO(run.output);
+  CHECK(run.status.code == 1);
+  CHECK(run.output.find("PI0_ORCHESTRATOR_STOP_POLL_MS must be a whole number from 1 to 1000") !=
+        std::string::npos);
+  CHECK(run.output.find("started encoder_worker") == std::string::npos);
+  CHECK(run.output.find("latency p50") == std::string::npos);
+  require_nothing_left(run.pid);
+}
+
 // Every frame's actions are held until the run ends: a run that cannot hold them is refused
 // before the workers load (it used to end in "std::bad_alloc" after loading, or the OOM killer).
 TEST_CASE("actions too large to hold are refused before the workers start",

@@ -129,7 +129,13 @@ class Pipeline {
  public:
   Pipeline(const ResolvedRun& run, const MpsDaemon* mps, int encoder_pct, int decoder_pct,
            const std::string& mode)
-      : run_(run), mps_(mps), encoder_pct_(encoder_pct), decoder_pct_(decoder_pct), mode_(mode) {
+      : run_(run),
+        mps_(mps),
+        encoder_pct_(encoder_pct),
+        decoder_pct_(decoder_pct),
+        mode_(mode),
+        // Read before any worker starts: a bad value is one line, not a failure after the frames.
+        stop_poll_(env_integer("PI0_ORCHESTRATOR_STOP_POLL_MS", 1, 1000, 1)) {
     if (run.options.run_timeout_s > 0)
       run_deadline_ = ipc::WorkerRuntime::after(run.options.run_timeout_s);
   }
@@ -159,6 +165,9 @@ class Pipeline {
   const MpsDaemon* mps_;
   int encoder_pct_, decoder_pct_;
   std::string mode_;
+  // How often stop_workers looks at the workers; a test lengthens it to reproduce a worker that
+  // exits between two looks (PI0_ORCHESTRATOR_STOP_POLL_MS).
+  std::chrono::milliseconds stop_poll_;
   ipc::ControlBlock control_;
   WorkerEventFiles event_files_;
   Worker encoder_{ipc::Role::kEncoder, "encoder_worker", {}};
@@ -520,9 +529,6 @@ void Pipeline::feed(std::vector<float>* actions) {
 void Pipeline::stop_workers() {
   Message stop = ipc::make_message(MsgType::kStop, ipc::Role::kOrchestrator);
   stop_sent_ = true;
-  // A test lengthens the look to reproduce a worker that exits between two looks.
-  static const auto poll =
-      std::chrono::milliseconds(env_integer("PI0_ORCHESTRATOR_STOP_POLL_MS", 1, 1000, 1));
   const auto healthy = [this] { return workers_healthy(false); };
   const WaitStatus pushed = control_.ring(RingId::kOrchToEncoder)
                                 .push(stop, Clock::now() + std::chrono::seconds(5), healthy);
@@ -552,7 +558,7 @@ void Pipeline::stop_workers() {
           failure_ = failure_text(*w, "did not stop within 30 s of being told to");
       fail();
     }
-    std::this_thread::sleep_for(poll);
+    std::this_thread::sleep_for(stop_poll_);
   }
   // Every frame is done, so the figures stand; a worker that then exits badly (a crash in its
   // teardown) is the run's error, reported after them (exit 3).

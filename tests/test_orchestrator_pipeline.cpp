@@ -535,6 +535,34 @@ TEST_CASE("a frame timeout says what each worker is doing", "[orchestrator][proc
   require_nothing_left(orch.pid());
 }
 
+// At a camera rate frames keep arriving behind a stuck one: those are no progress, so the frame
+// timeout still runs from the last frame that finished, and not only once every slot is full
+// (here that would be seven more periods of 1 s).
+TEST_CASE("a frame timeout at a camera rate counts from the last frame that finished",
+          "[orchestrator][process]") {
+  ChildProcess orch =
+      ChildProcess::spawn("orchestrator", test::orchestrator_exe(),
+                          tiny_run({"--frames", "1000000", "--warmup", "0", "--rate", "1",
+                                    "--slots", "8", "--frame-timeout", "1"}),
+                          {}, false);
+  REQUIRE(test::eventually(
+      [&] { return orch.output().find("streaming frames") != std::string::npos; }, 20000ms));
+  const int decoder_pid = test::pid_in_log(orch.output(), "decoder_worker");
+  REQUIRE(decoder_pid > 0);
+  std::this_thread::sleep_for(300ms);  // the first frame is done; the next arrives in 0.7 s
+  REQUIRE(::kill(decoder_pid, SIGSTOP) == 0);
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto status = orch.wait_for(15000ms);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (!status) ::kill(decoder_pid, SIGCONT);
+  REQUIRE(status.has_value());
+  INFO(orch.output());
+  CHECK(status->code == 3);
+  CHECK(orch.output().find("no frame finished within 1 s") != std::string::npos);
+  CHECK(secs < 4.0);  // the next arrival, the timeout and the workers' shutdown
+  require_nothing_left(orch.pid());
+}
+
 // The actions file of a run stopped early holds the frames that finished, as many as its JSON
 // counts (no warm-up here), and not zeros for the frames that never ran.
 TEST_CASE("an interrupted run writes the actions of the frames that finished",

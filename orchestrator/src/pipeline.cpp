@@ -385,6 +385,12 @@ void Pipeline::feed(std::vector<float>* actions) {
 
   uint64_t next = 0, in_flight = 0;
   const auto t_start = Clock::now();
+  // --frame-timeout runs from the last progress: a frame finished, or one entered an idle
+  // pipeline. Frames handed in behind a stuck one are no progress: at a camera rate each would
+  // otherwise restart the wait, and a hang would be named only once the slots were full.
+  const auto frame_timeout =
+      std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.frame_timeout_s));
+  Clock::time_point t_progress = t_start;
   Clock::time_point t_first_measured{}, t_first_done{}, t_last_done{};
   const auto arrival = [&](uint64_t frame) {
     return t_start + std::chrono::duration_cast<Clock::duration>(
@@ -434,6 +440,7 @@ void Pipeline::feed(std::vector<float>* actions) {
               std::string("could not hand a frame to the encoder: ") + ipc::wait_status_name(st);
         fail();
       }
+      if (in_flight == 0) t_progress = Clock::now();
       ++next;
       ++in_flight;
     }
@@ -445,7 +452,8 @@ void Pipeline::feed(std::vector<float>* actions) {
       std::this_thread::sleep_until(std::min(arrival(next), Clock::now() + kSlice));
       continue;
     }
-    auto deadline = ipc::WorkerRuntime::after(o.frame_timeout_s);
+    const auto frame_deadline = t_progress + frame_timeout;
+    auto deadline = frame_deadline;
     const bool waiting_to_submit = !report_.interrupted && o.rate_hz > 0 && next < total &&
                                    in_flight < max_in_flight && !free_inputs.empty();
     if (waiting_to_submit) deadline = std::min(deadline, arrival(next));
@@ -455,7 +463,7 @@ void Pipeline::feed(std::vector<float>* actions) {
     const WaitStatus st = from_decoder.pop(m, deadline, healthy);
     if (st == WaitStatus::kTimeout) {
       if (run_deadline_first) check_run_deadline(next - in_flight, total);
-      if (waiting_to_submit) continue;
+      if (waiting_to_submit && Clock::now() < frame_deadline) continue;
       // Which worker holds the frames is not known here; what the kernel says of each helps
       // the user find it (a stopped or driver-bound one).
       std::string states;
@@ -485,6 +493,7 @@ void Pipeline::feed(std::vector<float>* actions) {
       continue;
     }
     const auto now = Clock::now();
+    t_progress = now;
     // validate() has bounded the frame by the run's frame count and the slot by the slot count;
     // `m.frame < next` comes first all the same, so that the frame never indexes unchecked. A
     // frame that is not in flight in that slot is the decoder's fault, as a malformed message is.

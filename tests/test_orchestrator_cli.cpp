@@ -256,6 +256,25 @@ TEST_CASE("resolve picks the CPU backend and tiny model without a GPU", "[orches
   CHECK(resolve(o).config.name == "pi0");
 }
 
+// The CPU decoder decodes frame by frame: --decoder-batch there must not leave the 2N slots it
+// asks for (frames queued behind the one decoding), nor a report of batched passes.
+TEST_CASE("on the CPU backend --decoder-batch and the slots it asks for are ignored",
+          "[orchestrator][cli]") {
+  int code = 0;
+  auto o = parse({"--backend", "cpu", "--decoder-batch", "3"}, code);
+  REQUIRE(o.has_value());
+  ResolvedRun r = resolve(*o);
+  CHECK(r.options.decoder_batch == 1);
+  CHECK(r.options.slots == 2);
+  CHECK(r.note.find("--decoder-batch applies to the cuda backend") != std::string::npos);
+  // Slots given on the command line stay.
+  o = parse({"--backend", "cpu", "--decoder-batch", "3", "--slots", "5"}, code);
+  REQUIRE(o.has_value());
+  r = resolve(*o);
+  CHECK(r.options.decoder_batch == 1);
+  CHECK(r.options.slots == 5);
+}
+
 // A run writes its results at its end: a path it cannot write must fail before any worker starts,
 // not after the run (and creating or truncating nothing on the way).
 TEST_CASE("resolve refuses results paths that cannot be written", "[orchestrator][cli]") {

@@ -186,8 +186,8 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
   if (prompt_len >= 0) o.prompt_len = prompt_len;
   if (busy_wait) o.wait = "spin";
   // Full passes need a pass's worth of slots running and another filling behind it.
-  if (app.count("--slots") == 0)
-    o.slots = std::min(ipc::kMaxKvSlots, std::max(o.slots, 2 * o.decoder_batch));
+  o.slots_given = app.count("--slots") > 0;
+  if (!o.slots_given) o.slots = std::min(ipc::kMaxKvSlots, std::max(o.slots, 2 * o.decoder_batch));
   if (o.rate_hz > 0 && o.rate_hz < kMinRateHz) {
     std::fprintf(stderr, "orchestrator: error: --rate: %g Hz is below %g Hz (0: back to back)\n",
                  o.rate_hz, kMinRateHz);
@@ -299,9 +299,15 @@ ResolvedRun resolve(const RunOptions& o) {
   } else {
     r.note = "backend " + r.backend + ", model " + model;
   }
-  if (r.backend == "cpu" && o.decoder_batch > 1)
+  if (r.backend == "cpu" && o.decoder_batch > 1) {
+    // The run is then batch 1's, and so are its report and its default slots: the 2N slots a
+    // batch gets would only queue frames behind the one decoding (3x the latency at batch 3).
+    r.options.decoder_batch = 1;
+    if (!o.slots_given) r.options.slots = RunOptions{}.slots;
     r.note +=
-        "; --decoder-batch applies to the cuda backend (the CPU decoder decodes frame by frame)";
+        "; --decoder-batch applies to the cuda backend (the CPU decoder decodes frame by frame): "
+        "ignored";
+  }
   return r;
 }
 

@@ -29,6 +29,7 @@ struct RunOptions {
   uint64_t frames = 200;
   uint64_t warmup = 10;
   uint32_t slots = 2;          // 2, or 2 x decoder_batch when --slots is not given
+  bool slots_given = false;    // --slots was on the command line
   uint32_t decoder_batch = 1;  // frames the decoder may decode in one pass (cuda backend)
   // How the orchestrator and workers wait for a message: sleep | adaptive | spin (ipc/ring.hpp).
   std::string wait = "adaptive";

@@ -228,6 +228,36 @@ TEST_CASE("sweep JSON and plot carry every split and skip failed ones in the cur
   std::filesystem::remove_all(dir);
 }
 
+// Ctrl-C during a split's warm-up leaves a run with no frames and no error: its zeros are no
+// figures, so the table says it stopped and the curves skip it rather than dive to zero there.
+TEST_CASE("a split stopped before it measured a frame is neither tabled nor plotted as zeros",
+          "[orchestrator][sweep]") {
+  SweepResult s = synthetic();
+  RunReport& stopped = s.points[3];  // 60/40
+  stopped.interrupted = true;
+  stopped.frames = 0;
+  stopped.throughput_fps = stopped.latency_p50_ms = stopped.latency_p99_ms = 0;
+  s.baselines.push_back(baseline("mps-100/100", "concurrent", 0, 0));
+  s.baselines.back().interrupted = true;
+  s.baselines.back().frames = 0;
+  choose_best_runs(s);
+  const std::string text = printed(s);
+  INFO(text);
+  CHECK(text.find(" 60/40     stopped before a frame was measured") != std::string::npos);
+  CHECK(text.find("mps-100/100              stopped before a frame was measured") !=
+        std::string::npos);
+
+  const std::string dir = test::temp_dir("plot_stopped");
+  write_sweep_plot(s, dir + "/sweep.svg");
+  std::ifstream in(dir + "/sweep.svg");
+  const std::string svg((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  size_t circles = 0;
+  for (size_t at = svg.find("<circle"); at != std::string::npos; at = svg.find("<circle", at + 1))
+    ++circles;
+  CHECK(circles == 3 * 3);                                            // 20/80, 40/60 and 80/20
+  std::filesystem::remove_all(dir);
+}
+
 TEST_CASE(
     "results with invalid UTF-8 in an error text are still written, and a failed first "
     "split does not blank the plot's title",

@@ -118,6 +118,12 @@ RunReport run_single_process_baseline(const ResolvedRun& run) {
 
 namespace {
 
+// A run with figures: not a failed one, nor one stopped (Ctrl-C) before it measured a frame,
+// whose zeros are no latency or throughput.
+bool has_figures(const RunReport& r) {
+  return r.error.empty() && r.frames > 0;
+}
+
 // A run stopped before it measured a frame has no figures to compare. (One frame has a latency
 // but no throughput, so a sweep of one frame a run compares the latencies.)
 // A split whose SM share was not applied (the workers not MPS clients) is not the split it names.
@@ -243,7 +249,7 @@ SweepResult run_sweep(const ResolvedRun& requested) {
     RunReport r = attempt("split " + split + ", concurrent", [&] {
       return run_pipeline(run, &mps, pct, 100 - pct, "concurrent", nullptr);
     });
-    if (r.error.empty()) {
+    if (has_figures(r)) {
       std::fprintf(stderr, "    -> %.1f frames/s, p50 %.2f ms, p99 %.2f ms, SMs %d/%d, %s\n",
                    r.throughput_fps, r.latency_p50_ms, r.latency_p99_ms, r.encoder.sm_count,
                    r.decoder.sm_count, r.split_note.c_str());
@@ -272,6 +278,11 @@ void print_sweep(const SweepResult& s, std::FILE* out) {
       std::fprintf(out, "%3d/%-6d failed: %s\n", p.encoder_pct, p.decoder_pct, p.error.c_str());
       continue;
     }
+    if (!has_figures(p)) {
+      std::fprintf(out, "%3d/%-6d stopped before a frame was measured\n", p.encoder_pct,
+                   p.decoder_pct);
+      continue;
+    }
     std::fprintf(out, "%3d/%-6d %8d %8d %10.2f %10.2f %10.2f %10.2f %10.1f %8s\n", p.encoder_pct,
                  p.decoder_pct, p.encoder.sm_count, p.decoder.sm_count, p.encoder.stage_ms_median,
                  p.decoder.stage_ms_median, p.latency_p50_ms, p.latency_p99_ms, p.throughput_fps,
@@ -284,6 +295,10 @@ void print_sweep(const SweepResult& s, std::FILE* out) {
     for (const auto& b : s.baselines) {
       if (!b.error.empty()) {
         std::fprintf(out, "%-24s failed: %s\n", b.label.c_str(), b.error.c_str());
+        continue;
+      }
+      if (!has_figures(b)) {
+        std::fprintf(out, "%-24s stopped before a frame was measured\n", b.label.c_str());
         continue;
       }
       // The single process runs back to back even when the pipeline runs at a camera rate:
@@ -400,11 +415,11 @@ void write_sweep_plot(const SweepResult& s, const std::string& path) {
     svg << "<polyline fill='none' stroke='" << color << "' stroke-width='2' stroke-dasharray='"
         << dash << "' points='";
     for (const auto& p : s.points) {
-      if (p.error.empty()) svg << x_of(p.encoder_pct) << "," << y_of(p) << " ";
+      if (has_figures(p)) svg << x_of(p.encoder_pct) << "," << y_of(p) << " ";
     }
     svg << "'/>\n";
     for (const auto& p : s.points) {
-      if (!p.error.empty()) continue;
+      if (!has_figures(p)) continue;
       svg << "<circle cx='" << x_of(p.encoder_pct) << "' cy='" << y_of(p) << "' r='3' fill='"
           << color << "'/>\n";
     }

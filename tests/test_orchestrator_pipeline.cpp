@@ -181,6 +181,13 @@ TEST_CASE("the throughput at a camera rate is the rate, and one frame has none",
   CHECK(fps > 18.5);
   CHECK(fps < 21.0);
   CHECK(throughput("1") == 0);
+  // The printed report says it has none, rather than 0 frames/s.
+  const auto one = test::run_orchestrator(tiny_run({"--frames", "1", "--warmup", "0"}));
+  REQUIRE(one.status.success());
+  INFO(one.output);
+  char line[64];
+  std::snprintf(line, sizeof line, "%-22s %12s\n", "throughput (frames/s)", "-");
+  CHECK(one.output.find(line) != std::string::npos);
   fs::remove_all(dir);
 }
 

@@ -89,7 +89,12 @@ void print_report(const RunReport& r) {
   std::printf("%-22s %12.3f\n", "latency p50 (ms)", r.latency_p50_ms);
   std::printf("%-22s %12.3f\n", "latency p99 (ms)", r.latency_p99_ms);
   std::printf("%-22s %12.3f\n", "latency max (ms)", r.latency_max_ms);
-  std::printf("%-22s %12.2f\n", "throughput (frames/s)", r.throughput_fps);
+  // One frame has no completion rate: its 0 (the JSON's) would read as a pipeline that stalled.
+  if (r.frames > 1) {
+    std::printf("%-22s %12.2f\n", "throughput (frames/s)", r.throughput_fps);
+  } else {
+    std::printf("%-22s %12s\n", "throughput (frames/s)", "-");
+  }
   std::printf("%-22s %12.3f   (%s SMs, %.2f GiB weights)\n", "encoder stage (ms)",
               r.encoder.stage_ms_median, sms(r.encoder).c_str(), r.encoder.weight_gib);
   std::printf("%-22s %12.3f   (%s SMs, %.2f GiB weights)\n",

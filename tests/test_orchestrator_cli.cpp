@@ -130,6 +130,10 @@ TEST_CASE("command line defaults and validation", "[orchestrator][cli]") {
   CHECK(o->views == 3);
   CHECK(o->warmup == 0);
 
+  o = parse({"--sweep", "--plot", "sweep.svg"}, code);
+  REQUIRE(o.has_value());
+  CHECK(o->plot_path == "sweep.svg");
+
   o = parse(
       {"--encoder-pct", "30", "--decoder-pct", "70", "--mode", "sequential", "--prompt-len", "20"},
       code);
@@ -162,6 +166,7 @@ TEST_CASE("command line defaults and validation", "[orchestrator][cli]") {
                                              {"--chunk", "12abc"},
                                              {"--sweep-step", ""},
                                              {"--sweep", "--sweep-min", "80", "--sweep-max", "20"},
+                                             {"--plot", "sweep.svg"},  // a single run draws none
                                              {"--no-such-flag"}}) {
     INFO(bad[0]);
     CHECK_FALSE(parse(bad, code).has_value());

@@ -201,6 +201,12 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
     exit_code = 2;
     return std::nullopt;
   }
+  // A single run draws no plot: it would end with exit 0 and no file where one was asked for.
+  if (!o.sweep && !o.plot_path.empty()) {
+    std::fprintf(stderr, "orchestrator: error: --plot draws a split sweep: it needs --sweep\n");
+    exit_code = 2;
+    return std::nullopt;
+  }
   if (o.mps.pipe_dir.empty() || o.mps.log_dir.empty()) {
     std::fprintf(stderr,
                  "orchestrator: error: --mps-pipe-dir and --mps-log-dir must not be empty\n");

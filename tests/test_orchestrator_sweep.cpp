@@ -226,6 +226,8 @@ TEST_CASE("sweep JSON and plot carry every split and skip failed ones in the cur
     ++circles;
   CHECK(circles == 3 * 4);
   std::filesystem::remove_all(dir);
+  // A plot that cannot be written (a full disk) is an error, not a truncated file.
+  CHECK_THROWS_AS(write_sweep_plot(s, "/dev/full"), Error);
 }
 
 // Ctrl-C during a split's warm-up leaves a run with no frames and no error: its zeros are no
@@ -254,7 +256,7 @@ TEST_CASE("a split stopped before it measured a frame is neither tabled nor plot
   size_t circles = 0;
   for (size_t at = svg.find("<circle"); at != std::string::npos; at = svg.find("<circle", at + 1))
     ++circles;
-  CHECK(circles == 3 * 3);                                            // 20/80, 40/60 and 80/20
+  CHECK(circles == 3 * 3);  // 20/80, 40/60 and 80/20
   std::filesystem::remove_all(dir);
 }
 

@@ -455,7 +455,10 @@ void write_sweep_plot(const SweepResult& s, const std::string& path) {
   svg << "</svg>\n";
   std::ofstream out(path, std::ios::trunc);
   PI0_CHECK(out.good(), "cannot write " + path);
+  // Checked once written too: a full disk would otherwise leave a truncated plot and exit 0.
   out << svg.str();
+  out.flush();
+  PI0_CHECK(out.good(), "cannot write " + path);
 }
 
 }  // namespace pi0

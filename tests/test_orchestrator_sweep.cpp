@@ -226,8 +226,13 @@ TEST_CASE("sweep JSON and plot carry every split and skip failed ones in the cur
     ++circles;
   CHECK(circles == 3 * 4);
   std::filesystem::remove_all(dir);
-  // A plot that cannot be written (a full disk) is an error, not a truncated file.
-  CHECK_THROWS_AS(write_sweep_plot(s, "/dev/full"), Error);
+  // A plot that cannot be written (a full disk) is an error, not a truncated file. (/dev/full is
+  // the full disk; a container without it would have the write make a plain file there.)
+  if (std::filesystem::is_character_file("/dev/full")) {
+    CHECK_THROWS_AS(write_sweep_plot(s, "/dev/full"), Error);
+  } else {
+    WARN("no /dev/full here: the full-disk check of the plot is skipped");
+  }
 }
 
 // Ctrl-C during a split's warm-up leaves a run with no frames and no error: its zeros are no

@@ -281,6 +281,7 @@ TEST_CASE("bad percentages are rejected with one line and nothing left behind",
     CHECK_FALSE(run.status.success());
     CHECK(run.output.find(bad[0]) != std::string::npos);
     CHECK(std::count(run.output.begin(), run.output.end(), '\n') == 1);
+    require_nothing_left(run.pid);
   }
 }
 

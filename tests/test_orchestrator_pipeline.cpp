@@ -669,6 +669,7 @@ TEST_CASE("a stop signal while the workers start exits with the signal's status"
     const auto status = orch.wait_for(20000ms);
     REQUIRE(status.has_value());
     INFO("signal " << sig << ", sent while starting: " << still_starting << "\n" << orch.output());
+    CHECK(still_starting);
     CHECK(status->code == 128 + sig);
     require_nothing_left(orch.pid());
   }

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "catch.hpp"
+#include "pi0/cuda/device_report.hpp"
 #include "pi0/ipc/worker_runtime.hpp"
 #include "pi0/mps.hpp"
 #include "pi0/orchestrator.hpp"
@@ -252,7 +253,15 @@ TEST_CASE("the wait policy reaches the run options and the workers' command line
 }
 
 TEST_CASE("resolve picks the CPU backend and tiny model without a GPU", "[orchestrator][cli]") {
+  // The default backend is picked by what the host has: the CPU and the tiny model without a GPU
+  // (CI), the GPU and the full model with one.
   RunOptions o;
+  REQUIRE(o.backend == "auto");
+  const bool gpu = cuda::cuda_device_present();
+  const ResolvedRun picked = resolve(o);
+  CHECK(picked.backend == (gpu ? "cuda" : "cpu"));
+  CHECK(picked.config.name == (gpu ? "pi0" : "tiny"));
+  // Asked for, the CPU backend runs the tiny model unless another is named.
   o.backend = "cpu";
   const ResolvedRun r = resolve(o);
   CHECK(r.backend == "cpu");

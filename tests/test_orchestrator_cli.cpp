@@ -748,6 +748,7 @@ TEST_CASE("gpu_check.sh exits 1 where any run of a step fails", "[orchestrator][
     const CommandResult r = gpu_check("sweep", "sequential");
     INFO(r.output);
     CHECK(r.status.code == 1);
+    CHECK(r.output.find("sequential run --wait adaptive failed (rc 3)") != std::string::npos);
   }
   SECTION("one of the benchmark's alternatives") {
     const CommandResult r = gpu_check("bench", "PI0_DECODER_LAYERS");

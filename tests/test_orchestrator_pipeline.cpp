@@ -676,6 +676,52 @@ TEST_CASE("a stop signal while the workers start exits with the signal's status"
   }
 }
 
+// Whether both workers of the tiny run `orchestrator_pid` (default shape and slots, `frames` in
+// all) have messages waiting in their rings to the orchestrator (what a worker sends first is its
+// "ready").
+bool both_workers_sent(int orchestrator_pid, uint64_t frames) {
+  const auto names = test::segments_of(orchestrator_pid);
+  if (names.size() != 1) return false;
+  try {
+    ipc::ControlBlock control = ipc::ControlBlock::open(
+        names[0], ipc::compute_layout(model_config("tiny"), RunShape{}, 2, frames, true));
+    return control.ring(ipc::RingId::kEncoderToOrch).size_approx() > 0 &&
+           control.ring(ipc::RingId::kDecoderToOrch).size_approx() > 0;
+  } catch (const Error&) {
+    return false;
+  }
+}
+
+// An orchestrator that is itself stopped (SIGSTOP, or Ctrl-Z: the workers have process groups of
+// their own and go on) while its workers load finds their "ready" waiting when it resumes. Resumed
+// past --startup-timeout, it named a worker that had reported ready in time as one that "did not
+// report ready within 2 s" (exit 3).
+TEST_CASE("an orchestrator stopped while the workers start goes on when it resumes",
+          "[orchestrator][process]") {
+  ChildProcess orch =
+      ChildProcess::spawn("orchestrator", test::orchestrator_exe(),
+                          tiny_run({"--frames", "4", "--warmup", "0", "--startup-timeout", "2"}),
+                          {{"PI0_TEST_LOAD_DELAY_MS", "1000"}}, false);
+  REQUIRE(test::eventually(
+      [&] { return orch.output().find("started encoder_worker") != std::string::npos; }, 20000ms));
+  std::this_thread::sleep_for(100ms);  // its startup deadline set; the workers are loading
+  REQUIRE(::kill(orch.pid(), SIGSTOP) == 0);
+  const auto stopped_at = std::chrono::steady_clock::now();
+  // Both "ready" wait unread, and then the deadline passes with the orchestrator still stopped.
+  const bool ready_waiting =
+      test::eventually([&] { return both_workers_sent(orch.pid(), 4); }, 20000ms);
+  std::this_thread::sleep_until(stopped_at + 3s);
+  ::kill(orch.pid(), SIGCONT);
+  REQUIRE(ready_waiting);
+  const auto status = orch.wait_for(20000ms);
+  REQUIRE(status.has_value());
+  INFO(orch.output());
+  CHECK(status->code == 0);
+  CHECK(orch.output().find("did not report ready") == std::string::npos);
+  CHECK(orch.output().find("streaming frames") != std::string::npos);
+  require_nothing_left(orch.pid());
+}
+
 // Under nohup (SIGHUP ignored), or as a background job of a shell (SIGINT and SIGQUIT ignored),
 // those signals must not stop the run: the caller meant it to outlive them.
 TEST_CASE("stop signals the caller ignores stay ignored", "[orchestrator][process]") {

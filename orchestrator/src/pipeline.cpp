@@ -347,6 +347,13 @@ void Pipeline::await_ready() {
       fail();
     }
     if (Clock::now() > deadline) {
+      // Judged on all the workers have sent: an orchestrator that was itself stopped (SIGSTOP,
+      // Ctrl-Z) past the deadline finds their "ready" waiting, and they were not late.
+      for (Worker* w : {&encoder_, &decoder_}) {
+        while (!w->ready && failure_.empty() && try_pop_from(*w, m)) handle_worker_message(*w, m);
+      }
+      if (!failure_.empty()) fail();
+      if (encoder_.ready && decoder_.ready) break;
       Worker& late = !encoder_.ready ? encoder_ : decoder_;
       failure_ = failure_text(late, "did not report ready within " +
                                         fmt::format("{:g}", run_.options.startup_timeout_s) + " s");

@@ -240,6 +240,30 @@ TEST_CASE("workers that exit right after they stop end a clean run", "[orchestra
   }
 }
 
+// An orchestrator stopped (SIGSTOP, Ctrl-Z) as its workers stop, and resumed after the 30 s they
+// are given, finds both kStopped waiting: the run is clean. It failed with an empty error line
+// (exit 3) where it read both in the look that found the deadline passed. A slow look at the
+// stopping workers (1 s) lets the workers exit before the orchestrator sees them.
+TEST_CASE("an orchestrator stopped while its workers stop ends a clean run when it resumes",
+          "[orchestrator][process]") {
+  ChildProcess orch = ChildProcess::spawn("orchestrator", test::orchestrator_exe(),
+                                          tiny_run({"--frames", "4", "--warmup", "0"}),
+                                          {{"PI0_ORCHESTRATOR_STOP_POLL_MS", "1000"}}, false);
+  REQUIRE(test::eventually(
+      [&] { return orch.output().find("streaming frames") != std::string::npos; }, 20000ms));
+  REQUIRE(test::eventually([&] { return test::workers_of(orch.pid()).empty(); }, 20000ms));
+  REQUIRE(::kill(orch.pid(), SIGSTOP) == 0);
+  std::this_thread::sleep_for(31s);
+  ::kill(orch.pid(), SIGCONT);
+  const auto status = orch.wait_for(20000ms);
+  REQUIRE(status.has_value());
+  INFO(orch.output());
+  CHECK(status->code == 0);
+  CHECK(orch.output().find("orchestrator: error") == std::string::npos);
+  CHECK(orch.output().find("latency p50") != std::string::npos);
+  require_nothing_left(orch.pid());
+}
+
 // The stop poll is read when the run is set up, so a bad value stops the run before any worker
 // starts, with one line naming it (it was read only as the workers stopped: every frame ran, then
 // the run ended with exit 1 and no report).

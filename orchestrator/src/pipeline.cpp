@@ -568,6 +568,10 @@ void Pipeline::stop_workers() {
       failure_ = "stopped by a second signal while the workers were stopping";
       fail();
     }
+    // Judged after workers_healthy read the encoder's ring: an orchestrator that was itself
+    // stopped (SIGSTOP, Ctrl-Z) past the deadline can find both kStopped only now, and then no
+    // worker is late (the run failed with an empty error line, exit 3).
+    if (encoder_.stopped && decoder_.stopped) break;
     if (Clock::now() >= deadline) {
       for (Worker* w : {&encoder_, &decoder_})
         if (!w->stopped && failure_.empty())

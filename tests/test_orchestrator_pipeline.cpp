@@ -571,6 +571,29 @@ TEST_CASE("a frame timeout says what each worker is doing", "[orchestrator][proc
   require_nothing_left(orch.pid());
 }
 
+// The startup timeout's line, like the frame timeout's, says what the kernel says of the late
+// worker: here one stopped by SIGSTOP while it loads.
+TEST_CASE("a startup timeout says what the late worker is doing", "[orchestrator][process]") {
+  ChildProcess orch =
+      ChildProcess::spawn("orchestrator", test::orchestrator_exe(),
+                          tiny_run({"--frames", "2", "--warmup", "0", "--startup-timeout", "2"}),
+                          {{"PI0_TEST_LOAD_DELAY_MS", "1000"}}, false);
+  REQUIRE(test::eventually(
+      [&] { return orch.output().find("started encoder_worker") != std::string::npos; }, 20000ms));
+  const int encoder_pid = test::pid_in_log(orch.output(), "encoder_worker");
+  REQUIRE(encoder_pid > 0);
+  REQUIRE(::kill(encoder_pid, SIGSTOP) == 0);
+  const auto status = orch.wait_for(20000ms);
+  if (!status) ::kill(encoder_pid, SIGCONT);
+  REQUIRE(status.has_value());
+  INFO(orch.output());
+  CHECK(status->code == 3);
+  CHECK(orch.output().find("encoder_worker (pid " + std::to_string(encoder_pid) +
+                           ") did not report ready within 2 s (it is stopped by a signal)") !=
+        std::string::npos);
+  require_nothing_left(orch.pid());
+}
+
 // At a camera rate frames keep arriving behind a stuck one: those are no progress, so the frame
 // timeout still runs from the last frame that finished, and not only once every slot is full
 // (here that would be seven more periods of 1 s).

@@ -86,6 +86,13 @@ std::string failure_text(const Worker& w, const std::string& what) {
   return text;
 }
 
+// What the kernel says of a late worker ("stopped by a signal", "sleeping"), for the line that
+// names it, so that a stopped or driver-bound one can be found; empty where /proc cannot tell.
+std::string state_note(const Worker& w) {
+  const std::string state = process_state(w.process.pid());
+  return state.empty() ? std::string() : " (it is " + state + ")";
+}
+
 WorkerSummary summarise(const ipc::WorkerInfo& info) {
   WorkerSummary s;
   s.pid = info.pid;
@@ -356,7 +363,8 @@ void Pipeline::await_ready() {
       if (encoder_.ready && decoder_.ready) break;
       Worker& late = !encoder_.ready ? encoder_ : decoder_;
       failure_ = failure_text(late, "did not report ready within " +
-                                        fmt::format("{:g}", run_.options.startup_timeout_s) + " s");
+                                        fmt::format("{:g}", run_.options.startup_timeout_s) + " s" +
+                                        state_note(late));
       fail();
     }
   }
@@ -575,7 +583,7 @@ void Pipeline::stop_workers() {
     if (Clock::now() >= deadline) {
       for (Worker* w : {&encoder_, &decoder_})
         if (!w->stopped && failure_.empty())
-          failure_ = failure_text(*w, "did not stop within 30 s of being told to");
+          failure_ = failure_text(*w, "did not stop within 30 s of being told to" + state_note(*w));
       fail();
     }
     std::this_thread::sleep_for(stop_poll_);

@@ -618,7 +618,9 @@ TEST_CASE("a frame timeout at a camera rate counts from the last frame that fini
   INFO(orch.output());
   CHECK(status->code == 3);
   CHECK(orch.output().find("no frame finished within 1 s") != std::string::npos);
-  CHECK(secs < 4.0);  // the next arrival, the timeout and the workers' shutdown
+  // ~3 s: the next arrival, the timeout and the workers' shutdown; the old count from each
+  // arrival named the hang only once the eight slots were full, after ~9 s.
+  CHECK(secs < 6.0);
   require_nothing_left(orch.pid());
 }
 

@@ -457,12 +457,16 @@ TEST_CASE("start_mps.sh starts a daemon only where a run may and stop_mps.sh qui
   const EnvOverrides env{{"NVIDIA_MPS_CONTROL", o.control_program},
                          {"CUDA_MPS_PIPE_DIRECTORY", o.pipe_dir},
                          {"CUDA_MPS_LOG_DIRECTORY", o.log_dir}};
-  // Under a given umask: a user's shell often has 002.
-  const auto script = [&](const std::string& name, const std::string& umask = "022") {
+  // Under a given umask (a user's shell often has 002), with `overrides` on top of `env`.
+  const auto script = [&](const std::string& name, const std::string& umask = "022",
+                          const EnvOverrides& overrides = {},
+                          std::chrono::milliseconds limit = 10000ms) {
+    EnvOverrides with = env;
+    for (const auto& [key, value] : overrides) with[key] = value;
     return run_command("sh",
                        {"-c", "umask " + umask + " && exec bash \"$0\"",
                         std::string(PI0_SOURCE_DIR) + "/scripts/" + name},
-                       env, "", 10000ms);
+                       with, "", limit);
   };
   const auto starts = [&] {
     std::ifstream in(o.pipe_dir + "/starts");
@@ -502,13 +506,8 @@ TEST_CASE("start_mps.sh starts a daemon only where a run may and stop_mps.sh qui
     fs::permissions(wedged, fs::perms::owner_all);
     for (const std::string name : {"start_mps.sh", "stop_mps.sh"}) {
       const auto begun = std::chrono::steady_clock::now();
-      const CommandResult r =
-          run_command("bash", {std::string(PI0_SOURCE_DIR) + "/scripts/" + name},
-                      {{"NVIDIA_MPS_CONTROL", wedged},
-                       {"PI0_MPS_TIMEOUT_S", "1"},
-                       {"CUDA_MPS_PIPE_DIRECTORY", o.pipe_dir},
-                       {"CUDA_MPS_LOG_DIRECTORY", o.log_dir}},
-                      "", 20000ms);
+      const CommandResult r = script(
+          name, "022", {{"NVIDIA_MPS_CONTROL", wedged}, {"PI0_MPS_TIMEOUT_S", "1"}}, 20000ms);
       INFO(name << ": " << r.output);
       CHECK(r.status.code == 1);
       CHECK(r.output.find("did not answer within 1 s") != std::string::npos);
@@ -521,13 +520,7 @@ TEST_CASE("start_mps.sh starts a daemon only where a run may and stop_mps.sh qui
     REQUIRE(script("start_mps.sh").status.success());
     for (const std::string bad : {"abc", "-1", "0", "1x"}) {
       for (const std::string name : {"stop_mps.sh", "start_mps.sh"}) {
-        const CommandResult r =
-            run_command("bash", {std::string(PI0_SOURCE_DIR) + "/scripts/" + name},
-                        {{"NVIDIA_MPS_CONTROL", o.control_program},
-                         {"PI0_MPS_TIMEOUT_S", bad},
-                         {"CUDA_MPS_PIPE_DIRECTORY", o.pipe_dir},
-                         {"CUDA_MPS_LOG_DIRECTORY", o.log_dir}},
-                        "", 10000ms);
+        const CommandResult r = script(name, "022", {{"PI0_MPS_TIMEOUT_S", bad}});
         INFO(name << " with PI0_MPS_TIMEOUT_S=" << bad << ": " << r.output);
         CHECK(r.status.code == 1);
         CHECK(r.output == name.substr(0, name.size() - 3) + ": PI0_MPS_TIMEOUT_S='" + bad +
@@ -540,11 +533,7 @@ TEST_CASE("start_mps.sh starts a daemon only where a run may and stop_mps.sh qui
   }
   SECTION("a missing control program is one line and exit 1") {
     const CommandResult missing =
-        run_command("bash", {std::string(PI0_SOURCE_DIR) + "/scripts/start_mps.sh"},
-                    {{"NVIDIA_MPS_CONTROL", dir + "/not-installed"},
-                     {"CUDA_MPS_PIPE_DIRECTORY", o.pipe_dir},
-                     {"CUDA_MPS_LOG_DIRECTORY", o.log_dir}},
-                    "", 10000ms);
+        script("start_mps.sh", "022", {{"NVIDIA_MPS_CONTROL", dir + "/not-installed"}});
     CHECK(missing.status.code == 1);
     CHECK(missing.output.find("not found") != std::string::npos);
     CHECK_FALSE(fs::exists(o.pipe_dir));

@@ -337,7 +337,7 @@ void Pipeline::start_workers() {
 
 void Pipeline::await_ready() {
   const auto deadline = ipc::WorkerRuntime::after(run_.options.startup_timeout_s);
-  auto& from_decoder = control_.ring(RingId::kDecoderToOrch);
+  auto& from_decoder = ring_from(decoder_);
   while (!(encoder_.ready && decoder_.ready)) {
     if (!workers_healthy(true)) {
       if (failure_.empty()) throw Error("interrupted while the workers were starting");
@@ -391,7 +391,7 @@ void Pipeline::feed(std::vector<float>* actions) {
   std::vector<Clock::time_point> submitted(total);
   std::vector<int32_t> slot_of_frame(total, -1);
   auto& to_encoder = control_.ring(RingId::kOrchToEncoder);
-  auto& from_decoder = control_.ring(RingId::kDecoderToOrch);
+  auto& from_decoder = ring_from(decoder_);
   // A wait also ends when a stop signal comes that the loop has not seen yet: a worker that never
   // answers must not keep the run from hearing it.
   int stops_seen = 0;

@@ -21,6 +21,13 @@ for step in "${STEPS[@]}"; do
       ;;
   esac
 done
+# The deadline of every request to the MPS control program, here and in the scripts the steps run
+# (mps_control.sh checks it the same way); refused before any step starts.
+mps_timeout="${PI0_MPS_TIMEOUT_S:-10}"
+if ! [[ "$mps_timeout" =~ ^[0-9]*\.?[0-9]+$ && "$mps_timeout" =~ [1-9] ]]; then
+  echo "gpu_check: PI0_MPS_TIMEOUT_S='$mps_timeout': expected a number of seconds above 0" >&2
+  exit 2
+fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT_DIR="${OUT:-$ROOT/gpu_check_out}"
 mkdir -p "$OUT_DIR"
@@ -44,9 +51,9 @@ fi
 # A daemon that answers now is someone else's and is left running; one a step started and left
 # behind when it failed half-way must not outlive this script.
 daemon_before=0
-echo get_server_list | timeout "${PI0_MPS_TIMEOUT_S:-10}" nvidia-cuda-mps-control >/dev/null 2>&1 && daemon_before=1
+echo get_server_list | timeout "$mps_timeout" nvidia-cuda-mps-control >/dev/null 2>&1 && daemon_before=1
 cleanup() {
-  [ "$daemon_before" = 1 ] || echo quit | timeout "${PI0_MPS_TIMEOUT_S:-10}" nvidia-cuda-mps-control >/dev/null 2>&1 || true
+  [ "$daemon_before" = 1 ] || echo quit | timeout "$mps_timeout" nvidia-cuda-mps-control >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 failed=0  # the exit status: 1 if any step failed

@@ -710,8 +710,10 @@ TEST_CASE("gpu_check.sh exits 1 where any run of a step fails", "[orchestrator][
   program(build + "/bin/pi0_bench",
           "[ -n \"${FAIL_IF:-}\" ] && [ \"$(printenv \"$FAIL_IF\")\" = 1 ] && exit 4\n"
           "echo 'V=2 C=63 P=0 1 ms'\n");
-  const auto gpu_check = [&](const std::string& step, const std::string& fail_if) {
+  const auto gpu_check = [&](const std::string& step, const std::string& fail_if,
+                             const std::string& mps_timeout = "10") {
     const EnvOverrides env{{"PATH", tools + ":" + std::getenv("PATH")},
+                           {"PI0_MPS_TIMEOUT_S", mps_timeout},
                            {"OUT", dir + "/out"},
                            {"PI0_BUILD_DIR", build},
                            {"PI0_GEMM_TABLE", ""},
@@ -738,6 +740,17 @@ TEST_CASE("gpu_check.sh exits 1 where any run of a step fails", "[orchestrator][
     INFO(r.output);
     CHECK(r.status.code == 1);
     CHECK(r.output.find("sequential run --wait adaptive failed (rc 3)") != std::string::npos);
+  }
+  SECTION("a deadline for the MPS requests that is not a number of seconds") {
+    for (const std::string bad : {"abc", "0", "-1", "1s"}) {
+      const CommandResult r = gpu_check("bench", "", bad);
+      INFO(bad << ": " << r.output);
+      CHECK(r.status.code == 2);
+      CHECK(r.output.find("gpu_check: PI0_MPS_TIMEOUT_S='" + bad +
+                          "': expected a number of seconds above 0") != std::string::npos);
+      CHECK(r.output.find("V=2") == std::string::npos);  // no step ran
+    }
+    CHECK(gpu_check("bench", "", "2.5").status.code == 0);
   }
   SECTION("one of the benchmark's alternatives") {
     const CommandResult r = gpu_check("bench", "PI0_DECODER_LAYERS");

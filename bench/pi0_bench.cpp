@@ -1,10 +1,10 @@
 // Single-process baseline: CudaEncoder + CudaDecoder on the whole GPU, one frame at a time, from
 // the same library code the workers use. The decoder runs on a second stream and follows the
 // encoder layer by layer through its first flow step, as the pipeline's workers do
-// (PI0_LAYER_WAITS=0: both on one stream). Per shape: latency of encode+decode (median, p99 over
-// >= 200 inferences after warm-up, CUDA events) and the same with the stages serial, host to host
-// (inputs uploaded, actions read back), each stage's time alone, achieved TFLOP/s and weight GB/s
-// against the H100's ceilings, back-to-back throughput and GPU memory per stage.
+// (PI0_LAYER_WAITS=0: both on one stream). Per shape: latency of encode+decode (median, p99, mean
+// and max over >= 200 inferences after warm-up, CUDA events) and the same with the stages serial,
+// host to host (inputs uploaded, actions read back), each stage's time alone, achieved TFLOP/s and
+// weight GB/s against the H100's ceilings, back-to-back throughput and GPU memory per stage.
 #include <cuda_runtime_api.h>
 
 #include <CLI/CLI.hpp>
@@ -58,6 +58,7 @@ struct Figures {
   int frontend_waits = 0;   // of its layer waits, those held in the stream's front end
   double e2e_serial_median = 0;
   double e2e_median = 0, e2e_p99 = 0, enc_median = 0, dec_median = 0, throughput = 0;
+  double e2e_mean = 0, e2e_max = 0;  // of the same samples as e2e_median and e2e_p99
   double host_median = 0, host_p99 = 0;
   double enc_tflops = 0, dec_tflops = 0, enc_gbps = 0, dec_gbps = 0, e2e_tflops = 0;
   double enc_flop = 0, dec_flop = 0, enc_bytes = 0, dec_bytes = 0;
@@ -70,6 +71,12 @@ double percentile(std::vector<double> v, double p) {
   std::sort(v.begin(), v.end());
   const size_t i = std::min(v.size() - 1, static_cast<size_t>(p * (v.size() - 1) + 0.5));
   return v[i];
+}
+
+double mean(const std::vector<double>& v) {
+  double sum = 0;
+  for (double x : v) sum += x;
+  return sum / static_cast<double>(v.size());
 }
 
 size_t used_memory() {
@@ -287,6 +294,8 @@ Figures run_case(const ModelConfig& config, const Case& c, const WeightStore& en
     f.e2e_serial_median = percentile(total, 0.5);
     f.e2e_median = f.e2e_serial_median;
     f.e2e_p99 = percentile(total, 0.99);
+    f.e2e_mean = mean(total);
+    f.e2e_max = *std::max_element(total.begin(), total.end());
     f.enc_median = percentile(enc, 0.5);
     f.dec_median = percentile(dec, 0.5);
   }
@@ -303,6 +312,8 @@ Figures run_case(const ModelConfig& config, const Case& c, const WeightStore& en
     }
     f.e2e_median = percentile(total, 0.5);
     f.e2e_p99 = percentile(total, 0.99);
+    f.e2e_mean = mean(total);
+    f.e2e_max = *std::max_element(total.begin(), total.end());
   }
 
   // Host to host, as a one-process deployment sees a frame: inputs uploaded from pinned host
@@ -390,14 +401,14 @@ Figures run_case(const ModelConfig& config, const Case& c, const WeightStore& en
 
 void print_case(const Figures& f) {
   std::printf(
-      "V=%d C=%d P=%d: e2e median %.3f ms p99 %.3f ms (%s%s; serial %.3f ms) | host to host median "
-      "%.3f ms p99 %.3f ms "
+      "V=%d C=%d P=%d: e2e median %.3f ms p99 %.3f ms mean %.3f ms max %.3f ms (%s%s; serial "
+      "%.3f ms) | host to host median %.3f ms p99 %.3f ms "
       "| encoder %.3f ms (%.2f TFLOP, %.0f TFLOP/s "
       "= %.0f%% of %.0f; weights %.2f GB at %.0f GB/s) | decoder %.3f ms (%.3f TFLOP, %.0f "
       "TFLOP/s; %.2f GB weight reads at %.0f GB/s = %.0f%% of %.0f) | %.1f inf/s back to back | "
       "memory: encoder %.2f GiB weights + %.0f MiB workspace (measured %.2f GiB), decoder %.2f "
       "GiB + %.0f MiB (measured %.2f GiB)%s\n",
-      f.c.views, f.c.chunk, f.c.prompt, f.e2e_median, f.e2e_p99,
+      f.c.views, f.c.chunk, f.c.prompt, f.e2e_median, f.e2e_p99, f.e2e_mean, f.e2e_max,
       f.overlapped ? "decoder following the encoder per layer" : "serial",
       f.frontend_waits > 0
           ? (", " + std::to_string(f.frontend_waits) + " of its waits in the front end").c_str()
@@ -580,6 +591,8 @@ int main(int argc, char** argv) {
                               {"prompt", f.c.prompt},
                               {"e2e_median_ms", f.e2e_median},
                               {"e2e_p99_ms", f.e2e_p99},
+                              {"e2e_mean_ms", f.e2e_mean},
+                              {"e2e_max_ms", f.e2e_max},
                               {"stages_overlapped", f.overlapped},
                               {"frontend_layer_waits", f.frontend_waits},
                               {"e2e_serial_median_ms", f.e2e_serial_median},

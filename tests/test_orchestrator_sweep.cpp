@@ -303,8 +303,12 @@ TEST_CASE("a malformed pi0_bench JSON fails the single-process baseline with one
   run.config = model_config("tiny");
   run.options.worker_dir = dir;
   run.options.run_timeout_s = 60;
-  for (const std::string json : {"{\"iters\": 5, \"cases\": [{\"e2e_med",
-                                 "{\"iters\": 5, \"cases\": [{\"e2e_median_ms\": 1.0}]}"}) {
+  // The third is an older pi0_bench's, before it wrote the mean and max.
+  for (const std::string json :
+       {"{\"iters\": 5, \"cases\": [{\"e2e_med",
+        "{\"iters\": 5, \"cases\": [{\"e2e_median_ms\": 1.0}]}",
+        "{\"iters\": 5, \"cases\": [{\"e2e_median_ms\": 1.0, \"e2e_p99_ms\": 2.0, "
+        "\"throughput_per_s\": 9.0, \"encoder_median_ms\": 0.5, \"decoder_median_ms\": 0.5}]}"}) {
     {
       std::ofstream script(dir + "/pi0_bench");
       script << "#!/bin/sh\nwhile [ $# -gt 0 ]; do [ \"$1\" = --json ] && out=\"$2\"; shift; done\n"
@@ -320,6 +324,47 @@ TEST_CASE("a malformed pi0_bench JSON fails the single-process baseline with one
       CHECK(what.find('\n') == std::string::npos);
     }
   }
+  fs::remove_all(dir);
+}
+
+// pi0_bench reports the median, p99, mean and max of its timed inferences: each is the baseline's
+// figure of that name in the sweep's JSON (the max and mean were once its p99 and median).
+TEST_CASE("the single-process baseline carries pi0_bench's p50, p99, mean and max apart",
+          "[orchestrator][sweep]") {
+  namespace fs = std::filesystem;
+  const std::string dir = test::temp_dir("baseline-figures");
+  ResolvedRun run;
+  run.backend = "cuda";
+  run.config = model_config("tiny");
+  run.shape.views = 2;
+  run.shape.chunk = 4;
+  run.options.worker_dir = dir;
+  run.options.run_timeout_s = 60;
+  const std::string json =
+      "{\"iters\": 200, \"cases\": [{\"e2e_median_ms\": 12.5, \"e2e_p99_ms\": 13.25, "
+      "\"e2e_mean_ms\": 12.625, \"e2e_max_ms\": 14.75, \"throughput_per_s\": 78.5, "
+      "\"host_to_host_median_ms\": 12.75, \"host_to_host_p99_ms\": 13.5, "
+      "\"encoder_median_ms\": 5.25, \"decoder_median_ms\": 7.5}]}";
+  {
+    std::ofstream script(dir + "/pi0_bench");
+    script << "#!/bin/sh\nwhile [ $# -gt 0 ]; do [ \"$1\" = --json ] && out=\"$2\"; shift; done\n"
+           << "printf '%s' '" << json << "' > \"$out\"\n";
+  }
+  fs::permissions(dir + "/pi0_bench", fs::perms::owner_all);
+  SweepResult s;
+  s.baselines = {run_single_process_baseline(run)};
+  const RunReport& r = s.baselines.front();
+  CHECK(r.frames == 200);
+  CHECK(r.latency_p50_ms == 12.5);
+  CHECK(r.latency_p99_ms == 13.25);
+  CHECK(r.latency_mean_ms == 12.625);
+  CHECK(r.latency_max_ms == 14.75);
+  const nlohmann::json latency =
+      nlohmann::json::parse(sweep_json(s)).at("baselines").at(0).at("latency_ms");
+  CHECK(latency.at("p50").get<double>() == 12.5);
+  CHECK(latency.at("p99").get<double>() == 13.25);
+  CHECK(latency.at("mean").get<double>() == 12.625);
+  CHECK(latency.at("max").get<double>() == 14.75);
   fs::remove_all(dir);
 }
 

@@ -264,6 +264,79 @@ TEST_CASE("an orchestrator stopped while its workers stop ends a clean run when 
   require_nothing_left(orch.pid());
 }
 
+// The 30 s stop deadline starts once every frame is done: feed() drains every frame in flight under
+// --frame-timeout before the workers are told to stop, so a last frame that takes longer than the
+// stop deadline (here the decoder is held 34 s while it is in flight, as a slow CPU frame of the
+// full model might be) but finishes within --frame-timeout is not cut off by it.
+TEST_CASE("a last frame slower than the stop deadline but within --frame-timeout ends a clean run",
+          "[orchestrator][process]") {
+  const std::string dir = test::temp_dir("slow_last_frame");
+  // Frame 0 at once, frame 1 (the last) 2 s later.
+  ChildProcess orch =
+      ChildProcess::spawn("orchestrator", test::orchestrator_exe(),
+                          tiny_run({"--frames", "2", "--warmup", "0", "--rate", "0.5",
+                                    "--frame-timeout", "60", "--json", dir + "/r.json"}),
+                          {}, false);
+  REQUIRE(test::eventually(
+      [&] { return orch.output().find("streaming frames") != std::string::npos; }, 20000ms));
+  const int decoder_pid = test::pid_in_log(orch.output(), "decoder_worker");
+  REQUIRE(decoder_pid > 0);
+  std::this_thread::sleep_for(1s);  // frame 0 is done; frame 1 arrives in 1 s
+  REQUIRE(::kill(decoder_pid, SIGSTOP) == 0);
+  std::this_thread::sleep_for(34s);
+  ::kill(decoder_pid, SIGCONT);  // gone where the run was ended while it was held
+  const auto status = orch.wait_for(20000ms);
+  REQUIRE(status.has_value());
+  INFO(orch.output());
+  CHECK(status->code == 0);
+  CHECK(orch.output().find("orchestrator: error") == std::string::npos);
+  REQUIRE(fs::exists(dir + "/r.json"));
+  std::ifstream in(dir + "/r.json");
+  const nlohmann::json report = nlohmann::json::parse(in).at("runs").at(0);
+  CHECK(report["frames"] == 2);
+  // The last frame really was in flight for longer than the stop deadline.
+  CHECK(report["latency_ms"]["max"].get<double>() > 30000.0);
+  require_nothing_left(orch.pid());
+  fs::remove_all(dir);
+}
+
+// A worker that hangs after the last frame (here the encoder, stopped by SIGSTOP once it has
+// handed the last frame on) is named at the stop deadline, 30 s after it was told to stop, with
+// what the kernel says of it, and the run ends with exit 3 leaving nothing behind.
+TEST_CASE("a worker that hangs after the last frame is named at the stop deadline",
+          "[orchestrator][process]") {
+  ChildProcess orch = ChildProcess::spawn(
+      "orchestrator", test::orchestrator_exe(),
+      tiny_run({"--frames", "2", "--warmup", "0", "--rate", "0.5", "--frame-timeout", "60"}), {},
+      false);
+  REQUIRE(test::eventually(
+      [&] { return orch.output().find("streaming frames") != std::string::npos; }, 20000ms));
+  const int decoder_pid = test::pid_in_log(orch.output(), "decoder_worker");
+  const int encoder_pid = test::pid_in_log(orch.output(), "encoder_worker");
+  REQUIRE(decoder_pid > 0);
+  REQUIRE(encoder_pid > 0);
+  // The decoder holds the last frame while the encoder, which has handed it on, is stopped; the
+  // decoder then finishes it, and the encoder never hears the stop that follows.
+  std::this_thread::sleep_for(1s);  // frame 0 is done; frame 1 arrives in 1 s
+  REQUIRE(::kill(decoder_pid, SIGSTOP) == 0);
+  std::this_thread::sleep_for(2s);  // frame 1 is encoded and waits for the stopped decoder
+  REQUIRE(::kill(encoder_pid, SIGSTOP) == 0);
+  REQUIRE(::kill(decoder_pid, SIGCONT) == 0);
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto status = orch.wait_for(60000ms);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (!status) ::kill(encoder_pid, SIGCONT);
+  REQUIRE(status.has_value());
+  INFO(orch.output());
+  CHECK(status->code == 3);
+  CHECK(orch.output().find("encoder_worker (pid " + std::to_string(encoder_pid) +
+                           ") did not stop within 30 s of being told to (it is stopped by a "
+                           "signal)") != std::string::npos);
+  CHECK(secs > 29.0);
+  CHECK(secs < 40.0);
+  require_nothing_left(orch.pid());
+}
+
 // The stop poll is read when the run is set up, so a bad value stops the run before any worker
 // starts, with one line naming it (it was read only as the workers stopped: every frame ran, then
 // the run ended with exit 1 and no report).

@@ -302,13 +302,19 @@ TEST_CASE("a last frame slower than the stop deadline but within --frame-timeout
 
 // A worker that hangs after the last frame (here the encoder, stopped by SIGSTOP once it has
 // handed the last frame on) is named at the stop deadline, 30 s after it was told to stop, with
-// what the kernel says of it, and the run ends with exit 3 leaving nothing behind.
+// what the kernel says of it. Every frame was measured, so, as for a worker that fails after it
+// stopped, the report, the JSON (its error naming the worker) and the actions are written first;
+// the run then ends with exit 3, the hung worker killed and nothing left behind. (It wrote none of
+// them: a long run lost every figure to a worker hung at exit.)
 TEST_CASE("a worker that hangs after the last frame is named at the stop deadline",
           "[orchestrator][process]") {
+  const std::string dir = test::temp_dir("hung_at_stop");
+  const std::string json = dir + "/r.json", actions = dir + "/actions.f32";
   ChildProcess orch = ChildProcess::spawn(
       "orchestrator", test::orchestrator_exe(),
-      tiny_run({"--frames", "2", "--warmup", "0", "--rate", "0.5", "--frame-timeout", "60"}), {},
-      false);
+      tiny_run({"--frames", "2", "--warmup", "0", "--rate", "0.5", "--frame-timeout", "60",
+                "--json", json, "--actions-out", actions}),
+      {}, false);
   REQUIRE(test::eventually(
       [&] { return orch.output().find("streaming frames") != std::string::npos; }, 20000ms));
   const int decoder_pid = test::pid_in_log(orch.output(), "decoder_worker");
@@ -327,14 +333,34 @@ TEST_CASE("a worker that hangs after the last frame is named at the stop deadlin
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (!status) ::kill(encoder_pid, SIGCONT);
   REQUIRE(status.has_value());
-  INFO(orch.output());
+  const std::string output = orch.output();
+  INFO(output);
   CHECK(status->code == 3);
-  CHECK(orch.output().find("encoder_worker (pid " + std::to_string(encoder_pid) +
-                           ") did not stop within 30 s of being told to (it is stopped by a "
-                           "signal)") != std::string::npos);
+  const std::string named = "encoder_worker (pid " + std::to_string(encoder_pid) +
+                            ") did not stop within 30 s of being told to (it is stopped by a "
+                            "signal)";
+  const size_t error_at = output.find("orchestrator: error: " + named);
+  CHECK(error_at != std::string::npos);
   CHECK(secs > 29.0);
   CHECK(secs < 40.0);
+  // The figures of both frames, printed before the error line.
+  char frames_line[64];
+  std::snprintf(frames_line, sizeof frames_line, "%-22s %12d", "frames", 2);
+  const size_t report_at = output.find(frames_line);
+  CHECK(report_at != std::string::npos);
+  CHECK(output.find("latency p50") != std::string::npos);
+  CHECK(report_at < error_at);
+  REQUIRE(fs::exists(json));
+  std::ifstream in(json);
+  const nlohmann::json report = nlohmann::json::parse(in).at("runs").at(0);
+  CHECK(report.at("frames").get<uint64_t>() == 2);
+  CHECK(report.at("latency_ms").at("p50").get<double>() > 0);
+  CHECK(report.at("interrupted") == false);
+  CHECK(report.at("error").get<std::string>().find(named) == 0);
+  const size_t action_values = stage_sizes(model_config("tiny"), RunShape{}).action_values;
+  CHECK(test::read_floats(actions).size() == 2 * action_values);
   require_nothing_left(orch.pid());
+  fs::remove_all(dir);
 }
 
 // The stop poll is read when the run is set up, so a bad value stops the run before any worker

@@ -87,7 +87,7 @@ int orchestrator_main(int argc, char** argv) {
       write_result(options->actions_path, actions.data(), actions.size() * sizeof(float));
     }
     PI0_CHECK(write_error.empty(), write_error);
-    if (!report.error.empty()) {  // a worker failed after the last frame: the figures stand
+    if (!report.error.empty()) {  // a worker failed or hung after the last frame: the figures stand
       std::fprintf(stderr, "orchestrator: error: %s\n", report.error.c_str());
       return stop_signal() != 0 ? exit_code_for_signal(stop_signal()) : 3;
     }

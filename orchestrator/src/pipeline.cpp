@@ -581,16 +581,20 @@ void Pipeline::stop_workers() {
     // worker is late (the run failed with an empty error line, exit 3).
     if (encoder_.stopped && decoder_.stopped) break;
     if (Clock::now() >= deadline) {
+      // Every frame is done, so the figures stand, as below: the late worker is the run's error,
+      // reported after them (exit 3). The run's end kills and reaps it.
       for (Worker* w : {&encoder_, &decoder_})
-        if (!w->stopped && failure_.empty())
-          failure_ = failure_text(*w, "did not stop within 30 s of being told to" + state_note(*w));
-      fail();
+        if (!w->stopped && report_.error.empty())
+          report_.error =
+              failure_text(*w, "did not stop within 30 s of being told to" + state_note(*w));
+      break;
     }
     std::this_thread::sleep_for(stop_poll_);
   }
   // Every frame is done, so the figures stand; a worker that then exits badly (a crash in its
   // teardown) is the run's error, reported after them (exit 3).
   for (Worker* w : {&encoder_, &decoder_}) {
+    if (!w->stopped) continue;  // late at the stop deadline: named above
     const auto status = w->process.wait_for(std::chrono::seconds(10));
     if (status && status->success()) continue;
     if (status) w->process.wait_output_closed(std::chrono::milliseconds(200));

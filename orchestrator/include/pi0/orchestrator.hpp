@@ -110,7 +110,8 @@ struct RunReport {
   double wall_s = 0;
   bool interrupted = false;
   // Why this run failed: in a sweep, a run that could not happen; in any run, a worker that
-  // exited badly after every frame had finished (the figures stand). Empty when all went well.
+  // exited badly, or did not stop within the stop deadline, after every frame had finished (the
+  // figures stand). Empty when all went well.
   std::string error;
   WorkerSummary encoder, decoder;
 };

@@ -272,6 +272,41 @@ TEST_CASE("a split stopped before it measured a frame is neither tabled nor plot
   std::filesystem::remove_all(dir);
 }
 
+// A worker that fails or hangs as it stops, after every frame, leaves its run's figures beside the
+// error (a single run prints and writes them): in a sweep that run failed all the same, so it is
+// tabled as failed, not recommended, and neither drawn nor counted in the plot's scales.
+TEST_CASE("a run with figures and an error is tabled as failed and not plotted",
+          "[orchestrator][sweep]") {
+  SweepResult s = synthetic();
+  const std::string hung = "encoder_worker (pid 4242) did not stop within 30 s of being told to";
+  s.points[4] = point(80, 500, 900, hung);  // 80/20: more frames/s and a higher p99 than any
+  s.baselines.push_back(baseline("mps-100/100", "concurrent", 400, 8, hung));
+  choose_best_runs(s);
+  REQUIRE(s.best_throughput.has_value());
+  CHECK(*s.best_throughput == "split 60/40");
+  CHECK(!s.best_within_budget.has_value());  // 80/20 was the one within 25 ms
+  const std::string text = printed(s);
+  INFO(text);
+  CHECK(text.find(" 80/20     failed: " + hung + "\n") != std::string::npos);
+  CHECK(text.find("mps-100/100              failed: " + hung + "\n") != std::string::npos);
+  CHECK(text.find("500.0") == std::string::npos);
+
+  const std::string dir = test::temp_dir("plot_failed_with_figures");
+  write_sweep_plot(s, dir + "/sweep.svg");
+  std::ifstream in(dir + "/sweep.svg");
+  const std::string svg((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  INFO(svg);
+  size_t circles = 0;
+  for (size_t at = svg.find("<circle"); at != std::string::npos; at = svg.find("<circle", at + 1))
+    ++circles;
+  CHECK(circles == 3 * 3);  // 20/80, 40/60 and 60/40
+  CHECK(svg.find("mps-100/100") == std::string::npos);
+  // The scales top out 10% above the runs drawn: 75 frames/s (60/40) and 45 ms (20/80).
+  CHECK(svg.find(">82</text>") != std::string::npos);
+  CHECK(svg.find(">49.5</text>") != std::string::npos);
+  std::filesystem::remove_all(dir);
+}
+
 TEST_CASE(
     "results with invalid UTF-8 in an error text are still written, and a failed first "
     "split does not blank the plot's title",

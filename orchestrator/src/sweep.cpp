@@ -210,15 +210,18 @@ SweepResult run_sweep(const ResolvedRun& requested) {
   const auto interrupted = [] { return stop_signal() != 0; };
 
   // A run that cannot happen (e.g. no correct GEMM algorithm at that SM share) is a result of the
-  // sweep, reported with its reason, not the end of it.
+  // sweep, reported with its reason, not the end of it. So is one whose worker failed or hung as
+  // it stopped, after its frames: its report comes back with the error. Either is one line.
   const auto attempt = [&](const std::string& what, auto&& body) {
     progress(what);
     RunReport r;
     try {
       r = body();
     } catch (const Error& e) {
-      const std::string text = e.what();
-      r.error = text.substr(0, text.find('\n'));
+      r.error = e.what();
+    }
+    if (!r.error.empty()) {
+      r.error = r.error.substr(0, r.error.find('\n'));
       std::fprintf(stderr, "    -> failed: %s\n", r.error.c_str());
     }
     return r;
@@ -367,12 +370,15 @@ void write_sweep_plot(const SweepResult& s, const std::string& path) {
   PI0_CHECK(!s.points.empty(), "no sweep points to plot");
   constexpr double kW = 720, kH = 420, kLeft = 70, kRight = 70, kTop = 40, kBottom = 50;
   const double plot_w = kW - kLeft - kRight, plot_h = kH - kTop - kBottom;
+  // Failed runs are not drawn, though a worker that failed or hung as it stopped left figures.
   double max_fps = 1, max_ms = 1;
   for (const auto& p : s.points) {
+    if (!has_figures(p)) continue;
     max_fps = std::max(max_fps, p.throughput_fps);
     max_ms = std::max(max_ms, p.latency_p99_ms);
   }
-  for (const auto& b : s.baselines) max_fps = std::max(max_fps, b.throughput_fps);
+  for (const auto& b : s.baselines)
+    if (has_figures(b)) max_fps = std::max(max_fps, b.throughput_fps);
   max_fps *= 1.1;
   max_ms *= 1.1;
   const auto x_of = [&](int pct) { return kLeft + plot_w * pct / 100.0; };
@@ -432,7 +438,7 @@ void write_sweep_plot(const SweepResult& s, const std::string& path) {
   // throughput order, each at least one text line below the previous one.
   std::vector<const RunReport*> shown;
   for (const auto& b : s.baselines) {
-    if (b.throughput_fps > 0) shown.push_back(&b);
+    if (has_figures(b) && b.throughput_fps > 0) shown.push_back(&b);
   }
   std::sort(shown.begin(), shown.end(), [](const RunReport* a, const RunReport* b) {
     return a->throughput_fps > b->throughput_fps;

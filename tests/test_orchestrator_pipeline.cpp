@@ -937,6 +937,61 @@ TEST_CASE("a worker that fails after it stopped leaves the figures and exit 3",
   fs::remove_all(dir);
 }
 
+// A worker that dies or fails after it was told to stop, before it says it stopped, has done its
+// frames too: the run prints and writes every figure and the actions, then ends with exit 3 and
+// the line naming the worker, with nothing left behind. (Such a run printed and wrote nothing.)
+// PI0_TEST_AT_STOP, set for one worker by its wrapper, kills the decoder with SIGKILL, or fails
+// the encoder with an error message, where each would say it stopped.
+TEST_CASE("a worker that dies or fails as it stops leaves the figures and exit 3",
+          "[orchestrator][process]") {
+  struct Variant {
+    std::string worker, at_stop, line;
+  };
+  for (const Variant& v : {Variant{"decoder_worker", "kill", "died: killed by signal 9 (SIGKILL)"},
+                           Variant{"encoder_worker", "error",
+                                   "failed: told to stop: failing (PI0_TEST_AT_STOP=error)"}}) {
+    const std::string dir = test::temp_dir("fails_at_stop_" + v.at_stop);
+    for (const std::string worker : {"encoder_worker", "decoder_worker"}) {
+      const std::string exe = worker == "encoder_worker" ? PI0_ENCODER_EXE : PI0_DECODER_EXE;
+      if (worker == v.worker) {
+        write_script(dir + "/" + worker,
+                     "PI0_TEST_AT_STOP=" + v.at_stop + " exec \"" + exe + "\" \"$@\"\n");
+      } else {
+        fs::create_symlink(fs::path(exe), dir + "/" + worker);
+      }
+    }
+    const std::string json = dir + "/r.json", actions = dir + "/actions.f32";
+    const auto run =
+        test::run_orchestrator(tiny_run({"--worker-dir", dir, "--frames", "5", "--warmup", "0",
+                                         "--json", json, "--actions-out", actions}),
+                               60s);
+    INFO(v.worker << " " << v.at_stop << "\n" << run.output);
+    CHECK(run.status.code == 3);
+    const int pid = test::pid_in_log(run.output, v.worker);
+    REQUIRE(pid > 0);
+    const std::string named = v.worker + " (pid " + std::to_string(pid) + ") " + v.line;
+    const size_t error_at = run.output.find("orchestrator: error: " + named);
+    CHECK(error_at != std::string::npos);
+    // The figures of every frame, printed before the error line.
+    char frames_line[64];
+    std::snprintf(frames_line, sizeof frames_line, "%-22s %12d", "frames", 5);
+    const size_t report_at = run.output.find(frames_line);
+    CHECK(report_at != std::string::npos);
+    CHECK(run.output.find("latency p50") != std::string::npos);
+    CHECK(report_at < error_at);
+    REQUIRE(fs::exists(json));
+    std::ifstream in(json);
+    const nlohmann::json report = nlohmann::json::parse(in).at("runs").at(0);
+    CHECK(report.at("frames").get<uint64_t>() == 5);
+    CHECK(report.at("latency_ms").at("p50").get<double>() > 0);
+    CHECK(report.at("error").get<std::string>().find(named) == 0);
+    const size_t action_values = stage_sizes(model_config("tiny"), RunShape{}).action_values;
+    CHECK(test::read_floats(actions).size() == 5 * action_values);
+    require_nothing_left(run.pid);
+    fs::remove_all(dir);
+  }
+}
+
 // A decoder that reports a frame done which is not in flight in that slot (here, each frame as the
 // next one, through the decoder's test hook) misbehaves as one that sends a malformed message
 // does: the run ends at once with exit 3 and one line naming it, not as bad input (exit 1).

@@ -126,6 +126,7 @@ int run_decoder_worker(ipc::WorkerRuntime& rt) {
       }
       rt.record_stage_times(stage->stage_times());
       stage->log_summary();
+      rt.at_stop_test_hook();
       rt.send_stopped();
       spdlog::info("decoder stopped");
       return 0;

@@ -95,6 +95,7 @@ int run_encoder_worker(ipc::WorkerRuntime& rt) {
         take_slot_free(free_msg);
       }
       rt.record_stage_times(stage->stage_times());
+      rt.at_stop_test_hook();
       rt.send_stopped();
       spdlog::info("encoder stopped");
       return 0;

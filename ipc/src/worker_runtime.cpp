@@ -208,6 +208,9 @@ WorkerRuntime::WorkerRuntime(Role role, const WorkerOptions& options)
     info.active_thread_pct = std::atoi(pct);
   }
   if (env_switch("PI0_TEST_CUDA_EVENT_FILE_STAND_IN", false)) make_event_file_stand_in(info);
+  if (const char* at_stop = std::getenv("PI0_TEST_AT_STOP")) at_stop_ = at_stop;
+  PI0_CHECK(at_stop_.empty() || at_stop_ == "error" || at_stop_ == "kill",
+            "PI0_TEST_AT_STOP must be error or kill, not '" + at_stop_ + "'");
   startup_watch_ = std::thread([this] { watch_startup(); });
 }
 
@@ -325,6 +328,15 @@ void WorkerRuntime::send_error(const std::string& what) noexcept {
 void WorkerRuntime::send_stopped() noexcept {
   Message m = make_message(MsgType::kStopped, role_);
   to_orchestrator().push(m, after(5.0), [this] { return orchestrator_alive(); });
+}
+
+void WorkerRuntime::at_stop_test_hook() {
+  if (at_stop_ == "kill") {
+    spdlog::warn("told to stop: killing itself (PI0_TEST_AT_STOP=kill)");
+    spdlog::default_logger()->flush();
+    ::raise(SIGKILL);
+  }
+  PI0_CHECK(at_stop_ != "error", "told to stop: failing (PI0_TEST_AT_STOP=error)");
 }
 
 WeightStore load_stage_weights(const WorkerOptions& o, WeightSet set) {

@@ -551,27 +551,29 @@ void Pipeline::feed(std::vector<float>* actions) {
 }
 
 void Pipeline::stop_workers() {
+  // Every frame is done, so the figures stand: a worker that fails from here on (it cannot be told
+  // to stop, dies, reports an error or misbehaves before it says it stopped, does not say so
+  // within the stop deadline, or exits badly after it did) is the run's error, reported after
+  // them (exit 3), not a failure that loses them. failure_ holds the first such failure and the
+  // end of this function makes it the report's error; the run's end kills and reaps a worker that
+  // did not stop. Only a second signal still stops the run at once, with no figures.
   Message stop = ipc::make_message(MsgType::kStop, ipc::Role::kOrchestrator);
   stop_sent_ = true;
   const auto healthy = [this] { return workers_healthy(false); };
   const WaitStatus pushed = control_.ring(RingId::kOrchToEncoder)
                                 .push(stop, Clock::now() + std::chrono::seconds(5), healthy);
-  if (pushed != WaitStatus::kOk) {
-    // A full ring or corrupt counters leave no failure behind: the line must still say why.
-    if (failure_.empty())
-      failure_ = failure_text(
-          encoder_, std::string("could not be told to stop: ") + ipc::wait_status_name(pushed));
-    fail();
-  }
+  // A full ring or corrupt counters leave no failure behind: the line must still say why.
+  if (pushed != WaitStatus::kOk && failure_.empty())
+    failure_ = failure_text(
+        encoder_, std::string("could not be told to stop: ") + ipc::wait_status_name(pushed));
   const auto deadline = Clock::now() + std::chrono::seconds(30);
-  while (!(encoder_.stopped && decoder_.stopped)) {
+  while (failure_.empty() && !(encoder_.stopped && decoder_.stopped)) {
     Message m;
     if (try_pop_from(decoder_, m)) {
       handle_worker_message(decoder_, m);
-      if (!failure_.empty()) fail();
       continue;
     }
-    if (!workers_healthy(false)) fail();
+    if (!workers_healthy(false)) break;
     if (g_stop_count.load() >= 2) {
       failure_ = "stopped by a second signal while the workers were stopping";
       fail();
@@ -581,28 +583,25 @@ void Pipeline::stop_workers() {
     // worker is late (the run failed with an empty error line, exit 3).
     if (encoder_.stopped && decoder_.stopped) break;
     if (Clock::now() >= deadline) {
-      // Every frame is done, so the figures stand, as below: the late worker is the run's error,
-      // reported after them (exit 3). The run's end kills and reaps it.
       for (Worker* w : {&encoder_, &decoder_})
-        if (!w->stopped && report_.error.empty())
-          report_.error =
-              failure_text(*w, "did not stop within 30 s of being told to" + state_note(*w));
+        if (!w->stopped && failure_.empty())
+          failure_ = failure_text(*w, "did not stop within 30 s of being told to" + state_note(*w));
       break;
     }
     std::this_thread::sleep_for(stop_poll_);
   }
-  // Every frame is done, so the figures stand; a worker that then exits badly (a crash in its
-  // teardown) is the run's error, reported after them (exit 3).
+  // A worker that stopped and then exits badly (a crash in its teardown) fails the run as well.
   for (Worker* w : {&encoder_, &decoder_}) {
-    if (!w->stopped) continue;  // late at the stop deadline: named above
+    if (!w->stopped) continue;  // failed or late above: the run's end kills and reaps it
     const auto status = w->process.wait_for(std::chrono::seconds(10));
     if (status && status->success()) continue;
     if (status) w->process.wait_output_closed(std::chrono::milliseconds(200));
-    if (report_.error.empty())
-      report_.error = failure_text(
+    if (failure_.empty())
+      failure_ = failure_text(
           *w, "stopped, then did not exit cleanly: " +
                   (status ? status->describe() : std::string("still running after 10 s")));
   }
+  report_.error = failure_;
 }
 
 RunReport Pipeline::run(std::vector<float>* actions) {

@@ -109,9 +109,10 @@ struct RunReport {
   double handoff_us_median = -1;
   double wall_s = 0;
   bool interrupted = false;
-  // Why this run failed: in a sweep, a run that could not happen; in any run, a worker that
-  // exited badly, or did not stop within the stop deadline, after every frame had finished (the
-  // figures stand). Empty when all went well.
+  // Why this run failed: in a sweep, a run that could not happen; in any run, a worker that failed
+  // as the workers were stopped after every frame had finished (it could not be told to stop,
+  // died, reported an error or did not stop within the stop deadline, or exited badly after it
+  // stopped): the figures stand. Empty when all went well.
   std::string error;
   WorkerSummary encoder, decoder;
 };

@@ -72,6 +72,11 @@ class WorkerRuntime {
   void send_ready();
   void send_error(const std::string& what) noexcept;
   void send_stopped() noexcept;
+  // Test hook (PI0_TEST_AT_STOP), called by a worker told to stop before it says it stopped:
+  // "error" fails it there (an error message to the orchestrator, exit 1), "kill" ends it with
+  // SIGKILL, so that the tests see the orchestrator name a worker that fails as it stops. Unset
+  // or empty: nothing. Read at construction, so that a bad value fails the start.
+  void at_stop_test_hook();
 
   // Deadline `seconds` from now.
   static Deadline after(double seconds);
@@ -90,6 +95,7 @@ class WorkerRuntime {
   std::condition_variable startup_cv_;
   bool started_ = false;  // guarded by startup_mutex_
   std::thread startup_watch_;
+  std::string at_stop_;  // PI0_TEST_AT_STOP
 };
 
 // The weights of one stage: the file given, or seeded random weights. Checks the prompt length.

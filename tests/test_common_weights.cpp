@@ -605,6 +605,21 @@ TEST_CASE("weights files that are not what they seem fail without hanging or exh
     }
     REQUIRE(contains(with_header("\xEF\xBB\xBF" + header), "byte-order mark"));
   }
+  SECTION("a header whose JSON is followed by a NUL byte") {
+    // The JSON parser stops at a NUL: what came after it was never read, and the file loaded.
+    const auto store = pi0::WeightStore::random(c, 0, 3, pi0::WeightSet::kAll);
+    TempFile file("nul");
+    const std::string bytes = save_and_read(store, file.path);
+    const uint64_t header_len = header_length(bytes);
+    const std::string header = bytes.substr(8, header_len), data = bytes.substr(8 + header_len);
+    for (const std::string& after : {std::string(8, '\0'), std::string("\0{\"not\": json", 13)}) {
+      const std::string text = header + after;
+      write_bytes(file.path, length_prefix(text.size()) + text + data);
+      const std::string msg = load_error(file.path, c);
+      INFO(msg);
+      REQUIRE(contains(msg, "header has a NUL byte at offset " + std::to_string(header_len)));
+    }
+  }
   SECTION("a header that is a deep run of brackets") {
     // 20 MB of '[': parsed to the end, it would take gigabytes; refused at the fourth level.
     TempFile file("deepheader");

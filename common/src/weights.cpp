@@ -390,6 +390,13 @@ CheckedFile check_file(const std::string& path, const ModelConfig& config, Weigh
   // nlohmann skips a UTF-8 byte-order mark; the format's own reader (serde_json) refuses one.
   if (header_len >= 3 && std::memcmp(header_text, "\xEF\xBB\xBF", 3) == 0)
     err.fail("header starts with a UTF-8 byte-order mark, which a safetensors header may not");
+  // And nlohmann ends its input at a NUL byte, so that whatever followed one went unread: a
+  // header of JSON, a NUL and anything at all loaded. serde_json refuses any byte after the JSON
+  // but whitespace (writers pad with spaces).
+  if (const void* nul = std::memchr(header_text, '\0', header_len))
+    err.fail("header has a NUL byte at offset " +
+             std::to_string(static_cast<const char*>(nul) - header_text) +
+             ", which a safetensors header (JSON text, padded with spaces) may not");
   try {
     header = nlohmann::json::parse(header_text, header_text + header_len, note_repeats);
   } catch (const TooDeep&) {

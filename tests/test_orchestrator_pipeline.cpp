@@ -15,9 +15,11 @@
 #include "catch.hpp"
 #include "pi0/cuda/device_report.hpp"
 #include "pi0/frame_inputs.hpp"
+#include "pi0/ipc/control_block.hpp"
 #include "pi0/ipc/shm.hpp"
 #include "pi0/ipc/worker_runtime.hpp"
 #include "pi0/orchestrator.hpp"
+#include "pi0/process.hpp"
 #include "pi0/reference.hpp"
 #include "process_utils.hpp"
 #include "scoped_env.hpp"
@@ -1029,6 +1031,50 @@ TEST_CASE("a decoder that reports a frame out of range is named and the run ends
                         " out of range (max 5) in FrameDone") != std::string::npos);
   CHECK(run.seconds < 10);
   require_nothing_left(run.pid);
+}
+
+// A worker that fails sends kError, then exits. An orchestrator that saw the exit before it read
+// the message named the failure "died: exited with status 1", leaving out why. Here the
+// orchestrator is stopped (SIGSTOP) while the encoder rejects a message from the segment and
+// exits, so that it is sure to see the exit first when it resumes.
+TEST_CASE("a worker that fails and exits at once is named with its error and not its exit status",
+          "[orchestrator][process]") {
+  const std::vector<std::string> args =
+      tiny_run({"--views", "1", "--chunk", "4", "--slots", "2", "--frames", "100000", "--warmup",
+                "0", "--rate", "5", "--frame-timeout", "60"});
+  ChildProcess orch =
+      ChildProcess::spawn("orchestrator", test::orchestrator_exe(), args, {}, false);
+  REQUIRE(test::eventually(
+      [&] { return orch.output().find("streaming frames") != std::string::npos; }, 20000ms));
+  const int encoder_pid = test::pid_in_log(orch.output(), "encoder_worker");
+  REQUIRE(encoder_pid > 0);
+  const std::vector<std::string> segments = test::segments_of(orch.pid());
+  REQUIRE(segments.size() == 1);
+  RunShape shape;
+  shape.views = 1;
+  shape.chunk = 4;
+  ipc::ControlBlock control = ipc::ControlBlock::open(
+      segments[0], ipc::compute_layout(model_config("tiny"), shape, 2, 100000, true));
+
+  REQUIRE(::kill(orch.pid(), SIGSTOP) == 0);
+  // The orchestrator is stopped: the test is the ring's only producer now.
+  ipc::Message bad = ipc::make_message(ipc::MsgType::kFrameInput, ipc::Role::kOrchestrator);
+  bad.magic = 0xdeadbeef;
+  REQUIRE(control.ring(ipc::RingId::kOrchToEncoder).try_push(bad));
+  const bool encoder_exited = test::eventually(
+      [&] { return process_state(encoder_pid) == "exited, not yet reaped"; }, 20000ms);
+  ::kill(orch.pid(), SIGCONT);
+  REQUIRE(encoder_exited);
+  const auto status = orch.wait_for(20000ms);
+  REQUIRE(status.has_value());
+  INFO(orch.output());
+  CHECK(status->code == 3);
+  CHECK(orch.output().find("error: encoder_worker (pid " + std::to_string(encoder_pid) +
+                           ") failed: rejected a message from the orchestrator: bad magic "
+                           "0xdeadbeef") != std::string::npos);
+  CHECK(orch.output().find(") died: ") == std::string::npos);
+  control = ipc::ControlBlock();
+  require_nothing_left(orch.pid());
 }
 
 TEST_CASE("segments left by dead runs are removed when a run starts", "[orchestrator][ipc]") {

@@ -197,10 +197,15 @@ bool Pipeline::workers_healthy(bool signals_stop) {
   if (!failure_.empty()) return false;
   for (Worker* w : {&encoder_, &decoder_}) {
     if (auto status = w->process.poll()) {
-      // A worker told to stop sends kStopped and exits: we may see the exit before the message.
-      if (stop_sent_ && !w->stopped) {
+      // A worker told to stop sends kStopped and exits, and one that fails sends kError and exits:
+      // we may see the exit before the message. (Its other messages, a frame done among them,
+      // are moot once it died without being told to stop.)
+      if (!w->stopped) {
         Message m;
-        while (!w->stopped && failure_.empty() && try_pop_from(*w, m)) handle_worker_message(*w, m);
+        while (!w->stopped && failure_.empty() && try_pop_from(*w, m)) {
+          if (stop_sent_ || m.type == static_cast<uint16_t>(MsgType::kError))
+            handle_worker_message(*w, m);
+        }
         if (!failure_.empty()) return false;
       }
       // One that stopped and then exited badly has done its frames: stop_workers judges its exit.

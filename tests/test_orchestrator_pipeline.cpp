@@ -64,6 +64,14 @@ ChildProcess start_long_run(std::string& log_out, const EnvOverrides& env = {}) 
   return orch;
 }
 
+// Waits until the orchestrator's output has `line`, then returns the pid it logged for `worker`.
+int logged_pid(ChildProcess& orch, const std::string& line, const std::string& worker) {
+  REQUIRE(test::eventually([&] { return orch.output().find(line) != std::string::npos; }, 20000ms));
+  const int pid = test::pid_in_log(orch.output(), worker);
+  REQUIRE(pid > 0);
+  return pid;
+}
+
 }  // namespace
 
 TEST_CASE(
@@ -279,10 +287,7 @@ TEST_CASE("a last frame slower than the stop deadline but within --frame-timeout
                           tiny_run({"--frames", "2", "--warmup", "0", "--rate", "0.5",
                                     "--frame-timeout", "60", "--json", dir + "/r.json"}),
                           {}, false);
-  REQUIRE(test::eventually(
-      [&] { return orch.output().find("streaming frames") != std::string::npos; }, 20000ms));
-  const int decoder_pid = test::pid_in_log(orch.output(), "decoder_worker");
-  REQUIRE(decoder_pid > 0);
+  const int decoder_pid = logged_pid(orch, "streaming frames", "decoder_worker");
   std::this_thread::sleep_for(1s);  // frame 0 is done; frame 1 arrives in 1 s
   REQUIRE(::kill(decoder_pid, SIGSTOP) == 0);
   std::this_thread::sleep_for(34s);
@@ -317,12 +322,8 @@ TEST_CASE("a worker that hangs after the last frame is named at the stop deadlin
       tiny_run({"--frames", "2", "--warmup", "0", "--rate", "0.5", "--frame-timeout", "60",
                 "--json", json, "--actions-out", actions}),
       {}, false);
-  REQUIRE(test::eventually(
-      [&] { return orch.output().find("streaming frames") != std::string::npos; }, 20000ms));
-  const int decoder_pid = test::pid_in_log(orch.output(), "decoder_worker");
-  const int encoder_pid = test::pid_in_log(orch.output(), "encoder_worker");
-  REQUIRE(decoder_pid > 0);
-  REQUIRE(encoder_pid > 0);
+  const int decoder_pid = logged_pid(orch, "streaming frames", "decoder_worker");
+  const int encoder_pid = logged_pid(orch, "streaming frames", "encoder_worker");
   // The decoder holds the last frame while the encoder, which has handed it on, is stopped; the
   // decoder then finishes it, and the encoder never hears the stop that follows.
   std::this_thread::sleep_for(1s);  // frame 0 is done; frame 1 arrives in 1 s
@@ -652,12 +653,8 @@ TEST_CASE("a frame timeout says what each worker is doing", "[orchestrator][proc
   ChildProcess orch = ChildProcess::spawn(
       "orchestrator", test::orchestrator_exe(),
       tiny_run({"--frames", "1000000", "--warmup", "0", "--frame-timeout", "1"}), {}, false);
-  REQUIRE(test::eventually(
-      [&] { return orch.output().find("streaming frames") != std::string::npos; }, 20000ms));
-  const int decoder_pid = test::pid_in_log(orch.output(), "decoder_worker");
-  const int encoder_pid = test::pid_in_log(orch.output(), "encoder_worker");
-  REQUIRE(decoder_pid > 0);
-  REQUIRE(encoder_pid > 0);
+  const int decoder_pid = logged_pid(orch, "streaming frames", "decoder_worker");
+  const int encoder_pid = logged_pid(orch, "streaming frames", "encoder_worker");
   REQUIRE(::kill(decoder_pid, SIGSTOP) == 0);
   const auto status = orch.wait_for(10000ms);
   if (!status) ::kill(decoder_pid, SIGCONT);
@@ -679,10 +676,7 @@ TEST_CASE("a startup timeout says what the late worker is doing", "[orchestrator
       ChildProcess::spawn("orchestrator", test::orchestrator_exe(),
                           tiny_run({"--frames", "2", "--warmup", "0", "--startup-timeout", "2"}),
                           {{"PI0_TEST_LOAD_DELAY_MS", "1000"}}, false);
-  REQUIRE(test::eventually(
-      [&] { return orch.output().find("started encoder_worker") != std::string::npos; }, 20000ms));
-  const int encoder_pid = test::pid_in_log(orch.output(), "encoder_worker");
-  REQUIRE(encoder_pid > 0);
+  const int encoder_pid = logged_pid(orch, "started encoder_worker", "encoder_worker");
   REQUIRE(::kill(encoder_pid, SIGSTOP) == 0);
   const auto status = orch.wait_for(20000ms);
   if (!status) ::kill(encoder_pid, SIGCONT);
@@ -705,10 +699,7 @@ TEST_CASE("a frame timeout at a camera rate counts from the last frame that fini
                           tiny_run({"--frames", "1000000", "--warmup", "0", "--rate", "1",
                                     "--slots", "8", "--frame-timeout", "1"}),
                           {}, false);
-  REQUIRE(test::eventually(
-      [&] { return orch.output().find("streaming frames") != std::string::npos; }, 20000ms));
-  const int decoder_pid = test::pid_in_log(orch.output(), "decoder_worker");
-  REQUIRE(decoder_pid > 0);
+  const int decoder_pid = logged_pid(orch, "streaming frames", "decoder_worker");
   std::this_thread::sleep_for(300ms);  // the first frame is done; the next arrives in 0.7 s
   REQUIRE(::kill(decoder_pid, SIGSTOP) == 0);
   const auto t0 = std::chrono::steady_clock::now();
@@ -786,10 +777,7 @@ TEST_CASE("a worker told to stop while it loads stops at once", "[orchestrator][
   ChildProcess orch =
       ChildProcess::spawn("orchestrator", test::orchestrator_exe(), tiny_run({"--frames", "2"}),
                           {{"PI0_TEST_LOAD_DELAY_MS", "8000"}}, false);
-  REQUIRE(test::eventually(
-      [&] { return orch.output().find("started encoder_worker") != std::string::npos; }, 20000ms));
-  const int encoder_pid = test::pid_in_log(orch.output(), "encoder_worker");
-  REQUIRE(encoder_pid > 0);
+  const int encoder_pid = logged_pid(orch, "started encoder_worker", "encoder_worker");
   std::this_thread::sleep_for(300ms);  // in its load
   const auto t0 = std::chrono::steady_clock::now();
   REQUIRE(::kill(encoder_pid, SIGTERM) == 0);
@@ -1044,10 +1032,7 @@ TEST_CASE("a worker that fails and exits at once is named with its error and not
                 "0", "--rate", "5", "--frame-timeout", "60"});
   ChildProcess orch =
       ChildProcess::spawn("orchestrator", test::orchestrator_exe(), args, {}, false);
-  REQUIRE(test::eventually(
-      [&] { return orch.output().find("streaming frames") != std::string::npos; }, 20000ms));
-  const int encoder_pid = test::pid_in_log(orch.output(), "encoder_worker");
-  REQUIRE(encoder_pid > 0);
+  const int encoder_pid = logged_pid(orch, "streaming frames", "encoder_worker");
   const std::vector<std::string> segments = test::segments_of(orch.pid());
   REQUIRE(segments.size() == 1);
   RunShape shape;

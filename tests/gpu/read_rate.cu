@@ -38,6 +38,48 @@ __global__ void read_vectors_kernel(const uint4* src, size_t n, int passes, uint
   if (x == 0x9e3779b9u) sink[blockIdx.x] = x;
 }
 
+__global__ void l2_pull_kernel(const char* src, size_t bytes, L2Pull how, size_t chunk,
+                               uint32_t* sink) {
+  const size_t me = blockIdx.x * size_t{blockDim.x} + threadIdx.x;
+  const size_t threads = size_t{gridDim.x} * blockDim.x;
+  uint32_t x = 0;
+  if (how == L2Pull::kBulk) {
+    for (size_t off = me * chunk; off < bytes; off += threads * chunk) {
+      const size_t size = bytes - off < chunk ? bytes - off : chunk;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src + off),
+                   "r"(static_cast<uint32_t>(size))
+                   : "memory");
+#endif
+    }
+  } else if (how == L2Pull::kLines) {
+    for (size_t off = me * 128; off < bytes; off += threads * 128)
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(src + off));
+  } else {
+    size_t seg = me;
+    const size_t segs = bytes / 256;
+    // Eight loads in flight a thread.
+    for (; seg + 7 * threads < segs; seg += 8 * threads) {
+      uint32_t v[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u)
+        asm volatile("ld.global.nc.L1::no_allocate.L2::256B.u32 %0, [%1];"
+                     : "=r"(v[u])
+                     : "l"(src + (seg + u * threads) * 256));
+#pragma unroll
+      for (int u = 0; u < 8; ++u) x ^= v[u];
+    }
+    for (; seg < segs; seg += threads) {
+      uint32_t v;
+      asm volatile("ld.global.nc.L1::no_allocate.L2::256B.u32 %0, [%1];"
+                   : "=r"(v)
+                   : "l"(src + seg * 256));
+      x ^= v;
+    }
+  }
+  if (x == 0x9e3779b9u) sink[blockIdx.x] = x;
+}
+
 __global__ void spin_kernel(uint64_t ns) {
   uint64_t start, now;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
@@ -276,6 +318,16 @@ size_t launch_read_vectors(const void* src, size_t bytes, int passes, int blocks
       static_cast<const uint4*>(src), bytes / 16, passes, sink);
   CUDA_CHECK_LAUNCH();
   return bytes * passes;
+}
+
+void launch_l2_pull(const void* src, size_t bytes, L2Pull how, int blocks, int threads,
+                    size_t chunk, uint32_t* sink, cudaStream_t stream) {
+  PI0_CHECK(reinterpret_cast<uintptr_t>(src) % 16 == 0 && bytes % 16 == 0 && blocks > 0 &&
+                threads > 0 && (how != L2Pull::kBulk || (chunk > 0 && chunk % 16 == 0)),
+            "launch_l2_pull: 16-byte aligned src and bytes, a non-empty grid, whole bulk chunks");
+  l2_pull_kernel<<<blocks, threads, 0, stream>>>(static_cast<const char*>(src), bytes, how, chunk,
+                                                 sink);
+  CUDA_CHECK_LAUNCH();
 }
 
 void launch_spin(uint64_t ns, cudaStream_t stream) {

@@ -41,6 +41,19 @@ size_t launch_read_bulk_cluster(const void* src, size_t bytes, int passes, int m
                                 int cluster, bool multicast, int stages, int chunk, uint32_t* sink,
                                 cudaStream_t stream, int* blocks_run);
 
+// Ways to bring [src, src + bytes) into L2 without keeping it in the SMs: the decoder's L2
+// prefetch (bulk prefetches through the TMA) and candidates to replace it (bench/NOTES.md v44 found
+// the decoder paced by that prefetch's ~0.87 TB/s).
+enum class L2Pull {
+  kBulk,      // cp.async.bulk.prefetch.L2 of `chunk` bytes, each thread striding the grid
+  kLines,     // prefetch.global.L2, one a 128-byte line
+  kLoads256,  // ld.global.nc with the L2::256B hint, one 4-byte load a 256-byte segment
+};
+// `blocks` blocks of `threads` threads pull the range (16-byte aligned; bulk chunks a multiple of
+// 16). sink holds `blocks` words.
+void launch_l2_pull(const void* src, size_t bytes, L2Pull how, int blocks, int threads,
+                    size_t chunk, uint32_t* sink, cudaStream_t stream);
+
 // One thread that spins for `ns` nanoseconds: queued before a timed region's first event, it keeps
 // the host's launch of the work after it out of the time.
 void launch_spin(uint64_t ns, cudaStream_t stream);

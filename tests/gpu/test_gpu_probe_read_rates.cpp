@@ -214,6 +214,48 @@ TEST_CASE("probe: read rates from DRAM and L2", "[.probe]") {
       median(cold), tb_per_s(region, median(cold)), median(issue), median(warm),
       tb_per_s(region, median(warm)), median(both));
 
+  // Ways to bring the same cold 34 MiB into L2, against the prefetch above (v44: the decoder is
+  // paced by it): the pull alone, the region read after it, and pull then read at once. Which
+  // brings the bytes fastest and leaves them readable at L2's rate is the candidate to replace it.
+  // The regions come round again after ~1 GiB of others, so each is still cold.
+  struct Pull {
+    const char* label;
+    L2Pull how;
+    int blocks, threads;
+    size_t chunk;
+  };
+  std::vector<Pull> pulls;
+  for (const int blocks : {8, 32, sms})
+    for (const size_t chunk : {size_t{2048}, size_t{4096}, size_t{16384}, size_t{65536}})
+      pulls.push_back({"bulk", L2Pull::kBulk, blocks, 128, chunk});
+  for (const int blocks : {8, 32, sms}) pulls.push_back({"lines", L2Pull::kLines, blocks, 512, 0});
+  for (const int blocks : {16, 32, 66, sms})
+    pulls.push_back({"loads L2::256B", L2Pull::kLoads256, blocks, 512, 0});
+  for (const Pull& pull : pulls) {
+    auto pull_region = [&](const std::byte* p) {
+      launch_l2_pull(p, region, pull.how, pull.blocks, pull.threads, pull.chunk, sink.get(), s);
+    };
+    pull_region(reinterpret_cast<const std::byte*>(big.get()));  // loads the kernel, untimed
+    std::vector<double> alone, after, together;
+    for (int i = 0; i < 5; ++i) {
+      const std::byte* p = next_region();
+      alone.push_back(once_us([&] { pull_region(p); }));
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      after.push_back(once_us([&] { read_region(p); }));
+      p = next_region();
+      together.push_back(once_us([&] {
+        pull_region(p);
+        read_region(p);
+      }));
+    }
+    std::printf(
+        "probe pull 34 MiB %-14s %4d x %3d, chunk %5zu: pull %6.1f us (%.2f TB/s); read after "
+        "%5.1f us (%.2f TB/s); pull then read %6.1f us\n",
+        pull.label, pull.blocks, pull.threads, pull.chunk, median(alone),
+        tb_per_s(region, median(alone)), median(after), tb_per_s(region, median(after)),
+        median(together));
+  }
+
   // The decoder's products at 64 rows, cuBLASLt's fastest listed configuration, over one weight
   // copy (in L2 after the first launch) and over 20-32 (streamed from DRAM, as a decode's layers
   // are without the prefetch). Weight bytes only; the time includes the gaps between a graph's

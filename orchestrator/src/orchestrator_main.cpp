@@ -86,11 +86,15 @@ int orchestrator_main(int argc, char** argv) {
     if (!options->actions_path.empty()) {
       write_result(options->actions_path, actions.data(), actions.size() * sizeof(float));
     }
-    PI0_CHECK(write_error.empty(), write_error);
     if (!report.error.empty()) {  // a worker failed or hung after the last frame: the figures stand
+      // A results file that could not be written is told as well, but the worker's failure sets
+      // the status.
+      if (!write_error.empty())
+        std::fprintf(stderr, "orchestrator: error: %s\n", write_error.c_str());
       std::fprintf(stderr, "orchestrator: error: %s\n", report.error.c_str());
       return stop_signal() != 0 ? exit_code_for_signal(stop_signal()) : 3;
     }
+    PI0_CHECK(write_error.empty(), write_error);
     return exit_code_for_signal(stop_signal());
   } catch (const WorkerFailure& e) {
     std::fprintf(stderr, "orchestrator: error: %s\n", e.what());

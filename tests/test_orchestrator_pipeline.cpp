@@ -281,17 +281,18 @@ TEST_CASE("an orchestrator stopped while its workers stop ends a clean run when 
 TEST_CASE("a last frame slower than the stop deadline but within --frame-timeout ends a clean run",
           "[orchestrator][process]") {
   const std::string dir = test::temp_dir("slow_last_frame");
-  // Frame 0 at once, frame 1 (the last) 2 s later.
+  // Frame 0 at once, frame 1 (the last) 4 s later: seconds either side of each signal below, for
+  // a loaded machine.
   ChildProcess orch =
       ChildProcess::spawn("orchestrator", test::orchestrator_exe(),
-                          tiny_run({"--frames", "2", "--warmup", "0", "--rate", "0.5",
+                          tiny_run({"--frames", "2", "--warmup", "0", "--rate", "0.25",
                                     "--frame-timeout", "60", "--json", dir + "/r.json"}),
                           {}, false);
   const int decoder_pid = logged_pid(orch, "streaming frames", "decoder_worker");
-  std::this_thread::sleep_for(1s);  // frame 0 is done; frame 1 arrives in 1 s
+  std::this_thread::sleep_for(2s);  // frame 0 is done; frame 1 arrives in 2 s
   REQUIRE(::kill(decoder_pid, SIGSTOP) == 0);
-  std::this_thread::sleep_for(34s);
-  ::kill(decoder_pid, SIGCONT);  // gone where the run was ended while it was held
+  std::this_thread::sleep_for(35s);  // frame 1 waits ~33 s for the stopped decoder
+  ::kill(decoder_pid, SIGCONT);      // gone where the run was ended while it was held
   const auto status = orch.wait_for(20000ms);
   REQUIRE(status.has_value());
   INFO(orch.output());
@@ -319,16 +320,17 @@ TEST_CASE("a worker that hangs after the last frame is named at the stop deadlin
   const std::string json = dir + "/r.json", actions = dir + "/actions.f32";
   ChildProcess orch = ChildProcess::spawn(
       "orchestrator", test::orchestrator_exe(),
-      tiny_run({"--frames", "2", "--warmup", "0", "--rate", "0.5", "--frame-timeout", "60",
+      tiny_run({"--frames", "2", "--warmup", "0", "--rate", "0.25", "--frame-timeout", "60",
                 "--json", json, "--actions-out", actions}),
       {}, false);
   const int decoder_pid = logged_pid(orch, "streaming frames", "decoder_worker");
   const int encoder_pid = logged_pid(orch, "streaming frames", "encoder_worker");
   // The decoder holds the last frame while the encoder, which has handed it on, is stopped; the
-  // decoder then finishes it, and the encoder never hears the stop that follows.
-  std::this_thread::sleep_for(1s);  // frame 0 is done; frame 1 arrives in 1 s
+  // decoder then finishes it, and the encoder never hears the stop that follows. Frames 4 s apart
+  // leave seconds either side of each signal, for a loaded machine.
+  std::this_thread::sleep_for(2s);  // frame 0 is done; frame 1 arrives in 2 s
   REQUIRE(::kill(decoder_pid, SIGSTOP) == 0);
-  std::this_thread::sleep_for(2s);  // frame 1 is encoded and waits for the stopped decoder
+  std::this_thread::sleep_for(4s);  // frame 1 is encoded and waits for the stopped decoder
   REQUIRE(::kill(encoder_pid, SIGSTOP) == 0);
   REQUIRE(::kill(decoder_pid, SIGCONT) == 0);
   const auto t0 = std::chrono::steady_clock::now();

@@ -327,6 +327,20 @@ TEST_CASE(
   std::filesystem::remove_all(dir);
 }
 
+namespace {
+
+// A stand-in pi0_bench in `dir` that writes `json` to the file its --json names.
+void write_stand_in_bench(const std::string& dir, const std::string& json) {
+  {
+    std::ofstream script(dir + "/pi0_bench");
+    script << "#!/bin/sh\nwhile [ $# -gt 0 ]; do [ \"$1\" = --json ] && out=\"$2\"; shift; done\n"
+           << "printf '%s' '" << json << "' > \"$out\"\n";
+  }
+  std::filesystem::permissions(dir + "/pi0_bench", std::filesystem::perms::owner_all);
+}
+
+}  // namespace
+
 // pi0_bench's JSON, truncated (a full disk) or from an older pi0_bench (--worker-dir), is the
 // baseline's one-line failure, not an exception that ends the sweep.
 TEST_CASE("a malformed pi0_bench JSON fails the single-process baseline with one line",
@@ -344,12 +358,7 @@ TEST_CASE("a malformed pi0_bench JSON fails the single-process baseline with one
         "{\"iters\": 5, \"cases\": [{\"e2e_median_ms\": 1.0}]}",
         "{\"iters\": 5, \"cases\": [{\"e2e_median_ms\": 1.0, \"e2e_p99_ms\": 2.0, "
         "\"throughput_per_s\": 9.0, \"encoder_median_ms\": 0.5, \"decoder_median_ms\": 0.5}]}"}) {
-    {
-      std::ofstream script(dir + "/pi0_bench");
-      script << "#!/bin/sh\nwhile [ $# -gt 0 ]; do [ \"$1\" = --json ] && out=\"$2\"; shift; done\n"
-             << "printf '%s' '" << json << "' > \"$out\"\n";
-    }
-    fs::permissions(dir + "/pi0_bench", fs::perms::owner_all);
+    write_stand_in_bench(dir, json);
     try {
       run_single_process_baseline(run);
       FAIL("no error");
@@ -380,12 +389,7 @@ TEST_CASE("the single-process baseline carries pi0_bench's p50, p99, mean and ma
       "\"e2e_mean_ms\": 12.625, \"e2e_max_ms\": 14.75, \"throughput_per_s\": 78.5, "
       "\"host_to_host_median_ms\": 12.75, \"host_to_host_p99_ms\": 13.5, "
       "\"encoder_median_ms\": 5.25, \"decoder_median_ms\": 7.5}]}";
-  {
-    std::ofstream script(dir + "/pi0_bench");
-    script << "#!/bin/sh\nwhile [ $# -gt 0 ]; do [ \"$1\" = --json ] && out=\"$2\"; shift; done\n"
-           << "printf '%s' '" << json << "' > \"$out\"\n";
-  }
-  fs::permissions(dir + "/pi0_bench", fs::perms::owner_all);
+  write_stand_in_bench(dir, json);
   SweepResult s;
   s.baselines = {run_single_process_baseline(run)};
   const RunReport& r = s.baselines.front();

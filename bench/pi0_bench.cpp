@@ -79,6 +79,14 @@ double mean(const std::vector<double>& v) {
   return sum / static_cast<double>(v.size());
 }
 
+// The end-to-end figures of one timed loop's samples.
+void set_e2e(Figures& f, const std::vector<double>& total) {
+  f.e2e_median = percentile(total, 0.5);
+  f.e2e_p99 = percentile(total, 0.99);
+  f.e2e_mean = mean(total);
+  f.e2e_max = *std::max_element(total.begin(), total.end());
+}
+
 size_t used_memory() {
   size_t free_bytes = 0, total = 0;
   CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total));
@@ -291,11 +299,8 @@ Figures run_case(const ModelConfig& config, const Case& c, const WeightStore& en
       dec.push_back(e2.elapsed_since(e1));
       total.push_back(e2.elapsed_since(e0));
     }
-    f.e2e_serial_median = percentile(total, 0.5);
-    f.e2e_median = f.e2e_serial_median;
-    f.e2e_p99 = percentile(total, 0.99);
-    f.e2e_mean = mean(total);
-    f.e2e_max = *std::max_element(total.begin(), total.end());
+    set_e2e(f, total);
+    f.e2e_serial_median = f.e2e_median;
     f.enc_median = percentile(enc, 0.5);
     f.dec_median = percentile(dec, 0.5);
   }
@@ -310,10 +315,7 @@ Figures run_case(const ModelConfig& config, const Case& c, const WeightStore& en
       e2.synchronize();
       total.push_back(e2.elapsed_since(e0));
     }
-    f.e2e_median = percentile(total, 0.5);
-    f.e2e_p99 = percentile(total, 0.99);
-    f.e2e_mean = mean(total);
-    f.e2e_max = *std::max_element(total.begin(), total.end());
+    set_e2e(f, total);
   }
 
   // Host to host, as a one-process deployment sees a frame: inputs uploaded from pinned host

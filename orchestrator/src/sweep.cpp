@@ -128,7 +128,7 @@ bool has_figures(const RunReport& r) {
 // but no throughput, so a sweep of one frame a run compares the latencies.)
 // A split whose SM share was not applied (the workers not MPS clients) is not the split it names.
 bool is_candidate(const RunReport& r) {
-  return r.error.empty() && !r.interrupted && r.frames > 0 && r.mode != "single-process" &&
+  return has_figures(r) && !r.interrupted && r.mode != "single-process" &&
          (!r.mps || r.split_applied);
 }
 

@@ -144,6 +144,23 @@ bool contains(const std::string& text, const std::string& part) {
   return text.find(part) != std::string::npos;
 }
 
+// A store saved at a path, split into its header text and its data section, so that a test can
+// load the same data under another header.
+struct SavedParts {
+  std::string path, header, data;
+};
+SavedParts save_parts(const pi0::WeightStore& store, const std::string& path) {
+  const std::string bytes = save_and_read(store, path);
+  const uint64_t header_len = header_length(bytes);
+  return {path, bytes.substr(8, header_len), bytes.substr(8 + header_len)};
+}
+// The error of loading the saved data under header `text` ("" if none).
+std::string load_error_with_header(const SavedParts& saved, const std::string& text,
+                                   const pi0::ModelConfig& c) {
+  write_bytes(saved.path, length_prefix(text.size()) + text + saved.data);
+  return load_error(saved.path, c);
+}
+
 }  // namespace
 
 TEST_CASE("weight specs follow the spec table", "[common]") {
@@ -589,13 +606,11 @@ TEST_CASE("weights files that are not what they seem fail without hanging or exh
   SECTION("metadata that is not a map of names to strings, or a byte-order mark") {
     const auto store = pi0::WeightStore::random(c, 0, 3, pi0::WeightSet::kAll);
     TempFile file("metadata");
-    const std::string bytes = save_and_read(store, file.path);
-    const uint64_t header_len = header_length(bytes);
-    const std::string header = bytes.substr(8, header_len), data = bytes.substr(8 + header_len);
+    const SavedParts saved = save_parts(store, file.path);
+    const std::string& header = saved.header;
     // The saved header starts with '{': these put something before its first entry.
     const auto with_header = [&](const std::string& text) {
-      write_bytes(file.path, length_prefix(text.size()) + text + data);
-      return load_error(file.path, c);
+      return load_error_with_header(saved, text, c);
     };
     REQUIRE(with_header("{\"__metadata__\":{\"format\":\"pt\"}," + header.substr(1)).empty());
     for (const std::string metadata : {"[1,2]", "{\"format\":[\"pt\"]}", "{\"n\":3}", "\"pt\""}) {
@@ -609,15 +624,12 @@ TEST_CASE("weights files that are not what they seem fail without hanging or exh
     // The JSON parser stops at a NUL: what came after it was never read, and the file loaded.
     const auto store = pi0::WeightStore::random(c, 0, 3, pi0::WeightSet::kAll);
     TempFile file("nul");
-    const std::string bytes = save_and_read(store, file.path);
-    const uint64_t header_len = header_length(bytes);
-    const std::string header = bytes.substr(8, header_len), data = bytes.substr(8 + header_len);
+    const SavedParts saved = save_parts(store, file.path);
     for (const std::string& after : {std::string(8, '\0'), std::string("\0{\"not\": json", 13)}) {
-      const std::string text = header + after;
-      write_bytes(file.path, length_prefix(text.size()) + text + data);
-      const std::string msg = load_error(file.path, c);
+      const std::string msg = load_error_with_header(saved, saved.header + after, c);
       INFO(msg);
-      REQUIRE(contains(msg, "header has a NUL byte at offset " + std::to_string(header_len)));
+      REQUIRE(
+          contains(msg, "header has a NUL byte at offset " + std::to_string(saved.header.size())));
     }
   }
   SECTION("a header that is a deep run of brackets") {

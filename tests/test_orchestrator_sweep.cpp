@@ -339,6 +339,16 @@ void write_stand_in_bench(const std::string& dir, const std::string& json) {
   std::filesystem::permissions(dir + "/pi0_bench", std::filesystem::perms::owner_all);
 }
 
+// A cuda run of the tiny model whose single-process baseline runs the pi0_bench found in `dir`.
+ResolvedRun baseline_run(const std::string& dir) {
+  ResolvedRun run;
+  run.backend = "cuda";
+  run.config = model_config("tiny");
+  run.options.worker_dir = dir;
+  run.options.run_timeout_s = 60;
+  return run;
+}
+
 }  // namespace
 
 // pi0_bench's JSON, truncated (a full disk) or from an older pi0_bench (--worker-dir), is the
@@ -347,11 +357,7 @@ TEST_CASE("a malformed pi0_bench JSON fails the single-process baseline with one
           "[orchestrator][sweep]") {
   namespace fs = std::filesystem;
   const std::string dir = test::temp_dir("baseline-json");
-  ResolvedRun run;
-  run.backend = "cuda";
-  run.config = model_config("tiny");
-  run.options.worker_dir = dir;
-  run.options.run_timeout_s = 60;
+  const ResolvedRun run = baseline_run(dir);
   // The third is an older pi0_bench's, before it wrote the mean and max.
   for (const std::string json :
        {"{\"iters\": 5, \"cases\": [{\"e2e_med",
@@ -377,13 +383,9 @@ TEST_CASE("the single-process baseline carries pi0_bench's p50, p99, mean and ma
           "[orchestrator][sweep]") {
   namespace fs = std::filesystem;
   const std::string dir = test::temp_dir("baseline-figures");
-  ResolvedRun run;
-  run.backend = "cuda";
-  run.config = model_config("tiny");
+  ResolvedRun run = baseline_run(dir);
   run.shape.views = 2;
   run.shape.chunk = 4;
-  run.options.worker_dir = dir;
-  run.options.run_timeout_s = 60;
   const std::string json =
       "{\"iters\": 200, \"cases\": [{\"e2e_median_ms\": 12.5, \"e2e_p99_ms\": 13.25, "
       "\"e2e_mean_ms\": 12.625, \"e2e_max_ms\": 14.75, \"throughput_per_s\": 78.5, "
@@ -422,11 +424,7 @@ TEST_CASE("a stop signal ends the sweep's single-process baseline at once",
     script << "#!/bin/sh\necho $$ > \"" << pid_file << "\"\nexec sleep 30\n";
   }
   fs::permissions(bench, fs::perms::owner_all);
-  ResolvedRun run;
-  run.backend = "cuda";
-  run.config = model_config("tiny");
-  run.options.worker_dir = dir;
-  run.options.run_timeout_s = 60;
+  const ResolvedRun run = baseline_run(dir);
   const pid_t child = ::fork();
   REQUIRE(child >= 0);
   if (child == 0) {

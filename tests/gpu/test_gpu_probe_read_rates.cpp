@@ -191,33 +191,45 @@ TEST_CASE("probe: read rates from DRAM and L2", "[.probe]") {
     b.synchronize();
     return b.elapsed_since(a) * 1e3;
   };
-  // Loads the prefetch kernel (CUDA loads kernels at their first launch), untimed.
-  prefetch_region(reinterpret_cast<const std::byte*>(big.get()));
-  std::vector<double> cold, issue, warm, both;
+  // Medians (us) over `rounds` cold regions: `pull` alone, the region read after it (the pull has
+  // had a millisecond), and pull then read at once. The first call loads the pull's kernel (CUDA
+  // loads kernels at their first launch), untimed.
+  struct PullTimes {
+    double alone, after, together;
+  };
+  auto pull_times = [&](auto&& pull, int rounds) {
+    pull(reinterpret_cast<const std::byte*>(big.get()));
+    std::vector<double> alone, after, together;
+    for (int i = 0; i < rounds; ++i) {
+      const std::byte* p = next_region();
+      alone.push_back(once_us([&] { pull(p); }));
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      after.push_back(once_us([&] { read_region(p); }));
+      p = next_region();
+      together.push_back(once_us([&] {
+        pull(p);
+        read_region(p);
+      }));
+    }
+    return PullTimes{median(alone), median(after), median(together)};
+  };
+  std::vector<double> cold;
   static_assert(2 + 3 * 9 <= 1024 / 34, "every region read once");
   for (int i = 0; i < 9; ++i) {
     const std::byte* p = next_region();
     cold.push_back(once_us([&] { read_region(p); }));
-    p = next_region();
-    issue.push_back(once_us([&] { prefetch_region(p); }));
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    warm.push_back(once_us([&] { read_region(p); }));
-    p = next_region();
-    both.push_back(once_us([&] {
-      prefetch_region(p);
-      read_region(p);
-    }));
   }
+  const PullTimes prefetch = pull_times(prefetch_region, 9);
   std::printf(
       "probe prefetch 34 MiB: cold read %.1f us (%.2f TB/s); prefetch kernel %.1f us; read "
       "after it %.1f us (%.2f TB/s); prefetch then read at once %.1f us\n",
-      median(cold), tb_per_s(region, median(cold)), median(issue), median(warm),
-      tb_per_s(region, median(warm)), median(both));
+      median(cold), tb_per_s(region, median(cold)), prefetch.alone, prefetch.after,
+      tb_per_s(region, prefetch.after), prefetch.together);
 
   // Ways to bring the same cold 34 MiB into L2, against the prefetch above (v44: the decoder is
-  // paced by it): the pull alone, the region read after it, and pull then read at once. Which
-  // brings the bytes fastest and leaves them readable at L2's rate is the candidate to replace it.
-  // The regions come round again after ~1 GiB of others, so each is still cold.
+  // paced by it). Which brings the bytes fastest and leaves them readable at L2's rate is the
+  // candidate to replace it. The regions come round again after ~1 GiB of others, so each is
+  // still cold.
   struct Pull {
     const char* label;
     L2Pull how;
@@ -232,28 +244,16 @@ TEST_CASE("probe: read rates from DRAM and L2", "[.probe]") {
   for (const int blocks : {16, 32, 66, sms})
     pulls.push_back({"loads L2::256B", L2Pull::kLoads256, blocks, 512, 0});
   for (const Pull& pull : pulls) {
-    auto pull_region = [&](const std::byte* p) {
-      launch_l2_pull(p, region, pull.how, pull.blocks, pull.threads, pull.chunk, sink.get(), s);
-    };
-    pull_region(reinterpret_cast<const std::byte*>(big.get()));  // loads the kernel, untimed
-    std::vector<double> alone, after, together;
-    for (int i = 0; i < 5; ++i) {
-      const std::byte* p = next_region();
-      alone.push_back(once_us([&] { pull_region(p); }));
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-      after.push_back(once_us([&] { read_region(p); }));
-      p = next_region();
-      together.push_back(once_us([&] {
-        pull_region(p);
-        read_region(p);
-      }));
-    }
+    const PullTimes t = pull_times(
+        [&](const std::byte* p) {
+          launch_l2_pull(p, region, pull.how, pull.blocks, pull.threads, pull.chunk, sink.get(), s);
+        },
+        5);
     std::printf(
         "probe pull 34 MiB %-14s %4d x %3d, chunk %5zu: pull %6.1f us (%.2f TB/s); read after "
         "%5.1f us (%.2f TB/s); pull then read %6.1f us\n",
-        pull.label, pull.blocks, pull.threads, pull.chunk, median(alone),
-        tb_per_s(region, median(alone)), median(after), tb_per_s(region, median(after)),
-        median(together));
+        pull.label, pull.blocks, pull.threads, pull.chunk, t.alone, tb_per_s(region, t.alone),
+        t.after, tb_per_s(region, t.after), t.together);
   }
 
   // The decoder's products at 64 rows, cuBLASLt's fastest listed configuration, over one weight

@@ -59,10 +59,11 @@ trap cleanup EXIT
 failed=0  # the exit status: 1 if any step failed
 
 nvidia-smi --query-gpu=name,memory.total,compute_mode,driver_version --format=csv,noheader 2>/dev/null
-# On an H100 every step (tests, benchmark, the workers of the sweep) reads the GEMM table tuned
-# for it, bench/gemm_table_h100.tsv, unless PI0_GEMM_TABLE is set (empty: no table).
-if [ -z "${PI0_GEMM_TABLE+x}" ] &&
-  [[ "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)" == *H100* ]]; then
+# On an H100 or H200 (the same chip, 132 SMs; the H200 has faster memory) every step (tests,
+# benchmark, the workers of the sweep) reads the GEMM table tuned on the H100,
+# bench/gemm_table_h100.tsv, unless PI0_GEMM_TABLE is set (empty: no table).
+gpu_name="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
+if [ -z "${PI0_GEMM_TABLE+x}" ] && [[ "$gpu_name" == *H100* || "$gpu_name" == *H200* ]]; then
   export PI0_GEMM_TABLE="$ROOT/bench/gemm_table_h100.tsv"
 fi
 echo "gpu_check: GEMM table: ${PI0_GEMM_TABLE:-none}"

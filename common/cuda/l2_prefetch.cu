@@ -67,18 +67,28 @@ void prefetch_l2(const L2Range* ranges, int count, cudaStream_t stream) {
   CUDA_CHECK_LAUNCH();
 }
 
+void L2Prefetcher::begin() {
+  for (Side& side : sides_) side.pending = false;
+  next_ = 0;
+}
+
 void L2Prefetcher::prefetch(const L2Range* ranges, int count, cudaStream_t stream) {
+  Side& side = sides_[next_];
+  next_ = (next_ + 1) % kSideStreams;
   fork_.record(stream);
-  CUDA_CHECK(cudaStreamWaitEvent(side_.get(), fork_.get(), 0));
-  prefetch_l2(ranges, count, side_.get());
-  pending_ = true;
+  CUDA_CHECK(cudaStreamWaitEvent(side.stream.get(), fork_.get(), 0));
+  prefetch_l2(ranges, count, side.stream.get());
+  side.pending = true;
 }
 
 void L2Prefetcher::rejoin(cudaStream_t stream) {
-  if (!pending_) return;
-  join_.record(side_.get());
-  CUDA_CHECK(cudaStreamWaitEvent(stream, join_.get(), 0));
-  pending_ = false;
+  for (Side& side : sides_) {
+    if (!side.pending) continue;
+    side.join.record(side.stream.get());
+    CUDA_CHECK(cudaStreamWaitEvent(stream, side.join.get(), 0));
+    side.pending = false;
+  }
+  next_ = 0;
 }
 
 }  // namespace pi0::cuda

@@ -4,7 +4,8 @@
 // (PI0_LAYER_WAITS=0: both on one stream). Per shape: latency of encode+decode (median, p99, mean
 // and max over >= 200 inferences after warm-up, CUDA events) and the same with the stages serial,
 // host to host (inputs uploaded, actions read back), each stage's time alone, achieved TFLOP/s and
-// weight GB/s against the H100's ceilings, back-to-back throughput and GPU memory per stage.
+// weight GB/s against the GPU's measured ceilings (ceilings.hpp), back-to-back throughput and GPU
+// memory per stage.
 #include <cuda_runtime_api.h>
 
 #include <CLI/CLI.hpp>
@@ -23,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "ceilings.hpp"
 #include "pi0/check.hpp"
 #include "pi0/command_line.hpp"
 #include "pi0/config.hpp"
@@ -42,9 +44,6 @@ using namespace pi0;
 
 namespace {
 
-// H100 SXM ceilings used for the utilisation columns (dense bf16, HBM3).
-constexpr double kPeakTflops = 800.0;
-constexpr double kPeakGBps = 3000.0;
 constexpr int kInputSets = 2;  // rotate inputs so that no run reads what the last one cached
 
 struct Case {
@@ -401,13 +400,14 @@ Figures run_case(const ModelConfig& config, const Case& c, const WeightStore& en
   return f;
 }
 
-void print_case(const Figures& f) {
+void print_case(const Figures& f, const bench::Ceilings& peak) {
   std::printf(
       "V=%d C=%d P=%d: e2e median %.3f ms p99 %.3f ms mean %.3f ms max %.3f ms (%s%s; serial "
       "%.3f ms) | host to host median %.3f ms p99 %.3f ms "
       "| encoder %.3f ms (%.2f TFLOP, %.0f TFLOP/s "
-      "= %.0f%% of %.0f; weights %.2f GB at %.0f GB/s) | decoder %.3f ms (%.3f TFLOP, %.0f "
-      "TFLOP/s; %.2f GB weight reads at %.0f GB/s = %.0f%% of %.0f) | %.1f inf/s back to back | "
+      "= %.0f%% of %.0f (%s); weights %.2f GB at %.0f GB/s) | decoder %.3f ms (%.3f TFLOP, %.0f "
+      "TFLOP/s; %.2f GB weight reads at %.0f GB/s = %.0f%% of %.0f (%s)) | %.1f inf/s back to "
+      "back | "
       "memory: encoder %.2f GiB weights + %.0f MiB workspace (measured %.2f GiB), decoder %.2f "
       "GiB + %.0f MiB (measured %.2f GiB)%s\n",
       f.c.views, f.c.chunk, f.c.prompt, f.e2e_median, f.e2e_p99, f.e2e_mean, f.e2e_max,
@@ -416,10 +416,11 @@ void print_case(const Figures& f) {
           ? (", " + std::to_string(f.frontend_waits) + " of its waits in the front end").c_str()
           : "",
       f.e2e_serial_median, f.host_median, f.host_p99, f.enc_median, f.enc_flop / 1e12, f.enc_tflops,
-      100 * f.enc_tflops / kPeakTflops, kPeakTflops, f.enc_bytes / 1e9, f.enc_gbps, f.dec_median,
-      f.dec_flop / 1e12, f.dec_tflops, f.dec_bytes / 1e9, f.dec_gbps, 100 * f.dec_gbps / kPeakGBps,
-      kPeakGBps, f.throughput, gib(f.enc_weights), f.enc_work / 1048576.0, gib(f.enc_measured),
-      gib(f.dec_weights), f.dec_work / 1048576.0, gib(f.dec_measured),
+      100 * f.enc_tflops / peak.tflops, peak.tflops, peak.of, f.enc_bytes / 1e9, f.enc_gbps,
+      f.dec_median, f.dec_flop / 1e12, f.dec_tflops, f.dec_bytes / 1e9, f.dec_gbps,
+      100 * f.dec_gbps / peak.gbps, peak.gbps, peak.of, f.throughput, gib(f.enc_weights),
+      f.enc_work / 1048576.0, gib(f.enc_measured), gib(f.dec_weights), f.dec_work / 1048576.0,
+      gib(f.dec_measured),
       f.later_attention.empty() ? ""
                                 : (" | decoder attention: first flow step " +
                                    f.first_step_attention + ", later steps " + f.later_attention)
@@ -542,6 +543,7 @@ int main(int argc, char** argv) {
       std::printf("%d\n", props.multiProcessorCount);
       return 0;
     }
+    const bench::Ceilings peak = bench::ceilings_for(props.name);
     std::printf(
         "pi0_bench: model %s on %s (%d SMs), %d timed inferences per shape%s, kernel handover "
         "at %s\n",
@@ -566,7 +568,7 @@ int main(int argc, char** argv) {
                             WeightStore::random(config, c.prompt, 1234, WeightSet::kEncoder));
       results.push_back(run_case(config, c, enc_weights.at(c.prompt), dec_weights, iters, warmup,
                                  enc_options, dec_options, breakdown));
-      print_case(results.back());
+      print_case(results.back(), peak);
     }
     if (!write_gemm_table.empty()) {
       const cuda::GemmTable tuned = cuda::tuned_gemm_choices();
@@ -579,6 +581,9 @@ int main(int argc, char** argv) {
       nlohmann::json j;
       j["model"] = config.name;
       j["device"] = props.name;
+      j["ceiling_tflops"] = peak.tflops;
+      j["ceiling_gbps"] = peak.gbps;
+      j["ceilings_of"] = peak.of;
       j["iters"] = iters;
       j["autotune"] = autotune;
       j["autotune_decoder"] = autotune_decoder;

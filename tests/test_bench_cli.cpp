@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "catch.hpp"
+#include "ceilings.hpp"
 #include "pi0/process.hpp"
 #include "process_utils.hpp"
 
@@ -100,4 +101,21 @@ TEST_CASE("pi0_bench refuses results files it could not write, before the run", 
   }
   CHECK(fs::file_size(table) == 13);  // untouched
   fs::remove_all(dir);
+}
+
+// The utilisation columns divide by the ceilings of the GPU the run is on: an H200 reads DRAM
+// half as fast again as an H100, so its decoder's share of the memory rate must not be put
+// against the H100's 3 TB/s; any other GPU is shown the H100's figures and told so.
+TEST_CASE("pi0_bench's ceilings follow the GPU it runs on", "[bench]") {
+  const bench::Ceilings h200 = bench::ceilings_for("NVIDIA H200");
+  CHECK(h200.gbps == 4600.0);
+  CHECK(h200.tflops == 800.0);
+  CHECK(std::string(h200.of) == "H200");
+  const bench::Ceilings h100 = bench::ceilings_for("NVIDIA H100 80GB HBM3");
+  CHECK(h100.gbps == 3000.0);
+  CHECK(h100.tflops == 800.0);
+  CHECK(std::string(h100.of) == "H100");
+  const bench::Ceilings other = bench::ceilings_for("NVIDIA A100-SXM4-80GB");
+  CHECK(other.gbps == 3000.0);
+  CHECK(std::string(other.of).find("none measured for this GPU") != std::string::npos);
 }

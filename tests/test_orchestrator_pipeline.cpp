@@ -539,6 +539,46 @@ TEST_CASE("workers exit and clean up when the orchestrator is killed", "[orchest
   event_files.require_only_foreign_left();
 }
 
+// A worker stopped (SIGSTOP) when its orchestrator is killed gets, from the kernel, SIGHUP and
+// SIGCONT as its process group is orphaned: it must take that SIGHUP as the stop it is, and clean
+// up as it exits. (It was ended by the SIGHUP, leaving the segment and its event files.) Both
+// workers are stopped, while they serve frames and while they load. Where the workers' new parent
+// shares their session the kernel sends neither signal; the SIGCONT below then lets them go on.
+TEST_CASE("workers stopped when the orchestrator is killed clean up as they exit",
+          "[orchestrator][process]") {
+  for (const bool loading : {false, true}) {
+    INFO("stopped while " << (loading ? "loading" : "serving frames"));
+    EnvOverrides env = kEventFileStandIns;
+    if (loading) env["PI0_TEST_LOAD_DELAY_MS"] = "30000";
+    ChildProcess orch =
+        ChildProcess::spawn("orchestrator", test::orchestrator_exe(),
+                            tiny_run({"--frames", "1000000", "--warmup", "0"}), env, false);
+    const std::string line = loading ? "started encoder_worker" : "streaming frames";
+    const int encoder_pid = logged_pid(orch, line, "encoder_worker");
+    const int decoder_pid = logged_pid(orch, line, "decoder_worker");
+    // Each worker makes its stand-in as it starts, before it loads.
+    REQUIRE(test::eventually(
+        [&] {
+          return test::segments_named(EventFileStandIns::name(encoder_pid, 0)).size() == 1 &&
+                 test::segments_named(EventFileStandIns::name(decoder_pid, 0)).size() == 1;
+        },
+        5000ms));
+    const EventFileStandIns event_files(orch.output());
+    const int pid = orch.pid();
+    REQUIRE(test::segments_of(pid).size() == 1);
+    REQUIRE(::kill(encoder_pid, SIGSTOP) == 0);
+    REQUIRE(::kill(decoder_pid, SIGSTOP) == 0);
+    std::this_thread::sleep_for(500ms);
+    CHECK((orch.output().find("streaming frames") == std::string::npos) == loading);
+    ::kill(pid, SIGKILL);
+    REQUIRE(orch.wait_for(5000ms).has_value());
+    for (const int worker : {encoder_pid, decoder_pid}) ::kill(worker, SIGCONT);
+    CHECK(test::eventually([&] { return test::workers_of(pid).empty(); }, 5000ms));
+    CHECK(test::eventually([&] { return test::segments_of(pid).empty(); }, 2000ms));
+    event_files.require_only_foreign_left();
+  }
+}
+
 // After a run the orchestrator removes, once it has reaped its workers, the files they recorded,
 // and no other file of their pids.
 TEST_CASE("the orchestrator removes only the event files its workers recorded",

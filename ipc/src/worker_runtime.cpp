@@ -182,6 +182,10 @@ WorkerRuntime::WorkerRuntime(Role role, const WorkerOptions& options)
     : role_(role), options_(options) {
   install_handler(SIGTERM, on_stop_signal);
   install_handler(SIGINT, on_stop_signal);
+  // The kernel sends SIGHUP, then SIGCONT, to a stopped worker whose orchestrator dies (its
+  // process group is orphaned then): by default SIGHUP would end it there, leaving the control
+  // segment and its own event files, which it removes as it exits when it hears of the death.
+  install_handler(SIGHUP, on_stop_signal);
   ::signal(SIGPIPE, SIG_IGN);
   // The kernel tells us when the orchestrator dies, with a signal of its own so that a stop the
   // orchestrator asks for (SIGTERM) is told apart; the check after it closes the race where it
@@ -221,11 +225,13 @@ WorkerRuntime::~WorkerRuntime() {
 void WorkerRuntime::watch_startup() {
   std::unique_lock lock(startup_mutex_);
   while (!startup_cv_.wait_for(lock, std::chrono::milliseconds(50), [this] { return started_; })) {
-    // Told to stop (SIGTERM, SIGINT) while loading, which can take tens of seconds and has no
-    // way out: stop now, as the run's loops would, rather than load, report ready and then stop.
-    // (The death signal sets g_parent_died before g_stop_signal, so a stop seen here without it
-    // is a stop request.)
-    if (g_stop_signal.load() && !g_parent_died.load()) {
+    // Told to stop (SIGTERM, SIGINT, SIGHUP) while loading, which can take tens of seconds and
+    // has no way out: stop now, as the run's loops would, rather than load, report ready and then
+    // stop. (The death signal sets g_parent_died before g_stop_signal; the SIGHUP a stopped worker
+    // gets when its orchestrator dies can come before the death signal, so the orchestrator is
+    // asked too: a stop with it gone is its death.)
+    if (g_stop_signal.load() && !g_parent_died.load() &&
+        !ipc::orchestrator_gone(options_.parent_pid)) {
       spdlog::info("stop signalled while loading; exiting");
       spdlog::default_logger()->flush();
       ::_exit(0);

@@ -41,9 +41,9 @@ std::vector<std::string> worker_arguments(const WorkerOptions& options);
 
 class WorkerRuntime {
  public:
-  // Installs signal handling (SIGTERM/SIGINT request a stop, SIGPIPE ignored), asks the kernel to
-  // send SIGUSR1 when the parent dies (a stop too, and the sign that the control segment may be
-  // left to us), and opens the control segment.
+  // Installs signal handling (SIGTERM/SIGINT/SIGHUP request a stop, SIGPIPE ignored), asks the
+  // kernel to send SIGUSR1 when the parent dies (a stop too, and the sign that the control segment
+  // may be left to us), and opens the control segment.
   WorkerRuntime(Role role, const WorkerOptions& options);
   ~WorkerRuntime();
 
@@ -56,8 +56,8 @@ class WorkerRuntime {
   bool orchestrator_alive() const;
   // False once the other worker (if it has reported its pid) is gone, or orchestrator_alive() is.
   bool peer_alive() const;
-  // True once SIGTERM or SIGINT arrived (the orchestrator's teardown, or a user), not when the
-  // orchestrator died: a worker stopped this way exits quietly with status 0.
+  // True once SIGTERM, SIGINT or SIGHUP arrived (the orchestrator's teardown, or a user), not when
+  // the orchestrator died: a worker stopped this way exits quietly with status 0.
   bool stop_signalled() const;
   // True once the orchestrator process itself no longer runs (we were re-parented or it exited).
   bool orchestrator_gone() const;

@@ -689,6 +689,49 @@ TEST_CASE("a second stop signal ends a run whose worker hangs", "[orchestrator][
   require_nothing_left(orch.pid());
 }
 
+// A worker that says it stopped and then does not exit (hung in its teardown; here a wrapper
+// that sleeps after the encoder) is given 10 s to exit: a second stop signal in that time still
+// stops the run at once, with no report or results files. (It was heard only after those 10 s,
+// and the report and JSON were written.)
+TEST_CASE("a second stop signal ends a run whose worker hangs after it stopped",
+          "[orchestrator][process]") {
+  const std::string dir = test::temp_dir("hung_exit");
+  write_script(dir + "/encoder_worker",
+               "\"" + std::string(PI0_ENCODER_EXE) + "\" \"$@\"\nexec sleep 30\n");
+  write_script(dir + "/decoder_worker", "exec \"" + std::string(PI0_DECODER_EXE) + "\" \"$@\"\n");
+  const std::string json = dir + "/r.json";
+  std::vector<std::string> args =
+      tiny_run({"--worker-dir", dir, "--frames", "2", "--warmup", "0", "--json", json});
+  args.erase(std::find(args.begin(), args.end(), "--quiet-workers"));  // their lines say "stopped"
+  ChildProcess orch =
+      ChildProcess::spawn("orchestrator", test::orchestrator_exe(), args, {}, false);
+  REQUIRE(test::eventually(
+      [&] {
+        const std::string out = orch.output();
+        return out.find("encoder stopped") != std::string::npos &&
+               out.find("decoder stopped") != std::string::npos;
+      },
+      30000ms));
+  std::this_thread::sleep_for(1s);  // the orchestrator waits for the encoder's wrapper to exit
+  REQUIRE(orch.running());
+  ::kill(orch.pid(), SIGINT);
+  std::this_thread::sleep_for(1s);
+  const auto t0 = std::chrono::steady_clock::now();
+  ::kill(orch.pid(), SIGINT);
+  const auto status = orch.wait_for(20000ms);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  REQUIRE(status.has_value());
+  INFO(orch.output());
+  CHECK(status->code == 130);
+  CHECK(secs < 5.0);
+  CHECK(orch.output().find("stopped by a second signal while the workers were stopping") !=
+        std::string::npos);
+  CHECK(orch.output().find("latency p50") == std::string::npos);
+  CHECK_FALSE(fs::exists(json));
+  require_nothing_left(orch.pid());
+  fs::remove_all(dir);
+}
+
 // A worker that hangs (here stopped by SIGSTOP) ends the run at --frame-timeout, and the line
 // says what the kernel says of each worker, so the stopped one can be found.
 TEST_CASE("a frame timeout says what each worker is doing", "[orchestrator][process]") {

@@ -598,7 +598,17 @@ void Pipeline::stop_workers() {
   // A worker that stopped and then exits badly (a crash in its teardown) fails the run as well.
   for (Worker* w : {&encoder_, &decoder_}) {
     if (!w->stopped) continue;  // failed or late above: the run's end kills and reaps it
-    const auto status = w->process.wait_for(std::chrono::seconds(10));
+    // In slices, so that a second signal still stops the run at once, a worker hung in its
+    // teardown included.
+    const auto exit_deadline = Clock::now() + std::chrono::seconds(10);
+    std::optional<ExitStatus> status;
+    while (!(status = w->process.wait_for(kSlice)) && Clock::now() < exit_deadline) {
+      if (g_stop_count.load() >= 2) {
+        if (failure_.empty())
+          failure_ = "stopped by a second signal while the workers were stopping";
+        fail();
+      }
+    }
     if (status && status->success()) continue;
     if (status) w->process.wait_output_closed(std::chrono::milliseconds(200));
     if (failure_.empty())

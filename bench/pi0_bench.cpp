@@ -15,7 +15,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <map>
 #include <memory>
@@ -625,10 +624,12 @@ int main(int argc, char** argv) {
                               {"reference_ms", f.c.reference_ms}});
       }
       // A file name that is not UTF-8 (gemm_table) is replaced, not thrown over after the run.
-      std::ofstream out(json_path);
-      out << j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
-      out.close();
-      PI0_CHECK(!out.fail(), "--json: cannot write " + json_path);
+      try {
+        write_results_file(json_path,
+                           j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
+      } catch (const Error& e) {
+        throw Error(std::string("--json: ") + e.what());
+      }
     }
 
     std::printf("\n%-14s %9s %9s %9s %9s %9s %9s %9s %9s %9s %8s %8s %9s\n", "shape", "e2e med",

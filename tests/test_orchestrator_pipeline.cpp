@@ -2,6 +2,8 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -9,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
@@ -168,6 +171,43 @@ TEST_CASE("a run writes its figures as JSON", "[orchestrator][process]") {
   CHECK(text.find("\"throughput_fps\"") != std::string::npos);
   CHECK(text.find("\"p99\"") != std::string::npos);
   CHECK(text.find("\"frames\": 20") != std::string::npos);
+  fs::remove_all(dir);
+}
+
+// A results file that is a FIFO: with no process reading it, the run's figures are printed and the
+// file is an error naming it (opening it to write used to wait for a reader for ever, after the
+// run); with a reader (`--json >(jq .)`), the reader gets the JSON.
+TEST_CASE("a results file that is a FIFO goes to its reader and without one is an error",
+          "[orchestrator][process]") {
+  const std::string dir = test::temp_dir("fifo");
+  const std::string fifo = dir + "/results";
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+  const auto unread = test::run_orchestrator(tiny_run({"--frames", "3", "--json", fifo}), 60s);
+  INFO(unread.output);
+  CHECK(unread.status.code == 1);
+  CHECK(unread.output.find("latency p50") != std::string::npos);
+  CHECK(unread.output.find("orchestrator: error: cannot write " + fifo +
+                           ": no process reads the FIFO") != std::string::npos);
+  require_nothing_left(unread.pid);
+
+  std::string received;
+  std::thread reader([&] {
+    const int fd = ::open(fifo.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return;
+    char buffer[4096];
+    for (ssize_t n; (n = ::read(fd, buffer, sizeof buffer)) > 0;) received.append(buffer, n);
+    ::close(fd);
+  });
+  const auto read = test::run_orchestrator(tiny_run({"--frames", "3", "--json", fifo}), 60s);
+  // Were the FIFO never opened, the reader would wait in open(2): a writer opened and closed here
+  // lets it go with nothing read.
+  const int unblock = ::open(fifo.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+  if (unblock >= 0) ::close(unblock);
+  reader.join();
+  INFO(read.output);
+  CHECK(read.status.success());
+  REQUIRE(!received.empty());
+  CHECK(nlohmann::json::parse(received).at("runs").at(0).at("frames").get<uint64_t>() == 3);
   fs::remove_all(dir);
 }
 

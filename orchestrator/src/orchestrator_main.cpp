@@ -1,11 +1,10 @@
 #include <spdlog/spdlog.h>
-#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <fstream>
 
 #include "pi0/check.hpp"
+#include "pi0/command_line.hpp"
 #include "pi0/ipc/shm.hpp"
 #include "pi0/log.hpp"
 #include "pi0/orchestrator.hpp"
@@ -15,12 +14,7 @@ namespace pi0 {
 namespace {
 
 void write_file(const std::string& path, const void* data, size_t bytes) {
-  errno = 0;
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  if (out.good()) out.write(static_cast<const char*>(data), static_cast<std::streamsize>(bytes));
-  if (out.good()) out.flush();
-  PI0_CHECK(out.good(), "cannot write " + path +
-                            (errno ? std::string(": ") + std::strerror(errno) : std::string()));
+  write_results_file(path, std::string_view(static_cast<const char*>(data), bytes));
 }
 
 int exit_code_for_signal(int sig) {

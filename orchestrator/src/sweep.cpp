@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "pi0/check.hpp"
+#include "pi0/command_line.hpp"
 #include "pi0/cuda/device_report.hpp"
 #include "pi0/process.hpp"
 
@@ -459,12 +460,8 @@ void write_sweep_plot(const SweepResult& s, const std::string& path) {
   svg << "<text x='" << kLeft + plot_w - 6 << "' y='" << legend_y + 14
       << "' text-anchor='end' fill='#d62728'>latency p50 (solid), p99 (dashed)</text>\n";
   svg << "</svg>\n";
-  std::ofstream out(path, std::ios::trunc);
-  PI0_CHECK(out.good(), "cannot write " + path);
-  // Checked once written too: a full disk would otherwise leave a truncated plot and exit 0.
-  out << svg.str();
-  out.flush();
-  PI0_CHECK(out.good(), "cannot write " + path);
+  // Every write checked: a full disk would otherwise leave a truncated plot and exit 0.
+  write_results_file(path, svg.str());
 }
 
 }  // namespace pi0

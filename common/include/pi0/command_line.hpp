@@ -10,6 +10,7 @@
 #include <string>
 #include <string_view>
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include "pi0/check.hpp"
@@ -62,6 +63,33 @@ inline void check_writable(const std::string& path, const char* option) {
     throw Error(std::string(option) + ": cannot write " + path + " (" + target +
                 " is not a directory)");
   }
+}
+
+// Writes a results file at the run's end (replacing what it held). Opened without blocking, so
+// that a FIFO no process reads, where open(2) would wait for a reader for ever, is an error naming
+// it rather than a hang after the run; a pipe or FIFO with a reader (`--json >(jq .)`) is then
+// written as usual.
+inline void write_results_file(const std::string& path, std::string_view data) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_NONBLOCK | O_CLOEXEC, 0666);
+  if (fd < 0) {
+    const int err = errno;
+    throw Error("cannot write " + path + ": " +
+                (err == ENXIO ? std::string("no process reads the FIFO") : std::strerror(err)));
+  }
+  const int flags = ::fcntl(fd, F_GETFL);
+  if (flags >= 0) ::fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
+  int err = 0;
+  for (size_t done = 0; done < data.size();) {
+    const ssize_t n = ::write(fd, data.data() + done, data.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      err = errno;
+      break;
+    }
+    done += static_cast<size_t>(n);
+  }
+  if (::close(fd) != 0 && err == 0 && errno != EINTR) err = errno;
+  if (err != 0) throw Error("cannot write " + path + ": " + std::strerror(err));
 }
 
 // Whether two options name one file (the later write would replace the earlier's file).

@@ -328,6 +328,12 @@ TEST_CASE("resolve refuses results paths that cannot be written", "[orchestrator
   fs::create_symlink(file, dir / "link");
   o.plot_path = (dir / "link").string();
   CHECK(says("--plot " + o.plot_path + " is the file of --json"));
+  // A link into a directory that does not exist is checked where it points.
+  o.json_path.clear();
+  fs::create_symlink(dir / "no-such-dir" / "run.json", dir / "dangling");
+  o.plot_path = (dir / "dangling").string();
+  CHECK(says("--plot: cannot write " + o.plot_path + " (" + (dir / "no-such-dir").string()));
+  o.json_path = file.string();
   // Neither written yet.
   o.json_path = (dir / "sweep.svg").string();
   o.plot_path.clear();

@@ -51,9 +51,18 @@ inline void check_writable(const std::string& path, const char* option) {
   const fs::path p(path);
   if (fs::is_directory(p, ec)) throw Error(std::string(option) + ": " + path + " is a directory");
   const bool exists = fs::exists(p, ec);
-  const std::string target = exists                    ? path
-                             : p.parent_path().empty() ? std::string(".")
-                                                       : p.parent_path().string();
+  // A link to a file not there yet is written where it points: its directory is the one to check
+  // (a dangling link in a writable directory would pass, then fail after the run).
+  fs::path created = p;
+  for (int hops = 0; !exists && hops < 40 && fs::is_symlink(fs::symlink_status(created, ec));
+       ++hops) {
+    const fs::path next = fs::read_symlink(created, ec);
+    if (ec) break;
+    created = next.is_absolute() ? next : created.parent_path() / next;
+  }
+  const std::string target = exists                          ? path
+                             : created.parent_path().empty() ? std::string(".")
+                                                             : created.parent_path().string();
   const int mode = exists ? W_OK : W_OK | X_OK;
   if (::access(target.c_str(), mode) != 0) {
     throw Error(std::string(option) + ": cannot write " + path + " (" + target + ": " +

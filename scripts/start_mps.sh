@@ -26,11 +26,13 @@ else
   # Started by hand, not by a run: no run may take it for its own and quit it.
   rm -f "$(realpath -m "$CUDA_MPS_PIPE_DIRECTORY").pi0/started-by-run"
   ask -d || { echo "start_mps: $control -d failed (exit $?)" >&2; exit 1; }
+  # One that does not answer within the deadline ends the script (daemon_running), not each of
+  # these tries in turn.
   for _ in $(seq 1 100); do
-    answers && break
+    daemon_running && break
     sleep 0.05
   done
-  answers || { echo "start_mps: daemon does not answer" >&2; exit 1; }
+  daemon_running || { echo "start_mps: daemon does not answer" >&2; exit 1; }
   echo "start_mps: started MPS control daemon (pipe $CUDA_MPS_PIPE_DIRECTORY, log $CUDA_MPS_LOG_DIRECTORY)"
 fi
 servers="$(echo get_server_list | ask)" || not_answering

@@ -520,6 +520,25 @@ TEST_CASE("start_mps.sh starts a daemon only where a run may and stop_mps.sh qui
       CHECK(std::chrono::steady_clock::now() - begun < 10s);
     }
   }
+  SECTION("a daemon it started that does not answer is one line and exit 1, not a hang") {
+    // `-d` starts it, and then it never answers: start_mps.sh waited for it a hundred times
+    // over, each wait a whole deadline (17 minutes at the default 10 s).
+    const std::string mute = dir + "/mute-mps-control";
+    std::ofstream(mute) << "#!/bin/sh\n"
+                           "state=\"$CUDA_MPS_PIPE_DIRECTORY/daemon\"\n"
+                           "if [ \"$1\" = \"-d\" ]; then echo up > \"$state\"; exit 0; fi\n"
+                           "[ -f \"$state\" ] || exit 1\n"
+                           "exec sleep 30\n";
+    fs::permissions(mute, fs::perms::owner_all);
+    const auto begun = std::chrono::steady_clock::now();
+    const CommandResult r = script(
+        "start_mps.sh", "022", {{"NVIDIA_MPS_CONTROL", mute}, {"PI0_MPS_TIMEOUT_S", "1"}}, 30000ms);
+    INFO(r.output);
+    CHECK(r.status.code == 1);
+    CHECK(r.output == "start_mps: the MPS control daemon (pipe " + o.pipe_dir +
+                          ") did not answer within 1 s\n");
+    CHECK(std::chrono::steady_clock::now() - begun < 10s);
+  }
   SECTION("a deadline that is not a number of seconds is one line and exit 1") {
     // `timeout` would refuse it, and a refused request reads as "no daemon": stop_mps.sh would
     // report none while one answers, and start_mps.sh would start another.

@@ -6,11 +6,13 @@ script=stop_mps
 source "$(dirname "${BASH_SOURCE[0]}")/mps_control.sh"
 if daemon_running; then
   echo quit | ask || not_answering
+  # Gone once a request fails at once; one that does not answer in time is still there (e.g.
+  # waiting for its clients), and ends the script (daemon_running).
   for _ in $(seq 1 100); do
-    answers || break
+    daemon_running || break
     sleep 0.05
   done
-  if answers; then
+  if daemon_running; then
     echo "stop_mps: daemon still answering after quit" >&2; exit 1
   fi
   rm -f "$(realpath -m "$CUDA_MPS_PIPE_DIRECTORY").pi0/started-by-run"  # the mark of a run's daemon, now gone

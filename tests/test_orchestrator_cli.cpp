@@ -539,6 +539,31 @@ TEST_CASE("start_mps.sh starts a daemon only where a run may and stop_mps.sh qui
                           ") did not answer within 1 s\n");
     CHECK(std::chrono::steady_clock::now() - begun < 10s);
   }
+  SECTION("a daemon that stops answering after `quit` is not reported stopped") {
+    // Told to quit, it waits for its clients and answers no more within the deadline: it is
+    // still there (as the orchestrator judges it), and its run's mark stays.
+    const std::string lingering = dir + "/lingering-mps-control";
+    std::ofstream(lingering) << "#!/bin/sh\n"
+                                "state=\"$CUDA_MPS_PIPE_DIRECTORY/daemon\"\n"
+                                "[ -f \"$state\" ] || exit 1\n"
+                                "[ -f \"$state.quitting\" ] && exec sleep 30\n"
+                                "read cmd\n"
+                                "[ \"$cmd\" = quit ] && touch \"$state.quitting\"\n"
+                                "exit 0\n";
+    fs::permissions(lingering, fs::perms::owner_all);
+    fs::create_directories(o.pipe_dir);
+    std::ofstream(o.pipe_dir + "/daemon") << "up\n";
+    const std::string mark = o.pipe_dir + ".pi0/started-by-run";
+    fs::create_directories(o.pipe_dir + ".pi0");
+    std::ofstream(mark) << "1\n";
+    const CommandResult r = script("stop_mps.sh", "022",
+                                   {{"NVIDIA_MPS_CONTROL", lingering}, {"PI0_MPS_TIMEOUT_S", "1"}});
+    INFO(r.output);
+    CHECK(r.status.code == 1);
+    CHECK(r.output ==
+          "stop_mps: the MPS control daemon (pipe " + o.pipe_dir + ") did not answer within 1 s\n");
+    CHECK(fs::exists(mark));
+  }
   SECTION("a deadline that is not a number of seconds is one line and exit 1") {
     // `timeout` would refuse it, and a refused request reads as "no daemon": stop_mps.sh would
     // report none while one answers, and start_mps.sh would start another.

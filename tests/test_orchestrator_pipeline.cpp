@@ -238,6 +238,15 @@ TEST_CASE("the throughput at a camera rate is the rate, and one frame has none",
   char line[64];
   std::snprintf(line, sizeof line, "%-22s %12s\n", "throughput (frames/s)", "-");
   CHECK(one.output.find(line) != std::string::npos);
+  // The report gives the rate as it was asked for: 29.97 Hz is not 30.0, nor 0.01 Hz 0.0.
+  for (const char* rate : {"29.97", "0.01"}) {
+    const auto at_rate =
+        test::run_orchestrator(tiny_run({"--frames", "1", "--warmup", "0", "--rate", rate}));
+    REQUIRE(at_rate.status.success());
+    INFO(at_rate.output);
+    std::snprintf(line, sizeof line, "%-22s %12s\n", "camera rate (Hz)", rate);
+    CHECK(at_rate.output.find(line) != std::string::npos);
+  }
   fs::remove_all(dir);
 }
 

@@ -191,9 +191,9 @@ TEST_CASE("a failed sequential baseline gives no latency comparison", "[orchestr
 TEST_CASE("the sweep's report names the options of its recommendation", "[orchestrator][sweep]") {
   SweepResult s;
   s.points = {point(50, 30.1, 18.2)};
-  s.points[0].rate_hz = 30;
+  s.points[0].rate_hz = 29.97;  // a camera's NTSC rate, named as it was asked for
   RunReport sequential = baseline("mps-100/100-sequential", "sequential", 30.1, 13.8);
-  sequential.rate_hz = 30;
+  sequential.rate_hz = 29.97;
   const RunReport single = baseline("single-process", "single-process", 78.7, 13.0);
   s.baselines = {single, sequential};
   s.latency_budget_ms = 16;
@@ -202,11 +202,11 @@ TEST_CASE("the sweep's report names the options of its recommendation", "[orches
   const std::string text = printed(s);
   CHECK(text.find("best for throughput: mps-100/100-sequential") != std::string::npos);
   CHECK(text.find("best within p99 <= 16.0 ms: mps-100/100-sequential") != std::string::npos);
-  CHECK(text.find("--encoder-pct 100 --decoder-pct 100 --mode sequential --rate 30\n") !=
+  CHECK(text.find("--encoder-pct 100 --decoder-pct 100 --mode sequential --rate 29.97\n") !=
         std::string::npos);
   // Back to back against 30 Hz: no ratio for the single process, and the report says why.
   CHECK(text.find("78.7        -") != std::string::npos);
-  CHECK(text.find("the pipeline runs at 30.0 Hz, the single process back to back") !=
+  CHECK(text.find("the pipeline runs at 29.97 Hz, the single process back to back") !=
         std::string::npos);
 }
 

@@ -85,7 +85,8 @@ void print_report(const RunReport& r) {
     std::printf("MPS: %s\n", r.split_note.c_str());
   }
   std::printf("%-22s %12s\n", "frames", std::to_string(r.frames).c_str());
-  if (r.rate_hz > 0) std::printf("%-22s %12.1f\n", "camera rate (Hz)", r.rate_hz);
+  // As asked for (%.1f made 29.97 Hz 30.0, and --rate 0.01 0.0, which reads as back to back).
+  if (r.rate_hz > 0) std::printf("%-22s %12g\n", "camera rate (Hz)", r.rate_hz);
   std::printf("%-22s %12.3f\n", "latency p50 (ms)", r.latency_p50_ms);
   std::printf("%-22s %12.3f\n", "latency p99 (ms)", r.latency_p99_ms);
   std::printf("%-22s %12.3f\n", "latency max (ms)", r.latency_max_ms);

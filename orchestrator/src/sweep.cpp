@@ -315,7 +315,7 @@ void print_sweep(const SweepResult& s, std::FILE* out) {
     }
     const RunReport* single = find_run(s, "single-process");
     if (best && best->rate_hz > 0 && single && single->error.empty())
-      std::fprintf(out, "(the pipeline runs at %.1f Hz, the single process back to back)\n",
+      std::fprintf(out, "(the pipeline runs at %g Hz, the single process back to back)\n",
                    best->rate_hz);
     const RunReport* seq = find_run(s, "mps-100/100-sequential");
     if (single && seq && single->latency_p50_ms > 0 && seq->error.empty() && !seq->interrupted &&

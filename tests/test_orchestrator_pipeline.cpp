@@ -211,6 +211,24 @@ TEST_CASE("a results file that is a FIFO goes to its reader and without one is a
   fs::remove_all(dir);
 }
 
+// The printed report is the run's result as much as its JSON: one that could not be written (a
+// full disk) is a failure, not exit 0 with no report. The JSON is still written.
+TEST_CASE("a report that cannot be written to standard output fails the run",
+          "[orchestrator][process]") {
+  const std::string dir = test::temp_dir("report_stdout");
+  std::vector<std::string> args = {"-c", "exec \"$0\" \"$@\" >/dev/full", test::orchestrator_exe()};
+  for (const std::string& a : tiny_run(
+           {"--frames", "2", "--warmup", "0", "--json", dir + "/r.json", "--log-level", "warn"}))
+    args.push_back(a);
+  const CommandResult run = run_command("sh", args, {}, "", 60000ms);
+  INFO(run.output);
+  CHECK(run.status.code == 1);
+  CHECK(run.output.find("orchestrator: error: cannot write the report to standard output") !=
+        std::string::npos);
+  CHECK(fs::exists(dir + "/r.json"));
+  fs::remove_all(dir);
+}
+
 // At a camera rate, frames complete one period apart: the throughput is the rate (frames over the
 // wall time from the first arrival would count one period too few: 22 frames/s for 10 at 20 Hz).
 TEST_CASE("the throughput at a camera rate is the rate, and one frame has none",

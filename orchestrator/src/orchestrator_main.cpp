@@ -1,4 +1,5 @@
 #include <spdlog/spdlog.h>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -19,6 +20,16 @@ void write_file(const std::string& path, const void* data, size_t bytes) {
 
 int exit_code_for_signal(int sig) {
   return sig ? 128 + sig : 0;
+}
+
+// The printed report is a result as the files are: where standard output could not take it (a
+// full disk, a closed pipe) the run has failed, not ended with exit 0 and no report. Empty if
+// everything printed so far was written.
+std::string report_write_error() {
+  errno = 0;
+  if (std::fflush(stdout) == 0 && !std::ferror(stdout)) return {};
+  return std::string("cannot write the report to standard output") +
+         (errno ? std::string(": ") + std::strerror(errno) : std::string());
 }
 
 }  // namespace
@@ -42,11 +53,13 @@ int orchestrator_main(int argc, char** argv) {
       PI0_CHECK(run.backend == "cuda", "--sweep needs the cuda backend (MPS splits GPU SMs)");
       const SweepResult sweep = run_sweep(run);
       print_sweep(sweep);
+      const std::string report_error = report_write_error();
       if (!options->json_path.empty()) {
         const std::string json = sweep_json(sweep);
         write_file(options->json_path, json.data(), json.size());
       }
       if (!options->plot_path.empty()) write_sweep_plot(sweep, options->plot_path);
+      PI0_CHECK(report_error.empty(), report_error);
       if (stop_signal() != 0) return exit_code_for_signal(stop_signal());
       // Not one run (split or pipeline baseline) measured a frame: the sweep found nothing.
       if (!sweep.best_throughput) {
@@ -65,7 +78,7 @@ int orchestrator_main(int argc, char** argv) {
     report.label = "pipeline";
     print_report(report);
     // Each results file is written even where another cannot be; the first failure is reported.
-    std::string write_error;
+    std::string write_error = report_write_error();
     const auto write_result = [&](const std::string& path, const void* data, size_t bytes) {
       try {
         write_file(path, data, bytes);

@@ -318,7 +318,9 @@ TEST_CASE("resolve refuses results paths that cannot be written", "[orchestrator
   const fs::path file = dir / "a-file";
   std::ofstream(file) << "x";
   o.plot_path = (file / "sweep.svg").string();
-  CHECK(says("--plot: cannot write " + o.plot_path));
+  // Named for what it is, not "Permission denied" (no search permission on a plain file).
+  CHECK(
+      says("--plot: cannot write " + o.plot_path + " (" + file.string() + " is not a directory)"));
   // Two results written to one file: the later would replace the earlier, however it is spelt.
   o.plot_path.clear();
   o.json_path = file.string();

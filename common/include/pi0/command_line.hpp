@@ -63,14 +63,15 @@ inline void check_writable(const std::string& path, const char* option) {
   const std::string target = exists                          ? path
                              : created.parent_path().empty() ? std::string(".")
                                                              : created.parent_path().string();
+  // Before access(): a plain file has no search permission, which it would name instead.
+  if (!exists && fs::exists(target, ec) && !fs::is_directory(target, ec)) {
+    throw Error(std::string(option) + ": cannot write " + path + " (" + target +
+                " is not a directory)");
+  }
   const int mode = exists ? W_OK : W_OK | X_OK;
   if (::access(target.c_str(), mode) != 0) {
     throw Error(std::string(option) + ": cannot write " + path + " (" + target + ": " +
                 std::strerror(errno) + ")");
-  }
-  if (!exists && !fs::is_directory(target, ec)) {
-    throw Error(std::string(option) + ": cannot write " + path + " (" + target +
-                " is not a directory)");
   }
 }
 

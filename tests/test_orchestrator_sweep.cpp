@@ -409,6 +409,29 @@ TEST_CASE("the single-process baseline carries pi0_bench's p50, p99, mean and ma
   fs::remove_all(dir);
 }
 
+// A sweep's runs may have up to 10^7 frames, pi0_bench at most 10^6 inferences: the baseline asks
+// for no more than it takes (here a stand-in that refuses more, as pi0_bench does, exit 2).
+TEST_CASE("the single-process baseline asks pi0_bench for no more inferences than it takes",
+          "[orchestrator][sweep]") {
+  namespace fs = std::filesystem;
+  const std::string dir = test::temp_dir("baseline-iters");
+  {
+    std::ofstream script(dir + "/pi0_bench");
+    script
+        << "#!/bin/sh\nwhile [ $# -gt 0 ]; do\n"
+        << "  case \"$1\" in --json) out=\"$2\";; --iters) [ \"$2\" -gt 1000000 ] && "
+           "{ echo \"$1 too large\"; exit 2; };; esac\n  shift\ndone\n"
+        << "printf '%s' '{\"iters\": 9, \"cases\": [{\"e2e_median_ms\": 1.0, \"e2e_p99_ms\": 2.0, "
+           "\"e2e_mean_ms\": 1.0, \"e2e_max_ms\": 2.0, \"throughput_per_s\": 9.0, "
+           "\"encoder_median_ms\": 0.5, \"decoder_median_ms\": 0.5}]}' > \"$out\"\n";
+  }
+  fs::permissions(dir + "/pi0_bench", fs::perms::owner_all);
+  ResolvedRun run = baseline_run(dir);
+  run.options.frames = 2'000'000;
+  CHECK(run_single_process_baseline(run).latency_p50_ms == 1.0);
+  fs::remove_all(dir);
+}
+
 // The sweep's single-process baseline runs pi0_bench in a process group of its own, which a
 // terminal's Ctrl-C does not reach: a stop signal to the orchestrator must end it at once, and not
 // after the bench's whole run. Here a stand-in bench that sleeps, in a forked orchestrator

@@ -77,13 +77,16 @@ RunReport run_single_process_baseline(const ResolvedRun& run) {
       ::rmdir(dir.c_str());
     }
   } removed{private_dir, json_path};
+  // pi0_bench times at most a million inferences (a sweep's runs take up to 10^7 frames): as sure a
+  // baseline as more.
+  constexpr uint64_t kBenchMaxRuns = 1'000'000;
   const std::string shape = std::to_string(run.shape.views) + "," +
                             std::to_string(run.shape.chunk) + "," +
                             std::to_string(run.shape.prompt_len);
   const std::vector<std::string> args = {
       "--model",  run.config.name,
       "--case",   shape,
-      "--iters",  std::to_string(std::max<uint64_t>(o.frames, 50)),
+      "--iters",  std::to_string(std::clamp<uint64_t>(o.frames, 50, kBenchMaxRuns)),
       "--warmup", std::to_string(o.warmup),
       "--json",   json_path};
   EnvOverrides env{{"CUDA_MPS_PIPE_DIRECTORY", "/nonexistent/pi0-mps-no-mps"},

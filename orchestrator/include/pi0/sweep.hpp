@@ -44,7 +44,7 @@ std::string sweep_json(const SweepResult& sweep);
 // An SVG chart: throughput and p50/p99 latency against the encoder's percentage.
 void write_sweep_plot(const SweepResult& sweep, const std::string& path);
 
-// Runs the single-process baseline program (pi0_bench --single-process) on the whole GPU.
+// Runs the single-process baseline program (pi0_bench, at the run's shape) on the whole GPU.
 RunReport run_single_process_baseline(const ResolvedRun& run);
 
 }  // namespace pi0

@@ -116,6 +116,15 @@ inline std::vector<float> read_floats(const std::string& path) {
   return out;
 }
 
+// An executable shell script at `path`: a stand-in or wrapper for a worker or a tool.
+inline void write_script(const std::string& path, const std::string& body) {
+  {
+    std::ofstream script(path);
+    script << "#!/bin/sh\n" << body;
+  }
+  std::filesystem::permissions(path, std::filesystem::perms::owner_all);
+}
+
 inline std::string temp_dir(const std::string& tag) {
   const auto dir = std::filesystem::temp_directory_path() /
                    ("pi0mps_test_" + tag + "_" + std::to_string(::getpid()));

@@ -510,8 +510,7 @@ TEST_CASE("start_mps.sh starts a daemon only where a run may and stop_mps.sh qui
   }
   SECTION("a daemon that does not answer is one line and exit 1, not a hang") {
     const std::string wedged = dir + "/wedged-mps-control";
-    std::ofstream(wedged) << "#!/bin/sh\nexec sleep 30\n";
-    fs::permissions(wedged, fs::perms::owner_all);
+    test::write_script(wedged, "exec sleep 30\n");
     for (const std::string name : {"start_mps.sh", "stop_mps.sh"}) {
       const auto begun = std::chrono::steady_clock::now();
       const CommandResult r = script(
@@ -526,12 +525,11 @@ TEST_CASE("start_mps.sh starts a daemon only where a run may and stop_mps.sh qui
     // `-d` starts it, and then it never answers: start_mps.sh waited for it a hundred times
     // over, each wait a whole deadline (17 minutes at the default 10 s).
     const std::string mute = dir + "/mute-mps-control";
-    std::ofstream(mute) << "#!/bin/sh\n"
-                           "state=\"$CUDA_MPS_PIPE_DIRECTORY/daemon\"\n"
-                           "if [ \"$1\" = \"-d\" ]; then echo up > \"$state\"; exit 0; fi\n"
-                           "[ -f \"$state\" ] || exit 1\n"
-                           "exec sleep 30\n";
-    fs::permissions(mute, fs::perms::owner_all);
+    test::write_script(mute,
+                       "state=\"$CUDA_MPS_PIPE_DIRECTORY/daemon\"\n"
+                       "if [ \"$1\" = \"-d\" ]; then echo up > \"$state\"; exit 0; fi\n"
+                       "[ -f \"$state\" ] || exit 1\n"
+                       "exec sleep 30\n");
     const auto begun = std::chrono::steady_clock::now();
     const CommandResult r = script(
         "start_mps.sh", "022", {{"NVIDIA_MPS_CONTROL", mute}, {"PI0_MPS_TIMEOUT_S", "1"}}, 30000ms);
@@ -545,14 +543,13 @@ TEST_CASE("start_mps.sh starts a daemon only where a run may and stop_mps.sh qui
     // Told to quit, it waits for its clients and answers no more within the deadline: it is
     // still there (as the orchestrator judges it), and its run's mark stays.
     const std::string lingering = dir + "/lingering-mps-control";
-    std::ofstream(lingering) << "#!/bin/sh\n"
-                                "state=\"$CUDA_MPS_PIPE_DIRECTORY/daemon\"\n"
-                                "[ -f \"$state\" ] || exit 1\n"
-                                "[ -f \"$state.quitting\" ] && exec sleep 30\n"
-                                "read cmd\n"
-                                "[ \"$cmd\" = quit ] && touch \"$state.quitting\"\n"
-                                "exit 0\n";
-    fs::permissions(lingering, fs::perms::owner_all);
+    test::write_script(lingering,
+                       "state=\"$CUDA_MPS_PIPE_DIRECTORY/daemon\"\n"
+                       "[ -f \"$state\" ] || exit 1\n"
+                       "[ -f \"$state.quitting\" ] && exec sleep 30\n"
+                       "read cmd\n"
+                       "[ \"$cmd\" = quit ] && touch \"$state.quitting\"\n"
+                       "exit 0\n");
     fs::create_directories(o.pipe_dir);
     std::ofstream(o.pipe_dir + "/daemon") << "up\n";
     const std::string mark = o.pipe_dir + ".pi0/started-by-run";
@@ -746,10 +743,7 @@ TEST_CASE("gpu_check.sh exits 1 where any run of a step fails", "[orchestrator][
   const std::string tools = dir + "/tools", build = dir + "/build";
   fs::create_directories(tools);
   fs::create_directories(build + "/bin");
-  const auto program = [](const std::string& path, const std::string& body) {
-    std::ofstream(path) << "#!/bin/sh\n" << body;
-    fs::permissions(path, fs::perms::owner_all);
-  };
+  const auto program = test::write_script;
   program(tools + "/nvidia-smi", "echo 'Stand-in GPU, 80 GiB, Default, 580'\n");
   program(tools + "/cmake", "exit 0\n");  // the build is done already
   for (const char* installer : {"/apt-get", "/sudo"})

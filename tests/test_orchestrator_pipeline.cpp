@@ -39,15 +39,6 @@ std::vector<std::string> tiny_run(std::vector<std::string> extra) {
   return args;
 }
 
-// An executable shell script at `path` (a stand-in or wrapper for a worker).
-void write_script(const std::string& path, const std::string& body) {
-  {
-    std::ofstream script(path);
-    script << "#!/bin/sh\n" << body;
-  }
-  fs::permissions(path, fs::perms::owner_all);
-}
-
 // Nothing of the run `pid` is left: no worker process, no shared-memory segment.
 void require_nothing_left(int pid) {
   REQUIRE(test::eventually([&] { return test::workers_of(pid).empty(); }, 1000ms));
@@ -673,7 +664,7 @@ TEST_CASE("workers under wrappers exit when the orchestrator is killed and not y
   for (const auto& [name, exe] :
        {std::pair<std::string, std::string>{"encoder_worker", PI0_ENCODER_EXE},
         {"decoder_worker", PI0_DECODER_EXE}}) {
-    write_script(dir + "/" + name, "\"" + exe + "\" \"$@\"\n");
+    test::write_script(dir + "/" + name, "\"" + exe + "\" \"$@\"\n");
   }
   ChildProcess orch = ChildProcess::spawn(
       "orchestrator", test::orchestrator_exe(),
@@ -763,9 +754,10 @@ TEST_CASE("a second stop signal ends a run whose worker hangs", "[orchestrator][
 TEST_CASE("a second stop signal ends a run whose worker hangs after it stopped",
           "[orchestrator][process]") {
   const std::string dir = test::temp_dir("hung_exit");
-  write_script(dir + "/encoder_worker",
-               "\"" + std::string(PI0_ENCODER_EXE) + "\" \"$@\"\nexec sleep 30\n");
-  write_script(dir + "/decoder_worker", "exec \"" + std::string(PI0_DECODER_EXE) + "\" \"$@\"\n");
+  test::write_script(dir + "/encoder_worker",
+                     "\"" + std::string(PI0_ENCODER_EXE) + "\" \"$@\"\nexec sleep 30\n");
+  test::write_script(dir + "/decoder_worker",
+                     "exec \"" + std::string(PI0_DECODER_EXE) + "\" \"$@\"\n");
   const std::string json = dir + "/r.json";
   std::vector<std::string> args =
       tiny_run({"--worker-dir", dir, "--frames", "2", "--warmup", "0", "--json", json});
@@ -1035,7 +1027,7 @@ TEST_CASE("stop signals the caller ignores stay ignored", "[orchestrator][proces
 TEST_CASE("a worker that fails to start is named with its status and last lines",
           "[orchestrator][process]") {
   const std::string dir = test::temp_dir("badworker");
-  write_script(dir + "/encoder_worker", "echo 'cannot open the camera driver' >&2\nexit 7\n");
+  test::write_script(dir + "/encoder_worker", "echo 'cannot open the camera driver' >&2\nexit 7\n");
   fs::create_symlink(fs::path(PI0_DECODER_EXE), dir + "/decoder_worker");
   const auto run = test::run_orchestrator(tiny_run({"--worker-dir", dir, "--frames", "5"}), 30s);
   INFO(run.output);
@@ -1053,9 +1045,9 @@ TEST_CASE("a worker that fails to start is named with its status and last lines"
 TEST_CASE("a worker that fails after it stopped leaves the figures and exit 3",
           "[orchestrator][process]") {
   const std::string dir = test::temp_dir("teardown");
-  write_script(dir + "/decoder_worker",
-               std::string("\"") + PI0_DECODER_EXE +
-                   "\" \"$@\"\necho 'driver teardown failed' >&2\nexit 7\n");
+  test::write_script(dir + "/decoder_worker",
+                     std::string("\"") + PI0_DECODER_EXE +
+                         "\" \"$@\"\necho 'driver teardown failed' >&2\nexit 7\n");
   fs::create_symlink(fs::path(PI0_ENCODER_EXE), dir + "/encoder_worker");
   const std::string json = dir + "/run.json";
   for (int round = 0; round < 3; ++round) {
@@ -1096,8 +1088,8 @@ TEST_CASE("a worker that dies or fails as it stops leaves the figures and exit 3
     for (const std::string worker : {"encoder_worker", "decoder_worker"}) {
       const std::string exe = worker == "encoder_worker" ? PI0_ENCODER_EXE : PI0_DECODER_EXE;
       if (worker == v.worker) {
-        write_script(dir + "/" + worker,
-                     "PI0_TEST_AT_STOP=" + v.at_stop + " exec \"" + exe + "\" \"$@\"\n");
+        test::write_script(dir + "/" + worker,
+                           "PI0_TEST_AT_STOP=" + v.at_stop + " exec \"" + exe + "\" \"$@\"\n");
       } else {
         fs::create_symlink(fs::path(exe), dir + "/" + worker);
       }

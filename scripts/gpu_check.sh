@@ -30,7 +30,6 @@ if ! [[ "$mps_timeout" =~ ^[0-9]*\.?[0-9]+$ && "$mps_timeout" =~ [1-9] ]]; then
 fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT_DIR="${OUT:-$ROOT/gpu_check_out}"
-mkdir -p "$OUT_DIR"
 export PI0_BUILD_DIR="${PI0_BUILD_DIR:-$ROOT/build-gpu}"
 # sm_90a: sm_90 with Hopper's arch-specific instructions; the skinny GEMM's wgmma mainloop needs it.
 export PI0_CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90a ${PI0_CMAKE_ARGS:-}"
@@ -48,6 +47,7 @@ if [[ " ${STEPS[*]} " != " build " ]]; then
     exit 1
   fi
 fi
+mkdir -p "$OUT_DIR"  # only once the GPU checks above have passed: a refused run leaves nothing
 # A daemon that answers now is someone else's and is left running; one a step started and left
 # behind when it failed half-way must not outlive this script.
 daemon_before=0

@@ -744,7 +744,9 @@ TEST_CASE("gpu_check.sh exits 1 where any run of a step fails", "[orchestrator][
   fs::create_directories(tools);
   fs::create_directories(build + "/bin");
   const auto program = test::write_script;
-  program(tools + "/nvidia-smi", "echo 'Stand-in GPU, 80 GiB, Default, 580'\n");
+  program(tools + "/nvidia-smi",
+          "[ \"${FAIL_IF:-}\" = no-gpu ] && exit 9\n"
+          "echo 'Stand-in GPU, 80 GiB, Default, 580'\n");
   program(tools + "/cmake", "exit 0\n");  // the build is done already
   for (const char* installer : {"/apt-get", "/sudo"})
     program(tools + installer, "echo \"stand-in $0: installs nothing\" >&2; exit 1\n");
@@ -797,6 +799,14 @@ TEST_CASE("gpu_check.sh exits 1 where any run of a step fails", "[orchestrator][
       CHECK(r.output.find("V=2") == std::string::npos);  // no step ran
     }
     CHECK(gpu_check("bench", "", "2.5").status.code == 0);
+  }
+  SECTION("no GPU: refused in one line, with no output directory left behind") {
+    fs::remove_all(dir + "/out");
+    const CommandResult r = gpu_check("bench", "no-gpu");
+    INFO(r.output);
+    CHECK(r.status.code == 1);
+    CHECK(r.output == "gpu_check: no NVIDIA GPU or driver here (nvidia-smi missing or failing)\n");
+    CHECK_FALSE(fs::exists(dir + "/out"));
   }
   SECTION("one of the benchmark's alternatives") {
     const CommandResult r = gpu_check("bench", "PI0_DECODER_LAYERS");

@@ -565,6 +565,12 @@ void Pipeline::stop_workers() {
   Message stop = ipc::make_message(MsgType::kStop, ipc::Role::kOrchestrator);
   stop_sent_ = true;
   const auto healthy = [this] { return workers_healthy(false); };
+  // Both waits below give way to a second signal at once (no figures, the first failure named).
+  const auto stop_if_signalled_twice = [this] {
+    if (g_stop_count.load() < 2) return;
+    if (failure_.empty()) failure_ = "stopped by a second signal while the workers were stopping";
+    fail();
+  };
   const WaitStatus pushed = control_.ring(RingId::kOrchToEncoder)
                                 .push(stop, Clock::now() + std::chrono::seconds(5), healthy);
   // A full ring or corrupt counters leave no failure behind: the line must still say why.
@@ -579,10 +585,7 @@ void Pipeline::stop_workers() {
       continue;
     }
     if (!workers_healthy(false)) break;
-    if (g_stop_count.load() >= 2) {
-      failure_ = "stopped by a second signal while the workers were stopping";
-      fail();
-    }
+    stop_if_signalled_twice();
     // Judged after workers_healthy read the encoder's ring: an orchestrator that was itself
     // stopped (SIGSTOP, Ctrl-Z) past the deadline can find both kStopped only now, and then no
     // worker is late (the run failed with an empty error line, exit 3).
@@ -602,13 +605,8 @@ void Pipeline::stop_workers() {
     // teardown included.
     const auto exit_deadline = Clock::now() + std::chrono::seconds(10);
     std::optional<ExitStatus> status;
-    while (!(status = w->process.wait_for(kSlice)) && Clock::now() < exit_deadline) {
-      if (g_stop_count.load() >= 2) {
-        if (failure_.empty())
-          failure_ = "stopped by a second signal while the workers were stopping";
-        fail();
-      }
-    }
+    while (!(status = w->process.wait_for(kSlice)) && Clock::now() < exit_deadline)
+      stop_if_signalled_twice();
     if (status && status->success()) continue;
     if (status) w->process.wait_output_closed(std::chrono::milliseconds(200));
     if (failure_.empty())

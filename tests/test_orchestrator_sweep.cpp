@@ -329,14 +329,15 @@ TEST_CASE(
 
 namespace {
 
-// A stand-in pi0_bench in `dir` that writes `json` to the file its --json names.
+// A stand-in pi0_bench in `dir` that writes `json` to the file its --json names. Like pi0_bench,
+// it refuses more than a million timed inferences (exit 2).
 void write_stand_in_bench(const std::string& dir, const std::string& json) {
-  {
-    std::ofstream script(dir + "/pi0_bench");
-    script << "#!/bin/sh\nwhile [ $# -gt 0 ]; do [ \"$1\" = --json ] && out=\"$2\"; shift; done\n"
-           << "printf '%s' '" << json << "' > \"$out\"\n";
-  }
-  std::filesystem::permissions(dir + "/pi0_bench", std::filesystem::perms::owner_all);
+  test::write_script(dir + "/pi0_bench",
+                     "while [ $# -gt 0 ]; do\n"
+                     "  case \"$1\" in --json) out=\"$2\";; --iters) [ \"$2\" -gt 1000000 ] && "
+                     "{ echo \"$1 too large\"; exit 2; };; esac\n  shift\ndone\n"
+                     "printf '%s' '" +
+                         json + "' > \"$out\"\n");
 }
 
 // A cuda run of the tiny model whose single-process baseline runs the pi0_bench found in `dir`.
@@ -410,22 +411,15 @@ TEST_CASE("the single-process baseline carries pi0_bench's p50, p99, mean and ma
 }
 
 // A sweep's runs may have up to 10^7 frames, pi0_bench at most 10^6 inferences: the baseline asks
-// for no more than it takes (here a stand-in that refuses more, as pi0_bench does, exit 2).
+// for no more than it takes (the stand-in refuses more, as pi0_bench does, exit 2).
 TEST_CASE("the single-process baseline asks pi0_bench for no more inferences than it takes",
           "[orchestrator][sweep]") {
   namespace fs = std::filesystem;
   const std::string dir = test::temp_dir("baseline-iters");
-  {
-    std::ofstream script(dir + "/pi0_bench");
-    script
-        << "#!/bin/sh\nwhile [ $# -gt 0 ]; do\n"
-        << "  case \"$1\" in --json) out=\"$2\";; --iters) [ \"$2\" -gt 1000000 ] && "
-           "{ echo \"$1 too large\"; exit 2; };; esac\n  shift\ndone\n"
-        << "printf '%s' '{\"iters\": 9, \"cases\": [{\"e2e_median_ms\": 1.0, \"e2e_p99_ms\": 2.0, "
-           "\"e2e_mean_ms\": 1.0, \"e2e_max_ms\": 2.0, \"throughput_per_s\": 9.0, "
-           "\"encoder_median_ms\": 0.5, \"decoder_median_ms\": 0.5}]}' > \"$out\"\n";
-  }
-  fs::permissions(dir + "/pi0_bench", fs::perms::owner_all);
+  write_stand_in_bench(dir,
+                       "{\"iters\": 9, \"cases\": [{\"e2e_median_ms\": 1.0, \"e2e_p99_ms\": 2.0, "
+                       "\"e2e_mean_ms\": 1.0, \"e2e_max_ms\": 2.0, \"throughput_per_s\": 9.0, "
+                       "\"encoder_median_ms\": 0.5, \"decoder_median_ms\": 0.5}]}");
   ResolvedRun run = baseline_run(dir);
   run.options.frames = 2'000'000;
   CHECK(run_single_process_baseline(run).latency_p50_ms == 1.0);

@@ -14,10 +14,6 @@
 namespace pi0 {
 namespace {
 
-void write_file(const std::string& path, const void* data, size_t bytes) {
-  write_results_file(path, std::string_view(static_cast<const char*>(data), bytes));
-}
-
 int exit_code_for_signal(int sig) {
   return sig ? 128 + sig : 0;
 }
@@ -56,7 +52,7 @@ int orchestrator_main(int argc, char** argv) {
       const std::string report_error = report_write_error();
       if (!options->json_path.empty()) {
         const std::string json = sweep_json(sweep);
-        write_file(options->json_path, json.data(), json.size());
+        write_results_file(options->json_path, json);
       }
       if (!options->plot_path.empty()) write_sweep_plot(sweep, options->plot_path);
       PI0_CHECK(report_error.empty(), report_error);
@@ -79,19 +75,21 @@ int orchestrator_main(int argc, char** argv) {
     print_report(report);
     // Each results file is written even where another cannot be; the first failure is reported.
     std::string write_error = report_write_error();
-    const auto write_result = [&](const std::string& path, const void* data, size_t bytes) {
+    const auto write_result = [&](const std::string& path, std::string_view data) {
       try {
-        write_file(path, data, bytes);
+        write_results_file(path, data);
       } catch (const std::exception& e) {
         if (write_error.empty()) write_error = e.what();
       }
     };
     if (!options->json_path.empty()) {
       const std::string json = report_json({report});
-      write_result(options->json_path, json.data(), json.size());
+      write_result(options->json_path, json);
     }
     if (!options->actions_path.empty()) {
-      write_result(options->actions_path, actions.data(), actions.size() * sizeof(float));
+      write_result(options->actions_path,
+                   std::string_view(reinterpret_cast<const char*>(actions.data()),
+                                    actions.size() * sizeof(float)));
     }
     if (!report.error.empty()) {  // a worker failed or hung after the last frame: the figures stand
       // A results file that could not be written is told as well, but the worker's failure sets

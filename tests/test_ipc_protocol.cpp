@@ -53,6 +53,44 @@ TEST_CASE("set_text truncates and terminates and message_text stays in bounds", 
   CHECK(message_text(m).size() == sizeof(m.text));
 }
 
+// A worker's error goes whole into its area of the control segment, its first 63 bytes into the
+// kError message; the orchestrator takes the area's text only where it is terminated and agrees
+// with the message.
+TEST_CASE("error_text gives the whole text from a worker's area and checks it", "[ipc]") {
+  Message m = make_message(MsgType::kError, Role::kEncoder);
+  ErrorText area;
+  std::memset(&area, 0, sizeof(area));
+  const std::string whole =
+      "weights file '/a/path/long/enough/to/pass/63/bytes/tiny.safetensors': cannot open: No such "
+      "file or directory";
+  REQUIRE(whole.size() > sizeof(m.text));
+  set_text(m, whole);
+  set_error_text(area, whole);
+  CHECK(error_text(area, m) == whole);
+
+  SECTION("a text longer than the area is cut there") {
+    const std::string huge(2 * kErrorTextBytes, 'y');
+    set_text(m, huge);
+    set_error_text(area, huge);
+    CHECK(error_text(area, m) == std::string(kErrorTextBytes - 1, 'y'));
+    set_error_text(area, "short");  // the tail of the longer text is cleared
+    CHECK(area.text[5] == '\0');
+    CHECK(area.text[kErrorTextBytes - 2] == '\0');
+  }
+  SECTION("an area that is not NUL-terminated gives the message's text") {
+    std::memset(area.text, 'z', sizeof(area.text));
+    CHECK(error_text(area, m) == message_text(m));
+  }
+  SECTION("an area that does not begin with the message's text gives the message's text") {
+    set_error_text(area, "an older error, not this message's");
+    CHECK(error_text(area, m) == message_text(m));
+  }
+  SECTION("an area never written gives the message's text") {
+    std::memset(&area, 0, sizeof(area));
+    CHECK(error_text(area, m) == message_text(m));
+  }
+}
+
 TEST_CASE("type and role names", "[ipc]") {
   CHECK(type_name(MsgType::kFrameInput) == "FrameInput");
   CHECK(type_name(MsgType::kStopped) == "Stopped");

@@ -516,6 +516,42 @@ TEST_CASE("missing truncated and misshapen weights files fail cleanly", "[orches
   fs::remove_all(dir);
 }
 
+// A worker's error reaches the orchestrator's one-line headline whole, not cut at the 63 bytes a
+// ring message carries (it was: "failed: weights file '/tmp/pi0mps_test_long_error_...", mid-word,
+// the rest only in the worker's log lines, which --log-level off hides). The orchestrator checked
+// the weights file before the workers started; it is gone by the time they load it, and their
+// error names its long path.
+TEST_CASE("a worker error longer than a ring message reaches the headline whole",
+          "[orchestrator][weights]") {
+  const std::string dir = test::temp_dir("long_error");
+  const std::string weights =
+      dir + "/weights_with_a_name_longer_than_one_ring_message_holds.safetensors";
+  WeightStore::random(model_config("tiny"), 0, 3, WeightSet::kAll).save_safetensors(weights);
+  ChildProcess orch =
+      ChildProcess::spawn("orchestrator", test::orchestrator_exe(),
+                          tiny_run({"--weights", weights, "--frames", "2", "--log-level", "off"}),
+                          {{"PI0_TEST_LOAD_DELAY_MS", "3000"}}, false);
+  // Both workers run (so the orchestrator's check of the file is done) and wait out the delay
+  // before they load it.
+  REQUIRE(test::eventually([&] { return test::workers_of(orch.pid()).size() == 2; }, 20000ms));
+  REQUIRE(fs::remove(weights));
+  const auto status = orch.wait_for(60000ms);
+  REQUIRE(status.has_value());
+  const std::string output = orch.output();
+  INFO(output);
+  CHECK(status->code == 3);
+  const std::string error =
+      "weights file '" + weights + "': cannot open: No such file or directory";
+  REQUIRE(error.size() > sizeof(ipc::Message::text));
+  // Either worker may be the one named; the headline is the last line and ends with the error.
+  CHECK(output.ends_with(") failed: " + error + "\n"));
+  const size_t headline = output.rfind("orchestrator: error: ");
+  REQUIRE(headline != std::string::npos);
+  CHECK(output.find('\n', headline) == output.size() - 1);  // one line: no log lines appended
+  require_nothing_left(orch.pid());
+  fs::remove_all(dir);
+}
+
 TEST_CASE("kill -9 of a worker stops the run within a second naming it",
           "[orchestrator][process]") {
   for (const std::string victim : {"encoder_worker", "decoder_worker"}) {

@@ -136,6 +136,12 @@ size_t ControlBlock::output_area_bytes() const {
   return layout_.output_stride * layout_.input_slots;
 }
 
+ErrorText& ControlBlock::error_area(Role worker) const {
+  PI0_CHECK(worker == Role::kEncoder || worker == Role::kDecoder,
+            "only a worker has an error text area, not the " + std::string(role_name(worker)));
+  return worker == Role::kEncoder ? header_->encoder_error : header_->decoder_error;
+}
+
 MessageLimits ControlBlock::limits() const {
   return MessageLimits{layout_.kv_slots, layout_.input_slots, layout_.max_frame};
 }

@@ -75,6 +75,23 @@ std::string_view message_text(const Message& m) {
   return {m.text, n};
 }
 
+void set_error_text(ErrorText& area, std::string_view text) {
+  const size_t n = std::min(text.size(), sizeof(area.text) - 1);
+  std::memcpy(area.text, text.data(), n);
+  std::memset(area.text + n, 0, sizeof(area.text) - n);
+}
+
+std::string error_text(const ErrorText& area, const Message& m) {
+  // One copy, checked: the worker that writes the area could still be changing it.
+  ErrorText copy;
+  std::memcpy(&copy, &area, sizeof(copy));
+  const std::string_view carried = message_text(m);
+  const void* nul = std::memchr(copy.text, '\0', sizeof(copy.text));
+  if (nul == nullptr) return std::string(carried);
+  const std::string_view whole(copy.text, static_cast<const char*>(nul) - copy.text);
+  return std::string(whole.starts_with(carried) ? whole : carried);
+}
+
 std::string validate(const Message& m, const MessageLimits& limits) {
   if (m.magic != kMessageMagic)
     return format("bad magic 0x%08x (expected 0x%08x)", static_cast<unsigned>(m.magic),

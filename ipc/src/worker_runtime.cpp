@@ -328,6 +328,8 @@ void WorkerRuntime::send_error(const std::string& what) noexcept {
   Message m = make_message(MsgType::kError, role_);
   m.code = 1;
   set_text(m, what);
+  // The whole text, before the message that publishes it (see ErrorText).
+  set_error_text(control_.error_area(role_), what);
   to_orchestrator().push(m, after(1.0), [this] { return orchestrator_alive(); });
 }
 

@@ -263,7 +263,9 @@ void Pipeline::handle_worker_message(Worker& w, const Message& m) {
       if (w.process.wait_for(std::chrono::milliseconds(300))) {
         w.process.wait_output_closed(std::chrono::milliseconds(200));
       }
-      failure_ = failure_text(w, "failed: " + std::string(ipc::message_text(m)));
+      // The worker's whole error text, from its area of the control segment (the message carries
+      // its first 63 bytes).
+      failure_ = failure_text(w, "failed: " + ipc::error_text(control_.error_area(w.role), m));
       break;
     }
     case MsgType::kHeartbeat:

@@ -66,7 +66,7 @@ std::string report_json(const std::vector<RunReport>& reports) {
 }
 
 std::string json_text(const nlohmann::json& document) {
-  // Error texts come from workers (cut at 63 bytes, maybe inside a character) and paths: invalid
+  // Error texts come from workers (cut at 511 bytes, maybe inside a character) and paths: invalid
   // UTF-8 is replaced rather than losing the whole file.
   return document.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
 }

@@ -12,13 +12,14 @@
 
 #include "pi0/bf16.hpp"
 #include "pi0/config.hpp"
+#include "pi0/ipc/protocol.hpp"
 #include "pi0/ipc/ring.hpp"
 #include "pi0/ipc/shm.hpp"
 
 namespace pi0::ipc {
 
 inline constexpr uint32_t kControlMagic = 0x5030'4342;  // "P0CB"
-inline constexpr uint32_t kControlVersion = 1;
+inline constexpr uint32_t kControlVersion = 2;          // 2: the workers' error texts
 inline constexpr uint32_t kMaxKvSlots = 8;
 inline constexpr uint32_t kRingCapacity = 64;
 inline constexpr size_t kCudaIpcHandleBytes = 64;  // cudaIpcMemHandle_t / cudaIpcEventHandle_t
@@ -112,12 +113,14 @@ struct ControlHeader {
   WorkerInfo encoder;
   WorkerInfo decoder;
   CudaIpcBlock cuda;
+  ErrorText encoder_error;  // each written by its worker alone, before its kError message
+  ErrorText decoder_error;
 };
 static_assert(std::is_standard_layout_v<ControlHeader>);
 static_assert(std::atomic_ref<uint32_t>::is_always_lock_free &&
               alignof(uint32_t) >= std::atomic_ref<uint32_t>::required_alignment);
-static_assert(sizeof(ControlHeader) ==
-              8 + sizeof(ControlLayout) + 8 + 2 * sizeof(WorkerInfo) + sizeof(CudaIpcBlock));
+static_assert(sizeof(ControlHeader) == 8 + sizeof(ControlLayout) + 8 + 2 * sizeof(WorkerInfo) +
+                                           sizeof(CudaIpcBlock) + 2 * sizeof(ErrorText));
 
 // A mapped control segment. The orchestrator creates it (and owns the name); workers open it.
 class ControlBlock {
@@ -130,6 +133,8 @@ class ControlBlock {
   ControlHeader& header() const { return *header_; }
   const ControlLayout& layout() const { return layout_; }
   SpscRing& ring(RingId id) { return rings_[static_cast<uint32_t>(id)]; }
+  // The error text area of a worker (kEncoder or kDecoder; throws pi0::Error for another role).
+  ErrorText& error_area(Role worker) const;
   const std::string& name() const { return segment_.name(); }
 
   // Slot accessors throw pi0::Error if the index is out of range.

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <atomic>
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -40,7 +41,7 @@ struct Message {
   uint64_t handoff_ns;  // encoder-ready to decoder-start, when measured
   int32_t code;         // error code, or 0
   uint32_t sender;      // Role of the sender
-  char text[64];        // NUL-terminated error text (kError)
+  char text[64];        // NUL-terminated error text (kError): its first 63 bytes (see ErrorText)
 };
 static_assert(std::is_standard_layout_v<Message> && std::is_trivially_copyable_v<Message>);
 static_assert(sizeof(Message) == 128);
@@ -59,6 +60,27 @@ Message make_message(MsgType type, Role sender);
 // Copies up to 63 bytes of text, NUL-terminated.
 void set_text(Message& m, std::string_view text);
 std::string_view message_text(const Message& m);  // bounded by the array, never reads past it
+
+// A worker's whole error text, in its own area of the control segment (ControlHeader). A kError
+// message carries only the first 63 bytes, and a worker's error often names a path and the
+// system's reason ("weights file '/long/path': cannot open: No such file or directory"), cut
+// mid-word there. The whole text goes here instead of into longer ring messages: every message
+// of every frame would copy the larger size, for the one error a worker sends as it exits. The
+// failing worker writes its area once, before it pushes the kError message; that push (a release)
+// publishes it, and the orchestrator reads it once it has popped the message.
+inline constexpr size_t kErrorTextBytes = 512;
+struct ErrorText {
+  char text[kErrorTextBytes];  // NUL-terminated as written; checked as read
+};
+static_assert(std::is_standard_layout_v<ErrorText> && std::is_trivially_copyable_v<ErrorText>);
+static_assert(sizeof(ErrorText) == kErrorTextBytes);
+// Copies up to kErrorTextBytes - 1 bytes of text, NUL-filled.
+void set_error_text(ErrorText& area, std::string_view text);
+// The whole text behind the kError message `m` (validated: its text is NUL-terminated), from its
+// sender's area: the area's text where it is NUL-terminated within the area and begins with what
+// the message carries; otherwise (an area left unterminated, or not written for this message) the
+// message's own text. Reads the area once, into a copy, and never past it.
+std::string error_text(const ErrorText& area, const Message& m);
 
 // Empty if the message is well formed for these limits; otherwise a one-line reason
 // ("bad magic 0x...", "unknown type 42", "kv slot 7 out of range (2 slots)", ...).

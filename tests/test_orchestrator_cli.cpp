@@ -204,6 +204,49 @@ TEST_CASE("real-valued options must be finite and a rate not vanishingly small",
   CHECK(o->rate_hz == 0.0);
 }
 
+// A value that reads as something other than the decimal number written was taken as that:
+// "--rate 1e-400" underflowed to 0 and ran back to back (where "--rate 0.001" is refused), and
+// "--run-timeout 1e-400" had no limit; "0x1p4" read as 16. Each is one line naming the option and
+// the value, exit 2, as the command line's other errors are.
+TEST_CASE("real-valued options take only the decimal number written", "[orchestrator][cli]") {
+  const std::pair<const char*, const char*> refused[] = {
+      {"1e-400", "'1e-400' is closer to 0 than a double holds (2.2e-308)"},
+      {"-1e-400", "'-1e-400' is closer to 0 than a double holds (2.2e-308)"},
+      {"1e-310", "'1e-310' is closer to 0 than a double holds (2.2e-308)"},
+      {"1e400", "'1e400' is beyond the largest number a double holds (1.8e308)"},
+      {"0x1p4", "expected a finite decimal number, got '0x1p4'"},
+      {"0x10", "expected a finite decimal number, got '0x10'"},
+      {"nan", "expected a finite decimal number, got 'nan'"},
+      {"infinity", "expected a finite decimal number, got 'infinity'"},
+      {"5junk", "expected a finite decimal number, got '5junk'"},
+      {"5e", "expected a finite decimal number, got '5e'"},
+      {".", "expected a finite decimal number, got '.'"},
+      {"", "expected a finite decimal number, got ''"}};
+  for (const char* option :
+       {"--rate", "--startup-timeout", "--frame-timeout", "--run-timeout", "--latency-budget-ms"}) {
+    for (const auto& [value, why] : refused) {
+      INFO(option << " '" << value << "'");
+      const auto run = test::run_orchestrator({option, value, "--backend", "cpu"}, 30s);
+      CHECK(run.status.code == 2);
+      CHECK(run.output == "orchestrator: error: " + std::string(option) + ": " + why + "\n");
+    }
+  }
+  int code = 0;
+  for (const auto& [value, rate] :
+       std::initializer_list<std::pair<const char*, double>>{{"16", 16.0},
+                                                             {"+2.5e+1", 25.0},
+                                                             {" 5. ", 5.0},
+                                                             {".5", 0.5},
+                                                             {"1E-2", 0.01},
+                                                             {"0e-99999", 0.0},
+                                                             {"-0", 0.0}}) {
+    INFO("--rate '" << value << "'");
+    const auto o = parse({"--rate", value}, code);
+    REQUIRE(o.has_value());
+    CHECK(o->rate_hz == rate);
+  }
+}
+
 TEST_CASE("decoder batching gets enough slots unless they are given", "[orchestrator][cli]") {
   int code = 0;
   auto o = parse({"--decoder-batch", "2"}, code);

@@ -24,21 +24,6 @@ namespace pi0 {
 
 namespace {
 
-// CLI::Range lets NaN through (every comparison with it is false), and a NaN or infinite time
-// would reach float-to-integer casts as undefined behaviour: every real-valued option is checked
-// to be a finite number first.
-CLI::Validator finite_number() {
-  return CLI::Validator(
-      [](std::string& input) -> std::string {
-        char* end = nullptr;
-        const double value = std::strtod(input.c_str(), &end);
-        if (end == input.c_str() || *end != '\0' || !std::isfinite(value))
-          return "expected a finite number, got '" + input + "'";
-        return {};
-      },
-      "FINITE");
-}
-
 // CLI11 converts an unsigned option with strtoull, which takes "-1" as 2^64 - 1,
 // "-18446744073709551615" as 1 and 2^64 as 2^64 - 1, and CLI::Range sees only the converted
 // value: every unsigned option is checked to be written without a sign, and to fit, first.
@@ -120,7 +105,7 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
       ->check(unsigned_number());
   app.add_option("--rate", o.rate_hz,
                  "feed frames at this camera rate in Hz, 0.01 or more (default: back to back)")
-      ->check(finite_number())
+      ->transform(decimal_real())
       ->check(CLI::Range(0.0, 100000.0));
   auto* wait =
       app.add_option("--wait", o.wait,
@@ -143,17 +128,17 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
   app.add_option("--log-level", o.log_level, "trace, debug, info, warn, error, off")
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}));
   app.add_option("--startup-timeout", o.startup_timeout_s, "seconds a worker may take to load")
-      ->check(finite_number())
+      ->transform(decimal_real())
       ->check(CLI::Range(1.0, 3600.0));
   app.add_option("--frame-timeout", o.frame_timeout_s,
                  "seconds a frame may take before the run fails")
-      ->check(finite_number())
+      ->transform(decimal_real())
       ->check(CLI::Range(0.1, 3600.0));
   app.add_option("--run-timeout", o.run_timeout_s,
                  "seconds a whole run may take, worker start included (0: no limit; unset: no "
                  "limit, but a sweep gives each run 120 s + 0.25 s per frame, or twice the frame "
                  "period per frame with --rate)")
-      ->check(finite_number())
+      ->transform(decimal_real())
       ->check(CLI::Range(0.0, 86400.0));
   app.add_option("--worker-dir", o.worker_dir,
                  "directory holding encoder_worker and decoder_worker");
@@ -168,7 +153,7 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
   app.add_option("--latency-budget-ms", o.latency_budget_ms,
                  "sweep: also name the best run (a split or a pipeline baseline) whose p99 "
                  "latency stays within this")
-      ->check(finite_number())
+      ->transform(decimal_real())
       ->check(CLI::Range(0.0, 100000.0));
   app.add_option("--plot", o.plot_path,
                  "sweep: write an SVG plot of throughput and latency against the split");

@@ -5,6 +5,8 @@
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <string>
@@ -39,6 +41,55 @@ inline CLI::Validator decimal_integer() {
         return {};
       },
       "INTEGER");
+}
+
+// Real numbers are decimal and finite, and read as what was written. CLI11 takes whatever strtold
+// does: "0x1p4" (16), "nan" (which CLI::Range lets through, every comparison with it being false),
+// "inf" (a NaN or infinite time reaches float-to-integer casts as undefined behaviour), and
+// "1e-400", which becomes 0 as a double, so that a rate too low to run read as "back to back" and
+// a run timeout as "no limit". CLI::Range sees only the converted value: every real-valued option
+// is checked here first.
+inline CLI::Validator decimal_real() {
+  return CLI::Validator(
+      [](std::string& input) -> std::string {
+        const size_t first = input.find_first_not_of(" \t");
+        const size_t last = input.find_last_not_of(" \t");
+        const std::string number =
+            first == std::string::npos ? std::string() : input.substr(first, last - first + 1);
+        // [+-] digits [. digits] [e [+-] digits], with digits on at least one side of the point.
+        size_t at = 0;
+        const auto digits = [&] {
+          const size_t from = at;
+          while (at < number.size() && number[at] >= '0' && number[at] <= '9') ++at;
+          return at - from;
+        };
+        if (at < number.size() && (number[at] == '+' || number[at] == '-')) ++at;
+        size_t mantissa = digits();
+        if (at < number.size() && number[at] == '.') {
+          ++at;
+          mantissa += digits();
+        }
+        bool valid = mantissa > 0;
+        if (valid && at < number.size() && (number[at] == 'e' || number[at] == 'E')) {
+          ++at;
+          if (at < number.size() && (number[at] == '+' || number[at] == '-')) ++at;
+          valid = digits() > 0;
+        }
+        if (!valid || at != number.size())
+          return "expected a finite decimal number, got '" + input + "'";
+        // glibc's strtod says ERANGE where the value overflows, and where it underflows to 0 or
+        // to a subnormal, which keeps fewer digits than were written.
+        errno = 0;
+        const double value = std::strtod(number.c_str(), nullptr);
+        if (errno == ERANGE) {
+          return "'" + input + "' is " +
+                 (std::abs(value) > 1.0 ? "beyond the largest number a double holds (1.8e308)"
+                                        : "closer to 0 than a double holds (2.2e-308)");
+        }
+        input = number;
+        return {};
+      },
+      "DECIMAL");
 }
 
 // A results file the run would write at its end: checked before the run starts, so that a long

@@ -1307,6 +1307,19 @@ TEST_CASE("a --gpu that names no usable GPU is a one-line error", "[orchestrator
   }
 }
 
+// The CPU backend's workers use no GPU: a --gpu beside it was dropped without a word, and the
+// run went on as if the GPU had been given.
+TEST_CASE("a --gpu beside the CPU backend is a bad command line", "[orchestrator][cli]") {
+  const auto run = test::run_orchestrator(
+      {"--backend", "cpu", "--gpu", "0", "--model", "tiny", "--frames", "1", "--warmup", "0"}, 30s);
+  INFO(run.output);
+  CHECK(run.status.code == 2);
+  CHECK(run.output ==
+        "orchestrator: error: --gpu 0 names the workers' GPU, which --backend cpu does not use: "
+        "drop one of them\n");
+  CHECK(test::segments_of(run.pid).empty());
+}
+
 TEST_CASE("a sweep on the CPU backend is refused", "[orchestrator][cli]") {
   const auto run = test::run_orchestrator(tiny_run({"--sweep"}));
   INFO(run.output);

@@ -192,6 +192,16 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
     exit_code = 2;
     return std::nullopt;
   }
+  // --gpu asks for a GPU, as it does where none is usable (exit 1): the CPU backend's workers use
+  // none, and a run that drops it quietly is not the run asked for.
+  if (o.backend == "cpu" && !o.gpu.empty()) {
+    std::fprintf(stderr,
+                 "orchestrator: error: --gpu %s names the workers' GPU, which --backend cpu does "
+                 "not use: drop one of them\n",
+                 o.gpu.c_str());
+    exit_code = 2;
+    return std::nullopt;
+  }
   if (o.mps.pipe_dir.empty() || o.mps.log_dir.empty()) {
     std::fprintf(stderr,
                  "orchestrator: error: --mps-pipe-dir and --mps-log-dir must not be empty\n");

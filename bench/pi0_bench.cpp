@@ -494,7 +494,7 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
-    return app.exit(e);
+    return exit_for_help(app, e, "pi0_bench");
   } catch (const CLI::ParseError& e) {
     std::fprintf(stderr, "pi0_bench: error: %s\n", e.what());
     return 2;
@@ -540,6 +540,8 @@ int main(int argc, char** argv) {
     CUDA_CHECK(cudaGetDeviceProperties(&props, 0));
     if (sm_count_only) {
       std::printf("%d\n", props.multiProcessorCount);
+      const std::string report_error = report_write_error();
+      PI0_CHECK(report_error.empty(), report_error);
       return 0;
     }
     const bench::Ceilings peak = bench::ceilings_for(props.name);
@@ -649,6 +651,10 @@ int main(int argc, char** argv) {
           f.dec_median, f.enc_tflops, f.dec_gbps, f.throughput, gib(f.enc_weights + f.enc_work),
           gib(f.dec_weights + f.dec_work), reference);
     }
+    // After the files: as the orchestrator does, a report that cannot be printed fails the run
+    // (exit 1) with its JSON and GEMM table written.
+    const std::string report_error = report_write_error();
+    PI0_CHECK(report_error.empty(), report_error);
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "pi0_bench: %s\n", e.what());

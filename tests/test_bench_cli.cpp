@@ -1,6 +1,7 @@
 // pi0_bench's command line: a bad value, a results file that cannot be written, or options that
 // contradict each other are refused with one line and exit 2 before any GPU work (so these run
 // on any machine).
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -58,6 +59,22 @@ TEST_CASE("pi0_bench without a usable GPU says so in one line", "[bench][cli]") 
     CHECK(r.output.find('\n') == r.output.size() - 1);
     CHECK(r.output.find("CUDA error") == std::string::npos);
   }
+}
+
+// What pi0_bench prints is its result: where standard output cannot take it (a full disk) it fails
+// with one line, exit 1, as the orchestrator does, where it ended with exit 0 and nothing printed.
+// Its report needs a GPU; the help takes the same check (report_write_error) on any machine.
+TEST_CASE("pi0_bench fails where standard output cannot take what it prints", "[bench][cli]") {
+  const CommandResult full = run_command(
+      "sh", {"-c", "exec \"$0\" \"$@\" >/dev/full", PI0_BENCH_EXE, "--help"}, {}, "", 60000ms);
+  INFO(full.output);
+  CHECK(full.status.code == 1);
+  // The reason (ENOSPC) is lost where the help overflowed the buffer and failed before the end.
+  CHECK(full.output.rfind("pi0_bench: error: cannot write the help to standard output", 0) == 0);
+  CHECK(std::count(full.output.begin(), full.output.end(), '\n') == 1);
+  const CommandResult help = run_command(PI0_BENCH_EXE, {"--help"}, {}, "", 60000ms);
+  CHECK(help.status.code == 0);
+  CHECK(help.output.find("--iters") != std::string::npos);
 }
 
 TEST_CASE("pi0_bench refuses a case outside what a run takes before making its weights",

@@ -220,6 +220,21 @@ TEST_CASE("a report that cannot be written to standard output fails the run",
   fs::remove_all(dir);
 }
 
+// The help likewise: standard output that cannot take it is one line and exit 1, not exit 0.
+TEST_CASE("help that standard output cannot take is an error", "[orchestrator][cli]") {
+  const CommandResult full =
+      run_command("sh", {"-c", "exec \"$0\" \"$@\" >/dev/full", test::orchestrator_exe(), "--help"},
+                  {}, "", 60000ms);
+  INFO(full.output);
+  CHECK(full.status.code == 1);
+  // The reason (ENOSPC) is lost where the help overflowed the buffer and failed before the end.
+  CHECK(full.output.rfind("orchestrator: error: cannot write the help to standard output", 0) == 0);
+  CHECK(std::count(full.output.begin(), full.output.end(), '\n') == 1);
+  const CommandResult help = run_command(test::orchestrator_exe(), {"--help"}, {}, "", 60000ms);
+  CHECK(help.status.code == 0);
+  CHECK(help.output.find("--rate") != std::string::npos);
+}
+
 // At a camera rate, frames complete one period apart: the throughput is the rate (frames over the
 // wall time from the first arrival would count one period too few: 22 frames/s for 10 at 20 Hz).
 TEST_CASE("the throughput at a camera rate is the rate, and one frame has none",

@@ -161,7 +161,7 @@ std::optional<RunOptions> parse_command_line(int argc, char** argv, int& exit_co
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
-    exit_code = app.exit(e);
+    exit_code = exit_for_help(app, e, "orchestrator");
     return std::nullopt;
   } catch (const CLI::ParseError& e) {
     std::fprintf(stderr, "orchestrator: error: %s\n", e.what());

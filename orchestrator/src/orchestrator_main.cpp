@@ -1,8 +1,6 @@
 #include <spdlog/spdlog.h>
-#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 
 #include "pi0/check.hpp"
 #include "pi0/command_line.hpp"
@@ -16,16 +14,6 @@ namespace {
 
 int exit_code_for_signal(int sig) {
   return sig ? 128 + sig : 0;
-}
-
-// The printed report is a result as the files are: where standard output could not take it (a
-// full disk, a closed pipe) the run has failed, not ended with exit 0 and no report. Empty if
-// everything printed so far was written.
-std::string report_write_error() {
-  errno = 0;
-  if (std::fflush(stdout) == 0 && !std::ferror(stdout)) return {};
-  return std::string("cannot write the report to standard output") +
-         (errno ? std::string(": ") + std::strerror(errno) : std::string());
 }
 
 }  // namespace

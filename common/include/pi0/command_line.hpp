@@ -1,11 +1,12 @@
-// Command-line checks the orchestrator and pi0_bench share. Header-only: it needs CLI11, which
-// only those programs link (pi0_common does not).
+// Command-line and output checks the orchestrator and pi0_bench share. Header-only: it needs
+// CLI11, which only those programs link (pi0_common does not).
 #pragma once
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -151,6 +152,28 @@ inline void write_results_file(const std::string& path, std::string_view data) {
   }
   if (::close(fd) != 0 && err == 0 && errno != EINTR) err = errno;
   if (err != 0) throw Error("cannot write " + path + ": " + std::strerror(err));
+}
+
+// What the program printed is a result as its files are: where standard output could not take it
+// (a full disk, a closed pipe) the run has failed, not ended with exit 0 and nothing printed.
+// Empty if everything printed so far was written; `what` names it ("the report", "the help").
+// CLI11's help goes through std::cout, which shares stdout's buffer (synced with stdio, the
+// default), so this sees it too.
+inline std::string report_write_error(std::string_view what = "the report") {
+  errno = 0;
+  if (std::fflush(stdout) == 0 && !std::ferror(stdout)) return {};
+  return "cannot write " + std::string(what) + " to standard output" +
+         (errno ? std::string(": ") + std::strerror(errno) : std::string());
+}
+
+// The help, asked for: CLI11 prints it and gives its status, which is 1 with one line instead
+// where standard output could not take it.
+inline int exit_for_help(const CLI::App& app, const CLI::CallForHelp& help, const char* program) {
+  const int code = app.exit(help);
+  const std::string error = report_write_error("the help");
+  if (error.empty()) return code;
+  std::fprintf(stderr, "%s: error: %s\n", program, error.c_str());
+  return 1;
 }
 
 // Whether two options name one file (the later write would replace the earlier's file).

@@ -859,3 +859,67 @@ TEST_CASE("gpu_check.sh exits 1 where any run of a step fails", "[orchestrator][
   }
   fs::remove_all(dir);
 }
+
+// scripts/test.sh over a stand-in build (a cmake that builds nothing; two CPU and two GPU tests,
+// the GPU runner skipping as it does without a GPU), in a directory whose name has a space: it
+// announced every GPU test as to be skipped even where the selection (-L cpu) held none.
+TEST_CASE("test.sh announces only the GPU tests it selected as skipped",
+          "[orchestrator][scripts]") {
+  const std::string dir = test::temp_dir("test sh");
+  const std::string tools = dir + "/tools", build = dir + "/build";
+  fs::create_directories(tools);
+  fs::create_directories(build + "/tests");
+  test::write_script(tools + "/cmake", "exit 0\n");  // the build is done already
+  for (const char* installer : {"/apt-get", "/sudo"})
+    test::write_script(tools + installer, "echo \"stand-in $0: installs nothing\" >&2; exit 1\n");
+  const std::string gpu_runner = build + "/tests/pi0_gpu_tests";
+  test::write_script(gpu_runner, "echo 'SKIPPED: no CUDA device (stand-in)'\nexit 77\n");
+  {
+    std::ofstream ctest_file(build + "/CTestTestfile.cmake");
+    for (const char* name : {"cpu: one", "cpu: two"}) {
+      ctest_file << "add_test([=[" << name << "]=] /bin/sh -c \"exit 0\")\n"
+                 << "set_tests_properties([=[" << name << "]=] PROPERTIES LABELS cpu)\n";
+    }
+    for (const char* name : {"gpu: one", "gpu: two"}) {
+      ctest_file << "add_test([=[" << name << "]=] [=[" << gpu_runner << "]=] [=[" << name
+                 << "]=])\n"
+                 << "set_tests_properties([=[" << name
+                 << "]=] PROPERTIES LABELS gpu SKIP_RETURN_CODE 77)\n";
+    }
+  }
+  const auto test_sh = [&](std::vector<std::string> args) {
+    args.insert(args.begin(), std::string(PI0_SOURCE_DIR) + "/scripts/test.sh");
+    const EnvOverrides env{{"PATH", tools + ":" + std::getenv("PATH")},
+                           {"PI0_BUILD_DIR", build},
+                           {"CUDACXX", "stand-in"}};
+    return run_command("bash", args, env, "", 60000ms);
+  };
+  const std::string announced = "[gpu] tests will be reported as Skipped";
+  // The last line: the counts, and the reason where a test was skipped.
+  const auto last_line = [](const std::string& output) {
+    const size_t end = output.find_last_not_of('\n');
+    const size_t start = output.rfind('\n', end);
+    return output.substr(start == std::string::npos ? 0 : start + 1, end - start);
+  };
+  for (const std::vector<std::string>& cpu_only :
+       {std::vector<std::string>{"-L", "cpu"}, {"-LE", "gpu"}, {"-R", "cpu"}}) {
+    const CommandResult r = test_sh(cpu_only);
+    INFO(cpu_only[0] << " " << cpu_only[1] << ": " << r.output);
+    CHECK(r.status.code == 0);
+    CHECK(r.output.find(announced) == std::string::npos);
+    CHECK(r.output.find("[gpu] test will") == std::string::npos);
+    CHECK(last_line(r.output) == "test: 2 passed, 0 failed, 0 skipped");
+  }
+  const CommandResult all = test_sh({});
+  INFO(all.output);
+  CHECK(all.status.code == 0);
+  CHECK(all.output.find("test: 2 " + announced + ": no CUDA device (stand-in)\n") !=
+        std::string::npos);
+  CHECK(last_line(all.output) == "test: 2 passed, 0 failed, 2 skipped (no CUDA device (stand-in))");
+  const CommandResult one = test_sh({"-R", "gpu: one"});
+  INFO(one.output);
+  CHECK(one.output.find("test: 1 [gpu] test will be reported as Skipped: no CUDA device "
+                        "(stand-in)\n") != std::string::npos);
+  CHECK(last_line(one.output) == "test: 0 passed, 0 failed, 1 skipped (no CUDA device (stand-in))");
+  fs::remove_all(dir);
+}

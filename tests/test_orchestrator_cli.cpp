@@ -247,6 +247,30 @@ TEST_CASE("real-valued options take only the decimal number written", "[orchestr
   }
 }
 
+// A refused value's control characters are escaped in its one line: a CR (a value read from a
+// CRLF file) sent the terminal's cursor back over the line, which then showed a plain "5" as
+// refused, and a newline split the line in two.
+TEST_CASE("a refused number's control characters are escaped in its one line",
+          "[orchestrator][cli]") {
+  const std::pair<std::vector<std::string>, std::string> refused[] = {
+      {{"--rate", "5\r"}, "--rate: expected a finite decimal number, got '5\\r'"},
+      {{"--run-timeout", "5\n"}, "--run-timeout: expected a finite decimal number, got '5\\n'"},
+      {{"--frame-timeout", "\n5"}, "--frame-timeout: expected a finite decimal number, got '\\n5'"},
+      {{"--rate", "5\t5"}, "--rate: expected a finite decimal number, got '5\\t5'"},
+      {{"--rate", "\x1b[2J5"}, "--rate: expected a finite decimal number, got '\\x1b[2J5'"},
+      {{"--rate", "5\\"}, "--rate: expected a finite decimal number, got '5\\\\'"},
+      {{"--rate", "\xd9\xa1"}, "--rate: expected a finite decimal number, got '\xd9\xa1'"},
+      {{"--frames", "5\r"}, "--frames: expected a decimal integer, got '5\\r'"}};
+  for (const auto& [args, why] : refused) {
+    INFO(args[0] << " " << args[1]);
+    std::vector<std::string> run_args = args;
+    run_args.insert(run_args.end(), {"--backend", "cpu"});
+    const auto run = test::run_orchestrator(run_args, 30s);
+    CHECK(run.status.code == 2);
+    CHECK(run.output == "orchestrator: error: " + why + "\n");
+  }
+}
+
 TEST_CASE("decoder batching gets enough slots unless they are given", "[orchestrator][cli]") {
   int code = 0;
   auto o = parse({"--decoder-batch", "2"}, code);

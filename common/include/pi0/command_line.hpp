@@ -20,6 +20,32 @@
 
 namespace pi0 {
 
+// A refused value as written, quoted for its error line: a control character in it (the CR a
+// value read from a CRLF file keeps, a newline) is written as an escape, so that the line stays
+// one line and shows what was refused. "--rate $'5\r'" printed a CR that sent the cursor back
+// over the line's start, and the value looked like a plain 5.
+inline std::string quoted_value(std::string_view input) {
+  std::string out = "'";
+  for (const char c : input) {
+    const auto byte = static_cast<unsigned char>(c);
+    if (c == '\\') {
+      out += "\\\\";
+    } else if (c == '\n') {
+      out += "\\n";
+    } else if (c == '\r') {
+      out += "\\r";
+    } else if (c == '\t') {
+      out += "\\t";
+    } else if (byte < 0x20 || byte == 0x7f) {
+      constexpr char kHex[] = "0123456789abcdef";
+      out += {'\\', 'x', kHex[byte >> 4], kHex[byte & 15]};
+    } else {
+      out += c;  // UTF-8 ("١") stays as typed
+    }
+  }
+  return out + "'";
+}
+
 // Integers are decimal. CLI11 reads "010" as 8 and "0x10" as 16, which nobody typing a frame
 // count or a seed means: leading zeros are dropped here, and any other digit is refused.
 inline CLI::Validator decimal_integer() {
@@ -36,7 +62,7 @@ inline CLI::Validator decimal_integer() {
           digits.remove_prefix(1);
         }
         if (digits.empty() || digits.find_first_not_of("0123456789") != std::string_view::npos)
-          return "expected a decimal integer, got '" + input + "'";
+          return "expected a decimal integer, got " + quoted_value(input);
         const size_t significant = std::min(digits.find_first_not_of('0'), digits.size() - 1);
         input = sign + std::string(digits.substr(significant));
         return {};
@@ -77,13 +103,13 @@ inline CLI::Validator decimal_real() {
           valid = digits() > 0;
         }
         if (!valid || at != number.size())
-          return "expected a finite decimal number, got '" + input + "'";
+          return "expected a finite decimal number, got " + quoted_value(input);
         // glibc's strtod says ERANGE where the value overflows, and where it underflows to 0 or
         // to a subnormal, which keeps fewer digits than were written.
         errno = 0;
         const double value = std::strtod(number.c_str(), nullptr);
         if (errno == ERANGE) {
-          return "'" + input + "' is " +
+          return quoted_value(input) + " is " +
                  (std::abs(value) > 1.0 ? "beyond the largest number a double holds (1.8e308)"
                                         : "closer to 0 than a double holds (2.2e-308)");
         }

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -500,6 +501,10 @@ int main(int argc, char** argv) {
     return 2;
   }
   init_logging("pi0_bench", log_level);
+  // A report piped into a reader that quits early (`| head`) would end the run at its first
+  // write, before its JSON and GEMM table are written; ignored, the write fails (EPIPE) and the
+  // run fails at its end, files written, as for a full disk (the help, above, keeps the default).
+  ::signal(SIGPIPE, SIG_IGN);
   if ((!write_gemm_table.empty() || autotune_wide || autotune_inplace) && !autotune &&
       !autotune_decoder) {
     std::fprintf(stderr, "pi0_bench: --%s needs --autotune or --autotune-decoder\n",
